@@ -1,0 +1,1161 @@
+"""Parameter Golf: train a small GPT under a 10-minute cap and ship it in 16,000,000 bytes.
+
+Launch (every knob is an environment variable, see `Hyperparameters`):
+    8 GPUs:    torchrun --standalone --nproc_per_node=8 train_gpt.py
+    1 GPU:     python train_gpt.py                  (8 gradient-accumulation micro-steps)
+    CPU smoke: NUM_LAYERS=2 MODEL_DIM=64 ... python train_gpt.py  (see README.md)
+
+Sections, in the order a run goes through them:
+    HYPERPARAMETERS   every knob, parsed and validated from the environment
+    RUNTIME & LOGGING process group, device, autocast, the rank-0 log
+    DATA              shard reader, training loader, validation tokens, tokenizer byte tables
+    MODEL             the GPT: RMSNorm, RoPE attention with QK-norm, relu^2 MLP, U-Net skips
+    OPTIMIZER         Muon (Newton-Schulz orthogonalised momentum) for matrices, Adam for the rest
+    SCHEDULES         learning-rate and momentum schedules as pure functions
+    EVALUATION        val_loss / val_bpb over every validation target exactly once
+    QUANTIZATION      int8 per-row export, its inverse, and the artifact size check
+    TRAINING          compile warm-up with state reset, the wallclock-capped loop
+    MAIN              run(): train, export, reload the artifact, score it
+
+Importing this file has no side effects; `main()` runs only under `__main__`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import glob
+import io
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# ==================================================================================================
+# HYPERPARAMETERS
+# ==================================================================================================
+# One frozen dataclass. Field `matrix_lr` is read from env var `MATRIX_LR`, parsed by the type of
+# its default. Defaults are the official naive baseline. Bad values stop the run before any work
+# with one line that names the variable, the value and what is allowed.
+
+ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal, code + compressed model
+
+
+class ConfigError(ValueError):
+    """A knob has a bad value; the message names the env var and what is allowed."""
+
+
+class RunError(RuntimeError):
+    """An expected failure (missing data, corrupt artifact, ...): reported as one line, exit code 2."""
+
+
+def knob(default, help: str, *, choices: tuple | None = None, min: float | None = None, gt: float | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices, "min": min, "gt": gt})
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    # data and run control
+    data_path: str = knob("./data/datasets/fineweb10B_sp1024", "folder holding fineweb_{train,val}_*.bin")
+    tokenizer_path: str = knob("./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece .model file")
+    run_id: str = knob("", "log/artifact name; empty = a fresh uuid4")
+    artifact_dir: str = knob("", "folder for logs/ and final_model.*; empty = current folder")
+    seed: int = knob(1337, "seed for init (python, numpy, torch)", min=0)
+    device: str = knob("auto", "auto = cuda if available else cpu", choices=("auto", "cpu", "cuda"))
+    compute_dtype: str = knob("auto", "autocast dtype; auto = bfloat16 on cuda, float32 on cpu",
+                              choices=("auto", "float32", "bfloat16"))
+    compile: str = knob("auto", "torch.compile; auto = on for cuda, off for cpu", choices=("auto", "0", "1"))
+    # validation and logging
+    val_batch_size: int = knob(524_288, "validation tokens per batch, over all ranks", gt=0)
+    val_loss_every: int = knob(1000, "validate every N steps; 0 = only at the end", min=0)
+    train_log_every: int = knob(200, "log train loss every N steps (steps 1-10 always)", gt=0)
+    # training length and batch
+    iterations: int = knob(20_000, "hard step limit", gt=0)
+    warmdown_iters: int = knob(1200, "linear LR warmdown length, in iterations (converted to time)", min=0)
+    warmup_steps: int = knob(20, "compile warm-up steps; weights and optimizer state are reset after", min=0)
+    train_batch_tokens: int = knob(524_288, "global tokens per optimizer step", gt=0)
+    train_seq_len: int = knob(1024, "training and evaluation sequence length", gt=0)
+    max_wallclock_seconds: float = knob(600.0, "training time cap; 0 = no cap (ITERATIONS rules)", min=0)
+    grad_accum_steps: int = knob(0, "micro-steps per optimizer step; 0 = 8 // WORLD_SIZE as the baseline", min=0)
+    # model shape
+    vocab_size: int = knob(1024, "must equal the tokenizer's vocabulary size", gt=1)
+    num_layers: int = knob(9, "transformer blocks", gt=0)
+    model_dim: int = knob(512, "residual width", gt=0)
+    num_heads: int = knob(8, "query heads", gt=0)
+    num_kv_heads: int = knob(4, "key/value heads (GQA); must divide NUM_HEADS", gt=0)
+    mlp_mult: float = knob(2.0, "MLP hidden width = MLP_MULT * MODEL_DIM", gt=0)
+    tie_embeddings: bool = knob(True, "output head shares the token embedding")
+    rope_base: float = knob(10_000.0, "RoPE base frequency", gt=0)
+    logit_softcap: float = knob(30.0, "logits = c * tanh(logits / c)", gt=0)
+    qk_gain_init: float = knob(1.5, "initial per-head query gain after QK-norm", gt=0)
+    # optimizer
+    embed_lr: float = knob(0.6, "Adam LR of an untied token embedding", min=0)
+    head_lr: float = knob(0.008, "Adam LR of an untied output head", min=0)
+    tied_embed_lr: float = knob(0.05, "Adam LR of the tied embedding/head", min=0)
+    tied_embed_init_std: float = knob(0.005, "init std of the tied embedding", gt=0)
+    matrix_lr: float = knob(0.04, "Muon LR of the block matrices", min=0)
+    scalar_lr: float = knob(0.04, "Adam LR of gains, mixes and skip weights", min=0)
+    muon_momentum: float = knob(0.95, "Muon momentum after warm-up", min=0)
+    muon_backend_steps: int = knob(5, "Newton-Schulz iterations", gt=0)
+    muon_momentum_warmup_start: float = knob(0.85, "Muon momentum at step 0", min=0)
+    muon_momentum_warmup_steps: int = knob(500, "steps to ramp Muon momentum", min=0)
+    beta1: float = knob(0.9, "Adam beta1", min=0)
+    beta2: float = knob(0.95, "Adam beta2", min=0)
+    adam_eps: float = knob(1e-8, "Adam epsilon", gt=0)
+    grad_clip_norm: float = knob(0.0, "global grad-norm clip after the cross-rank average; 0 = off", min=0)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, meta, name = getattr(self, f.name), f.metadata, f.name.upper()
+            if meta["choices"] is not None and value not in meta["choices"]:
+                raise ConfigError(f"{name}={value!r} is not one of {', '.join(meta['choices'])}")
+            if meta["min"] is not None and value < meta["min"]:
+                raise ConfigError(f"{name}={value} must be >= {meta['min']}")
+            if meta["gt"] is not None and value <= meta["gt"]:
+                raise ConfigError(f"{name}={value} must be > {meta['gt']}")
+        if self.model_dim % self.num_heads:
+            raise ConfigError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head dim MODEL_DIM/NUM_HEADS={self.head_dim} must be even for RoPE")
+        if self.vocab_size > 65536:
+            raise ConfigError(f"VOCAB_SIZE={self.vocab_size} must be <= 65536 (shards store uint16 ids)")
+        if not self.tokenizer_path.endswith(".model"):
+            raise ConfigError(f"TOKENIZER_PATH={self.tokenizer_path!r} must be a SentencePiece .model file")
+        if self.muon_momentum >= 1 or self.muon_momentum_warmup_start >= 1:
+            raise ConfigError("MUON_MOMENTUM and MUON_MOMENTUM_WARMUP_START must be < 1")
+        if self.beta1 >= 1 or self.beta2 >= 1:
+            raise ConfigError(f"BETA1={self.beta1} and BETA2={self.beta2} must be < 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def max_wallclock_ms(self) -> float | None:
+        return 1000.0 * self.max_wallclock_seconds if self.max_wallclock_seconds > 0 else None
+
+    def grad_accum_for(self, world_size: int) -> int:
+        if self.grad_accum_steps:
+            return self.grad_accum_steps
+        if 8 % world_size:
+            raise ConfigError(
+                f"WORLD_SIZE={world_size} must divide 8 when GRAD_ACCUM_STEPS=0; set GRAD_ACCUM_STEPS explicitly"
+            )
+        return 8 // world_size
+
+    def check_world(self, world_size: int) -> None:
+        """The batch rules that depend on the number of ranks."""
+        accum = self.grad_accum_for(world_size)
+        unit = world_size * accum * self.train_seq_len
+        if self.train_batch_tokens % unit:
+            raise ConfigError(
+                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be divisible by WORLD_SIZE*grad_accum*"
+                f"TRAIN_SEQ_LEN={world_size}*{accum}*{self.train_seq_len}={unit}"
+            )
+        if self.val_batch_size < unit:
+            raise ConfigError(
+                f"VAL_BATCH_SIZE={self.val_batch_size} must be >= WORLD_SIZE*grad_accum*TRAIN_SEQ_LEN={unit}"
+            )
+
+    @classmethod
+    def from_env(cls, environ=None) -> "Hyperparameters":
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            name = f.name.upper()
+            if name in environ:
+                values[f.name] = parse_env_value(name, environ[name], type(f.default))
+        return cls(**values)
+
+    def describe(self, environ=None) -> list[str]:
+        environ = os.environ if environ is None else environ
+        return [
+            f"  {f.name}: {getattr(self, f.name)!r} ({'env' if f.name.upper() in environ else 'default'})"
+            for f in fields(self)
+        ]
+
+
+def parse_env_value(name: str, raw: str, kind: type):
+    text = raw.strip()
+    if kind is bool:
+        if text.lower() in ("1", "true"):
+            return True
+        if text.lower() in ("0", "false"):
+            return False
+        raise ConfigError(f"{name}={raw!r} must be a boolean: 0, 1, true or false")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} must be an integer") from None
+    if kind is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} must be a number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}={raw!r} must be a finite number")
+        return value
+    return text
+
+
+# ==================================================================================================
+# RUNTIME & LOGGING
+# ==================================================================================================
+# Facts about the process (rank, device) live in `Runtime`, not in the hyperparameters. A single
+# process runs without a process group; under torchrun it is NCCL on CUDA and gloo on CPU.
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    distributed: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_runtime(hp: Hyperparameters, environ=None) -> Runtime:
+    environ = os.environ if environ is None else environ
+    distributed = "RANK" in environ and "WORLD_SIZE" in environ
+    rank = int(environ.get("RANK", 0))
+    world_size = int(environ.get("WORLD_SIZE", 1))
+    local_rank = int(environ.get("LOCAL_RANK", 0))
+    want_cuda = hp.device == "cuda" or (hp.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise ConfigError("DEVICE=cuda but no CUDA device is available; use DEVICE=cpu or auto")
+    if want_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if distributed and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo", device_id=device if want_cuda else None)
+    return Runtime(rank, world_size, local_rank, device, distributed)
+
+
+def shutdown_runtime(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast_context(hp: Hyperparameters, device: torch.device):
+    """bf16 autocast on CUDA; float32 on CPU by default (bf16 matmuls are ~10x slower on our CPUs)."""
+    if resolved_compute_dtype(hp, device) == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def resolved_compute_dtype(hp: Hyperparameters, device: torch.device) -> str:
+    if hp.compute_dtype != "auto":
+        return hp.compute_dtype
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class RunLog:
+    """Rank-0 log: `key:value` lines to stdout and to logs/<run_id>.txt."""
+
+    def __init__(self, path: Path | None, is_main: bool):
+        self.path, self.is_main = path, is_main
+        if path is not None and is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        if not self.is_main:
+            return
+        if console:
+            print(msg, flush=True)
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Write via a temporary file and rename, so a crash never leaves a truncated file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# ==================================================================================================
+# DATA
+# ==================================================================================================
+# Shards: 256 little-endian int32 header (magic 20240520, version 1, token count) then uint16
+# tokens; every document is BOS (id 1) + its tokens. This reader duplicates data/shards.py on
+# purpose: only this file counts as code in a submission, so it imports nothing from data/.
+#
+# Bits per byte is tokenizer-agnostic: the summed NLL in nats over every validation target,
+# divided by ln 2 and by the number of UTF-8 bytes those targets stand for. Bytes come from
+# SentencePiece lookup tables and are checked at start against the decoded validation text.
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+BOS_ID = 1
+
+
+def load_data_shard(path: str | Path) -> torch.Tensor:
+    path = Path(path)
+    header_bytes = SHARD_HEADER_INTS * 4
+    size = path.stat().st_size
+    if size < header_bytes:
+        raise RunError(f"{path}: {size} bytes is shorter than a shard header; re-create or re-download it")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise RunError(f"{path}: bad shard magic/version {header[0]}/{header[1]}, expected {SHARD_MAGIC}/1")
+    num_tokens = int(header[2])
+    if size != header_bytes + 2 * num_tokens:
+        raise RunError(f"{path}: size {size} does not match header token count {num_tokens}; file is corrupt")
+    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=header_bytes)
+    return torch.from_numpy(tokens.astype(np.int64))
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
+    files = sorted(f for f in glob.glob(pattern) if "_bytes_" not in os.path.basename(f))
+    if not files:
+        raise RunError(
+            f"no {split} shards match {pattern}; set DATA_PATH, or fetch data with "
+            "data/cached_challenge_fineweb.py or build the sample with data/prepare_sample.py"
+        )
+    return files
+
+
+class TokenStream:
+    """Reads shards in order and wraps around forever; `take(n)` returns the next n tokens."""
+
+    def __init__(self, files: list[str]):
+        self.files, self.file_idx = files, 0
+        self.tokens, self.pos = load_data_shard(files[0]), 0
+
+    def _advance_file(self) -> None:
+        self.file_idx = (self.file_idx + 1) % len(self.files)
+        self.tokens, self.pos = load_data_shard(self.files[self.file_idx]), 0
+
+    def take(self, n: int) -> torch.Tensor:
+        chunks = []
+        while n > 0:
+            if self.pos >= self.tokens.numel():
+                self._advance_file()
+                continue
+            k = min(n, self.tokens.numel() - self.pos)
+            chunks.append(self.tokens[self.pos : self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+
+class DistributedTokenLoader:
+    """All ranks read the same stream in lock-step; rank r keeps its slice of each chunk.
+
+    One micro-step consumes (local_tokens + 1) * world_size tokens, so a single process with 8
+    micro-steps and 2 processes with 4 micro-steps each see exactly the same 8 sequences blocks.
+    """
+
+    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device):
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.stream = TokenStream(files)
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
+        local_tokens = global_tokens // (self.world_size * grad_accum)
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.world_size)
+        mine = chunk[self.rank * span : (self.rank + 1) * span]
+        x = mine[:-1].reshape(-1, seq_len)
+        y = mine[1:].reshape(-1, seq_len)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def load_validation_tokens(data_path: str) -> torch.Tensor:
+    """Every validation token, in order. Nothing is trimmed: all len-1 targets get scored."""
+    tokens = torch.cat([load_data_shard(f) for f in shard_files(data_path, "val")])
+    if tokens.numel() < 2:
+        raise RunError(f"validation shards under {data_path} hold {tokens.numel()} tokens; need at least 2")
+    if int(tokens[0]) != BOS_ID:
+        raise RunError("validation stream must start with BOS (id 1): every document is BOS + its tokens")
+    return tokens
+
+
+@dataclass(frozen=True)
+class ByteLuts:
+    """Per-token byte tables, indexed by token id (see `target_bytes`)."""
+
+    base_bytes: torch.Tensor  # int16: UTF-8 bytes of the piece without its leading "▁"; 1 for <0xNN>
+    has_leading_space: torch.Tensor  # bool: the piece starts with "▁"
+    is_boundary: torch.Tensor  # bool: control/unknown/unused pieces (BOS, ...) and ids past the vocab
+
+    def to(self, device: torch.device) -> "ByteLuts":
+        return ByteLuts(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
+
+
+def build_byte_luts(sp: spm.SentencePieceProcessor, table_size: int) -> ByteLuts:
+    n = max(int(sp.vocab_size()), table_size)
+    base_bytes = torch.zeros(n, dtype=torch.int16)
+    has_leading_space = torch.zeros(n, dtype=torch.bool)
+    is_boundary = torch.ones(n, dtype=torch.bool)
+    for tid in range(int(sp.vocab_size())):
+        if sp.is_control(tid) or sp.is_unknown(tid) or sp.is_unused(tid):
+            continue
+        is_boundary[tid] = False
+        if sp.is_byte(tid):
+            base_bytes[tid] = 1
+            continue
+        piece = sp.id_to_piece(tid)
+        if piece.startswith("\u2581"):
+            has_leading_space[tid] = True
+            piece = piece[1:]
+        base_bytes[tid] = len(piece.encode("utf-8"))
+    return ByteLuts(base_bytes, has_leading_space, is_boundary)
+
+
+def target_bytes(prev_ids: torch.Tensor, target_ids: torch.Tensor, luts: ByteLuts) -> torch.Tensor:
+    """UTF-8 bytes each target stands for: its piece, plus 1 for a leading space unless it follows
+    BOS/control (the decoder drops a document's first space). The one byte-count used by every eval."""
+    extra_space = luts.has_leading_space[target_ids] & ~luts.is_boundary[prev_ids]
+    return luts.base_bytes[target_ids].to(torch.int64) + extra_space.to(torch.int64)
+
+
+def load_tokenizer(hp: Hyperparameters) -> spm.SentencePieceProcessor:
+    if not os.path.isfile(hp.tokenizer_path):
+        raise RunError(f"TOKENIZER_PATH={hp.tokenizer_path} does not exist; fetch or build the tokenizer first")
+    sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
+    if int(sp.vocab_size()) != hp.vocab_size:
+        raise RunError(
+            f"VOCAB_SIZE={hp.vocab_size} but {hp.tokenizer_path} has {sp.vocab_size()} pieces; set VOCAB_SIZE to match"
+        )
+    if sp.piece_to_id("\u2581") == sp.unk_id():
+        raise RunError(f"{hp.tokenizer_path} has no standalone '\u2581' piece; spaces would be miscounted in val_bpb")
+    return sp
+
+
+def check_validation_bytes(sp: spm.SentencePieceProcessor, val_tokens: torch.Tensor, luts: ByteLuts,
+                           rank: int = 0, world_size: int = 1) -> int:
+    """Fail loudly unless the byte tables count exactly the UTF-8 bytes of the decoded validation text.
+
+    Each rank decodes its share of the documents; the totals are summed across ranks.
+    Returns the total number of validation bytes.
+    """
+    bos_positions = (val_tokens == BOS_ID).nonzero().flatten().tolist() + [val_tokens.numel()]
+    num_docs = len(bos_positions) - 1
+    lo, hi = num_docs * rank // world_size, num_docs * (rank + 1) // world_size
+    docs = [val_tokens[bos_positions[i] + 1 : bos_positions[i + 1]].tolist() for i in range(lo, hi)]
+    decoded = sum(len(text.encode("utf-8")) for text in sp.decode(docs)) if docs else 0
+    start, end = bos_positions[lo], bos_positions[hi]
+    counted = 0
+    if end > start:
+        seg = val_tokens[start:end]
+        prev = torch.cat([seg.new_tensor([BOS_ID]), seg[:-1]])  # each share starts at a BOS, never a target
+        counted = int(target_bytes(prev, seg, luts).sum())
+    totals = all_reduce_sum(torch.tensor([decoded, counted], dtype=torch.float64))
+    decoded, counted = int(totals[0]), int(totals[1])
+    if decoded != counted:
+        raise RunError(
+            f"byte tables count {counted} validation bytes but the decoded text has {decoded}; "
+            "val_bpb would be wrong. Check the tokenizer matches the shards (TOKENIZER_PATH, DATA_PATH)"
+        )
+    return counted
+
+
+# ==================================================================================================
+# MODEL
+# ==================================================================================================
+# The official baseline: token embedding -> RMSNorm -> blocks with U-Net skips -> RMSNorm -> tied
+# head with a tanh logit softcap. Each block mixes in the embedding (resid_mix), then pre-norm
+# GQA attention (QK-norm, RoPE, per-head q gain) and a relu^2 MLP, each with a per-channel scale.
+# Output projections start at zero, so every block starts as the identity. No biases anywhere.
+# State-dict names are stable: quantization and packing key on them.
+
+CONTROL_TENSOR_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    num_layers: int
+    model_dim: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_hidden: int
+    tie_embeddings: bool
+    rope_base: float
+    logit_softcap: float
+    qk_gain_init: float
+    tied_embed_init_std: float
+
+    @classmethod
+    def from_hparams(cls, hp: Hyperparameters) -> "ModelConfig":
+        return cls(hp.vocab_size, hp.num_layers, hp.model_dim, hp.num_heads, hp.num_kv_heads,
+                   int(hp.mlp_mult * hp.model_dim), hp.tie_embeddings, hp.rope_base, hp.logit_softcap,
+                   hp.qk_gain_init, hp.tied_embed_init_std)
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)  # (T, head_dim/2)
+        return freqs.cos().to(dtype)[None, None], freqs.sin().to(dtype)[None, None]  # (1, 1, T, head_dim/2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.model_dim // cfg.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.c_k = nn.Linear(cfg.model_dim, kv_dim, bias=False)
+        self.c_v = nn.Linear(cfg.model_dim, kv_dim, bias=False)
+        self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+        self.rotary = Rotary(self.head_dim, cfg.rope_base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        cos, sin = self.rotary(T, q.dtype)
+        q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
+        k = apply_rotary(rms_norm(k), cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.model_dim, cfg.mlp_hidden, bias=False)
+        self.proj = nn.Linear(cfg.mlp_hidden, cfg.model_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim)]))
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        # U-Net: the first half pushes its outputs, the second half adds them back in reverse order.
+        self.num_encoder_layers = cfg.num_layers // 2
+        self.num_skips = min(self.num_encoder_layers, cfg.num_layers - self.num_encoder_layers)
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, cfg.model_dim))
+        self.lm_head = None
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
+            nn.init.zeros_(self.lm_head.weight)
+
+    def forward_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = x0 = rms_norm(self.tok_emb(input_ids))
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder_layers:
+                j = i - self.num_encoder_layers
+                if j < self.num_skips:
+                    x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
+            x = block(x, x0)
+            if i < self.num_encoder_layers:
+                skips.append(x)
+        return rms_norm(x)
+
+    def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.forward_hidden(input_ids)
+        logits = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
+        c = self.cfg.logit_softcap
+        return c * torch.tanh(logits.float() / c)
+
+    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        logits = self.forward_logits(input_ids)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
+
+
+def is_control_tensor(name: str) -> bool:
+    return any(pattern in name for pattern in CONTROL_TENSOR_NAMES)
+
+
+# ==================================================================================================
+# OPTIMIZER
+# ==================================================================================================
+# Muon: SGD-momentum (Nesterov) whose update for each 2-D matrix is replaced by the nearest
+# semi-orthogonal matrix, computed with a few Newton-Schulz iterations. Under several ranks each
+# rank orthogonalises its share of the matrices and one all-reduce shares every update. Embedding,
+# head and the small control tensors use Adam.
+
+
+def newton_schulz(G: torch.Tensor, steps: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Approximate U V^T of G = U S V^T with the quintic iteration X <- aX + (bA + cA^2)X, A = XX^T."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(dtype)
+    X = X / (X.norm() + 1e-7)
+    transposed = X.size(0) > X.size(1)
+    if transposed:
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.T if transposed else X).to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, ns_dtype: torch.dtype,
+                 orthogonalize=newton_schulz):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+        self.ns_dtype, self.orthogonalize = ns_dtype, orthogonalize
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        distributed = dist.is_available() and dist.is_initialized()
+        world_size = dist.get_world_size() if distributed else 1
+        rank = dist.get_rank() if distributed else 0
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world_size == rank and p.grad is not None:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p.grad)
+                    buf = state["momentum_buffer"]
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+                    update = self.orthogonalize(update, group["backend_steps"], self.ns_dtype)
+                    update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    flat[offset : offset + p.numel()] = update.flatten().float()
+                offset += p.numel()
+            if distributed:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p in params:
+                p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def build_optimizers(hp: Hyperparameters, model: GPT, device: torch.device) -> list[torch.optim.Optimizer]:
+    """Muon for block matrices; Adam for the embedding, an untied head and every control tensor."""
+    block_named = list(model.blocks.named_parameters())
+    matrices = [p for n, p in block_named if p.ndim == 2 and not is_control_tensor(n)]
+    scalars = [p for n, p in block_named if p.ndim < 2 or is_control_tensor(n)] + [model.skip_weights]
+    adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=device.type == "cuda")
+    embed_lr = hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.Adam([dict(params=[model.tok_emb.weight], lr=embed_lr, base_lr=embed_lr)], **adam),
+        Muon([dict(params=matrices, lr=hp.matrix_lr, base_lr=hp.matrix_lr)], lr=hp.matrix_lr,
+             momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
+             ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32),
+        torch.optim.Adam([dict(params=scalars, lr=hp.scalar_lr, base_lr=hp.scalar_lr)], **adam),
+    ]
+    if model.lm_head is not None:
+        optimizers.append(torch.optim.Adam(
+            [dict(params=[model.lm_head.weight], lr=hp.head_lr, base_lr=hp.head_lr)], **adam))
+    covered = {id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]}
+    missing = [n for n, p in model.named_parameters() if id(p) not in covered]
+    assert not missing, f"parameters without an optimizer: {missing}"
+    return optimizers
+
+
+# ==================================================================================================
+# SCHEDULES
+# ==================================================================================================
+# Pure functions of the step and the elapsed training time, so they can be tested alone.
+
+
+def lr_multiplier(step: int, elapsed_ms: float, *, iterations: int, warmdown_iters: int,
+                  max_wallclock_ms: float | None) -> float:
+    """1.0, then a linear decay to 0 over the last WARMDOWN_ITERS steps.
+
+    With a wallclock cap the warmdown length is converted to time with the average step time so
+    far, so the LR reaches 0 when the cap is reached.
+    """
+    if warmdown_iters <= 0:
+        return 1.0
+    if max_wallclock_ms is None:
+        warmdown_start = max(iterations - warmdown_iters, 0)
+        if step < warmdown_start:
+            return 1.0
+        return max((iterations - step) / warmdown_iters, 0.0)
+    step_ms = elapsed_ms / max(step, 1)
+    warmdown_ms = warmdown_iters * step_ms
+    remaining_ms = max(max_wallclock_ms - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def muon_momentum_at(step: int, *, start: float, end: float, warmup_steps: int) -> float:
+    frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
+    return (1 - frac) * start + frac * end
+
+
+# ==================================================================================================
+# EVALUATION
+# ==================================================================================================
+# The validation stream of N tokens has N-1 targets; every one is scored exactly once. Targets are
+# cut into blocks of TRAIN_SEQ_LEN (the last block may be shorter, nothing is dropped), the blocks
+# are split contiguously across ranks, and loss, token and byte sums are all-reduced in float64.
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    val_loss: float  # mean NLL in nats per target token
+    val_bpb: float  # bits per UTF-8 byte
+    num_targets: int
+    num_bytes: int
+
+
+def plan_eval_blocks(num_targets: int, seq_len: int, rank: int, world_size: int) -> list[tuple[int, int]]:
+    """This rank's (start, length) blocks; block (s, n) scores targets s+1 .. s+n of the stream."""
+    starts = list(range(0, num_targets, seq_len))
+    lo, hi = len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size
+    return [(s, min(seq_len, num_targets - s)) for s in starts[lo:hi]]
+
+
+@torch.no_grad()
+def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, *, seq_len: int, batch_seqs: int,
+             rank: int, world_size: int, device: torch.device, autocast=contextlib.nullcontext) -> EvalResult:
+    """Score every validation target once with `logits_fn(input_ids) -> logits` (B, T, V)."""
+    blocks = plan_eval_blocks(val_tokens.numel() - 1, seq_len, rank, world_size)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, targets, bytes
+    luts = luts.to(device)
+    i = 0
+    while i < len(blocks):
+        length = blocks[i][1]
+        j = i
+        while j < len(blocks) and j - i < batch_seqs and blocks[j][1] == length:
+            j += 1  # batch consecutive blocks of equal length (only the final block can be shorter)
+        x = torch.stack([val_tokens[s : s + length] for s, _ in blocks[i:j]]).to(device)
+        y = torch.stack([val_tokens[s + 1 : s + 1 + length] for s, _ in blocks[i:j]]).to(device)
+        with autocast():
+            logits = logits_fn(x)
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+        sums[0] += nll.double()
+        sums[1] += y.numel()
+        sums[2] += target_bytes(x, y, luts).sum().double()
+        i = j
+    all_reduce_sum(sums)
+    loss_sum, num_targets, num_bytes = sums.tolist()
+    return EvalResult(loss_sum / num_targets, loss_sum / (math.log(2) * num_bytes), int(num_targets), int(num_bytes))
+
+
+# ==================================================================================================
+# QUANTIZATION
+# ==================================================================================================
+# The baseline export: each 2-D float tensor becomes int8 with one fp16 scale per row (clipped at a
+# high percentile of |w|), small tensors stay fp16 (control tensors fp32), then torch.save + zlib.
+# The artifact is code bytes + compressed model bytes, checked against 16,000,000 (decimal).
+
+INT8_KEEP_FLOAT_MAX_NUMEL = 65_536
+INT8_CLIP_QUANTILE = 0.9999984
+INT8_FORMAT = "int8_clean_per_row_v1"
+
+
+def quantize_tensor_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values and fp16 scales (per row for 2-D, one scale otherwise)."""
+    w = t.float()
+    if w.ndim == 2:
+        clip = torch.quantile(w.abs(), INT8_CLIP_QUANTILE, dim=1) if w.numel() else w.new_zeros(w.size(0))
+        # Clamp after the fp16 cast: a floor below fp16's range would round to 0 and divide by 0.
+        scale = (clip / 127.0).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+        q = torch.round(w.clamp(-clip[:, None], clip[:, None]) / scale.float()[:, None]).clamp(-127, 127)
+        return q.to(torch.int8).contiguous(), scale.contiguous()
+    clip = torch.quantile(w.abs().flatten(), INT8_CLIP_QUANTILE) if w.numel() else w.new_zeros(())
+    scale = (clip / 127.0).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+    q = torch.round(w.clamp(-clip, clip) / scale.float()).clamp(-127, 127)
+    return q.to(torch.int8).contiguous(), scale
+
+
+def quantize_state_dict_int8(state_dict: dict[str, torch.Tensor]) -> dict:
+    quantized, scales, dtypes, passthrough = {}, {}, {}, {}
+    for name, t in state_dict.items():
+        t = t.detach().cpu()
+        if not t.is_floating_point():
+            passthrough[name] = t.contiguous()
+        elif t.numel() <= INT8_KEEP_FLOAT_MAX_NUMEL:
+            keep = torch.float32 if is_control_tensor(name) else torch.float16
+            passthrough[name] = t.to(keep).contiguous()
+            dtypes[name] = str(t.dtype).removeprefix("torch.")
+        else:
+            quantized[name], scales[name] = quantize_tensor_int8(t)
+            dtypes[name] = str(t.dtype).removeprefix("torch.")
+    return {"__quant_format__": INT8_FORMAT, "quantized": quantized, "scales": scales, "dtypes": dtypes,
+            "passthrough": passthrough}
+
+
+def dequantize_state_dict_int8(obj: dict) -> dict[str, torch.Tensor]:
+    if obj.get("__quant_format__") != INT8_FORMAT:
+        raise RunError(f"artifact format {obj.get('__quant_format__')!r} is not {INT8_FORMAT!r}")
+    out = {}
+    for name, q in obj["quantized"].items():
+        scale = obj["scales"][name].float()
+        w = q.float() * (scale[:, None] if q.ndim == 2 else scale)
+        out[name] = w.to(getattr(torch, obj["dtypes"][name]))
+    for name, t in obj["passthrough"].items():
+        out[name] = t.to(getattr(torch, obj["dtypes"][name])) if name in obj["dtypes"] else t
+    return out
+
+
+def serialize_int8_artifact(state_dict: dict[str, torch.Tensor]) -> tuple[bytes, int]:
+    """Compressed artifact bytes and the size of the uncompressed torch payload."""
+    buf = io.BytesIO()
+    torch.save(quantize_state_dict_int8(state_dict), buf)
+    raw = buf.getvalue()
+    return zlib.compress(raw, level=9), len(raw)
+
+
+def deserialize_int8_artifact(blob: bytes) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(io.BytesIO(zlib.decompress(blob)), map_location="cpu", weights_only=True)
+    except (zlib.error, RuntimeError, EOFError, ValueError) as e:
+        raise RunError(f"model artifact is corrupt or not an int8+zlib artifact ({e.__class__.__name__}); "
+                       "re-run training to re-create it") from None
+    return dequantize_state_dict_int8(obj)
+
+
+def code_bytes() -> int:
+    """Bytes of this script as shipped: the code part of the artifact."""
+    return len(Path(__file__).read_bytes())
+
+
+# ==================================================================================================
+# TRAINING
+# ==================================================================================================
+# The timed loop runs on the compiled model. Before it, WARMUP_STEPS real steps trigger compilation
+# and then every weight and optimizer state is put back exactly as it was and the loader restarts,
+# so the warm-up changes nothing but the compile cache. It reads training data only. Training time
+# excludes warm-up and periodic validation, as the public rules count it.
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    training_time_ms: float = 0.0
+    stopped_early: bool = False
+    last_val: EvalResult | None = None
+    train_losses: list[float] = field(default_factory=list)
+
+
+def train_step(model, loader: DistributedTokenLoader, optimizers, hp: Hyperparameters, rt: Runtime,
+               grad_accum: int, lr_scale: float, step: int, autocast) -> torch.Tensor:
+    """One optimizer step over `grad_accum` micro-batches; returns the mean loss (a tensor, no sync)."""
+    total = torch.zeros((), device=rt.device)
+    for micro in range(grad_accum):
+        x, y = loader.next_batch(hp.train_batch_tokens, hp.train_seq_len, grad_accum)
+        if isinstance(model, DDP):
+            model.require_backward_grad_sync = micro == grad_accum - 1
+        with autocast():
+            loss = model(x, y)
+        (loss / grad_accum).backward()
+        total += loss.detach()
+    momentum = muon_momentum_at(step, start=hp.muon_momentum_warmup_start, end=hp.muon_momentum,
+                                warmup_steps=hp.muon_momentum_warmup_steps)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_scale
+            if isinstance(opt, Muon):
+                group["momentum"] = momentum
+    if hp.grad_clip_norm > 0:  # grads are already averaged across ranks here: a global-norm clip
+        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, hp.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return total / grad_accum
+
+
+def warmup_and_reset(model, base_model: GPT, optimizers, make_loader, hp, rt, grad_accum, autocast, log) -> None:
+    """Run WARMUP_STEPS steps to compile every kernel, then restore the initial weights and
+    optimizer state. Not training: nothing it learned survives, and it reads only training data."""
+    if hp.warmup_steps <= 0:
+        return
+    initial_model = copy.deepcopy(base_model.state_dict())
+    initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    loader = make_loader()
+    for step in range(hp.warmup_steps):
+        train_step(model, loader, optimizers, hp, rt, grad_accum, 1.0, step, autocast)
+        if step + 1 in (1, hp.warmup_steps) or (step + 1) % 10 == 0:
+            log(f"warmup_step:{step + 1}/{hp.warmup_steps}")
+    base_model.load_state_dict(initial_model)
+    for opt, state in zip(optimizers, initial_opts):
+        opt.load_state_dict(state)
+    barrier()
+
+
+def stop_agreed(local_stop: bool, device: torch.device) -> bool:
+    """All ranks stop at the same step: the cap counts as reached if any rank reached it."""
+    flag = torch.tensor(int(local_stop), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def train(hp: Hyperparameters, rt: Runtime, model, base_model: GPT, optimizers, make_loader, evaluate_model,
+          grad_accum: int, autocast, log) -> TrainState:
+    state = TrainState()
+    loader = make_loader()
+    max_ms = hp.max_wallclock_ms
+    stop_after_step: int | None = None
+    sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    while True:
+        last_step = state.step == hp.iterations or (stop_after_step is not None and state.step >= stop_after_step)
+        if last_step or (hp.val_loss_every > 0 and state.step % hp.val_loss_every == 0):
+            sync()
+            state.training_time_ms += 1000.0 * (time.perf_counter() - t0)  # the clock pauses for validation
+            state.last_val = evaluate_model()
+            log(f"step:{state.step}/{hp.iterations} val_loss:{state.last_val.val_loss:.4f} "
+                f"val_bpb:{state.last_val.val_bpb:.4f} train_time:{state.training_time_ms:.0f}ms "
+                f"step_avg:{state.training_time_ms / max(state.step, 1):.2f}ms")
+            sync()
+            t0 = time.perf_counter()
+        if last_step:
+            if stop_after_step is not None and state.step < hp.iterations:
+                state.stopped_early = True
+                log(f"stopping_early: wallclock_cap train_time:{state.training_time_ms:.0f}ms "
+                    f"step:{state.step}/{hp.iterations}")
+            break
+        elapsed_ms = state.training_time_ms + 1000.0 * (time.perf_counter() - t0)
+        scale = lr_multiplier(state.step, elapsed_ms, iterations=hp.iterations,
+                              warmdown_iters=hp.warmdown_iters, max_wallclock_ms=max_ms)
+        loss = train_step(model, loader, optimizers, hp, rt, grad_accum, scale, state.step, autocast)
+        state.step += 1
+        approx_ms = state.training_time_ms + 1000.0 * (time.perf_counter() - t0)
+        if state.step <= 10 or state.step % hp.train_log_every == 0:
+            loss_value = float(all_reduce_sum(loss.detach().clone()).item()) / rt.world_size  # global mean
+            state.train_losses.append(loss_value)
+            log(f"step:{state.step}/{hp.iterations} train_loss:{loss_value:.4f} "
+                f"train_time:{approx_ms:.0f}ms step_avg:{approx_ms / state.step:.2f}ms")
+        if stop_after_step is None and max_ms is not None and stop_agreed(approx_ms >= max_ms, rt.device):
+            stop_after_step = state.step
+    return state
+
+
+def maybe_compile(fn, enabled: bool):
+    return torch.compile(fn, dynamic=False) if enabled else fn
+
+
+# ==================================================================================================
+# MAIN
+# ==================================================================================================
+
+
+def log_run_header(hp: Hyperparameters, rt: Runtime, log) -> None:
+    log(Path(__file__).read_text(encoding="utf-8"), console=False)
+    log("=" * 100, console=False)
+    log(f"python:{platform.python_version()} torch:{torch.__version__} device:{rt.device}", console=False)
+    if rt.device.type == "cuda":
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False, timeout=30)
+            log(out.stdout, console=False)
+    log("Hyperparameters:")
+    for line in hp.describe():
+        log(line)
+
+
+def run(hp: Hyperparameters, rt: Runtime) -> dict:
+    """Train, export the int8+zlib artifact, reload it from disk and score it. Returns the numbers."""
+    hp.check_world(rt.world_size)
+    if not hp.run_id:
+        hp = dataclasses.replace(hp, run_id=str(uuid.uuid4()))
+    out_dir = Path(hp.artifact_dir or ".")
+    log = RunLog(out_dir / "logs" / f"{hp.run_id}.txt", rt.is_main)
+    log(f"logs/{hp.run_id}.txt")
+    log_run_header(hp, rt, log)
+    grad_accum = hp.grad_accum_for(rt.world_size)
+    use_compile = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
+    if use_compile:
+        torch._dynamo.config.suppress_errors = True  # a failed compile falls back to eager, not a crash
+    autocast = lambda: autocast_context(hp, rt.device)  # noqa: E731
+
+    # Tokenizer + validation metric
+    sp = load_tokenizer(hp)
+    val_tokens = load_validation_tokens(hp.data_path)
+    luts = build_byte_luts(sp, hp.vocab_size)
+    if int(val_tokens.max()) >= hp.vocab_size:
+        raise RunError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}")
+    val_bytes = check_validation_bytes(sp, val_tokens, luts, rt.rank, rt.world_size)
+    train_files = shard_files(hp.data_path, "train")
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
+    log(f"train_loader:dataset:{hp.data_path} train_shards:{len(train_files)}")
+    log(f"val_loader:shards pattern={hp.data_path}/fineweb_val_*.bin tokens:{val_tokens.numel()} "
+        f"targets:{val_tokens.numel() - 1} bytes:{val_bytes} byte_check:ok")
+
+    # Model + optimizers
+    random_seed_all(hp.seed)
+    base_model = GPT(ModelConfig.from_hparams(hp)).to(rt.device)
+    compiled = maybe_compile(base_model, use_compile)
+    model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                broadcast_buffers=False) if rt.distributed else compiled
+    logits_fn = maybe_compile(base_model.forward_logits, use_compile)
+    optimizers = build_optimizers(hp, base_model, rt.device)
+    log(f"model_params:{sum(p.numel() for p in base_model.parameters())}")
+    log(f"world_size:{rt.world_size} grad_accum_steps:{grad_accum} compile:{int(use_compile)} "
+        f"compute_dtype:{resolved_compute_dtype(hp, rt.device)}")
+    log(f"attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads}")
+    log(f"tie_embeddings:{hp.tie_embeddings} embed_lr:{hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr} "
+        f"head_lr:{hp.head_lr if not hp.tie_embeddings else 0.0} matrix_lr:{hp.matrix_lr} scalar_lr:{hp.scalar_lr}")
+    log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} iterations:{hp.iterations} "
+        f"warmup_steps:{hp.warmup_steps} max_wallclock_seconds:{hp.max_wallclock_seconds:.3f}")
+    log(f"seed:{hp.seed}")
+
+    val_batch_seqs = hp.val_batch_size // (rt.world_size * grad_accum * hp.train_seq_len)
+
+    def evaluate_model(fn=logits_fn) -> EvalResult:
+        base_model.eval()
+        result = evaluate(fn, val_tokens, luts, seq_len=hp.train_seq_len, batch_seqs=val_batch_seqs,
+                          rank=rt.rank, world_size=rt.world_size, device=rt.device, autocast=autocast)
+        base_model.train()
+        return result
+
+    def make_loader() -> DistributedTokenLoader:
+        return DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
+
+    # Warm-up (state reset after), then the timed training loop
+    warmup_and_reset(model, base_model, optimizers, make_loader, hp, rt, grad_accum, autocast, log)
+    state = train(hp, rt, model, base_model, optimizers, make_loader, evaluate_model, grad_accum, autocast, log)
+    if rt.device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+
+    # Serialization: raw weights, then the int8+zlib artifact, both written atomically by rank 0
+    raw_path, artifact_path = out_dir / "final_model.pt", out_dir / "final_model.int8.ptz"
+    n_code = code_bytes()
+    if rt.is_main:
+        buf = io.BytesIO()
+        torch.save(base_model.state_dict(), buf)
+        write_atomic(raw_path, buf.getvalue())
+        log(f"Serialized model: {raw_path.stat().st_size} bytes")
+        log(f"Code size: {n_code} bytes")
+        log(f"Total submission size: {raw_path.stat().st_size + n_code} bytes")
+        blob, raw_bytes = serialize_int8_artifact(base_model.state_dict())
+        write_atomic(artifact_path, blob)
+        log(f"Serialized model int8+zlib: {len(blob)} bytes (payload:{raw_bytes} raw_torch:{buf.tell()} "
+            f"payload_ratio:{buf.tell() / max(raw_bytes, 1):.2f}x)")
+        log(f"Total submission size int8+zlib: {len(blob) + n_code} bytes")
+    barrier()
+
+    # Roundtrip: a fresh model loaded from the artifact file alone, scored on every target
+    artifact_bytes = artifact_path.stat().st_size
+    total_bytes = artifact_bytes + n_code
+    fresh = GPT(ModelConfig.from_hparams(hp)).to(rt.device)
+    fresh.load_state_dict(deserialize_int8_artifact(artifact_path.read_bytes()), strict=True)
+    t_eval = time.perf_counter()
+    roundtrip = evaluate_model(maybe_compile(fresh.forward_logits, use_compile))
+    eval_ms = 1000.0 * (time.perf_counter() - t_eval)
+    log(f"final_int8_zlib_roundtrip val_loss:{roundtrip.val_loss:.4f} val_bpb:{roundtrip.val_bpb:.4f} "
+        f"eval_time:{eval_ms:.0f}ms")
+    log(f"final_int8_zlib_roundtrip_exact val_loss:{roundtrip.val_loss:.8f} val_bpb:{roundtrip.val_bpb:.8f}")
+    log(f"artifact code_bytes:{n_code} model_bytes:{artifact_bytes} total_bytes:{total_bytes} "
+        f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(total_bytes <= ARTIFACT_LIMIT_BYTES)}")
+    return dict(run_id=hp.run_id, steps=state.step, stopped_early=state.stopped_early,
+                train_losses=state.train_losses, pre_quant=state.last_val, roundtrip=roundtrip,
+                code_bytes=n_code, model_bytes=artifact_bytes, total_bytes=total_bytes,
+                training_time_ms=state.training_time_ms, log_path=str(log.path))
+
+
+def random_seed_all(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main() -> int:
+    rank0 = os.environ.get("RANK", "0") == "0"
+    rt = None
+    try:
+        hp = Hyperparameters.from_env()
+        rt = init_runtime(hp)
+        result = run(hp, rt)
+        if result["total_bytes"] > ARTIFACT_LIMIT_BYTES:
+            raise RunError(f"artifact is {result['total_bytes']} bytes, over the {ARTIFACT_LIMIT_BYTES}-byte limit "
+                           "(code + compressed model); shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT, VOCAB_SIZE)")
+        return 0
+    except (ConfigError, RunError) as e:
+        if rank0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if rt is not None:
+            shutdown_runtime(rt)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
