@@ -312,6 +312,7 @@ def write_atomic(path: Path, payload: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -802,8 +803,8 @@ def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, *, seq_len: in
         y = torch.stack([val_tokens[s + 1 : s + 1 + length] for s, _ in blocks[i:j]]).to(device)
         with autocast():
             logits = logits_fn(x)
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
-        sums[0] += nll.double()
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        sums[0] += nll.double().sum()  # float64 accumulation: exact enough over 60M+ targets
         sums[1] += y.numel()
         sums[2] += target_bytes(x, y, luts).sum().double()
         i = j
@@ -822,6 +823,7 @@ def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, *, seq_len: in
 INT8_KEEP_FLOAT_MAX_NUMEL = 65_536
 INT8_CLIP_QUANTILE = 0.9999984
 INT8_FORMAT = "int8_clean_per_row_v1"
+FP16_MIN_SCALE = 2.0**-24  # smallest positive fp16 (subnormal): a scale never rounds to 0
 
 
 def quantize_tensor_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -830,11 +832,11 @@ def quantize_tensor_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if w.ndim == 2:
         clip = torch.quantile(w.abs(), INT8_CLIP_QUANTILE, dim=1) if w.numel() else w.new_zeros(w.size(0))
         # Clamp after the fp16 cast: a floor below fp16's range would round to 0 and divide by 0.
-        scale = (clip / 127.0).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+        scale = (clip / 127.0).to(torch.float16).clamp_min(FP16_MIN_SCALE)
         q = torch.round(w.clamp(-clip[:, None], clip[:, None]) / scale.float()[:, None]).clamp(-127, 127)
         return q.to(torch.int8).contiguous(), scale.contiguous()
     clip = torch.quantile(w.abs().flatten(), INT8_CLIP_QUANTILE) if w.numel() else w.new_zeros(())
-    scale = (clip / 127.0).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+    scale = (clip / 127.0).to(torch.float16).clamp_min(FP16_MIN_SCALE)
     q = torch.round(w.clamp(-clip, clip) / scale.float()).clamp(-127, 127)
     return q.to(torch.int8).contiguous(), scale
 

@@ -6,7 +6,7 @@ is BOS (id 1) followed by its tokens. This is byte-for-byte the format of the pu
 so shards written here load in the public scripts and theirs load here.
 
 `train_gpt.py` carries its own copy of the reader on purpose (only that file counts as code in a
-submission); `tests/test_shards.py` checks the two agree.
+submission); `tests/test_train.py` checks the two agree.
 """
 
 from __future__ import annotations
@@ -39,11 +39,18 @@ def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp_name, path)
     except BaseException:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def encode_shard(tokens) -> bytes:

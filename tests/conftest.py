@@ -1,0 +1,58 @@
+"""Shared fixtures: a small real-text dataset built by the same code path as the sample pipeline."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# A model small enough that a 20-step run takes a few seconds on 2 CPU cores.
+TINY_ENV = {
+    "NUM_LAYERS": "2",
+    "MODEL_DIM": "64",
+    "NUM_HEADS": "4",
+    "NUM_KV_HEADS": "2",
+    "TRAIN_SEQ_LEN": "128",
+    "TRAIN_BATCH_TOKENS": "8192",
+    "VAL_BATCH_SIZE": "8192",
+    "WARMUP_STEPS": "0",
+    "VAL_LOSS_EVERY": "0",
+    "MAX_WALLCLOCK_SECONDS": "0",
+    "ITERATIONS": "20",
+    "TRAIN_LOG_EVERY": "5",
+}
+
+
+@pytest.fixture(scope="session")
+def sample_dataset(tmp_path_factory) -> dict:
+    """The first 1500 documents of the embedded corpus, tokenized with a 1024-piece BPE."""
+    from data.prepare_sample import prepare_sample
+
+    root = tmp_path_factory.mktemp("sample")
+    return prepare_sample(
+        vocab_size=1024, datasets_root=root / "datasets", tokenizers_root=root / "tokenizers", max_docs=1500
+    )
+
+
+@pytest.fixture()
+def tiny_env(sample_dataset, tmp_path) -> dict:
+    """Env for a tiny run on the sample dataset, writing into tmp_path."""
+    env = dict(TINY_ENV)
+    env.update(
+        DATA_PATH=sample_dataset["dataset_dir"],
+        TOKENIZER_PATH=sample_dataset["tokenizer_path"],
+        ARTIFACT_DIR=str(tmp_path),
+        RUN_ID="test",
+    )
+    return env
+
+
+def subprocess_env(extra: dict) -> dict:
+    """The current environment minus torchrun/knob leftovers, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(extra)
+    env["PYTHONPATH"] = str(ROOT)
+    return env

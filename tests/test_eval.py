@@ -1,0 +1,119 @@
+"""Evaluation scores every validation target exactly once and counts its bytes exactly."""
+
+import math
+import random
+
+import pytest
+import sentencepiece as spm
+import torch
+
+import train_gpt as tg
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_eval_blocks_cover_every_target_exactly_once(world_size):
+    rng = random.Random(world_size)
+    for _ in range(50):
+        num_targets, seq_len = rng.randint(1, 5000), rng.choice([1, 7, 64, 1024])
+        scored = []
+        for rank in range(world_size):
+            for start, length in tg.plan_eval_blocks(num_targets, seq_len, rank, world_size):
+                assert 1 <= length <= seq_len
+                scored.extend(range(start + 1, start + length + 1))
+        assert sorted(scored) == list(range(1, num_targets + 1))
+
+
+def uniform_logits(vocab):
+    return lambda x: torch.zeros(*x.shape, vocab)
+
+
+@pytest.mark.parametrize("n_tokens, seq_len, batch_seqs", [(1000, 128, 3), (1025, 128, 4), (2, 128, 1), (700, 700, 2)])
+def test_evaluate_counts_every_target_and_its_bytes(sample_dataset, n_tokens, seq_len, batch_seqs):
+    sp = spm.SentencePieceProcessor(model_file=sample_dataset["tokenizer_path"])
+    luts = tg.build_byte_luts(sp, 1024)
+    val = tg.load_validation_tokens(sample_dataset["dataset_dir"])[:n_tokens]
+    seen = []
+
+    def logits_fn(x):
+        seen.append(x.shape)
+        return torch.zeros(*x.shape, 1024)
+
+    res = tg.evaluate(logits_fn, val, luts, seq_len=seq_len, batch_seqs=batch_seqs, rank=0, world_size=1,
+                      device=torch.device("cpu"))
+    assert res.num_targets == n_tokens - 1
+    assert res.num_bytes == int(tg.target_bytes(val[:-1], val[1:], luts).sum())
+    assert res.val_loss == pytest.approx(math.log(1024), rel=1e-6)  # uniform logits: ln V per target (fp32 CE)
+    assert res.val_bpb == pytest.approx(res.val_loss * res.num_targets / (math.log(2) * res.num_bytes))
+    assert all(b <= batch_seqs for b, _ in seen)
+
+
+def test_evaluate_rank_shares_add_up_to_the_whole(sample_dataset):
+    sp = spm.SentencePieceProcessor(model_file=sample_dataset["tokenizer_path"])
+    luts = tg.build_byte_luts(sp, 1024)
+    val = tg.load_validation_tokens(sample_dataset["dataset_dir"])[:3001]
+    torch.manual_seed(0)
+    table = torch.randn(1024, 1024)
+    fn = lambda x: table[x]  # noqa: E731  (logits depend on the input token)
+    whole = tg.evaluate(fn, val, luts, seq_len=64, batch_seqs=5, rank=0, world_size=1, device=torch.device("cpu"))
+    parts = [tg.evaluate(fn, val, luts, seq_len=64, batch_seqs=5, rank=r, world_size=3, device=torch.device("cpu"))
+             for r in range(3)]
+    assert sum(p.num_targets for p in parts) == whole.num_targets == 3000
+    assert sum(p.num_bytes for p in parts) == whole.num_bytes
+    loss_sum = sum(p.val_loss * p.num_targets for p in parts)
+    assert loss_sum == pytest.approx(whole.val_loss * whole.num_targets, rel=1e-9)
+
+
+def stream_of(sp, docs):
+    ids = []
+    for d in docs:
+        ids += [tg.BOS_ID] + sp.encode(d)
+    return torch.tensor(ids)
+
+
+def test_byte_tables_match_the_text_with_byte_fallback_and_leading_spaces(sample_dataset):
+    sp = spm.SentencePieceProcessor(model_file=sample_dataset["tokenizer_path"])
+    luts = tg.build_byte_luts(sp, 1024)
+    docs = ["Hello world, this is a test.", "Ünïcödé 漢字 and emoji 🙂🚀 mixed in", "x", "  leading spaces are stripped?",
+            "tabs\tand  double  spaces", "Ω≈ç√∫˜µ≤≥÷ — “quotes”"]
+    stream = stream_of(sp, docs)
+    assert any(sp.is_byte(int(t)) for t in stream), "the test text must exercise byte-fallback tokens"
+    assert any(luts.has_leading_space[int(t)] for t in stream)
+    counted = int(tg.target_bytes(stream[:-1], stream[1:], luts).sum())
+    decoded = sum(len(sp.decode(sp.encode(d)).encode("utf-8")) for d in docs)
+    assert counted == decoded
+    # The normalizer leaves this plain-ASCII text unchanged, so it is also the raw byte count.
+    plain = ["Hello world, this is a test.", "x", "two words"]
+    s = stream_of(sp, plain)
+    assert int(tg.target_bytes(s[:-1], s[1:], luts).sum()) == sum(len(d.encode()) for d in plain)
+    # A byte-fallback piece counts 1 byte; a leading space counts 1 except right after BOS.
+    byte_id = next(t for t in range(1024) if sp.is_byte(t))
+    assert luts.base_bytes[byte_id] == 1 and not luts.has_leading_space[byte_id]
+    word = sp.piece_to_id("\u2581the")
+    if word != sp.unk_id():
+        pair = torch.tensor([tg.BOS_ID, word, word])
+        assert tg.target_bytes(pair[:-1], pair[1:], luts).tolist() == [3, 4]
+
+
+def test_startup_byte_check_passes_on_the_sample_and_fails_on_a_wrong_table(sample_dataset):
+    sp = spm.SentencePieceProcessor(model_file=sample_dataset["tokenizer_path"])
+    luts = tg.build_byte_luts(sp, 1024)
+    val = tg.load_validation_tokens(sample_dataset["dataset_dir"])
+    total = tg.check_validation_bytes(sp, val, luts)
+    assert total == int(tg.target_bytes(val[:-1], val[1:], luts).sum())
+    # Independent ground truth: the normalized text of every validation document, in UTF-8.
+    bos = (val == tg.BOS_ID).nonzero().flatten().tolist() + [val.numel()]
+    texts = [sp.decode(val[a + 1 : b].tolist()) for a, b in zip(bos, bos[1:])]
+    assert total == sum(len(t.encode("utf-8")) for t in texts)
+    # Doubling the leading-space byte (a known bug in public PRs) must be caught.
+    bad = tg.ByteLuts(luts.base_bytes + luts.has_leading_space.to(torch.int16), luts.has_leading_space,
+                      luts.is_boundary)
+    with pytest.raises(tg.RunError, match="byte tables count"):
+        tg.check_validation_bytes(sp, val, bad)
+
+
+def test_validation_must_start_with_bos(tmp_path):
+    from data.shards import write_shard
+
+    write_shard(tmp_path / "fineweb_val_000000.bin", [5, 6, 7])
+    with pytest.raises(tg.RunError, match="must start with BOS"):
+        tg.load_validation_tokens(str(tmp_path))

@@ -1,0 +1,108 @@
+"""End-to-end: a tiny run learns, the warm-up leaves no trace, 2 gloo ranks match 1 process."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import ROOT, subprocess_env
+
+CPU = tg.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
+
+
+def run_tiny(env: dict, **overrides) -> dict:
+    return tg.run(tg.Hyperparameters.from_env({**env, **overrides}), CPU)
+
+
+def test_twenty_steps_lower_the_loss_and_the_artifact_scores_like_the_model(tiny_env, tmp_path):
+    out = run_tiny(tiny_env, WARMDOWN_ITERS="5", VAL_LOSS_EVERY="20")
+    assert out["steps"] == 20
+    losses = out["train_losses"]
+    assert losses[-1] < losses[0] - 0.3, losses
+    pre, post = out["pre_quant"], out["roundtrip"]
+    assert pre.num_targets == post.num_targets
+    assert abs(post.val_bpb - pre.val_bpb) < 0.01 * pre.val_bpb  # int8 costs little
+    assert out["total_bytes"] == out["code_bytes"] + (tmp_path / "final_model.int8.ptz").stat().st_size
+    assert out["code_bytes"] == len((ROOT / "train_gpt.py").read_bytes())
+    log = (tmp_path / "logs" / "test.txt").read_text()
+    assert re.search(r"^final_int8_zlib_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", log, re.M)
+    assert re.search(r"^step:20/20 val_loss:[\d.]+ val_bpb:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms$", log, re.M)
+    assert "def main()" in log  # the log embeds the source that produced it
+
+
+def test_warmup_steps_leave_no_trace(tiny_env, tmp_path):
+    a = run_tiny(tiny_env, ITERATIONS="4", RUN_ID="a")
+    b = run_tiny(tiny_env, ITERATIONS="4", RUN_ID="b", WARMUP_STEPS="3")
+    assert a["train_losses"] == b["train_losses"]
+    assert a["roundtrip"].val_loss == b["roundtrip"].val_loss
+
+
+def test_wallclock_cap_stops_training_early(tiny_env):
+    out = run_tiny(tiny_env, ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="1.5")
+    assert out["stopped_early"] and 0 < out["steps"] < 100000
+    assert out["training_time_ms"] < 1500 + 2000  # stops within about one step of the cap
+
+
+def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(tiny_env, tmp_path):
+    env = dict(tiny_env, ITERATIONS="6", WARMDOWN_ITERS="3", RUN_ID="single")
+    single = run_tiny(env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_gpt.py")]
+    proc = subprocess.run(cmd, env=subprocess_env(dict(env, RUN_ID="ddp", OMP_NUM_THREADS="1")), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world_size:2 grad_accum_steps:4" in proc.stdout
+    line = re.search(r"final_int8_zlib_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)", proc.stdout)
+    assert float(line.group(1)) == pytest.approx(single["roundtrip"].val_loss, abs=1e-5)
+    assert float(line.group(2)) == pytest.approx(single["roundtrip"].val_bpb, abs=1e-5)
+
+
+def test_oversize_artifact_fails_with_one_line_and_keeps_results(tiny_env, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tg, "ARTIFACT_LIMIT_BYTES", 1000)
+    for k, v in dict(tiny_env, ITERATIONS="2").items():
+        monkeypatch.setenv(k, v)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert tg.main() == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "over the 1000-byte limit" in err[0]
+    assert (tmp_path / "final_model.int8.ptz").exists() and (tmp_path / "logs" / "test.txt").exists()
+
+
+def test_our_shards_load_in_the_training_script_and_back(tmp_path):
+    from data.shards import read_shard, write_shard
+
+    tokens = np.array([1, 0, 65535, 42, 1, 7], dtype=np.uint16)
+    write_shard(tmp_path / "fineweb_train_000000.bin", tokens)
+    assert tg.load_data_shard(tmp_path / "fineweb_train_000000.bin").tolist() == tokens.tolist()
+    # A shard written by any other tool in the public layout (numpy by hand) loads in both readers.
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240520, 1, 3)
+    (tmp_path / "other.bin").write_bytes(header.tobytes() + np.array([1, 5, 9], dtype="<u2").tobytes())
+    assert tg.load_data_shard(tmp_path / "other.bin").tolist() == [1, 5, 9]
+    assert read_shard(tmp_path / "other.bin").tolist() == [1, 5, 9]
+    (tmp_path / "bad.bin").write_bytes(header.tobytes() + b"\x00" * 4)
+    with pytest.raises(tg.RunError, match="does not match header"):
+        tg.load_data_shard(tmp_path / "bad.bin")
+
+
+def test_loader_gives_each_rank_its_slice_of_the_same_stream(tmp_path):
+    from data.shards import write_shard
+
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(100) % 60000)
+    write_shard(tmp_path / "fineweb_train_000001.bin", np.arange(100, 150))
+    files = tg.shard_files(str(tmp_path), "train")
+    single = tg.DistributedTokenLoader(files, 0, 1, torch.device("cpu"))
+    ranks = [tg.DistributedTokenLoader(files, r, 2, torch.device("cpu")) for r in range(2)]
+    # global 16 tokens, seq 4: one process takes 2 micro-steps per step, two processes 1 each;
+    # 14 micro-batches of 9 tokens cross from the 100-token first shard into the second.
+    seen_single = [single.next_batch(16, 4, 2)[0] for _ in range(14)]
+    seen_ranks = [ranks[r].next_batch(16, 4, 1)[0] for _ in range(7) for r in range(2)]
+    for a, b in zip(seen_single, seen_ranks):
+        assert torch.equal(a, b)
+    assert int(torch.cat(seen_single).max()) >= 100  # crossed into the second shard
