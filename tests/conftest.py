@@ -11,6 +11,7 @@ sys.path.insert(0, str(ROOT))
 
 # A model small enough that a 20-step run takes a few seconds on 2 CPU cores.
 TINY_ENV = {
+    "RECIPE": "baseline",
     "NUM_LAYERS": "2",
     "MODEL_DIM": "64",
     "NUM_HEADS": "4",

@@ -9,8 +9,9 @@ import train_gpt as tg
 from conftest import ROOT, subprocess_env
 
 
-def test_defaults_are_the_official_baseline():
-    hp = tg.Hyperparameters.from_env({})
+def test_baseline_recipe_is_the_official_baseline():
+    hp = tg.Hyperparameters.from_env({"RECIPE": "baseline"})
+    assert hp == tg.Hyperparameters()  # the dataclass defaults are the baseline
     assert (hp.num_layers, hp.model_dim, hp.num_heads, hp.num_kv_heads, hp.mlp_mult) == (9, 512, 8, 4, 2.0)
     assert (hp.vocab_size, hp.train_seq_len, hp.train_batch_tokens, hp.iterations) == (1024, 1024, 524288, 20000)
     assert (hp.matrix_lr, hp.scalar_lr, hp.tied_embed_lr, hp.muon_momentum, hp.qk_gain_init) == (
@@ -18,6 +19,26 @@ def test_defaults_are_the_official_baseline():
     assert hp.max_wallclock_seconds == 600.0 and hp.warmdown_iters == 1200 and hp.tie_embeddings
     assert hp.grad_accum_for(8) == 1 and hp.grad_accum_for(1) == 8
     hp.check_world(8)
+    assert not (hp.xsa_last_n or hp.num_loops or hp.rope_dims or hp.bigram_vocab_size or hp.smear_gate_enabled
+                or hp.ln_scale or hp.skip_gates_enabled or hp.value_residual or hp.attn_out_gate_enabled
+                or hp.sparse_attn_gate_enabled or hp.gated_attn_enabled) and hp.parallel_start_layer == -1
+    assert hp.mlp_activation == "relu2" and hp.backout_layer == -1
+
+
+def test_record_recipe_is_the_default_and_every_field_stays_overridable():
+    hp = tg.Hyperparameters.from_env({})
+    assert hp.recipe == "record" and hp.vocab_size == 8192 and hp.data_path.endswith("fineweb10B_sp8192")
+    assert (hp.num_layers, hp.model_dim, hp.num_heads, hp.num_kv_heads, hp.mlp_mult) == (11, 512, 8, 4, 4.0)
+    assert hp.mlp_activation == "leaky_relu2" and hp.xsa_last_n == 11 and hp.rope_dims == 16 and hp.ln_scale
+    assert (hp.loop_start, hp.loop_end, hp.num_loops) == (3, 5, 2) and hp.parallel_start_layer == 8
+    assert hp.qk_gain_init == 5.0 and hp.train_seq_len == 2048
+    hp.check_world(8)
+    over = tg.Hyperparameters.from_env({"XSA_LAST_N": "4", "NUM_LOOPS": "0", "VOCAB_SIZE": "1024"})
+    assert over.xsa_last_n == 4 and over.num_loops == 0 and over.vocab_size == 1024 and over.rope_dims == 16
+    lines = "\n".join(over.describe({"XSA_LAST_N": "4"}))
+    assert "xsa_last_n: 4 (env)" in lines and "rope_dims: 16 (recipe)" in lines and "seed: 1337 (default)" in lines
+    with pytest.raises(tg.ConfigError, match="RECIPE='fast' is not one of baseline, record"):
+        tg.Hyperparameters.from_env({"RECIPE": "fast"})
 
 
 def test_env_values_are_parsed_by_type():
@@ -57,7 +78,8 @@ def test_batch_must_divide_by_world_and_seq_len():
         hp.check_world(8)
     with pytest.raises(tg.ConfigError, match="WORLD_SIZE=3 must divide 8"):
         tg.Hyperparameters.from_env({}).check_world(3)
-    tg.Hyperparameters.from_env({"GRAD_ACCUM_STEPS": "2", "TRAIN_BATCH_TOKENS": str(3 * 2 * 1024)}).check_world(3)
+    tg.Hyperparameters.from_env({"RECIPE": "baseline", "GRAD_ACCUM_STEPS": "2",
+                                 "TRAIN_BATCH_TOKENS": str(3 * 2 * 1024)}).check_world(3)
 
 
 def test_cli_rejects_bad_env_with_one_line_before_any_work(tmp_path):

@@ -9,7 +9,7 @@ import train_gpt as tg
 
 
 def tiny_config(**overrides) -> tg.ModelConfig:
-    hp = tg.Hyperparameters.from_env({"NUM_LAYERS": "3", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+    hp = tg.Hyperparameters.from_env({"RECIPE": "baseline", "NUM_LAYERS": "3", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
                                       "VOCAB_SIZE": "97", **overrides})
     return tg.ModelConfig.from_hparams(hp)
 
@@ -45,7 +45,7 @@ def test_initial_loss_is_near_uniform_and_blocks_start_as_identity():
     loss = model(x, torch.randint(0, 97, (4, 32)))
     assert abs(loss.item() - math.log(97)) < 0.05
     h = tg.rms_norm(model.tok_emb(x))
-    assert torch.allclose(model.blocks[0](h, h), h)  # zero-initialised output projections
+    assert torch.allclose(model.blocks[0](h, h, None)[0], h)  # zero-initialised output projections
 
 
 def test_state_dict_names_are_the_baseline_names():
@@ -89,7 +89,7 @@ def test_muon_single_process_update_is_nesterov_then_orthogonalize():
 
 def test_every_parameter_has_exactly_one_optimizer():
     for tie in ("1", "0"):
-        hp = tg.Hyperparameters.from_env({"NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4",
+        hp = tg.Hyperparameters.from_env({"RECIPE": "baseline", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4",
                                           "NUM_KV_HEADS": "2", "TIE_EMBEDDINGS": tie})
         model = tg.GPT(tg.ModelConfig.from_hparams(hp))
         opts = tg.build_optimizers(hp, model, torch.device("cpu"))

@@ -27,7 +27,7 @@ def test_state_dict_roundtrip_through_the_compressed_file_is_exact(tmp_path):
     torch.manual_seed(0)
     # MODEL_DIM 192 x MLP 4: the MLP matrices (147,456 values) are quantized, the 300x192 embedding
     # (57,600) stays float as the baseline's 65,536-value passthrough rule says.
-    hp = tg.Hyperparameters.from_env({"NUM_LAYERS": "2", "MODEL_DIM": "192", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+    hp = tg.Hyperparameters.from_env({"RECIPE": "baseline", "NUM_LAYERS": "2", "MODEL_DIM": "192", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
                                       "VOCAB_SIZE": "300", "MLP_MULT": "4"})
     model = tg.GPT(tg.ModelConfig.from_hparams(hp))
     sd = model.state_dict()
