@@ -53,3 +53,25 @@ def test_corrupt_artifact_is_refused_with_a_clear_error():
     blob, _ = tg.serialize_int8_artifact({"w": torch.randn(300, 300)})
     with pytest.raises(tg.RunError, match="corrupt"):
         tg.deserialize_int8_artifact(blob[: len(blob) // 2])
+
+
+def test_start_of_run_payload_estimate_is_exact_for_int8():
+    hp = tg.Hyperparameters.from_env({"RECIPE": "baseline", "NUM_LAYERS": "2", "MODEL_DIM": "192", "NUM_HEADS": "4",
+                                      "NUM_KV_HEADS": "2", "VOCAB_SIZE": "1024", "MLP_MULT": "4"})
+    sd = tg.GPT(tg.ModelConfig.from_hparams(hp)).state_dict()
+    obj = tg.quantize_state_dict_int8(sd)
+    stored = sum(t.numel() * t.element_size() for group in ("quantized", "scales", "passthrough")
+                 for t in obj[group].values())
+    assert tg.estimate_payload_bytes(sd, bits=8) == stored
+
+
+def test_flops_estimate_counts_every_virtual_layer():
+    hp = tg.Hyperparameters.from_env({"NUM_LAYERS": "4", "LOOP_START": "1", "LOOP_END": "2", "NUM_LOOPS": "2",
+                                      "PARALLEL_START_LAYER": "3", "XSA_LAST_N": "4"})
+    cfg = tg.ModelConfig.from_hparams(hp)
+    plain = tg.estimate_flops_per_token(cfg, 2048, looping=False)
+    looped = tg.estimate_flops_per_token(cfg, 2048, looping=True)
+    d, hidden, kv = cfg.model_dim, cfg.mlp_hidden, cfg.num_kv_heads * 64
+    per_layer = 2 * (2 * d * d + 2 * d * kv + 2 * d * hidden) + 2 * d * 2049
+    assert looped - plain == 4 * per_layer  # two segment layers, two extra passes
+    assert plain == 4 * per_layer + 2 * d * cfg.vocab_size

@@ -106,3 +106,27 @@ def test_loader_gives_each_rank_its_slice_of_the_same_stream(tmp_path):
     for a, b in zip(seen_single, seen_ranks):
         assert torch.equal(a, b)
     assert int(torch.cat(seen_single).max()) >= 100  # crossed into the second shard
+
+
+ALL_SWITCHES_SMALL = {
+    "RECIPE": "record", "VOCAB_SIZE": "1024", "NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": "4",
+    "NUM_KV_HEADS": "2", "XSA_LAST_N": "4", "ROPE_DIMS": "8", "LOOP_START": "1", "LOOP_END": "2", "NUM_LOOPS": "1",
+    "PARALLEL_START_LAYER": "3", "BIGRAM_VOCAB_SIZE": "256", "BIGRAM_DIM": "32", "VALUE_RESIDUAL": "1",
+    "BACKOUT_LAYER": "1", "TRAIN_SEQ_LEN": "128", "TRAIN_BATCH_TOKENS": "8192", "VAL_BATCH_SIZE": "8192",
+    "GRAD_ACCUM_STEPS": "1", "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_LOG_EVERY": "5",
+}
+
+
+def test_all_switches_train_and_looping_turns_on_at_its_fraction(tiny_env, tmp_path):
+    env = {**tiny_env, **ALL_SWITCHES_SMALL, "ITERATIONS": "20", "WARMDOWN_ITERS": "5", "WARMUP_STEPS": "2",
+           "ENABLE_LOOPING_AT": "0.5", "VAL_LOSS_EVERY": "0", "EVAL_SEQ_LEN": "256"}
+    out = run_tiny(env)
+    losses = out["train_losses"]
+    assert losses[-1] < losses[0] - 0.3, losses
+    log = (tmp_path / "logs" / "test.txt").read_text()
+    assert "warmup_step:2/2" in log and "loop_warmup_step:2/2" in log  # both graphs primed
+    assert re.search(r"^layer_loop:enabled step:10 frac:0\.500 ", log, re.M)
+    assert re.search(r"^model_params_detail: unique:\d+ per_block:\d+ virtual_layers:6 ", log, re.M)
+    assert re.search(r"^flops_per_token: forward:\d+ train:\d+", log, re.M)
+    assert re.search(r"^artifact_estimate: int8_payload_bytes:\d+ ", log, re.M)
+    assert abs(out["roundtrip"].val_bpb - out["pre_quant"].val_bpb) < 0.02 * out["pre_quant"].val_bpb

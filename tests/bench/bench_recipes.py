@@ -1,0 +1,88 @@
+"""Benchmark: baseline vs record recipes at a small CPU size, same parameter budget, same tokens.
+
+Trains each configuration on the embedded sample (sp1024; built if missing) with the same number of
+steps and tokens per step, and prints val_bpb before and after the int8 roundtrip and tokens/s.
+Not collected by pytest (a benchmark, not a test). Run from the repo root:
+
+    python tests/bench/bench_recipes.py [--steps 150] [--only baseline,record]
+
+The small sizes are chosen so the two recipes have about the same unique parameter count (printed).
+At this scale the record stack's looping switches on at 35% of the steps (no wallclock cap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+COMMON = {
+    "VOCAB_SIZE": "1024", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "256",
+    "TRAIN_BATCH_TOKENS": "16384", "GRAD_ACCUM_STEPS": "1", "VAL_BATCH_SIZE": "65536", "WARMUP_STEPS": "0",
+    "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "50", "COMPILE": "0",
+}
+
+# name -> env on top of COMMON. Unique parameters: baseline 6 layers x MLP 2x vs record 4 layers x MLP 4x
+# (the record stack reuses layers 1-2 twice more, so it costs more FLOPs per token for the same size).
+CONFIGS = {
+    "baseline": {"RECIPE": "baseline", "NUM_LAYERS": "6"},
+    "record": {"RECIPE": "record", "NUM_LAYERS": "4", "XSA_LAST_N": "4", "LOOP_START": "1", "LOOP_END": "2",
+               "NUM_LOOPS": "2", "PARALLEL_START_LAYER": "3"},
+}
+
+PATTERNS = {
+    "params": r"^model_params:(\d+)",
+    "pre_bpb": r"^step:\d+/\d+ val_loss:[\d.]+ val_bpb:([\d.]+)",
+    "bpb": r"^final_int8_zlib_roundtrip_exact val_loss:[\d.]+ val_bpb:([\d.]+)",
+    "train_ms": r"^step:\d+/\d+ val_loss:.* train_time:(\d+)ms",
+    "bytes": r"^artifact code_bytes:\d+ model_bytes:\d+ total_bytes:(\d+)",
+}
+
+
+def run_config(name: str, env: dict, steps: int, sample: dict, workdir: Path) -> dict:
+    full = {**os.environ, **COMMON, **env, "ITERATIONS": str(steps), "WARMDOWN_ITERS": str(max(steps // 3, 1)),
+            "DATA_PATH": sample["dataset_dir"], "TOKENIZER_PATH": sample["tokenizer_path"],
+            "ARTIFACT_DIR": str(workdir / name), "RUN_ID": name}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        full.pop(k, None)
+    proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=full, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}")
+    out = {}
+    for key, pattern in PATTERNS.items():
+        matches = re.findall(pattern, proc.stdout, re.M)
+        out[key] = float(matches[-1])
+    out["tok_per_s"] = steps * int(COMMON["TRAIN_BATCH_TOKENS"]) / (out["train_ms"] / 1000)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--only", default=",".join(CONFIGS))
+    args = parser.parse_args()
+    from data.prepare_sample import prepare_sample
+
+    sample = prepare_sample(vocab_size=1024)
+    names = args.only.split(",")
+    tokens = args.steps * int(COMMON["TRAIN_BATCH_TOKENS"])
+    print(f"sample sp1024, {args.steps} steps x {COMMON['TRAIN_BATCH_TOKENS']} tokens = {tokens:,} tokens each, "
+          f"seq {COMMON['TRAIN_SEQ_LEN']}, dim {COMMON['MODEL_DIM']}, float32 on CPU")
+    print("| config | unique params | val_bpb pre-quant | val_bpb int8 roundtrip | artifact bytes | tokens/s |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            r = run_config(name, CONFIGS[name], args.steps, sample, Path(tmp))
+            print(f"| {name} | {int(r['params']):,} | {r['pre_bpb']:.4f} | {r['bpb']:.4f} | {int(r['bytes']):,} "
+                  f"| {r['tok_per_s']:,.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
