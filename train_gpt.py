@@ -150,6 +150,11 @@ class Hyperparameters:
     beta2: float = knob(0.95, "Adam beta2", min=0)
     adam_eps: float = knob(1e-8, "Adam epsilon", gt=0)
     grad_clip_norm: float = knob(0.0, "global grad-norm clip after the cross-rank average; 0 = off", min=0)
+    muon_ns_coefficients: str = knob("quintic", "Newton-Schulz coefficients", choices=("quintic", "polar_express"))
+    muon_row_normalize: bool = knob(False, "MuonEq-R: normalise each row of the update before Newton-Schulz")
+    muon_wd: float = knob(0.0, "decoupled weight decay of Muon matrices (p *= 1 - lr*wd)", min=0)
+    embed_wd: float = knob(0.0, "AdamW weight decay of embedding tables", min=0)
+    adam_wd: float = knob(0.0, "AdamW weight decay of control tensors and an untied head", min=0)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -271,6 +276,7 @@ RECIPES: dict[str, dict] = {
         train_seq_len=2048, train_batch_tokens=786_432, val_loss_every=4000, train_log_every=500,
         tied_embed_lr=0.03, matrix_lr=0.026, scalar_lr=0.02, beta2=0.99, muon_momentum=0.97,
         muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, grad_clip_norm=0.3,
+        muon_ns_coefficients="polar_express", muon_row_normalize=True, muon_wd=0.095, embed_wd=0.085, adam_wd=0.02,
         warmdown_iters=3500,  # ~72% of the ~4,900 steps an 8xH100 run reaches in 600 s
     ),
 }
@@ -942,30 +948,72 @@ def model_report(model: GPT, hp: Hyperparameters, n_code_bytes: int) -> list[str
 # OPTIMIZER
 # ==================================================================================================
 # Muon: SGD-momentum (Nesterov) whose update for each 2-D matrix is replaced by the nearest
-# semi-orthogonal matrix, computed with a few Newton-Schulz iterations. Under several ranks each
-# rank orthogonalises its share of the matrices and one all-reduce shares every update. Embedding,
-# head and the small control tensors use Adam.
+# semi-orthogonal matrix, computed with a few Newton-Schulz iterations: the classic quintic
+# (one fixed coefficient triple) or Polar Express (a minimax-tuned triple per iteration). MuonEq-R
+# normalises each row of the momentum update first. Weight decay is decoupled: p *= 1 - lr * wd.
+#
+# Several ranks share the work ("parallel Muon"): the matrices are dealt out by size, each rank
+# orthogonalises its share (and keeps only its share's momentum), then one all-gather hands every
+# rank every update. The result is the same update the single process computes.
+# Embedding tables, an untied head and the small control tensors use AdamW.
+
+NS_COEFFICIENTS = {
+    "quintic": ((3.4445, -4.7750, 2.0315),),
+    "polar_express": (
+        (8.156554524902461, -22.48329292557795, 15.878769915207462),
+        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+    ),
+}
 
 
-def newton_schulz(G: torch.Tensor, steps: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Approximate U V^T of G = U S V^T with the quintic iteration X <- aX + (bA + cA^2)X, A = XX^T."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+def newton_schulz(G: torch.Tensor, steps: int, dtype: torch.dtype = torch.float32,
+                  coefficients: str = "quintic") -> torch.Tensor:
+    """Approximate U V^T of G = U S V^T with X <- aX + (bA + cA^2)X, A = XX^T; iteration i uses
+    triple i of the set (the last one repeats)."""
+    triples = NS_COEFFICIENTS[coefficients]
     X = G.to(dtype)
     X = X / (X.norm() + 1e-7)
     transposed = X.size(0) > X.size(1)
     if transposed:
         X = X.T
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = triples[min(i, len(triples) - 1)]
         A = X @ X.T
         X = a * X + (b * A + c * A @ A) @ X
     return (X.T if transposed else X).to(G.dtype)
 
 
+def assign_shards(sizes: list[int], world_size: int) -> list[int]:
+    """Owner rank of each matrix: largest first, each to the least-loaded rank (deterministic)."""
+    owners, load = [0] * len(sizes), [0] * world_size
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owners[i], load[rank] = rank, load[rank] + sizes[i]
+    return owners
+
+
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, ns_dtype: torch.dtype,
-                 orthogonalize=newton_schulz):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
-        self.ns_dtype, self.orthogonalize = ns_dtype, orthogonalize
+                 coefficients: str = "quintic", row_normalize: bool = False, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                      weight_decay=weight_decay))
+        self.ns_dtype, self.coefficients, self.row_normalize = ns_dtype, coefficients, row_normalize
+
+    def _update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """The orthogonalised Nesterov update of one matrix (its momentum lives on this rank)."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(p.grad)
+        update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+        if self.row_normalize:  # MuonEq-R
+            update = update / update.norm(dim=1, keepdim=True).clamp_min(1e-7)
+        update = newton_schulz(update, group["backend_steps"], self.ns_dtype, self.coefficients)
+        return update * max(1.0, p.size(0) / p.size(1)) ** 0.5
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -973,33 +1021,35 @@ class Muon(torch.optim.Optimizer):
         world_size = dist.get_world_size() if distributed else 1
         rank = dist.get_rank() if distributed else 0
         for group in self.param_groups:
-            params = group["params"]
+            params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % world_size == rank and p.grad is not None:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p.grad)
-                    buf = state["momentum_buffer"]
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                    update = self.orthogonalize(update, group["backend_steps"], self.ns_dtype)
-                    update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
-                    flat[offset : offset + p.numel()] = update.flatten().float()
-                offset += p.numel()
-            if distributed:
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for p in params:
-                p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+            owners = assign_shards([p.numel() for p in params], world_size)
+            if world_size == 1:
+                updates = [self._update(p, group) for p in params]
+            else:
+                mine = [i for i, o in enumerate(owners) if o == rank]
+                shard = max(sum(params[i].numel() for i, o in enumerate(owners) if o == r) for r in range(world_size))
+                local = torch.zeros(shard, device=params[0].device, dtype=torch.float32)
+                offset = 0
+                for i in mine:
+                    local[offset : offset + params[i].numel()] = self._update(params[i], group).flatten().float()
+                    offset += params[i].numel()
+                gathered = torch.empty(world_size * shard, device=local.device, dtype=local.dtype)
+                dist.all_gather_into_tensor(gathered, local)
+                offsets, updates = [r * shard for r in range(world_size)], []
+                for i, p in enumerate(params):
+                    start = offsets[owners[i]]
+                    updates.append(gathered[start : start + p.numel()].view_as(p))
+                    offsets[owners[i]] += p.numel()
+            for p, update in zip(params, updates):
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
 
 
 def build_optimizers(hp: Hyperparameters, model: GPT, device: torch.device) -> list[torch.optim.Optimizer]:
-    """Muon for 2-D weight matrices; Adam for embedding tables, an untied head and control tensors."""
+    """Muon for 2-D weight matrices; AdamW for embedding tables, an untied head and control tensors."""
     embeddings = [model.tok_emb.weight] + ([model.bigram.embed.weight] if model.bigram is not None else [])
     special = {id(p) for p in embeddings} | ({id(model.lm_head.weight)} if model.lm_head is not None else set())
     rest = [(n, p) for n, p in model.named_parameters() if id(p) not in special]
@@ -1007,16 +1057,20 @@ def build_optimizers(hp: Hyperparameters, model: GPT, device: torch.device) -> l
     scalars = [p for n, p in rest if p.ndim < 2 or is_control_tensor(n)]
     adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=device.type == "cuda")
     embed_lr = hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr
+
+    def adamw(params: list, lr: float, wd: float) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([dict(params=params, lr=lr, base_lr=lr)], weight_decay=wd, **adam)
+
     optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.Adam([dict(params=embeddings, lr=embed_lr, base_lr=embed_lr)], **adam),
+        adamw(embeddings, embed_lr, hp.embed_wd),
         Muon([dict(params=matrices, lr=hp.matrix_lr, base_lr=hp.matrix_lr)], lr=hp.matrix_lr,
              momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
-             ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32),
-        torch.optim.Adam([dict(params=scalars, lr=hp.scalar_lr, base_lr=hp.scalar_lr)], **adam),
+             ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+             coefficients=hp.muon_ns_coefficients, row_normalize=hp.muon_row_normalize, weight_decay=hp.muon_wd),
+        adamw(scalars, hp.scalar_lr, hp.adam_wd),
     ]
     if model.lm_head is not None:
-        optimizers.append(torch.optim.Adam(
-            [dict(params=[model.lm_head.weight], lr=hp.head_lr, base_lr=hp.head_lr)], **adam))
+        optimizers.append(adamw([model.lm_head.weight], hp.head_lr, hp.adam_wd))
     owners = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
     assert sorted(owners) == sorted(id(p) for p in model.parameters()), "each parameter needs exactly one optimizer"
     return optimizers
