@@ -155,6 +155,23 @@ class Hyperparameters:
     muon_wd: float = knob(0.0, "decoupled weight decay of Muon matrices (p *= 1 - lr*wd)", min=0)
     embed_wd: float = knob(0.0, "AdamW weight decay of embedding tables", min=0)
     adam_wd: float = knob(0.0, "AdamW weight decay of control tensors and an untied head", min=0)
+    # schedules (fractions of the training budget; see SCHEDULES)
+    warmdown_frac: float = knob(0.0, "LR warmdown over the last fraction of training; 0 = use WARMDOWN_ITERS", min=0)
+    lr_warmup_frac: float = knob(0.0, "linear LR warm-up over the first fraction of training", min=0)
+    min_lr: float = knob(0.0, "floor of the LR multiplier", min=0)
+    # weight averaging and QAT
+    ema_decay: float = knob(0.0, "EMA of the weights, updated every step; 0 = off", min=0)
+    swa_start_frac: float = knob(1.0, "SWA from this training fraction on; 1 = off", min=0)
+    swa_every: int = knob(50, "steps between SWA snapshots", gt=0)
+    export_weights: str = knob("auto", "weights to export: auto (ema_swa > ema > swa > raw as enabled)",
+                               choices=("auto", "raw", "ema", "swa", "ema_swa"))
+    qat_enabled: bool = knob(False, "fake-quantize exported matrices to their export bits (STE) late in training")
+    qat_start_frac: float = knob(0.85, "training fraction at which QAT switches on", min=0)
+    # export and budgets
+    matrix_bits: int = knob(8, "export bits of weight matrices (int8 containers)", min=2)
+    embed_bits: int = knob(8, "export bits of embedding tables", min=2)
+    max_eval_seconds: float = knob(600.0, "evaluation budget, artifact load to final score; 0 = none", min=0)
+    peak_tflops: float = knob(989.0, "peak TFLOP/s per device for the MFU estimate (H100 SXM bf16 dense)", gt=0)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -197,6 +214,15 @@ class Hyperparameters:
         if self.num_loops and not (self.loop_start <= self.loop_end < self.num_layers):
             raise ConfigError(f"LOOP_START={self.loop_start} <= LOOP_END={self.loop_end} < NUM_LAYERS={self.num_layers} "
                               "must hold when NUM_LOOPS > 0")
+        for name in ("warmdown_frac", "lr_warmup_frac", "min_lr", "swa_start_frac", "qat_start_frac"):
+            if getattr(self, name) > 1:
+                raise ConfigError(f"{name.upper()}={getattr(self, name)} must be a fraction in [0, 1]")
+        if self.lr_warmup_frac + self.warmdown_frac > 1:
+            raise ConfigError(f"LR_WARMUP_FRAC + WARMDOWN_FRAC = {self.lr_warmup_frac + self.warmdown_frac} must be <= 1")
+        if self.ema_decay >= 1:
+            raise ConfigError(f"EMA_DECAY={self.ema_decay} must be < 1 (0 = off)")
+        if self.matrix_bits > 8 or self.embed_bits > 8:
+            raise ConfigError(f"MATRIX_BITS={self.matrix_bits} and EMBED_BITS={self.embed_bits} must be in [2, 8]")
         if self.enable_looping_at > 1:
             raise ConfigError(f"ENABLE_LOOPING_AT={self.enable_looping_at} is a training fraction in [0, 1]")
 
@@ -277,7 +303,7 @@ RECIPES: dict[str, dict] = {
         tied_embed_lr=0.03, matrix_lr=0.026, scalar_lr=0.02, beta2=0.99, muon_momentum=0.97,
         muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, grad_clip_norm=0.3,
         muon_ns_coefficients="polar_express", muon_row_normalize=True, muon_wd=0.095, embed_wd=0.085, adam_wd=0.02,
-        warmdown_iters=3500,  # ~72% of the ~4,900 steps an 8xH100 run reaches in 600 s
+        warmdown_frac=0.85, min_lr=0.1, ema_decay=0.9965, matrix_bits=6, embed_bits=8,
     ),
 }
 
@@ -320,6 +346,7 @@ class Runtime:
     local_rank: int
     device: torch.device
     distributed: bool
+    control_group: object = None  # a gloo group for host-side agreements (no GPU sync); None = default
 
     @property
     def is_main(self) -> bool:
@@ -342,9 +369,12 @@ def init_runtime(hp: Hyperparameters, environ=None) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
+    control_group = None
     if distributed and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if want_cuda else "gloo", device_id=device if want_cuda else None)
-    return Runtime(rank, world_size, local_rank, device, distributed)
+    if distributed and want_cuda:
+        control_group = dist.new_group(backend="gloo")
+    return Runtime(rank, world_size, local_rank, device, distributed, control_group)
 
 
 def shutdown_runtime(rt: Runtime) -> None:
@@ -363,6 +393,15 @@ def resolved_compute_dtype(hp: Hyperparameters, device: torch.device) -> str:
     if hp.compute_dtype != "auto":
         return hp.compute_dtype
     return "bfloat16" if device.type == "cuda" else "float32"
+
+
+def agree_max(values: list[float], rt: Runtime) -> list[float]:
+    """The max over ranks of each host-side value, through a CPU gloo group: no device sync."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=rt.control_group)
+    return t.tolist()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -680,6 +719,25 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+class CastedLinear(nn.Linear):
+    """A bias-free linear layer whose weight can be fake-quantized to the export grid (QAT).
+
+    The switch is a tensor buffer, not a Python flag: torch.compile cannot constant-fold it, so
+    turning QAT on mid-run really changes the compiled forward. Straight-through gradient.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+        self.qat_bits = 0  # 0 = this weight is never quantized by the export; set by prepare_qat
+        self.register_buffer("qat_active", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.qat_bits:
+            w = w + (self.qat_active * (fake_quantize(w, self.qat_bits) - w)).detach()
+        return F.linear(x, w)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first 2*cos.size(-1) dims (first half paired with second half); leave the rest."""
     rot = 2 * cos.size(-1)
@@ -715,10 +773,10 @@ class CausalSelfAttention(nn.Module):
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
         kv_dim = self.num_kv_heads * self.head_dim
-        self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
-        self.c_k = nn.Linear(cfg.model_dim, kv_dim, bias=False)
-        self.c_v = nn.Linear(cfg.model_dim, kv_dim, bias=False)
-        self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim)
+        self.c_k = CastedLinear(cfg.model_dim, kv_dim)
+        self.c_v = CastedLinear(cfg.model_dim, kv_dim)
+        self.proj = CastedLinear(cfg.model_dim, cfg.model_dim)
         nn.init.zeros_(self.proj.weight)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
         self.rotary = Rotary(cfg.rope_dims or self.head_dim, cfg.rope_base, cfg.train_seq_len)
@@ -768,8 +826,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.model_dim, cfg.mlp_hidden, bias=False)
-        self.proj = nn.Linear(cfg.mlp_hidden, cfg.model_dim, bias=False)
+        self.fc = CastedLinear(cfg.model_dim, cfg.mlp_hidden)
+        self.proj = CastedLinear(cfg.mlp_hidden, cfg.model_dim)
         nn.init.zeros_(self.proj.weight)
         self.leaky_slope = cfg.mlp_leaky_slope if cfg.mlp_activation == "leaky_relu2" else None
 
@@ -822,7 +880,7 @@ class BigramHash(nn.Module):
         self.buckets = cfg.bigram_vocab_size
         self.embed = nn.Embedding(self.buckets, cfg.bigram_dim)
         nn.init.normal_(self.embed.weight, std=0.02)
-        self.proj = nn.Linear(cfg.bigram_dim, cfg.model_dim, bias=False)
+        self.proj = CastedLinear(cfg.bigram_dim, cfg.model_dim)
         nn.init.zeros_(self.proj.weight)  # identity at init; the table still gets gradients via proj
         self.scale = nn.Parameter(torch.tensor(0.05))
 
@@ -854,7 +912,7 @@ class GPT(nn.Module):
             self.backout_lambda = nn.Parameter(torch.zeros(()))
         self.lm_head = None
         if not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
+            self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size)
             nn.init.zeros_(self.lm_head.weight)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -911,6 +969,23 @@ def is_control_tensor(name: str) -> bool:
     return any(pattern in name for pattern in CONTROL_TENSOR_NAMES)
 
 
+def prepare_qat(model: nn.Module, *, matrix_bits: int, embed_bits: int) -> list[CastedLinear]:
+    """Give every linear layer the export quantizes its bit width; returns them (QAT still off)."""
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear):
+            kind = storage_of(f"{name}.weight", module.weight, matrix_bits=matrix_bits, embed_bits=embed_bits)
+            module.qat_bits = kind if isinstance(kind, int) else 0
+            if module.qat_bits:
+                layers.append(module)
+    return layers
+
+
+def set_qat(layers: list[CastedLinear], active: bool) -> None:
+    for layer in layers:
+        layer.qat_active.fill_(float(active))
+
+
 def estimate_flops_per_token(cfg: ModelConfig, seq_len: int, looping: bool) -> int:
     """Forward matmul FLOPs per token (2 per multiply-add): weights of every virtual layer, the head,
     and causal attention over an average context of (seq_len + 1) / 2."""
@@ -932,15 +1007,15 @@ def model_report(model: GPT, hp: Hyperparameters, n_code_bytes: int) -> list[str
     effective = unique + sum(sum(p.numel() for p in model.blocks[i].parameters()) for i in order) - sum(
         p.numel() for p in model.blocks.parameters())
     fwd = estimate_flops_per_token(cfg, hp.train_seq_len, looping=cfg.num_loops > 0)
-    payload = estimate_payload_bytes(model.state_dict(), bits=8)
+    payload = estimate_payload_bytes(model.state_dict(), matrix_bits=hp.matrix_bits, embed_bits=hp.embed_bits)
     return [
         f"model_params:{unique}",
         f"model_params_detail: unique:{unique} per_block:{per_block} virtual_layers:{len(order)} "
         f"effective_per_token:{effective} order:{order}",
         f"flops_per_token: forward:{fwd} train:{3 * fwd} seq_len:{hp.train_seq_len}",
-        f"artifact_estimate: int8_payload_bytes:{payload} code_bytes:{n_code_bytes} "
-        f"total_before_compression:{payload + n_code_bytes} limit:{ARTIFACT_LIMIT_BYTES} "
-        f"fits_uncompressed:{int(payload + n_code_bytes <= ARTIFACT_LIMIT_BYTES)}",
+        f"artifact_estimate: bitpacked_payload_bytes:{payload} matrix_bits:{hp.matrix_bits} "
+        f"embed_bits:{hp.embed_bits} code_bytes:{n_code_bytes} total:{payload + n_code_bytes} "
+        f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(payload + n_code_bytes <= ARTIFACT_LIMIT_BYTES)}",
     ]
 
 
@@ -1079,16 +1154,33 @@ def build_optimizers(hp: Hyperparameters, model: GPT, device: torch.device) -> l
 # ==================================================================================================
 # SCHEDULES
 # ==================================================================================================
-# Pure functions of the step and the elapsed training time, so they can be tested alone.
+# Pure functions. Everything that changes during training (LR warm-up and warmdown, depth
+# recurrence, QAT, SWA) reads one number: the training fraction, elapsed training time over the
+# training budget (the wallclock cap minus the reserve for post-training training-data access), or
+# step / ITERATIONS without a cap. Ranks agree on it every step, so they switch together.
+
+
+def training_fraction(step: int, elapsed_ms: float, *, iterations: int, budget_ms: float | None) -> float:
+    """How far training is, in [0, 1]: by time under a budget, else by steps."""
+    if budget_ms is None:
+        return min(step / iterations, 1.0)
+    return min(elapsed_ms / budget_ms, 1.0) if budget_ms > 0 else 1.0
+
+
+def lr_schedule(fraction: float, *, warmup_frac: float, warmdown_frac: float, min_lr: float) -> float:
+    """LR multiplier: linear warm-up over the first WARMUP_FRAC, 1.0, then a linear warmdown over the
+    last WARMDOWN_FRAC down to the MIN_LR floor."""
+    if warmup_frac > 0 and fraction < warmup_frac:
+        return max(fraction / warmup_frac, min_lr)
+    if warmdown_frac > 0 and fraction > 1 - warmdown_frac:
+        return max((1 - fraction) / warmdown_frac, min_lr)
+    return 1.0
 
 
 def lr_multiplier(step: int, elapsed_ms: float, *, iterations: int, warmdown_iters: int,
                   max_wallclock_ms: float | None) -> float:
-    """1.0, then a linear decay to 0 over the last WARMDOWN_ITERS steps.
-
-    With a wallclock cap the warmdown length is converted to time with the average step time so
-    far, so the LR reaches 0 when the cap is reached.
-    """
+    """The official baseline's schedule (used when WARMDOWN_FRAC=0): 1.0, then a linear decay to 0 over
+    the last WARMDOWN_ITERS steps, converted to time with the average step time under a cap."""
     if warmdown_iters <= 0:
         return 1.0
     if max_wallclock_ms is None:
@@ -1102,11 +1194,11 @@ def lr_multiplier(step: int, elapsed_ms: float, *, iterations: int, warmdown_ite
     return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
 
 
-def training_fraction(step: int, elapsed_ms: float, *, iterations: int, max_wallclock_ms: float | None) -> float:
-    """How far training is, in [0, 1]: by time under a wallclock cap, else by steps."""
-    if max_wallclock_ms is None:
-        return min(step / iterations, 1.0)
-    return min(elapsed_ms / max_wallclock_ms, 1.0)
+def lr_scale_at(hp: Hyperparameters, step: int, elapsed_ms: float, fraction: float, budget_ms: float | None) -> float:
+    if hp.warmdown_frac > 0 or hp.lr_warmup_frac > 0:
+        return lr_schedule(fraction, warmup_frac=hp.lr_warmup_frac, warmdown_frac=hp.warmdown_frac, min_lr=hp.min_lr)
+    return max(lr_multiplier(step, elapsed_ms, iterations=hp.iterations, warmdown_iters=hp.warmdown_iters,
+                             max_wallclock_ms=budget_ms), hp.min_lr)
 
 
 def looping_active(fraction: float, *, num_loops: int, enable_at: float) -> bool:
@@ -1116,6 +1208,97 @@ def looping_active(fraction: float, *, num_loops: int, enable_at: float) -> bool
 def muon_momentum_at(step: int, *, start: float, end: float, warmup_steps: int) -> float:
     frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
     return (1 - frac) * start + frac * end
+
+
+class PhaseClock:
+    """Wallclock per phase, one phase running at a time.
+
+    `train` is training time as the rules count it (no compile warm-up, no periodic validation).
+    The training budget is the cap minus `reserve_ms`, the time kept for anything after training
+    that still reads training data; training data access must end by the cap. Evaluation (artifact
+    load to final score) has its own budget.
+    """
+
+    def __init__(self, cap_ms: float | None, eval_cap_ms: float | None, now=time.perf_counter):
+        self.cap_ms, self.eval_cap_ms, self.now = cap_ms, eval_cap_ms, now
+        self.reserve_ms = 0.0
+        self.totals: dict[str, float] = {}
+        self.current: str | None = None
+        self.started = 0.0
+        self.process_start = now()
+
+    def start(self, phase: str) -> None:
+        self.stop()
+        self.current, self.started = phase, self.now()
+
+    def stop(self) -> None:
+        if self.current is not None:
+            self.totals[self.current] = self.totals.get(self.current, 0.0) + 1000.0 * (self.now() - self.started)
+            self.current = None
+
+    def elapsed_ms(self, phase: str) -> float:
+        running = 1000.0 * (self.now() - self.started) if self.current == phase else 0.0
+        return self.totals.get(phase, 0.0) + running
+
+    @property
+    def train_budget_ms(self) -> float | None:
+        return None if self.cap_ms is None else max(self.cap_ms - self.reserve_ms, 0.0)
+
+    def summary(self) -> str:
+        phases = " ".join(f"{k}:{v:.0f}ms" for k, v in self.totals.items())
+        return f"phase_times: {phases} process:{1000.0 * (self.now() - self.process_start):.0f}ms"
+
+
+# ==================================================================================================
+# WEIGHT AVERAGING
+# ==================================================================================================
+# EMA: an fp32 copy updated every step, ema = d * ema + (1 - d) * w. SWA: the uniform mean of
+# snapshots taken every SWA_EVERY steps once the training fraction passes SWA_START_FRAC (of the
+# EMA weights when both are on: "ema_swa"). Which weights are exported is logged.
+
+
+class WeightAverager:
+    def __init__(self, model: nn.Module, *, ema_decay: float, swa_start_frac: float, swa_every: int):
+        self.params = [p for p in model.parameters()]
+        self.names = [n for n, _ in model.named_parameters()]
+        self.ema_decay, self.swa_start_frac, self.swa_every = ema_decay, swa_start_frac, swa_every
+        self.ema = [p.detach().float().clone() for p in self.params] if ema_decay > 0 else None
+        self.swa_enabled = swa_start_frac < 1.0
+        self.swa_sum: list[torch.Tensor] | None = None
+        self.swa_count = 0
+
+    @torch.no_grad()
+    def update(self, step: int, fraction: float) -> None:
+        if self.ema is not None:
+            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1.0 - self.ema_decay)
+        if self.swa_enabled and fraction >= self.swa_start_frac and step % self.swa_every == 0:
+            source = self.ema if self.ema is not None else [p.detach().float() for p in self.params]
+            if self.swa_sum is None:
+                self.swa_sum = [t.clone() for t in source]
+            else:
+                torch._foreach_add_(self.swa_sum, source)
+            self.swa_count += 1
+
+    def choose(self, requested: str) -> str:
+        """The weights to export: `auto` = ema_swa, ema or swa as enabled (and collected), else raw."""
+        have_ema, have_swa = self.ema is not None, self.swa_count > 0
+        if requested == "auto":
+            return "ema_swa" if have_ema and have_swa else "ema" if have_ema else "swa" if have_swa else "raw"
+        if requested == "ema" and not have_ema or requested in ("swa", "ema_swa") and not have_swa:
+            raise RunError(f"EXPORT_WEIGHTS={requested} but those averages were not collected "
+                           "(check EMA_DECAY / SWA_START_FRAC)")
+        if requested == "ema_swa" and not have_ema:
+            raise RunError("EXPORT_WEIGHTS=ema_swa needs EMA_DECAY > 0")
+        return requested
+
+    @torch.no_grad()
+    def apply(self, choice: str) -> None:
+        """Copy the chosen averaged weights into the model."""
+        if choice == "raw":
+            return
+        values = self.ema if choice == "ema" else [t / self.swa_count for t in self.swa_sum]
+        for p, v in zip(self.params, values):
+            p.copy_(v.to(p.dtype))
 
 
 # ==================================================================================================
@@ -1141,28 +1324,47 @@ def plan_eval_blocks(num_targets: int, seq_len: int, rank: int, world_size: int)
     return [(s, min(seq_len, num_targets - s)) for s in starts[lo:hi]]
 
 
+def plan_eval_batches(blocks: list[tuple[int, int]], batch_seqs: int) -> list[list[tuple[int, int]]]:
+    """Consecutive blocks of equal length, at most `batch_seqs` per batch (only the last block can
+    be shorter, so it gets a batch of its own)."""
+    batches: list[list[tuple[int, int]]] = []
+    for block in blocks:
+        if batches and len(batches[-1]) < batch_seqs and batches[-1][0][1] == block[1]:
+            batches[-1].append(block)
+        else:
+            batches.append([block])
+    return batches
+
+
 @torch.no_grad()
 def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, *, seq_len: int, batch_seqs: int,
-             rank: int, world_size: int, device: torch.device, autocast=contextlib.nullcontext) -> EvalResult:
-    """Score every validation target once with `logits_fn(input_ids) -> logits` (B, T, V)."""
-    blocks = plan_eval_blocks(val_tokens.numel() - 1, seq_len, rank, world_size)
+             rank: int, world_size: int, device: torch.device, autocast=contextlib.nullcontext,
+             stop=None) -> EvalResult:
+    """Score every validation target once with `logits_fn(input_ids) -> logits` (B, T, V).
+
+    `stop()`, checked before each batch, ends the evaluation with a RunError (a budget ran out):
+    a partial score is never reported."""
+    plans = [plan_eval_batches(plan_eval_blocks(val_tokens.numel() - 1, seq_len, r, world_size), batch_seqs)
+             for r in range(world_size)]
+    num_rounds = max(len(p) for p in plans)  # every rank runs as many rounds, so `stop` stays collective
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, targets, bytes
     luts = luts.to(device)
-    i = 0
-    while i < len(blocks):
-        length = blocks[i][1]
-        j = i
-        while j < len(blocks) and j - i < batch_seqs and blocks[j][1] == length:
-            j += 1  # batch consecutive blocks of equal length (only the final block can be shorter)
-        x = torch.stack([val_tokens[s : s + length] for s, _ in blocks[i:j]]).to(device)
-        y = torch.stack([val_tokens[s + 1 : s + 1 + length] for s, _ in blocks[i:j]]).to(device)
+    for round_idx in range(num_rounds):
+        if stop is not None and stop():
+            raise RunError(f"evaluation budget (MAX_EVAL_SECONDS) ran out; cut: the final score after "
+                           f"{round_idx} of {num_rounds} batches, so no score is reported")
+        if round_idx >= len(plans[rank]):
+            continue
+        batch = plans[rank][round_idx]
+        length = batch[0][1]
+        x = torch.stack([val_tokens[s : s + length] for s, _ in batch]).to(device)
+        y = torch.stack([val_tokens[s + 1 : s + 1 + length] for s, _ in batch]).to(device)
         with autocast():
             logits = logits_fn(x)
         nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
         sums[0] += nll.double().sum()  # float64 accumulation: exact enough over 60M+ targets
         sums[1] += y.numel()
         sums[2] += target_bytes(x, y, luts).sum().double()
-        i = j
     all_reduce_sum(sums)
     loss_sum, num_targets, num_bytes = sums.tolist()
     return EvalResult(loss_sum / num_targets, loss_sum / (math.log(2) * num_bytes), int(num_targets), int(num_bytes))
@@ -1171,98 +1373,107 @@ def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, *, seq_len: in
 # ==================================================================================================
 # QUANTIZATION
 # ==================================================================================================
-# The baseline export: each 2-D float tensor becomes int8 with one fp16 scale per row (clipped at a
-# high percentile of |w|), small tensors stay fp16 (control tensors fp32), then torch.save + zlib.
-# The artifact is code bytes + compressed model bytes, checked against 16,000,000 (decimal).
+# Export: each large float tensor becomes symmetric per-row integers (int8 containers holding
+# MATRIX_BITS values for weight matrices, EMBED_BITS for embedding tables) with one fp16 scale per
+# row, row max / (2^(bits-1) - 1); small tensors stay fp16 (control tensors fp32); then torch.save +
+# zlib. QAT fakes exactly this quantizer during training. The artifact is code bytes + compressed
+# model bytes, checked against 16,000,000 (decimal).
 
-INT8_KEEP_FLOAT_MAX_NUMEL = 65_536
-INT8_CLIP_QUANTILE = 0.9999984
-INT8_FORMAT = "int8_clean_per_row_v1"
+KEEP_FLOAT_MAX_NUMEL = 65_536
+QUANT_FORMAT = "per_row_intN_v1"
 FP16_MIN_SCALE = 2.0**-24  # smallest positive fp16 (subnormal): a scale never rounds to 0
+EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight", "lm_head.weight")
 
 
-def quantize_tensor_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 values and fp16 scales (per row for 2-D, one scale otherwise)."""
-    w = t.float()
-    if w.ndim == 2:
-        clip = torch.quantile(w.abs(), INT8_CLIP_QUANTILE, dim=1) if w.numel() else w.new_zeros(w.size(0))
-        # Clamp after the fp16 cast: a floor below fp16's range would round to 0 and divide by 0.
-        scale = (clip / 127.0).to(torch.float16).clamp_min(FP16_MIN_SCALE)
-        q = torch.round(w.clamp(-clip[:, None], clip[:, None]) / scale.float()[:, None]).clamp(-127, 127)
-        return q.to(torch.int8).contiguous(), scale.contiguous()
-    clip = torch.quantile(w.abs().flatten(), INT8_CLIP_QUANTILE) if w.numel() else w.new_zeros(())
-    scale = (clip / 127.0).to(torch.float16).clamp_min(FP16_MIN_SCALE)
-    q = torch.round(w.clamp(-clip, clip) / scale.float()).clamp(-127, 127)
-    return q.to(torch.int8).contiguous(), scale
+def row_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp16 scale per row (one for a non-2-D tensor), clamped after the cast so it is never 0."""
+    absmax = w.float().abs().amax(dim=-1) if w.ndim == 2 else w.float().abs().amax()
+    return (absmax / (2 ** (bits - 1) - 1)).to(torch.float16).clamp_min(FP16_MIN_SCALE)
 
 
-def int8_storage(name: str, t: torch.Tensor) -> torch.dtype | None:
-    """How the export stores a tensor: None = int8 with scales, else the dtype it is kept in."""
+def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integers in [-(2^(bits-1)-1), 2^(bits-1)-1] (stored as int8) and their fp16 scales."""
+    scale = row_scales(w, bits)
+    s = scale.float()[:, None] if w.ndim == 2 else scale.float()
+    limit = 2 ** (bits - 1) - 1
+    return torch.round(w.float() / s).clamp(-limit, limit).to(torch.int8).contiguous(), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * (scale.float()[:, None] if q.ndim == 2 else scale.float())
+
+
+def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """What the export will turn `w` into, computed in float: the QAT forward uses this."""
+    scale = row_scales(w, bits).float()
+    s = scale[:, None] if w.ndim == 2 else scale
+    limit = 2 ** (bits - 1) - 1
+    return (torch.round(w.float() / s).clamp(-limit, limit) * s).to(w.dtype)
+
+
+def storage_of(name: str, t: torch.Tensor, *, matrix_bits: int, embed_bits: int) -> int | torch.dtype:
+    """How the export stores a tensor: an int = quantized to that many bits, else the dtype kept."""
     if not t.is_floating_point():
         return t.dtype
-    if t.numel() <= INT8_KEEP_FLOAT_MAX_NUMEL:
+    if t.numel() <= KEEP_FLOAT_MAX_NUMEL:
         return torch.float32 if is_control_tensor(name) else torch.float16
-    return None
+    return embed_bits if name in EMBEDDING_NAMES else matrix_bits
 
 
-def estimate_payload_bytes(state_dict: dict[str, torch.Tensor], bits: int = 8) -> int:
-    """Payload bytes before compression: quantized values at `bits` each plus fp16 scales."""
+def estimate_payload_bytes(state_dict: dict[str, torch.Tensor], *, matrix_bits: int, embed_bits: int) -> int:
+    """Payload bytes before compression if values were bit-packed: `bits` per value plus fp16 scales."""
     total = 0
     for name, t in state_dict.items():
-        keep = int8_storage(name, t)
-        if keep is None:
-            rows = t.shape[0] if t.ndim == 2 else 1
-            total += math.ceil(t.numel() * bits / 8) + 2 * rows
+        kind = storage_of(name, t, matrix_bits=matrix_bits, embed_bits=embed_bits)
+        if isinstance(kind, int):
+            total += math.ceil(t.numel() * kind / 8) + 2 * (t.shape[0] if t.ndim == 2 else 1)
         else:
-            total += t.numel() * keep.itemsize
+            total += t.numel() * kind.itemsize
     return total
 
 
-def quantize_state_dict_int8(state_dict: dict[str, torch.Tensor]) -> dict:
-    quantized, scales, dtypes, passthrough = {}, {}, {}, {}
+def quantize_state_dict(state_dict: dict[str, torch.Tensor], *, matrix_bits: int = 8, embed_bits: int = 8) -> dict:
+    quantized, scales, bits, dtypes, passthrough = {}, {}, {}, {}, {}
     for name, t in state_dict.items():
         t = t.detach().cpu()
-        keep = int8_storage(name, t)
-        if not t.is_floating_point():
-            passthrough[name] = t.contiguous()
-        elif keep is not None:
-            passthrough[name] = t.to(keep).contiguous()
+        kind = storage_of(name, t, matrix_bits=matrix_bits, embed_bits=embed_bits)
+        if t.is_floating_point():
             dtypes[name] = str(t.dtype).removeprefix("torch.")
+        if isinstance(kind, int):
+            quantized[name], scales[name] = quantize_rows(t, kind)
+            bits[name] = kind
         else:
-            quantized[name], scales[name] = quantize_tensor_int8(t)
-            dtypes[name] = str(t.dtype).removeprefix("torch.")
-    return {"__quant_format__": INT8_FORMAT, "quantized": quantized, "scales": scales, "dtypes": dtypes,
-            "passthrough": passthrough}
+            passthrough[name] = t.to(kind).contiguous()
+    return {"__quant_format__": QUANT_FORMAT, "quantized": quantized, "scales": scales, "bits": bits,
+            "dtypes": dtypes, "passthrough": passthrough}
 
 
-def dequantize_state_dict_int8(obj: dict) -> dict[str, torch.Tensor]:
-    if obj.get("__quant_format__") != INT8_FORMAT:
-        raise RunError(f"artifact format {obj.get('__quant_format__')!r} is not {INT8_FORMAT!r}")
+def dequantize_state_dict(obj: dict) -> dict[str, torch.Tensor]:
+    if obj.get("__quant_format__") != QUANT_FORMAT:
+        raise RunError(f"artifact format {obj.get('__quant_format__')!r} is not {QUANT_FORMAT!r}")
     out = {}
     for name, q in obj["quantized"].items():
-        scale = obj["scales"][name].float()
-        w = q.float() * (scale[:, None] if q.ndim == 2 else scale)
-        out[name] = w.to(getattr(torch, obj["dtypes"][name]))
+        out[name] = dequantize_rows(q, obj["scales"][name]).to(getattr(torch, obj["dtypes"][name]))
     for name, t in obj["passthrough"].items():
         out[name] = t.to(getattr(torch, obj["dtypes"][name])) if name in obj["dtypes"] else t
     return out
 
 
-def serialize_int8_artifact(state_dict: dict[str, torch.Tensor]) -> tuple[bytes, int]:
+def serialize_artifact(state_dict: dict[str, torch.Tensor], *, matrix_bits: int, embed_bits: int) -> tuple[bytes, int]:
     """Compressed artifact bytes and the size of the uncompressed torch payload."""
     buf = io.BytesIO()
-    torch.save(quantize_state_dict_int8(state_dict), buf)
+    torch.save(quantize_state_dict(state_dict, matrix_bits=matrix_bits, embed_bits=embed_bits), buf)
     raw = buf.getvalue()
     return zlib.compress(raw, level=9), len(raw)
 
 
-def deserialize_int8_artifact(blob: bytes) -> dict[str, torch.Tensor]:
+def deserialize_artifact(blob: bytes) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(io.BytesIO(zlib.decompress(blob)), map_location="cpu", weights_only=True)
     except (zlib.error, RuntimeError, EOFError, ValueError) as e:
-        raise RunError(f"model artifact is corrupt or not an int8+zlib artifact ({e.__class__.__name__}); "
+        raise RunError(f"model artifact is corrupt or not a {QUANT_FORMAT}+zlib artifact ({e.__class__.__name__}); "
                        "re-run training to re-create it") from None
-    return dequantize_state_dict_int8(obj)
+    return dequantize_state_dict(obj)
 
 
 def code_bytes() -> int:
@@ -1276,17 +1487,8 @@ def code_bytes() -> int:
 # The timed loop runs on the compiled model. Before it, WARMUP_STEPS real steps trigger compilation
 # and then every weight and optimizer state is put back exactly as it was and the loader restarts,
 # so the warm-up changes nothing but the compile cache. It reads training data only. Training time
-# excludes warm-up and periodic validation, as the public rules count it.
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    training_time_ms: float = 0.0
-    stopped_early: bool = False
-    last_val: EvalResult | None = None
-    looping: bool = False
-    train_losses: list[float] = field(default_factory=list)
+# excludes warm-up and periodic validation, as the public rules count it. Inside the loop the only
+# host-device syncs are on logging steps (and validation).
 
 
 def train_step(model, loader: DistributedTokenLoader, optimizers, hp: Hyperparameters, rt: Runtime,
@@ -1339,67 +1541,79 @@ def warmup_and_reset(model, base_model: GPT, optimizers, make_loader, hp, rt, gr
     barrier()
 
 
-def agree_any(flags: list[bool], device: torch.device) -> list[bool]:
-    """Each flag is true on every rank if it is true on any, so all ranks act in the same step."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flags
-    t = torch.tensor([int(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+@dataclass
+class TrainState:
+    step: int = 0
+    stopped_early: bool = False
+    last_val: EvalResult | None = None
+    looping: bool = False
+    qat: bool = False
+    train_losses: list[float] = field(default_factory=list)
 
 
 def train(hp: Hyperparameters, rt: Runtime, model, base_model: GPT, optimizers, make_loader, evaluate_model,
-          grad_accum: int, autocast, log) -> TrainState:
-    state = TrainState(looping=looping_active(0.0, num_loops=hp.num_loops, enable_at=hp.enable_looping_at))
+          grad_accum: int, autocast, log, clock: PhaseClock, averager: WeightAverager,
+          qat_layers: list[CastedLinear]) -> TrainState:
+    """The timed loop. Each step, ranks agree on the elapsed training time (host clocks, CPU
+    collective), and every decision (LR, looping, QAT, SWA, stopping) is a function of it. Training
+    stops before a step that would end past the budget, never in the middle of one."""
+    state = TrainState()
     loader = make_loader()
-    max_ms = hp.max_wallclock_ms
+    budget_ms = clock.train_budget_ms
     stop_after_step: int | None = None
+    step_ms = 0.0
     sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
     sync()
-    t0 = time.perf_counter()
+    clock.start("train")
     while True:
         last_step = state.step == hp.iterations or (stop_after_step is not None and state.step >= stop_after_step)
-        if last_step or (hp.val_loss_every > 0 and state.step % hp.val_loss_every == 0):
-            sync()
-            state.training_time_ms += 1000.0 * (time.perf_counter() - t0)  # the clock pauses for validation
-            state.last_val = evaluate_model(state.looping)
-            log(f"step:{state.step}/{hp.iterations} val_loss:{state.last_val.val_loss:.4f} "
-                f"val_bpb:{state.last_val.val_bpb:.4f} train_time:{state.training_time_ms:.0f}ms "
-                f"step_avg:{state.training_time_ms / max(state.step, 1):.2f}ms")
-            sync()
-            t0 = time.perf_counter()
         if last_step:
-            if stop_after_step is not None and state.step < hp.iterations:
-                state.stopped_early = True
-                log(f"stopping_early: wallclock_cap train_time:{state.training_time_ms:.0f}ms "
+            sync()
+            clock.stop()
+            if state.stopped_early:
+                log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms('train'):.0f}ms "
                     f"step:{state.step}/{hp.iterations}")
-            break
-        elapsed_ms = state.training_time_ms + 1000.0 * (time.perf_counter() - t0)
-        scale = lr_multiplier(state.step, elapsed_ms, iterations=hp.iterations,
-                              warmdown_iters=hp.warmdown_iters, max_wallclock_ms=max_ms)
+                log(f"budget_cut: training after step {state.step} (the next step would end past the "
+                    f"{budget_ms:.0f}ms training budget = cap {clock.cap_ms:.0f}ms - reserve {clock.reserve_ms:.0f}ms)")
+            return state
+        if hp.val_loss_every > 0 and state.step % hp.val_loss_every == 0:
+            sync()
+            clock.start("val")  # the training clock pauses for validation
+            state.last_val = evaluate_model(state.looping)
+            train_ms = clock.elapsed_ms("train")
+            log(f"step:{state.step}/{hp.iterations} val_loss:{state.last_val.val_loss:.4f} "
+                f"val_bpb:{state.last_val.val_bpb:.4f} train_time:{train_ms:.0f}ms "
+                f"step_avg:{train_ms / max(state.step, 1):.2f}ms")
+            sync()
+            clock.start("train")
+        elapsed_ms, step_ms = agree_max([clock.elapsed_ms("train"), step_ms], rt)
+        if budget_ms is not None and elapsed_ms + max(step_ms, elapsed_ms / max(state.step, 1)) > budget_ms:
+            stop_after_step, state.stopped_early = state.step, True
+            continue
+        fraction = training_fraction(state.step, elapsed_ms, iterations=hp.iterations, budget_ms=budget_ms)
+        if not state.looping and looping_active(fraction, num_loops=hp.num_loops, enable_at=hp.enable_looping_at):
+            state.looping = True
+            log(f"layer_loop:enabled step:{state.step} frac:{fraction:.3f} order:{base_model.cfg.layer_order(True)}")
+        if hp.qat_enabled and not state.qat and fraction >= hp.qat_start_frac:
+            set_qat(qat_layers, True)
+            state.qat = True
+            log(f"qat:enabled step:{state.step} frac:{fraction:.3f} layers:{len(qat_layers)} "
+                f"matrix_bits:{hp.matrix_bits} embed_bits:{hp.embed_bits}")
+        scale = lr_scale_at(hp, state.step, elapsed_ms, fraction, budget_ms)
+        t_step = clock.now()
         loss = train_step(model, loader, optimizers, hp, rt, grad_accum, scale, state.step, autocast, state.looping)
         state.step += 1
-        approx_ms = state.training_time_ms + 1000.0 * (time.perf_counter() - t0)
-        if state.step <= 10 or state.step % hp.train_log_every == 0:
+        averager.update(state.step, fraction)
+        step_ms = 1000.0 * (clock.now() - t_step)
+        if state.step <= 10 or state.step % hp.train_log_every == 0:  # the only host-device syncs
             loss_value = float(all_reduce_sum(loss.detach().clone()).item()) / rt.world_size  # global mean
             state.train_losses.append(loss_value)
-            log(f"step:{state.step}/{hp.iterations} train_loss:{loss_value:.4f} "
-                f"train_time:{approx_ms:.0f}ms step_avg:{approx_ms / state.step:.2f}ms")
-        check_cap = stop_after_step is None and max_ms is not None
-        check_loop = hp.num_loops > 0 and not state.looping
-        if check_cap or check_loop:
-            fraction = training_fraction(state.step, approx_ms, iterations=hp.iterations, max_wallclock_ms=max_ms)
-            cap_reached, loop_now = agree_any(
-                [check_cap and approx_ms >= max_ms,
-                 check_loop and looping_active(fraction, num_loops=hp.num_loops, enable_at=hp.enable_looping_at)],
-                rt.device)
-            if loop_now:
-                state.looping = True
-                log(f"layer_loop:enabled step:{state.step} frac:{fraction:.3f} "
-                    f"order:{base_model.cfg.layer_order(True)}")
-            if cap_reached:
-                stop_after_step = state.step
-    return state
+            train_ms = clock.elapsed_ms("train")
+            tokens_per_s = state.step * hp.train_batch_tokens / max(train_ms / 1000.0, 1e-9)
+            flops = 3 * estimate_flops_per_token(base_model.cfg, hp.train_seq_len, state.looping)
+            mfu = 100.0 * flops * tokens_per_s / (hp.peak_tflops * 1e12 * rt.world_size)
+            log(f"step:{state.step}/{hp.iterations} train_loss:{loss_value:.4f} train_time:{train_ms:.0f}ms "
+                f"step_avg:{train_ms / state.step:.2f}ms tok/s:{tokens_per_s:.0f} mfu:{mfu:.2f}%")
 
 
 def maybe_compile(fn, enabled: bool):
@@ -1474,10 +1688,15 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
     eval_seq_len = hp.effective_eval_seq_len
     val_batch_seqs = max(1, hp.val_batch_size // (rt.world_size * grad_accum * eval_seq_len))
 
-    def evaluate_model(looping: bool, fn=logits_fn) -> EvalResult:
+    def evaluate_model(looping: bool, fn=logits_fn, deadline_ms: float | None = None,
+                       clock: PhaseClock | None = None) -> EvalResult:
+        def over_budget() -> bool:  # agreed across ranks, so every rank stops at the same batch
+            return agree_max([float(clock.elapsed_ms("eval") > deadline_ms)], rt)[0] > 0
+
         base_model.eval()
         result = evaluate(lambda x: fn(x, looping), val_tokens, luts, seq_len=eval_seq_len, batch_seqs=val_batch_seqs,
-                          rank=rt.rank, world_size=rt.world_size, device=rt.device, autocast=autocast)
+                          rank=rt.rank, world_size=rt.world_size, device=rt.device, autocast=autocast,
+                          stop=over_budget if deadline_ms is not None else None)
         base_model.train()
         return result
 
@@ -1485,15 +1704,40 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
         return DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
 
     # Warm-up (state reset after), then the timed training loop
+    clock = PhaseClock(hp.max_wallclock_ms, 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None)
+    clock.start("warmup")
     warmup_and_reset(model, base_model, optimizers, make_loader, hp, rt, grad_accum, autocast, log)
-    state = train(hp, rt, model, base_model, optimizers, make_loader, evaluate_model, grad_accum, autocast, log)
+    clock.stop()
+    # Nothing after training reads training data yet, so the reserve is 0 (and logged as such).
+    log(f"clock: train_budget:{clock.train_budget_ms}ms reserve:{clock.reserve_ms:.0f}ms "
+        f"eval_budget:{clock.eval_cap_ms}ms")
+    averager = WeightAverager(base_model, ema_decay=hp.ema_decay, swa_start_frac=hp.swa_start_frac,
+                              swa_every=hp.swa_every)
+    qat_layers = prepare_qat(base_model, matrix_bits=hp.matrix_bits, embed_bits=hp.embed_bits)
+    state = train(hp, rt, model, base_model, optimizers, make_loader, evaluate_model, grad_accum, autocast, log,
+                  clock, averager, qat_layers)
+    log(f"train_data_access_end:{clock.elapsed_ms('train'):.0f}ms (training time; cap "
+        f"{clock.cap_ms if clock.cap_ms is not None else 'none'})")
     if rt.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
-    # Serialization: raw weights, then the int8+zlib artifact, both written atomically by rank 0
+    # The exported weights: an average if enabled, scored once before quantization
+    choice = averager.choose(hp.export_weights)
+    averager.apply(choice)
+    set_qat(qat_layers, False)
+    log(f"weights:exporting {choice}")
+    clock.start("pre_quant_eval")
+    pre_quant = evaluate_model(state.looping)
+    clock.stop()
+    log(f"step:{state.step}/{hp.iterations} val_loss:{pre_quant.val_loss:.4f} val_bpb:{pre_quant.val_bpb:.4f} "
+        f"train_time:{clock.elapsed_ms('train'):.0f}ms step_avg:{clock.elapsed_ms('train') / max(state.step, 1):.2f}ms")
+    log(f"pre-quantization post-{choice} val_loss:{pre_quant.val_loss:.8f} val_bpb:{pre_quant.val_bpb:.8f}")
+
+    # Serialization: raw weights, then the quantized+zlib artifact, both written atomically by rank 0
     raw_path, artifact_path = out_dir / "final_model.pt", out_dir / "final_model.int8.ptz"
     n_code = code_bytes()
+    clock.start("serialize")
     if rt.is_main:
         buf = io.BytesIO()
         torch.save(base_model.state_dict(), buf)
@@ -1501,30 +1745,37 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
         log(f"Serialized model: {raw_path.stat().st_size} bytes")
         log(f"Code size: {n_code} bytes")
         log(f"Total submission size: {raw_path.stat().st_size + n_code} bytes")
-        blob, raw_bytes = serialize_int8_artifact(base_model.state_dict())
+        blob, raw_bytes = serialize_artifact(base_model.state_dict(), matrix_bits=hp.matrix_bits,
+                                             embed_bits=hp.embed_bits)
         write_atomic(artifact_path, blob)
         log(f"Serialized model int8+zlib: {len(blob)} bytes (payload:{raw_bytes} raw_torch:{buf.tell()} "
-            f"payload_ratio:{buf.tell() / max(raw_bytes, 1):.2f}x)")
+            f"payload_ratio:{buf.tell() / max(raw_bytes, 1):.2f}x matrix_bits:{hp.matrix_bits} "
+            f"embed_bits:{hp.embed_bits})")
         log(f"Total submission size int8+zlib: {len(blob) + n_code} bytes")
     barrier()
+    clock.stop()
 
-    # Roundtrip: a fresh model loaded from the artifact file alone, scored on every target
+    # Roundtrip: a fresh model loaded from the artifact file alone, scored on every target. The
+    # evaluation budget runs from reading the artifact to the final score.
+    clock.start("eval")
     artifact_bytes = artifact_path.stat().st_size
     total_bytes = artifact_bytes + n_code
     fresh = GPT(ModelConfig.from_hparams(hp)).to(rt.device)
-    fresh.load_state_dict(deserialize_int8_artifact(artifact_path.read_bytes()), strict=True)
-    t_eval = time.perf_counter()
-    roundtrip = evaluate_model(state.looping, maybe_compile(fresh.forward_logits, use_compile))
-    eval_ms = 1000.0 * (time.perf_counter() - t_eval)
+    fresh.load_state_dict(deserialize_artifact(artifact_path.read_bytes()), strict=True)
+    roundtrip = evaluate_model(state.looping, maybe_compile(fresh.forward_logits, use_compile),
+                               deadline_ms=clock.eval_cap_ms, clock=clock)
+    clock.stop()
+    eval_ms = clock.elapsed_ms("eval")
     log(f"final_int8_zlib_roundtrip val_loss:{roundtrip.val_loss:.4f} val_bpb:{roundtrip.val_bpb:.4f} "
         f"eval_time:{eval_ms:.0f}ms")
     log(f"final_int8_zlib_roundtrip_exact val_loss:{roundtrip.val_loss:.8f} val_bpb:{roundtrip.val_bpb:.8f}")
     log(f"artifact code_bytes:{n_code} model_bytes:{artifact_bytes} total_bytes:{total_bytes} "
         f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(total_bytes <= ARTIFACT_LIMIT_BYTES)}")
+    log(clock.summary())
     return dict(run_id=hp.run_id, steps=state.step, stopped_early=state.stopped_early,
-                train_losses=state.train_losses, pre_quant=state.last_val, roundtrip=roundtrip,
-                code_bytes=n_code, model_bytes=artifact_bytes, total_bytes=total_bytes,
-                training_time_ms=state.training_time_ms, log_path=str(log.path))
+                train_losses=state.train_losses, pre_quant=pre_quant, roundtrip=roundtrip, export_choice=choice,
+                code_bytes=n_code, model_bytes=artifact_bytes, total_bytes=total_bytes, phases=dict(clock.totals),
+                training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms, log_path=str(log.path))
 
 
 def random_seed_all(seed: int) -> None:

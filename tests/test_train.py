@@ -45,7 +45,7 @@ def test_warmup_steps_leave_no_trace(tiny_env, tmp_path):
 def test_wallclock_cap_stops_training_early(tiny_env):
     out = run_tiny(tiny_env, ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="1.5")
     assert out["stopped_early"] and 0 < out["steps"] < 100000
-    assert out["training_time_ms"] < 1500 + 2000  # stops within about one step of the cap
+    assert out["training_time_ms"] < 1500  # stops before a step would end past the cap
 
 
 def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(tiny_env, tmp_path):
@@ -128,5 +128,5 @@ def test_all_switches_train_and_looping_turns_on_at_its_fraction(tiny_env, tmp_p
     assert re.search(r"^layer_loop:enabled step:10 frac:0\.500 ", log, re.M)
     assert re.search(r"^model_params_detail: unique:\d+ per_block:\d+ virtual_layers:6 ", log, re.M)
     assert re.search(r"^flops_per_token: forward:\d+ train:\d+", log, re.M)
-    assert re.search(r"^artifact_estimate: int8_payload_bytes:\d+ ", log, re.M)
+    assert re.search(r"^artifact_estimate: bitpacked_payload_bytes:\d+ ", log, re.M)
     assert abs(out["roundtrip"].val_bpb - out["pre_quant"].val_bpb) < 0.02 * out["pre_quant"].val_bpb
