@@ -36,6 +36,7 @@ import tempfile
 import time
 import uuid
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -80,7 +81,7 @@ class Hyperparameters:
     tokenizer_path: str = knob("./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece .model file")
     run_id: str = knob("", "log/artifact name; empty = a fresh uuid4")
     artifact_dir: str = knob("", "folder for logs/ and final_model.*; empty = current folder")
-    seed: int = knob(1337, "seed for init (python, numpy, torch)", min=0)
+    seed: int = knob(1337, "seed for init and for the training data order", min=0)
     device: str = knob("auto", "auto = cuda if available else cpu", choices=("auto", "cpu", "cuda"))
     compute_dtype: str = knob("auto", "autocast dtype; auto = bfloat16 on cuda, float32 on cpu",
                               choices=("auto", "float32", "bfloat16"))
@@ -491,21 +492,35 @@ def shard_files(data_path: str, split: str) -> list[str]:
 
 
 class TokenStream:
-    """Reads shards in order and wraps around forever; `take(n)` returns the next n tokens."""
+    """Reads training shards forever, in an order set by the seed: each pass visits the shards in a
+    seeded permutation and starts each shard at a seeded offset (wrapping around to its start).
+    The next shard is read in a background thread while the current one is consumed."""
 
-    def __init__(self, files: list[str]):
-        self.files, self.file_idx = files, 0
-        self.tokens, self.pos = load_data_shard(files[0]), 0
+    def __init__(self, files: list[str], seed: int):
+        self.files = files
+        self.rng = np.random.default_rng(seed)
+        self.order: list[int] = []
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending = self.pool.submit(self._load_next)
+        self.tokens, self.pos = self._next_shard(), 0
 
-    def _advance_file(self) -> None:
-        self.file_idx = (self.file_idx + 1) % len(self.files)
-        self.tokens, self.pos = load_data_shard(self.files[self.file_idx]), 0
+    def _load_next(self) -> torch.Tensor:
+        if not self.order:
+            self.order = self.rng.permutation(len(self.files)).tolist()
+        tokens = load_data_shard(self.files[self.order.pop(0)])
+        offset = int(self.rng.integers(0, tokens.numel())) if tokens.numel() else 0
+        return torch.cat([tokens[offset:], tokens[:offset]])
+
+    def _next_shard(self) -> torch.Tensor:
+        tokens = self.pending.result()
+        self.pending = self.pool.submit(self._load_next)  # prefetch the one after
+        return tokens
 
     def take(self, n: int) -> torch.Tensor:
         chunks = []
         while n > 0:
             if self.pos >= self.tokens.numel():
-                self._advance_file()
+                self.tokens, self.pos = self._next_shard(), 0
                 continue
             k = min(n, self.tokens.numel() - self.pos)
             chunks.append(self.tokens[self.pos : self.pos + k])
@@ -514,15 +529,15 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """All ranks read the same stream in lock-step; rank r keeps its slice of each chunk.
+    """All ranks read the same seeded stream in lock-step; rank r keeps its slice of each chunk.
 
     One micro-step consumes (local_tokens + 1) * world_size tokens, so a single process with 8
-    micro-steps and 2 processes with 4 micro-steps each see exactly the same 8 sequences blocks.
+    micro-steps and 2 processes with 4 micro-steps each see exactly the same sequence blocks.
     """
 
-    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device):
+    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device, seed: int = 0):
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.stream = TokenStream(files)
+        self.stream = TokenStream(files, seed)
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
         local_tokens = global_tokens // (self.world_size * grad_accum)
@@ -1620,6 +1635,14 @@ def maybe_compile(fn, enabled: bool):
     return torch.compile(fn, dynamic=False) if enabled else fn
 
 
+def configure_compile(qat: bool) -> None:
+    """A failed compile falls back to eager instead of crashing. With QAT, inductor must round the
+    fake quantizer's scales to fp16 exactly as the export does (by default it skips such casts)."""
+    torch._dynamo.config.suppress_errors = True
+    if qat:
+        torch._inductor.config.emulate_precision_casts = True
+
+
 # ==================================================================================================
 # MAIN
 # ==================================================================================================
@@ -1650,7 +1673,7 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
     grad_accum = hp.grad_accum_for(rt.world_size)
     use_compile = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
     if use_compile:
-        torch._dynamo.config.suppress_errors = True  # a failed compile falls back to eager, not a crash
+        configure_compile(qat=hp.qat_enabled)
     autocast = lambda: autocast_context(hp, rt.device)  # noqa: E731
 
     # Tokenizer + validation metric
@@ -1701,7 +1724,7 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
         return result
 
     def make_loader() -> DistributedTokenLoader:
-        return DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
+        return DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device, seed=hp.seed)
 
     # Warm-up (state reset after), then the timed training loop
     clock = PhaseClock(hp.max_wallclock_ms, 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None)

@@ -1,0 +1,255 @@
+"""Schedules, the phase clock, weight averaging, QAT, seeded data order and the GPU-speed proxies."""
+
+import re
+import sys
+
+import pytest
+import torch
+
+import train_gpt as tg
+from test_train import CPU, run_tiny
+
+# ---- schedules: pure functions of the training fraction ------------------------------------------
+
+
+def test_training_fraction_by_time_or_steps():
+    assert tg.training_fraction(50, 0.0, iterations=100, budget_ms=None) == 0.5
+    assert tg.training_fraction(1, 300.0, iterations=100, budget_ms=600.0) == 0.5
+    assert tg.training_fraction(1, 900.0, iterations=100, budget_ms=600.0) == 1.0
+
+
+def test_lr_schedule_warmup_warmdown_and_floor():
+    kw = dict(warmup_frac=0.1, warmdown_frac=0.5, min_lr=0.1)
+    assert tg.lr_schedule(0.0, **kw) == 0.1  # the floor holds during warm-up too
+    assert tg.lr_schedule(0.05, **kw) == pytest.approx(0.5)
+    assert tg.lr_schedule(0.3, **kw) == 1.0
+    assert tg.lr_schedule(0.5, **kw) == 1.0
+    assert tg.lr_schedule(0.75, **kw) == pytest.approx(0.5)
+    assert tg.lr_schedule(0.99, **kw) == 0.1
+    assert tg.lr_schedule(1.0, warmup_frac=0, warmdown_frac=0.5, min_lr=0.0) == 0.0
+
+
+def test_lr_scale_uses_the_fraction_when_warmdown_frac_is_set():
+    hp = tg.Hyperparameters.from_env({"RECIPE": "baseline", "WARMDOWN_FRAC": "0.5", "MIN_LR": "0.2"})
+    assert tg.lr_scale_at(hp, step=10, elapsed_ms=0, fraction=0.75, budget_ms=1000) == pytest.approx(0.5)
+    base = tg.Hyperparameters.from_env({"RECIPE": "baseline", "ITERATIONS": "100", "WARMDOWN_ITERS": "20"})
+    assert tg.lr_scale_at(base, step=90, elapsed_ms=0, fraction=0.9, budget_ms=None) == pytest.approx(0.5)
+
+
+# ---- the clock -------------------------------------------------------------------------------------
+
+
+class FakeTime:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_phase_clock_accumulates_phases_and_subtracts_the_reserve():
+    now = FakeTime()
+    clock = tg.PhaseClock(cap_ms=10_000.0, eval_cap_ms=5_000.0, now=now)
+    clock.start("train")
+    now.t += 2.0
+    clock.start("val")  # switching phases pauses training time
+    now.t += 1.0
+    assert clock.elapsed_ms("train") == 2000.0
+    clock.start("train")
+    now.t += 0.5
+    assert clock.elapsed_ms("train") == 2500.0 and clock.elapsed_ms("val") == 1000.0
+    clock.reserve_ms = 1500.0
+    assert clock.train_budget_ms == 8500.0
+    assert tg.PhaseClock(None, None).train_budget_ms is None
+    assert "train:" in clock.summary() and "val:1000ms" in clock.summary()
+
+
+def test_training_stops_before_the_budget_net_of_the_reserve(tiny_env, monkeypatch):
+    """Each step costs 100 fake ms. Cap 1000 ms, reserve 300 ms: 7 steps fit, the 8th would not."""
+    now = FakeTime()
+    real_step = tg.train_step
+
+    def slow_step(*args, **kwargs):
+        now.t += 0.1
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(tg, "train_step", slow_step)
+    hp = tg.Hyperparameters.from_env({**tiny_env, "ITERATIONS": "1000", "MAX_WALLCLOCK_SECONDS": "1"})
+    model = tg.GPT(tg.ModelConfig.from_hparams(hp))
+    optimizers = tg.build_optimizers(hp, model, CPU.device)
+    files = tg.shard_files(hp.data_path, "train")
+    clock = tg.PhaseClock(1000.0, None, now=now)
+    clock.reserve_ms = 300.0
+    lines = []
+    state = tg.train(hp, CPU, model, model, optimizers, lambda: tg.DistributedTokenLoader(files, 0, 1, CPU.device),
+                     None, 1, tg.contextlib.nullcontext, lines.append, clock,
+                     tg.WeightAverager(model, ema_decay=0, swa_start_frac=1, swa_every=1), [])
+    assert state.step == 7 and state.stopped_early
+    assert clock.elapsed_ms("train") == pytest.approx(700.0) and clock.elapsed_ms("train") <= clock.train_budget_ms
+    assert any(line.startswith("stopping_early: wallclock_cap train_time:700ms step:7/1000") for line in lines)
+    assert any("budget_cut: training after step 7" in line and "reserve 300ms" in line for line in lines)
+
+
+def test_no_host_device_sync_inside_the_training_step(tiny_env, monkeypatch):
+    """Reading a tensor's value on the host (.item, .tolist, bool) is a sync on a GPU: our step code never
+    does it. (torch.optim's Adam reads its step counter, a CPU tensor: not a device sync.)"""
+    calls = []
+    in_step = [False]
+    real_step = tg.train_step
+    for name in ("item", "tolist", "__bool__"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if in_step[0] and caller == tg.__file__:
+                calls.append((_name, sys._getframe(1).f_lineno))
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+
+    def watched_step(*args, **kwargs):
+        in_step[0] = True
+        try:
+            return real_step(*args, **kwargs)
+        finally:
+            in_step[0] = False
+
+    monkeypatch.setattr(tg, "train_step", watched_step)
+    run_tiny(tiny_env, ITERATIONS="3", GRAD_CLIP_NORM="0.3", EMA_DECAY="0.9")
+    assert calls == []
+
+
+# ---- weight averaging ------------------------------------------------------------------------------
+
+
+def test_ema_and_swa_arithmetic():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    avg = tg.WeightAverager(model, ema_decay=0.5, swa_start_frac=0.5, swa_every=2)
+    values = [1.0, 2.0, 3.0, 4.0]
+    for step, v in enumerate(values, start=1):
+        with torch.no_grad():
+            model.weight.fill_(v)
+        avg.update(step, fraction=step / 4)
+    # ema: 0 -> 0.5 -> 1.25 -> 2.125 -> 3.0625; SWA samples EMA at steps 2 and 4 (fraction >= 0.5).
+    assert float(avg.ema[0][0, 0]) == pytest.approx(3.0625)
+    assert avg.swa_count == 2 and float(avg.swa_sum[0][0, 0]) == pytest.approx(1.25 + 3.0625)
+    assert avg.choose("auto") == "ema_swa"
+    avg.apply("ema_swa")
+    assert float(model.weight[0, 0]) == pytest.approx((1.25 + 3.0625) / 2)
+    plain = tg.WeightAverager(model, ema_decay=0.0, swa_start_frac=0.0, swa_every=1)
+    for step, v in enumerate(values, start=1):
+        with torch.no_grad():
+            model.weight.fill_(v)
+        plain.update(step, fraction=1.0)
+    assert plain.choose("auto") == "swa"
+    plain.apply("swa")
+    assert float(model.weight[0, 0]) == pytest.approx(2.5)  # uniform mean of the raw weights
+    with pytest.raises(tg.RunError, match="EXPORT_WEIGHTS=ema"):
+        plain.choose("ema")
+    assert tg.WeightAverager(model, ema_decay=0, swa_start_frac=1, swa_every=1).choose("auto") == "raw"
+
+
+def test_exported_weights_are_the_logged_choice(tiny_env, tmp_path):
+    out = run_tiny(tiny_env, ITERATIONS="6", EMA_DECAY="0.5", SWA_START_FRAC="0.5", SWA_EVERY="1")
+    assert out["export_choice"] == "ema_swa"
+    log = (tmp_path / "logs" / "test.txt").read_text()
+    assert "weights:exporting ema_swa" in log and "pre-quantization post-ema_swa val_loss:" in log
+
+
+# ---- QAT -------------------------------------------------------------------------------------------
+
+QAT_ENV = {"RECIPE": "baseline", "NUM_LAYERS": "2", "MODEL_DIM": "160", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+           "MLP_MULT": "4", "VOCAB_SIZE": "97", "MATRIX_BITS": "6"}
+
+
+def qat_model():
+    torch.manual_seed(0)
+    hp = tg.Hyperparameters.from_env(QAT_ENV)
+    model = tg.GPT(tg.ModelConfig.from_hparams(hp))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    layers = tg.prepare_qat(model, matrix_bits=6, embed_bits=8)
+    return hp, model, layers
+
+
+def dequantized_twin(hp, model):
+    twin = tg.GPT(tg.ModelConfig.from_hparams(hp))
+    obj = tg.quantize_state_dict(model.state_dict(), matrix_bits=6, embed_bits=8)
+    twin.load_state_dict(tg.dequantize_state_dict(obj))
+    # Tensors the export keeps in fp16 are rounded too: compare on the quantized matrices alone.
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if name not in obj["quantized"]:
+                p.copy_(dict(model.named_parameters())[name])
+    return twin
+
+
+def test_qat_is_off_until_switched_then_equals_the_dequantized_forward():
+    hp, model, layers = qat_model()
+    assert {m.qat_bits for m in layers} == {6} and len(layers) == 4  # the two MLP matrices of each layer
+    x = torch.randint(0, 97, (2, 16))
+    plain = tg.GPT(tg.ModelConfig.from_hparams(hp))
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(model.forward_logits(x), plain.forward_logits(x))  # inactive: exactly the float model
+    tg.set_qat(layers, True)
+    assert torch.allclose(model.forward_logits(x), dequantized_twin(hp, model).forward_logits(x), atol=1e-5)
+    assert not torch.allclose(model.forward_logits(x), plain.forward_logits(x), atol=1e-3)
+    loss = model(x, x)
+    loss.backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in layers)  # straight-through
+
+
+def test_qat_switch_is_live_under_torch_compile(monkeypatch):
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.config, "emulate_precision_casts", False)
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    tg.configure_compile(qat=True)  # what run() does when QAT and compile are both on
+    hp, model, layers = qat_model()
+    x = torch.randint(0, 97, (2, 16))
+    compiled = torch.compile(model.forward_logits, fullgraph=True, dynamic=False)
+    off = compiled(x)
+    assert torch.allclose(off, model.forward_logits(x), atol=1e-5)
+    tg.set_qat(layers, True)  # a buffer write, not a Python flag: the compiled graph must see it
+    on = compiled(x)
+    assert torch.allclose(on, dequantized_twin(hp, model).forward_logits(x), atol=1e-5)
+    assert not torch.allclose(on, off, atol=1e-3)
+
+
+def test_record_training_step_compiles_fullgraph_without_breaks():
+    """The forward + loss + backward of the record recipe (small) as one graph, both loop graphs."""
+    torch._dynamo.reset()
+    hp = tg.Hyperparameters.from_env({"NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+                                      "VOCAB_SIZE": "97", "XSA_LAST_N": "4", "LOOP_START": "1", "LOOP_END": "2",
+                                      "PARALLEL_START_LAYER": "3", "TRAIN_SEQ_LEN": "16", "QAT_ENABLED": "1"})
+    model = tg.GPT(tg.ModelConfig.from_hparams(hp))
+    tg.prepare_qat(model, matrix_bits=hp.matrix_bits, embed_bits=hp.embed_bits)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    x = torch.randint(0, 97, (2, 16))
+    for looping in (False, True):
+        loss = compiled(x, x, looping)
+        loss.backward()
+        assert torch.isfinite(loss) and model.tok_emb.weight.grad is not None
+
+
+# ---- data order and logging --------------------------------------------------------------------------
+
+
+def test_same_seed_same_first_losses_other_seed_other_data(tiny_env):
+    a = run_tiny(tiny_env, ITERATIONS="3", RUN_ID="a", SEED="7")
+    b = run_tiny(tiny_env, ITERATIONS="3", RUN_ID="b", SEED="7")
+    assert a["train_losses"] == b["train_losses"]
+    files = tg.shard_files(tiny_env["DATA_PATH"], "train")
+    first = [tg.DistributedTokenLoader(files, 0, 1, CPU.device, seed=s).next_batch(1024, 128, 1)[0] for s in (7, 7, 8)]
+    assert torch.equal(first[0], first[1]) and not torch.equal(first[0], first[2])
+
+
+def test_step_lines_report_tokens_per_second_and_mfu(tiny_env, tmp_path):
+    run_tiny(tiny_env, ITERATIONS="2", PEAK_TFLOPS="0.001")
+    log = (tmp_path / "logs" / "test.txt").read_text()
+    m = re.search(r"^step:2/2 train_loss:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms tok/s:(\d+) mfu:([\d.]+)%$",
+                  log, re.M)
+    assert m and int(m.group(1)) > 0 and float(m.group(2)) > 0
+    assert re.search(r"^phase_times: .*train:\d+ms.*eval:\d+ms process:\d+ms$", log, re.M)
