@@ -6,16 +6,17 @@ Launch (every knob is an environment variable, see `Hyperparameters`):
     CPU smoke: NUM_LAYERS=2 MODEL_DIM=64 ... python train_gpt.py  (see README.md)
 
 Sections, in the order a run goes through them:
-    HYPERPARAMETERS   every knob, parsed and validated from the environment
-    RUNTIME & LOGGING process group, device, autocast, the rank-0 log
-    DATA              shard reader, training loader, validation tokens, tokenizer byte tables
-    MODEL             the GPT: RMSNorm, RoPE attention with QK-norm, relu^2 MLP, U-Net skips
-    OPTIMIZER         Muon (Newton-Schulz orthogonalised momentum) for matrices, Adam for the rest
-    SCHEDULES         learning-rate and momentum schedules as pure functions
-    EVALUATION        val_loss / val_bpb over every validation target exactly once
-    QUANTIZATION      int8 per-row export, its inverse, and the artifact size check
-    TRAINING          compile warm-up with state reset, the wallclock-capped loop
-    MAIN              run(): train, export, reload the artifact, score it
+    HYPERPARAMETERS     every knob, parsed and validated from the environment
+    RUNTIME & LOGGING   process group, device, autocast, the rank-0 log
+    DATA                shard reader, training loader, validation tokens, tokenizer byte tables
+    MODEL               the GPT and every leaderboard architecture switch
+    OPTIMIZER           Muon (Newton-Schulz orthogonalised momentum, sharded over ranks), AdamW for the rest
+    SCHEDULES           LR, momentum and phase switches as pure functions of the training fraction; the clock
+    WEIGHT AVERAGING    EMA and SWA of the weights, and which weights are exported
+    EVALUATION          val_loss / val_bpb over every validation target exactly once
+    QUANTIZATION        per-row N-bit export (QAT fakes the same grid), its inverse, size estimates
+    TRAINING            compile warm-up with state reset, the budgeted training loop
+    MAIN                run(): train, export, reload the artifact, score it
 
 Importing this file has no side effects; `main()` runs only under `__main__`.
 """
@@ -1028,9 +1029,11 @@ def model_report(model: GPT, hp: Hyperparameters, n_code_bytes: int) -> list[str
         f"model_params_detail: unique:{unique} per_block:{per_block} virtual_layers:{len(order)} "
         f"effective_per_token:{effective} order:{order}",
         f"flops_per_token: forward:{fwd} train:{3 * fwd} seq_len:{hp.train_seq_len}",
+        # An upper bound: zlib shrinks it (the public baseline logged 15,815,847 model bytes for a
+        # model this estimates at 17,178,912).
         f"artifact_estimate: bitpacked_payload_bytes:{payload} matrix_bits:{hp.matrix_bits} "
-        f"embed_bits:{hp.embed_bits} code_bytes:{n_code_bytes} total:{payload + n_code_bytes} "
-        f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(payload + n_code_bytes <= ARTIFACT_LIMIT_BYTES)}",
+        f"embed_bits:{hp.embed_bits} code_bytes:{n_code_bytes} upper_bound_total:{payload + n_code_bytes} "
+        f"limit:{ARTIFACT_LIMIT_BYTES} fits_before_compression:{int(payload + n_code_bytes <= ARTIFACT_LIMIT_BYTES)}",
     ]
 
 

@@ -67,6 +67,7 @@ from pathlib import Path, PurePosixPath
 if __package__ in (None, ""):  # run as `python data/cached_challenge_fineweb.py`: make `data` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data.cli import OneLineArgumentParser, int_at_least
 from data.shards import read_shard_header, write_atomic
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
@@ -536,36 +537,19 @@ def download(
     return summary
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one `error:` line (exit 2) instead of usage + message."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}; see --help\n")
-
-
 def _variant_arg(text: str) -> str:
     if not _VARIANT_RE.fullmatch(text):
         raise argparse.ArgumentTypeError(f"invalid variant {text!r}: expected sp<vocab size> (e.g. sp1024) or byte260")
     return text
 
 
-def _count_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineArgumentParser(
         description="Download the challenge's cached FineWeb shards and tokenizer from the Hugging Face Hub "
         "(repo: $MATCHED_FINEWEB_REPO_ID, default willdepueoai/parameter-golf; folder: "
         "$MATCHED_FINEWEB_REMOTE_ROOT_PREFIX, default datasets).",
     )
-    parser.add_argument("train_shards_positional", nargs="?", type=_count_arg, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("train_shards_positional", nargs="?", type=int_at_least(0), default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--variant",
         type=_variant_arg,
@@ -574,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--train-shards",
-        type=_count_arg,
+        type=int_at_least(0),
         default=None,
         help=f"download train shards 0..N-1 (default: {DEFAULT_TRAIN_SHARDS}, i.e. 8B tokens); "
         "a bare positional number works too",

@@ -45,6 +45,7 @@ if __package__ in (None, ""):  # run as `python data/export_shards.py`: make the
 import numpy as np
 import sentencepiece as spm
 
+from data.cli import OneLineArgumentParser, int_at_least
 from data.shards import BOS_ID, MAX_TOKENS_PER_SHARD, encode_shard, write_atomic
 
 log = logging.getLogger("export_shards")
@@ -547,13 +548,6 @@ def export_dataset(
 # Command line
 
 
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line (and exit code 2) instead of usage + error."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
-
-
 def run_cli(prog: str, body: Callable[[], int]) -> int:
     """Run a command-line body; turn expected failures into one stderr line and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # stderr: errors only
@@ -573,16 +567,6 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
     return 2
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(
         prog="export_shards.py",
@@ -593,19 +577,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-format", choices=("auto", "text", "jsonl"), default="auto",
                    help="text: documents separated by blank lines; jsonl: one {\"text\": ...} per line; "
                         "auto (default): jsonl for *.jsonl[.xz], else text")
-    p.add_argument("--val-docs", type=_positive_int, metavar="N",
+    p.add_argument("--val-docs", type=int_at_least(1), metavar="N",
                    help="the first N documents are validation (public convention)")
     p.add_argument("--val-fraction", type=float, metavar="F",
                    help="validation = docs whose text hash bucket is below F (e.g. 0.05)")
-    p.add_argument("--vocab-size", type=_positive_int, default=1024)
+    p.add_argument("--vocab-size", type=int_at_least(1), default=1024)
     p.add_argument("--dataset-name", help="default: <input stem>_sp<V>")
     p.add_argument("--tokenizer-name", help="default: <input stem>_<V>_bpe")
     p.add_argument("--datasets-root", type=Path, default=DEFAULT_DATASETS_ROOT)
     p.add_argument("--tokenizers-root", type=Path, default=DEFAULT_TOKENIZERS_ROOT)
-    p.add_argument("--shard-tokens", type=_positive_int, default=100_000_000)
+    p.add_argument("--shard-tokens", type=int_at_least(1), default=100_000_000)
     p.add_argument("--reuse-tokenizer", type=Path, metavar="MODEL",
                    help="use this existing SentencePiece .model instead of training one")
-    p.add_argument("--tokenizer-train-docs", type=_positive_int, metavar="N",
+    p.add_argument("--tokenizer-train-docs", type=int_at_least(1), metavar="N",
                    help="train the tokenizer on the first N train docs only (default: all)")
     return p
 

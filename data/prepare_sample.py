@@ -16,7 +16,6 @@ Re-running with the same settings checks the outputs and rewrites nothing.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -24,12 +23,12 @@ from typing import Sequence
 if __package__ in (None, ""):  # run as `python data/prepare_sample.py`: make the `data` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data.cli import OneLineArgumentParser, int_at_least
 from data.export_shards import (
     DEFAULT_DATASETS_ROOT,
     DEFAULT_TOKENIZERS_ROOT,
     VAL_HASH_RULE,
     ExportError,
-    OneLineArgumentParser,
     check_disjoint,
     clean_docs,
     export_dataset,
@@ -98,11 +97,11 @@ def prepare_sample(
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = OneLineArgumentParser(prog="prepare_sample.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--vocab-size", type=int, default=1024)
-    p.add_argument("--max-docs", type=int, help="use only the first N documents of the corpus (for quick tests)")
+    p.add_argument("--vocab-size", type=int_at_least(1), default=1024)
+    p.add_argument("--max-docs", type=int_at_least(1), help="use only the first N documents of the corpus (for quick tests)")
     p.add_argument("--datasets-root", type=Path, default=DEFAULT_DATASETS_ROOT)
     p.add_argument("--tokenizers-root", type=Path, default=DEFAULT_TOKENIZERS_ROOT)
-    p.add_argument("--shard-tokens", type=int, default=100_000_000)
+    p.add_argument("--shard-tokens", type=int_at_least(1), default=100_000_000)
     args = p.parse_args(argv)
 
     def body() -> int:

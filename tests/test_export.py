@@ -285,7 +285,7 @@ def cli_inputs(tmp_path_factory) -> dict[str, Path]:
         (["--input", "{badjson}", "--val-docs", "1"], "line 2 is not valid JSON"),
         (["--input", "{badxz}", "--val-docs", "1"], "not a valid .xz file"),
         (["--input", "{text}", "--val-docs", "5", "--reuse-tokenizer", "{text}"], "not a SentencePiece model"),
-        (["--input", "{text}", "--val-docs", "five"], "is not an integer"),
+        (["--input", "{text}", "--val-docs", "five"], "expected an integer >= 1, got 'five'"),
     ],
     ids=["missing", "empty", "vocab-100", "vocab-262", "both-val", "no-val", "all-val", "fraction", "jsonl", "xz",
          "reuse-bad", "not-int"],

@@ -1,6 +1,5 @@
 """End-to-end: a tiny run learns, the warm-up leaves no trace, 2 gloo ranks match 1 process."""
 
-import json
 import re
 import subprocess
 import sys
@@ -48,8 +47,15 @@ def test_wallclock_cap_stops_training_early(tiny_env):
     assert out["training_time_ms"] < 1500  # stops before a step would end past the cap
 
 
-def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(tiny_env, tmp_path):
-    env = dict(tiny_env, ITERATIONS="6", WARMDOWN_ITERS="3", RUN_ID="single")
+@pytest.mark.parametrize("stack", ["baseline", "record"])
+def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(tiny_env, tmp_path, stack):
+    """Same global batch, same seed: 2 ranks x 4 micro-steps equal 1 process x 8. With the record stack
+    this also covers sharded Muon, gradient clipping after the cross-rank average (clipping each
+    rank's own gradients would differ), EMA, and looping switched on at the same step on both ranks."""
+    env = dict(tiny_env, ITERATIONS="6", WARMDOWN_ITERS="3", RUN_ID="single", GRAD_ACCUM_STEPS="0")
+    if stack == "record":
+        env.update(ALL_SWITCHES_SMALL, GRAD_ACCUM_STEPS="0", ITERATIONS="6", ENABLE_LOOPING_AT="0.5",
+                   GRAD_CLIP_NORM="0.05", EMA_DECAY="0.5", WARMDOWN_FRAC="0.5", MIN_LR="0.1", MATRIX_BITS="6")
     single = run_tiny(env)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train_gpt.py")]
@@ -57,6 +63,8 @@ def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(tiny_env, tmp
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world_size:2 grad_accum_steps:4" in proc.stdout
+    if stack == "record":
+        assert "layer_loop:enabled step:3 " in proc.stdout and "weights:exporting ema" in proc.stdout
     line = re.search(r"final_int8_zlib_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)", proc.stdout)
     assert float(line.group(1)) == pytest.approx(single["roundtrip"].val_loss, abs=1e-5)
     assert float(line.group(2)) == pytest.approx(single["roundtrip"].val_bpb, abs=1e-5)
@@ -131,3 +139,27 @@ def test_all_switches_train_and_looping_turns_on_at_its_fraction(tiny_env, tmp_p
     assert re.search(r"^flops_per_token: forward:\d+ train:\d+", log, re.M)
     assert re.search(r"^artifact_estimate: bitpacked_payload_bytes:\d+ ", log, re.M)
     assert abs(out["roundtrip"].val_bpb - out["pre_quant"].val_bpb) < 0.02 * out["pre_quant"].val_bpb
+
+
+def test_eval_budget_cuts_the_score_instead_of_reporting_a_partial_one(tiny_env, tmp_path):
+    with pytest.raises(tg.RunError, match=r"evaluation budget \(MAX_EVAL_SECONDS\) ran out; cut: the final score"):
+        run_tiny(tiny_env, ITERATIONS="1", MAX_EVAL_SECONDS="0.000001")
+    log = (tmp_path / "logs" / "test.txt").read_text()
+    assert re.search(r"^pre-quantization post-raw val_loss:", log, re.M)  # training itself completed
+    assert not re.search(r"^final_int8_zlib_roundtrip", log, re.M)
+
+
+def test_loader_prefetches_the_next_shard(tmp_path):
+    from data.shards import write_shard
+
+    for i in range(3):
+        write_shard(tmp_path / f"fineweb_train_00000{i}.bin", np.full(50, i + 10))
+    stream = tg.TokenStream(tg.shard_files(str(tmp_path), "train"), seed=3)
+    current = int(stream.tokens[0])
+    upcoming = stream.pending.result(timeout=10)  # already being read while `current` is consumed
+    assert int(upcoming[0]) != current
+    stream.take(50)
+    assert int(stream.take(1)[0]) == int(upcoming[0])
+    stream.take(49)
+    seen = {current, int(upcoming[0]), int(stream.take(1)[0])}
+    assert seen == {10, 11, 12}  # one pass visits every shard once
