@@ -31,6 +31,7 @@ import io
 import math
 import os
 import platform
+import random
 import subprocess
 import sys
 import tempfile
@@ -1664,6 +1665,41 @@ def log_run_header(hp: Hyperparameters, rt: Runtime, log) -> None:
         log(line)
 
 
+def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Tensor, ByteLuts]:
+    """Validation tokens and byte tables, with the byte count checked against the decoded text."""
+    sp = load_tokenizer(hp)
+    val_tokens = load_validation_tokens(hp.data_path)
+    if int(val_tokens.max()) >= hp.vocab_size:
+        raise RunError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}")
+    luts = build_byte_luts(sp, hp.vocab_size)
+    val_bytes = check_validation_bytes(sp, val_tokens, luts, rt.rank, rt.world_size)
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
+    log(f"val_loader:shards pattern={hp.data_path}/fineweb_val_*.bin tokens:{val_tokens.numel()} "
+        f"targets:{val_tokens.numel() - 1} bytes:{val_bytes} byte_check:ok")
+    return val_tokens, luts
+
+
+def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path, log) -> Path:
+    """Rank 0 writes the raw weights and the quantized+zlib artifact, each atomically."""
+    raw_path, artifact_path = out_dir / "final_model.pt", out_dir / "final_model.int8.ptz"
+    if rt.is_main:
+        n_code = code_bytes()
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        write_atomic(raw_path, buf.getvalue())
+        log(f"Serialized model: {raw_path.stat().st_size} bytes")
+        log(f"Code size: {n_code} bytes")
+        log(f"Total submission size: {raw_path.stat().st_size + n_code} bytes")
+        blob, raw_bytes = serialize_artifact(model.state_dict(), matrix_bits=hp.matrix_bits, embed_bits=hp.embed_bits)
+        write_atomic(artifact_path, blob)
+        log(f"Serialized model int8+zlib: {len(blob)} bytes (payload:{raw_bytes} raw_torch:{buf.tell()} "
+            f"payload_ratio:{buf.tell() / max(raw_bytes, 1):.2f}x matrix_bits:{hp.matrix_bits} "
+            f"embed_bits:{hp.embed_bits})")
+        log(f"Total submission size int8+zlib: {len(blob) + n_code} bytes")
+    barrier()
+    return artifact_path
+
+
 def run(hp: Hyperparameters, rt: Runtime) -> dict:
     """Train, export the int8+zlib artifact, reload it from disk and score it. Returns the numbers."""
     hp.check_world(rt.world_size)
@@ -1680,17 +1716,9 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
     autocast = lambda: autocast_context(hp, rt.device)  # noqa: E731
 
     # Tokenizer + validation metric
-    sp = load_tokenizer(hp)
-    val_tokens = load_validation_tokens(hp.data_path)
-    luts = build_byte_luts(sp, hp.vocab_size)
-    if int(val_tokens.max()) >= hp.vocab_size:
-        raise RunError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}")
-    val_bytes = check_validation_bytes(sp, val_tokens, luts, rt.rank, rt.world_size)
+    val_tokens, luts = prepare_validation(hp, rt, log)
     train_files = shard_files(hp.data_path, "train")
-    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
     log(f"train_loader:dataset:{hp.data_path} train_shards:{len(train_files)}")
-    log(f"val_loader:shards pattern={hp.data_path}/fineweb_val_*.bin tokens:{val_tokens.numel()} "
-        f"targets:{val_tokens.numel() - 1} bytes:{val_bytes} byte_check:ok")
 
     # Model + optimizers
     random_seed_all(hp.seed)
@@ -1760,31 +1788,13 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
         f"train_time:{clock.elapsed_ms('train'):.0f}ms step_avg:{clock.elapsed_ms('train') / max(state.step, 1):.2f}ms")
     log(f"pre-quantization post-{choice} val_loss:{pre_quant.val_loss:.8f} val_bpb:{pre_quant.val_bpb:.8f}")
 
-    # Serialization: raw weights, then the quantized+zlib artifact, both written atomically by rank 0
-    raw_path, artifact_path = out_dir / "final_model.pt", out_dir / "final_model.int8.ptz"
-    n_code = code_bytes()
+    # Serialization, then the roundtrip: a fresh model loaded from the artifact file alone
     clock.start("serialize")
-    if rt.is_main:
-        buf = io.BytesIO()
-        torch.save(base_model.state_dict(), buf)
-        write_atomic(raw_path, buf.getvalue())
-        log(f"Serialized model: {raw_path.stat().st_size} bytes")
-        log(f"Code size: {n_code} bytes")
-        log(f"Total submission size: {raw_path.stat().st_size + n_code} bytes")
-        blob, raw_bytes = serialize_artifact(base_model.state_dict(), matrix_bits=hp.matrix_bits,
-                                             embed_bits=hp.embed_bits)
-        write_atomic(artifact_path, blob)
-        log(f"Serialized model int8+zlib: {len(blob)} bytes (payload:{raw_bytes} raw_torch:{buf.tell()} "
-            f"payload_ratio:{buf.tell() / max(raw_bytes, 1):.2f}x matrix_bits:{hp.matrix_bits} "
-            f"embed_bits:{hp.embed_bits})")
-        log(f"Total submission size int8+zlib: {len(blob) + n_code} bytes")
-    barrier()
+    artifact_path = export_artifact(hp, rt, base_model, out_dir, log)
     clock.stop()
-
-    # Roundtrip: a fresh model loaded from the artifact file alone, scored on every target. The
-    # evaluation budget runs from reading the artifact to the final score.
+    # The evaluation budget runs from reading the artifact to the final score.
     clock.start("eval")
-    artifact_bytes = artifact_path.stat().st_size
+    n_code, artifact_bytes = code_bytes(), artifact_path.stat().st_size
     total_bytes = artifact_bytes + n_code
     fresh = GPT(ModelConfig.from_hparams(hp)).to(rt.device)
     fresh.load_state_dict(deserialize_artifact(artifact_path.read_bytes()), strict=True)
@@ -1805,8 +1815,6 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
 
 
 def random_seed_all(seed: int) -> None:
-    import random
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
