@@ -88,6 +88,8 @@ class Hyperparameters:
     compute_dtype: str = knob("auto", "autocast dtype; auto = bfloat16 on cuda, float32 on cpu",
                               choices=("auto", "float32", "bfloat16"))
     compile: str = knob("auto", "torch.compile; auto = on for cuda, off for cpu", choices=("auto", "0", "1"))
+    attn_backend: str = knob("auto", "attention kernel: auto = FlashAttention 3 on CUDA if installed and it passes a "
+                             "start-up check against SDPA, else SDPA", choices=("auto", "sdpa", "fa3"))
     # validation and logging
     val_batch_size: int = knob(524_288, "validation tokens per batch, over all ranks", gt=0)
     val_loss_every: int = knob(1000, "validate every N steps; 0 = only at the end", min=0)
@@ -705,6 +707,7 @@ class ModelConfig:
     num_loops: int = 0
     loop_start: int = 0
     loop_end: int = 0
+    attn_backend: str = "sdpa"  # sdpa | fa3 (resolved by select_attention_backend, never "auto")
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "ModelConfig":
@@ -717,7 +720,8 @@ class ModelConfig:
                    hp.gated_attn_init_std, hp.sparse_attn_gate_scale, hp.sparse_attn_gate_init_std,
                    hp.bigram_vocab_size, hp.bigram_dim, hp.smear_gate_enabled, hp.skip_gates_enabled,
                    hp.ln_scale, hp.parallel_start_layer, hp.parallel_mode, hp.parallel_final_lane,
-                   hp.backout_layer, hp.num_loops, hp.loop_start, hp.loop_end)
+                   hp.backout_layer, hp.num_loops, hp.loop_start, hp.loop_end,
+                   "sdpa" if hp.attn_backend == "auto" else hp.attn_backend)
 
     def layer_order(self, looping: bool) -> list[int]:
         """Physical block index of each virtual layer: the loop segment repeats when looping is on."""
@@ -784,6 +788,48 @@ class Rotary(nn.Module):
         return freqs.cos().to(dtype)[None, None], freqs.sin().to(dtype)[None, None]  # (1, 1, T, rope_dims/2)
 
 
+def load_flash_attention():
+    """FlashAttention 3's `flash_attn_func` (Hopper GPUs, optional `flash_attn_interface`), or None."""
+    try:
+        from flash_attn_interface import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+def select_attention_backend(requested: str, device: torch.device) -> tuple[str, str]:
+    """The attention kernel to use and why. FA3 is used only after it matches SDPA (forward and
+    backward) on this device, so a broken or mismatched install falls back instead of training wrong."""
+    if requested == "sdpa":
+        return "sdpa", "requested"
+    flash = load_flash_attention()
+    if flash is None:
+        if requested == "fa3":
+            raise ConfigError("ATTN_BACKEND=fa3 but flash_attn_interface is not installed; install FlashAttention 3 "
+                              "or use ATTN_BACKEND=auto")
+        return "sdpa", "flash_attn_interface not installed"
+    if requested == "auto" and device.type != "cuda":
+        return "sdpa", "FlashAttention 3 needs a CUDA device"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(2, 128, h, 64, generator=g).to(device, dtype).requires_grad_() for h in (8, 4, 4))
+    try:
+        out = flash(q, k, v, causal=True)
+        out = out[0] if isinstance(out, tuple) else out
+        ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=True).transpose(1, 2)
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        ref_grads = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
+        ok = torch.allclose(out.float(), ref.float(), atol=2e-2, rtol=2e-2) and all(
+            torch.allclose(a.float(), b.float(), atol=5e-2, rtol=5e-2) for a, b in zip(grads, ref_grads))
+        reason = "matches SDPA" if ok else "output differs from SDPA"
+    except Exception as e:  # any failure of an optional kernel means: do not use it
+        ok, reason = False, f"start-up check raised {e.__class__.__name__}"
+    if not ok and requested == "fa3":
+        raise RunError(f"ATTN_BACKEND=fa3 but FlashAttention 3 failed its start-up check ({reason}); use ATTN_BACKEND=auto")
+    return ("fa3" if ok else "sdpa"), reason
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -797,6 +843,7 @@ class CausalSelfAttention(nn.Module):
         nn.init.zeros_(self.proj.weight)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
         self.rotary = Rotary(cfg.rope_dims or self.head_dim, cfg.rope_base, cfg.train_seq_len)
+        self.flash = load_flash_attention() if cfg.attn_backend == "fa3" else None
         self.xsa = layer_idx >= cfg.num_layers - cfg.xsa_last_n
         self.value_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if cfg.value_residual and layer_idx > 0 else None
         self.gate_kind, self.gate_window = cfg.attn_gate, cfg.gate_window
@@ -821,8 +868,12 @@ class CausalSelfAttention(nn.Module):
         cos, sin = self.rotary(T, q.dtype)
         q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
         k = apply_rotary(rms_norm(k), cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, D)
+        if self.flash is not None:  # FlashAttention 3 takes (B, T, H, D) and handles GQA itself
+            y = self.flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+            y = (y[0] if isinstance(y, tuple) else y).transpose(1, 2)  # (B, H, T, D)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, D)
         if self.xsa:  # drop each head's component along its own position's value direction
             v_dir = F.normalize(v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1), dim=-1)
             y = y - (y * v_dir).sum(-1, keepdim=True) * v_dir
@@ -1721,6 +1772,9 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
     log(f"train_loader:dataset:{hp.data_path} train_shards:{len(train_files)}")
 
     # Model + optimizers
+    backend, why = select_attention_backend(hp.attn_backend, rt.device)
+    hp = dataclasses.replace(hp, attn_backend=backend)
+    log(f"attention_backend:{backend} ({why})")
     random_seed_all(hp.seed)
     base_model = GPT(ModelConfig.from_hparams(hp)).to(rt.device)
     compiled = maybe_compile(base_model, use_compile)

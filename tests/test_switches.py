@@ -191,3 +191,37 @@ def test_state_dict_names_are_stable():
     for name, t in model.state_dict().items():
         if t.ndim < 2 or name.endswith(("_w", "_gates", "skip_weights", "resid_mix", "lambdas")):
             assert tg.is_control_tensor(name) or name.endswith(("q_gain", "_scale")), name
+
+
+def fake_flash_module(correct: bool):
+    """A stand-in for FlashAttention 3's module: (B, T, H, D) layout, GQA, returns (out, lse)."""
+    import types
+
+    def flash_attn_func(q, k, v, causal):
+        y = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True)
+        return (y.transpose(1, 2) if correct else y.transpose(1, 2) * 1.5), None
+
+    return types.SimpleNamespace(flash_attn_func=flash_attn_func)
+
+
+def test_flash_attention_is_used_only_after_it_matches_sdpa(monkeypatch):
+    import sys
+
+    cpu = torch.device("cpu")
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", fake_flash_module(correct=True))
+    assert tg.select_attention_backend("fa3", cpu) == ("fa3", "matches SDPA")
+    assert tg.select_attention_backend("auto", cpu)[0] == "sdpa"  # auto tries it only on CUDA
+    sdpa_model, fa3_model = build({}), build({"ATTN_BACKEND": "fa3"})
+    randomize(sdpa_model)
+    fa3_model.load_state_dict(sdpa_model.state_dict())
+    assert fa3_model.blocks[0].attn.flash is not None and sdpa_model.blocks[0].attn.flash is None
+    x = torch.randint(2, 97, (2, 16))
+    assert torch.allclose(fa3_model.forward_logits(x), sdpa_model.forward_logits(x), atol=1e-5)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", fake_flash_module(correct=False))
+    with pytest.raises(tg.RunError, match="failed its start-up check"):
+        tg.select_attention_backend("fa3", cpu)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)  # not installed
+    with pytest.raises(tg.ConfigError, match="ATTN_BACKEND=fa3 but flash_attn_interface is not installed"):
+        tg.select_attention_backend("fa3", cpu)
+    assert tg.select_attention_backend("auto", cpu) == ("sdpa", "flash_attn_interface not installed")
