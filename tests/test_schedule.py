@@ -128,16 +128,27 @@ def test_ema_and_swa_arithmetic():
         model.weight.fill_(0.0)
     avg = tg.WeightAverager(model, ema_decay=0.5, swa_start_frac=0.5, swa_every=2)
     values = [1.0, 2.0, 3.0, 4.0]
+    ema, ema_at = 0.0, {}
     for step, v in enumerate(values, start=1):
         with torch.no_grad():
             model.weight.fill_(v)
         avg.update(step, fraction=step / 4)
-    # ema: 0 -> 0.5 -> 1.25 -> 2.125 -> 3.0625; SWA samples EMA at steps 2 and 4 (fraction >= 0.5).
-    assert float(avg.ema[0][0, 0]) == pytest.approx(3.0625)
-    assert avg.swa_count == 2 and float(avg.swa_sum[0][0, 0]) == pytest.approx(1.25 + 3.0625)
+        d = min(0.5, (1 + step) / (10 + step))  # warm-up: 2/11, 3/12, 4/13, 5/14 (all below 0.5)
+        ema = d * ema + (1 - d) * v
+        ema_at[step] = ema
+    assert float(avg.ema[0][0, 0]) == pytest.approx(ema)
+    # SWA samples the EMA at steps 2 and 4 (every 2 steps once fraction >= 0.5).
+    assert avg.swa_count == 2 and float(avg.swa_sum[0][0, 0]) == pytest.approx(ema_at[2] + ema_at[4])
     assert avg.choose("auto") == "ema_swa"
     avg.apply("ema_swa")
-    assert float(model.weight[0, 0]) == pytest.approx((1.25 + 3.0625) / 2)
+    assert float(model.weight[0, 0]) == pytest.approx((ema_at[2] + ema_at[4]) / 2)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    long = tg.WeightAverager(model, ema_decay=0.9965, swa_start_frac=1, swa_every=1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    long.update(3000, fraction=0.5)  # late in a long run the decay is exactly EMA_DECAY
+    assert float(long.ema[0][0, 0]) == pytest.approx(1 - 0.9965)
     plain = tg.WeightAverager(model, ema_decay=0.0, swa_start_frac=0.0, swa_every=1)
     for step, v in enumerate(values, start=1):
         with torch.no_grad():
