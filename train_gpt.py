@@ -1815,6 +1815,10 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
     def make_loader() -> DistributedTokenLoader:
         return DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device, seed=hp.seed)
 
+    # QAT layers are set up before the warm-up, so the compiled graph already has the (off) QAT path
+    # and switching it on later recompiles nothing; without QAT_ENABLED the forward has no QAT work.
+    qat_layers = prepare_qat(base_model, matrix_bits=hp.matrix_bits, embed_bits=hp.embed_bits) if hp.qat_enabled else []
+
     # Warm-up (state reset after), then the timed training loop
     clock = PhaseClock(hp.max_wallclock_ms, 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None)
     clock.start("warmup")
@@ -1825,7 +1829,6 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
         f"eval_budget:{clock.eval_cap_ms}ms")
     averager = WeightAverager(base_model, ema_decay=hp.ema_decay, swa_start_frac=hp.swa_start_frac,
                               swa_every=hp.swa_every)
-    qat_layers = prepare_qat(base_model, matrix_bits=hp.matrix_bits, embed_bits=hp.embed_bits)
     state = train(hp, rt, model, base_model, optimizers, make_loader, evaluate_model, grad_accum, autocast, log,
                   clock, averager, qat_layers)
     log(f"train_data_access_end:{clock.elapsed_ms('train'):.0f}ms (training time; cap "

@@ -117,3 +117,19 @@ def test_validation_must_start_with_bos(tmp_path):
     write_shard(tmp_path / "fineweb_val_000000.bin", [5, 6, 7])
     with pytest.raises(tg.RunError, match="must start with BOS"):
         tg.load_validation_tokens(str(tmp_path))
+
+
+def test_validation_bytes_do_not_depend_on_the_tokenizer(sample_dataset, tmp_path):
+    """The same validation documents under a 1024- and a 4096-piece tokenizer count the same bytes:
+    bits per byte is tokenizer-agnostic only if this holds."""
+    from data.prepare_sample import prepare_sample
+
+    other = prepare_sample(vocab_size=4096, datasets_root=tmp_path / "d", tokenizers_root=tmp_path / "t",
+                           max_docs=1500)
+    totals = []
+    for ds in (sample_dataset, other):
+        sp = spm.SentencePieceProcessor(model_file=ds["tokenizer_path"])
+        val = tg.load_validation_tokens(ds["dataset_dir"])
+        totals.append((val.numel(), tg.check_validation_bytes(sp, val, tg.build_byte_luts(sp, sp.vocab_size()))))
+    assert totals[0][0] != totals[1][0]  # different tokenizations...
+    assert totals[0][1] == totals[1][1]  # ...of exactly the same bytes

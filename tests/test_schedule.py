@@ -264,3 +264,17 @@ def test_step_lines_report_tokens_per_second_and_mfu(tiny_env, tmp_path):
                   log, re.M)
     assert m and int(m.group(1)) > 0 and float(m.group(2)) > 0
     assert re.search(r"^phase_times: .*train:\d+ms.*eval:\d+ms process:\d+ms$", log, re.M)
+
+
+def test_qat_costs_nothing_when_off_and_switches_on_at_its_fraction(tiny_env, tmp_path, monkeypatch):
+    calls = []
+    real = tg.fake_quantize
+    monkeypatch.setattr(tg, "fake_quantize", lambda w, bits: calls.append(bits) or real(w, bits))
+    big = {"MODEL_DIM": "128", "MLP_MULT": "4.5", "ITERATIONS": "4"}  # MLP matrices over 65,536 values
+    run_tiny(tiny_env, **big)
+    assert calls == []  # QAT off: the forward never fake-quantizes
+    out = run_tiny(tiny_env, **big, QAT_ENABLED="1", QAT_START_FRAC="0.5", MATRIX_BITS="6", RUN_ID="qat")
+    assert calls and set(calls) == {6}
+    log = (tmp_path / "logs" / "qat.txt").read_text()
+    assert re.search(r"^qat:enabled step:2 frac:0\.500 layers:4 matrix_bits:6 ", log, re.M)
+    assert out["roundtrip"].num_targets == out["pre_quant"].num_targets
