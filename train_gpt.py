@@ -616,7 +616,7 @@ def load_tokenizer(hp: Hyperparameters) -> spm.SentencePieceProcessor:
 
 
 def check_validation_bytes(sp: spm.SentencePieceProcessor, val_tokens: torch.Tensor, luts: ByteLuts,
-                           rank: int = 0, world_size: int = 1) -> int:
+                           rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu")) -> int:
     """Fail loudly unless the byte tables count exactly the UTF-8 bytes of the decoded validation text.
 
     Each rank decodes its share of the documents; the totals are summed across ranks.
@@ -633,7 +633,8 @@ def check_validation_bytes(sp: spm.SentencePieceProcessor, val_tokens: torch.Ten
         seg = val_tokens[start:end]
         prev = torch.cat([seg.new_tensor([BOS_ID]), seg[:-1]])  # each share starts at a BOS, never a target
         counted = int(target_bytes(prev, seg, luts).sum())
-    totals = all_reduce_sum(torch.tensor([decoded, counted], dtype=torch.float64))
+    # On the run's device: NCCL reduces only CUDA tensors.
+    totals = all_reduce_sum(torch.tensor([decoded, counted], dtype=torch.float64, device=device))
     decoded, counted = int(totals[0]), int(totals[1])
     if decoded != counted:
         raise RunError(
@@ -1727,7 +1728,7 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Ten
     if int(val_tokens.max()) >= hp.vocab_size:
         raise RunError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}")
     luts = build_byte_luts(sp, hp.vocab_size)
-    val_bytes = check_validation_bytes(sp, val_tokens, luts, rt.rank, rt.world_size)
+    val_bytes = check_validation_bytes(sp, val_tokens, luts, rt.rank, rt.world_size, rt.device)
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
     log(f"val_loader:shards pattern={hp.data_path}/fineweb_val_*.bin tokens:{val_tokens.numel()} "
         f"targets:{val_tokens.numel() - 1} bytes:{val_bytes} byte_check:ok")

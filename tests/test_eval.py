@@ -133,3 +133,18 @@ def test_validation_bytes_do_not_depend_on_the_tokenizer(sample_dataset, tmp_pat
         totals.append((val.numel(), tg.check_validation_bytes(sp, val, tg.build_byte_luts(sp, sp.vocab_size()))))
     assert totals[0][0] != totals[1][0]  # different tokenizations...
     assert totals[0][1] == totals[1][1]  # ...of exactly the same bytes
+
+
+def test_startup_byte_check_reduces_on_the_run_device(sample_dataset, monkeypatch):
+    """NCCL reduces only CUDA tensors: the byte check must build its tensor on the run's device."""
+    sp = spm.SentencePieceProcessor(model_file=sample_dataset["tokenizer_path"])
+    val = tg.load_validation_tokens(sample_dataset["dataset_dir"])
+    seen = []
+
+    def fake_reduce(t):
+        seen.append(t.device)
+        return torch.zeros(2, dtype=torch.float64)
+
+    monkeypatch.setattr(tg, "all_reduce_sum", fake_reduce)
+    tg.check_validation_bytes(sp, val[:1], tg.build_byte_luts(sp, 1024), device=torch.device("meta"))
+    assert seen == [torch.device("meta")]
