@@ -384,6 +384,7 @@ def init_runtime(hp: Hyperparameters, environ=None) -> Runtime:
 
 def shutdown_runtime(rt: Runtime) -> None:
     if rt.distributed and dist.is_initialized():
+        barrier()  # no rank tears down its connections while another is still using them
         dist.destroy_process_group()
 
 
@@ -520,6 +521,10 @@ class TokenStream:
         self.pending = self.pool.submit(self._load_next)  # prefetch the one after
         return tokens
 
+    def close(self) -> None:
+        """Stop prefetching (a pending read is abandoned) and release the thread."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
     def take(self, n: int) -> torch.Tensor:
         chunks = []
         while n > 0:
@@ -542,6 +547,9 @@ class DistributedTokenLoader:
     def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device, seed: int = 0):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.stream = TokenStream(files, seed)
+
+    def close(self) -> None:
+        self.stream.close()
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
         local_tokens = global_tokens // (self.world_size * grad_accum)
@@ -1610,6 +1618,7 @@ def warmup_and_reset(model, base_model: GPT, optimizers, make_loader, hp, rt, gr
             train_step(model, loader, optimizers, hp, rt, grad_accum, 1.0, step, autocast, looping)
             if step + 1 in (1, hp.warmup_steps) or (step + 1) % 10 == 0:
                 log(f"{prefix}:{step + 1}/{hp.warmup_steps}")
+    loader.close()
     base_model.load_state_dict(initial_model)
     for opt, state in zip(optimizers, initial_opts):
         opt.load_state_dict(state)
@@ -1645,6 +1654,7 @@ def train(hp: Hyperparameters, rt: Runtime, model, base_model: GPT, optimizers, 
         if last_step:
             sync()
             clock.stop()
+            loader.close()
             if state.stopped_early:
                 log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms('train'):.0f}ms "
                     f"step:{state.step}/{hp.iterations}")

@@ -160,9 +160,18 @@ def test_bad_switch_values_are_rejected(bad, needle):
         tg.Hyperparameters.from_env({**BASE, **bad})
 
 
-def test_all_switches_compile_fullgraph_and_match_eager():
+COMPILE_COMBOS = {  # together they compile every switch and every choice of the exclusive ones
+    "sparse_two_lane": ALL_ON,
+    "gated_gptj": {**ALL_ON, "SPARSE_ATTN_GATE_ENABLED": "0", "GATED_ATTN_ENABLED": "1", "PARALLEL_MODE": "gptj"},
+    "out_gate_mlp_lane": {**ALL_ON, "SPARSE_ATTN_GATE_ENABLED": "0", "ATTN_OUT_GATE_ENABLED": "1",
+                          "PARALLEL_FINAL_LANE": "mlp", "MLP_ACTIVATION": "relu2", "TIE_EMBEDDINGS": "1"},
+}
+
+
+@pytest.mark.parametrize("combo", list(COMPILE_COMBOS))
+def test_all_switches_compile_fullgraph_and_match_eager(combo):
     torch._dynamo.reset()
-    model = build(ALL_ON)
+    model = build(COMPILE_COMBOS[combo])
     randomize(model)
     x = torch.randint(2, 97, (2, 16))
     compiled = torch.compile(model.forward_logits, fullgraph=True, dynamic=False)

@@ -44,7 +44,9 @@ def test_warmup_steps_leave_no_trace(tiny_env, tmp_path):
 def test_wallclock_cap_stops_training_early(tiny_env):
     out = run_tiny(tiny_env, ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="1.5")
     assert out["stopped_early"] and 0 < out["steps"] < 100000
-    assert out["training_time_ms"] < 1500  # stops before a step would end past the cap
+    # It stops before a step that would end past the cap, as predicted from the steps so far; only
+    # the first step's length cannot be known in advance. (Exact stopping: test_schedule.py.)
+    assert out["training_time_ms"] < 1500 + out["training_time_ms"] / out["steps"]
 
 
 @pytest.mark.parametrize("stack", ["baseline", "record"])
