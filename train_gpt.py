@@ -27,7 +27,9 @@ import contextlib
 import copy
 import dataclasses
 import glob
+import hashlib
 import io
+import json
 import math
 import os
 import platform
@@ -277,6 +279,8 @@ class Hyperparameters:
             name = f.name.upper()
             if name in environ:
                 values[f.name] = parse_env_value(name, environ[name], type(f.default))
+        num_layers = values.get("num_layers", cls.num_layers)
+        values = {k: v(num_layers) if isinstance(v, PerDepth) else v for k, v in values.items()}
         return cls(**values)
 
     def describe(self, environ=None) -> list[str]:
@@ -285,24 +289,47 @@ class Hyperparameters:
         recipe = RECIPES[self.recipe]
 
         def source(name: str) -> str:
-            return "env" if name.upper() in environ else "recipe" if name in recipe else "default"
+            if name.upper() in environ:
+                return "env"
+            if isinstance(recipe.get(name), PerDepth):
+                return f"recipe: {recipe[name].formula}"
+            return "recipe" if name in recipe else "default"
 
         return [f"  {f.name}: {getattr(self, f.name)!r} ({source(f.name)})" for f in fields(self)]
+
+
+@dataclass(frozen=True)
+class PerDepth:
+    """A recipe value that follows NUM_LAYERS, so shrinking the recipe (NUM_LAYERS=4 for a smoke test)
+    keeps it valid and keeps its shape: resolved after the env is read, unless the env sets the knob."""
+
+    formula: str  # as shown in the README and the config log
+    rule: object  # num_layers -> value
+
+    def __call__(self, num_layers: int) -> int:
+        return self.rule(num_layers)
 
 
 # RECIPE=record: the strongest legal 8xH100 stack known (public records R0409/R0427 lineage):
 # SP8192 data, 11x512 with MLP 4x LeakyReLU^2, XSA everywhere, partial RoPE 16, LN scale, skip
 # gates, layers 3-5 looped twice from 35% of training, two-lane parallel residuals from layer 8,
 # SmearGate with the BOS fix, sparse attention gate, QK-gain 5, seq 2048 x 786,432-token batches.
+# The depth-dependent choices are rules of NUM_LAYERS that give exactly those values at 11 layers:
+# XSA on all layers, parallel residuals on the last 3, the loop over the middle (3/11 to 6/11).
 DEFAULT_RECIPE = "record"
+XSA_ALL_LAYERS = PerDepth("NUM_LAYERS", lambda n: n)
+PARALLEL_LAST_3 = PerDepth("max(NUM_LAYERS-3, 0)", lambda n: max(n - 3, 0))
+LOOP_MIDDLE_START = PerDepth("3*NUM_LAYERS//11", lambda n: 3 * n // 11)
+LOOP_MIDDLE_END = PerDepth("ceil(6*NUM_LAYERS/11)-1", lambda n: -(-6 * n // 11) - 1)
 RECIPES: dict[str, dict] = {
     "baseline": {},
     "record": dict(
         data_path="./data/datasets/fineweb10B_sp8192", tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
         vocab_size=8192, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=4.0,
-        mlp_activation="leaky_relu2", xsa_last_n=11, rope_dims=16, ln_scale=True, skip_gates_enabled=True,
-        num_loops=2, loop_start=3, loop_end=5, enable_looping_at=0.35,
-        parallel_start_layer=8, parallel_mode="two_lane", parallel_final_lane="mean",
+        mlp_activation="leaky_relu2", xsa_last_n=XSA_ALL_LAYERS, rope_dims=16, ln_scale=True,
+        skip_gates_enabled=True, num_loops=2, loop_start=LOOP_MIDDLE_START, loop_end=LOOP_MIDDLE_END,
+        enable_looping_at=0.35, parallel_start_layer=PARALLEL_LAST_3, parallel_mode="two_lane",
+        parallel_final_lane="mean",
         smear_gate_enabled=True, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5, qk_gain_init=5.0,
         train_seq_len=2048, train_batch_tokens=786_432, val_loss_every=4000, train_log_every=500,
         tied_embed_lr=0.03, matrix_lr=0.026, scalar_lr=0.02, beta2=0.99, muon_momentum=0.97,
@@ -621,6 +648,32 @@ def load_tokenizer(hp: Hyperparameters) -> spm.SentencePieceProcessor:
     if sp.piece_to_id("\u2581") == sp.unk_id():
         raise RunError(f"{hp.tokenizer_path} has no standalone '\u2581' piece; spaces would be miscounted in val_bpb")
     return sp
+
+
+DATA_MANIFEST_NAME = "manifest.json"  # written beside the shards by data/export_shards.py
+
+
+def check_tokenizer_belongs_to_shards(tokenizer_path: str, data_path: str) -> str:
+    """Stop unless the tokenizer is the one the shards were made with, when the data manifest says which.
+
+    The byte check below cannot catch every mismatch: a larger tokenizer whose pieces decode the same
+    ids to the same text (SP8192 with SP1024 shards) passes it and would train on garbage. Without a
+    manifest (e.g. shards fetched from the hub) only the byte check runs; the returned text says so."""
+    manifest_path = Path(data_path) / DATA_MANIFEST_NAME
+    if not manifest_path.is_file():
+        return f"not_verified (no {DATA_MANIFEST_NAME} beside the shards; the byte check still runs)"
+    try:
+        recorded = json.loads(manifest_path.read_text(encoding="utf-8"))["tokenizer"]
+        want, name = str(recorded["model_sha256"]), recorded.get("model_file", "?")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{manifest_path} is not a data manifest with tokenizer.model_sha256 ({e.__class__.__name__}); "
+                       "re-export the data with data/export_shards.py or remove the file") from None
+    have = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
+    if have != want:
+        raise RunError(f"TOKENIZER_PATH={tokenizer_path} (sha256 {have[:12]}) is not the tokenizer of the shards in "
+                       f"DATA_PATH={data_path}: {manifest_path} records {name} (sha256 {want[:12]}); "
+                       "point TOKENIZER_PATH at that tokenizer")
+    return f"ok (sha256 {have[:12]} matches {manifest_path})"
 
 
 def check_validation_bytes(sp: spm.SentencePieceProcessor, val_tokens: torch.Tensor, luts: ByteLuts,
@@ -1705,12 +1758,15 @@ def maybe_compile(fn, enabled: bool):
     return torch.compile(fn, dynamic=False) if enabled else fn
 
 
-def configure_compile(qat: bool) -> None:
-    """A failed compile falls back to eager instead of crashing. With QAT, inductor must round the
-    fake quantizer's scales to fp16 exactly as the export does (by default it skips such casts)."""
-    torch._dynamo.config.suppress_errors = True
+def compile_settings(qat: bool) -> contextlib.ExitStack:
+    """Compiler settings for one run, undone when the run ends (nothing leaks into the process):
+    a failed compile falls back to eager instead of crashing, and with QAT inductor rounds the fake
+    quantizer's scales to fp16 exactly as the export does (by default it skips such casts)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._dynamo.config.patch(suppress_errors=True))
     if qat:
-        torch._inductor.config.emulate_precision_casts = True
+        stack.enter_context(torch._inductor.config.patch(emulate_precision_casts=True))
+    return stack
 
 
 # ==================================================================================================
@@ -1734,6 +1790,7 @@ def log_run_header(hp: Hyperparameters, rt: Runtime, log) -> None:
 def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Tensor, ByteLuts]:
     """Validation tokens and byte tables, with the byte count checked against the decoded text."""
     sp = load_tokenizer(hp)
+    log(f"tokenizer_check:{check_tokenizer_belongs_to_shards(hp.tokenizer_path, hp.data_path)}")
     val_tokens = load_validation_tokens(hp.data_path)
     if int(val_tokens.max()) >= hp.vocab_size:
         raise RunError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}")
@@ -1767,7 +1824,14 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
 
 
 def run(hp: Hyperparameters, rt: Runtime) -> dict:
-    """Train, export the int8+zlib artifact, reload it from disk and score it. Returns the numbers."""
+    """Train, export the int8+zlib artifact, reload it from disk and score it. Returns the numbers.
+    Compiler settings are changed only for the duration of the run."""
+    use_compile = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
+    with compile_settings(qat=hp.qat_enabled) if use_compile else contextlib.nullcontext():
+        return train_and_score(hp, rt, use_compile)
+
+
+def train_and_score(hp: Hyperparameters, rt: Runtime, use_compile: bool) -> dict:
     hp.check_world(rt.world_size)
     if not hp.run_id:
         hp = dataclasses.replace(hp, run_id=str(uuid.uuid4()))
@@ -1776,9 +1840,6 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
     log(f"logs/{hp.run_id}.txt")
     log_run_header(hp, rt, log)
     grad_accum = hp.grad_accum_for(rt.world_size)
-    use_compile = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
-    if use_compile:
-        configure_compile(qat=hp.qat_enabled)
     autocast = lambda: autocast_context(hp, rt.device)  # noqa: E731
 
     # Tokenizer + validation metric

@@ -55,7 +55,7 @@ DEFAULT_DATASETS_ROOT = REPO_ROOT / "data" / "datasets"
 DEFAULT_TOKENIZERS_ROOT = REPO_ROOT / "data" / "tokenizers"
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("val", "train")  # val first, as in the public export
-EXPORTER_VERSION = 1  # bump when a code change alters the output for the same inputs
+EXPORTER_VERSION = 2  # bump when a code change alters the output for the same inputs (2: long docs reach the trainer)
 
 SPACE_PIECE = "\u2581"  # "▁", SentencePiece's whitespace marker
 MIN_VOCAB_SIZE = 4 + 256 + 1  # pad/bos/eos/unk, 256 byte-fallback pieces, "▁"
@@ -86,6 +86,8 @@ TRAINER_SETTINGS: dict = {
 }
 assert TRAINER_SETTINGS["bos_id"] == BOS_ID
 
+# Below SentencePiece's default max_sentence_length (4192 bytes), so the trainer drops nothing.
+TOKENIZER_PIECE_MAX_BYTES = 4096
 SHARD_NAME = "fineweb_{split}_{index:06d}.bin"
 SHARD_PATTERN = re.compile(r"^fineweb_(val|train)_\d{6}\.bin$")
 DOCS_SHA256_RULE = "sha256 over the split's cleaned docs in order, each as UTF-8 bytes followed by one NUL byte"
@@ -244,26 +246,61 @@ def file_sha256(path: str | Path) -> str:
 # Tokenizer
 
 
-def train_tokenizer(train_docs: Sequence[str], vocab_size: int) -> bytes:
-    """Train a SentencePiece BPE model on `train_docs` in memory; return the serialized .model bytes."""
+def tokenizer_training_pieces(doc: str, max_bytes: int | None = None) -> list[str]:
+    """`doc` cut into pieces of at most `max_bytes` UTF-8 bytes, for tokenizer training only.
+
+    SentencePiece's trainer silently drops every "sentence" longer than its max_sentence_length (4192
+    bytes by default), so long documents (speeches, long web pages) would never reach it. Pieces end
+    at line breaks where possible, else before a space, else at a character boundary; nothing is lost
+    (the pieces concatenate back to `doc`). The shards always keep whole documents.
+    """
+    max_bytes = max_bytes or TOKENIZER_PIECE_MAX_BYTES
+    if len(doc.encode("utf-8")) <= max_bytes:
+        return [doc]
+    pieces: list[str] = []
+    rest = doc
+    while len(rest.encode("utf-8")) > max_bytes:
+        head = rest.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")  # whole characters only
+        newline = head.rfind("\n")
+        cut = newline + 1 if newline >= 0 else head.rfind(" ")  # a space starts the next piece
+        cut = cut if cut > 0 else len(head)
+        pieces.append(rest[:cut])
+        rest = rest[cut:]
+    return pieces + ([rest] if rest else [])
+
+
+def train_tokenizer(train_docs: Sequence[str], vocab_size: int) -> tuple[bytes, dict]:
+    """Train a SentencePiece BPE model on every `train_docs` byte, in memory.
+
+    Returns the serialized .model bytes and what the trainer saw (documents, pieces, bytes)."""
+    pieces = [piece for doc in train_docs for piece in tokenizer_training_pieces(doc)]
+    seen = {"docs": len(train_docs), "pieces": len(pieces),
+            "bytes": sum(len(piece.encode("utf-8")) for piece in pieces),
+            "max_piece_bytes": TOKENIZER_PIECE_MAX_BYTES}
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(train_docs),
+            sentence_iterator=iter(pieces),
             model_writer=model,
             vocab_size=vocab_size,
             minloglevel=2,
             **TRAINER_SETTINGS,
         )
     except RuntimeError as e:
-        too_small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        message = " ".join(str(e).split())
+        too_small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
         if too_small:
             raise ExportError(
                 f"vocab size {vocab_size} is too small for this corpus: it needs at least {too_small.group(2)} "
                 f"pieces (special, byte and character pieces); pass a larger vocab size"
             ) from None
-        raise ExportError(f"SentencePiece training failed: {' '.join(str(e).split())}") from None
-    return model.getvalue()
+        if "sentences_.empty()" in message:
+            raise ExportError(
+                f"the tokenizer trainer kept no sentence out of {seen['pieces']} pieces of {seen['docs']} train docs "
+                f"(each piece is at most {TOKENIZER_PIECE_MAX_BYTES} bytes); check the input text ({message})"
+            ) from None
+        raise ExportError(f"SentencePiece training failed: {message}") from None
+    return model.getvalue(), seen
 
 
 def vocab_file_text(sp: spm.SentencePieceProcessor) -> str:
@@ -467,10 +504,10 @@ def export_dataset(
     if reused_model is None:
         train_for_tokenizer = splits["train"][: tokenizer_source["tokenizer_train_docs"]]
         log.info("training %d-piece BPE tokenizer on %d train docs", vocab_size, len(train_for_tokenizer))
-        model_bytes = train_tokenizer(train_for_tokenizer, vocab_size)
+        model_bytes, trainer_saw = train_tokenizer(train_for_tokenizer, vocab_size)
         what = f"trained tokenizer {tokenizer_name}"
     else:
-        model_bytes, what = reused_model, f"tokenizer {reuse_path}"
+        model_bytes, what, trainer_saw = reused_model, f"tokenizer {reuse_path}", None
     sp = spm.SentencePieceProcessor()
     try:
         sp.LoadFromSerializedProto(model_bytes)
@@ -517,6 +554,7 @@ def export_dataset(
             "pieces": sp.get_piece_size(),
             "sentencepiece_version": spm.__version__,
             **tokenizer_source,
+            **({"trainer_saw": trainer_saw} if trainer_saw is not None else {}),
         },
         "shard_format": {
             "header": "256 little-endian int32: magic 20240520, version 1, token count, zeros",

@@ -41,6 +41,23 @@ def test_record_recipe_is_the_default_and_every_field_stays_overridable():
         tg.Hyperparameters.from_env({"RECIPE": "fast"})
 
 
+def test_record_depth_choices_follow_num_layers_and_stay_overridable():
+    at = {n: tg.Hyperparameters.from_env({"NUM_LAYERS": str(n)}) for n in range(1, 17)}
+    full = at[11]  # exactly the public record's values at its own depth
+    assert (full.xsa_last_n, full.parallel_start_layer, full.loop_start, full.loop_end) == (11, 8, 3, 5)
+    for n, hp in at.items():  # every depth gives a valid recipe of the same shape
+        assert hp.xsa_last_n == n  # XSA on all layers
+        assert hp.parallel_start_layer == max(n - 3, 0)  # parallel residuals on the last 3
+        assert 0 <= hp.loop_start <= hp.loop_end < n  # the loop stays inside the stack
+    assert (at[4].loop_start, at[4].loop_end, at[4].parallel_start_layer) == (1, 2, 1)
+    one = tg.Hyperparameters.from_env({"NUM_LAYERS": "6", "XSA_LAST_N": "2"})  # one override, the rest follow
+    assert (one.xsa_last_n, one.parallel_start_layer, one.loop_start, one.loop_end) == (2, 3, 1, 3)
+    lines = "\n".join(one.describe({"NUM_LAYERS": "6", "XSA_LAST_N": "2"}))
+    assert "xsa_last_n: 2 (env)" in lines and "parallel_start_layer: 3 (recipe: max(NUM_LAYERS-3, 0))" in lines
+    with pytest.raises(tg.ConfigError, match="XSA_LAST_N=7 must be <= NUM_LAYERS=6"):
+        tg.Hyperparameters.from_env({"NUM_LAYERS": "6", "XSA_LAST_N": "7"})
+
+
 def test_env_values_are_parsed_by_type():
     hp = tg.Hyperparameters.from_env({"MATRIX_LR": "0.02", "NUM_LAYERS": "11", "TIE_EMBEDDINGS": "false",
                                       "MLP_MULT": "3.5", "COMPILE": "0"})

@@ -8,6 +8,8 @@ import sentencepiece as spm
 import torch
 
 import train_gpt as tg
+from conftest import TINY_ENV
+from test_train import run_tiny
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 8])
@@ -119,13 +121,19 @@ def test_validation_must_start_with_bos(tmp_path):
         tg.load_validation_tokens(str(tmp_path))
 
 
-def test_validation_bytes_do_not_depend_on_the_tokenizer(sample_dataset, tmp_path):
-    """The same validation documents under a 1024- and a 4096-piece tokenizer count the same bytes:
-    bits per byte is tokenizer-agnostic only if this holds."""
+@pytest.fixture(scope="module")
+def sample_sp4096(tmp_path_factory) -> dict:
+    """The same 1500 documents as `sample_dataset`, under a 4096-piece tokenizer."""
     from data.prepare_sample import prepare_sample
 
-    other = prepare_sample(vocab_size=4096, datasets_root=tmp_path / "d", tokenizers_root=tmp_path / "t",
-                           max_docs=1500)
+    root = tmp_path_factory.mktemp("sp4096")
+    return prepare_sample(vocab_size=4096, datasets_root=root / "d", tokenizers_root=root / "t", max_docs=1500)
+
+
+def test_validation_bytes_do_not_depend_on_the_tokenizer(sample_dataset, sample_sp4096):
+    """The same validation documents under a 1024- and a 4096-piece tokenizer count the same bytes:
+    bits per byte is tokenizer-agnostic only if this holds."""
+    other = sample_sp4096
     totals = []
     for ds in (sample_dataset, other):
         sp = spm.SentencePieceProcessor(model_file=ds["tokenizer_path"])
@@ -148,3 +156,22 @@ def test_startup_byte_check_reduces_on_the_run_device(sample_dataset, monkeypatc
     monkeypatch.setattr(tg, "all_reduce_sum", fake_reduce)
     tg.check_validation_bytes(sp, val[:1], tg.build_byte_luts(sp, 1024), device=torch.device("meta"))
     assert seen == [torch.device("meta")]
+
+
+def test_a_tokenizer_that_is_not_the_shards_one_stops_the_run_with_one_line(sample_dataset, sample_sp4096, tmp_path):
+    """The SP4096 tokenizer with the SP1024 shards: ids < 1024 decode to the same text under both, so the byte
+    check alone passes and the run would train on garbage. The data manifest's sha256 catches it."""
+    wrong = spm.SentencePieceProcessor(model_file=sample_sp4096["tokenizer_path"])
+    val = tg.load_validation_tokens(sample_dataset["dataset_dir"])
+    tg.check_validation_bytes(wrong, val, tg.build_byte_luts(wrong, 4096))  # passes: why the hash check exists
+    env = dict(DATA_PATH=sample_dataset["dataset_dir"], TOKENIZER_PATH=sample_sp4096["tokenizer_path"],
+               VOCAB_SIZE="4096", ARTIFACT_DIR=str(tmp_path), RUN_ID="wrong_tokenizer")
+    with pytest.raises(tg.RunError) as err:
+        run_tiny({**TINY_ENV, **env})
+    message = str(err.value)
+    assert "\n" not in message
+    assert sample_sp4096["tokenizer_path"] in message and sample_dataset["dataset_dir"] in message
+    assert "sample_1024_bpe.model" in message and "point TOKENIZER_PATH at that tokenizer" in message
+    # the right tokenizer is verified, and without a manifest the log says the check did not happen
+    assert tg.check_tokenizer_belongs_to_shards(sample_dataset["tokenizer_path"], sample_dataset["dataset_dir"]).startswith("ok")
+    assert tg.check_tokenizer_belongs_to_shards(sample_dataset["tokenizer_path"], str(tmp_path)).startswith("not_verified")

@@ -333,3 +333,59 @@ def test_prepare_sample_runs_as_a_script(tmp_path):
     manifest = json.loads((tmp_path / "d" / "sample_sp1024" / "manifest.json").read_text())
     assert manifest["extra"]["max_docs"] == 300
     assert manifest["splits"]["val"]["docs"] + manifest["splits"]["train"]["docs"] == 300
+
+
+# ---- long documents ------------------------------------------------------------------------------
+
+
+def long_documents(num_docs: int = 24) -> list[str]:
+    """Documents like whole speeches: 5-60 KB each, built from consecutive sample articles (one per
+    line), and one 20 KB document with no line break at all."""
+    articles = load_sample_docs(3000)
+    docs, start = [], 0
+    for i in range(num_docs):
+        count = 16 + (i * 37) % 140
+        docs.append("\n".join(articles[start : start + count]))
+        start += count
+    docs.append(" ".join(articles[start : start + 40])[:20_000])
+    return docs
+
+
+def test_tokenizer_training_pieces_cover_the_document_and_respect_the_limit():
+    doc = "première ligne\n" + "mot " * 3000 + "é" * 5000  # lines, spaces, then 2-byte chars with no break
+    pieces = export_shards.tokenizer_training_pieces(doc, max_bytes=1000)
+    assert "".join(pieces) == doc  # nothing lost, nothing added
+    assert all(len(p.encode("utf-8")) <= 1000 for p in pieces)
+    assert pieces[0] == "première ligne\n"  # a line break is the preferred cut
+    assert pieces[1].endswith("mot") and pieces[2].startswith(" mot")  # else before a space
+    assert set(pieces[-2]) == {"é"}  # else at a character boundary, never inside a character
+    assert export_shards.tokenizer_training_pieces("short") == ["short"]
+
+
+def test_long_documents_export_and_the_tokenizer_sees_every_byte(tmp_path):
+    docs = long_documents()
+    assert min(len(d.encode()) for d in docs) > 5000 and max(len(d.encode()) for d in docs) > 50_000
+    train, val = docs[3:], docs[:3]
+    out = export_dataset(train, val, datasets_root=tmp_path / "d", tokenizers_root=tmp_path / "t",
+                         dataset_name="speeches", tokenizer_name="speeches_bpe", vocab_size=512)
+    saw = out["tokenizer"]["trainer_saw"]
+    assert saw["docs"] == len(train) and saw["bytes"] == sum(len(d.encode("utf-8")) for d in train)
+    assert saw["pieces"] > 4 * len(train)  # long documents were cut into pieces for the trainer
+    stored = json.loads((Path(out["dataset_dir"]) / "manifest.json").read_text())
+    assert stored["tokenizer"]["trainer_saw"] == saw
+    # The shards keep whole documents: each BOS-delimited run decodes to one full document.
+    sp = spm.SentencePieceProcessor(model_file=out["tokenizer_path"])
+    stream = split_stream(out, "train")
+    bos = np.flatnonzero(stream == 1).tolist() + [len(stream)]
+    decoded = [sp.decode(stream[a + 1 : b].tolist()) for a, b in zip(bos, bos[1:])]
+    assert decoded == [normalized(sp, d) for d in train]
+
+
+def test_tokenizer_trainer_failure_is_one_line_naming_the_cause(tmp_path, monkeypatch):
+    monkeypatch.setattr(export_shards, "TOKENIZER_PIECE_MAX_BYTES", 10**7)  # no cutting: the trainer drops all
+    docs = long_documents(6)
+    with pytest.raises(ExportError) as err:
+        export_dataset(docs[1:], docs[:1], datasets_root=tmp_path / "d", tokenizers_root=tmp_path / "t",
+                       dataset_name="speeches", tokenizer_name="speeches_bpe", vocab_size=512)
+    message = str(err.value)
+    assert "\n" not in message and "kept no sentence out of 6 pieces of 6 train docs" in message

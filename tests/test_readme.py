@@ -25,7 +25,9 @@ def env_table() -> str:
     for f in fields(tg.Hyperparameters):
         if f.name == "recipe":
             continue
-        rec = show(record[f.name]) if f.name in record else "same"
+        value = record.get(f.name)
+        rec = (f"`{value.formula}` ({value(record['num_layers'])})" if isinstance(value, tg.PerDepth)
+               else show(value) if f.name in record else "same")
         rows.append(f"| `{f.name.upper()}` | {show(f.default)} | {rec} | {f.metadata['help']} |")
     return "\n".join(rows)
 

@@ -213,20 +213,24 @@ def test_qat_is_off_until_switched_then_equals_the_dequantized_forward():
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in layers)  # straight-through
 
 
-def test_qat_switch_is_live_under_torch_compile(monkeypatch):
+def test_qat_switch_is_live_under_torch_compile():
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._inductor.config, "emulate_precision_casts", False)
-    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
-    tg.configure_compile(qat=True)  # what run() does when QAT and compile are both on
-    hp, model, layers = qat_model()
-    x = torch.randint(0, 97, (2, 16))
-    compiled = torch.compile(model.forward_logits, fullgraph=True, dynamic=False)
-    off = compiled(x)
-    assert torch.allclose(off, model.forward_logits(x), atol=1e-5)
-    tg.set_qat(layers, True)  # a buffer write, not a Python flag: the compiled graph must see it
-    on = compiled(x)
-    assert torch.allclose(on, dequantized_twin(hp, model).forward_logits(x), atol=1e-5)
-    assert not torch.allclose(on, off, atol=1e-3)
+    before = (torch._dynamo.config.suppress_errors, torch._inductor.config.emulate_precision_casts)
+    with tg.compile_settings(qat=True):  # what run() does when QAT and compile are both on
+        assert torch._dynamo.config.suppress_errors and torch._inductor.config.emulate_precision_casts
+        hp, model, layers = qat_model()
+        x = torch.randint(0, 97, (2, 16))
+        compiled = torch.compile(model.forward_logits, fullgraph=True, dynamic=False)
+        off = compiled(x)
+        assert torch.allclose(off, model.forward_logits(x), atol=1e-5)
+        tg.set_qat(layers, True)  # a buffer write, not a Python flag: the compiled graph must see it
+        on = compiled(x)
+        assert torch.allclose(on, dequantized_twin(hp, model).forward_logits(x), atol=1e-5)
+        assert not torch.allclose(on, off, atol=1e-3)
+    # the settings are the run's, not the process's: they are back as they were
+    assert (torch._dynamo.config.suppress_errors, torch._inductor.config.emulate_precision_casts) == before
+    torch._dynamo.reset()
+
 
 
 def test_record_training_step_compiles_fullgraph_without_breaks():

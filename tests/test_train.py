@@ -143,6 +143,24 @@ def test_all_switches_train_and_looping_turns_on_at_its_fraction(tiny_env, tmp_p
     assert abs(out["roundtrip"].val_bpb - out["pre_quant"].val_bpb) < 0.02 * out["pre_quant"].val_bpb
 
 
+def test_default_recipe_shrunk_by_depth_and_width_only_runs_end_to_end(sample_dataset, tmp_path):
+    """A user's smoke test of RECIPE=record: change NUM_LAYERS and MODEL_DIM (plus the data, the vocab and
+    the run length), nothing about XSA, parallel residuals or the loop, and the script runs to its score."""
+    env = subprocess_env({
+        "RECIPE": "record", "NUM_LAYERS": "4", "MODEL_DIM": "128",
+        "DATA_PATH": sample_dataset["dataset_dir"], "TOKENIZER_PATH": sample_dataset["tokenizer_path"],
+        "VOCAB_SIZE": "1024", "TRAIN_SEQ_LEN": "128", "TRAIN_BATCH_TOKENS": "4096", "VAL_BATCH_SIZE": "32768",
+        "ITERATIONS": "6", "WARMUP_STEPS": "1", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0",
+        "ARTIFACT_DIR": str(tmp_path), "RUN_ID": "smoke",
+    })
+    out = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"^final_int8_zlib_roundtrip_exact val_loss:[\d.]+ val_bpb:[\d.]+$", out.stdout, re.M)
+    assert "xsa_last_n: 4 (recipe: NUM_LAYERS)" in out.stdout
+    assert "order:[0, 1, 2, 1, 2, 1, 2, 3]" in out.stdout  # the middle layers 1-2 are looped twice
+
+
 def test_eval_budget_cuts_the_score_instead_of_reporting_a_partial_one(tiny_env, tmp_path):
     with pytest.raises(tg.RunError, match=r"evaluation budget \(MAX_EVAL_SECONDS\) ran out; cut: the final score"):
         run_tiny(tiny_env, ITERATIONS="1", MAX_EVAL_SECONDS="0.000001")
@@ -173,6 +191,8 @@ def test_compiled_training_run_on_cpu_matches_eager(tiny_env):
     torch._dynamo.reset()
     env = dict(tiny_env, ITERATIONS="3", WARMUP_STEPS="1")
     eager = run_tiny(env, RUN_ID="eager", COMPILE="0")
+    before = torch._dynamo.config.suppress_errors
     compiled = run_tiny(env, RUN_ID="compiled", COMPILE="1")
+    assert torch._dynamo.config.suppress_errors == before  # the run's compiler settings did not leak
     assert compiled["train_losses"] == pytest.approx(eager["train_losses"], abs=2e-3)
     assert compiled["roundtrip"].val_bpb == pytest.approx(eager["roundtrip"].val_bpb, abs=2e-3)
