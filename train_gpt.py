@@ -105,6 +105,9 @@ class Hyperparameters:
     eval_seq_len: int = knob(0, "evaluation sequence length; 0 = TRAIN_SEQ_LEN (longer uses NTK RoPE)", min=0)
     max_wallclock_seconds: float = knob(600.0, "training time cap; 0 = no cap (ITERATIONS rules)", min=0)
     grad_accum_steps: int = knob(0, "micro-steps per optimizer step; 0 = 8 // WORLD_SIZE as the baseline", min=0)
+    train_loader: str = knob("stream", "training data order: stream (the baseline's contiguous seeded stream) or "
+                             "shuffled (seq_len+1 windows of all shards in a seeded random order, new each epoch)",
+                             choices=("stream", "shuffled"))
     # model shape
     vocab_size: int = knob(1024, "must equal the tokenizer's vocabulary size", gt=1)
     num_layers: int = knob(9, "transformer blocks", gt=0)
@@ -331,7 +334,8 @@ RECIPES: dict[str, dict] = {
         enable_looping_at=0.35, parallel_start_layer=PARALLEL_LAST_3, parallel_mode="two_lane",
         parallel_final_lane="mean",
         smear_gate_enabled=True, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5, qk_gain_init=5.0,
-        train_seq_len=2048, train_batch_tokens=786_432, val_loss_every=4000, train_log_every=500,
+        train_seq_len=2048, train_batch_tokens=786_432, train_loader="shuffled", val_loss_every=4000,
+        train_log_every=500,
         tied_embed_lr=0.03, matrix_lr=0.026, scalar_lr=0.02, beta2=0.99, muon_momentum=0.97,
         muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, grad_clip_norm=0.3,
         muon_ns_coefficients="polar_express", muon_row_normalize=True, muon_wd=0.095, embed_wd=0.085, adam_wd=0.02,
@@ -496,7 +500,8 @@ SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 BOS_ID = 1
 
 
-def load_data_shard(path: str | Path) -> torch.Tensor:
+def shard_token_count(path: str | Path) -> int:
+    """The token count of a shard, after checking its header and size (a corrupt file stops the run)."""
     path = Path(path)
     header_bytes = SHARD_HEADER_INTS * 4
     size = path.stat().st_size
@@ -508,8 +513,20 @@ def load_data_shard(path: str | Path) -> torch.Tensor:
     num_tokens = int(header[2])
     if size != header_bytes + 2 * num_tokens:
         raise RunError(f"{path}: size {size} does not match header token count {num_tokens}; file is corrupt")
-    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=header_bytes)
+    return num_tokens
+
+
+def load_data_shard(path: str | Path) -> torch.Tensor:
+    tokens = np.fromfile(path, dtype="<u2", count=shard_token_count(path), offset=SHARD_HEADER_INTS * 4)
     return torch.from_numpy(tokens.astype(np.int64))
+
+
+def memmap_data_shard(path: str | Path) -> np.ndarray:
+    """The shard's tokens as a read-only memory map: nothing is read until a window is taken."""
+    num_tokens = shard_token_count(path)
+    if num_tokens == 0:
+        return np.zeros(0, dtype="<u2")
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(num_tokens,))
 
 
 def shard_files(data_path: str, split: str) -> list[str]:
@@ -530,6 +547,8 @@ class TokenStream:
 
     def __init__(self, files: list[str], seed: int):
         self.files = files
+        self.total_tokens = sum(shard_token_count(f) for f in files)
+        self.tokens_taken = 0
         self.rng = np.random.default_rng(seed)
         self.order: list[int] = []
         self.pool = ThreadPoolExecutor(max_workers=1)
@@ -553,6 +572,7 @@ class TokenStream:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def take(self, n: int) -> torch.Tensor:
+        self.tokens_taken += n
         chunks = []
         while n > 0:
             if self.pos >= self.tokens.numel():
@@ -578,6 +598,10 @@ class DistributedTokenLoader:
     def close(self) -> None:
         self.stream.close()
 
+    def epochs_consumed(self) -> float:
+        """Training data seen, in epochs (tokens read over tokens in the training shards)."""
+        return self.stream.tokens_taken / max(self.stream.total_tokens, 1)
+
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
         local_tokens = global_tokens // (self.world_size * grad_accum)
         span = local_tokens + 1
@@ -586,6 +610,93 @@ class DistributedTokenLoader:
         x = mine[:-1].reshape(-1, seq_len)
         y = mine[1:].reshape(-1, seq_len)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class ShuffledWindowLoader:
+    """TRAIN_LOADER=shuffled: fixed-length sequences from all over the training data, in a seeded order.
+
+    Each epoch, every shard gets a seeded random phase in [0, seq_len) and is cut into windows of
+    seq_len + 1 tokens starting at phase + k * seq_len (each token is a target once per epoch); all
+    windows of all shards are then visited in one seeded random permutation, without replacement, and
+    the next epoch draws new phases and a new permutation. The order depends only on the seed and the
+    epoch. Every micro-step takes the next world_size * n windows of that one global order and rank r
+    keeps windows [r * n, (r + 1) * n), so 1 process x 8 micro-steps and 2 ranks x 4 micro-steps see
+    the same sequences. Shards are memory-mapped; the next batch is gathered in a background thread.
+    """
+
+    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device, seed: int, seq_len: int):
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.seed, self.seq_len = seed, seq_len
+        self.shards = [memmap_data_shard(f) for f in files]
+        self.sizes = np.array([len(t) for t in self.shards], dtype=np.int64)
+        self.epoch, self.windows_delivered = -1, 0
+        self._start_epoch(0)
+        if self.windows_per_epoch == 0:
+            raise RunError(f"no training shard holds TRAIN_SEQ_LEN+1={seq_len + 1} tokens; lower TRAIN_SEQ_LEN or "
+                           "add training data")
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending = None  # (request, future) of the prefetched batch
+
+    def _start_epoch(self, epoch: int) -> None:
+        rng = np.random.default_rng([self.seed, epoch])
+        max_phase = np.minimum(self.seq_len - 1, self.sizes - self.seq_len - 1)  # < 0: no window fits
+        self.phases = np.floor(rng.random(len(self.sizes)) * (np.maximum(max_phase, 0) + 1)).astype(np.int64)
+        counts = np.where(max_phase >= 0, (self.sizes - self.phases - 1) // self.seq_len, 0)
+        self.first_window = np.concatenate([[0], np.cumsum(counts)])  # global index of each shard's window 0
+        self.windows_per_epoch = int(self.first_window[-1])
+        self.order = rng.permutation(self.windows_per_epoch)
+        self.epoch, self.cursor = epoch, 0
+
+    def _take_windows(self, n: int) -> list[tuple[int, int]]:
+        """The next n windows of the global order as (shard, start token), crossing into new epochs."""
+        taken: list[tuple[int, int]] = []
+        while len(taken) < n:
+            if self.cursor == self.windows_per_epoch:
+                self._start_epoch(self.epoch + 1)
+            ids = self.order[self.cursor : self.cursor + n - len(taken)]
+            self.cursor += len(ids)
+            shard = np.searchsorted(self.first_window, ids, side="right") - 1
+            start = self.phases[shard] + (ids - self.first_window[shard]) * self.seq_len
+            taken.extend(zip(shard.tolist(), start.tolist()))
+        return taken
+
+    def _gather(self, request: tuple[int, int, int]) -> torch.Tensor:
+        global_tokens, seq_len, grad_accum = request
+        per_rank = global_tokens // (self.world_size * grad_accum * seq_len)
+        windows = self._take_windows(per_rank * self.world_size)[self.rank * per_rank : (self.rank + 1) * per_rank]
+        batch = np.stack([self.shards[s][start : start + seq_len + 1] for s, start in windows])
+        return torch.from_numpy(batch.astype(np.int64))
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if seq_len != self.seq_len:
+            raise ValueError(f"this loader cuts windows of {self.seq_len + 1} tokens, asked for seq_len {seq_len}")
+        request = (global_tokens, seq_len, grad_accum)
+        if self.pending is None or self.pending[0] != request:
+            self._drain()
+            self.pending = (request, self.pool.submit(self._gather, request))
+        batch = self.pending[1].result()
+        self.pending = (request, self.pool.submit(self._gather, request))  # prefetch the next one
+        self.windows_delivered += batch.size(0) * self.world_size
+        return (batch[:, :-1].to(self.device, non_blocking=True), batch[:, 1:].to(self.device, non_blocking=True))
+
+    def _drain(self) -> None:
+        if self.pending is not None:
+            self.pending[1].result()  # a different request: the prefetched windows are skipped, in order
+            self.pending = None
+
+    def epochs_consumed(self) -> float:
+        """Training data seen, in epochs (windows delivered to all ranks over windows per epoch)."""
+        return self.windows_delivered / self.windows_per_epoch
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def make_train_loader(kind: str, files: list[str], rank: int, world_size: int, device: torch.device, seed: int,
+                      seq_len: int):
+    if kind == "shuffled":
+        return ShuffledWindowLoader(files, rank, world_size, device, seed, seq_len)
+    return DistributedTokenLoader(files, rank, world_size, device, seed)
 
 
 def load_validation_tokens(data_path: str) -> torch.Tensor:
@@ -1685,6 +1796,7 @@ class TrainState:
     last_val: EvalResult | None = None
     looping: bool = False
     qat: bool = False
+    epochs_consumed: float = 0.0  # of the training data, as the loader counts it
     train_losses: list[float] = field(default_factory=list)
 
 
@@ -1707,7 +1819,9 @@ def train(hp: Hyperparameters, rt: Runtime, model, base_model: GPT, optimizers, 
         if last_step:
             sync()
             clock.stop()
+            state.epochs_consumed = loader.epochs_consumed()
             loader.close()
+            log(f"train_loader:epochs_consumed:{state.epochs_consumed:.4f} sampler:{hp.train_loader}")
             if state.stopped_early:
                 log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms('train'):.0f}ms "
                     f"step:{state.step}/{hp.iterations}")
@@ -1845,7 +1959,7 @@ def train_and_score(hp: Hyperparameters, rt: Runtime, use_compile: bool) -> dict
     # Tokenizer + validation metric
     val_tokens, luts = prepare_validation(hp, rt, log)
     train_files = shard_files(hp.data_path, "train")
-    log(f"train_loader:dataset:{hp.data_path} train_shards:{len(train_files)}")
+    log(f"train_loader:dataset:{hp.data_path} train_shards:{len(train_files)} sampler:{hp.train_loader}")
 
     # Model + optimizers
     backend, why = select_attention_backend(hp.attn_backend, rt.device)
@@ -1884,8 +1998,9 @@ def train_and_score(hp: Hyperparameters, rt: Runtime, use_compile: bool) -> dict
         base_model.train()
         return result
 
-    def make_loader() -> DistributedTokenLoader:
-        return DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device, seed=hp.seed)
+    def make_loader():
+        return make_train_loader(hp.train_loader, train_files, rt.rank, rt.world_size, rt.device, hp.seed,
+                                 hp.train_seq_len)
 
     # QAT layers are set up before the warm-up, so the compiled graph already has the (off) QAT path
     # and switching it on later recompiles nothing; without QAT_ENABLED the forward has no QAT work.
@@ -1942,6 +2057,7 @@ def train_and_score(hp: Hyperparameters, rt: Runtime, use_compile: bool) -> dict
         f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(total_bytes <= ARTIFACT_LIMIT_BYTES)}")
     log(clock.summary())
     return dict(run_id=hp.run_id, steps=state.step, stopped_early=state.stopped_early,
+                epochs_consumed=state.epochs_consumed,
                 train_losses=state.train_losses, pre_quant=pre_quant, roundtrip=roundtrip, export_choice=choice,
                 code_bytes=n_code, model_bytes=artifact_bytes, total_bytes=total_bytes, phases=dict(clock.totals),
                 training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms, log_path=str(log.path))

@@ -4,13 +4,19 @@ Trains each configuration on the embedded sample (sp1024; built if missing) with
 steps and tokens per step, and prints val_bpb before and after the export roundtrip and tokens/s.
 Not collected by pytest (a benchmark, not a test). Run from the repo root:
 
-    python tests/bench/bench_recipes.py [--suite recipes|optimizer|all] [--steps 150]
+    python tests/bench/bench_recipes.py [--suite recipes|optimizer|loader|all] [--steps 150]
+                                        [--data sample|docshuffled|both]
 
 Suite `recipes`: RECIPE=baseline vs RECIPE=record, sized to about the same unique parameter count
 (printed). The record stack's looping switches on at 35% of the steps (no wallclock cap).
 Suite `optimizer`: the baseline architecture trained with the baseline optimizer settings vs the
 record ones (Polar Express, MuonEq-R, weight decay, fraction warmdown with MIN_LR, EMA 0.9965 with
 its warm-up + SWA over the last 30%), exported at 8 bits both.
+Suite `loader`: each recipe with TRAIN_LOADER=stream (a contiguous seeded stream: one batch holds a few
+dozen neighbouring documents) vs TRAIN_LOADER=shuffled (seq_len+1 windows from all over the data).
+`--data docshuffled` trains on a copy of the sample whose training documents are put in a seeded random
+order before export (as FineWeb's shards are; the sample is in alphabetical order), with the same
+tokenizer and validation set, so the table shows how much of the loader's gain survives there.
 """
 
 from __future__ import annotations
@@ -39,11 +45,18 @@ RECORD_OPTIMIZER = {
     "ADAM_WD": "0.02", "WARMDOWN_FRAC": "0.5", "MIN_LR": "0.1", "EMA_DECAY": "0.9965", "SWA_START_FRAC": "0.7",
     "SWA_EVERY": "5", "MATRIX_BITS": "8",
 }
+# The record recipe at 4 layers: its depth rules give XSA on all 4, parallel from layer 1, loop 1-2.
+RECORD_SMALL = {"RECIPE": "record", "NUM_LAYERS": "4", "NUM_LOOPS": "2", "MATRIX_BITS": "8"}
 SUITES = {
     "recipes": {
         "baseline": {"RECIPE": "baseline", "NUM_LAYERS": "6"},
-        "record": {"RECIPE": "record", "NUM_LAYERS": "4", "XSA_LAST_N": "4", "LOOP_START": "1", "LOOP_END": "2",
-                   "NUM_LOOPS": "2", "PARALLEL_START_LAYER": "3", "MATRIX_BITS": "8"},
+        "record": RECORD_SMALL,
+    },
+    "loader": {
+        "record, stream": {**RECORD_SMALL, "TRAIN_LOADER": "stream"},
+        "record, shuffled": {**RECORD_SMALL, "TRAIN_LOADER": "shuffled"},
+        "baseline, stream": {"RECIPE": "baseline", "NUM_LAYERS": "6", "TRAIN_LOADER": "stream"},
+        "baseline, shuffled": {"RECIPE": "baseline", "NUM_LAYERS": "6", "TRAIN_LOADER": "shuffled"},
     },
     "optimizer": {
         "baseline-optimizer": {"RECIPE": "baseline", "NUM_LAYERS": "6"},
@@ -82,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    parser.add_argument("--data", choices=["sample", "docshuffled", "both"], default="sample")
     args = parser.parse_args()
     from data.prepare_sample import prepare_sample
 
@@ -90,13 +104,33 @@ def main() -> None:
     tokens = args.steps * int(COMMON["TRAIN_BATCH_TOKENS"])
     print(f"sample sp1024, {args.steps} steps x {COMMON['TRAIN_BATCH_TOKENS']} tokens = {tokens:,} tokens each, "
           f"seq {COMMON['TRAIN_SEQ_LEN']}, dim {COMMON['MODEL_DIM']}, float32 on CPU")
-    print("| config | unique params | val_bpb pre-quant | val_bpb int8 roundtrip | artifact bytes | tokens/s |")
-    print("|---|---|---|---|---|---|")
+    print("| data | config | unique params | val_bpb pre-quant | val_bpb int8 roundtrip | artifact bytes | tokens/s |")
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, env in configs.items():
-            r = run_config(name, env, args.steps, sample, Path(tmp))
-            print(f"| {name} | {int(r['params']):,} | {r['pre_bpb']:.4f} | {r['bpb']:.4f} | {int(r['bytes']):,} "
-                  f"| {r['tok_per_s']:,.0f} |", flush=True)
+        datasets = {"sample": sample}
+        if args.data in ("docshuffled", "both"):
+            datasets["docshuffled"] = docshuffled_copy(sample, Path(tmp) / "docshuffled")
+        if args.data == "docshuffled":
+            del datasets["sample"]
+        for data_name, data in datasets.items():
+            for name, env in configs.items():
+                r = run_config(f"{data_name}-{name}".replace(", ", "-"), env, args.steps, data, Path(tmp))
+                print(f"| {data_name} | {name} | {int(r['params']):,} | {r['pre_bpb']:.4f} | {r['bpb']:.4f} "
+                      f"| {int(r['bytes']):,} | {r['tok_per_s']:,.0f} |", flush=True)
+
+
+def docshuffled_copy(sample: dict, root: Path) -> dict:
+    """The sample with its training documents in a seeded random order; same tokenizer, same validation."""
+    import random
+
+    from data.export_shards import export_dataset
+    from data.prepare_sample import load_sample_docs, split_sample
+
+    train, val, _ = split_sample(load_sample_docs())
+    random.Random(0).shuffle(train)
+    return export_dataset(train, val, datasets_root=root / "datasets", tokenizers_root=root / "tokenizers",
+                          dataset_name="sample_sp1024_docshuffled", tokenizer_name="sample_1024_bpe",
+                          vocab_size=1024, reuse_tokenizer=sample["tokenizer_path"])
 
 
 if __name__ == "__main__":
