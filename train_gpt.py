@@ -34,6 +34,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,8 +84,10 @@ class Hyperparameters:
                        choices=("baseline", "record"))
     data_path: str = knob("./data/datasets/fineweb10B_sp1024", "folder holding fineweb_{train,val}_*.bin")
     tokenizer_path: str = knob("./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece .model file")
-    run_id: str = knob("", "log/artifact name; empty = a fresh uuid4")
-    artifact_dir: str = knob("", "folder for logs/ and final_model.*; empty = current folder")
+    run_id: str = knob("", "the run's name and folder; empty = a fresh uuid4")
+    artifact_dir: str = knob("", "where run folders go: <ARTIFACT_DIR>/<RUN_ID>/; empty = ./runs")
+    replace_run: bool = knob(False, "1 = delete an existing run folder of this RUN_ID and start over; "
+                             "0 = refuse to touch it")
     seed: int = knob(1337, "seed for init and for the training data order", min=0)
     device: str = knob("auto", "auto = cuda if available else cpu", choices=("auto", "cpu", "cuda"))
     compute_dtype: str = knob("auto", "autocast dtype; auto = bfloat16 on cuda, float32 on cpu",
@@ -1797,6 +1800,7 @@ class TrainState:
     looping: bool = False
     qat: bool = False
     epochs_consumed: float = 0.0  # of the training data, as the loader counts it
+    step_ms: list[float] = field(default_factory=list)  # host wallclock of every timed step
     train_losses: list[float] = field(default_factory=list)
 
 
@@ -1857,6 +1861,7 @@ def train(hp: Hyperparameters, rt: Runtime, model, base_model: GPT, optimizers, 
         state.step += 1
         averager.update(state.step, fraction)
         step_ms = 1000.0 * (clock.now() - t_step)
+        state.step_ms.append(step_ms)
         if state.step <= 10 or state.step % hp.train_log_every == 0:  # the only host-device syncs
             loss_value = float(all_reduce_sum(loss.detach().clone()).item()) / rt.world_size  # global mean
             state.train_losses.append(loss_value)
@@ -1881,6 +1886,133 @@ def compile_settings(qat: bool) -> contextlib.ExitStack:
     if qat:
         stack.enter_context(torch._inductor.config.patch(emulate_precision_casts=True))
     return stack
+
+
+# ==================================================================================================
+# RUN FOLDER & MANIFEST
+# ==================================================================================================
+# Every run owns <ARTIFACT_DIR or ./runs>/<RUN_ID>/: its log, raw weights, artifact, the code that was
+# counted, and manifest.json. A folder that exists is never written into (REPLACE_RUN=1 deletes it
+# first), so a seed sweep keeps every seed's files. The manifest is written at start (status
+# "started"), and atomically rewritten at the end ("complete") or on a crash ("failed"). Runs whose
+# config_hash is equal differ only in seed and run identity: they are comparable, and the records
+# tool (records/records.py) refuses to mix others.
+
+RUNS_DIR_DEFAULT = "runs"
+RUN_LOG_NAME, RUN_MANIFEST_NAME, RUN_CODE_NAME = "train.log", "manifest.json", "train_gpt.py"
+# Knobs that name or place a run, or pick its seed: not part of the config hash.
+RUN_IDENTITY_FIELDS = ("run_id", "artifact_dir", "replace_run", "seed", "data_path", "tokenizer_path")
+
+
+def agree_run_id(run_id: str, rt: Runtime) -> str:
+    """The run's name, the same on every rank (an empty RUN_ID becomes rank 0's fresh uuid4)."""
+    run_id = run_id or str(uuid.uuid4())
+    if rt.distributed and dist.is_initialized():
+        box = [run_id]
+        dist.broadcast_object_list(box, src=0, group=rt.control_group)
+        run_id = box[0]
+    if run_id in (".", "..") or "/" in run_id or "\\" in run_id:
+        raise ConfigError(f"RUN_ID={run_id!r} must be a plain folder name (no path separators)")
+    return run_id
+
+
+def claim_run_dir(hp: Hyperparameters, rt: Runtime) -> Path:
+    """Create this run's folder, or stop (on every rank) if it exists and REPLACE_RUN is not set."""
+    run_dir = Path(hp.artifact_dir or RUNS_DIR_DEFAULT) / hp.run_id
+    taken = run_dir.exists() and any(run_dir.iterdir()) if rt.is_main else False
+    if agree_max([float(taken)], rt)[0] and not hp.replace_run:
+        raise RunError(f"run folder {run_dir}{os.sep} already exists; pick a new RUN_ID, or set REPLACE_RUN=1 to "
+                       "delete it and start over")
+    if rt.is_main:
+        if taken:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    return run_dir
+
+
+def config_hash(hp: Hyperparameters) -> str:
+    """sha256 over every knob that can change the result, so equal hashes mean comparable runs."""
+    config = {f.name: getattr(hp, f.name) for f in fields(hp) if f.name not in RUN_IDENTITY_FIELDS}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_fingerprint(data_path: str) -> dict:
+    """Which data a run used: shard counts and checksums (from the data manifest when one sits beside
+    the shards, else computed here), and the manifest's own hash."""
+    files = {split: shard_files(data_path, split) for split in ("train", "val")}
+    manifest_path = Path(data_path) / DATA_MANIFEST_NAME
+    recorded, source = {}, "computed"
+    if manifest_path.is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            data_manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            recorded = {s["file"]: s["sha256"] for split in data_manifest["splits"].values() for s in split["shards"]}
+            source = "data manifest"
+    checksums = {}
+    for path in (Path(f) for split in files.values() for f in split):
+        checksums[path.name] = recorded.get(path.name) or file_sha256(path)
+    return {"variant": Path(data_path).name, "train_shards": len(files["train"]), "val_shards": len(files["val"]),
+            "shard_sha256": checksums, "checksum_source": source,
+            "data_manifest_sha256": file_sha256(manifest_path) if manifest_path.is_file() else None}
+
+
+def environment_facts(rt: Runtime) -> dict:
+    facts = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+             "sentencepiece": spm.__version__, "platform": platform.platform(), "device": str(rt.device),
+             "world_size": rt.world_size}
+    if rt.device.type == "cuda":
+        facts.update(cuda=torch.version.cuda, gpu=torch.cuda.get_device_name(rt.device))
+    return facts
+
+
+def step_time_stats(step_ms: list[float]) -> dict:
+    if not step_ms:
+        return {"count": 0}
+    t = np.array(step_ms)
+    return {"count": len(t), "mean": float(t.mean()), "median": float(np.median(t)),
+            "p90": float(np.percentile(t, 90)), "max": float(t.max()), "first": float(t[0])}
+
+
+class RunManifest:
+    """manifest.json of a run folder, written by rank 0 (atomically, every time it changes)."""
+
+    def __init__(self, path: Path, hp: Hyperparameters, rt: Runtime):
+        self.path, self.is_main = path, rt.is_main
+        readable = Path(__file__).read_bytes()
+        self.data = {
+            "manifest_version": 1, "status": "started", "run_id": hp.run_id,
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": hp.seed,
+            "world_size": rt.world_size, "config_hash": config_hash(hp),
+            "config": {f.name: getattr(hp, f.name) for f in fields(hp)},
+            "code": {"train_gpt_sha256": hashlib.sha256(readable).hexdigest(), "readable_bytes": len(readable)},
+            "environment": environment_facts(rt),
+        }
+        self.write()
+
+    def update(self, **sections) -> None:
+        self.data.update(sections)
+        self.write()
+
+    def finish(self, status: str, **sections) -> None:
+        self.data.update(sections, status=status, finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        self.write()
+
+    def write(self) -> None:
+        if self.is_main:
+            write_atomic(self.path, (json.dumps(self.data, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def eval_record(result: EvalResult) -> dict:
+    return {"val_loss": result.val_loss, "val_bpb": result.val_bpb, "num_targets": result.num_targets,
+            "num_bytes": result.num_bytes}
 
 
 # ==================================================================================================
@@ -1947,12 +2079,21 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
 
 def train_and_score(hp: Hyperparameters, rt: Runtime, use_compile: bool) -> dict:
     hp.check_world(rt.world_size)
-    if not hp.run_id:
-        hp = dataclasses.replace(hp, run_id=str(uuid.uuid4()))
-    out_dir = Path(hp.artifact_dir or ".")
-    log = RunLog(out_dir / "logs" / f"{hp.run_id}.txt", rt.is_main)
-    log(f"logs/{hp.run_id}.txt")
+    hp = dataclasses.replace(hp, run_id=agree_run_id(hp.run_id, rt))
+    out_dir = claim_run_dir(hp, rt)
+    log = RunLog(out_dir / RUN_LOG_NAME, rt.is_main)
+    log(f"run_dir:{out_dir}")
     log_run_header(hp, rt, log)
+    manifest = RunManifest(out_dir / RUN_MANIFEST_NAME, hp, rt)
+    try:
+        return train_and_score_in(hp, rt, use_compile, out_dir, log, manifest)
+    except BaseException as e:  # a crashed run is recognisable from its manifest
+        manifest.finish("failed", error=f"{e.__class__.__name__}: {e}")
+        raise
+
+
+def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_dir: Path, log,
+                       manifest: "RunManifest") -> dict:
     grad_accum = hp.grad_accum_for(rt.world_size)
     autocast = lambda: autocast_context(hp, rt.device)  # noqa: E731
 
@@ -1960,6 +2101,7 @@ def train_and_score(hp: Hyperparameters, rt: Runtime, use_compile: bool) -> dict
     val_tokens, luts = prepare_validation(hp, rt, log)
     train_files = shard_files(hp.data_path, "train")
     log(f"train_loader:dataset:{hp.data_path} train_shards:{len(train_files)} sampler:{hp.train_loader}")
+    manifest.update(data=data_fingerprint(hp.data_path) if rt.is_main else {})
 
     # Model + optimizers
     backend, why = select_attention_backend(hp.attn_backend, rt.device)
@@ -2056,7 +2198,27 @@ def train_and_score(hp: Hyperparameters, rt: Runtime, use_compile: bool) -> dict
     log(f"artifact code_bytes:{n_code} model_bytes:{artifact_bytes} total_bytes:{total_bytes} "
         f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(total_bytes <= ARTIFACT_LIMIT_BYTES)}")
     log(clock.summary())
-    return dict(run_id=hp.run_id, steps=state.step, stopped_early=state.stopped_early,
+    if rt.is_main:  # the code exactly as counted in the artifact, beside it
+        write_atomic(out_dir / RUN_CODE_NAME, Path(__file__).read_bytes())
+    manifest.finish(
+        "complete",
+        scores={"pre_quant": eval_record(pre_quant), "roundtrip": eval_record(roundtrip)},
+        artifact={"code_bytes": n_code, "model_bytes": artifact_bytes, "total_bytes": total_bytes,
+                  "limit": ARTIFACT_LIMIT_BYTES, "fits": total_bytes <= ARTIFACT_LIMIT_BYTES,
+                  "file": artifact_path.name, "sha256": file_sha256(artifact_path),
+                  "code_file": RUN_CODE_NAME, "code_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()},
+        training={"steps": state.step, "stopped_early": state.stopped_early, "train_time_ms": clock.elapsed_ms("train"),
+                  "reserve_ms": clock.reserve_ms, "epochs_consumed": state.epochs_consumed,
+                  "train_losses": state.train_losses, "export_weights": choice},
+        step_times_ms=step_time_stats(state.step_ms),
+        phases_ms=dict(clock.totals),
+        compliance={"train_time_ms": clock.elapsed_ms("train"), "train_cap_ms": clock.cap_ms,
+                    "eval_time_ms": eval_ms, "eval_cap_ms": clock.eval_cap_ms,
+                    "artifact_under_limit": total_bytes <= ARTIFACT_LIMIT_BYTES,
+                    "data_sources": {"warmup": "train", "calibration": "none", "adaptation": "none"},
+                    "non_record": False},
+    )
+    return dict(run_id=hp.run_id, run_dir=str(out_dir), steps=state.step, stopped_early=state.stopped_early,
                 epochs_consumed=state.epochs_consumed,
                 train_losses=state.train_losses, pre_quant=pre_quant, roundtrip=roundtrip, export_choice=choice,
                 code_bytes=n_code, model_bytes=artifact_bytes, total_bytes=total_bytes, phases=dict(clock.totals),

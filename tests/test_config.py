@@ -105,7 +105,7 @@ def test_cli_rejects_bad_env_with_one_line_before_any_work(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: MATRIX_LR='abc' must be a number"
-    assert proc.stdout == "" and not (tmp_path / "logs").exists()
+    assert proc.stdout == "" and list(tmp_path.iterdir()) == []  # not even a run folder
 
 
 def test_cli_missing_data_is_one_line(tmp_path):
@@ -123,4 +123,4 @@ def test_importing_has_no_side_effects():
     proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env({}), cwd=ROOT / "tests",
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("False") and "logs" not in proc.stdout
+    assert proc.stdout.startswith("False") and "logs" not in proc.stdout and "runs" not in proc.stdout

@@ -119,7 +119,7 @@ def test_shuffled_run_warmup_leaves_no_trace_and_logs_the_epochs(tiny_env, tmp_p
     shuffled = tg.make_train_loader("shuffled", files, 0, 1, CPU, 1337, 128)
     assert not torch.equal(stream.next_batch(8192, 128, 1)[0], shuffled.next_batch(8192, 128, 1)[0])
     stream.close()
-    log = (tmp_path / "logs" / "b.txt").read_text()
+    log = (tmp_path / "b" / "train.log").read_text()
     assert re.search(r"^train_loader:dataset:\S+ train_shards:1 sampler:shuffled$", log, re.M)
     epochs = float(re.search(r"^train_loader:epochs_consumed:([\d.]+) sampler:shuffled$", log, re.M).group(1))
     assert epochs == pytest.approx(b["epochs_consumed"], abs=1e-4) and 0 < epochs < 1

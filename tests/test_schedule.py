@@ -165,7 +165,7 @@ def test_ema_and_swa_arithmetic():
 def test_exported_weights_are_the_logged_choice(tiny_env, tmp_path):
     out = run_tiny(tiny_env, ITERATIONS="6", EMA_DECAY="0.5", SWA_START_FRAC="0.5", SWA_EVERY="1")
     assert out["export_choice"] == "ema_swa"
-    log = (tmp_path / "logs" / "test.txt").read_text()
+    log = (tmp_path / "test" / "train.log").read_text()
     assert "weights:exporting ema_swa" in log and "pre-quantization post-ema_swa val_loss:" in log
 
 
@@ -263,7 +263,7 @@ def test_same_seed_same_first_losses_other_seed_other_data(tiny_env):
 
 def test_step_lines_report_tokens_per_second_and_mfu(tiny_env, tmp_path):
     run_tiny(tiny_env, ITERATIONS="2", PEAK_TFLOPS="0.001")
-    log = (tmp_path / "logs" / "test.txt").read_text()
+    log = (tmp_path / "test" / "train.log").read_text()
     m = re.search(r"^step:2/2 train_loss:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms tok/s:(\d+) mfu:([\d.]+)%$",
                   log, re.M)
     assert m and int(m.group(1)) > 0 and float(m.group(2)) > 0
@@ -279,6 +279,6 @@ def test_qat_costs_nothing_when_off_and_switches_on_at_its_fraction(tiny_env, tm
     assert calls == []  # QAT off: the forward never fake-quantizes
     out = run_tiny(tiny_env, **big, QAT_ENABLED="1", QAT_START_FRAC="0.5", MATRIX_BITS="6", RUN_ID="qat")
     assert calls and set(calls) == {6}
-    log = (tmp_path / "logs" / "qat.txt").read_text()
+    log = (tmp_path / "qat" / "train.log").read_text()
     assert re.search(r"^qat:enabled step:2 frac:0\.500 layers:4 matrix_bits:6 ", log, re.M)
     assert out["roundtrip"].num_targets == out["pre_quant"].num_targets

@@ -26,9 +26,9 @@ def test_twenty_steps_lower_the_loss_and_the_artifact_scores_like_the_model(tiny
     pre, post = out["pre_quant"], out["roundtrip"]
     assert pre.num_targets == post.num_targets
     assert abs(post.val_bpb - pre.val_bpb) < 0.01 * pre.val_bpb  # int8 costs little
-    assert out["total_bytes"] == out["code_bytes"] + (tmp_path / "final_model.int8.ptz").stat().st_size
+    assert out["total_bytes"] == out["code_bytes"] + (tmp_path / "test" / "final_model.int8.ptz").stat().st_size
     assert out["code_bytes"] == len((ROOT / "train_gpt.py").read_bytes())
-    log = (tmp_path / "logs" / "test.txt").read_text()
+    log = (tmp_path / "test" / "train.log").read_text()
     assert re.search(r"^final_int8_zlib_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", log, re.M)
     assert re.search(r"^step:20/20 val_loss:[\d.]+ val_bpb:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms$", log, re.M)
     assert "def main()" in log  # the log embeds the source that produced it
@@ -61,9 +61,14 @@ def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(tiny_env, tmp
     single = run_tiny(env)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train_gpt.py")]
-    proc = subprocess.run(cmd, env=subprocess_env(dict(env, RUN_ID="ddp", OMP_NUM_THREADS="1")), cwd=tmp_path,
+    # An empty RUN_ID (baseline stack) makes rank 0 pick a uuid that every rank must agree on: rank 1 reads
+    # the artifact back from the same run folder.
+    run_id = "" if stack == "baseline" else "ddp"
+    proc = subprocess.run(cmd, env=subprocess_env(dict(env, RUN_ID=run_id, OMP_NUM_THREADS="1")), cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dirs = [p for p in tmp_path.iterdir() if p.is_dir() and p.name != "single"]
+    assert len(run_dirs) == 1 and '"status": "complete"' in (run_dirs[0] / "manifest.json").read_text()
     assert "world_size:2 grad_accum_steps:4" in proc.stdout
     if stack == "record":
         assert "layer_loop:enabled step:3 " in proc.stdout and "weights:exporting ema" in proc.stdout
@@ -82,7 +87,7 @@ def test_oversize_artifact_fails_with_one_line_and_keeps_results(tiny_env, tmp_p
     assert tg.main() == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "over the 1000-byte limit" in err[0]
-    assert (tmp_path / "final_model.int8.ptz").exists() and (tmp_path / "logs" / "test.txt").exists()
+    assert (tmp_path / "test" / "final_model.int8.ptz").exists() and (tmp_path / "test" / "train.log").exists()
 
 
 def test_our_shards_load_in_the_training_script_and_back(tmp_path):
@@ -135,7 +140,7 @@ def test_all_switches_train_and_looping_turns_on_at_its_fraction(tiny_env, tmp_p
     out = run_tiny(env)
     losses = out["train_losses"]
     assert losses[-1] < losses[0] - 0.3, losses
-    log = (tmp_path / "logs" / "test.txt").read_text()
+    log = (tmp_path / "test" / "train.log").read_text()
     assert "warmup_step:2/2" in log and "loop_warmup_step:2/2" in log  # both graphs primed
     assert re.search(r"^layer_loop:enabled step:10 frac:0\.500 ", log, re.M)
     assert re.search(r"^model_params_detail: unique:\d+ per_block:\d+ virtual_layers:6 ", log, re.M)
@@ -165,7 +170,7 @@ def test_default_recipe_shrunk_by_depth_and_width_only_runs_end_to_end(sample_da
 def test_eval_budget_cuts_the_score_instead_of_reporting_a_partial_one(tiny_env, tmp_path):
     with pytest.raises(tg.RunError, match=r"evaluation budget \(MAX_EVAL_SECONDS\) ran out; cut: the final score"):
         run_tiny(tiny_env, ITERATIONS="1", MAX_EVAL_SECONDS="0.000001")
-    log = (tmp_path / "logs" / "test.txt").read_text()
+    log = (tmp_path / "test" / "train.log").read_text()
     assert re.search(r"^pre-quantization post-raw val_loss:", log, re.M)  # training itself completed
     assert not re.search(r"^final_int8_zlib_roundtrip", log, re.M)
 
