@@ -13,7 +13,7 @@ Sections, in the order a run goes through them:
     OPTIMIZER           Muon (Newton-Schulz orthogonalised momentum, sharded over ranks), AdamW for the rest
     SCHEDULES           LR, momentum and phase switches as pure functions of the training fraction; the clock
     WEIGHT AVERAGING    EMA and SWA of the weights, and which weights are exported
-    EVALUATION          val_loss / val_bpb over every validation target exactly once
+    EVALUATION          val_loss / val_bpb: flat or sliding windows, every validation target scored once
     QUANTIZATION        per-row N-bit export (QAT fakes the same grid), its inverse, size estimates
     TRAINING            compile warm-up with state reset, the budgeted training loop
     MAIN                run(): train, export, reload the artifact, score it
@@ -177,6 +177,9 @@ class Hyperparameters:
     embed_bits: int = knob(8, "export bits of embedding tables", min=2)
     max_eval_seconds: float = knob(600.0, "evaluation budget, artifact load to final score; 0 = none", min=0)
     peak_tflops: float = knob(989.0, "peak TFLOP/s per device for the MFU estimate (H100 SXM bf16 dense)", gt=0)
+    # evaluation of the reloaded artifact (see EVALUATION)
+    eval_stride: int = knob(0, "sliding-window stride: each window scores this many new targets; 0 = flat only",
+                            min=0)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -309,6 +312,7 @@ RECIPES: dict[str, dict] = {
         muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, grad_clip_norm=0.3,
         muon_ns_coefficients="polar_express", muon_row_normalize=True, muon_wd=0.095, embed_wd=0.085, adam_wd=0.02,
         warmdown_frac=0.85, min_lr=0.1, ema_decay=0.9965, matrix_bits=6, embed_bits=8,
+        eval_stride=64,
     ),
 }
 
@@ -1387,9 +1391,21 @@ class WeightAverager:
 # ==================================================================================================
 # EVALUATION
 # ==================================================================================================
-# The validation stream of N tokens has N-1 targets; every one is scored exactly once. Targets are
-# cut into blocks of TRAIN_SEQ_LEN (the last block may be shorter, nothing is dropped), the blocks
-# are split contiguously across ranks, and loss, token and byte sums are all-reduced in float64.
+# One scorer for every reported number (periodic validation, pre-quantization, the roundtrip, the
+# sliding window and every TTT form). The stream of N validation tokens has N-1 targets; target t
+# (1 <= t <= N-1) is token t predicted from tokens 0..t-1. A window is a scored span (a, b]: it reads
+# tokens max(0, b - L)..b-1 (L = EVAL_SEQ_LEN) and scores targets a+1..b, which are always the last
+# positions of its row, so each gets the longest causal context the window allows. The first window
+# scores (0, L]; later windows score EVAL_STRIDE targets each, the last one whatever is left (nothing
+# is dropped). Stride L is the flat evaluation. Windows are split contiguously across ranks.
+#
+# Every score goes into a `ScoreLedger`: it commits each target once (a second commit raises), sums
+# loss, targets and bytes in float64, and is the only way adaptation code can read validation tokens:
+# `adaptation_tokens` hands out a span only once every target in it is committed on some rank (C3).
+
+
+class ScoreOrderError(RunError):
+    """Adaptation asked for a validation target whose score is not committed yet (rule C3)."""
 
 
 @dataclass(frozen=True)
@@ -1400,38 +1416,129 @@ class EvalResult:
     num_bytes: int
 
 
-def plan_eval_blocks(num_targets: int, seq_len: int, rank: int, world_size: int) -> list[tuple[int, int]]:
-    """This rank's (start, length) blocks; block (s, n) scores targets s+1 .. s+n of the stream."""
-    starts = list(range(0, num_targets, seq_len))
-    lo, hi = len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size
-    return [(s, min(seq_len, num_targets - s)) for s in starts[lo:hi]]
+def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
+    """Scored spans (a, b] covering targets 1..num_targets exactly once, in stream order."""
+    stride = min(stride, seq_len)
+    spans, a = [(0, min(seq_len, num_targets))], min(seq_len, num_targets)
+    while a < num_targets:
+        b = min(a + stride, num_targets)
+        spans.append((a, b))
+        a = b
+    return spans
 
 
-def plan_eval_batches(blocks: list[tuple[int, int]], batch_seqs: int) -> list[list[tuple[int, int]]]:
-    """Consecutive blocks of equal length, at most `batch_seqs` per batch (only the last block can
-    be shorter, so it gets a batch of its own)."""
+def rank_share(items: list, rank: int, world_size: int) -> list:
+    """Rank r's contiguous share of `items` (shares differ in size by at most one)."""
+    return items[len(items) * rank // world_size : len(items) * (rank + 1) // world_size]
+
+
+def plan_window_batches(spans: list[tuple[int, int]], seq_len: int, batch_seqs: int) -> list[list[tuple[int, int]]]:
+    """Consecutive spans with the same row length min(b, L), at most `batch_seqs` per batch. Every row
+    is L long except when the whole stream is shorter than L, so batches have one shape."""
     batches: list[list[tuple[int, int]]] = []
-    for block in blocks:
-        if batches and len(batches[-1]) < batch_seqs and batches[-1][0][1] == block[1]:
-            batches[-1].append(block)
+    for span in spans:
+        if batches and len(batches[-1]) < batch_seqs and min(batches[-1][0][1], seq_len) == min(span[1], seq_len):
+            batches[-1].append(span)
         else:
-            batches.append([block])
+            batches.append([span])
     return batches
 
 
+class ScoreLedger:
+    """The committed scores of one evaluation pass on one rank, and the gate adaptation goes through.
+
+    Host-side bookkeeping only (no device sync per batch): `scored` marks the targets this rank
+    committed, `shared` the targets known (after `share`) to be committed on some rank. With
+    `keep_per_target`, each target's NLL is kept as well (tests read it)."""
+
+    def __init__(self, tokens: torch.Tensor, luts: ByteLuts, device: torch.device, *, group=None,
+                 keep_per_target: bool = False):
+        self.tokens, self.device, self.group = tokens, device, group
+        self.num_targets = tokens.numel() - 1
+        self.luts = luts.to(device)
+        self.scored = np.zeros(self.num_targets + 1, dtype=bool)  # index = target position; 0 unused
+        self.shared = np.zeros(self.num_targets + 1, dtype=bool)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss (nats), targets, bytes
+        self.per_target = np.full(self.num_targets + 1, np.nan) if keep_per_target else None
+        self.adapted_targets = 0  # target positions handed out for adaptation (with repeats)
+        self.full_softmax_checked = False
+
+    def window_rows(self, spans: list[tuple[int, int]], seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs, targets and the scored-position mask of a batch of windows (on the device)."""
+        length = min(spans[0][1], seq_len)
+        x = torch.stack([self.tokens[b - length : b] for _, b in spans])
+        y = torch.stack([self.tokens[b - length + 1 : b + 1] for _, b in spans])
+        first_scored = torch.tensor([length - (b - a) for a, b in spans])
+        mask = torch.arange(length)[None, :] >= first_scored[:, None]
+        return x.to(self.device), y.to(self.device), mask.to(self.device)
+
+    def commit(self, spans: list[tuple[int, int]], logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """Score the masked positions (row i scores targets a_i+1..b_i, in order) with the full
+        softmax over the vocabulary; each target may be committed only once. Returns the NLL (B, T)."""
+        for a, b in spans:
+            if self.scored[a + 1 : b + 1].any():
+                raise RunError(f"target in ({a}, {b}] scored twice; the evaluation plan is broken (C4)")
+            self.scored[a + 1 : b + 1] = True
+        if not self.full_softmax_checked:  # C2: a distribution over the whole vocabulary, summing to 1
+            probs = torch.softmax(logits[:, -1].float(), dim=-1).sum(-1)
+            if logits.size(-1) != self.luts.base_bytes.numel() or not torch.allclose(probs, torch.ones_like(probs),
+                                                                                      atol=1e-4):
+                raise RunError("logits are not a normalized distribution over the full vocabulary (C2)")
+            self.full_softmax_checked = True
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        nll = nll.view(y.shape)
+        m = mask.to(torch.float64)
+        self.sums[0] += (nll.double() * m).sum()
+        self.sums[1] += m.sum()
+        self.sums[2] += (target_bytes(x, y, self.luts).double() * m).sum()
+        if self.per_target is not None:
+            values, i = nll[mask].double().cpu().numpy(), 0
+            for a, b in spans:
+                self.per_target[a + 1 : b + 1] = values[i : i + b - a]
+                i += b - a
+        return nll
+
+    def share(self, lo: int, hi: int) -> None:
+        """Learn which targets in (lo, hi] are committed on any rank (a host-side collective)."""
+        part = torch.from_numpy(self.scored[lo + 1 : hi + 1].astype(np.uint8))
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(part, op=dist.ReduceOp.MAX, group=self.group)
+        self.shared[lo + 1 : hi + 1] |= part.numpy().astype(bool)
+
+    def adaptation_tokens(self, lo: int, hi: int) -> torch.Tensor:
+        """Tokens lo..hi, i.e. inputs for targets lo+1..hi, if every one of those targets is committed."""
+        if not (0 <= lo < hi <= self.num_targets):
+            raise ScoreOrderError(f"adaptation span ({lo}, {hi}] is outside the {self.num_targets} targets")
+        if not self.shared[lo + 1 : hi + 1].all():
+            first = lo + 1 + int(np.argmin(self.shared[lo + 1 : hi + 1]))
+            raise ScoreOrderError(f"adaptation on target {first} before its score is committed (C3)")
+        self.adapted_targets += hi - lo
+        return self.tokens[lo : hi + 1]
+
+    def result(self) -> EvalResult:
+        sums = all_reduce_sum(self.sums.clone())
+        loss_sum, num_targets, num_bytes = sums.tolist()
+        return EvalResult(loss_sum / num_targets, loss_sum / (math.log(2) * num_bytes), int(num_targets),
+                          int(num_bytes))
+
+    def times_scored(self) -> np.ndarray:
+        """How often each target 1..N-1 was committed, over all ranks (C4 wants all ones)."""
+        counts = torch.from_numpy(self.scored[1:].astype(np.uint8))
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.group)
+        return counts.numpy()
+
+
 @torch.no_grad()
-def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, *, seq_len: int, batch_seqs: int,
-             rank: int, world_size: int, device: torch.device, autocast=contextlib.nullcontext,
-             stop=None) -> EvalResult:
-    """Score every validation target once with `logits_fn(input_ids) -> logits` (B, T, V).
+def score_windows(logits_fn, ledger: ScoreLedger, spans: list[tuple[int, int]], *, seq_len: int, batch_seqs: int,
+                  rank: int, world_size: int, autocast=contextlib.nullcontext, stop=None) -> None:
+    """Score the windows `spans` (split across ranks, batched) into `ledger`.
 
     `stop()`, checked before each batch, ends the evaluation with a RunError (a budget ran out):
     a partial score is never reported."""
-    plans = [plan_eval_batches(plan_eval_blocks(val_tokens.numel() - 1, seq_len, r, world_size), batch_seqs)
-             for r in range(world_size)]
+    plans = [plan_window_batches(rank_share(spans, r, world_size), seq_len, batch_seqs) for r in range(world_size)]
     num_rounds = max(len(p) for p in plans)  # every rank runs as many rounds, so `stop` stays collective
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, targets, bytes
-    luts = luts.to(device)
     for round_idx in range(num_rounds):
         if stop is not None and stop():
             raise RunError(f"evaluation budget (MAX_EVAL_SECONDS) ran out; cut: the final score after "
@@ -1439,18 +1546,30 @@ def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, *, seq_len: in
         if round_idx >= len(plans[rank]):
             continue
         batch = plans[rank][round_idx]
-        length = batch[0][1]
-        x = torch.stack([val_tokens[s : s + length] for s, _ in batch]).to(device)
-        y = torch.stack([val_tokens[s + 1 : s + 1 + length] for s, _ in batch]).to(device)
+        x, y, mask = ledger.window_rows(batch, seq_len)
         with autocast():
             logits = logits_fn(x)
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        sums[0] += nll.double().sum()  # float64 accumulation: exact enough over 60M+ targets
-        sums[1] += y.numel()
-        sums[2] += target_bytes(x, y, luts).sum().double()
-    all_reduce_sum(sums)
-    loss_sum, num_targets, num_bytes = sums.tolist()
-    return EvalResult(loss_sum / num_targets, loss_sum / (math.log(2) * num_bytes), int(num_targets), int(num_bytes))
+        ledger.commit(batch, logits, x, y, mask)
+
+
+def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, *, seq_len: int, batch_seqs: int,
+             rank: int, world_size: int, device: torch.device, autocast=contextlib.nullcontext,
+             stop=None, stride: int = 0, group=None) -> EvalResult:
+    """Score every validation target once with `logits_fn(input_ids) -> logits` (B, T, V): flat
+    windows (stride 0 or >= seq_len) or sliding ones; checks that every target was scored once."""
+    ledger = ScoreLedger(val_tokens, luts, device, group=group)
+    spans = plan_windows(ledger.num_targets, seq_len, stride or seq_len)
+    score_windows(logits_fn, ledger, spans, seq_len=seq_len, batch_seqs=batch_seqs, rank=rank,
+                  world_size=world_size, autocast=autocast, stop=stop)
+    check_scored_once(ledger)
+    return ledger.result()
+
+
+def check_scored_once(ledger: ScoreLedger) -> None:
+    counts = ledger.times_scored()
+    if not (counts == 1).all():
+        raise RunError(f"{int((counts == 0).sum())} targets unscored and {int((counts > 1).sum())} scored more than "
+                       f"once of {ledger.num_targets}; the evaluation plan is broken (C4)")
 
 
 # ==================================================================================================
@@ -1766,6 +1885,45 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
     return artifact_path
 
 
+def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: torch.Tensor, luts: ByteLuts,
+                      clock: PhaseClock, log, *, looping: bool, use_compile: bool, autocast,
+                      batch_seqs: int) -> dict[str, EvalResult]:
+    """Every score of the reloaded artifact, in order: the flat roundtrip, then the sliding window if
+    EVAL_STRIDE is set. The clock's `eval` phase runs from the artifact read (started by the caller) to
+    the final score; a pass that would end past MAX_EVAL_SECONDS is cut, never reported partially."""
+    seq_len = hp.effective_eval_seq_len
+    model.eval()
+    logits_fn = maybe_compile(model.forward_logits, use_compile)
+
+    def over_budget() -> bool:  # agreed across ranks, so every rank stops at the same batch
+        return clock.eval_cap_ms is not None and agree_max(
+            [float(clock.elapsed_ms("eval") > clock.eval_cap_ms)], rt)[0] > 0
+
+    def scored(stride: int) -> tuple[EvalResult, float]:
+        t0 = clock.elapsed_ms("eval")
+        result = evaluate(lambda x: logits_fn(x, looping), val_tokens, luts, seq_len=seq_len, batch_seqs=batch_seqs,
+                          rank=rt.rank, world_size=rt.world_size, device=rt.device, autocast=autocast,
+                          stop=over_budget, stride=stride, group=rt.control_group)
+        return result, clock.elapsed_ms("eval") - t0
+
+    results: dict[str, EvalResult] = {}
+    results["roundtrip"], _ = scored(0)
+    r = results["roundtrip"]
+    log(f"final_int8_zlib_roundtrip val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
+        f"eval_time:{clock.elapsed_ms('eval'):.0f}ms")
+    log(f"final_int8_zlib_roundtrip_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
+    if 0 < hp.eval_stride < seq_len:
+        results["sliding"], pass_ms = scored(hp.eval_stride)
+        r = results["sliding"]
+        log(f"quantized_sliding_window val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{pass_ms:.0f}ms "
+            f"stride:{hp.eval_stride} seq_len:{seq_len}")
+        log(f"final_sliding_window_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
+    final = next(reversed(results))
+    log(f"final_score stage:{final} val_loss:{results[final].val_loss:.8f} val_bpb:{results[final].val_bpb:.8f} "
+        f"total_eval_time:{clock.elapsed_ms('eval') / 1000:.1f}s")
+    return results
+
+
 def run(hp: Hyperparameters, rt: Runtime) -> dict:
     """Train, export the int8+zlib artifact, reload it from disk and score it. Returns the numbers."""
     hp.check_world(rt.world_size)
@@ -1811,15 +1969,12 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
     eval_seq_len = hp.effective_eval_seq_len
     val_batch_seqs = max(1, hp.val_batch_size // (rt.world_size * grad_accum * eval_seq_len))
 
-    def evaluate_model(looping: bool, fn=logits_fn, deadline_ms: float | None = None,
-                       clock: PhaseClock | None = None) -> EvalResult:
-        def over_budget() -> bool:  # agreed across ranks, so every rank stops at the same batch
-            return agree_max([float(clock.elapsed_ms("eval") > deadline_ms)], rt)[0] > 0
-
+    def evaluate_model(looping: bool) -> EvalResult:
+        """Flat score of the model being trained (periodic validation and the pre-quantization score)."""
         base_model.eval()
-        result = evaluate(lambda x: fn(x, looping), val_tokens, luts, seq_len=eval_seq_len, batch_seqs=val_batch_seqs,
-                          rank=rt.rank, world_size=rt.world_size, device=rt.device, autocast=autocast,
-                          stop=over_budget if deadline_ms is not None else None)
+        result = evaluate(lambda x: logits_fn(x, looping), val_tokens, luts, seq_len=eval_seq_len,
+                          batch_seqs=val_batch_seqs, rank=rt.rank, world_size=rt.world_size, device=rt.device,
+                          autocast=autocast, group=rt.control_group)
         base_model.train()
         return result
 
@@ -1870,18 +2025,16 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
     total_bytes = artifact_bytes + n_code
     fresh = GPT(ModelConfig.from_hparams(hp)).to(rt.device)
     fresh.load_state_dict(deserialize_artifact(artifact_path.read_bytes()), strict=True)
-    roundtrip = evaluate_model(state.looping, maybe_compile(fresh.forward_logits, use_compile),
-                               deadline_ms=clock.eval_cap_ms, clock=clock)
+    results = evaluate_artifact(hp, rt, fresh, val_tokens, luts, clock, log, looping=state.looping,
+                                use_compile=use_compile, autocast=autocast, batch_seqs=val_batch_seqs)
     clock.stop()
-    eval_ms = clock.elapsed_ms("eval")
-    log(f"final_int8_zlib_roundtrip val_loss:{roundtrip.val_loss:.4f} val_bpb:{roundtrip.val_bpb:.4f} "
-        f"eval_time:{eval_ms:.0f}ms")
-    log(f"final_int8_zlib_roundtrip_exact val_loss:{roundtrip.val_loss:.8f} val_bpb:{roundtrip.val_bpb:.8f}")
+    roundtrip = results["roundtrip"]
     log(f"artifact code_bytes:{n_code} model_bytes:{artifact_bytes} total_bytes:{total_bytes} "
         f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(total_bytes <= ARTIFACT_LIMIT_BYTES)}")
     log(clock.summary())
     return dict(run_id=hp.run_id, steps=state.step, stopped_early=state.stopped_early,
-                train_losses=state.train_losses, pre_quant=pre_quant, roundtrip=roundtrip, export_choice=choice,
+                train_losses=state.train_losses, pre_quant=pre_quant, roundtrip=roundtrip, evals=results,
+                final=results[next(reversed(results))], export_choice=choice,
                 code_bytes=n_code, model_bytes=artifact_bytes, total_bytes=total_bytes, phases=dict(clock.totals),
                 training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms, log_path=str(log.path))
 
