@@ -180,6 +180,16 @@ class Hyperparameters:
     # evaluation of the reloaded artifact (see EVALUATION)
     eval_stride: int = knob(0, "sliding-window stride: each window scores this many new targets; 0 = flat only",
                             min=0)
+    # score-first test-time training on already-scored validation tokens (see TEST-TIME TRAINING)
+    ttt_enabled: bool = knob(False, "score-first test-time training as the final evaluation pass")
+    ttt_mode: str = knob("chunked", "chunked: full-model SGD per scored chunk", choices=("chunked",))
+    ttt_lr: float = knob(0.005, "chunked: SGD LR, cosine-decayed over the chunks", min=0)
+    ttt_epochs: int = knob(3, "chunked: SGD passes over each scored chunk", min=0)
+    ttt_momentum: float = knob(0.9, "SGD momentum of the TTT updates", min=0)
+    ttt_chunk_tokens: int = knob(32768, "chunked: validation targets per chunk", gt=0)
+    ttt_batch_seqs: int = knob(32, "sequences per TTT SGD step, over all ranks", gt=0)
+    ttt_grad_clip: float = knob(1.0, "global grad-norm clip of TTT SGD steps; 0 = off", min=0)
+    ttt_freeze_blocks: int = knob(0, "chunked: the first N blocks stay frozen", min=0)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -231,6 +241,10 @@ class Hyperparameters:
             raise ConfigError(f"EMA_DECAY={self.ema_decay} must be < 1 (0 = off)")
         if self.matrix_bits > 8 or self.embed_bits > 8:
             raise ConfigError(f"MATRIX_BITS={self.matrix_bits} and EMBED_BITS={self.embed_bits} must be in [2, 8]")
+        if self.ttt_momentum >= 1:
+            raise ConfigError(f"TTT_MOMENTUM={self.ttt_momentum} must be < 1")
+        if self.ttt_freeze_blocks > self.num_layers:
+            raise ConfigError(f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} must be <= NUM_LAYERS={self.num_layers}")
         if self.enable_looping_at > 1:
             raise ConfigError(f"ENABLE_LOOPING_AT={self.enable_looping_at} is a training fraction in [0, 1]")
 
@@ -1573,6 +1587,187 @@ def check_scored_once(ledger: ScoreLedger) -> None:
 
 
 # ==================================================================================================
+# TEST-TIME TRAINING
+# ==================================================================================================
+# Score-first adaptation on validation tokens, legal by construction: a chunk is scored and its
+# losses committed to the ledger before any update, and the updates read tokens only through
+# `ScoreLedger.adaptation_tokens`, which refuses an uncommitted target. The reported score is the sum
+# of those first-pass scores. The last chunk never trains (nothing is left to score with it).
+#
+# TTT_MODE=chunked (the R0409 form): the sliding windows are grouped into chunks of TTT_CHUNK_TOKENS
+# targets (by their first scored target). Chunk c is scored, then the whole model takes TTT_EPOCHS
+# SGD passes over exactly the targets scored so far and not yet trained on, with the LR on a cosine
+# over the chunks, gradients averaged over ranks and clipped by global norm, the first
+# TTT_FREEZE_BLOCKS blocks frozen. Each SGD step covers TTT_BATCH_SEQS sequences over all ranks, so
+# the result does not depend on the number of ranks.
+#
+# The evaluation budget: before each update the run checks that the update plus scoring everything
+# left without adaptation still fits in MAX_EVAL_SECONDS (from times measured so far); if not,
+# adaptation stops for good and the rest is scored plainly.
+
+
+@dataclass(frozen=True)
+class TTTSettings:
+    seq_len: int
+    stride: int
+    chunk_tokens: int = 32768
+    epochs: int = 3
+    lr: float = 0.005
+    momentum: float = 0.9
+    batch_seqs: int = 32  # sequences per SGD step, over all ranks
+    grad_clip: float = 1.0
+    freeze_blocks: int = 0
+    score_batch_seqs: int = 32  # windows per scoring forward, per rank
+
+
+class AdaptationBudget:
+    """Decides, the same way on every rank, whether one more adaptation step fits in the evaluation
+    budget with everything still unscored scored plainly after it. `cap_ms` None = no budget."""
+
+    def __init__(self, elapsed_ms, cap_ms: float | None, rt: Runtime | None = None):
+        self.elapsed_ms, self.cap_ms, self.rt = elapsed_ms, cap_ms, rt
+        self.stopped_at: str | None = None
+
+    def allows(self, next_adapt_ms: float, remaining_plain_ms: float, where: str) -> bool:
+        if self.stopped_at is not None:
+            return False
+        if self.cap_ms is None:
+            return True
+        values = [self.elapsed_ms(), next_adapt_ms, remaining_plain_ms]
+        if self.rt is not None:
+            values = agree_max(values, self.rt)
+        if values[0] + values[1] + values[2] <= self.cap_ms:
+            return True
+        self.stopped_at = where
+        return False
+
+
+def chunk_windows(spans: list[tuple[int, int]], chunk_tokens: int) -> list[list[tuple[int, int]]]:
+    """Windows grouped by the chunk holding their first scored target, in stream order."""
+    groups: list[list[tuple[int, int]]] = []
+    last = -1
+    for a, b in spans:
+        c = a // chunk_tokens
+        if c != last:
+            groups.append([])
+            last = c
+        groups[-1].append((a, b))
+    return groups
+
+
+def sequence_pieces(spans: list[tuple[int, int]], seq_len: int) -> list[tuple[int, int]]:
+    """Target spans cut into pieces of at most seq_len targets, in order."""
+    return [(p, min(p + seq_len, hi)) for lo, hi in spans for p in range(lo, hi, seq_len)]
+
+
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Sum every gradient over ranks in one flat buffer (the loss is already divided by the global
+    target count, so the sum is the average). A rank with no data contributes zeros."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def sgd_adapt(model: GPT, ledger: ScoreLedger, spans: list[tuple[int, int]], optimizer, *, lr: float, epochs: int,
+              seq_len: int, batch_seqs: int, grad_clip: float, rank: int, world_size: int, looping: bool,
+              autocast=contextlib.nullcontext) -> int:
+    """Full-model SGD on the committed targets `spans`, `epochs` passes; returns the steps taken.
+
+    Step j takes pieces [j*B, (j+1)*B) of all ranks' pieces; each rank its contiguous share. The
+    loss is the mean over the step's targets on all ranks, so any world size computes the same step."""
+    pieces = sequence_pieces(spans, seq_len)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    steps = 0
+    model.train()
+    for _ in range(epochs):
+        for j in range(0, len(pieces), batch_seqs):
+            step_pieces = pieces[j : j + batch_seqs]
+            total_targets = sum(hi - lo for lo, hi in step_pieces)
+            mine = rank_share(step_pieces, rank, world_size)
+            if mine:
+                width = max(hi - lo for lo, hi in mine)
+                x = torch.zeros(len(mine), width, dtype=torch.int64)
+                y = torch.full((len(mine), width), -100, dtype=torch.int64)  # -100 = no target here
+                for i, (lo, hi) in enumerate(mine):
+                    tokens = ledger.adaptation_tokens(lo, hi)
+                    x[i, : hi - lo], y[i, : hi - lo] = tokens[:-1], tokens[1:]
+                x, y = x.to(ledger.device), y.to(ledger.device)
+                with autocast():
+                    logits = model.forward_logits(x, looping)
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                                       ignore_index=-100, reduction="sum") / total_targets
+                loss.backward()
+            average_gradients(params)
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+    model.eval()
+    return steps
+
+
+def ttt_chunked(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, rank: int, world_size: int,
+                looping: bool, logits_fn=None, autocast=contextlib.nullcontext, stop=None,
+                budget: AdaptationBudget | None = None, log=lambda msg: None) -> dict:
+    """Score-first chunked TTT over the whole stream (R0409 form). Scores go into `ledger`; returns
+    counts for the log and the compliance block."""
+    logits_fn = logits_fn or model.forward_logits
+    s = settings
+    groups = chunk_windows(plan_windows(ledger.num_targets, s.seq_len, s.stride or s.seq_len), s.chunk_tokens)
+    frozen = [p for block in model.blocks[: s.freeze_blocks] for p in block.parameters()]
+    for p in frozen:
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum)
+    log(f"ttt:start mode:chunked chunks:{len(groups)} ttt_lr:{s.lr} ttt_epochs:{s.epochs} "
+        f"chunk_tokens:{s.chunk_tokens} frozen_blocks:{s.freeze_blocks} params:{sum(p.numel() for p in params)}")
+    windows_left = sum(len(g) for g in groups)
+    score_ms = adapt_ms = 0.0
+    windows_scored = steps = trained_chunks = 0
+    trained_upto = 0  # targets 1..trained_upto have been (or will never be) trained on
+    t_clock = time.perf_counter
+    for ci, group in enumerate(groups):
+        t0 = t_clock()
+        score_windows(lambda x: logits_fn(x, looping), ledger, group, seq_len=s.seq_len,
+                      batch_seqs=s.score_batch_seqs, rank=rank, world_size=world_size, autocast=autocast, stop=stop)
+        score_ms += 1000.0 * (t_clock() - t0)
+        windows_scored += len(group)
+        windows_left -= len(group)
+        lo, hi = trained_upto, group[-1][1]
+        if ci == len(groups) - 1 or s.epochs == 0:
+            continue  # the last chunk never trains: nothing is left to score with what it would teach
+        plain_ms_left = score_ms / windows_scored * windows_left
+        if budget is not None and not budget.allows(adapt_ms / max(trained_chunks, 1), plain_ms_left,
+                                                    f"chunk {ci + 1}/{len(groups)}"):
+            if budget.stopped_at == f"chunk {ci + 1}/{len(groups)}":
+                log(f"ttt:adaptation_stopped at chunk {ci + 1}/{len(groups)}: the eval budget leaves room only for "
+                    f"scoring the remaining {ledger.num_targets - hi} targets without adaptation")
+            continue
+        t0 = t_clock()
+        ledger.share(lo, hi)
+        lr = s.lr * 0.5 * (1 + math.cos(math.pi * ci / max(len(groups) - 1, 1)))
+        steps += sgd_adapt(model, ledger, [(lo, hi)], optimizer, lr=lr, epochs=s.epochs, seq_len=s.seq_len,
+                           batch_seqs=s.batch_seqs, grad_clip=s.grad_clip, rank=rank, world_size=world_size,
+                           looping=looping, autocast=autocast)
+        trained_upto = hi
+        trained_chunks += 1
+        adapt_ms += 1000.0 * (t_clock() - t0)
+    for p in frozen:
+        p.requires_grad_(True)
+    return dict(chunks=len(groups), trained_chunks=trained_chunks, steps=steps, score_ms=score_ms,
+                adapt_ms=adapt_ms, stopped_at=budget.stopped_at if budget is not None else None)
+
+
+# ==================================================================================================
 # QUANTIZATION
 # ==================================================================================================
 # Export: each large float tensor becomes symmetric per-row integers (int8 containers holding
@@ -1885,6 +2080,30 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
     return artifact_path
 
 
+def compliance_lines(results: dict[str, EvalResult], ttt_info: dict | None, *, vocab_size: int, eval_ms: float,
+                     eval_cap_ms: float | None) -> list[str]:
+    """The compliance block (conditions C1-C4 of the public field guide) and every data source."""
+    targets = {r.num_targets for r in results.values()}
+    adapted = ttt_info is not None and ttt_info["adapted_targets"] > 0
+    c3 = (f"ok: {ttt_info['adapted_targets']} adaptation targets, each handed out by the ledger only after its "
+          f"score was committed" if adapted else "ok: no adaptation on validation tokens")
+    over = eval_cap_ms is not None and eval_ms > eval_cap_ms
+    return [
+        "compliance:",
+        f"  track: {'B (adaptive, score-first)' if adapted else 'A (fixed predictor)'}",
+        "  C1 causal: ok: causal attention; every scored target is at or before the end of its window's input",
+        f"  C2 full normalized softmax: ok: cross-entropy over all {vocab_size} logits, softmax sum checked",
+        f"  C3 score before update: {c3}",
+        f"  C4 each target scored once: {'ok' if len(targets) == 1 else 'FAILED'}: "
+        f"{', '.join(f'{k}:{r.num_targets}' for k, r in results.items())} (every pass checked per target)",
+        f"  sources: warmup:train adaptation:{'validation (already scored)' if adapted else 'none'} "
+        f"pre_quant_ttt:none calibration:none",
+        f"  eval_time: {eval_ms:.0f}ms budget:{'none' if eval_cap_ms is None else f'{eval_cap_ms:.0f}ms'} "
+        f"within_budget:{int(not over)}",
+        f"  record_eligible: {int(not over and len(targets) == 1)}",
+    ]
+
+
 def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: torch.Tensor, luts: ByteLuts,
                       clock: PhaseClock, log, *, looping: bool, use_compile: bool, autocast,
                       batch_seqs: int) -> dict[str, EvalResult]:
@@ -1918,7 +2137,30 @@ def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: 
         log(f"quantized_sliding_window val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{pass_ms:.0f}ms "
             f"stride:{hp.eval_stride} seq_len:{seq_len}")
         log(f"final_sliding_window_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
+    ttt_info = None
+    if hp.ttt_enabled:
+        ledger = ScoreLedger(val_tokens, luts, rt.device, group=rt.control_group)
+        settings = TTTSettings(seq_len=seq_len, stride=hp.eval_stride, chunk_tokens=hp.ttt_chunk_tokens,
+                               epochs=hp.ttt_epochs, lr=hp.ttt_lr, momentum=hp.ttt_momentum,
+                               batch_seqs=hp.ttt_batch_seqs, grad_clip=hp.ttt_grad_clip,
+                               freeze_blocks=hp.ttt_freeze_blocks, score_batch_seqs=batch_seqs)
+        budget = AdaptationBudget(lambda: clock.elapsed_ms("eval"), clock.eval_cap_ms, rt)
+        t0 = clock.elapsed_ms("eval")
+        ttt_info = ttt_chunked(model, ledger, settings, rank=rt.rank, world_size=rt.world_size, looping=looping,
+                               logits_fn=logits_fn, autocast=autocast, stop=over_budget, budget=budget, log=log)
+        check_scored_once(ledger)
+        results["ttt"] = r = ledger.result()
+        ttt_info.update(adapted_targets=int(all_reduce_sum(torch.tensor([ledger.adapted_targets], device=rt.device,
+                                                                        dtype=torch.float64)).item()))
+        log(f"ttt:done chunks:{ttt_info['chunks']} trained_chunks:{ttt_info['trained_chunks']} "
+            f"steps:{ttt_info['steps']} score:{ttt_info['score_ms']:.0f}ms adapt:{ttt_info['adapt_ms']:.0f}ms")
+        log(f"quantized_ttt val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} "
+            f"eval_time:{clock.elapsed_ms('eval') - t0:.0f}ms")
+        log(f"legal_ttt_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
     final = next(reversed(results))
+    for line in compliance_lines(results, ttt_info, vocab_size=hp.vocab_size,
+                                 eval_ms=clock.elapsed_ms("eval"), eval_cap_ms=clock.eval_cap_ms):
+        log(line)
     log(f"final_score stage:{final} val_loss:{results[final].val_loss:.8f} val_bpb:{results[final].val_bpb:.8f} "
         f"total_eval_time:{clock.elapsed_ms('eval') / 1000:.1f}s")
     return results

@@ -2,7 +2,6 @@
 
 import math
 import random
-import re
 
 import numpy as np
 import pytest
@@ -222,18 +221,3 @@ def test_startup_byte_check_reduces_on_the_run_device(sample_dataset, monkeypatc
     tg.check_validation_bytes(sp, val[:1], tg.build_byte_luts(sp, 1024), device=torch.device("meta"))
     assert seen == [torch.device("meta")]
 
-
-def test_run_logs_the_sliding_window_score_in_the_public_formats(tiny_env, tmp_path):
-    cpu = tg.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
-    out = tg.run(tg.Hyperparameters.from_env({**tiny_env, "ITERATIONS": "10", "EVAL_STRIDE": "32"}), cpu)
-    flat, sliding = out["evals"]["roundtrip"], out["evals"]["sliding"]
-    assert flat.num_targets == sliding.num_targets and flat.num_bytes == sliding.num_bytes
-    assert out["final"] == sliding
-    log = (tmp_path / "logs" / "test.txt").read_text()
-    num = r"\d+\.\d{8}"
-    assert re.search(rf"^final_int8_zlib_roundtrip_exact val_loss:{num} val_bpb:{num}$", log, re.M)
-    assert re.search(rf"^quantized_sliding_window val_loss:{num} val_bpb:{num} eval_time:\d+ms stride:32 seq_len:128$",
-                     log, re.M)
-    assert re.search(rf"^final_sliding_window_exact val_loss:{sliding.val_loss:.8f} val_bpb:{sliding.val_bpb:.8f}$",
-                     log, re.M)
-    assert re.search(rf"^final_score stage:sliding val_loss:{num} val_bpb:{sliding.val_bpb:.8f} ", log, re.M)

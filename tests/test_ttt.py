@@ -1,0 +1,168 @@
+"""Score-first test-time training: legal by construction (ledger, flip test), rank-independent,
+and it helps on text unlike the training text."""
+
+import os
+import re
+import socket
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import train_gpt as tg
+
+CPU = torch.device("cpu")
+
+
+def small_model(seed: int = 0) -> tg.GPT:
+    """A random 2-layer model with every weight non-zero (so attention really mixes positions)."""
+    torch.manual_seed(seed)
+    cfg = tg.ModelConfig(vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_hidden=64,
+                         tie_embeddings=True, rope_base=10000.0, logit_softcap=30.0, qk_gain_init=1.5,
+                         tied_embed_init_std=0.02, train_seq_len=32, xsa_last_n=1, smear_gate=True)
+    model = tg.GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+SETTINGS = tg.TTTSettings(seq_len=32, stride=8, chunk_tokens=96, epochs=2, lr=0.05, momentum=0.9, batch_seqs=3,
+                          grad_clip=1.0, score_batch_seqs=4)
+
+
+def luts_and_val(sample_dataset, n: int):
+    sp = spm.SentencePieceProcessor(model_file=sample_dataset["tokenizer_path"])
+    return tg.build_byte_luts(sp, 1024), tg.load_validation_tokens(sample_dataset["dataset_dir"])[:n]
+
+
+def run_chunked(val, luts, rank=0, world_size=1, settings=SETTINGS, budget=None):
+    model = small_model()
+    model.eval()
+    ledger = tg.ScoreLedger(val, luts, CPU, keep_per_target=True)
+    info = tg.ttt_chunked(model, ledger, settings, rank=rank, world_size=world_size, looping=False, budget=budget)
+    return ledger, info, model
+
+
+def test_ledger_refuses_adaptation_on_uncommitted_targets(sample_dataset):
+    luts, val = luts_and_val(sample_dataset, 201)
+    ledger = tg.ScoreLedger(val, luts, CPU)
+    tg.score_windows(lambda x: torch.zeros(*x.shape, 1024), ledger, [(0, 50)], seq_len=64, batch_seqs=2, rank=0,
+                     world_size=1)
+    with pytest.raises(tg.ScoreOrderError, match="before its score is committed"):
+        ledger.adaptation_tokens(0, 50)  # committed locally but not yet shared
+    ledger.share(0, 50)
+    assert ledger.adaptation_tokens(0, 50).tolist() == val[:51].tolist()
+    with pytest.raises(tg.ScoreOrderError, match="target 51 before"):
+        ledger.adaptation_tokens(40, 51)
+    with pytest.raises(tg.ScoreOrderError, match="outside"):
+        ledger.adaptation_tokens(150, 201)
+
+
+def test_chunked_ttt_scores_every_target_once_and_never_trains_the_last_chunk(sample_dataset, monkeypatch):
+    luts, val = luts_and_val(sample_dataset, 701)
+    handed_out = []
+    real = tg.ScoreLedger.adaptation_tokens
+
+    def spy(self, lo, hi):
+        assert self.scored[lo + 1 : hi + 1].any() or self.shared[lo + 1 : hi + 1].all()
+        handed_out.append((lo, hi))
+        return real(self, lo, hi)
+
+    monkeypatch.setattr(tg.ScoreLedger, "adaptation_tokens", spy)
+    ledger, info, _ = run_chunked(val, luts)
+    tg.check_scored_once(ledger)
+    assert info["chunks"] == 8 and info["trained_chunks"] == 7  # 700 targets in chunks of 96
+    assert max(hi for _, hi in handed_out) <= 7 * 96 < 700  # the last chunk's targets never train
+    # The score equals what the ledger summed: the first pass, per target.
+    res = ledger.result()
+    assert res.val_loss == pytest.approx(np.nansum(ledger.per_target) / 700, rel=1e-9)
+
+
+def test_flip_test_through_ttt_a_later_token_never_changes_an_earlier_score(sample_dataset):
+    luts, val = luts_and_val(sample_dataset, 701)
+    before, _, _ = run_chunked(val, luts)
+    for p in (150, 400):  # inside chunk 2 and chunk 5: adaptation happened before and after p
+        flipped = val.clone()
+        flipped[p] = (int(val[p]) + 7) % 1024
+        after, _, _ = run_chunked(flipped, luts)
+        assert np.array_equal(before.per_target[1:p], after.per_target[1:p])  # bit-identical
+        assert not np.array_equal(before.per_target[p:], after.per_target[p:])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gloo_worker(rank, world_size, port, dataset, out_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    try:
+        luts, val = luts_and_val(dataset, 701)
+        ledger, info, model = run_chunked(val, luts, rank, world_size)
+        tg.check_scored_once(ledger)
+        res = ledger.result()
+        if rank == 0:
+            torch.save(dict(res=res, state=model.state_dict(), info=info), out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_one_process(sample_dataset, tmp_path):
+    luts, val = luts_and_val(sample_dataset, 701)
+    ledger, info, model = run_chunked(val, luts)
+    single = ledger.result()
+    out = tmp_path / "rank0.pt"
+    mp.start_processes(gloo_worker, args=(2, free_port(), sample_dataset, str(out)), nprocs=2, start_method="spawn")
+    two = torch.load(out, weights_only=False)
+    assert two["res"].num_targets == single.num_targets == 700 and two["res"].num_bytes == single.num_bytes
+    assert two["res"].val_loss == pytest.approx(single.val_loss, rel=1e-5)
+    assert two["info"]["steps"] == info["steps"]
+    for name, t in model.state_dict().items():  # the same updates: ranks averaged their gradients
+        assert torch.allclose(two["state"][name], t, atol=1e-5), name
+
+
+def test_budget_stops_adaptation_and_scores_the_rest_plainly(sample_dataset):
+    luts, val = luts_and_val(sample_dataset, 701)
+    clock = iter(range(0, 100_000, 1000))  # 1 s per decision: the budget runs out after a few chunks
+    budget = tg.AdaptationBudget(lambda: float(next(clock)), cap_ms=3900.0)
+    ledger, info, _ = run_chunked(val, luts, budget=budget)
+    tg.check_scored_once(ledger)
+    assert 0 < info["trained_chunks"] < 7 and info["stopped_at"] == f"chunk {info['trained_chunks'] + 1}/8"
+    # No budget: adaptation decisions are never taken away.
+    assert tg.AdaptationBudget(lambda: 1e12, None).allows(1e12, 1e12, "x")
+    plain = tg.AdaptationBudget(lambda: 100.0, 1000.0)
+    assert plain.allows(400.0, 500.0, "a") and not plain.allows(400.0, 501.0, "b") and plain.stopped_at == "b"
+    assert not plain.allows(0.0, 0.0, "c")  # once stopped, stopped for good
+
+
+def test_run_logs_sliding_ttt_and_the_compliance_block(tiny_env, tmp_path):
+    cpu = tg.Runtime(rank=0, world_size=1, local_rank=0, device=CPU, distributed=False)
+    env = {**tiny_env, "ITERATIONS": "10", "EVAL_STRIDE": "32", "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "2048",
+           "TTT_EPOCHS": "1", "TTT_LR": "0.002"}
+    out = tg.run(tg.Hyperparameters.from_env(env), cpu)
+    flat, sliding, ttt = (out["evals"][k] for k in ("roundtrip", "sliding", "ttt"))
+    assert flat.num_targets == sliding.num_targets == ttt.num_targets
+    assert flat.num_bytes == sliding.num_bytes == ttt.num_bytes
+    assert out["final"] == ttt
+    log = (tmp_path / "logs" / "test.txt").read_text()
+    num = r"\d+\.\d{8}"
+    assert re.search(rf"^final_int8_zlib_roundtrip_exact val_loss:{num} val_bpb:{flat.val_bpb:.8f}$", log, re.M)
+    assert re.search(rf"^quantized_sliding_window val_loss:{num} val_bpb:{sliding.val_bpb:.8f} eval_time:\d+ms "
+                     r"stride:32 seq_len:128$", log, re.M)
+    assert re.search(rf"^final_sliding_window_exact val_loss:{num} val_bpb:{sliding.val_bpb:.8f}$", log, re.M)
+    assert re.search(r"^ttt:start mode:chunked chunks:7 ", log, re.M)
+    assert re.search(rf"^quantized_ttt val_loss:{num} val_bpb:{ttt.val_bpb:.8f} eval_time:\d+ms$", log, re.M)
+    assert re.search(rf"^legal_ttt_exact val_loss:{ttt.val_loss:.8f} val_bpb:{ttt.val_bpb:.8f}$", log, re.M)
+    block = log.split("\ncompliance:\n")[1].split("\nfinal_score")[0]
+    n = flat.num_targets
+    assert "track: B (adaptive, score-first)" in block
+    assert f"C4 each target scored once: ok: roundtrip:{n}, sliding:{n}, ttt:{n}" in block
+    assert re.search(r"C3 score before update: ok: \d+ adaptation targets", block)
+    assert "adaptation:validation (already scored)" in block and "record_eligible: 1" in block
+    assert re.search(rf"^final_score stage:ttt val_loss:{num} val_bpb:{ttt.val_bpb:.8f} total_eval_time:", log, re.M)
