@@ -2081,7 +2081,7 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
 
 
 def compliance_lines(results: dict[str, EvalResult], ttt_info: dict | None, *, vocab_size: int, eval_ms: float,
-                     eval_cap_ms: float | None) -> list[str]:
+                     eval_cap_ms: float | None, causal_diff: float) -> list[str]:
     """The compliance block (conditions C1-C4 of the public field guide) and every data source."""
     targets = {r.num_targets for r in results.values()}
     adapted = ttt_info is not None and ttt_info["adapted_targets"] > 0
@@ -2091,12 +2091,13 @@ def compliance_lines(results: dict[str, EvalResult], ttt_info: dict | None, *, v
     return [
         "compliance:",
         f"  track: {'B (adaptive, score-first)' if adapted else 'A (fixed predictor)'}",
-        "  C1 causal: ok: causal attention; every scored target is at or before the end of its window's input",
+        "  C1 causal: ok: every target scored from earlier tokens only (windows end at their last scored target); "
+        f"self-test: changing a later token moved earlier logits by {causal_diff:.3g}",
         f"  C2 full normalized softmax: ok: cross-entropy over all {vocab_size} logits, softmax sum checked",
         f"  C3 score before update: {c3}",
         f"  C4 each target scored once: {'ok' if len(targets) == 1 else 'FAILED'}: "
         f"{', '.join(f'{k}:{r.num_targets}' for k, r in results.items())} (every pass checked per target)",
-        f"  sources: warmup:train adaptation:{'validation (already scored)' if adapted else 'none'} "
+        f"  sources: train_warmup:train eval_warmup:synthetic adaptation:{'validation (already scored)' if adapted else 'none'} "
         f"pre_quant_ttt:none calibration:none",
         f"  eval_time: {eval_ms:.0f}ms budget:{'none' if eval_cap_ms is None else f'{eval_cap_ms:.0f}ms'} "
         f"within_budget:{int(not over)}",
@@ -2104,65 +2105,151 @@ def compliance_lines(results: dict[str, EvalResult], ttt_info: dict | None, *, v
     ]
 
 
+def ttt_settings(hp: Hyperparameters, score_batch_seqs: int) -> TTTSettings:
+    return TTTSettings(seq_len=hp.effective_eval_seq_len, stride=hp.eval_stride, chunk_tokens=hp.ttt_chunk_tokens,
+                       epochs=hp.ttt_epochs, lr=hp.ttt_lr, momentum=hp.ttt_momentum, batch_seqs=hp.ttt_batch_seqs,
+                       grad_clip=hp.ttt_grad_clip, freeze_blocks=hp.ttt_freeze_blocks,
+                       score_batch_seqs=score_batch_seqs)
+
+
+def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, num_targets: int, looping: bool, world_size: int,
+                    batch_seqs: int) -> list[str]:
+    """Forward/backward FLOPs of every evaluation pass about to run, and the time they need at peak
+    and at 40% MFU on this run's devices and on 8xH100, against the evaluation budget."""
+    seq_len = hp.effective_eval_seq_len
+    fwd = estimate_flops_per_token(cfg, seq_len, looping)
+
+    def window_tokens(stride: int) -> int:
+        return sum(min(b, seq_len) for _, b in plan_windows(num_targets, seq_len, stride))
+
+    passes = [("roundtrip", window_tokens(seq_len), 0)]
+    if 0 < hp.eval_stride < seq_len:
+        passes.append(("sliding", window_tokens(hp.eval_stride), 0))
+    if hp.ttt_enabled:
+        chunks = -(-num_targets // hp.ttt_chunk_tokens)
+        train_tokens = min(num_targets, (chunks - 1) * hp.ttt_chunk_tokens) * hp.ttt_epochs
+        passes.append(("ttt_chunked", window_tokens(hp.eval_stride or seq_len), train_tokens))
+    lines, total = [], 0
+    for name, fwd_tokens, train_tokens in passes:
+        flops = fwd * fwd_tokens + 3 * fwd * train_tokens  # a training token costs forward + 2x backward
+        total += flops
+        lines.append(f"eval_plan: {name} forward_tokens:{fwd_tokens} train_tokens:{train_tokens} flops:{flops:.3e}")
+    budget = f"{hp.max_eval_seconds:.0f}s" if hp.max_eval_seconds > 0 else "none"
+
+    def seconds(devices: int, mfu: float) -> float:
+        return total / (devices * hp.peak_tflops * 1e12 * mfu)
+
+    lines.append(f"eval_plan_total: flops:{total:.3e} this_run({world_size} devices) at_peak:{seconds(world_size, 1):.3g}s "
+                 f"at_40%_mfu:{seconds(world_size, 0.4):.3g}s | 8xH100 at_peak:{seconds(8, 1):.3g}s "
+                 f"at_40%_mfu:{seconds(8, 0.4):.3g}s | budget:{budget}")
+    return lines
+
+
+def synthetic_tokens(n: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """A seeded random stream (BOS every 97 tokens): data for warm-ups that is neither validation nor training."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(2, vocab_size, (n,), generator=g)
+    tokens[::97] = BOS_ID
+    return tokens
+
+
+def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, *, seq_len: int, batch_seqs: int, looping: bool,
+                       rank: int, world_size: int, device: torch.device, autocast,
+                       ttt: TTTSettings | None = None) -> dict:
+    """Compile (and warm) the evaluation graphs on synthetic tokens, run the causality self-test, and
+    run the TTT path once on a synthetic stream; every weight is put back afterwards."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tokens = synthetic_tokens(batch_seqs * seq_len + 1, model.cfg.vocab_size)
+    x = tokens[: batch_seqs * seq_len].view(batch_seqs, seq_len).to(device)
+    flipped = x.clone()
+    flipped[:, -1] = torch.where(flipped[:, -1] == 2, 3, 2)
+    with torch.no_grad(), autocast():
+        a, b = logits_fn(x, looping).float(), logits_fn(flipped, looping).float()
+    causal_diff = float((a[:, :-1] - b[:, :-1]).abs().max()) if seq_len > 1 else 0.0
+    if causal_diff > 1e-3:
+        raise RunError(f"causality self-test failed: changing the last token changed earlier logits by {causal_diff:.3g} "
+                       "(C1); no score is reported")
+    if ttt is not None:
+        stream = synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1)
+        small = dataclasses.replace(ttt, chunk_tokens=seq_len, epochs=1)
+        ttt_chunked(model, ScoreLedger(stream, luts, device), small, rank=rank, world_size=world_size,
+                    looping=looping, logits_fn=logits_fn, autocast=autocast)
+    model.load_state_dict(saved)
+    model.eval()
+    return dict(causal_diff=causal_diff, tokens=int(x.numel()) + (2 * seq_len + 1 if ttt is not None else 0))
+
+
 def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: torch.Tensor, luts: ByteLuts,
                       clock: PhaseClock, log, *, looping: bool, use_compile: bool, autocast,
                       batch_seqs: int) -> dict[str, EvalResult]:
-    """Every score of the reloaded artifact, in order: the flat roundtrip, then the sliding window if
-    EVAL_STRIDE is set. The clock's `eval` phase runs from the artifact read (started by the caller) to
-    the final score; a pass that would end past MAX_EVAL_SECONDS is cut, never reported partially."""
+    """Every score of the reloaded artifact, in order: the flat roundtrip, the sliding window if
+    EVAL_STRIDE is set, test-time training if TTT_ENABLED. The clock's `eval` phase runs from the
+    artifact read (started by the caller) to the final score and is logged per phase. A plain pass
+    that would end past MAX_EVAL_SECONDS is cut (never reported partially); TTT stops adapting
+    instead, early enough to score the rest plainly."""
     seq_len = hp.effective_eval_seq_len
     model.eval()
     logits_fn = maybe_compile(model.forward_logits, use_compile)
+    phases = {"load": clock.elapsed_ms("eval")}
+    mark = [clock.elapsed_ms("eval")]
+
+    def phase_done(name: str) -> float:
+        now = clock.elapsed_ms("eval")
+        phases[name], mark[0] = now - mark[0], now
+        return phases[name]
 
     def over_budget() -> bool:  # agreed across ranks, so every rank stops at the same batch
         return clock.eval_cap_ms is not None and agree_max(
             [float(clock.elapsed_ms("eval") > clock.eval_cap_ms)], rt)[0] > 0
 
-    def scored(stride: int) -> tuple[EvalResult, float]:
-        t0 = clock.elapsed_ms("eval")
-        result = evaluate(lambda x: logits_fn(x, looping), val_tokens, luts, seq_len=seq_len, batch_seqs=batch_seqs,
-                          rank=rt.rank, world_size=rt.world_size, device=rt.device, autocast=autocast,
-                          stop=over_budget, stride=stride, group=rt.control_group)
-        return result, clock.elapsed_ms("eval") - t0
+    for line in eval_flops_plan(hp, model.cfg, val_tokens.numel() - 1, looping, rt.world_size, batch_seqs):
+        log(line)
+    settings = ttt_settings(hp, batch_seqs) if hp.ttt_enabled else None
+    warm = warm_up_evaluation(model, logits_fn, luts, seq_len=seq_len, batch_seqs=batch_seqs, looping=looping,
+                              rank=rt.rank, world_size=rt.world_size, device=rt.device, autocast=autocast, ttt=settings)
+    log(f"eval_warmup: source:synthetic tokens:{warm['tokens']} causal_self_test:ok max_earlier_logit_change:"
+        f"{warm['causal_diff']:.3g} ttt_path:{int(settings is not None)} weights_restored:1 "
+        f"time:{phase_done('warmup'):.0f}ms")
+
+    def scored(stride: int) -> EvalResult:
+        return evaluate(lambda x: logits_fn(x, looping), val_tokens, luts, seq_len=seq_len, batch_seqs=batch_seqs,
+                        rank=rt.rank, world_size=rt.world_size, device=rt.device, autocast=autocast,
+                        stop=over_budget, stride=stride, group=rt.control_group)
 
     results: dict[str, EvalResult] = {}
-    results["roundtrip"], _ = scored(0)
-    r = results["roundtrip"]
+    results["roundtrip"] = r = scored(0)
     log(f"final_int8_zlib_roundtrip val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
-        f"eval_time:{clock.elapsed_ms('eval'):.0f}ms")
+        f"eval_time:{phase_done('roundtrip'):.0f}ms")
     log(f"final_int8_zlib_roundtrip_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
     if 0 < hp.eval_stride < seq_len:
-        results["sliding"], pass_ms = scored(hp.eval_stride)
-        r = results["sliding"]
-        log(f"quantized_sliding_window val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{pass_ms:.0f}ms "
-            f"stride:{hp.eval_stride} seq_len:{seq_len}")
+        results["sliding"] = r = scored(hp.eval_stride)
+        log(f"quantized_sliding_window val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} "
+            f"eval_time:{phase_done('sliding'):.0f}ms stride:{hp.eval_stride} seq_len:{seq_len}")
         log(f"final_sliding_window_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
     ttt_info = None
-    if hp.ttt_enabled:
+    if settings is not None:
         ledger = ScoreLedger(val_tokens, luts, rt.device, group=rt.control_group)
-        settings = TTTSettings(seq_len=seq_len, stride=hp.eval_stride, chunk_tokens=hp.ttt_chunk_tokens,
-                               epochs=hp.ttt_epochs, lr=hp.ttt_lr, momentum=hp.ttt_momentum,
-                               batch_seqs=hp.ttt_batch_seqs, grad_clip=hp.ttt_grad_clip,
-                               freeze_blocks=hp.ttt_freeze_blocks, score_batch_seqs=batch_seqs)
         budget = AdaptationBudget(lambda: clock.elapsed_ms("eval"), clock.eval_cap_ms, rt)
-        t0 = clock.elapsed_ms("eval")
         ttt_info = ttt_chunked(model, ledger, settings, rank=rt.rank, world_size=rt.world_size, looping=looping,
                                logits_fn=logits_fn, autocast=autocast, stop=over_budget, budget=budget, log=log)
         check_scored_once(ledger)
         results["ttt"] = r = ledger.result()
-        ttt_info.update(adapted_targets=int(all_reduce_sum(torch.tensor([ledger.adapted_targets], device=rt.device,
-                                                                        dtype=torch.float64)).item()))
+        adapted = torch.tensor([ledger.adapted_targets], dtype=torch.float64, device=rt.device)
+        ttt_info["adapted_targets"] = int(all_reduce_sum(adapted).item())
         log(f"ttt:done chunks:{ttt_info['chunks']} trained_chunks:{ttt_info['trained_chunks']} "
-            f"steps:{ttt_info['steps']} score:{ttt_info['score_ms']:.0f}ms adapt:{ttt_info['adapt_ms']:.0f}ms")
-        log(f"quantized_ttt val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} "
-            f"eval_time:{clock.elapsed_ms('eval') - t0:.0f}ms")
+            f"steps:{ttt_info['steps']} score:{ttt_info['score_ms']:.0f}ms adapt:{ttt_info['adapt_ms']:.0f}ms "
+            f"adaptation_stopped:{ttt_info['stopped_at'] or 'never'}")
+        log(f"quantized_ttt val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{phase_done('ttt'):.0f}ms")
         log(f"legal_ttt_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
-    final = next(reversed(results))
-    for line in compliance_lines(results, ttt_info, vocab_size=hp.vocab_size,
-                                 eval_ms=clock.elapsed_ms("eval"), eval_cap_ms=clock.eval_cap_ms):
+    eval_ms = clock.elapsed_ms("eval")
+    log("eval_phases: " + " ".join(f"{k}:{v:.0f}ms" for k, v in phases.items()) + f" total:{eval_ms:.0f}ms "
+        f"budget:{'none' if clock.eval_cap_ms is None else f'{clock.eval_cap_ms:.0f}ms'}")
+    for line in compliance_lines(results, ttt_info, vocab_size=hp.vocab_size, eval_ms=eval_ms,
+                                 eval_cap_ms=clock.eval_cap_ms, causal_diff=warm["causal_diff"]):
         log(line)
+    final = next(reversed(results))
     log(f"final_score stage:{final} val_loss:{results[final].val_loss:.8f} val_bpb:{results[final].val_bpb:.8f} "
-        f"total_eval_time:{clock.elapsed_ms('eval') / 1000:.1f}s")
+        f"total_eval_time:{eval_ms / 1000:.1f}s")
     return results
 
 

@@ -159,6 +159,13 @@ def test_run_logs_sliding_ttt_and_the_compliance_block(tiny_env, tmp_path):
     assert re.search(r"^ttt:start mode:chunked chunks:7 ", log, re.M)
     assert re.search(rf"^quantized_ttt val_loss:{num} val_bpb:{ttt.val_bpb:.8f} eval_time:\d+ms$", log, re.M)
     assert re.search(rf"^legal_ttt_exact val_loss:{ttt.val_loss:.8f} val_bpb:{ttt.val_bpb:.8f}$", log, re.M)
+    # Logged before evaluating: the FLOPs of every pass; after: the time of every phase.
+    assert re.search(r"^eval_plan: ttt_chunked forward_tokens:\d+ train_tokens:\d+ flops:", log, re.M)
+    assert re.search(r"^eval_plan_total: flops:\S+ .* 8xH100 at_peak:\S+s at_40%_mfu:\S+s \| budget:600s$", log, re.M)
+    assert log.index("eval_plan_total") < log.index("final_int8_zlib_roundtrip ")
+    assert re.search(r"^eval_warmup: source:synthetic .* causal_self_test:ok .* weights_restored:1", log, re.M)
+    assert re.search(r"^eval_phases: load:\d+ms warmup:\d+ms roundtrip:\d+ms sliding:\d+ms ttt:\d+ms total:\d+ms "
+                     r"budget:600000ms$", log, re.M)
     block = log.split("\ncompliance:\n")[1].split("\nfinal_score")[0]
     n = flat.num_targets
     assert "track: B (adaptive, score-first)" in block
@@ -166,3 +173,22 @@ def test_run_logs_sliding_ttt_and_the_compliance_block(tiny_env, tmp_path):
     assert re.search(r"C3 score before update: ok: \d+ adaptation targets", block)
     assert "adaptation:validation (already scored)" in block and "record_eligible: 1" in block
     assert re.search(rf"^final_score stage:ttt val_loss:{num} val_bpb:{ttt.val_bpb:.8f} total_eval_time:", log, re.M)
+
+
+def test_eval_warmup_restores_every_weight_and_catches_a_non_causal_model(sample_dataset):
+    luts, _ = luts_and_val(sample_dataset, 2)
+    model = small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info = tg.warm_up_evaluation(model, model.forward_logits, luts, seq_len=32, batch_seqs=2, looping=False, rank=0,
+                                 world_size=1, device=CPU, autocast=tg.contextlib.nullcontext, ttt=SETTINGS)
+    assert info["causal_diff"] == 0.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the TTT warm-up trained, and everything was put back
+
+    def leaky(x, looping):  # position j also sees the row's last token
+        logits = model.forward_logits(x, looping)
+        return logits + logits[:, -1:].detach()
+
+    with pytest.raises(tg.RunError, match="causality self-test failed"):
+        tg.warm_up_evaluation(model, leaky, luts, seq_len=32, batch_seqs=2, looping=False, rank=0, world_size=1,
+                              device=CPU, autocast=tg.contextlib.nullcontext)
