@@ -182,7 +182,9 @@ class Hyperparameters:
                             min=0)
     # score-first test-time training on already-scored validation tokens (see TEST-TIME TRAINING)
     ttt_enabled: bool = knob(False, "score-first test-time training as the final evaluation pass")
-    ttt_mode: str = knob("chunked", "chunked: full-model SGD per scored chunk", choices=("chunked",))
+    ttt_mode: str = knob("chunked", "chunked: full-model SGD per scored chunk; lora: per-document adapters; "
+                         "phased: global SGD phases on scored documents + per-document adapters",
+                         choices=("chunked", "lora", "phased"))
     ttt_lr: float = knob(0.005, "chunked: SGD LR, cosine-decayed over the chunks", min=0)
     ttt_epochs: int = knob(3, "chunked: SGD passes over each scored chunk", min=0)
     ttt_momentum: float = knob(0.9, "SGD momentum of the TTT updates", min=0)
@@ -190,6 +192,15 @@ class Hyperparameters:
     ttt_batch_seqs: int = knob(32, "sequences per TTT SGD step, over all ranks", gt=0)
     ttt_grad_clip: float = knob(1.0, "global grad-norm clip of TTT SGD steps; 0 = off", min=0)
     ttt_freeze_blocks: int = knob(0, "chunked: the first N blocks stay frozen", min=0)
+    ttt_lora_rank: int = knob(8, "lora/phased: rank of the per-document adapters", gt=0)
+    ttt_lora_lr: float = knob(0.01, "lora/phased: Adam LR of the adapters", min=0)
+    ttt_chunk_size: int = knob(48, "lora/phased: targets scored per adapter step inside a document", gt=0)
+    ttt_batch_size: int = knob(64, "lora/phased: documents per round, over all ranks", gt=0)
+    phased_ttt_prefix_docs: int = knob(2000, "phased: scored documents (longest first) the global phases train on",
+                                       min=0)
+    phased_ttt_num_phases: int = knob(1, "phased: global SGD phases, evenly spaced over the prefix", gt=0)
+    global_ttt_lr: float = knob(0.001, "phased: SGD LR of the global phases (cosine)", min=0)
+    global_ttt_epochs: int = knob(1, "phased: SGD passes over the prefix per phase", min=0)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -1474,6 +1485,8 @@ class ScoreLedger:
         self.shared = np.zeros(self.num_targets + 1, dtype=bool)
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss (nats), targets, bytes
         self.per_target = np.full(self.num_targets + 1, np.nan) if keep_per_target else None
+        self.commit_order = np.zeros(self.num_targets + 1, dtype=np.int64) if keep_per_target else None
+        self.commits = 0
         self.adapted_targets = 0  # target positions handed out for adaptation (with repeats)
         self.full_softmax_checked = False
 
@@ -1484,6 +1497,17 @@ class ScoreLedger:
         y = torch.stack([self.tokens[b - length + 1 : b + 1] for _, b in spans])
         first_scored = torch.tensor([length - (b - a) for a, b in spans])
         mask = torch.arange(length)[None, :] >= first_scored[:, None]
+        return x.to(self.device), y.to(self.device), mask.to(self.device)
+
+    def document_rows(self, spans: list[tuple[int, int]], starts: list[int]):
+        """Right-padded rows for windows that read tokens start..b-1 and score targets a+1..b."""
+        width = max(b - st for (_, b), st in zip(spans, starts))
+        x = torch.zeros(len(spans), width, dtype=torch.int64)
+        y = torch.zeros(len(spans), width, dtype=torch.int64)
+        mask = torch.zeros(len(spans), width, dtype=torch.bool)
+        for i, ((a, b), st) in enumerate(zip(spans, starts)):
+            x[i, : b - st], y[i, : b - st] = self.tokens[st:b], self.tokens[st + 1 : b + 1]
+            mask[i, a - st : b - st] = True
         return x.to(self.device), y.to(self.device), mask.to(self.device)
 
     def commit(self, spans: list[tuple[int, int]], logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
@@ -1506,10 +1530,12 @@ class ScoreLedger:
         self.sums[0] += (nll.double() * m).sum()
         self.sums[1] += m.sum()
         self.sums[2] += (target_bytes(x, y, self.luts).double() * m).sum()
+        self.commits += 1
         if self.per_target is not None:
             values, i = nll[mask].double().cpu().numpy(), 0
             for a, b in spans:
                 self.per_target[a + 1 : b + 1] = values[i : i + b - a]
+                self.commit_order[a + 1 : b + 1] = self.commits
                 i += b - a
         return nll
 
@@ -1521,11 +1547,13 @@ class ScoreLedger:
         self.shared[lo + 1 : hi + 1] |= part.numpy().astype(bool)
 
     def adaptation_tokens(self, lo: int, hi: int) -> torch.Tensor:
-        """Tokens lo..hi, i.e. inputs for targets lo+1..hi, if every one of those targets is committed."""
+        """Tokens lo..hi, i.e. inputs for targets lo+1..hi, if every one of those targets is committed
+        (by this rank, or by any rank as learnt through `share`)."""
         if not (0 <= lo < hi <= self.num_targets):
             raise ScoreOrderError(f"adaptation span ({lo}, {hi}] is outside the {self.num_targets} targets")
-        if not self.shared[lo + 1 : hi + 1].all():
-            first = lo + 1 + int(np.argmin(self.shared[lo + 1 : hi + 1]))
+        committed = self.scored[lo + 1 : hi + 1] | self.shared[lo + 1 : hi + 1]
+        if not committed.all():
+            first = lo + 1 + int(np.argmin(committed))
             raise ScoreOrderError(f"adaptation on target {first} before its score is committed (C3)")
         self.adapted_targets += hi - lo
         return self.tokens[lo : hi + 1]
@@ -1618,6 +1646,15 @@ class TTTSettings:
     grad_clip: float = 1.0
     freeze_blocks: int = 0
     score_batch_seqs: int = 32  # windows per scoring forward, per rank
+    mode: str = "chunked"  # chunked | lora | phased
+    lora_rank: int = 8
+    lora_lr: float = 0.01
+    doc_chunk: int = 48  # lora/phased: targets scored per step inside a document
+    docs_per_batch: int = 64  # lora/phased: documents per round, over all ranks
+    prefix_docs: int = 2000  # phased: documents (in queue order) used by the global SGD phases
+    num_phases: int = 1
+    global_lr: float = 0.001
+    global_epochs: int = 1
 
 
 class AdaptationBudget:
@@ -1765,6 +1802,190 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, rank:
         p.requires_grad_(True)
     return dict(chunks=len(groups), trained_chunks=trained_chunks, steps=steps, score_ms=score_ms,
                 adapt_ms=adapt_ms, stopped_at=budget.stopped_at if budget is not None else None)
+
+
+# TTT_MODE=lora (R0317/R0427 form): every document gets its own low-rank adapters on the attention
+# q/k/v/o and MLP matrices of every block (B = 0, so each starts as the plain model; A is the same
+# seeded draw for every document, so no state crosses documents). A document's targets are scored in
+# chunks of TTT_CHUNK_SIZE from a window clipped at its BOS (no context from other documents); after
+# a chunk is committed, one Adam step on that chunk's loss updates that document's adapters, so its
+# next chunk is scored by adapters trained on its earlier chunks only. The document's last chunk never
+# trains. Documents are queued longest first and processed in rounds of TTT_BATCH_SIZE documents over
+# all ranks; each rank takes its share of every round.
+#
+# TTT_MODE=phased (R0413/R0427 form): LoRA TTT as above, plus PHASED_TTT_NUM_PHASES global phases:
+# once the first PHASED_TTT_PREFIX_DOCS*(k+1)/K documents of the queue are scored, the base model
+# takes GLOBAL_TTT_EPOCHS SGD passes over those (already committed) documents, LR cosine-decayed over
+# groups of TTT_CHUNK_TOKENS targets, gradients averaged over ranks; later documents are scored by the
+# updated model.
+
+LORA_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
+
+
+def document_spans(tokens: torch.Tensor) -> list[tuple[int, int]]:
+    """Target spans (a, b] of each document: from its BOS to the next BOS (included) or the end."""
+    bos = (tokens == BOS_ID).nonzero().flatten().tolist() + [tokens.numel() - 1]
+    return [(a, b) for a, b in zip(bos, bos[1:]) if b > a]
+
+
+class DocLoRA:
+    """One (A, B) pair per adapted linear layer with a leading document dimension: output +=
+    x A_d^T B_d^T for the document d of each row. Attached with forward hooks, so the model code is
+    untouched and the adapters vanish when detached."""
+
+    def __init__(self, model: GPT, num_docs: int, rank: int, device: torch.device, seed: int = 0):
+        self.modules = [m for name, m in model.named_modules()
+                        if isinstance(m, CastedLinear) and name.startswith("blocks.") and name.endswith(LORA_TARGETS)]
+        g = torch.Generator().manual_seed(seed)
+        self.a, self.b = [], []
+        for m in self.modules:
+            out_features, in_features = m.weight.shape
+            a = (torch.rand(rank, in_features, generator=g) * 2 - 1) / math.sqrt(in_features)
+            self.a.append(a.expand(num_docs, -1, -1).clone().to(device).requires_grad_())
+            self.b.append(torch.zeros(num_docs, out_features, rank, device=device, requires_grad=True))
+        self.rows = torch.arange(num_docs, device=device)  # document of each input row
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self.a + self.b
+
+    @contextlib.contextmanager
+    def attached(self):
+        def hook(a, b):
+            def add_delta(module, inputs, output):
+                x = inputs[0]
+                delta = torch.bmm(torch.bmm(x, a[self.rows].transpose(1, 2).to(x.dtype)),
+                                  b[self.rows].transpose(1, 2).to(x.dtype))
+                return output + delta.to(output.dtype)
+            return add_delta
+
+        handles = [m.register_forward_hook(hook(a, b)) for m, a, b in zip(self.modules, self.a, self.b)]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def document_chunks(span: tuple[int, int], chunk: int) -> list[tuple[int, int]]:
+    lo, hi = span
+    return [(a, min(a + chunk, hi)) for a in range(lo, hi, chunk)]
+
+
+def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], s: TTTSettings, *, looping: bool,
+               adapt: bool, autocast=contextlib.nullcontext) -> int:
+    """Score (and with `adapt`, train per-document adapters on) this rank's documents of one round.
+    Returns the number of Adam steps."""
+    if not docs:
+        return 0
+    lora = DocLoRA(model, len(docs), s.lora_rank, ledger.device)
+    optimizer = torch.optim.Adam(lora.params, lr=s.lora_lr, betas=(0.9, 0.95), eps=1e-10)
+    chunks = [document_chunks(d, s.doc_chunk) for d in docs]
+    steps = 0
+    for i in range(max(len(c) for c in chunks)):
+        rows = [d for d in range(len(docs)) if i < len(chunks[d])]
+        spans = [chunks[d][i] for d in rows]
+        starts = [max(docs[d][0], b - s.seq_len) for d, (_, b) in zip(rows, spans)]
+        train_rows = [r for r, d in enumerate(rows) if i < len(chunks[d]) - 1] if adapt else []
+        x, y, mask = ledger.document_rows(spans, starts)
+        lora.rows = torch.tensor(rows, device=ledger.device)
+        with torch.set_grad_enabled(bool(train_rows)), lora.attached(), autocast():
+            logits = model.forward_logits(x, looping)
+        ledger.commit(spans, logits.detach(), x, y, mask)  # scores fixed before the update below
+        if not train_rows:
+            continue
+        loss = 0.0
+        for r in train_rows:  # each document's mean loss over the chunk it just committed
+            (a, b), st = spans[r], starts[r]
+            labels = ledger.adaptation_tokens(a, b)[1:].to(ledger.device)
+            loss = loss + F.cross_entropy(logits[r, a - st : b - st].float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+    return steps
+
+
+def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], s: TTTSettings, *, rank: int,
+                     world_size: int, looping: bool, autocast=contextlib.nullcontext) -> int:
+    """Full-model SGD over already-scored documents (in queue order), cosine LR over groups of about
+    TTT_CHUNK_TOKENS targets. Every rank calls it with the same documents."""
+    ledger.share(0, ledger.num_targets)
+    groups: list[list[tuple[int, int]]] = [[]]
+    for d in docs:
+        if sum(b - a for a, b in groups[-1]) >= s.chunk_tokens:
+            groups.append([])
+        groups[-1].append(d)
+    params = [p for p in model.parameters()]
+    optimizer = torch.optim.SGD(params, lr=s.global_lr, momentum=s.momentum)
+    steps = 0
+    for gi, group in enumerate(groups):
+        lr = s.global_lr * 0.5 * (1 + math.cos(math.pi * gi / max(len(groups) - 1, 1)))
+        steps += sgd_adapt(model, ledger, group, optimizer, lr=lr, epochs=s.global_epochs, seq_len=s.seq_len,
+                           batch_seqs=s.batch_seqs, grad_clip=s.grad_clip, rank=rank, world_size=world_size,
+                           looping=looping, autocast=autocast)
+    return steps
+
+
+def ttt_documents(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, rank: int, world_size: int,
+                  looping: bool, autocast=contextlib.nullcontext, stop=None, budget: AdaptationBudget | None = None,
+                  log=lambda msg: None) -> dict:
+    """Per-document LoRA TTT (mode lora) or phased TTT (mode phased) over the whole stream."""
+    s = settings
+    queue = sorted(document_spans(ledger.tokens), key=lambda d: (-(d[1] - d[0]), d[0]))  # longest first
+    rounds = [queue[j : j + s.docs_per_batch] for j in range(0, len(queue), s.docs_per_batch)]
+    phased = s.mode == "phased"
+    prefix = min(s.prefix_docs, len(queue))
+    boundaries = [prefix * (k + 1) // s.num_phases for k in range(s.num_phases)] if phased else []
+    log(f"ttt:start mode:{s.mode} docs:{len(queue)} rounds:{len(rounds)} lora_rank:{s.lora_rank} "
+        f"lora_lr:{s.lora_lr} chunk_size:{s.doc_chunk}" + (f" prefix_docs:{prefix} num_phases:{s.num_phases} "
+                                                            f"boundaries:{boundaries}" if phased else ""))
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    t_clock = time.perf_counter
+    score_ms = adapt_ms = 0.0  # time of plain rounds / of adapting rounds (with their global phases)
+    plain_targets = adapt_targets = steps = global_steps = phases_done = trained_rounds = 0
+    total_targets = ledger.num_targets
+    for j, round_docs in enumerate(rounds):
+        if stop is not None and stop():
+            raise RunError(f"evaluation budget (MAX_EVAL_SECONDS) ran out; cut: the final score after {j} of "
+                           f"{len(rounds)} TTT rounds, so no score is reported")
+        round_targets = sum(b - a for a, b in round_docs)
+        adapt_rate = adapt_ms / max(adapt_targets, 1)
+        plain_rate = score_ms / plain_targets if plain_targets else adapt_rate / 2  # no backward: under half
+        left_after = total_targets - plain_targets - adapt_targets - round_targets
+        where = f"round {j + 1}/{len(rounds)}"
+        adapt = budget is None or budget.allows(adapt_rate * round_targets, plain_rate * left_after, where)
+        if budget is not None and budget.stopped_at == where:
+            log(f"ttt:adaptation_stopped at {where}: the eval budget leaves room only for scoring the remaining "
+                f"{left_after + round_targets} targets without adaptation")
+        t0 = t_clock()
+        for p in frozen:
+            p.requires_grad_(False)  # only the adapters learn inside a round
+        steps += lora_round(model, ledger, rank_share(round_docs, rank, world_size), s, looping=looping, adapt=adapt,
+                            autocast=autocast)
+        for p in frozen:
+            p.requires_grad_(True)
+        if adapt:
+            adapt_ms += 1000.0 * (t_clock() - t0)
+            adapt_targets += round_targets
+            trained_rounds += 1
+        else:
+            score_ms += 1000.0 * (t_clock() - t0)
+            plain_targets += round_targets
+        done_docs = min((j + 1) * s.docs_per_batch, len(queue))
+        while phased and phases_done < len(boundaries) and boundaries[phases_done] <= done_docs:
+            if adapt:
+                t0 = t_clock()
+                global_steps += global_sgd_phase(model, ledger, queue[: boundaries[phases_done]], s, rank=rank,
+                                                 world_size=world_size, looping=looping, autocast=autocast)
+                log(f"ttpp: phase:{phases_done + 1}/{len(boundaries)} pd:{done_docs} "
+                    f"gd:{boundaries[phases_done]} t:{t_clock() - t0:.1f}s")
+                adapt_ms += 1000.0 * (t_clock() - t0)
+            phases_done += 1
+    model.eval()
+    return dict(chunks=len(rounds), trained_chunks=trained_rounds, steps=steps + global_steps, score_ms=score_ms,
+                adapt_ms=adapt_ms, stopped_at=budget.stopped_at if budget is not None else None,
+                global_steps=global_steps)
 
 
 # ==================================================================================================
@@ -2109,14 +2330,29 @@ def ttt_settings(hp: Hyperparameters, score_batch_seqs: int) -> TTTSettings:
     return TTTSettings(seq_len=hp.effective_eval_seq_len, stride=hp.eval_stride, chunk_tokens=hp.ttt_chunk_tokens,
                        epochs=hp.ttt_epochs, lr=hp.ttt_lr, momentum=hp.ttt_momentum, batch_seqs=hp.ttt_batch_seqs,
                        grad_clip=hp.ttt_grad_clip, freeze_blocks=hp.ttt_freeze_blocks,
-                       score_batch_seqs=score_batch_seqs)
+                       score_batch_seqs=score_batch_seqs, mode=hp.ttt_mode, lora_rank=hp.ttt_lora_rank,
+                       lora_lr=hp.ttt_lora_lr, doc_chunk=hp.ttt_chunk_size, docs_per_batch=hp.ttt_batch_size,
+                       prefix_docs=hp.phased_ttt_prefix_docs, num_phases=hp.phased_ttt_num_phases,
+                       global_lr=hp.global_ttt_lr, global_epochs=hp.global_ttt_epochs)
 
 
-def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, num_targets: int, looping: bool, world_size: int,
-                    batch_seqs: int) -> list[str]:
+def run_ttt(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, rank: int, world_size: int, looping: bool,
+            logits_fn=None, autocast=contextlib.nullcontext, stop=None, budget: AdaptationBudget | None = None,
+            log=lambda msg: None) -> dict:
+    """The TTT pass of TTT_MODE over the ledger's whole stream."""
+    if settings.mode == "chunked":
+        return ttt_chunked(model, ledger, settings, rank=rank, world_size=world_size, looping=looping,
+                           logits_fn=logits_fn, autocast=autocast, stop=stop, budget=budget, log=log)
+    return ttt_documents(model, ledger, settings, rank=rank, world_size=world_size, looping=looping,
+                         autocast=autocast, stop=stop, budget=budget, log=log)
+
+
+def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, val_tokens: torch.Tensor, looping: bool,
+                    world_size: int) -> list[str]:
     """Forward/backward FLOPs of every evaluation pass about to run, and the time they need at peak
     and at 40% MFU on this run's devices and on 8xH100, against the evaluation budget."""
     seq_len = hp.effective_eval_seq_len
+    num_targets = val_tokens.numel() - 1
     fwd = estimate_flops_per_token(cfg, seq_len, looping)
 
     def window_tokens(stride: int) -> int:
@@ -2125,10 +2361,24 @@ def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, num_targets: int, loo
     passes = [("roundtrip", window_tokens(seq_len), 0)]
     if 0 < hp.eval_stride < seq_len:
         passes.append(("sliding", window_tokens(hp.eval_stride), 0))
-    if hp.ttt_enabled:
+    if hp.ttt_enabled and hp.ttt_mode == "chunked":
         chunks = -(-num_targets // hp.ttt_chunk_tokens)
         train_tokens = min(num_targets, (chunks - 1) * hp.ttt_chunk_tokens) * hp.ttt_epochs
         passes.append(("ttt_chunked", window_tokens(hp.eval_stride or seq_len), train_tokens))
+    elif hp.ttt_enabled:  # each chunk step reads its window; all but a document's last chunk also backpropagate
+        docs = document_spans(val_tokens)
+        fwd_tokens = train_tokens = 0
+        for doc in docs:
+            widths = [b - max(doc[0], b - seq_len) for _, b in document_chunks(doc, hp.ttt_chunk_size)]
+            fwd_tokens += sum(widths)
+            train_tokens += sum(widths[:-1]) * 2 // 3  # backward ~ 2 forwards, counted as 3x below
+        if hp.ttt_mode == "phased":
+            queue = sorted(docs, key=lambda d: (-(d[1] - d[0]), d[0]))
+            prefix = min(hp.phased_ttt_prefix_docs, len(queue))
+            train_tokens += hp.global_ttt_epochs * sum(
+                sum(b - a for a, b in queue[: prefix * (k + 1) // hp.phased_ttt_num_phases])
+                for k in range(hp.phased_ttt_num_phases))
+        passes.append((f"ttt_{hp.ttt_mode}", fwd_tokens, train_tokens))
     lines, total = [], 0
     for name, fwd_tokens, train_tokens in passes:
         flops = fwd * fwd_tokens + 3 * fwd * train_tokens  # a training token costs forward + 2x backward
@@ -2171,9 +2421,10 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, *, seq_len: int, b
                        "(C1); no score is reported")
     if ttt is not None:
         stream = synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1)
-        small = dataclasses.replace(ttt, chunk_tokens=seq_len, epochs=1)
-        ttt_chunked(model, ScoreLedger(stream, luts, device), small, rank=rank, world_size=world_size,
-                    looping=looping, logits_fn=logits_fn, autocast=autocast)
+        small = dataclasses.replace(ttt, chunk_tokens=seq_len, epochs=1, prefix_docs=1, num_phases=1,
+                                    global_epochs=1)
+        run_ttt(model, ScoreLedger(stream, luts, device), small, rank=rank, world_size=world_size,
+                looping=looping, logits_fn=logits_fn, autocast=autocast)
     model.load_state_dict(saved)
     model.eval()
     return dict(causal_diff=causal_diff, tokens=int(x.numel()) + (2 * seq_len + 1 if ttt is not None else 0))
@@ -2202,7 +2453,7 @@ def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: 
         return clock.eval_cap_ms is not None and agree_max(
             [float(clock.elapsed_ms("eval") > clock.eval_cap_ms)], rt)[0] > 0
 
-    for line in eval_flops_plan(hp, model.cfg, val_tokens.numel() - 1, looping, rt.world_size, batch_seqs):
+    for line in eval_flops_plan(hp, model.cfg, val_tokens, looping, rt.world_size):
         log(line)
     settings = ttt_settings(hp, batch_seqs) if hp.ttt_enabled else None
     warm = warm_up_evaluation(model, logits_fn, luts, seq_len=seq_len, batch_seqs=batch_seqs, looping=looping,
@@ -2230,16 +2481,17 @@ def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: 
     if settings is not None:
         ledger = ScoreLedger(val_tokens, luts, rt.device, group=rt.control_group)
         budget = AdaptationBudget(lambda: clock.elapsed_ms("eval"), clock.eval_cap_ms, rt)
-        ttt_info = ttt_chunked(model, ledger, settings, rank=rt.rank, world_size=rt.world_size, looping=looping,
-                               logits_fn=logits_fn, autocast=autocast, stop=over_budget, budget=budget, log=log)
+        ttt_info = run_ttt(model, ledger, settings, rank=rt.rank, world_size=rt.world_size, looping=looping,
+                           logits_fn=logits_fn, autocast=autocast, stop=over_budget, budget=budget, log=log)
         check_scored_once(ledger)
         results["ttt"] = r = ledger.result()
         adapted = torch.tensor([ledger.adapted_targets], dtype=torch.float64, device=rt.device)
         ttt_info["adapted_targets"] = int(all_reduce_sum(adapted).item())
-        log(f"ttt:done chunks:{ttt_info['chunks']} trained_chunks:{ttt_info['trained_chunks']} "
+        log(f"ttt:done mode:{hp.ttt_mode} chunks_or_rounds:{ttt_info['chunks']} adapted:{ttt_info['trained_chunks']} "
             f"steps:{ttt_info['steps']} score:{ttt_info['score_ms']:.0f}ms adapt:{ttt_info['adapt_ms']:.0f}ms "
             f"adaptation_stopped:{ttt_info['stopped_at'] or 'never'}")
-        log(f"quantized_ttt val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{phase_done('ttt'):.0f}ms")
+        label = {"chunked": "quantized_ttt", "lora": "quantized_ttt_lora", "phased": "quantized_ttt_phased"}[hp.ttt_mode]
+        log(f"{label} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{phase_done('ttt'):.0f}ms")
         log(f"legal_ttt_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
     eval_ms = clock.elapsed_ms("eval")
     log("eval_phases: " + " ".join(f"{k}:{v:.0f}ms" for k, v in phases.items()) + f" total:{eval_ms:.0f}ms "

@@ -39,11 +39,17 @@ def luts_and_val(sample_dataset, n: int):
     return tg.build_byte_luts(sp, 1024), tg.load_validation_tokens(sample_dataset["dataset_dir"])[:n]
 
 
+# 5 documents in the first 701 tokens; 3 rounds of 2 documents; phases after 2 and 4 documents.
+DOC_SETTINGS = {mode: tg.dataclasses.replace(SETTINGS, mode=mode, doc_chunk=32, docs_per_batch=2, prefix_docs=4,
+                                             num_phases=2, global_lr=0.05, lora_lr=0.05) for mode in ("lora", "phased")}
+MODES = {"chunked": SETTINGS, **DOC_SETTINGS}
+
+
 def run_chunked(val, luts, rank=0, world_size=1, settings=SETTINGS, budget=None):
     model = small_model()
     model.eval()
     ledger = tg.ScoreLedger(val, luts, CPU, keep_per_target=True)
-    info = tg.ttt_chunked(model, ledger, settings, rank=rank, world_size=world_size, looping=False, budget=budget)
+    info = tg.run_ttt(model, ledger, settings, rank=rank, world_size=world_size, looping=False, budget=budget)
     return ledger, info, model
 
 
@@ -52,14 +58,19 @@ def test_ledger_refuses_adaptation_on_uncommitted_targets(sample_dataset):
     ledger = tg.ScoreLedger(val, luts, CPU)
     tg.score_windows(lambda x: torch.zeros(*x.shape, 1024), ledger, [(0, 50)], seq_len=64, batch_seqs=2, rank=0,
                      world_size=1)
-    with pytest.raises(tg.ScoreOrderError, match="before its score is committed"):
-        ledger.adaptation_tokens(0, 50)  # committed locally but not yet shared
-    ledger.share(0, 50)
-    assert ledger.adaptation_tokens(0, 50).tolist() == val[:51].tolist()
-    with pytest.raises(tg.ScoreOrderError, match="target 51 before"):
+    assert ledger.adaptation_tokens(0, 50).tolist() == val[:51].tolist()  # committed here
+    with pytest.raises(tg.ScoreOrderError, match="target 51 before its score is committed"):
         ledger.adaptation_tokens(40, 51)
     with pytest.raises(tg.ScoreOrderError, match="outside"):
         ledger.adaptation_tokens(150, 201)
+    # Another rank's commits count only once shared (here: simulated by that rank's bitmap).
+    other = tg.ScoreLedger(val, luts, CPU)
+    with pytest.raises(tg.ScoreOrderError, match="target 1 before"):
+        other.adaptation_tokens(0, 10)
+    other.shared[1:51] = ledger.scored[1:51]
+    assert other.adaptation_tokens(0, 10).tolist() == val[:11].tolist()
+    with pytest.raises(tg.ScoreOrderError, match="target 51 before"):
+        other.adaptation_tokens(45, 60)
 
 
 def test_chunked_ttt_scores_every_target_once_and_never_trains_the_last_chunk(sample_dataset, monkeypatch):
@@ -82,7 +93,7 @@ def test_chunked_ttt_scores_every_target_once_and_never_trains_the_last_chunk(sa
     assert res.val_loss == pytest.approx(np.nansum(ledger.per_target) / 700, rel=1e-9)
 
 
-def test_flip_test_through_ttt_a_later_token_never_changes_an_earlier_score(sample_dataset):
+def test_flip_test_through_chunked_ttt_a_later_token_never_changes_an_earlier_score(sample_dataset):
     luts, val = luts_and_val(sample_dataset, 701)
     before, _, _ = run_chunked(val, luts)
     for p in (150, 400):  # inside chunk 2 and chunk 5: adaptation happened before and after p
@@ -91,6 +102,30 @@ def test_flip_test_through_ttt_a_later_token_never_changes_an_earlier_score(samp
         after, _, _ = run_chunked(flipped, luts)
         assert np.array_equal(before.per_target[1:p], after.per_target[1:p])  # bit-identical
         assert not np.array_equal(before.per_target[p:], after.per_target[p:])
+
+
+@pytest.mark.parametrize("mode", ["lora", "phased"])
+def test_flip_test_through_document_ttt(sample_dataset, mode):
+    """Changing token p changes no score committed before p's own score; with per-document LoRA it
+    changes nothing outside p's document either (adapters never cross documents)."""
+    luts, val = luts_and_val(sample_dataset, 701)
+    before, info, _ = run_chunked(val, luts, settings=DOC_SETTINGS[mode])
+    tg.check_scored_once(before)
+    assert info["steps"] > 0 and (mode == "lora") == (info["global_steps"] == 0)
+    p = 470  # in document (413, 526], scored in the last round, after both global phases
+    flipped = val.clone()
+    flipped[p] = (int(val[p]) + 7) % 1024
+    after, _, _ = run_chunked(flipped, luts, settings=DOC_SETTINGS[mode])
+    earlier = before.commit_order < before.commit_order[p]
+    earlier[0] = False
+    assert earlier.sum() > 300
+    assert np.array_equal(before.per_target[earlier], after.per_target[earlier])
+    assert not np.array_equal(before.per_target[p:527], after.per_target[p:527])
+    if mode == "lora":
+        outside = np.ones(701, dtype=bool)
+        outside[414:527] = False
+        outside[0] = False
+        assert np.array_equal(before.per_target[outside], after.per_target[outside])
 
 
 def free_port() -> int:
@@ -104,27 +139,30 @@ def gloo_worker(rank, world_size, port, dataset, out_path):
     torch.set_num_threads(1)
     try:
         luts, val = luts_and_val(dataset, 701)
-        ledger, info, model = run_chunked(val, luts, rank, world_size)
-        tg.check_scored_once(ledger)
-        res = ledger.result()
+        out = {}
+        for mode, settings in MODES.items():
+            ledger, info, model = run_chunked(val, luts, rank, world_size, settings=settings)
+            tg.check_scored_once(ledger)
+            out[mode] = dict(res=ledger.result(), state=model.state_dict(), info=info)
         if rank == 0:
-            torch.save(dict(res=res, state=model.state_dict(), info=info), out_path)
+            torch.save(out, out_path)
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_equal_one_process(sample_dataset, tmp_path):
-    luts, val = luts_and_val(sample_dataset, 701)
-    ledger, info, model = run_chunked(val, luts)
-    single = ledger.result()
+def test_two_gloo_ranks_equal_one_process_in_every_ttt_mode(sample_dataset, tmp_path):
     out = tmp_path / "rank0.pt"
     mp.start_processes(gloo_worker, args=(2, free_port(), sample_dataset, str(out)), nprocs=2, start_method="spawn")
     two = torch.load(out, weights_only=False)
-    assert two["res"].num_targets == single.num_targets == 700 and two["res"].num_bytes == single.num_bytes
-    assert two["res"].val_loss == pytest.approx(single.val_loss, rel=1e-5)
-    assert two["info"]["steps"] == info["steps"]
-    for name, t in model.state_dict().items():  # the same updates: ranks averaged their gradients
-        assert torch.allclose(two["state"][name], t, atol=1e-5), name
+    luts, val = luts_and_val(sample_dataset, 701)
+    for mode, settings in MODES.items():
+        ledger, info, model = run_chunked(val, luts, settings=settings)
+        single, got = ledger.result(), two[mode]
+        assert got["res"].num_targets == single.num_targets == 700 and got["res"].num_bytes == single.num_bytes
+        assert got["res"].val_loss == pytest.approx(single.val_loss, rel=1e-5), mode
+        assert got["info"]["steps"] <= info["steps"] if mode != "chunked" else got["info"]["steps"] == info["steps"]
+        for name, t in model.state_dict().items():  # the same base updates: ranks averaged their gradients
+            assert torch.allclose(got["state"][name], t, atol=1e-5), (mode, name)
 
 
 def test_budget_stops_adaptation_and_scores_the_rest_plainly(sample_dataset):
