@@ -230,3 +230,56 @@ def test_eval_warmup_restores_every_weight_and_catches_a_non_causal_model(sample
     with pytest.raises(tg.RunError, match="causality self-test failed"):
         tg.warm_up_evaluation(model, leaky, luts, seq_len=32, batch_seqs=2, looping=False, rank=0, world_size=1,
                               device=CPU, autocast=tg.contextlib.nullcontext)
+
+
+@pytest.fixture(scope="module")
+def trained_and_shifted(sample_dataset):
+    """A small model trained on the sample's training text, and a validation stream unlike it: the
+    validation documents upper-cased (other tokens, other statistics)."""
+    sp = spm.SentencePieceProcessor(model_file=sample_dataset["tokenizer_path"])
+    luts = tg.build_byte_luts(sp, 1024)
+    train = tg.load_data_shard(tg.shard_files(sample_dataset["dataset_dir"], "train")[0])
+    model = small_model()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        starts = torch.randint(0, train.numel() - 65, (16,), generator=g)
+        batch = torch.stack([train[s : s + 65] for s in starts.tolist()])
+        loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    val = tg.load_validation_tokens(sample_dataset["dataset_dir"])
+    bos = (val == tg.BOS_ID).nonzero().flatten().tolist() + [val.numel()]
+    ids = []
+    for a, b in zip(bos, bos[1:]):
+        ids += [tg.BOS_ID] + sp.encode(sp.decode(val[a + 1 : b].tolist()).upper())
+        if len(ids) > 1500:
+            break
+    return model.state_dict(), torch.tensor(ids[:1501]), luts
+
+
+SHIFTED = {"chunked": tg.dataclasses.replace(SETTINGS, chunk_tokens=256, lr=0.03, epochs=2),
+           "lora": tg.dataclasses.replace(DOC_SETTINGS["lora"], lora_lr=0.03, docs_per_batch=4),
+           "phased": tg.dataclasses.replace(DOC_SETTINGS["phased"], lora_lr=0.03, global_lr=0.03, docs_per_batch=4)}
+NO_ADAPTATION = {"chunked": dict(epochs=0), "lora": dict(lora_lr=0.0), "phased": dict(lora_lr=0.0, global_lr=0.0)}
+
+
+@pytest.mark.parametrize("mode", ["chunked", "lora", "phased"])
+def test_each_ttt_variant_lowers_val_bpb_on_shifted_text(trained_and_shifted, mode):
+    state, shifted, luts = trained_and_shifted
+
+    def bpb(settings):
+        model = small_model()
+        model.load_state_dict(state)
+        model.eval()
+        ledger = tg.ScoreLedger(shifted, luts, CPU)
+        tg.run_ttt(model, ledger, settings, rank=0, world_size=1, looping=False)
+        tg.check_scored_once(ledger)
+        return ledger.result().val_bpb
+
+    adapted = bpb(SHIFTED[mode])
+    plain = bpb(tg.dataclasses.replace(SHIFTED[mode], **NO_ADAPTATION[mode]))  # same passes, nothing learnt
+    print(f"{mode}: plain {plain:.4f} adapted {adapted:.4f}")
+    assert adapted < plain - 0.3, (mode, adapted, plain)
