@@ -201,6 +201,17 @@ class Hyperparameters:
     phased_ttt_num_phases: int = knob(1, "phased: global SGD phases, evenly spaced over the prefix", gt=0)
     global_ttt_lr: float = knob(0.001, "phased: SGD LR of the global phases (cosine)", min=0)
     global_ttt_epochs: int = knob(1, "phased: SGD passes over the prefix per phase", min=0)
+    # pre-quantization TTT: adapt the full-precision weights before export (see TEST-TIME TRAINING)
+    prequant_ttt_enabled: bool = knob(False, "AdamW passes over held-out data before quantization, time reserved "
+                                      "from the training budget")
+    prequant_ttt_source: str = knob("train", "train: the tail of the last training shard; val: validation tokens "
+                                    "before scoring them (violates C3, needs ALLOW_VAL_ADAPTATION=1)",
+                                    choices=("train", "val"))
+    prequant_ttt_tokens: int = knob(1_048_576, "tokens of the pre-quantization TTT slice", gt=0)
+    prequant_ttt_epochs: int = knob(1, "AdamW passes over the slice", min=0)
+    prequant_ttt_lr: float = knob(1e-4, "AdamW LR of pre-quantization TTT", min=0)
+    allow_val_adaptation: bool = knob(False, "permit adapting on validation tokens before scoring them; stamps "
+                                      "every score line, the compliance block and the results non-record")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -252,6 +263,9 @@ class Hyperparameters:
             raise ConfigError(f"EMA_DECAY={self.ema_decay} must be < 1 (0 = off)")
         if self.matrix_bits > 8 or self.embed_bits > 8:
             raise ConfigError(f"MATRIX_BITS={self.matrix_bits} and EMBED_BITS={self.embed_bits} must be in [2, 8]")
+        if self.prequant_ttt_source == "val" and not self.allow_val_adaptation:
+            raise ConfigError("PREQUANT_TTT_SOURCE=val adapts on validation tokens before scoring them (C3); it needs "
+                              "ALLOW_VAL_ADAPTATION=1, which marks the run non-record")
         if self.ttt_momentum >= 1:
             raise ConfigError(f"TTT_MOMENTUM={self.ttt_momentum} must be < 1")
         if self.ttt_freeze_blocks > self.num_layers:
@@ -1490,7 +1504,7 @@ class ScoreLedger:
         self.adapted_targets = 0  # target positions handed out for adaptation (with repeats)
         self.full_softmax_checked = False
 
-    def window_rows(self, spans: list[tuple[int, int]], seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def window_rows(self, spans: list[tuple[int, int]], seq_len: int):
         """Inputs, targets and the scored-position mask of a batch of windows (on the device)."""
         length = min(spans[0][1], seq_len)
         x = torch.stack([self.tokens[b - length : b] for _, b in spans])
@@ -1711,9 +1725,9 @@ def average_gradients(params: list[torch.Tensor]) -> None:
         offset += p.numel()
 
 
-def sgd_adapt(model: GPT, ledger: ScoreLedger, spans: list[tuple[int, int]], optimizer, *, lr: float, epochs: int,
-              seq_len: int, batch_seqs: int, grad_clip: float, rank: int, world_size: int, looping: bool,
-              autocast=contextlib.nullcontext) -> int:
+def adapt_full_model(model: GPT, ledger: ScoreLedger, spans: list[tuple[int, int]], optimizer, *, lr: float,
+                     epochs: int, seq_len: int, batch_seqs: int, grad_clip: float, rank: int, world_size: int,
+                     looping: bool, autocast=contextlib.nullcontext) -> int:
     """Full-model SGD on the committed targets `spans`, `epochs` passes; returns the steps taken.
 
     Step j takes pieces [j*B, (j+1)*B) of all ranks' pieces; each rank its contiguous share. The
@@ -1792,7 +1806,7 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, rank:
         t0 = t_clock()
         ledger.share(lo, hi)
         lr = s.lr * 0.5 * (1 + math.cos(math.pi * ci / max(len(groups) - 1, 1)))
-        steps += sgd_adapt(model, ledger, [(lo, hi)], optimizer, lr=lr, epochs=s.epochs, seq_len=s.seq_len,
+        steps += adapt_full_model(model, ledger, [(lo, hi)], optimizer, lr=lr, epochs=s.epochs, seq_len=s.seq_len,
                            batch_seqs=s.batch_seqs, grad_clip=s.grad_clip, rank=rank, world_size=world_size,
                            looping=looping, autocast=autocast)
         trained_upto = hi
@@ -1921,7 +1935,7 @@ def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]
     steps = 0
     for gi, group in enumerate(groups):
         lr = s.global_lr * 0.5 * (1 + math.cos(math.pi * gi / max(len(groups) - 1, 1)))
-        steps += sgd_adapt(model, ledger, group, optimizer, lr=lr, epochs=s.global_epochs, seq_len=s.seq_len,
+        steps += adapt_full_model(model, ledger, group, optimizer, lr=lr, epochs=s.global_epochs, seq_len=s.seq_len,
                            batch_seqs=s.batch_seqs, grad_clip=s.grad_clip, rank=rank, world_size=world_size,
                            looping=looping, autocast=autocast)
     return steps
@@ -1986,6 +2000,78 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, ran
     return dict(chunks=len(rounds), trained_chunks=trained_rounds, steps=steps + global_steps, score_ms=score_ms,
                 adapt_ms=adapt_ms, stopped_at=budget.stopped_at if budget is not None else None,
                 global_steps=global_steps)
+
+
+# PRE-QUANTIZATION TTT, the seeds' technique in its legal form: after training and before export, the
+# full-precision weights take PREQUANT_TTT_EPOCHS AdamW passes over PREQUANT_TTT_TOKENS tokens of
+# *training* data (the tail of the last training shard). That reads training data, so it happens
+# inside the training budget: its cost is measured before training (a few steps on the same slice,
+# weights restored) and reserved from the training time (PhaseClock.reserve_ms). The seeds adapted on
+# the validation tokens before scoring them, which breaks C3: PREQUANT_TTT_SOURCE=val is refused
+# unless ALLOW_VAL_ADAPTATION=1, and that opt-in stamps every score line, the compliance block and the
+# returned results as non-record.
+
+
+class TrainingTokens:
+    """A token source for adaptation without a ledger: training data only (no score to protect)."""
+
+    def __init__(self, tokens: torch.Tensor, device: torch.device):
+        self.tokens, self.device, self.num_targets = tokens, device, tokens.numel() - 1
+
+    def adaptation_tokens(self, lo: int, hi: int) -> torch.Tensor:
+        return self.tokens[lo : hi + 1]
+
+
+def prequant_ttt_tokens(hp: Hyperparameters, train_files: list[str],
+                        val_tokens: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The pre-quantization TTT stream and its source name. Validation tokens only with the opt-in."""
+    if hp.prequant_ttt_source == "val":
+        if not hp.allow_val_adaptation:
+            raise RunError("PREQUANT_TTT_SOURCE=val adapts on validation tokens before scoring them (C3); "
+                           "set ALLOW_VAL_ADAPTATION=1 to run it as a non-record experiment")
+        return val_tokens[: hp.prequant_ttt_tokens + 1], "validation"
+    tail = load_data_shard(train_files[-1])
+    return tail[-min(hp.prequant_ttt_tokens + 1, tail.numel()) :], "train"
+
+
+def prequant_ttt(model: GPT, tokens: torch.Tensor, *, seq_len: int, epochs: int, lr: float, batch_seqs: int,
+                 grad_clip: float, rank: int, world_size: int, looping: bool, device: torch.device,
+                 autocast=contextlib.nullcontext) -> int:
+    """AdamW passes over `tokens` (cut into seq_len pieces, split across ranks, gradients averaged)."""
+    source = TrainingTokens(tokens, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    steps = adapt_full_model(model, source, [(0, source.num_targets)], optimizer, lr=lr, epochs=epochs,
+                             seq_len=seq_len, batch_seqs=batch_seqs, grad_clip=grad_clip, rank=rank,
+                             world_size=world_size, looping=looping, autocast=autocast)
+    optimizer.zero_grad(set_to_none=True)
+    return steps
+
+
+def prequant_ttt_steps(num_targets: int, seq_len: int, batch_seqs: int, epochs: int) -> int:
+    pieces = math.ceil(num_targets / seq_len)
+    return epochs * math.ceil(pieces / batch_seqs)
+
+
+def measure_prequant_ttt_reserve(model: GPT, tokens: torch.Tensor, *, seq_len: int, epochs: int, lr: float,
+                                 batch_seqs: int, grad_clip: float, rank: int, world_size: int, looping: bool,
+                                 device: torch.device, autocast=contextlib.nullcontext,
+                                 rt: Runtime | None = None) -> tuple[float, int]:
+    """Milliseconds to reserve for pre-quantization TTT: two measured steps on its own data (weights
+    put back after), scaled to the full number of steps, plus 50% headroom. Returns (ms, steps)."""
+    steps = prequant_ttt_steps(tokens.numel() - 1, seq_len, batch_seqs, epochs)
+    if steps == 0:
+        return 0.0, 0
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sample = tokens[: min(tokens.numel(), 2 * batch_seqs * seq_len + 1)]
+    t0 = time.perf_counter()
+    measured = prequant_ttt(model, sample, seq_len=seq_len, epochs=1, lr=lr, batch_seqs=batch_seqs,
+                            grad_clip=grad_clip, rank=rank, world_size=world_size, looping=looping, device=device,
+                            autocast=autocast)
+    step_ms = 1000.0 * (time.perf_counter() - t0) / max(measured, 1)
+    if rt is not None:
+        step_ms = agree_max([step_ms], rt)[0]  # every rank must shorten its training budget alike
+    model.load_state_dict(saved)
+    return 1.5 * step_ms * steps, steps
 
 
 # ==================================================================================================
@@ -2264,6 +2350,9 @@ def log_run_header(hp: Hyperparameters, rt: Runtime, log) -> None:
     log("Hyperparameters:")
     for line in hp.describe():
         log(line)
+    if hp.allow_val_adaptation:
+        log(f"non_record: ALLOW_VAL_ADAPTATION=1 permits adapting on validation tokens before scoring them (C3 "
+            f"violated); every score line below carries '{NON_RECORD_STAMP.strip()}'")
 
 
 def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Tensor, ByteLuts]:
@@ -2302,28 +2391,85 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
 
 
 def compliance_lines(results: dict[str, EvalResult], ttt_info: dict | None, *, vocab_size: int, eval_ms: float,
-                     eval_cap_ms: float | None, causal_diff: float) -> list[str]:
+                     eval_cap_ms: float | None, causal_diff: float, prequant: dict | None = None,
+                     allow_val_adaptation: bool = False) -> list[str]:
     """The compliance block (conditions C1-C4 of the public field guide) and every data source."""
     targets = {r.num_targets for r in results.values()}
     adapted = ttt_info is not None and ttt_info["adapted_targets"] > 0
-    c3 = (f"ok: {ttt_info['adapted_targets']} adaptation targets, each handed out by the ledger only after its "
-          f"score was committed" if adapted else "ok: no adaptation on validation tokens")
+    val_prequant = prequant is not None and prequant["source"] == "validation"
+    if val_prequant:
+        c3 = (f"VIOLATED: pre-quantization TTT adapted the weights on {prequant['tokens'].numel()} validation tokens "
+              "before they were scored")
+    elif adapted:
+        c3 = (f"ok: {ttt_info['adapted_targets']} adaptation targets, each handed out by the ledger only after its "
+              "score was committed")
+    else:
+        c3 = "ok: no adaptation on validation tokens"
+    if prequant is None:
+        prequant_source = "none"
+    elif val_prequant:
+        prequant_source = "validation (before scoring: NON-RECORD)"
+    else:
+        prequant_source = (f"train ({prequant['tokens'].numel()} tokens, inside the training budget: "
+                           f"{int(prequant.get('within_cap', True))})")
     over = eval_cap_ms is not None and eval_ms > eval_cap_ms
+    prequant_ok = prequant is None or prequant.get("within_cap", True)
+    eligible = not over and len(targets) == 1 and not allow_val_adaptation and prequant_ok
+    track = "non-record (ALLOW_VAL_ADAPTATION=1)" if allow_val_adaptation else \
+        "B (adaptive, score-first)" if adapted else "A (fixed predictor)"
     return [
         "compliance:",
-        f"  track: {'B (adaptive, score-first)' if adapted else 'A (fixed predictor)'}",
+        f"  track: {track}",
         "  C1 causal: ok: every target scored from earlier tokens only (windows end at their last scored target); "
         f"self-test: changing a later token moved earlier logits by {causal_diff:.3g}",
         f"  C2 full normalized softmax: ok: cross-entropy over all {vocab_size} logits, softmax sum checked",
         f"  C3 score before update: {c3}",
         f"  C4 each target scored once: {'ok' if len(targets) == 1 else 'FAILED'}: "
         f"{', '.join(f'{k}:{r.num_targets}' for k, r in results.items())} (every pass checked per target)",
-        f"  sources: train_warmup:train eval_warmup:synthetic adaptation:{'validation (already scored)' if adapted else 'none'} "
-        f"pre_quant_ttt:none calibration:none",
+        f"  sources: train_warmup:train eval_warmup:synthetic "
+        f"adaptation:{'validation (already scored)' if adapted else 'none'} pre_quant_ttt:{prequant_source} "
+        "calibration:none",
         f"  eval_time: {eval_ms:.0f}ms budget:{'none' if eval_cap_ms is None else f'{eval_cap_ms:.0f}ms'} "
         f"within_budget:{int(not over)}",
-        f"  record_eligible: {int(not over and len(targets) == 1)}",
+        f"  record_eligible: {int(eligible)}" + (NON_RECORD_STAMP if allow_val_adaptation else ""),
     ]
+
+
+NON_RECORD_STAMP = " non_record:C3_violated"
+
+
+def prepare_prequant_ttt(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str],
+                         val_tokens: torch.Tensor, clock: PhaseClock, autocast, log) -> dict | None:
+    """Before training: pick the pre-quantization TTT data, measure its cost (as warm-up, weights put
+    back) and reserve that time from the training budget. None when PREQUANT_TTT_ENABLED=0."""
+    if not hp.prequant_ttt_enabled:
+        return None
+    tokens, source = prequant_ttt_tokens(hp, train_files, val_tokens)
+    settings = dict(seq_len=hp.train_seq_len, epochs=hp.prequant_ttt_epochs, lr=hp.prequant_ttt_lr,
+                    batch_seqs=hp.ttt_batch_seqs, grad_clip=hp.ttt_grad_clip, rank=rt.rank,
+                    world_size=rt.world_size, device=rt.device, autocast=autocast)
+    clock.start("warmup")  # measuring is not training: the weights are put back
+    reserve_ms, steps = measure_prequant_ttt_reserve(model, tokens, looping=hp.num_loops > 0, rt=rt, **settings)
+    clock.stop()
+    if source == "train":  # reads training data: must end inside the training cap
+        clock.reserve_ms += reserve_ms
+    log(f"prequant_ttt:reserving {reserve_ms:.0f}ms for {steps} steps source:{source} tokens:{tokens.numel()} "
+        f"(measured before training){NON_RECORD_STAMP if source == 'validation' else ''}")
+    return dict(tokens=tokens, source=source, settings=settings, reserve_ms=reserve_ms, steps=steps)
+
+
+def run_prequant_ttt(prequant: dict, model: GPT, clock: PhaseClock, *, looping: bool, log) -> None:
+    """After training, before export: adapt the full-precision weights; logs when data access ended."""
+    clock.start("prequant_ttt")
+    steps = prequant_ttt(model, prequant["tokens"], looping=looping, **prequant["settings"])
+    clock.stop()
+    used = clock.elapsed_ms("prequant_ttt")
+    end = clock.elapsed_ms("train") + used
+    within = prequant["source"] != "train" or clock.cap_ms is None or end <= clock.cap_ms
+    prequant.update(steps_done=steps, time_ms=used, data_access_end_ms=end, within_cap=within)
+    log(f"prequant_ttt: steps:{steps} source:{prequant['source']} time:{used:.0f}ms reserved:"
+        f"{prequant['reserve_ms']:.0f}ms train_data_access_end:{end:.0f}ms cap:"
+        f"{'none' if clock.cap_ms is None else f'{clock.cap_ms:.0f}ms'} within_cap:{int(within)}")
 
 
 def ttt_settings(hp: Hyperparameters, score_batch_seqs: int) -> TTTSettings:
@@ -2389,7 +2535,8 @@ def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, val_tokens: torch.Ten
     def seconds(devices: int, mfu: float) -> float:
         return total / (devices * hp.peak_tflops * 1e12 * mfu)
 
-    lines.append(f"eval_plan_total: flops:{total:.3e} this_run({world_size} devices) at_peak:{seconds(world_size, 1):.3g}s "
+    lines.append(f"eval_plan_total: flops:{total:.3e} this_run({world_size} devices) "
+                 f"at_peak:{seconds(world_size, 1):.3g}s "
                  f"at_40%_mfu:{seconds(world_size, 0.4):.3g}s | 8xH100 at_peak:{seconds(8, 1):.3g}s "
                  f"at_40%_mfu:{seconds(8, 0.4):.3g}s | budget:{budget}")
     return lines
@@ -2417,8 +2564,8 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, *, seq_len: int, b
         a, b = logits_fn(x, looping).float(), logits_fn(flipped, looping).float()
     causal_diff = float((a[:, :-1] - b[:, :-1]).abs().max()) if seq_len > 1 else 0.0
     if causal_diff > 1e-3:
-        raise RunError(f"causality self-test failed: changing the last token changed earlier logits by {causal_diff:.3g} "
-                       "(C1); no score is reported")
+        raise RunError(f"causality self-test failed: changing the last token changed earlier logits by "
+                       f"{causal_diff:.3g} (C1); no score is reported")
     if ttt is not None:
         stream = synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1)
         small = dataclasses.replace(ttt, chunk_tokens=seq_len, epochs=1, prefix_docs=1, num_phases=1,
@@ -2432,13 +2579,14 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, *, seq_len: int, b
 
 def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: torch.Tensor, luts: ByteLuts,
                       clock: PhaseClock, log, *, looping: bool, use_compile: bool, autocast,
-                      batch_seqs: int) -> dict[str, EvalResult]:
+                      batch_seqs: int, prequant: dict | None = None) -> dict[str, EvalResult]:
     """Every score of the reloaded artifact, in order: the flat roundtrip, the sliding window if
     EVAL_STRIDE is set, test-time training if TTT_ENABLED. The clock's `eval` phase runs from the
     artifact read (started by the caller) to the final score and is logged per phase. A plain pass
     that would end past MAX_EVAL_SECONDS is cut (never reported partially); TTT stops adapting
     instead, early enough to score the rest plainly."""
     seq_len = hp.effective_eval_seq_len
+    stamp = NON_RECORD_STAMP if hp.allow_val_adaptation else ""
     model.eval()
     logits_fn = maybe_compile(model.forward_logits, use_compile)
     phases = {"load": clock.elapsed_ms("eval")}
@@ -2470,13 +2618,13 @@ def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: 
     results: dict[str, EvalResult] = {}
     results["roundtrip"] = r = scored(0)
     log(f"final_int8_zlib_roundtrip val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
-        f"eval_time:{phase_done('roundtrip'):.0f}ms")
-    log(f"final_int8_zlib_roundtrip_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
+        f"eval_time:{phase_done('roundtrip'):.0f}ms{stamp}")
+    log(f"final_int8_zlib_roundtrip_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
     if 0 < hp.eval_stride < seq_len:
         results["sliding"] = r = scored(hp.eval_stride)
         log(f"quantized_sliding_window val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} "
-            f"eval_time:{phase_done('sliding'):.0f}ms stride:{hp.eval_stride} seq_len:{seq_len}")
-        log(f"final_sliding_window_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
+            f"eval_time:{phase_done('sliding'):.0f}ms stride:{hp.eval_stride} seq_len:{seq_len}{stamp}")
+        log(f"final_sliding_window_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
     ttt_info = None
     if settings is not None:
         ledger = ScoreLedger(val_tokens, luts, rt.device, group=rt.control_group)
@@ -2490,18 +2638,20 @@ def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: 
         log(f"ttt:done mode:{hp.ttt_mode} chunks_or_rounds:{ttt_info['chunks']} adapted:{ttt_info['trained_chunks']} "
             f"steps:{ttt_info['steps']} score:{ttt_info['score_ms']:.0f}ms adapt:{ttt_info['adapt_ms']:.0f}ms "
             f"adaptation_stopped:{ttt_info['stopped_at'] or 'never'}")
-        label = {"chunked": "quantized_ttt", "lora": "quantized_ttt_lora", "phased": "quantized_ttt_phased"}[hp.ttt_mode]
-        log(f"{label} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{phase_done('ttt'):.0f}ms")
-        log(f"legal_ttt_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
+        label = {"chunked": "quantized_ttt", "lora": "quantized_ttt_lora",
+                 "phased": "quantized_ttt_phased"}[hp.ttt_mode]
+        log(f"{label} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{phase_done('ttt'):.0f}ms{stamp}")
+        log(f"legal_ttt_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
     eval_ms = clock.elapsed_ms("eval")
     log("eval_phases: " + " ".join(f"{k}:{v:.0f}ms" for k, v in phases.items()) + f" total:{eval_ms:.0f}ms "
         f"budget:{'none' if clock.eval_cap_ms is None else f'{clock.eval_cap_ms:.0f}ms'}")
     for line in compliance_lines(results, ttt_info, vocab_size=hp.vocab_size, eval_ms=eval_ms,
-                                 eval_cap_ms=clock.eval_cap_ms, causal_diff=warm["causal_diff"]):
+                                 eval_cap_ms=clock.eval_cap_ms, causal_diff=warm["causal_diff"], prequant=prequant,
+                                 allow_val_adaptation=hp.allow_val_adaptation):
         log(line)
     final = next(reversed(results))
     log(f"final_score stage:{final} val_loss:{results[final].val_loss:.8f} val_bpb:{results[final].val_bpb:.8f} "
-        f"total_eval_time:{eval_ms / 1000:.1f}s")
+        f"total_eval_time:{eval_ms / 1000:.1f}s{stamp}")
     return results
 
 
@@ -2571,7 +2721,7 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
     clock.start("warmup")
     warmup_and_reset(model, base_model, optimizers, make_loader, hp, rt, grad_accum, autocast, log)
     clock.stop()
-    # Nothing after training reads training data yet, so the reserve is 0 (and logged as such).
+    prequant = prepare_prequant_ttt(hp, rt, base_model, train_files, val_tokens, clock, autocast, log)
     log(f"clock: train_budget:{clock.train_budget_ms}ms reserve:{clock.reserve_ms:.0f}ms "
         f"eval_budget:{clock.eval_cap_ms}ms")
     averager = WeightAverager(base_model, ema_decay=hp.ema_decay, swa_start_frac=hp.swa_start_frac,
@@ -2589,12 +2739,15 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
     averager.apply(choice)
     set_qat(qat_layers, False)
     log(f"weights:exporting {choice}")
+    if prequant is not None:
+        run_prequant_ttt(prequant, base_model, clock, looping=state.looping, log=log)
     clock.start("pre_quant_eval")
     pre_quant = evaluate_model(state.looping)
     clock.stop()
     log(f"step:{state.step}/{hp.iterations} val_loss:{pre_quant.val_loss:.4f} val_bpb:{pre_quant.val_bpb:.4f} "
         f"train_time:{clock.elapsed_ms('train'):.0f}ms step_avg:{clock.elapsed_ms('train') / max(state.step, 1):.2f}ms")
-    log(f"pre-quantization post-{choice} val_loss:{pre_quant.val_loss:.8f} val_bpb:{pre_quant.val_bpb:.8f}")
+    stamp = NON_RECORD_STAMP if hp.allow_val_adaptation else ""
+    log(f"pre-quantization post-{choice} val_loss:{pre_quant.val_loss:.8f} val_bpb:{pre_quant.val_bpb:.8f}{stamp}")
 
     # Serialization, then the roundtrip: a fresh model loaded from the artifact file alone
     clock.start("serialize")
@@ -2607,7 +2760,8 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
     fresh = GPT(ModelConfig.from_hparams(hp)).to(rt.device)
     fresh.load_state_dict(deserialize_artifact(artifact_path.read_bytes()), strict=True)
     results = evaluate_artifact(hp, rt, fresh, val_tokens, luts, clock, log, looping=state.looping,
-                                use_compile=use_compile, autocast=autocast, batch_seqs=val_batch_seqs)
+                                use_compile=use_compile, autocast=autocast, batch_seqs=val_batch_seqs,
+                                prequant=prequant)
     clock.stop()
     roundtrip = results["roundtrip"]
     log(f"artifact code_bytes:{n_code} model_bytes:{artifact_bytes} total_bytes:{total_bytes} "
@@ -2617,7 +2771,8 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
                 train_losses=state.train_losses, pre_quant=pre_quant, roundtrip=roundtrip, evals=results,
                 final=results[next(reversed(results))], export_choice=choice,
                 code_bytes=n_code, model_bytes=artifact_bytes, total_bytes=total_bytes, phases=dict(clock.totals),
-                training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms, log_path=str(log.path))
+                training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms, log_path=str(log.path),
+                non_record=hp.allow_val_adaptation, prequant_ttt=prequant)
 
 
 def random_seed_all(seed: int) -> None:

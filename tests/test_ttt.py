@@ -283,3 +283,51 @@ def test_each_ttt_variant_lowers_val_bpb_on_shifted_text(trained_and_shifted, mo
     plain = bpb(tg.dataclasses.replace(SHIFTED[mode], **NO_ADAPTATION[mode]))  # same passes, nothing learnt
     print(f"{mode}: plain {plain:.4f} adapted {adapted:.4f}")
     assert adapted < plain - 0.3, (mode, adapted, plain)
+
+
+def test_prequant_ttt_on_training_data_is_reserved_from_the_training_budget(tiny_env, tmp_path):
+    cpu = tg.Runtime(rank=0, world_size=1, local_rank=0, device=CPU, distributed=False)
+    env = {**tiny_env, "ITERATIONS": "3", "MAX_WALLCLOCK_SECONDS": "300", "PREQUANT_TTT_ENABLED": "1",
+           "PREQUANT_TTT_TOKENS": "4096", "PREQUANT_TTT_EPOCHS": "2", "PREQUANT_TTT_LR": "0.001",
+           "TTT_BATCH_SEQS": "16"}
+    out = tg.run(tg.Hyperparameters.from_env(env), cpu)
+    pq = out["prequant_ttt"]
+    assert pq["source"] == "train" and pq["steps_done"] == pq["steps"] == 4  # 2 epochs x 32 pieces of 128 / 16
+    # The measured cost is reserved: the training budget is the cap minus it (training stops by it).
+    assert out["reserve_ms"] == pytest.approx(pq["reserve_ms"]) and pq["reserve_ms"] > 0
+    assert pq["data_access_end_ms"] == pytest.approx(out["training_time_ms"] + pq["time_ms"])
+    log = (tmp_path / "logs" / "test.txt").read_text()
+    budget = float(re.search(r"^clock: train_budget:([\d.]+)ms reserve:(\d+)ms", log, re.M).group(1))
+    assert budget == pytest.approx(300_000 - pq["reserve_ms"])
+    assert re.search(r"^prequant_ttt:reserving \d+ms for 4 steps source:train tokens:4097 ", log, re.M)
+    assert re.search(r"^prequant_ttt: steps:4 source:train time:\d+ms reserved:\d+ms train_data_access_end:\d+ms "
+                     r"cap:300000ms within_cap:1$", log, re.M)
+    assert "pre_quant_ttt:train (4097 tokens, inside the training budget" in log
+    assert not re.search(r"^non_record:|non_record:C3_violated$", log, re.M)
+    # The slice is training data: its tokens are the tail of the training shard, never validation.
+    train = tg.load_data_shard(tg.shard_files(tiny_env["DATA_PATH"], "train")[-1])
+    assert torch.equal(pq["tokens"], train[-4097:])
+
+
+def test_validation_adaptation_is_refused_without_the_opt_in_and_stamped_with_it(tiny_env, tmp_path):
+    with pytest.raises(tg.ConfigError, match="ALLOW_VAL_ADAPTATION=1"):
+        tg.Hyperparameters.from_env({**tiny_env, "PREQUANT_TTT_SOURCE": "val"})
+    hp = tg.Hyperparameters.from_env(tiny_env)
+    refused = tg.dataclasses.replace(hp, prequant_ttt_source="train")
+    object.__setattr__(refused, "prequant_ttt_source", "val")  # past the config check: the runtime check holds
+    with pytest.raises(tg.RunError, match="ALLOW_VAL_ADAPTATION=1"):
+        tg.prequant_ttt_tokens(refused, [], torch.zeros(10, dtype=torch.int64))
+    cpu = tg.Runtime(rank=0, world_size=1, local_rank=0, device=CPU, distributed=False)
+    env = {**tiny_env, "ITERATIONS": "3", "PREQUANT_TTT_ENABLED": "1", "PREQUANT_TTT_SOURCE": "val",
+           "ALLOW_VAL_ADAPTATION": "1", "PREQUANT_TTT_TOKENS": "1024", "PREQUANT_TTT_EPOCHS": "1"}
+    out = tg.run(tg.Hyperparameters.from_env(env), cpu)
+    assert out["non_record"] and out["prequant_ttt"]["source"] == "validation"
+    log = (tmp_path / "logs" / "test.txt").read_text()
+    assert re.search(r"^non_record: ALLOW_VAL_ADAPTATION=1 ", log, re.M)
+    score_lines = [line for line in log.splitlines() if re.search(r"val_bpb:\d+\.\d{8}", line)]
+    assert len(score_lines) >= 3 and all(line.endswith(" non_record:C3_violated") for line in score_lines)
+    block = log.split("\ncompliance:\n")[1].split("\nfinal_score")[0]
+    assert "track: non-record (ALLOW_VAL_ADAPTATION=1)" in block
+    assert "C3 score before update: VIOLATED: pre-quantization TTT adapted the weights on 1025 validation" in block
+    assert "pre_quant_ttt:validation (before scoring: NON-RECORD)" in block
+    assert "record_eligible: 0 non_record:C3_violated" in block
