@@ -1504,12 +1504,15 @@ class ScoreLedger:
         self.adapted_targets = 0  # target positions handed out for adaptation (with repeats)
         self.full_softmax_checked = False
 
-    def window_rows(self, spans: list[tuple[int, int]], seq_len: int):
-        """Inputs, targets and the scored-position mask of a batch of windows (on the device)."""
+    def window_rows(self, spans: list[tuple[int, int]], seq_len: int, pad_rows: int = 0):
+        """Inputs, targets and the scored-position mask of a batch of windows (on the device). With
+        `pad_rows`, a short batch is filled up with copies of its first row that score nothing, so a
+        compiled forward sees one shape."""
         length = min(spans[0][1], seq_len)
-        x = torch.stack([self.tokens[b - length : b] for _, b in spans])
-        y = torch.stack([self.tokens[b - length + 1 : b + 1] for _, b in spans])
-        first_scored = torch.tensor([length - (b - a) for a, b in spans])
+        rows = spans + [spans[0]] * max(pad_rows - len(spans), 0)
+        x = torch.stack([self.tokens[b - length : b] for _, b in rows])
+        y = torch.stack([self.tokens[b - length + 1 : b + 1] for _, b in rows])
+        first_scored = torch.tensor([length - (b - a) for a, b in spans] + [length] * (len(rows) - len(spans)))
         mask = torch.arange(length)[None, :] >= first_scored[:, None]
         return x.to(self.device), y.to(self.device), mask.to(self.device)
 
@@ -1602,7 +1605,7 @@ def score_windows(logits_fn, ledger: ScoreLedger, spans: list[tuple[int, int]], 
         if round_idx >= len(plans[rank]):
             continue
         batch = plans[rank][round_idx]
-        x, y, mask = ledger.window_rows(batch, seq_len)
+        x, y, mask = ledger.window_rows(batch, seq_len, pad_rows=batch_seqs)
         with autocast():
             logits = logits_fn(x)
         ledger.commit(batch, logits, x, y, mask)

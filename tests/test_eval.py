@@ -79,12 +79,16 @@ def test_sliding_evaluation_scores_each_target_once_with_its_window_context(samp
     torch.manual_seed(0)
     table = torch.randn(1024, 1024)
 
+    shapes = set()
+
     def fn(x):  # logits of position j depend on token j and on how many tokens precede it in the row
+        shapes.add(tuple(x.shape))
         return table[x] + 0.05 * torch.arange(x.size(1)).float()[None, :, None] * table[0][None, None, :]
 
     seq_len = 64
     for world_size in (1, 2, 3):
         per_target = np.full(301, np.nan)
+        shapes.clear()
         for rank in range(world_size):
             ledger = tg.ScoreLedger(val, luts, torch.device("cpu"), keep_per_target=True)
             spans = tg.plan_windows(300, seq_len, stride or seq_len)
@@ -93,6 +97,7 @@ def test_sliding_evaluation_scores_each_target_once_with_its_window_context(samp
             assert not (mine & ~np.isnan(per_target)).any()
             per_target[mine] = ledger.per_target[mine]
         assert not np.isnan(per_target[1:]).any()
+        assert shapes == {(3, seq_len)}  # short batches are padded: a compiled forward sees one shape
         for t in (1, 2, 63, 64, 65, 100, 299, 300):
             a, b = next(s for s in spans if s[0] < t <= s[1])
             start = max(0, b - seq_len)
