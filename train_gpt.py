@@ -1957,7 +1957,7 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, ran
     log(f"ttt:start mode:{s.mode} docs:{len(queue)} rounds:{len(rounds)} lora_rank:{s.lora_rank} "
         f"lora_lr:{s.lora_lr} chunk_size:{s.doc_chunk}" + (f" prefix_docs:{prefix} num_phases:{s.num_phases} "
                                                             f"boundaries:{boundaries}" if phased else ""))
-    frozen = [p for p in model.parameters() if p.requires_grad]
+    base_params = [p for p in model.parameters() if p.requires_grad]
     t_clock = time.perf_counter
     score_ms = adapt_ms = 0.0  # time of plain rounds / of adapting rounds (with their global phases)
     plain_targets = adapt_targets = steps = global_steps = phases_done = trained_rounds = 0
@@ -1976,11 +1976,11 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, ran
             log(f"ttt:adaptation_stopped at {where}: the eval budget leaves room only for scoring the remaining "
                 f"{left_after + round_targets} targets without adaptation")
         t0 = t_clock()
-        for p in frozen:
+        for p in base_params:
             p.requires_grad_(False)  # only the adapters learn inside a round
         steps += lora_round(model, ledger, rank_share(round_docs, rank, world_size), s, looping=looping, adapt=adapt,
                             autocast=autocast)
-        for p in frozen:
+        for p in base_params:
             p.requires_grad_(True)
         if adapt:
             adapt_ms += 1000.0 * (t_clock() - t0)
