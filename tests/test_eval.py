@@ -3,6 +3,7 @@
 import math
 import random
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
@@ -13,16 +14,37 @@ from test_train import run_tiny
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 8])
-def test_eval_blocks_cover_every_target_exactly_once(world_size):
+def test_windows_score_every_target_once_with_the_longest_context(world_size):
+    """Over many (length, seq_len, stride, world size): every target 1..T is scored exactly once, by a
+    window that ends at its last scored target and is as long as the stream allows."""
     rng = random.Random(world_size)
-    for _ in range(50):
-        num_targets, seq_len = rng.randint(1, 5000), rng.choice([1, 7, 64, 1024])
-        scored = []
+    cases = [(1, 7, 3), (7, 7, 3), (8, 7, 3), (64, 64, 64), (65, 64, 64), (2048 * 3 + 5, 2048, 64)]
+    cases += [(rng.randint(1, 3000), rng.choice([1, 5, 64, 256]), rng.choice([1, 3, 16, 64, 300])) for _ in range(60)]
+    for num_targets, seq_len, stride in cases:
+        spans = tg.plan_windows(num_targets, seq_len, stride)
+        scored, context = [], {}
         for rank in range(world_size):
-            for start, length in tg.plan_eval_blocks(num_targets, seq_len, rank, world_size):
-                assert 1 <= length <= seq_len
-                scored.extend(range(start + 1, start + length + 1))
+            for batch in tg.plan_window_batches(tg.rank_share(spans, rank, world_size), seq_len, 4):
+                assert len(batch) <= 4 and len({min(b, seq_len) for _, b in batch}) == 1  # one shape per batch
+                for a, b in batch:
+                    start = max(0, b - seq_len)
+                    assert 0 <= start <= a < b <= num_targets
+                    assert b - a <= max(min(stride, seq_len), min(seq_len, num_targets))
+                    for t in range(a + 1, b + 1):
+                        scored.append(t)
+                        context[t] = t - start  # tokens start..t-1 are visible to target t
         assert sorted(scored) == list(range(1, num_targets + 1))
+        # Longest causal context the window allows: all of it up to seq_len in the first window,
+        # then at least seq_len - stride + 1 tokens (tail window included).
+        for t, c in context.items():
+            assert c == t if t <= seq_len else c >= seq_len - min(stride, seq_len) + 1
+
+
+def test_stride_equal_to_seq_len_is_the_flat_evaluation_with_a_right_aligned_tail():
+    assert tg.plan_windows(10, 4, 4) == [(0, 4), (4, 8), (8, 10)]  # last window reads tokens 6..9
+    assert tg.plan_windows(10, 4, 0 or 4) == tg.plan_windows(10, 4, 99)
+    assert tg.plan_windows(3, 4, 2) == [(0, 3)]
+    assert tg.plan_windows(9, 4, 2) == [(0, 4), (4, 6), (6, 8), (8, 9)]
 
 
 def uniform_logits(vocab):
@@ -49,6 +71,58 @@ def test_evaluate_counts_every_target_and_its_bytes(sample_dataset, n_tokens, se
     assert all(b <= batch_seqs for b, _ in seen)
 
 
+@pytest.mark.parametrize("stride", [0, 5, 16, 48])
+def test_sliding_evaluation_scores_each_target_once_with_its_window_context(sample_dataset, stride):
+    """Per-target NLLs from the ledger equal a direct computation with each target's own context,
+    for every rank split; a context-dependent scorer proves the windows really differ."""
+    sp = spm.SentencePieceProcessor(model_file=sample_dataset["tokenizer_path"])
+    luts = tg.build_byte_luts(sp, 1024)
+    val = tg.load_validation_tokens(sample_dataset["dataset_dir"])[:301]
+    torch.manual_seed(0)
+    table = torch.randn(1024, 1024)
+
+    shapes = set()
+
+    def fn(x):  # logits of position j depend on token j and on how many tokens precede it in the row
+        shapes.add(tuple(x.shape))
+        return table[x] + 0.05 * torch.arange(x.size(1)).float()[None, :, None] * table[0][None, None, :]
+
+    seq_len = 64
+    for world_size in (1, 2, 3):
+        per_target = np.full(301, np.nan)
+        shapes.clear()
+        for rank in range(world_size):
+            ledger = tg.ScoreLedger(val, luts, torch.device("cpu"), keep_per_target=True)
+            spans = tg.plan_windows(300, seq_len, stride or seq_len)
+            tg.score_windows(fn, ledger, spans, seq_len=seq_len, batch_seqs=3, rank=rank, world_size=world_size)
+            mine = ~np.isnan(ledger.per_target)
+            assert not (mine & ~np.isnan(per_target)).any()
+            per_target[mine] = ledger.per_target[mine]
+        assert not np.isnan(per_target[1:]).any()
+        assert shapes == {(3, seq_len)}  # short batches are padded: a compiled forward sees one shape
+        for t in (1, 2, 63, 64, 65, 100, 299, 300):
+            a, b = next(s for s in spans if s[0] < t <= s[1])
+            start = max(0, b - seq_len)
+            logits = fn(val[None, start:b])[0, t - 1 - start]
+            expect = float(torch.nn.functional.cross_entropy(logits[None], val[t : t + 1]))
+            assert per_target[t] == pytest.approx(expect, rel=1e-5)
+
+
+def test_ledger_refuses_a_second_commit_and_reports_gaps(sample_dataset):
+    sp = spm.SentencePieceProcessor(model_file=sample_dataset["tokenizer_path"])
+    luts = tg.build_byte_luts(sp, 1024)
+    val = tg.load_validation_tokens(sample_dataset["dataset_dir"])[:101]
+    ledger = tg.ScoreLedger(val, luts, torch.device("cpu"))
+    tg.score_windows(uniform_logits(1024), ledger, [(0, 50)], seq_len=64, batch_seqs=4, rank=0, world_size=1)
+    with pytest.raises(tg.RunError, match="scored twice"):
+        tg.score_windows(uniform_logits(1024), ledger, [(40, 60)], seq_len=64, batch_seqs=4, rank=0, world_size=1)
+    with pytest.raises(tg.RunError, match="unscored"):
+        tg.check_scored_once(ledger)
+    with pytest.raises(tg.RunError, match="full vocabulary"):  # C2: logits must cover the whole vocabulary
+        tg.score_windows(uniform_logits(1000), tg.ScoreLedger(val, luts, torch.device("cpu")), [(0, 50)],
+                         seq_len=64, batch_seqs=4, rank=0, world_size=1)
+
+
 def test_evaluate_rank_shares_add_up_to_the_whole(sample_dataset):
     sp = spm.SentencePieceProcessor(model_file=sample_dataset["tokenizer_path"])
     luts = tg.build_byte_luts(sp, 1024)
@@ -57,8 +131,11 @@ def test_evaluate_rank_shares_add_up_to_the_whole(sample_dataset):
     table = torch.randn(1024, 1024)
     fn = lambda x: table[x]  # noqa: E731  (logits depend on the input token)
     whole = tg.evaluate(fn, val, luts, seq_len=64, batch_seqs=5, rank=0, world_size=1, device=torch.device("cpu"))
-    parts = [tg.evaluate(fn, val, luts, seq_len=64, batch_seqs=5, rank=r, world_size=3, device=torch.device("cpu"))
-             for r in range(3)]
+    parts = []
+    for r in range(3):  # three ranks simulated in one process: each ledger holds one rank's share
+        ledger = tg.ScoreLedger(val, luts, torch.device("cpu"))
+        tg.score_windows(fn, ledger, tg.plan_windows(3000, 64, 64), seq_len=64, batch_seqs=5, rank=r, world_size=3)
+        parts.append(ledger.result())
     assert sum(p.num_targets for p in parts) == whole.num_targets == 3000
     assert sum(p.num_bytes for p in parts) == whole.num_bytes
     loss_sum = sum(p.val_loss * p.num_targets for p in parts)

@@ -1,0 +1,333 @@
+"""Score-first test-time training: legal by construction (ledger, flip test), rank-independent,
+and it helps on text unlike the training text."""
+
+import os
+import re
+import socket
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import train_gpt as tg
+
+CPU = torch.device("cpu")
+
+
+def small_model(seed: int = 0) -> tg.GPT:
+    """A random 2-layer model with every weight non-zero (so attention really mixes positions)."""
+    torch.manual_seed(seed)
+    cfg = tg.ModelConfig(vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_hidden=64,
+                         tie_embeddings=True, rope_base=10000.0, logit_softcap=30.0, qk_gain_init=1.5,
+                         tied_embed_init_std=0.02, train_seq_len=32, xsa_last_n=1, smear_gate=True)
+    model = tg.GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+SETTINGS = tg.TTTSettings(seq_len=32, stride=8, chunk_tokens=96, epochs=2, lr=0.05, momentum=0.9, batch_seqs=3,
+                          grad_clip=1.0, score_batch_seqs=4)
+
+
+def luts_and_val(sample_dataset, n: int):
+    sp = spm.SentencePieceProcessor(model_file=sample_dataset["tokenizer_path"])
+    return tg.build_byte_luts(sp, 1024), tg.load_validation_tokens(sample_dataset["dataset_dir"])[:n]
+
+
+# 5 documents in the first 701 tokens; 3 rounds of 2 documents; phases after 2 and 4 documents.
+DOC_SETTINGS = {mode: tg.dataclasses.replace(SETTINGS, mode=mode, doc_chunk=32, docs_per_batch=2, prefix_docs=4,
+                                             num_phases=2, global_lr=0.05, lora_lr=0.05) for mode in ("lora", "phased")}
+MODES = {"chunked": SETTINGS, **DOC_SETTINGS}
+
+
+def run_chunked(val, luts, rank=0, world_size=1, settings=SETTINGS, budget=None):
+    model = small_model()
+    model.eval()
+    ledger = tg.ScoreLedger(val, luts, CPU, keep_per_target=True)
+    info = tg.run_ttt(model, ledger, settings, rank=rank, world_size=world_size, looping=False, budget=budget)
+    return ledger, info, model
+
+
+def test_ledger_refuses_adaptation_on_uncommitted_targets(sample_dataset):
+    luts, val = luts_and_val(sample_dataset, 201)
+    ledger = tg.ScoreLedger(val, luts, CPU)
+    tg.score_windows(lambda x: torch.zeros(*x.shape, 1024), ledger, [(0, 50)], seq_len=64, batch_seqs=2, rank=0,
+                     world_size=1)
+    assert ledger.adaptation_tokens(0, 50).tolist() == val[:51].tolist()  # committed here
+    with pytest.raises(tg.ScoreOrderError, match="target 51 before its score is committed"):
+        ledger.adaptation_tokens(40, 51)
+    with pytest.raises(tg.ScoreOrderError, match="outside"):
+        ledger.adaptation_tokens(150, 201)
+    # Another rank's commits count only once shared (here: simulated by that rank's bitmap).
+    other = tg.ScoreLedger(val, luts, CPU)
+    with pytest.raises(tg.ScoreOrderError, match="target 1 before"):
+        other.adaptation_tokens(0, 10)
+    other.shared[1:51] = ledger.scored[1:51]
+    assert other.adaptation_tokens(0, 10).tolist() == val[:11].tolist()
+    with pytest.raises(tg.ScoreOrderError, match="target 51 before"):
+        other.adaptation_tokens(45, 60)
+
+
+def test_chunked_ttt_scores_every_target_once_and_never_trains_the_last_chunk(sample_dataset, monkeypatch):
+    luts, val = luts_and_val(sample_dataset, 701)
+    handed_out = []
+    real = tg.ScoreLedger.adaptation_tokens
+
+    def spy(self, lo, hi):
+        assert self.scored[lo + 1 : hi + 1].any() or self.shared[lo + 1 : hi + 1].all()
+        handed_out.append((lo, hi))
+        return real(self, lo, hi)
+
+    monkeypatch.setattr(tg.ScoreLedger, "adaptation_tokens", spy)
+    ledger, info, _ = run_chunked(val, luts)
+    tg.check_scored_once(ledger)
+    assert info["chunks"] == 8 and info["trained_chunks"] == 7  # 700 targets in chunks of 96
+    assert max(hi for _, hi in handed_out) <= 7 * 96 < 700  # the last chunk's targets never train
+    # The score equals what the ledger summed: the first pass, per target.
+    res = ledger.result()
+    assert res.val_loss == pytest.approx(np.nansum(ledger.per_target) / 700, rel=1e-9)
+
+
+def test_flip_test_through_chunked_ttt_a_later_token_never_changes_an_earlier_score(sample_dataset):
+    luts, val = luts_and_val(sample_dataset, 701)
+    before, _, _ = run_chunked(val, luts)
+    for p in (150, 400):  # inside chunk 2 and chunk 5: adaptation happened before and after p
+        flipped = val.clone()
+        flipped[p] = (int(val[p]) + 7) % 1024
+        after, _, _ = run_chunked(flipped, luts)
+        assert np.array_equal(before.per_target[1:p], after.per_target[1:p])  # bit-identical
+        assert not np.array_equal(before.per_target[p:], after.per_target[p:])
+
+
+@pytest.mark.parametrize("mode", ["lora", "phased"])
+def test_flip_test_through_document_ttt(sample_dataset, mode):
+    """Changing token p changes no score committed before p's own score; with per-document LoRA it
+    changes nothing outside p's document either (adapters never cross documents)."""
+    luts, val = luts_and_val(sample_dataset, 701)
+    before, info, _ = run_chunked(val, luts, settings=DOC_SETTINGS[mode])
+    tg.check_scored_once(before)
+    assert info["steps"] > 0 and (mode == "lora") == (info["global_steps"] == 0)
+    p = 470  # in document (413, 526], scored in the last round, after both global phases
+    flipped = val.clone()
+    flipped[p] = (int(val[p]) + 7) % 1024
+    after, _, _ = run_chunked(flipped, luts, settings=DOC_SETTINGS[mode])
+    earlier = before.commit_order < before.commit_order[p]
+    earlier[0] = False
+    assert earlier.sum() > 300
+    assert np.array_equal(before.per_target[earlier], after.per_target[earlier])
+    assert not np.array_equal(before.per_target[p:527], after.per_target[p:527])
+    if mode == "lora":
+        outside = np.ones(701, dtype=bool)
+        outside[414:527] = False
+        outside[0] = False
+        assert np.array_equal(before.per_target[outside], after.per_target[outside])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gloo_worker(rank, world_size, port, dataset, out_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    try:
+        luts, val = luts_and_val(dataset, 701)
+        out = {}
+        for mode, settings in MODES.items():
+            ledger, info, model = run_chunked(val, luts, rank, world_size, settings=settings)
+            tg.check_scored_once(ledger)
+            out[mode] = dict(res=ledger.result(), state=model.state_dict(), info=info)
+        if rank == 0:
+            torch.save(out, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_one_process_in_every_ttt_mode(sample_dataset, tmp_path):
+    out = tmp_path / "rank0.pt"
+    mp.start_processes(gloo_worker, args=(2, free_port(), sample_dataset, str(out)), nprocs=2, start_method="spawn")
+    two = torch.load(out, weights_only=False)
+    luts, val = luts_and_val(sample_dataset, 701)
+    for mode, settings in MODES.items():
+        ledger, info, model = run_chunked(val, luts, settings=settings)
+        single, got = ledger.result(), two[mode]
+        assert got["res"].num_targets == single.num_targets == 700 and got["res"].num_bytes == single.num_bytes
+        assert got["res"].val_loss == pytest.approx(single.val_loss, rel=1e-5), mode
+        assert got["info"]["steps"] <= info["steps"] if mode != "chunked" else got["info"]["steps"] == info["steps"]
+        for name, t in model.state_dict().items():  # the same base updates: ranks averaged their gradients
+            assert torch.allclose(got["state"][name], t, atol=1e-5), (mode, name)
+
+
+def test_budget_stops_adaptation_and_scores_the_rest_plainly(sample_dataset):
+    luts, val = luts_and_val(sample_dataset, 701)
+    clock = iter(range(0, 100_000, 1000))  # 1 s per decision: the budget runs out after a few chunks
+    budget = tg.AdaptationBudget(lambda: float(next(clock)), cap_ms=3900.0)
+    ledger, info, _ = run_chunked(val, luts, budget=budget)
+    tg.check_scored_once(ledger)
+    assert 0 < info["trained_chunks"] < 7 and info["stopped_at"] == f"chunk {info['trained_chunks'] + 1}/8"
+    # No budget: adaptation decisions are never taken away.
+    assert tg.AdaptationBudget(lambda: 1e12, None).allows(1e12, 1e12, "x")
+    plain = tg.AdaptationBudget(lambda: 100.0, 1000.0)
+    assert plain.allows(400.0, 500.0, "a") and not plain.allows(400.0, 501.0, "b") and plain.stopped_at == "b"
+    assert not plain.allows(0.0, 0.0, "c")  # once stopped, stopped for good
+
+
+def test_run_logs_sliding_ttt_and_the_compliance_block(tiny_env, tmp_path):
+    cpu = tg.Runtime(rank=0, world_size=1, local_rank=0, device=CPU, distributed=False)
+    env = {**tiny_env, "ITERATIONS": "10", "EVAL_STRIDE": "32", "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "2048",
+           "TTT_EPOCHS": "1", "TTT_LR": "0.002"}
+    out = tg.run(tg.Hyperparameters.from_env(env), cpu)
+    flat, sliding, ttt = (out["evals"][k] for k in ("roundtrip", "sliding", "ttt"))
+    assert flat.num_targets == sliding.num_targets == ttt.num_targets
+    assert flat.num_bytes == sliding.num_bytes == ttt.num_bytes
+    assert out["final"] == ttt
+    log = (tmp_path / "test" / "train.log").read_text()
+    num = r"\d+\.\d{8}"
+    assert re.search(rf"^final_int8_zlib_roundtrip_exact val_loss:{num} val_bpb:{flat.val_bpb:.8f}$", log, re.M)
+    assert re.search(rf"^quantized_sliding_window val_loss:{num} val_bpb:{sliding.val_bpb:.8f} eval_time:\d+ms "
+                     r"stride:32 seq_len:128$", log, re.M)
+    assert re.search(rf"^final_sliding_window_exact val_loss:{num} val_bpb:{sliding.val_bpb:.8f}$", log, re.M)
+    assert re.search(r"^ttt:start mode:chunked chunks:7 ", log, re.M)
+    assert re.search(rf"^quantized_ttt val_loss:{num} val_bpb:{ttt.val_bpb:.8f} eval_time:\d+ms$", log, re.M)
+    assert re.search(rf"^legal_ttt_exact val_loss:{ttt.val_loss:.8f} val_bpb:{ttt.val_bpb:.8f}$", log, re.M)
+    # Logged before evaluating: the FLOPs of every pass; after: the time of every phase.
+    assert re.search(r"^eval_plan: ttt_chunked forward_tokens:\d+ train_tokens:\d+ flops:", log, re.M)
+    assert re.search(r"^eval_plan_total: flops:\S+ .* 8xH100 at_peak:\S+s at_40%_mfu:\S+s \| budget:600s$", log, re.M)
+    assert log.index("eval_plan_total") < log.index("final_int8_zlib_roundtrip ")
+    assert re.search(r"^eval_warmup: source:synthetic .* causal_self_test:ok .* weights_restored:1", log, re.M)
+    assert re.search(r"^eval_phases: load:\d+ms warmup:\d+ms roundtrip:\d+ms sliding:\d+ms ttt:\d+ms total:\d+ms "
+                     r"budget:600000ms$", log, re.M)
+    block = log.split("\ncompliance:\n")[1].split("\nfinal_score")[0]
+    n = flat.num_targets
+    assert "track: B (adaptive, score-first)" in block
+    assert f"C4 each target scored once: ok: roundtrip:{n}, sliding:{n}, ttt:{n}" in block
+    assert re.search(r"C3 score before update: ok: \d+ adaptation targets", block)
+    assert "adaptation:validation (already scored)" in block and "record_eligible: 1" in block
+    assert re.search(rf"^final_score stage:ttt val_loss:{num} val_bpb:{ttt.val_bpb:.8f} total_eval_time:", log, re.M)
+
+
+def test_eval_warmup_restores_every_weight_and_catches_a_non_causal_model(sample_dataset):
+    luts, _ = luts_and_val(sample_dataset, 2)
+    model = small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info = tg.warm_up_evaluation(model, model.forward_logits, luts, seq_len=32, batch_seqs=2, looping=False, rank=0,
+                                 world_size=1, device=CPU, autocast=tg.contextlib.nullcontext, ttt=SETTINGS)
+    assert info["causal_diff"] == 0.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the TTT warm-up trained, and everything was put back
+
+    def leaky(x, looping):  # position j also sees the row's last token
+        logits = model.forward_logits(x, looping)
+        return logits + logits[:, -1:].detach()
+
+    with pytest.raises(tg.RunError, match="causality self-test failed"):
+        tg.warm_up_evaluation(model, leaky, luts, seq_len=32, batch_seqs=2, looping=False, rank=0, world_size=1,
+                              device=CPU, autocast=tg.contextlib.nullcontext)
+
+
+@pytest.fixture(scope="module")
+def trained_and_shifted(sample_dataset):
+    """A small model trained on the sample's training text, and a validation stream unlike it: the
+    validation documents upper-cased (other tokens, other statistics)."""
+    sp = spm.SentencePieceProcessor(model_file=sample_dataset["tokenizer_path"])
+    luts = tg.build_byte_luts(sp, 1024)
+    train = tg.load_data_shard(tg.shard_files(sample_dataset["dataset_dir"], "train")[0])
+    model = small_model()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        starts = torch.randint(0, train.numel() - 65, (16,), generator=g)
+        batch = torch.stack([train[s : s + 65] for s in starts.tolist()])
+        loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    val = tg.load_validation_tokens(sample_dataset["dataset_dir"])
+    bos = (val == tg.BOS_ID).nonzero().flatten().tolist() + [val.numel()]
+    ids = []
+    for a, b in zip(bos, bos[1:]):
+        ids += [tg.BOS_ID] + sp.encode(sp.decode(val[a + 1 : b].tolist()).upper())
+        if len(ids) > 1500:
+            break
+    return model.state_dict(), torch.tensor(ids[:1501]), luts
+
+
+SHIFTED = {"chunked": tg.dataclasses.replace(SETTINGS, chunk_tokens=256, lr=0.03, epochs=2),
+           "lora": tg.dataclasses.replace(DOC_SETTINGS["lora"], lora_lr=0.03, docs_per_batch=4),
+           "phased": tg.dataclasses.replace(DOC_SETTINGS["phased"], lora_lr=0.03, global_lr=0.03, docs_per_batch=4)}
+NO_ADAPTATION = {"chunked": dict(epochs=0), "lora": dict(lora_lr=0.0), "phased": dict(lora_lr=0.0, global_lr=0.0)}
+
+
+@pytest.mark.parametrize("mode", ["chunked", "lora", "phased"])
+def test_each_ttt_variant_lowers_val_bpb_on_shifted_text(trained_and_shifted, mode):
+    state, shifted, luts = trained_and_shifted
+
+    def bpb(settings):
+        model = small_model()
+        model.load_state_dict(state)
+        model.eval()
+        ledger = tg.ScoreLedger(shifted, luts, CPU)
+        tg.run_ttt(model, ledger, settings, rank=0, world_size=1, looping=False)
+        tg.check_scored_once(ledger)
+        return ledger.result().val_bpb
+
+    adapted = bpb(SHIFTED[mode])
+    plain = bpb(tg.dataclasses.replace(SHIFTED[mode], **NO_ADAPTATION[mode]))  # same passes, nothing learnt
+    print(f"{mode}: plain {plain:.4f} adapted {adapted:.4f}")
+    assert adapted < plain - 0.3, (mode, adapted, plain)
+
+
+def test_prequant_ttt_on_training_data_is_reserved_from_the_training_budget(tiny_env, tmp_path):
+    cpu = tg.Runtime(rank=0, world_size=1, local_rank=0, device=CPU, distributed=False)
+    env = {**tiny_env, "ITERATIONS": "3", "MAX_WALLCLOCK_SECONDS": "300", "PREQUANT_TTT_ENABLED": "1",
+           "PREQUANT_TTT_TOKENS": "4096", "PREQUANT_TTT_EPOCHS": "2", "PREQUANT_TTT_LR": "0.001",
+           "TTT_BATCH_SEQS": "16"}
+    out = tg.run(tg.Hyperparameters.from_env(env), cpu)
+    pq = out["prequant_ttt"]
+    assert pq["source"] == "train" and pq["steps_done"] == pq["steps"] == 4  # 2 epochs x 32 pieces of 128 / 16
+    # The measured cost is reserved: the training budget is the cap minus it (training stops by it).
+    assert out["reserve_ms"] == pytest.approx(pq["reserve_ms"]) and pq["reserve_ms"] > 0
+    assert pq["data_access_end_ms"] == pytest.approx(out["training_time_ms"] + pq["time_ms"])
+    log = (tmp_path / "test" / "train.log").read_text()
+    budget = float(re.search(r"^clock: train_budget:([\d.]+)ms reserve:(\d+)ms", log, re.M).group(1))
+    assert budget == pytest.approx(300_000 - pq["reserve_ms"])
+    assert re.search(r"^prequant_ttt:reserving \d+ms for 4 steps source:train tokens:4097 ", log, re.M)
+    assert re.search(r"^prequant_ttt: steps:4 source:train time:\d+ms reserved:\d+ms train_data_access_end:\d+ms "
+                     r"cap:300000ms within_cap:1$", log, re.M)
+    assert "pre_quant_ttt:train (4097 tokens, inside the training budget" in log
+    assert not re.search(r"^non_record:|non_record:C3_violated$", log, re.M)
+    # The slice is training data: its tokens are the tail of the training shard, never validation.
+    train = tg.load_data_shard(tg.shard_files(tiny_env["DATA_PATH"], "train")[-1])
+    assert torch.equal(pq["tokens"], train[-4097:])
+
+
+def test_validation_adaptation_is_refused_without_the_opt_in_and_stamped_with_it(tiny_env, tmp_path):
+    with pytest.raises(tg.ConfigError, match="ALLOW_VAL_ADAPTATION=1"):
+        tg.Hyperparameters.from_env({**tiny_env, "PREQUANT_TTT_SOURCE": "val"})
+    hp = tg.Hyperparameters.from_env(tiny_env)
+    refused = tg.dataclasses.replace(hp, prequant_ttt_source="train")
+    object.__setattr__(refused, "prequant_ttt_source", "val")  # past the config check: the runtime check holds
+    with pytest.raises(tg.RunError, match="ALLOW_VAL_ADAPTATION=1"):
+        tg.prequant_ttt_tokens(refused, [], torch.zeros(10, dtype=torch.int64))
+    cpu = tg.Runtime(rank=0, world_size=1, local_rank=0, device=CPU, distributed=False)
+    env = {**tiny_env, "ITERATIONS": "3", "PREQUANT_TTT_ENABLED": "1", "PREQUANT_TTT_SOURCE": "val",
+           "ALLOW_VAL_ADAPTATION": "1", "PREQUANT_TTT_TOKENS": "1024", "PREQUANT_TTT_EPOCHS": "1"}
+    out = tg.run(tg.Hyperparameters.from_env(env), cpu)
+    assert out["non_record"] and out["prequant_ttt"]["source"] == "validation"
+    log = (tmp_path / "test" / "train.log").read_text()
+    assert re.search(r"^non_record: ALLOW_VAL_ADAPTATION=1 ", log, re.M)
+    score_lines = [line for line in log.splitlines() if re.search(r"val_bpb:\d+\.\d{8}", line)]
+    assert len(score_lines) >= 3 and all(line.endswith(" non_record:C3_violated") for line in score_lines)
+    block = log.split("\ncompliance:\n")[1].split("\nfinal_score")[0]
+    assert "track: non-record (ALLOW_VAL_ADAPTATION=1)" in block
+    assert "C3 score before update: VIOLATED: pre-quantization TTT adapted the weights on 1025 validation" in block
+    assert "pre_quant_ttt:validation (before scoring: NON-RECORD)" in block
+    assert "record_eligible: 0 non_record:C3_violated" in block
