@@ -27,11 +27,15 @@ import contextlib
 import copy
 import dataclasses
 import glob
+import hashlib
 import io
+import json
+import lzma
 import math
 import os
 import platform
 import random
+import struct
 import subprocess
 import sys
 import tempfile
@@ -174,9 +178,21 @@ class Hyperparameters:
     qat_start_frac: float = knob(0.85, "training fraction at which QAT switches on", min=0)
     # export and budgets
     matrix_bits: int = knob(8, "export bits of weight matrices (int8 containers)", min=2)
-    embed_bits: int = knob(8, "export bits of embedding tables", min=2)
+    embed_bits: int = knob(8, "export bits of embedding tables (and an untied head unless HEAD_BITS)", min=2)
     max_eval_seconds: float = knob(600.0, "evaluation budget, artifact load to final score; 0 = none", min=0)
     peak_tflops: float = knob(989.0, "peak TFLOP/s per device for the MFU estimate (H100 SXM bf16 dense)", gt=0)
+    # quantization and packing (see QUANTIZATION)
+    quant_method: str = knob("absmax", "row scales: absmax (row max) or sdclip (k * row std, k = *_CLIP_SIGMAS)",
+                             choices=("absmax", "sdclip"))
+    attn_bits: int = knob(0, "export bits of attention matrices; 0 = MATRIX_BITS", min=0)
+    mlp_bits: int = knob(0, "export bits of MLP matrices; 0 = MATRIX_BITS", min=0)
+    head_bits: int = knob(0, "export bits of an untied output head; 0 = EMBED_BITS", min=0)
+    matrix_clip_sigmas: float = knob(12.85, "SDClip k of weight matrices: clip at k row stds", gt=0)
+    attn_clip_sigmas: float = knob(0.0, "SDClip k of attention matrices; 0 = MATRIX_CLIP_SIGMAS", min=0)
+    mlp_clip_sigmas: float = knob(0.0, "SDClip k of MLP matrices; 0 = MATRIX_CLIP_SIGMAS", min=0)
+    embed_clip_sigmas: float = knob(20.0, "SDClip k of embedding tables and an untied head", gt=0)
+    compressor: str = knob("zlib", "artifact coder: zlib (level 9), lzma (9e), brotli (byte shuffle + quality 11)",
+                           choices=("zlib", "lzma", "brotli"))
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -226,8 +242,11 @@ class Hyperparameters:
             raise ConfigError(f"LR_WARMUP_FRAC + WARMDOWN_FRAC = {self.lr_warmup_frac + self.warmdown_frac} must be <= 1")
         if self.ema_decay >= 1:
             raise ConfigError(f"EMA_DECAY={self.ema_decay} must be < 1 (0 = off)")
-        if self.matrix_bits > 8 or self.embed_bits > 8:
-            raise ConfigError(f"MATRIX_BITS={self.matrix_bits} and EMBED_BITS={self.embed_bits} must be in [2, 8]")
+        for name in ("matrix_bits", "embed_bits", "attn_bits", "mlp_bits", "head_bits"):
+            value = getattr(self, name)
+            if value > 8 or (name in ("attn_bits", "mlp_bits", "head_bits") and value == 1):
+                raise ConfigError(f"{name.upper()}={value} must be in [2, 8]" + (" (0 = inherit)" if name in
+                                  ("attn_bits", "mlp_bits", "head_bits") else ""))
         if self.enable_looping_at > 1:
             raise ConfigError(f"ENABLE_LOOPING_AT={self.enable_looping_at} is a training fraction in [0, 1]")
 
@@ -309,6 +328,7 @@ RECIPES: dict[str, dict] = {
         muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, grad_clip_norm=0.3,
         muon_ns_coefficients="polar_express", muon_row_normalize=True, muon_wd=0.095, embed_wd=0.085, adam_wd=0.02,
         warmdown_frac=0.85, min_lr=0.1, ema_decay=0.9965, matrix_bits=6, embed_bits=8,
+        quant_method="sdclip", compressor="brotli",
     ),
 }
 
@@ -759,12 +779,13 @@ class CastedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
         self.qat_bits = 0  # 0 = this weight is never quantized by the export; set by prepare_qat
+        self.qat_clip_sigmas = 0.0  # the export's SDClip k (0 = absmax)
         self.register_buffer("qat_active", torch.zeros(()), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if self.qat_bits:
-            w = w + (self.qat_active * (fake_quantize(w, self.qat_bits) - w)).detach()
+            w = w + (self.qat_active * (fake_quantize(w, self.qat_bits, self.qat_clip_sigmas) - w)).detach()
         return F.linear(x, w)
 
 
@@ -1046,13 +1067,13 @@ def is_control_tensor(name: str) -> bool:
     return any(pattern in name for pattern in CONTROL_TENSOR_NAMES)
 
 
-def prepare_qat(model: nn.Module, *, matrix_bits: int, embed_bits: int) -> list[CastedLinear]:
-    """Give every linear layer the export quantizes its bit width; returns them (QAT still off)."""
+def prepare_qat(model: nn.Module, plan: "QuantPlan") -> list[CastedLinear]:
+    """Give every linear layer the export quantizes its bits and clip; returns them (QAT still off)."""
     layers = []
     for name, module in model.named_modules():
         if isinstance(module, CastedLinear):
-            kind = storage_of(f"{name}.weight", module.weight, matrix_bits=matrix_bits, embed_bits=embed_bits)
-            module.qat_bits = kind if isinstance(kind, int) else 0
+            spec = plan.spec(f"{name}.weight", module.weight)
+            module.qat_bits, module.qat_clip_sigmas = spec if spec is not None else (0, 0.0)
             if module.qat_bits:
                 layers.append(module)
     return layers
@@ -1084,7 +1105,7 @@ def model_report(model: GPT, hp: Hyperparameters, n_code_bytes: int) -> list[str
     effective = unique + sum(sum(p.numel() for p in model.blocks[i].parameters()) for i in order) - sum(
         p.numel() for p in model.blocks.parameters())
     fwd = estimate_flops_per_token(cfg, hp.train_seq_len, looping=cfg.num_loops > 0)
-    payload = estimate_payload_bytes(model.state_dict(), matrix_bits=hp.matrix_bits, embed_bits=hp.embed_bits)
+    payload = estimate_payload_bytes(model.state_dict(), QuantPlan.from_hparams(hp))
     return [
         f"model_params:{unique}",
         f"model_params_detail: unique:{unique} per_block:{per_block} virtual_layers:{len(order)} "
@@ -1456,107 +1477,342 @@ def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, *, seq_len: in
 # ==================================================================================================
 # QUANTIZATION
 # ==================================================================================================
-# Export: each large float tensor becomes symmetric per-row integers (int8 containers holding
-# MATRIX_BITS values for weight matrices, EMBED_BITS for embedding tables) with one fp16 scale per
-# row, row max / (2^(bits-1) - 1); small tensors stay fp16 (control tensors fp32); then torch.save +
-# zlib. QAT fakes exactly this quantizer during training. The artifact is code bytes + compressed
-# model bytes, checked against 16,000,000 (decimal).
+# Every float tensor larger than 65,536 values is exported as integers in int8 containers with one
+# fp16 scale per row; smaller ones stay fp16 (control tensors fp32). Tensors fall into groups with
+# their own bits and clip: `embed` (token and bigram tables), `head` (an untied output head), `attn`,
+# `mlp` and `other` matrices (these two follow MATRIX_BITS unless ATTN_BITS / MLP_BITS say otherwise).
+#
+# Row scales (QUANT_METHOD):
+#   absmax   s = max|w_row| / L,             L = 2^(bits-1) - 1 (the baseline's grid)
+#   sdclip   s = k * std(w_row) / L,         k = the group's *_CLIP_SIGMAS; values past k std clip to +-L
+# Scales are rounded to fp16 first and clamped after the cast, so no row ever gets a zero scale. QAT
+# fakes exactly the exported grid (same scale function, same rounding).
+#
+# The artifact ("packer") is self-describing:
+#   b"PGQA" | version u16 | header coder u8 | sha256 of everything after it (32 B) | header length u32
+#   | header (compressed JSON: model config, streams, per-tensor name/shape/dtype/bits/scale layout/
+#   coder) | streams
+# Tensors contribute arrays to a few typed streams (codes int8, scales fp16, float16, float32, raw);
+# each stream is compressed on its own: COMPRESSOR=zlib (level 9, the baseline's), lzma (preset 9e),
+# brotli (quality 11 after a byte shuffle: all first bytes of each element, then all second bytes,
+# ...). The same weights always
+# give the same bytes, and any damage is refused on load with one line.
 
 KEEP_FLOAT_MAX_NUMEL = 65_536
-QUANT_FORMAT = "per_row_intN_v1"
 FP16_MIN_SCALE = 2.0**-24  # smallest positive fp16 (subnormal): a scale never rounds to 0
-EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight", "lm_head.weight")
+QUANT_GROUPS = ("embed", "head", "attn", "mlp", "other")
+EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight")
+ARTIFACT_MAGIC = b"PGQA"
+ARTIFACT_VERSION = 1
 
 
-def row_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """fp16 scale per row (one for a non-2-D tensor), clamped after the cast so it is never 0."""
-    absmax = w.float().abs().amax(dim=-1) if w.ndim == 2 else w.float().abs().amax()
-    return (absmax / (2 ** (bits - 1) - 1)).to(torch.float16).clamp_min(FP16_MIN_SCALE)
+def tensor_group(name: str) -> str:
+    if name in EMBEDDING_NAMES:
+        return "embed"
+    if name == "lm_head.weight":
+        return "head"
+    if ".attn." in name:
+        return "attn"
+    if ".mlp." in name:
+        return "mlp"
+    return "other"
 
 
-def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integers in [-(2^(bits-1)-1), 2^(bits-1)-1] (stored as int8) and their fp16 scales."""
-    scale = row_scales(w, bits)
-    s = scale.float()[:, None] if w.ndim == 2 else scale.float()
-    limit = 2 ** (bits - 1) - 1
-    return torch.round(w.float() / s).clamp(-limit, limit).to(torch.int8).contiguous(), scale
+@dataclass(frozen=True)
+class QuantPlan:
+    """How each tensor is exported: the method and, per group, bits and SDClip k."""
+
+    method: str = "absmax"
+    bits: dict = field(default_factory=lambda: dict(embed=8, head=8, attn=8, mlp=8, other=8))
+    clip_sigmas: dict = field(default_factory=lambda: dict(embed=20.0, head=20.0, attn=12.85, mlp=12.85,
+                                                           other=12.85))
+
+    @classmethod
+    def uniform(cls, matrix_bits: int, embed_bits: int, method: str = "absmax") -> "QuantPlan":
+        return cls(method, dict(embed=embed_bits, head=embed_bits, attn=matrix_bits, mlp=matrix_bits,
+                                other=matrix_bits))
+
+    @classmethod
+    def from_hparams(cls, hp: Hyperparameters) -> "QuantPlan":
+        bits = dict(embed=hp.embed_bits, head=hp.head_bits or hp.embed_bits, attn=hp.attn_bits or hp.matrix_bits,
+                    mlp=hp.mlp_bits or hp.matrix_bits, other=hp.matrix_bits)
+        sigmas = dict(embed=hp.embed_clip_sigmas, head=hp.embed_clip_sigmas,
+                      attn=hp.attn_clip_sigmas or hp.matrix_clip_sigmas, mlp=hp.mlp_clip_sigmas or hp.matrix_clip_sigmas,
+                      other=hp.matrix_clip_sigmas)
+        return cls(hp.quant_method, bits, sigmas)
+
+    def spec(self, name: str, t: torch.Tensor) -> tuple[int, float] | None:
+        """(bits, clip sigmas; 0 = absmax) if the export quantizes this tensor, else None (kept float)."""
+        if not t.is_floating_point() or t.numel() <= KEEP_FLOAT_MAX_NUMEL:
+            return None
+        group = tensor_group(name)
+        return self.bits[group], (0.0 if self.method == "absmax" else self.clip_sigmas[group])
+
+    def with_sigma_scale(self, factor: float) -> "QuantPlan":
+        return dataclasses.replace(self, clip_sigmas={g: k * factor for g, k in self.clip_sigmas.items()})
+
+
+def clip_range(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def row_scales(w: torch.Tensor, bits: int, clip_sigmas: float = 0.0) -> torch.Tensor:
+    """fp16 scale per row (one for a non-2-D tensor): absmax / L, or k * std / L with SDClip (k > 0).
+    Clamped after the fp16 cast, so it is never 0 (an all-zero row quantizes to zeros)."""
+    w = w.float()
+    dims = -1 if w.ndim == 2 else tuple(range(w.ndim))
+    spread = w.abs().amax(dim=dims) if clip_sigmas <= 0 else clip_sigmas * w.std(dim=dims, correction=0)
+    return (spread / clip_range(bits)).to(torch.float16).clamp_min(FP16_MIN_SCALE)
+
+
+def _broadcast(scale: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return scale.float()[:, None] if w.ndim == 2 else scale.float()
+
+
+def quantize_rows(w: torch.Tensor, bits: int, clip_sigmas: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest integers in [-L, L] (int8) on the row grid, and the fp16 scales."""
+    scale = row_scales(w, bits, clip_sigmas)
+    limit = clip_range(bits)
+    q = torch.round(w.float() / _broadcast(scale, w)).clamp(-limit, limit)
+    return q.to(torch.int8).contiguous(), scale
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * (scale.float()[:, None] if q.ndim == 2 else scale.float())
+    return q.float() * _broadcast(scale, q)
 
 
-def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """What the export will turn `w` into, computed in float: the QAT forward uses this."""
-    scale = row_scales(w, bits).float()
-    s = scale[:, None] if w.ndim == 2 else scale
-    limit = 2 ** (bits - 1) - 1
-    return (torch.round(w.float() / s).clamp(-limit, limit) * s).to(w.dtype)
+def fake_quantize(w: torch.Tensor, bits: int, clip_sigmas: float = 0.0) -> torch.Tensor:
+    """What the export's grid turns `w` into, computed in float: the QAT forward uses this."""
+    scale = _broadcast(row_scales(w, bits, clip_sigmas), w)
+    limit = clip_range(bits)
+    return (torch.round(w.float() / scale).clamp(-limit, limit) * scale).to(w.dtype)
 
 
-def storage_of(name: str, t: torch.Tensor, *, matrix_bits: int, embed_bits: int) -> int | torch.dtype:
-    """How the export stores a tensor: an int = quantized to that many bits, else the dtype kept."""
+@dataclass
+class ExportedTensor:
+    """One state-dict entry as the artifact stores it. `codes`/`scales` for quantized tensors,
+    `value` for everything kept as is (already cast to its storage dtype)."""
+
+    name: str
+    shape: tuple
+    dtype: str  # the dtype to restore
+    bits: int = 0  # 0 = not quantized
+    codes: torch.Tensor | None = None  # int8, rows x cols (a non-2-D tensor is one row)
+    scales: torch.Tensor | None = None  # fp16, one per row
+    value: torch.Tensor | None = None
+    method: str = ""
+
+    def dequantize(self) -> torch.Tensor:
+        dtype = getattr(torch, self.dtype)
+        if not self.bits:
+            return self.value.to(dtype)
+        return dequantize_rows(self.codes, self.scales).reshape(self.shape).to(dtype)
+
+
+def storage_dtype(name: str, t: torch.Tensor) -> torch.dtype:
+    """Unquantized tensors: fp32 for control tensors, fp16 for other floats, non-floats as they are."""
     if not t.is_floating_point():
         return t.dtype
-    if t.numel() <= KEEP_FLOAT_MAX_NUMEL:
-        return torch.float32 if is_control_tensor(name) else torch.float16
-    return embed_bits if name in EMBEDDING_NAMES else matrix_bits
+    return torch.float32 if is_control_tensor(name) else torch.float16
 
 
-def estimate_payload_bytes(state_dict: dict[str, torch.Tensor], *, matrix_bits: int, embed_bits: int) -> int:
+def quantize_tensor(name: str, t: torch.Tensor, plan: QuantPlan) -> ExportedTensor:
+    t = t.detach().cpu()
+    spec = plan.spec(name, t)
+    dtype = str(t.dtype).removeprefix("torch.")
+    if spec is None:
+        return ExportedTensor(name, tuple(t.shape), dtype, value=t.to(storage_dtype(name, t)).contiguous())
+    bits, sigmas = spec
+    w = t.float().reshape(t.shape[0], -1) if t.ndim == 2 else t.float().reshape(1, -1)
+    codes, scales = quantize_rows(w, bits, sigmas)
+    method = plan.method
+    return ExportedTensor(name, tuple(t.shape), dtype, bits, codes, scales, method=method)
+
+
+def quantize_state_dict(state_dict: dict[str, torch.Tensor], plan: QuantPlan,
+                        ) -> list[ExportedTensor]:
+    return [quantize_tensor(n, t, plan) for n, t in state_dict.items()]
+
+
+def dequantize_state_dict(entries: list[ExportedTensor]) -> dict[str, torch.Tensor]:
+    return {e.name: e.dequantize() for e in entries}
+
+
+def estimate_payload_bytes(state_dict: dict[str, torch.Tensor], plan: QuantPlan) -> int:
     """Payload bytes before compression if values were bit-packed: `bits` per value plus fp16 scales."""
     total = 0
     for name, t in state_dict.items():
-        kind = storage_of(name, t, matrix_bits=matrix_bits, embed_bits=embed_bits)
-        if isinstance(kind, int):
-            total += math.ceil(t.numel() * kind / 8) + 2 * (t.shape[0] if t.ndim == 2 else 1)
+        spec = plan.spec(name, t)
+        if spec is not None:
+            total += math.ceil(t.numel() * spec[0] / 8) + 2 * (t.shape[0] if t.ndim == 2 else 1)
         else:
-            total += t.numel() * kind.itemsize
+            total += t.numel() * storage_dtype(name, t).itemsize
     return total
 
 
-def quantize_state_dict(state_dict: dict[str, torch.Tensor], *, matrix_bits: int = 8, embed_bits: int = 8) -> dict:
-    quantized, scales, bits, dtypes, passthrough = {}, {}, {}, {}, {}
-    for name, t in state_dict.items():
-        t = t.detach().cpu()
-        kind = storage_of(name, t, matrix_bits=matrix_bits, embed_bits=embed_bits)
-        if t.is_floating_point():
-            dtypes[name] = str(t.dtype).removeprefix("torch.")
-        if isinstance(kind, int):
-            quantized[name], scales[name] = quantize_rows(t, kind)
-            bits[name] = kind
-        else:
-            passthrough[name] = t.to(kind).contiguous()
-    return {"__quant_format__": QUANT_FORMAT, "quantized": quantized, "scales": scales, "bits": bits,
-            "dtypes": dtypes, "passthrough": passthrough}
+# ---- the packer --------------------------------------------------------------------------------------
+
+def byte_shuffle(data: bytes, stride: int) -> bytes:
+    """All first bytes of each `stride`-byte element, then all second bytes, ...: the exponent bytes of
+    fp16 values end up together, where a general-purpose compressor finds them."""
+    if stride <= 1:
+        return data
+    return np.frombuffer(data, dtype=np.uint8).reshape(-1, stride).T.tobytes()
 
 
-def dequantize_state_dict(obj: dict) -> dict[str, torch.Tensor]:
-    if obj.get("__quant_format__") != QUANT_FORMAT:
-        raise RunError(f"artifact format {obj.get('__quant_format__')!r} is not {QUANT_FORMAT!r}")
-    out = {}
-    for name, q in obj["quantized"].items():
-        out[name] = dequantize_rows(q, obj["scales"][name]).to(getattr(torch, obj["dtypes"][name]))
-    for name, t in obj["passthrough"].items():
-        out[name] = t.to(getattr(torch, obj["dtypes"][name])) if name in obj["dtypes"] else t
-    return out
+def byte_unshuffle(data: bytes, stride: int) -> bytes:
+    if stride <= 1:
+        return data
+    return np.frombuffer(data, dtype=np.uint8).reshape(stride, -1).T.tobytes()
 
 
-def serialize_artifact(state_dict: dict[str, torch.Tensor], *, matrix_bits: int, embed_bits: int) -> tuple[bytes, int]:
-    """Compressed artifact bytes and the size of the uncompressed torch payload."""
-    buf = io.BytesIO()
-    torch.save(quantize_state_dict(state_dict, matrix_bits=matrix_bits, embed_bits=embed_bits), buf)
-    raw = buf.getvalue()
-    return zlib.compress(raw, level=9), len(raw)
+def compress_bytes(data: bytes, coder: str, stride: int) -> bytes:
+    if coder == "zlib":
+        return zlib.compress(data, level=9)
+    if coder == "lzma":
+        return lzma.compress(byte_shuffle(data, stride), preset=9 | lzma.PRESET_EXTREME)
+    if coder == "brotli":
+        import brotli
+        return brotli.compress(byte_shuffle(data, stride), quality=11)
+    raise ValueError(f"unknown coder {coder!r}")
 
 
-def deserialize_artifact(blob: bytes) -> dict[str, torch.Tensor]:
+def decompress_bytes(data: bytes, coder: str, stride: int) -> bytes:
+    if coder == "zlib":
+        return zlib.decompress(data)
+    if coder == "lzma":
+        return byte_unshuffle(lzma.decompress(data), stride)
+    if coder == "brotli":
+        import brotli
+        return byte_unshuffle(brotli.decompress(data), stride)
+    raise ValueError(f"unknown coder {coder!r}")
+
+
+# Stream name -> numpy dtype of its elements (the byte-shuffle stride is its itemsize).
+STREAM_DTYPES = {"codes": np.int8, "scales": np.float16, "float16": np.float16, "float32": np.float32}
+HEADER_CODERS = ("zlib", "lzma", "brotli")
+
+
+def _tensor_parts(e: ExportedTensor) -> list[tuple[str, np.ndarray]]:
+    """The arrays a tensor contributes, in order, each to its named stream."""
+    if e.bits:
+        return [("codes", e.codes.numpy()), ("scales", e.scales.numpy())]
+    arr = e.value.numpy()
+    return [({np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}.get(arr.dtype, "raw:" + arr.dtype.str),
+             arr)]
+
+
+def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict | None = None,
+                  meta: dict | None = None, stats: dict | None = None) -> bytes:
+    """The artifact bytes. `model` (the ModelConfig as a dict) is what a loader checks it against;
+    `stats`, if given, receives the compressed bytes of each stream."""
+    general = compressor
+    streams: dict[str, list[np.ndarray]] = {}
+    tensors = []
+    for e in entries:
+        parts = _tensor_parts(e)
+        for stream, arr in parts:
+            streams.setdefault(stream, []).append(arr)
+        tensors.append(dict(name=e.name, shape=list(e.shape), dtype=e.dtype, bits=e.bits, method=e.method,
+                            scale="row_fp16" if e.bits else "none", stream=parts[0][0],
+                            coder=compressor if e.bits else general))
+    stream_info, payloads = [], []
+    for name in sorted(streams):
+        arrays = streams[name]
+        dtype = np.dtype(STREAM_DTYPES.get(name, np.uint8)) if not name.startswith("raw:") else np.dtype(name[4:])
+        raw = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
+        coder = general
+        data = compress_bytes(raw, coder, dtype.itemsize)
+        stream_info.append(dict(name=name, coder=coder, length=len(data), stride=dtype.itemsize))
+        payloads.append(data)
+        if stats is not None:
+            stats[name] = len(data)
+    header = dict(format="parameter-golf-quantized", model=model or {}, meta=meta or {}, streams=stream_info,
+                  tensors=tensors)
+    header_coder = general
+    header_bytes = compress_bytes(json.dumps(header, sort_keys=True, separators=(",", ":")).encode(), header_coder, 1)
+    body = struct.pack("<I", len(header_bytes)) + header_bytes + b"".join(payloads)
+    prefix = ARTIFACT_MAGIC + struct.pack("<HB", ARTIFACT_VERSION, HEADER_CODERS.index(header_coder))
+    if stats is not None:
+        stats["header"] = len(prefix) + 32 + 4 + len(header_bytes)
+    return prefix + hashlib.sha256(body).digest() + body
+
+
+def _corrupt(why: str) -> RunError:
+    return RunError(f"model artifact is corrupt or truncated ({why}); re-run training to re-create it")
+
+
+def read_artifact_header(blob: bytes) -> tuple[dict, bytes]:
+    """The header dict and the stream bytes, after checking magic, version and checksum."""
+    if len(blob) < 4 or blob[:4] != ARTIFACT_MAGIC:
+        raise RunError("model artifact is corrupt or not a Parameter Golf artifact (bad magic bytes); "
+                       "pass the final_model.*.ptz file a run wrote")
+    if len(blob) < 43:
+        raise _corrupt(f"{len(blob)} bytes is shorter than the fixed header")
+    version, header_coder = struct.unpack("<HB", blob[4:7])
+    if version != ARTIFACT_VERSION:
+        raise RunError(f"model artifact has format version {version}, this script reads version {ARTIFACT_VERSION}; "
+                       "score it with the train_gpt.py that wrote it")
+    digest, body = blob[7:39], blob[39:]
+    if hashlib.sha256(body).digest() != digest or header_coder >= len(HEADER_CODERS):
+        raise _corrupt("sha256 of the payload does not match")
+    (header_len,) = struct.unpack("<I", body[:4])
     try:
-        obj = torch.load(io.BytesIO(zlib.decompress(blob)), map_location="cpu", weights_only=True)
-    except (zlib.error, RuntimeError, EOFError, ValueError) as e:
-        raise RunError(f"model artifact is corrupt or not a {QUANT_FORMAT}+zlib artifact ({e.__class__.__name__}); "
-                       "re-run training to re-create it") from None
-    return dequantize_state_dict(obj)
+        header = json.loads(decompress_bytes(body[4 : 4 + header_len], HEADER_CODERS[header_coder], 1))
+    except (ValueError, zlib.error, lzma.LZMAError, Exception) as e:  # brotli.error is a plain Exception subclass
+        raise _corrupt(f"header does not decode: {e.__class__.__name__}") from None
+    return header, body[4 + header_len :]
+
+
+def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list[ExportedTensor], dict]:
+    """The exported tensors and the header. With `expect_model`, a file made for another model
+    configuration is refused (before any tensor is decoded)."""
+    header, payload = read_artifact_header(blob)
+    if expect_model is not None:
+        diffs = [f"{k}={header['model'].get(k)!r} (expected {v!r})" for k, v in expect_model.items()
+                 if k != "attn_backend" and header["model"].get(k) != v]
+        if diffs:
+            raise RunError(f"model artifact was made for another model: {', '.join(diffs[:4])}; "
+                           "score it with the settings it was trained with (or EVAL_ONLY=1, which reads them from it)")
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    try:
+        for s in header["streams"]:
+            data = payload[offset : offset + s["length"]]
+            offset += s["length"]
+            raw = decompress_bytes(data, s["coder"], s["stride"])
+            dtype = np.dtype(STREAM_DTYPES.get(s["name"], np.uint8)) if not s["name"].startswith("raw:") \
+                else np.dtype(s["name"][4:])
+            arrays[s["name"]] = np.frombuffer(raw, dtype=dtype)
+    except RunError:
+        raise
+    except Exception as e:  # any decoder failure on damaged bytes
+        raise _corrupt(f"stream does not decode: {e.__class__.__name__}") from None
+    if offset != len(payload):
+        raise _corrupt(f"{len(payload) - offset} unexpected trailing bytes")
+    cursors = {name: 0 for name in arrays}
+
+    def take(stream: str, count: int) -> np.ndarray:
+        data = arrays.get(stream)
+        start = cursors.get(stream, 0)
+        if data is None or start + count > len(data):
+            raise _corrupt(f"stream {stream} is shorter than its tensors")
+        cursors[stream] = start + count
+        return data[start : start + count]
+
+    entries = []
+    for t in header["tensors"]:
+        shape = tuple(t["shape"])
+        numel = math.prod(shape)
+        if t["bits"]:
+            rows = shape[0] if len(shape) == 2 else 1
+            codes = torch.from_numpy(take("codes", numel).copy()).reshape(rows, numel // rows)
+            scales = torch.from_numpy(take("scales", rows).copy())
+            entries.append(ExportedTensor(t["name"], shape, t["dtype"], t["bits"], codes, scales, method=t["method"]))
+        else:
+            value = torch.from_numpy(take(t["stream"], numel).copy()).reshape(shape)
+            entries.append(ExportedTensor(t["name"], shape, t["dtype"], value=value))
+    return entries, header
 
 
 def code_bytes() -> int:
@@ -1745,9 +2001,13 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Ten
     return val_tokens, luts
 
 
-def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path, log) -> Path:
-    """Rank 0 writes the raw weights and the quantized+zlib artifact, each atomically."""
-    raw_path, artifact_path = out_dir / "final_model.pt", out_dir / "final_model.int8.ptz"
+def artifact_path_for(hp: Hyperparameters, out_dir: Path) -> Path:
+    return out_dir / f"final_model.int{hp.matrix_bits}.ptz"
+
+
+def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path, log, *, looping: bool) -> Path:
+    """Rank 0 writes the raw weights and the quantized, packed artifact, each atomically."""
+    raw_path, artifact_path = out_dir / "final_model.pt", artifact_path_for(hp, out_dir)
     if rt.is_main:
         n_code = code_bytes()
         buf = io.BytesIO()
@@ -1756,18 +2016,36 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
         log(f"Serialized model: {raw_path.stat().st_size} bytes")
         log(f"Code size: {n_code} bytes")
         log(f"Total submission size: {raw_path.stat().st_size + n_code} bytes")
-        blob, raw_bytes = serialize_artifact(model.state_dict(), matrix_bits=hp.matrix_bits, embed_bits=hp.embed_bits)
+        plan = QuantPlan.from_hparams(hp)
+        entries = quantize_state_dict(model.state_dict(), plan)
+        stats: dict[str, int] = {}
+        blob = pack_artifact(entries, compressor=hp.compressor, model=dataclasses.asdict(model.cfg),
+                             meta=dict(looping=looping, quant_method=plan.method), stats=stats)
         write_atomic(artifact_path, blob)
-        log(f"Serialized model int8+zlib: {len(blob)} bytes (payload:{raw_bytes} raw_torch:{buf.tell()} "
-            f"payload_ratio:{buf.tell() / max(raw_bytes, 1):.2f}x matrix_bits:{hp.matrix_bits} "
-            f"embed_bits:{hp.embed_bits})")
-        log(f"Total submission size int8+zlib: {len(blob) + n_code} bytes")
+        label = f"int{hp.matrix_bits}+{hp.compressor}"
+        log(f"Serialized model {label}: {len(blob)} bytes (raw_torch:{buf.tell()} method:{plan.method} "
+            f"bits:{','.join(f'{g}={b}' for g, b in plan.bits.items())})")
+        log("artifact_streams: " + " ".join(f"{k}:{v}" for k, v in sorted(stats.items())))
+        log(f"Total submission size {label}: {len(blob) + n_code} bytes")
     barrier()
     return artifact_path
 
 
+def load_artifact_model(path: Path, device: torch.device, expect: ModelConfig | None = None,
+                        attn_backend: str = "sdpa") -> tuple[GPT, dict]:
+    """A fresh model built from the artifact file alone, and the artifact's header."""
+    if not path.is_file():
+        raise RunError(f"model artifact {path} does not exist; train first or set ARTIFACT_PATH")
+    expected = None if expect is None else dataclasses.asdict(expect)
+    entries, header = unpack_artifact(path.read_bytes(), expect_model=expected)
+    cfg = ModelConfig(**dict(header["model"], attn_backend=attn_backend))
+    model = GPT(cfg).to(device)
+    model.load_state_dict(dequantize_state_dict(entries), strict=True)
+    return model, header
+
+
 def run(hp: Hyperparameters, rt: Runtime) -> dict:
-    """Train, export the int8+zlib artifact, reload it from disk and score it. Returns the numbers."""
+    """Train, export the quantized artifact, reload it from disk and score it. Returns the numbers."""
     hp.check_world(rt.world_size)
     if not hp.run_id:
         hp = dataclasses.replace(hp, run_id=str(uuid.uuid4()))
@@ -1828,7 +2106,7 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
 
     # QAT layers are set up before the warm-up, so the compiled graph already has the (off) QAT path
     # and switching it on later recompiles nothing; without QAT_ENABLED the forward has no QAT work.
-    qat_layers = prepare_qat(base_model, matrix_bits=hp.matrix_bits, embed_bits=hp.embed_bits) if hp.qat_enabled else []
+    qat_layers = prepare_qat(base_model, QuantPlan.from_hparams(hp)) if hp.qat_enabled else []
 
     # Warm-up (state reset after), then the timed training loop
     clock = PhaseClock(hp.max_wallclock_ms, 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None)
@@ -1862,21 +2140,22 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
 
     # Serialization, then the roundtrip: a fresh model loaded from the artifact file alone
     clock.start("serialize")
-    artifact_path = export_artifact(hp, rt, base_model, out_dir, log)
+    artifact_path = export_artifact(hp, rt, base_model, out_dir, log, looping=state.looping)
     clock.stop()
     # The evaluation budget runs from reading the artifact to the final score.
     clock.start("eval")
     n_code, artifact_bytes = code_bytes(), artifact_path.stat().st_size
     total_bytes = artifact_bytes + n_code
-    fresh = GPT(ModelConfig.from_hparams(hp)).to(rt.device)
-    fresh.load_state_dict(deserialize_artifact(artifact_path.read_bytes()), strict=True)
-    roundtrip = evaluate_model(state.looping, maybe_compile(fresh.forward_logits, use_compile),
+    fresh, header = load_artifact_model(artifact_path, rt.device, expect=base_model.cfg, attn_backend=hp.attn_backend)
+    roundtrip = evaluate_model(header["meta"]["looping"], maybe_compile(fresh.forward_logits, use_compile),
                                deadline_ms=clock.eval_cap_ms, clock=clock)
     clock.stop()
     eval_ms = clock.elapsed_ms("eval")
-    log(f"final_int8_zlib_roundtrip val_loss:{roundtrip.val_loss:.4f} val_bpb:{roundtrip.val_bpb:.4f} "
+    tag = f"int{hp.matrix_bits}_{hp.compressor}"
+    log(f"final_{tag}_roundtrip val_loss:{roundtrip.val_loss:.4f} val_bpb:{roundtrip.val_bpb:.4f} "
         f"eval_time:{eval_ms:.0f}ms")
-    log(f"final_int8_zlib_roundtrip_exact val_loss:{roundtrip.val_loss:.8f} val_bpb:{roundtrip.val_bpb:.8f}")
+    log(f"quantized val_loss:{roundtrip.val_loss:.8f} val_bpb:{roundtrip.val_bpb:.8f} eval_time:{eval_ms:.0f}ms")
+    log(f"final_{tag}_roundtrip_exact val_loss:{roundtrip.val_loss:.8f} val_bpb:{roundtrip.val_bpb:.8f}")
     log(f"artifact code_bytes:{n_code} model_bytes:{artifact_bytes} total_bytes:{total_bytes} "
         f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(total_bytes <= ARTIFACT_LIMIT_BYTES)}")
     log(clock.summary())
