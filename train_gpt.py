@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import glob
 import hashlib
 import io
@@ -182,8 +183,8 @@ class Hyperparameters:
     max_eval_seconds: float = knob(600.0, "evaluation budget, artifact load to final score; 0 = none", min=0)
     peak_tflops: float = knob(989.0, "peak TFLOP/s per device for the MFU estimate (H100 SXM bf16 dense)", gt=0)
     # quantization and packing (see QUANTIZATION)
-    quant_method: str = knob("absmax", "row scales: absmax (row max) or sdclip (k * row std, k = *_CLIP_SIGMAS)",
-                             choices=("absmax", "sdclip"))
+    quant_method: str = knob("absmax", "absmax (row max grid), sdclip (k * row std grid, k = *_CLIP_SIGMAS) or gptq "
+                             "(sdclip grid, Hessian-aware rounding)", choices=("absmax", "sdclip", "gptq"))
     attn_bits: int = knob(0, "export bits of attention matrices; 0 = MATRIX_BITS", min=0)
     mlp_bits: int = knob(0, "export bits of MLP matrices; 0 = MATRIX_BITS", min=0)
     head_bits: int = knob(0, "export bits of an untied output head; 0 = EMBED_BITS", min=0)
@@ -191,8 +192,23 @@ class Hyperparameters:
     attn_clip_sigmas: float = knob(0.0, "SDClip k of attention matrices; 0 = MATRIX_CLIP_SIGMAS", min=0)
     mlp_clip_sigmas: float = knob(0.0, "SDClip k of MLP matrices; 0 = MATRIX_CLIP_SIGMAS", min=0)
     embed_clip_sigmas: float = knob(20.0, "SDClip k of embedding tables and an untied head", gt=0)
-    compressor: str = knob("zlib", "artifact coder: zlib (level 9), lzma (9e), brotli (byte shuffle + quality 11)",
-                           choices=("zlib", "lzma", "brotli"))
+    gptq_calibration_source: str = knob("selfgen", "GPTQ inputs: selfgen (sampled by the model, no data read) or "
+                                        "train (training shards, inside the training budget)",
+                                        choices=("selfgen", "train"))
+    gptq_calibration_batches: int = knob(16, "calibration batches over all ranks", gt=0)
+    gptq_calibration_seqs: int = knob(8, "sequences per calibration batch", gt=0)
+    gptq_calibration_seq_len: int = knob(0, "calibration sequence length; 0 = TRAIN_SEQ_LEN", min=0)
+    gptq_selfgen_temperature: float = knob(0.8, "sampling temperature of selfgen calibration", gt=0)
+    gptq_damping: float = knob(0.01, "added to the Hessian diagonal, times its mean", gt=0)
+    gptq_block_size: int = knob(128, "columns per GPTQ block", gt=0)
+    gptq_act_order: bool = knob(True, "quantize columns with the largest Hessian diagonal first")
+    compressor: str = knob("zlib", "artifact coder: zlib (level 9), lzma (9e), brotli (byte shuffle + quality 11), "
+                           "ans (context-modelled rANS for the codes, brotli for the rest)",
+                           choices=("zlib", "lzma", "brotli", "ans"))
+    artifact_margin_bytes: int = knob(0, "auto-fit target: code + model bytes <= 16,000,000 minus this", min=0)
+    auto_fit: bool = knob(True, "shrink an over-limit model until it fits (clip sigmas, then +-1 pruning)")
+    eval_only: bool = knob(False, "no training: score the artifact at ARTIFACT_PATH (model settings come from it)")
+    artifact_path: str = knob("", "artifact scored by EVAL_ONLY; empty = ARTIFACT_DIR/final_model.int<MATRIX_BITS>.ptz")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -328,7 +344,7 @@ RECIPES: dict[str, dict] = {
         muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, grad_clip_norm=0.3,
         muon_ns_coefficients="polar_express", muon_row_normalize=True, muon_wd=0.095, embed_wd=0.085, adam_wd=0.02,
         warmdown_frac=0.85, min_lr=0.1, ema_decay=0.9965, matrix_bits=6, embed_bits=8,
-        quant_method="sdclip", compressor="brotli",
+        quant_method="gptq", compressor="brotli",
     ),
 }
 
@@ -1053,7 +1069,10 @@ class GPT(nn.Module):
         return rms_norm(x)
 
     def forward_logits(self, input_ids: torch.Tensor, looping: bool = False) -> torch.Tensor:
-        h = self.forward_hidden(input_ids, looping)
+        return self.head(self.forward_hidden(input_ids, looping))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Soft-capped logits of final hidden states."""
         logits = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
         c = self.cfg.logit_softcap
         return c * torch.tanh(logits.float() / c)
@@ -1485,6 +1504,8 @@ def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, *, seq_len: in
 # Row scales (QUANT_METHOD):
 #   absmax   s = max|w_row| / L,             L = 2^(bits-1) - 1 (the baseline's grid)
 #   sdclip   s = k * std(w_row) / L,         k = the group's *_CLIP_SIGMAS; values past k std clip to +-L
+#   gptq     the sdclip grid, values chosen column by column to cancel the layer-output error on
+#            calibration activations (see GPTQ below)
 # Scales are rounded to fp16 first and clamped after the cast, so no row ever gets a zero scale. QAT
 # fakes exactly the exported grid (same scale function, same rounding).
 #
@@ -1495,13 +1516,14 @@ def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, *, seq_len: in
 # Tensors contribute arrays to a few typed streams (codes int8, scales fp16, float16, float32, raw);
 # each stream is compressed on its own: COMPRESSOR=zlib (level 9, the baseline's), lzma (preset 9e),
 # brotli (quality 11 after a byte shuffle: all first bytes of each element, then all second bytes,
-# ...). The same weights always
+# ...), or ans (the context-modelled entropy coder below, for the codes). The same weights always
 # give the same bytes, and any damage is refused on load with one line.
 
 KEEP_FLOAT_MAX_NUMEL = 65_536
 FP16_MIN_SCALE = 2.0**-24  # smallest positive fp16 (subnormal): a scale never rounds to 0
 QUANT_GROUPS = ("embed", "head", "attn", "mlp", "other")
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight")
+CALIBRATION_RESERVE_MARGIN = 1.25  # reserve = measured calibration time x this
 ARTIFACT_MAGIC = b"PGQA"
 ARTIFACT_VERSION = 1
 
@@ -1616,7 +1638,10 @@ def storage_dtype(name: str, t: torch.Tensor) -> torch.dtype:
     return torch.float32 if is_control_tensor(name) else torch.float16
 
 
-def quantize_tensor(name: str, t: torch.Tensor, plan: QuantPlan) -> ExportedTensor:
+def quantize_tensor(name: str, t: torch.Tensor, plan: QuantPlan, hessian: torch.Tensor | None = None,
+                    gptq: dict | None = None) -> ExportedTensor:
+    """One state-dict entry as exported; GPTQ where the plan says so and a Hessian exists (tensors
+    without one, like an input-only embedding whose inputs are one-hot, get the same grid rounded)."""
     t = t.detach().cpu()
     spec = plan.spec(name, t)
     dtype = str(t.dtype).removeprefix("torch.")
@@ -1624,14 +1649,19 @@ def quantize_tensor(name: str, t: torch.Tensor, plan: QuantPlan) -> ExportedTens
         return ExportedTensor(name, tuple(t.shape), dtype, value=t.to(storage_dtype(name, t)).contiguous())
     bits, sigmas = spec
     w = t.float().reshape(t.shape[0], -1) if t.ndim == 2 else t.float().reshape(1, -1)
-    codes, scales = quantize_rows(w, bits, sigmas)
-    method = plan.method
+    if plan.method == "gptq" and hessian is not None:
+        codes, scales = gptq_quantize(w, hessian, bits, sigmas, **(gptq or {}))
+        method = "gptq"
+    else:
+        codes, scales = quantize_rows(w, bits, sigmas)
+        method = "sdclip" if plan.method == "gptq" else plan.method
     return ExportedTensor(name, tuple(t.shape), dtype, bits, codes, scales, method=method)
 
 
 def quantize_state_dict(state_dict: dict[str, torch.Tensor], plan: QuantPlan,
-                        ) -> list[ExportedTensor]:
-    return [quantize_tensor(n, t, plan) for n, t in state_dict.items()]
+                        hessians: dict[str, torch.Tensor] | None = None, gptq: dict | None = None) -> list[ExportedTensor]:
+    hessians = hessians or {}
+    return [quantize_tensor(n, t, plan, hessians.get(n), gptq) for n, t in state_dict.items()]
 
 
 def dequantize_state_dict(entries: list[ExportedTensor]) -> dict[str, torch.Tensor]:
@@ -1648,6 +1678,147 @@ def estimate_payload_bytes(state_dict: dict[str, torch.Tensor], plan: QuantPlan)
         else:
             total += t.numel() * storage_dtype(name, t).itemsize
     return total
+
+
+# ---- GPTQ ----------------------------------------------------------------------------------------
+# Rounding each weight to its nearest grid point ignores that a layer's output error is what
+# matters: y = x W^T, so the error is E = W - W_q weighted by H = sum x^T x over calibration inputs.
+# GPTQ quantizes one input column at a time and spreads that column's rounding error over the
+# columns not yet quantized, in the proportions H^-1 says cancel it best (Frantar et al. 2022).
+# Here: the SDClip grid of the original row (so QAT's grid is still the exported one), damping
+# `GPTQ_DAMPING * mean(diag H)` on the diagonal, columns in blocks of GPTQ_BLOCK_SIZE with the
+# block's error pushed to later columns in one matmul, optional act-order (columns with the largest
+# H_jj first), and inputs that never fire (H_jj = 0) get a zero column. Hessians come from forward
+# hooks on every quantized CastedLinear, plus the final hidden state for the tied embedding (it is
+# the output head's weight). Calibration is GPTQ_CALIBRATION_SOURCE: `selfgen` (sequences the
+# trained model samples itself: no data is read, so it may run after the training cap) or `train`
+# (training shards: that is training-data access, so it runs inside the training budget; its time,
+# measured before training starts, is reserved). Validation shards are never a source.
+
+
+def upper_cholesky_of_inverse(H: torch.Tensor, damping: float) -> torch.Tensor:
+    """U with U^T U = (H + damping * mean(diag H) * I)^-1; the damping grows 10x until H is positive definite."""
+    eye = torch.eye(H.size(0), dtype=H.dtype, device=H.device)
+    mean_diag = H.diagonal().mean().clamp_min(1e-12)
+    for attempt in range(6):
+        L, info = torch.linalg.cholesky_ex(H + damping * 10**attempt * mean_diag * eye)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0:
+                return U
+    raise RunError(f"GPTQ: a Hessian stayed singular with damping up to {damping * 1e5:g} x its mean diagonal; "
+                   "raise GPTQ_DAMPING or use QUANT_METHOD=sdclip")
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, clip_sigmas: float, *, damping: float = 0.01,
+                  block_size: int = 128, act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (int8, rows x cols) and fp16 row scales of `w` (rows x cols) for inputs with Hessian (cols x cols)."""
+    W = w.float().clone()
+    scale = row_scales(W, bits, clip_sigmas)
+    s = scale.to(W.device).float()
+    limit = clip_range(bits)
+    H = hessian.to(W.device).float().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv = upper_cholesky_of_inverse(H, damping)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, W.size(1), block_size):
+        i2 = min(i1 + block_size, W.size(1))
+        block, errors, Hb = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), Hinv[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            q = torch.round(block[:, j] / s).clamp(-limit, limit)
+            Q[:, i1 + j] = q
+            err = (block[:, j] - q * s) / Hb[j, j]
+            block[:, j:] -= err[:, None] * Hb[j, j:][None, :]
+            errors[:, j] = err
+        W[:, i2:] -= errors @ Hinv[i1:i2, i2:]
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return Q.to(torch.int8).cpu().contiguous(), scale.cpu()
+
+
+def check_calibration_files(files: list[str]) -> None:
+    """Calibration reads training shards only: a validation shard here is a bug, never a choice."""
+    bad = [f for f in files if not Path(f).name.startswith("fineweb_train_")]
+    if bad:
+        raise RunError(f"validation or unknown shards can never be calibration data: {bad[0]}; "
+                       "GPTQ_CALIBRATION_SOURCE=train reads fineweb_train_*.bin only")
+
+
+@torch.no_grad()
+def sample_sequences(model: GPT, num_seqs: int, seq_len: int, *, temperature: float, seed: int, looping: bool,
+                     device: torch.device, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Sequences the model writes itself from a BOS, sampled at `temperature` (no KV cache: a full
+    forward per token, so cost grows with seq_len^2)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.full((num_seqs, 1), BOS_ID, dtype=torch.int64, device=device)
+    for _ in range(seq_len - 1):
+        with autocast():
+            logits = model.head(model.forward_hidden(ids, looping)[:, -1]).float()
+        nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen)
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids
+
+
+def calibration_inputs(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], looping: bool,
+                       autocast=contextlib.nullcontext):
+    """This rank's calibration batches (GPTQ_CALIBRATION_BATCHES over all ranks), one at a time."""
+    seq_len = hp.gptq_calibration_seq_len or hp.train_seq_len
+    mine = range(rt.rank, hp.gptq_calibration_batches, rt.world_size)
+    if hp.gptq_calibration_source == "train":
+        check_calibration_files(train_files)
+        loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device, seed=hp.seed)
+        try:
+            for _ in mine:
+                yield loader.next_batch(hp.gptq_calibration_seqs * seq_len * rt.world_size, seq_len, 1)[0]
+        finally:
+            loader.close()
+    else:
+        for i in mine:
+            yield sample_sequences(model, hp.gptq_calibration_seqs, seq_len, temperature=hp.gptq_selfgen_temperature,
+                                   seed=hp.seed + 1000 + i, looping=looping, device=rt.device, autocast=autocast)
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, batches, plan: QuantPlan, looping: bool,
+                     autocast=contextlib.nullcontext) -> dict[str, torch.Tensor]:
+    """H = sum of x^T x over every input row each quantized matrix sees (fp32), summed over ranks."""
+    hessians: dict[str, torch.Tensor] = {}
+
+    def accumulate(key: str, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1, x.size(-1))
+        if key not in hessians:
+            hessians[key] = torch.zeros(x.size(1), x.size(1), device=x.device)
+        hessians[key].addmm_(x.T, x)
+
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear) and plan.spec(f"{name}.weight", module.weight) is not None:
+            hooks.append(module.register_forward_hook(
+                lambda mod, inputs, output, key=f"{name}.weight": accumulate(key, inputs[0])))
+    tied_head = model.lm_head is None and plan.spec("tok_emb.weight", model.tok_emb.weight) is not None
+    was_training = model.training
+    model.eval()
+    try:
+        for x in batches:
+            with autocast():
+                h = model.forward_hidden(x, looping)
+                if model.lm_head is not None:
+                    model.lm_head(h)
+            if tied_head:  # the head's input is the final hidden state
+                accumulate("tok_emb.weight", h)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    for key in sorted(hessians):  # same order on every rank
+        all_reduce_sum(hessians[key])
+    return hessians
 
 
 # ---- the packer --------------------------------------------------------------------------------------
@@ -1706,7 +1877,7 @@ def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict
                   meta: dict | None = None, stats: dict | None = None) -> bytes:
     """The artifact bytes. `model` (the ModelConfig as a dict) is what a loader checks it against;
     `stats`, if given, receives the compressed bytes of each stream."""
-    general = compressor
+    general = "brotli" if compressor == "ans" else compressor  # ans codes the codes; brotli the rest
     streams: dict[str, list[np.ndarray]] = {}
     tensors = []
     for e in entries:
@@ -1720,9 +1891,12 @@ def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict
     for name in sorted(streams):
         arrays = streams[name]
         dtype = np.dtype(STREAM_DTYPES.get(name, np.uint8)) if not name.startswith("raw:") else np.dtype(name[4:])
-        raw = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
-        coder = general
-        data = compress_bytes(raw, coder, dtype.itemsize)
+        if name == "codes" and compressor == "ans":
+            coder, data = "ans", ans_encode(arrays, [e.bits for e in entries if e.bits])
+        else:
+            raw = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
+            coder = general
+            data = compress_bytes(raw, coder, dtype.itemsize)
         stream_info.append(dict(name=name, coder=coder, length=len(data), stride=dtype.itemsize))
         payloads.append(data)
         if stats is not None:
@@ -1780,10 +1954,17 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
         for s in header["streams"]:
             data = payload[offset : offset + s["length"]]
             offset += s["length"]
-            raw = decompress_bytes(data, s["coder"], s["stride"])
-            dtype = np.dtype(STREAM_DTYPES.get(s["name"], np.uint8)) if not s["name"].startswith("raw:") \
-                else np.dtype(s["name"][4:])
-            arrays[s["name"]] = np.frombuffer(raw, dtype=dtype)
+            if s["coder"] == "ans":
+                quantized = [t for t in header["tensors"] if t["bits"]]
+                shapes = [(t["shape"][0], math.prod(t["shape"]) // t["shape"][0]) if len(t["shape"]) == 2
+                          else (1, math.prod(t["shape"])) for t in quantized]
+                decoded = ans_decode(data, shapes, [t["bits"] for t in quantized])
+                arrays[s["name"]] = np.concatenate([d.reshape(-1) for d in decoded]) if decoded else np.zeros(0, np.int8)
+            else:
+                raw = decompress_bytes(data, s["coder"], s["stride"])
+                dtype = np.dtype(STREAM_DTYPES.get(s["name"], np.uint8)) if not s["name"].startswith("raw:") \
+                    else np.dtype(s["name"][4:])
+                arrays[s["name"]] = np.frombuffer(raw, dtype=dtype)
     except RunError:
         raise
     except Exception as e:  # any decoder failure on damaged bytes
@@ -1815,9 +1996,290 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
     return entries, header
 
 
+# ---- the ans coder ----------------------------------------------------------------------------------
+# brotli-11 already sits near the order-0 entropy of the codes, so beating it takes context that a
+# byte-wise compressor cannot see. The magnitude of a code is predicted from its row and column: per
+# tensor, rho_i = mean |q| of row i and gamma_j = mean |q| of column j / mean |q| (a rank-1 model of
+# the magnitude, in log2 steps of 1/8, one byte each: the side information). The context of a code is
+# its predicted magnitude log2(rho_i * gamma_j) in quarter octaves; for each (bits, context) the exact
+# symbol histogram is stored, and the codes of that context are entropy-coded with it by
+# constriction's rANS coder (Rust, whole numpy arrays per call). Contexts are computed in integers
+# from the stored bytes, so the decoder derives exactly the encoder's. Everything the decoder needs,
+# side information and histograms included, is inside the counted bytes.
+ANS_LOG_STEPS = 8  # side information resolution: steps per octave
+ANS_CONTEXT_WIDTH = 2  # side-information steps per context (2 of 1/8 octave = a quarter octave)
+
+
+def _log_bytes(values: np.ndarray) -> np.ndarray:
+    """Values > 0 as uint8 log2 steps of 1/ANS_LOG_STEPS around 128 (clipped to the byte)."""
+    return np.clip(np.round(np.log2(np.maximum(values, 1e-9)) * ANS_LOG_STEPS) + 128, 0, 255).astype(np.uint8)
+
+
+def _magnitude_side_info(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    magnitude = np.abs(codes.astype(np.float32))
+    overall = max(float(magnitude.mean()), 1e-6)
+    return _log_bytes(magnitude.mean(axis=1) + 1e-3), _log_bytes(magnitude.mean(axis=0) / overall + 1e-3)
+
+
+class _ContextIndex:
+    """The codes of one tensor grouped by context: positions of context k are order[start[k]:start[k+1]]."""
+
+    def __init__(self, row_bytes: np.ndarray, col_bytes: np.ndarray):
+        ctx = (row_bytes.astype(np.int16)[:, None] + col_bytes.astype(np.int16)[None, :]) // ANS_CONTEXT_WIDTH
+        flat = ctx.reshape(-1)
+        self.order = np.argsort(flat, kind="stable")  # radix sort for 16-bit integers: linear time
+        counts = np.bincount(flat, minlength=512 // ANS_CONTEXT_WIDTH)
+        self.start = np.concatenate([[0], np.cumsum(counts)])
+        self.present = np.nonzero(counts)[0]
+
+    def positions(self, k: int) -> np.ndarray:
+        return self.order[self.start[k] : self.start[k + 1]]
+
+
+def _ans_keys(bits: list[int], index: list[_ContextIndex]) -> list[tuple[int, int]]:
+    return sorted({(b, int(k)) for b, ix in zip(bits, index) for k in ix.present})
+
+
+def ans_groups(codes: list[np.ndarray], bits: list[int]):
+    """(side information, keys, symbols of each key): the coder's view of the codes."""
+    side = [_magnitude_side_info(c) for c in codes]
+    index = [_ContextIndex(r, c) for r, c in side]
+    keys = _ans_keys(bits, index)
+    flat = [c.reshape(-1).astype(np.int32) for c in codes]
+    groups = [np.concatenate([f[ix.positions(k)] for f, ix, bb in zip(flat, index, bits) if bb == b]) + clip_range(b)
+              for b, k in keys]
+    return side, keys, groups
+
+
+def ans_encode(arrays: list[np.ndarray], bits: list[int]) -> bytes:
+    import brotli
+    import constriction
+
+    side, keys, groups = ans_groups([a.reshape(a.shape[0], -1) for a in arrays], bits)
+    histograms = [np.bincount(g, minlength=2 * clip_range(b) + 1).astype("<u4") for (b, _), g in zip(keys, groups)]
+    coder = constriction.stream.stack.AnsCoder()
+    for counts, symbols in zip(reversed(histograms), reversed(groups)):  # a stack: the last group first
+        coder.encode_reverse(symbols.astype(np.int32),
+                             constriction.stream.model.Categorical(counts.astype(np.float64), perfect=False))
+    words = coder.get_compressed().astype("<u4").tobytes()
+    packed_side = brotli.compress(b"".join(r.tobytes() + c.tobytes() for r, c in side), quality=11)
+    packed_table = brotli.compress(b"".join(h.tobytes() for h in histograms), quality=11)
+    return struct.pack("<III", len(packed_side), len(packed_table), len(keys)) + packed_side + packed_table + words
+
+
+def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int]) -> list[np.ndarray]:
+    import brotli
+    import constriction
+
+    side_len, table_len, n_keys = struct.unpack("<III", data[:12])
+    side_bytes = brotli.decompress(data[12 : 12 + side_len])
+    table = np.frombuffer(brotli.decompress(data[12 + side_len : 12 + side_len + table_len]), dtype="<u4")
+    words = np.frombuffer(data[12 + side_len + table_len :], dtype="<u4").astype(np.uint32)
+    index, offset = [], 0
+    for rows, cols in shapes:
+        index.append(_ContextIndex(np.frombuffer(side_bytes[offset : offset + rows], dtype=np.uint8),
+                                   np.frombuffer(side_bytes[offset + rows : offset + rows + cols], dtype=np.uint8)))
+        offset += rows + cols
+    keys = _ans_keys(bits, index)
+    if len(keys) != n_keys or offset != len(side_bytes):
+        raise ValueError("ans side information does not match the tensor list")
+    coder = constriction.stream.stack.AnsCoder(words)
+    out = [np.zeros(rows * cols, dtype=np.int8) for rows, cols in shapes]
+    at = 0
+    for b, k in keys:
+        counts = table[at : at + 2 * clip_range(b) + 1]
+        at += len(counts)
+        model = constriction.stream.model.Categorical(counts.astype(np.float64), perfect=False)
+        symbols = (coder.decode(model, int(counts.sum())) - clip_range(b)).astype(np.int8)
+        start = 0
+        for o, ix, bb in zip(out, index, bits):
+            if bb == b:
+                where = ix.positions(k)
+                o[where] = symbols[start : start + len(where)]
+                start += len(where)
+    return [o.reshape(shape) for o, shape in zip(out, shapes)]
+
+
+def code_entropy_report(arrays: list[np.ndarray], bits: list[int]) -> tuple[float, float]:
+    """(order-0 entropy of all codes, the ans context model's cross-entropy), in bytes, without side information."""
+    codes = [a.reshape(a.shape[0], -1) for a in arrays]
+    counts = sum(np.bincount(c.reshape(-1).astype(np.int64) + 128, minlength=256) for c in codes)
+
+    def entropy(h: np.ndarray) -> float:
+        nz = h[h > 0].astype(np.float64)
+        return float(-(nz * np.log2(nz / nz.sum())).sum()) / 8
+
+    _, _, groups = ans_groups(codes, bits)
+    return entropy(np.asarray(counts)), sum(entropy(np.bincount(g)) for g in groups)
+
+
+# ---- fitting under the limit ----------------------------------------------------------------------
+# Before writing, code + model bytes are known exactly. If they exceed 16,000,000 minus
+# ARTIFACT_MARGIN_BYTES, AUTO_FIT shrinks the model, in this order, stopping as soon as it fits:
+#   1. raise every group's clip sigmas by one common factor (sdclip / gptq only): the code entropy
+#      falls by about log2(factor) bits per weight, which sets the factor; re-packed to check, up to
+#      AUTO_FIT_TRIES times and at most AUTO_FIT_MAX_SIGMA_SCALE;
+#   2. zero the +-1 codes of the rows with the smallest scales (each costs that row's scale^2 of
+#      squared error), as many as the order-0 entropy of the codes says, re-packed to check.
+# Each step logs its factor or count, the bytes, and what it cost: the relative squared error of the
+# quantized weights against the pre-quant ones. It never writes an over-limit artifact silently: if
+# both steps fail, the run ends with an error naming the sizes.
+AUTO_FIT_TRIES = 4
+AUTO_FIT_MAX_SIGMA_SCALE = 2.0
+
+
+def quantization_error(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor]) -> float:
+    """sum ||W - W_q||^2 / sum ||W||^2 over the quantized tensors."""
+    err = norm = 0.0
+    for e in entries:
+        if e.bits:
+            w = state_dict[e.name].detach().float().cpu()
+            err += float((w - e.dequantize().float()).square().sum())
+            norm += float(w.square().sum())
+    return err / max(norm, 1e-30)
+
+
+def code_histogram(entries: list[ExportedTensor]) -> torch.Tensor:
+    """Counts of every code value (index = code + 128) over all quantized tensors."""
+    counts = torch.zeros(256, dtype=torch.float64)
+    for e in entries:
+        if e.bits:
+            counts += torch.bincount((e.codes.reshape(-1).long() + 128), minlength=256).double()
+    return counts
+
+
+def entropy_bytes(counts: torch.Tensor) -> float:
+    """Order-0 entropy of a histogram, in bytes: what a byte-wise compressor approaches."""
+    nz = counts[counts > 0]
+    return float(-(nz * torch.log2(nz / nz.sum())).sum() / 8)
+
+
+def unit_codes_by_cost(entries: list[ExportedTensor]) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every +-1 code as (tensor index, row, column, sign), cheapest to zero first: smallest row scale,
+    ties in tensor, row, column order (deterministic)."""
+    keys, where = [], []
+    for i, e in enumerate(entries):
+        if e.bits:
+            rows, cols = torch.nonzero(e.codes.abs() == 1, as_tuple=True)
+            keys.append(e.scales.float()[rows])
+            where.append((torch.full_like(rows, i), rows, cols, e.codes[rows, cols].long()))
+    if not keys:
+        return []
+    order = torch.argsort(torch.cat(keys), stable=True)
+    return [torch.cat([w[k] for w in where])[order] for k in range(4)]
+
+
+def prune_unit_codes(entries: list[ExportedTensor], units, count: int) -> list[ExportedTensor]:
+    """A copy with the first `count` codes of `units` (from unit_codes_by_cost) set to 0."""
+    out = list(entries)
+    if count <= 0:
+        return out
+    tensor_idx, rows, cols, _ = (u[:count] for u in units)
+    for i in torch.unique(tensor_idx).tolist():
+        mask = tensor_idx == i
+        codes = entries[i].codes.clone()
+        codes[rows[mask], cols[mask]] = 0
+        out[i] = dataclasses.replace(entries[i], codes=codes)
+    return out
+
+
+def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target_bytes: int, compressor: str,
+                 pack, hessians: dict | None = None, gptq: dict | None = None, auto_fit: bool = True,
+                 log=lambda msg: None) -> tuple[bytes, list[ExportedTensor]]:
+    """The packed artifact (pack(entries) -> bytes) at most `target_bytes` long if auto-fit can get it there."""
+    entries = quantize_state_dict(state_dict, plan, hessians, gptq)
+    blob = pack(entries)
+    if len(blob) <= target_bytes or not auto_fit:
+        return blob, entries
+    base_error = quantization_error(state_dict, entries)
+    n_codes = sum(e.codes.numel() for e in entries if e.bits)
+    log(f"auto_fit: model_bytes {len(blob)} > target {target_bytes} (limit {ARTIFACT_LIMIT_BYTES} - margin - code); "
+        f"quant_error {base_error:.3e} (relative squared weight error)")
+    if plan.method != "absmax" and n_codes:
+        factor = 1.0
+        for _ in range(AUTO_FIT_TRIES):
+            factor = min(factor * 2 ** (8 * (len(blob) - target_bytes) / n_codes + 1e-4), AUTO_FIT_MAX_SIGMA_SCALE)
+            entries = quantize_state_dict(state_dict, plan.with_sigma_scale(factor), hessians, gptq)
+            blob = pack(entries)
+            log(f"auto_fit: step 1 clip_sigmas x{factor:.4f} -> model_bytes {len(blob)} "
+                f"quant_error {quantization_error(state_dict, entries):.3e}")
+            if len(blob) <= target_bytes or factor >= AUTO_FIT_MAX_SIGMA_SCALE:
+                break
+    if len(blob) > target_bytes:
+        units = unit_codes_by_cost(entries)
+        n_units = len(units[0]) if units else 0
+        counts = code_histogram(entries)
+        plus = torch.cumsum((units[3] > 0).double(), 0) if n_units else None
+
+        def entropy_after(n: int) -> float:  # the histogram after zeroing the first n unit codes, exactly
+            if n == 0:
+                return entropy_bytes(counts)
+            c = counts.clone()
+            n_plus = float(plus[n - 1])
+            c[129] -= n_plus
+            c[127] -= n - n_plus
+            c[128] += n
+            return entropy_bytes(c)
+
+        excess, pruned, bytes_per_entropy_byte = len(blob) - target_bytes, 0, 1.0
+        for _ in range(AUTO_FIT_TRIES):
+            # fewest codes whose predicted saving covers the excess; the prediction is the entropy
+            # drop scaled by how many real bytes one entropy byte saved in the previous try
+            lo, hi = pruned, n_units
+            goal = entropy_after(pruned) - excess / bytes_per_entropy_byte * 1.002
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if entropy_after(mid) <= goal else (mid + 1, hi)
+            previous_bytes, previous_entropy = len(blob), entropy_after(pruned)
+            pruned = lo
+            pruned_entries = prune_unit_codes(entries, units, pruned)
+            blob = pack(pruned_entries)
+            log(f"auto_fit: step 2 pruned {pruned} of {n_units} +-1 codes -> model_bytes {len(blob)} "
+                f"quant_error {quantization_error(state_dict, pruned_entries):.3e}")
+            excess = len(blob) - target_bytes
+            if excess <= 0 or pruned >= n_units:
+                break
+            predicted = previous_entropy - entropy_after(pruned)
+            if predicted > 0 and previous_bytes > len(blob):
+                bytes_per_entropy_byte = max((previous_bytes - len(blob)) / predicted, 0.05)
+        entries = pruned_entries
+    log(f"auto_fit: {'fits' if len(blob) <= target_bytes else 'FAILED'} model_bytes {len(blob)} target {target_bytes}")
+    return blob, entries
+
+
+# ---- the shipped code form ---------------------------------------------------------------------------
+# Only the bytes of the code that is shipped count, so the shipped form is a self-extracting copy:
+# a two-line latin-1 Python file holding the brotli-compressed readable source in a string literal
+# (only \ " NUL CR LF are escaped: ~2% overhead, against 25% for base85). It decompresses to the
+# readable file byte for byte and runs it in its own namespace, where SHIPPED_SOURCE keeps the text.
+
+SHIPPED_PREFIX = b"# -*- coding: latin-1 -*-\nimport brotli;SHIPPED_SOURCE=brotli.decompress(\""
+SHIPPED_SUFFIX = b"\".encode(\"latin-1\"));exec(compile(SHIPPED_SOURCE,\"train_gpt.py\",\"exec\"))\n"
+_LITERAL_ESCAPES = {0x5C: b"\\\\", 0x22: b'\\"', 0x00: b"\\x00", 0x0D: b"\\r", 0x0A: b"\\n"}
+
+
+def readable_source() -> bytes:
+    """The readable train_gpt.py, also when running from its shipped form."""
+    shipped = globals().get("SHIPPED_SOURCE")
+    return shipped if isinstance(shipped, bytes) else Path(__file__).read_bytes()
+
+
+def shipped_code(source: bytes) -> bytes:
+    import brotli
+
+    packed = brotli.compress(source, quality=11)
+    literal = b"".join(_LITERAL_ESCAPES.get(byte, bytes((byte,))) for byte in packed)
+    return SHIPPED_PREFIX + literal + SHIPPED_SUFFIX
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_code_of_this_file() -> bytes:
+    return shipped_code(readable_source())
+
+
 def code_bytes() -> int:
-    """Bytes of this script as shipped: the code part of the artifact."""
-    return len(Path(__file__).read_bytes())
+    """Bytes of this script as shipped (its self-extracting form): the code part of the artifact."""
+    return len(_shipped_code_of_this_file())
 
 
 # ==================================================================================================
@@ -1975,7 +2437,7 @@ def configure_compile(qat: bool) -> None:
 
 
 def log_run_header(hp: Hyperparameters, rt: Runtime, log) -> None:
-    log(Path(__file__).read_text(encoding="utf-8"), console=False)
+    log(readable_source().decode("utf-8"), console=False)
     log("=" * 100, console=False)
     log(f"python:{platform.python_version()} torch:{torch.__version__} device:{rt.device}", console=False)
     if rt.device.type == "cuda":
@@ -2005,30 +2467,54 @@ def artifact_path_for(hp: Hyperparameters, out_dir: Path) -> Path:
     return out_dir / f"final_model.int{hp.matrix_bits}.ptz"
 
 
-def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path, log, *, looping: bool) -> Path:
-    """Rank 0 writes the raw weights and the quantized, packed artifact, each atomically."""
+def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path, log, *, looping: bool,
+                    hessians: dict[str, torch.Tensor] | None = None) -> Path:
+    """Rank 0 writes the raw weights, the shipped code form and the quantized, packed artifact (fitted
+    under the limit), each atomically."""
     raw_path, artifact_path = out_dir / "final_model.pt", artifact_path_for(hp, out_dir)
     if rt.is_main:
         n_code = code_bytes()
+        write_atomic(out_dir / "train_gpt.shipped.py", _shipped_code_of_this_file())
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)
         write_atomic(raw_path, buf.getvalue())
         log(f"Serialized model: {raw_path.stat().st_size} bytes")
-        log(f"Code size: {n_code} bytes")
+        log(f"Code size: {len(readable_source())} bytes (uncompressed), {n_code} bytes (compressed, shipped as "
+            f"train_gpt.shipped.py)")
         log(f"Total submission size: {raw_path.stat().st_size + n_code} bytes")
         plan = QuantPlan.from_hparams(hp)
-        entries = quantize_state_dict(model.state_dict(), plan)
         stats: dict[str, int] = {}
-        blob = pack_artifact(entries, compressor=hp.compressor, model=dataclasses.asdict(model.cfg),
-                             meta=dict(looping=looping, quant_method=plan.method), stats=stats)
+        meta = dict(looping=looping, quant_method=plan.method, tag=f"int{hp.matrix_bits}_{hp.compressor}")
+
+        def pack(entries: list[ExportedTensor]) -> bytes:
+            stats.clear()
+            return pack_artifact(entries, compressor=hp.compressor, model=dataclasses.asdict(model.cfg), meta=meta,
+                                 stats=stats)
+
+        target = ARTIFACT_LIMIT_BYTES - hp.artifact_margin_bytes - n_code
+        blob, entries = fit_artifact(model.state_dict(), plan, target_bytes=target, compressor=hp.compressor,
+                                     pack=pack, hessians=hessians, gptq=gptq_options(hp), auto_fit=hp.auto_fit, log=log)
         write_atomic(artifact_path, blob)
         label = f"int{hp.matrix_bits}+{hp.compressor}"
         log(f"Serialized model {label}: {len(blob)} bytes (raw_torch:{buf.tell()} method:{plan.method} "
             f"bits:{','.join(f'{g}={b}' for g, b in plan.bits.items())})")
         log("artifact_streams: " + " ".join(f"{k}:{v}" for k, v in sorted(stats.items())))
+        quantized = [e for e in entries if e.bits]
+        order0, model_ce = code_entropy_report([e.codes.numpy() for e in quantized], [e.bits for e in quantized])
+        log(f"artifact_entropy: codes_bytes:{stats.get('codes', 0)} order0_entropy_bytes:{order0:.0f} "
+            f"ans_model_cross_entropy_bytes:{model_ce:.0f} (side information not included) coder:{hp.compressor}")
+        for group in QUANT_GROUPS:
+            members = [e for e in quantized if tensor_group(e.name) == group]
+            if members:
+                log(f"Quantized weights: {group} tensors:{len(members)} values:{sum(e.codes.numel() for e in members)} "
+                    f"bits:{sorted({e.bits for e in members})} method:{members[0].method}")
         log(f"Total submission size {label}: {len(blob) + n_code} bytes")
     barrier()
     return artifact_path
+
+
+def gptq_options(hp: Hyperparameters) -> dict:
+    return dict(damping=hp.gptq_damping, block_size=hp.gptq_block_size, act_order=hp.gptq_act_order)
 
 
 def load_artifact_model(path: Path, device: torch.device, expect: ModelConfig | None = None,
@@ -2042,6 +2528,64 @@ def load_artifact_model(path: Path, device: torch.device, expect: ModelConfig | 
     model = GPT(cfg).to(device)
     model.load_state_dict(dequantize_state_dict(entries), strict=True)
     return model, header
+
+
+def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: torch.Tensor, luts: ByteLuts,
+                   clock: PhaseClock, log, *, expect: ModelConfig | None = None, use_compile: bool = False) -> dict:
+    """Load the artifact file alone into a fresh model and score it under the evaluation budget, which
+    runs from reading the file to the final score. The end of a training run and EVAL_ONLY=1 both
+    come here, so they report the same number."""
+    clock.start("eval")
+    n_code, model_bytes = code_bytes(), path.stat().st_size if path.is_file() else 0
+    fresh, header = load_artifact_model(path, rt.device, expect=expect, attn_backend=hp.attn_backend)
+    grad_accum = hp.grad_accum_for(rt.world_size)
+    seq_len = hp.effective_eval_seq_len
+    logits_fn = maybe_compile(fresh.forward_logits, use_compile)
+    looping = bool(header["meta"].get("looping", False))
+
+    def over_budget() -> bool:  # agreed across ranks, so every rank stops at the same batch
+        return agree_max([float(clock.elapsed_ms("eval") > clock.eval_cap_ms)], rt)[0] > 0
+
+    fresh.eval()
+    result = evaluate(lambda x: logits_fn(x, looping), val_tokens, luts, seq_len=seq_len,
+                      batch_seqs=max(1, hp.val_batch_size // (rt.world_size * grad_accum * seq_len)), rank=rt.rank,
+                      world_size=rt.world_size, device=rt.device, autocast=lambda: autocast_context(hp, rt.device),
+                      stop=over_budget if clock.eval_cap_ms is not None else None)
+    clock.stop()
+    eval_ms = clock.elapsed_ms("eval")
+    tag = header["meta"].get("tag", "quantized")
+    log(f"final_{tag}_roundtrip val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} eval_time:{eval_ms:.0f}ms")
+    log(f"quantized val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f} eval_time:{eval_ms:.0f}ms")
+    log(f"final_{tag}_roundtrip_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
+    total = model_bytes + n_code
+    log(f"artifact code_bytes:{n_code} model_bytes:{model_bytes} total_bytes:{total} "
+        f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(total <= ARTIFACT_LIMIT_BYTES)}")
+    return dict(roundtrip=result, code_bytes=n_code, model_bytes=model_bytes, total_bytes=total, header=header)
+
+
+def run_eval_only(hp: Hyperparameters, rt: Runtime) -> dict:
+    """EVAL_ONLY=1: score an artifact with nothing but it, the tokenizer and the validation shards (no
+    training data, no network). The model's settings are read from the artifact."""
+    if not hp.run_id:
+        hp = dataclasses.replace(hp, run_id=str(uuid.uuid4()))
+    out_dir = Path(hp.artifact_dir or ".")
+    path = Path(hp.artifact_path) if hp.artifact_path else artifact_path_for(hp, out_dir)
+    log = RunLog(out_dir / "logs" / f"{hp.run_id}.txt", rt.is_main)
+    log(f"logs/{hp.run_id}.txt")
+    log_run_header(hp, rt, log)
+    if not path.is_file():
+        raise RunError(f"EVAL_ONLY=1 but the artifact {path} does not exist; set ARTIFACT_PATH to a final_model.*.ptz")
+    header, _ = read_artifact_header(path.read_bytes())
+    hp = dataclasses.replace(hp, vocab_size=header["model"]["vocab_size"])  # the tokenizer must match the model's
+    log(f"eval_only: artifact {path} model {header['model']['num_layers']}x{header['model']['model_dim']} "
+        f"vocab {hp.vocab_size} quant_method:{header['meta'].get('quant_method')}")
+    val_tokens, luts = prepare_validation(hp, rt, log)
+    clock = PhaseClock(None, 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None)
+    use_compile = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
+    scored = score_artifact(hp, rt, path, val_tokens, luts, clock, log, use_compile=use_compile)
+    log(clock.summary())
+    return dict(scored, run_id=hp.run_id, phases=dict(clock.totals), log_path=str(log.path), cap_ms=None,
+                train_data_access_end_ms=0.0)
 
 
 def run(hp: Hyperparameters, rt: Runtime) -> dict:
@@ -2113,23 +2657,46 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
     clock.start("warmup")
     warmup_and_reset(model, base_model, optimizers, make_loader, hp, rt, grad_accum, autocast, log)
     clock.stop()
-    # Nothing after training reads training data yet, so the reserve is 0 (and logged as such).
+    plan = QuantPlan.from_hparams(hp)
+    calibrate_on_train = plan.method == "gptq" and hp.gptq_calibration_source == "train"
+    if calibrate_on_train:
+        # GPTQ will read training data after training, so that time is reserved out of the budget:
+        # measured now on the same number of batches, with a safety margin for run-to-run jitter.
+        clock.start("calibration_probe")
+        collect_hessians(base_model, calibration_inputs(hp, rt, base_model, train_files, False, autocast), plan,
+                         False, autocast)
+        clock.stop()
+        probe_ms = agree_max([clock.elapsed_ms("calibration_probe")], rt)[0]
+        clock.reserve_ms = CALIBRATION_RESERVE_MARGIN * probe_ms
+        log(f"gptq:reserving {clock.reserve_ms / 1000:.3f}s (measured {probe_ms:.0f}ms x {CALIBRATION_RESERVE_MARGIN}), "
+            f"effective={clock.train_budget_ms}ms")
     log(f"clock: train_budget:{clock.train_budget_ms}ms reserve:{clock.reserve_ms:.0f}ms "
         f"eval_budget:{clock.eval_cap_ms}ms")
     averager = WeightAverager(base_model, ema_decay=hp.ema_decay, swa_start_frac=hp.swa_start_frac,
                               swa_every=hp.swa_every)
     state = train(hp, rt, model, base_model, optimizers, make_loader, evaluate_model, grad_accum, autocast, log,
                   clock, averager, qat_layers)
-    log(f"train_data_access_end:{clock.elapsed_ms('train'):.0f}ms (training time; cap "
-        f"{clock.cap_ms if clock.cap_ms is not None else 'none'})")
-    if rt.device.type == "cuda":
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-
     # The exported weights: an average if enabled, scored once before quantization
     choice = averager.choose(hp.export_weights)
     averager.apply(choice)
     set_qat(qat_layers, False)
+    hessians = None
+    if plan.method == "gptq":
+        log("GPTQ:collecting Hessians from calibration data...")
+        clock.start("calibration")
+        hessians = collect_hessians(base_model, calibration_inputs(hp, rt, base_model, train_files, state.looping,
+                                                                   autocast), plan, state.looping, autocast)
+        clock.stop()
+        log(f"GPTQ:collected {len(hessians)} Hessians in {clock.elapsed_ms('calibration') / 1000:.1f}s "
+            f"source:{hp.gptq_calibration_source} batches:{hp.gptq_calibration_batches}")
+    data_access_end = clock.elapsed_ms("train") + (clock.elapsed_ms("calibration") if calibrate_on_train else 0.0)
+    inside_cap = clock.cap_ms is None or data_access_end <= clock.cap_ms
+    log(f"train_data_access_end:{data_access_end:.0f}ms (training{' + calibration' if calibrate_on_train else ''}; "
+        f"cap {clock.cap_ms if clock.cap_ms is not None else 'none'}) inside_cap:{int(inside_cap)}")
+    if rt.device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+
     log(f"weights:exporting {choice}")
     clock.start("pre_quant_eval")
     pre_quant = evaluate_model(state.looping)
@@ -2140,29 +2707,18 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
 
     # Serialization, then the roundtrip: a fresh model loaded from the artifact file alone
     clock.start("serialize")
-    artifact_path = export_artifact(hp, rt, base_model, out_dir, log, looping=state.looping)
+    artifact_path = export_artifact(hp, rt, base_model, out_dir, log, looping=state.looping, hessians=hessians)
     clock.stop()
-    # The evaluation budget runs from reading the artifact to the final score.
-    clock.start("eval")
-    n_code, artifact_bytes = code_bytes(), artifact_path.stat().st_size
-    total_bytes = artifact_bytes + n_code
-    fresh, header = load_artifact_model(artifact_path, rt.device, expect=base_model.cfg, attn_backend=hp.attn_backend)
-    roundtrip = evaluate_model(header["meta"]["looping"], maybe_compile(fresh.forward_logits, use_compile),
-                               deadline_ms=clock.eval_cap_ms, clock=clock)
-    clock.stop()
-    eval_ms = clock.elapsed_ms("eval")
-    tag = f"int{hp.matrix_bits}_{hp.compressor}"
-    log(f"final_{tag}_roundtrip val_loss:{roundtrip.val_loss:.4f} val_bpb:{roundtrip.val_bpb:.4f} "
-        f"eval_time:{eval_ms:.0f}ms")
-    log(f"quantized val_loss:{roundtrip.val_loss:.8f} val_bpb:{roundtrip.val_bpb:.8f} eval_time:{eval_ms:.0f}ms")
-    log(f"final_{tag}_roundtrip_exact val_loss:{roundtrip.val_loss:.8f} val_bpb:{roundtrip.val_bpb:.8f}")
-    log(f"artifact code_bytes:{n_code} model_bytes:{artifact_bytes} total_bytes:{total_bytes} "
-        f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(total_bytes <= ARTIFACT_LIMIT_BYTES)}")
+    scored = score_artifact(hp, rt, artifact_path, val_tokens, luts, clock, log, expect=base_model.cfg,
+                            use_compile=use_compile)
+    roundtrip, n_code, artifact_bytes, total_bytes = (scored[k] for k in ("roundtrip", "code_bytes", "model_bytes",
+                                                                          "total_bytes"))
     log(clock.summary())
     return dict(run_id=hp.run_id, steps=state.step, stopped_early=state.stopped_early,
                 train_losses=state.train_losses, pre_quant=pre_quant, roundtrip=roundtrip, export_choice=choice,
                 code_bytes=n_code, model_bytes=artifact_bytes, total_bytes=total_bytes, phases=dict(clock.totals),
-                training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms, log_path=str(log.path))
+                training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms, log_path=str(log.path),
+                train_data_access_end_ms=data_access_end, cap_ms=clock.cap_ms)
 
 
 def random_seed_all(seed: int) -> None:
@@ -2177,7 +2733,11 @@ def main() -> int:
     try:
         hp = Hyperparameters.from_env()
         rt = init_runtime(hp)
-        result = run(hp, rt)
+        result = run_eval_only(hp, rt) if hp.eval_only else run(hp, rt)
+        if result["cap_ms"] is not None and result["train_data_access_end_ms"] > result["cap_ms"]:
+            raise RunError(f"training-data access ended at {result['train_data_access_end_ms']:.0f}ms, past the "
+                           f"{result['cap_ms']:.0f}ms cap (calibration took longer than its reserve); "
+                           "use GPTQ_CALIBRATION_SOURCE=selfgen or fewer GPTQ_CALIBRATION_BATCHES")
         if result["total_bytes"] > ARTIFACT_LIMIT_BYTES:
             raise RunError(f"artifact is {result['total_bytes']} bytes, over the {ARTIFACT_LIMIT_BYTES}-byte limit "
                            "(code + compressed model); shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT, VOCAB_SIZE)")
