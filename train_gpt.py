@@ -205,6 +205,12 @@ class Hyperparameters:
     compressor: str = knob("zlib", "artifact coder: zlib (level 9), lzma (9e), brotli (byte shuffle + quality 11), "
                            "ans (context-modelled rANS for the codes, brotli for the rest)",
                            choices=("zlib", "lzma", "brotli", "ans"))
+    lqer_enabled: bool = knob(False, "low-rank correction of the quantization error on the LQER_TOP_K costliest tensors")
+    lqer_rank: int = knob(4, "rank of the LQER correction", gt=0)
+    lqer_top_k: int = knob(3, "tensors that get an LQER correction", gt=0)
+    lqer_factor_bits: int = knob(4, "bits of the LQER factors", min=2)
+    lqer_asym_enabled: bool = knob(True, "LQER factor scales: per column of A and per group of B (else per row)")
+    lqer_asym_group: int = knob(64, "values of B per scale in the asymmetric form", gt=0)
     artifact_margin_bytes: int = knob(0, "auto-fit target: code + model bytes <= 16,000,000 minus this", min=0)
     auto_fit: bool = knob(True, "shrink an over-limit model until it fits (clip sigmas, then +-1 pruning)")
     eval_only: bool = knob(False, "no training: score the artifact at ARTIFACT_PATH (model settings come from it)")
@@ -258,7 +264,7 @@ class Hyperparameters:
             raise ConfigError(f"LR_WARMUP_FRAC + WARMDOWN_FRAC = {self.lr_warmup_frac + self.warmdown_frac} must be <= 1")
         if self.ema_decay >= 1:
             raise ConfigError(f"EMA_DECAY={self.ema_decay} must be < 1 (0 = off)")
-        for name in ("matrix_bits", "embed_bits", "attn_bits", "mlp_bits", "head_bits"):
+        for name in ("matrix_bits", "embed_bits", "attn_bits", "mlp_bits", "head_bits", "lqer_factor_bits"):
             value = getattr(self, name)
             if value > 8 or (name in ("attn_bits", "mlp_bits", "head_bits") and value == 1):
                 raise ConfigError(f"{name.upper()}={value} must be in [2, 8]" + (" (0 = inherit)" if name in
@@ -1623,12 +1629,16 @@ class ExportedTensor:
     scales: torch.Tensor | None = None  # fp16, one per row
     value: torch.Tensor | None = None
     method: str = ""
+    lqer: "LowRankFactors | None" = None  # a low-rank correction added on dequantization
 
     def dequantize(self) -> torch.Tensor:
         dtype = getattr(torch, self.dtype)
         if not self.bits:
             return self.value.to(dtype)
-        return dequantize_rows(self.codes, self.scales).reshape(self.shape).to(dtype)
+        w = dequantize_rows(self.codes, self.scales)
+        if self.lqer is not None:
+            w = w + self.lqer.product()
+        return w.reshape(self.shape).to(dtype)
 
 
 def storage_dtype(name: str, t: torch.Tensor) -> torch.dtype:
@@ -1821,6 +1831,91 @@ def collect_hessians(model: GPT, batches, plan: QuantPlan, looping: bool,
     return hessians
 
 
+# ---- LQER ------------------------------------------------------------------------------------------
+# Low-rank correction of the quantization error (LQER_ENABLED): for the LQER_TOP_K quantized tensors
+# whose error costs the most, store E ~ A B with rank LQER_RANK, so W = q s + A B. With a Hessian the
+# fit is in the layer-output metric (SVD of E L with H = L L^T, then B = V^T L^-1), otherwise plain
+# SVD. The factors are integers too, at LQER_FACTOR_BITS: symmetric form = per-row fp16 scales for A
+# and B; asymmetric form (LQER_ASYM_ENABLED) = one scale per column of A (each carries one singular
+# value) and one per LQER_ASYM_GROUP values of B.
+
+
+def quantize_groups(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmax integers with one fp16 scale per `group` consecutive values of the flattened tensor."""
+    flat = x.reshape(-1)
+    pad = (-flat.numel()) % group
+    padded = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, group)
+    codes, scales = quantize_rows(padded, bits)
+    return codes.reshape(-1)[: flat.numel()].reshape(x.shape).contiguous(), scales
+
+
+def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    flat = codes.reshape(-1).float()
+    pad = (-flat.numel()) % group
+    padded = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, group) * scales.float()[:, None]
+    return padded.reshape(-1)[: flat.numel()].reshape(codes.shape)
+
+
+@dataclass
+class LowRankFactors:
+    """A (rows x rank) and B (rank x cols) as integers with fp16 scales; `group` 0 = symmetric form."""
+
+    a_codes: torch.Tensor
+    a_scales: torch.Tensor
+    b_codes: torch.Tensor
+    b_scales: torch.Tensor
+    group: int = 0
+    bits: int = 4
+
+    def product(self) -> torch.Tensor:
+        if self.group:  # asymmetric: A by column, B by groups
+            a = self.a_codes.float() * self.a_scales.float()[None, :]
+            b = dequantize_groups(self.b_codes, self.b_scales, self.group)
+        else:
+            a, b = dequantize_rows(self.a_codes, self.a_scales), dequantize_rows(self.b_codes, self.b_scales)
+        return a @ b
+
+    @classmethod
+    def fit(cls, error: torch.Tensor, rank: int, bits: int, group: int,
+            hessian: torch.Tensor | None = None) -> "LowRankFactors":
+        E = error.double()
+        if hessian is not None:
+            H = hessian.double()
+            L = torch.linalg.cholesky(H + 0.01 * H.diagonal().mean().clamp_min(1e-12) * torch.eye(H.size(0),
+                                                                                              dtype=H.dtype))
+            U, S, Vh = torch.linalg.svd(E @ L, full_matrices=False)
+            a, b = U[:, :rank] * S[:rank], torch.linalg.solve_triangular(L, Vh[:rank], upper=False, left=False)
+        else:
+            U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+            a, b = U[:, :rank] * S[:rank], Vh[:rank]
+        a, b = a.float(), b.float()
+        if group:
+            a_codes, a_scales = quantize_rows(a.T.contiguous(), bits)
+            b_codes, b_scales = quantize_groups(b, bits, group)
+            return cls(a_codes.T.contiguous(), a_scales, b_codes, b_scales, group, bits)
+        return cls(*quantize_rows(a, bits), *quantize_rows(b, bits), 0, bits)
+
+
+def apply_lqer(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor], *, rank: int, top_k: int,
+               factor_bits: int, group: int = 64, hessians: dict | None = None) -> list[ExportedTensor]:
+    """A copy of `entries` where the top_k quantized 2-D tensors with the largest error cost carry a
+    low-rank correction (cost = ||E X^T||^2 with a Hessian, else ||E||^2)."""
+    hessians = hessians or {}
+    costs = []
+    for i, e in enumerate(entries):
+        if e.bits and len(e.shape) == 2 and min(e.shape) > rank:
+            err = state_dict[e.name].detach().float().cpu() - dequantize_rows(e.codes, e.scales)
+            h = hessians.get(e.name)
+            cost = float((err @ h.cpu().float() * err).sum()) if h is not None else float(err.square().sum())
+            costs.append((cost, i, err))
+    out = list(entries)
+    for _, i, err in sorted(costs, key=lambda c: -c[0])[:top_k]:
+        h = hessians.get(entries[i].name)
+        out[i] = dataclasses.replace(entries[i], lqer=LowRankFactors.fit(err, rank, factor_bits, group,
+                                                                         None if h is None else h.cpu()))
+    return out
+
+
 # ---- the packer --------------------------------------------------------------------------------------
 
 def byte_shuffle(data: bytes, stride: int) -> bytes:
@@ -1860,14 +1955,20 @@ def decompress_bytes(data: bytes, coder: str, stride: int) -> bytes:
 
 
 # Stream name -> numpy dtype of its elements (the byte-shuffle stride is its itemsize).
-STREAM_DTYPES = {"codes": np.int8, "scales": np.float16, "float16": np.float16, "float32": np.float32}
+STREAM_DTYPES = {"codes": np.int8, "lqer": np.int8, "scales": np.float16, "float16": np.float16,
+                 "float32": np.float32}
 HEADER_CODERS = ("zlib", "lzma", "brotli")
 
 
 def _tensor_parts(e: ExportedTensor) -> list[tuple[str, np.ndarray]]:
     """The arrays a tensor contributes, in order, each to its named stream."""
     if e.bits:
-        return [("codes", e.codes.numpy()), ("scales", e.scales.numpy())]
+        parts = [("codes", e.codes.numpy()), ("scales", e.scales.numpy())]
+        if e.lqer is not None:
+            f = e.lqer
+            parts += [("lqer", f.a_codes.numpy()), ("lqer", f.b_codes.numpy()), ("scales", f.a_scales.numpy()),
+                      ("scales", f.b_scales.numpy())]
+        return parts
     arr = e.value.numpy()
     return [({np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}.get(arr.dtype, "raw:" + arr.dtype.str),
              arr)]
@@ -1884,9 +1985,11 @@ def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict
         parts = _tensor_parts(e)
         for stream, arr in parts:
             streams.setdefault(stream, []).append(arr)
-        tensors.append(dict(name=e.name, shape=list(e.shape), dtype=e.dtype, bits=e.bits, method=e.method,
-                            scale="row_fp16" if e.bits else "none", stream=parts[0][0],
-                            coder=compressor if e.bits else general))
+        info = dict(name=e.name, shape=list(e.shape), dtype=e.dtype, bits=e.bits, method=e.method,
+                    scale="row_fp16" if e.bits else "none", stream=parts[0][0], coder=compressor if e.bits else general)
+        if e.lqer is not None:  # layout: A rows x rank, B rank x cols, int8 codes then fp16 scales
+            info["lqer"] = dict(rank=e.lqer.b_codes.shape[0], group=e.lqer.group, bits=e.lqer.bits)
+        tensors.append(info)
     stream_info, payloads = [], []
     for name in sorted(streams):
         arrays = streams[name]
@@ -1989,7 +2092,16 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
             rows = shape[0] if len(shape) == 2 else 1
             codes = torch.from_numpy(take("codes", numel).copy()).reshape(rows, numel // rows)
             scales = torch.from_numpy(take("scales", rows).copy())
-            entries.append(ExportedTensor(t["name"], shape, t["dtype"], t["bits"], codes, scales, method=t["method"]))
+            lqer = None
+            if "lqer" in t:
+                rank, group, cols = t["lqer"]["rank"], t["lqer"]["group"], numel // rows
+                a = torch.from_numpy(take("lqer", rows * rank).copy()).reshape(rows, rank)
+                b = torch.from_numpy(take("lqer", rank * cols).copy()).reshape(rank, cols)
+                a_scales = torch.from_numpy(take("scales", rank if group else rows).copy())
+                b_scales = torch.from_numpy(take("scales", -(-rank * cols // group) if group else rank).copy())
+                lqer = LowRankFactors(a, a_scales, b, b_scales, group, t["lqer"]["bits"])
+            entries.append(ExportedTensor(t["name"], shape, t["dtype"], t["bits"], codes, scales, method=t["method"],
+                                          lqer=lqer))
         else:
             value = torch.from_numpy(take(t["stream"], numel).copy()).reshape(shape)
             entries.append(ExportedTensor(t["name"], shape, t["dtype"], value=value))
@@ -2184,10 +2296,16 @@ def prune_unit_codes(entries: list[ExportedTensor], units, count: int) -> list[E
 
 
 def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target_bytes: int, compressor: str,
-                 pack, hessians: dict | None = None, gptq: dict | None = None, auto_fit: bool = True,
-                 log=lambda msg: None) -> tuple[bytes, list[ExportedTensor]]:
-    """The packed artifact (pack(entries) -> bytes) at most `target_bytes` long if auto-fit can get it there."""
-    entries = quantize_state_dict(state_dict, plan, hessians, gptq)
+                 pack, hessians: dict | None = None, gptq: dict | None = None, lqer: dict | None = None,
+                 auto_fit: bool = True, log=lambda msg: None) -> tuple[bytes, list[ExportedTensor]]:
+    """The packed artifact (pack(entries) -> bytes) at most `target_bytes` long if auto-fit can get it
+    there. `lqer`: apply_lqer's options, or None for no low-rank correction."""
+
+    def quantize(p: QuantPlan) -> list[ExportedTensor]:
+        entries = quantize_state_dict(state_dict, p, hessians, gptq)
+        return apply_lqer(state_dict, entries, hessians=hessians, **lqer) if lqer else entries
+
+    entries = quantize(plan)
     blob = pack(entries)
     if len(blob) <= target_bytes or not auto_fit:
         return blob, entries
@@ -2199,7 +2317,7 @@ def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target
         factor = 1.0
         for _ in range(AUTO_FIT_TRIES):
             factor = min(factor * 2 ** (8 * (len(blob) - target_bytes) / n_codes + 1e-4), AUTO_FIT_MAX_SIGMA_SCALE)
-            entries = quantize_state_dict(state_dict, plan.with_sigma_scale(factor), hessians, gptq)
+            entries = quantize(plan.with_sigma_scale(factor))
             blob = pack(entries)
             log(f"auto_fit: step 1 clip_sigmas x{factor:.4f} -> model_bytes {len(blob)} "
                 f"quant_error {quantization_error(state_dict, entries):.3e}")
@@ -2492,8 +2610,15 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
                                  stats=stats)
 
         target = ARTIFACT_LIMIT_BYTES - hp.artifact_margin_bytes - n_code
+        lqer = dict(rank=hp.lqer_rank, top_k=hp.lqer_top_k, factor_bits=hp.lqer_factor_bits,
+                    group=hp.lqer_asym_group if hp.lqer_asym_enabled else 0) if hp.lqer_enabled else None
         blob, entries = fit_artifact(model.state_dict(), plan, target_bytes=target, compressor=hp.compressor,
-                                     pack=pack, hessians=hessians, gptq=gptq_options(hp), auto_fit=hp.auto_fit, log=log)
+                                     pack=pack, hessians=hessians, gptq=gptq_options(hp), lqer=lqer,
+                                     auto_fit=hp.auto_fit, log=log)
+        for e in entries:
+            if e.lqer is not None:
+                log(f"lqer: {e.name} rank:{hp.lqer_rank} factor_bits:{hp.lqer_factor_bits} "
+                    f"form:{'asymmetric group ' + str(e.lqer.group) if e.lqer.group else 'symmetric'}")
         write_atomic(artifact_path, blob)
         label = f"int{hp.matrix_bits}+{hp.compressor}"
         log(f"Serialized model {label}: {len(blob)} bytes (raw_torch:{buf.tell()} method:{plan.method} "

@@ -230,6 +230,32 @@ def test_gptq_has_lower_layer_output_error_than_rtn_on_the_same_grid(bits, k):
     assert torch.equal(again[0], tg.gptq_quantize(w, x.T @ x, bits, k)[0])  # deterministic
 
 
+@pytest.mark.parametrize("group", [0, 64])
+def test_lqer_lowers_the_gptq_layer_output_error_further_and_packs_exactly(group):
+    w, x = trained_layer()
+    codes, scales = tg.gptq_quantize(w, x.T @ x, 4, 6.0)
+    gptq = tg.ExportedTensor("l.weight", tuple(w.shape), "float32", 4, codes, scales, method="gptq")
+    corrected = tg.apply_lqer({"l.weight": w}, [gptq], rank=4, top_k=1, factor_bits=4, group=group,
+                              hessians={"l.weight": x.T @ x})[0]
+    assert corrected.lqer is not None and corrected.lqer.a_codes.shape == (192, 4)
+    err = lambda e: ((x @ (w - e.dequantize()).T).norm() / (x @ w.T).norm()).item()  # noqa: E731
+    assert err(corrected) < 0.95 * err(gptq)
+    for compressor in ("zlib", "ans"):
+        back, header = tg.unpack_artifact(tg.pack_artifact([corrected], compressor=compressor))
+        assert header["tensors"][0]["lqer"] == {"rank": 4, "group": group, "bits": 4}
+        assert torch.equal(back[0].dequantize(), corrected.dequantize())
+
+
+def test_lqer_picks_the_costliest_tensors():
+    hp, model = small_model()
+    sd = model.state_dict()
+    entries = tg.quantize_state_dict(sd, tg.QuantPlan.uniform(4, 8, "sdclip"))
+    chosen = [e.name for e in tg.apply_lqer(sd, entries, rank=2, top_k=2, factor_bits=4) if e.lqer is not None]
+    costs = sorted(((sd[e.name].float() - e.dequantize().float()).square().sum().item(), e.name)
+                   for e in entries if e.bits)
+    assert sorted(chosen) == sorted(name for _, name in costs[-2:])
+
+
 def test_gptq_zeroes_inputs_that_never_fire_and_survives_a_singular_hessian():
     w, x = trained_layer(d_in=64, d_out=32, n=512)
     x[:, 5] = 0.0
