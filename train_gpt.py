@@ -26,15 +26,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import glob
 import hashlib
 import io
 import json
+import lzma
 import math
 import os
 import platform
 import random
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -182,7 +185,7 @@ class Hyperparameters:
     qat_start_frac: float = knob(0.85, "training fraction at which QAT switches on", min=0)
     # export and budgets
     matrix_bits: int = knob(8, "export bits of weight matrices (int8 containers)", min=2)
-    embed_bits: int = knob(8, "export bits of embedding tables", min=2)
+    embed_bits: int = knob(8, "export bits of embedding tables (and an untied head unless HEAD_BITS)", min=2)
     max_eval_seconds: float = knob(600.0, "evaluation budget, artifact load to final score; 0 = none", min=0)
     peak_tflops: float = knob(989.0, "peak TFLOP/s per device for the MFU estimate (H100 SXM bf16 dense)", gt=0)
     # evaluation of the reloaded artifact (see EVALUATION)
@@ -220,6 +223,39 @@ class Hyperparameters:
     prequant_ttt_lr: float = knob(1e-4, "AdamW LR of pre-quantization TTT", min=0)
     allow_val_adaptation: bool = knob(False, "permit adapting on validation tokens before scoring them; stamps "
                                       "every score line, the compliance block and the results non-record")
+    # quantization and packing (see QUANTIZATION)
+    quant_method: str = knob("absmax", "absmax (row max grid), sdclip (k * row std grid, k = *_CLIP_SIGMAS) or gptq "
+                             "(sdclip grid, Hessian-aware rounding)", choices=("absmax", "sdclip", "gptq"))
+    attn_bits: int = knob(0, "export bits of attention matrices; 0 = MATRIX_BITS", min=0)
+    mlp_bits: int = knob(0, "export bits of MLP matrices; 0 = MATRIX_BITS", min=0)
+    head_bits: int = knob(0, "export bits of an untied output head; 0 = EMBED_BITS", min=0)
+    matrix_clip_sigmas: float = knob(12.85, "SDClip k of weight matrices: clip at k row stds", gt=0)
+    attn_clip_sigmas: float = knob(0.0, "SDClip k of attention matrices; 0 = MATRIX_CLIP_SIGMAS", min=0)
+    mlp_clip_sigmas: float = knob(0.0, "SDClip k of MLP matrices; 0 = MATRIX_CLIP_SIGMAS", min=0)
+    embed_clip_sigmas: float = knob(20.0, "SDClip k of embedding tables and an untied head", gt=0)
+    gptq_calibration_source: str = knob("selfgen", "GPTQ inputs: selfgen (sampled by the model, no data read) or "
+                                        "train (training shards, inside the training budget)",
+                                        choices=("selfgen", "train"))
+    gptq_calibration_batches: int = knob(16, "calibration batches over all ranks", gt=0)
+    gptq_calibration_seqs: int = knob(8, "sequences per calibration batch", gt=0)
+    gptq_calibration_seq_len: int = knob(0, "calibration sequence length; 0 = TRAIN_SEQ_LEN", min=0)
+    gptq_selfgen_temperature: float = knob(0.8, "sampling temperature of selfgen calibration", gt=0)
+    gptq_damping: float = knob(0.01, "added to the Hessian diagonal, times its mean", gt=0)
+    gptq_block_size: int = knob(128, "columns per GPTQ block", gt=0)
+    gptq_act_order: bool = knob(True, "quantize columns with the largest Hessian diagonal first")
+    compressor: str = knob("zlib", "artifact coder: zlib (level 9), lzma (9e), brotli (byte shuffle + quality 11), "
+                           "ans (context-modelled rANS for the codes, brotli for the rest)",
+                           choices=("zlib", "lzma", "brotli", "ans"))
+    lqer_enabled: bool = knob(False, "low-rank correction of the quantization error on the LQER_TOP_K costliest tensors")
+    lqer_rank: int = knob(4, "rank of the LQER correction", gt=0)
+    lqer_top_k: int = knob(3, "tensors that get an LQER correction", gt=0)
+    lqer_factor_bits: int = knob(4, "bits of the LQER factors", min=2)
+    lqer_asym_enabled: bool = knob(True, "LQER factor scales: per column of A and per group of B (else per row)")
+    lqer_asym_group: int = knob(64, "values of B per scale in the asymmetric form", gt=0)
+    artifact_margin_bytes: int = knob(0, "auto-fit target: code + model bytes <= 16,000,000 minus this", min=0)
+    auto_fit: bool = knob(True, "shrink an over-limit model until it fits (clip sigmas, then +-1 pruning)")
+    eval_only: bool = knob(False, "no training: score the artifact at ARTIFACT_PATH (model settings come from it)")
+    artifact_path: str = knob("", "artifact scored by EVAL_ONLY: the final_model.*.ptz of a run folder")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -269,8 +305,11 @@ class Hyperparameters:
             raise ConfigError(f"LR_WARMUP_FRAC + WARMDOWN_FRAC = {self.lr_warmup_frac + self.warmdown_frac} must be <= 1")
         if self.ema_decay >= 1:
             raise ConfigError(f"EMA_DECAY={self.ema_decay} must be < 1 (0 = off)")
-        if self.matrix_bits > 8 or self.embed_bits > 8:
-            raise ConfigError(f"MATRIX_BITS={self.matrix_bits} and EMBED_BITS={self.embed_bits} must be in [2, 8]")
+        for name in ("matrix_bits", "embed_bits", "attn_bits", "mlp_bits", "head_bits", "lqer_factor_bits"):
+            value = getattr(self, name)
+            if value > 8 or (name in ("attn_bits", "mlp_bits", "head_bits") and value == 1):
+                raise ConfigError(f"{name.upper()}={value} must be in [2, 8]" + (" (0 = inherit)" if name in
+                                  ("attn_bits", "mlp_bits", "head_bits") else ""))
         if self.prequant_ttt_source == "val" and not self.allow_val_adaptation:
             raise ConfigError("PREQUANT_TTT_SOURCE=val adapts on validation tokens before scoring them (C3); it needs "
                               "ALLOW_VAL_ADAPTATION=1, which marks the run non-record")
@@ -385,7 +424,7 @@ RECIPES: dict[str, dict] = {
         muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, grad_clip_norm=0.3,
         muon_ns_coefficients="polar_express", muon_row_normalize=True, muon_wd=0.095, embed_wd=0.085, adam_wd=0.02,
         warmdown_frac=0.85, min_lr=0.1, ema_decay=0.9965, matrix_bits=6, embed_bits=8,
-        eval_stride=64,
+        eval_stride=64, quant_method="gptq", compressor="brotli",
     ),
 }
 
@@ -969,12 +1008,13 @@ class CastedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
         self.qat_bits = 0  # 0 = this weight is never quantized by the export; set by prepare_qat
+        self.qat_clip_sigmas = 0.0  # the export's SDClip k (0 = absmax)
         self.register_buffer("qat_active", torch.zeros(()), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if self.qat_bits:
-            w = w + (self.qat_active * (fake_quantize(w, self.qat_bits) - w)).detach()
+            w = w + (self.qat_active * (fake_quantize(w, self.qat_bits, self.qat_clip_sigmas) - w)).detach()
         return F.linear(x, w)
 
 
@@ -1242,7 +1282,10 @@ class GPT(nn.Module):
         return rms_norm(x)
 
     def forward_logits(self, input_ids: torch.Tensor, looping: bool = False) -> torch.Tensor:
-        h = self.forward_hidden(input_ids, looping)
+        return self.head(self.forward_hidden(input_ids, looping))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Soft-capped logits of final hidden states."""
         logits = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
         c = self.cfg.logit_softcap
         return c * torch.tanh(logits.float() / c)
@@ -1256,13 +1299,13 @@ def is_control_tensor(name: str) -> bool:
     return any(pattern in name for pattern in CONTROL_TENSOR_NAMES)
 
 
-def prepare_qat(model: nn.Module, *, matrix_bits: int, embed_bits: int) -> list[CastedLinear]:
-    """Give every linear layer the export quantizes its bit width; returns them (QAT still off)."""
+def prepare_qat(model: nn.Module, plan: "QuantPlan") -> list[CastedLinear]:
+    """Give every linear layer the export quantizes its bits and clip; returns them (QAT still off)."""
     layers = []
     for name, module in model.named_modules():
         if isinstance(module, CastedLinear):
-            kind = storage_of(f"{name}.weight", module.weight, matrix_bits=matrix_bits, embed_bits=embed_bits)
-            module.qat_bits = kind if isinstance(kind, int) else 0
+            spec = plan.spec(f"{name}.weight", module.weight)
+            module.qat_bits, module.qat_clip_sigmas = spec if spec is not None else (0, 0.0)
             if module.qat_bits:
                 layers.append(module)
     return layers
@@ -1294,7 +1337,7 @@ def model_report(model: GPT, hp: Hyperparameters, n_code_bytes: int) -> list[str
     effective = unique + sum(sum(p.numel() for p in model.blocks[i].parameters()) for i in order) - sum(
         p.numel() for p in model.blocks.parameters())
     fwd = estimate_flops_per_token(cfg, hp.train_seq_len, looping=cfg.num_loops > 0)
-    payload = estimate_payload_bytes(model.state_dict(), matrix_bits=hp.matrix_bits, embed_bits=hp.embed_bits)
+    payload = estimate_payload_bytes(model.state_dict(), QuantPlan.from_hparams(hp))
     return [
         f"model_params:{unique}",
         f"model_params_detail: unique:{unique} per_block:{per_block} virtual_layers:{len(order)} "
@@ -2247,112 +2290,902 @@ def measure_prequant_ttt_reserve(model: GPT, tokens: torch.Tensor, *, seq_len: i
 # ==================================================================================================
 # QUANTIZATION
 # ==================================================================================================
-# Export: each large float tensor becomes symmetric per-row integers (int8 containers holding
-# MATRIX_BITS values for weight matrices, EMBED_BITS for embedding tables) with one fp16 scale per
-# row, row max / (2^(bits-1) - 1); small tensors stay fp16 (control tensors fp32); then torch.save +
-# zlib. QAT fakes exactly this quantizer during training. The artifact is code bytes + compressed
-# model bytes, checked against 16,000,000 (decimal).
+# Every float tensor larger than 65,536 values is exported as integers in int8 containers with one
+# fp16 scale per row; smaller ones stay fp16 (control tensors fp32). Tensors fall into groups with
+# their own bits and clip: `embed` (token and bigram tables), `head` (an untied output head), `attn`,
+# `mlp` and `other` matrices (these two follow MATRIX_BITS unless ATTN_BITS / MLP_BITS say otherwise).
+#
+# Row scales (QUANT_METHOD):
+#   absmax   s = max|w_row| / L,             L = 2^(bits-1) - 1 (the baseline's grid)
+#   sdclip   s = k * std(w_row) / L,         k = the group's *_CLIP_SIGMAS; values past k std clip to +-L
+#   gptq     the sdclip grid, values chosen column by column to cancel the layer-output error on
+#            calibration activations (see GPTQ below)
+# Scales are rounded to fp16 first and clamped after the cast, so no row ever gets a zero scale. QAT
+# fakes exactly the exported grid (same scale function, same rounding).
+#
+# The artifact ("packer") is self-describing:
+#   b"PGQA" | version u16 | header coder u8 | sha256 of everything after it (32 B) | header length u32
+#   | header (compressed JSON: model config, streams, per-tensor name/shape/dtype/bits/scale layout/
+#   coder) | streams
+# Tensors contribute arrays to a few typed streams (codes int8, scales fp16, float16, float32, raw);
+# each stream is compressed on its own: COMPRESSOR=zlib (level 9, the baseline's), lzma (preset 9e),
+# brotli (quality 11 after a byte shuffle: all first bytes of each element, then all second bytes,
+# ...), or ans (the context-modelled entropy coder below, for the codes). The same weights always
+# give the same bytes, and any damage is refused on load with one line.
 
 KEEP_FLOAT_MAX_NUMEL = 65_536
-QUANT_FORMAT = "per_row_intN_v1"
 FP16_MIN_SCALE = 2.0**-24  # smallest positive fp16 (subnormal): a scale never rounds to 0
-EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight", "lm_head.weight")
+QUANT_GROUPS = ("embed", "head", "attn", "mlp", "other")
+EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight")
+CALIBRATION_RESERVE_MARGIN = 1.25  # reserve = measured calibration time x this
+ARTIFACT_MAGIC = b"PGQA"
+ARTIFACT_VERSION = 1
 
 
-def row_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """fp16 scale per row (one for a non-2-D tensor), clamped after the cast so it is never 0."""
-    absmax = w.float().abs().amax(dim=-1) if w.ndim == 2 else w.float().abs().amax()
-    return (absmax / (2 ** (bits - 1) - 1)).to(torch.float16).clamp_min(FP16_MIN_SCALE)
+def tensor_group(name: str) -> str:
+    if name in EMBEDDING_NAMES:
+        return "embed"
+    if name == "lm_head.weight":
+        return "head"
+    if ".attn." in name:
+        return "attn"
+    if ".mlp." in name:
+        return "mlp"
+    return "other"
 
 
-def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integers in [-(2^(bits-1)-1), 2^(bits-1)-1] (stored as int8) and their fp16 scales."""
-    scale = row_scales(w, bits)
-    s = scale.float()[:, None] if w.ndim == 2 else scale.float()
-    limit = 2 ** (bits - 1) - 1
-    return torch.round(w.float() / s).clamp(-limit, limit).to(torch.int8).contiguous(), scale
+@dataclass(frozen=True)
+class QuantPlan:
+    """How each tensor is exported: the method and, per group, bits and SDClip k."""
+
+    method: str = "absmax"
+    bits: dict = field(default_factory=lambda: dict(embed=8, head=8, attn=8, mlp=8, other=8))
+    clip_sigmas: dict = field(default_factory=lambda: dict(embed=20.0, head=20.0, attn=12.85, mlp=12.85,
+                                                           other=12.85))
+
+    @classmethod
+    def uniform(cls, matrix_bits: int, embed_bits: int, method: str = "absmax") -> "QuantPlan":
+        return cls(method, dict(embed=embed_bits, head=embed_bits, attn=matrix_bits, mlp=matrix_bits,
+                                other=matrix_bits))
+
+    @classmethod
+    def from_hparams(cls, hp: Hyperparameters) -> "QuantPlan":
+        bits = dict(embed=hp.embed_bits, head=hp.head_bits or hp.embed_bits, attn=hp.attn_bits or hp.matrix_bits,
+                    mlp=hp.mlp_bits or hp.matrix_bits, other=hp.matrix_bits)
+        sigmas = dict(embed=hp.embed_clip_sigmas, head=hp.embed_clip_sigmas,
+                      attn=hp.attn_clip_sigmas or hp.matrix_clip_sigmas, mlp=hp.mlp_clip_sigmas or hp.matrix_clip_sigmas,
+                      other=hp.matrix_clip_sigmas)
+        return cls(hp.quant_method, bits, sigmas)
+
+    def spec(self, name: str, t: torch.Tensor) -> tuple[int, float] | None:
+        """(bits, clip sigmas; 0 = absmax) if the export quantizes this tensor, else None (kept float)."""
+        if not t.is_floating_point() or t.numel() <= KEEP_FLOAT_MAX_NUMEL:
+            return None
+        group = tensor_group(name)
+        return self.bits[group], (0.0 if self.method == "absmax" else self.clip_sigmas[group])
+
+    def with_sigma_scale(self, factor: float) -> "QuantPlan":
+        return dataclasses.replace(self, clip_sigmas={g: k * factor for g, k in self.clip_sigmas.items()})
+
+
+def clip_range(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def row_scales(w: torch.Tensor, bits: int, clip_sigmas: float = 0.0) -> torch.Tensor:
+    """fp16 scale per row (one for a non-2-D tensor): absmax / L, or k * std / L with SDClip (k > 0).
+    Clamped after the fp16 cast, so it is never 0 (an all-zero row quantizes to zeros)."""
+    w = w.float()
+    dims = -1 if w.ndim == 2 else tuple(range(w.ndim))
+    spread = w.abs().amax(dim=dims) if clip_sigmas <= 0 else clip_sigmas * w.std(dim=dims, correction=0)
+    return (spread / clip_range(bits)).to(torch.float16).clamp_min(FP16_MIN_SCALE)
+
+
+def _broadcast(scale: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return scale.float()[:, None] if w.ndim == 2 else scale.float()
+
+
+def quantize_rows(w: torch.Tensor, bits: int, clip_sigmas: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest integers in [-L, L] (int8) on the row grid, and the fp16 scales."""
+    scale = row_scales(w, bits, clip_sigmas)
+    limit = clip_range(bits)
+    q = torch.round(w.float() / _broadcast(scale, w)).clamp(-limit, limit)
+    return q.to(torch.int8).contiguous(), scale
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * (scale.float()[:, None] if q.ndim == 2 else scale.float())
+    return q.float() * _broadcast(scale, q)
 
 
-def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """What the export will turn `w` into, computed in float: the QAT forward uses this."""
-    scale = row_scales(w, bits).float()
-    s = scale[:, None] if w.ndim == 2 else scale
-    limit = 2 ** (bits - 1) - 1
-    return (torch.round(w.float() / s).clamp(-limit, limit) * s).to(w.dtype)
+def fake_quantize(w: torch.Tensor, bits: int, clip_sigmas: float = 0.0) -> torch.Tensor:
+    """What the export's grid turns `w` into, computed in float: the QAT forward uses this."""
+    scale = _broadcast(row_scales(w, bits, clip_sigmas), w)
+    limit = clip_range(bits)
+    return (torch.round(w.float() / scale).clamp(-limit, limit) * scale).to(w.dtype)
 
 
-def storage_of(name: str, t: torch.Tensor, *, matrix_bits: int, embed_bits: int) -> int | torch.dtype:
-    """How the export stores a tensor: an int = quantized to that many bits, else the dtype kept."""
+@dataclass
+class ExportedTensor:
+    """One state-dict entry as the artifact stores it. `codes`/`scales` for quantized tensors,
+    `value` for everything kept as is (already cast to its storage dtype)."""
+
+    name: str
+    shape: tuple
+    dtype: str  # the dtype to restore
+    bits: int = 0  # 0 = not quantized
+    codes: torch.Tensor | None = None  # int8, rows x cols (a non-2-D tensor is one row)
+    scales: torch.Tensor | None = None  # fp16, one per row
+    value: torch.Tensor | None = None
+    method: str = ""
+    lqer: "LowRankFactors | None" = None  # a low-rank correction added on dequantization
+
+    def dequantize(self) -> torch.Tensor:
+        dtype = getattr(torch, self.dtype)
+        if not self.bits:
+            return self.value.to(dtype)
+        w = dequantize_rows(self.codes, self.scales)
+        if self.lqer is not None:
+            w = w + self.lqer.product()
+        return w.reshape(self.shape).to(dtype)
+
+
+def storage_dtype(name: str, t: torch.Tensor) -> torch.dtype:
+    """Unquantized tensors: fp32 for control tensors, fp16 for other floats, non-floats as they are."""
     if not t.is_floating_point():
         return t.dtype
-    if t.numel() <= KEEP_FLOAT_MAX_NUMEL:
-        return torch.float32 if is_control_tensor(name) else torch.float16
-    return embed_bits if name in EMBEDDING_NAMES else matrix_bits
+    return torch.float32 if is_control_tensor(name) else torch.float16
 
 
-def estimate_payload_bytes(state_dict: dict[str, torch.Tensor], *, matrix_bits: int, embed_bits: int) -> int:
+def quantize_tensor(name: str, t: torch.Tensor, plan: QuantPlan, hessian: torch.Tensor | None = None,
+                    gptq: dict | None = None) -> ExportedTensor:
+    """One state-dict entry as exported; GPTQ where the plan says so and a Hessian exists (tensors
+    without one, like an input-only embedding whose inputs are one-hot, get the same grid rounded)."""
+    t = t.detach().cpu()
+    spec = plan.spec(name, t)
+    dtype = str(t.dtype).removeprefix("torch.")
+    if spec is None:
+        return ExportedTensor(name, tuple(t.shape), dtype, value=t.to(storage_dtype(name, t)).contiguous())
+    bits, sigmas = spec
+    w = t.float().reshape(t.shape[0], -1) if t.ndim == 2 else t.float().reshape(1, -1)
+    if plan.method == "gptq" and hessian is not None:
+        codes, scales = gptq_quantize(w, hessian, bits, sigmas, **(gptq or {}))
+        method = "gptq"
+    else:
+        codes, scales = quantize_rows(w, bits, sigmas)
+        method = "sdclip" if plan.method == "gptq" else plan.method
+    return ExportedTensor(name, tuple(t.shape), dtype, bits, codes, scales, method=method)
+
+
+def quantize_state_dict(state_dict: dict[str, torch.Tensor], plan: QuantPlan,
+                        hessians: dict[str, torch.Tensor] | None = None, gptq: dict | None = None) -> list[ExportedTensor]:
+    hessians = hessians or {}
+    return [quantize_tensor(n, t, plan, hessians.get(n), gptq) for n, t in state_dict.items()]
+
+
+def dequantize_state_dict(entries: list[ExportedTensor]) -> dict[str, torch.Tensor]:
+    return {e.name: e.dequantize() for e in entries}
+
+
+def estimate_payload_bytes(state_dict: dict[str, torch.Tensor], plan: QuantPlan) -> int:
     """Payload bytes before compression if values were bit-packed: `bits` per value plus fp16 scales."""
     total = 0
     for name, t in state_dict.items():
-        kind = storage_of(name, t, matrix_bits=matrix_bits, embed_bits=embed_bits)
-        if isinstance(kind, int):
-            total += math.ceil(t.numel() * kind / 8) + 2 * (t.shape[0] if t.ndim == 2 else 1)
+        spec = plan.spec(name, t)
+        if spec is not None:
+            total += math.ceil(t.numel() * spec[0] / 8) + 2 * (t.shape[0] if t.ndim == 2 else 1)
         else:
-            total += t.numel() * kind.itemsize
+            total += t.numel() * storage_dtype(name, t).itemsize
     return total
 
 
-def quantize_state_dict(state_dict: dict[str, torch.Tensor], *, matrix_bits: int = 8, embed_bits: int = 8) -> dict:
-    quantized, scales, bits, dtypes, passthrough = {}, {}, {}, {}, {}
-    for name, t in state_dict.items():
-        t = t.detach().cpu()
-        kind = storage_of(name, t, matrix_bits=matrix_bits, embed_bits=embed_bits)
-        if t.is_floating_point():
-            dtypes[name] = str(t.dtype).removeprefix("torch.")
-        if isinstance(kind, int):
-            quantized[name], scales[name] = quantize_rows(t, kind)
-            bits[name] = kind
+# ---- GPTQ ----------------------------------------------------------------------------------------
+# Rounding each weight to its nearest grid point ignores that a layer's output error is what
+# matters: y = x W^T, so the error is E = W - W_q weighted by H = sum x^T x over calibration inputs.
+# GPTQ quantizes one input column at a time and spreads that column's rounding error over the
+# columns not yet quantized, in the proportions H^-1 says cancel it best (Frantar et al. 2022).
+# Here: the SDClip grid of the original row (so QAT's grid is still the exported one), damping
+# `GPTQ_DAMPING * mean(diag H)` on the diagonal, columns in blocks of GPTQ_BLOCK_SIZE with the
+# block's error pushed to later columns in one matmul, optional act-order (columns with the largest
+# H_jj first), and inputs that never fire (H_jj = 0) get a zero column. Hessians come from forward
+# hooks on every quantized CastedLinear, plus the final hidden state for the tied embedding (it is
+# the output head's weight). Calibration is GPTQ_CALIBRATION_SOURCE: `selfgen` (sequences the
+# trained model samples itself: no data is read, so it may run after the training cap) or `train`
+# (training shards: that is training-data access, so it runs inside the training budget; its time,
+# measured before training starts, is reserved). Validation shards are never a source.
+
+
+def upper_cholesky_of_inverse(H: torch.Tensor, damping: float) -> torch.Tensor:
+    """U with U^T U = (H + damping * mean(diag H) * I)^-1; the damping grows 10x until H is positive definite."""
+    eye = torch.eye(H.size(0), dtype=H.dtype, device=H.device)
+    mean_diag = H.diagonal().mean().clamp_min(1e-12)
+    for attempt in range(6):
+        L, info = torch.linalg.cholesky_ex(H + damping * 10**attempt * mean_diag * eye)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0:
+                return U
+    raise RunError(f"GPTQ: a Hessian stayed singular with damping up to {damping * 1e5:g} x its mean diagonal; "
+                   "raise GPTQ_DAMPING or use QUANT_METHOD=sdclip")
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, clip_sigmas: float, *, damping: float = 0.01,
+                  block_size: int = 128, act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (int8, rows x cols) and fp16 row scales of `w` (rows x cols) for inputs with Hessian (cols x cols)."""
+    W = w.float().clone()
+    scale = row_scales(W, bits, clip_sigmas)
+    s = scale.to(W.device).float()
+    limit = clip_range(bits)
+    H = hessian.to(W.device).float().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv = upper_cholesky_of_inverse(H, damping)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, W.size(1), block_size):
+        i2 = min(i1 + block_size, W.size(1))
+        block, errors, Hb = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), Hinv[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            q = torch.round(block[:, j] / s).clamp(-limit, limit)
+            Q[:, i1 + j] = q
+            err = (block[:, j] - q * s) / Hb[j, j]
+            block[:, j:] -= err[:, None] * Hb[j, j:][None, :]
+            errors[:, j] = err
+        W[:, i2:] -= errors @ Hinv[i1:i2, i2:]
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return Q.to(torch.int8).cpu().contiguous(), scale.cpu()
+
+
+def check_calibration_files(files: list[str]) -> None:
+    """Calibration reads training shards only: a validation shard here is a bug, never a choice."""
+    bad = [f for f in files if not Path(f).name.startswith("fineweb_train_")]
+    if bad:
+        raise RunError(f"validation or unknown shards can never be calibration data: {bad[0]}; "
+                       "GPTQ_CALIBRATION_SOURCE=train reads fineweb_train_*.bin only")
+
+
+@torch.no_grad()
+def sample_sequences(model: GPT, num_seqs: int, seq_len: int, *, temperature: float, seed: int, looping: bool,
+                     device: torch.device, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Sequences the model writes itself from a BOS, sampled at `temperature` (no KV cache: a full
+    forward per token, so cost grows with seq_len^2)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.full((num_seqs, 1), BOS_ID, dtype=torch.int64, device=device)
+    for _ in range(seq_len - 1):
+        with autocast():
+            logits = model.head(model.forward_hidden(ids, looping)[:, -1]).float()
+        nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen)
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids
+
+
+def calibration_inputs(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], looping: bool,
+                       autocast=contextlib.nullcontext):
+    """This rank's calibration batches (GPTQ_CALIBRATION_BATCHES over all ranks), one at a time."""
+    seq_len = hp.gptq_calibration_seq_len or hp.train_seq_len
+    mine = range(rt.rank, hp.gptq_calibration_batches, rt.world_size)
+    if hp.gptq_calibration_source == "train":
+        check_calibration_files(train_files)
+        loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device, seed=hp.seed)
+        try:
+            for _ in mine:
+                yield loader.next_batch(hp.gptq_calibration_seqs * seq_len * rt.world_size, seq_len, 1)[0]
+        finally:
+            loader.close()
+    else:
+        for i in mine:
+            yield sample_sequences(model, hp.gptq_calibration_seqs, seq_len, temperature=hp.gptq_selfgen_temperature,
+                                   seed=hp.seed + 1000 + i, looping=looping, device=rt.device, autocast=autocast)
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, batches, plan: QuantPlan, looping: bool,
+                     autocast=contextlib.nullcontext) -> dict[str, torch.Tensor]:
+    """H = sum of x^T x over every input row each quantized matrix sees (fp32), summed over ranks."""
+    hessians: dict[str, torch.Tensor] = {}
+
+    def accumulate(key: str, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1, x.size(-1))
+        if key not in hessians:
+            hessians[key] = torch.zeros(x.size(1), x.size(1), device=x.device)
+        hessians[key].addmm_(x.T, x)
+
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear) and plan.spec(f"{name}.weight", module.weight) is not None:
+            hooks.append(module.register_forward_hook(
+                lambda mod, inputs, output, key=f"{name}.weight": accumulate(key, inputs[0])))
+    tied_head = model.lm_head is None and plan.spec("tok_emb.weight", model.tok_emb.weight) is not None
+    was_training = model.training
+    model.eval()
+    try:
+        for x in batches:
+            with autocast():
+                h = model.forward_hidden(x, looping)
+                if model.lm_head is not None:
+                    model.lm_head(h)
+            if tied_head:  # the head's input is the final hidden state
+                accumulate("tok_emb.weight", h)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    for key in sorted(hessians):  # same order on every rank
+        all_reduce_sum(hessians[key])
+    return hessians
+
+
+# ---- LQER ------------------------------------------------------------------------------------------
+# Low-rank correction of the quantization error (LQER_ENABLED): for the LQER_TOP_K quantized tensors
+# whose error costs the most, store E ~ A B with rank LQER_RANK, so W = q s + A B. With a Hessian the
+# fit is in the layer-output metric (SVD of E L with H = L L^T, then B = V^T L^-1), otherwise plain
+# SVD. The factors are integers too, at LQER_FACTOR_BITS: symmetric form = per-row fp16 scales for A
+# and B; asymmetric form (LQER_ASYM_ENABLED) = one scale per column of A (each carries one singular
+# value) and one per LQER_ASYM_GROUP values of B.
+
+
+def quantize_groups(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmax integers with one fp16 scale per `group` consecutive values of the flattened tensor."""
+    flat = x.reshape(-1)
+    pad = (-flat.numel()) % group
+    padded = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, group)
+    codes, scales = quantize_rows(padded, bits)
+    return codes.reshape(-1)[: flat.numel()].reshape(x.shape).contiguous(), scales
+
+
+def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    flat = codes.reshape(-1).float()
+    pad = (-flat.numel()) % group
+    padded = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, group) * scales.float()[:, None]
+    return padded.reshape(-1)[: flat.numel()].reshape(codes.shape)
+
+
+@dataclass
+class LowRankFactors:
+    """A (rows x rank) and B (rank x cols) as integers with fp16 scales; `group` 0 = symmetric form."""
+
+    a_codes: torch.Tensor
+    a_scales: torch.Tensor
+    b_codes: torch.Tensor
+    b_scales: torch.Tensor
+    group: int = 0
+    bits: int = 4
+
+    def product(self) -> torch.Tensor:
+        if self.group:  # asymmetric: A by column, B by groups
+            a = self.a_codes.float() * self.a_scales.float()[None, :]
+            b = dequantize_groups(self.b_codes, self.b_scales, self.group)
         else:
-            passthrough[name] = t.to(kind).contiguous()
-    return {"__quant_format__": QUANT_FORMAT, "quantized": quantized, "scales": scales, "bits": bits,
-            "dtypes": dtypes, "passthrough": passthrough}
+            a, b = dequantize_rows(self.a_codes, self.a_scales), dequantize_rows(self.b_codes, self.b_scales)
+        return a @ b
+
+    @classmethod
+    def fit(cls, error: torch.Tensor, rank: int, bits: int, group: int,
+            hessian: torch.Tensor | None = None) -> "LowRankFactors":
+        E = error.double()
+        if hessian is not None:
+            H = hessian.double()
+            L = torch.linalg.cholesky(H + 0.01 * H.diagonal().mean().clamp_min(1e-12) * torch.eye(H.size(0),
+                                                                                              dtype=H.dtype))
+            U, S, Vh = torch.linalg.svd(E @ L, full_matrices=False)
+            a, b = U[:, :rank] * S[:rank], torch.linalg.solve_triangular(L, Vh[:rank], upper=False, left=False)
+        else:
+            U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+            a, b = U[:, :rank] * S[:rank], Vh[:rank]
+        a, b = a.float(), b.float()
+        if group:
+            a_codes, a_scales = quantize_rows(a.T.contiguous(), bits)
+            b_codes, b_scales = quantize_groups(b, bits, group)
+            return cls(a_codes.T.contiguous(), a_scales, b_codes, b_scales, group, bits)
+        return cls(*quantize_rows(a, bits), *quantize_rows(b, bits), 0, bits)
 
 
-def dequantize_state_dict(obj: dict) -> dict[str, torch.Tensor]:
-    if obj.get("__quant_format__") != QUANT_FORMAT:
-        raise RunError(f"artifact format {obj.get('__quant_format__')!r} is not {QUANT_FORMAT!r}")
-    out = {}
-    for name, q in obj["quantized"].items():
-        out[name] = dequantize_rows(q, obj["scales"][name]).to(getattr(torch, obj["dtypes"][name]))
-    for name, t in obj["passthrough"].items():
-        out[name] = t.to(getattr(torch, obj["dtypes"][name])) if name in obj["dtypes"] else t
+def apply_lqer(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor], *, rank: int, top_k: int,
+               factor_bits: int, group: int = 64, hessians: dict | None = None) -> list[ExportedTensor]:
+    """A copy of `entries` where the top_k quantized 2-D tensors with the largest error cost carry a
+    low-rank correction (cost = ||E X^T||^2 with a Hessian, else ||E||^2)."""
+    hessians = hessians or {}
+    costs = []
+    for i, e in enumerate(entries):
+        if e.bits and len(e.shape) == 2 and min(e.shape) > rank:
+            err = state_dict[e.name].detach().float().cpu() - dequantize_rows(e.codes, e.scales)
+            h = hessians.get(e.name)
+            cost = float((err @ h.cpu().float() * err).sum()) if h is not None else float(err.square().sum())
+            costs.append((cost, i, err))
+    out = list(entries)
+    for _, i, err in sorted(costs, key=lambda c: -c[0])[:top_k]:
+        h = hessians.get(entries[i].name)
+        out[i] = dataclasses.replace(entries[i], lqer=LowRankFactors.fit(err, rank, factor_bits, group,
+                                                                         None if h is None else h.cpu()))
     return out
 
 
-def serialize_artifact(state_dict: dict[str, torch.Tensor], *, matrix_bits: int, embed_bits: int) -> tuple[bytes, int]:
-    """Compressed artifact bytes and the size of the uncompressed torch payload."""
-    buf = io.BytesIO()
-    torch.save(quantize_state_dict(state_dict, matrix_bits=matrix_bits, embed_bits=embed_bits), buf)
-    raw = buf.getvalue()
-    return zlib.compress(raw, level=9), len(raw)
+# ---- the packer --------------------------------------------------------------------------------------
+
+def byte_shuffle(data: bytes, stride: int) -> bytes:
+    """All first bytes of each `stride`-byte element, then all second bytes, ...: the exponent bytes of
+    fp16 values end up together, where a general-purpose compressor finds them."""
+    if stride <= 1:
+        return data
+    return np.frombuffer(data, dtype=np.uint8).reshape(-1, stride).T.tobytes()
 
 
-def deserialize_artifact(blob: bytes) -> dict[str, torch.Tensor]:
+def byte_unshuffle(data: bytes, stride: int) -> bytes:
+    if stride <= 1:
+        return data
+    return np.frombuffer(data, dtype=np.uint8).reshape(stride, -1).T.tobytes()
+
+
+def compress_bytes(data: bytes, coder: str, stride: int) -> bytes:
+    if coder == "zlib":
+        return zlib.compress(data, level=9)
+    if coder == "lzma":
+        return lzma.compress(byte_shuffle(data, stride), preset=9 | lzma.PRESET_EXTREME)
+    if coder == "brotli":
+        import brotli
+        return brotli.compress(byte_shuffle(data, stride), quality=11)
+    raise ValueError(f"unknown coder {coder!r}")
+
+
+def decompress_bytes(data: bytes, coder: str, stride: int) -> bytes:
+    if coder == "zlib":
+        return zlib.decompress(data)
+    if coder == "lzma":
+        return byte_unshuffle(lzma.decompress(data), stride)
+    if coder == "brotli":
+        import brotli
+        return byte_unshuffle(brotli.decompress(data), stride)
+    raise ValueError(f"unknown coder {coder!r}")
+
+
+# Stream name -> numpy dtype of its elements (the byte-shuffle stride is its itemsize).
+STREAM_DTYPES = {"codes": np.int8, "lqer": np.int8, "scales": np.float16, "float16": np.float16,
+                 "float32": np.float32}
+HEADER_CODERS = ("zlib", "lzma", "brotli")
+
+
+def _tensor_parts(e: ExportedTensor) -> list[tuple[str, np.ndarray]]:
+    """The arrays a tensor contributes, in order, each to its named stream."""
+    if e.bits:
+        parts = [("codes", e.codes.numpy()), ("scales", e.scales.numpy())]
+        if e.lqer is not None:
+            f = e.lqer
+            parts += [("lqer", f.a_codes.numpy()), ("lqer", f.b_codes.numpy()), ("scales", f.a_scales.numpy()),
+                      ("scales", f.b_scales.numpy())]
+        return parts
+    arr = e.value.numpy()
+    return [({np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}.get(arr.dtype, "raw:" + arr.dtype.str),
+             arr)]
+
+
+def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict | None = None,
+                  meta: dict | None = None, stats: dict | None = None) -> bytes:
+    """The artifact bytes. `model` (the ModelConfig as a dict) is what a loader checks it against;
+    `stats`, if given, receives the compressed bytes of each stream."""
+    general = "brotli" if compressor == "ans" else compressor  # ans codes the codes; brotli the rest
+    streams: dict[str, list[np.ndarray]] = {}
+    tensors = []
+    for e in entries:
+        parts = _tensor_parts(e)
+        for stream, arr in parts:
+            streams.setdefault(stream, []).append(arr)
+        info = dict(name=e.name, shape=list(e.shape), dtype=e.dtype, bits=e.bits, method=e.method,
+                    scale="row_fp16" if e.bits else "none", stream=parts[0][0], coder=compressor if e.bits else general)
+        if e.lqer is not None:  # layout: A rows x rank, B rank x cols, int8 codes then fp16 scales
+            info["lqer"] = dict(rank=e.lqer.b_codes.shape[0], group=e.lqer.group, bits=e.lqer.bits)
+        tensors.append(info)
+    stream_info, payloads = [], []
+    for name in sorted(streams):
+        arrays = streams[name]
+        dtype = np.dtype(STREAM_DTYPES.get(name, np.uint8)) if not name.startswith("raw:") else np.dtype(name[4:])
+        if name == "codes" and compressor == "ans":
+            coder, data = "ans", ans_encode(arrays, [e.bits for e in entries if e.bits])
+        else:
+            raw = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
+            coder = general
+            data = compress_bytes(raw, coder, dtype.itemsize)
+        stream_info.append(dict(name=name, coder=coder, length=len(data), stride=dtype.itemsize))
+        payloads.append(data)
+        if stats is not None:
+            stats[name] = len(data)
+    header = dict(format="parameter-golf-quantized", model=model or {}, meta=meta or {}, streams=stream_info,
+                  tensors=tensors)
+    header_coder = general
+    header_bytes = compress_bytes(json.dumps(header, sort_keys=True, separators=(",", ":")).encode(), header_coder, 1)
+    body = struct.pack("<I", len(header_bytes)) + header_bytes + b"".join(payloads)
+    prefix = ARTIFACT_MAGIC + struct.pack("<HB", ARTIFACT_VERSION, HEADER_CODERS.index(header_coder))
+    if stats is not None:
+        stats["header"] = len(prefix) + 32 + 4 + len(header_bytes)
+    return prefix + hashlib.sha256(body).digest() + body
+
+
+def _corrupt(why: str) -> RunError:
+    return RunError(f"model artifact is corrupt or truncated ({why}); re-run training to re-create it")
+
+
+def read_artifact_header(blob: bytes) -> tuple[dict, bytes]:
+    """The header dict and the stream bytes, after checking magic, version and checksum."""
+    if len(blob) < 4 or blob[:4] != ARTIFACT_MAGIC:
+        raise RunError("model artifact is corrupt or not a Parameter Golf artifact (bad magic bytes); "
+                       "pass the final_model.*.ptz file a run wrote")
+    if len(blob) < 43:
+        raise _corrupt(f"{len(blob)} bytes is shorter than the fixed header")
+    version, header_coder = struct.unpack("<HB", blob[4:7])
+    if version != ARTIFACT_VERSION:
+        raise RunError(f"model artifact has format version {version}, this script reads version {ARTIFACT_VERSION}; "
+                       "score it with the train_gpt.py that wrote it")
+    digest, body = blob[7:39], blob[39:]
+    if hashlib.sha256(body).digest() != digest or header_coder >= len(HEADER_CODERS):
+        raise _corrupt("sha256 of the payload does not match")
+    (header_len,) = struct.unpack("<I", body[:4])
     try:
-        obj = torch.load(io.BytesIO(zlib.decompress(blob)), map_location="cpu", weights_only=True)
-    except (zlib.error, RuntimeError, EOFError, ValueError) as e:
-        raise RunError(f"model artifact is corrupt or not a {QUANT_FORMAT}+zlib artifact ({e.__class__.__name__}); "
-                       "re-run training to re-create it") from None
-    return dequantize_state_dict(obj)
+        header = json.loads(decompress_bytes(body[4 : 4 + header_len], HEADER_CODERS[header_coder], 1))
+    except (ValueError, zlib.error, lzma.LZMAError, Exception) as e:  # brotli.error is a plain Exception subclass
+        raise _corrupt(f"header does not decode: {e.__class__.__name__}") from None
+    return header, body[4 + header_len :]
+
+
+def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list[ExportedTensor], dict]:
+    """The exported tensors and the header. With `expect_model`, a file made for another model
+    configuration is refused (before any tensor is decoded)."""
+    header, payload = read_artifact_header(blob)
+    if expect_model is not None:
+        diffs = [f"{k}={header['model'].get(k)!r} (expected {v!r})" for k, v in expect_model.items()
+                 if k != "attn_backend" and header["model"].get(k) != v]
+        if diffs:
+            raise RunError(f"model artifact was made for another model: {', '.join(diffs[:4])}; "
+                           "score it with the settings it was trained with (or EVAL_ONLY=1, which reads them from it)")
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    try:
+        for s in header["streams"]:
+            data = payload[offset : offset + s["length"]]
+            offset += s["length"]
+            if s["coder"] == "ans":
+                quantized = [t for t in header["tensors"] if t["bits"]]
+                shapes = [(t["shape"][0], math.prod(t["shape"]) // t["shape"][0]) if len(t["shape"]) == 2
+                          else (1, math.prod(t["shape"])) for t in quantized]
+                decoded = ans_decode(data, shapes, [t["bits"] for t in quantized])
+                arrays[s["name"]] = np.concatenate([d.reshape(-1) for d in decoded]) if decoded else np.zeros(0, np.int8)
+            else:
+                raw = decompress_bytes(data, s["coder"], s["stride"])
+                dtype = np.dtype(STREAM_DTYPES.get(s["name"], np.uint8)) if not s["name"].startswith("raw:") \
+                    else np.dtype(s["name"][4:])
+                arrays[s["name"]] = np.frombuffer(raw, dtype=dtype)
+    except RunError:
+        raise
+    except Exception as e:  # any decoder failure on damaged bytes
+        raise _corrupt(f"stream does not decode: {e.__class__.__name__}") from None
+    if offset != len(payload):
+        raise _corrupt(f"{len(payload) - offset} unexpected trailing bytes")
+    cursors = {name: 0 for name in arrays}
+
+    def take(stream: str, count: int) -> np.ndarray:
+        data = arrays.get(stream)
+        start = cursors.get(stream, 0)
+        if data is None or start + count > len(data):
+            raise _corrupt(f"stream {stream} is shorter than its tensors")
+        cursors[stream] = start + count
+        return data[start : start + count]
+
+    entries = []
+    for t in header["tensors"]:
+        shape = tuple(t["shape"])
+        numel = math.prod(shape)
+        if t["bits"]:
+            rows = shape[0] if len(shape) == 2 else 1
+            codes = torch.from_numpy(take("codes", numel).copy()).reshape(rows, numel // rows)
+            scales = torch.from_numpy(take("scales", rows).copy())
+            lqer = None
+            if "lqer" in t:
+                rank, group, cols = t["lqer"]["rank"], t["lqer"]["group"], numel // rows
+                a = torch.from_numpy(take("lqer", rows * rank).copy()).reshape(rows, rank)
+                b = torch.from_numpy(take("lqer", rank * cols).copy()).reshape(rank, cols)
+                a_scales = torch.from_numpy(take("scales", rank if group else rows).copy())
+                b_scales = torch.from_numpy(take("scales", -(-rank * cols // group) if group else rank).copy())
+                lqer = LowRankFactors(a, a_scales, b, b_scales, group, t["lqer"]["bits"])
+            entries.append(ExportedTensor(t["name"], shape, t["dtype"], t["bits"], codes, scales, method=t["method"],
+                                          lqer=lqer))
+        else:
+            value = torch.from_numpy(take(t["stream"], numel).copy()).reshape(shape)
+            entries.append(ExportedTensor(t["name"], shape, t["dtype"], value=value))
+    return entries, header
+
+
+# ---- the ans coder ----------------------------------------------------------------------------------
+# brotli-11 already sits near the order-0 entropy of the codes, so beating it takes context that a
+# byte-wise compressor cannot see. The magnitude of a code is predicted from its row and column: per
+# tensor, rho_i = mean |q| of row i and gamma_j = mean |q| of column j / mean |q| (a rank-1 model of
+# the magnitude, in log2 steps of 1/8, one byte each: the side information). The context of a code is
+# its predicted magnitude log2(rho_i * gamma_j) in quarter octaves; for each (bits, context) the exact
+# symbol histogram is stored, and the codes of that context are entropy-coded with it by
+# constriction's rANS coder (Rust, whole numpy arrays per call). Contexts are computed in integers
+# from the stored bytes, so the decoder derives exactly the encoder's. Everything the decoder needs,
+# side information and histograms included, is inside the counted bytes.
+ANS_LOG_STEPS = 8  # side information resolution: steps per octave
+ANS_CONTEXT_WIDTH = 2  # side-information steps per context (2 of 1/8 octave = a quarter octave)
+
+
+def _log_bytes(values: np.ndarray) -> np.ndarray:
+    """Values > 0 as uint8 log2 steps of 1/ANS_LOG_STEPS around 128 (clipped to the byte)."""
+    return np.clip(np.round(np.log2(np.maximum(values, 1e-9)) * ANS_LOG_STEPS) + 128, 0, 255).astype(np.uint8)
+
+
+def _magnitude_side_info(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    magnitude = np.abs(codes.astype(np.float32))
+    overall = max(float(magnitude.mean()), 1e-6)
+    return _log_bytes(magnitude.mean(axis=1) + 1e-3), _log_bytes(magnitude.mean(axis=0) / overall + 1e-3)
+
+
+class _ContextIndex:
+    """The codes of one tensor grouped by context: positions of context k are order[start[k]:start[k+1]]."""
+
+    def __init__(self, row_bytes: np.ndarray, col_bytes: np.ndarray):
+        ctx = (row_bytes.astype(np.int16)[:, None] + col_bytes.astype(np.int16)[None, :]) // ANS_CONTEXT_WIDTH
+        flat = ctx.reshape(-1)
+        self.order = np.argsort(flat, kind="stable")  # radix sort for 16-bit integers: linear time
+        counts = np.bincount(flat, minlength=512 // ANS_CONTEXT_WIDTH)
+        self.start = np.concatenate([[0], np.cumsum(counts)])
+        self.present = np.nonzero(counts)[0]
+
+    def positions(self, k: int) -> np.ndarray:
+        return self.order[self.start[k] : self.start[k + 1]]
+
+
+def _ans_keys(bits: list[int], index: list[_ContextIndex]) -> list[tuple[int, int]]:
+    return sorted({(b, int(k)) for b, ix in zip(bits, index) for k in ix.present})
+
+
+def ans_groups(codes: list[np.ndarray], bits: list[int]):
+    """(side information, keys, symbols of each key): the coder's view of the codes."""
+    side = [_magnitude_side_info(c) for c in codes]
+    index = [_ContextIndex(r, c) for r, c in side]
+    keys = _ans_keys(bits, index)
+    flat = [c.reshape(-1).astype(np.int32) for c in codes]
+    groups = [np.concatenate([f[ix.positions(k)] for f, ix, bb in zip(flat, index, bits) if bb == b]) + clip_range(b)
+              for b, k in keys]
+    return side, keys, groups
+
+
+def ans_encode(arrays: list[np.ndarray], bits: list[int]) -> bytes:
+    import brotli
+    import constriction
+
+    side, keys, groups = ans_groups([a.reshape(a.shape[0], -1) for a in arrays], bits)
+    histograms = [np.bincount(g, minlength=2 * clip_range(b) + 1).astype("<u4") for (b, _), g in zip(keys, groups)]
+    coder = constriction.stream.stack.AnsCoder()
+    for counts, symbols in zip(reversed(histograms), reversed(groups)):  # a stack: the last group first
+        coder.encode_reverse(symbols.astype(np.int32),
+                             constriction.stream.model.Categorical(counts.astype(np.float64), perfect=False))
+    words = coder.get_compressed().astype("<u4").tobytes()
+    packed_side = brotli.compress(b"".join(r.tobytes() + c.tobytes() for r, c in side), quality=11)
+    packed_table = brotli.compress(b"".join(h.tobytes() for h in histograms), quality=11)
+    return struct.pack("<III", len(packed_side), len(packed_table), len(keys)) + packed_side + packed_table + words
+
+
+def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int]) -> list[np.ndarray]:
+    import brotli
+    import constriction
+
+    side_len, table_len, n_keys = struct.unpack("<III", data[:12])
+    side_bytes = brotli.decompress(data[12 : 12 + side_len])
+    table = np.frombuffer(brotli.decompress(data[12 + side_len : 12 + side_len + table_len]), dtype="<u4")
+    words = np.frombuffer(data[12 + side_len + table_len :], dtype="<u4").astype(np.uint32)
+    index, offset = [], 0
+    for rows, cols in shapes:
+        index.append(_ContextIndex(np.frombuffer(side_bytes[offset : offset + rows], dtype=np.uint8),
+                                   np.frombuffer(side_bytes[offset + rows : offset + rows + cols], dtype=np.uint8)))
+        offset += rows + cols
+    keys = _ans_keys(bits, index)
+    if len(keys) != n_keys or offset != len(side_bytes):
+        raise ValueError("ans side information does not match the tensor list")
+    coder = constriction.stream.stack.AnsCoder(words)
+    out = [np.zeros(rows * cols, dtype=np.int8) for rows, cols in shapes]
+    at = 0
+    for b, k in keys:
+        counts = table[at : at + 2 * clip_range(b) + 1]
+        at += len(counts)
+        model = constriction.stream.model.Categorical(counts.astype(np.float64), perfect=False)
+        symbols = (coder.decode(model, int(counts.sum())) - clip_range(b)).astype(np.int8)
+        start = 0
+        for o, ix, bb in zip(out, index, bits):
+            if bb == b:
+                where = ix.positions(k)
+                o[where] = symbols[start : start + len(where)]
+                start += len(where)
+    return [o.reshape(shape) for o, shape in zip(out, shapes)]
+
+
+def code_entropy_report(arrays: list[np.ndarray], bits: list[int]) -> tuple[float, float]:
+    """(order-0 entropy of all codes, the ans context model's cross-entropy), in bytes, without side information."""
+    codes = [a.reshape(a.shape[0], -1) for a in arrays]
+    counts = sum(np.bincount(c.reshape(-1).astype(np.int64) + 128, minlength=256) for c in codes)
+
+    def entropy(h: np.ndarray) -> float:
+        nz = h[h > 0].astype(np.float64)
+        return float(-(nz * np.log2(nz / nz.sum())).sum()) / 8
+
+    _, _, groups = ans_groups(codes, bits)
+    return entropy(np.asarray(counts)), sum(entropy(np.bincount(g)) for g in groups)
+
+
+# ---- fitting under the limit ----------------------------------------------------------------------
+# Before writing, code + model bytes are known exactly. If they exceed 16,000,000 minus
+# ARTIFACT_MARGIN_BYTES, AUTO_FIT shrinks the model, in this order, stopping as soon as it fits:
+#   1. raise every group's clip sigmas by one common factor (sdclip / gptq only): the code entropy
+#      falls by about log2(factor) bits per weight, which sets the factor; re-packed to check, up to
+#      AUTO_FIT_TRIES times and at most AUTO_FIT_MAX_SIGMA_SCALE;
+#   2. zero the +-1 codes of the rows with the smallest scales (each costs that row's scale^2 of
+#      squared error), as many as the order-0 entropy of the codes says, re-packed to check.
+# Each step logs its factor or count, the bytes, and what it cost: the relative squared error of the
+# quantized weights against the pre-quant ones. It never writes an over-limit artifact silently: if
+# both steps fail, the run ends with an error naming the sizes.
+AUTO_FIT_TRIES = 4
+AUTO_FIT_MAX_SIGMA_SCALE = 2.0
+
+
+def quantization_error(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor]) -> float:
+    """sum ||W - W_q||^2 / sum ||W||^2 over the quantized tensors."""
+    err = norm = 0.0
+    for e in entries:
+        if e.bits:
+            w = state_dict[e.name].detach().float().cpu()
+            err += float((w - e.dequantize().float()).square().sum())
+            norm += float(w.square().sum())
+    return err / max(norm, 1e-30)
+
+
+def code_histogram(entries: list[ExportedTensor]) -> torch.Tensor:
+    """Counts of every code value (index = code + 128) over all quantized tensors."""
+    counts = torch.zeros(256, dtype=torch.float64)
+    for e in entries:
+        if e.bits:
+            counts += torch.bincount((e.codes.reshape(-1).long() + 128), minlength=256).double()
+    return counts
+
+
+def entropy_bytes(counts: torch.Tensor) -> float:
+    """Order-0 entropy of a histogram, in bytes: what a byte-wise compressor approaches."""
+    nz = counts[counts > 0]
+    return float(-(nz * torch.log2(nz / nz.sum())).sum() / 8)
+
+
+def unit_codes_by_cost(entries: list[ExportedTensor]) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every +-1 code as (tensor index, row, column, sign), cheapest to zero first: smallest row scale,
+    ties in tensor, row, column order (deterministic)."""
+    keys, where = [], []
+    for i, e in enumerate(entries):
+        if e.bits:
+            rows, cols = torch.nonzero(e.codes.abs() == 1, as_tuple=True)
+            keys.append(e.scales.float()[rows])
+            where.append((torch.full_like(rows, i), rows, cols, e.codes[rows, cols].long()))
+    if not keys:
+        return []
+    order = torch.argsort(torch.cat(keys), stable=True)
+    return [torch.cat([w[k] for w in where])[order] for k in range(4)]
+
+
+def prune_unit_codes(entries: list[ExportedTensor], units, count: int) -> list[ExportedTensor]:
+    """A copy with the first `count` codes of `units` (from unit_codes_by_cost) set to 0."""
+    out = list(entries)
+    if count <= 0:
+        return out
+    tensor_idx, rows, cols, _ = (u[:count] for u in units)
+    for i in torch.unique(tensor_idx).tolist():
+        mask = tensor_idx == i
+        codes = entries[i].codes.clone()
+        codes[rows[mask], cols[mask]] = 0
+        out[i] = dataclasses.replace(entries[i], codes=codes)
+    return out
+
+
+def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target_bytes: int, compressor: str,
+                 pack, hessians: dict | None = None, gptq: dict | None = None, lqer: dict | None = None,
+                 auto_fit: bool = True, log=lambda msg: None) -> tuple[bytes, list[ExportedTensor]]:
+    """The packed artifact (pack(entries) -> bytes) at most `target_bytes` long if auto-fit can get it
+    there. `lqer`: apply_lqer's options, or None for no low-rank correction."""
+
+    def quantize(p: QuantPlan) -> list[ExportedTensor]:
+        entries = quantize_state_dict(state_dict, p, hessians, gptq)
+        return apply_lqer(state_dict, entries, hessians=hessians, **lqer) if lqer else entries
+
+    entries = quantize(plan)
+    blob = pack(entries)
+    if len(blob) <= target_bytes or not auto_fit:
+        return blob, entries
+    base_error = quantization_error(state_dict, entries)
+    n_codes = sum(e.codes.numel() for e in entries if e.bits)
+    log(f"auto_fit: model_bytes {len(blob)} > target {target_bytes} (limit {ARTIFACT_LIMIT_BYTES} - margin - code); "
+        f"quant_error {base_error:.3e} (relative squared weight error)")
+    if plan.method != "absmax" and n_codes:
+        factor = 1.0
+        for _ in range(AUTO_FIT_TRIES):
+            factor = min(factor * 2 ** (8 * (len(blob) - target_bytes) / n_codes + 1e-4), AUTO_FIT_MAX_SIGMA_SCALE)
+            entries = quantize(plan.with_sigma_scale(factor))
+            blob = pack(entries)
+            log(f"auto_fit: step 1 clip_sigmas x{factor:.4f} -> model_bytes {len(blob)} "
+                f"quant_error {quantization_error(state_dict, entries):.3e}")
+            if len(blob) <= target_bytes or factor >= AUTO_FIT_MAX_SIGMA_SCALE:
+                break
+    if len(blob) > target_bytes:
+        units = unit_codes_by_cost(entries)
+        n_units = len(units[0]) if units else 0
+        counts = code_histogram(entries)
+        plus = torch.cumsum((units[3] > 0).double(), 0) if n_units else None
+
+        def entropy_after(n: int) -> float:  # the histogram after zeroing the first n unit codes, exactly
+            if n == 0:
+                return entropy_bytes(counts)
+            c = counts.clone()
+            n_plus = float(plus[n - 1])
+            c[129] -= n_plus
+            c[127] -= n - n_plus
+            c[128] += n
+            return entropy_bytes(c)
+
+        excess, pruned, bytes_per_entropy_byte = len(blob) - target_bytes, 0, 1.0
+        for _ in range(AUTO_FIT_TRIES):
+            # fewest codes whose predicted saving covers the excess; the prediction is the entropy
+            # drop scaled by how many real bytes one entropy byte saved in the previous try
+            lo, hi = pruned, n_units
+            goal = entropy_after(pruned) - excess / bytes_per_entropy_byte * 1.002
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if entropy_after(mid) <= goal else (mid + 1, hi)
+            previous_bytes, previous_entropy = len(blob), entropy_after(pruned)
+            pruned = lo
+            pruned_entries = prune_unit_codes(entries, units, pruned)
+            blob = pack(pruned_entries)
+            log(f"auto_fit: step 2 pruned {pruned} of {n_units} +-1 codes -> model_bytes {len(blob)} "
+                f"quant_error {quantization_error(state_dict, pruned_entries):.3e}")
+            excess = len(blob) - target_bytes
+            if excess <= 0 or pruned >= n_units:
+                break
+            predicted = previous_entropy - entropy_after(pruned)
+            if predicted > 0 and previous_bytes > len(blob):
+                bytes_per_entropy_byte = max((previous_bytes - len(blob)) / predicted, 0.05)
+        entries = pruned_entries
+    log(f"auto_fit: {'fits' if len(blob) <= target_bytes else 'FAILED'} model_bytes {len(blob)} target {target_bytes}")
+    return blob, entries
+
+
+# ---- the shipped code form ---------------------------------------------------------------------------
+# Only the bytes of the code that is shipped count, so the shipped form is a self-extracting copy:
+# a two-line latin-1 Python file holding the brotli-compressed readable source in a string literal
+# (only \ " NUL CR LF are escaped: ~2% overhead, against 25% for base85). It decompresses to the
+# readable file byte for byte and runs it in its own namespace, where SHIPPED_SOURCE keeps the text.
+
+SHIPPED_PREFIX = b"# -*- coding: latin-1 -*-\nimport brotli;SHIPPED_SOURCE=brotli.decompress(\""
+SHIPPED_SUFFIX = b"\".encode(\"latin-1\"));exec(compile(SHIPPED_SOURCE,\"train_gpt.py\",\"exec\"))\n"
+_LITERAL_ESCAPES = {0x5C: b"\\\\", 0x22: b'\\"', 0x00: b"\\x00", 0x0D: b"\\r", 0x0A: b"\\n"}
+
+
+def readable_source() -> bytes:
+    """The readable train_gpt.py, also when running from its shipped form."""
+    shipped = globals().get("SHIPPED_SOURCE")
+    return shipped if isinstance(shipped, bytes) else Path(__file__).read_bytes()
+
+
+def shipped_code(source: bytes) -> bytes:
+    import brotli
+
+    packed = brotli.compress(source, quality=11)
+    literal = b"".join(_LITERAL_ESCAPES.get(byte, bytes((byte,))) for byte in packed)
+    return SHIPPED_PREFIX + literal + SHIPPED_SUFFIX
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_code_of_this_file() -> bytes:
+    return shipped_code(readable_source())
 
 
 def code_bytes() -> int:
-    """Bytes of this script as shipped: the code part of the artifact."""
-    return len(Path(__file__).read_bytes())
+    """Bytes of this script as shipped (its self-extracting form): the code part of the artifact."""
+    return len(_shipped_code_of_this_file())
 
 
 # ==================================================================================================
@@ -2610,13 +3443,14 @@ class RunManifest:
 
     def __init__(self, path: Path, hp: Hyperparameters, rt: Runtime):
         self.path, self.is_main = path, rt.is_main
-        readable = Path(__file__).read_bytes()
+        readable = readable_source()
         self.data = {
             "manifest_version": 1, "status": "started", "run_id": hp.run_id,
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": hp.seed,
             "world_size": rt.world_size, "config_hash": config_hash(hp),
             "config": {f.name: getattr(hp, f.name) for f in fields(hp)},
-            "code": {"train_gpt_sha256": hashlib.sha256(readable).hexdigest(), "readable_bytes": len(readable)},
+            "code": {"train_gpt_sha256": hashlib.sha256(readable).hexdigest(), "readable_bytes": len(readable),
+                     "shipped_sha256": hashlib.sha256(shipped_code(readable)).hexdigest()},
             "environment": environment_facts(rt),
         }
         self.write()
@@ -2645,7 +3479,7 @@ def eval_record(result: EvalResult) -> dict:
 
 
 def log_run_header(hp: Hyperparameters, rt: Runtime, log) -> None:
-    log(Path(__file__).read_text(encoding="utf-8"), console=False)
+    log(readable_source().decode("utf-8"), console=False)
     log("=" * 100, console=False)
     log(f"python:{platform.python_version()} torch:{torch.__version__} device:{rt.device}", console=False)
     if rt.device.type == "cuda":
@@ -2675,30 +3509,65 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Ten
     return val_tokens, luts
 
 
-def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path, log) -> Path:
-    """Rank 0 writes the raw weights and the quantized+zlib artifact, each atomically."""
-    raw_path, artifact_path = out_dir / "final_model.pt", out_dir / "final_model.int8.ptz"
+def artifact_path_for(hp: Hyperparameters, out_dir: Path) -> Path:
+    return out_dir / f"final_model.int{hp.matrix_bits}.ptz"
+
+
+def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path, log, *, looping: bool,
+                    hessians: dict[str, torch.Tensor] | None = None) -> Path:
+    """Rank 0 writes the raw weights, the shipped code form and the quantized, packed artifact (fitted
+    under the limit), each atomically."""
+    raw_path, artifact_path = out_dir / "final_model.pt", artifact_path_for(hp, out_dir)
     if rt.is_main:
         n_code = code_bytes()
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)
         write_atomic(raw_path, buf.getvalue())
         log(f"Serialized model: {raw_path.stat().st_size} bytes")
-        log(f"Code size: {n_code} bytes")
+        log(f"Code size: {len(readable_source())} bytes (uncompressed), {n_code} bytes (compressed, shipped as "
+            f"{RUN_CODE_NAME} in the run folder)")
         log(f"Total submission size: {raw_path.stat().st_size + n_code} bytes")
-        blob, raw_bytes = serialize_artifact(model.state_dict(), matrix_bits=hp.matrix_bits, embed_bits=hp.embed_bits)
+        plan = QuantPlan.from_hparams(hp)
+        stats: dict[str, int] = {}
+        meta = dict(looping=looping, quant_method=plan.method, tag=f"int{hp.matrix_bits}_{hp.compressor}")
+
+        def pack(entries: list[ExportedTensor]) -> bytes:
+            stats.clear()
+            return pack_artifact(entries, compressor=hp.compressor, model=dataclasses.asdict(model.cfg), meta=meta,
+                                 stats=stats)
+
+        target = ARTIFACT_LIMIT_BYTES - hp.artifact_margin_bytes - n_code
+        lqer = dict(rank=hp.lqer_rank, top_k=hp.lqer_top_k, factor_bits=hp.lqer_factor_bits,
+                    group=hp.lqer_asym_group if hp.lqer_asym_enabled else 0) if hp.lqer_enabled else None
+        blob, entries = fit_artifact(model.state_dict(), plan, target_bytes=target, compressor=hp.compressor,
+                                     pack=pack, hessians=hessians, gptq=gptq_options(hp), lqer=lqer,
+                                     auto_fit=hp.auto_fit, log=log)
+        for e in entries:
+            if e.lqer is not None:
+                log(f"lqer: {e.name} rank:{hp.lqer_rank} factor_bits:{hp.lqer_factor_bits} "
+                    f"form:{'asymmetric group ' + str(e.lqer.group) if e.lqer.group else 'symmetric'}")
         write_atomic(artifact_path, blob)
-        log(f"Serialized model int8+zlib: {len(blob)} bytes (payload:{raw_bytes} raw_torch:{buf.tell()} "
-            f"payload_ratio:{buf.tell() / max(raw_bytes, 1):.2f}x matrix_bits:{hp.matrix_bits} "
-            f"embed_bits:{hp.embed_bits})")
-        log(f"Total submission size int8+zlib: {len(blob) + n_code} bytes")
+        label = f"int{hp.matrix_bits}+{hp.compressor}"
+        log(f"Serialized model {label}: {len(blob)} bytes (raw_torch:{buf.tell()} method:{plan.method} "
+            f"bits:{','.join(f'{g}={b}' for g, b in plan.bits.items())})")
+        log("artifact_streams: " + " ".join(f"{k}:{v}" for k, v in sorted(stats.items())))
+        quantized = [e for e in entries if e.bits]
+        order0, model_ce = code_entropy_report([e.codes.numpy() for e in quantized], [e.bits for e in quantized])
+        log(f"artifact_entropy: codes_bytes:{stats.get('codes', 0)} order0_entropy_bytes:{order0:.0f} "
+            f"ans_model_cross_entropy_bytes:{model_ce:.0f} (side information not included) coder:{hp.compressor}")
+        for group in QUANT_GROUPS:
+            members = [e for e in quantized if tensor_group(e.name) == group]
+            if members:
+                log(f"Quantized weights: {group} tensors:{len(members)} values:{sum(e.codes.numel() for e in members)} "
+                    f"bits:{sorted({e.bits for e in members})} method:{members[0].method}")
+        log(f"Total submission size {label}: {len(blob) + n_code} bytes")
     barrier()
     return artifact_path
 
 
 def compliance_lines(results: dict[str, EvalResult], ttt_info: dict | None, *, vocab_size: int, eval_ms: float,
                      eval_cap_ms: float | None, causal_diff: float, prequant: dict | None = None,
-                     allow_val_adaptation: bool = False) -> list[str]:
+                     allow_val_adaptation: bool = False, calibration: str = "none") -> list[str]:
     """The compliance block (conditions C1-C4 of the public field guide) and every data source."""
     targets = {r.num_targets for r in results.values()}
     adapted = ttt_info is not None and ttt_info["adapted_targets"] > 0
@@ -2734,7 +3603,7 @@ def compliance_lines(results: dict[str, EvalResult], ttt_info: dict | None, *, v
         f"{', '.join(f'{k}:{r.num_targets}' for k, r in results.items())} (every pass checked per target)",
         f"  sources: train_warmup:train eval_warmup:synthetic "
         f"adaptation:{'validation (already scored)' if adapted else 'none'} pre_quant_ttt:{prequant_source} "
-        "calibration:none",
+        f"calibration:{calibration}",
         f"  eval_time: {eval_ms:.0f}ms budget:{'none' if eval_cap_ms is None else f'{eval_cap_ms:.0f}ms'} "
         f"within_budget:{int(not over)}",
         f"  record_eligible: {int(eligible)}" + (NON_RECORD_STAMP if allow_val_adaptation else ""),
@@ -2883,15 +3752,17 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, *, seq_len: int, b
     return dict(causal_diff=causal_diff, tokens=int(x.numel()) + (2 * seq_len + 1 if ttt is not None else 0))
 
 
-# The log line that reports each stage's score; the last stage run is the submitted score.
-FINAL_SCORE_LOG_KEYS = {"roundtrip": "final_int8_zlib_roundtrip_exact", "sliding": "final_sliding_window_exact",
-                        "ttt": "legal_ttt_exact"}
+def final_score_log_key(stage: str, tag: str) -> str:
+    """The log line that reports a stage's exact score (the last stage run is the submitted score);
+    `tag` names the artifact's format, e.g. int6_brotli."""
+    return {"roundtrip": f"final_{tag}_roundtrip_exact", "sliding": "final_sliding_window_exact",
+            "ttt": "legal_ttt_exact"}[stage]
 
 
 def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: torch.Tensor, luts: ByteLuts,
                       clock: PhaseClock, log, *, looping: bool, use_compile: bool, autocast,
                       batch_seqs: int, prequant: dict | None = None,
-                      compliance_out: list[str] | None = None) -> dict[str, EvalResult]:
+                      compliance_out: list[str] | None = None, tag: str = "int8_zlib") -> dict[str, EvalResult]:
     """Every score of the reloaded artifact, in order: the flat roundtrip, the sliding window if
     EVAL_STRIDE is set, test-time training if TTT_ENABLED. The clock's `eval` phase runs from the
     artifact read (started by the caller) to the final score and is logged per phase. A plain pass
@@ -2930,9 +3801,10 @@ def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: 
 
     results: dict[str, EvalResult] = {}
     results["roundtrip"] = r = scored(0)
-    log(f"final_int8_zlib_roundtrip val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
-        f"eval_time:{phase_done('roundtrip'):.0f}ms{stamp}")
-    log(f"final_int8_zlib_roundtrip_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
+    roundtrip_ms = phase_done("roundtrip")
+    log(f"final_{tag}_roundtrip val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{roundtrip_ms:.0f}ms{stamp}")
+    log(f"quantized val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{roundtrip_ms:.0f}ms{stamp}")
+    log(f"{final_score_log_key('roundtrip', tag)} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
     if 0 < hp.eval_stride < seq_len:
         results["sliding"] = r = scored(hp.eval_stride)
         log(f"quantized_sliding_window val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} "
@@ -2960,7 +3832,8 @@ def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: 
         f"budget:{'none' if clock.eval_cap_ms is None else f'{clock.eval_cap_ms:.0f}ms'}")
     for line in compliance_lines(results, ttt_info, vocab_size=hp.vocab_size, eval_ms=eval_ms,
                                  eval_cap_ms=clock.eval_cap_ms, causal_diff=warm["causal_diff"], prequant=prequant,
-                                 allow_val_adaptation=hp.allow_val_adaptation):
+                                 allow_val_adaptation=hp.allow_val_adaptation,
+                                 calibration=hp.gptq_calibration_source if hp.quant_method == "gptq" else "none"):
         log(line)
         if compliance_out is not None:
             compliance_out.append(line)
@@ -2968,6 +3841,74 @@ def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: 
     log(f"final_score stage:{final} val_loss:{results[final].val_loss:.8f} val_bpb:{results[final].val_bpb:.8f} "
         f"total_eval_time:{eval_ms / 1000:.1f}s{stamp}")
     return results
+
+
+def gptq_options(hp: Hyperparameters) -> dict:
+    return dict(damping=hp.gptq_damping, block_size=hp.gptq_block_size, act_order=hp.gptq_act_order)
+
+
+def load_artifact_model(path: Path, device: torch.device, expect: ModelConfig | None = None,
+                        attn_backend: str = "sdpa") -> tuple[GPT, dict]:
+    """A fresh model built from the artifact file alone, and the artifact's header."""
+    if not path.is_file():
+        raise RunError(f"model artifact {path} does not exist; train first or set ARTIFACT_PATH")
+    expected = None if expect is None else dataclasses.asdict(expect)
+    entries, header = unpack_artifact(path.read_bytes(), expect_model=expected)
+    cfg = ModelConfig(**dict(header["model"], attn_backend=attn_backend))
+    model = GPT(cfg).to(device)
+    model.load_state_dict(dequantize_state_dict(entries), strict=True)
+    return model, header
+
+
+def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: torch.Tensor, luts: ByteLuts,
+                   clock: PhaseClock, log, *, expect: ModelConfig | None = None, use_compile: bool = False,
+                   prequant: dict | None = None, compliance_out: list[str] | None = None) -> dict:
+    """Load the artifact file alone into a fresh model and run every evaluation stage on it under the
+    evaluation budget, which runs from reading the file to the final score. The end of a training run
+    and EVAL_ONLY=1 both come here, so they report the same numbers."""
+    clock.start("eval")
+    n_code, model_bytes = code_bytes(), path.stat().st_size if path.is_file() else 0
+    fresh, header = load_artifact_model(path, rt.device, expect=expect, attn_backend=hp.attn_backend)
+    seq_len = hp.effective_eval_seq_len
+    batch_seqs = max(1, hp.val_batch_size // (rt.world_size * hp.grad_accum_for(rt.world_size) * seq_len))
+    results = evaluate_artifact(hp, rt, fresh, val_tokens, luts, clock, log,
+                                looping=bool(header["meta"].get("looping", False)), use_compile=use_compile,
+                                autocast=lambda: autocast_context(hp, rt.device), batch_seqs=batch_seqs,
+                                prequant=prequant, compliance_out=compliance_out,
+                                tag=header["meta"].get("tag", "quantized"))
+    clock.stop()
+    total = model_bytes + n_code
+    log(f"artifact code_bytes:{n_code} model_bytes:{model_bytes} total_bytes:{total} "
+        f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(total <= ARTIFACT_LIMIT_BYTES)}")
+    return dict(results=results, roundtrip=results["roundtrip"], code_bytes=n_code, model_bytes=model_bytes,
+                total_bytes=total, header=header)
+
+
+def run_eval_only(hp: Hyperparameters, rt: Runtime) -> dict:
+    """EVAL_ONLY=1: score the artifact at ARTIFACT_PATH with nothing but it, the tokenizer and the
+    validation shards (no training data, no network). The model's settings are read from the artifact.
+    The scores go to a run folder of their own, like any run."""
+    if not hp.artifact_path:
+        raise ConfigError("EVAL_ONLY=1 needs ARTIFACT_PATH, the final_model.*.ptz of a run folder")
+    path = Path(hp.artifact_path)
+    if not path.is_file():
+        raise RunError(f"EVAL_ONLY=1 but the artifact {path} does not exist; set ARTIFACT_PATH to a final_model.*.ptz")
+    hp = dataclasses.replace(hp, run_id=agree_run_id(hp.run_id, rt))
+    out_dir = claim_run_dir(hp, rt)
+    log = RunLog(out_dir / RUN_LOG_NAME, rt.is_main)
+    log(f"run_dir:{out_dir}")
+    log_run_header(hp, rt, log)
+    header, _ = read_artifact_header(path.read_bytes())
+    hp = dataclasses.replace(hp, vocab_size=header["model"]["vocab_size"])  # the tokenizer must match the model's
+    log(f"eval_only: artifact {path} model {header['model']['num_layers']}x{header['model']['model_dim']} "
+        f"vocab {hp.vocab_size} quant_method:{header['meta'].get('quant_method')}")
+    val_tokens, luts = prepare_validation(hp, rt, log)
+    clock = PhaseClock(None, 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None)
+    use_compile = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
+    scored = score_artifact(hp, rt, path, val_tokens, luts, clock, log, use_compile=use_compile)
+    log(clock.summary())
+    return dict(scored, run_id=hp.run_id, run_dir=str(out_dir), phases=dict(clock.totals), log_path=str(log.path),
+                cap_ms=None, train_data_access_end_ms=0.0)
 
 
 def run(hp: Hyperparameters, rt: Runtime) -> dict:
@@ -3044,13 +3985,26 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
 
     # QAT layers are set up before the warm-up, so the compiled graph already has the (off) QAT path
     # and switching it on later recompiles nothing; without QAT_ENABLED the forward has no QAT work.
-    qat_layers = prepare_qat(base_model, matrix_bits=hp.matrix_bits, embed_bits=hp.embed_bits) if hp.qat_enabled else []
+    qat_layers = prepare_qat(base_model, QuantPlan.from_hparams(hp)) if hp.qat_enabled else []
 
     # Warm-up (state reset after), then the timed training loop
     clock = PhaseClock(hp.max_wallclock_ms, 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None)
     clock.start("warmup")
     warmup_and_reset(model, base_model, optimizers, make_loader, hp, rt, grad_accum, autocast, log)
     clock.stop()
+    plan = QuantPlan.from_hparams(hp)
+    calibrate_on_train = plan.method == "gptq" and hp.gptq_calibration_source == "train"
+    if calibrate_on_train:
+        # GPTQ will read training data after training, so that time is reserved out of the budget:
+        # measured now on the same number of batches, with a safety margin for run-to-run jitter.
+        clock.start("calibration_probe")
+        collect_hessians(base_model, calibration_inputs(hp, rt, base_model, train_files, False, autocast), plan,
+                         False, autocast)
+        clock.stop()
+        probe_ms = agree_max([clock.elapsed_ms("calibration_probe")], rt)[0]
+        clock.reserve_ms += CALIBRATION_RESERVE_MARGIN * probe_ms
+        log(f"gptq:reserving {clock.reserve_ms / 1000:.3f}s (measured {probe_ms:.0f}ms x {CALIBRATION_RESERVE_MARGIN}), "
+            f"effective={clock.train_budget_ms}ms")
     prequant = prepare_prequant_ttt(hp, rt, base_model, train_files, val_tokens, clock, autocast, log)
     log(f"clock: train_budget:{clock.train_budget_ms}ms reserve:{clock.reserve_ms:.0f}ms "
         f"eval_budget:{clock.eval_cap_ms}ms")
@@ -3058,19 +4012,30 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
                               swa_every=hp.swa_every)
     state = train(hp, rt, model, base_model, optimizers, make_loader, evaluate_model, grad_accum, autocast, log,
                   clock, averager, qat_layers)
-    log(f"train_data_access_end:{clock.elapsed_ms('train'):.0f}ms (training time; cap "
-        f"{clock.cap_ms if clock.cap_ms is not None else 'none'})")
-    if rt.device.type == "cuda":
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-
     # The exported weights: an average if enabled, scored once before quantization
     choice = averager.choose(hp.export_weights)
     averager.apply(choice)
     set_qat(qat_layers, False)
     log(f"weights:exporting {choice}")
-    if prequant is not None:
+    if prequant is not None:  # before calibration: GPTQ must see the weights it will quantize
         run_prequant_ttt(prequant, base_model, clock, looping=state.looping, log=log)
+    hessians = None
+    if plan.method == "gptq":
+        log("GPTQ:collecting Hessians from calibration data...")
+        clock.start("calibration")
+        hessians = collect_hessians(base_model, calibration_inputs(hp, rt, base_model, train_files, state.looping,
+                                                                   autocast), plan, state.looping, autocast)
+        clock.stop()
+        log(f"GPTQ:collected {len(hessians)} Hessians in {clock.elapsed_ms('calibration') / 1000:.1f}s "
+            f"source:{hp.gptq_calibration_source} batches:{hp.gptq_calibration_batches}")
+    data_access_end = clock.elapsed_ms("train") + (clock.elapsed_ms("calibration") if calibrate_on_train else 0.0)
+    inside_cap = clock.cap_ms is None or data_access_end <= clock.cap_ms
+    log(f"train_data_access_end:{data_access_end:.0f}ms (training{' + calibration' if calibrate_on_train else ''}; "
+        f"cap {clock.cap_ms if clock.cap_ms is not None else 'none'}) inside_cap:{int(inside_cap)}")
+    if rt.device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+
     clock.start("pre_quant_eval")
     pre_quant = evaluate_model(state.looping)
     clock.stop()
@@ -3081,36 +4046,30 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
 
     # Serialization, then the roundtrip: a fresh model loaded from the artifact file alone
     clock.start("serialize")
-    artifact_path = export_artifact(hp, rt, base_model, out_dir, log)
+    artifact_path = export_artifact(hp, rt, base_model, out_dir, log, looping=state.looping, hessians=hessians)
     clock.stop()
-    # The evaluation budget runs from reading the artifact to the final score.
-    clock.start("eval")
-    n_code, artifact_bytes = code_bytes(), artifact_path.stat().st_size
-    total_bytes = artifact_bytes + n_code
-    fresh = GPT(ModelConfig.from_hparams(hp)).to(rt.device)
-    fresh.load_state_dict(deserialize_artifact(artifact_path.read_bytes()), strict=True)
     compliance_block: list[str] = []
-    results = evaluate_artifact(hp, rt, fresh, val_tokens, luts, clock, log, looping=state.looping,
-                                use_compile=use_compile, autocast=autocast, batch_seqs=val_batch_seqs,
-                                prequant=prequant, compliance_out=compliance_block)
-    clock.stop()
-    roundtrip = results["roundtrip"]
-    log(f"artifact code_bytes:{n_code} model_bytes:{artifact_bytes} total_bytes:{total_bytes} "
-        f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(total_bytes <= ARTIFACT_LIMIT_BYTES)}")
+    scored = score_artifact(hp, rt, artifact_path, val_tokens, luts, clock, log, expect=base_model.cfg,
+                            use_compile=use_compile, prequant=prequant, compliance_out=compliance_block)
+    results = scored["results"]
+    roundtrip, n_code, artifact_bytes, total_bytes = (scored[k] for k in ("roundtrip", "code_bytes", "model_bytes",
+                                                                          "total_bytes"))
     log(clock.summary())
     final_stage = next(reversed(results))
     final = results[final_stage]
-    if rt.is_main:  # the code exactly as counted in the artifact, beside it
-        write_atomic(out_dir / RUN_CODE_NAME, Path(__file__).read_bytes())
+    shipped = _shipped_code_of_this_file()
+    if rt.is_main:  # the code exactly as counted in the artifact (its shipped form), beside it
+        write_atomic(out_dir / RUN_CODE_NAME, shipped)
     manifest.finish(
         "complete",
         scores={"pre_quant": eval_record(pre_quant), **{name: eval_record(r) for name, r in results.items()}},
         # The submitted score and the log line that reports it (records/records.py checks they agree).
-        final_score={"stage": final_stage, "log_key": FINAL_SCORE_LOG_KEYS[final_stage], **eval_record(final)},
+        final_score={"stage": final_stage, "log_key": final_score_log_key(final_stage, scored["header"]["meta"].get(
+            "tag", "quantized")), **eval_record(final)},
         artifact={"code_bytes": n_code, "model_bytes": artifact_bytes, "total_bytes": total_bytes,
                   "limit": ARTIFACT_LIMIT_BYTES, "fits": total_bytes <= ARTIFACT_LIMIT_BYTES,
                   "file": artifact_path.name, "sha256": file_sha256(artifact_path),
-                  "code_file": RUN_CODE_NAME, "code_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()},
+                  "code_file": RUN_CODE_NAME, "code_sha256": hashlib.sha256(shipped).hexdigest()},
         training={"steps": state.step, "stopped_early": state.stopped_early, "train_time_ms": clock.elapsed_ms("train"),
                   "reserve_ms": clock.reserve_ms, "epochs_consumed": state.epochs_consumed,
                   "train_losses": state.train_losses, "export_weights": choice},
@@ -3130,7 +4089,8 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
                 final=final, export_choice=choice,
                 code_bytes=n_code, model_bytes=artifact_bytes, total_bytes=total_bytes, phases=dict(clock.totals),
                 training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms, log_path=str(log.path),
-                non_record=hp.allow_val_adaptation, prequant_ttt=prequant)
+                non_record=hp.allow_val_adaptation, prequant_ttt=prequant,
+                train_data_access_end_ms=data_access_end, cap_ms=clock.cap_ms)
 
 
 def random_seed_all(seed: int) -> None:
@@ -3145,7 +4105,11 @@ def main() -> int:
     try:
         hp = Hyperparameters.from_env()
         rt = init_runtime(hp)
-        result = run(hp, rt)
+        result = run_eval_only(hp, rt) if hp.eval_only else run(hp, rt)
+        if result["cap_ms"] is not None and result["train_data_access_end_ms"] > result["cap_ms"]:
+            raise RunError(f"training-data access ended at {result['train_data_access_end_ms']:.0f}ms, past the "
+                           f"{result['cap_ms']:.0f}ms cap (calibration took longer than its reserve); "
+                           "use GPTQ_CALIBRATION_SOURCE=selfgen or fewer GPTQ_CALIBRATION_BATCHES")
         if result["total_bytes"] > ARTIFACT_LIMIT_BYTES:
             raise RunError(f"artifact is {result['total_bytes']} bytes, over the {ARTIFACT_LIMIT_BYTES}-byte limit "
                            "(code + compressed model); shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT, VOCAB_SIZE)")

@@ -41,8 +41,10 @@ def test_a_seed_sweep_keeps_every_run_and_each_manifest_matches_its_files(sweep,
         assert artifact["model_bytes"] == (run_dir / artifact["file"]).stat().st_size
         assert artifact["sha256"] == sha256(run_dir / artifact["file"])
         assert artifact["total_bytes"] == artifact["model_bytes"] + artifact["code_bytes"] == out["total_bytes"]
-        assert (run_dir / "train_gpt.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
-        assert manifest["code"]["train_gpt_sha256"] == artifact["code_sha256"] == sha256(ROOT / "train_gpt.py")
+        shipped = tg.shipped_code((ROOT / "train_gpt.py").read_bytes())  # the code as counted
+        assert (run_dir / "train_gpt.py").read_bytes() == shipped and artifact["code_bytes"] == len(shipped)
+        assert manifest["code"]["train_gpt_sha256"] == sha256(ROOT / "train_gpt.py")
+        assert manifest["code"]["shipped_sha256"] == artifact["code_sha256"] == hashlib.sha256(shipped).hexdigest()
         data = manifest["data"]
         shards = sorted(Path(manifest["config"]["data_path"]).glob("fineweb_*.bin"))
         assert data["checksum_source"] == "data manifest" and data["train_shards"] == 1

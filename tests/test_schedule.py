@@ -182,18 +182,19 @@ def qat_model():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    layers = tg.prepare_qat(model, matrix_bits=6, embed_bits=8)
+    layers = tg.prepare_qat(model, tg.QuantPlan.uniform(6, 8))
     return hp, model, layers
 
 
 def dequantized_twin(hp, model):
     twin = tg.GPT(tg.ModelConfig.from_hparams(hp))
-    obj = tg.quantize_state_dict(model.state_dict(), matrix_bits=6, embed_bits=8)
-    twin.load_state_dict(tg.dequantize_state_dict(obj))
+    entries = tg.quantize_state_dict(model.state_dict(), tg.QuantPlan.uniform(6, 8))
+    twin.load_state_dict(tg.dequantize_state_dict(entries))
+    quantized = {e.name for e in entries if e.bits}
     # Tensors the export keeps in fp16 are rounded too: compare on the quantized matrices alone.
     with torch.no_grad():
         for name, p in twin.named_parameters():
-            if name not in obj["quantized"]:
+            if name not in quantized:
                 p.copy_(dict(model.named_parameters())[name])
     return twin
 
@@ -240,7 +241,7 @@ def test_record_training_step_compiles_fullgraph_without_breaks():
                                       "VOCAB_SIZE": "97", "XSA_LAST_N": "4", "LOOP_START": "1", "LOOP_END": "2",
                                       "PARALLEL_START_LAYER": "3", "TRAIN_SEQ_LEN": "16", "QAT_ENABLED": "1"})
     model = tg.GPT(tg.ModelConfig.from_hparams(hp))
-    tg.prepare_qat(model, matrix_bits=hp.matrix_bits, embed_bits=hp.embed_bits)
+    tg.prepare_qat(model, tg.QuantPlan.from_hparams(hp))
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     x = torch.randint(0, 97, (2, 16))
     for looping in (False, True):
@@ -273,7 +274,7 @@ def test_step_lines_report_tokens_per_second_and_mfu(tiny_env, tmp_path):
 def test_qat_costs_nothing_when_off_and_switches_on_at_its_fraction(tiny_env, tmp_path, monkeypatch):
     calls = []
     real = tg.fake_quantize
-    monkeypatch.setattr(tg, "fake_quantize", lambda w, bits: calls.append(bits) or real(w, bits))
+    monkeypatch.setattr(tg, "fake_quantize", lambda w, bits, k=0.0: calls.append(bits) or real(w, bits, k))
     big = {"MODEL_DIM": "128", "MLP_MULT": "4.5", "ITERATIONS": "4"}  # MLP matrices over 65,536 values
     run_tiny(tiny_env, **big)
     assert calls == []  # QAT off: the forward never fake-quantizes

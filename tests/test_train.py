@@ -27,7 +27,7 @@ def test_twenty_steps_lower_the_loss_and_the_artifact_scores_like_the_model(tiny
     assert pre.num_targets == post.num_targets
     assert abs(post.val_bpb - pre.val_bpb) < 0.01 * pre.val_bpb  # int8 costs little
     assert out["total_bytes"] == out["code_bytes"] + (tmp_path / "test" / "final_model.int8.ptz").stat().st_size
-    assert out["code_bytes"] == len((ROOT / "train_gpt.py").read_bytes())
+    assert out["code_bytes"] == len(tg.shipped_code((ROOT / "train_gpt.py").read_bytes()))  # the shipped form
     log = (tmp_path / "test" / "train.log").read_text()
     assert re.search(r"^final_int8_zlib_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", log, re.M)
     assert re.search(r"^step:20/20 val_loss:[\d.]+ val_bpb:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms$", log, re.M)
@@ -73,7 +73,7 @@ def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(tiny_env, tmp
     if stack == "record":
         assert "layer_loop:enabled step:3 " in proc.stdout and "weights:exporting ema" in proc.stdout
         assert "sampler:shuffled" in proc.stdout  # the record recipe's loader, sliced by rank from one order
-    line = re.search(r"final_int8_zlib_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)", proc.stdout)
+    line = re.search(r"final_int\d_\w+_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)", proc.stdout)
     assert float(line.group(1)) == pytest.approx(single["roundtrip"].val_loss, abs=1e-5)
     assert float(line.group(2)) == pytest.approx(single["roundtrip"].val_bpb, abs=1e-5)
 
@@ -131,6 +131,7 @@ ALL_SWITCHES_SMALL = {
     "PARALLEL_START_LAYER": "3", "BIGRAM_VOCAB_SIZE": "256", "BIGRAM_DIM": "32", "VALUE_RESIDUAL": "1",
     "BACKOUT_LAYER": "1", "TRAIN_SEQ_LEN": "128", "TRAIN_BATCH_TOKENS": "8192", "VAL_BATCH_SIZE": "8192",
     "GRAD_ACCUM_STEPS": "1", "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_LOG_EVERY": "5",
+    "GPTQ_CALIBRATION_BATCHES": "2", "GPTQ_CALIBRATION_SEQS": "2", "GPTQ_CALIBRATION_SEQ_LEN": "32",
 }
 
 

@@ -67,7 +67,7 @@ SUITES = {
 PATTERNS = {
     "params": r"^model_params:(\d+)",
     "pre_bpb": r"^pre-quantization post-\w+ val_loss:[\d.]+ val_bpb:([\d.]+)",
-    "bpb": r"^final_int8_zlib_roundtrip_exact val_loss:[\d.]+ val_bpb:([\d.]+)",
+    "bpb": r"^final_int\d_\w+_roundtrip_exact val_loss:[\d.]+ val_bpb:([\d.]+)",
     "train_ms": r"^step:\d+/\d+ val_loss:.* train_time:(\d+)ms",
     "bytes": r"^artifact code_bytes:\d+ model_bytes:\d+ total_bytes:(\d+)",
 }
