@@ -1031,20 +1031,32 @@ class Rotary(nn.Module):
         super().__init__()
         self.rope_dims, self.base, self.train_seq_len = rope_dims, base, train_seq_len
         self.register_buffer("inv_freq", self.inverse_frequencies(base), persistent=False)
+        # Up to the training length the tables never change: computed once, sliced per call (fewer
+        # small operators per step); row t depends on t only, so a slice equals a fresh table.
+        cos, sin = self.tables(train_seq_len, self.inv_freq)
+        self.register_buffer("cos_cached", cos, persistent=False)
+        self.register_buffer("sin_cached", sin, persistent=False)
 
     def inverse_frequencies(self, base: float) -> torch.Tensor:
         return 1.0 / base ** (torch.arange(0, self.rope_dims, 2, dtype=torch.float32) / self.rope_dims)
 
+    @staticmethod
+    def tables(seq_len: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.arange(seq_len, device=inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (T, rope_dims/2)
+        return freqs.cos()[None, None], freqs.sin()[None, None]  # (1, 1, T, rope_dims/2)
+
     def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if seq_len <= self.train_seq_len:
+            return self.cos_cached[:, :, :seq_len].to(dtype), self.sin_cached[:, :, :seq_len].to(dtype)
         inv_freq = self.inv_freq
-        if seq_len > self.train_seq_len and self.rope_dims > 2:
+        if self.rope_dims > 2:
             # NTK-style rescale for evaluation past the training length: base' = base * s^(d/(d-2)).
             scale = seq_len / self.train_seq_len
             inv_freq = self.inverse_frequencies(self.base * scale ** (self.rope_dims / (self.rope_dims - 2)))
             inv_freq = inv_freq.to(self.inv_freq.device)
-        t = torch.arange(seq_len, device=inv_freq.device, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # (T, rope_dims/2)
-        return freqs.cos().to(dtype)[None, None], freqs.sin().to(dtype)[None, None]  # (1, 1, T, rope_dims/2)
+        cos, sin = self.tables(seq_len, inv_freq)
+        return cos.to(dtype), sin.to(dtype)
 
 
 def load_flash_attention():
@@ -1172,28 +1184,32 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim)]))
-        self.input_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0
+        self.input_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else None
         parallel = 0 <= cfg.parallel_start_layer <= layer_idx
         self.form = cfg.parallel_mode if parallel else "serial"
         if self.form == "two_lane":
             self.parallel_resid_lambdas = nn.Parameter(torch.full((2,), 1.1))
             self.parallel_post_lambdas = nn.Parameter(torch.ones(2, 2))
 
+    def sublayer_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-norm input of attention or MLP, scaled by 1/sqrt(layer+1) under LN_SCALE (no op otherwise)."""
+        return rms_norm(x) if self.input_scale is None else rms_norm(x) * self.input_scale
+
     def forward(self, x: torch.Tensor, x0: torch.Tensor, v_first: torch.Tensor | None,
                 mlp_lane: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Returns (residual, MLP lane of the two-lane form or None, raw attention values)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        a, v_raw = self.attn(rms_norm(x) * self.input_scale, v_first)
+        a, v_raw = self.attn(self.sublayer_input(x), v_first)
         a = self.attn_scale.to(x.dtype) * a
         if self.form == "serial":
             x = x + a
-            return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.input_scale), None, v_raw
+            return x + self.mlp_scale.to(x.dtype) * self.mlp(self.sublayer_input(x)), None, v_raw
         if self.form == "gptj":  # both branches read the same input
-            return x + a + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.input_scale), None, v_raw
+            return x + a + self.mlp_scale.to(x.dtype) * self.mlp(self.sublayer_input(x)), None, v_raw
         # two_lane: attention reads the attention lane, the MLP reads its own lane; both lanes get both.
         lane = x if mlp_lane is None else mlp_lane
-        m = self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(lane) * self.input_scale)
+        m = self.mlp_scale.to(x.dtype) * self.mlp(self.sublayer_input(lane))
         r, p = self.parallel_resid_lambdas.to(x.dtype), self.parallel_post_lambdas.to(x.dtype)
         return r[0] * x + p[0, 0] * a + p[0, 1] * m, r[1] * lane + p[1, 0] * a + p[1, 1] * m, v_raw
 
@@ -1462,7 +1478,8 @@ def build_optimizers(hp: Hyperparameters, model: GPT, device: torch.device) -> l
     rest = [(n, p) for n, p in model.named_parameters() if id(p) not in special]
     matrices = [p for n, p in rest if p.ndim == 2 and not is_control_tensor(n)]
     scalars = [p for n, p in rest if p.ndim < 2 or is_control_tensor(n)]
-    adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=device.type == "cuda")
+    # Fused AdamW (one kernel per group instead of ~10 small operators per tensor) on CUDA and CPU alike.
+    adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=device.type in ("cuda", "cpu"))
     embed_lr = hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr
 
     def adamw(params: list, lr: float, wd: float) -> torch.optim.Optimizer:

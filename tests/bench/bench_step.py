@@ -37,7 +37,9 @@ SHAPES = {
              "MLP_MULT": "2", "VOCAB_SIZE": "1024"},
     "record": {"RECIPE": "record", "VOCAB_SIZE": "8192"},
 }
+# WARMDOWN_ITERS=0 and no fraction schedule: a flat LR, so the bare step (which sets no LR) trains alike.
 COMMON = {"TRAIN_SEQ_LEN": "256", "TRAIN_BATCH_TOKENS": "8192", "GRAD_ACCUM_STEPS": "1", "WARMUP_STEPS": "0",
+          "WARMDOWN_ITERS": "0", "WARMDOWN_FRAC": "0", "MIN_LR": "0",
           "VAL_LOSS_EVERY": "0", "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_LOG_EVERY": "1000000", "COMPILE": "0"}
 CPU = tg.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
 
@@ -111,7 +113,7 @@ def main() -> None:
         optimizers = tg.build_optimizers(hp, model, CPU.device)
         files = tg.shard_files(tmp, "train")
         loader = tg.make_train_loader(hp.train_loader, files, 0, 1, CPU.device, hp.seed, hp.train_seq_len)
-        batches = [loader.next_batch(hp.train_batch_tokens, hp.train_seq_len, 1) for _ in range(4)]
+        batches = [loader.next_batch(hp.train_batch_tokens, hp.train_seq_len, 1) for _ in range(args.steps)]
         loader.close()
         ours, bare = [], []
         for round_idx in range(args.rounds + 1):
