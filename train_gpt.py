@@ -202,8 +202,8 @@ class Hyperparameters:
     global_ttt_lr: float = knob(0.001, "phased: SGD LR of the global phases (cosine)", min=0)
     global_ttt_epochs: int = knob(1, "phased: SGD passes over the prefix per phase", min=0)
     # pre-quantization TTT: adapt the full-precision weights before export (see TEST-TIME TRAINING)
-    prequant_ttt_enabled: bool = knob(False, "AdamW passes over held-out data before quantization, time reserved "
-                                      "from the training budget")
+    prequant_ttt_enabled: bool = knob(False, "AdamW passes over a training-data slice before quantization, time "
+                                      "reserved from the training budget")
     prequant_ttt_source: str = knob("train", "train: the tail of the last training shard; val: validation tokens "
                                     "before scoring them (violates C3, needs ALLOW_VAL_ADAPTATION=1)",
                                     choices=("train", "val"))
