@@ -194,7 +194,8 @@ class Hyperparameters:
     ttt_freeze_blocks: int = knob(0, "chunked: the first N blocks stay frozen", min=0)
     ttt_lora_rank: int = knob(8, "lora/phased: rank of the per-document adapters", gt=0)
     ttt_lora_lr: float = knob(0.01, "lora/phased: Adam LR of the adapters", min=0)
-    ttt_chunk_size: int = knob(48, "lora/phased: targets scored per adapter step inside a document", gt=0)
+    ttt_chunk_size: int = knob(48, "lora/phased: targets scored per adapter step inside a document (at most "
+                               "EVAL_SEQ_LEN)", gt=0)
     ttt_batch_size: int = knob(64, "lora/phased: documents per round, over all ranks", gt=0)
     phased_ttt_prefix_docs: int = knob(2000, "phased: scored documents (longest first) the global phases train on",
                                        min=0)
@@ -1523,6 +1524,8 @@ class ScoreLedger:
         y = torch.zeros(len(spans), width, dtype=torch.int64)
         mask = torch.zeros(len(spans), width, dtype=torch.bool)
         for i, ((a, b), st) in enumerate(zip(spans, starts)):
+            if not 0 <= st <= a < b:
+                raise RunError(f"window from token {st} cannot score targets ({a}, {b}]; the TTT plan is broken")
             x[i, : b - st], y[i, : b - st] = self.tokens[st:b], self.tokens[st + 1 : b + 1]
             mask[i, a - st : b - st] = True
         return x.to(self.device), y.to(self.device), mask.to(self.device)
@@ -1897,7 +1900,7 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], s: 
         return 0
     lora = DocLoRA(model, len(docs), s.lora_rank, ledger.device)
     optimizer = torch.optim.Adam(lora.params, lr=s.lora_lr, betas=(0.9, 0.95), eps=1e-10)
-    chunks = [document_chunks(d, s.doc_chunk) for d in docs]
+    chunks = [document_chunks(d, min(s.doc_chunk, s.seq_len)) for d in docs]  # a window holds its whole chunk
     steps = 0
     for i in range(max(len(c) for c in chunks)):
         rows = [d for d in range(len(docs)) if i < len(chunks[d])]
@@ -2521,7 +2524,7 @@ def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, val_tokens: torch.Ten
         docs = document_spans(val_tokens)
         fwd_tokens = train_tokens = 0
         for doc in docs:
-            widths = [b - max(doc[0], b - seq_len) for _, b in document_chunks(doc, hp.ttt_chunk_size)]
+            widths = [b - max(doc[0], b - seq_len) for _, b in document_chunks(doc, min(hp.ttt_chunk_size, seq_len))]
             fwd_tokens += sum(widths)
             train_tokens += sum(widths[:-1]) * 2 // 3  # backward ~ 2 forwards, counted as 3x below
         if hp.ttt_mode == "phased":
