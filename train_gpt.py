@@ -205,7 +205,8 @@ class Hyperparameters:
     ttt_freeze_blocks: int = knob(0, "chunked: the first N blocks stay frozen", min=0)
     ttt_lora_rank: int = knob(8, "lora/phased: rank of the per-document adapters", gt=0)
     ttt_lora_lr: float = knob(0.01, "lora/phased: Adam LR of the adapters", min=0)
-    ttt_chunk_size: int = knob(48, "lora/phased: targets scored per adapter step inside a document", gt=0)
+    ttt_chunk_size: int = knob(48, "lora/phased: targets scored per adapter step inside a document (at most "
+                               "EVAL_SEQ_LEN)", gt=0)
     ttt_batch_size: int = knob(64, "lora/phased: documents per round, over all ranks", gt=0)
     phased_ttt_prefix_docs: int = knob(2000, "phased: scored documents (longest first) the global phases train on",
                                        min=0)
@@ -213,8 +214,8 @@ class Hyperparameters:
     global_ttt_lr: float = knob(0.001, "phased: SGD LR of the global phases (cosine)", min=0)
     global_ttt_epochs: int = knob(1, "phased: SGD passes over the prefix per phase", min=0)
     # pre-quantization TTT: adapt the full-precision weights before export (see TEST-TIME TRAINING)
-    prequant_ttt_enabled: bool = knob(False, "AdamW passes over held-out data before quantization, time reserved "
-                                      "from the training budget")
+    prequant_ttt_enabled: bool = knob(False, "AdamW passes over a training-data slice before quantization, time "
+                                      "reserved from the training budget")
     prequant_ttt_source: str = knob("train", "train: the tail of the last training shard; val: validation tokens "
                                     "before scoring them (violates C3, needs ALLOW_VAL_ADAPTATION=1)",
                                     choices=("train", "val"))
@@ -1750,6 +1751,8 @@ class ScoreLedger:
         y = torch.zeros(len(spans), width, dtype=torch.int64)
         mask = torch.zeros(len(spans), width, dtype=torch.bool)
         for i, ((a, b), st) in enumerate(zip(spans, starts)):
+            if not 0 <= st <= a < b:
+                raise RunError(f"window from token {st} cannot score targets ({a}, {b}]; the TTT plan is broken")
             x[i, : b - st], y[i, : b - st] = self.tokens[st:b], self.tokens[st + 1 : b + 1]
             mask[i, a - st : b - st] = True
         return x.to(self.device), y.to(self.device), mask.to(self.device)
@@ -2124,7 +2127,7 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], s: 
         return 0
     lora = DocLoRA(model, len(docs), s.lora_rank, ledger.device)
     optimizer = torch.optim.Adam(lora.params, lr=s.lora_lr, betas=(0.9, 0.95), eps=1e-10)
-    chunks = [document_chunks(d, s.doc_chunk) for d in docs]
+    chunks = [document_chunks(d, min(s.doc_chunk, s.seq_len)) for d in docs]  # a window holds its whole chunk
     steps = 0
     for i in range(max(len(c) for c in chunks)):
         rows = [d for d in range(len(docs)) if i < len(chunks[d])]
@@ -2286,17 +2289,19 @@ def measure_prequant_ttt_reserve(model: GPT, tokens: torch.Tensor, *, seq_len: i
                                  batch_seqs: int, grad_clip: float, rank: int, world_size: int, looping: bool,
                                  device: torch.device, autocast=contextlib.nullcontext,
                                  rt: Runtime | None = None) -> tuple[float, int]:
-    """Milliseconds to reserve for pre-quantization TTT: two measured steps on its own data (weights
-    put back after), scaled to the full number of steps, plus 50% headroom. Returns (ms, steps)."""
+    """Milliseconds to reserve for pre-quantization TTT: one step on its own data to warm up, then
+    one timed step (weights put back after), scaled to the full number of steps, plus 50% headroom.
+    Returns (ms, steps)."""
     steps = prequant_ttt_steps(tokens.numel() - 1, seq_len, batch_seqs, epochs)
     if steps == 0:
         return 0.0, 0
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    sample = tokens[: min(tokens.numel(), 2 * batch_seqs * seq_len + 1)]
+    sample = tokens[: min(tokens.numel(), batch_seqs * seq_len + 1)]
+    kwargs = dict(seq_len=seq_len, epochs=1, lr=lr, batch_seqs=batch_seqs, grad_clip=grad_clip, rank=rank,
+                  world_size=world_size, looping=looping, device=device, autocast=autocast)
+    prequant_ttt(model, sample, **kwargs)  # first-step costs (allocation, kernel loading) are not per step
     t0 = time.perf_counter()
-    measured = prequant_ttt(model, sample, seq_len=seq_len, epochs=1, lr=lr, batch_seqs=batch_seqs,
-                            grad_clip=grad_clip, rank=rank, world_size=world_size, looping=looping, device=device,
-                            autocast=autocast)
+    measured = prequant_ttt(model, sample, **kwargs)
     step_ms = 1000.0 * (time.perf_counter() - t0) / max(measured, 1)
     if rt is not None:
         step_ms = agree_max([step_ms], rt)[0]  # every rank must shorten its training budget alike
@@ -3585,7 +3590,8 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
 def compliance_lines(results: dict[str, EvalResult], ttt_info: dict | None, *, vocab_size: int, eval_ms: float,
                      eval_cap_ms: float | None, causal_diff: float, prequant: dict | None = None,
                      allow_val_adaptation: bool = False, calibration: str = "none") -> list[str]:
-    """The compliance block (conditions C1-C4 of the public field guide) and every data source."""
+    """The compliance block (conditions C1-C4 of the public field guide) and every data source
+    (`calibration`: where quantization calibration data came from, e.g. train or synthetic)."""
     targets = {r.num_targets for r in results.values()}
     adapted = ttt_info is not None and ttt_info["adapted_targets"] > 0
     val_prequant = prequant is not None and prequant["source"] == "validation"
@@ -3707,7 +3713,7 @@ def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, val_tokens: torch.Ten
         docs = document_spans(val_tokens)
         fwd_tokens = train_tokens = 0
         for doc in docs:
-            widths = [b - max(doc[0], b - seq_len) for _, b in document_chunks(doc, hp.ttt_chunk_size)]
+            widths = [b - max(doc[0], b - seq_len) for _, b in document_chunks(doc, min(hp.ttt_chunk_size, seq_len))]
             fwd_tokens += sum(widths)
             train_tokens += sum(widths[:-1]) * 2 // 3  # backward ~ 2 forwards, counted as 3x below
         if hp.ttt_mode == "phased":

@@ -128,6 +128,17 @@ def test_flip_test_through_document_ttt(sample_dataset, mode):
         assert np.array_equal(before.per_target[outside], after.per_target[outside])
 
 
+def test_document_chunks_longer_than_the_window_are_cut_to_it(sample_dataset):
+    """A chunk must fit in its window (EVAL_SEQ_LEN): a longer TTT_CHUNK_SIZE acts as EVAL_SEQ_LEN."""
+    luts, val = luts_and_val(sample_dataset, 527)
+    fitted, _, _ = run_chunked(val, luts, settings=DOC_SETTINGS["lora"])  # chunk 32 = seq_len
+    longer, _, _ = run_chunked(val, luts, settings=tg.dataclasses.replace(DOC_SETTINGS["lora"], doc_chunk=100))
+    tg.check_scored_once(longer)
+    assert np.array_equal(fitted.per_target, longer.per_target, equal_nan=True)
+    with pytest.raises(tg.RunError, match="cannot score targets"):
+        fitted.document_rows([(10, 50)], [15])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,18 +5,18 @@ reloads its int8+zlib artifact once per evaluation form and runs the real evalua
 (`evaluate_artifact`: warm-up, FLOPs plan, scoring, compliance block) with:
 
     flat                  non-overlapping windows of EVAL_SEQ_LEN
-    sliding               EVAL_STRIDE=64
+    sliding               EVAL_STRIDE=32 (EVAL_SEQ_LEN 128)
     sliding + chunked TTT TTT_MODE=chunked (score-first full-model SGD per chunk)
     LoRA TTT              TTT_MODE=lora (per-document adapters)
     phased TTT            TTT_MODE=phased (global SGD phases on scored documents + LoRA)
     pre-quant TTT (legal) a second training run with PREQUANT_TTT_ENABLED=1 on training data, scored
                           flat and sliding
 
-on two validation streams: the sample's validation split, and the same documents upper-cased (text
-unlike the training text). Eval time is the time of the scoring pass itself (warm-up excluded), on
+on two validation streams: the first documents of the sample's validation split (about --val-tokens
+tokens), and the same documents upper-cased (text unlike the training text). Eval time is the time of the scoring pass itself (warm-up excluded), on
 this machine's CPU. Not collected by pytest. Run from the repo root:
 
-    python tests/bench/bench_eval.py [--steps 150]
+    python tests/bench/bench_eval.py [--steps 120] [--val-tokens 4096]
 """
 
 from __future__ import annotations
@@ -37,19 +37,19 @@ sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
 
 COMMON = {
-    "RECIPE": "baseline", "VOCAB_SIZE": "1024", "NUM_LAYERS": "4", "MODEL_DIM": "128", "NUM_HEADS": "4",
-    "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "256", "TRAIN_BATCH_TOKENS": "16384", "GRAD_ACCUM_STEPS": "1",
+    "RECIPE": "baseline", "VOCAB_SIZE": "1024", "NUM_LAYERS": "3", "MODEL_DIM": "96", "NUM_HEADS": "4",
+    "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "128", "TRAIN_BATCH_TOKENS": "8192", "GRAD_ACCUM_STEPS": "1",
     "VAL_BATCH_SIZE": "8192", "WARMUP_STEPS": "0", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0",
-    "TRAIN_LOG_EVERY": "50", "COMPILE": "0", "EVAL_STRIDE": "64",
-    # TTT settings scaled to a 13.6k-token validation split (73 documents)
-    "TTT_CHUNK_TOKENS": "2048", "TTT_BATCH_SEQS": "8", "PHASED_TTT_PREFIX_DOCS": "24", "PHASED_TTT_NUM_PHASES": "2",
-    "TTT_BATCH_SIZE": "8",
+    "TRAIN_LOG_EVERY": "50", "COMPILE": "0", "EVAL_STRIDE": "32",
+    # TTT settings scaled to a few-thousand-token validation stream
+    "TTT_CHUNK_TOKENS": "512", "TTT_BATCH_SEQS": "4", "PHASED_TTT_PREFIX_DOCS": "8", "PHASED_TTT_NUM_PHASES": "2",
+    "TTT_BATCH_SIZE": "4",
 }
-PREQUANT = {"PREQUANT_TTT_ENABLED": "1", "PREQUANT_TTT_TOKENS": "65536", "PREQUANT_TTT_EPOCHS": "1",
+PREQUANT = {"PREQUANT_TTT_ENABLED": "1", "PREQUANT_TTT_TOKENS": "32768", "PREQUANT_TTT_EPOCHS": "1",
             "PREQUANT_TTT_LR": "3e-4"}
 FORMS = {  # name -> (env on top of COMMON, which artifact, the pass that gives the score)
     "flat": ({"EVAL_STRIDE": "0"}, "base", "roundtrip"),
-    "sliding (stride 64)": ({}, "base", "sliding"),
+    "sliding (stride 32)": ({}, "base", "sliding"),
     "sliding + chunked TTT": ({"TTT_ENABLED": "1", "TTT_MODE": "chunked"}, "base", "ttt"),
     "LoRA TTT (per document)": ({"TTT_ENABLED": "1", "TTT_MODE": "lora"}, "base", "ttt"),
     "phased TTT": ({"TTT_ENABLED": "1", "TTT_MODE": "phased"}, "base", "ttt"),
@@ -76,7 +76,7 @@ def score(env: dict, artifact: Path, val: torch.Tensor, luts: tg.ByteLuts, stage
     model = tg.GPT(tg.ModelConfig.from_hparams(hp))
     model.load_state_dict(tg.deserialize_artifact(artifact.read_bytes()), strict=True)
     results = tg.evaluate_artifact(hp, rt, model, val, luts, clock, lines.append, looping=False, use_compile=False,
-                                   autocast=lambda: tg.autocast_context(hp, rt.device), batch_seqs=8)
+                                   autocast=lambda: tg.autocast_context(hp, rt.device), batch_seqs=16)
     clock.stop()
     phases = re.search(r"^eval_phases: (.*) total", "\n".join(lines), re.M).group(1)
     pass_ms = float(re.search(rf"\b{stage}:(\d+)ms", phases).group(1))
@@ -85,7 +85,8 @@ def score(env: dict, artifact: Path, val: torch.Tensor, luts: tg.ByteLuts, stage
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--val-tokens", type=int, default=4096, help="whole documents up to about this many; 0 = all")
     args = parser.parse_args()
     from data.prepare_sample import prepare_sample
 
@@ -93,6 +94,9 @@ def main() -> None:
     sp = spm.SentencePieceProcessor(model_file=sample["tokenizer_path"])
     luts = tg.build_byte_luts(sp, 1024)
     val = tg.load_validation_tokens(sample["dataset_dir"])
+    if args.val_tokens:
+        bos = (val == tg.BOS_ID).nonzero().flatten().tolist() + [val.numel()]
+        val = val[: max(b for b in bos if b <= max(args.val_tokens, bos[1]))]
     shifted = upper_cased(val, sp)
     rt = tg.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,7 +105,7 @@ def main() -> None:
         artifacts = {}
         for name, extra in (("base", {}), ("prequant", PREQUANT)):
             out = tg.run(tg.Hyperparameters.from_env({**env, **extra, "ARTIFACT_DIR": f"{tmp}/{name}",
-                                                      "RUN_ID": name}), rt)
+                                                      "RUN_ID": name, "EVAL_STRIDE": "0"}), rt)
             artifacts[name] = Path(out["run_dir"]) / "final_model.int8.ptz"
             extra_note = ""
             if out["prequant_ttt"] is not None:
@@ -112,7 +116,8 @@ def main() -> None:
                   f"{extra_note}", flush=True)
         print(f"\nsample sp1024, {args.steps} steps x {COMMON['TRAIN_BATCH_TOKENS']} tokens, {COMMON['NUM_LAYERS']}x"
               f"{COMMON['MODEL_DIM']}, eval seq {COMMON['TRAIN_SEQ_LEN']}, float32 on CPU; validation "
-              f"{val.numel() - 1:,} targets, upper-cased {shifted.numel() - 1:,} targets\n")
+              f"{val.numel() - 1:,} targets ({int((val == tg.BOS_ID).sum())} documents), upper-cased "
+              f"{shifted.numel() - 1:,} targets\n")
         print("| evaluation | val_bpb (sample val) | eval time | val_bpb (upper-cased val) | eval time |")
         print("|---|---|---|---|---|")
         for name, (extra, which, stage) in FORMS.items():
