@@ -2663,6 +2663,9 @@ def load_artifact_model(path: Path, device: torch.device, expect: ModelConfig | 
         raise RunError(f"model artifact {path} does not exist; train first or set ARTIFACT_PATH")
     expected = None if expect is None else dataclasses.asdict(expect)
     entries, header = unpack_artifact(path.read_bytes(), expect_model=expected)
+    if {f.name for f in fields(ModelConfig)} - {"attn_backend"} - set(header["model"]):
+        raise RunError(f"model artifact {path} does not record the model configuration it was made for; "
+                       "re-export it with this train_gpt.py")
     cfg = ModelConfig(**dict(header["model"], attn_backend=attn_backend))
     model = GPT(cfg).to(device)
     model.load_state_dict(dequantize_state_dict(entries), strict=True)

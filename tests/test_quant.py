@@ -136,6 +136,9 @@ def test_damaged_or_foreign_artifacts_fail_with_one_clear_line(tmp_path):
     with pytest.raises(tg.RunError, match="corrupt or truncated"):
         tg.load_artifact_model(path, torch.device("cpu"))
     assert path.read_bytes() == damaged_versions(blob)["truncated"]  # a failed load touches nothing
+    tg.write_atomic(path, tg.pack_artifact(entries, compressor="zlib"))  # sound, but says nothing of its model
+    with pytest.raises(tg.RunError, match="does not record the model configuration"):
+        tg.load_artifact_model(path, torch.device("cpu"))
 
 
 def test_artifact_size_in_the_log_equals_the_bytes_on_disk(tiny_env, tmp_path):
