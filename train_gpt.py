@@ -14,9 +14,10 @@ Sections, in the order a run goes through them:
     SCHEDULES           LR, momentum and phase switches as pure functions of the training fraction; the clock
     WEIGHT AVERAGING    EMA and SWA of the weights, and which weights are exported
     EVALUATION          val_loss / val_bpb: flat or sliding windows, every validation target scored once
-    QUANTIZATION        per-row N-bit export (QAT fakes the same grid), its inverse, size estimates
+    QUANTIZATION        SDClip / GPTQ / LQER export per tensor group, the packer and its coders (brotli,
+                        ans), fitting under the limit, the shipped code form
     TRAINING            compile warm-up with state reset, the budgeted training loop
-    MAIN                run(): train, export, reload the artifact, score it
+    MAIN                run(): train, calibrate, export, reload the artifact, score it; EVAL_ONLY=1
 
 Importing this file has no side effects; `main()` runs only under `__main__`.
 """
@@ -247,7 +248,8 @@ class Hyperparameters:
     compressor: str = knob("zlib", "artifact coder: zlib (level 9), lzma (9e), brotli (byte shuffle + quality 11), "
                            "ans (context-modelled rANS for the codes, brotli for the rest)",
                            choices=("zlib", "lzma", "brotli", "ans"))
-    lqer_enabled: bool = knob(False, "low-rank correction of the quantization error on the LQER_TOP_K costliest tensors")
+    lqer_enabled: bool = knob(False, "low-rank correction of the quantization error on the LQER_TOP_K "
+                              "costliest tensors")
     lqer_rank: int = knob(4, "rank of the LQER correction", gt=0)
     lqer_top_k: int = knob(3, "tensors that get an LQER correction", gt=0)
     lqer_factor_bits: int = knob(4, "bits of the LQER factors", min=2)
@@ -2329,11 +2331,14 @@ def measure_prequant_ttt_reserve(model: GPT, tokens: torch.Tensor, *, seq_len: i
 #   b"PGQA" | version u16 | header coder u8 | sha256 of everything after it (32 B) | header length u32
 #   | header (compressed JSON: model config, streams, per-tensor name/shape/dtype/bits/scale layout/
 #   coder) | streams
-# Tensors contribute arrays to a few typed streams (codes int8, scales fp16, float16, float32, raw);
-# each stream is compressed on its own: COMPRESSOR=zlib (level 9, the baseline's), lzma (preset 9e),
-# brotli (quality 11 after a byte shuffle: all first bytes of each element, then all second bytes,
-# ...), or ans (the context-modelled entropy coder below, for the codes). The same weights always
-# give the same bytes, and any damage is refused on load with one line.
+# Tensors contribute arrays to a few typed streams (codes and LQER factors int8, scales fp16, float16,
+# float32, raw); each stream is compressed on its own: COMPRESSOR=zlib (level 9, the baseline's), lzma
+# (preset 9e), brotli (quality 11 after a byte shuffle: all first bytes of each element, then all
+# second bytes, ...), or ans (the context-modelled entropy coder below, for the codes). The same
+# weights always give the same bytes, and any damage is refused on load with one line.
+#
+# Subsections: quantizers and the plan | GPTQ and calibration | LQER | the packer | the ans coder |
+# fitting under the limit | the shipped code form.
 
 KEEP_FLOAT_MAX_NUMEL = 65_536
 FP16_MIN_SCALE = 2.0**-24  # smallest positive fp16 (subnormal): a scale never rounds to 0
@@ -2375,7 +2380,8 @@ class QuantPlan:
         bits = dict(embed=hp.embed_bits, head=hp.head_bits or hp.embed_bits, attn=hp.attn_bits or hp.matrix_bits,
                     mlp=hp.mlp_bits or hp.matrix_bits, other=hp.matrix_bits)
         sigmas = dict(embed=hp.embed_clip_sigmas, head=hp.embed_clip_sigmas,
-                      attn=hp.attn_clip_sigmas or hp.matrix_clip_sigmas, mlp=hp.mlp_clip_sigmas or hp.matrix_clip_sigmas,
+                      attn=hp.attn_clip_sigmas or hp.matrix_clip_sigmas,
+                      mlp=hp.mlp_clip_sigmas or hp.matrix_clip_sigmas,
                       other=hp.matrix_clip_sigmas)
         return cls(hp.quant_method, bits, sigmas)
 
@@ -2479,7 +2485,8 @@ def quantize_tensor(name: str, t: torch.Tensor, plan: QuantPlan, hessian: torch.
 
 
 def quantize_state_dict(state_dict: dict[str, torch.Tensor], plan: QuantPlan,
-                        hessians: dict[str, torch.Tensor] | None = None, gptq: dict | None = None) -> list[ExportedTensor]:
+                        hessians: dict[str, torch.Tensor] | None = None,
+                        gptq: dict | None = None) -> list[ExportedTensor]:
     hessians = hessians or {}
     return [quantize_tensor(n, t, plan, hessians.get(n), gptq) for n, t in state_dict.items()]
 
@@ -2587,9 +2594,10 @@ def sample_sequences(model: GPT, num_seqs: int, seq_len: int, *, temperature: fl
 
 def calibration_inputs(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], looping: bool,
                        autocast=contextlib.nullcontext):
-    """This rank's calibration batches (GPTQ_CALIBRATION_BATCHES over all ranks), one at a time."""
+    """This rank's calibration batches, one at a time: GPTQ_CALIBRATION_BATCHES over all ranks, rounded
+    up to a multiple of the world size so every rank reads as many (the deadline check is collective)."""
     seq_len = hp.gptq_calibration_seq_len or hp.train_seq_len
-    mine = range(rt.rank, hp.gptq_calibration_batches, rt.world_size)
+    mine = range(rt.rank, rt.world_size * math.ceil(hp.gptq_calibration_batches / rt.world_size), rt.world_size)
     if hp.gptq_calibration_source == "train":
         check_calibration_files(train_files)
         loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device, seed=hp.seed)
@@ -2605,9 +2613,10 @@ def calibration_inputs(hp: Hyperparameters, rt: Runtime, model: GPT, train_files
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, batches, plan: QuantPlan, looping: bool,
-                     autocast=contextlib.nullcontext) -> dict[str, torch.Tensor]:
-    """H = sum of x^T x over every input row each quantized matrix sees (fp32), summed over ranks."""
+def collect_hessians(model: GPT, batches, plan: QuantPlan, looping: bool, autocast=contextlib.nullcontext,
+                     stop=None) -> dict[str, torch.Tensor]:
+    """H = sum of x^T x over every input row each quantized matrix sees (fp32), summed over ranks.
+    `stop()`, asked before each batch is read, ends the collection early (a deadline)."""
     hessians: dict[str, torch.Tensor] = {}
 
     def accumulate(key: str, x: torch.Tensor) -> None:
@@ -2625,7 +2634,11 @@ def collect_hessians(model: GPT, batches, plan: QuantPlan, looping: bool,
     was_training = model.training
     model.eval()
     try:
-        for x in batches:
+        batches = iter(batches)
+        while not (stop is not None and stop()):
+            x = next(batches, None)
+            if x is None:
+                break
             with autocast():
                 h = model.forward_hidden(x, looping)
                 if model.lm_head is not None:
@@ -2872,7 +2885,8 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
                 shapes = [(t["shape"][0], math.prod(t["shape"]) // t["shape"][0]) if len(t["shape"]) == 2
                           else (1, math.prod(t["shape"])) for t in quantized]
                 decoded = ans_decode(data, shapes, [t["bits"] for t in quantized])
-                arrays[s["name"]] = np.concatenate([d.reshape(-1) for d in decoded]) if decoded else np.zeros(0, np.int8)
+                arrays[s["name"]] = (np.concatenate([d.reshape(-1) for d in decoded]) if decoded
+                                     else np.zeros(0, np.int8))
             else:
                 raw = decompress_bytes(data, s["coder"], s["stride"])
                 dtype = np.dtype(STREAM_DTYPES.get(s["name"], np.uint8)) if not s["name"].startswith("raw:") \
@@ -3877,6 +3891,9 @@ def load_artifact_model(path: Path, device: torch.device, expect: ModelConfig | 
         raise RunError(f"model artifact {path} does not exist; train first or set ARTIFACT_PATH")
     expected = None if expect is None else dataclasses.asdict(expect)
     entries, header = unpack_artifact(path.read_bytes(), expect_model=expected)
+    if {f.name for f in fields(ModelConfig)} - {"attn_backend"} - set(header["model"]):
+        raise RunError(f"model artifact {path} does not record the model configuration it was made for; "
+                       "re-export it with this train_gpt.py")
     cfg = ModelConfig(**dict(header["model"], attn_backend=attn_backend))
     model = GPT(cfg).to(device)
     model.load_state_dict(dequantize_state_dict(entries), strict=True)
@@ -4017,6 +4034,7 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
     clock.stop()
     plan = QuantPlan.from_hparams(hp)
     calibrate_on_train = plan.method == "gptq" and hp.gptq_calibration_source == "train"
+    probe_ms = 0.0
     if calibrate_on_train:
         # GPTQ will read training data after training, so that time is reserved out of the budget:
         # measured now on the same number of batches, with a safety margin for run-to-run jitter.
@@ -4025,8 +4043,10 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
                          False, autocast)
         clock.stop()
         probe_ms = agree_max([clock.elapsed_ms("calibration_probe")], rt)[0]
-        clock.reserve_ms += CALIBRATION_RESERVE_MARGIN * probe_ms
-        log(f"gptq:reserving {clock.reserve_ms / 1000:.3f}s (measured {probe_ms:.0f}ms x {CALIBRATION_RESERVE_MARGIN}), "
+        calibration_reserve_ms = CALIBRATION_RESERVE_MARGIN * probe_ms
+        clock.reserve_ms += calibration_reserve_ms
+        log(f"gptq:reserving {calibration_reserve_ms / 1000:.3f}s (measured {probe_ms:.0f}ms "
+            f"x {CALIBRATION_RESERVE_MARGIN}), "
             f"effective={clock.train_budget_ms}ms")
     prequant = prepare_prequant_ttt(hp, rt, base_model, train_files, val_tokens, clock, autocast, log)
     log(f"clock: train_budget:{clock.train_budget_ms}ms reserve:{clock.reserve_ms:.0f}ms "
@@ -4045,12 +4065,27 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
     hessians = None
     if plan.method == "gptq":
         log("GPTQ:collecting Hessians from calibration data...")
+        batches_read = [0]
+
+        def past_the_cap() -> bool:
+            """Training-data calibration never reads a batch that would end past the cap: the reserve
+            normally covers every batch, and if this run is slower than the measurement, it uses fewer."""
+            if not calibrate_on_train or clock.cap_ms is None:
+                return False
+            done = clock.elapsed_ms("calibration")
+            per_batch = done / batches_read[0] if batches_read[0] else probe_ms / max(
+                math.ceil(hp.gptq_calibration_batches / rt.world_size), 1)
+            batches_read[0] += 1
+            return agree_max([clock.elapsed_ms("train") + done + per_batch], rt)[0] > clock.cap_ms
+
         clock.start("calibration")
         hessians = collect_hessians(base_model, calibration_inputs(hp, rt, base_model, train_files, state.looping,
-                                                                   autocast), plan, state.looping, autocast)
+                                                                   autocast), plan, state.looping, autocast,
+                                    stop=past_the_cap)
         clock.stop()
         log(f"GPTQ:collected {len(hessians)} Hessians in {clock.elapsed_ms('calibration') / 1000:.1f}s "
-            f"source:{hp.gptq_calibration_source} batches:{hp.gptq_calibration_batches}")
+            f"source:{hp.gptq_calibration_source} batches:{hp.gptq_calibration_batches}"
+            + (f" read_per_rank:{batches_read[0] - 1}" if calibrate_on_train and clock.cap_ms is not None else ""))
     data_access_end = clock.elapsed_ms("train") + (clock.elapsed_ms("calibration") if calibrate_on_train else 0.0)
     inside_cap = clock.cap_ms is None or data_access_end <= clock.cap_ms
     log(f"train_data_access_end:{data_access_end:.0f}ms (training{' + calibration' if calibrate_on_train else ''}; "

@@ -136,6 +136,9 @@ def test_damaged_or_foreign_artifacts_fail_with_one_clear_line(tmp_path):
     with pytest.raises(tg.RunError, match="corrupt or truncated"):
         tg.load_artifact_model(path, torch.device("cpu"))
     assert path.read_bytes() == damaged_versions(blob)["truncated"]  # a failed load touches nothing
+    tg.write_atomic(path, tg.pack_artifact(entries, compressor="zlib"))  # sound, but says nothing of its model
+    with pytest.raises(tg.RunError, match="does not record the model configuration"):
+        tg.load_artifact_model(path, torch.device("cpu"))
 
 
 def test_artifact_size_in_the_log_equals_the_bytes_on_disk(tiny_env, tmp_path):
@@ -310,7 +313,7 @@ def test_validation_data_can_never_be_a_calibration_source(tiny_env, monkeypatch
 
 
 def test_train_calibration_is_reserved_and_ends_inside_the_training_cap(tiny_env, tmp_path):
-    out = tg.run(tg.Hyperparameters.from_env({**tiny_env, "ITERATIONS": "100000", "MAX_WALLCLOCK_SECONDS": "2",
+    out = tg.run(tg.Hyperparameters.from_env({**tiny_env, "ITERATIONS": "3", "MAX_WALLCLOCK_SECONDS": "120",
                                               "QUANT_METHOD": "gptq", "MATRIX_BITS": "6", "MODEL_DIM": "128",
                                               "MLP_MULT": "4.5", "GPTQ_CALIBRATION_SOURCE": "train",
                                               "GPTQ_CALIBRATION_BATCHES": "4"}),
@@ -318,12 +321,29 @@ def test_train_calibration_is_reserved_and_ends_inside_the_training_cap(tiny_env
     log = (tmp_path / "test" / "train.log").read_text()
     probe = float(re.search(r"^gptq:reserving [\d.]+s \(measured (\d+)ms", log, re.M).group(1))
     assert out["reserve_ms"] == pytest.approx(tg.CALIBRATION_RESERVE_MARGIN * probe, abs=1.0) and out["reserve_ms"] > 0
-    assert out["stopped_early"] and out["phases"]["calibration"] > 0
+    budget = float(re.search(r"^clock: train_budget:([\d.]+)ms", log, re.M).group(1))
+    assert budget == pytest.approx(120_000 - out["reserve_ms"])  # the training loop gets the cap minus the reserve
+    assert out["phases"]["calibration"] > 0
     assert out["train_data_access_end_ms"] == pytest.approx(out["training_time_ms"] + out["phases"]["calibration"])
-    assert out["train_data_access_end_ms"] <= 2000 and re.search(r"inside_cap:1$", log, re.M)
-    assert "GPTQ:collected 5 Hessians" in log  # two MLP matrices per layer and the tied embedding (head)
+    assert out["train_data_access_end_ms"] <= 120_000 and re.search(r"inside_cap:1$", log, re.M)
+    assert re.search(r"GPTQ:collected 5 Hessians .* read_per_rank:4$", log, re.M)  # 2 MLP per layer + tied head
     header, _ = tg.read_artifact_header((tmp_path / "test" / "final_model.int6.ptz").read_bytes())
     assert {t["method"] for t in header["tensors"] if t["bits"]} == {"gptq"}
+
+
+def test_calibration_reads_no_batch_once_its_deadline_says_stop():
+    hp, model = small_model()
+    served = []
+
+    def batches():
+        for i in range(5):
+            served.append(i)
+            yield torch.randint(0, 400, (2, 16))
+
+    calls = []
+    tg.collect_hessians(model, batches(), tg.QuantPlan.uniform(6, 8, "gptq"), False,
+                        stop=lambda: calls.append(1) or len(calls) > 2)
+    assert served == [0, 1]  # the third batch is never read
 
 
 # ---- shipped code, auto-fit, eval-only -----------------------------------------------------------
