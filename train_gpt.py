@@ -14,9 +14,11 @@ Sections, in the order a run goes through them:
     SCHEDULES           LR, momentum and phase switches as pure functions of the training fraction; the clock
     WEIGHT AVERAGING    EMA and SWA of the weights, and which weights are exported
     EVALUATION          val_loss / val_bpb: flat or sliding windows, every validation target scored once
+    TEST-TIME TRAINING  score-first adaptation (chunked SGD, per-document LoRA, phased), pre-quant TTT
     QUANTIZATION        SDClip / GPTQ / LQER export per tensor group, the packer and its coders (brotli,
                         ans), fitting under the limit, the shipped code form
     TRAINING            compile warm-up with state reset, the budgeted training loop
+    RUN FOLDER & MANIFEST  runs/<RUN_ID>/ claimed at start, never overwritten; manifest.json
     MAIN                run(): train, calibrate, export, reload the artifact, score it; EVAL_ONLY=1
 
 Importing this file has no side effects; `main()` runs only under `__main__`.
