@@ -123,4 +123,4 @@ def test_importing_has_no_side_effects():
     proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env({}), cwd=ROOT / "tests",
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("False") and "logs" not in proc.stdout and "runs" not in proc.stdout
+    assert proc.stdout.startswith("False") and "'logs'" not in proc.stdout and "'runs'" not in proc.stdout
