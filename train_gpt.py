@@ -219,7 +219,8 @@ class Hyperparameters:
     # pre-quantization TTT: adapt the full-precision weights before export (see TEST-TIME TRAINING)
     prequant_ttt_enabled: bool = knob(False, "AdamW passes over a training-data slice before quantization, time "
                                       "reserved from the training budget")
-    prequant_ttt_source: str = knob("train", "train: the tail of the last training shard; val: validation tokens "
+    prequant_ttt_source: str = knob("train", "train: the tail of the last training shard, held out of training; "
+                                    "val: validation tokens "
                                     "before scoring them (violates C3, needs ALLOW_VAL_ADAPTATION=1)",
                                     choices=("train", "val"))
     prequant_ttt_tokens: int = knob(1_048_576, "tokens of the pre-quantization TTT slice", gt=0)
@@ -633,11 +634,12 @@ def shard_files(data_path: str, split: str) -> list[str]:
 class TokenStream:
     """Reads training shards forever, in an order set by the seed: each pass visits the shards in a
     seeded permutation and starts each shard at a seeded offset (wrapping around to its start).
-    The next shard is read in a background thread while the current one is consumed."""
+    The next shard is read in a background thread while the current one is consumed. The last
+    `holdout_tokens` of the last shard are never read (the pre-quantization TTT slice)."""
 
-    def __init__(self, files: list[str], seed: int):
-        self.files = files
-        self.total_tokens = sum(shard_token_count(f) for f in files)
+    def __init__(self, files: list[str], seed: int, holdout_tokens: int = 0):
+        self.files, self.holdout_tokens = files, holdout_tokens
+        self.total_tokens = sum(shard_token_count(f) for f in files) - holdout_tokens
         self.tokens_taken = 0
         self.rng = np.random.default_rng(seed)
         self.order: list[int] = []
@@ -648,7 +650,10 @@ class TokenStream:
     def _load_next(self) -> torch.Tensor:
         if not self.order:
             self.order = self.rng.permutation(len(self.files)).tolist()
-        tokens = load_data_shard(self.files[self.order.pop(0)])
+        index = self.order.pop(0)
+        tokens = load_data_shard(self.files[index])
+        if index == len(self.files) - 1 and self.holdout_tokens:
+            tokens = tokens[: tokens.numel() - self.holdout_tokens]
         offset = int(self.rng.integers(0, tokens.numel())) if tokens.numel() else 0
         return torch.cat([tokens[offset:], tokens[:offset]])
 
@@ -681,9 +686,10 @@ class DistributedTokenLoader:
     micro-steps and 2 processes with 4 micro-steps each see exactly the same sequence blocks.
     """
 
-    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device, seed: int = 0):
+    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device, seed: int = 0,
+                 holdout_tokens: int = 0):
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.stream = TokenStream(files, seed)
+        self.stream = TokenStream(files, seed, holdout_tokens)
 
     def close(self) -> None:
         self.stream.close()
@@ -712,13 +718,16 @@ class ShuffledWindowLoader:
     epoch. Every micro-step takes the next world_size * n windows of that one global order and rank r
     keeps windows [r * n, (r + 1) * n), so 1 process x 8 micro-steps and 2 ranks x 4 micro-steps see
     the same sequences. Shards are memory-mapped; the next batch is gathered in a background thread.
+    No window reaches into the last `holdout_tokens` of the last shard (the pre-quantization TTT slice).
     """
 
-    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device, seed: int, seq_len: int):
+    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device, seed: int, seq_len: int,
+                 holdout_tokens: int = 0):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.seed, self.seq_len = seed, seq_len
         self.shards = [memmap_data_shard(f) for f in files]
         self.sizes = np.array([len(t) for t in self.shards], dtype=np.int64)
+        self.sizes[-1] -= holdout_tokens  # windows are cut from the sizes, so the held-out tail is never read
         self.epoch, self.windows_delivered = -1, 0
         self._start_epoch(0)
         if self.windows_per_epoch == 0:
@@ -783,10 +792,23 @@ class ShuffledWindowLoader:
 
 
 def make_train_loader(kind: str, files: list[str], rank: int, world_size: int, device: torch.device, seed: int,
-                      seq_len: int):
+                      seq_len: int, holdout_tokens: int = 0):
     if kind == "shuffled":
-        return ShuffledWindowLoader(files, rank, world_size, device, seed, seq_len)
-    return DistributedTokenLoader(files, rank, world_size, device, seed)
+        return ShuffledWindowLoader(files, rank, world_size, device, seed, seq_len, holdout_tokens)
+    return DistributedTokenLoader(files, rank, world_size, device, seed, holdout_tokens)
+
+
+def train_holdout_tokens(hp: Hyperparameters, train_files: list[str]) -> int:
+    """Tokens at the end of the last training shard that training never reads: the pre-quantization
+    TTT slice (see prequant_ttt_tokens), so that TTT adapts on data the model has not trained on."""
+    if not (hp.prequant_ttt_enabled and hp.prequant_ttt_source == "train"):
+        return 0
+    last = shard_token_count(train_files[-1])
+    holdout = min(hp.prequant_ttt_tokens + 1, last)
+    if holdout >= last and len(train_files) == 1:
+        raise RunError(f"PREQUANT_TTT_TOKENS={hp.prequant_ttt_tokens} holds out the whole training shard; lower it "
+                       "or add training shards")
+    return holdout
 
 
 def load_validation_tokens(data_path: str) -> torch.Tensor:
@@ -4021,9 +4043,13 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
         base_model.train()
         return result
 
+    holdout = train_holdout_tokens(hp, train_files)
+    if holdout:
+        log(f"train_loader:holdout {holdout} tokens at the end of {Path(train_files[-1]).name} (pre-quant TTT slice)")
+
     def make_loader():
         return make_train_loader(hp.train_loader, train_files, rt.rank, rt.world_size, rt.device, hp.seed,
-                                 hp.train_seq_len)
+                                 hp.train_seq_len, holdout)
 
     # QAT layers are set up before the warm-up, so the compiled graph already has the (off) QAT path
     # and switching it on later recompiles nothing; without QAT_ENABLED the forward has no QAT work.

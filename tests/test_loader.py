@@ -125,3 +125,24 @@ def test_shuffled_run_warmup_leaves_no_trace_and_logs_the_epochs(tiny_env, tmp_p
     assert epochs == pytest.approx(b["epochs_consumed"], abs=1e-4) and 0 < epochs < 1
     assert b["epochs_consumed"] == pytest.approx(4 * 8192 / 128 / shuffled.windows_per_epoch)
     shuffled.close()
+
+
+@pytest.mark.parametrize("kind", ["stream", "shuffled"])
+def test_the_pre_quant_ttt_slice_is_held_out_of_training(shard_files, kind):
+    """The last `holdout` tokens of the last shard (where pre-quant TTT reads) are never a training token."""
+    holdout = 150
+    loader = tg.make_train_loader(kind, shard_files, 0, 1, CPU, 5, SEQ, holdout)
+    last = len(SIZES) - 1
+    seen = set()
+    for _ in range(200):  # several epochs of this small data
+        x, y = loader.next_batch(4 * SEQ, SEQ, 1)
+        seen.update(int(t) for t in torch.cat([x.flatten(), y.flatten()]))
+    loader.close()
+    held_out = {10000 * last + p for p in range(SIZES[last] - holdout, SIZES[last])}
+    assert not seen & held_out
+    last_seen = max(t for t in seen if t // 10000 == last) % 10000
+    assert last_seen >= SIZES[last] - holdout - SEQ  # training still reaches up to the slice
+    hp = tg.Hyperparameters.from_env({"RECIPE": "baseline", "PREQUANT_TTT_ENABLED": "1", "PREQUANT_TTT_TOKENS": "149"})
+    assert tg.train_holdout_tokens(hp, shard_files) == holdout  # the slice prequant_ttt_tokens() takes
+    tokens, source = tg.prequant_ttt_tokens(hp, shard_files, torch.zeros(2))
+    assert source == "train" and set(tokens.tolist()) == held_out
