@@ -234,10 +234,10 @@ class Hyperparameters:
     attn_bits: int = knob(0, "export bits of attention matrices; 0 = MATRIX_BITS", min=0)
     mlp_bits: int = knob(0, "export bits of MLP matrices; 0 = MATRIX_BITS", min=0)
     head_bits: int = knob(0, "export bits of an untied output head; 0 = EMBED_BITS", min=0)
-    matrix_clip_sigmas: float = knob(12.85, "SDClip k of weight matrices: clip at k row stds", gt=0)
+    matrix_clip_sigmas: float = knob(12.85, "SDClip k of weight matrices: clip at k row stds; 0 = row absmax", min=0)
     attn_clip_sigmas: float = knob(0.0, "SDClip k of attention matrices; 0 = MATRIX_CLIP_SIGMAS", min=0)
     mlp_clip_sigmas: float = knob(0.0, "SDClip k of MLP matrices; 0 = MATRIX_CLIP_SIGMAS", min=0)
-    embed_clip_sigmas: float = knob(20.0, "SDClip k of embedding tables and an untied head", gt=0)
+    embed_clip_sigmas: float = knob(20.0, "SDClip k of embedding tables and an untied head; 0 = row absmax", min=0)
     gptq_calibration_source: str = knob("selfgen", "GPTQ inputs: selfgen (sampled by the model, no data read) or "
                                         "train (training shards, inside the training budget)",
                                         choices=("selfgen", "train"))
@@ -259,7 +259,7 @@ class Hyperparameters:
     lqer_asym_enabled: bool = knob(True, "LQER factor scales: per column of A and per group of B (else per row)")
     lqer_asym_group: int = knob(64, "values of B per scale in the asymmetric form", gt=0)
     artifact_margin_bytes: int = knob(0, "auto-fit target: code + model bytes <= 16,000,000 minus this", min=0)
-    auto_fit: bool = knob(True, "shrink an over-limit model until it fits (clip sigmas, then +-1 pruning)")
+    auto_fit: bool = knob(True, "shrink an over-limit model until it fits (clip sigmas, one group's bits, +-1 pruning)")
     eval_only: bool = knob(False, "no training: score the artifact at ARTIFACT_PATH (model settings come from it)")
     artifact_path: str = knob("", "artifact scored by EVAL_ONLY: the final_model.*.ptz of a run folder")
 
@@ -3079,13 +3079,19 @@ def code_entropy_report(arrays: list[np.ndarray], bits: list[int]) -> tuple[floa
 #   1. raise every group's clip sigmas by one common factor (sdclip / gptq only): the code entropy
 #      falls by about log2(factor) bits per weight, which sets the factor; re-packed to check, up to
 #      AUTO_FIT_TRIES times and at most AUTO_FIT_MAX_SIGMA_SCALE;
-#   2. zero the +-1 codes of the rows with the smallest scales (each costs that row's scale^2 of
+#   2. only if zeroing every +-1 code (step 3) could not cover what is left: lower the bits of the
+#      group holding the most quantized values by one (MLP in the record), and again while needed,
+#      down to AUTO_FIT_MIN_BITS; each group at most once before any group twice;
+#   3. zero the +-1 codes of the rows with the smallest scales (each costs that row's scale^2 of
 #      squared error), as many as the order-0 entropy of the codes says, re-packed to check.
-# Each step logs its factor or count, the bytes, and what it cost: the relative squared error of the
-# quantized weights against the pre-quant ones. It never writes an over-limit artifact silently: if
-# both steps fail, the run ends with an error naming the sizes.
+# Pruning is cheapest for the usual small excess; one bit fewer on a whole group costs less than
+# zeroing most of the +-1 codes when the excess is large. Each step logs its factor, bits or count,
+# the bytes, and what it cost: the relative squared error of the quantized weights against the
+# pre-quant ones. It never writes an over-limit artifact silently: if all steps fail, the run ends
+# with an error naming the sizes.
 AUTO_FIT_TRIES = 4
 AUTO_FIT_MAX_SIGMA_SCALE = 2.0
+AUTO_FIT_MIN_BITS = 4
 
 
 def quantization_error(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor]) -> float:
@@ -3114,19 +3120,20 @@ def entropy_bytes(counts: torch.Tensor) -> float:
     return float(-(nz * torch.log2(nz / nz.sum())).sum() / 8)
 
 
-def unit_codes_by_cost(entries: list[ExportedTensor]) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Every +-1 code as (tensor index, row, column, sign), cheapest to zero first: smallest row scale,
-    ties in tensor, row, column order (deterministic)."""
+def unit_codes_by_cost(entries: list[ExportedTensor]) -> list[torch.Tensor]:
+    """Every +-1 code as (tensor index, row, column, code, scale^2 = about the squared error zeroing it
+    adds), cheapest first: smallest row scale, ties in tensor, row, column order (deterministic)."""
     keys, where = [], []
     for i, e in enumerate(entries):
         if e.bits:
             rows, cols = torch.nonzero(e.codes.abs() == 1, as_tuple=True)
-            keys.append(e.scales.float()[rows])
-            where.append((torch.full_like(rows, i), rows, cols, e.codes[rows, cols].long()))
+            scale = e.scales.float()[rows]
+            keys.append(scale)
+            where.append((torch.full_like(rows, i), rows, cols, e.codes[rows, cols].long(), scale.double().square()))
     if not keys:
         return []
     order = torch.argsort(torch.cat(keys), stable=True)
-    return [torch.cat([w[k] for w in where])[order] for k in range(4)]
+    return [torch.cat([w[k] for w in where])[order] for k in range(5)]
 
 
 def prune_unit_codes(entries: list[ExportedTensor], units, count: int) -> list[ExportedTensor]:
@@ -3134,7 +3141,7 @@ def prune_unit_codes(entries: list[ExportedTensor], units, count: int) -> list[E
     out = list(entries)
     if count <= 0:
         return out
-    tensor_idx, rows, cols, _ = (u[:count] for u in units)
+    tensor_idx, rows, cols = (u[:count] for u in units[:3])
     for i in torch.unique(tensor_idx).tolist():
         mask = tensor_idx == i
         codes = entries[i].codes.clone()
@@ -3143,11 +3150,23 @@ def prune_unit_codes(entries: list[ExportedTensor], units, count: int) -> list[E
     return out
 
 
+def squared_error_by_group(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor]) -> dict[str, float]:
+    """sum ||W - W_q||^2 of the quantized tensors, per tensor group."""
+    out: dict[str, float] = {}
+    for e in entries:
+        if e.bits:
+            w = state_dict[e.name].detach().float().cpu()
+            group = tensor_group(e.name)
+            out[group] = out.get(group, 0.0) + float((w - e.dequantize().float()).square().sum())
+    return out
+
+
 def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target_bytes: int, compressor: str,
                  pack, hessians: dict | None = None, gptq: dict | None = None, lqer: dict | None = None,
                  auto_fit: bool = True, log=lambda msg: None) -> tuple[bytes, list[ExportedTensor]]:
     """The packed artifact (pack(entries) -> bytes) at most `target_bytes` long if auto-fit can get it
-    there. `lqer`: apply_lqer's options, or None for no low-rank correction."""
+    there, shrinking in the order documented above. `lqer`: apply_lqer's options, or None for no
+    low-rank correction."""
 
     def quantize(p: QuantPlan) -> list[ExportedTensor]:
         entries = quantize_state_dict(state_dict, p, hessians, gptq)
@@ -3162,55 +3181,107 @@ def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target
     log(f"auto_fit: model_bytes {len(blob)} > target {target_bytes} (limit {ARTIFACT_LIMIT_BYTES} - margin - code); "
         f"quant_error {base_error:.3e} (relative squared weight error)")
     if plan.method != "absmax" and n_codes:
-        factor = 1.0
+        factor, unscaled = 1.0, plan
         for _ in range(AUTO_FIT_TRIES):
             factor = min(factor * 2 ** (8 * (len(blob) - target_bytes) / n_codes + 1e-4), AUTO_FIT_MAX_SIGMA_SCALE)
-            entries = quantize(plan.with_sigma_scale(factor))
+            plan = unscaled.with_sigma_scale(factor)
+            entries = quantize(plan)
             blob = pack(entries)
             log(f"auto_fit: step 1 clip_sigmas x{factor:.4f} -> model_bytes {len(blob)} "
                 f"quant_error {quantization_error(state_dict, entries):.3e}")
             if len(blob) <= target_bytes or factor >= AUTO_FIT_MAX_SIGMA_SCALE:
                 break
+    lowered: list[str] = []
+    while len(blob) > target_bytes:
+        group = group_to_lower(state_dict, entries, plan, lowered, excess=len(blob) - target_bytes)
+        if group is None:
+            break
+        lowered.append(group)
+        plan = dataclasses.replace(plan, bits={**plan.bits, group: plan.bits[group] - 1})
+        entries = quantize(plan)
+        blob = pack(entries)
+        log(f"auto_fit: step 2 {group} bits {plan.bits[group] + 1}->{plan.bits[group]} -> model_bytes {len(blob)} "
+            f"quant_error {quantization_error(state_dict, entries):.3e}")
     if len(blob) > target_bytes:
-        units = unit_codes_by_cost(entries)
-        n_units = len(units[0]) if units else 0
-        counts = code_histogram(entries)
-        plus = torch.cumsum((units[3] > 0).double(), 0) if n_units else None
-
-        def entropy_after(n: int) -> float:  # the histogram after zeroing the first n unit codes, exactly
-            if n == 0:
-                return entropy_bytes(counts)
-            c = counts.clone()
-            n_plus = float(plus[n - 1])
-            c[129] -= n_plus
-            c[127] -= n - n_plus
-            c[128] += n
-            return entropy_bytes(c)
-
-        excess, pruned, bytes_per_entropy_byte = len(blob) - target_bytes, 0, 1.0
-        for _ in range(AUTO_FIT_TRIES):
-            # fewest codes whose predicted saving covers the excess; the prediction is the entropy
-            # drop scaled by how many real bytes one entropy byte saved in the previous try
-            lo, hi = pruned, n_units
-            goal = entropy_after(pruned) - excess / bytes_per_entropy_byte * 1.002
-            while lo < hi:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if entropy_after(mid) <= goal else (mid + 1, hi)
-            previous_bytes, previous_entropy = len(blob), entropy_after(pruned)
-            pruned = lo
-            pruned_entries = prune_unit_codes(entries, units, pruned)
-            blob = pack(pruned_entries)
-            log(f"auto_fit: step 2 pruned {pruned} of {n_units} +-1 codes -> model_bytes {len(blob)} "
-                f"quant_error {quantization_error(state_dict, pruned_entries):.3e}")
-            excess = len(blob) - target_bytes
-            if excess <= 0 or pruned >= n_units:
-                break
-            predicted = previous_entropy - entropy_after(pruned)
-            if predicted > 0 and previous_bytes > len(blob):
-                bytes_per_entropy_byte = max((previous_bytes - len(blob)) / predicted, 0.05)
-        entries = pruned_entries
+        blob, entries = prune_to_fit(state_dict, entries, target_bytes, pack, log)
     log(f"auto_fit: {'fits' if len(blob) <= target_bytes else 'FAILED'} model_bytes {len(blob)} target {target_bytes}")
     return blob, entries
+
+
+def pruning_plan(entries: list[ExportedTensor]):
+    """(units, entropy_after): the +-1 codes cheapest first, and the codes' order-0 entropy in bytes
+    after zeroing the first n of them, computed exactly from the histogram."""
+    units = unit_codes_by_cost(entries)
+    counts = code_histogram(entries)
+    plus = torch.cumsum((units[3] > 0).double(), 0) if units else None
+
+    def entropy_after(n: int) -> float:
+        if n == 0:
+            return entropy_bytes(counts)
+        c = counts.clone()
+        n_plus = float(plus[n - 1])
+        c[129] -= n_plus
+        c[127] -= n - n_plus
+        c[128] += n
+        return entropy_bytes(c)
+
+    return units, entropy_after
+
+
+def fewest_units_saving(entropy_after, start: int, n_units: int, goal_bytes: float) -> int:
+    """The smallest n >= start with entropy_after(n) <= goal_bytes (n_units if none)."""
+    lo, hi = start, n_units
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if entropy_after(mid) <= goal_bytes else (mid + 1, hi)
+    return lo
+
+
+def group_to_lower(state_dict, entries: list[ExportedTensor], plan: QuantPlan, lowered: list[str], *,
+                   excess: int) -> str | None:
+    """Step 2's choice: the group with the most quantized values (among those lowered least often, above
+    AUTO_FIT_MIN_BITS), or None when pruning +-1 codes is predicted to cover `excess` for less squared
+    error than one bit fewer on that group (about 4x its squared error: the grid step doubles)."""
+    values: dict[str, int] = {}
+    for e in entries:
+        if e.bits and plan.bits[tensor_group(e.name)] > AUTO_FIT_MIN_BITS:
+            values[tensor_group(e.name)] = values.get(tensor_group(e.name), 0) + e.codes.numel()
+    if not values:
+        return None
+    group = min(values, key=lambda g: (lowered.count(g), -values[g], g))
+    units, entropy_after = pruning_plan(entries)
+    n_units = len(units[0]) if units else 0
+    needed = fewest_units_saving(entropy_after, 0, n_units, entropy_after(0) - excess)
+    if n_units and entropy_after(needed) <= entropy_after(0) - excess:
+        pruning_cost = float(units[4][:needed].sum())
+        lowering_cost = 3.0 * squared_error_by_group(state_dict, entries).get(group, 0.0)
+        if pruning_cost <= lowering_cost:
+            return None
+    return group
+
+
+def prune_to_fit(state_dict, entries: list[ExportedTensor], target_bytes: int, pack, log):
+    """Step 3: zero the cheapest +-1 codes, as many as the entropy predicts, corrected by how many real
+    bytes one entropy byte saved in the previous try."""
+    units, entropy_after = pruning_plan(entries)
+    n_units = len(units[0]) if units else 0
+    blob = pack(entries)
+    excess, pruned, bytes_per_entropy_byte, pruned_entries = len(blob) - target_bytes, 0, 1.0, entries
+    for _ in range(AUTO_FIT_TRIES):
+        goal = entropy_after(pruned) - excess / bytes_per_entropy_byte * 1.002
+        previous_bytes, previous_entropy = len(blob), entropy_after(pruned)
+        pruned = fewest_units_saving(entropy_after, pruned, n_units, goal)
+        pruned_entries = prune_unit_codes(entries, units, pruned)
+        blob = pack(pruned_entries)
+        log(f"auto_fit: step 3 pruned {pruned} of {n_units} +-1 codes -> model_bytes {len(blob)} "
+            f"quant_error {quantization_error(state_dict, pruned_entries):.3e}")
+        excess = len(blob) - target_bytes
+        if excess <= 0 or pruned >= n_units:
+            break
+        predicted = previous_entropy - entropy_after(pruned)
+        if predicted > 0 and previous_bytes > len(blob):
+            bytes_per_entropy_byte = max((previous_bytes - len(blob)) / predicted, 0.05)
+    return blob, pruned_entries
 
 
 # ---- the shipped code form ---------------------------------------------------------------------------

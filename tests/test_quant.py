@@ -366,9 +366,11 @@ def test_shipped_code_decompresses_to_the_readable_file_and_is_what_is_counted()
 def test_auto_fit_shrinks_an_oversized_model_under_a_small_cap_and_logs_why():
     hp, model = small_model()
     sd = model.state_dict()
-    # absmax has no clip to raise, and few +-1 codes on its fine grid: it can only shed a little.
+    # absmax has no clip to raise: a small excess is pruned away, a large one costs a group one bit
+    # (the MLP, the largest group here) before pruning would zero most +-1 codes.
     for plan, step, ratio in ((tg.QuantPlan.uniform(6, 8, "sdclip"), "step 1 clip_sigmas", 0.93),
-                              (tg.QuantPlan.uniform(6, 8, "absmax"), "step 2 pruned", 0.997)):
+                              (tg.QuantPlan.uniform(6, 8, "absmax"), "step 3 pruned", 0.997),
+                              (tg.QuantPlan.uniform(6, 8, "absmax"), "step 2 mlp bits 6->5", 0.95)):
         def pack(entries):
             return tg.pack_artifact(entries, compressor="zlib")
 
@@ -381,6 +383,9 @@ def test_auto_fit_shrinks_an_oversized_model_under_a_small_cap_and_logs_why():
         assert any(step in line for line in lines) and lines[-1].startswith("auto_fit: fits")
         costs = [float(re.search(r"quant_error ([\d.e+-]+)", line).group(1)) for line in lines if "quant_error" in line]
         assert costs[-1] > costs[0]  # what it cost is logged, and it is a cost
+        if "bits" in step:
+            assert {e.bits for e in entries if e.name.endswith("mlp.fc.weight")} == {5}
+            assert {e.bits for e in entries if e.name == "tok_emb.weight"} == {8}  # one group at a time
     lines = []
     blob, _ = tg.fit_artifact(sd, plan, target_bytes=100, compressor="zlib", pack=pack, log=lines.append)
     assert len(blob) > 100 and lines[-1].startswith("auto_fit: FAILED")  # never silently over
