@@ -607,9 +607,13 @@ def shard_token_count(path: str | Path) -> int:
     return num_tokens
 
 
+def read_shard(path: str | Path) -> np.ndarray:
+    """The shard's tokens as uint16 (numpy only: safe in a prefetch thread, see TokenStream)."""
+    return np.fromfile(path, dtype="<u2", count=shard_token_count(path), offset=SHARD_HEADER_INTS * 4)
+
+
 def load_data_shard(path: str | Path) -> torch.Tensor:
-    tokens = np.fromfile(path, dtype="<u2", count=shard_token_count(path), offset=SHARD_HEADER_INTS * 4)
-    return torch.from_numpy(tokens.astype(np.int64))
+    return torch.from_numpy(read_shard(path).astype(np.int64))
 
 
 def memmap_data_shard(path: str | Path) -> np.ndarray:
@@ -631,11 +635,19 @@ def shard_files(data_path: str, split: str) -> list[str]:
     return files
 
 
+# The loaders' prefetch threads do numpy work only, never a torch operator: a torch op in a second
+# thread starts a second OpenMP team, and once a process has more OpenMP threads than cores, libgomp
+# stops spin-waiting between parallel regions, so the training step's threads go to sleep after every
+# operator and must be woken for the next (measured: 1.3x slower per step at the tiny shape on 2
+# cores, the gap issue 12 found; tests/test_train.py checks no OpenMP thread is added).
+
+
 class TokenStream:
     """Reads training shards forever, in an order set by the seed: each pass visits the shards in a
     seeded permutation and starts each shard at a seeded offset (wrapping around to its start).
-    The next shard is read in a background thread while the current one is consumed. The last
-    `holdout_tokens` of the last shard are never read (the pre-quantization TTT slice)."""
+    The next shard is read in a background thread while the current one is consumed; tokens stay
+    uint16 until a batch is taken. The last `holdout_tokens` of the last shard are never read (the
+    pre-quantization TTT slice)."""
 
     def __init__(self, files: list[str], seed: int, holdout_tokens: int = 0):
         self.files, self.holdout_tokens = files, holdout_tokens
@@ -647,17 +659,17 @@ class TokenStream:
         self.pending = self.pool.submit(self._load_next)
         self.tokens, self.pos = self._next_shard(), 0
 
-    def _load_next(self) -> torch.Tensor:
+    def _load_next(self) -> np.ndarray:  # runs in the prefetch thread: numpy only
         if not self.order:
             self.order = self.rng.permutation(len(self.files)).tolist()
         index = self.order.pop(0)
-        tokens = load_data_shard(self.files[index])
+        tokens = read_shard(self.files[index])
         if index == len(self.files) - 1 and self.holdout_tokens:
-            tokens = tokens[: tokens.numel() - self.holdout_tokens]
-        offset = int(self.rng.integers(0, tokens.numel())) if tokens.numel() else 0
-        return torch.cat([tokens[offset:], tokens[:offset]])
+            tokens = tokens[: len(tokens) - self.holdout_tokens]
+        offset = int(self.rng.integers(0, len(tokens))) if len(tokens) else 0
+        return np.concatenate([tokens[offset:], tokens[:offset]])
 
-    def _next_shard(self) -> torch.Tensor:
+    def _next_shard(self) -> np.ndarray:
         tokens = self.pending.result()
         self.pending = self.pool.submit(self._load_next)  # prefetch the one after
         return tokens
@@ -667,16 +679,17 @@ class TokenStream:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def take(self, n: int) -> torch.Tensor:
+        """The next n tokens, as int64."""
         self.tokens_taken += n
         chunks = []
         while n > 0:
-            if self.pos >= self.tokens.numel():
+            if self.pos >= len(self.tokens):
                 self.tokens, self.pos = self._next_shard(), 0
                 continue
-            k = min(n, self.tokens.numel() - self.pos)
+            k = min(n, len(self.tokens) - self.pos)
             chunks.append(self.tokens[self.pos : self.pos + k])
             self.pos, n = self.pos + k, n - k
-        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        return torch.from_numpy(np.concatenate(chunks).astype(np.int64))
 
 
 class DistributedTokenLoader:
@@ -759,12 +772,11 @@ class ShuffledWindowLoader:
             taken.extend(zip(shard.tolist(), start.tolist()))
         return taken
 
-    def _gather(self, request: tuple[int, int, int]) -> torch.Tensor:
+    def _gather(self, request: tuple[int, int, int]) -> np.ndarray:  # runs in the prefetch thread
         global_tokens, seq_len, grad_accum = request
         per_rank = global_tokens // (self.world_size * grad_accum * seq_len)
         windows = self._take_windows(per_rank * self.world_size)[self.rank * per_rank : (self.rank + 1) * per_rank]
-        batch = np.stack([self.shards[s][start : start + seq_len + 1] for s, start in windows])
-        return torch.from_numpy(batch.astype(np.int64))
+        return np.stack([self.shards[s][start : start + seq_len + 1] for s, start in windows])  # numpy only
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
         if seq_len != self.seq_len:
@@ -773,7 +785,7 @@ class ShuffledWindowLoader:
         if self.pending is None or self.pending[0] != request:
             self._drain()
             self.pending = (request, self.pool.submit(self._gather, request))
-        batch = self.pending[1].result()
+        batch = torch.from_numpy(self.pending[1].result().astype(np.int64))
         self.pending = (request, self.pool.submit(self._gather, request))  # prefetch the next one
         self.windows_delivered += batch.size(0) * self.world_size
         return (batch[:, :-1].to(self.device, non_blocking=True), batch[:, 1:].to(self.device, non_blocking=True))

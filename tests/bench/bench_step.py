@@ -5,7 +5,9 @@ bookkeeping, logging rules); "bare" is forward + backward + the same optimizers'
 in advance, nothing else. Blocks of `--steps` steps alternate (bare, ours, bare, ours, ...), so a
 machine that gets busier or quieter affects both alike; the first pair is a warm-up and not counted.
 A profiled block of ours also reports the share of its wall time spent outside torch operators
-(host-side Python between operators). Run from the repo root:
+(host-side Python between operators), and each side its voluntary context switches per step (an
+OpenMP thread that went to sleep between operators instead of spin-waiting: what a second OpenMP
+team in a loader thread caused, see TokenStream). Run from the repo root:
 
     python tests/bench/bench_step.py [--shape tiny|record] [--steps 10] [--rounds 3] [--set KEY=VALUE ...]
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import resource
 import statistics
 import sys
 import tempfile
@@ -115,23 +118,34 @@ def main() -> None:
         loader = tg.make_train_loader(hp.train_loader, files, 0, 1, CPU.device, hp.seed, hp.train_seq_len)
         batches = [loader.next_batch(hp.train_batch_tokens, hp.train_seq_len, 1) for _ in range(args.steps)]
         loader.close()
-        ours, bare = [], []
+        ours, bare, sleeps = [], [], {"bare": [], "ours": []}
+
+        def switches() -> int:  # voluntary context switches: a thread that went to sleep
+            return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+
         for round_idx in range(args.rounds + 1):
+            s0 = switches()
             b = bare_block(hp, model, optimizers, batches, args.steps)
+            s1 = switches()
             o = ours_block(hp, model, optimizers, files, args.steps)
+            s2 = switches()
             if round_idx:  # round 0 warms allocator and caches
                 bare.append(1000 * b / args.steps)
                 ours.append(1000 * o / args.steps)
+                sleeps["bare"].append((s1 - s0) / args.steps)
+                sleeps["ours"].append((s2 - s1) / args.steps)
         share = outside_operator_share(hp, model, optimizers, files, args.steps)
         print(f"shape {args.shape} ({sum(p.numel() for p in model.parameters()):,} params), "
               f"{hp.train_batch_tokens} tokens/step, seq {hp.train_seq_len}, torch threads {torch.get_num_threads()}, "
               f"{args.rounds} rounds x {args.steps} steps")
-        print("| step | ms/step (median) | ms/step per round | ours / bare | outside torch ops (ours) |")
-        print("|---|---|---|---|---|")
+        print("| step | ms/step (median) | ms/step per round | ours / bare | outside torch ops (ours) "
+              "| thread sleeps per step |")
+        print("|---|---|---|---|---|---|")
         ratio = statistics.median(o / b for o, b in zip(ours, bare))
-        print(f"| bare | {statistics.median(bare):.1f} | {' '.join(f'{v:.0f}' for v in bare)} | 1.00 | |")
+        print(f"| bare | {statistics.median(bare):.1f} | {' '.join(f'{v:.0f}' for v in bare)} | 1.00 | "
+              f"| {statistics.median(sleeps['bare']):.0f} |")
         print(f"| ours | {statistics.median(ours):.1f} | {' '.join(f'{v:.0f}' for v in ours)} | {ratio:.3f} "
-              f"| {100 * share:.1f}% |")
+              f"| {100 * share:.1f}% | {statistics.median(sleeps['ours']):.0f} |")
 
 
 if __name__ == "__main__":
