@@ -2847,8 +2847,8 @@ def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict
             raw = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
             coder = general
             data = compress_bytes(raw, coder, dtype.itemsize)
-            if name == "float16" and compressor == "ans":  # the context model, unless brotli is smaller
-                modelled = ans_encode_fp16(arrays)
+            if compressor == "ans" and name in ("float16", "scales"):  # the ans model, unless brotli is smaller
+                modelled = ans_encode_fp16(arrays) if name == "float16" else ans_encode_fp16_vectors(arrays)
                 coder, data = ("ans", modelled) if len(modelled) < len(data) else (coder, data)
         stream_info.append(dict(name=name, coder=coder, length=len(data), stride=dtype.itemsize))
         payloads.append(data)
@@ -2866,6 +2866,20 @@ def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict
     if stats is not None:
         stats["header"] = len(prefix) + 32 + 4 + len(header_bytes)
     return prefix + hashlib.sha256(body).digest() + body
+
+
+def _scale_vector_lengths(tensors: list[dict]) -> list[int]:
+    """Lengths of the arrays in the `scales` stream, in the order _tensor_parts puts them there."""
+    lengths = []
+    for t in tensors:
+        if t["bits"]:
+            numel = math.prod(t["shape"])
+            rows = t["shape"][0] if len(t["shape"]) == 2 else 1
+            lengths.append(rows)
+            if "lqer" in t:
+                rank, group = t["lqer"]["rank"], t["lqer"]["group"]
+                lengths += [rank, -(-rank * (numel // rows) // group)] if group else [rows, rank]
+    return lengths
 
 
 def _corrupt(why: str) -> RunError:
@@ -2916,6 +2930,9 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
                 decoded = ans_decode_fp16(data, shapes)
                 arrays[s["name"]] = (np.concatenate([d.reshape(-1) for d in decoded]) if decoded
                                      else np.zeros(0, np.float16))
+            elif s["coder"] == "ans" and s["name"] == "scales":
+                arrays[s["name"]] = np.concatenate([np.zeros(0, np.float16)] + ans_decode_fp16_vectors(
+                    data, _scale_vector_lengths(header["tensors"])))
             elif s["coder"] == "ans":
                 quantized = [t for t in header["tensors"] if t["bits"]]
                 shapes = [(t["shape"][0], math.prod(t["shape"]) // t["shape"][0]) if len(t["shape"]) == 2
@@ -2983,8 +3000,8 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
 # bytes, so the decoder derives exactly the encoder's model; decoding is one argsort and one scatter
 # per bit width. Everything the decoder needs, side information and tables, is in the counted bytes.
 #   layout: n_bits u8 | (bits u8, width u8) per bit width | side length u32 | table length u32 |
-#           side (brotli) | tables (brotli) | rANS words (u32)
-ANS_LOG_STEPS = 8  # side information resolution: steps per octave
+#           side | tables (brotli) | rANS words (u32)
+ANS_LOG_STEPS = (3, 4, 6, 8)  # side information resolutions tried (steps per octave); the smallest output is kept
 ANS_CONTEXT_WIDTHS = (1, 2, 3, 4, 6, 8)  # candidate context widths, in side-information steps
 ANS_TABLE_STEPS = 16  # table entries: log2 steps per octave
 # Probability weight of each table byte: 2^(t/16) with 8 fractional bits, as exact integers (0 = absent).
@@ -2992,15 +3009,65 @@ ANS_TABLE_STEPS = 16  # table entries: log2 steps per octave
 _ANS_TABLE_WEIGHTS = np.concatenate([[0.0], np.round(np.exp2(np.arange(1, 256) / ANS_TABLE_STEPS + 8))])
 
 
-def _log_bytes(values: np.ndarray) -> np.ndarray:
-    """Values > 0 as uint8 log2 steps of 1/ANS_LOG_STEPS around 128 (clipped to the byte)."""
-    return np.clip(np.round(np.log2(np.maximum(values, 1e-9)) * ANS_LOG_STEPS) + 128, 0, 255).astype(np.uint8)
+def _log_bytes(values: np.ndarray, steps: int) -> np.ndarray:
+    """Values > 0 as uint8 log2 steps of 1/steps octave around 128 (clipped to the byte)."""
+    return np.clip(np.round(np.log2(np.maximum(values, 1e-9)) * steps) + 128, 0, 255).astype(np.uint8)
 
 
-def _magnitude_side_info(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _magnitude_side_info(codes: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
     magnitude = np.abs(codes.astype(np.float32))
     overall = max(float(magnitude.mean()), 1e-6)
-    return _log_bytes(magnitude.mean(axis=1) + 1e-3), _log_bytes(magnitude.mean(axis=0) / overall + 1e-3)
+    return _log_bytes(magnitude.mean(axis=1) + 1e-3, steps), _log_bytes(magnitude.mean(axis=0) / overall + 1e-3, steps)
+
+
+def _side_weights(center: int, decay: int) -> np.ndarray:
+    """Integer weights over the 256 side bytes: a two-sided geometric law around `center`, falling by
+    2^(-decay/64) per step (in whole table steps, so encoder and decoder get the same integers)."""
+    steps = (np.abs(np.arange(256) - center) * decay) >> 2
+    return _ANS_TABLE_WEIGHTS[np.clip(255 - steps, 1, 255)]
+
+
+def _pack_side(vectors: list[np.ndarray]) -> bytes:
+    """Side-information bytes, one vector per tensor row or column set, each coded with its own fitted
+    geometric law (center and decay: 2 bytes per vector) by rANS; empty vectors take no bytes."""
+    import constriction
+
+    laws, jobs = [], []
+    for v in vectors:
+        if len(v) == 0:
+            continue
+        center = int(np.median(v))
+        costs = [-np.log2(_side_weights(center, d)[v] / _side_weights(center, d).sum()).sum() for d in range(1, 256)]
+        decay = 1 + int(np.argmin(costs))
+        laws.append(struct.pack("<BB", center, decay))
+        jobs.append((v.astype(np.int32), _side_weights(center, decay)))
+    coder = constriction.stream.stack.AnsCoder()
+    for symbols, weights in reversed(jobs):
+        coder.encode_reverse(symbols, constriction.stream.model.Categorical(weights, perfect=False))
+    return b"".join(laws) + coder.get_compressed().astype("<u4").tobytes()
+
+
+def _unpack_side(data: bytes, lengths: list[int]) -> list[np.ndarray]:
+    import constriction
+
+    n_laws = sum(1 for n in lengths if n)
+    if len(data) < 2 * n_laws:
+        raise ValueError("ans side information is shorter than its laws")
+    coder = constriction.stream.stack.AnsCoder(np.frombuffer(data[2 * n_laws :], dtype="<u4").astype(np.uint32))
+    out, law = [], 0
+    for n in lengths:
+        if n == 0:
+            out.append(np.zeros(0, np.uint8))
+            continue
+        center, decay = data[2 * law], data[2 * law + 1]
+        law += 1
+        if decay < 1:
+            raise ValueError("ans side information has a zero decay")
+        model = constriction.stream.model.Categorical(_side_weights(center, decay), perfect=False)
+        out.append(coder.decode(model, n).astype(np.uint8))
+    if not coder.is_empty():
+        raise ValueError("ans side information does not match the tensor list")
+    return out
 
 
 def _predicted_steps(side: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -3138,13 +3205,31 @@ def _split_sections(data: bytes, lengths: list[int]) -> list[bytes]:
     return out + [data[at:]]
 
 
+def _smallest_encoding(encode, stats: dict | None) -> bytes:
+    """encode(steps, stats) at every side-information resolution of ANS_LOG_STEPS: the shortest bytes
+    (the first on a tie). The decoder needs only the stored side bytes, not the resolution."""
+    best, best_stats = None, None
+    for steps in ANS_LOG_STEPS:
+        trial: dict = {}
+        data = encode(steps, trial)
+        if best is None or len(data) < len(best):
+            best, best_stats = data, dict(trial, log_steps=steps)
+    if stats is not None:
+        stats.update(best_stats)
+    return best
+
+
 def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = None) -> bytes:
     """The codes of the quantized tensors (rows x cols each, int8) as ans bytes. `stats`, if given,
     receives the byte count of each part and the model's cross-entropy (`model_ce`, bytes)."""
+    codes = [a.reshape(a.shape[0], -1) for a in arrays]
+    return _smallest_encoding(lambda steps, trial: _ans_encode_codes(codes, bits, steps, trial), stats)
+
+
+def _ans_encode_codes(codes: list[np.ndarray], bits: list[int], log_steps: int, stats: dict) -> bytes:
     import brotli
 
-    codes = [a.reshape(a.shape[0], -1) for a in arrays]
-    side = [_magnitude_side_info(c) for c in codes]
+    side = [_magnitude_side_info(c, log_steps) for c in codes]
     header, tables, jobs, model_ce = [struct.pack("<B", len(set(bits)))], [], [], 0.0
     for b in sorted(set(bits)):
         alphabet = _SignSymmetricAlphabet("codes", clip_range(b))
@@ -3157,12 +3242,11 @@ def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = N
         jobs += group_jobs
         model_ce += ce
     words = _ans_words(jobs)
-    packed_side = brotli.compress(b"".join(r.tobytes() + c.tobytes() for r, c in side), quality=11)
+    packed_side = _pack_side([v for pair in side for v in pair])
     packed_table = brotli.compress(b"".join(t.tobytes() for t in tables), quality=11)
     head = b"".join(header) + struct.pack("<II", len(packed_side), len(packed_table))
-    if stats is not None:
-        stats.update(words=len(words), side=len(packed_side), tables=len(packed_table), header=len(head),
-                     model_ce=model_ce, contexts=len(tables))
+    stats.update(words=len(words), side=len(packed_side), tables=len(packed_table), header=len(head),
+                 model_ce=model_ce, contexts=len(tables))
     return head + packed_side + packed_table + words
 
 
@@ -3175,13 +3259,10 @@ def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int]) -> l
     at = 1 + 2 * n_bits
     side_len, table_len = struct.unpack("<II", data[at : at + 8])
     packed_side, packed_table, words = _split_sections(data[at + 8 :], [side_len, table_len])
-    side_bytes, tables = brotli.decompress(packed_side), np.frombuffer(brotli.decompress(packed_table), np.uint8)
-    side, offset = [], 0
-    for rows, cols in shapes:
-        side.append((np.frombuffer(side_bytes[offset : offset + rows], dtype=np.uint8),
-                     np.frombuffer(side_bytes[offset + rows : offset + rows + cols], dtype=np.uint8)))
-        offset += rows + cols
-    if offset != len(side_bytes) or sorted(widths) != sorted(set(bits)) or min(widths.values(), default=1) < 1:
+    tables = np.frombuffer(brotli.decompress(packed_table), np.uint8)
+    vectors = _unpack_side(packed_side, [n for shape in shapes for n in shape])
+    side = list(zip(vectors[0::2], vectors[1::2]))
+    if len(shapes) != len(bits) or sorted(widths) != sorted(set(bits)) or min(widths.values(), default=1) < 1:
         raise ValueError("ans side information does not match the tensor list")
     coder = constriction.stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
     out: list[np.ndarray] = [np.zeros(0, np.int8)] * len(shapes)
@@ -3197,8 +3278,8 @@ def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int]) -> l
             n = shapes[i][0] * shapes[i][1]
             out[i] = flat[start : start + n].reshape(shapes[i])
             start += n
-    if table_at != len(tables):
-        raise ValueError("ans tables do not match the contexts")
+    if table_at != len(tables) or not coder.is_empty():
+        raise ValueError("ans tables or words do not match the contexts")
     return out
 
 
@@ -3207,15 +3288,15 @@ def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int]) -> l
 # of the rank-1 magnitude prediction mean|w| of its row x mean|w| of its column (one byte each, as for
 # the codes; a tensor with one row gets no column bytes); the low byte, the remaining mantissa bits,
 # is noise and stored as it is.
-#   layout: width u8 | side length u32 | table length u32 | side (brotli) | tables (brotli) |
+#   layout: width u8 | side length u32 | table length u32 | side | tables (brotli) |
 #           low bytes | rANS words (u32)
 
-def _fp16_side_info(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _fp16_side_info(values: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
     magnitude = np.abs(values.astype(np.float32))
     magnitude[~np.isfinite(magnitude)] = 0.0  # inf / nan carry no magnitude information
     overall = max(float(magnitude.mean()), 1e-9)
-    cols = _log_bytes(magnitude.mean(axis=0) / overall) if values.shape[0] > 1 else np.zeros(0, np.uint8)
-    return _log_bytes(magnitude.mean(axis=1)), cols
+    cols = _log_bytes(magnitude.mean(axis=0) / overall, steps) if values.shape[0] > 1 else np.zeros(0, np.uint8)
+    return _log_bytes(magnitude.mean(axis=1), steps), cols
 
 
 def _fp16_steps(side: list[tuple[np.ndarray, np.ndarray]], shapes: list[tuple[int, int]]) -> np.ndarray:
@@ -3224,22 +3305,25 @@ def _fp16_steps(side: list[tuple[np.ndarray, np.ndarray]], shapes: list[tuple[in
 
 def ans_encode_fp16(arrays: list[np.ndarray], stats: dict | None = None) -> bytes:
     """fp16 arrays (2-D as rows x cols, anything else as one row) as ans bytes."""
+    values = [a.reshape(a.shape[0], -1) if a.ndim == 2 else a.reshape(1, -1) for a in arrays]
+    return _smallest_encoding(lambda steps, trial: _ans_encode_fp16_at(values, steps, trial), stats)
+
+
+def _ans_encode_fp16_at(values: list[np.ndarray], log_steps: int, stats: dict) -> bytes:
     import brotli
 
-    values = [a.reshape(a.shape[0], -1) if a.ndim == 2 else a.reshape(1, -1) for a in arrays]
-    side = [_fp16_side_info(v) for v in values]
+    side = [_fp16_side_info(v, log_steps) for v in values]
     bits16 = np.concatenate([v.reshape(-1).view(np.uint16) for v in values]) if values else np.zeros(0, np.uint16)
     alphabet = _SignSymmetricAlphabet("fp16")
     width, ce, tables, jobs = _ans_model_group((bits16 >> 8).astype(np.int64),
                                                _fp16_steps(side, [v.shape for v in values]), alphabet)
     words = _ans_words(jobs)
     low = (bits16 & 0xFF).astype(np.uint8).tobytes()
-    packed_side = brotli.compress(b"".join(r.tobytes() + c.tobytes() for r, c in side), quality=11)
+    packed_side = _pack_side([v for pair in side for v in pair])
     packed_table = brotli.compress(b"".join(t.tobytes() for t in tables), quality=11)
     head = struct.pack("<BII", width, len(packed_side), len(packed_table))
-    if stats is not None:
-        stats.update(words=len(words), side=len(packed_side), tables=len(packed_table), low=len(low),
-                     model_ce=ce, contexts=len(tables))
+    stats.update(words=len(words), side=len(packed_side), tables=len(packed_table), low=len(low),
+                 model_ce=ce, contexts=len(tables))
     return head + packed_side + packed_table + low + words
 
 
@@ -3250,25 +3334,82 @@ def ans_decode_fp16(data: bytes, shapes: list[tuple[int, int]]) -> list[np.ndarr
     width, side_len, table_len = struct.unpack("<BII", data[:9])
     n = sum(rows * cols for rows, cols in shapes)
     packed_side, packed_table, low, words = _split_sections(data[9:], [side_len, table_len, n])
-    side_bytes, tables = brotli.decompress(packed_side), np.frombuffer(brotli.decompress(packed_table), np.uint8)
-    side, offset = [], 0
-    for rows, cols in shapes:
-        n_cols = cols if rows > 1 else 0
-        side.append((np.frombuffer(side_bytes[offset : offset + rows], dtype=np.uint8),
-                     np.frombuffer(side_bytes[offset + rows : offset + rows + n_cols], dtype=np.uint8)))
-        offset += rows + n_cols
-    if offset != len(side_bytes) or width < 1:
+    tables = np.frombuffer(brotli.decompress(packed_table), np.uint8)
+    vectors = _unpack_side(packed_side, [n for rows, cols in shapes for n in (rows, cols if rows > 1 else 0)])
+    side = list(zip(vectors[0::2], vectors[1::2]))
+    if width < 1:
         raise ValueError("ans side information does not match the tensor list")
     coder = constriction.stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
     high, table_at = _ans_decode_group(coder, _fp16_steps(side, shapes), width, _SignSymmetricAlphabet("fp16"),
                                        tables, 0)
-    if table_at != len(tables):
-        raise ValueError("ans tables do not match the contexts")
+    if table_at != len(tables) or not coder.is_empty():
+        raise ValueError("ans tables or words do not match the contexts")
     flat = ((high.astype(np.uint16) << 8) | np.frombuffer(low, np.uint8)).view(np.float16)
     out, start = [], 0
     for rows, cols in shapes:
         out.append(flat[start : start + rows * cols].reshape(rows, cols))
         start += rows * cols
+    return out
+
+
+# The fp16 row scales (the `scales` stream) vary little within a tensor, so their 16-bit patterns sit
+# in a narrow band: each tensor's scale vector (and each LQER factor's) is coded as the integers
+# `bits - center` with a two-sided geometric law fitted to it (center u16, decay u8, radius u16: the
+# band's half width, outside which nothing is coded). The packer keeps this only when it is smaller
+# than brotli.
+
+def _band_weights(center: int, decay: int, radius: int) -> np.ndarray:
+    """Integer weights over all 65,536 fp16 bit patterns: 2^(-|x - center| * decay / 4096) within the
+    band, 0 outside (whole table steps, as _side_weights)."""
+    distance = np.abs(np.arange(65536) - center)
+    steps = np.minimum((distance * decay) >> 8, 254)
+    return np.where(distance <= radius, _ANS_TABLE_WEIGHTS[255 - steps], 0.0)
+
+
+def ans_encode_fp16_vectors(vectors: list[np.ndarray]) -> bytes:
+    import constriction
+
+    laws, jobs = [], []
+    for v in vectors:
+        x = np.ascontiguousarray(v, dtype=np.float16).reshape(-1).view(np.uint16).astype(np.int64)
+        if len(x) == 0:
+            continue
+        center = int(np.median(x))
+        radius = int(np.abs(x - center).max())
+        distance, band = np.abs(x - center), np.abs(np.arange(-radius, radius + 1))
+        costs = []  # bits of the vector under each decay
+        for decay in range(1, 256):
+            weight = lambda dist: _ANS_TABLE_WEIGHTS[255 - np.minimum((dist * decay) >> 8, 254)]
+            costs.append(len(x) * np.log2(weight(band).sum()) - np.log2(weight(distance)).sum())
+        decay = 1 + int(np.argmin(costs))
+        laws.append(struct.pack("<HBH", center, decay, radius))
+        jobs.append((x.astype(np.int32), _band_weights(center, decay, radius)))
+    coder = constriction.stream.stack.AnsCoder()
+    for symbols, weights in reversed(jobs):
+        coder.encode_reverse(symbols, constriction.stream.model.Categorical(weights, perfect=False))
+    return b"".join(laws) + coder.get_compressed().astype("<u4").tobytes()
+
+
+def ans_decode_fp16_vectors(data: bytes, lengths: list[int]) -> list[np.ndarray]:
+    import constriction
+
+    n_laws = sum(1 for n in lengths if n)
+    if len(data) < 5 * n_laws:
+        raise ValueError("ans scale data is shorter than its laws")
+    coder = constriction.stream.stack.AnsCoder(np.frombuffer(data[5 * n_laws :], dtype="<u4").astype(np.uint32))
+    out, law = [], 0
+    for n in lengths:
+        if n == 0:
+            out.append(np.zeros(0, np.float16))
+            continue
+        center, decay, radius = struct.unpack("<HBH", data[5 * law : 5 * law + 5])
+        law += 1
+        if decay < 1:
+            raise ValueError("ans scale data has a zero decay")
+        model = constriction.stream.model.Categorical(_band_weights(center, decay, radius), perfect=False)
+        out.append(coder.decode(model, n).astype(np.uint16).view(np.float16))
+    if not coder.is_empty():
+        raise ValueError("ans scale data does not match the tensor list")
     return out
 
 

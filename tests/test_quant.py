@@ -90,9 +90,10 @@ def test_artifact_roundtrip_is_bit_identical_and_deterministic(tmp_path, compres
     stream_coder = {st["name"]: st["coder"] for st in header["streams"]}
     assert all(t["coder"] == stream_coder[t["stream"]] for t in header["tensors"])  # each tensor names its coder
     assert all(t["coder"] == compressor for t in header["tensors"] if t["bits"])
-    general = "brotli" if compressor == "ans" else compressor  # ans models the codes and fp16 tensors only
-    assert all(st["coder"] == general for st in header["streams"] if st["name"] not in ("codes", "float16"))
-    assert stream_coder["float16"] in (compressor, general)  # the packer keeps the smaller of the two
+    general = "brotli" if compressor == "ans" else compressor  # ans models codes, fp16 tensors and scales only
+    assert all(st["coder"] == general for st in header["streams"]
+               if st["name"] not in ("codes", "float16", "scales"))
+    assert {stream_coder["float16"], stream_coder["scales"]} <= {compressor, general}  # the smaller of the two
     assert by_name["blocks.0.mlp.fc.weight"].codes.abs().max() <= 15
     restored = tg.dequantize_state_dict(loaded)
     assert torch.equal(restored["blocks.0.resid_mix"], sd["blocks.0.resid_mix"])  # control tensors: fp32 exact
@@ -232,6 +233,19 @@ def test_ans_fp16_coder_is_bit_exact_and_beats_byte_shuffle_brotli():
         tg.ans_decode_fp16(data, shapes[:1])
 
 
+def test_ans_scale_vectors_are_bit_exact_and_beat_byte_shuffle_brotli():
+    """Row scales vary little within a tensor: coded as 16-bit patterns in a narrow band."""
+    rng = np.random.default_rng(2)
+    vectors = [(12.85 * 0.02 * np.exp(0.1 * rng.standard_normal(n)) / 31).astype(np.float16) for n in (512, 2048, 384)]
+    vectors.append(np.array([2.0**-24, 65504.0, 1.0], dtype=np.float16))  # the whole range in one band
+    data = tg.ans_encode_fp16_vectors(vectors)
+    back = tg.ans_decode_fp16_vectors(data, [v.size for v in vectors])
+    assert all(np.array_equal(b.view(np.uint16), v.view(np.uint16)) for b, v in zip(back, vectors))
+    assert len(data) < len(tg.compress_bytes(b"".join(v.tobytes() for v in vectors), "brotli", 2))
+    with pytest.raises(ValueError):
+        tg.ans_decode_fp16_vectors(data, [v.size for v in vectors][:-1])
+
+
 # ---- GPTQ and its calibration ---------------------------------------------------------------------
 
 
@@ -275,6 +289,11 @@ def test_lqer_lowers_the_gptq_layer_output_error_further_and_packs_exactly(group
         back, header = tg.unpack_artifact(tg.pack_artifact([corrected], compressor=compressor))
         assert header["tensors"][0]["lqer"] == {"rank": 4, "group": group, "bits": 4}
         assert torch.equal(back[0].dequantize(), corrected.dequantize())
+    # the scales stream's vectors (row scales, then the factors') as the ans decoder will cut them
+    vectors = [a for stream, a in tg._tensor_parts(corrected) if stream == "scales"]
+    assert tg._scale_vector_lengths(header["tensors"]) == [v.size for v in vectors]
+    back = tg.ans_decode_fp16_vectors(tg.ans_encode_fp16_vectors(vectors), [v.size for v in vectors])
+    assert all(np.array_equal(b.view(np.uint16), v.reshape(-1).view(np.uint16)) for b, v in zip(back, vectors))
 
 
 def test_lqer_picks_the_costliest_tensors():
