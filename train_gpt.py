@@ -2358,8 +2358,9 @@ def measure_prequant_ttt_reserve(model: GPT, tokens: torch.Tensor, *, seq_len: i
 # Tensors contribute arrays to a few typed streams (codes and LQER factors int8, scales fp16, float16,
 # float32, raw); each stream is compressed on its own: COMPRESSOR=zlib (level 9, the baseline's), lzma
 # (preset 9e), brotli (quality 11 after a byte shuffle: all first bytes of each element, then all
-# second bytes, ...), or ans (the context-modelled entropy coder below, for the codes). The same
-# weights always give the same bytes, and any damage is refused on load with one line.
+# second bytes, ...), or ans (the context-modelled entropy coders below: always for the codes; for the
+# float16 tensors and the scales when smaller than brotli; brotli for the rest). The same weights
+# always give the same bytes, and any damage is refused on load with one line.
 #
 # Subsections: quantizers and the plan | GPTQ and calibration | LQER | the packer | the ans coder |
 # fitting under the limit | the shipped code form.
@@ -2989,16 +2990,18 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
 # brotli-11 already sits near the order-0 entropy of the codes, so beating it takes context that a
 # byte-wise compressor cannot see. The magnitude of a code is predicted from its row and column: per
 # tensor, rho_i = mean |q| of row i and gamma_j = mean |q| of column j / mean |q| (a rank-1 model of
-# the magnitude, in log2 steps of 1/8, one byte each: the side information). The context of a code is
-# its predicted magnitude log2(rho_i * gamma_j) in buckets of `width` eighth-octaves, the width chosen
-# per bit width by the encoder as the one with the fewest bytes (coded symbols + tables): fine buckets
-# model better, coarse ones need fewer tables. Codes are modelled sign-symmetric: each (bits, context)
-# stores one byte per magnitude |q| = 0..L, its count relative to the context's most frequent
-# magnitude in 1/16-octave log steps (0 = never occurs), which costs ~0.0005 bits per code against
-# exact counts. The codes of a context are coded with that table by constriction's rANS coder (Rust,
-# whole numpy arrays per call). Contexts and probabilities are integers computed from the stored
-# bytes, so the decoder derives exactly the encoder's model; decoding is one argsort and one scatter
-# per bit width. Everything the decoder needs, side information and tables, is in the counted bytes.
+# the magnitude, one log2 byte each: the side information). The context of a code is its predicted
+# magnitude log2(rho_i * gamma_j) in buckets of `width` side-information steps. The encoder picks,
+# by trying them and keeping the fewest bytes, the side-information resolution (ANS_LOG_STEPS) and,
+# per bit width, the bucket width: fine steps model better, coarse ones cost less side information
+# and fewer tables. Codes are modelled sign-symmetric: each (bits, context) stores one byte per
+# magnitude |q| = 0..L, its count relative to the context's most frequent magnitude in 1/16-octave
+# log steps (0 = never occurs), which costs ~0.0005 bits per code against exact counts. The codes of
+# a context are coded with that table by constriction's rANS coder (Rust, whole numpy arrays per
+# call); the side bytes themselves are rANS-coded too, each row or column vector with a two-sided
+# geometric law fitted to it (center and decay, 2 bytes). Contexts and probabilities are integers
+# computed from stored bytes, so the decoder derives exactly the encoder's model; decoding is one
+# argsort and one scatter per bit width. Everything the decoder needs is in the counted bytes.
 #   layout: n_bits u8 | (bits u8, width u8) per bit width | side length u32 | table length u32 |
 #           side | tables (brotli) | rANS words (u32)
 ANS_LOG_STEPS = (3, 4, 6, 8)  # side information resolutions tried (steps per octave); the smallest output is kept
