@@ -2371,7 +2371,7 @@ QUANT_GROUPS = ("embed", "head", "attn", "mlp", "other")
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight")
 CALIBRATION_RESERVE_MARGIN = 1.25  # reserve = measured calibration time x this
 ARTIFACT_MAGIC = b"PGQA"
-ARTIFACT_VERSION = 2  # 2: ans v2 (chosen context widths, sign-symmetric log tables)
+ARTIFACT_VERSION = 2  # 2: ans with chosen resolutions, log tables, coded side information, fp16 and scales
 
 
 def tensor_group(name: str) -> str:
@@ -3004,7 +3004,7 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
 # argsort and one scatter per bit width. Everything the decoder needs is in the counted bytes.
 #   layout: n_bits u8 | (bits u8, width u8) per bit width | side length u32 | table length u32 |
 #           side | tables (brotli) | rANS words (u32)
-ANS_LOG_STEPS = (3, 4, 6, 8)  # side information resolutions tried (steps per octave); the smallest output is kept
+ANS_LOG_STEPS = (3, 4, 6, 8)  # side-information resolutions tried (steps per octave); the smallest output wins
 ANS_CONTEXT_WIDTHS = (1, 2, 3, 4, 6, 8)  # candidate context widths, in side-information steps
 ANS_TABLE_STEPS = 16  # table entries: log2 steps per octave
 # Probability weight of each table byte: 2^(t/16) with 8 fractional bits, as exact integers (0 = absent).
@@ -3020,7 +3020,8 @@ def _log_bytes(values: np.ndarray, steps: int) -> np.ndarray:
 def _magnitude_side_info(codes: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
     magnitude = np.abs(codes.astype(np.float32))
     overall = max(float(magnitude.mean()), 1e-6)
-    return _log_bytes(magnitude.mean(axis=1) + 1e-3, steps), _log_bytes(magnitude.mean(axis=0) / overall + 1e-3, steps)
+    return (_log_bytes(magnitude.mean(axis=1) + 1e-3, steps),
+            _log_bytes(magnitude.mean(axis=0) / overall + 1e-3, steps))
 
 
 def _side_weights(center: int, decay: int) -> np.ndarray:
@@ -3303,7 +3304,9 @@ def _fp16_side_info(values: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndar
 
 
 def _fp16_steps(side: list[tuple[np.ndarray, np.ndarray]], shapes: list[tuple[int, int]]) -> np.ndarray:
-    return _predicted_steps([(r, c if len(c) else np.full(cols, 128, np.uint8)) for (r, c), (_, cols) in zip(side, shapes)])
+    """A one-row tensor has no column bytes: every column counts as the mean (128)."""
+    return _predicted_steps([(r, c if len(c) else np.full(cols, 128, np.uint8))
+                             for (r, c), (_, cols) in zip(side, shapes)])
 
 
 def ans_encode_fp16(arrays: list[np.ndarray], stats: dict | None = None) -> bytes:
