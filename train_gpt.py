@@ -2370,8 +2370,9 @@ def measure_prequant_ttt_reserve(model: GPT, tokens: torch.Tensor, *, seq_len: i
 # Tensors contribute arrays to a few typed streams (codes and LQER factors int8, scales fp16, float16,
 # float32, raw); each stream is compressed on its own: COMPRESSOR=zlib (level 9, the baseline's), lzma
 # (preset 9e), brotli (quality 11 after a byte shuffle: all first bytes of each element, then all
-# second bytes, ...), or ans (the context-modelled entropy coder below, for the codes). The same
-# weights always give the same bytes, and any damage is refused on load with one line.
+# second bytes, ...), or ans (the context-modelled entropy coders below: always for the codes; for the
+# float16 tensors and the scales when smaller than brotli; brotli for the rest). The same weights
+# always give the same bytes, and any damage is refused on load with one line.
 #
 # Subsections: quantizers and the plan | GPTQ and calibration | LQER | the packer | the ans coder |
 # fitting under the limit | the shipped code form.
@@ -2382,7 +2383,7 @@ QUANT_GROUPS = ("embed", "head", "attn", "mlp", "other")
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight")
 CALIBRATION_RESERVE_MARGIN = 1.25  # reserve = measured calibration time x this
 ARTIFACT_MAGIC = b"PGQA"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: ans with chosen resolutions, log tables, coded side information, fp16 and scales
 
 
 def tensor_group(name: str) -> str:
@@ -2845,7 +2846,7 @@ def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict
         for stream, arr in parts:
             streams.setdefault(stream, []).append(arr)
         info = dict(name=e.name, shape=list(e.shape), dtype=e.dtype, bits=e.bits, method=e.method,
-                    scale="row_fp16" if e.bits else "none", stream=parts[0][0], coder=compressor if e.bits else general)
+                    scale="row_fp16" if e.bits else "none", stream=parts[0][0])
         if e.lqer is not None:  # layout: A rows x rank, B rank x cols, int8 codes then fp16 scales
             info["lqer"] = dict(rank=e.lqer.b_codes.shape[0], group=e.lqer.group, bits=e.lqer.bits)
         tensors.append(info)
@@ -2859,10 +2860,16 @@ def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict
             raw = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
             coder = general
             data = compress_bytes(raw, coder, dtype.itemsize)
+            if compressor == "ans" and name in ("float16", "scales"):  # the ans model, unless brotli is smaller
+                modelled = ans_encode_fp16(arrays) if name == "float16" else ans_encode_fp16_vectors(arrays)
+                coder, data = ("ans", modelled) if len(modelled) < len(data) else (coder, data)
         stream_info.append(dict(name=name, coder=coder, length=len(data), stride=dtype.itemsize))
         payloads.append(data)
         if stats is not None:
             stats[name] = len(data)
+    stream_coder = {s["name"]: s["coder"] for s in stream_info}
+    for info in tensors:
+        info["coder"] = stream_coder[info["stream"]]
     header = dict(format="parameter-golf-quantized", model=model or {}, meta=meta or {}, streams=stream_info,
                   tensors=tensors)
     header_coder = general
@@ -2872,6 +2879,20 @@ def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict
     if stats is not None:
         stats["header"] = len(prefix) + 32 + 4 + len(header_bytes)
     return prefix + hashlib.sha256(body).digest() + body
+
+
+def _scale_vector_lengths(tensors: list[dict]) -> list[int]:
+    """Lengths of the arrays in the `scales` stream, in the order _tensor_parts puts them there."""
+    lengths = []
+    for t in tensors:
+        if t["bits"]:
+            numel = math.prod(t["shape"])
+            rows = t["shape"][0] if len(t["shape"]) == 2 else 1
+            lengths.append(rows)
+            if "lqer" in t:
+                rank, group = t["lqer"]["rank"], t["lqer"]["group"]
+                lengths += [rank, -(-rank * (numel // rows) // group)] if group else [rows, rank]
+    return lengths
 
 
 def _corrupt(why: str) -> RunError:
@@ -2916,7 +2937,16 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
         for s in header["streams"]:
             data = payload[offset : offset + s["length"]]
             offset += s["length"]
-            if s["coder"] == "ans":
+            if s["coder"] == "ans" and s["name"] == "float16":
+                shapes = [(t["shape"][0], math.prod(t["shape"]) // t["shape"][0]) if len(t["shape"]) == 2
+                          else (1, math.prod(t["shape"])) for t in header["tensors"] if t["stream"] == "float16"]
+                decoded = ans_decode_fp16(data, shapes)
+                arrays[s["name"]] = (np.concatenate([d.reshape(-1) for d in decoded]) if decoded
+                                     else np.zeros(0, np.float16))
+            elif s["coder"] == "ans" and s["name"] == "scales":
+                arrays[s["name"]] = np.concatenate([np.zeros(0, np.float16)] + ans_decode_fp16_vectors(
+                    data, _scale_vector_lengths(header["tensors"])))
+            elif s["coder"] == "ans":
                 quantized = [t for t in header["tensors"] if t["bits"]]
                 shapes = [(t["shape"][0], math.prod(t["shape"]) // t["shape"][0]) if len(t["shape"]) == 2
                           else (1, math.prod(t["shape"])) for t in quantized]
@@ -2972,117 +3002,443 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
 # brotli-11 already sits near the order-0 entropy of the codes, so beating it takes context that a
 # byte-wise compressor cannot see. The magnitude of a code is predicted from its row and column: per
 # tensor, rho_i = mean |q| of row i and gamma_j = mean |q| of column j / mean |q| (a rank-1 model of
-# the magnitude, in log2 steps of 1/8, one byte each: the side information). The context of a code is
-# its predicted magnitude log2(rho_i * gamma_j) in quarter octaves; for each (bits, context) the exact
-# symbol histogram is stored, and the codes of that context are entropy-coded with it by
-# constriction's rANS coder (Rust, whole numpy arrays per call). Contexts are computed in integers
-# from the stored bytes, so the decoder derives exactly the encoder's. Everything the decoder needs,
-# side information and histograms included, is inside the counted bytes.
-ANS_LOG_STEPS = 8  # side information resolution: steps per octave
-ANS_CONTEXT_WIDTH = 2  # side-information steps per context (2 of 1/8 octave = a quarter octave)
+# the magnitude, one log2 byte each: the side information). The context of a code is its predicted
+# magnitude log2(rho_i * gamma_j) in buckets of `width` side-information steps. The encoder picks,
+# by trying them and keeping the fewest bytes, the side-information resolution (ANS_LOG_STEPS) and,
+# per bit width, the bucket width: fine steps model better, coarse ones cost less side information
+# and fewer tables. Codes are modelled sign-symmetric: each (bits, context) stores one byte per
+# magnitude |q| = 0..L, its count relative to the context's most frequent magnitude in 1/16-octave
+# log steps (0 = never occurs), which costs ~0.0005 bits per code against exact counts. The codes of
+# a context are coded with that table by constriction's rANS coder (Rust, whole numpy arrays per
+# call); the side bytes themselves are rANS-coded too, each row or column vector with a two-sided
+# geometric law fitted to it (center and decay, 2 bytes). Contexts and probabilities are integers
+# computed from stored bytes, so the decoder derives exactly the encoder's model; decoding is one
+# argsort and one scatter per bit width. Everything the decoder needs is in the counted bytes.
+#   layout: n_bits u8 | (bits u8, width u8) per bit width | side length u32 | table length u32 |
+#           side | tables (brotli) | rANS words (u32)
+ANS_LOG_STEPS = (3, 4, 6, 8)  # side-information resolutions tried (steps per octave); the smallest output wins
+ANS_CONTEXT_WIDTHS = (1, 2, 3, 4, 6, 8)  # candidate context widths, in side-information steps
+ANS_TABLE_STEPS = 16  # table entries: log2 steps per octave
+# Probability weight of each table byte: 2^(t/16) with 8 fractional bits, as exact integers (0 = absent).
+# No value lies near a rounding boundary, so every machine computes the same integers.
+_ANS_TABLE_WEIGHTS = np.concatenate([[0.0], np.round(np.exp2(np.arange(1, 256) / ANS_TABLE_STEPS + 8))])
 
 
-def _log_bytes(values: np.ndarray) -> np.ndarray:
-    """Values > 0 as uint8 log2 steps of 1/ANS_LOG_STEPS around 128 (clipped to the byte)."""
-    return np.clip(np.round(np.log2(np.maximum(values, 1e-9)) * ANS_LOG_STEPS) + 128, 0, 255).astype(np.uint8)
+def _log_bytes(values: np.ndarray, steps: int) -> np.ndarray:
+    """Values > 0 as uint8 log2 steps of 1/steps octave around 128 (clipped to the byte)."""
+    return np.clip(np.round(np.log2(np.maximum(values, 1e-9)) * steps) + 128, 0, 255).astype(np.uint8)
 
 
-def _magnitude_side_info(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _magnitude_side_info(codes: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
     magnitude = np.abs(codes.astype(np.float32))
     overall = max(float(magnitude.mean()), 1e-6)
-    return _log_bytes(magnitude.mean(axis=1) + 1e-3), _log_bytes(magnitude.mean(axis=0) / overall + 1e-3)
+    return (_log_bytes(magnitude.mean(axis=1) + 1e-3, steps),
+            _log_bytes(magnitude.mean(axis=0) / overall + 1e-3, steps))
 
 
-class _ContextIndex:
-    """The codes of one tensor grouped by context: positions of context k are order[start[k]:start[k+1]]."""
-
-    def __init__(self, row_bytes: np.ndarray, col_bytes: np.ndarray):
-        ctx = (row_bytes.astype(np.int16)[:, None] + col_bytes.astype(np.int16)[None, :]) // ANS_CONTEXT_WIDTH
-        flat = ctx.reshape(-1)
-        self.order = np.argsort(flat, kind="stable")  # radix sort for 16-bit integers: linear time
-        counts = np.bincount(flat, minlength=512 // ANS_CONTEXT_WIDTH)
-        self.start = np.concatenate([[0], np.cumsum(counts)])
-        self.present = np.nonzero(counts)[0]
-
-    def positions(self, k: int) -> np.ndarray:
-        return self.order[self.start[k] : self.start[k + 1]]
+def _side_weights(center: int, decay: int) -> np.ndarray:
+    """Integer weights over the 256 side bytes: a two-sided geometric law around `center`, falling by
+    2^(-decay/64) per step (in whole table steps, so encoder and decoder get the same integers)."""
+    steps = (np.abs(np.arange(256) - center) * decay) >> 2
+    return _ANS_TABLE_WEIGHTS[np.clip(255 - steps, 1, 255)]
 
 
-def _ans_keys(bits: list[int], index: list[_ContextIndex]) -> list[tuple[int, int]]:
-    return sorted({(b, int(k)) for b, ix in zip(bits, index) for k in ix.present})
-
-
-def ans_groups(codes: list[np.ndarray], bits: list[int]):
-    """(side information, keys, symbols of each key): the coder's view of the codes."""
-    side = [_magnitude_side_info(c) for c in codes]
-    index = [_ContextIndex(r, c) for r, c in side]
-    keys = _ans_keys(bits, index)
-    flat = [c.reshape(-1).astype(np.int32) for c in codes]
-    groups = [np.concatenate([f[ix.positions(k)] for f, ix, bb in zip(flat, index, bits) if bb == b]) + clip_range(b)
-              for b, k in keys]
-    return side, keys, groups
-
-
-def ans_encode(arrays: list[np.ndarray], bits: list[int]) -> bytes:
-    import brotli
+def _pack_side(vectors: list[np.ndarray]) -> bytes:
+    """Side-information bytes, one vector per tensor row or column set, each coded with its own fitted
+    geometric law (center and decay: 2 bytes per vector) by rANS; empty vectors take no bytes."""
     import constriction
 
-    side, keys, groups = ans_groups([a.reshape(a.shape[0], -1) for a in arrays], bits)
-    histograms = [np.bincount(g, minlength=2 * clip_range(b) + 1).astype("<u4") for (b, _), g in zip(keys, groups)]
+    laws, jobs = [], []
+    for v in vectors:
+        if len(v) == 0:
+            continue
+        center = int(np.median(v))
+        costs = [-np.log2(_side_weights(center, d)[v] / _side_weights(center, d).sum()).sum() for d in range(1, 256)]
+        decay = 1 + int(np.argmin(costs))
+        laws.append(struct.pack("<BB", center, decay))
+        jobs.append((v.astype(np.int32), _side_weights(center, decay)))
     coder = constriction.stream.stack.AnsCoder()
-    for counts, symbols in zip(reversed(histograms), reversed(groups)):  # a stack: the last group first
-        coder.encode_reverse(symbols.astype(np.int32),
-                             constriction.stream.model.Categorical(counts.astype(np.float64), perfect=False))
-    words = coder.get_compressed().astype("<u4").tobytes()
-    packed_side = brotli.compress(b"".join(r.tobytes() + c.tobytes() for r, c in side), quality=11)
-    packed_table = brotli.compress(b"".join(h.tobytes() for h in histograms), quality=11)
-    return struct.pack("<III", len(packed_side), len(packed_table), len(keys)) + packed_side + packed_table + words
+    for symbols, weights in reversed(jobs):
+        coder.encode_reverse(symbols, constriction.stream.model.Categorical(weights, perfect=False))
+    return b"".join(laws) + coder.get_compressed().astype("<u4").tobytes()
+
+
+def _unpack_side(data: bytes, lengths: list[int]) -> list[np.ndarray]:
+    import constriction
+
+    n_laws = sum(1 for n in lengths if n)
+    if len(data) < 2 * n_laws:
+        raise ValueError("ans side information is shorter than its laws")
+    coder = constriction.stream.stack.AnsCoder(np.frombuffer(data[2 * n_laws :], dtype="<u4").astype(np.uint32))
+    out, law = [], 0
+    for n in lengths:
+        if n == 0:
+            out.append(np.zeros(0, np.uint8))
+            continue
+        center, decay = data[2 * law], data[2 * law + 1]
+        law += 1
+        if decay < 1:
+            raise ValueError("ans side information has a zero decay")
+        model = constriction.stream.model.Categorical(_side_weights(center, decay), perfect=False)
+        out.append(coder.decode(model, n).astype(np.uint8))
+    if not coder.is_empty():
+        raise ValueError("ans side information does not match the tensor list")
+    return out
+
+
+def _predicted_steps(side: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """log2(rho_i * gamma_j) of every code of the given tensors, flattened and concatenated, in
+    side-information steps (0..510)."""
+    if not side:
+        return np.zeros(0, np.int16)
+    return np.concatenate([(r.astype(np.int16)[:, None] + c.astype(np.int16)[None, :]).reshape(-1) for r, c in side])
+
+
+def _ans_table(magnitude_counts: np.ndarray) -> np.ndarray:
+    """Counts of each magnitude -> the stored bytes: 255 for the most frequent, one less per 1/16 octave
+    below it (at least 1), 0 for a magnitude that never occurs."""
+    table = np.zeros(magnitude_counts.shape, np.uint8)
+    present = magnitude_counts > 0
+    peak = magnitude_counts.max(axis=-1, keepdims=True).clip(min=1)
+    steps = np.round(ANS_TABLE_STEPS * np.log2(peak / np.maximum(magnitude_counts, 1)))
+    table[present] = np.clip(255 - steps, 1, 255)[present]
+    return table
+
+
+@dataclass(frozen=True)
+class _SignSymmetricAlphabet:
+    """The symbols one coder sees and their sign-symmetric model. `codes`: q + L for q = -L..L, magnitude
+    |q| (zero counted once, each sign of |q| gets half of its table weight). `fp16`: the high byte of
+    an fp16 value (sign bit, 5 exponent bits, 2 mantissa bits), magnitude = the low 7 bits (a
+    quarter-octave bucket of |value|), both signs get the magnitude's weight."""
+
+    kind: str
+    L: int = 0
+
+    @property
+    def size(self) -> int:
+        return 2 * self.L + 1 if self.kind == "codes" else 256
+
+    @property
+    def magnitudes(self) -> int:
+        return self.L + 1 if self.kind == "codes" else 128
+
+    def fold(self, hist: np.ndarray) -> np.ndarray:
+        """Symbol histogram(s) (..., size) -> magnitude histogram(s) (..., magnitudes)."""
+        if self.kind == "codes":
+            L = self.L
+            return np.concatenate([hist[..., L : L + 1], hist[..., L + 1 :] + hist[..., L - 1 :: -1]], axis=-1)
+        return hist[..., :128] + hist[..., 128:]
+
+    def weights(self, table: np.ndarray) -> np.ndarray:
+        """Stored table(s) -> integer symbol weights (..., size)."""
+        w = _ANS_TABLE_WEIGHTS[table]
+        if self.kind == "codes":
+            return np.concatenate([w[..., :0:-1], 2 * w[..., :1], w[..., 1:]], axis=-1)
+        return np.concatenate([w, w], axis=-1)
+
+
+def _ans_plan_width(symbols: np.ndarray, steps: np.ndarray, alphabet: _SignSymmetricAlphabet) -> tuple[int, float]:
+    """The context width (of ANS_CONTEXT_WIDTHS) with the fewest estimated bytes, and its model's
+    cross-entropy in bytes: symbols at their cross-entropy under the stored tables, plus the tables
+    as brotli (quality 5, a quick estimate of the quality 11 they are packed with) leaves them."""
+    import brotli
+
+    fine = np.bincount(steps.astype(np.int64) * alphabet.size + symbols,
+                       minlength=511 * alphabet.size).reshape(511, alphabet.size)
+    best = None
+    for width in ANS_CONTEXT_WIDTHS:
+        merged = np.add.reduceat(fine, np.arange(0, fine.shape[0], width), axis=0)
+        merged = merged[merged.sum(axis=1) > 0]
+        table = _ans_table(alphabet.fold(merged))
+        p = alphabet.weights(table)
+        p = p / p.sum(axis=1, keepdims=True)
+        ce = float(-(merged * np.log2(np.where(merged > 0, p, 1.0))).sum()) / 8
+        cost = ce + len(brotli.compress(table.tobytes(), quality=5))
+        if best is None or cost < best[0]:
+            best = (cost, width, ce)
+    return best[1], best[2]
+
+
+def _ans_contexts(steps: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions sorted by context, symbol count of each context 0..510)."""
+    context = steps // width
+    return np.argsort(context, kind="stable"), np.bincount(context, minlength=511)  # radix sort: linear time
+
+
+def _ans_model_group(symbols: np.ndarray, steps: np.ndarray, alphabet: _SignSymmetricAlphabet):
+    """(width, cross-entropy, tables, [(symbols, weights)] per context in decode order) for one group."""
+    width, ce = _ans_plan_width(symbols, steps, alphabet)
+    order, counts = _ans_contexts(steps, width)
+    in_order = symbols[order].astype(np.int32)
+    bounds = np.cumsum(counts)
+    tables, jobs = [], []
+    for k in np.nonzero(counts)[0]:
+        group = in_order[bounds[k] - counts[k] : bounds[k]]
+        table = _ans_table(alphabet.fold(np.bincount(group, minlength=alphabet.size)))
+        tables.append(table)
+        jobs.append((group, alphabet.weights(table)))
+    return width, ce, tables, jobs
+
+
+def _ans_decode_group(coder, steps: np.ndarray, width: int, alphabet: _SignSymmetricAlphabet, tables: np.ndarray,
+                      table_at: int) -> tuple[np.ndarray, int]:
+    """The group's symbols in their original order, and the next table position."""
+    import constriction
+
+    order, counts = _ans_contexts(steps, width)
+    decoded = []
+    for k in np.nonzero(counts)[0]:
+        table = tables[table_at : table_at + alphabet.magnitudes]
+        table_at += alphabet.magnitudes
+        if len(table) != alphabet.magnitudes:
+            raise ValueError("ans tables are shorter than the contexts need")
+        model = constriction.stream.model.Categorical(alphabet.weights(table), perfect=False)
+        decoded.append(coder.decode(model, int(counts[k])))
+    symbols = np.zeros(len(steps), np.int32)
+    if decoded:
+        symbols[order] = np.concatenate(decoded)
+    return symbols, table_at
+
+
+def _ans_words(jobs) -> bytes:
+    import constriction
+
+    coder = constriction.stream.stack.AnsCoder()
+    for symbols, weights in reversed(jobs):  # a stack: the last context first
+        coder.encode_reverse(symbols, constriction.stream.model.Categorical(weights, perfect=False))
+    return coder.get_compressed().astype("<u4").tobytes()
+
+
+def _split_sections(data: bytes, lengths: list[int]) -> list[bytes]:
+    """`data` cut into pieces of the given lengths, then the rest; refuses data that is too short."""
+    out, at = [], 0
+    for n in lengths:
+        if at + n > len(data):
+            raise ValueError("ans data is shorter than its sections")
+        out.append(data[at : at + n])
+        at += n
+    return out + [data[at:]]
+
+
+def _smallest_encoding(encode, stats: dict | None) -> bytes:
+    """encode(steps, stats) at every side-information resolution of ANS_LOG_STEPS: the shortest bytes
+    (the first on a tie). The decoder needs only the stored side bytes, not the resolution."""
+    best, best_stats = None, None
+    for steps in ANS_LOG_STEPS:
+        trial: dict = {}
+        data = encode(steps, trial)
+        if best is None or len(data) < len(best):
+            best, best_stats = data, dict(trial, log_steps=steps)
+    if stats is not None:
+        stats.update(best_stats)
+    return best
+
+
+def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = None) -> bytes:
+    """The codes of the quantized tensors (rows x cols each, int8) as ans bytes. `stats`, if given,
+    receives the byte count of each part and the model's cross-entropy (`model_ce`, bytes)."""
+    codes = [a.reshape(a.shape[0], -1) for a in arrays]
+    return _smallest_encoding(lambda steps, trial: _ans_encode_codes(codes, bits, steps, trial), stats)
+
+
+def _ans_encode_codes(codes: list[np.ndarray], bits: list[int], log_steps: int, stats: dict) -> bytes:
+    import brotli
+
+    side = [_magnitude_side_info(c, log_steps) for c in codes]
+    header, tables, jobs, model_ce = [struct.pack("<B", len(set(bits)))], [], [], 0.0
+    for b in sorted(set(bits)):
+        alphabet = _SignSymmetricAlphabet("codes", clip_range(b))
+        members = [i for i, bb in enumerate(bits) if bb == b]
+        symbols = np.concatenate([codes[i].reshape(-1) for i in members]).astype(np.int64) + alphabet.L
+        width, ce, group_tables, group_jobs = _ans_model_group(symbols, _predicted_steps([side[i] for i in members]),
+                                                               alphabet)
+        header.append(struct.pack("<BB", b, width))
+        tables += group_tables
+        jobs += group_jobs
+        model_ce += ce
+    words = _ans_words(jobs)
+    packed_side = _pack_side([v for pair in side for v in pair])
+    packed_table = brotli.compress(b"".join(t.tobytes() for t in tables), quality=11)
+    head = b"".join(header) + struct.pack("<II", len(packed_side), len(packed_table))
+    stats.update(words=len(words), side=len(packed_side), tables=len(packed_table), header=len(head),
+                 model_ce=model_ce, contexts=len(tables))
+    return head + packed_side + packed_table + words
 
 
 def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int]) -> list[np.ndarray]:
     import brotli
     import constriction
 
-    side_len, table_len, n_keys = struct.unpack("<III", data[:12])
-    side_bytes = brotli.decompress(data[12 : 12 + side_len])
-    table = np.frombuffer(brotli.decompress(data[12 + side_len : 12 + side_len + table_len]), dtype="<u4")
-    words = np.frombuffer(data[12 + side_len + table_len :], dtype="<u4").astype(np.uint32)
-    index, offset = [], 0
-    for rows, cols in shapes:
-        index.append(_ContextIndex(np.frombuffer(side_bytes[offset : offset + rows], dtype=np.uint8),
-                                   np.frombuffer(side_bytes[offset + rows : offset + rows + cols], dtype=np.uint8)))
-        offset += rows + cols
-    keys = _ans_keys(bits, index)
-    if len(keys) != n_keys or offset != len(side_bytes):
+    n_bits = data[0] if data else 0
+    widths = dict(struct.unpack("<BB", data[1 + 2 * i : 3 + 2 * i]) for i in range(n_bits))
+    at = 1 + 2 * n_bits
+    side_len, table_len = struct.unpack("<II", data[at : at + 8])
+    packed_side, packed_table, words = _split_sections(data[at + 8 :], [side_len, table_len])
+    tables = np.frombuffer(brotli.decompress(packed_table), np.uint8)
+    vectors = _unpack_side(packed_side, [n for shape in shapes for n in shape])
+    side = list(zip(vectors[0::2], vectors[1::2]))
+    if len(shapes) != len(bits) or sorted(widths) != sorted(set(bits)) or min(widths.values(), default=1) < 1:
         raise ValueError("ans side information does not match the tensor list")
-    coder = constriction.stream.stack.AnsCoder(words)
-    out = [np.zeros(rows * cols, dtype=np.int8) for rows, cols in shapes]
-    at = 0
-    for b, k in keys:
-        counts = table[at : at + 2 * clip_range(b) + 1]
-        at += len(counts)
-        model = constriction.stream.model.Categorical(counts.astype(np.float64), perfect=False)
-        symbols = (coder.decode(model, int(counts.sum())) - clip_range(b)).astype(np.int8)
+    coder = constriction.stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
+    out: list[np.ndarray] = [np.zeros(0, np.int8)] * len(shapes)
+    table_at = 0
+    for b in sorted(widths):
+        alphabet = _SignSymmetricAlphabet("codes", clip_range(b))
+        members = [i for i, bb in enumerate(bits) if bb == b]
+        symbols, table_at = _ans_decode_group(coder, _predicted_steps([side[i] for i in members]), widths[b],
+                                              alphabet, tables, table_at)
+        flat = (symbols - alphabet.L).astype(np.int8)
         start = 0
-        for o, ix, bb in zip(out, index, bits):
-            if bb == b:
-                where = ix.positions(k)
-                o[where] = symbols[start : start + len(where)]
-                start += len(where)
-    return [o.reshape(shape) for o, shape in zip(out, shapes)]
+        for i in members:
+            n = shapes[i][0] * shapes[i][1]
+            out[i] = flat[start : start + n].reshape(shapes[i])
+            start += n
+    if table_at != len(tables) or not coder.is_empty():
+        raise ValueError("ans tables or words do not match the contexts")
+    return out
+
+
+# fp16 tensors kept as floats (the `float16` stream) get the same treatment: the high byte of each
+# value (sign, exponent, top 2 mantissa bits: a quarter-octave bucket of |w|) is coded in the context
+# of the rank-1 magnitude prediction mean|w| of its row x mean|w| of its column (one byte each, as for
+# the codes; a tensor with one row gets no column bytes); the low byte, the remaining mantissa bits,
+# is noise and stored as it is.
+#   layout: width u8 | side length u32 | table length u32 | side | tables (brotli) |
+#           low bytes | rANS words (u32)
+
+def _fp16_side_info(values: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    magnitude = np.abs(values.astype(np.float32))
+    magnitude[~np.isfinite(magnitude)] = 0.0  # inf / nan carry no magnitude information
+    overall = max(float(magnitude.mean()), 1e-9)
+    cols = _log_bytes(magnitude.mean(axis=0) / overall, steps) if values.shape[0] > 1 else np.zeros(0, np.uint8)
+    return _log_bytes(magnitude.mean(axis=1), steps), cols
+
+
+def _fp16_steps(side: list[tuple[np.ndarray, np.ndarray]], shapes: list[tuple[int, int]]) -> np.ndarray:
+    """A one-row tensor has no column bytes: every column counts as the mean (128)."""
+    return _predicted_steps([(r, c if len(c) else np.full(cols, 128, np.uint8))
+                             for (r, c), (_, cols) in zip(side, shapes)])
+
+
+def ans_encode_fp16(arrays: list[np.ndarray], stats: dict | None = None) -> bytes:
+    """fp16 arrays (2-D as rows x cols, anything else as one row) as ans bytes."""
+    values = [a.reshape(a.shape[0], -1) if a.ndim == 2 else a.reshape(1, -1) for a in arrays]
+    return _smallest_encoding(lambda steps, trial: _ans_encode_fp16_at(values, steps, trial), stats)
+
+
+def _ans_encode_fp16_at(values: list[np.ndarray], log_steps: int, stats: dict) -> bytes:
+    import brotli
+
+    side = [_fp16_side_info(v, log_steps) for v in values]
+    bits16 = np.concatenate([v.reshape(-1).view(np.uint16) for v in values]) if values else np.zeros(0, np.uint16)
+    alphabet = _SignSymmetricAlphabet("fp16")
+    width, ce, tables, jobs = _ans_model_group((bits16 >> 8).astype(np.int64),
+                                               _fp16_steps(side, [v.shape for v in values]), alphabet)
+    words = _ans_words(jobs)
+    low = (bits16 & 0xFF).astype(np.uint8).tobytes()
+    packed_side = _pack_side([v for pair in side for v in pair])
+    packed_table = brotli.compress(b"".join(t.tobytes() for t in tables), quality=11)
+    head = struct.pack("<BII", width, len(packed_side), len(packed_table))
+    stats.update(words=len(words), side=len(packed_side), tables=len(packed_table), low=len(low),
+                 model_ce=ce, contexts=len(tables))
+    return head + packed_side + packed_table + low + words
+
+
+def ans_decode_fp16(data: bytes, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
+    import brotli
+    import constriction
+
+    width, side_len, table_len = struct.unpack("<BII", data[:9])
+    n = sum(rows * cols for rows, cols in shapes)
+    packed_side, packed_table, low, words = _split_sections(data[9:], [side_len, table_len, n])
+    tables = np.frombuffer(brotli.decompress(packed_table), np.uint8)
+    vectors = _unpack_side(packed_side, [n for rows, cols in shapes for n in (rows, cols if rows > 1 else 0)])
+    side = list(zip(vectors[0::2], vectors[1::2]))
+    if width < 1:
+        raise ValueError("ans side information does not match the tensor list")
+    coder = constriction.stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
+    high, table_at = _ans_decode_group(coder, _fp16_steps(side, shapes), width, _SignSymmetricAlphabet("fp16"),
+                                       tables, 0)
+    if table_at != len(tables) or not coder.is_empty():
+        raise ValueError("ans tables or words do not match the contexts")
+    flat = ((high.astype(np.uint16) << 8) | np.frombuffer(low, np.uint8)).view(np.float16)
+    out, start = [], 0
+    for rows, cols in shapes:
+        out.append(flat[start : start + rows * cols].reshape(rows, cols))
+        start += rows * cols
+    return out
+
+
+# The fp16 row scales (the `scales` stream) vary little within a tensor, so their 16-bit patterns sit
+# in a narrow band: each tensor's scale vector (and each LQER factor's) is coded as the integers
+# `bits - center` with a two-sided geometric law fitted to it (center u16, decay u8, radius u16: the
+# band's half width, outside which nothing is coded). The packer keeps this only when it is smaller
+# than brotli.
+
+def _band_weights(center: int, decay: int, radius: int) -> np.ndarray:
+    """Integer weights over all 65,536 fp16 bit patterns: 2^(-|x - center| * decay / 4096) within the
+    band, 0 outside (whole table steps, as _side_weights)."""
+    distance = np.abs(np.arange(65536) - center)
+    steps = np.minimum((distance * decay) >> 8, 254)
+    return np.where(distance <= radius, _ANS_TABLE_WEIGHTS[255 - steps], 0.0)
+
+
+def ans_encode_fp16_vectors(vectors: list[np.ndarray]) -> bytes:
+    import constriction
+
+    laws, jobs = [], []
+    for v in vectors:
+        x = np.ascontiguousarray(v, dtype=np.float16).reshape(-1).view(np.uint16).astype(np.int64)
+        if len(x) == 0:
+            continue
+        center = int(np.median(x))
+        radius = int(np.abs(x - center).max())
+        distance, band = np.abs(x - center), np.abs(np.arange(-radius, radius + 1))
+        costs = []  # bits of the vector under each decay
+        for decay in range(1, 256):
+            weight = lambda dist: _ANS_TABLE_WEIGHTS[255 - np.minimum((dist * decay) >> 8, 254)]
+            costs.append(len(x) * np.log2(weight(band).sum()) - np.log2(weight(distance)).sum())
+        decay = 1 + int(np.argmin(costs))
+        laws.append(struct.pack("<HBH", center, decay, radius))
+        jobs.append((x.astype(np.int32), _band_weights(center, decay, radius)))
+    coder = constriction.stream.stack.AnsCoder()
+    for symbols, weights in reversed(jobs):
+        coder.encode_reverse(symbols, constriction.stream.model.Categorical(weights, perfect=False))
+    return b"".join(laws) + coder.get_compressed().astype("<u4").tobytes()
+
+
+def ans_decode_fp16_vectors(data: bytes, lengths: list[int]) -> list[np.ndarray]:
+    import constriction
+
+    n_laws = sum(1 for n in lengths if n)
+    if len(data) < 5 * n_laws:
+        raise ValueError("ans scale data is shorter than its laws")
+    coder = constriction.stream.stack.AnsCoder(np.frombuffer(data[5 * n_laws :], dtype="<u4").astype(np.uint32))
+    out, law = [], 0
+    for n in lengths:
+        if n == 0:
+            out.append(np.zeros(0, np.float16))
+            continue
+        center, decay, radius = struct.unpack("<HBH", data[5 * law : 5 * law + 5])
+        law += 1
+        if decay < 1:
+            raise ValueError("ans scale data has a zero decay")
+        model = constriction.stream.model.Categorical(_band_weights(center, decay, radius), perfect=False)
+        out.append(coder.decode(model, n).astype(np.uint16).view(np.float16))
+    if not coder.is_empty():
+        raise ValueError("ans scale data does not match the tensor list")
+    return out
 
 
 def code_entropy_report(arrays: list[np.ndarray], bits: list[int]) -> tuple[float, float]:
-    """(order-0 entropy of all codes, the ans context model's cross-entropy), in bytes, without side information."""
-    codes = [a.reshape(a.shape[0], -1) for a in arrays]
-    counts = sum(np.bincount(c.reshape(-1).astype(np.int64) + 128, minlength=256) for c in codes)
-
-    def entropy(h: np.ndarray) -> float:
-        nz = h[h > 0].astype(np.float64)
-        return float(-(nz * np.log2(nz / nz.sum())).sum()) / 8
-
-    _, _, groups = ans_groups(codes, bits)
-    return entropy(np.asarray(counts)), sum(entropy(np.bincount(g)) for g in groups)
+    """(order-0 entropy of all codes, the ans model's cross-entropy), in bytes, without side information
+    and tables."""
+    counts = sum(np.bincount(a.reshape(-1).astype(np.int64) + 128, minlength=256) for a in arrays)
+    nz = np.asarray(counts)[np.asarray(counts) > 0].astype(np.float64)
+    stats: dict = {}
+    ans_encode(arrays, bits, stats)
+    return float(-(nz * np.log2(nz / nz.sum())).sum()) / 8, stats["model_ce"]
 
 
 # ---- fitting under the limit ----------------------------------------------------------------------

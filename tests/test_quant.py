@@ -87,8 +87,13 @@ def test_artifact_roundtrip_is_bit_identical_and_deterministic(tmp_path, compres
     bits = {t["name"]: t["bits"] for t in header["tensors"]}
     assert bits["tok_emb.weight"] == 8 and bits["lm_head.weight"] == 7
     assert bits["blocks.0.mlp.fc.weight"] == 5 and bits["blocks.0.attn.c_q.weight"] == 0  # 192x192 stays float
+    stream_coder = {st["name"]: st["coder"] for st in header["streams"]}
+    assert all(t["coder"] == stream_coder[t["stream"]] for t in header["tensors"])  # each tensor names its coder
     assert all(t["coder"] == compressor for t in header["tensors"] if t["bits"])
-    assert all(t["coder"] == ("brotli" if compressor == "ans" else compressor) for t in header["tensors"] if not t["bits"])
+    general = "brotli" if compressor == "ans" else compressor  # ans models codes, fp16 tensors and scales only
+    assert all(st["coder"] == general for st in header["streams"]
+               if st["name"] not in ("codes", "float16", "scales"))
+    assert {stream_coder["float16"], stream_coder["scales"]} <= {compressor, general}  # the smaller of the two
     assert by_name["blocks.0.mlp.fc.weight"].codes.abs().max() <= 15
     restored = tg.dequantize_state_dict(loaded)
     assert torch.equal(restored["blocks.0.resid_mix"], sd["blocks.0.resid_mix"])  # control tensors: fp32 exact
@@ -127,7 +132,7 @@ def test_damaged_or_foreign_artifacts_fail_with_one_clear_line(tmp_path):
         message = str(info.value)
         assert "\n" not in message and ("corrupt" in message or "version" in message), (what, message)
         if what == "wrong version":
-            assert "format version 2, this script reads version 1" in message
+            assert "format version 3, this script reads version 2" in message
     other = dataclasses.asdict(tg.ModelConfig.from_hparams(tg.Hyperparameters.from_env({**SMALL, "VOCAB_SIZE": "512"})))
     with pytest.raises(tg.RunError, match=r"made for another model: vocab_size=400 \(expected 512\)"):
         tg.unpack_artifact(blob, expect_model=other)
@@ -202,6 +207,43 @@ def test_ans_coder_is_exact_and_beats_byte_shuffle_brotli_on_the_same_codes():
     assert model < order0 and len(data) >= model  # the context helps; no coder beats its model's entropy
     with pytest.raises(ValueError):
         tg.ans_decode(data, [a.shape for a in arrays][:2], bits[:2])
+    stats = {}
+    tg.ans_encode(arrays, bits, stats)  # every byte is accounted for by a part
+    assert stats["header"] + stats["side"] + stats["tables"] + stats["words"] == len(data)
+    assert stats["words"] <= stats["model_ce"] * 1.001 + 8  # rANS lands on its model's cross-entropy
+
+
+def test_ans_fp16_coder_is_bit_exact_and_beats_byte_shuffle_brotli():
+    import brotli
+
+    rng = np.random.default_rng(1)
+    arrays = [(rng.standard_normal((96, 256)) * 0.02 * np.exp(0.5 * rng.standard_normal(256))[None, :]
+               * np.exp(0.3 * rng.standard_normal(96))[:, None]).astype(np.float16),
+              (rng.standard_normal(300) * 0.1).astype(np.float16)]  # a 1-D tensor: one row, no column bytes
+    arrays[0][0, :6] = np.array([0.0, -0.0, 6e-8, -6e-8, np.inf, np.nan], dtype=np.float16)  # signs, subnormals
+    shapes = [(96, 256), (1, 300)]
+    data = tg.ans_encode_fp16(arrays)
+    decoded = tg.ans_decode_fp16(data, shapes)
+    assert all(np.array_equal(d.reshape(-1).view(np.uint16), a.reshape(-1).view(np.uint16))
+               for d, a in zip(decoded, arrays))
+    assert data == tg.ans_encode_fp16(arrays)
+    shuffled = tg.compress_bytes(b"".join(a.tobytes() for a in arrays), "brotli", 2)
+    assert len(data) < len(shuffled)
+    with pytest.raises(ValueError):
+        tg.ans_decode_fp16(data, shapes[:1])
+
+
+def test_ans_scale_vectors_are_bit_exact_and_beat_byte_shuffle_brotli():
+    """Row scales vary little within a tensor: coded as 16-bit patterns in a narrow band."""
+    rng = np.random.default_rng(2)
+    vectors = [(12.85 * 0.02 * np.exp(0.1 * rng.standard_normal(n)) / 31).astype(np.float16) for n in (512, 2048, 384)]
+    vectors.append(np.array([2.0**-24, 65504.0, 1.0], dtype=np.float16))  # the whole range in one band
+    data = tg.ans_encode_fp16_vectors(vectors)
+    back = tg.ans_decode_fp16_vectors(data, [v.size for v in vectors])
+    assert all(np.array_equal(b.view(np.uint16), v.view(np.uint16)) for b, v in zip(back, vectors))
+    assert len(data) < len(tg.compress_bytes(b"".join(v.tobytes() for v in vectors), "brotli", 2))
+    with pytest.raises(ValueError):
+        tg.ans_decode_fp16_vectors(data, [v.size for v in vectors][:-1])
 
 
 # ---- GPTQ and its calibration ---------------------------------------------------------------------
@@ -247,6 +289,11 @@ def test_lqer_lowers_the_gptq_layer_output_error_further_and_packs_exactly(group
         back, header = tg.unpack_artifact(tg.pack_artifact([corrected], compressor=compressor))
         assert header["tensors"][0]["lqer"] == {"rank": 4, "group": group, "bits": 4}
         assert torch.equal(back[0].dequantize(), corrected.dequantize())
+    # the scales stream's vectors (row scales, then the factors') as the ans decoder will cut them
+    vectors = [a for stream, a in tg._tensor_parts(corrected) if stream == "scales"]
+    assert tg._scale_vector_lengths(header["tensors"]) == [v.size for v in vectors]
+    back = tg.ans_decode_fp16_vectors(tg.ans_encode_fp16_vectors(vectors), [v.size for v in vectors])
+    assert all(np.array_equal(b.view(np.uint16), v.reshape(-1).view(np.uint16)) for b, v in zip(back, vectors))
 
 
 def test_lqer_picks_the_costliest_tensors():

@@ -3,12 +3,14 @@
 Not collected by pytest (a benchmark, not a test). Run from the repo root:
 
     python tests/bench/bench_quant.py [--steps 150] [--part table|fullsize|all] [--model-dir DIR]
+        [--fullsize-coders brotli,ans] [--fullsize-scale init|trained]
 
 Part `table`: trains a small model on the embedded sample (sp1024, built if missing; or reuses
 DIR/final_model.pt), then for each export scheme prints val_bpb before and after the roundtrip and
 the gap, and the artifact's model bytes under zlib, lzma, byte-shuffle+brotli-11 and ans, beside the
 order-0 entropy of the codes and the ans context model's cross-entropy. The codes-only columns
-compare the coders on exactly the same codes.
+compare the coders on exactly the same codes. A second table shows where the ans artifact's bytes go
+(side information, tables, rANS words beside their model cross-entropy, and the other streams).
 
 Part `fullsize`: the default RECIPE=record model at full size (35.9M parameters), its matrices drawn
 at the scale of the trained sample model's (per group, Gaussian: no structure is invented, so ans
@@ -106,9 +108,9 @@ def part_table(args, sample: dict) -> dict:
         fresh = tg.GPT(model.cfg)
         fresh.load_state_dict(tg.dequantize_state_dict(entries))
         post = score(fresh)
-        sizes, streams = {}, {}
+        sizes, streams, all_stats = {}, {}, {}
         for c in COMPRESSORS:
-            stats = {}
+            stats = all_stats[c] = {}
             blob = tg.pack_artifact(entries, compressor=c, model=dataclasses.asdict(model.cfg), stats=stats)
             back, _ = tg.unpack_artifact(blob)
             assert all(torch.equal(a.codes, b.codes) for a, b in zip(back, entries) if a.bits)
@@ -116,16 +118,30 @@ def part_table(args, sample: dict) -> dict:
         quantized = [e for e in entries if e.bits]
         order0, model_ce = tg.code_entropy_report([e.codes.numpy() for e in quantized], [e.bits for e in quantized])
         gain = 100 * (1 - streams["ans"] / streams["brotli"])
-        rows[name] = dict(pre=pre, post=post, sizes=sizes, streams=streams)
+        ans_parts = {}
+        tg.ans_encode([e.codes.numpy() for e in quantized], [e.bits for e in quantized], ans_parts)
+        rows[name] = dict(pre=pre, post=post, sizes=sizes, streams=streams, stats=all_stats, ans_parts=ans_parts)
         print(f"| {name} | {pre:.4f} | {post:.4f} | {post - pre:+.4f} | {sizes['zlib']:,} | {sizes['lzma']:,} | "
               f"{sizes['brotli']:,} | {sizes['ans']:,} | {order0:,.0f} | {model_ce:,.0f} | {streams['brotli']:,} | "
               f"{streams['ans']:,} | {gain:.2f}% smaller |", flush=True)
+    print("\nWhere the bytes go (ans artifact vs brotli artifact, same entries; codes = ans side information +"
+          " tables + rANS words, beside the words' model cross-entropy):")
+    print("| scheme | whole: brotli | whole: ans | ans vs brotli (whole) | codes: side info | codes: tables | "
+          "codes: rANS words | codes: model CE | float16: brotli | float16: ans | scales | float32 | lqer | header |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        a, b, parts = r["stats"]["ans"], r["stats"]["brotli"], r["ans_parts"]
+        print(f"| {name} | {r['sizes']['brotli']:,} | {r['sizes']['ans']:,} | "
+              f"{100 * (1 - r['sizes']['ans'] / r['sizes']['brotli']):.2f}% smaller | {parts['side']:,} | "
+              f"{parts['tables']:,} | {parts['words']:,} | {parts['model_ce']:,.0f} | {b.get('float16', 0):,} | "
+              f"{a.get('float16', 0):,} | {a['scales']:,} | {a.get('float32', 0):,} | {a.get('lqer', 0):,} | "
+              f"{a['header']:,} |", flush=True)
     base, gptq = rows["int6 RTN absmax"], rows["int6 GPTQ"]
     print(f"GPTQ int6 gap / RTN absmax int6 gap = {(gptq['post'] - gptq['pre']) / (base['post'] - base['pre']):.3f}")
     return dict(model=model, hp=hp)
 
 
-def part_fullsize(reference: tg.GPT | None) -> None:
+def part_fullsize(reference: tg.GPT | None, coders: tuple[str, ...] = ("brotli", "ans")) -> None:
     hp = tg.Hyperparameters.from_env({})  # RECIPE=record, every default
     torch.manual_seed(0)
     model = tg.GPT(tg.ModelConfig.from_hparams(hp))
@@ -154,7 +170,7 @@ def part_fullsize(reference: tg.GPT | None) -> None:
     print("| coder | model bytes | codes | scales | float16 | float32 | header | code bytes | total | fits "
           "16,000,000 | pack s | unpack s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for c in ("brotli", "ans"):
+    for c in coders:
         stats = {}
         t0 = time.perf_counter()
         blob = tg.pack_artifact(entries, compressor=c, model=dataclasses.asdict(model.cfg), stats=stats)
@@ -183,6 +199,10 @@ def main() -> None:
     parser.add_argument("--calibration-batches", type=int, default=4)
     parser.add_argument("--part", choices=("table", "fullsize", "all"), default="all")
     parser.add_argument("--model-dir", default="", help="reuse (or create) the trained small model here")
+    parser.add_argument("--fullsize-coders", default="brotli,ans",
+                        help="coders of the fullsize part (brotli-11 alone takes minutes there)")
+    parser.add_argument("--fullsize-scale", choices=("init", "trained"), default="init",
+                        help="fullsize matrices at 1/sqrt(fan-in) (init) or at the --model-dir model's scale")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     from data.prepare_sample import prepare_sample
@@ -192,11 +212,12 @@ def main() -> None:
     if args.part in ("table", "all"):
         reference = part_table(args, sample)["model"]
     if args.part in ("fullsize", "all"):
-        if reference is None and args.model_dir and (Path(args.model_dir) / "final_model.pt").exists():
+        if reference is None and args.model_dir and args.fullsize_scale == "trained":
             hp = train_small(args.steps, Path(args.model_dir), sample)
             reference = tg.GPT(tg.ModelConfig.from_hparams(hp))
-            reference.load_state_dict(torch.load(Path(args.model_dir) / "final_model.pt", map_location="cpu"))
-        part_fullsize(reference)
+            reference.load_state_dict(torch.load(Path(args.model_dir) / "bench_quant" / "final_model.pt",
+                                                 map_location="cpu"))
+        part_fullsize(reference, tuple(args.fullsize_coders.split(",")))
 
 
 if __name__ == "__main__":
