@@ -249,7 +249,8 @@ class Hyperparameters:
     gptq_block_size: int = knob(128, "columns per GPTQ block", gt=0)
     gptq_act_order: bool = knob(True, "quantize columns with the largest Hessian diagonal first")
     compressor: str = knob("zlib", "artifact coder: zlib (level 9), lzma (9e), brotli (byte shuffle + quality 11), "
-                           "ans (context-modelled rANS for the codes, brotli for the rest)",
+                           "ans (context-modelled rANS for the codes, fp16 tensors and scales where it beats "
+                           "brotli; brotli for the rest)",
                            choices=("zlib", "lzma", "brotli", "ans"))
     lqer_enabled: bool = knob(False, "low-rank correction of the quantization error on the LQER_TOP_K "
                               "costliest tensors")
@@ -2855,7 +2856,10 @@ def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict
         arrays = streams[name]
         dtype = np.dtype(STREAM_DTYPES.get(name, np.uint8)) if not name.startswith("raw:") else np.dtype(name[4:])
         if name == "codes" and compressor == "ans":
-            coder, data = "ans", ans_encode(arrays, [e.bits for e in entries if e.bits])
+            ans_stats: dict = {}
+            coder, data = "ans", ans_encode(arrays, [e.bits for e in entries if e.bits], ans_stats)
+            if stats is not None:  # not a stream: export_artifact takes it out before logging the streams
+                stats["codes_model_ce"] = ans_stats["model_ce"]
         else:
             raw = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
             coder = general
@@ -3431,14 +3435,16 @@ def ans_decode_fp16_vectors(data: bytes, lengths: list[int]) -> list[np.ndarray]
     return out
 
 
-def code_entropy_report(arrays: list[np.ndarray], bits: list[int]) -> tuple[float, float]:
+def code_entropy_report(arrays: list[np.ndarray], bits: list[int], model_ce: float | None = None) -> tuple[float, float]:
     """(order-0 entropy of all codes, the ans model's cross-entropy), in bytes, without side information
-    and tables."""
+    and tables. `model_ce`: already known from packing with ans (else the codes are encoded once more)."""
     counts = sum(np.bincount(a.reshape(-1).astype(np.int64) + 128, minlength=256) for a in arrays)
     nz = np.asarray(counts)[np.asarray(counts) > 0].astype(np.float64)
-    stats: dict = {}
-    ans_encode(arrays, bits, stats)
-    return float(-(nz * np.log2(nz / nz.sum())).sum()) / 8, stats["model_ce"]
+    if model_ce is None:
+        stats: dict = {}
+        ans_encode(arrays, bits, stats)
+        model_ce = stats["model_ce"]
+    return float(-(nz * np.log2(nz / nz.sum())).sum()) / 8, model_ce
 
 
 # ---- fitting under the limit ----------------------------------------------------------------------
@@ -4049,9 +4055,11 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
         label = f"int{hp.matrix_bits}+{hp.compressor}"
         log(f"Serialized model {label}: {len(blob)} bytes (raw_torch:{buf.tell()} method:{plan.method} "
             f"bits:{','.join(f'{g}={b}' for g, b in plan.bits.items())})")
+        known_ce = stats.pop("codes_model_ce", None)
         log("artifact_streams: " + " ".join(f"{k}:{v}" for k, v in sorted(stats.items())))
         quantized = [e for e in entries if e.bits]
-        order0, model_ce = code_entropy_report([e.codes.numpy() for e in quantized], [e.bits for e in quantized])
+        order0, model_ce = code_entropy_report([e.codes.numpy() for e in quantized], [e.bits for e in quantized],
+                                               known_ce)
         log(f"artifact_entropy: codes_bytes:{stats.get('codes', 0)} order0_entropy_bytes:{order0:.0f} "
             f"ans_model_cross_entropy_bytes:{model_ce:.0f} (side information not included) coder:{hp.compressor}")
         for group in QUANT_GROUPS:

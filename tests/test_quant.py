@@ -348,8 +348,8 @@ def test_validation_data_can_never_be_a_calibration_source(tiny_env, monkeypatch
     with pytest.raises(tg.RunError, match="can never be calibration data"):  # even if handed val files
         list(tg.calibration_inputs(dataclasses.replace(hp, gptq_calibration_source="train"), rt, model, val_files, False))
     read = []
-    real = tg.load_data_shard
-    monkeypatch.setattr(tg, "load_data_shard", lambda path: read.append(str(path)) or real(path))
+    real = tg.read_shard  # load_data_shard and the stream loader (calibration uses it) read through it
+    monkeypatch.setattr(tg, "read_shard", lambda path: read.append(str(path)) or real(path))
     train_files = tg.shard_files(tiny_env["DATA_PATH"], "train")
     selfgen = list(tg.calibration_inputs(hp, rt, model, train_files, False))
     assert read == [] and [b.shape for b in selfgen] == [(2, 8), (2, 8)]  # selfgen reads no data at all

@@ -57,6 +57,7 @@ def schemes() -> dict[str, tuple[tg.QuantPlan, bool]]:
         "int6 RTN absmax": (tg.QuantPlan("absmax", six), False),
         "int6 RTN SDClip": (tg.QuantPlan("sdclip", six), False),
         "int6 GPTQ": (tg.QuantPlan("gptq", six), False),
+        "int6 GPTQ, absmax grid": (tg.QuantPlan("gptq", six, {g: 0.0 for g in six}), False),
         "mixed int5 MLP / int6 GPTQ": (tg.QuantPlan("gptq", dict(six, mlp=5)), False),
     }
     if hasattr(tg, "apply_lqer"):
@@ -136,8 +137,12 @@ def part_table(args, sample: dict) -> dict:
               f"{parts['tables']:,} | {parts['words']:,} | {parts['model_ce']:,.0f} | {b.get('float16', 0):,} | "
               f"{a.get('float16', 0):,} | {a['scales']:,} | {a.get('float32', 0):,} | {a.get('lqer', 0):,} | "
               f"{a['header']:,} |", flush=True)
-    base, gptq = rows["int6 RTN absmax"], rows["int6 GPTQ"]
-    print(f"GPTQ int6 gap / RTN absmax int6 gap = {(gptq['post'] - gptq['pre']) / (base['post'] - base['pre']):.3f}")
+    def gap(name: str) -> float:
+        return rows[name]["post"] - rows[name]["pre"]
+
+    print(f"int6 gap ratios: GPTQ (absmax grid) / RTN absmax = {gap('int6 GPTQ, absmax grid') / gap('int6 RTN absmax'):.3f}; "
+          f"GPTQ (SDClip grid) / RTN SDClip = {gap('int6 GPTQ') / gap('int6 RTN SDClip'):.3f}; "
+          f"GPTQ (SDClip grid) / RTN absmax = {gap('int6 GPTQ') / gap('int6 RTN absmax'):.3f}")
     return dict(model=model, hp=hp)
 
 
