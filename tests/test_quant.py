@@ -262,7 +262,7 @@ def output_error(x, w, codes, scales):
     return ((x @ (w - tg.dequantize_rows(codes, scales)).T).norm() / (x @ w.T).norm()).item()
 
 
-@pytest.mark.parametrize("bits,k", [(6, 12.85), (4, 6.0)])
+@pytest.mark.parametrize("bits,k", [(6, 12.85), (4, 6.0), (6, 0.0), (4, 0.0)])  # k = 0: the row-absmax grid
 def test_gptq_has_lower_layer_output_error_than_rtn_on_the_same_grid(bits, k):
     w, x = trained_layer()
     rtn = tg.quantize_rows(w, bits, k)
@@ -304,6 +304,15 @@ def test_lqer_picks_the_costliest_tensors():
     costs = sorted(((sd[e.name].float() - e.dequantize().float()).square().sum().item(), e.name)
                    for e in entries if e.bits)
     assert sorted(chosen) == sorted(name for _, name in costs[-2:])
+
+
+def test_clip_sigmas_zero_puts_gptq_on_the_row_absmax_grid():
+    hp = tg.Hyperparameters.from_env({**SMALL, "QUANT_METHOD": "gptq", "MATRIX_CLIP_SIGMAS": "0", "EMBED_CLIP_SIGMAS": "0"})
+    plan = tg.QuantPlan.from_hparams(hp)
+    w, x = trained_layer(d_in=384, d_out=256)  # large enough to be quantized, not kept float
+    assert plan.spec("blocks.0.mlp.fc.weight", w) == (hp.matrix_bits, 0.0)
+    entry = tg.quantize_tensor("blocks.0.mlp.fc.weight", w, plan, hessian=x.T @ x)
+    assert entry.method == "gptq" and torch.equal(entry.scales, tg.quantize_rows(w, hp.matrix_bits)[1])
 
 
 def test_gptq_zeroes_inputs_that_never_fire_and_survives_a_singular_hessian():
