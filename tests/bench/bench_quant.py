@@ -89,14 +89,15 @@ def part_table(args, sample: dict) -> dict:
                            world_size=1, device=CPU.device).val_bpb
 
     pre = score(model)
-    calib_hp = dataclasses.replace(hp, gptq_calibration_batches=args.calibration_batches, gptq_calibration_seqs=8)
+    calib_hp = dataclasses.replace(hp, gptq_calibration_batches=args.calibration_batches, gptq_calibration_seqs=8,
+                                   gptq_calibration_source=args.calibration_source)
     t0 = time.perf_counter()
-    hessians = tg.collect_hessians(model, tg.calibration_inputs(calib_hp, CPU, model, [], False),
+    hessians = tg.collect_hessians(model, tg.calibration_inputs(calib_hp, CPU, model, tg.shard_files(hp.data_path, "train"), False),
                                    tg.QuantPlan("gptq", dict(embed=8, head=8, attn=6, mlp=6, other=6)), False)
     calib_s = time.perf_counter() - t0
     print(f"small model: {sum(p.numel() for p in model.parameters()):,} parameters, {args.steps} steps x "
-          f"{SMALL['TRAIN_BATCH_TOKENS']} tokens on the sample; GPTQ calibration: selfgen, "
-          f"{args.calibration_batches} x 8 sequences x {hp.train_seq_len} tokens ({calib_s:.0f}s); val tokens "
+          f"{SMALL['TRAIN_BATCH_TOKENS']} tokens on the sample; GPTQ calibration: "
+          f"{args.calibration_source}, {args.calibration_batches} x 8 sequences x {hp.train_seq_len} tokens ({calib_s:.0f}s); val tokens "
           f"{val_tokens.numel():,}")
     print("| scheme | val_bpb pre-quant | val_bpb roundtrip | gap | model bytes zlib | lzma | brotli | ans | "
           "codes: order-0 | codes: ans model CE | codes: brotli | codes: ans | ans vs brotli (codes) |")
@@ -201,7 +202,9 @@ def part_fullsize(reference: tg.GPT | None, coders: tuple[str, ...] = ("brotli",
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--calibration-batches", type=int, default=4)
+    parser.add_argument("--calibration-batches", type=int, default=4, help="GPTQ calibration batches of 8 sequences")
+    parser.add_argument("--calibration-source", choices=("selfgen", "train"), default="selfgen",
+                        help="GPTQ_CALIBRATION_SOURCE: sequences the model samples itself, or training shards")
     parser.add_argument("--part", choices=("table", "fullsize", "all"), default="all")
     parser.add_argument("--model-dir", default="", help="reuse (or create) the trained small model here")
     parser.add_argument("--fullsize-coders", default="brotli,ans",
