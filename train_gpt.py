@@ -207,7 +207,17 @@ class Hyperparameters:
     ttt_grad_clip: float = knob(1.0, "global grad-norm clip of TTT SGD steps; 0 = off", min=0)
     ttt_freeze_blocks: int = knob(0, "chunked: the first N blocks stay frozen", min=0)
     ttt_lora_rank: int = knob(8, "lora/phased: rank of the per-document adapters", gt=0)
-    ttt_lora_lr: float = knob(0.01, "lora/phased: Adam LR of the adapters", min=0)
+    ttt_lora_lr: float = knob(0.01, "lora/phased: AdamW LR of the adapters", min=0)
+    ttt_lora_alpha: float = knob(0.0, "lora/phased: adapter outputs scaled by alpha/rank; 0 = the rank (scale 1)",
+                                 min=0)
+    ttt_warm_start_a: bool = knob(False, "lora/phased: keep each round position's trained A for the next round's "
+                                  "document (B and optimizer state still reset)")
+    ttt_weight_decay: float = knob(0.0, "lora/phased: AdamW weight decay of the adapters", min=0)
+    ttt_beta1: float = knob(0.9, "lora/phased: AdamW beta1 of the adapters", min=0)
+    ttt_beta2: float = knob(0.95, "lora/phased: AdamW beta2 of the adapters", min=0)
+    ttt_k_lora: bool = knob(True, "lora/phased: adapters on attention k (q, v and the head always)")
+    ttt_o_lora: bool = knob(True, "lora/phased: adapters on the attention output projection")
+    ttt_mlp_lora: bool = knob(True, "lora/phased: a dim->dim adapter beside each MLP, fed by its input")
     ttt_chunk_size: int = knob(48, "lora/phased: targets scored per adapter step inside a document (at most "
                                "EVAL_SEQ_LEN)", gt=0)
     ttt_batch_size: int = knob(64, "lora/phased: documents per round, over all ranks", gt=0)
@@ -287,6 +297,8 @@ class Hyperparameters:
             raise ConfigError("MUON_MOMENTUM and MUON_MOMENTUM_WARMUP_START must be < 1")
         if self.beta1 >= 1 or self.beta2 >= 1:
             raise ConfigError(f"BETA1={self.beta1} and BETA2={self.beta2} must be < 1")
+        if self.ttt_beta1 >= 1 or self.ttt_beta2 >= 1:
+            raise ConfigError(f"TTT_BETA1={self.ttt_beta1} and TTT_BETA2={self.ttt_beta2} must be < 1")
         if self.rope_dims and (self.rope_dims % 2 or self.rope_dims > self.head_dim):
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= the head dim {self.head_dim} (0 = all)")
         if self.xsa_last_n > self.num_layers:
@@ -1340,9 +1352,11 @@ class GPT(nn.Module):
     def forward_logits(self, input_ids: torch.Tensor, looping: bool = False) -> torch.Tensor:
         return self.head(self.forward_hidden(input_ids, looping))
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Soft-capped logits of final hidden states."""
+    def head(self, h: torch.Tensor, logit_delta: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft-capped logits of final hidden states (plus an adapter's `logit_delta` before the cap)."""
         logits = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
+        if logit_delta is not None:
+            logits = logits + logit_delta.to(logits.dtype)
         c = self.cfg.logit_softcap
         return c * torch.tanh(logits.float() / c)
 
@@ -1935,6 +1949,14 @@ class TTTSettings:
     mode: str = "chunked"  # chunked | lora | phased
     lora_rank: int = 8
     lora_lr: float = 0.01
+    lora_alpha: float = 0.0  # adapter outputs scaled by alpha / rank; 0 = the rank (scale 1)
+    lora_beta1: float = 0.9
+    lora_beta2: float = 0.95
+    lora_wd: float = 0.0
+    warm_start_a: bool = False
+    lora_k: bool = True  # adapters on attention k, the output projection, beside the MLP (q, v, head always)
+    lora_o: bool = True
+    lora_mlp: bool = True
     doc_chunk: int = 48  # lora/phased: targets scored per step inside a document
     docs_per_batch: int = 64  # lora/phased: documents per round, over all ranks
     prefix_docs: int = 2000  # phased: documents (in queue order) used by the global SGD phases
@@ -2090,14 +2112,19 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, rank:
                 adapt_ms=adapt_ms, stopped_at=budget.stopped_at if budget is not None else None)
 
 
-# TTT_MODE=lora (R0317/R0427 form): every document gets its own low-rank adapters on the attention
-# q/k/v/o and MLP matrices of every block (B = 0, so each starts as the plain model; A is the same
-# seeded draw for every document, so no state crosses documents). A document's targets are scored in
-# chunks of TTT_CHUNK_SIZE from a window clipped at its BOS (no context from other documents); after
-# a chunk is committed, one Adam step on that chunk's loss updates that document's adapters, so its
-# next chunk is scored by adapters trained on its earlier chunks only. The document's last chunk never
-# trains. Documents are queued longest first and processed in rounds of TTT_BATCH_SIZE documents over
-# all ranks; each rank takes its share of every round.
+# TTT_MODE=lora (R0317/R0427 form): every document gets its own low-rank adapters, one per virtual
+# layer slot (a looped block has one per pass), on attention q and v, optionally k (TTT_K_LORA) and the
+# output projection (TTT_O_LORA), a dim->dim adapter beside the MLP fed by the MLP's input
+# (TTT_MLP_LORA), and the head (dim->vocab, added to the logits before the softcap). Each output is
+# scaled by TTT_LORA_ALPHA/TTT_LORA_RANK. B starts at 0, so every document starts as the plain model.
+# A document's targets are scored in chunks of TTT_CHUNK_SIZE from a window clipped at its BOS (no
+# context from other documents); after a chunk is committed, one AdamW step on that chunk's loss
+# updates that document's adapters, so its next chunk is scored by adapters trained on its earlier
+# chunks only. The document's last chunk never trains. Documents are queued longest first and
+# processed in rounds of TTT_BATCH_SIZE over all ranks; position p of every round belongs to the same
+# rank. Each round zeroes B and the optimizer state; A is redrawn (the same seeded draw for every
+# position), or with TTT_WARM_START_A=1 kept from the document at the same position of the previous
+# round: trained on already-scored tokens only, so still score-first.
 #
 # TTT_MODE=phased (R0413/R0427 form): LoRA TTT as above, plus PHASED_TTT_NUM_PHASES global phases:
 # once the first PHASED_TTT_PREFIX_DOCS*(k+1)/K documents of the queue are scored, the base model
@@ -2105,7 +2132,11 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, rank:
 # groups of TTT_CHUNK_TOKENS targets, gradients averaged over ranks; later documents are scored by the
 # updated model.
 
-LORA_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
+
+def lora_targets(model: GPT, s: "TTTSettings") -> list[str]:
+    """Names of the block submodules that get adapters under the TTT_*_LORA switches."""
+    suffixes = ["attn.c_q", "attn.c_v"] + ["attn.c_k"] * s.lora_k + ["attn.proj"] * s.lora_o + ["mlp"] * s.lora_mlp
+    return [f"blocks.{i}.{suffix}" for i in range(len(model.blocks)) for suffix in suffixes]
 
 
 def document_spans(tokens: torch.Tensor) -> list[tuple[int, int]]:
@@ -2115,42 +2146,81 @@ def document_spans(tokens: torch.Tensor) -> list[tuple[int, int]]:
 
 
 class DocLoRA:
-    """One (A, B) pair per adapted linear layer with a leading document dimension: output +=
-    x A_d^T B_d^T for the document d of each row. Attached with forward hooks, so the model code is
-    untouched and the adapters vanish when detached."""
+    """Per-document adapters: for adapter j and input row i (adapter row rows[i]), output +=
+    scale * x A_j[row]^T B_j[row]^T. Every row has its own tensors, so a row that did not train in a
+    step has no gradient and AdamW leaves it (and its moments) alone, whatever the other rows do: a
+    document's adapters depend on that document only, on any number of ranks. Attached with forward
+    hooks, so the model code is untouched; a hook counts its calls within a forward to find its
+    virtual slot."""
 
-    def __init__(self, model: GPT, num_docs: int, rank: int, device: torch.device, seed: int = 0):
-        self.modules = [m for name, m in model.named_modules()
-                        if isinstance(m, CastedLinear) and name.startswith("blocks.") and name.endswith(LORA_TARGETS)]
+    def __init__(self, model: GPT, num_rows: int, s: "TTTSettings", device: torch.device, looping: bool,
+                 seed: int = 0):
+        order = model.cfg.layer_order(looping)
+        modules = dict(model.named_modules())
+        self.modules = [modules[name] for name in lora_targets(model, s)]
+        slots = [order.count(int(name.split(".")[1])) for name in lora_targets(model, s)]
+        self.scale = (s.lora_alpha or s.lora_rank) / s.lora_rank
         g = torch.Generator().manual_seed(seed)
-        self.a, self.b = [], []
-        for m in self.modules:
-            out_features, in_features = m.weight.shape
-            a = (torch.rand(rank, in_features, generator=g) * 2 - 1) / math.sqrt(in_features)
-            self.a.append(a.expand(num_docs, -1, -1).clone().to(device).requires_grad_())
-            self.b.append(torch.zeros(num_docs, out_features, rank, device=device, requires_grad=True))
-        self.rows = torch.arange(num_docs, device=device)  # document of each input row
+        shapes = []  # (in, out) per adapter: every slot of every module, then the head
+        for m, n in zip(self.modules, slots):
+            width = m.fc.in_features if isinstance(m, MLP) else m.in_features
+            out = m.proj.out_features if isinstance(m, MLP) else m.out_features
+            shapes += [(width, out)] * n
+        shapes.append((model.cfg.model_dim, model.cfg.vocab_size))
+        self.a_init = [((torch.rand(s.lora_rank, i, generator=g) * 2 - 1) / math.sqrt(i)).to(device) for i, _ in shapes]
+        self.a = [[a.clone().requires_grad_() for _ in range(num_rows)] for a in self.a_init]
+        self.b = [[torch.zeros(o, s.lora_rank, device=device, requires_grad=True) for _ in range(num_rows)]
+                  for _, o in shapes]
+        self.first_slot = [sum(slots[:k]) for k in range(len(slots))]  # adapter index of module k's slot 0
+        self.slots, self.calls = slots, [0] * len(slots)
+        self.rows = list(range(num_rows))  # adapter row of each input row
 
     @property
     def params(self) -> list[torch.Tensor]:
-        return self.a + self.b
+        return [t for per_row in self.a + self.b for t in per_row]
 
-    @contextlib.contextmanager
-    def attached(self):
-        def hook(a, b):
+    def reset(self, warm_a: bool) -> None:
+        """A new round: B = 0 (each document starts as the plain model); A redrawn unless kept warm."""
+        with torch.no_grad():
+            for per_row in self.b:
+                for b in per_row:
+                    b.zero_()
+            if not warm_a:
+                for per_row, a0 in zip(self.a, self.a_init):
+                    for a in per_row:
+                        a.copy_(a0)
+
+    def drop_grads(self, rows: list[int]) -> None:
+        """Rows that did not train this step: no gradient, so the optimizer skips them."""
+        for per_row in self.a + self.b:
+            for r in rows:
+                per_row[r].grad = None
+
+    def delta(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        a = torch.stack([self.a[j][r] for r in self.rows]).to(x.dtype)
+        b = torch.stack([self.b[j][r] for r in self.rows]).to(x.dtype)
+        return self.scale * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+    def logits(self, model: GPT, x: torch.Tensor, looping: bool) -> torch.Tensor:
+        """The model's logits for rows x with every adapter applied."""
+        self.calls = [0] * len(self.modules)
+
+        def hook(k):
             def add_delta(module, inputs, output):
-                x = inputs[0]
-                delta = torch.bmm(torch.bmm(x, a[self.rows].transpose(1, 2).to(x.dtype)),
-                                  b[self.rows].transpose(1, 2).to(x.dtype))
-                return output + delta.to(output.dtype)
+                slot = self.calls[k]
+                if slot >= self.slots[k]:
+                    raise RunError(f"LoRA adapter {k} called {slot + 1} times in one forward; the slot plan is broken")
+                self.calls[k] += 1
+                return output + self.delta(self.first_slot[k] + slot, inputs[0]).to(output.dtype)
             return add_delta
 
-        handles = [m.register_forward_hook(hook(a, b)) for m, a, b in zip(self.modules, self.a, self.b)]
+        handles = [m.register_forward_hook(hook(k)) for k, m in enumerate(self.modules)]
         try:
-            yield self
+            h = model.forward_hidden(x, looping)
         finally:
-            for h in handles:
-                h.remove()
+            for handle in handles:
+                handle.remove()
+        return model.head(h, self.delta(len(self.a) - 1, h))
 
 
 def document_chunks(span: tuple[int, int], chunk: int) -> list[tuple[int, int]]:
@@ -2158,14 +2228,22 @@ def document_chunks(span: tuple[int, int], chunk: int) -> list[tuple[int, int]]:
     return [(a, min(a + chunk, hi)) for a in range(lo, hi, chunk)]
 
 
-def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], s: TTTSettings, *, looping: bool,
-               adapt: bool, autocast=contextlib.nullcontext) -> int:
-    """Score (and with `adapt`, train per-document adapters on) this rank's documents of one round.
-    Returns the number of Adam steps."""
+def round_positions(num_docs: int, docs_per_batch: int, rank: int, world_size: int) -> range:
+    """Positions of a round (of num_docs <= docs_per_batch documents) that belong to this rank: the same
+    share of a full round every time, so warm adapters stay with their rank whatever the world size."""
+    share = rank_share(range(docs_per_batch), rank, world_size)
+    return range(min(share.start, num_docs), min(share.stop, num_docs))
+
+
+def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lora: DocLoRA, s: TTTSettings, *,
+               looping: bool, adapt: bool, autocast=contextlib.nullcontext) -> int:
+    """Score (and with `adapt`, train per-document adapters on) this rank's documents of one round;
+    document i uses adapter row i. Returns the number of AdamW steps."""
     if not docs:
         return 0
-    lora = DocLoRA(model, len(docs), s.lora_rank, ledger.device)
-    optimizer = torch.optim.Adam(lora.params, lr=s.lora_lr, betas=(0.9, 0.95), eps=1e-10)
+    lora.reset(s.warm_start_a)
+    optimizer = torch.optim.AdamW(lora.params, lr=s.lora_lr, betas=(s.lora_beta1, s.lora_beta2), eps=1e-10,
+                                  weight_decay=s.lora_wd)
     chunks = [document_chunks(d, min(s.doc_chunk, s.seq_len)) for d in docs]  # a window holds its whole chunk
     steps = 0
     for i in range(max(len(c) for c in chunks)):
@@ -2174,9 +2252,9 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], s: 
         starts = [max(docs[d][0], b - s.seq_len) for d, (_, b) in zip(rows, spans)]
         train_rows = [r for r, d in enumerate(rows) if i < len(chunks[d]) - 1] if adapt else []
         x, y, mask = ledger.document_rows(spans, starts)
-        lora.rows = torch.tensor(rows, device=ledger.device)
-        with torch.set_grad_enabled(bool(train_rows)), lora.attached(), autocast():
-            logits = model.forward_logits(x, looping)
+        lora.rows = rows
+        with torch.set_grad_enabled(bool(train_rows)), autocast():
+            logits = lora.logits(model, x, looping)
         ledger.commit(spans, logits.detach(), x, y, mask)  # scores fixed before the update below
         if not train_rows:
             continue
@@ -2186,6 +2264,7 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], s: 
             labels = ledger.adaptation_tokens(a, b)[1:].to(ledger.device)
             loss = loss + F.cross_entropy(logits[r, a - st : b - st].float(), labels)
         loss.backward()
+        lora.drop_grads([rows[r] for r in range(len(rows)) if r not in train_rows])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         steps += 1
@@ -2223,9 +2302,12 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, ran
     phased = s.mode == "phased"
     prefix = min(s.prefix_docs, len(queue))
     boundaries = [prefix * (k + 1) // s.num_phases for k in range(s.num_phases)] if phased else []
+    lora = DocLoRA(model, len(round_positions(s.docs_per_batch, s.docs_per_batch, rank, world_size)), s,
+                   ledger.device, looping)
     log(f"ttt:start mode:{s.mode} docs:{len(queue)} rounds:{len(rounds)} lora_rank:{s.lora_rank} "
-        f"lora_lr:{s.lora_lr} chunk_size:{s.doc_chunk}" + (f" prefix_docs:{prefix} num_phases:{s.num_phases} "
-                                                            f"boundaries:{boundaries}" if phased else ""))
+        f"lora_alpha:{s.lora_alpha or s.lora_rank:g} lora_lr:{s.lora_lr} warm_start_a:{int(s.warm_start_a)} "
+        f"adapters:{len(lora.a)} chunk_size:{s.doc_chunk}" + (f" prefix_docs:{prefix} num_phases:{s.num_phases} "
+                                                               f"boundaries:{boundaries}" if phased else ""))
     base_params = [p for p in model.parameters() if p.requires_grad]
     t_clock = time.perf_counter
     score_ms = adapt_ms = 0.0  # time of plain rounds / of adapting rounds (with their global phases)
@@ -2247,8 +2329,8 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, ran
         t0 = t_clock()
         for p in base_params:
             p.requires_grad_(False)  # only the adapters learn inside a round
-        steps += lora_round(model, ledger, rank_share(round_docs, rank, world_size), s, looping=looping, adapt=adapt,
-                            autocast=autocast)
+        mine = [round_docs[p] for p in round_positions(len(round_docs), s.docs_per_batch, rank, world_size)]
+        steps += lora_round(model, ledger, mine, lora, s, looping=looping, adapt=adapt, autocast=autocast)
         for p in base_params:
             p.requires_grad_(True)
         if adapt:
@@ -4160,7 +4242,9 @@ def ttt_settings(hp: Hyperparameters, score_batch_seqs: int) -> TTTSettings:
                        epochs=hp.ttt_epochs, lr=hp.ttt_lr, momentum=hp.ttt_momentum, batch_seqs=hp.ttt_batch_seqs,
                        grad_clip=hp.ttt_grad_clip, freeze_blocks=hp.ttt_freeze_blocks,
                        score_batch_seqs=score_batch_seqs, mode=hp.ttt_mode, lora_rank=hp.ttt_lora_rank,
-                       lora_lr=hp.ttt_lora_lr, doc_chunk=hp.ttt_chunk_size, docs_per_batch=hp.ttt_batch_size,
+                       lora_lr=hp.ttt_lora_lr, lora_alpha=hp.ttt_lora_alpha, lora_beta1=hp.ttt_beta1,
+                       lora_beta2=hp.ttt_beta2, lora_wd=hp.ttt_weight_decay, warm_start_a=hp.ttt_warm_start_a,
+                       lora_k=hp.ttt_k_lora, lora_o=hp.ttt_o_lora, lora_mlp=hp.ttt_mlp_lora, doc_chunk=hp.ttt_chunk_size, docs_per_batch=hp.ttt_batch_size,
                        prefix_docs=hp.phased_ttt_prefix_docs, num_phases=hp.phased_ttt_num_phases,
                        global_lr=hp.global_ttt_lr, global_epochs=hp.global_ttt_epochs)
 

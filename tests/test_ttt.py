@@ -42,6 +42,9 @@ def luts_and_val(sample_dataset, n: int):
 # 5 documents in the first 701 tokens; 3 rounds of 2 documents; phases after 2 and 4 documents.
 DOC_SETTINGS = {mode: tg.dataclasses.replace(SETTINGS, mode=mode, doc_chunk=32, docs_per_batch=2, prefix_docs=4,
                                              num_phases=2, global_lr=0.05, lora_lr=0.05) for mode in ("lora", "phased")}
+# The R0427 adapter recipe: A kept warm across rounds, alpha/rank scaling, AdamW (beta1 0, decay).
+DOC_SETTINGS["lora_warm"] = tg.dataclasses.replace(DOC_SETTINGS["lora"], warm_start_a=True, lora_alpha=16.0,
+                                                   lora_beta1=0.0, lora_beta2=0.99, lora_wd=0.5)
 MODES = {"chunked": SETTINGS, **DOC_SETTINGS}
 
 
@@ -104,14 +107,15 @@ def test_flip_test_through_chunked_ttt_a_later_token_never_changes_an_earlier_sc
         assert not np.array_equal(before.per_target[p:], after.per_target[p:])
 
 
-@pytest.mark.parametrize("mode", ["lora", "phased"])
+@pytest.mark.parametrize("mode", ["lora", "phased", "lora_warm"])
 def test_flip_test_through_document_ttt(sample_dataset, mode):
     """Changing token p changes no score committed before p's own score; with per-document LoRA it
-    changes nothing outside p's document either (adapters never cross documents)."""
+    changes nothing outside p's document either (adapters never cross documents). With warm A, an
+    adapter's A crosses to the next round's document at the same position: still only after p's score."""
     luts, val = luts_and_val(sample_dataset, 701)
     before, info, _ = run_chunked(val, luts, settings=DOC_SETTINGS[mode])
     tg.check_scored_once(before)
-    assert info["steps"] > 0 and (mode == "lora") == (info["global_steps"] == 0)
+    assert info["steps"] > 0 and (mode != "phased") == (info["global_steps"] == 0)
     p = 470  # in document (413, 526], scored in the last round, after both global phases
     flipped = val.clone()
     flipped[p] = (int(val[p]) + 7) % 1024
@@ -126,6 +130,67 @@ def test_flip_test_through_document_ttt(sample_dataset, mode):
         outside[414:527] = False
         outside[0] = False
         assert np.array_equal(before.per_target[outside], after.per_target[outside])
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_warm_start_a_carries_only_along_its_round_position(sample_dataset, warm):
+    """TTT_WARM_START_A=1: the A a document trained is where the next round's document at the same
+    position starts; without it, documents of later rounds never see an earlier one."""
+    luts, val = luts_and_val(sample_dataset, 701)
+    settings = DOC_SETTINGS["lora_warm"] if warm else DOC_SETTINGS["lora"]
+    queue = sorted(tg.document_spans(val), key=lambda d: (-(d[1] - d[0]), d[0]))
+    (first, other), (same_position, other_position) = queue[0:2], queue[2:4]
+    assert first[1] - first[0] > settings.doc_chunk  # its first chunk trains
+    before, _, _ = run_chunked(val, luts, settings=settings)
+    flipped = val.clone()
+    p = first[0] + 5
+    flipped[p] = (int(val[p]) + 7) % 1024
+    after, _, _ = run_chunked(flipped, luts, settings=settings)
+
+    def changed(span):
+        a, b = span
+        return not np.array_equal(before.per_target[a + 1 : b + 1], after.per_target[a + 1 : b + 1])
+
+    assert changed(first) and not changed(other) and not changed(other_position)
+    assert changed(same_position) == warm
+
+
+def test_lora_adapters_one_per_virtual_slot_and_the_plain_model_at_start():
+    """A looped block gets one adapter per pass (R0427), the head one more; with B = 0 the adapted
+    logits equal the model's exactly; the switches drop k, o and the MLP adapters."""
+    torch.manual_seed(0)
+    cfg = tg.ModelConfig(vocab_size=64, num_layers=3, model_dim=16, num_heads=2, num_kv_heads=1, mlp_hidden=32,
+                         tie_embeddings=True, rope_base=10000.0, logit_softcap=30.0, qk_gain_init=1.5,
+                         tied_embed_init_std=0.02, train_seq_len=16, num_loops=1, loop_start=1, loop_end=1)
+    model = tg.GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    s = tg.dataclasses.replace(DOC_SETTINGS["lora"], lora_rank=4)
+    x = torch.randint(0, 64, (2, 16))
+    for looping, slots in ((True, [1, 2, 1]), (False, [1, 1, 1])):
+        lora = tg.DocLoRA(model, 2, s, CPU, looping)
+        assert lora.slots == [n for n in slots for _ in range(5)]  # q, v, k, o, mlp per block
+        assert len(lora.a) == 5 * sum(slots) + 1 and [b.shape for b in lora.b[-1]] == [(64, 4)] * 2  # + the head
+        assert torch.equal(lora.logits(model, x, looping), model.forward_logits(x, looping))
+        with torch.no_grad():
+            for per_row in lora.b:
+                for b in per_row:
+                    b.normal_()
+        adapted = lora.logits(model, x, looping)
+        assert not torch.allclose(adapted, model.forward_logits(x, looping))
+    # The second pass of the looped block has its own adapter: only that pass sees it.
+    lora = tg.DocLoRA(model, 2, s, CPU, True)
+    with torch.no_grad():
+        for b in lora.b[lora.first_slot[5] + 1]:  # block 1's q adapter, second pass
+            b.normal_()
+    assert not torch.equal(lora.logits(model, x, True), model.forward_logits(x, True))
+    assert torch.equal(lora.logits(model, x, False), model.forward_logits(x, False))  # one pass: never used
+    few = tg.dataclasses.replace(s, lora_k=False, lora_o=False, lora_mlp=False)
+    assert tg.lora_targets(model, few) == [f"blocks.{i}.attn.c_{w}" for i in range(3) for w in "qv"]
+    assert len(tg.DocLoRA(model, 2, few, CPU, False).a) == 3 * 2 + 1
+    assert tg.DocLoRA(model, 1, s, CPU, False).scale == 1.0  # alpha 0 = the rank
+    assert tg.DocLoRA(model, 1, tg.dataclasses.replace(s, lora_alpha=8.0), CPU, False).scale == 2.0
 
 
 def test_document_chunks_longer_than_the_window_are_cut_to_it(sample_dataset):
