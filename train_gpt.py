@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import difflib
 import functools
 import glob
 import hashlib
@@ -39,6 +40,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -377,6 +379,7 @@ class Hyperparameters:
     @classmethod
     def from_env(cls, environ=None) -> "Hyperparameters":
         environ = os.environ if environ is None else environ
+        refuse_public_only_knobs(environ, cls.knob_names())
         recipe = environ.get("RECIPE", DEFAULT_RECIPE).strip()
         if recipe not in RECIPES:
             raise ConfigError(f"RECIPE={recipe!r} is not one of {', '.join(RECIPES)}")
@@ -388,6 +391,10 @@ class Hyperparameters:
         num_layers = values.get("num_layers", cls.num_layers)
         values = {k: v(num_layers) if isinstance(v, PerDepth) else v for k, v in values.items()}
         return cls(**values)
+
+    @classmethod
+    def knob_names(cls) -> set[str]:
+        return {f.name.upper() for f in fields(cls)}
 
     def describe(self, environ=None) -> list[str]:
         """One line per knob with where its value came from: env, recipe or default."""
@@ -470,6 +477,107 @@ def parse_env_value(name: str, raw: str, kind: type):
             raise ConfigError(f"{name}={raw!r} must be a finite number")
         return value
     return text
+
+
+# Env names of the public scripts (BASE, R0409, R0427) that this script does not read. A command
+# copied from a public record must not silently run something else, so `from_env` refuses them,
+# except for the listed values, which ask for what this script does anyway ("*" = any value: the
+# public script ignores it too). Each reason says what to set instead. A name that is also one of our
+# knobs is never refused. The data scripts' names (MATCHED_FINEWEB_*) are not train_gpt.py's.
+PUBLIC_ONLY_KNOBS: dict[str, tuple[tuple[str, ...], str]] = {
+    # paths and run control
+    "DATA_DIR": (("./data", "./data/"), "not built here: set DATA_PATH (the shard folder) and TOKENIZER_PATH; "
+                 "they are not derived from DATA_DIR and VOCAB_SIZE"),
+    "CASEOPS_ENABLED": (("0",), "not built here (no CaseOps tokenizer or byte sidecar): unset it and point "
+                        "DATA_PATH/TOKENIZER_PATH at plain SentencePiece shards"),
+    "TTT_EVAL_ONLY": (("0",), "renamed: set EVAL_ONLY=1 ARTIFACT_PATH=<run folder>/final_model.*.ptz (scores "
+                      "with every enabled pass, TTT included)"),
+    "PREQUANT_ONLY": (("0",), "not built here: every run quantizes and scores; unset it and read the "
+                      "'pre-quantization' log line"),
+    # validation: the score always covers the whole validation set (spec 9, bug 19)
+    "VAL_BATCH_TOKENS": ((), "renamed: set VAL_BATCH_SIZE (tokens per validation batch over all ranks)"),
+    "VAL_DOC_FRACTION": (("1",), "refused on purpose: a partial validation set gives a wrong score; unset it "
+                         "(for a quick run point DATA_PATH at a small set, data/prepare_sample.py)"),
+    "TTT_EVAL_BATCHES": (("",), "refused on purpose: a partial validation set gives a wrong score; unset it "
+                         "(for a quick run point DATA_PATH at a small set, data/prepare_sample.py)"),
+    "SLIDING_WINDOW_ENABLED": ((), "renamed: set EVAL_STRIDE=64 for sliding-window scoring, 0 for flat only "
+                               "(RECIPE=record uses 64)"),
+    "FUSED_CE_ENABLED": (("*",), "a GPU kernel choice with no effect on the score: safe to drop"),
+    # architecture
+    "EMBEDDING_DIM": ((), "not built here (no factorised embedding): unset it; the embedding width is MODEL_DIM"),
+    "PARALLEL_RESIDUAL_START": ((), "renamed: set PARALLEL_START_LAYER, plus PARALLEL_MODE=gptj for R0409's "
+                                "form (two_lane is the default)"),
+    "ROPE_TRAIN_SEQ_LEN": ((), "not built here: unset it; the NTK RoPE rescale is relative to TRAIN_SEQ_LEN"),
+    "ROPE_YARN": (("1",), "not built as a switch: past TRAIN_SEQ_LEN the NTK rescale is always on, so 0 differs "
+                  "when EVAL_SEQ_LEN > TRAIN_SEQ_LEN; unset it"),
+    "ATTN_OUT_GATE_SRC": (("proj",), "not built here: the output gate always reads the attention's normalised "
+                          "input (proj); unset it"),
+    "GATED_ATTN_QUANT_GATE": (("0",), "not built here: gate weights (attn_gate_w) are control tensors, kept "
+                              "unquantized in fp32; unset it"),
+    # optimizer
+    "MUON_BETA2": (("*",), "unused in R0409 itself and not built here: safe to drop"),
+    # evaluation-time logit bias (breaks C2; R0409's ETLB_ENABLED=1 path crashes, spec 9 bug 4)
+    "ETLB_ENABLED": (("0",), "not built here: a logit bias is not a normalised model (C2); unset it"),
+    "ETLB_LR": (("*",), "read only with ETLB_ENABLED=1, which is not built here: safe to drop"),
+    "ETLB_STEPS": (("*",), "read only with ETLB_ENABLED=1, which is not built here: safe to drop"),
+    "ETLB_CLIP": (("*",), "read only with ETLB_ENABLED=1, which is not built here: safe to drop"),
+    # test-time training
+    "PHASED_TTT_ENABLED": ((), "renamed: set TTT_ENABLED=1 TTT_MODE=phased (R0427 never read it)"),
+    "TTT_OPTIMIZER": (("adam",), "not built here: the per-document adapters always use Adam; unset it"),
+    "TTT_GRAD_STEPS": (("1",), "not built here: one adapter step per scored chunk; unset it"),
+    "TTT_EVAL_SEQ_LEN": ((), "renamed: set EVAL_SEQ_LEN (the window of every evaluation pass, TTT included)"),
+    "GLOBAL_TTT_MOMENTUM": ((), "renamed: set TTT_MOMENTUM (shared by all TTT SGD)"),
+    "GLOBAL_TTT_CHUNK_TOKENS": ((), "renamed: set TTT_CHUNK_TOKENS (the cosine-LR groups of the global phases)"),
+    "GLOBAL_TTT_BATCH_SEQS": ((), "renamed: set TTT_BATCH_SEQS, counted over all ranks here (R0427: per rank)"),
+    "GLOBAL_TTT_GRAD_CLIP": ((), "renamed: set TTT_GRAD_CLIP (shared by all TTT SGD)"),
+    "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": (("1",), "not built as a switch: global-phase sequences never cross a "
+                                          "document; unset it"),
+    "GLOBAL_TTT_WARMUP_CHUNKS": (("0",), "not built here (no LR warm-up in the global phases): unset it"),
+    "GLOBAL_TTT_WARMUP_START_LR": (("*",), "read only with GLOBAL_TTT_WARMUP_CHUNKS > 0, not built here: safe to "
+                                   "drop"),
+    # quantization
+    "GPTQ_RESERVE_SECONDS": ((), "not built here: unset it; with GPTQ_CALIBRATION_SOURCE=train the reserve is "
+                             "measured (a timed probe x1.25), selfgen reads no training data"),
+    "CONTROL_TENSOR_NAME_PATTERNS": ((), "not built here: the list is CONTROL_TENSOR_NAMES in train_gpt.py; "
+                                     "edit it there"),
+    "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": ((), "not built here: fp32 passthrough follows CONTROL_TENSOR_NAMES in "
+                                           "train_gpt.py; edit it there"),
+}
+
+
+def _same_value(raw: str, wanted: str) -> bool:
+    text = raw.strip()
+    try:
+        return float(text) == float(wanted)
+    except ValueError:
+        return text == wanted
+
+
+def refuse_public_only_knobs(environ, knob_names: set[str]) -> None:
+    """ConfigError naming every public-only env name set to a value this script would not honour."""
+    bad = [f"{name}={environ[name].strip()} is the public scripts' knob, not read here; {reason}"
+           for name, (harmless, reason) in PUBLIC_ONLY_KNOBS.items()
+           if name in environ and name not in knob_names
+           and not any(h == "*" or _same_value(environ[name], h) for h in harmless)]
+    if bad:
+        raise ConfigError(" | ".join(bad))
+
+
+# difflib ratio: one-letter typos of our names score >= 0.88; system and launcher names (OMP_NUM_THREADS,
+# LOCAL_RANK, WORLD_SIZE, ...) stay below 0.8 (tests/test_config.py lists them).
+TYPO_CUTOFF = 0.85
+
+
+def env_name_warnings(environ, knob_names: set[str]) -> list[str]:
+    """Warnings for env names that look like a mistyped knob (NUM_LAYER for NUM_LAYERS): close to one
+    of ours, strictly enough that system, torchrun, CUDA and shell names stay quiet. Never an error."""
+    warnings = []
+    for name in sorted(environ):
+        if name in knob_names or name in PUBLIC_ONLY_KNOBS or not re.fullmatch(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+", name):
+            continue
+        for match in difflib.get_close_matches(name, knob_names, n=1, cutoff=TYPO_CUTOFF):
+            warnings.append(f"warning: env {name} is not a knob of this script and is ignored; did you mean {match}?")
+    return warnings
 
 
 # ==================================================================================================
@@ -4076,6 +4184,8 @@ def log_run_header(hp: Hyperparameters, rt: Runtime, log) -> None:
     log("Hyperparameters:")
     for line in hp.describe():
         log(line)
+    for warning in env_name_warnings(os.environ, Hyperparameters.knob_names()):
+        log(warning)
     if hp.allow_val_adaptation:
         log(f"non_record: ALLOW_VAL_ADAPTATION=1 permits adapting on validation tokens before scoring them (C3 "
             f"violated); every score line below carries '{NON_RECORD_STAMP.strip()}'")

@@ -1,9 +1,12 @@
 """Env-var parsing and validation: bad values stop the run before any work, naming the variable."""
 
+import re
 import subprocess
 import sys
+import types
 
 import pytest
+import torch
 
 import train_gpt as tg
 from conftest import ROOT, subprocess_env
@@ -124,3 +127,104 @@ def test_importing_has_no_side_effects():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("False") and "'logs'" not in proc.stdout and "'runs'" not in proc.stdout
+
+
+# Public env names this script does not read (PUBLIC_ONLY_KNOBS) and near-miss typos of our knobs.
+KNOBS = tg.Hyperparameters.knob_names()
+ENV_NAME = r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b"
+
+
+def test_public_only_table_reasons_are_one_line_fixes_that_name_real_knobs():
+    assert not KNOBS & tg.PUBLIC_ONLY_KNOBS.keys()  # a knob of ours is never in the table
+    for name, (harmless, reason) in tg.PUBLIC_ONLY_KNOBS.items():
+        assert "\n" not in reason and len(reason) < 160, name
+        assert any(fix in reason for fix in ("set ", "safe to drop", "edit it there")), name  # "unset" included
+        mentioned = set(re.findall(ENV_NAME, reason))
+        assert mentioned <= KNOBS | tg.PUBLIC_ONLY_KNOBS.keys() | {"CONTROL_TENSOR_NAMES"}, (name, mentioned)
+        if reason.startswith("renamed: set "):  # the new name, and every NAME=value shown, are real settings
+            assert re.match(r"renamed: set ([A-Z_]+)", reason).group(1) in KNOBS, name
+            for knob, value in re.findall(r"\b([A-Z][A-Z0-9_]+)=([\w.]+)\b", reason):
+                tg.Hyperparameters.from_env({knob: value})
+        assert harmless == ("*",) or "*" not in harmless, name
+
+
+@pytest.mark.parametrize("name", sorted(tg.PUBLIC_ONLY_KNOBS))
+def test_public_only_name_is_refused_unless_harmless(name):
+    harmless, reason = tg.PUBLIC_ONLY_KNOBS[name]
+    if harmless == ("*",):  # ignored by the public script too: any value passes
+        tg.Hyperparameters.from_env({name: "7"})
+        return
+    with pytest.raises(tg.ConfigError) as err:
+        tg.Hyperparameters.from_env({name: "7"})
+    assert str(err.value) == f"{name}=7 is the public scripts' knob, not read here; {reason}"
+    for value in harmless:
+        tg.Hyperparameters.from_env({name: value})
+
+
+def test_public_only_harmless_values_and_several_names_in_one_line():
+    ok = {"CASEOPS_ENABLED": "0", "ETLB_ENABLED": "0", "ROPE_YARN": "1", "TTT_GRAD_STEPS": "1",
+          "TTT_OPTIMIZER": "adam", "FUSED_CE_ENABLED": "0", "VAL_DOC_FRACTION": "1.0", "TTT_EVAL_BATCHES": "",
+          "ATTN_OUT_GATE_SRC": "proj", "DATA_DIR": "./data/", "TTT_EVAL_ONLY": " 0 ", "MUON_BETA2": "0.95"}
+    assert tg.Hyperparameters.from_env(ok) == tg.Hyperparameters.from_env({})
+    for name, value in [("TTT_OPTIMIZER", "sgd"), ("ROPE_YARN", "0"), ("VAL_DOC_FRACTION", "0.1"),
+                        ("ATTN_OUT_GATE_SRC", "q"), ("TTT_EVAL_BATCHES", "0:10"), ("DATA_DIR", "/data")]:
+        with pytest.raises(tg.ConfigError, match=f"^{name}="):
+            tg.Hyperparameters.from_env({**ok, name: value})
+    with pytest.raises(tg.ConfigError) as err:
+        tg.Hyperparameters.from_env({"TTT_EVAL_ONLY": "1", "NUM_LAYERS": "4", "PARALLEL_RESIDUAL_START": "7"})
+    line = str(err.value)
+    assert "\n" not in line and "TTT_EVAL_ONLY=1 " in line and "set EVAL_ONLY=1" in line
+    assert "PARALLEL_RESIDUAL_START=7 " in line and "set PARALLEL_START_LAYER" in line
+
+
+def test_a_knob_of_ours_is_never_refused_or_flagged(monkeypatch):
+    every_knob = {name: "1" for name in KNOBS}
+    assert tg.env_name_warnings(every_knob, KNOBS) == []
+    # A public name that later becomes our knob (as at a merge) is read, not refused.
+    monkeypatch.setitem(tg.PUBLIC_ONLY_KNOBS, "NUM_LAYERS", ((), "renamed: set NUM_LAYERS"))
+    assert tg.Hyperparameters.from_env({"NUM_LAYERS": "4"}).num_layers == 4
+    tg.refuse_public_only_knobs(dict.fromkeys(tg.PUBLIC_ONLY_KNOBS, "7"), KNOBS | tg.PUBLIC_ONLY_KNOBS.keys())
+
+
+SYSTEM_NAMES = """PATH HOME USER SHELL PWD TERM LANG LC_ALL TMPDIR RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE
+GROUP_RANK GROUP_WORLD_SIZE ROLE_RANK ROLE_NAME ROLE_WORLD_SIZE MASTER_ADDR MASTER_PORT NODE_RANK NNODES
+NPROC_PER_NODE OMP_NUM_THREADS MKL_NUM_THREADS CUDA_VISIBLE_DEVICES CUDA_DEVICE_MAX_CONNECTIONS
+CUDA_LAUNCH_BLOCKING TORCH_LOGS TORCH_COMPILE_DEBUG TORCH_CUDA_ARCH_LIST TORCH_DISTRIBUTED_DEBUG
+TORCH_NCCL_ASYNC_ERROR_HANDLING TORCHINDUCTOR_CACHE_DIR TORCHELASTIC_RUN_ID TORCHELASTIC_RESTART_COUNT
+TORCHELASTIC_MAX_RESTARTS TORCHELASTIC_ERROR_FILE TORCHELASTIC_USE_AGENT_STORE TRITON_CACHE_DIR
+PYTORCH_CUDA_ALLOC_CONF NCCL_DEBUG NCCL_NET NCCL_IB_DISABLE NCCL_P2P_DISABLE NCCL_SOCKET_IFNAME PYTHONPATH
+PYTHONHASHSEED PYTHONUNBUFFERED VIRTUAL_ENV LD_LIBRARY_PATH XDG_RUNTIME_DIR SSH_AUTH_SOCK CONDA_PREFIX
+HF_HOME HF_TOKEN HF_HUB_OFFLINE MATCHED_FINEWEB_REPO_ID MATCHED_FINEWEB_REMOTE_ROOT_PREFIX
+MATCHED_FINEWEB_SP_BATCH_SIZE MATCHED_FINEWEB_TOKENIZER_THREADS SLURM_PROCID SLURM_LOCALID SEEDS NUM_SEEDS
+RUN_NAME LOG_DIR OUT_DIR DATA_ROOT""".split()
+TYPOS = {"NUM_LAYER": "NUM_LAYERS", "MATRX_LR": "MATRIX_LR", "TTT_LORA_RANKS": "TTT_LORA_RANK",
+         "MODEL_DIMS": "MODEL_DIM", "EMA_DEACY": "EMA_DECAY", "MUON_MOMENTUN": "MUON_MOMENTUM",
+         "TRAIN_SEQLEN": "TRAIN_SEQ_LEN", "EVAL_STRID": "EVAL_STRIDE", "XSA_LAST": "XSA_LAST_N"}
+
+
+def test_typo_warnings_hit_near_misses_and_spare_system_names():
+    environ = dict.fromkeys([*SYSTEM_NAMES, *TYPOS, *tg.PUBLIC_ONLY_KNOBS, "NUM_LAYERS", "ETLB_ENABLED"], "1")
+    warnings = tg.env_name_warnings(environ, KNOBS)
+    assert warnings == [f"warning: env {typo} is not a knob of this script and is ignored; did you mean {knob}?"
+                        for typo, knob in sorted(TYPOS.items())]
+    assert tg.env_name_warnings({"num_layer": "1", "NUMLAYER": "1"}, KNOBS) == []  # not an all-caps NAME_X
+
+
+def test_typo_warnings_are_logged_with_the_config(monkeypatch):
+    monkeypatch.setenv("NUM_LAYER", "4")
+    lines = []
+    tg.log_run_header(tg.Hyperparameters.from_env({}), types.SimpleNamespace(device=torch.device("cpu")),
+                      lambda msg, console=True: lines.append(msg))
+    at = lines.index("Hyperparameters:")
+    assert [line for line in lines if line.startswith("warning:")] == [
+        "warning: env NUM_LAYER is not a knob of this script and is ignored; did you mean NUM_LAYERS?"]
+    assert lines.index(next(line for line in lines if line.startswith("warning:"))) > at
+
+
+def test_cli_refuses_a_public_only_name_with_one_line(tmp_path):
+    env = subprocess_env({"TTT_EVAL_ONLY": "1", "ARTIFACT_DIR": str(tmp_path)})
+    proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "" and list(tmp_path.iterdir()) == []
+    assert proc.stderr.strip() == f"error: TTT_EVAL_ONLY=1 is the public scripts' knob, not read here; " \
+                                  f"{tg.PUBLIC_ONLY_KNOBS['TTT_EVAL_ONLY'][1]}"
