@@ -426,7 +426,8 @@ class PerDepth:
 # RECIPE=record: the strongest legal 8xH100 stack known (public records R0409/R0427 lineage):
 # SP8192 data, 11x512 with MLP 4x LeakyReLU^2, XSA everywhere, partial RoPE 16, LN scale, skip
 # gates, layers 3-5 looped twice from 35% of training, two-lane parallel residuals from layer 8,
-# SmearGate with the BOS fix, sparse attention gate, QK-gain 5, seq 2048 x 786,432-token batches.
+# SmearGate with the BOS fix, sparse attention gate, QK-gain 5, seq 2048 x 786,432-token batches;
+# scored by sliding windows (stride 64) and finally by phased score-first TTT with LoRA (R0427).
 # The depth-dependent choices are rules of NUM_LAYERS that give exactly those values at 11 layers:
 # XSA on all layers, parallel residuals on the last 3, the loop over the middle (3/11 to 6/11).
 DEFAULT_RECIPE = "record"
@@ -451,6 +452,10 @@ RECIPES: dict[str, dict] = {
         muon_ns_coefficients="polar_express", muon_row_normalize=True, muon_wd=0.095, embed_wd=0.085, adam_wd=0.02,
         warmdown_frac=0.85, min_lr=0.1, ema_decay=0.9965, matrix_bits=6, embed_bits=8,
         eval_stride=64, quant_method="gptq", compressor="brotli",
+        # R0427's final evaluation pass: phased TTT with per-document LoRA (its run's values)
+        ttt_enabled=True, ttt_mode="phased", ttt_lora_rank=80, ttt_lora_lr=1e-4, ttt_lora_alpha=144.0,
+        ttt_warm_start_a=True, ttt_weight_decay=0.5, ttt_beta1=0.0, ttt_beta2=0.99,
+        phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3,
     ),
 }
 
@@ -523,7 +528,8 @@ PUBLIC_ONLY_KNOBS: dict[str, tuple[tuple[str, ...], str]] = {
     "ETLB_CLIP": (("*",), "read only with ETLB_ENABLED=1, which is not built here: safe to drop"),
     # test-time training
     "PHASED_TTT_ENABLED": ((), "renamed: set TTT_ENABLED=1 TTT_MODE=phased (R0427 never read it)"),
-    "TTT_OPTIMIZER": (("adam",), "not built here: the per-document adapters always use Adam; unset it"),
+    "TTT_OPTIMIZER": (("adam",), "not built here: the per-document adapters always use AdamW (TTT_BETA1, "
+                      "TTT_BETA2, TTT_WEIGHT_DECAY); unset it"),
     "TTT_GRAD_STEPS": (("1",), "not built here: one adapter step per scored chunk; unset it"),
     "TTT_EVAL_SEQ_LEN": ((), "renamed: set EVAL_SEQ_LEN (the window of every evaluation pass, TTT included)"),
     "GLOBAL_TTT_MOMENTUM": ((), "renamed: set TTT_MOMENTUM (shared by all TTT SGD)"),

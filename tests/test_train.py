@@ -138,6 +138,7 @@ ALL_SWITCHES_SMALL = {
     "BACKOUT_LAYER": "1", "TRAIN_SEQ_LEN": "128", "TRAIN_BATCH_TOKENS": "8192", "VAL_BATCH_SIZE": "8192",
     "GRAD_ACCUM_STEPS": "1", "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_LOG_EVERY": "5",
     "GPTQ_CALIBRATION_BATCHES": "2", "GPTQ_CALIBRATION_SEQS": "2", "GPTQ_CALIBRATION_SEQ_LEN": "32",
+    "TTT_ENABLED": "0",  # these tests are about training; the recipe's TTT runs in the smoke test below
 }
 
 
@@ -173,6 +174,12 @@ def test_default_recipe_shrunk_by_depth_and_width_only_runs_end_to_end(sample_da
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"^final_int6_brotli_roundtrip_exact val_loss:[\d.]+ val_bpb:[\d.]+$", out.stdout, re.M)
     assert re.search(r"^final_sliding_window_exact val_loss:[\d.]+ val_bpb:[\d.]+$", out.stdout, re.M)
+    # R0427's final pass: phased LoRA TTT with its run's adapter settings, the final score
+    assert re.search(r"^ttt:start mode:phased .* lora_rank:80 lora_alpha:144 lora_lr:0.0001 warm_start_a:1 ",
+                     out.stdout, re.M)
+    assert re.search(r"^ttpp: phase:3/3 ", out.stdout, re.M)
+    ttt = re.search(r"^quantized_ttt_phased val_loss:[\d.]+ val_bpb:([\d.]+) ", out.stdout, re.M)
+    assert ttt and re.search(rf"^final_score stage:ttt val_loss:[\d.]+ val_bpb:{ttt.group(1)} ", out.stdout, re.M)
     assert "xsa_last_n: 4 (recipe: NUM_LAYERS)" in out.stdout
     assert "order:[0, 1, 2, 1, 2, 1, 2, 3]" in out.stdout  # the middle layers 1-2 are looped twice
 

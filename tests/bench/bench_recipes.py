@@ -47,9 +47,9 @@ RECORD_OPTIMIZER = {
 }
 # The record recipe at 4 layers: its depth rules give XSA on all 4, parallel from layer 1, loop 1-2.
 # Exported and scored like the baseline (8-bit absmax + zlib, flat eval) so every row compares training
-# alone, and a CPU run does not spend its time on GPTQ self-generation or stride-64 sliding windows.
+# alone, and a CPU run does not spend its time on GPTQ self-generation, stride-64 sliding windows or TTT.
 RECORD_SMALL = {"RECIPE": "record", "NUM_LAYERS": "4", "NUM_LOOPS": "2", "MATRIX_BITS": "8", "QUANT_METHOD": "absmax",
-                "COMPRESSOR": "zlib", "EVAL_STRIDE": "0"}
+                "COMPRESSOR": "zlib", "EVAL_STRIDE": "0", "TTT_ENABLED": "0"}
 SUITES = {
     "recipes": {
         "baseline": {"RECIPE": "baseline", "NUM_LAYERS": "6"},
