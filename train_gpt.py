@@ -26,6 +26,7 @@ Importing this file has no side effects; `main()` runs only under `__main__`.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import dataclasses
@@ -3856,9 +3857,11 @@ def prune_to_fit(state_dict, entries: list[ExportedTensor], target_bytes: int, p
 
 # ---- the shipped code form ---------------------------------------------------------------------------
 # Only the bytes of the code that is shipped count, so the shipped form is a self-extracting copy:
-# a two-line latin-1 Python file holding the brotli-compressed readable source in a string literal
-# (only \ " NUL CR LF are escaped: ~2% overhead, against 25% for base85). It decompresses to the
-# readable file byte for byte and runs it in its own namespace, where SHIPPED_SOURCE keeps the text.
+# a two-line latin-1 Python file holding the brotli-compressed source in a string literal (only
+# \ " NUL CR LF are escaped: ~2% overhead, against 25% for base85). The source it holds is the
+# readable file without its comments and docstrings: the same syntax tree otherwise (ast.unparse),
+# and about 30% fewer compressed bytes for the model. It runs that source in its own namespace, where
+# SHIPPED_SOURCE keeps the text; shipping it again gives the same bytes.
 
 SHIPPED_PREFIX = b"# -*- coding: latin-1 -*-\nimport brotli;SHIPPED_SOURCE=brotli.decompress(\""
 SHIPPED_SUFFIX = b"\".encode(\"latin-1\"));exec(compile(SHIPPED_SOURCE,\"train_gpt.py\",\"exec\"))\n"
@@ -3866,15 +3869,30 @@ _LITERAL_ESCAPES = {0x5C: b"\\\\", 0x22: b'\\"', 0x00: b"\\x00", 0x0D: b"\\r", 0
 
 
 def readable_source() -> bytes:
-    """The readable train_gpt.py, also when running from its shipped form."""
+    """The source this process runs: the readable train_gpt.py, or the stripped one when run from the
+    shipped form."""
     shipped = globals().get("SHIPPED_SOURCE")
     return shipped if isinstance(shipped, bytes) else Path(__file__).read_bytes()
+
+
+def without_docstrings(tree: ast.Module) -> ast.Module:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+def stripped_source(source: bytes) -> bytes:
+    """The source without comments and docstrings, as ast.unparse writes it (idempotent)."""
+    return (ast.unparse(without_docstrings(ast.parse(source))) + "\n").encode("utf-8")
 
 
 def shipped_code(source: bytes) -> bytes:
     import brotli
 
-    packed = brotli.compress(source, quality=11)
+    packed = brotli.compress(stripped_source(source), quality=11)
     literal = b"".join(_LITERAL_ESCAPES.get(byte, bytes((byte,))) for byte in packed)
     return SHIPPED_PREFIX + literal + SHIPPED_SUFFIX
 

@@ -9,6 +9,7 @@ reloads its int8+zlib artifact once per evaluation form and runs the real evalua
     sliding + chunked TTT TTT_MODE=chunked (score-first full-model SGD per chunk)
     LoRA TTT              TTT_MODE=lora (per-document adapters)
     phased TTT            TTT_MODE=phased (global SGD phases on scored documents + LoRA)
+    ..., R0427 settings   the same with RECIPE=record's adapter settings (R0427's run)
     pre-quant TTT (legal) a second training run with PREQUANT_TTT_ENABLED=1 on training data, scored
                           flat and sliding
 
@@ -47,12 +48,17 @@ COMMON = {
 }
 PREQUANT = {"PREQUANT_TTT_ENABLED": "1", "PREQUANT_TTT_TOKENS": "32768", "PREQUANT_TTT_EPOCHS": "1",
             "PREQUANT_TTT_LR": "3e-4"}
+# RECIPE=record's adapters (R0427's run): rank 80, alpha 144, AdamW LR 1e-4 betas (0, 0.99) decay 0.5, warm A.
+R0427_LORA = {"TTT_LORA_RANK": "80", "TTT_LORA_ALPHA": "144", "TTT_LORA_LR": "1e-4", "TTT_BETA1": "0",
+              "TTT_BETA2": "0.99", "TTT_WEIGHT_DECAY": "0.5", "TTT_WARM_START_A": "1"}
 FORMS = {  # name -> (env on top of COMMON, which artifact, the pass that gives the score)
     "flat": ({"EVAL_STRIDE": "0"}, "base", "roundtrip"),
     "sliding (stride 32)": ({}, "base", "sliding"),
     "sliding + chunked TTT": ({"TTT_ENABLED": "1", "TTT_MODE": "chunked"}, "base", "ttt"),
     "LoRA TTT (per document)": ({"TTT_ENABLED": "1", "TTT_MODE": "lora"}, "base", "ttt"),
     "phased TTT": ({"TTT_ENABLED": "1", "TTT_MODE": "phased"}, "base", "ttt"),
+    "LoRA TTT, R0427 adapter settings": ({"TTT_ENABLED": "1", "TTT_MODE": "lora", **R0427_LORA}, "base", "ttt"),
+    "phased TTT, R0427 adapter settings": ({"TTT_ENABLED": "1", "TTT_MODE": "phased", **R0427_LORA}, "base", "ttt"),
     "pre-quant TTT on train data, flat": ({"EVAL_STRIDE": "0"}, "prequant", "roundtrip"),
     "pre-quant TTT on train data, sliding": ({}, "prequant", "sliding"),
 }
@@ -73,8 +79,7 @@ def score(env: dict, artifact: Path, val: torch.Tensor, luts: tg.ByteLuts, stage
     lines: list[str] = []
     clock = tg.PhaseClock(None, None)
     clock.start("eval")
-    model = tg.GPT(tg.ModelConfig.from_hparams(hp))
-    model.load_state_dict(tg.deserialize_artifact(artifact.read_bytes()), strict=True)
+    model, _ = tg.load_artifact_model(artifact, rt.device)
     results = tg.evaluate_artifact(hp, rt, model, val, luts, clock, lines.append, looping=False, use_compile=False,
                                    autocast=lambda: tg.autocast_context(hp, rt.device), batch_seqs=16)
     clock.stop()
