@@ -2262,11 +2262,12 @@ def document_spans(tokens: torch.Tensor) -> list[tuple[int, int]]:
 
 class DocLoRA:
     """Per-document adapters: for adapter j and input row i (adapter row rows[i]), output +=
-    scale * x A_j[row]^T B_j[row]^T. Every row has its own tensors, so a row that did not train in a
-    step has no gradient and AdamW leaves it (and its moments) alone, whatever the other rows do: a
-    document's adapters depend on that document only, on any number of ranks. Attached with forward
-    hooks, so the model code is untouched; a hook counts its calls within a forward to find its
-    virtual slot."""
+    scale * x A_j[row]^T B_j[row]^T, one [rows, ...] tensor per adapter. Rows are independent under
+    AdamW (elementwise; a row trains at every step from a round's start until its document's last
+    trained chunk, so its step count is the same on any number of ranks). After that a row keeps
+    moving with the others' steps (decay, momentum), which no score sees; the A that warm starts the
+    next round is the one saved at the row's last own step (`keep_warm`). Attached with forward hooks,
+    so the model code is untouched; a hook counts its calls within a forward to find its virtual slot."""
 
     def __init__(self, model: GPT, num_rows: int, s: "TTTSettings", device: torch.device, looping: bool,
                  seed: int = 0):
@@ -2282,43 +2283,48 @@ class DocLoRA:
             out = m.proj.out_features if isinstance(m, MLP) else m.out_features
             shapes += [(width, out)] * n
         shapes.append((model.cfg.model_dim, model.cfg.vocab_size))
-        self.a_init = [((torch.rand(s.lora_rank, i, generator=g) * 2 - 1) / math.sqrt(i)).to(device) for i, _ in shapes]
-        self.a = [[a.clone().requires_grad_() for _ in range(num_rows)] for a in self.a_init]
-        self.b = [[torch.zeros(o, s.lora_rank, device=device, requires_grad=True) for _ in range(num_rows)]
-                  for _, o in shapes]
+        a_init = [(torch.rand(s.lora_rank, i, generator=g) * 2 - 1) / math.sqrt(i) for i, _ in shapes]
+        self.a_init = [a.expand(num_rows, -1, -1).clone().to(device) for a in a_init]
+        self.warm_a = [a.clone() for a in self.a_init]  # per row: the A the next round starts from
+        self.a = [a.clone().requires_grad_() for a in self.a_init]
+        self.b = [torch.zeros(num_rows, o, s.lora_rank, device=device, requires_grad=True) for _, o in shapes]
         self.first_slot = [sum(slots[:k]) for k in range(len(slots))]  # adapter index of module k's slot 0
         self.slots, self.calls = slots, [0] * len(slots)
         self.rows = list(range(num_rows))  # adapter row of each input row
 
     @property
     def params(self) -> list[torch.Tensor]:
-        return [t for per_row in self.a + self.b for t in per_row]
+        return self.a + self.b
 
     def reset(self, warm_a: bool) -> None:
-        """A new round: B = 0 (each document starts as the plain model); A redrawn unless kept warm."""
+        """A new round: B = 0 (each document starts as the plain model); A redrawn, or with `warm_a`
+        the A each row kept at its previous document's last own step."""
         with torch.no_grad():
-            for per_row in self.b:
-                for b in per_row:
-                    b.zero_()
-            if not warm_a:
-                for per_row, a0 in zip(self.a, self.a_init):
-                    for a in per_row:
-                        a.copy_(a0)
+            for b in self.b:
+                b.zero_()
+            for a, start in zip(self.a, self.warm_a if warm_a else self.a_init):
+                a.copy_(start)
 
-    def drop_grads(self, rows: list[int]) -> None:
-        """Rows that did not train this step: no gradient, so the optimizer skips them."""
-        for per_row in self.a + self.b:
-            for r in rows:
-                per_row[r].grad = None
+    def keep_warm(self, rows: list[int]) -> None:
+        """These rows' documents take no more steps: their current A is what the next round inherits."""
+        if not rows:
+            return
+        index = torch.tensor(rows, device=self.a[0].device)
+        with torch.no_grad():
+            for a, warm in zip(self.a, self.warm_a):
+                warm[index] = a[index]
 
     def delta(self, j: int, x: torch.Tensor) -> torch.Tensor:
-        a = torch.stack([self.a[j][r] for r in self.rows]).to(x.dtype)
-        b = torch.stack([self.b[j][r] for r in self.rows]).to(x.dtype)
+        index = self._index
+        a = (self.a[j] if index is None else self.a[j][index]).to(x.dtype)
+        b = (self.b[j] if index is None else self.b[j][index]).to(x.dtype)
         return self.scale * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
     def logits(self, model: GPT, x: torch.Tensor, looping: bool) -> torch.Tensor:
         """The model's logits for rows x with every adapter applied."""
         self.calls = [0] * len(self.modules)
+        every_row = self.rows == list(range(self.b[0].size(0)))
+        self._index = None if every_row else torch.tensor(self.rows, device=x.device)  # no gather: all rows
 
         def hook(k):
             def add_delta(module, inputs, output):
@@ -2366,6 +2372,7 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lor
         spans = [chunks[d][i] for d in rows]
         starts = [max(docs[d][0], b - s.seq_len) for d, (_, b) in zip(rows, spans)]
         train_rows = [r for r, d in enumerate(rows) if i < len(chunks[d]) - 1] if adapt else []
+        lora.keep_warm([d for d in rows if i == len(chunks[d]) - 1])  # their last own step is done
         x, y, mask = ledger.document_rows(spans, starts)
         lora.rows = rows
         with torch.set_grad_enabled(bool(train_rows)), autocast():
@@ -2379,7 +2386,6 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lor
             labels = ledger.adaptation_tokens(a, b)[1:].to(ledger.device)
             loss = loss + F.cross_entropy(logits[r, a - st : b - st].float(), labels)
         loss.backward()
-        lora.drop_grads([rows[r] for r in range(len(rows)) if r not in train_rows])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         steps += 1

@@ -171,19 +171,17 @@ def test_lora_adapters_one_per_virtual_slot_and_the_plain_model_at_start():
     for looping, slots in ((True, [1, 2, 1]), (False, [1, 1, 1])):
         lora = tg.DocLoRA(model, 2, s, CPU, looping)
         assert lora.slots == [n for n in slots for _ in range(5)]  # q, v, k, o, mlp per block
-        assert len(lora.a) == 5 * sum(slots) + 1 and [b.shape for b in lora.b[-1]] == [(64, 4)] * 2  # + the head
+        assert len(lora.a) == 5 * sum(slots) + 1 and lora.b[-1].shape == (2, 64, 4)  # + the head
         assert torch.equal(lora.logits(model, x, looping), model.forward_logits(x, looping))
         with torch.no_grad():
-            for per_row in lora.b:
-                for b in per_row:
-                    b.normal_()
+            for b in lora.b:
+                b.normal_()
         adapted = lora.logits(model, x, looping)
         assert not torch.allclose(adapted, model.forward_logits(x, looping))
     # The second pass of the looped block has its own adapter: only that pass sees it.
     lora = tg.DocLoRA(model, 2, s, CPU, True)
     with torch.no_grad():
-        for b in lora.b[lora.first_slot[5] + 1]:  # block 1's q adapter, second pass
-            b.normal_()
+        lora.b[lora.first_slot[5] + 1].normal_()  # block 1's q adapter, second pass
     assert not torch.equal(lora.logits(model, x, True), model.forward_logits(x, True))
     assert torch.equal(lora.logits(model, x, False), model.forward_logits(x, False))  # one pass: never used
     few = tg.dataclasses.replace(s, lora_k=False, lora_o=False, lora_mlp=False)
