@@ -2833,12 +2833,18 @@ def sample_sequences(model: GPT, num_seqs: int, seq_len: int, *, temperature: fl
     return ids
 
 
+def calibration_batch_count(requested: int, world_size: int) -> int:
+    """GPTQ_CALIBRATION_BATCHES over all ranks, rounded up to a multiple of the world size so every rank
+    reads as many (the deadline check is collective). So 1 process and N ranks calibrate alike only
+    when N divides it (the record's 16 on 8 ranks does)."""
+    return world_size * math.ceil(requested / world_size)
+
+
 def calibration_inputs(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str], looping: bool,
                        autocast=contextlib.nullcontext):
-    """This rank's calibration batches, one at a time: GPTQ_CALIBRATION_BATCHES over all ranks, rounded
-    up to a multiple of the world size so every rank reads as many (the deadline check is collective)."""
+    """This rank's calibration batches, one at a time (calibration_batch_count over all ranks)."""
     seq_len = hp.gptq_calibration_seq_len or hp.train_seq_len
-    mine = range(rt.rank, rt.world_size * math.ceil(hp.gptq_calibration_batches / rt.world_size), rt.world_size)
+    mine = range(rt.rank, calibration_batch_count(hp.gptq_calibration_batches, rt.world_size), rt.world_size)
     if hp.gptq_calibration_source == "train":
         check_calibration_files(train_files)
         loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device, seed=hp.seed)
@@ -4782,8 +4788,11 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
                                                                    autocast), plan, state.looping, autocast,
                                     stop=past_the_cap)
         clock.stop()
+        planned = calibration_batch_count(hp.gptq_calibration_batches, rt.world_size)
         log(f"GPTQ:collected {len(hessians)} Hessians in {clock.elapsed_ms('calibration') / 1000:.1f}s "
-            f"source:{hp.gptq_calibration_source} batches:{hp.gptq_calibration_batches}"
+            f"source:{hp.gptq_calibration_source} batches:{planned}"
+            + (f" (GPTQ_CALIBRATION_BATCHES={hp.gptq_calibration_batches} rounded up to a multiple of the "
+               f"{rt.world_size} ranks)" if planned != hp.gptq_calibration_batches else "")
             + (f" read_per_rank:{batches_read[0] - 1}" if calibrate_on_train and clock.cap_ms is not None else ""))
     data_access_end = clock.elapsed_ms("train") + (clock.elapsed_ms("calibration") if calibrate_on_train else 0.0)
     inside_cap = clock.cap_ms is None or data_access_end <= clock.cap_ms

@@ -382,9 +382,20 @@ def test_train_calibration_is_reserved_and_ends_inside_the_training_cap(tiny_env
     assert out["phases"]["calibration"] > 0
     assert out["train_data_access_end_ms"] == pytest.approx(out["training_time_ms"] + out["phases"]["calibration"])
     assert out["train_data_access_end_ms"] <= 120_000 and re.search(r"inside_cap:1$", log, re.M)
-    assert re.search(r"GPTQ:collected 5 Hessians .* read_per_rank:4$", log, re.M)  # 2 MLP per layer + tied head
+    assert re.search(r"GPTQ:collected 5 Hessians .* source:train batches:4 read_per_rank:4$", log, re.M)  # 2 MLP/layer + head
     header, _ = tg.read_artifact_header((tmp_path / "test" / "final_model.int6.ptz").read_bytes())
     assert {t["method"] for t in header["tensors"] if t["bits"]} == {"gptq"}
+
+
+def test_calibration_batches_round_up_to_the_world_size_and_every_rank_reads_as_many():
+    assert [tg.calibration_batch_count(n, w) for n, w in ((16, 8), (1, 2), (3, 2), (5, 1), (9, 8))] == [16, 2, 4, 5, 16]
+    hp, model = small_model(GPTQ_CALIBRATION_BATCHES="3", GPTQ_CALIBRATION_SEQS="1", GPTQ_CALIBRATION_SEQ_LEN="4")
+    batches = [[b.tolist() for b in tg.calibration_inputs(hp, tg.Runtime(r, 2, r, torch.device("cpu"), True), model, [],
+                                                          False)] for r in range(2)]
+    assert [len(b) for b in batches] == [2, 2]  # 3 asked, 4 read: 2 per rank (the log line says so)
+    one = [b.tolist() for b in tg.calibration_inputs(hp, tg.Runtime(0, 1, 0, torch.device("cpu"), False), model, [],
+                                                     False)]
+    assert one == [batches[0][0], batches[1][0], batches[0][1]]  # batch i is the same draw on any world size
 
 
 def test_calibration_reads_no_batch_once_its_deadline_says_stop():
