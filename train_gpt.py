@@ -1513,6 +1513,14 @@ def estimate_flops_per_token(cfg: ModelConfig, seq_len: int, looping: bool) -> i
     return int(flops)
 
 
+def lora_flops_per_token(cfg: ModelConfig, rank: int, looping: bool, *, k: bool, o: bool, mlp: bool) -> int:
+    """Forward FLOPs per token of the TTT adapters (x A^T then B): 2 * rank * (in + out) per adapter, one
+    adapter per virtual layer slot for q, v (and k, o, the MLP under their switches), and the head."""
+    d, kv = cfg.model_dim, cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
+    per_layer = (d + d) + (d + kv) + k * (d + kv) + o * (d + d) + mlp * (d + d)
+    return 2 * rank * (len(cfg.layer_order(looping)) * per_layer + d + cfg.vocab_size)
+
+
 def model_report(model: GPT, hp: Hyperparameters, n_code_bytes: int) -> list[str]:
     """Size and cost known before training: parameters, FLOPs per token, artifact estimate."""
     cfg = model.cfg
@@ -4426,21 +4434,27 @@ def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, val_tokens: torch.Ten
         passes.append(("ttt_chunked", window_tokens(hp.eval_stride or seq_len), train_tokens))
     elif hp.ttt_enabled:  # each chunk step reads its window; all but a document's last chunk also backpropagate
         docs = document_spans(val_tokens)
-        fwd_tokens = train_tokens = 0
+        fwd_tokens = backprop_tokens = 0
         for doc in docs:
             widths = [b - max(doc[0], b - seq_len) for _, b in document_chunks(doc, min(hp.ttt_chunk_size, seq_len))]
             fwd_tokens += sum(widths)
-            train_tokens += sum(widths[:-1]) * 2 // 3  # backward ~ 2 forwards, counted as 3x below
+            backprop_tokens += sum(widths[:-1])
+        lora = lora_flops_per_token(cfg, hp.ttt_lora_rank, looping, k=hp.ttt_k_lora, o=hp.ttt_o_lora,
+                                    mlp=hp.ttt_mlp_lora)
+        global_tokens = 0
         if hp.ttt_mode == "phased":
             queue = sorted(docs, key=lambda d: (-(d[1] - d[0]), d[0]))
             prefix = min(hp.phased_ttt_prefix_docs, len(queue))
-            train_tokens += hp.global_ttt_epochs * sum(
+            global_tokens = hp.global_ttt_epochs * sum(
                 sum(b - a for a, b in queue[: prefix * (k + 1) // hp.phased_ttt_num_phases])
                 for k in range(hp.phased_ttt_num_phases))
-        passes.append((f"ttt_{hp.ttt_mode}", fwd_tokens, train_tokens))
+        # the frozen base's backward only carries activation gradients (~1 forward); the adapters get both
+        passes.append((f"ttt_{hp.ttt_mode}", fwd_tokens, backprop_tokens + global_tokens,
+                       (fwd + lora) * fwd_tokens + (fwd + 2 * lora) * backprop_tokens + 3 * fwd * global_tokens))
     lines, total = [], 0
-    for name, fwd_tokens, train_tokens in passes:
-        flops = fwd * fwd_tokens + 3 * fwd * train_tokens  # a training token costs forward + 2x backward
+    for name, fwd_tokens, train_tokens, *exact in passes:
+        # a training token costs a forward and a backward of about 2 forwards
+        flops = exact[0] if exact else fwd * fwd_tokens + 3 * fwd * train_tokens
         total += flops
         lines.append(f"eval_plan: {name} forward_tokens:{fwd_tokens} train_tokens:{train_tokens} flops:{flops:.3e}")
     budget = f"{hp.max_eval_seconds:.0f}s" if hp.max_eval_seconds > 0 else "none"

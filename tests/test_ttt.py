@@ -188,6 +188,12 @@ def test_lora_adapters_one_per_virtual_slot_and_the_plain_model_at_start():
     assert tg.lora_targets(model, few) == [f"blocks.{i}.attn.c_{w}" for i in range(3) for w in "qv"]
     assert len(tg.DocLoRA(model, 2, few, CPU, False).a) == 3 * 2 + 1
     assert tg.DocLoRA(model, 1, s, CPU, False).scale == 1.0  # alpha 0 = the rank
+    # The eval plan counts the adapters' FLOPs: 2 * rank * (in + out) per adapter and token.
+    for settings, looping in ((s, True), (s, False), (few, True)):
+        lora = tg.DocLoRA(model, 1, settings, CPU, looping)
+        counted = sum(2 * 4 * (a.shape[-1] + b.shape[1]) for a, b in zip(lora.a, lora.b))
+        assert counted == tg.lora_flops_per_token(cfg, 4, looping, k=settings.lora_k, o=settings.lora_o,
+                                                  mlp=settings.lora_mlp)
     assert tg.DocLoRA(model, 1, tg.dataclasses.replace(s, lora_alpha=8.0), CPU, False).scale == 2.0
 
 
