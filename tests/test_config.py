@@ -35,6 +35,12 @@ def test_record_recipe_is_the_default_and_every_field_stays_overridable():
     assert hp.mlp_activation == "leaky_relu2" and hp.xsa_last_n == 11 and hp.rope_dims == 16 and hp.ln_scale
     assert (hp.loop_start, hp.loop_end, hp.num_loops) == (3, 5, 2) and hp.parallel_start_layer == 8
     assert hp.qk_gain_init == 5.0 and hp.train_seq_len == 2048
+    # R0427's final pass as its run used it: phased TTT, LoRA rank 80 / alpha 144, AdamW (0, 0.99), decay 0.5, warm A
+    assert (hp.ttt_enabled, hp.ttt_mode, hp.eval_stride) == (True, "phased", 64)
+    assert (hp.ttt_lora_rank, hp.ttt_lora_alpha, hp.ttt_lora_lr, hp.ttt_beta1, hp.ttt_beta2) == (80, 144.0, 1e-4, 0.0, 0.99)
+    assert (hp.ttt_weight_decay, hp.ttt_warm_start_a, hp.ttt_chunk_size, hp.ttt_batch_size) == (0.5, True, 48, 64)
+    assert (hp.phased_ttt_prefix_docs, hp.phased_ttt_num_phases, hp.global_ttt_lr) == (2500, 3, 0.001)
+    assert hp.ttt_k_lora and hp.ttt_o_lora and hp.ttt_mlp_lora
     hp.check_world(8)
     over = tg.Hyperparameters.from_env({"XSA_LAST_N": "4", "NUM_LOOPS": "0", "VOCAB_SIZE": "1024"})
     assert over.xsa_last_n == 4 and over.num_loops == 0 and over.vocab_size == 1024 and over.rope_dims == 16
