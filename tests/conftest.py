@@ -57,3 +57,19 @@ def subprocess_env(extra: dict) -> dict:
     env.update(extra)
     env["PYTHONPATH"] = str(ROOT)
     return env
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: an end-to-end run (subprocess or torchrun); `-m 'not slow'` skips them")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (tests/bench/bench_gpu.py runs them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
