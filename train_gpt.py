@@ -36,6 +36,7 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import lzma
 import math
 import os
@@ -102,6 +103,11 @@ class Hyperparameters:
     compute_dtype: str = knob("auto", "autocast dtype; auto = bfloat16 on cuda, float32 on cpu",
                               choices=("auto", "float32", "bfloat16"))
     compile: str = knob("auto", "torch.compile; auto = on for cuda, off for cpu", choices=("auto", "0", "1"))
+    compile_fallback: str = knob("auto", "when torch.compile fails (always logged and kept in the manifest): error = "
+                                 "stop the run, eager = run that graph uncompiled; auto = error on cuda, eager on cpu",
+                                 choices=("auto", "error", "eager"))
+    compile_backend: str = knob("inductor", "torch.compile backend (a name torch._dynamo.list_backends() knows, "
+                                "e.g. inductor, aot_eager)")
     attn_backend: str = knob("auto", "attention kernel: auto = FlashAttention 3 on CUDA if installed and it passes a "
                              "start-up check against SDPA, else SDPA", choices=("auto", "sdpa", "fa3"))
     # validation and logging
@@ -341,6 +347,10 @@ class Hyperparameters:
             raise ConfigError(f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} must be <= NUM_LAYERS={self.num_layers}")
         if self.enable_looping_at > 1:
             raise ConfigError(f"ENABLE_LOOPING_AT={self.enable_looping_at} is a training fraction in [0, 1]")
+        if (self.compile != "0" and self.compile_backend != "inductor"  # listing the backends takes ~1.5 s
+                and self.compile_backend not in torch._dynamo.list_backends(exclude_tags=())):
+            raise ConfigError(f"COMPILE_BACKEND={self.compile_backend!r} is not a torch.compile backend; known: "
+                              f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))}")
 
     @property
     def head_dim(self) -> int:
@@ -2713,6 +2723,18 @@ def storage_dtype(name: str, t: torch.Tensor) -> torch.dtype:
     return torch.float32 if is_control_tensor(name) else torch.float16
 
 
+@contextlib.contextmanager
+def exact_fp32_matmul():
+    """fp32 matmuls without TF32 (on for training, see init_runtime): GPTQ's error feedback at 10
+    mantissa bits would round differently from the CPU's."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def quantize_tensor(name: str, t: torch.Tensor, plan: QuantPlan, hessian: torch.Tensor | None = None,
                     gptq: dict | None = None) -> ExportedTensor:
     """One state-dict entry as exported; GPTQ where the plan says so and a Hessian exists (tensors
@@ -2724,8 +2746,9 @@ def quantize_tensor(name: str, t: torch.Tensor, plan: QuantPlan, hessian: torch.
         return ExportedTensor(name, tuple(t.shape), dtype, value=t.to(storage_dtype(name, t)).contiguous())
     bits, sigmas = spec
     w = t.float().reshape(t.shape[0], -1) if t.ndim == 2 else t.float().reshape(1, -1)
-    if plan.method == "gptq" and hessian is not None:
-        codes, scales = gptq_quantize(w, hessian, bits, sigmas, **(gptq or {}))
+    if plan.method == "gptq" and hessian is not None:  # on the Hessian's device: the GPU in a CUDA run
+        with exact_fp32_matmul():
+            codes, scales = gptq_quantize(w.to(hessian.device), hessian, bits, sigmas, **(gptq or {}))
         method = "gptq"
     else:
         codes, scales = quantize_rows(w, bits, sigmas)
@@ -4069,19 +4092,128 @@ def train(hp: Hyperparameters, rt: Runtime, model, base_model: GPT, optimizers, 
                 f"step_avg:{train_ms / state.step:.2f}ms tok/s:{tokens_per_s:.0f} mfu:{mfu:.2f}%")
 
 
-def maybe_compile(fn, enabled: bool):
-    return torch.compile(fn, dynamic=False) if enabled else fn
+class CompileRecord:
+    """What torch.compile did in one run: graphs compiled per function, and every failure. A failure
+    is never silent: it is logged as one line naming the function and the reason, kept for the
+    manifest, and then either the failed graph runs eagerly (COMPILE_FALLBACK=eager) or the run stops
+    with a RunError (COMPILE_FALLBACK=error, the CUDA default: an eager 8xH100 run loses a large share
+    of its steps)."""
+
+    def __init__(self, backend: str = "inductor", fallback: str = "error", log=None):
+        self.backend, self.fallback = backend, fallback
+        self.graphs: dict[str, int] = {}
+        self.failures: list[dict] = []
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    def failed(self, name: str, e: BaseException) -> None:
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        message = (f"torch.compile failed in {name} ({reason}); COMPILE_FALLBACK=eager runs that graph uncompiled "
+                   "(slower), COMPILE=0 turns compile off")
+        self.failures.append(dict(function=name, reason=reason, message=message))
+        self.log(f"compile:failed function:{name} backend:{self.backend} fallback:{self.fallback} reason:{reason}")
+
+    def summary(self) -> dict:
+        return dict(enabled=True, backend=self.backend, fallback=self.fallback, graphs=dict(self.graphs),
+                    failures=[{k: f[k] for k in ("function", "reason")} for f in self.failures])
+
+    def line(self) -> str:
+        graphs = " ".join(f"{k}:{v}" for k, v in self.graphs.items()) or "none"
+        return f"compile:graphs {graphs} failures:{len(self.failures)}"
 
 
-def compile_settings(qat: bool) -> contextlib.ExitStack:
-    """Compiler settings for one run, undone when the run ends (nothing leaks into the process):
-    a failed compile falls back to eager instead of crashing, and with QAT inductor rounds the fake
-    quantizer's scales to fp16 exactly as the export does (by default it skips such casts)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch._dynamo.config.patch(suppress_errors=True))
-    if qat:
-        stack.enter_context(torch._inductor.config.patch(emulate_precision_casts=True))
-    return stack
+_active_compile: CompileRecord | None = None  # the running run's record (set by compile_settings)
+_compile_backends: dict[tuple[str, str], object] = {}  # one per (backend, function): see compile_backend
+
+
+def compile_backend(backend: str, name: str):
+    """The torch.compile backend for function `name`: `backend` wrapped to count each graph it compiles
+    and to handle a failure as the running run's CompileRecord says. One object per pair for the whole
+    process, because dynamo reuses a compiled graph only under the same backend: a second evaluation
+    (a fresh model of the same shapes) then compiles nothing new."""
+    if (backend, name) not in _compile_backends:
+        inner = torch._dynamo.lookup_backend(backend)
+
+        def compile_graph(gm, example_inputs):
+            record = _active_compile if _active_compile is not None else CompileRecord(backend)
+            record.graphs[name] = record.graphs.get(name, 0) + 1
+            try:
+                return inner(gm, example_inputs)
+            except Exception as e:  # noqa: BLE001 - every backend failure is reported, then handled below
+                record.failed(name, e)
+                if record.fallback == "eager":
+                    return gm.forward  # this graph runs uncompiled; the rest of the run is unaffected
+                raise CompileFailed(record.failures[-1]["message"]) from e
+
+        compile_graph.__name__ = f"{backend}_for_{name}"
+        _compile_backends[(backend, name)] = compile_graph
+    return _compile_backends[(backend, name)]
+
+
+class CompileFailed(RunError):
+    """torch.compile could not compile a function and COMPILE_FALLBACK=error."""
+
+
+def maybe_compile(fn, enabled: bool, name: str = ""):
+    """`fn` compiled through the run's CompileRecord (graph counts, loud failures), or `fn` itself."""
+    if not enabled:
+        return fn
+    backend = _active_compile.backend if _active_compile is not None else "inductor"
+    return torch.compile(fn, dynamic=False, backend=compile_backend(backend, name or getattr(fn, "__name__", "fn")))
+
+
+def compile_failure(e: BaseException) -> CompileFailed | None:
+    """The one-line CompileFailed behind an exception torch.compile raised, if it is one: ours from
+    the backend wrapper (dynamo wraps it), or dynamo's own (tracing) error, named by its frame."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, CompileFailed):
+            return x
+        todo += [getattr(x, "inner_exception", None), x.__cause__, x.__context__]
+    if isinstance(e, torch._dynamo.exc.TorchDynamoException):
+        if not hasattr(e, "as_compile_failure"):  # recorded once, however often it is asked
+            record = _active_compile or CompileRecord()
+            record.failed("a compiled function (dynamo tracing)", e)
+            e.as_compile_failure = CompileFailed(record.failures[-1]["message"])
+        return e.as_compile_failure
+    return None
+
+
+class _DynamoWarnings(logging.Handler):
+    """With COMPILE_FALLBACK=eager dynamo suppresses its own tracing errors (the frame runs eagerly)
+    and says so in a warning; this turns each into a recorded failure."""
+
+    def __init__(self, record: CompileRecord):
+        super().__init__(logging.WARNING)
+        self.record = record
+
+    def emit(self, entry: logging.LogRecord) -> None:
+        self.record.failed("a compiled function (dynamo tracing)", RuntimeError(entry.getMessage()))
+
+
+@contextlib.contextmanager
+def compile_settings(qat: bool, record: CompileRecord | None = None):
+    """Compiler settings for one run, undone when the run ends (nothing leaks into the process). A
+    failed compile is recorded (see CompileRecord); only with COMPILE_FALLBACK=eager does dynamo
+    suppress its own errors. With QAT inductor rounds the fake quantizer's scales to fp16 exactly as
+    the export does (by default it skips such casts)."""
+    global _active_compile
+    record = record or CompileRecord()
+    eager = record.fallback == "eager"
+    handler, dynamo_log = _DynamoWarnings(record), logging.getLogger("torch._dynamo.convert_frame")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch._dynamo.config.patch(suppress_errors=eager))
+        if qat:
+            stack.enter_context(torch._inductor.config.patch(emulate_precision_casts=True))
+        if eager:
+            dynamo_log.addHandler(handler)
+            stack.callback(dynamo_log.removeHandler, handler)
+        previous, _active_compile = _active_compile, record
+        stack.callback(lambda: globals().__setitem__("_active_compile", previous))
+        yield record
 
 
 # ==================================================================================================
@@ -4524,7 +4656,7 @@ def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: 
     seq_len = hp.effective_eval_seq_len
     stamp = NON_RECORD_STAMP if hp.allow_val_adaptation else ""
     model.eval()
-    logits_fn = maybe_compile(model.forward_logits, use_compile)
+    logits_fn = maybe_compile(model.forward_logits, use_compile, "eval_forward_logits")
     phases = {"load": clock.elapsed_ms("eval")}
     mark = [clock.elapsed_ms("eval")]
 
@@ -4639,7 +4771,7 @@ def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: tor
                 total_bytes=total, header=header)
 
 
-def run_eval_only(hp: Hyperparameters, rt: Runtime) -> dict:
+def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -> dict:
     """EVAL_ONLY=1: score the artifact at ARTIFACT_PATH with nothing but it, the tokenizer and the
     validation shards (no training data, no network). The model's settings are read from the artifact.
     The scores go to a run folder of their own, like any run."""
@@ -4659,19 +4791,38 @@ def run_eval_only(hp: Hyperparameters, rt: Runtime) -> dict:
         f"vocab {hp.vocab_size} quant_method:{header['meta'].get('quant_method')}")
     val_tokens, luts = prepare_validation(hp, rt, log)
     clock = PhaseClock(None, 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None)
-    use_compile = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
+    if use_compile:
+        _active_compile.log = log
     scored = score_artifact(hp, rt, path, val_tokens, luts, clock, log, use_compile=use_compile)
+    if use_compile:
+        log(_active_compile.line())
     log(clock.summary())
     return dict(scored, run_id=hp.run_id, run_dir=str(out_dir), phases=dict(clock.totals), log_path=str(log.path),
-                cap_ms=None, train_data_access_end_ms=0.0)
+                cap_ms=None, train_data_access_end_ms=0.0,
+                compile=_active_compile.summary() if use_compile else {"enabled": False})
+
+
+def compile_record_for(hp: Hyperparameters, rt: Runtime) -> CompileRecord | None:
+    """The run's CompileRecord, or None when it does not compile."""
+    if not (hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")):
+        return None
+    fallback = hp.compile_fallback if hp.compile_fallback != "auto" else (
+        "error" if rt.device.type == "cuda" else "eager")
+    return CompileRecord(hp.compile_backend, fallback)
 
 
 def run(hp: Hyperparameters, rt: Runtime) -> dict:
-    """Train, export the int8+zlib artifact, reload it from disk and score it. Returns the numbers.
+    """Train, export the artifact, reload it from disk and score it. Returns the numbers.
     Compiler settings are changed only for the duration of the run."""
-    use_compile = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
-    with compile_settings(qat=hp.qat_enabled) if use_compile else contextlib.nullcontext():
-        return train_and_score(hp, rt, use_compile)
+    record = compile_record_for(hp, rt)
+    with compile_settings(hp.qat_enabled, record) if record else contextlib.nullcontext():
+        try:
+            return (run_eval_only if hp.eval_only else train_and_score)(hp, rt, record is not None)
+        except Exception as e:
+            failure = compile_failure(e) if record else None
+            if failure is None:
+                raise
+            raise failure from None
 
 
 def train_and_score(hp: Hyperparameters, rt: Runtime, use_compile: bool) -> dict:
@@ -4682,10 +4833,14 @@ def train_and_score(hp: Hyperparameters, rt: Runtime, use_compile: bool) -> dict
     log(f"run_dir:{out_dir}")
     log_run_header(hp, rt, log)
     manifest = RunManifest(out_dir / RUN_MANIFEST_NAME, hp, rt)
+    if _active_compile is not None:
+        _active_compile.log = log
     try:
         return train_and_score_in(hp, rt, use_compile, out_dir, log, manifest)
     except BaseException as e:  # a crashed run is recognisable from its manifest
-        manifest.finish("failed", error=f"{e.__class__.__name__}: {e}")
+        failure = compile_failure(e) if use_compile else None
+        manifest.finish("failed", error=f"{(failure or e).__class__.__name__}: {failure or e}",
+                        **({"compile": _active_compile.summary()} if use_compile else {}))
         raise
 
 
@@ -4706,10 +4861,10 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
     log(f"attention_backend:{backend} ({why})")
     random_seed_all(hp.seed)
     base_model = GPT(ModelConfig.from_hparams(hp)).to(rt.device)
-    compiled = maybe_compile(base_model, use_compile)
+    compiled = maybe_compile(base_model, use_compile, "train_step")
     model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
                 broadcast_buffers=False) if rt.distributed else compiled
-    logits_fn = maybe_compile(base_model.forward_logits, use_compile)
+    logits_fn = maybe_compile(base_model.forward_logits, use_compile, "forward_logits")
     optimizers = build_optimizers(hp, base_model, rt.device)
     for line in model_report(base_model, hp, code_bytes()):
         log(line)
@@ -4750,6 +4905,13 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
     clock = PhaseClock(hp.max_wallclock_ms, 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None)
     clock.start("warmup")
     warmup_and_reset(model, base_model, optimizers, make_loader, hp, rt, grad_accum, autocast, log)
+    if use_compile:  # the evaluation graph compiles now too, so a compile failure stops the run before training
+        probe = synthetic_tokens(val_batch_seqs * eval_seq_len, hp.vocab_size).view(val_batch_seqs, eval_seq_len)
+        base_model.eval()
+        with torch.no_grad(), autocast():
+            logits_fn(probe.to(rt.device), looping_active(1.0, num_loops=hp.num_loops, enable_at=hp.enable_looping_at))
+        base_model.train()
+        log(f"compile:warmed {_active_compile.line().removeprefix('compile:')}")
     clock.stop()
     plan = QuantPlan.from_hparams(hp)
     calibrate_on_train = plan.method == "gptq" and hp.gptq_calibration_source == "train"
@@ -4835,6 +4997,8 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
     roundtrip, n_code, artifact_bytes, total_bytes = (scored[k] for k in ("roundtrip", "code_bytes", "model_bytes",
                                                                           "total_bytes"))
     log(clock.summary())
+    if use_compile:
+        log(_active_compile.line())
     final_stage = next(reversed(results))
     final = results[final_stage]
     shipped = _shipped_code_of_this_file()
@@ -4855,6 +5019,7 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
                   "train_losses": state.train_losses, "export_weights": choice},
         step_times_ms=step_time_stats(state.step_ms),
         phases_ms=dict(clock.totals),
+        compile=_active_compile.summary() if use_compile else {"enabled": False},
         compliance={"train_time_ms": clock.elapsed_ms("train"), "train_cap_ms": clock.cap_ms,
                     "eval_time_ms": clock.elapsed_ms("eval"), "eval_cap_ms": clock.eval_cap_ms,
                     "artifact_under_limit": total_bytes <= ARTIFACT_LIMIT_BYTES,
@@ -4870,7 +5035,8 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
                 code_bytes=n_code, model_bytes=artifact_bytes, total_bytes=total_bytes, phases=dict(clock.totals),
                 training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms, log_path=str(log.path),
                 non_record=hp.allow_val_adaptation, prequant_ttt=prequant,
-                train_data_access_end_ms=data_access_end, cap_ms=clock.cap_ms)
+                train_data_access_end_ms=data_access_end, cap_ms=clock.cap_ms,
+                compile=_active_compile.summary() if use_compile else {"enabled": False})
 
 
 def random_seed_all(seed: int) -> None:
@@ -4885,7 +5051,7 @@ def main() -> int:
     try:
         hp = Hyperparameters.from_env()
         rt = init_runtime(hp)
-        result = run_eval_only(hp, rt) if hp.eval_only else run(hp, rt)
+        result = run(hp, rt)
         if result["cap_ms"] is not None and result["train_data_access_end_ms"] > result["cap_ms"]:
             raise RunError(f"training-data access ended at {result['train_data_access_end_ms']:.0f}ms, past the "
                            f"{result['cap_ms']:.0f}ms cap (calibration took longer than its reserve); "
