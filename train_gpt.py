@@ -750,8 +750,10 @@ STOP_SIGNAL_RECEIVED: list[str] = []  # the signal that stopped this process's r
 
 
 @contextlib.contextmanager
-def stop_signals_raise():
-    """While active, SIGTERM and SIGHUP raise RunStopped (in the main thread only, as Python requires)."""
+def stop_signals_raise(restore: bool = True):
+    """While active, SIGTERM and SIGHUP raise RunStopped (in the main thread only, as Python requires).
+    After it, they get their previous handlers back, or with restore=False are ignored: a process that
+    is about to exit has nothing left to stop (torchrun signals the other workers once one has exited)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -768,7 +770,7 @@ def stop_signals_raise():
         yield
     finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            signal.signal(s, h if restore else signal.SIG_IGN)
         STOP_SIGNAL_RECEIVED.clear()
 
 
@@ -5208,8 +5210,8 @@ def random_seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def main() -> int:
-    with stop_signals_raise():
+def main(restore_signals: bool = True) -> int:
+    with stop_signals_raise(restore_signals):
         return main_with_signals()
 
 
@@ -5246,4 +5248,4 @@ def main_with_signals() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(restore_signals=False))
