@@ -31,6 +31,8 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import errno
+import fcntl
 import functools
 import glob
 import hashlib
@@ -44,10 +46,12 @@ import platform
 import random
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import zlib
@@ -642,9 +646,10 @@ def init_runtime(hp: Hyperparameters, environ=None) -> Runtime:
     return Runtime(rank, world_size, local_rank, device, distributed, control_group)
 
 
-def shutdown_runtime(rt: Runtime) -> None:
+def shutdown_runtime(rt: Runtime, clean: bool = True) -> None:
     if rt.distributed and dist.is_initialized():
-        barrier()  # no rank tears down its connections while another is still using them
+        if clean:  # after a stop signal the ranks may be in different collectives: just leave
+            barrier()  # no rank tears down its connections while another is still using them
         dist.destroy_process_group()
 
 
@@ -695,23 +700,88 @@ class RunLog:
         if console:
             print(msg, flush=True)
         if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(msg + "\n")
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(msg + "\n")
+            except OSError as e:
+                raise filesystem_error(e, self.path) from None
+
+
+# What to do about a failed write, by errno (the run folder is the usual place).
+FILESYSTEM_FIXES = {
+    errno.ENOSPC: "the disk is full: free space or set ARTIFACT_DIR to a disk with room",
+    errno.EDQUOT: "the disk quota is used up: free space or set ARTIFACT_DIR to a disk with room",
+    errno.EROFS: "the file system is read-only: set ARTIFACT_DIR to a writable folder",
+    errno.EACCES: "no write permission: set ARTIFACT_DIR to a folder you can write",
+    errno.EPERM: "no write permission: set ARTIFACT_DIR to a folder you can write",
+    errno.ENOTDIR: "a file stands where a folder should be: remove it or set ARTIFACT_DIR elsewhere",
+    errno.EEXIST: "a file stands where a folder should be: remove it or set ARTIFACT_DIR elsewhere",
+    errno.ENAMETOOLONG: "the name is too long: use a shorter RUN_ID or ARTIFACT_DIR",
+}
+
+
+def filesystem_error(e: OSError, path: Path | str) -> RunError:
+    """One line for a failed file-system call: the path, the cause and the fix."""
+    fix = FILESYSTEM_FIXES.get(e.errno, "check that ARTIFACT_DIR is a writable folder with free space")
+    return RunError(f"cannot write {e.filename or path}: {e.strerror or e.__class__.__name__}; {fix}")
 
 
 def write_atomic(path: Path, payload: bytes) -> None:
     """Write via a temporary file and rename, so a crash never leaves a truncated file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise filesystem_error(e, path) from None
         raise
+
+
+# SIGTERM (schedulers, torchrun stopping its workers) and SIGHUP (a closed terminal) stop a run the way
+# Ctrl-C does: `RunStopped` is raised in the main thread, so the manifest records "failed" with the
+# signal and no half-written file is left under its final name. A repeat while the run records its
+# failure is ignored. `main()` installs the handlers on every rank.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class RunStopped(BaseException):  # like KeyboardInterrupt: no `except Exception` may swallow it
+    """A stop signal arrived; the message is the signal's name."""
+
+
+STOP_SIGNAL_RECEIVED: list[str] = []  # the signal that stopped this process's run, if any
+
+
+@contextlib.contextmanager
+def stop_signals_raise(restore: bool = True):
+    """While active, SIGTERM and SIGHUP raise RunStopped (in the main thread only, as Python requires).
+    After it, they get their previous handlers back, or with restore=False are ignored: a process that
+    is about to exit has nothing left to stop (torchrun signals the other workers once one has exited)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    STOP_SIGNAL_RECEIVED.clear()
+
+    def handler(signum, frame):
+        if STOP_SIGNAL_RECEIVED:
+            return
+        STOP_SIGNAL_RECEIVED.append(signal.Signals(signum).name)
+        raise RunStopped(STOP_SIGNAL_RECEIVED[0])
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if restore else signal.SIG_IGN)
+        STOP_SIGNAL_RECEIVED.clear()
 
 
 # ==================================================================================================
@@ -762,6 +832,14 @@ def memmap_data_shard(path: str | Path) -> np.ndarray:
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(num_tokens,))
 
 
+def check_token_ids(tokens: np.ndarray, vocab_size: int | None, path: str | Path) -> None:
+    """Stop unless every id is below VOCAB_SIZE (numpy only: runs in the loaders' prefetch threads)."""
+    if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
+        raise RunError(f"training shard {path} holds token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}: it was "
+                       "made with another tokenizer; point DATA_PATH at shards of TOKENIZER_PATH's tokenizer, or set "
+                       "VOCAB_SIZE and TOKENIZER_PATH to the ones the shards were made with")
+
+
 def shard_files(data_path: str, split: str) -> list[str]:
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
     files = sorted(f for f in glob.glob(pattern) if "_bytes_" not in os.path.basename(f))
@@ -785,10 +863,10 @@ class TokenStream:
     seeded permutation and starts each shard at a seeded offset (wrapping around to its start).
     The next shard is read in a background thread while the current one is consumed; tokens stay
     uint16 until a batch is taken. The last `holdout_tokens` of the last shard are never read (the
-    pre-quantization TTT slice)."""
+    pre-quantization TTT slice). Each shard's ids are checked against `vocab_size` as it is read."""
 
-    def __init__(self, files: list[str], seed: int, holdout_tokens: int = 0):
-        self.files, self.holdout_tokens = files, holdout_tokens
+    def __init__(self, files: list[str], seed: int, holdout_tokens: int = 0, vocab_size: int | None = None):
+        self.files, self.holdout_tokens, self.vocab_size = files, holdout_tokens, vocab_size
         self.total_tokens = sum(shard_token_count(f) for f in files) - holdout_tokens
         self.tokens_taken = 0
         self.rng = np.random.default_rng(seed)
@@ -802,6 +880,7 @@ class TokenStream:
             self.order = self.rng.permutation(len(self.files)).tolist()
         index = self.order.pop(0)
         tokens = read_shard(self.files[index])
+        check_token_ids(tokens, self.vocab_size, self.files[index])
         if index == len(self.files) - 1 and self.holdout_tokens:
             tokens = tokens[: len(tokens) - self.holdout_tokens]
         offset = int(self.rng.integers(0, len(tokens))) if len(tokens) else 0
@@ -838,9 +917,9 @@ class DistributedTokenLoader:
     """
 
     def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device, seed: int = 0,
-                 holdout_tokens: int = 0):
+                 holdout_tokens: int = 0, vocab_size: int | None = None):
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.stream = TokenStream(files, seed, holdout_tokens)
+        self.stream = TokenStream(files, seed, holdout_tokens, vocab_size)
 
     def close(self) -> None:
         self.stream.close()
@@ -870,12 +949,14 @@ class ShuffledWindowLoader:
     keeps windows [r * n, (r + 1) * n), so 1 process x 8 micro-steps and 2 ranks x 4 micro-steps see
     the same sequences. Shards are memory-mapped; the next batch is gathered in a background thread.
     No window reaches into the last `holdout_tokens` of the last shard (the pre-quantization TTT slice).
+    Shards are never read whole, so the ids are checked against `vocab_size` per batch: the windows of
+    all ranks, so that every rank stops at the same batch.
     """
 
     def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device, seed: int, seq_len: int,
-                 holdout_tokens: int = 0):
+                 holdout_tokens: int = 0, vocab_size: int | None = None):
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.seed, self.seq_len = seed, seq_len
+        self.seed, self.seq_len, self.files, self.vocab_size = seed, seq_len, files, vocab_size
         self.shards = [memmap_data_shard(f) for f in files]
         self.sizes = np.array([len(t) for t in self.shards], dtype=np.int64)
         self.sizes[-1] -= holdout_tokens  # windows are cut from the sizes, so the held-out tail is never read
@@ -913,7 +994,11 @@ class ShuffledWindowLoader:
     def _gather(self, request: tuple[int, int, int]) -> np.ndarray:  # runs in the prefetch thread
         global_tokens, seq_len, grad_accum = request
         per_rank = global_tokens // (self.world_size * grad_accum * seq_len)
-        windows = self._take_windows(per_rank * self.world_size)[self.rank * per_rank : (self.rank + 1) * per_rank]
+        everyone = self._take_windows(per_rank * self.world_size)
+        if self.vocab_size is not None:
+            for s, start in everyone:
+                check_token_ids(self.shards[s][start : start + seq_len + 1], self.vocab_size, self.files[s])
+        windows = everyone[self.rank * per_rank : (self.rank + 1) * per_rank]
         return np.stack([self.shards[s][start : start + seq_len + 1] for s, start in windows])  # numpy only
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -942,10 +1027,10 @@ class ShuffledWindowLoader:
 
 
 def make_train_loader(kind: str, files: list[str], rank: int, world_size: int, device: torch.device, seed: int,
-                      seq_len: int, holdout_tokens: int = 0):
+                      seq_len: int, holdout_tokens: int = 0, vocab_size: int | None = None):
     if kind == "shuffled":
-        return ShuffledWindowLoader(files, rank, world_size, device, seed, seq_len, holdout_tokens)
-    return DistributedTokenLoader(files, rank, world_size, device, seed, holdout_tokens)
+        return ShuffledWindowLoader(files, rank, world_size, device, seed, seq_len, holdout_tokens, vocab_size)
+    return DistributedTokenLoader(files, rank, world_size, device, seed, holdout_tokens, vocab_size)
 
 
 def train_holdout_tokens(hp: Hyperparameters, train_files: list[str]) -> int:
@@ -1013,8 +1098,16 @@ def target_bytes(prev_ids: torch.Tensor, target_ids: torch.Tensor, luts: ByteLut
 def load_tokenizer(hp: Hyperparameters) -> spm.SentencePieceProcessor:
     if not os.path.isfile(hp.tokenizer_path):
         raise RunError(f"TOKENIZER_PATH={hp.tokenizer_path} does not exist; fetch or build the tokenizer first")
-    sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
+    except (RuntimeError, OSError) as e:  # sentencepiece raises RuntimeError (or OSError) with a C++ trace
+        raise RunError(f"TOKENIZER_PATH={hp.tokenizer_path} is not a SentencePiece model ({str(e).splitlines()[0][:80]}"
+                       "); point TOKENIZER_PATH at the tokenizer .model file the shards were made with") from None
     if int(sp.vocab_size()) != hp.vocab_size:
+        if hp.eval_only:  # EVAL_ONLY takes VOCAB_SIZE from the artifact: the tokenizer is what is wrong
+            raise RunError(f"the artifact {hp.artifact_path} was trained with {hp.vocab_size} pieces but "
+                           f"TOKENIZER_PATH={hp.tokenizer_path} has {sp.vocab_size()}; point TOKENIZER_PATH (and "
+                           "DATA_PATH) at the tokenizer and shards the artifact was trained with")
         raise RunError(
             f"VOCAB_SIZE={hp.vocab_size} but {hp.tokenizer_path} has {sp.vocab_size()} pieces; set VOCAB_SIZE to match"
         )
@@ -4011,6 +4104,20 @@ def warmup_and_reset(model, base_model: GPT, optimizers, make_loader, hp, rt, gr
     barrier()
 
 
+# A diverged run stops at the first checked step whose loss is not finite or above this many times the
+# loss of a uniform guess, ln(VOCAB_SIZE). The loss is checked where the loop already syncs it (logged
+# steps) and at the last step, as the global mean over ranks, so every rank stops at the same step.
+DIVERGED_LOSS_FACTOR = 2.0
+
+
+def check_training_loss(loss: float, step: int, vocab_size: int) -> None:
+    limit = DIVERGED_LOSS_FACTOR * math.log(vocab_size)
+    if not math.isfinite(loss) or loss > limit:
+        what = "is not finite" if not math.isfinite(loss) else f"is above {limit:.2f} (2 x ln VOCAB_SIZE)"
+        raise RunError(f"training diverged: train_loss {loss:.4g} at step {step} {what}; lower the learning rates "
+                       "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR), lengthen LR warm-up or set GRAD_CLIP_NORM")
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -4034,6 +4141,7 @@ def train(hp: Hyperparameters, rt: Runtime, model, base_model: GPT, optimizers, 
     budget_ms = clock.train_budget_ms
     stop_after_step: int | None = None
     step_ms = 0.0
+    unchecked_loss = None  # the last step's loss, when it was not a logged (checked) step
     sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
     sync()
     clock.start("train")
@@ -4042,6 +4150,9 @@ def train(hp: Hyperparameters, rt: Runtime, model, base_model: GPT, optimizers, 
         if last_step:
             sync()
             clock.stop()
+            if unchecked_loss is not None:
+                check_training_loss(float(all_reduce_sum(unchecked_loss).item()) / rt.world_size, state.step,
+                                    hp.vocab_size)
             state.epochs_consumed = loader.epochs_consumed()
             loader.close()
             log(f"train_loader:epochs_consumed:{state.epochs_consumed:.4f} sampler:{hp.train_loader}")
@@ -4081,8 +4192,10 @@ def train(hp: Hyperparameters, rt: Runtime, model, base_model: GPT, optimizers, 
         averager.update(state.step, fraction)
         step_ms = 1000.0 * (clock.now() - t_step)
         state.step_ms.append(step_ms)
+        unchecked_loss = loss.detach()
         if state.step <= 10 or state.step % hp.train_log_every == 0:  # the only host-device syncs
-            loss_value = float(all_reduce_sum(loss.detach().clone()).item()) / rt.world_size  # global mean
+            loss_value = float(all_reduce_sum(unchecked_loss).item()) / rt.world_size  # global mean
+            unchecked_loss = None
             state.train_losses.append(loss_value)
             train_ms = clock.elapsed_ms("train")
             tokens_per_s = state.step * hp.train_batch_tokens / max(train_ms / 1000.0, 1e-9)
@@ -4090,6 +4203,7 @@ def train(hp: Hyperparameters, rt: Runtime, model, base_model: GPT, optimizers, 
             mfu = 100.0 * flops * tokens_per_s / (hp.peak_tflops * 1e12 * rt.world_size)
             log(f"step:{state.step}/{hp.iterations} train_loss:{loss_value:.4f} train_time:{train_ms:.0f}ms "
                 f"step_avg:{train_ms / state.step:.2f}ms tok/s:{tokens_per_s:.0f} mfu:{mfu:.2f}%")
+            check_training_loss(loss_value, state.step, hp.vocab_size)
 
 
 class CompileRecord:
@@ -4241,22 +4355,100 @@ def agree_run_id(run_id: str, rt: Runtime) -> str:
         run_id = box[0]
     if run_id in (".", "..") or "/" in run_id or "\\" in run_id:
         raise ConfigError(f"RUN_ID={run_id!r} must be a plain folder name (no path separators)")
+    if len(run_id.encode("utf-8")) > 200:  # file systems take 255 bytes per name; leave room for suffixes
+        raise ConfigError(f"RUN_ID is {len(run_id.encode('utf-8'))} bytes long ({run_id[:24]}...); use at most 200")
     return run_id
+
+
+# The claim is atomic: the folder is made under a temporary name, with its (empty) train.log inside, and
+# renamed into place. rename(2) refuses a non-empty target, so of N runs started at once with one RUN_ID
+# exactly one wins (an empty folder someone made by hand is taken by the first) and the others remove
+# only their own temporary folder. The winner holds an flock on its folder for as long as it runs;
+# REPLACE_RUN=1 deletes an old folder only after taking that lock, so it never replaces a live run.
+RUN_DIR_LOCKS: dict[str, int] = {}  # run folder -> the open, locked descriptor of it
 
 
 def claim_run_dir(hp: Hyperparameters, rt: Runtime) -> Path:
     """Create this run's folder, or stop (on every rank) if it exists and REPLACE_RUN is not set."""
     run_dir = Path(hp.artifact_dir or RUNS_DIR_DEFAULT) / hp.run_id
-    taken = run_dir.exists() and any(run_dir.iterdir()) if rt.is_main else False
-    if agree_max([float(taken)], rt)[0] and not hp.replace_run:
-        raise RunError(f"run folder {run_dir}{os.sep} already exists; pick a new RUN_ID, or set REPLACE_RUN=1 to "
-                       "delete it and start over")
+    error = None
     if rt.is_main:
-        if taken:
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
+        try:
+            claim_folder(run_dir, hp.replace_run)
+        except RunError as e:
+            error = str(e)
+    if agree_max([float(error is not None)], rt)[0]:
+        raise RunError(error or f"rank 0 could not claim the run folder {run_dir}{os.sep}")
     return run_dir
+
+
+def claim_folder(run_dir: Path, replace: bool) -> None:
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".claim-", dir=run_dir.parent))
+    except OSError as e:
+        raise filesystem_error(e, run_dir.parent) from None
+    fd = None
+    try:
+        (stage / RUN_LOG_NAME).touch()  # non-empty, so a second rename onto the claimed folder fails
+        os.chmod(stage, 0o755)  # mkdtemp makes 0700
+        fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else knows this folder yet
+        if replace:
+            remove_old_run_dir(run_dir)
+        try:
+            os.rename(stage, run_dir)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise RunError(f"run folder {run_dir}{os.sep} already exists; pick a new RUN_ID, or set REPLACE_RUN=1 "
+                               "to delete it and start over") from None
+            raise filesystem_error(e, run_dir) from None
+    except BaseException as e:
+        if fd is not None:
+            os.close(fd)
+        shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise filesystem_error(e, stage) from None
+        raise
+    RUN_DIR_LOCKS[str(run_dir)] = fd
+
+
+def remove_old_run_dir(run_dir: Path) -> None:
+    """REPLACE_RUN=1: delete the old folder, unless a run still holds it or it is not a folder."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir} is a file, not a run folder; REPLACE_RUN=1 deletes only run folders: remove it "
+                       "or pick another RUN_ID")
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return  # another claimer moved it first
+    in_use = RunError(f"run folder {run_dir}{os.sep} belongs to a run that is still going (or being replaced); "
+                      "wait for it to end or stop it, or pick a new RUN_ID")
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise in_use from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(run_dir).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # moved or replaced between our open and our lock
+            raise in_use
+        trash = run_dir.parent / f".replaced-{uuid.uuid4().hex[:12]}"
+        os.rename(run_dir, trash)  # atomic: from here on nobody sees the old folder under the run's name
+        shutil.rmtree(trash)
+    finally:
+        os.close(fd)
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """The run is over: drop the lock on its folder (process exit drops it too)."""
+    fd = RUN_DIR_LOCKS.pop(str(run_dir), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def config_hash(hp: Hyperparameters) -> str:
@@ -4273,10 +4465,11 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(data_path: str) -> dict:
+def data_fingerprint(data_path: str, tokenizer_path: str | None = None, splits=("train", "val")) -> dict:
     """Which data a run used: shard counts and checksums (from the data manifest when one sits beside
-    the shards, else computed here), and the manifest's own hash."""
-    files = {split: shard_files(data_path, split) for split in ("train", "val")}
+    the shards, else computed here), the manifest's own hash and the tokenizer's. The records tool
+    refuses to pool runs whose tokenizer or validation shards differ."""
+    files = {split: shard_files(data_path, split) if split in splits else [] for split in ("train", "val")}
     manifest_path = Path(data_path) / DATA_MANIFEST_NAME
     recorded, source = {}, "computed"
     if manifest_path.is_file():
@@ -4289,7 +4482,8 @@ def data_fingerprint(data_path: str) -> dict:
         checksums[path.name] = recorded.get(path.name) or file_sha256(path)
     return {"variant": Path(data_path).name, "train_shards": len(files["train"]), "val_shards": len(files["val"]),
             "shard_sha256": checksums, "checksum_source": source,
-            "data_manifest_sha256": file_sha256(manifest_path) if manifest_path.is_file() else None}
+            "data_manifest_sha256": file_sha256(manifest_path) if manifest_path.is_file() else None,
+            "tokenizer_sha256": file_sha256(Path(tokenizer_path)) if tokenizer_path else None}
 
 
 def environment_facts(rt: Runtime) -> dict:
@@ -4312,11 +4506,11 @@ def step_time_stats(step_ms: list[float]) -> dict:
 class RunManifest:
     """manifest.json of a run folder, written by rank 0 (atomically, every time it changes)."""
 
-    def __init__(self, path: Path, hp: Hyperparameters, rt: Runtime):
+    def __init__(self, path: Path, hp: Hyperparameters, rt: Runtime, mode: str = "train"):
         self.path, self.is_main = path, rt.is_main
         readable = readable_source()
         self.data = {
-            "manifest_version": 1, "status": "started", "run_id": hp.run_id,
+            "manifest_version": 1, "status": "started", "mode": mode, "run_id": hp.run_id,
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": hp.seed,
             "world_size": rt.world_size, "config_hash": config_hash(hp),
             "config": {f.name: getattr(hp, f.name) for f in fields(hp)},
@@ -4337,6 +4531,38 @@ class RunManifest:
     def write(self) -> None:
         if self.is_main:
             write_atomic(self.path, (json.dumps(self.data, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def record_failure(manifest: "RunManifest | None", e: BaseException, artifact: Path | None, is_main: bool,
+                   **sections) -> None:
+    """A failed run's manifest says why (the signal, when one stopped it), and its artifact leaves its
+    final name (kept as <name>.failed), so nothing takes it for the artifact of a finished run. A
+    compile failure is recorded as its one line, with the run's compile section."""
+    if _active_compile is not None:
+        e = compile_failure(e) or e
+        sections["compile"] = _active_compile.summary()
+    try:
+        _record_failure(manifest, e, artifact, is_main, sections)
+    except RunStopped:  # the signal came while recording another failure (a peer it stopped): record it
+        _record_failure(manifest, e, artifact, is_main, sections)  # a stop signal raises only once
+
+
+def _record_failure(manifest: "RunManifest | None", e: BaseException, artifact: Path | None, is_main: bool,
+                    sections: dict) -> None:
+    kept = None
+    failed = None if artifact is None else artifact.with_name(artifact.name + ".failed")
+    if is_main and artifact is not None and artifact.is_file():
+        with contextlib.suppress(OSError):
+            os.replace(artifact, failed)
+    if failed is not None and failed.is_file():
+        kept = failed.name
+    if manifest is None:
+        return
+    stopped = STOP_SIGNAL_RECEIVED[0] if STOP_SIGNAL_RECEIVED else None
+    error = f"stopped by {stopped}" if stopped else f"{e.__class__.__name__}: {e}"
+    with contextlib.suppress(RunError, OSError):  # e.g. the disk is still full: the first error is the one to report
+        manifest.finish("failed", error=error, **({"signal": stopped} if stopped else {}),
+                        **({"artifact_kept_as": kept} if kept else {}), **sections)
 
 
 def eval_record(result: EvalResult) -> dict:
@@ -4373,7 +4599,8 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Ten
     log(f"tokenizer_check:{check_tokenizer_belongs_to_shards(hp.tokenizer_path, hp.data_path)}")
     val_tokens = load_validation_tokens(hp.data_path)
     if int(val_tokens.max()) >= hp.vocab_size:
-        raise RunError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}")
+        raise RunError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}: the shards "
+                       "were made with another tokenizer; point DATA_PATH at the shards of TOKENIZER_PATH's tokenizer")
     luts = build_byte_luts(sp, hp.vocab_size)
     val_bytes = check_validation_bytes(sp, val_tokens, luts, rt.rank, rt.world_size, rt.device)
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
@@ -4382,15 +4609,72 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Ten
     return val_tokens, luts
 
 
+def training_memory_floor(hp: Hyperparameters, cfg: ModelConfig, world_size: int) -> tuple[int, int]:
+    """(parameters, bytes) with bytes a lower bound on what training holds per device: fp32 weights,
+    gradients and one optimizer moment (12 bytes a parameter), plus one micro-batch's fp32 logits and
+    the residual stream and MLP hidden of every virtual layer (2 bytes a value, as under bf16). Counted
+    from one block built on the meta device, so nothing is allocated."""
+    with torch.device("meta"):
+        per_block = sum(p.numel() for p in Block(cfg, 0).parameters())
+    tables = cfg.vocab_size * cfg.model_dim * (1 if cfg.tie_embeddings else 2) + cfg.bigram_vocab_size * cfg.bigram_dim
+    params = cfg.num_layers * per_block + tables
+    tokens = hp.train_batch_tokens // (world_size * hp.grad_accum_for(world_size))
+    activations = tokens * (4 * cfg.vocab_size + 2 * cfg.max_virtual_layers * (cfg.model_dim + cfg.mlp_hidden))
+    return params, 12 * params + activations
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_shapes_fit(hp: Hyperparameters, rt: Runtime, train_files: list[str], val_tokens: torch.Tensor) -> None:
+    """Before anything is allocated: the sequences fit the data and the model fits the device."""
+    largest = max(shard_token_count(f) for f in train_files)
+    if hp.train_seq_len + 1 > largest:
+        raise RunError(f"TRAIN_SEQ_LEN={hp.train_seq_len} is longer than every training shard (the largest holds "
+                       f"{largest} tokens); lower TRAIN_SEQ_LEN or use larger shards")
+    if hp.effective_eval_seq_len > val_tokens.numel() - 1:
+        name = "EVAL_SEQ_LEN" if hp.eval_seq_len else "TRAIN_SEQ_LEN (the evaluation context unless EVAL_SEQ_LEN is set)"
+        raise RunError(f"{name}={hp.effective_eval_seq_len} is longer than the validation set ({val_tokens.numel() - 1} "
+                       "targets); lower it or use the full validation shards")
+    params, need = training_memory_floor(hp, ModelConfig.from_hparams(hp), rt.world_size)
+    have = device_memory_bytes(rt.device)
+    if need > have:
+        raise RunError(f"the model cannot train here: {params / 1e6:,.0f}M parameters (NUM_LAYERS={hp.num_layers} "
+                       f"MODEL_DIM={hp.model_dim} MLP_MULT={hp.mlp_mult}) and {hp.train_batch_tokens} tokens a step need "
+                       f"at least {need / 2**30:,.1f} GiB per device, this {rt.device.type} has {have / 2**30:,.1f} GiB; "
+                       "lower NUM_LAYERS, MODEL_DIM or MLP_MULT, or TRAIN_BATCH_TOKENS (or raise GRAD_ACCUM_STEPS)")
+
+
 def artifact_path_for(hp: Hyperparameters, out_dir: Path) -> Path:
     return out_dir / f"final_model.int{hp.matrix_bits}.ptz"
+
+
+FP16_MAX = 65504.0
+
+
+def check_exportable(state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse weights no artifact can hold: non-finite values, or values past the fp16 range (the
+    artifact's floats and row scales are fp16, so they would turn into inf and the model into NaN)."""
+    for name, t in state_dict.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        peak = float(t.detach().abs().max()) if not bad else math.inf
+        if bad or peak > FP16_MAX:
+            what = f"holds {bad} non-finite values" if bad else f"reaches |w| = {peak:.4g}, past the fp16 range ({FP16_MAX:.0f})"
+            raise RunError(f"refusing to export: weight {name} {what}, so training diverged; nothing was written; lower "
+                           "the learning rates (MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or set GRAD_CLIP_NORM")
 
 
 def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path, log, *, looping: bool,
                     hessians: dict[str, torch.Tensor] | None = None) -> Path:
     """Rank 0 writes the raw weights, the shipped code form and the quantized, packed artifact (fitted
-    under the limit), each atomically."""
+    under the limit), each atomically, once every rank has checked that the weights are sound."""
     raw_path, artifact_path = out_dir / "final_model.pt", artifact_path_for(hp, out_dir)
+    check_exportable(model.state_dict())  # the same weights on every rank, so every rank refuses together
     if rt.is_main:
         n_code = code_bytes()
         buf = io.BytesIO()
@@ -4727,6 +5011,13 @@ def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: 
     return results
 
 
+def train_data_access_ms(clock: PhaseClock, *, prequant_on_train: bool, calibrate_on_train: bool) -> float:
+    """When training-data access ends, as the rules count it: training, then pre-quantization TTT on
+    training tokens and GPTQ calibration on training batches, taken as one span against the cap."""
+    return (clock.elapsed_ms("train") + (clock.elapsed_ms("prequant_ttt") if prequant_on_train else 0.0)
+            + (clock.elapsed_ms("calibration") if calibrate_on_train else 0.0))
+
+
 def gptq_options(hp: Hyperparameters) -> dict:
     return dict(damping=hp.gptq_damping, block_size=hp.gptq_block_size, act_order=hp.gptq_act_order)
 
@@ -4774,29 +5065,62 @@ def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: tor
 def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -> dict:
     """EVAL_ONLY=1: score the artifact at ARTIFACT_PATH with nothing but it, the tokenizer and the
     validation shards (no training data, no network). The model's settings are read from the artifact.
-    The scores go to a run folder of their own, like any run."""
+    What can be checked without a run folder (the artifact's header, the tokenizer, the validation
+    data) is checked first, so such a failure leaves no folder and the RUN_ID stays free. The scores go
+    to a run folder of its own with a manifest (mode "eval_only"), like any run."""
     if not hp.artifact_path:
         raise ConfigError("EVAL_ONLY=1 needs ARTIFACT_PATH, the final_model.*.ptz of a run folder")
     path = Path(hp.artifact_path)
     if not path.is_file():
         raise RunError(f"EVAL_ONLY=1 but the artifact {path} does not exist; set ARTIFACT_PATH to a final_model.*.ptz")
-    hp = dataclasses.replace(hp, run_id=agree_run_id(hp.run_id, rt))
-    out_dir = claim_run_dir(hp, rt)
-    log = RunLog(out_dir / RUN_LOG_NAME, rt.is_main)
-    log(f"run_dir:{out_dir}")
-    log_run_header(hp, rt, log)
     header, _ = read_artifact_header(path.read_bytes())
-    hp = dataclasses.replace(hp, vocab_size=header["model"]["vocab_size"])  # the tokenizer must match the model's
-    log(f"eval_only: artifact {path} model {header['model']['num_layers']}x{header['model']['model_dim']} "
-        f"vocab {hp.vocab_size} quant_method:{header['meta'].get('quant_method')}")
-    val_tokens, luts = prepare_validation(hp, rt, log)
-    clock = PhaseClock(None, 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None)
-    if use_compile:
-        _active_compile.log = log
-    scored = score_artifact(hp, rt, path, val_tokens, luts, clock, log, use_compile=use_compile)
-    if use_compile:
-        log(_active_compile.line())
-    log(clock.summary())
+    # The tokenizer must match the model's vocabulary, which the artifact records
+    hp = dataclasses.replace(hp, run_id=agree_run_id(hp.run_id, rt), vocab_size=header["model"]["vocab_size"])
+    early: list[str] = []  # lines logged before the run folder exists
+    val_tokens, luts = prepare_validation(hp, rt, early.append)
+    out_dir = claim_run_dir(hp, rt)
+    manifest = None
+    try:
+        manifest = RunManifest(out_dir / RUN_MANIFEST_NAME, hp, rt, mode="eval_only")
+        log = RunLog(out_dir / RUN_LOG_NAME, rt.is_main)
+        log(f"run_dir:{out_dir}")
+        log_run_header(hp, rt, log)
+        log(f"eval_only: artifact {path} model {header['model']['num_layers']}x{header['model']['model_dim']} "
+            f"vocab {hp.vocab_size} quant_method:{header['meta'].get('quant_method')}")
+        for line in early:
+            log(line)
+        manifest.update(data=data_fingerprint(hp.data_path, hp.tokenizer_path, splits=("val",)) if rt.is_main else {})
+        clock = PhaseClock(None, 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None)
+        if use_compile:
+            _active_compile.log = log
+        compliance_block: list[str] = []
+        scored = score_artifact(hp, rt, path, val_tokens, luts, clock, log, use_compile=use_compile,
+                                compliance_out=compliance_block)
+        if use_compile:
+            log(_active_compile.line())
+        log(clock.summary())
+        results = scored["results"]
+        final_stage = next(reversed(results))
+        manifest.finish(
+            "complete", scores={name: eval_record(r) for name, r in results.items()},
+            final_score={"stage": final_stage, "log_key": final_score_log_key(final_stage, scored["header"]["meta"].get(
+                "tag", "quantized")), **eval_record(results[final_stage])},
+            artifact={"code_bytes": scored["code_bytes"], "model_bytes": scored["model_bytes"],
+                      "total_bytes": scored["total_bytes"], "limit": ARTIFACT_LIMIT_BYTES,
+                      "fits": scored["total_bytes"] <= ARTIFACT_LIMIT_BYTES, "path": str(path.resolve()),
+                      "sha256": file_sha256(path)},
+            phases_ms=dict(clock.totals),
+            compile=_active_compile.summary() if use_compile else {"enabled": False},
+            compliance={"eval_time_ms": clock.elapsed_ms("eval"), "eval_cap_ms": clock.eval_cap_ms,
+                        "artifact_under_limit": scored["total_bytes"] <= ARTIFACT_LIMIT_BYTES, "block": compliance_block})
+    except BaseException as e:
+        record_failure(manifest, e, None, rt.is_main)
+        if isinstance(e, (ConfigError, RunError)):
+            raise RunError(f"{e} (the folder {out_dir}{os.sep} keeps this failed EVAL_ONLY run's log: re-run with "
+                           "REPLACE_RUN=1 or a new RUN_ID)") from None
+        raise
+    finally:
+        release_run_dir(out_dir)
     return dict(scored, run_id=hp.run_id, run_dir=str(out_dir), phases=dict(clock.totals), log_path=str(log.path),
                 cap_ms=None, train_data_access_end_ms=0.0,
                 compile=_active_compile.summary() if use_compile else {"enabled": False})
@@ -4829,19 +5153,20 @@ def train_and_score(hp: Hyperparameters, rt: Runtime, use_compile: bool) -> dict
     hp.check_world(rt.world_size)
     hp = dataclasses.replace(hp, run_id=agree_run_id(hp.run_id, rt))
     out_dir = claim_run_dir(hp, rt)
-    log = RunLog(out_dir / RUN_LOG_NAME, rt.is_main)
-    log(f"run_dir:{out_dir}")
-    log_run_header(hp, rt, log)
-    manifest = RunManifest(out_dir / RUN_MANIFEST_NAME, hp, rt)
-    if _active_compile is not None:
-        _active_compile.log = log
+    manifest = None
     try:
+        manifest = RunManifest(out_dir / RUN_MANIFEST_NAME, hp, rt)  # first: a full disk still leaves a manifest
+        log = RunLog(out_dir / RUN_LOG_NAME, rt.is_main)
+        log(f"run_dir:{out_dir}")
+        log_run_header(hp, rt, log)
+        if use_compile:
+            _active_compile.log = log
         return train_and_score_in(hp, rt, use_compile, out_dir, log, manifest)
     except BaseException as e:  # a crashed run is recognisable from its manifest
-        failure = compile_failure(e) if use_compile else None
-        manifest.finish("failed", error=f"{(failure or e).__class__.__name__}: {failure or e}",
-                        **({"compile": _active_compile.summary()} if use_compile else {}))
+        record_failure(manifest, e, artifact_path_for(hp, out_dir), rt.is_main)
         raise
+    finally:
+        release_run_dir(out_dir)
 
 
 def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_dir: Path, log,
@@ -4853,7 +5178,8 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
     val_tokens, luts = prepare_validation(hp, rt, log)
     train_files = shard_files(hp.data_path, "train")
     log(f"train_loader:dataset:{hp.data_path} train_shards:{len(train_files)} sampler:{hp.train_loader}")
-    manifest.update(data=data_fingerprint(hp.data_path) if rt.is_main else {})
+    manifest.update(data=data_fingerprint(hp.data_path, hp.tokenizer_path) if rt.is_main else {})
+    check_shapes_fit(hp, rt, train_files, val_tokens)
 
     # Model + optimizers
     backend, why = select_attention_backend(hp.attn_backend, rt.device)
@@ -4895,7 +5221,7 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
 
     def make_loader():
         return make_train_loader(hp.train_loader, train_files, rt.rank, rt.world_size, rt.device, hp.seed,
-                                 hp.train_seq_len, holdout)
+                                 hp.train_seq_len, holdout, hp.vocab_size)
 
     # QAT layers are set up before the warm-up, so the compiled graph already has the (off) QAT path
     # and switching it on later recompiles nothing; without QAT_ENABLED the forward has no QAT work.
@@ -4943,7 +5269,9 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
     log(f"weights:exporting {choice}")
     if prequant is not None:  # before calibration: GPTQ must see the weights it will quantize
         run_prequant_ttt(prequant, base_model, clock, looping=state.looping, log=log)
+    check_exportable(base_model.state_dict())  # final weights: refuse diverged ones before scoring or writing
     hessians = None
+    prequant_on_train = prequant is not None and prequant["source"] == "train"
     if plan.method == "gptq":
         log("GPTQ:collecting Hessians from calibration data...")
         batches_read = [0]
@@ -4957,7 +5285,8 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
             per_batch = done / batches_read[0] if batches_read[0] else probe_ms / max(
                 math.ceil(hp.gptq_calibration_batches / rt.world_size), 1)
             batches_read[0] += 1
-            return agree_max([clock.elapsed_ms("train") + done + per_batch], rt)[0] > clock.cap_ms
+            return agree_max([train_data_access_ms(clock, prequant_on_train=prequant_on_train, calibrate_on_train=True)
+                              + per_batch], rt)[0] > clock.cap_ms
 
         clock.start("calibration")
         hessians = collect_hessians(base_model, calibration_inputs(hp, rt, base_model, train_files, state.looping,
@@ -4970,10 +5299,17 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
             + (f" (GPTQ_CALIBRATION_BATCHES={hp.gptq_calibration_batches} rounded up to a multiple of the "
                f"{rt.world_size} ranks)" if planned != hp.gptq_calibration_batches else "")
             + (f" read_per_rank:{batches_read[0] - 1}" if calibrate_on_train and clock.cap_ms is not None else ""))
-    data_access_end = clock.elapsed_ms("train") + (clock.elapsed_ms("calibration") if calibrate_on_train else 0.0)
+    # Checked as one span, before anything is scored or recorded: a run past the cap is non-record.
+    data_access_end = train_data_access_ms(clock, prequant_on_train=prequant_on_train,
+                                           calibrate_on_train=calibrate_on_train)
     inside_cap = clock.cap_ms is None or data_access_end <= clock.cap_ms
-    log(f"train_data_access_end:{data_access_end:.0f}ms (training{' + calibration' if calibrate_on_train else ''}; "
+    span = " + ".join(["training"] + ["pre-quant TTT"] * prequant_on_train + ["calibration"] * calibrate_on_train)
+    log(f"train_data_access_end:{data_access_end:.0f}ms ({span}; "
         f"cap {clock.cap_ms if clock.cap_ms is not None else 'none'}) inside_cap:{int(inside_cap)}")
+    non_record_reasons = (["ALLOW_VAL_ADAPTATION=1: validation tokens adapted before scoring (C3)"]
+                          * hp.allow_val_adaptation
+                          + [f"training-data access ({span}) ended at {data_access_end:.0f}ms, past the "
+                             f"{clock.cap_ms or 0:.0f}ms cap"] * (not inside_cap))
     if rt.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
@@ -5023,9 +5359,9 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
         compliance={"train_time_ms": clock.elapsed_ms("train"), "train_cap_ms": clock.cap_ms,
                     "eval_time_ms": clock.elapsed_ms("eval"), "eval_cap_ms": clock.eval_cap_ms,
                     "artifact_under_limit": total_bytes <= ARTIFACT_LIMIT_BYTES,
-                    "non_record": hp.allow_val_adaptation,
-                    **({"non_record_reason": "ALLOW_VAL_ADAPTATION=1: validation tokens adapted before scoring (C3)"}
-                       if hp.allow_val_adaptation else {}),
+                    "train_data_access_end_ms": data_access_end, "train_data_inside_cap": inside_cap,
+                    "non_record": bool(non_record_reasons),
+                    **({"non_record_reason": "; ".join(non_record_reasons)} if non_record_reasons else {}),
                     "block": compliance_block},
     )
     return dict(run_id=hp.run_id, run_dir=str(out_dir), steps=state.step, stopped_early=state.stopped_early,
@@ -5034,7 +5370,7 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
                 final=final, export_choice=choice,
                 code_bytes=n_code, model_bytes=artifact_bytes, total_bytes=total_bytes, phases=dict(clock.totals),
                 training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms, log_path=str(log.path),
-                non_record=hp.allow_val_adaptation, prequant_ttt=prequant,
+                non_record=bool(non_record_reasons), prequant_ttt=prequant,
                 train_data_access_end_ms=data_access_end, cap_ms=clock.cap_ms,
                 compile=_active_compile.summary() if use_compile else {"enabled": False})
 
@@ -5045,7 +5381,12 @@ def random_seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def main() -> int:
+def main(restore_signals: bool = True) -> int:
+    with stop_signals_raise(restore_signals):
+        return main_with_signals()
+
+
+def main_with_signals() -> int:
     rank0 = os.environ.get("RANK", "0") == "0"
     rt = None
     try:
@@ -5053,9 +5394,10 @@ def main() -> int:
         rt = init_runtime(hp)
         result = run(hp, rt)
         if result["cap_ms"] is not None and result["train_data_access_end_ms"] > result["cap_ms"]:
-            raise RunError(f"training-data access ended at {result['train_data_access_end_ms']:.0f}ms, past the "
-                           f"{result['cap_ms']:.0f}ms cap (calibration took longer than its reserve); "
-                           "use GPTQ_CALIBRATION_SOURCE=selfgen or fewer GPTQ_CALIBRATION_BATCHES")
+            raise RunError(f"training-data access (training + pre-quant TTT + calibration on training data) ended at "
+                           f"{result['train_data_access_end_ms']:.0f}ms, past the {result['cap_ms']:.0f}ms cap, so the "
+                           "run is marked non-record; use GPTQ_CALIBRATION_SOURCE=selfgen, fewer "
+                           "GPTQ_CALIBRATION_BATCHES or fewer PREQUANT_TTT_TOKENS")
         if result["total_bytes"] > ARTIFACT_LIMIT_BYTES:
             raise RunError(f"artifact is {result['total_bytes']} bytes, over the {ARTIFACT_LIMIT_BYTES}-byte limit "
                            "(code + compressed model); shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT, VOCAB_SIZE)")
@@ -5064,10 +5406,17 @@ def main() -> int:
         if rank0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except BaseException:
+        if not STOP_SIGNAL_RECEIVED:  # a signal may also surface as the error it caused (a peer gone)
+            raise
+        if rank0:
+            print(f"error: stopped by {STOP_SIGNAL_RECEIVED[0]}; the run folder's manifest says \"failed\" and keeps "
+                  "what was done; re-run with REPLACE_RUN=1 or a new RUN_ID", file=sys.stderr, flush=True)
+        return 2
     finally:
         if rt is not None:
-            shutdown_runtime(rt)
+            shutdown_runtime(rt, clean=not STOP_SIGNAL_RECEIVED)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(restore_signals=False))

@@ -10,7 +10,8 @@ manifest.json, the artifact and train_gpt.py exactly as counted). Subcommands:
 
 `build` writes records/track_<track>/<date>_<name>/ (README.md, submission.json, train_seed<S>.log,
 train_gpt.py, requirements.txt, constraints.txt, plots) and refuses, with one line each: runs that are not
-complete, mixed config or code hashes, training or evaluation over 600 s, artifacts over 16,000,000 bytes,
+complete, EVAL_ONLY runs, folders whose log holds two runs, mixed config or code hashes, mixed tokenizers or
+validation data, training or evaluation over 600 s, artifacts over 16,000,000 bytes,
 runs stamped non-record, missing logs, and numbers that disagree between logs, manifests and
 submission.json. Runs made on a CPU are labelled as a CPU example that claims no challenge score (track
 `cpu_example`). Plots need matplotlib (`pip install matplotlib -c constraints.txt`); without it they are
@@ -20,6 +21,7 @@ skipped with a note. Importing train_gpt here is fine: the tool is not part of t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -82,9 +84,16 @@ def load_run(folder: str | Path) -> Run:
     if manifest.get("status") != "complete":
         raise RecordError(f"{folder}: run status is {manifest.get('status')!r}, not 'complete'; it crashed or is "
                           "still running")
+    if manifest.get("mode", "train") != "train":
+        raise RecordError(f"{folder}: an EVAL_ONLY run (it scored an artifact, it trained nothing); give the run "
+                          "folders of the training runs")
     if not log_path.is_file():
         raise RecordError(f"{folder}: train.log is missing; a submission needs every seed's log")
-    return Run(folder, manifest, log_path.read_text(encoding="utf-8"))
+    log = log_path.read_text(encoding="utf-8")
+    if len(re.findall(r"^run_dir:", log, re.M)) > 1:
+        raise RecordError(f"{folder}: train.log holds more than one run (two runs wrote into this folder); re-run the "
+                          "seed under a new RUN_ID")
+    return Run(folder, manifest, log)
 
 
 def log_value(run: Run, pattern: str, what: str) -> re.Match:
@@ -110,6 +119,16 @@ def check_log_matches_manifest(run: Run) -> None:
         raise RecordError(f"{artifact}: {artifact.stat().st_size} bytes on disk, manifest.json says {art['model_bytes']}")
 
 
+def data_identity(run: Run) -> dict:
+    """The tokenizer's sha256 and one digest of the validation shards' checksums, from the manifest
+    (None where an older manifest does not record them). The config hash leaves the data paths out, so
+    these are what says two runs were scored on the same thing."""
+    data = run.manifest.get("data", {})
+    val = sorted((name, sha) for name, sha in data.get("shard_sha256", {}).items() if "_val_" in name)
+    return {"tokenizer_sha256": data.get("tokenizer_sha256"),
+            "val_shards": hashlib.sha256(json.dumps(val).encode()).hexdigest() if val else None}
+
+
 def check_submittable(runs: list[Run]) -> None:
     """Every refusal of `build`, in the order a reviewer would check."""
     if not runs:
@@ -119,6 +138,12 @@ def check_submittable(runs: list[Run]) -> None:
         if len(set(values.values())) > 1:
             detail = ", ".join(f"{name}={value[:12]}" for name, value in values.items())
             raise RecordError(f"runs mix {what} hashes ({detail}); a record's seeds must share one {what}")
+    for key, what in (("tokenizer_sha256", "tokenizers"), ("val_shards", "validation data")):
+        values = {r.name: data_identity(r)[key] for r in runs}
+        if len(set(values.values())) > 1:
+            detail = ", ".join(f"{name}={str(value)[:12]}" for name, value in values.items())
+            raise RecordError(f"runs mix {what} ({detail}); a record's seeds must be trained and scored on one "
+                              "tokenizer and one validation set: re-run them with the same TOKENIZER_PATH and DATA_PATH")
     seeds = [r.seed for r in runs]
     if len(set(seeds)) != len(seeds):
         raise RecordError(f"seeds repeat ({seeds}); each run of a submission needs its own seed")

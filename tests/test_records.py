@@ -103,6 +103,12 @@ def set_path(keys: str, value):
     (lambda d: edit_manifest(d, set_path("artifact.total_bytes", 16_000_001)), "over the 16000000-byte limit"),
     (lambda d: edit_manifest(d, set_path("compliance.non_record", True)), "stamped non-record"),
     (lambda d: edit_manifest(d, set_path("status", "started")), "run status is 'started'"),
+    # issue 18: seeds of another tokenizer or validation set, two runs in one folder, an EVAL_ONLY run
+    (lambda d: edit_manifest(d, set_path("data.tokenizer_sha256", "0" * 64)), "runs mix tokenizers"),
+    (lambda d: edit_manifest(d, lambda m: m["data"]["shard_sha256"].update(
+        {name: "0" * 64 for name in m["data"]["shard_sha256"] if "_val_" in name})), "runs mix validation data"),
+    (lambda d: (d / "train.log").write_text((d / "train.log").read_text() * 2), "holds more than one run"),
+    (lambda d: edit_manifest(d, set_path("mode", "eval_only")), "an EVAL_ONLY run"),
     (lambda d: (d / "train.log").unlink(), "train.log is missing"),
     (lambda d: (d / "train.log").write_text(re.sub(r"(final_int8_zlib_roundtrip_exact val_loss:[\d.]+ val_bpb:)\d\.\d+",
                                                     r"\g<1>1.00000000", (d / "train.log").read_text())),
