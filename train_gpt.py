@@ -247,6 +247,9 @@ class Hyperparameters:
     attn_bits: int = knob(0, "export bits of attention matrices; 0 = MATRIX_BITS", min=0)
     mlp_bits: int = knob(0, "export bits of MLP matrices; 0 = MATRIX_BITS", min=0)
     head_bits: int = knob(0, "export bits of an untied output head; 0 = EMBED_BITS", min=0)
+    quant_min_numel: int = knob(65_537, "smallest tensor (in values) the export quantizes; smaller float tensors and "
+                                "control tensors stay float (65,537 = the public scripts' rule: at most 65,536 stay "
+                                "fp16); GPTQ, RTN, QAT and the packer all follow it", gt=0)
     matrix_clip_sigmas: float = knob(12.85, "SDClip k of weight matrices: clip at k row stds; 0 = row absmax", min=0)
     attn_clip_sigmas: float = knob(0.0, "SDClip k of attention matrices; 0 = MATRIX_CLIP_SIGMAS", min=0)
     mlp_clip_sigmas: float = knob(0.0, "SDClip k of MLP matrices; 0 = MATRIX_CLIP_SIGMAS", min=0)
@@ -2562,8 +2565,9 @@ def measure_prequant_ttt_reserve(model: GPT, tokens: torch.Tensor, *, seq_len: i
 # ==================================================================================================
 # QUANTIZATION
 # ==================================================================================================
-# Every float tensor larger than 65,536 values is exported as integers in int8 containers with one
-# fp16 scale per row; smaller ones stay fp16 (control tensors fp32). Tensors fall into groups with
+# Every float tensor of at least QUANT_MIN_NUMEL values (65,537 by default: the public scripts keep
+# tensors of at most 65,536 values float) is exported as integers in int8 containers with one fp16
+# scale per row; smaller ones stay fp16, control tensors fp32 whatever their size. Tensors fall into groups with
 # their own bits and clip: `embed` (token and bigram tables), `head` (an untied output head), `attn`,
 # `mlp` and `other` matrices (these two follow MATRIX_BITS unless ATTN_BITS / MLP_BITS say otherwise).
 #
@@ -2589,7 +2593,7 @@ def measure_prequant_ttt_reserve(model: GPT, tokens: torch.Tensor, *, seq_len: i
 # Subsections: quantizers and the plan | GPTQ and calibration | LQER | the packer | the ans coder |
 # fitting under the limit | the shipped code form.
 
-KEEP_FLOAT_MAX_NUMEL = 65_536
+QUANT_MIN_NUMEL = 65_537  # the default of the QUANT_MIN_NUMEL knob
 FP16_MIN_SCALE = 2.0**-24  # smallest positive fp16 (subnormal): a scale never rounds to 0
 QUANT_GROUPS = ("embed", "head", "attn", "mlp", "other")
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight")
@@ -2618,11 +2622,13 @@ class QuantPlan:
     bits: dict = field(default_factory=lambda: dict(embed=8, head=8, attn=8, mlp=8, other=8))
     clip_sigmas: dict = field(default_factory=lambda: dict(embed=20.0, head=20.0, attn=12.85, mlp=12.85,
                                                            other=12.85))
+    min_numel: int = QUANT_MIN_NUMEL  # smaller tensors stay float
 
     @classmethod
-    def uniform(cls, matrix_bits: int, embed_bits: int, method: str = "absmax") -> "QuantPlan":
+    def uniform(cls, matrix_bits: int, embed_bits: int, method: str = "absmax",
+                min_numel: int = QUANT_MIN_NUMEL) -> "QuantPlan":
         return cls(method, dict(embed=embed_bits, head=embed_bits, attn=matrix_bits, mlp=matrix_bits,
-                                other=matrix_bits))
+                                other=matrix_bits), min_numel=min_numel)
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "QuantPlan":
@@ -2632,11 +2638,11 @@ class QuantPlan:
                       attn=hp.attn_clip_sigmas or hp.matrix_clip_sigmas,
                       mlp=hp.mlp_clip_sigmas or hp.matrix_clip_sigmas,
                       other=hp.matrix_clip_sigmas)
-        return cls(hp.quant_method, bits, sigmas)
+        return cls(hp.quant_method, bits, sigmas, hp.quant_min_numel)
 
     def spec(self, name: str, t: torch.Tensor) -> tuple[int, float] | None:
         """(bits, clip sigmas; 0 = absmax) if the export quantizes this tensor, else None (kept float)."""
-        if not t.is_floating_point() or t.numel() <= KEEP_FLOAT_MAX_NUMEL:
+        if not t.is_floating_point() or t.numel() < self.min_numel or is_control_tensor(name):
             return None
         group = tensor_group(name)
         return self.bits[group], (0.0 if self.method == "absmax" else self.clip_sigmas[group])

@@ -157,6 +157,35 @@ def test_artifact_size_in_the_log_equals_the_bytes_on_disk(tiny_env, tmp_path):
     assert re.search(r"^final_int6_brotli_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", log, re.M)
 
 
+def test_quant_min_numel_is_validated_and_honoured_by_gptq_rtn_qat_and_the_packer():
+    with pytest.raises(tg.ConfigError, match="QUANT_MIN_NUMEL=0 must be > 0"):
+        tg.Hyperparameters.from_env({**SMALL, "QUANT_MIN_NUMEL": "0"})
+    assert tg.QuantPlan.from_hparams(tg.Hyperparameters.from_env(SMALL)).min_numel == 65_537  # the public rule
+    # 192x192 attention q/proj (36,864 values) sit exactly at the threshold; k/v (192x96) fall below it
+    hp, model = small_model(QUANT_MIN_NUMEL="36864", QUANT_METHOD="gptq")
+    plan = tg.QuantPlan.from_hparams(hp)
+    sd = model.state_dict()
+    expected = {n for n, t in sd.items() if t.numel() >= 36_864}
+    assert "blocks.0.attn.c_q.weight" in expected and "blocks.0.attn.c_k.weight" not in expected
+    assert {n for n, t in sd.items() if plan.spec(n, t) is not None} == expected
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, tg.CastedLinear)}
+    hessians = tg.collect_hessians(model, [torch.randint(0, 400, (2, 16))], plan, looping=False)
+    assert set(hessians) == expected & linears  # GPTQ calibrates exactly those
+    gptq = tg.quantize_state_dict(sd, plan, hessians)
+    assert {e.name for e in gptq if e.method == "gptq"} == expected & linears
+    rtn = tg.quantize_state_dict(sd, dataclasses.replace(plan, method="sdclip"))
+    assert {e.name for e in rtn if e.bits} == {e.name for e in gptq if e.bits} == expected
+    qat = tg.prepare_qat(model, plan)
+    assert {n + ".weight" for n, m in model.named_modules() if m in qat} == expected & linears
+    _, header = tg.unpack_artifact(tg.pack_artifact(gptq, compressor="zlib"))
+    assert {t["name"] for t in header["tensors"] if t["bits"]} == expected
+    packed = sum(-(-e.codes.numel() * e.bits // 8) + 2 * e.scales.numel() for e in gptq if e.bits)
+    assert tg.estimate_payload_bytes(sd, plan) == packed + sum(e.value.numel() * e.value.element_size()
+                                                               for e in gptq if not e.bits)
+    everything = tg.QuantPlan.uniform(6, 8, "sdclip", min_numel=1)  # control tensors stay float at any size
+    assert not any(everything.spec(n, t) for n, t in sd.items() if tg.is_control_tensor(n))
+
+
 @pytest.mark.parametrize("matrix_bits", [8, 6])
 def test_start_of_run_payload_estimate_matches_the_stored_values(matrix_bits):
     hp = tg.Hyperparameters.from_env({"RECIPE": "baseline", "NUM_LAYERS": "2", "MODEL_DIM": "192", "NUM_HEADS": "4",
