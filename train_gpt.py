@@ -1331,6 +1331,35 @@ class CausalSelfAttention(nn.Module):
             y = y * gate.transpose(1, 2)[..., None]  # (B, H, T, 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, C)), v_raw  # (B, T, C)
 
+    def forward_last_cached(self, x: torch.Tensor, v_first: torch.Tensor | None, cache: list,
+                            pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Incremental decoding (calibration sampling): `forward` for the last position of x only, which is
+        sequence position `pos`; its keys and values are appended to `cache` ([k, v] of earlier positions
+        for this layer pass) and it attends to all of them. The other rows of the output are 0 (their
+        keys are cached already). Equal to `forward` while pos < TRAIN_SEQ_LEN (the RoPE tables are fixed)."""
+        B, T, C = x.shape
+        x = x[:, -1:]
+        q = self.c_q(x).view(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(B, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_raw = v = self.c_v(x).view(B, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.value_lambdas is not None and v_first is not None:
+            lam = self.value_lambdas.to(v.dtype)
+            v = lam[0] * v_first + lam[1] * v_raw
+        cos, sin = (t[:, :, pos : pos + 1] for t in self.rotary(pos + 1, q.dtype))
+        q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
+        k = apply_rotary(rms_norm(k), cos, sin)
+        cache[:] = [torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)] if cache else [k, v]
+        y = F.scaled_dot_product_attention(q, *cache, enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, 1, D)
+        if self.xsa:
+            v_dir = F.normalize(v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1), dim=-1)
+            y = y - (y * v_dir).sum(-1, keepdim=True) * v_dir
+        if self.gate_kind != "none":
+            logits = (x if self.gate_kind == "gated" else x[..., : self.gate_window]) @ self.attn_gate_w.to(x.dtype).T
+            gate = (2 * torch.sigmoid(logits) if self.gate_kind == "out" else
+                    torch.sigmoid(self.sparse_gate_scale * logits) if self.gate_kind == "sparse" else torch.sigmoid(logits))
+            y = y * gate.transpose(1, 2)[..., None]
+        return F.pad(self.proj(y.transpose(1, 2).reshape(B, 1, C)), (0, 0, T - 1, 0)), v_raw
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -2773,7 +2802,8 @@ def estimate_payload_bytes(state_dict: dict[str, torch.Tensor], plan: QuantPlan)
 # H_jj first), and inputs that never fire (H_jj = 0) get a zero column. Hessians come from forward
 # hooks on every quantized CastedLinear, plus the final hidden state for the tied embedding (it is
 # the output head's weight). Calibration is GPTQ_CALIBRATION_SOURCE: `selfgen` (sequences the
-# trained model samples itself: no data is read, so it may run after the training cap) or `train`
+# trained model samples itself, decoded with a key/value cache: no data is read, so it may run after
+# the training cap) or `train`
 # (training shards: that is training-data access, so it runs inside the training budget; its time,
 # measured before training starts, is reserved). Validation shards are never a source.
 
@@ -2832,18 +2862,62 @@ def check_calibration_files(files: list[str]) -> None:
                        "GPTQ_CALIBRATION_SOURCE=train reads fineweb_train_*.bin only")
 
 
+class CachedDecoding:
+    """While active, every attention layer of `model` runs `forward_last_cached`, one key/value cache per
+    layer pass (a looped block runs several passes per forward), at sequence position `pos`."""
+
+    def __init__(self, model: GPT):
+        self.layers = [block.attn for block in model.blocks]
+        self.caches = {id(a): [] for a in self.layers}  # per layer: one [k, v] per pass
+        self.calls = dict.fromkeys(self.caches, 0)
+        self.pos = 0
+
+    def step(self, pos: int) -> None:
+        self.pos, self.calls = pos, dict.fromkeys(self.calls, 0)
+
+    def _cached_forward(self, attn: CausalSelfAttention):
+        def forward(x, v_first):
+            passes, n = self.caches[id(attn)], self.calls[id(attn)]
+            if n == len(passes):
+                passes.append([])
+            self.calls[id(attn)] = n + 1
+            return attn.forward_last_cached(x, v_first, passes[n], self.pos)
+        return forward
+
+    def __enter__(self) -> "CachedDecoding":
+        for attn in self.layers:
+            attn.forward = self._cached_forward(attn)  # an instance attribute shadows the class's forward
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for attn in self.layers:
+            del attn.forward
+
+
+# Rows of context `forward_hidden` needs for a correct last position: BigramHash reads the previous
+# token, and SmearGate mixes in the previous position's embedding, which itself holds a bigram.
+DECODE_WINDOW = 3
+
+
 @torch.no_grad()
 def sample_sequences(model: GPT, num_seqs: int, seq_len: int, *, temperature: float, seed: int, looping: bool,
-                     device: torch.device, autocast=contextlib.nullcontext) -> torch.Tensor:
-    """Sequences the model writes itself from a BOS, sampled at `temperature` (no KV cache: a full
-    forward per token, so cost grows with seq_len^2)."""
+                     device: torch.device, autocast=contextlib.nullcontext, kv_cache: bool = True) -> torch.Tensor:
+    """Sequences the model writes itself from a BOS, sampled at `temperature`. With `kv_cache` each token
+    costs one position's forward (the last DECODE_WINDOW tokens, attention against cached keys): linear
+    in seq_len, the same tokens as a full forward per token (kv_cache=False, quadratic). Past
+    TRAIN_SEQ_LEN the RoPE tables rescale every position, so there the full forward is used."""
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = torch.full((num_seqs, 1), BOS_ID, dtype=torch.int64, device=device)
-    for _ in range(seq_len - 1):
-        with autocast():
-            logits = model.head(model.forward_hidden(ids, looping)[:, -1]).float()
-        nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen)
-        ids = torch.cat([ids, nxt], dim=1)
+    cached = kv_cache and seq_len <= model.cfg.train_seq_len
+    with CachedDecoding(model) if cached else contextlib.nullcontext() as decoder:
+        for pos in range(seq_len - 1):
+            if decoder is not None:
+                decoder.step(pos)
+            with autocast():
+                h = model.forward_hidden(ids[:, -DECODE_WINDOW:] if cached else ids, looping)
+                logits = model.head(h[:, -1]).float()
+            nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen)
+            ids = torch.cat([ids, nxt], dim=1)
     return ids
 
 

@@ -427,6 +427,34 @@ def test_calibration_batches_round_up_to_the_world_size_and_every_rank_reads_as_
     assert one == [batches[0][0], batches[1][0], batches[0][1]]  # batch i is the same draw on any world size
 
 
+@pytest.mark.parametrize("gate", ["SPARSE_ATTN_GATE_ENABLED", "ATTN_OUT_GATE_ENABLED", "GATED_ATTN_ENABLED"])
+def test_selfgen_with_a_kv_cache_samples_the_same_tokens_as_a_full_forward_per_token_in_linear_work(gate):
+    # every switch that reads other positions: bigram and smear (previous tokens), value residual, XSA, the
+    # attention gates, partial RoPE, U-Net skip gates, parallel lanes, backout, and a looped segment
+    env = {"RECIPE": "record", "VOCAB_SIZE": "64", "NUM_LAYERS": "4", "MODEL_DIM": "32", "NUM_HEADS": "4",
+           "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "24", "ROPE_DIMS": "4", "GATE_WINDOW": "8", "BIGRAM_VOCAB_SIZE": "16",
+           "BIGRAM_DIM": "8", "VALUE_RESIDUAL": "1", "BACKOUT_LAYER": "2", "SPARSE_ATTN_GATE_ENABLED": "0", gate: "1"}
+    hp = tg.Hyperparameters.from_env(env)
+    torch.manual_seed(0)
+    model = tg.GPT(tg.ModelConfig.from_hparams(hp)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # zero-initialised projections and gates must matter too
+    rows = []
+    hook = model.blocks[0].attn.c_q.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0] * i[0].shape[1]))
+    for looping in (False, True):
+        kw = dict(temperature=1.0, seed=5, looping=looping, device=torch.device("cpu"))
+        rows.clear()
+        full = tg.sample_sequences(model, 2, 24, kv_cache=False, **kw)
+        full_rows = sum(rows)
+        rows.clear()
+        cached = tg.sample_sequences(model, 2, 24, **kw)
+        assert torch.equal(cached, full) and cached.shape == (2, 24) and (cached[:, 0] == tg.BOS_ID).all()
+        assert sum(rows) == 2 * 23 and full_rows == 2 * sum(range(1, 24))  # one row per new token, not the prefix
+        assert not any("forward" in vars(block.attn) for block in model.blocks)  # the cache is uninstalled
+    hook.remove()
+
+
 def test_calibration_reads_no_batch_once_its_deadline_says_stop():
     hp, model = small_model()
     served = []
