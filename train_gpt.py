@@ -273,6 +273,7 @@ class Hyperparameters:
     lqer_rank: int = knob(4, "rank of the LQER correction", gt=0)
     lqer_top_k: int = knob(3, "tensors that get an LQER correction", gt=0)
     lqer_factor_bits: int = knob(4, "bits of the LQER factors", min=2)
+    lqer_a_bits: int = knob(0, "bits of the LQER A factor (R0427: 2); 0 = LQER_FACTOR_BITS", min=0)
     lqer_asym_enabled: bool = knob(True, "LQER factor scales: per column of A and per group of B (else per row)")
     lqer_asym_group: int = knob(64, "values of B per scale in the asymmetric form", gt=0)
     artifact_margin_bytes: int = knob(0, "auto-fit target: code + model bytes <= 16,000,000 minus this", min=0)
@@ -330,11 +331,12 @@ class Hyperparameters:
             raise ConfigError(f"LR_WARMUP_FRAC + WARMDOWN_FRAC = {self.lr_warmup_frac + self.warmdown_frac} must be <= 1")
         if self.ema_decay >= 1:
             raise ConfigError(f"EMA_DECAY={self.ema_decay} must be < 1 (0 = off)")
-        for name in ("matrix_bits", "embed_bits", "attn_bits", "mlp_bits", "head_bits", "lqer_factor_bits"):
+        inheriting = ("attn_bits", "mlp_bits", "head_bits", "lqer_a_bits")
+        for name in ("matrix_bits", "embed_bits", "lqer_factor_bits") + inheriting:
             value = getattr(self, name)
-            if value > 8 or (name in ("attn_bits", "mlp_bits", "head_bits") and value == 1):
+            if value > 8 or (name in inheriting and value == 1):
                 raise ConfigError(f"{name.upper()}={value} must be in [2, 8]" + (" (0 = inherit)" if name in
-                                  ("attn_bits", "mlp_bits", "head_bits") else ""))
+                                  inheriting else ""))
         if self.prequant_ttt_source == "val" and not self.allow_val_adaptation:
             raise ConfigError("PREQUANT_TTT_SOURCE=val adapts on validation tokens before scoring them (C3); it needs "
                               "ALLOW_VAL_ADAPTATION=1, which marks the run non-record")
@@ -454,8 +456,14 @@ RECIPES: dict[str, dict] = {
         tied_embed_lr=0.03, matrix_lr=0.026, scalar_lr=0.02, beta2=0.99, muon_momentum=0.97,
         muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, grad_clip_norm=0.3,
         muon_ns_coefficients="polar_express", muon_row_normalize=True, muon_wd=0.095, embed_wd=0.085, adam_wd=0.02,
-        warmdown_frac=0.85, min_lr=0.1, ema_decay=0.9965, matrix_bits=6, embed_bits=8,
-        eval_stride=64, quant_method="gptq", compressor="brotli",
+        warmdown_frac=0.85, min_lr=0.1, ema_decay=0.9965, eval_stride=64,
+        # R0427's export: GPTQ int6 matrices (MLP k=11.5, attention k=13), int7 embedding (k=14), LQER
+        # rank 4 on the top 3 tensors (A int2, B int4 in groups of 64), calibrated on 16 batches of
+        # training data inside the training budget
+        quant_method="gptq", matrix_bits=6, embed_bits=7, mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0,
+        embed_clip_sigmas=14.0, lqer_enabled=True, lqer_rank=4, lqer_top_k=3, lqer_a_bits=2, lqer_factor_bits=4,
+        lqer_asym_enabled=True, lqer_asym_group=64, gptq_calibration_source="train", gptq_calibration_batches=16,
+        compressor="brotli",
         # R0427's final evaluation pass: phased TTT with per-document LoRA (its run's values)
         ttt_enabled=True, ttt_mode="phased", ttt_lora_rank=80, ttt_lora_lr=1e-4, ttt_lora_alpha=144.0,
         ttt_warm_start_a=True, ttt_weight_decay=0.5, ttt_beta1=0.0, ttt_beta2=0.99,
@@ -2993,9 +3001,10 @@ def collect_hessians(model: GPT, batches, plan: QuantPlan, looping: bool, autoca
 # Low-rank correction of the quantization error (LQER_ENABLED): for the LQER_TOP_K quantized tensors
 # whose error costs the most, store E ~ A B with rank LQER_RANK, so W = q s + A B. With a Hessian the
 # fit is in the layer-output metric (SVD of E L with H = L L^T, then B = V^T L^-1), otherwise plain
-# SVD. The factors are integers too, at LQER_FACTOR_BITS: symmetric form = per-row fp16 scales for A
-# and B; asymmetric form (LQER_ASYM_ENABLED) = one scale per column of A (each carries one singular
-# value) and one per LQER_ASYM_GROUP values of B.
+# SVD. The factors are integers too, at LQER_FACTOR_BITS (A at LQER_A_BITS if set: R0427 stores A in
+# 2 bits, B in 4): symmetric form = per-row fp16 scales for A and B; asymmetric form
+# (LQER_ASYM_ENABLED) = one scale per column of A (each carries one singular value) and one per
+# LQER_ASYM_GROUP values of B.
 
 
 def quantize_groups(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -3023,7 +3032,8 @@ class LowRankFactors:
     b_codes: torch.Tensor
     b_scales: torch.Tensor
     group: int = 0
-    bits: int = 4
+    bits: int = 4  # of B (and of A unless a_bits)
+    a_bits: int = 0  # 0 = bits
 
     def product(self) -> torch.Tensor:
         if self.group:  # asymmetric: A by column, B by groups
@@ -3035,7 +3045,7 @@ class LowRankFactors:
 
     @classmethod
     def fit(cls, error: torch.Tensor, rank: int, bits: int, group: int,
-            hessian: torch.Tensor | None = None) -> "LowRankFactors":
+            hessian: torch.Tensor | None = None, a_bits: int = 0) -> "LowRankFactors":
         E = error.double()
         if hessian is not None:
             H = hessian.double()
@@ -3047,15 +3057,17 @@ class LowRankFactors:
             U, S, Vh = torch.linalg.svd(E, full_matrices=False)
             a, b = U[:, :rank] * S[:rank], Vh[:rank]
         a, b = a.float(), b.float()
+        a_bits = a_bits or bits
         if group:
-            a_codes, a_scales = quantize_rows(a.T.contiguous(), bits)
+            a_codes, a_scales = quantize_rows(a.T.contiguous(), a_bits)
             b_codes, b_scales = quantize_groups(b, bits, group)
-            return cls(a_codes.T.contiguous(), a_scales, b_codes, b_scales, group, bits)
-        return cls(*quantize_rows(a, bits), *quantize_rows(b, bits), 0, bits)
+            return cls(a_codes.T.contiguous(), a_scales, b_codes, b_scales, group, bits, a_bits)
+        return cls(*quantize_rows(a, a_bits), *quantize_rows(b, bits), 0, bits, a_bits)
 
 
 def apply_lqer(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor], *, rank: int, top_k: int,
-               factor_bits: int, group: int = 64, hessians: dict | None = None) -> list[ExportedTensor]:
+               factor_bits: int, group: int = 64, hessians: dict | None = None,
+               a_bits: int = 0) -> list[ExportedTensor]:
     """A copy of `entries` where the top_k quantized 2-D tensors with the largest error cost carry a
     low-rank correction (cost = ||E X^T||^2 with a Hessian, else ||E||^2)."""
     hessians = hessians or {}
@@ -3070,7 +3082,7 @@ def apply_lqer(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor
     for _, i, err in sorted(costs, key=lambda c: -c[0])[:top_k]:
         h = hessians.get(entries[i].name)
         out[i] = dataclasses.replace(entries[i], lqer=LowRankFactors.fit(err, rank, factor_bits, group,
-                                                                         None if h is None else h.cpu()))
+                                                                         None if h is None else h.cpu(), a_bits))
     return out
 
 
@@ -3147,6 +3159,8 @@ def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict
                     scale="row_fp16" if e.bits else "none", stream=parts[0][0])
         if e.lqer is not None:  # layout: A rows x rank, B rank x cols, int8 codes then fp16 scales
             info["lqer"] = dict(rank=e.lqer.b_codes.shape[0], group=e.lqer.group, bits=e.lqer.bits)
+            if e.lqer.a_bits != e.lqer.bits:
+                info["lqer"]["a_bits"] = e.lqer.a_bits
         tensors.append(info)
     stream_info, payloads = [], []
     for name in sorted(streams):
@@ -3290,7 +3304,8 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
                 b = torch.from_numpy(take("lqer", rank * cols).copy()).reshape(rank, cols)
                 a_scales = torch.from_numpy(take("scales", rank if group else rows).copy())
                 b_scales = torch.from_numpy(take("scales", -(-rank * cols // group) if group else rank).copy())
-                lqer = LowRankFactors(a, a_scales, b, b_scales, group, t["lqer"]["bits"])
+                lqer = LowRankFactors(a, a_scales, b, b_scales, group, t["lqer"]["bits"],
+                                      t["lqer"].get("a_bits", t["lqer"]["bits"]))
             entries.append(ExportedTensor(t["name"], shape, t["dtype"], t["bits"], codes, scales, method=t["method"],
                                           lqer=lqer))
         else:
@@ -4358,14 +4373,14 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
                                  stats=stats)
 
         target = ARTIFACT_LIMIT_BYTES - hp.artifact_margin_bytes - n_code
-        lqer = dict(rank=hp.lqer_rank, top_k=hp.lqer_top_k, factor_bits=hp.lqer_factor_bits,
+        lqer = dict(rank=hp.lqer_rank, top_k=hp.lqer_top_k, factor_bits=hp.lqer_factor_bits, a_bits=hp.lqer_a_bits,
                     group=hp.lqer_asym_group if hp.lqer_asym_enabled else 0) if hp.lqer_enabled else None
         blob, entries = fit_artifact(model.state_dict(), plan, target_bytes=target, compressor=hp.compressor,
                                      pack=pack, hessians=hessians, gptq=gptq_options(hp), lqer=lqer,
                                      auto_fit=hp.auto_fit, log=log)
         for e in entries:
             if e.lqer is not None:
-                log(f"lqer: {e.name} rank:{hp.lqer_rank} factor_bits:{hp.lqer_factor_bits} "
+                log(f"lqer: {e.name} rank:{hp.lqer_rank} factor_bits:{hp.lqer_factor_bits} a_bits:{e.lqer.a_bits} "
                     f"form:{'asymmetric group ' + str(e.lqer.group) if e.lqer.group else 'symmetric'}")
         write_atomic(artifact_path, blob)
         label = f"int{hp.matrix_bits}+{hp.compressor}"

@@ -304,6 +304,29 @@ def test_gptq_has_lower_layer_output_error_than_rtn_on_the_same_grid(bits, k):
     assert torch.equal(again[0], tg.gptq_quantize(w, x.T @ x, bits, k)[0])  # deterministic
 
 
+def test_record_recipe_quantizes_as_r0427_ran_it():
+    hp = tg.Hyperparameters.from_env({})
+    plan = tg.QuantPlan.from_hparams(hp)
+    assert plan.method == "gptq" and plan.bits == dict(embed=7, head=7, attn=6, mlp=6, other=6)
+    assert (plan.clip_sigmas["embed"], plan.clip_sigmas["mlp"], plan.clip_sigmas["attn"]) == (14.0, 11.5, 13.0)
+    assert (hp.lqer_enabled, hp.lqer_rank, hp.lqer_top_k, hp.lqer_a_bits, hp.lqer_factor_bits) == (True, 4, 3, 2, 4)
+    assert hp.lqer_asym_enabled and hp.lqer_asym_group == 64
+    assert (hp.gptq_calibration_source, hp.gptq_calibration_batches) == ("train", 16)
+    with pytest.raises(tg.ConfigError, match="LQER_A_BITS=1 must be in"):
+        tg.Hyperparameters.from_env({"LQER_A_BITS": "1"})
+    w, x = trained_layer()
+    codes, scales = tg.gptq_quantize(w, x.T @ x, 6, 11.5)
+    entry = tg.ExportedTensor("l.weight", tuple(w.shape), "float32", 6, codes, scales, method="gptq")
+    fixed = tg.apply_lqer({"l.weight": w}, [entry], rank=4, top_k=1, factor_bits=4, group=64, a_bits=2,
+                          hessians={"l.weight": x.T @ x})[0]
+    assert fixed.lqer.a_codes.abs().max() == 1 and fixed.lqer.b_codes.abs().max() == 7  # A int2, B int4
+    back, header = tg.unpack_artifact(tg.pack_artifact([fixed], compressor="brotli"))
+    assert header["tensors"][0]["lqer"] == {"rank": 4, "group": 64, "bits": 4, "a_bits": 2}
+    assert back[0].lqer.a_bits == 2 and torch.equal(back[0].dequantize(), fixed.dequantize())
+    err = lambda e: ((x @ (w - e.dequantize()).T).norm()).item()  # noqa: E731
+    assert err(fixed) < err(entry)
+
+
 @pytest.mark.parametrize("group", [0, 64])
 def test_lqer_lowers_the_gptq_layer_output_error_further_and_packs_exactly(group):
     w, x = trained_layer()
