@@ -277,7 +277,10 @@ class Hyperparameters:
     lqer_asym_enabled: bool = knob(True, "LQER factor scales: per column of A and per group of B (else per row)")
     lqer_asym_group: int = knob(64, "values of B per scale in the asymmetric form", gt=0)
     artifact_margin_bytes: int = knob(0, "auto-fit target: code + model bytes <= 16,000,000 minus this", min=0)
-    auto_fit: bool = knob(True, "shrink an over-limit model until it fits (clip sigmas, one group's bits, +-1 pruning)")
+    auto_fit: bool = knob(True, "shrink an over-limit model until it fits (clip sigmas, one group's bits, +-1 pruning); "
+                          "fill an under-limit one unless AUTO_FIT_FILL=0")
+    auto_fit_fill: bool = knob(True, "with AUTO_FIT, spend the bytes an under-limit model leaves (sdclip/gptq): a finer "
+                               "grid, or a bit more, on the group where a byte buys the most weighted error")
     eval_only: bool = knob(False, "no training: score the artifact at ARTIFACT_PATH (model settings come from it)")
     artifact_path: str = knob("", "artifact scored by EVAL_ONLY: the final_model.*.ptz of a run folder")
 
@@ -3775,9 +3778,25 @@ def code_entropy_report(arrays: list[np.ndarray], bits: list[int], model_ce: flo
 # the bytes, and what it cost: the relative squared error of the quantized weights against the
 # pre-quant ones. It never writes an over-limit artifact silently: if all steps fail, the run ends
 # with an error naming the sizes.
+#
+# The other way (sdclip / gptq): a model that comes out under the target spends the bytes left. The
+# weighted error of a group is the sum over its tensors of the relative layer-output error
+# tr(E H E^T) / tr(W H W^T) (E = W - W_q with LQER, H = the tensor's Hessian, I without one). A finer
+# grid by a factor f costs about log2(1/f) bits per value and cuts a group's error by about 1 - f^2,
+# so a byte buys the most where the weighted error per value is largest: each fill step refines that
+# group's grid (its clip sigmas times f, f sized to spend half of the bytes left, as the entropy
+# predicts them, corrected by how many real bytes a predicted byte cost so far); a k below
+# AUTO_FIT_FILL_MIN_SIGMAS would clip the tails, so that group gets one bit more at twice the k (the
+# same grid step, a wider range) instead. A step is kept only if it fits and lowers the weighted
+# error; each logs its group, k and bits, its cost in bytes and its gain. It stops when less than
+# max(AUTO_FIT_FILL_SLACK_BYTES, target / 1000) is left, after AUTO_FIT_FILL_STEPS steps, or when no
+# group can be refined.
 AUTO_FIT_TRIES = 4
 AUTO_FIT_MAX_SIGMA_SCALE = 2.0
 AUTO_FIT_MIN_BITS = 4
+AUTO_FIT_FILL_STEPS = 8
+AUTO_FIT_FILL_SLACK_BYTES = 512
+AUTO_FIT_FILL_MIN_SIGMAS = 6.0
 
 
 def quantization_error(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor]) -> float:
@@ -3847,19 +3866,98 @@ def squared_error_by_group(state_dict: dict[str, torch.Tensor], entries: list[Ex
     return out
 
 
+def weighted_error_by_group(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor],
+                            hessians: dict | None = None) -> dict[str, float]:
+    """Per group, the sum over its quantized tensors of tr(E H E^T) / tr(W H W^T) (H = I without a Hessian)."""
+    hessians = hessians or {}
+    out: dict[str, float] = {}
+    for e in entries:
+        if e.bits:
+            w = state_dict[e.name].detach().float().cpu().reshape(e.codes.shape[0], -1)
+            err = w - e.dequantize().float().reshape(w.shape)
+            h = hessians.get(e.name)
+            if h is None:
+                ratio = float(err.square().sum()) / max(float(w.square().sum()), 1e-30)
+            else:
+                h = h.cpu().float()
+                ratio = float(((err @ h) * err).sum()) / max(float(((w @ h) * w).sum()), 1e-30)
+            out[tensor_group(e.name)] = out.get(tensor_group(e.name), 0.0) + ratio
+    return out
+
+
+def fill_budget(state_dict, plan: QuantPlan, entries: list[ExportedTensor], blob: bytes, *, target_bytes: int,
+                quantize, pack, hessians: dict | None, log) -> tuple[bytes, list[ExportedTensor]]:
+    """Refine the grid of the group where a byte buys the most weighted error until the artifact just
+    fits `target_bytes` (documented above). Returns the last fitting (blob, entries)."""
+    values: dict[str, int] = {}
+    for e in entries:
+        if e.bits:
+            values[tensor_group(e.name)] = values.get(tensor_group(e.name), 0) + e.codes.numel()
+    errors = weighted_error_by_group(state_dict, entries, hessians)
+    slack_goal = max(AUTO_FIT_FILL_SLACK_BYTES, target_bytes // 1000)
+    log(f"auto_fit: model_bytes {len(blob)} <= target {target_bytes}: filling {target_bytes - len(blob)} bytes; "
+        f"weighted_error {sum(errors.values()):.4e} ({' '.join(f'{g}:{v:.3e}' for g, v in sorted(errors.items()))})")
+    bytes_per_predicted, done = 1.0, set()
+    for step in range(1, AUTO_FIT_FILL_STEPS + 1):
+        slack = target_bytes - len(blob)
+        open_groups = [g for g in values if g not in done]
+        if slack <= slack_goal or not open_groups:
+            break
+        group = max(open_groups, key=lambda g: (errors.get(g, 0.0) / values[g], g))
+        bits_per_value = min(4 * slack / bytes_per_predicted / values[group], 1.0)  # half the slack, in bits
+        for _ in range(AUTO_FIT_TRIES):
+            k, bits = plan.clip_sigmas[group] * 2.0**-bits_per_value, plan.bits[group]
+            if k < AUTO_FIT_FILL_MIN_SIGMAS and bits < 8:
+                k, bits = 2 * k, bits + 1
+            trial = dataclasses.replace(plan, bits={**plan.bits, group: bits},
+                                        clip_sigmas={**plan.clip_sigmas, group: k})
+            trial_entries = quantize(trial)
+            trial_blob = pack(trial_entries)
+            if len(trial_blob) <= target_bytes:
+                break
+            bits_per_value *= 0.5 * slack / max(len(trial_blob) - len(blob), 1)  # overshot: aim at half again
+        trial_errors = weighted_error_by_group(state_dict, trial_entries, hessians)
+        cost, gain = len(trial_blob) - len(blob), sum(errors.values()) - sum(trial_errors.values())
+        verdict = "kept" if len(trial_blob) <= target_bytes and gain > 0 and k >= AUTO_FIT_FILL_MIN_SIGMAS else "refused"
+        log(f"auto_fit: fill step {step} {group} clip_sigmas {plan.clip_sigmas[group]:.3f}->{k:.3f} bits "
+            f"{plan.bits[group]}->{bits} cost {cost} bytes gain {gain:.3e} -> model_bytes {len(trial_blob)} "
+            f"weighted_error {sum(trial_errors.values()):.4e} {verdict}")
+        if verdict == "refused":
+            done.add(group)
+            continue
+        predicted = values[group] * bits_per_value / 8
+        if cost > 0 and predicted > 0:
+            bytes_per_predicted = cost / predicted
+        plan, entries, blob, errors = trial, trial_entries, trial_blob, trial_errors
+    log(f"auto_fit: filled model_bytes {len(blob)} target {target_bytes} ({target_bytes - len(blob)} bytes left) "
+        f"weighted_error {sum(errors.values()):.4e}")
+    return blob, entries
+
+
 def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target_bytes: int, compressor: str,
                  pack, hessians: dict | None = None, gptq: dict | None = None, lqer: dict | None = None,
-                 auto_fit: bool = True, log=lambda msg: None) -> tuple[bytes, list[ExportedTensor]]:
+                 auto_fit: bool = True, fill: bool = True,
+                 log=lambda msg: None) -> tuple[bytes, list[ExportedTensor]]:
     """The packed artifact (pack(entries) -> bytes) at most `target_bytes` long if auto-fit can get it
-    there, shrinking in the order documented above. `lqer`: apply_lqer's options, or None for no
-    low-rank correction."""
+    there, shrinking in the order documented above, or (`fill`) spending the bytes left when it comes out under.
+    `lqer`: apply_lqer's options, or None for no low-rank correction."""
+    hessians = hessians or {}
+    quantized: dict[tuple, ExportedTensor] = {}  # (name, method, bits and k): each tensor quantized once
 
     def quantize(p: QuantPlan) -> list[ExportedTensor]:
-        entries = quantize_state_dict(state_dict, p, hessians, gptq)
+        entries = []
+        for name, t in state_dict.items():
+            key = (name, p.method, p.spec(name, t))
+            if key not in quantized:
+                quantized[key] = quantize_tensor(name, t, p, hessians.get(name), gptq)
+            entries.append(quantized[key])
         return apply_lqer(state_dict, entries, hessians=hessians, **lqer) if lqer else entries
 
     entries = quantize(plan)
     blob = pack(entries)
+    if len(blob) <= target_bytes and auto_fit and fill and plan.method != "absmax":
+        return fill_budget(state_dict, plan, entries, blob, target_bytes=target_bytes, quantize=quantize, pack=pack,
+                           hessians=hessians, log=log)
     if len(blob) <= target_bytes or not auto_fit:
         return blob, entries
     base_error = quantization_error(state_dict, entries)
@@ -4377,7 +4475,7 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
                     group=hp.lqer_asym_group if hp.lqer_asym_enabled else 0) if hp.lqer_enabled else None
         blob, entries = fit_artifact(model.state_dict(), plan, target_bytes=target, compressor=hp.compressor,
                                      pack=pack, hessians=hessians, gptq=gptq_options(hp), lqer=lqer,
-                                     auto_fit=hp.auto_fit, log=log)
+                                     auto_fit=hp.auto_fit, fill=hp.auto_fit_fill, log=log)
         for e in entries:
             if e.lqer is not None:
                 log(f"lqer: {e.name} rank:{hp.lqer_rank} factor_bits:{hp.lqer_factor_bits} a_bits:{e.lqer.a_bits} "

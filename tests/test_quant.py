@@ -545,6 +545,41 @@ def test_auto_fit_shrinks_an_oversized_model_under_a_small_cap_and_logs_why():
     assert len(blob) > 100 and lines[-1].startswith("auto_fit: FAILED")  # never silently over
 
 
+@pytest.mark.parametrize("method", ["sdclip", "gptq"])
+def test_auto_fit_fills_an_undersized_model_to_just_under_a_small_cap_each_step_lowering_the_weighted_error(method):
+    hp, model = small_model()
+    sd = model.state_dict()
+    plan = tg.QuantPlan.uniform(6, 8, method)
+    hessians = None
+    if method == "gptq":
+        hessians = tg.collect_hessians(model, [torch.randint(0, 400, (4, 64)) for _ in range(2)], plan, looping=False)
+
+    def pack(entries):
+        return tg.pack_artifact(entries, compressor="zlib")
+
+    natural = len(pack(tg.quantize_state_dict(sd, plan, hessians)))
+    target = int(natural * 1.06)
+    lines = []
+    blob, entries = tg.fit_artifact(sd, plan, target_bytes=target, compressor="zlib", pack=pack, hessians=hessians,
+                                    log=lines.append)
+    assert blob == pack(entries) and len(blob) <= target  # never over
+    assert target - len(blob) <= max(tg.AUTO_FIT_FILL_SLACK_BYTES, target // 1000)  # the stated landing band
+    assert lines[0].startswith(f"auto_fit: model_bytes {natural} <= target {target}: filling {target - natural} bytes")
+    kept = [line for line in lines if line.startswith("auto_fit: fill step") and line.endswith("kept")]
+    assert kept
+    errors = [float(re.search(r"weighted_error ([\d.e+-]+)", line).group(1)) for line in [lines[0]] + kept]
+    assert all(b < a for a, b in zip(errors, errors[1:]))  # every kept step lowers the weighted error
+    for line in kept:  # and says what it cost and what it bought
+        cost, gain = re.search(r" cost (\d+) bytes gain ([\d.e+-]+) ", line).groups()
+        assert int(cost) > 0 and float(gain) > 0
+    final = tg.weighted_error_by_group(sd, entries, hessians)
+    assert sum(final.values()) == pytest.approx(errors[-1], rel=1e-3)
+    lines = []
+    same, _ = tg.fit_artifact(sd, plan, target_bytes=target, compressor="zlib", pack=pack, hessians=hessians,
+                              fill=False, log=lines.append)
+    assert len(same) == natural and not lines  # AUTO_FIT_FILL=0: the plan's grid as it is
+
+
 def test_eval_only_in_a_fresh_process_from_the_shipped_code_reproduces_the_end_of_run_score(tiny_env, tmp_path):
     """Train and export with GPTQ; then a new process runs the shipped (compressed) code with EVAL_ONLY=1,
     given only the artifact, the tokenizer and a folder holding nothing but the validation shard."""
