@@ -257,6 +257,9 @@ class Hyperparameters:
     attn_bits: int = knob(0, "export bits of attention matrices; 0 = MATRIX_BITS", min=0)
     mlp_bits: int = knob(0, "export bits of MLP matrices; 0 = MATRIX_BITS", min=0)
     head_bits: int = knob(0, "export bits of an untied output head; 0 = EMBED_BITS", min=0)
+    quant_min_numel: int = knob(65_537, "smallest tensor (in values) the export quantizes; smaller float tensors and "
+                                "control tensors stay float (65,537 = the public scripts' rule: at most 65,536 stay "
+                                "fp16); GPTQ, RTN, QAT and the packer all follow it", gt=0)
     matrix_clip_sigmas: float = knob(12.85, "SDClip k of weight matrices: clip at k row stds; 0 = row absmax", min=0)
     attn_clip_sigmas: float = knob(0.0, "SDClip k of attention matrices; 0 = MATRIX_CLIP_SIGMAS", min=0)
     mlp_clip_sigmas: float = knob(0.0, "SDClip k of MLP matrices; 0 = MATRIX_CLIP_SIGMAS", min=0)
@@ -280,10 +283,14 @@ class Hyperparameters:
     lqer_rank: int = knob(4, "rank of the LQER correction", gt=0)
     lqer_top_k: int = knob(3, "tensors that get an LQER correction", gt=0)
     lqer_factor_bits: int = knob(4, "bits of the LQER factors", min=2)
+    lqer_a_bits: int = knob(0, "bits of the LQER A factor (R0427: 2); 0 = LQER_FACTOR_BITS", min=0)
     lqer_asym_enabled: bool = knob(True, "LQER factor scales: per column of A and per group of B (else per row)")
     lqer_asym_group: int = knob(64, "values of B per scale in the asymmetric form", gt=0)
     artifact_margin_bytes: int = knob(0, "auto-fit target: code + model bytes <= 16,000,000 minus this", min=0)
-    auto_fit: bool = knob(True, "shrink an over-limit model until it fits (clip sigmas, one group's bits, +-1 pruning)")
+    auto_fit: bool = knob(True, "shrink an over-limit model until it fits (clip sigmas, one group's bits, +-1 pruning); "
+                          "fill an under-limit one unless AUTO_FIT_FILL=0")
+    auto_fit_fill: bool = knob(True, "with AUTO_FIT, spend the bytes an under-limit model leaves (sdclip/gptq): a finer "
+                               "grid, or a bit more, on the group where a byte buys the most weighted error")
     eval_only: bool = knob(False, "no training: score the artifact at ARTIFACT_PATH (model settings come from it)")
     artifact_path: str = knob("", "artifact scored by EVAL_ONLY: the final_model.*.ptz of a run folder")
 
@@ -337,11 +344,12 @@ class Hyperparameters:
             raise ConfigError(f"LR_WARMUP_FRAC + WARMDOWN_FRAC = {self.lr_warmup_frac + self.warmdown_frac} must be <= 1")
         if self.ema_decay >= 1:
             raise ConfigError(f"EMA_DECAY={self.ema_decay} must be < 1 (0 = off)")
-        for name in ("matrix_bits", "embed_bits", "attn_bits", "mlp_bits", "head_bits", "lqer_factor_bits"):
+        inheriting = ("attn_bits", "mlp_bits", "head_bits", "lqer_a_bits")
+        for name in ("matrix_bits", "embed_bits", "lqer_factor_bits") + inheriting:
             value = getattr(self, name)
-            if value > 8 or (name in ("attn_bits", "mlp_bits", "head_bits") and value == 1):
+            if value > 8 or (name in inheriting and value == 1):
                 raise ConfigError(f"{name.upper()}={value} must be in [2, 8]" + (" (0 = inherit)" if name in
-                                  ("attn_bits", "mlp_bits", "head_bits") else ""))
+                                  inheriting else ""))
         if self.prequant_ttt_source == "val" and not self.allow_val_adaptation:
             raise ConfigError("PREQUANT_TTT_SOURCE=val adapts on validation tokens before scoring them (C3); it needs "
                               "ALLOW_VAL_ADAPTATION=1, which marks the run non-record")
@@ -465,8 +473,14 @@ RECIPES: dict[str, dict] = {
         tied_embed_lr=0.03, matrix_lr=0.026, scalar_lr=0.02, beta2=0.99, muon_momentum=0.97,
         muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, grad_clip_norm=0.3,
         muon_ns_coefficients="polar_express", muon_row_normalize=True, muon_wd=0.095, embed_wd=0.085, adam_wd=0.02,
-        warmdown_frac=0.85, min_lr=0.1, ema_decay=0.9965, matrix_bits=6, embed_bits=8,
-        eval_stride=64, quant_method="gptq", compressor="brotli",
+        warmdown_frac=0.85, min_lr=0.1, ema_decay=0.9965, eval_stride=64,
+        # R0427's export: GPTQ int6 matrices (MLP k=11.5, attention k=13), int7 embedding (k=14), LQER
+        # rank 4 on the top 3 tensors (A int2, B int4 in groups of 64), calibrated on 16 batches of
+        # training data inside the training budget
+        quant_method="gptq", matrix_bits=6, embed_bits=7, mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0,
+        embed_clip_sigmas=14.0, lqer_enabled=True, lqer_rank=4, lqer_top_k=3, lqer_a_bits=2, lqer_factor_bits=4,
+        lqer_asym_enabled=True, lqer_asym_group=64, gptq_calibration_source="train", gptq_calibration_batches=16,
+        compressor="brotli",
         # R0427's final evaluation pass: phased TTT with per-document LoRA (its run's values)
         ttt_enabled=True, ttt_mode="phased", ttt_lora_rank=80, ttt_lora_lr=1e-4, ttt_lora_alpha=144.0,
         ttt_warm_start_a=True, ttt_weight_decay=0.5, ttt_beta1=0.0, ttt_beta2=0.99,
@@ -1430,6 +1444,35 @@ class CausalSelfAttention(nn.Module):
                 gate = torch.sigmoid(logits)
             y = y * gate.transpose(1, 2)[..., None]  # (B, H, T, 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, C)), v_raw  # (B, T, C)
+
+    def forward_last_cached(self, x: torch.Tensor, v_first: torch.Tensor | None, cache: list,
+                            pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Incremental decoding (calibration sampling): `forward` for the last position of x only, which is
+        sequence position `pos`; its keys and values are appended to `cache` ([k, v] of earlier positions
+        for this layer pass) and it attends to all of them. The other rows of the output are 0 (their
+        keys are cached already). Equal to `forward` while pos < TRAIN_SEQ_LEN (the RoPE tables are fixed)."""
+        B, T, C = x.shape
+        x = x[:, -1:]
+        q = self.c_q(x).view(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(B, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_raw = v = self.c_v(x).view(B, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.value_lambdas is not None and v_first is not None:
+            lam = self.value_lambdas.to(v.dtype)
+            v = lam[0] * v_first + lam[1] * v_raw
+        cos, sin = (t[:, :, pos : pos + 1] for t in self.rotary(pos + 1, q.dtype))
+        q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
+        k = apply_rotary(rms_norm(k), cos, sin)
+        cache[:] = [torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)] if cache else [k, v]
+        y = F.scaled_dot_product_attention(q, *cache, enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, 1, D)
+        if self.xsa:
+            v_dir = F.normalize(v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1), dim=-1)
+            y = y - (y * v_dir).sum(-1, keepdim=True) * v_dir
+        if self.gate_kind != "none":
+            logits = (x if self.gate_kind == "gated" else x[..., : self.gate_window]) @ self.attn_gate_w.to(x.dtype).T
+            gate = (2 * torch.sigmoid(logits) if self.gate_kind == "out" else
+                    torch.sigmoid(self.sparse_gate_scale * logits) if self.gate_kind == "sparse" else torch.sigmoid(logits))
+            y = y * gate.transpose(1, 2)[..., None]
+        return F.pad(self.proj(y.transpose(1, 2).reshape(B, 1, C)), (0, 0, T - 1, 0)), v_raw
 
 
 class MLP(nn.Module):
@@ -2665,8 +2708,9 @@ def measure_prequant_ttt_reserve(model: GPT, tokens: torch.Tensor, *, seq_len: i
 # ==================================================================================================
 # QUANTIZATION
 # ==================================================================================================
-# Every float tensor larger than 65,536 values is exported as integers in int8 containers with one
-# fp16 scale per row; smaller ones stay fp16 (control tensors fp32). Tensors fall into groups with
+# Every float tensor of at least QUANT_MIN_NUMEL values (65,537 by default: the public scripts keep
+# tensors of at most 65,536 values float) is exported as integers in int8 containers with one fp16
+# scale per row; smaller ones stay fp16, control tensors fp32 whatever their size. Tensors fall into groups with
 # their own bits and clip: `embed` (token and bigram tables), `head` (an untied output head), `attn`,
 # `mlp` and `other` matrices (these two follow MATRIX_BITS unless ATTN_BITS / MLP_BITS say otherwise).
 #
@@ -2692,7 +2736,7 @@ def measure_prequant_ttt_reserve(model: GPT, tokens: torch.Tensor, *, seq_len: i
 # Subsections: quantizers and the plan | GPTQ and calibration | LQER | the packer | the ans coder |
 # fitting under the limit | the shipped code form.
 
-KEEP_FLOAT_MAX_NUMEL = 65_536
+QUANT_MIN_NUMEL = 65_537  # the default of the QUANT_MIN_NUMEL knob
 FP16_MIN_SCALE = 2.0**-24  # smallest positive fp16 (subnormal): a scale never rounds to 0
 QUANT_GROUPS = ("embed", "head", "attn", "mlp", "other")
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight")
@@ -2721,11 +2765,13 @@ class QuantPlan:
     bits: dict = field(default_factory=lambda: dict(embed=8, head=8, attn=8, mlp=8, other=8))
     clip_sigmas: dict = field(default_factory=lambda: dict(embed=20.0, head=20.0, attn=12.85, mlp=12.85,
                                                            other=12.85))
+    min_numel: int = QUANT_MIN_NUMEL  # smaller tensors stay float
 
     @classmethod
-    def uniform(cls, matrix_bits: int, embed_bits: int, method: str = "absmax") -> "QuantPlan":
+    def uniform(cls, matrix_bits: int, embed_bits: int, method: str = "absmax",
+                min_numel: int = QUANT_MIN_NUMEL) -> "QuantPlan":
         return cls(method, dict(embed=embed_bits, head=embed_bits, attn=matrix_bits, mlp=matrix_bits,
-                                other=matrix_bits))
+                                other=matrix_bits), min_numel=min_numel)
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "QuantPlan":
@@ -2735,11 +2781,11 @@ class QuantPlan:
                       attn=hp.attn_clip_sigmas or hp.matrix_clip_sigmas,
                       mlp=hp.mlp_clip_sigmas or hp.matrix_clip_sigmas,
                       other=hp.matrix_clip_sigmas)
-        return cls(hp.quant_method, bits, sigmas)
+        return cls(hp.quant_method, bits, sigmas, hp.quant_min_numel)
 
     def spec(self, name: str, t: torch.Tensor) -> tuple[int, float] | None:
         """(bits, clip sigmas; 0 = absmax) if the export quantizes this tensor, else None (kept float)."""
-        if not t.is_floating_point() or t.numel() <= KEEP_FLOAT_MAX_NUMEL:
+        if not t.is_floating_point() or t.numel() < self.min_numel or is_control_tensor(name):
             return None
         group = tensor_group(name)
         return self.bits[group], (0.0 if self.method == "absmax" else self.clip_sigmas[group])
@@ -2883,7 +2929,8 @@ def estimate_payload_bytes(state_dict: dict[str, torch.Tensor], plan: QuantPlan)
 # H_jj first), and inputs that never fire (H_jj = 0) get a zero column. Hessians come from forward
 # hooks on every quantized CastedLinear, plus the final hidden state for the tied embedding (it is
 # the output head's weight). Calibration is GPTQ_CALIBRATION_SOURCE: `selfgen` (sequences the
-# trained model samples itself: no data is read, so it may run after the training cap) or `train`
+# trained model samples itself, decoded with a key/value cache: no data is read, so it may run after
+# the training cap) or `train`
 # (training shards: that is training-data access, so it runs inside the training budget; its time,
 # measured before training starts, is reserved). Validation shards are never a source.
 
@@ -2942,18 +2989,62 @@ def check_calibration_files(files: list[str]) -> None:
                        "GPTQ_CALIBRATION_SOURCE=train reads fineweb_train_*.bin only")
 
 
+class CachedDecoding:
+    """While active, every attention layer of `model` runs `forward_last_cached`, one key/value cache per
+    layer pass (a looped block runs several passes per forward), at sequence position `pos`."""
+
+    def __init__(self, model: GPT):
+        self.layers = [block.attn for block in model.blocks]
+        self.caches = {id(a): [] for a in self.layers}  # per layer: one [k, v] per pass
+        self.calls = dict.fromkeys(self.caches, 0)
+        self.pos = 0
+
+    def step(self, pos: int) -> None:
+        self.pos, self.calls = pos, dict.fromkeys(self.calls, 0)
+
+    def _cached_forward(self, attn: CausalSelfAttention):
+        def forward(x, v_first):
+            passes, n = self.caches[id(attn)], self.calls[id(attn)]
+            if n == len(passes):
+                passes.append([])
+            self.calls[id(attn)] = n + 1
+            return attn.forward_last_cached(x, v_first, passes[n], self.pos)
+        return forward
+
+    def __enter__(self) -> "CachedDecoding":
+        for attn in self.layers:
+            attn.forward = self._cached_forward(attn)  # an instance attribute shadows the class's forward
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for attn in self.layers:
+            del attn.forward
+
+
+# Rows of context `forward_hidden` needs for a correct last position: BigramHash reads the previous
+# token, and SmearGate mixes in the previous position's embedding, which itself holds a bigram.
+DECODE_WINDOW = 3
+
+
 @torch.no_grad()
 def sample_sequences(model: GPT, num_seqs: int, seq_len: int, *, temperature: float, seed: int, looping: bool,
-                     device: torch.device, autocast=contextlib.nullcontext) -> torch.Tensor:
-    """Sequences the model writes itself from a BOS, sampled at `temperature` (no KV cache: a full
-    forward per token, so cost grows with seq_len^2)."""
+                     device: torch.device, autocast=contextlib.nullcontext, kv_cache: bool = True) -> torch.Tensor:
+    """Sequences the model writes itself from a BOS, sampled at `temperature`. With `kv_cache` each token
+    costs one position's forward (the last DECODE_WINDOW tokens, attention against cached keys): linear
+    in seq_len, the same tokens as a full forward per token (kv_cache=False, quadratic). Past
+    TRAIN_SEQ_LEN the RoPE tables rescale every position, so there the full forward is used."""
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = torch.full((num_seqs, 1), BOS_ID, dtype=torch.int64, device=device)
-    for _ in range(seq_len - 1):
-        with autocast():
-            logits = model.head(model.forward_hidden(ids, looping)[:, -1]).float()
-        nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen)
-        ids = torch.cat([ids, nxt], dim=1)
+    cached = kv_cache and seq_len <= model.cfg.train_seq_len
+    with CachedDecoding(model) if cached else contextlib.nullcontext() as decoder:
+        for pos in range(seq_len - 1):
+            if decoder is not None:
+                decoder.step(pos)
+            with autocast():
+                h = model.forward_hidden(ids[:, -DECODE_WINDOW:] if cached else ids, looping)
+                logits = model.head(h[:, -1]).float()
+            nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen)
+            ids = torch.cat([ids, nxt], dim=1)
     return ids
 
 
@@ -3029,9 +3120,10 @@ def collect_hessians(model: GPT, batches, plan: QuantPlan, looping: bool, autoca
 # Low-rank correction of the quantization error (LQER_ENABLED): for the LQER_TOP_K quantized tensors
 # whose error costs the most, store E ~ A B with rank LQER_RANK, so W = q s + A B. With a Hessian the
 # fit is in the layer-output metric (SVD of E L with H = L L^T, then B = V^T L^-1), otherwise plain
-# SVD. The factors are integers too, at LQER_FACTOR_BITS: symmetric form = per-row fp16 scales for A
-# and B; asymmetric form (LQER_ASYM_ENABLED) = one scale per column of A (each carries one singular
-# value) and one per LQER_ASYM_GROUP values of B.
+# SVD. The factors are integers too, at LQER_FACTOR_BITS (A at LQER_A_BITS if set: R0427 stores A in
+# 2 bits, B in 4): symmetric form = per-row fp16 scales for A and B; asymmetric form
+# (LQER_ASYM_ENABLED) = one scale per column of A (each carries one singular value) and one per
+# LQER_ASYM_GROUP values of B.
 
 
 def quantize_groups(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -3059,7 +3151,8 @@ class LowRankFactors:
     b_codes: torch.Tensor
     b_scales: torch.Tensor
     group: int = 0
-    bits: int = 4
+    bits: int = 4  # of B (and of A unless a_bits)
+    a_bits: int = 0  # 0 = bits
 
     def product(self) -> torch.Tensor:
         if self.group:  # asymmetric: A by column, B by groups
@@ -3071,7 +3164,7 @@ class LowRankFactors:
 
     @classmethod
     def fit(cls, error: torch.Tensor, rank: int, bits: int, group: int,
-            hessian: torch.Tensor | None = None) -> "LowRankFactors":
+            hessian: torch.Tensor | None = None, a_bits: int = 0) -> "LowRankFactors":
         E = error.double()
         if hessian is not None:
             H = hessian.double()
@@ -3083,15 +3176,17 @@ class LowRankFactors:
             U, S, Vh = torch.linalg.svd(E, full_matrices=False)
             a, b = U[:, :rank] * S[:rank], Vh[:rank]
         a, b = a.float(), b.float()
+        a_bits = a_bits or bits
         if group:
-            a_codes, a_scales = quantize_rows(a.T.contiguous(), bits)
+            a_codes, a_scales = quantize_rows(a.T.contiguous(), a_bits)
             b_codes, b_scales = quantize_groups(b, bits, group)
-            return cls(a_codes.T.contiguous(), a_scales, b_codes, b_scales, group, bits)
-        return cls(*quantize_rows(a, bits), *quantize_rows(b, bits), 0, bits)
+            return cls(a_codes.T.contiguous(), a_scales, b_codes, b_scales, group, bits, a_bits)
+        return cls(*quantize_rows(a, a_bits), *quantize_rows(b, bits), 0, bits, a_bits)
 
 
 def apply_lqer(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor], *, rank: int, top_k: int,
-               factor_bits: int, group: int = 64, hessians: dict | None = None) -> list[ExportedTensor]:
+               factor_bits: int, group: int = 64, hessians: dict | None = None,
+               a_bits: int = 0) -> list[ExportedTensor]:
     """A copy of `entries` where the top_k quantized 2-D tensors with the largest error cost carry a
     low-rank correction (cost = ||E X^T||^2 with a Hessian, else ||E||^2)."""
     hessians = hessians or {}
@@ -3106,7 +3201,7 @@ def apply_lqer(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor
     for _, i, err in sorted(costs, key=lambda c: -c[0])[:top_k]:
         h = hessians.get(entries[i].name)
         out[i] = dataclasses.replace(entries[i], lqer=LowRankFactors.fit(err, rank, factor_bits, group,
-                                                                         None if h is None else h.cpu()))
+                                                                         None if h is None else h.cpu(), a_bits))
     return out
 
 
@@ -3183,6 +3278,8 @@ def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict
                     scale="row_fp16" if e.bits else "none", stream=parts[0][0])
         if e.lqer is not None:  # layout: A rows x rank, B rank x cols, int8 codes then fp16 scales
             info["lqer"] = dict(rank=e.lqer.b_codes.shape[0], group=e.lqer.group, bits=e.lqer.bits)
+            if e.lqer.a_bits != e.lqer.bits:
+                info["lqer"]["a_bits"] = e.lqer.a_bits
         tensors.append(info)
     stream_info, payloads = [], []
     for name in sorted(streams):
@@ -3326,7 +3423,8 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
                 b = torch.from_numpy(take("lqer", rank * cols).copy()).reshape(rank, cols)
                 a_scales = torch.from_numpy(take("scales", rank if group else rows).copy())
                 b_scales = torch.from_numpy(take("scales", -(-rank * cols // group) if group else rank).copy())
-                lqer = LowRankFactors(a, a_scales, b, b_scales, group, t["lqer"]["bits"])
+                lqer = LowRankFactors(a, a_scales, b, b_scales, group, t["lqer"]["bits"],
+                                      t["lqer"].get("a_bits", t["lqer"]["bits"]))
             entries.append(ExportedTensor(t["name"], shape, t["dtype"], t["bits"], codes, scales, method=t["method"],
                                           lqer=lqer))
         else:
@@ -3796,9 +3894,25 @@ def code_entropy_report(arrays: list[np.ndarray], bits: list[int], model_ce: flo
 # the bytes, and what it cost: the relative squared error of the quantized weights against the
 # pre-quant ones. It never writes an over-limit artifact silently: if all steps fail, the run ends
 # with an error naming the sizes.
+#
+# The other way (sdclip / gptq): a model that comes out under the target spends the bytes left. The
+# weighted error of a group is the sum over its tensors of the relative layer-output error
+# tr(E H E^T) / tr(W H W^T) (E = W - W_q with LQER, H = the tensor's Hessian, I without one). A finer
+# grid by a factor f costs about log2(1/f) bits per value and cuts a group's error by about 1 - f^2,
+# so a byte buys the most where the weighted error per value is largest: each fill step refines that
+# group's grid (its clip sigmas times f, f sized to spend half of the bytes left, as the entropy
+# predicts them, corrected by how many real bytes a predicted byte cost so far); a k below
+# AUTO_FIT_FILL_MIN_SIGMAS would clip the tails, so that group gets one bit more at twice the k (the
+# same grid step, a wider range) instead. A step is kept only if it fits and lowers the weighted
+# error; each logs its group, k and bits, its cost in bytes and its gain. It stops when less than
+# max(AUTO_FIT_FILL_SLACK_BYTES, target / 1000) is left, after AUTO_FIT_FILL_STEPS steps, or when no
+# group can be refined.
 AUTO_FIT_TRIES = 4
 AUTO_FIT_MAX_SIGMA_SCALE = 2.0
 AUTO_FIT_MIN_BITS = 4
+AUTO_FIT_FILL_STEPS = 8
+AUTO_FIT_FILL_SLACK_BYTES = 512
+AUTO_FIT_FILL_MIN_SIGMAS = 6.0
 
 
 def quantization_error(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor]) -> float:
@@ -3868,19 +3982,98 @@ def squared_error_by_group(state_dict: dict[str, torch.Tensor], entries: list[Ex
     return out
 
 
+def weighted_error_by_group(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor],
+                            hessians: dict | None = None) -> dict[str, float]:
+    """Per group, the sum over its quantized tensors of tr(E H E^T) / tr(W H W^T) (H = I without a Hessian)."""
+    hessians = hessians or {}
+    out: dict[str, float] = {}
+    for e in entries:
+        if e.bits:
+            w = state_dict[e.name].detach().float().cpu().reshape(e.codes.shape[0], -1)
+            err = w - e.dequantize().float().reshape(w.shape)
+            h = hessians.get(e.name)
+            if h is None:
+                ratio = float(err.square().sum()) / max(float(w.square().sum()), 1e-30)
+            else:
+                h = h.cpu().float()
+                ratio = float(((err @ h) * err).sum()) / max(float(((w @ h) * w).sum()), 1e-30)
+            out[tensor_group(e.name)] = out.get(tensor_group(e.name), 0.0) + ratio
+    return out
+
+
+def fill_budget(state_dict, plan: QuantPlan, entries: list[ExportedTensor], blob: bytes, *, target_bytes: int,
+                quantize, pack, hessians: dict | None, log) -> tuple[bytes, list[ExportedTensor]]:
+    """Refine the grid of the group where a byte buys the most weighted error until the artifact just
+    fits `target_bytes` (documented above). Returns the last fitting (blob, entries)."""
+    values: dict[str, int] = {}
+    for e in entries:
+        if e.bits:
+            values[tensor_group(e.name)] = values.get(tensor_group(e.name), 0) + e.codes.numel()
+    errors = weighted_error_by_group(state_dict, entries, hessians)
+    slack_goal = max(AUTO_FIT_FILL_SLACK_BYTES, target_bytes // 1000)
+    log(f"auto_fit: model_bytes {len(blob)} <= target {target_bytes}: filling {target_bytes - len(blob)} bytes; "
+        f"weighted_error {sum(errors.values()):.4e} ({' '.join(f'{g}:{v:.3e}' for g, v in sorted(errors.items()))})")
+    bytes_per_predicted, done = 1.0, set()
+    for step in range(1, AUTO_FIT_FILL_STEPS + 1):
+        slack = target_bytes - len(blob)
+        open_groups = [g for g in values if g not in done]
+        if slack <= slack_goal or not open_groups:
+            break
+        group = max(open_groups, key=lambda g: (errors.get(g, 0.0) / values[g], g))
+        bits_per_value = min(4 * slack / bytes_per_predicted / values[group], 1.0)  # half the slack, in bits
+        for _ in range(AUTO_FIT_TRIES):
+            k, bits = plan.clip_sigmas[group] * 2.0**-bits_per_value, plan.bits[group]
+            if k < AUTO_FIT_FILL_MIN_SIGMAS and bits < 8:
+                k, bits = 2 * k, bits + 1
+            trial = dataclasses.replace(plan, bits={**plan.bits, group: bits},
+                                        clip_sigmas={**plan.clip_sigmas, group: k})
+            trial_entries = quantize(trial)
+            trial_blob = pack(trial_entries)
+            if len(trial_blob) <= target_bytes:
+                break
+            bits_per_value *= 0.5 * slack / max(len(trial_blob) - len(blob), 1)  # overshot: aim at half again
+        trial_errors = weighted_error_by_group(state_dict, trial_entries, hessians)
+        cost, gain = len(trial_blob) - len(blob), sum(errors.values()) - sum(trial_errors.values())
+        verdict = "kept" if len(trial_blob) <= target_bytes and gain > 0 and k >= AUTO_FIT_FILL_MIN_SIGMAS else "refused"
+        log(f"auto_fit: fill step {step} {group} clip_sigmas {plan.clip_sigmas[group]:.3f}->{k:.3f} bits "
+            f"{plan.bits[group]}->{bits} cost {cost} bytes gain {gain:.3e} -> model_bytes {len(trial_blob)} "
+            f"weighted_error {sum(trial_errors.values()):.4e} {verdict}")
+        if verdict == "refused":
+            done.add(group)
+            continue
+        predicted = values[group] * bits_per_value / 8
+        if cost > 0 and predicted > 0:
+            bytes_per_predicted = cost / predicted
+        plan, entries, blob, errors = trial, trial_entries, trial_blob, trial_errors
+    log(f"auto_fit: filled model_bytes {len(blob)} target {target_bytes} ({target_bytes - len(blob)} bytes left) "
+        f"weighted_error {sum(errors.values()):.4e}")
+    return blob, entries
+
+
 def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target_bytes: int, compressor: str,
                  pack, hessians: dict | None = None, gptq: dict | None = None, lqer: dict | None = None,
-                 auto_fit: bool = True, log=lambda msg: None) -> tuple[bytes, list[ExportedTensor]]:
+                 auto_fit: bool = True, fill: bool = True,
+                 log=lambda msg: None) -> tuple[bytes, list[ExportedTensor]]:
     """The packed artifact (pack(entries) -> bytes) at most `target_bytes` long if auto-fit can get it
-    there, shrinking in the order documented above. `lqer`: apply_lqer's options, or None for no
-    low-rank correction."""
+    there, shrinking in the order documented above, or (`fill`) spending the bytes left when it comes out under.
+    `lqer`: apply_lqer's options, or None for no low-rank correction."""
+    hessians = hessians or {}
+    quantized: dict[tuple, ExportedTensor] = {}  # (name, method, bits and k): each tensor quantized once
 
     def quantize(p: QuantPlan) -> list[ExportedTensor]:
-        entries = quantize_state_dict(state_dict, p, hessians, gptq)
+        entries = []
+        for name, t in state_dict.items():
+            key = (name, p.method, p.spec(name, t))
+            if key not in quantized:
+                quantized[key] = quantize_tensor(name, t, p, hessians.get(name), gptq)
+            entries.append(quantized[key])
         return apply_lqer(state_dict, entries, hessians=hessians, **lqer) if lqer else entries
 
     entries = quantize(plan)
     blob = pack(entries)
+    if len(blob) <= target_bytes and auto_fit and fill and plan.method != "absmax":
+        return fill_budget(state_dict, plan, entries, blob, target_bytes=target_bytes, quantize=quantize, pack=pack,
+                           hessians=hessians, log=log)
     if len(blob) <= target_bytes or not auto_fit:
         return blob, entries
     base_error = quantization_error(state_dict, entries)
@@ -4694,14 +4887,14 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
                                  stats=stats)
 
         target = ARTIFACT_LIMIT_BYTES - hp.artifact_margin_bytes - n_code
-        lqer = dict(rank=hp.lqer_rank, top_k=hp.lqer_top_k, factor_bits=hp.lqer_factor_bits,
+        lqer = dict(rank=hp.lqer_rank, top_k=hp.lqer_top_k, factor_bits=hp.lqer_factor_bits, a_bits=hp.lqer_a_bits,
                     group=hp.lqer_asym_group if hp.lqer_asym_enabled else 0) if hp.lqer_enabled else None
         blob, entries = fit_artifact(model.state_dict(), plan, target_bytes=target, compressor=hp.compressor,
                                      pack=pack, hessians=hessians, gptq=gptq_options(hp), lqer=lqer,
-                                     auto_fit=hp.auto_fit, log=log)
+                                     auto_fit=hp.auto_fit, fill=hp.auto_fit_fill, log=log)
         for e in entries:
             if e.lqer is not None:
-                log(f"lqer: {e.name} rank:{hp.lqer_rank} factor_bits:{hp.lqer_factor_bits} "
+                log(f"lqer: {e.name} rank:{hp.lqer_rank} factor_bits:{hp.lqer_factor_bits} a_bits:{e.lqer.a_bits} "
                     f"form:{'asymmetric group ' + str(e.lqer.group) if e.lqer.group else 'symmetric'}")
         write_atomic(artifact_path, blob)
         label = f"int{hp.matrix_bits}+{hp.compressor}"

@@ -157,6 +157,35 @@ def test_artifact_size_in_the_log_equals_the_bytes_on_disk(tiny_env, tmp_path):
     assert re.search(r"^final_int6_brotli_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", log, re.M)
 
 
+def test_quant_min_numel_is_validated_and_honoured_by_gptq_rtn_qat_and_the_packer():
+    with pytest.raises(tg.ConfigError, match="QUANT_MIN_NUMEL=0 must be > 0"):
+        tg.Hyperparameters.from_env({**SMALL, "QUANT_MIN_NUMEL": "0"})
+    assert tg.QuantPlan.from_hparams(tg.Hyperparameters.from_env(SMALL)).min_numel == 65_537  # the public rule
+    # 192x192 attention q/proj (36,864 values) sit exactly at the threshold; k/v (192x96) fall below it
+    hp, model = small_model(QUANT_MIN_NUMEL="36864", QUANT_METHOD="gptq")
+    plan = tg.QuantPlan.from_hparams(hp)
+    sd = model.state_dict()
+    expected = {n for n, t in sd.items() if t.numel() >= 36_864}
+    assert "blocks.0.attn.c_q.weight" in expected and "blocks.0.attn.c_k.weight" not in expected
+    assert {n for n, t in sd.items() if plan.spec(n, t) is not None} == expected
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, tg.CastedLinear)}
+    hessians = tg.collect_hessians(model, [torch.randint(0, 400, (2, 16))], plan, looping=False)
+    assert set(hessians) == expected & linears  # GPTQ calibrates exactly those
+    gptq = tg.quantize_state_dict(sd, plan, hessians)
+    assert {e.name for e in gptq if e.method == "gptq"} == expected & linears
+    rtn = tg.quantize_state_dict(sd, dataclasses.replace(plan, method="sdclip"))
+    assert {e.name for e in rtn if e.bits} == {e.name for e in gptq if e.bits} == expected
+    qat = tg.prepare_qat(model, plan)
+    assert {n + ".weight" for n, m in model.named_modules() if m in qat} == expected & linears
+    _, header = tg.unpack_artifact(tg.pack_artifact(gptq, compressor="zlib"))
+    assert {t["name"] for t in header["tensors"] if t["bits"]} == expected
+    packed = sum(-(-e.codes.numel() * e.bits // 8) + 2 * e.scales.numel() for e in gptq if e.bits)
+    assert tg.estimate_payload_bytes(sd, plan) == packed + sum(e.value.numel() * e.value.element_size()
+                                                               for e in gptq if not e.bits)
+    everything = tg.QuantPlan.uniform(6, 8, "sdclip", min_numel=1)  # control tensors stay float at any size
+    assert not any(everything.spec(n, t) for n, t in sd.items() if tg.is_control_tensor(n))
+
+
 @pytest.mark.parametrize("matrix_bits", [8, 6])
 def test_start_of_run_payload_estimate_matches_the_stored_values(matrix_bits):
     hp = tg.Hyperparameters.from_env({"RECIPE": "baseline", "NUM_LAYERS": "2", "MODEL_DIM": "192", "NUM_HEADS": "4",
@@ -273,6 +302,29 @@ def test_gptq_has_lower_layer_output_error_than_rtn_on_the_same_grid(bits, k):
         assert output_error(x, w, codes, scales) < 0.5 * output_error(x, w, *rtn)
     again = tg.gptq_quantize(w, x.T @ x, bits, k)
     assert torch.equal(again[0], tg.gptq_quantize(w, x.T @ x, bits, k)[0])  # deterministic
+
+
+def test_record_recipe_quantizes_as_r0427_ran_it():
+    hp = tg.Hyperparameters.from_env({})
+    plan = tg.QuantPlan.from_hparams(hp)
+    assert plan.method == "gptq" and plan.bits == dict(embed=7, head=7, attn=6, mlp=6, other=6)
+    assert (plan.clip_sigmas["embed"], plan.clip_sigmas["mlp"], plan.clip_sigmas["attn"]) == (14.0, 11.5, 13.0)
+    assert (hp.lqer_enabled, hp.lqer_rank, hp.lqer_top_k, hp.lqer_a_bits, hp.lqer_factor_bits) == (True, 4, 3, 2, 4)
+    assert hp.lqer_asym_enabled and hp.lqer_asym_group == 64
+    assert (hp.gptq_calibration_source, hp.gptq_calibration_batches) == ("train", 16)
+    with pytest.raises(tg.ConfigError, match="LQER_A_BITS=1 must be in"):
+        tg.Hyperparameters.from_env({"LQER_A_BITS": "1"})
+    w, x = trained_layer()
+    codes, scales = tg.gptq_quantize(w, x.T @ x, 6, 11.5)
+    entry = tg.ExportedTensor("l.weight", tuple(w.shape), "float32", 6, codes, scales, method="gptq")
+    fixed = tg.apply_lqer({"l.weight": w}, [entry], rank=4, top_k=1, factor_bits=4, group=64, a_bits=2,
+                          hessians={"l.weight": x.T @ x})[0]
+    assert fixed.lqer.a_codes.abs().max() == 1 and fixed.lqer.b_codes.abs().max() == 7  # A int2, B int4
+    back, header = tg.unpack_artifact(tg.pack_artifact([fixed], compressor="brotli"))
+    assert header["tensors"][0]["lqer"] == {"rank": 4, "group": 64, "bits": 4, "a_bits": 2}
+    assert back[0].lqer.a_bits == 2 and torch.equal(back[0].dequantize(), fixed.dequantize())
+    err = lambda e: ((x @ (w - e.dequantize()).T).norm()).item()  # noqa: E731
+    assert err(fixed) < err(entry)
 
 
 @pytest.mark.parametrize("group", [0, 64])
@@ -398,6 +450,34 @@ def test_calibration_batches_round_up_to_the_world_size_and_every_rank_reads_as_
     assert one == [batches[0][0], batches[1][0], batches[0][1]]  # batch i is the same draw on any world size
 
 
+@pytest.mark.parametrize("gate", ["SPARSE_ATTN_GATE_ENABLED", "ATTN_OUT_GATE_ENABLED", "GATED_ATTN_ENABLED"])
+def test_selfgen_with_a_kv_cache_samples_the_same_tokens_as_a_full_forward_per_token_in_linear_work(gate):
+    # every switch that reads other positions: bigram and smear (previous tokens), value residual, XSA, the
+    # attention gates, partial RoPE, U-Net skip gates, parallel lanes, backout, and a looped segment
+    env = {"RECIPE": "record", "VOCAB_SIZE": "64", "NUM_LAYERS": "4", "MODEL_DIM": "32", "NUM_HEADS": "4",
+           "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "24", "ROPE_DIMS": "4", "GATE_WINDOW": "8", "BIGRAM_VOCAB_SIZE": "16",
+           "BIGRAM_DIM": "8", "VALUE_RESIDUAL": "1", "BACKOUT_LAYER": "2", "SPARSE_ATTN_GATE_ENABLED": "0", gate: "1"}
+    hp = tg.Hyperparameters.from_env(env)
+    torch.manual_seed(0)
+    model = tg.GPT(tg.ModelConfig.from_hparams(hp)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # zero-initialised projections and gates must matter too
+    rows = []
+    hook = model.blocks[0].attn.c_q.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0] * i[0].shape[1]))
+    for looping in (False, True):
+        kw = dict(temperature=1.0, seed=5, looping=looping, device=torch.device("cpu"))
+        rows.clear()
+        full = tg.sample_sequences(model, 2, 24, kv_cache=False, **kw)
+        full_rows = sum(rows)
+        rows.clear()
+        cached = tg.sample_sequences(model, 2, 24, **kw)
+        assert torch.equal(cached, full) and cached.shape == (2, 24) and (cached[:, 0] == tg.BOS_ID).all()
+        assert sum(rows) == 2 * 23 and full_rows == 2 * sum(range(1, 24))  # one row per new token, not the prefix
+        assert not any("forward" in vars(block.attn) for block in model.blocks)  # the cache is uninstalled
+    hook.remove()
+
+
 def test_calibration_reads_no_batch_once_its_deadline_says_stop():
     hp, model = small_model()
     served = []
@@ -463,6 +543,41 @@ def test_auto_fit_shrinks_an_oversized_model_under_a_small_cap_and_logs_why():
     lines = []
     blob, _ = tg.fit_artifact(sd, plan, target_bytes=100, compressor="zlib", pack=pack, log=lines.append)
     assert len(blob) > 100 and lines[-1].startswith("auto_fit: FAILED")  # never silently over
+
+
+@pytest.mark.parametrize("method", ["sdclip", "gptq"])
+def test_auto_fit_fills_an_undersized_model_to_just_under_a_small_cap_each_step_lowering_the_weighted_error(method):
+    hp, model = small_model()
+    sd = model.state_dict()
+    plan = tg.QuantPlan.uniform(6, 8, method)
+    hessians = None
+    if method == "gptq":
+        hessians = tg.collect_hessians(model, [torch.randint(0, 400, (4, 64)) for _ in range(2)], plan, looping=False)
+
+    def pack(entries):
+        return tg.pack_artifact(entries, compressor="zlib")
+
+    natural = len(pack(tg.quantize_state_dict(sd, plan, hessians)))
+    target = int(natural * 1.06)
+    lines = []
+    blob, entries = tg.fit_artifact(sd, plan, target_bytes=target, compressor="zlib", pack=pack, hessians=hessians,
+                                    log=lines.append)
+    assert blob == pack(entries) and len(blob) <= target  # never over
+    assert target - len(blob) <= max(tg.AUTO_FIT_FILL_SLACK_BYTES, target // 1000)  # the stated landing band
+    assert lines[0].startswith(f"auto_fit: model_bytes {natural} <= target {target}: filling {target - natural} bytes")
+    kept = [line for line in lines if line.startswith("auto_fit: fill step") and line.endswith("kept")]
+    assert kept
+    errors = [float(re.search(r"weighted_error ([\d.e+-]+)", line).group(1)) for line in [lines[0]] + kept]
+    assert all(b < a for a, b in zip(errors, errors[1:]))  # every kept step lowers the weighted error
+    for line in kept:  # and says what it cost and what it bought
+        cost, gain = re.search(r" cost (\d+) bytes gain ([\d.e+-]+) ", line).groups()
+        assert int(cost) > 0 and float(gain) > 0
+    final = tg.weighted_error_by_group(sd, entries, hessians)
+    assert sum(final.values()) == pytest.approx(errors[-1], rel=1e-3)
+    lines = []
+    same, _ = tg.fit_artifact(sd, plan, target_bytes=target, compressor="zlib", pack=pack, hessians=hessians,
+                              fill=False, log=lines.append)
+    assert len(same) == natural and not lines  # AUTO_FIT_FILL=0: the plan's grid as it is
 
 
 def test_eval_only_in_a_fresh_process_from_the_shipped_code_reproduces_the_end_of_run_score(tiny_env, tmp_path):

@@ -166,7 +166,7 @@ def test_default_recipe_shrunk_by_depth_and_width_only_runs_end_to_end(sample_da
         "VOCAB_SIZE": "1024", "TRAIN_SEQ_LEN": "128", "TRAIN_BATCH_TOKENS": "4096", "VAL_BATCH_SIZE": "32768",
         "ITERATIONS": "6", "WARMUP_STEPS": "1", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0",
         "ARTIFACT_DIR": str(tmp_path), "RUN_ID": "smoke",
-        # the recipe's GPTQ self-generated calibration, sized for a CPU (its default is 16 x 8 sequences)
+        # the recipe's GPTQ calibration on training data, sized for a CPU (its default is 16 x 8 sequences)
         "GPTQ_CALIBRATION_BATCHES": "1", "GPTQ_CALIBRATION_SEQS": "2", "GPTQ_CALIBRATION_SEQ_LEN": "32",
     })
     out = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
