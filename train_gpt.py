@@ -4266,18 +4266,20 @@ def data_fingerprint(data_path: str) -> dict:
     """Which data a run used: shard counts and checksums (from the data manifest when one sits beside
     the shards, else computed here), and the manifest's own hash."""
     files = {split: shard_files(data_path, split) for split in ("train", "val")}
+    files["val_bytes"] = sorted(glob.glob(os.path.join(data_path, "fineweb_val_bytes_*.bin")))  # the byte sidecar
     manifest_path = Path(data_path) / DATA_MANIFEST_NAME
     recorded, source = {}, "computed"
     if manifest_path.is_file():
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             data_manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             recorded = {s["file"]: s["sha256"] for split in data_manifest["splits"].values() for s in split["shards"]}
+            recorded.update({s["file"]: s["sha256"] for s in data_manifest.get("byte_sidecar", {}).get("shards", [])})
             source = "data manifest"
     checksums = {}
     for path in (Path(f) for split in files.values() for f in split):
         checksums[path.name] = recorded.get(path.name) or file_sha256(path)
     return {"variant": Path(data_path).name, "train_shards": len(files["train"]), "val_shards": len(files["val"]),
-            "shard_sha256": checksums, "checksum_source": source,
+            "val_byte_sidecars": len(files["val_bytes"]), "shard_sha256": checksums, "checksum_source": source,
             "data_manifest_sha256": file_sha256(manifest_path) if manifest_path.is_file() else None}
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -329,3 +329,7 @@ def test_a_caseops_run_scores_every_pass_on_sidecar_bytes(caseops_data, tmp_path
         assert result.num_bytes == sidecar_bytes, name
     log = Path(out["log_path"]).read_text()
     assert f"bytes:{sidecar_bytes} byte_source:sidecar caseops:1 byte_check:ok" in log
+    data = json.loads((Path(out["run_dir"]) / "manifest.json").read_text())["data"]  # the run records its byte source
+    sides = sorted(Path(caseops_data["dataset_dir"]).glob("fineweb_val_bytes_*.bin"))
+    assert data["val_byte_sidecars"] == len(sides) > 1
+    assert all(data["shard_sha256"][p.name] == hashlib.sha256(p.read_bytes()).hexdigest() for p in sides)
