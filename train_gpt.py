@@ -1080,11 +1080,10 @@ def byte_mismatch(counted: int, decoded: int, luts: ByteLuts) -> RunError:
 
 
 def check_validation_bytes(sp: spm.SentencePieceProcessor, val_tokens: torch.Tensor, luts: ByteLuts,
-                           rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu"), *,
-                           caseops: bool = False) -> int:
-    """Fail loudly unless the evaluation counts exactly the UTF-8 bytes of the decoded validation text
-    (for CaseOps, of the original text). Returns the total number of validation bytes."""
-    decoded, counted = validation_byte_totals(sp, val_tokens, luts, rank, world_size, device, caseops=caseops)
+                           rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu")) -> int:
+    """Fail loudly unless the byte tables count exactly the UTF-8 bytes of the decoded validation text.
+    Returns the total number of validation bytes."""
+    decoded, counted = validation_byte_totals(sp, val_tokens, luts, rank, world_size, device)
     if decoded != counted:
         raise byte_mismatch(counted, decoded, luts)
     return counted

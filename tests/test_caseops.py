@@ -179,6 +179,24 @@ def test_sidecar_keeps_an_escaped_operators_bytes():
         assert int(original_byte_counts(sp, ids).sum()) == len(text.encode("utf-8")), repr(text)
 
 
+def test_command_line_and_sample_names_carry_the_transform(tmp_path, capsys):
+    from data import export_shards
+    from data.prepare_sample import prepare_sample
+
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n\n".join(load_sample_docs(150)), encoding="utf-8")
+    roots = ["--datasets-root", str(tmp_path / "d"), "--tokenizers-root", str(tmp_path / "t")]
+    assert export_shards.main(["--input", str(corpus), "--val-docs", "10", "--vocab-size", "400", "--caseops", *roots]) == 0
+    d = tmp_path / "d" / "docs_sp400_lossless_caps_caseops_v1_reserved"
+    assert (d / "fineweb_val_bytes_000000.bin").is_file()
+    assert (tmp_path / "t" / "docs_400_bpe_lossless_caps_caseops_v1_reserved.model").is_file()
+    assert "caseops: validation byte sidecar" in capsys.readouterr().out
+    sample = prepare_sample(vocab_size=400, max_docs=150, caseops=True, datasets_root=tmp_path / "d",
+                            tokenizers_root=tmp_path / "t")
+    assert Path(sample["dataset_dir"]).name == "sample_sp400_lossless_caps_caseops_v1_reserved"
+    assert sample["text_transform"]["name"] == "lossless_caps_caseops_v1"
+
+
 # ---- train_gpt.py ------------------------------------------------------------------------------------
 
 
