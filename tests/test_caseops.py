@@ -186,7 +186,8 @@ def test_command_line_and_sample_names_carry_the_transform(tmp_path, capsys):
     corpus = tmp_path / "docs.txt"
     corpus.write_text("\n\n".join(load_sample_docs(150)), encoding="utf-8")
     roots = ["--datasets-root", str(tmp_path / "d"), "--tokenizers-root", str(tmp_path / "t")]
-    assert export_shards.main(["--input", str(corpus), "--val-docs", "10", "--vocab-size", "400", "--caseops", *roots]) == 0
+    args = ["--input", str(corpus), "--val-docs", "10", "--vocab-size", "400", "--caseops", *roots]
+    assert export_shards.main(args) == 0
     d = tmp_path / "d" / "docs_sp400_lossless_caps_caseops_v1_reserved"
     assert (d / "fineweb_val_bytes_000000.bin").is_file()
     assert (tmp_path / "t" / "docs_400_bpe_lossless_caps_caseops_v1_reserved.model").is_file()

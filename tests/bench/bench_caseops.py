@@ -63,7 +63,8 @@ def main() -> None:
                 "caseops": prepare_sample(vocab_size=args.vocab_size, caseops=True)}
     print(f"sample, vocab {args.vocab_size}, {args.steps} steps x {COMMON['TRAIN_BATCH_TOKENS']} tokens, "
           f"{COMMON['NUM_LAYERS']}x{COMMON['MODEL_DIM']}, seq {COMMON['TRAIN_SEQ_LEN']}, float32 on CPU")
-    print("| data | seed | val tokens | val bytes (source) | tokens/byte | val_bpb pre-quant | val_bpb int8 roundtrip |")
+    print("| data | seed | val tokens | val bytes (source) | tokens/byte | val_bpb pre-quant "
+          "| val_bpb int8 roundtrip |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
