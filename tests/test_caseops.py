@@ -230,6 +230,17 @@ def test_prepare_validation_takes_bytes_from_the_sidecar(caseops_data):
     assert f"bytes:{int(sidecar.sum())} byte_source:sidecar caseops:1 byte_check:ok" in line
 
 
+def test_rank_shares_of_the_byte_check_add_up(caseops_data, monkeypatch):
+    """Each rank decodes and counts its share of the documents; the shares sum to the whole."""
+    val, luts, _ = prepare(hp_for(caseops_data))
+    sp = spm.SentencePieceProcessor(model_file=caseops_data["tokenizer_path"])
+    whole = tg.validation_byte_totals(sp, val, luts, caseops=True)
+    monkeypatch.setattr(tg, "all_reduce_sum", lambda t: t)  # each rank's own numbers
+    shares = [tg.validation_byte_totals(sp, val, luts, r, 3, caseops=True) for r in range(3)]
+    assert [sum(x) for x in zip(*shares)] == list(whole) and whole[0] == whole[1]
+    assert all(decoded == counted > 0 for decoded, counted in shares)
+
+
 def uniform_logits(vocab: int):
     return lambda x: torch.zeros(*x.shape, vocab)
 
