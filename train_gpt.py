@@ -98,6 +98,9 @@ class Hyperparameters:
                        choices=("baseline", "record"))
     data_path: str = knob("./data/datasets/fineweb10B_sp1024", "folder holding fineweb_{train,val}_*.bin")
     tokenizer_path: str = knob("./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece .model file")
+    caseops_enabled: bool = knob(False, "1 = the data is CaseOps (case-transformed text): require the byte sidecar "
+                                 "fineweb_val_bytes_*.bin and a tokenizer with the operator pieces; bytes come from "
+                                 "the sidecar whenever it is present, so 0 changes nothing on CaseOps data")
     run_id: str = knob("", "the run's name and folder; empty = a fresh uuid4")
     artifact_dir: str = knob("", "where run folders go: <ARTIFACT_DIR>/<RUN_ID>/; empty = ./runs")
     replace_run: bool = knob(False, "1 = delete an existing run folder of this RUN_ID and start over; "
@@ -522,8 +525,6 @@ PUBLIC_ONLY_KNOBS: dict[str, tuple[tuple[str, ...], str]] = {
     # paths and run control
     "DATA_DIR": (("./data", "./data/"), "not built here: set DATA_PATH (the shard folder) and TOKENIZER_PATH; "
                  "they are not derived from DATA_DIR and VOCAB_SIZE"),
-    "CASEOPS_ENABLED": (("0",), "not built here (no CaseOps tokenizer or byte sidecar): unset it and point "
-                        "DATA_PATH/TOKENIZER_PATH at plain SentencePiece shards"),
     "TTT_EVAL_ONLY": (("0",), "renamed: set EVAL_ONLY=1 ARTIFACT_PATH=<run folder>/final_model.*.ptz (scores "
                       "with every enabled pass, TTT included)"),
     "PREQUANT_ONLY": (("0",), "not built here: every run quantizes and scores; unset it and read the "
@@ -807,7 +808,8 @@ def stop_signals_raise(restore: bool = True):
 #
 # Bits per byte is tokenizer-agnostic: the summed NLL in nats over every validation target,
 # divided by ln 2 and by the number of UTF-8 bytes those targets stand for. Bytes come from
-# SentencePiece lookup tables and are checked at start against the decoded validation text.
+# SentencePiece lookup tables, or from the validation byte sidecar when the data has one (CaseOps,
+# below), and are checked at start against the decoded validation text.
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 BOS_ID = 1
@@ -1072,14 +1074,17 @@ def load_validation_tokens(data_path: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ByteLuts:
-    """Per-token byte tables, indexed by token id (see `target_bytes`)."""
+    """Per-token byte tables, indexed by token id (see `target_bytes`), and the validation byte sidecar,
+    indexed by token position: when present, every pass counts target t's bytes as `val_bytes[t]`."""
 
     base_bytes: torch.Tensor  # int16: UTF-8 bytes of the piece without its leading "▁"; 1 for <0xNN>
     has_leading_space: torch.Tensor  # bool: the piece starts with "▁"
     is_boundary: torch.Tensor  # bool: control/unknown/unused pieces (BOS, ...) and ids past the vocab
+    val_bytes: np.ndarray | None = None  # uint16 per validation token (host memory), or None: the tables count
 
     def to(self, device: torch.device) -> "ByteLuts":
-        return ByteLuts(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
+        tables = (t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary))
+        return ByteLuts(*tables, self.val_bytes)
 
 
 def build_byte_luts(sp: spm.SentencePieceProcessor, table_size: int) -> ByteLuts:
@@ -1156,33 +1161,142 @@ def check_tokenizer_belongs_to_shards(tokenizer_path: str, data_path: str) -> st
     return f"ok (sha256 {have[:12]} matches {manifest_path})"
 
 
-def check_validation_bytes(sp: spm.SentencePieceProcessor, val_tokens: torch.Tensor, luts: ByteLuts,
-                           rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu")) -> int:
-    """Fail loudly unless the byte tables count exactly the UTF-8 bytes of the decoded validation text.
+def validation_byte_totals(sp: spm.SentencePieceProcessor, val_tokens: torch.Tensor, luts: ByteLuts,
+                           rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu"), *,
+                           caseops: bool = False) -> tuple[int, int]:
+    """(UTF-8 bytes of the decoded validation text, bytes the evaluation counts), summed over ranks.
 
-    Each rank decodes its share of the documents; the totals are summed across ranks.
-    Returns the total number of validation bytes.
-    """
+    Each rank decodes its share of the documents; CaseOps text is inverted first (`caseops_decode`),
+    so the first number is the original text's length. The count is the sidecar's when there is one."""
     bos_positions = (val_tokens == BOS_ID).nonzero().flatten().tolist() + [val_tokens.numel()]
     num_docs = len(bos_positions) - 1
     lo, hi = num_docs * rank // world_size, num_docs * (rank + 1) // world_size
     docs = [val_tokens[bos_positions[i] + 1 : bos_positions[i + 1]].tolist() for i in range(lo, hi)]
-    decoded = sum(len(text.encode("utf-8")) for text in sp.decode(docs)) if docs else 0
+    texts = sp.decode(docs) if docs else []
+    decoded = sum(len((caseops_decode(text) if caseops else text).encode("utf-8")) for text in texts)
     start, end = bos_positions[lo], bos_positions[hi]
     counted = 0
-    if end > start:
+    if end > start and luts.val_bytes is not None:
+        counted = int(luts.val_bytes[start:end].sum(dtype=np.int64))
+    elif end > start:
         seg = val_tokens[start:end]
         prev = torch.cat([seg.new_tensor([BOS_ID]), seg[:-1]])  # each share starts at a BOS, never a target
         counted = int(target_bytes(prev, seg, luts).sum())
     # On the run's device: NCCL reduces only CUDA tensors.
     totals = all_reduce_sum(torch.tensor([decoded, counted], dtype=torch.float64, device=device))
-    decoded, counted = int(totals[0]), int(totals[1])
+    return int(totals[0]), int(totals[1])
+
+
+def byte_mismatch(counted: int, decoded: int, luts: ByteLuts) -> RunError:
+    if luts.val_bytes is not None:
+        return RunError(f"the byte sidecar counts {counted} validation bytes but the decoded (CaseOps-inverted) text "
+                        f"has {decoded}; val_bpb would be wrong. The sidecar fineweb_val_bytes_*.bin does not belong to "
+                        "these shards and tokenizer: re-download or re-export the data")
+    return RunError(f"byte tables count {counted} validation bytes but the decoded text has {decoded}; "
+                    "val_bpb would be wrong. Check the tokenizer matches the shards (TOKENIZER_PATH, DATA_PATH)")
+
+
+def check_validation_bytes(sp: spm.SentencePieceProcessor, val_tokens: torch.Tensor, luts: ByteLuts,
+                           rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu")) -> int:
+    """Fail loudly unless the byte tables count exactly the UTF-8 bytes of the decoded validation text.
+    Returns the total number of validation bytes."""
+    decoded, counted = validation_byte_totals(sp, val_tokens, luts, rank, world_size, device)
     if decoded != counted:
-        raise RunError(
-            f"byte tables count {counted} validation bytes but the decoded text has {decoded}; "
-            "val_bpb would be wrong. Check the tokenizer matches the shards (TOKENIZER_PATH, DATA_PATH)"
-        )
+        raise byte_mismatch(counted, decoded, luts)
     return counted
+
+
+# CaseOps data (data/caseops.py; the public "lossless_caps_caseops_v1"): in the text, capitals became
+# lowercase letters plus operator characters, TITLE / ALLCAPS / CAPNEXT (the next word, the next word all,
+# the next letter is uppercase) and ESC (the next character is a literal operator). A piece's bytes are then
+# not the original text's (an operator is 3 UTF-8 bytes that never existed), so such data comes with a byte
+# sidecar beside the validation shards, fineweb_val_bytes_NNNNNN.bin: the shard format, one count per
+# validation token, the original UTF-8 bytes it stands for (BOS and operators 0). Whenever the sidecar is
+# there, every pass counts target t's bytes as its entry t; a CaseOps tokenizer without one stops the run.
+CASEOPS_OPERATORS = "\ue001\ue002\ue003\ue004"  # TITLE, ALLCAPS, CAPNEXT, ESC
+# Each operator with what it applies to; a bare one (the last branch) is malformed. NFKC may make the
+# character before an operator an ASCII letter (fullwidth Ａ -> A), so that side is not checked.
+_CASEOPS_DECODE_RE = re.compile(r"\ue004([\ue001-\ue004])|\ue002([a-z][A-Za-z]+)|[\ue001\ue003]([a-z])|[\ue001-\ue004]")
+# The public sidecar counts the tokenizer's input (SentencePiece surfaces), which the normaliser shrinks
+# (newlines and repeated spaces become one space, NFKC), so it may exceed the decoded text by that much.
+RAW_SIDECAR_SLACK = 0.05
+
+
+def _caseops_decode_match(m: re.Match) -> str:
+    literal, caps, letter = m.groups()
+    if literal is not None:
+        return literal
+    if caps is not None or letter is not None:
+        return (caps or letter).upper()
+    raise RunError(f"validation text is not valid CaseOps: operator U+{ord(m.group()):04X} at character {m.start()} "
+                   f"is followed by {m.string[m.end() : m.end() + 1]!r}; the shards are not CaseOps data for this "
+                   "tokenizer (re-export them with data/export_shards.py --caseops)")
+
+
+def caseops_decode(text: str) -> str:
+    """The original text of CaseOps text (the inverse of data/caseops.py `encode`, same as its `decode`)."""
+    return _CASEOPS_DECODE_RE.sub(_caseops_decode_match, text)
+
+
+def caseops_operator_ids(sp: spm.SentencePieceProcessor) -> dict[str, int] | None:
+    """{operator: id} of the tokenizer's single-operator pieces; None unless some piece holds an operator."""
+    pieces = [sp.id_to_piece(i) for i in range(int(sp.vocab_size()))]
+    operators = set(CASEOPS_OPERATORS)
+    if not any(operators.intersection(piece) for piece in pieces):
+        return None
+    return {piece: i for i, piece in enumerate(pieces) if piece in operators}
+
+
+def load_validation_byte_sidecar(data_path: str) -> np.ndarray | None:
+    """The byte sidecar as one uint16 array aligned with the validation tokens, or None if there is none.
+    Each fineweb_val_bytes_NNNNNN.bin must pair with fineweb_val_NNNNNN.bin and hold one count per token."""
+    sidecars = sorted(glob.glob(os.path.join(data_path, "fineweb_val_bytes_*.bin")))
+    if not sidecars:
+        return None
+    val_files = shard_files(data_path, "val")
+    wanted = [os.path.join(os.path.dirname(f), os.path.basename(f).replace("fineweb_val_", "fineweb_val_bytes_", 1))
+              for f in val_files]
+    if sorted(wanted) != sidecars:
+        have, need = (",".join(map(os.path.basename, files)) for files in (sidecars, val_files))
+        raise RunError(f"byte sidecar {have} does not pair with the validation shards {need} in "
+                       f"{data_path}: each fineweb_val_NNNNNN.bin needs its fineweb_val_bytes_NNNNNN.bin; re-download "
+                       "or re-export the data")
+    for shard, sidecar in zip(val_files, wanted):
+        if shard_token_count(sidecar) != shard_token_count(shard):
+            raise RunError(f"{sidecar} holds {shard_token_count(sidecar)} byte counts but {shard} holds "
+                           f"{shard_token_count(shard)} tokens; the sidecar is not this shard's: re-download or re-export")
+    return np.concatenate([read_shard(f) for f in wanted])
+
+
+def check_sidecar_structure(val_tokens: torch.Tensor, val_bytes: np.ndarray, operators: dict[str, int]) -> None:
+    """Every BOS, and every operator the transform added (any operator piece not right after ESC), stands
+    for 0 bytes: a sidecar of the pieces' own bytes, the mistake that inflates CaseOps bytes, fails here."""
+    tokens = val_tokens.numpy()
+    if int(val_bytes[tokens == BOS_ID].max(initial=0)) != 0:
+        raise RunError("the byte sidecar gives BOS tokens a nonzero byte count, so it is not aligned with the "
+                       "validation tokens; re-download or re-export the data")
+    if operators:
+        after_esc = np.zeros(len(tokens), dtype=bool)
+        after_esc[1:] = tokens[:-1] == operators.get("\ue004", -1)
+        added = np.isin(tokens, list(operators.values())) & ~after_esc
+        if int(val_bytes[added].max(initial=0)) != 0:
+            raise RunError("the byte sidecar counts bytes for CaseOps operator tokens, which stand for no original "
+                           "text: it counts the pieces' bytes, not the original text's; re-export the data with "
+                           "data/export_shards.py --caseops")
+
+
+def manifest_records_sidecar(data_path: str) -> bool:
+    """Whether the data manifest beside the shards (data/export_shards.py) lists a byte sidecar."""
+    try:
+        return "byte_sidecar" in json.loads((Path(data_path) / DATA_MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def normalizes_whitespace(sp: spm.SentencePieceProcessor) -> bool:
+    """Whether decoding loses input bytes: the tokenizer's normaliser collapses newlines and spaces."""
+    probe = "a\n\nb  c"
+    return sp.normalize(probe).replace("\u2581", " ") != probe
 
 
 # ==================================================================================================
@@ -2045,6 +2159,9 @@ class ScoreLedger:
         self.tokens, self.device, self.group = tokens, device, group
         self.num_targets = tokens.numel() - 1
         self.luts = luts.to(device)
+        if luts.val_bytes is not None and len(luts.val_bytes) != tokens.numel():
+            raise RunError(f"the byte sidecar covers {len(luts.val_bytes)} tokens but this pass scores a stream of "
+                           f"{tokens.numel()}; it belongs to the validation stream only")
         self.scored = np.zeros(self.num_targets + 1, dtype=bool)  # index = target position; 0 unused
         self.shared = np.zeros(self.num_targets + 1, dtype=bool)
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss (nats), targets, bytes
@@ -2098,7 +2215,10 @@ class ScoreLedger:
         m = mask.to(torch.float64)
         self.sums[0] += (nll.double() * m).sum()
         self.sums[1] += m.sum()
-        self.sums[2] += (target_bytes(x, y, self.luts).double() * m).sum()
+        if self.luts.val_bytes is None:
+            self.sums[2] += (target_bytes(x, y, self.luts).double() * m).sum()
+        else:  # the sidecar: target t stands for entry t (summed on the host, no device work)
+            self.sums[2] += float(sum(int(self.luts.val_bytes[a + 1 : b + 1].sum(dtype=np.int64)) for a, b in spans))
         self.commits += 1
         if self.per_target is not None:
             values, i = nll[mask].double().cpu().numpy(), 0
@@ -4663,18 +4783,20 @@ def data_fingerprint(data_path: str, tokenizer_path: str | None = None, splits=(
     the shards, else computed here), the manifest's own hash and the tokenizer's. The records tool
     refuses to pool runs whose tokenizer or validation shards differ."""
     files = {split: shard_files(data_path, split) if split in splits else [] for split in ("train", "val")}
+    files["val_bytes"] = sorted(glob.glob(os.path.join(data_path, "fineweb_val_bytes_*.bin")))  # the byte sidecar
     manifest_path = Path(data_path) / DATA_MANIFEST_NAME
     recorded, source = {}, "computed"
     if manifest_path.is_file():
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             data_manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             recorded = {s["file"]: s["sha256"] for split in data_manifest["splits"].values() for s in split["shards"]}
+            recorded.update({s["file"]: s["sha256"] for s in data_manifest.get("byte_sidecar", {}).get("shards", [])})
             source = "data manifest"
     checksums = {}
     for path in (Path(f) for split in files.values() for f in split):
         checksums[path.name] = recorded.get(path.name) or file_sha256(path)
     return {"variant": Path(data_path).name, "train_shards": len(files["train"]), "val_shards": len(files["val"]),
-            "shard_sha256": checksums, "checksum_source": source,
+            "val_byte_sidecars": len(files["val_bytes"]), "shard_sha256": checksums, "checksum_source": source,
             "data_manifest_sha256": file_sha256(manifest_path) if manifest_path.is_file() else None,
             "tokenizer_sha256": file_sha256(Path(tokenizer_path)) if tokenizer_path else None}
 
@@ -4787,7 +4909,8 @@ def log_run_header(hp: Hyperparameters, rt: Runtime, log) -> None:
 
 
 def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Tensor, ByteLuts]:
-    """Validation tokens and byte tables, with the byte count checked against the decoded text."""
+    """Validation tokens and byte tables, plus the byte sidecar when the data has one, with the byte count
+    checked against the decoded text (CaseOps: the original text, the transform inverted)."""
     sp = load_tokenizer(hp)
     log(f"tokenizer_check:{check_tokenizer_belongs_to_shards(hp.tokenizer_path, hp.data_path)}")
     val_tokens = load_validation_tokens(hp.data_path)
@@ -4795,10 +4918,39 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Ten
         raise RunError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}: the shards "
                        "were made with another tokenizer; point DATA_PATH at the shards of TOKENIZER_PATH's tokenizer")
     luts = build_byte_luts(sp, hp.vocab_size)
-    val_bytes = check_validation_bytes(sp, val_tokens, luts, rt.rank, rt.world_size, rt.device)
+    operators = caseops_operator_ids(sp)
+    sidecar = load_validation_byte_sidecar(hp.data_path)
+    if sidecar is None and (operators is not None or hp.caseops_enabled):
+        what = ("CASEOPS_ENABLED=1" if operators is None else
+                f"{hp.tokenizer_path} is a CaseOps tokenizer (its pieces hold the operators U+E001-U+E004)")
+        raise RunError(f"{what} but DATA_PATH={hp.data_path} has no byte sidecar fineweb_val_bytes_*.bin, so val_bpb "
+                       "would count the pieces' bytes, not the original text's; fetch the variant with its sidecar "
+                       "(data/cached_challenge_fineweb.py) or re-export the data with data/export_shards.py --caseops")
+    if hp.caseops_enabled and operators is None:
+        raise RunError(f"CASEOPS_ENABLED=1 but {hp.tokenizer_path} has no CaseOps operator pieces (U+E001-U+E004); "
+                       "point TOKENIZER_PATH at the CaseOps tokenizer of DATA_PATH, or unset CASEOPS_ENABLED")
+    byte_check = "ok"
+    if sidecar is None:
+        val_bytes = check_validation_bytes(sp, val_tokens, luts, rt.rank, rt.world_size, rt.device)
+    else:
+        check_sidecar_structure(val_tokens, sidecar, operators or {})
+        luts = dataclasses.replace(luts, val_bytes=sidecar)
+        decoded, val_bytes = validation_byte_totals(sp, val_tokens, luts, rt.rank, rt.world_size, rt.device,
+                                                    caseops=operators is not None)
+        # Our exporter records its sidecar in the data manifest and counts the decoded text exactly; a
+        # sidecar from elsewhere may count the raw input the tokenizer normalised (see RAW_SIDECAR_SLACK).
+        raw_ok = not manifest_records_sidecar(hp.data_path) and normalizes_whitespace(sp)
+        if decoded != val_bytes and not (raw_ok and 0 < val_bytes - decoded <= RAW_SIDECAR_SLACK * decoded):
+            raise byte_mismatch(val_bytes, decoded, luts)
+        if decoded != val_bytes:
+            byte_check = f"raw_sidecar(+{(val_bytes - decoded) / decoded:.3%}_over_the_decoded_text)"
+            log(f"byte_sidecar: counts {val_bytes} bytes, the decoded text has {decoded}: the sidecar counts the raw "
+                "text the tokenizer normalised (newlines, repeated spaces, NFKC), the public CaseOps convention; "
+                "val_bpb is on the sidecar's bytes")
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
     log(f"val_loader:shards pattern={hp.data_path}/fineweb_val_*.bin tokens:{val_tokens.numel()} "
-        f"targets:{val_tokens.numel() - 1} bytes:{val_bytes} byte_check:ok")
+        f"targets:{val_tokens.numel() - 1} bytes:{val_bytes} byte_source:{'tables' if sidecar is None else 'sidecar'}"
+        f"{' caseops:1' if operators is not None else ''} byte_check:{byte_check}")
     return val_tokens, luts
 
 
@@ -5106,7 +5258,8 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, *, seq_len: int, b
         stream = synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1)
         small = dataclasses.replace(ttt, chunk_tokens=seq_len, epochs=1, prefix_docs=1, num_phases=1,
                                     global_epochs=1)
-        run_ttt(model, ScoreLedger(stream, luts, device), small, rank=rank, world_size=world_size,
+        synthetic = ScoreLedger(stream, dataclasses.replace(luts, val_bytes=None), device)  # no sidecar: not val
+        run_ttt(model, synthetic, small, rank=rank, world_size=world_size,
                 looping=looping, logits_fn=logits_fn, autocast=autocast)
     model.load_state_dict(saved)
     model.eval()

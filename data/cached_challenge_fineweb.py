@@ -18,8 +18,10 @@ Steps:
    is no local copy.
 2. Find the dataset entry named `fineweb10B_<variant>` and its tokenizer entry (`tokenizer_name`).
 3. Download `docs_selected.source_manifest.json` and `docs_selected.jsonl` (only with `--with-docs`),
-   then all val shards, then train shards 0..N-1 (always a prefix, so every user gets the same
-   data order), then the tokenizer files (`model_path`, `vocab_path`, `path`).
+   then all val shards, then their byte sidecars when the dataset entry lists `val_bytes_glob` (the
+   CaseOps variants: one `fineweb_val_bytes_NNNNNN.bin` per val shard, the counts train_gpt.py scores
+   with), then train shards 0..N-1 (always a prefix, so every user gets the same data order), then
+   the tokenizer files (`model_path`, `vocab_path`, `path`).
 
 Manifest layout, as written by the public exporter (`data/download_hf_docs_and_tokenize.py`), with
 paths relative to the export root:
@@ -36,7 +38,8 @@ no checksums. This script also reads an optional top-level `"files": {"<root-rel
 {"bytes": int, "sha256": hex}}` and checks every file listed there.
 
 Checks, run on every file whether it was already present or just downloaded:
-- shards: a valid header and an exact size (`data.shards.read_shard_header`);
+- shards: a valid header and an exact size (`data.shards.read_shard_header`); a byte sidecar also
+  holds exactly as many counts as its val shard has tokens;
 - tokenizer files: not empty; `.json` files must parse;
 - manifest and docs sidecar: must parse as JSON;
 - docs: the `docs_bytes` size from the sidecar;
@@ -112,6 +115,7 @@ class Summary:
     val_shards: int
     train_shards: int
     tokenizer_files: list[str]
+    val_bytes_shards: int = 0
     downloaded: list[str] = field(default_factory=list)
     present: list[str] = field(default_factory=list)
     manifest_sha256: str = ""
@@ -382,11 +386,11 @@ class Plan:
     train: list[str]
     tokenizer: list[str]
     docs: list[tuple[str, str]]
+    val_bytes: list[str] = field(default_factory=list)  # byte sidecars, one per val shard (CaseOps variants)
 
     def files(self) -> list[tuple[str, str]]:
-        return (
-            self.docs + [(rel, SHARD) for rel in self.val + self.train] + [(rel, TOKENIZER) for rel in self.tokenizer]
-        )
+        shards = self.val + self.val_bytes + self.train
+        return self.docs + [(rel, SHARD) for rel in shards] + [(rel, TOKENIZER) for rel in self.tokenizer]
 
 
 def plan_variant(manifest: dict, variant: str, train_shards: int, *, with_docs: bool, where: str) -> Plan:
@@ -436,7 +440,21 @@ def plan_variant(manifest: dict, variant: str, train_shards: int, *, with_docs: 
         train=[f"{folder}/fineweb_train_{i:06d}.bin" for i in range(train_shards)],
         tokenizer=tok_files,
         docs=docs,
+        val_bytes=_val_bytes_files(dataset, files_val, where),
     )
+
+
+def _val_bytes_files(dataset: dict, files_val: int, where: str) -> list[str]:
+    """The byte sidecar of every val shard when the entry lists `val_bytes_glob` (e.g.
+    `datasets/<name>/fineweb_val_bytes_*.bin`), in val shard order; else none."""
+    pattern = dataset.get("val_bytes_glob")
+    if not pattern:
+        return []
+    rel = PurePosixPath(_checked_rel(pattern, "val_bytes_glob"))
+    if rel.name.count("*") != 1 or "*" in str(rel.parent):
+        raise DownloadError(f"val_bytes_glob {pattern!r} of {dataset.get('name')} in {where} is not a folder plus a "
+                            "file name with one '*' (e.g. fineweb_val_bytes_*.bin); fix the manifest")
+    return [(rel.parent / rel.name.replace("*", f"{i:06d}")).as_posix() for i in range(files_val)]
 
 
 def file_expectations(manifest: dict) -> dict[str, dict]:
@@ -520,6 +538,7 @@ def download(
         variant=variant,
         val_shards=len(plan.val),
         train_shards=len(plan.train),
+        val_bytes_shards=len(plan.val_bytes),
         tokenizer_files=plan.tokenizer,
         manifest_sha256=hashlib.sha256(source.local(MANIFEST_NAME).read_bytes()).hexdigest(),
     )
@@ -532,6 +551,14 @@ def download(
             log(f"downloaded {rel}")
         else:
             summary.present.append(rel)
+    for shard, sidecar in zip(plan.val, plan.val_bytes):
+        tokens, counts = read_shard_header(source.local(shard)), read_shard_header(source.local(sidecar))
+        if tokens != counts:
+            raise DownloadError(
+                f"byte sidecar {sidecar} holds {counts} counts but {shard} holds {tokens} tokens, so the validation "
+                f"bytes would be wrong; the copy on {source.repo_id} is inconsistent: report it to the repo owner, or "
+                f"delete {source.local(sidecar).parent} and rerun"
+            )
     for warning in _token_count_warnings(source, plan, int(plan.dataset["stats"]["files_train"])):
         print(warning, file=sys.stderr)
     return summary
@@ -609,8 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume (finished files are kept)", file=sys.stderr)
         return 130
+    sidecar = f" (+ {summary.val_bytes_shards} byte sidecar file(s))" if summary.val_bytes_shards else ""
     print(
-        f"{summary.variant}: {summary.val_shards} val + {summary.train_shards} train shards and "
+        f"{summary.variant}: {summary.val_shards} val{sidecar} + {summary.train_shards} train shards and "
         f"{len(summary.tokenizer_files)} tokenizer files ready in {source.local_dir} from {source.repo_id} "
         f"({len(summary.downloaded)} downloaded, {len(summary.present)} already present; "
         f"manifest sha256 {summary.manifest_sha256[:12]})"

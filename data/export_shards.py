@@ -9,12 +9,23 @@ What it produces, for a dataset `<name>` and tokenizer `<tok>`:
     <datasets_root>/<name>/fineweb_val_000000.bin ...  validation shards (see data/shards.py)
     <datasets_root>/<name>/fineweb_train_000000.bin .. training shards
     <datasets_root>/<name>/manifest.json               counts, sha256 of every file, settings
+    <datasets_root>/<name>/fineweb_val_bytes_000000.bin  with --caseops: the validation byte sidecar
 
 It follows the public exporter's conventions: documents are cleaned (NUL -> space, strip, drop
 empty ones); each becomes [BOS=1] + sp.encode(doc) with no EOS; the token stream of each split is
 cut into shards of at most `shard_tokens` tokens (a document may straddle two shards); validation
 and training never share a shard. The tokenizer uses the public trainer settings plus three that
 make it deterministic and safe for bits-per-byte accounting (see `TRAINER_SETTINGS`).
+
+With `--caseops` the documents are first case-transformed (data/caseops.py: capitals become lowercase
+letters plus operator characters), the tokenizer is trained on the transformed text with the operator
+characters as user-defined symbols (each always its own piece), and beside each validation shard a
+byte sidecar `fineweb_val_bytes_NNNNNN.bin` (the same format, one uint16 per token) holds the UTF-8
+bytes of the original text each token stands for: BOS and the operators the transform added 0, an
+escaped literal operator 3, any other piece its decoded bytes (a lowercased letter is 1, like the
+capital it replaced). Per document they sum to the original text's length as the tokenizer's
+normaliser leaves it, the bytes the plain tables count for plain tokens, so CaseOps and plain scores
+compare. The manifest records the transform and the sidecar.
 
 Outputs are deterministic (two exports of the same inputs are byte-identical, the manifest holds no
 paths or times) and the export is idempotent: when the manifest's input hash matches and every
@@ -24,6 +35,7 @@ Command line (run from the repo root):
 
     python data/export_shards.py --input docs.jsonl.xz --val-docs 50000 --vocab-size 4096
     python data/export_shards.py --input corpus.txt --val-fraction 0.05 --dataset-name mine_sp1024
+    python data/export_shards.py --input docs.jsonl.xz --val-docs 50000 --vocab-size 8192 --caseops
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ if __package__ in (None, ""):  # run as `python data/export_shards.py`: make the
 import numpy as np
 import sentencepiece as spm
 
+from data import caseops
 from data.cli import OneLineArgumentParser, int_at_least
 from data.shards import BOS_ID, MAX_TOKENS_PER_SHARD, encode_shard, write_atomic
 
@@ -89,7 +102,11 @@ assert TRAINER_SETTINGS["bos_id"] == BOS_ID
 # Below SentencePiece's default max_sentence_length (4192 bytes), so the trainer drops nothing.
 TOKENIZER_PIECE_MAX_BYTES = 4096
 SHARD_NAME = "fineweb_{split}_{index:06d}.bin"
-SHARD_PATTERN = re.compile(r"^fineweb_(val|train)_\d{6}\.bin$")
+SIDECAR_NAME = "fineweb_val_bytes_{index:06d}.bin"  # the public CaseOps sidecar's name
+CASEOPS_SUFFIX = "lossless_caps_caseops_v1_reserved"  # default name suffix, as the public variant's
+SHARD_PATTERN = re.compile(r"^fineweb_(val|train|val_bytes)_\d{6}\.bin$")  # shards and sidecars
+SIDECAR_RULE = ("uint16 per validation token, aligned with fineweb_val_*.bin: UTF-8 bytes of the original text it "
+                "stands for; BOS and added operators 0, an escaped operator 3, else the piece's decoded bytes")
 DOCS_SHA256_RULE = "sha256 over the split's cleaned docs in order, each as UTF-8 bytes followed by one NUL byte"
 VAL_HASH_RULE = "int.from_bytes(sha256(utf8(doc)).digest()[:8], 'big') % 10000 < round(fraction * 10000)"
 ENCODE_BATCH_DOCS = 4096
@@ -269,8 +286,9 @@ def tokenizer_training_pieces(doc: str, max_bytes: int | None = None) -> list[st
     return pieces + ([rest] if rest else [])
 
 
-def train_tokenizer(train_docs: Sequence[str], vocab_size: int) -> tuple[bytes, dict]:
-    """Train a SentencePiece BPE model on every `train_docs` byte, in memory.
+def train_tokenizer(train_docs: Sequence[str], vocab_size: int, user_symbols: Sequence[str] = ()) -> tuple[bytes, dict]:
+    """Train a SentencePiece BPE model on every `train_docs` byte, in memory; `user_symbols` are always
+    pieces of their own (the CaseOps operators).
 
     Returns the serialized .model bytes and what the trainer saw (documents, pieces, bytes)."""
     pieces = [piece for doc in train_docs for piece in tokenizer_training_pieces(doc)]
@@ -285,6 +303,7 @@ def train_tokenizer(train_docs: Sequence[str], vocab_size: int) -> tuple[bytes, 
             vocab_size=vocab_size,
             minloglevel=2,
             **TRAINER_SETTINGS,
+            **({"user_defined_symbols": list(user_symbols)} if user_symbols else {}),
         )
     except RuntimeError as e:
         message = " ".join(str(e).split())
@@ -308,8 +327,14 @@ def vocab_file_text(sp: spm.SentencePieceProcessor) -> str:
     return "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
 
 
-def check_tokenizer(sp: spm.SentencePieceProcessor, vocab_size: int, what: str) -> None:
-    """Fail with a clear message unless the model fits the shard conventions and BPB accounting."""
+def check_tokenizer(sp: spm.SentencePieceProcessor, vocab_size: int, what: str, case_ops: bool = False) -> None:
+    """Fail with a clear message unless the model fits the shard conventions and BPB accounting (and, for
+    CaseOps, has every operator as a piece of its own)."""
+    if case_ops:
+        missing = [f"U+{ord(c):04X}" for c in caseops.TOKENIZER_SYMBOLS if sp.id_to_piece(sp.piece_to_id(c)) != c]
+        if missing:
+            raise ExportError(f"{what} lacks the CaseOps operator pieces {', '.join(missing)}; train it with --caseops "
+                              "(they are user-defined symbols) instead of reusing a plain tokenizer")
     if sp.bos_id() != BOS_ID:
         raise ExportError(f"{what} has bos_id {sp.bos_id()}, shards need BOS={BOS_ID}; retrain it with bos_id=1")
     if sp.get_piece_size() > vocab_size:
@@ -329,6 +354,30 @@ def check_tokenizer(sp: spm.SentencePieceProcessor, vocab_size: int, what: str) 
 # Shards
 
 
+def original_byte_counts(sp: spm.SentencePieceProcessor, stream: np.ndarray) -> np.ndarray:
+    """The sidecar values of a CaseOps stream of whole [BOS]+tokens documents (see SIDECAR_RULE): what
+    train_gpt.py's byte tables count for each target, except that the operators the transform added count 0."""
+    n = sp.get_piece_size()
+    base, space, boundary = np.zeros(n, np.int64), np.zeros(n, bool), np.ones(n, bool)
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        piece = sp.id_to_piece(i)
+        boundary[i], space[i] = False, piece.startswith(SPACE_PIECE) and not sp.is_byte(i)
+        base[i] = 1 if sp.is_byte(i) else len(piece.removeprefix(SPACE_PIECE).encode("utf-8"))
+    prev = np.concatenate([[BOS_ID], stream[:-1]])
+    counts = base[stream] + (space[stream] & ~boundary[prev])
+    operator_ids = {sp.piece_to_id(c): c for c in caseops.OPERATORS}
+    escaping = -2  # position of the last ESC that escapes the token after it
+    for pos in np.flatnonzero(np.isin(stream, list(operator_ids))).tolist():
+        if pos == escaping + 1:
+            continue  # a literal operator of the original text: its 3 bytes stay
+        counts[pos] = 0
+        if operator_ids[int(stream[pos])] == caseops.ESC:
+            escaping = pos
+    return counts
+
+
 def _write_split_shards(
     sp: spm.SentencePieceProcessor,
     docs: Sequence[str],
@@ -336,15 +385,23 @@ def _write_split_shards(
     dataset_dir: Path,
     shard_tokens: int,
     vocab_size: int,
+    sidecar: list[dict] | None = None,
 ) -> tuple[list[dict], int]:
-    """Encode `docs` as one [BOS]+tokens stream, write it as shards; return (shard records, token count)."""
+    """Encode `docs` as one [BOS]+tokens stream, write it as shards; return (shard records, token count).
+    With `sidecar` (a list to fill), each shard also gets its byte sidecar (`original_byte_counts`)."""
     shards: list[dict] = []
     pending: list[np.ndarray] = []
+    pending_counts: list[np.ndarray] = []  # the sidecar values of the pending tokens, in step with them
     pending_tokens = 0
     total = 0
 
-    def flush(tokens: np.ndarray) -> None:
+    def flush(tokens: np.ndarray, counts: np.ndarray) -> None:
         name = SHARD_NAME.format(split=split, index=len(shards))
+        if sidecar is not None:
+            side_name, side_payload = SIDECAR_NAME.format(index=len(shards)), encode_shard(counts)
+            write_atomic(dataset_dir / side_name, side_payload)
+            sidecar.append({"file": side_name, "tokens": int(tokens.size), "bytes": int(counts.sum()),
+                            "sha256": hashlib.sha256(side_payload).hexdigest()})
         payload = encode_shard(tokens)
         write_atomic(dataset_dir / name, payload)
         shards.append({"file": name, "tokens": int(tokens.size), "sha256": hashlib.sha256(payload).hexdigest()})
@@ -362,18 +419,20 @@ def _write_split_shards(
         if stream.size and (stream.min() < 0 or stream.max() >= vocab_size):
             raise ExportError(f"token id {int(stream.max())} is outside vocab size {vocab_size}; pass a larger vocab size")
         pending.append(stream)
+        # A batch starts at a BOS, so its counts need nothing before it; without a sidecar, zeros stand in.
+        pending_counts.append(original_byte_counts(sp, stream) if sidecar is not None else np.zeros(0, np.int64))
         pending_tokens += stream.size
         total += stream.size
         if pending_tokens >= shard_tokens:
-            joined = np.concatenate(pending)
+            joined, joined_counts = np.concatenate(pending), np.concatenate(pending_counts)
             cut = 0
             while joined.size - cut >= shard_tokens:
-                flush(joined[cut : cut + shard_tokens])
+                flush(joined[cut : cut + shard_tokens], joined_counts[cut : cut + shard_tokens])
                 cut += shard_tokens
-            pending = [joined[cut:]]
+            pending, pending_counts = [joined[cut:]], [joined_counts[cut:]]
             pending_tokens = joined.size - cut
     if pending_tokens:
-        flush(np.concatenate(pending))
+        flush(np.concatenate(pending), np.concatenate(pending_counts))
     return shards, total
 
 
@@ -403,11 +462,11 @@ def _up_to_date(manifest_path: Path, dataset_dir: Path, tokenizer_paths: tuple[P
         if file_sha256(model_path) != tok["model_sha256"] or file_sha256(vocab_path) != tok["vocab_sha256"]:
             return None
         listed = set()
-        for split in SPLITS:
-            for shard in manifest["splits"][split]["shards"]:
-                listed.add(shard["file"])
-                if file_sha256(dataset_dir / shard["file"]) != shard["sha256"]:
-                    return None
+        sidecar = manifest.get("byte_sidecar", {}).get("shards", [])
+        for shard in [s for split in SPLITS for s in manifest["splits"][split]["shards"]] + sidecar:
+            listed.add(shard["file"])
+            if file_sha256(dataset_dir / shard["file"]) != shard["sha256"]:
+                return None
         if listed != _existing_shards(dataset_dir):
             return None
         return manifest
@@ -428,13 +487,16 @@ def export_dataset(
     reuse_tokenizer: str | Path | None = None,
     tokenizer_train_docs: int | None = None,
     extra_manifest: dict | None = None,
+    case_ops: bool = False,
 ) -> dict:
     """Build (or confirm up to date) a tokenizer, the shards of both splits and the manifest.
 
     `train_docs` / `val_docs` are raw texts; they are cleaned here. The tokenizer is trained on the
     (first `tokenizer_train_docs`) cleaned train docs only, unless `reuse_tokenizer` names an existing
     .model, which is then copied to `<tokenizers_root>/<tokenizer_name>.model`. `extra_manifest` must
-    be JSON-serialisable; it is stored under "extra" and is part of the input hash.
+    be JSON-serialisable; it is stored under "extra" and is part of the input hash. With `case_ops`, the
+    cleaned docs are case-transformed (data/caseops.py) before tokenizer training and encoding, and the
+    validation split gets the byte sidecar (see the module docstring).
 
     Returns the manifest dict plus "dataset_dir" and "tokenizer_path" (absolute paths as str; these
     two are not stored in manifest.json). Raises ExportError on bad input or settings.
@@ -471,8 +533,9 @@ def export_dataset(
             "source": "trained",
             "trainer_settings": TRAINER_SETTINGS,
             "tokenizer_train_docs": min(tokenizer_train_docs or len(splits["train"]), len(splits["train"])),
+            **({"user_defined_symbols": [f"U+{ord(c):04X}" for c in caseops.TOKENIZER_SYMBOLS]} if case_ops else {}),
         }
-    docs_hashes = {split: docs_sha256(docs) for split, docs in splits.items()}
+    docs_hashes = {split: docs_sha256(docs) for split, docs in splits.items()}  # of the original text
     inputs = {
         "exporter_version": EXPORTER_VERSION,
         "sentencepiece_version": spm.__version__,
@@ -483,6 +546,7 @@ def export_dataset(
         "tokenizer": tokenizer_source,
         "docs_sha256": docs_hashes,
         "extra": extra_manifest or {},
+        **({"text_transform": caseops.TRANSFORM_NAME} if case_ops else {}),  # plain exports keep their hash
     }
     try:
         inputs_sha = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode("utf-8")).hexdigest()
@@ -501,10 +565,13 @@ def export_dataset(
         return {**manifest, **paths}
 
     log.info("building %s in %s", dataset_name, dataset_dir)
+    if case_ops:
+        splits = {split: [caseops.encode(doc) for doc in docs] for split, docs in splits.items()}
     if reused_model is None:
         train_for_tokenizer = splits["train"][: tokenizer_source["tokenizer_train_docs"]]
         log.info("training %d-piece BPE tokenizer on %d train docs", vocab_size, len(train_for_tokenizer))
-        model_bytes, trainer_saw = train_tokenizer(train_for_tokenizer, vocab_size)
+        symbols = caseops.TOKENIZER_SYMBOLS if case_ops else ()
+        model_bytes, trainer_saw = train_tokenizer(train_for_tokenizer, vocab_size, symbols)
         what = f"trained tokenizer {tokenizer_name}"
     else:
         model_bytes, what, trainer_saw = reused_model, f"tokenizer {reuse_path}", None
@@ -513,7 +580,7 @@ def export_dataset(
         sp.LoadFromSerializedProto(model_bytes)
     except RuntimeError:
         raise ExportError(f"{what} is not a SentencePiece model; pass a .model file") from None
-    check_tokenizer(sp, vocab_size, what)
+    check_tokenizer(sp, vocab_size, what, case_ops)
     if sp.get_piece_size() < vocab_size:
         log.warning("tokenizer has %d pieces, fewer than vocab size %d (corpus too small)", sp.get_piece_size(), vocab_size)
     vocab_bytes = vocab_file_text(sp).encode("utf-8")
@@ -526,9 +593,11 @@ def export_dataset(
     dataset_dir.mkdir(parents=True, exist_ok=True)
     split_records = {}
     written: set[str] = set()
+    sidecar: list[dict] | None = [] if case_ops else None
     for split in SPLITS:
-        shards, tokens = _write_split_shards(sp, splits[split], split, dataset_dir, shard_tokens, vocab_size)
-        written.update(s["file"] for s in shards)
+        shards, tokens = _write_split_shards(sp, splits[split], split, dataset_dir, shard_tokens, vocab_size,
+                                             sidecar if split == "val" else None)
+        written.update(s["file"] for s in shards + (sidecar or []))
         split_records[split] = {
             "docs": len(splits[split]),
             "tokens": tokens,
@@ -570,6 +639,14 @@ def export_dataset(
         "inputs_sha256": inputs_sha,
         "extra": extra_manifest or {},
     }
+    if case_ops:
+        manifest["text_transform"] = {"name": caseops.TRANSFORM_NAME, "implementation": "data/caseops.py",
+                                      "operators": {"TITLE": "U+E001", "ALLCAPS": "U+E002", "CAPNEXT": "U+E003",
+                                                    "ESC": "U+E004"},
+                                      "tokenizer_user_defined_symbols": [f"U+{ord(c):04X}"
+                                                                         for c in caseops.TOKENIZER_SYMBOLS]}
+        manifest["byte_sidecar"] = {"rule": SIDECAR_RULE, "shards": sidecar,
+                                    "original_bytes": sum(s["bytes"] for s in sidecar)}
     write_atomic(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     log.info(
         "%s: val %d docs / %d tokens, train %d docs / %d tokens",
@@ -629,6 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use this existing SentencePiece .model instead of training one")
     p.add_argument("--tokenizer-train-docs", type=int_at_least(1), metavar="N",
                    help="train the tokenizer on the first N train docs only (default: all)")
+    p.add_argument("--caseops", action="store_true",
+                   help="case-transform the text first (lossless_caps_caseops_v1, data/caseops.py): the tokenizer gets "
+                        "the operator symbols, the validation split its byte sidecar fineweb_val_bytes_*.bin")
     return p
 
 
@@ -664,18 +744,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             train, val = split_by_hash(docs, args.val_fraction)
             selection = {"method": "text_hash", "val_fraction": args.val_fraction, "rule": VAL_HASH_RULE}
         stem = _input_stem(inputs[0])
+        suffix = f"_{CASEOPS_SUFFIX}" if args.caseops else ""
         manifest = export_dataset(
             train,
             val,
             datasets_root=args.datasets_root,
             tokenizers_root=args.tokenizers_root,
-            dataset_name=args.dataset_name or f"{stem}_sp{args.vocab_size}",
-            tokenizer_name=args.tokenizer_name or f"{stem}_{args.vocab_size}_bpe",
+            dataset_name=args.dataset_name or f"{stem}_sp{args.vocab_size}{suffix}",
+            tokenizer_name=args.tokenizer_name or f"{stem}_{args.vocab_size}_bpe{suffix}",
             vocab_size=args.vocab_size,
             shard_tokens=args.shard_tokens,
             reuse_tokenizer=args.reuse_tokenizer,
             tokenizer_train_docs=args.tokenizer_train_docs,
             extra_manifest={"sources": sources, "val_selection": selection},
+            case_ops=args.caseops,
         )
         print_summary(manifest)
         return 0
@@ -689,6 +771,10 @@ def print_summary(manifest: dict) -> None:
     for split in SPLITS:
         rec = manifest["splits"][split]
         print(f"{split:5s}: {rec['docs']:,} docs, {rec['tokens']:,} tokens in {len(rec['shards'])} shard(s)")
+    if "byte_sidecar" in manifest:
+        side = manifest["byte_sidecar"]
+        print(f"caseops: validation byte sidecar, {side['original_bytes']:,} original bytes in {len(side['shards'])} "
+              "file(s); train with CASEOPS_ENABLED=1")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ The export itself is `data/export_shards.py::export_dataset`:
 
     python data/prepare_sample.py                    # vocab 1024
     python data/prepare_sample.py --vocab-size 8192
+    python data/prepare_sample.py --caseops          # sample_sp1024_lossless_caps_caseops_v1_reserved
 
 Re-running with the same settings checks the outputs and rewrites nothing.
 """
@@ -25,6 +26,7 @@ if __package__ in (None, ""):  # run as `python data/prepare_sample.py`: make th
 
 from data.cli import OneLineArgumentParser, int_at_least
 from data.export_shards import (
+    CASEOPS_SUFFIX,
     DEFAULT_DATASETS_ROOT,
     DEFAULT_TOKENIZERS_ROOT,
     VAL_HASH_RULE,
@@ -64,8 +66,10 @@ def prepare_sample(
     max_docs: int | None = None,
     shard_tokens: int = 100_000_000,
     source: str | Path = SAMPLE_PATH,
+    caseops: bool = False,
 ) -> dict:
-    """Export the sample corpus as dataset `sample_sp<V>` with tokenizer `sample_<V>_bpe`.
+    """Export the sample corpus as dataset `sample_sp<V>` with tokenizer `sample_<V>_bpe` (with `caseops`:
+    case-transformed, both names ending in `_lossless_caps_caseops_v1_reserved`, plus the byte sidecar).
 
     Returns `export_dataset`'s result (manifest plus "dataset_dir" and "tokenizer_path").
     """
@@ -82,16 +86,18 @@ def prepare_sample(
         "val_selection": {"method": "text_hash", "val_fraction": VAL_FRACTION, "rule": VAL_HASH_RULE},
         "split_check": check,
     }
+    suffix = f"_{CASEOPS_SUFFIX}" if caseops else ""
     return export_dataset(
         train,
         val,
         datasets_root=datasets_root,
         tokenizers_root=tokenizers_root,
-        dataset_name=f"sample_sp{vocab_size}",
-        tokenizer_name=f"sample_{vocab_size}_bpe",
+        dataset_name=f"sample_sp{vocab_size}" + suffix,
+        tokenizer_name=f"sample_{vocab_size}_bpe" + suffix,
         vocab_size=vocab_size,
         shard_tokens=shard_tokens,
         extra_manifest=extra,
+        case_ops=caseops,
     )
 
 
@@ -102,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--datasets-root", type=Path, default=DEFAULT_DATASETS_ROOT)
     p.add_argument("--tokenizers-root", type=Path, default=DEFAULT_TOKENIZERS_ROOT)
     p.add_argument("--shard-tokens", type=int_at_least(1), default=100_000_000)
+    p.add_argument("--caseops", action="store_true", help="case-transform the text (see data/export_shards.py)")
     args = p.parse_args(argv)
 
     def body() -> int:
@@ -111,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tokenizers_root=args.tokenizers_root,
             max_docs=args.max_docs,
             shard_tokens=args.shard_tokens,
+            caseops=args.caseops,
         )
         print_summary(manifest)
         return 0

@@ -168,7 +168,7 @@ def test_public_only_name_is_refused_unless_harmless(name):
 
 
 def test_public_only_harmless_values_and_several_names_in_one_line():
-    ok = {"CASEOPS_ENABLED": "0", "ETLB_ENABLED": "0", "ROPE_YARN": "1", "TTT_GRAD_STEPS": "1",
+    ok = {"ETLB_ENABLED": "0", "ROPE_YARN": "1", "TTT_GRAD_STEPS": "1",
           "TTT_OPTIMIZER": "adam", "FUSED_CE_ENABLED": "0", "VAL_DOC_FRACTION": "1.0", "TTT_EVAL_BATCHES": "",
           "ATTN_OUT_GATE_SRC": "proj", "DATA_DIR": "./data/", "TTT_EVAL_ONLY": " 0 ", "MUON_BETA2": "0.95"}
     assert tg.Hyperparameters.from_env(ok) == tg.Hyperparameters.from_env({})

@@ -397,6 +397,71 @@ def test_repo_id_and_remote_root_come_from_the_environment(tmp_path, monkeypatch
     assert (local / shard_rel("sp1024", "train", 0)).is_file()  # the remote root is not part of the local path
 
 
+CASEOPS = "sp8192_lossless_caps_caseops_v1_reserved"
+
+
+def add_caseops_variant(export: Path, n_val: int = 2, n_train: int = 1) -> None:
+    """A CaseOps dataset entry as the public one: val shards, one byte sidecar each (`val_bytes_glob`)."""
+    manifest = read_manifest(export)
+    name, rng = f"fineweb10B_{CASEOPS}", np.random.default_rng(1)
+    for split, count in (("val", n_val), ("train", n_train)):
+        for i in range(count):
+            body = rng.integers(2, 8192, size=30 + i)
+            body[0] = 1
+            write_shard(export / shard_rel(CASEOPS, split, i), body)
+            if split == "val":
+                write_shard(export / f"datasets/{name}/fineweb_val_bytes_{i:06d}.bin", rng.integers(0, 5, body.size))
+    tok = {"name": "sp_bpe_8192_caseops", "kind": "sentencepiece_bpe", "vocab_size": 8192,
+           "model_path": "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"}
+    (export / tok["model_path"]).write_bytes(b"fake caseops model")
+    manifest["tokenizers"].append(tok)
+    manifest["datasets"].append({"name": name, "tokenizer_name": tok["name"], "path": f"datasets/{name}",
+                                 "val_bytes_glob": f"datasets/{name}/fineweb_val_bytes_*.bin",
+                                 "stats": {"files_val": n_val, "files_train": n_train}})
+    write_manifest(export, manifest)
+
+
+@pytest.mark.parametrize("remote_root", ["datasets", "caseops_export"])
+def test_caseops_variant_fetches_the_byte_sidecar_of_every_val_shard(tmp_path, monkeypatch, local, remote_root):
+    """As the public instructions run it: MATCHED_FINEWEB_REPO_ID plus MATCHED_FINEWEB_REMOTE_ROOT_PREFIX."""
+    fake = FakeHub(tmp_path / "mirror", tmp_path / "hf_cache")
+    add_caseops_variant(build_hub(fake.hub, remote_root=remote_root))
+    monkeypatch.setattr(dl, "_hub_download", fake)
+    monkeypatch.setenv("MATCHED_FINEWEB_REPO_ID", "romeerp/parameter-golf-caseops-v1")
+    monkeypatch.setenv("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", remote_root)
+    assert run(local, "--variant", CASEOPS, "--train-shards", "1") == 0
+    folder = f"datasets/fineweb10B_{CASEOPS}"
+    rels = ["manifest.json", f"{folder}/fineweb_val_000000.bin", f"{folder}/fineweb_val_000001.bin",
+            f"{folder}/fineweb_val_bytes_000000.bin", f"{folder}/fineweb_val_bytes_000001.bin",
+            f"{folder}/fineweb_train_000000.bin", "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"]
+    assert fake.paths() == [f"{remote_root}/{r}" for r in rels]
+    assert {repo for repo, _, _ in fake.calls} == {"romeerp/parameter-golf-caseops-v1"}
+    import train_gpt as tg  # the folder is what train_gpt.py reads: every val shard paired with its sidecar
+
+    sidecar = tg.load_validation_byte_sidecar(str(local / folder))
+    assert sidecar.size == sum(read_shard(local / f"{folder}/fineweb_val_{i:06d}.bin").size for i in range(2))
+    fake.calls.clear()
+    assert run(local, "--variant", CASEOPS, "--train-shards", "1") == 0 and fake.calls == []  # all present
+
+
+def test_a_sidecar_that_does_not_match_its_val_shard_is_refused(hub, local, capsys):
+    add_caseops_variant(hub.export)
+    side = hub.export / f"datasets/fineweb10B_{CASEOPS}/fineweb_val_bytes_000001.bin"
+    write_shard(side, np.zeros(5, dtype=np.int64))  # a valid shard file, but not this val shard's length
+    assert run(local, "--variant", CASEOPS, "--train-shards", "1") == 2
+    (line,) = stderr_lines(capsys)
+    assert "fineweb_val_bytes_000001.bin holds 5 counts" in line and "31 tokens" in line
+
+
+def test_a_malformed_val_bytes_glob_is_refused(hub, local, capsys):
+    add_caseops_variant(hub.export)
+    manifest = read_manifest(hub.export)
+    manifest["datasets"][-1]["val_bytes_glob"] = "datasets/x/fineweb_val_bytes.bin"
+    write_manifest(hub.export, manifest)
+    assert run(local, "--variant", CASEOPS, "--train-shards", "1") == 2
+    assert "val_bytes_glob" in stderr_lines(capsys)[-1]
+
+
 def test_with_docs_fetches_docs_and_checks_their_size(hub, local, capsys):
     docs = b'{"text": "hello"}\n{"text": "world"}\n'
     (hub.export / "docs_selected.jsonl").write_bytes(docs)
