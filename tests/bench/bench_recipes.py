@@ -4,7 +4,7 @@ Trains each configuration on the embedded sample (sp1024; built if missing) with
 steps and tokens per step, and prints val_bpb before and after the export roundtrip and tokens/s.
 Not collected by pytest (a benchmark, not a test). Run from the repo root:
 
-    python tests/bench/bench_recipes.py [--suite recipes|optimizer|loader|all] [--steps 150]
+    python tests/bench/bench_recipes.py [--suite recipes|optimizer|loader|details|all] [--steps 150]
                                         [--data sample|docshuffled|both]
 
 Suite `recipes`: RECIPE=baseline vs RECIPE=record, sized to about the same unique parameter count
@@ -17,6 +17,9 @@ dozen neighbouring documents) vs TRAIN_LOADER=shuffled (seq_len+1 windows from a
 `--data docshuffled` trains on a copy of the sample whose training documents are put in a seeded random
 order before export (as FineWeb's shards are; the sample is in alphabetical order), with the same
 tokenizer and validation set, so the table shows how much of the loader's gain survives there.
+Suite `details`: the record recipe (4 layers, as in `recipes`) with each of its model details from
+issue 20 turned back, one at a time and all together: document-masked attention, orthogonal init, and
+the record's two-lane form (x0 blended into the attention read only) against ours before (`lane`).
 """
 
 from __future__ import annotations
@@ -60,6 +63,14 @@ SUITES = {
         "record, shuffled": {**RECORD_SMALL, "TRAIN_LOADER": "shuffled"},
         "baseline, stream": {"RECIPE": "baseline", "NUM_LAYERS": "6", "TRAIN_LOADER": "stream"},
         "baseline, shuffled": {"RECIPE": "baseline", "NUM_LAYERS": "6", "TRAIN_LOADER": "shuffled"},
+    },
+    "details": {
+        "record": RECORD_SMALL,
+        "record, DOC_MASKED_ATTENTION=0": {**RECORD_SMALL, "DOC_MASKED_ATTENTION": "0"},
+        "record, ORTHO_INIT=0": {**RECORD_SMALL, "ORTHO_INIT": "0"},
+        "record, PARALLEL_X0_MIX=lane": {**RECORD_SMALL, "PARALLEL_X0_MIX": "lane"},
+        "record, all three back": {**RECORD_SMALL, "DOC_MASKED_ATTENTION": "0", "ORTHO_INIT": "0",
+                                   "PARALLEL_X0_MIX": "lane"},
     },
     "optimizer": {
         "baseline-optimizer": {"RECIPE": "baseline", "NUM_LAYERS": "6"},
