@@ -4793,7 +4793,9 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
         log(line)
     log(f"world_size:{rt.world_size} grad_accum_steps:{grad_accum} compile:{int(use_compile)} "
         f"compute_dtype:{resolved_compute_dtype(hp, rt.device)}")
-    log(f"attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads}")
+    doc_mask = "off" if not hp.doc_masked_attention else "flex" if use_compile and rt.device.type == "cuda" else "sdpa"
+    log(f"attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads} document_mask:{doc_mask}"
+        + (" (FA3 runs only without a document mask)" if doc_mask != "off" and backend == "fa3" else ""))
     log(f"tie_embeddings:{hp.tie_embeddings} embed_lr:{hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr} "
         f"head_lr:{hp.head_lr if not hp.tie_embeddings else 0.0} matrix_lr:{hp.matrix_lr} scalar_lr:{hp.scalar_lr}")
     log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} iterations:{hp.iterations} "
