@@ -1319,7 +1319,9 @@ class DocumentLayout:
         q, k, gqa = q.to(v.dtype), k.to(v.dtype), q.size(1) != k.size(1)  # flex wants one dtype (autocast)
         if self.kernel == "flex":
             return flex_attention(q, k, v, block_mask=self.mask, enable_gqa=gqa)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=gqa)
+        # Heads expanded by hand: CUDA's masked (memory-efficient) SDPA kernel does not take enable_gqa.
+        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
 
 
 class CausalSelfAttention(nn.Module):

@@ -5,7 +5,7 @@ steps and tokens per step, and prints val_bpb before and after the export roundt
 Not collected by pytest (a benchmark, not a test). Run from the repo root:
 
     python tests/bench/bench_recipes.py [--suite recipes|optimizer|loader|details|all] [--steps 150]
-                                        [--data sample|docshuffled|both]
+                                        [--data sample|docshuffled|both] [--batch-tokens 16384]
 
 Suite `recipes`: RECIPE=baseline vs RECIPE=record, sized to about the same unique parameter count
 (printed). The record stack's looping switches on at 35% of the steps (no wallclock cap).
@@ -110,7 +110,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
     parser.add_argument("--data", choices=["sample", "docshuffled", "both"], default="sample")
+    parser.add_argument("--batch-tokens", type=int, default=int(COMMON["TRAIN_BATCH_TOKENS"]),
+                        help="tokens per step (a multiple of the sequence length 256)")
     args = parser.parse_args()
+    COMMON["TRAIN_BATCH_TOKENS"] = str(args.batch_tokens)
     from data.prepare_sample import prepare_sample
 
     sample = prepare_sample(vocab_size=1024)
