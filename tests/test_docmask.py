@@ -54,7 +54,7 @@ def test_no_token_of_an_earlier_document_changes_a_logit_of_a_later_one(path):
         for looping in (False, True) if kernel == "sdpa" else (True,):  # eager flex is slow: fewer cases
             base = model.forward_logits(x, looping)
             positions = (0, 3, 4, 9, 15) if looping else (2, 10)  # tail, a BOS, its successor, middle, last
-            for t in positions if kernel == "sdpa" else (3, 9):
+            for t in positions if kernel == "sdpa" else (3,):
                 x2 = x.clone()
                 x2[:, t] = 2 + (x2[:, t] + 5) % (V - 2)  # any other non-BOS token, even in place of a BOS
                 out = model.forward_logits(x2, looping)
@@ -96,8 +96,12 @@ def test_flex_and_sdpa_kernels_agree_and_the_fa3_choice_does_not_bypass_the_mask
     with torch.no_grad():
         flex, sdpa = doc_model("flex").forward_logits(x, True), doc_model("sdpa").forward_logits(x, True)
     torch.testing.assert_close(flex, sdpa, atol=2e-5, rtol=2e-5)
-    masked = doc_model(None)
-    masked.blocks[0].attn.flash = lambda *a, **k: (_ for _ in ()).throw(AssertionError("FA3 has no document mask"))
+    def fa3(*args, **kwargs):
+        raise AssertionError("FA3 was called, but it has no document mask")
+
+    masked = doc_model(None)  # as ATTN_BACKEND=fa3 would build it
+    for block in masked.blocks:
+        block.attn.flash = fa3
     with torch.no_grad():
         torch.testing.assert_close(masked.forward_logits(x, True), sdpa)  # eager on CPU: the SDPA mask
 
@@ -141,7 +145,7 @@ class GraphCounter:
         return gm.forward
 
 
-LAYOUTS = [[32], [1] * 32, [3, 29], [16, 16], [5, 7, 9, 11], [2, 30]]
+LAYOUTS = [[32], [1] * 32, [3, 29], [5, 7, 9, 11]]
 
 
 @pytest.mark.parametrize("path", ["train", "eval_flex"])
