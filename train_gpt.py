@@ -65,6 +65,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ==================================================================================================
@@ -149,6 +150,9 @@ class Hyperparameters:
     mlp_leaky_slope: float = knob(0.5, "negative slope of leaky_relu2", gt=0)
     rope_dims: int = knob(0, "partial RoPE: rotate the first N dims of each head; 0 = all", min=0)
     xsa_last_n: int = knob(0, "exclusive self-attention on the last N layers", min=0)
+    doc_masked_attention: bool = knob(False, "attention stays inside each document: every row is cut at BOS, in "
+                                      "training and evaluation, and RoPE positions restart at each BOS")
+    ortho_init: bool = knob(False, "orthogonal init (gain 1) of the attention q/k/v and MLP input matrices")
     value_residual: bool = knob(False, "later layers mix the first layer's values into theirs")
     attn_out_gate_enabled: bool = knob(False, "per-head output gate 2*sigmoid(w.x[:GATE_WINDOW]), identity at init")
     gated_attn_enabled: bool = knob(False, "per-head output gate sigmoid(W x) (Qwen gated attention)")
@@ -165,6 +169,9 @@ class Hyperparameters:
     parallel_start_layer: int = knob(-1, "attention and MLP in parallel from this layer; -1 = off", min=-1)
     parallel_mode: str = knob("two_lane", "parallel residual form", choices=("gptj", "two_lane"))
     parallel_final_lane: str = knob("mean", "two_lane: which lane feeds the head", choices=("mean", "attn", "mlp"))
+    parallel_x0_mix: str = knob("read", "two_lane: resid_mix's blend with the embedding x0 feeds only the attention "
+                                "read (read, the record) or also becomes the attention lane (lane)",
+                                choices=("read", "lane"))
     backout_layer: int = knob(-1, "subtract lambda * (hidden after this virtual layer) at the end; -1 = off", min=-1)
     num_loops: int = knob(0, "depth recurrence: extra passes over layers LOOP_START..LOOP_END; 0 = off", min=0)
     loop_start: int = knob(3, "first layer of the looped segment", min=0)
@@ -452,7 +459,8 @@ class PerDepth:
 # RECIPE=record: the strongest legal 8xH100 stack known (public records R0409/R0427 lineage):
 # SP8192 data, 11x512 with MLP 4x LeakyReLU^2, XSA everywhere, partial RoPE 16, LN scale, skip
 # gates, layers 3-5 looped twice from 35% of training, two-lane parallel residuals from layer 8,
-# SmearGate with the BOS fix, sparse attention gate, QK-gain 5, seq 2048 x 786,432-token batches;
+# SmearGate with the BOS fix, sparse attention gate, QK-gain 5, attention masked to each document
+# (R0427's varlen attention), orthogonal init, seq 2048 x 786,432-token batches;
 # scored by sliding windows (stride 64) and finally by phased score-first TTT with LoRA (R0427).
 # The depth-dependent choices are rules of NUM_LAYERS that give exactly those values at 11 layers:
 # XSA on all layers, parallel residuals on the last 3, the loop over the middle (3/11 to 6/11).
@@ -469,7 +477,7 @@ RECIPES: dict[str, dict] = {
         mlp_activation="leaky_relu2", xsa_last_n=XSA_ALL_LAYERS, rope_dims=16, ln_scale=True,
         skip_gates_enabled=True, num_loops=2, loop_start=LOOP_MIDDLE_START, loop_end=LOOP_MIDDLE_END,
         enable_looping_at=0.35, parallel_start_layer=PARALLEL_LAST_3, parallel_mode="two_lane",
-        parallel_final_lane="mean",
+        parallel_final_lane="mean", parallel_x0_mix="read", doc_masked_attention=True, ortho_init=True,
         smear_gate_enabled=True, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5, qk_gain_init=5.0,
         train_seq_len=2048, train_batch_tokens=786_432, train_loader="shuffled", val_loss_every=4000,
         train_log_every=500,
@@ -1311,6 +1319,8 @@ def normalizes_whitespace(sp: spm.SentencePieceProcessor) -> bool:
 #   MLP_ACTIVATION=leaky_relu2   h = leaky_relu(x, 0.5)^2, no dead units
 #   ROPE_DIMS=16                 rotate only the first 16 head dims; NTK base rescale past TRAIN_SEQ_LEN
 #   XSA_LAST_N=N                 exclusive self-attention: remove each head's component along its own value
+#   DOC_MASKED_ATTENTION=1       attend only within the document (rows cut at BOS; RoPE restarts there)
+#   ORTHO_INIT=1                 orthogonal init of the q/k/v and MLP input matrices
 #   VALUE_RESIDUAL=1             v <- a*v_first_layer + b*v
 #   ATTN_OUT_GATE / GATED_ATTN / SPARSE_ATTN_GATE   per-head output gates (at most one)
 #   BIGRAM_VOCAB_SIZE=B          hashed (prev, cur) token-pair embedding added to the token embedding
@@ -1318,6 +1328,7 @@ def normalizes_whitespace(sp: spm.SentencePieceProcessor) -> bool:
 #   SKIP_GATES_ENABLED=1         U-Net skips as a learned lerp
 #   LN_SCALE=1                   sub-layer inputs scaled by 1/sqrt(layer+1)
 #   PARALLEL_START_LAYER=K       attention and MLP in parallel from layer K (gptj or two_lane form)
+#   PARALLEL_X0_MIX=read         two_lane: the x0 blend feeds only the attention read (the record's form)
 #   BACKOUT_LAYER=K              final hidden -= lambda * hidden after virtual layer K
 #   NUM_LOOPS=N                  run layers LOOP_START..LOOP_END N extra times once looping is on
 # State-dict names are stable (tests pin them): quantization and packing key on them.
@@ -1364,6 +1375,9 @@ class ModelConfig:
     loop_start: int = 0
     loop_end: int = 0
     attn_backend: str = "sdpa"  # sdpa | fa3 (resolved by select_attention_backend, never "auto")
+    doc_masked_attention: bool = False
+    ortho_init: bool = False
+    parallel_x0_mix: str = "read"  # read | lane
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "ModelConfig":
@@ -1377,7 +1391,9 @@ class ModelConfig:
                    hp.bigram_vocab_size, hp.bigram_dim, hp.smear_gate_enabled, hp.skip_gates_enabled,
                    hp.ln_scale, hp.parallel_start_layer, hp.parallel_mode, hp.parallel_final_lane,
                    hp.backout_layer, hp.num_loops, hp.loop_start, hp.loop_end,
-                   "sdpa" if hp.attn_backend == "auto" else hp.attn_backend)
+                   "sdpa" if hp.attn_backend == "auto" else hp.attn_backend,
+                   doc_masked_attention=hp.doc_masked_attention, ortho_init=hp.ortho_init,
+                   parallel_x0_mix=hp.parallel_x0_mix)
 
     def layer_order(self, looping: bool) -> list[int]:
         """Physical block index of each virtual layer: the loop segment repeats when looping is on."""
@@ -1499,6 +1515,46 @@ def select_attention_backend(requested: str, device: torch.device) -> tuple[str,
     return ("fa3" if ok else "sdpa"), reason
 
 
+class DocumentLayout:
+    """The documents of every row of a batch, for DOC_MASKED_ATTENTION. A BOS opens a document; a row's
+    tokens before its first BOS are the tail of an earlier document and form one of their own. Built
+    once per forward from the token ids and read by every layer. A position's document and its RoPE
+    offset (distance from its document's first token) depend only on tokens at or before it, so the
+    model stays causal.
+
+    Attention is causal and same-document, by one of two kernels with the same result (tests check):
+    FlexAttention with a block mask when compiled on CUDA, a fused kernel that skips the blocks between
+    documents; otherwise SDPA with the dense (B, 1, T, T) boolean mask (eager FlexAttention would
+    materialise every score anyway, and on CPU it has no backward)."""
+
+    def __init__(self, input_ids: torch.Tensor, kernel: str):
+        B, T = input_ids.shape
+        is_bos = input_ids == BOS_ID
+        self.doc = torch.cumsum(is_bos, dim=1)  # (B, T) document number within the row
+        t = torch.arange(T, device=input_ids.device)
+        self.positions = t - torch.cummax(torch.where(is_bos, t, 0), dim=1).values  # (B, T)
+        self.kernel = kernel
+        if kernel == "flex":
+            doc = self.doc
+
+            def same_document_causal(b, h, q_idx, kv_idx):
+                return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+            self.mask = create_block_mask(same_document_causal, B, None, T, T, device=input_ids.device)
+        else:
+            causal = t[:, None] >= t[None, :]
+            self.mask = (causal & (self.doc[:, :, None] == self.doc[:, None, :]))[:, None]  # (B, 1, T, T)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, D) queries, (B, KV, T, D) keys and values -> (B, H, T, D)."""
+        q, k, gqa = q.to(v.dtype), k.to(v.dtype), q.size(1) != k.size(1)  # flex wants one dtype (autocast)
+        if self.kernel == "flex":
+            return flex_attention(q, k, v, block_mask=self.mask, enable_gqa=gqa)
+        # Heads expanded by hand: CUDA's masked (memory-efficient) SDPA kernel does not take enable_gqa.
+        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -1524,8 +1580,10 @@ class CausalSelfAttention(nn.Module):
         elif cfg.attn_gate == "gated":  # y_h *= sigmoid(w_h . x) (Qwen G1)
             self.attn_gate_w = nn.Parameter(torch.randn(cfg.num_heads, cfg.model_dim) * cfg.gated_attn_init_std)
 
-    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x is the normalised input. Returns the output and this layer's raw values (for VALUE_RESIDUAL)."""
+    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None,
+                docs: DocumentLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x is the normalised input; `docs` masks attention to each document (DOC_MASKED_ATTENTION).
+        Returns the output and this layer's raw values (for VALUE_RESIDUAL)."""
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
@@ -1535,9 +1593,13 @@ class CausalSelfAttention(nn.Module):
             lam = self.value_lambdas.to(v.dtype)
             v = lam[0] * v_first + lam[1] * v_raw
         cos, sin = self.rotary(T, q.dtype)
+        if docs is not None:  # positions restart at every document's first token
+            cos, sin = cos[0, 0][docs.positions][:, None], sin[0, 0][docs.positions][:, None]  # (B, 1, T, r/2)
         q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
         k = apply_rotary(rms_norm(k), cos, sin)
-        if self.flash is not None:  # FlashAttention 3 takes (B, T, H, D) and handles GQA itself
+        if docs is not None:
+            y = docs.attend(q, k, v)
+        elif self.flash is not None:  # FlashAttention 3 takes (B, T, H, D) and handles GQA itself
             y = self.flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
             y = (y[0] if isinstance(y, tuple) else y).transpose(1, 2)  # (B, H, T, D)
         else:
@@ -1614,6 +1676,8 @@ class Block(nn.Module):
         self.input_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else None
         parallel = 0 <= cfg.parallel_start_layer <= layer_idx
         self.form = cfg.parallel_mode if parallel else "serial"
+        # The record's two-lane form blends x0 into the attention read only; elsewhere the blend is the residual.
+        self.x0_into_read_only = self.form == "two_lane" and cfg.parallel_x0_mix == "read"
         if self.form == "two_lane":
             self.parallel_resid_lambdas = nn.Parameter(torch.full((2,), 1.1))
             self.parallel_post_lambdas = nn.Parameter(torch.ones(2, 2))
@@ -1623,11 +1687,13 @@ class Block(nn.Module):
         return rms_norm(x) if self.input_scale is None else rms_norm(x) * self.input_scale
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, v_first: torch.Tensor | None,
-                mlp_lane: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                mlp_lane: torch.Tensor | None = None,
+                docs: DocumentLayout | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Returns (residual, MLP lane of the two-lane form or None, raw attention values)."""
         mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        a, v_raw = self.attn(self.sublayer_input(x), v_first)
+        read = mix[0] * x + mix[1] * x0
+        x = x if self.x0_into_read_only else read
+        a, v_raw = self.attn(self.sublayer_input(read), v_first, docs)
         a = self.attn_scale.to(x.dtype) * a
         if self.form == "serial":
             x = x + a
@@ -1673,6 +1739,11 @@ class GPT(nn.Module):
             self.smear_gate_w = nn.Parameter(torch.zeros(cfg.gate_window))
             self.smear_lambda = nn.Parameter(torch.zeros(()))
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        if cfg.ortho_init:  # the records' init of every input matrix (output projections stay zero)
+            for block in self.blocks:
+                for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc):
+                    nn.init.orthogonal_(linear.weight)
+        self.doc_attention_kernel: str | None = None  # None: flex when compiled on CUDA, else sdpa (tests pin one)
         # U-Net skips, sized for the longest (looped) layer order; the plain order uses a prefix.
         n = cfg.max_virtual_layers
         self.skip_weights = nn.Parameter(torch.ones(min(n // 2, n - n // 2), cfg.model_dim))
@@ -1697,8 +1768,17 @@ class GPT(nn.Module):
             x = x + self.smear_lambda.to(x.dtype) * gate * not_bos * prev
         return rms_norm(x)
 
+    def document_layout(self, input_ids: torch.Tensor) -> DocumentLayout | None:
+        """Each row's documents under DOC_MASKED_ATTENTION (None: attention spans the whole row)."""
+        if not self.cfg.doc_masked_attention:
+            return None
+        fused = torch.compiler.is_compiling() and input_ids.is_cuda  # CPU FlexAttention has no backward
+        kernel = self.doc_attention_kernel or ("flex" if fused else "sdpa")
+        return DocumentLayout(input_ids, kernel)
+
     def forward_hidden(self, input_ids: torch.Tensor, looping: bool = False) -> torch.Tensor:
         x = x0 = self.embed(input_ids)
+        docs = self.document_layout(input_ids)
         order = self.cfg.layer_order(looping)
         num_encoder = len(order) // 2
         num_skips = min(num_encoder, len(order) - num_encoder)
@@ -1711,7 +1791,7 @@ class GPT(nn.Module):
                     x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
                 else:
                     x = x + skip
-            x, mlp_lane, v_raw = self.blocks[layer](x, x0, v_first, mlp_lane)
+            x, mlp_lane, v_raw = self.blocks[layer](x, x0, v_first, mlp_lane, docs)
             v_first = v_raw if v_first is None else v_first
             if i < num_encoder:
                 skips.append(x)
@@ -5542,7 +5622,9 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
         log(line)
     log(f"world_size:{rt.world_size} grad_accum_steps:{grad_accum} compile:{int(use_compile)} "
         f"compute_dtype:{resolved_compute_dtype(hp, rt.device)}")
-    log(f"attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads}")
+    doc_mask = "off" if not hp.doc_masked_attention else "flex" if use_compile and rt.device.type == "cuda" else "sdpa"
+    log(f"attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads} document_mask:{doc_mask}"
+        + (" (FA3 runs only without a document mask)" if doc_mask != "off" and backend == "fa3" else ""))
     log(f"tie_embeddings:{hp.tie_embeddings} embed_lr:{hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr} "
         f"head_lr:{hp.head_lr if not hp.tie_embeddings else 0.0} matrix_lr:{hp.matrix_lr} scalar_lr:{hp.scalar_lr}")
     log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} iterations:{hp.iterations} "

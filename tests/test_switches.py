@@ -28,11 +28,16 @@ SWITCHES = {
     "parallel_gptj": ({"PARALLEL_START_LAYER": "2", "PARALLEL_MODE": "gptj"}, False),
     "parallel_two_lane": ({"PARALLEL_START_LAYER": "2", "PARALLEL_MODE": "two_lane"}, False),
     "parallel_two_lane_attn_lane": ({"PARALLEL_START_LAYER": "2", "PARALLEL_FINAL_LANE": "attn"}, False),
+    "parallel_two_lane_x0_lane": ({"PARALLEL_START_LAYER": "2", "PARALLEL_X0_MIX": "lane"}, False),
     "backout": ({"BACKOUT_LAYER": "1"}, True),
     "loops": ({"NUM_LOOPS": "2", "LOOP_START": "1", "LOOP_END": "2"}, False),
 }
 ALL_ON = {k: v for env, _ in SWITCHES.values() for k, v in env.items()
-          if k not in ("GATED_ATTN_ENABLED", "ATTN_OUT_GATE_ENABLED", "PARALLEL_MODE", "PARALLEL_FINAL_LANE")}
+          if k not in ("GATED_ATTN_ENABLED", "ATTN_OUT_GATE_ENABLED", "PARALLEL_MODE", "PARALLEL_FINAL_LANE",
+                       "PARALLEL_X0_MIX")}
+# Document masking (tests/test_docmask.py) and orthogonal init change nothing on a BOS-free row or
+# after `randomize`: not in SWITCHES, but on in every ALL_ON case.
+ALL_ON.update(DOC_MASKED_ATTENTION="1", ORTHO_INIT="1")
 
 
 def build(env: dict, seed: int = 0) -> tg.GPT:
@@ -125,6 +130,45 @@ def test_documented_initial_values():
     assert torch.all(m.blocks[3].parallel_resid_lambdas == 1.1) and torch.all(m.blocks[3].parallel_post_lambdas == 1)
     assert [b.input_scale for b in m.blocks] == pytest.approx([1, 2**-0.5, 3**-0.5, 0.5])
     assert [b.attn.xsa for b in m.blocks] == [False, False, True, True]
+
+
+def test_orthogonal_init_of_the_input_matrices_leaves_the_output_projections_zero():
+    plain, ortho = build({}), build({"ORTHO_INIT": "1"})
+    for block in ortho.blocks:
+        for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight, block.mlp.fc.weight):
+            gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w  # rows or columns orthonormal (gain 1)
+            assert torch.allclose(gram, torch.eye(min(w.shape)), atol=1e-5)
+        assert torch.all(block.attn.proj.weight == 0) and torch.all(block.mlp.proj.weight == 0)
+    w = plain.blocks[0].attn.c_q.weight  # PyTorch's default init is not orthogonal
+    assert not torch.allclose(w @ w.T, torch.eye(w.shape[0]), atol=0.1)
+    assert torch.equal(plain.tok_emb.weight, ortho.tok_emb.weight)  # drawn before: the rest of init is unchanged
+
+
+@pytest.mark.parametrize("mix", ["read", "lane"])
+def test_two_lane_blends_x0_into_the_attention_read_or_into_the_lane(mix):
+    """The record (read) blends x0 only into what attention reads: the lanes carry the incoming residual.
+    The `lane` form carries the blend itself (and the MLP lane starts from it)."""
+    cfg = tg.ModelConfig.from_hparams(tg.Hyperparameters.from_env(
+        {**BASE, "PARALLEL_START_LAYER": "0", "PARALLEL_X0_MIX": mix}))
+    torch.manual_seed(0)
+    block = tg.Block(cfg, 0)
+    with torch.no_grad():
+        block.resid_mix.copy_(torch.randn(2, 64))
+    x, x0 = torch.randn(2, 8, 64), torch.randn(2, 8, 64)
+    lane0, lane1, _ = block(x, x0, None)  # output projections start at zero: no attention or MLP term
+    r, blend = block.parallel_resid_lambdas, block.resid_mix[0] * x + block.resid_mix[1] * x0
+    carried = x if mix == "read" else blend
+    assert torch.allclose(lane0, r[0] * carried) and torch.allclose(lane1, r[1] * carried)
+    with torch.no_grad():
+        block.attn.proj.weight.normal_()
+    x0b = x0 + 1
+    assert not torch.allclose(block(x, x0b, None)[0], block(x, x0, None)[0])  # attention reads the blend
+
+
+def test_the_record_uses_document_masking_orthogonal_init_and_the_records_two_lane_form():
+    record, baseline = tg.Hyperparameters.from_env({}), tg.Hyperparameters.from_env({"RECIPE": "baseline"})
+    assert record.doc_masked_attention and record.ortho_init and record.parallel_x0_mix == "read"
+    assert not baseline.doc_masked_attention and not baseline.ortho_init
 
 
 def test_partial_rope_rotates_only_its_dims_and_rescales_past_the_training_length():

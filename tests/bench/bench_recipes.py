@@ -4,8 +4,8 @@ Trains each configuration on the embedded sample (sp1024; built if missing) with
 steps and tokens per step, and prints val_bpb before and after the export roundtrip and tokens/s.
 Not collected by pytest (a benchmark, not a test). Run from the repo root:
 
-    python tests/bench/bench_recipes.py [--suite recipes|optimizer|loader|all] [--steps 150]
-                                        [--data sample|docshuffled|both]
+    python tests/bench/bench_recipes.py [--suite recipes|optimizer|loader|details|all] [--steps 150]
+                                        [--data sample|docshuffled|both] [--batch-tokens 16384]
 
 Suite `recipes`: RECIPE=baseline vs RECIPE=record, sized to about the same unique parameter count
 (printed). The record stack's looping switches on at 35% of the steps (no wallclock cap).
@@ -17,6 +17,9 @@ dozen neighbouring documents) vs TRAIN_LOADER=shuffled (seq_len+1 windows from a
 `--data docshuffled` trains on a copy of the sample whose training documents are put in a seeded random
 order before export (as FineWeb's shards are; the sample is in alphabetical order), with the same
 tokenizer and validation set, so the table shows how much of the loader's gain survives there.
+Suite `details`: the record recipe (4 layers, as in `recipes`) with each of its model details from
+issue 20 turned back, one at a time and all together: document-masked attention, orthogonal init, and
+the record's two-lane form (x0 blended into the attention read only) against ours before (`lane`).
 """
 
 from __future__ import annotations
@@ -61,6 +64,14 @@ SUITES = {
         "baseline, stream": {"RECIPE": "baseline", "NUM_LAYERS": "6", "TRAIN_LOADER": "stream"},
         "baseline, shuffled": {"RECIPE": "baseline", "NUM_LAYERS": "6", "TRAIN_LOADER": "shuffled"},
     },
+    "details": {
+        "record": RECORD_SMALL,
+        "record, DOC_MASKED_ATTENTION=0": {**RECORD_SMALL, "DOC_MASKED_ATTENTION": "0"},
+        "record, ORTHO_INIT=0": {**RECORD_SMALL, "ORTHO_INIT": "0"},
+        "record, PARALLEL_X0_MIX=lane": {**RECORD_SMALL, "PARALLEL_X0_MIX": "lane"},
+        "record, all three back": {**RECORD_SMALL, "DOC_MASKED_ATTENTION": "0", "ORTHO_INIT": "0",
+                                   "PARALLEL_X0_MIX": "lane"},
+    },
     "optimizer": {
         "baseline-optimizer": {"RECIPE": "baseline", "NUM_LAYERS": "6"},
         "record-optimizer": {"RECIPE": "baseline", "NUM_LAYERS": "6", **RECORD_OPTIMIZER},
@@ -99,7 +110,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
     parser.add_argument("--data", choices=["sample", "docshuffled", "both"], default="sample")
+    parser.add_argument("--batch-tokens", type=int, default=int(COMMON["TRAIN_BATCH_TOKENS"]),
+                        help="tokens per step (a multiple of the sequence length 256)")
     args = parser.parse_args()
+    COMMON["TRAIN_BATCH_TOKENS"] = str(args.batch_tokens)
     from data.prepare_sample import prepare_sample
 
     sample = prepare_sample(vocab_size=1024)
