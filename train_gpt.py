@@ -2220,7 +2220,13 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, rank:
     score_ms = adapt_ms = 0.0
     windows_scored = steps = trained_chunks = 0
     trained_upto = 0  # targets 1..trained_upto have been (or will never be) trained on
-    t_clock = time.perf_counter
+
+    def t_clock() -> float:  # seconds; under a budget its own clock, read after the device's queued work
+        if budget is None or budget.cap_ms is None:
+            return time.perf_counter()
+        device_sync(ledger.device)
+        return budget.elapsed_ms() / 1000.0
+
     for ci, group in enumerate(groups):
         t0 = t_clock()
         score_windows(lambda x: logits_fn(x, looping), ledger, group, seq_len=s.seq_len,
@@ -2274,8 +2280,8 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, rank:
 # `window_widths` (powers of two from the chunk size up, then EVAL_SEQ_LEN: six for the record) chosen
 # by the step's index alone, and the head runs only at the chunk's TTT_CHUNK_SIZE positions. The
 # adapters are applied by forward hooks registered once per model (`AdapterHooks`), inert outside
-# `lora_logits`. So the LoRA step compiles at most 2 x len(window_widths) graphs (with and without
-# grad), once per process.
+# `lora_logits`. Every step runs with autograd on (a step that trains no row skips the backward), so
+# the LoRA step compiles at most len(window_widths) graphs, once per process.
 #
 # TTT_MODE=phased (R0413/R0427 form): LoRA TTT as above, plus PHASED_TTT_NUM_PHASES global phases:
 # once the first PHASED_TTT_PREFIX_DOCS*(k+1)/K documents of the queue are scored, the base model
@@ -2478,7 +2484,7 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lor
         starts = [max(docs[d][0], b - s.seq_len) for d, (_, b) in zip(rows, spans)]
         x, positions, x_at, y_at, mask = ledger.document_rows(spans, starts, rows=rows, num_rows=lora.num_rows,
                                                               width=width, chunk=chunk)
-        with torch.set_grad_enabled(bool(train_rows)), autocast():
+        with torch.enable_grad(), autocast():  # one graph per width: steps that train nothing skip the backward
             logits = forward(lora, model, x, positions, looping)
         ledger.commit(spans, logits.detach(), x_at, y_at, mask)  # scores fixed before the update below
         if not train_rows:
@@ -2557,9 +2563,10 @@ class StepCosts:
 
 def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: list[int], *, looping: bool,
                            forward=lora_logits, autocast=contextlib.nullcontext, costs: StepCosts | None = None) -> None:
-    """Run a plain and an adapting step (full rows, synthetic tokens) at each width twice, the second
-    time timed into `costs`: this compiles every graph the pass needs and gives the budget measured
-    step costs before the first validation step. The adapters are reset by the next round."""
+    """Run a plain step (a forward) and an adapting one (with backward and AdamW step) at each width,
+    on full rows of synthetic tokens, twice, the second time timed into `costs`: this compiles every
+    graph the pass needs and gives the budget measured step costs before the first validation step.
+    The adapters are reset by the next round."""
     chunk = min(s.doc_chunk, s.seq_len)
     optimizer = torch.optim.AdamW(lora.params, lr=0.0)
     device = lora.a[0].device
@@ -2570,7 +2577,7 @@ def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: li
         for kind in ("plain", "adapt"):
             for timed in (False, True):
                 t0 = costs.now() if costs is not None else 0.0
-                with torch.set_grad_enabled(kind == "adapt"), autocast():
+                with torch.enable_grad(), autocast():  # as in `lora_round`
                     logits = forward(lora, model, x, positions, looping)
                 if kind == "adapt":
                     logits.float().logsumexp(-1).mean().backward()

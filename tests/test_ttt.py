@@ -248,11 +248,15 @@ def test_two_gloo_ranks_equal_one_process_in_every_ttt_mode(sample_dataset, tmp_
 
 def test_budget_stops_adaptation_and_scores_the_rest_plainly(sample_dataset):
     luts, val = luts_and_val(sample_dataset, 701)
-    clock = iter(range(0, 100_000, 1000))  # 1 s per decision: the budget runs out after a few chunks
-    budget = tg.AdaptationBudget(lambda: float(next(clock)), cap_ms=3900.0)
-    ledger, info, _ = run_chunked(val, luts, budget=budget)
+    model = small_model()
+    model.eval()
+    device = SimulatedDevice(model)  # the budget's clock: deterministic, whatever the machine's load
+    budget = tg.AdaptationBudget(lambda: device.ms, cap_ms=4.0)
+    ledger = tg.ScoreLedger(val, luts, CPU)
+    info = tg.run_ttt(model, ledger, SETTINGS, rank=0, world_size=1, looping=False, budget=budget)
     tg.check_scored_once(ledger)
     assert 0 < info["trained_chunks"] < 7 and info["stopped_at"] == f"chunk {info['trained_chunks'] + 1}/8"
+    assert device.ms <= 4.0
     # No budget: adaptation decisions are never taken away.
     assert tg.AdaptationBudget(lambda: 1e12, None).allows(1e12, 1e12, "x")
     plain = tg.AdaptationBudget(lambda: 100.0, 1000.0)
@@ -261,16 +265,16 @@ def test_budget_stops_adaptation_and_scores_the_rest_plainly(sample_dataset):
 
 
 class SimulatedDevice:
-    """A fake clock that advances only while the model computes: rows x width (x3 with grad) microseconds
-    per forward, so step costs are exact and a budget test is deterministic."""
+    """A fake clock that advances only while the model computes: rows x width microseconds per forward
+    and twice that per backward, so step costs are exact and a budget test is deterministic."""
 
     def __init__(self, model):
         self.ms = 0.0
-        model.blocks[0].register_forward_pre_hook(self.tick)
+        model.blocks[0].register_forward_pre_hook(lambda module, args: self.tick(args[0], 1.0))
+        model.blocks[-1].register_full_backward_pre_hook(lambda module, grads: self.tick(grads[0], 2.0))
 
-    def tick(self, module, args):
-        x = args[0]
-        self.ms += x.shape[0] * x.shape[1] * (3.0 if torch.is_grad_enabled() else 1.0) / 1000
+    def tick(self, x, cost):
+        self.ms += cost * x.shape[0] * x.shape[1] / 1000
 
 
 class RecordingBudget(tg.AdaptationBudget):
@@ -342,7 +346,7 @@ def test_a_pass_that_adapts_on_nothing_says_so_at_its_start(sample_dataset):
 
 def test_document_ttt_compiles_few_graphs_once_and_scores_as_eager(sample_dataset):
     """The per-document step under torch.compile (dynamo, counted): documents of many lengths compile
-    at most 2 x len(window_widths) graphs, all in the warm-up; the pass itself (a new DocLoRA, as in a
+    at most len(window_widths) graphs (autograd always on), all in the warm-up; the pass itself (a new DocLoRA, as in a
     second evaluation) compiles nothing new, and its score equals eager's."""
     from torch._dynamo.testing import CompileCounter
 
@@ -371,7 +375,7 @@ def test_document_ttt_compiles_few_graphs_once_and_scores_as_eager(sample_datase
                           world_size=1, device=CPU, autocast=tg.contextlib.nullcontext, ttt=settings,
                           lora_forward=forward)
     after_warmup = counter.frame_count
-    assert after_warmup == 2 * len(widths)  # with and without grad at each width
+    assert after_warmup == len(widths)  # one per width
     compiled = evaluate(model, forward)
     assert counter.frame_count == after_warmup  # nothing new
     model.load_state_dict(state)
