@@ -27,6 +27,7 @@ Importing this file has no side effects; `main()` runs only under `__main__`.
 from __future__ import annotations
 
 import ast
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -54,6 +55,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -243,7 +245,8 @@ class Hyperparameters:
     ttt_mlp_lora: bool = knob(True, "lora/phased: a dim->dim adapter beside each MLP, fed by its input")
     ttt_chunk_size: int = knob(48, "lora/phased: targets scored per adapter step inside a document (at most "
                                "EVAL_SEQ_LEN)", gt=0)
-    ttt_batch_size: int = knob(64, "lora/phased: documents per round, over all ranks", gt=0)
+    ttt_batch_size: int = knob(64, "lora/phased: documents each rank holds at a time (R0427: 64); a round is "
+                               "TTT_BATCH_SIZE x WORLD_SIZE documents", gt=0)
     phased_ttt_prefix_docs: int = knob(2000, "phased: scored documents (longest first) the global phases train on",
                                        min=0)
     phased_ttt_num_phases: int = knob(1, "phased: global SGD phases, evenly spaced over the prefix", gt=0)
@@ -2263,18 +2266,26 @@ class ScoreLedger:
         mask = torch.arange(length)[None, :] >= first_scored[:, None]
         return x.to(self.device), y.to(self.device), mask.to(self.device)
 
-    def document_rows(self, spans: list[tuple[int, int]], starts: list[int]):
-        """Right-padded rows for windows that read tokens start..b-1 and score targets a+1..b."""
-        width = max(b - st for (_, b), st in zip(spans, starts))
-        x = torch.zeros(len(spans), width, dtype=torch.int64)
-        y = torch.zeros(len(spans), width, dtype=torch.int64)
-        mask = torch.zeros(len(spans), width, dtype=torch.bool)
-        for i, ((a, b), st) in enumerate(zip(spans, starts)):
-            if not 0 <= st <= a < b:
-                raise RunError(f"window from token {st} cannot score targets ({a}, {b}]; the TTT plan is broken")
-            x[i, : b - st], y[i, : b - st] = self.tokens[st:b], self.tokens[st + 1 : b + 1]
-            mask[i, a - st : b - st] = True
-        return x.to(self.device), y.to(self.device), mask.to(self.device)
+    def document_rows(self, spans: list[tuple[int, int]], starts: list[int], *, rows: list[int], num_rows: int,
+                      width: int, chunk: int):
+        """A fixed-shape batch of document windows: row rows[i] reads tokens starts[i]..b-1 (right-padded
+        with id 0 to `width`) and scores targets a+1..b of spans[i] = (a, b]; every row has `chunk` scored
+        positions (a short chunk repeats its last one, masked out), and rows holding no window read zeros
+        and score nothing. Returns, on the device, the inputs (num_rows, width), the scored positions
+        (num_rows, chunk), and the inputs, targets and mask at those positions (num_rows, chunk)."""
+        x = torch.zeros(num_rows, width, dtype=torch.int64)
+        y = torch.zeros(num_rows, width, dtype=torch.int64)
+        positions = torch.zeros(num_rows, chunk, dtype=torch.int64)
+        mask = torch.zeros(num_rows, chunk, dtype=torch.bool)
+        for r, (a, b), st in zip(rows, spans, starts):
+            if not (0 <= st <= a < b and b - st <= width and b - a <= chunk):
+                raise RunError(f"window from token {st} cannot score targets ({a}, {b}] in {width} columns; the TTT "
+                               f"plan is broken")
+            x[r, : b - st], y[r, : b - st] = self.tokens[st:b], self.tokens[st + 1 : b + 1]
+            positions[r, : b - a] = torch.arange(a - st, b - st)
+            positions[r, b - a :] = b - st - 1
+            mask[r, : b - a] = True
+        return tuple(t.to(self.device) for t in (x, positions, x.gather(1, positions), y.gather(1, positions), mask))
 
     def commit(self, spans: list[tuple[int, int]], logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                mask: torch.Tensor) -> torch.Tensor:
@@ -2427,7 +2438,7 @@ class TTTSettings:
     lora_o: bool = True
     lora_mlp: bool = True
     doc_chunk: int = 48  # lora/phased: targets scored per step inside a document
-    docs_per_batch: int = 64  # lora/phased: documents per round, over all ranks
+    docs_per_batch: int = 64  # lora/phased: documents each rank holds at a time (a round: this x world size)
     prefix_docs: int = 2000  # phased: documents (in queue order) used by the global SGD phases
     num_phases: int = 1
     global_lr: float = 0.001
@@ -2490,11 +2501,12 @@ def average_gradients(params: list[torch.Tensor]) -> None:
 
 def adapt_full_model(model: GPT, ledger: ScoreLedger, spans: list[tuple[int, int]], optimizer, *, lr: float,
                      epochs: int, seq_len: int, batch_seqs: int, grad_clip: float, rank: int, world_size: int,
-                     looping: bool, autocast=contextlib.nullcontext) -> int:
+                     looping: bool, autocast=contextlib.nullcontext, before_step=None) -> int:
     """Full-model SGD on the committed targets `spans`, `epochs` passes; returns the steps taken.
 
     Step j takes pieces [j*B, (j+1)*B) of all ranks' pieces; each rank its contiguous share. The
-    loss is the mean over the step's targets on all ranks, so any world size computes the same step."""
+    loss is the mean over the step's targets on all ranks, so any world size computes the same step.
+    `before_step()` (called on every rank before each step) returning False ends the passes there."""
     pieces = sequence_pieces(spans, seq_len)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for g in optimizer.param_groups:
@@ -2503,6 +2515,9 @@ def adapt_full_model(model: GPT, ledger: ScoreLedger, spans: list[tuple[int, int
     model.train()
     for _ in range(epochs):
         for j in range(0, len(pieces), batch_seqs):
+            if before_step is not None and not before_step():
+                model.eval()
+                return steps
             step_pieces = pieces[j : j + batch_seqs]
             total_targets = sum(hi - lo for lo, hi in step_pieces)
             mine = rank_share(step_pieces, rank, world_size)
@@ -2544,11 +2559,20 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, rank:
     optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum)
     log(f"ttt:start mode:chunked chunks:{len(groups)} ttt_lr:{s.lr} ttt_epochs:{s.epochs} "
         f"chunk_tokens:{s.chunk_tokens} frozen_blocks:{s.freeze_blocks} params:{sum(p.numel() for p in params)}")
+    reason = nothing_to_adapt(s, ledger.num_targets)
+    if reason is not None:
+        log(f"ttt:warning this pass adapts on nothing: {reason}; its score is the plain score")
     windows_left = sum(len(g) for g in groups)
     score_ms = adapt_ms = 0.0
     windows_scored = steps = trained_chunks = 0
     trained_upto = 0  # targets 1..trained_upto have been (or will never be) trained on
-    t_clock = time.perf_counter
+
+    def t_clock() -> float:  # seconds; under a budget its own clock, read after the device's queued work
+        if budget is None or budget.cap_ms is None:
+            return time.perf_counter()
+        device_sync(ledger.device)
+        return budget.elapsed_ms() / 1000.0
+
     for ci, group in enumerate(groups):
         t0 = t_clock()
         score_windows(lambda x: logits_fn(x, looping), ledger, group, seq_len=s.seq_len,
@@ -2590,16 +2614,31 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, rank:
 # context from other documents); after a chunk is committed, one AdamW step on that chunk's loss
 # updates that document's adapters, so its next chunk is scored by adapters trained on its earlier
 # chunks only. The document's last chunk never trains. Documents are queued longest first and
-# processed in rounds of TTT_BATCH_SIZE over all ranks; position p of every round belongs to the same
-# rank. Each round zeroes B and the optimizer state; A is redrawn (the same seeded draw for every
+# processed in rounds of TTT_BATCH_SIZE documents per rank (R0427's 64): a round is TTT_BATCH_SIZE x
+# WORLD_SIZE documents and rank r holds its positions r*TTT_BATCH_SIZE.. onwards, so the score depends
+# on the world size only through the round size (1 process with TTT_BATCH_SIZE=2B equals 2 ranks with
+# B, tested). Each round zeroes B and the optimizer state; A is redrawn (the same seeded draw for every
 # position), or with TTT_WARM_START_A=1 kept from the document at the same position of the previous
 # round: trained on already-scored tokens only, so still score-first.
+#
+# Fixed shapes, so a compiled step sees few graphs: every step of a rank has TTT_BATCH_SIZE rows (rows
+# of finished documents read zeros and score nothing), its window is padded to a width of
+# `window_widths` (powers of two from the chunk size up, then EVAL_SEQ_LEN: six for the record) chosen
+# by the step's index alone, and the head runs only at the chunk's TTT_CHUNK_SIZE positions. The
+# adapters are applied by forward hooks registered once per model (`AdapterHooks`), inert outside
+# `lora_logits`. Every step runs with autograd on (a step that trains no row skips the backward), so
+# the LoRA step compiles at most len(window_widths) graphs, once per process.
 #
 # TTT_MODE=phased (R0413/R0427 form): LoRA TTT as above, plus PHASED_TTT_NUM_PHASES global phases:
 # once the first PHASED_TTT_PREFIX_DOCS*(k+1)/K documents of the queue are scored, the base model
 # takes GLOBAL_TTT_EPOCHS SGD passes over those (already committed) documents, LR cosine-decayed over
 # groups of TTT_CHUNK_TOKENS targets, gradients averaged over ranks; later documents are scored by the
 # updated model.
+#
+# The evaluation budget, measured: with MAX_EVAL_SECONDS set, the pass first times a plain and an
+# adapting step at every window width (and a global SGD step) on synthetic tokens, then every real
+# step. Before each chunk step and each global SGD step it checks that the step plus scoring every
+# remaining step plainly (at its measured width cost) still fits; if not, adaptation stops for good.
 
 
 def lora_targets(model: GPT, s: "TTTSettings") -> list[str]:
@@ -2614,25 +2653,71 @@ def document_spans(tokens: torch.Tensor) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(bos, bos[1:]) if b > a]
 
 
+def device_sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a host clock read measures it (budget timing only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class AdapterHooks:
+    """Forward hooks on every module that can get an adapter, registered once per model and kept (so
+    compiled graphs never see hooks come and go). Inert unless `lora_logits` has set `lora`; a hook
+    counts its calls within a forward to find its virtual slot."""
+
+    SUFFIXES = ("attn.c_q", "attn.c_v", "attn.c_k", "attn.proj", "mlp")
+
+    def __init__(self, model: GPT):
+        modules = dict(model.named_modules())
+        self.names = [f"blocks.{i}.{suffix}" for i in range(len(model.blocks)) for suffix in self.SUFFIXES]
+        self.lora: "DocLoRA | None" = None
+        self.calls: list[int] | None = None
+        for k, name in enumerate(self.names):
+            modules[name].register_forward_hook(self._hook(k))
+
+    def _hook(self, k: int):
+        def add_delta(module, inputs, output):
+            lora = self.lora
+            if lora is None or lora.module_of_hook[k] < 0:
+                return output
+            m = lora.module_of_hook[k]
+            slot = self.calls[k]
+            if slot >= lora.slots[m]:
+                raise RunError(f"LoRA adapter {m} called {slot + 1} times in one forward; the slot plan is broken")
+            self.calls[k] = slot + 1
+            return output + lora.delta(lora.first_slot[m] + slot, inputs[0]).to(output.dtype)
+        return add_delta
+
+
+_ADAPTER_HOOKS: "weakref.WeakKeyDictionary[GPT, AdapterHooks]" = weakref.WeakKeyDictionary()
+
+
+def adapter_hooks(model: GPT) -> AdapterHooks:
+    if model not in _ADAPTER_HOOKS:
+        _ADAPTER_HOOKS[model] = AdapterHooks(model)
+    return _ADAPTER_HOOKS[model]
+
+
 class DocLoRA:
-    """Per-document adapters: for adapter j and input row i (adapter row rows[i]), output +=
-    scale * x A_j[row]^T B_j[row]^T, one [rows, ...] tensor per adapter. Rows are independent under
-    AdamW (elementwise; a row trains at every step from a round's start until its document's last
-    trained chunk, so its step count is the same on any number of ranks). After that a row keeps
-    moving with the others' steps (decay, momentum), which no score sees; the A that warm starts the
-    next round is the one saved at the row's last own step (`keep_warm`). Attached with forward hooks,
-    so the model code is untouched; a hook counts its calls within a forward to find its virtual slot."""
+    """Per-document adapters: for adapter j and row i, output += scale * x A_j[i]^T B_j[i]^T, one
+    [rows, ...] tensor per adapter. Rows are independent under AdamW (elementwise; a row trains at every
+    step from a round's start until its document's last trained chunk, so its step count is the same on
+    any number of ranks). After that a row keeps moving with the others' steps (decay, momentum), which
+    no score sees; the A that warm starts the next round is the one saved at the row's last own step
+    (`keep_warm`). Applied through the model's `AdapterHooks`, so the model code is untouched."""
 
     def __init__(self, model: GPT, num_rows: int, s: "TTTSettings", device: torch.device, looping: bool,
                  seed: int = 0):
         order = model.cfg.layer_order(looping)
+        names = lora_targets(model, s)
+        self.hooks = adapter_hooks(model)
+        self.module_of_hook = [names.index(n) if n in names else -1 for n in self.hooks.names]
         modules = dict(model.named_modules())
-        self.modules = [modules[name] for name in lora_targets(model, s)]
-        slots = [order.count(int(name.split(".")[1])) for name in lora_targets(model, s)]
+        self.slots = [order.count(int(name.split(".")[1])) for name in names]
         self.scale = (s.lora_alpha or s.lora_rank) / s.lora_rank
         g = torch.Generator().manual_seed(seed)
         shapes = []  # (in, out) per adapter: every slot of every module, then the head
-        for m, n in zip(self.modules, slots):
+        for name, n in zip(names, self.slots):
+            m = modules[name]
             width = m.fc.in_features if isinstance(m, MLP) else m.in_features
             out = m.proj.out_features if isinstance(m, MLP) else m.out_features
             shapes += [(width, out)] * n
@@ -2642,9 +2727,8 @@ class DocLoRA:
         self.warm_a = [a.clone() for a in self.a_init]  # per row: the A the next round starts from
         self.a = [a.clone().requires_grad_() for a in self.a_init]
         self.b = [torch.zeros(num_rows, o, s.lora_rank, device=device, requires_grad=True) for _, o in shapes]
-        self.first_slot = [sum(slots[:k]) for k in range(len(slots))]  # adapter index of module k's slot 0
-        self.slots, self.calls = slots, [0] * len(slots)
-        self.rows = list(range(num_rows))  # adapter row of each input row
+        self.first_slot = [sum(self.slots[:k]) for k in range(len(self.slots))]  # adapter of module k's slot 0
+        self.num_rows = num_rows
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -2669,33 +2753,27 @@ class DocLoRA:
                 warm[index] = a[index]
 
     def delta(self, j: int, x: torch.Tensor) -> torch.Tensor:
-        index = self._index
-        a = (self.a[j] if index is None else self.a[j][index]).to(x.dtype)
-        b = (self.b[j] if index is None else self.b[j][index]).to(x.dtype)
+        a, b = self.a[j].to(x.dtype), self.b[j].to(x.dtype)
         return self.scale * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
     def logits(self, model: GPT, x: torch.Tensor, looping: bool) -> torch.Tensor:
-        """The model's logits for rows x with every adapter applied."""
-        self.calls = [0] * len(self.modules)
-        every_row = self.rows == list(range(self.b[0].size(0)))
-        self._index = None if every_row else torch.tensor(self.rows, device=x.device)  # no gather: all rows
+        """The model's logits at every position of rows x (one per adapter row), adapters applied."""
+        return lora_logits(self, model, x, None, looping)
 
-        def hook(k):
-            def add_delta(module, inputs, output):
-                slot = self.calls[k]
-                if slot >= self.slots[k]:
-                    raise RunError(f"LoRA adapter {k} called {slot + 1} times in one forward; the slot plan is broken")
-                self.calls[k] += 1
-                return output + self.delta(self.first_slot[k] + slot, inputs[0]).to(output.dtype)
-            return add_delta
 
-        handles = [m.register_forward_hook(hook(k)) for k, m in enumerate(self.modules)]
-        try:
-            h = model.forward_hidden(x, looping)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return model.head(h, self.delta(len(self.a) - 1, h))
+def lora_logits(lora: DocLoRA, model: GPT, x: torch.Tensor, positions: torch.Tensor | None,
+                looping: bool) -> torch.Tensor:
+    """Logits of rows x (num_rows, W) at `positions` (num_rows, C; None = all) with every adapter of
+    `lora` applied: the per-document step that torch.compile sees."""
+    hooks = lora.hooks
+    hooks.lora, hooks.calls = lora, [0] * len(hooks.names)
+    try:
+        h = model.forward_hidden(x, looping)
+    finally:
+        hooks.lora, hooks.calls = None, None
+    if positions is not None:
+        h = h.gather(1, positions[..., None].expand(-1, -1, h.size(-1)))
+    return model.head(h, lora.delta(len(lora.a) - 1, h))
 
 
 def document_chunks(span: tuple[int, int], chunk: int) -> list[tuple[int, int]]:
@@ -2703,53 +2781,80 @@ def document_chunks(span: tuple[int, int], chunk: int) -> list[tuple[int, int]]:
     return [(a, min(a + chunk, hi)) for a in range(lo, hi, chunk)]
 
 
-def round_positions(num_docs: int, docs_per_batch: int, rank: int, world_size: int) -> range:
-    """Positions of a round (of num_docs <= docs_per_batch documents) that belong to this rank: the same
-    share of a full round every time, so warm adapters stay with their rank whatever the world size."""
-    share = rank_share(range(docs_per_batch), rank, world_size)
-    return range(min(share.start, num_docs), min(share.stop, num_docs))
+def window_widths(chunk: int, seq_len: int) -> list[int]:
+    """The padded window widths of the per-document steps: powers of two from the chunk size up, then
+    seq_len (48 and 2048: 64, 128, ..., 2048)."""
+    widths, w = [], 1 << (chunk - 1).bit_length()
+    while w < seq_len:
+        widths.append(w)
+        w *= 2
+    return widths + [seq_len]
+
+
+def step_width(step: int, chunk: int, seq_len: int) -> int:
+    """The padded window of chunk step `step`: it holds the window of every document's chunk `step`."""
+    return next(w for w in window_widths(chunk, seq_len) if w >= min((step + 1) * chunk, seq_len))
+
+
+def round_steps(docs: list[tuple[int, int]], chunk: int, seq_len: int) -> list[tuple[int, bool]]:
+    """(padded width, whether some document trains) of each chunk step of one rank's documents of a round."""
+    counts = [len(document_chunks(d, chunk)) for d in docs]
+    return [(step_width(i, chunk, seq_len), any(i < n - 1 for n in counts)) for i in range(max(counts, default=0))]
 
 
 def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lora: DocLoRA, s: TTTSettings, *,
-               looping: bool, adapt: bool, autocast=contextlib.nullcontext) -> int:
-    """Score (and with `adapt`, train per-document adapters on) this rank's documents of one round;
-    document i uses adapter row i. Returns the number of AdamW steps."""
-    if not docs:
-        return 0
+               looping: bool, num_steps: int, forward=lora_logits, before_step=None,
+               autocast=contextlib.nullcontext) -> tuple[int, int]:
+    """Score this rank's documents of one round, document i on adapter row i, and train their adapters
+    at each step `before_step(i, width, trains)` allows (called on every rank for each of the round's
+    `num_steps`, so budget decisions stay collective; once it refuses, it refuses for good). Returns
+    (AdamW steps, steps scored with adaptation allowed)."""
     lora.reset(s.warm_start_a)
     optimizer = torch.optim.AdamW(lora.params, lr=s.lora_lr, betas=(s.lora_beta1, s.lora_beta2), eps=1e-10,
                                   weight_decay=s.lora_wd)
-    chunks = [document_chunks(d, min(s.doc_chunk, s.seq_len)) for d in docs]  # a window holds its whole chunk
-    steps = 0
-    for i in range(max(len(c) for c in chunks)):
+    chunk = min(s.doc_chunk, s.seq_len)  # a window holds its whole chunk
+    chunks = [document_chunks(d, chunk) for d in docs]
+    steps = adapting = 0
+    for i in range(num_steps):
         rows = [d for d in range(len(docs)) if i < len(chunks[d])]
+        train_rows = [d for d in rows if i < len(chunks[d]) - 1]
+        width = step_width(i, chunk, s.seq_len)
+        if before_step is not None and not before_step(i, width if rows else None, bool(train_rows)):
+            train_rows = []
+        elif rows:
+            adapting += 1
+        if not rows:
+            continue
+        lora.keep_warm([d for d in rows if i == len(chunks[d]) - 1])  # their last own step is done
         spans = [chunks[d][i] for d in rows]
         starts = [max(docs[d][0], b - s.seq_len) for d, (_, b) in zip(rows, spans)]
-        train_rows = [r for r, d in enumerate(rows) if i < len(chunks[d]) - 1] if adapt else []
-        lora.keep_warm([d for d in rows if i == len(chunks[d]) - 1])  # their last own step is done
-        x, y, mask = ledger.document_rows(spans, starts)
-        lora.rows = rows
-        with torch.set_grad_enabled(bool(train_rows)), autocast():
-            logits = lora.logits(model, x, looping)
-        ledger.commit(spans, logits.detach(), x, y, mask)  # scores fixed before the update below
+        x, positions, x_at, y_at, mask = ledger.document_rows(spans, starts, rows=rows, num_rows=lora.num_rows,
+                                                              width=width, chunk=chunk)
+        with torch.enable_grad(), autocast():  # one graph per width: steps that train nothing skip the backward
+            logits = forward(lora, model, x, positions, looping)
+        ledger.commit(spans, logits.detach(), x_at, y_at, mask)  # scores fixed before the update below
         if not train_rows:
             continue
-        loss = 0.0
-        for r in train_rows:  # each document's mean loss over the chunk it just committed
-            (a, b), st = spans[r], starts[r]
-            labels = ledger.adaptation_tokens(a, b)[1:].to(ledger.device)
-            loss = loss + F.cross_entropy(logits[r, a - st : b - st].float(), labels)
-        loss.backward()
+        labels = torch.zeros(lora.num_rows, chunk, dtype=torch.int64)
+        weights = torch.zeros(lora.num_rows, chunk)
+        for d in train_rows:  # each document's mean loss over the chunk it just committed
+            a, b = chunks[d][i]
+            labels[d, : b - a] = ledger.adaptation_tokens(a, b)[1:]
+            weights[d, : b - a] = 1.0 / (b - a)
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.to(ledger.device).reshape(-1),
+                              reduction="none")
+        (nll * weights.to(ledger.device).reshape(-1)).sum().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         steps += 1
-    return steps
+    return steps, adapting
 
 
 def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], s: TTTSettings, *, rank: int,
-                     world_size: int, looping: bool, autocast=contextlib.nullcontext) -> int:
+                     world_size: int, looping: bool, autocast=contextlib.nullcontext, before_step=None) -> int:
     """Full-model SGD over already-scored documents (in queue order), cosine LR over groups of about
-    TTT_CHUNK_TOKENS targets. Every rank calls it with the same documents."""
+    TTT_CHUNK_TOKENS targets. Every rank calls it with the same documents. `before_step()` returning
+    False (on every rank alike) ends the phase there."""
     ledger.share(0, ledger.num_targets)
     groups: list[list[tuple[int, int]]] = [[]]
     for d in docs:
@@ -2758,71 +2863,237 @@ def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]
         groups[-1].append(d)
     params = [p for p in model.parameters()]
     optimizer = torch.optim.SGD(params, lr=s.global_lr, momentum=s.momentum)
-    steps = 0
+    steps, refused = 0, []
+
+    def gate() -> bool:
+        if before_step is None or before_step():
+            return True
+        refused.append(True)
+        return False
+
     for gi, group in enumerate(groups):
         lr = s.global_lr * 0.5 * (1 + math.cos(math.pi * gi / max(len(groups) - 1, 1)))
         steps += adapt_full_model(model, ledger, group, optimizer, lr=lr, epochs=s.global_epochs, seq_len=s.seq_len,
                            batch_seqs=s.batch_seqs, grad_clip=s.grad_clip, rank=rank, world_size=world_size,
-                           looping=looping, autocast=autocast)
+                           looping=looping, autocast=autocast, before_step=gate)
+        if refused:
+            break
     return steps
 
 
+class StepCosts:
+    """Measured milliseconds of each kind of step (('plain', width), ('adapt', width), 'global'): the
+    mean of its timings so far. A plain step never measured is bounded by the adapting step of its width."""
+
+    def __init__(self, clock_ms, device: torch.device):
+        self.clock_ms, self.device = clock_ms, device
+        self.sums: dict = {}
+
+    def now(self) -> float:
+        device_sync(self.device)
+        return self.clock_ms()
+
+    def add(self, kind, ms: float) -> None:
+        total, n = self.sums.get(kind, (0.0, 0))
+        self.sums[kind] = (total + ms, n + 1)
+
+    def ms(self, kind) -> float:
+        if kind not in self.sums and isinstance(kind, tuple) and kind[0] == "plain":
+            kind = ("adapt", kind[1])
+        total, n = self.sums.get(kind, (0.0, 1))
+        return total / n
+
+    def plain_ms(self, widths: collections.Counter) -> float:
+        return sum(self.ms(("plain", w)) * n for w, n in widths.items())
+
+
+def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: list[int], *, looping: bool,
+                           forward=lora_logits, autocast=contextlib.nullcontext, costs: StepCosts | None = None) -> None:
+    """Run a plain step (a forward) and an adapting one (with backward and AdamW step) at each width,
+    on full rows of synthetic tokens, twice, the second time timed into `costs`: this compiles every
+    graph the pass needs and gives the budget measured step costs before the first validation step.
+    The adapters are reset by the next round."""
+    chunk = min(s.doc_chunk, s.seq_len)
+    optimizer = torch.optim.AdamW(lora.params, lr=0.0)
+    device = lora.a[0].device
+    for width in widths:
+        x = synthetic_tokens(lora.num_rows * width, model.cfg.vocab_size, seed=width).view(lora.num_rows, width)
+        positions = torch.arange(width - chunk, width).expand(lora.num_rows, -1).contiguous()  # a real step's layout
+        x, positions = x.to(device), positions.to(device)
+        for kind in ("plain", "adapt"):
+            for timed in (False, True):
+                t0 = costs.now() if costs is not None else 0.0
+                with torch.enable_grad(), autocast():  # as in `lora_round`
+                    logits = forward(lora, model, x, positions, looping)
+                if kind == "adapt":
+                    logits.float().logsumexp(-1).mean().backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if timed and costs is not None:
+                    costs.add((kind, width), costs.now() - t0)
+
+
+def measure_global_step(model: GPT, s: TTTSettings, *, rank: int, world_size: int, looping: bool,
+                        autocast=contextlib.nullcontext, costs: StepCosts) -> None:
+    """Time one full global SGD step (TTT_BATCH_SEQS sequences of EVAL_SEQ_LEN, over all ranks) on
+    synthetic tokens, after an untimed one; every weight is put back."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    device = next(model.parameters()).device
+    source = TrainingTokens(synthetic_tokens(s.batch_seqs * s.seq_len + 1, model.cfg.vocab_size, seed=2), device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=s.momentum)
+    for timed in (False, True):
+        t0 = costs.now()
+        adapt_full_model(model, source, [(0, source.num_targets)], optimizer, lr=0.0, epochs=1, seq_len=s.seq_len,
+                         batch_seqs=s.batch_seqs, grad_clip=s.grad_clip, rank=rank, world_size=world_size,
+                         looping=looping, autocast=autocast)
+        if timed:
+            costs.add("global", costs.now() - t0)
+    model.load_state_dict(saved)
+    optimizer.zero_grad(set_to_none=True)
+
+
+def nothing_to_adapt(s: TTTSettings, num_targets: int, queue: list[tuple[int, int]] | None = None,
+                     round_docs: int = 1) -> str | None:
+    """Why a TTT pass with these settings would adapt on nothing that a later score sees, or None."""
+    if s.mode == "chunked":
+        if s.epochs == 0:
+            return "TTT_EPOCHS=0 (set it > 0)"
+        if num_targets <= s.chunk_tokens:
+            return (f"the {num_targets} validation targets fit in one TTT_CHUNK_TOKENS={s.chunk_tokens} chunk, which "
+                    f"is scored last and never trains (lower TTT_CHUNK_TOKENS)")
+        return None
+    chunk = min(s.doc_chunk, s.seq_len)
+    if any(b - a > chunk for a, b in queue):
+        return None
+    if s.mode == "phased" and s.global_epochs > 0:
+        first = min(s.prefix_docs, len(queue)) // s.num_phases  # documents the first global phase trains on
+        if first > 0 and -(-first // round_docs) < -(-len(queue) // round_docs):  # it ends before the last round
+            return None
+    return (f"every one of the {len(queue)} documents fits in one TTT_CHUNK_SIZE={chunk} chunk, which never trains"
+            + (", and no global phase ends before the last round" if s.mode == "phased" else "")
+            + " (lower TTT_CHUNK_SIZE" + (", TTT_BATCH_SIZE or PHASED_TTT_PREFIX_DOCS" if s.mode == "phased" else "")
+            + ")")
+
+
 def ttt_documents(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, rank: int, world_size: int,
-                  looping: bool, autocast=contextlib.nullcontext, stop=None, budget: AdaptationBudget | None = None,
-                  log=lambda msg: None) -> dict:
-    """Per-document LoRA TTT (mode lora) or phased TTT (mode phased) over the whole stream."""
+                  looping: bool, lora_forward=None, autocast=contextlib.nullcontext, stop=None,
+                  budget: AdaptationBudget | None = None, log=lambda msg: None) -> dict:
+    """Per-document LoRA TTT (mode lora) or phased TTT (mode phased) over the whole stream.
+    `lora_forward` is `lora_logits` or a compiled form of it."""
     s = settings
+    forward = lora_forward or lora_logits
     queue = sorted(document_spans(ledger.tokens), key=lambda d: (-(d[1] - d[0]), d[0]))  # longest first
-    rounds = [queue[j : j + s.docs_per_batch] for j in range(0, len(queue), s.docs_per_batch)]
+    per_rank, round_docs = s.docs_per_batch, s.docs_per_batch * world_size
+    rounds = [queue[j : j + round_docs] for j in range(0, len(queue), round_docs)]
+    mine = [r[rank * per_rank : (rank + 1) * per_rank] for r in rounds]
+    chunk = min(s.doc_chunk, s.seq_len)
+    plans = [round_steps(docs, chunk, s.seq_len) for docs in mine]  # this rank's steps
+    num_steps = [len(document_chunks(r[0], chunk)) for r in rounds]  # every rank's most (the longest is first)
     phased = s.mode == "phased"
     prefix = min(s.prefix_docs, len(queue))
     boundaries = [prefix * (k + 1) // s.num_phases for k in range(s.num_phases)] if phased else []
-    lora = DocLoRA(model, len(round_positions(s.docs_per_batch, s.docs_per_batch, rank, world_size)), s,
-                   ledger.device, looping)
-    log(f"ttt:start mode:{s.mode} docs:{len(queue)} rounds:{len(rounds)} lora_rank:{s.lora_rank} "
+    lora = DocLoRA(model, per_rank, s, ledger.device, looping)
+    widths = sorted({w for plan in plans for w, _ in plan})
+    log(f"ttt:start mode:{s.mode} docs:{len(queue)} rounds:{len(rounds)} docs_per_rank:{per_rank} "
+        f"window_widths:{window_widths(chunk, s.seq_len)} lora_rank:{s.lora_rank} "
         f"lora_alpha:{s.lora_alpha or s.lora_rank:g} lora_lr:{s.lora_lr} warm_start_a:{int(s.warm_start_a)} "
         f"adapters:{len(lora.a)} chunk_size:{s.doc_chunk}" + (f" prefix_docs:{prefix} num_phases:{s.num_phases} "
                                                                f"boundaries:{boundaries}" if phased else ""))
+    reason = nothing_to_adapt(s, ledger.num_targets, queue, round_docs)
+    if reason is not None:
+        log(f"ttt:warning this pass adapts on nothing: {reason}; its score is the plain score")
     base_params = [p for p in model.parameters() if p.requires_grad]
+    budgeted = budget is not None and budget.cap_ms is not None
+    costs = StepCosts(budget.elapsed_ms if budgeted else (lambda: 0.0), ledger.device)
+    remaining = collections.Counter(w for plan in plans for w, _ in plan)  # plain steps left, by width
+    if budgeted:
+        for p in base_params:
+            p.requires_grad_(False)
+        measure_document_steps(model, lora, s, widths, looping=looping, forward=forward, autocast=autocast,
+                               costs=costs)
+        for p in base_params:
+            p.requires_grad_(True)
+        if phased and s.global_epochs > 0 and prefix > 0:
+            measure_global_step(model, s, rank=rank, world_size=world_size, looping=looping, autocast=autocast,
+                                costs=costs)
+    last = [None, 0.0]  # the step being timed (its kind) and its start
+
+    def timed(kind) -> None:
+        """Close the timing of the step in flight and open one of `kind` (None: nothing in flight)."""
+        now = costs.now()
+        if last[0] is not None:
+            costs.add(last[0], now - last[1])
+        last[:] = [kind, now]
+
+    def allows(next_ms: float, where: str) -> bool:
+        if budget is None:
+            return True
+        ok = budget.allows(next_ms, costs.plain_ms(remaining), where)
+        if not ok and budget.stopped_at == where:
+            log(f"ttt:adaptation_stopped at {where}: the eval budget leaves room only for scoring the remaining "
+                f"{sum(remaining.values())} chunk steps on this rank without adaptation")
+        return ok
+
     t_clock = time.perf_counter
     score_ms = adapt_ms = 0.0  # time of plain rounds / of adapting rounds (with their global phases)
-    plain_targets = adapt_targets = steps = global_steps = phases_done = trained_rounds = 0
-    total_targets = ledger.num_targets
-    for j, round_docs in enumerate(rounds):
+    steps = global_steps = phases_done = trained_rounds = 0
+    for j in range(len(rounds)):
         if stop is not None and stop():
             raise RunError(f"evaluation budget (MAX_EVAL_SECONDS) ran out; cut: the final score after {j} of "
                            f"{len(rounds)} TTT rounds, so no score is reported")
-        round_targets = sum(b - a for a, b in round_docs)
-        adapt_rate = adapt_ms / max(adapt_targets, 1)
-        plain_rate = score_ms / plain_targets if plain_targets else adapt_rate / 2  # no backward: under half
-        left_after = total_targets - plain_targets - adapt_targets - round_targets
-        where = f"round {j + 1}/{len(rounds)}"
-        adapt = budget is None or budget.allows(adapt_rate * round_targets, plain_rate * left_after, where)
-        if budget is not None and budget.stopped_at == where:
-            log(f"ttt:adaptation_stopped at {where}: the eval budget leaves room only for scoring the remaining "
-                f"{left_after + round_targets} targets without adaptation")
         t0 = t_clock()
+
+        def before_step(i: int, width: int | None, trains: bool) -> bool:
+            if width is not None:
+                remaining[width] -= 1
+            if not budgeted:
+                return budget is None or budget.stopped_at is None
+            kind = None if width is None else ("adapt" if trains else "plain", width)
+            ok = allows(0.0 if kind is None else costs.ms(kind), f"round {j + 1}/{len(rounds)} step {i + 1}/"
+                                                                  f"{num_steps[j]}")
+            timed(None if kind is None else kind if ok else ("plain", width))
+            return ok
+
         for p in base_params:
             p.requires_grad_(False)  # only the adapters learn inside a round
-        mine = [round_docs[p] for p in round_positions(len(round_docs), s.docs_per_batch, rank, world_size)]
-        steps += lora_round(model, ledger, mine, lora, s, looping=looping, adapt=adapt, autocast=autocast)
+        round_steps_done, adapted = lora_round(model, ledger, mine[j], lora, s, looping=looping,
+                                               num_steps=num_steps[j], forward=forward, before_step=before_step,
+                                               autocast=autocast)
+        if budgeted:
+            timed(None)
+        steps += round_steps_done
         for p in base_params:
             p.requires_grad_(True)
-        if adapt:
+        if adapted:
             adapt_ms += 1000.0 * (t_clock() - t0)
-            adapt_targets += round_targets
             trained_rounds += 1
         else:
             score_ms += 1000.0 * (t_clock() - t0)
-            plain_targets += round_targets
-        done_docs = min((j + 1) * s.docs_per_batch, len(queue))
+        done_docs = min((j + 1) * round_docs, len(queue))
         while phased and phases_done < len(boundaries) and boundaries[phases_done] <= done_docs:
-            if adapt:
+            if done_docs == len(queue):  # every document is scored: what the phase would learn reaches no score
+                log(f"ttt:global_phase {phases_done + 1}/{len(boundaries)} skipped: no document is left to score")
+            elif budget is None or budget.stopped_at is None:
                 t0 = t_clock()
-                global_steps += global_sgd_phase(model, ledger, queue[: boundaries[phases_done]], s, rank=rank,
-                                                 world_size=world_size, looping=looping, autocast=autocast)
-                log(f"ttpp: phase:{phases_done + 1}/{len(boundaries)} pd:{done_docs} "
-                    f"gd:{boundaries[phases_done]} t:{t_clock() - t0:.1f}s")
+                where = f"global phase {phases_done + 1}/{len(boundaries)}"
+                counter = [0]
+
+                def before_global_step() -> bool:
+                    counter[0] += 1
+                    if not budgeted:
+                        return True
+                    ok = allows(costs.ms("global"), f"{where} step {counter[0]}")
+                    timed("global" if ok else None)
+                    return ok
+
+                phase_steps = global_sgd_phase(model, ledger, queue[: boundaries[phases_done]], s, rank=rank,
+                                               world_size=world_size, looping=looping, autocast=autocast,
+                                               before_step=before_global_step)
+                if budgeted:
+                    timed(None)
+                global_steps += phase_steps
+                log(f"ttt:global_phase {phases_done + 1}/{len(boundaries)} docs_scored:{done_docs} "
+                    f"docs_trained:{boundaries[phases_done]} steps:{phase_steps} time:{t_clock() - t0:.1f}s")
                 adapt_ms += 1000.0 * (t_clock() - t0)
             phases_done += 1
     model.eval()
@@ -5245,14 +5516,15 @@ def ttt_settings(hp: Hyperparameters, score_batch_seqs: int) -> TTTSettings:
 
 
 def run_ttt(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, rank: int, world_size: int, looping: bool,
-            logits_fn=None, autocast=contextlib.nullcontext, stop=None, budget: AdaptationBudget | None = None,
-            log=lambda msg: None) -> dict:
-    """The TTT pass of TTT_MODE over the ledger's whole stream."""
+            logits_fn=None, lora_forward=None, autocast=contextlib.nullcontext, stop=None,
+            budget: AdaptationBudget | None = None, log=lambda msg: None) -> dict:
+    """The TTT pass of TTT_MODE over the ledger's whole stream. `logits_fn` (chunked scoring) and
+    `lora_forward` (the per-document step, `lora_logits`) may be compiled forms."""
     if settings.mode == "chunked":
         return ttt_chunked(model, ledger, settings, rank=rank, world_size=world_size, looping=looping,
                            logits_fn=logits_fn, autocast=autocast, stop=stop, budget=budget, log=log)
     return ttt_documents(model, ledger, settings, rank=rank, world_size=world_size, looping=looping,
-                         autocast=autocast, stop=stop, budget=budget, log=log)
+                         lora_forward=lora_forward, autocast=autocast, stop=stop, budget=budget, log=log)
 
 
 def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, val_tokens: torch.Tensor, looping: bool,
@@ -5273,18 +5545,19 @@ def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, val_tokens: torch.Ten
         chunks = -(-num_targets // hp.ttt_chunk_tokens)
         train_tokens = min(num_targets, (chunks - 1) * hp.ttt_chunk_tokens) * hp.ttt_epochs
         passes.append(("ttt_chunked", window_tokens(hp.eval_stride or seq_len), train_tokens))
-    elif hp.ttt_enabled:  # each chunk step reads its window; all but a document's last chunk also backpropagate
+    elif hp.ttt_enabled:  # each chunk step reads TTT_BATCH_SIZE padded rows; a step where a row trains backpropagates
         docs = document_spans(val_tokens)
+        queue = sorted(docs, key=lambda d: (-(d[1] - d[0]), d[0]))
+        rows, chunk = hp.ttt_batch_size, min(hp.ttt_chunk_size, seq_len)
         fwd_tokens = backprop_tokens = 0
-        for doc in docs:
-            widths = [b - max(doc[0], b - seq_len) for _, b in document_chunks(doc, min(hp.ttt_chunk_size, seq_len))]
-            fwd_tokens += sum(widths)
-            backprop_tokens += sum(widths[:-1])
+        for j in range(0, len(queue), rows):  # one rank's share of a round (the head counted at every position)
+            for width, trains in round_steps(queue[j : j + rows], chunk, seq_len):
+                fwd_tokens += rows * width
+                backprop_tokens += rows * width * trains
         lora = lora_flops_per_token(cfg, hp.ttt_lora_rank, looping, k=hp.ttt_k_lora, o=hp.ttt_o_lora,
                                     mlp=hp.ttt_mlp_lora)
         global_tokens = 0
         if hp.ttt_mode == "phased":
-            queue = sorted(docs, key=lambda d: (-(d[1] - d[0]), d[0]))
             prefix = min(hp.phased_ttt_prefix_docs, len(queue))
             global_tokens = hp.global_ttt_epochs * sum(
                 sum(b - a for a, b in queue[: prefix * (k + 1) // hp.phased_ttt_num_phases])
@@ -5320,10 +5593,14 @@ def synthetic_tokens(n: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
 
 def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, *, seq_len: int, batch_seqs: int, looping: bool,
                        rank: int, world_size: int, device: torch.device, autocast,
-                       ttt: TTTSettings | None = None) -> dict:
+                       ttt: TTTSettings | None = None, lora_forward=None) -> dict:
     """Compile (and warm) the evaluation graphs on synthetic tokens, run the causality self-test, and
-    run the TTT path once on a synthetic stream; every weight is put back afterwards."""
+    run the TTT path once on a synthetic stream (for lora/phased after a plain and an adapting step at
+    every window width, so every graph of the pass is compiled here); every weight is put back."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    documents = ttt is not None and ttt.mode != "chunked"
+    if documents:
+        adapter_hooks(model)  # registered before the first compile: the plain graphs never change after
     tokens = synthetic_tokens(batch_seqs * seq_len + 1, model.cfg.vocab_size)
     x = tokens[: batch_seqs * seq_len].view(batch_seqs, seq_len).to(device)
     flipped = x.clone()
@@ -5338,9 +5615,18 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, *, seq_len: int, b
         stream = synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1)
         small = dataclasses.replace(ttt, chunk_tokens=seq_len, epochs=1, prefix_docs=1, num_phases=1,
                                     global_epochs=1)
+        if documents:
+            lora = DocLoRA(model, ttt.docs_per_batch, ttt, device, looping)
+            params = [p for p in model.parameters() if p.requires_grad]
+            for p in params:
+                p.requires_grad_(False)  # as inside a round
+            measure_document_steps(model, lora, ttt, window_widths(min(ttt.doc_chunk, seq_len), seq_len),
+                                   looping=looping, forward=lora_forward or lora_logits, autocast=autocast)
+            for p in params:
+                p.requires_grad_(True)
         synthetic = ScoreLedger(stream, dataclasses.replace(luts, val_bytes=None), device)  # no sidecar: not val
         run_ttt(model, synthetic, small, rank=rank, world_size=world_size,
-                looping=looping, logits_fn=logits_fn, autocast=autocast)
+                looping=looping, logits_fn=logits_fn, lora_forward=lora_forward, autocast=autocast)
     model.load_state_dict(saved)
     model.eval()
     return dict(causal_diff=causal_diff, tokens=int(x.numel()) + (2 * seq_len + 1 if ttt is not None else 0))
@@ -5367,6 +5653,7 @@ def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: 
     stamp = NON_RECORD_STAMP if hp.allow_val_adaptation else ""
     model.eval()
     logits_fn = maybe_compile(model.forward_logits, use_compile, "eval_forward_logits")
+    lora_forward = maybe_compile(lora_logits, use_compile, "ttt_lora_step")
     phases = {"load": clock.elapsed_ms("eval")}
     mark = [clock.elapsed_ms("eval")]
 
@@ -5383,7 +5670,8 @@ def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: 
         log(line)
     settings = ttt_settings(hp, batch_seqs) if hp.ttt_enabled else None
     warm = warm_up_evaluation(model, logits_fn, luts, seq_len=seq_len, batch_seqs=batch_seqs, looping=looping,
-                              rank=rt.rank, world_size=rt.world_size, device=rt.device, autocast=autocast, ttt=settings)
+                              rank=rt.rank, world_size=rt.world_size, device=rt.device, autocast=autocast, ttt=settings,
+                              lora_forward=lora_forward)
     log(f"eval_warmup: source:synthetic tokens:{warm['tokens']} causal_self_test:ok max_earlier_logit_change:"
         f"{warm['causal_diff']:.3g} ttt_path:{int(settings is not None)} weights_restored:1 "
         f"time:{phase_done('warmup'):.0f}ms")
@@ -5409,7 +5697,8 @@ def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: 
         ledger = ScoreLedger(val_tokens, luts, rt.device, group=rt.control_group)
         budget = AdaptationBudget(lambda: clock.elapsed_ms("eval"), clock.eval_cap_ms, rt)
         ttt_info = run_ttt(model, ledger, settings, rank=rt.rank, world_size=rt.world_size, looping=looping,
-                           logits_fn=logits_fn, autocast=autocast, stop=over_budget, budget=budget, log=log)
+                           logits_fn=logits_fn, lora_forward=lora_forward, autocast=autocast, stop=over_budget,
+                           budget=budget, log=log)
         check_scored_once(ledger)
         results["ttt"] = r = ledger.result()
         adapted = torch.tensor([ledger.adapted_targets], dtype=torch.float64, device=rt.device)

@@ -205,7 +205,7 @@ def test_document_chunks_longer_than_the_window_are_cut_to_it(sample_dataset):
     tg.check_scored_once(longer)
     assert np.array_equal(fitted.per_target, longer.per_target, equal_nan=True)
     with pytest.raises(tg.RunError, match="cannot score targets"):
-        fitted.document_rows([(10, 50)], [15])
+        fitted.document_rows([(10, 50)], [15], rows=[0], num_rows=1, width=64, chunk=64)
 
 
 def free_port() -> int:
@@ -220,7 +220,8 @@ def gloo_worker(rank, world_size, port, dataset, out_path):
     try:
         luts, val = luts_and_val(dataset, 701)
         out = {}
-        for mode, settings in MODES.items():
+        for mode, settings in MODES.items():  # TTT_BATCH_SIZE counts documents per rank: the same rounds
+            settings = tg.dataclasses.replace(settings, docs_per_batch=settings.docs_per_batch // world_size)
             ledger, info, model = run_chunked(val, luts, rank, world_size, settings=settings)
             tg.check_scored_once(ledger)
             out[mode] = dict(res=ledger.result(), state=model.state_dict(), info=info)
@@ -247,16 +248,156 @@ def test_two_gloo_ranks_equal_one_process_in_every_ttt_mode(sample_dataset, tmp_
 
 def test_budget_stops_adaptation_and_scores_the_rest_plainly(sample_dataset):
     luts, val = luts_and_val(sample_dataset, 701)
-    clock = iter(range(0, 100_000, 1000))  # 1 s per decision: the budget runs out after a few chunks
-    budget = tg.AdaptationBudget(lambda: float(next(clock)), cap_ms=3900.0)
-    ledger, info, _ = run_chunked(val, luts, budget=budget)
+    model = small_model()
+    model.eval()
+    device = SimulatedDevice(model)  # the budget's clock: deterministic, whatever the machine's load
+    budget = tg.AdaptationBudget(lambda: device.ms, cap_ms=4.0)
+    ledger = tg.ScoreLedger(val, luts, CPU)
+    info = tg.run_ttt(model, ledger, SETTINGS, rank=0, world_size=1, looping=False, budget=budget)
     tg.check_scored_once(ledger)
     assert 0 < info["trained_chunks"] < 7 and info["stopped_at"] == f"chunk {info['trained_chunks'] + 1}/8"
+    assert device.ms <= 4.0
     # No budget: adaptation decisions are never taken away.
     assert tg.AdaptationBudget(lambda: 1e12, None).allows(1e12, 1e12, "x")
     plain = tg.AdaptationBudget(lambda: 100.0, 1000.0)
     assert plain.allows(400.0, 500.0, "a") and not plain.allows(400.0, 501.0, "b") and plain.stopped_at == "b"
     assert not plain.allows(0.0, 0.0, "c")  # once stopped, stopped for good
+
+
+class SimulatedDevice:
+    """A fake clock that advances only while the model computes: rows x width microseconds per forward
+    and twice that per backward, so step costs are exact and a budget test is deterministic."""
+
+    def __init__(self, model):
+        self.ms = 0.0
+        model.blocks[0].register_forward_pre_hook(lambda module, args: self.tick(args[0], 1.0))
+        model.blocks[-1].register_full_backward_pre_hook(lambda module, grads: self.tick(grads[0], 2.0))
+
+    def tick(self, x, cost):
+        self.ms += cost * x.shape[0] * x.shape[1] / 1000
+
+
+class RecordingBudget(tg.AdaptationBudget):
+    """Notes each decision's elapsed + next step + plain rest, the sum the cap is held against."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trace = []
+
+    def allows(self, next_adapt_ms, remaining_plain_ms, where):
+        if self.stopped_at is None:
+            self.trace.append((where, self.elapsed_ms() + next_adapt_ms + remaining_plain_ms))
+        return super().allows(next_adapt_ms, remaining_plain_ms, where)
+
+
+@pytest.mark.parametrize("mode,inside", [("lora", "round 2/3 step "), ("phased", "global phase 2/2 step ")])
+def test_document_ttt_budget_stops_inside_a_round_or_phase_and_finishes_within_the_cap(sample_dataset, mode, inside):
+    """MAX_EVAL_SECONDS in lora and phased TTT, on a simulated device: the pass measures its step costs,
+    stops adapting at the first chunk step (or global SGD step) whose cost plus scoring the rest plainly
+    would pass the cap, and ends inside the cap with every target scored once."""
+    luts, val = luts_and_val(sample_dataset, 701)
+    settings = DOC_SETTINGS[mode]
+
+    def run(cap_ms):
+        model = small_model()
+        model.eval()
+        device = SimulatedDevice(model)
+        budget = RecordingBudget(lambda: device.ms, cap_ms)
+        ledger = tg.ScoreLedger(val, luts, CPU)
+        info = tg.run_ttt(model, ledger, settings, rank=0, world_size=1, looping=False, budget=budget)
+        tg.check_scored_once(ledger)
+        return device.ms, info, budget.trace
+
+    full_ms, info, trace = run(1e9)
+    assert info["stopped_at"] is None and full_ms < 1e9
+    assert any(w.startswith("round 1/3 step 2/") for w, _ in trace)  # decided per chunk step
+    assert mode == "lora" or any(w.startswith("global phase 1/2 step 2") for w, _ in trace)  # and per SGD step
+    # A cap the first decision at `inside` (with a step before it in its round/phase) cannot meet, all earlier can.
+    k = next(k for k, (w, total) in enumerate(trace) if w.startswith(inside) and not w.endswith(" step 1")
+             and not w.endswith("/1") and total > max(t for _, t in trace[:k]))
+    cap = (max(t for _, t in trace[:k]) + trace[k][1]) / 2
+    used_ms, capped, _ = run(cap)
+    assert capped["stopped_at"] == trace[k][0], (capped["stopped_at"], trace[k])
+    assert used_ms <= cap < full_ms and 0 < capped["steps"] < info["steps"]
+
+
+def test_a_pass_that_adapts_on_nothing_says_so_at_its_start(sample_dataset):
+    luts, val = luts_and_val(sample_dataset, 701)
+    queue = tg.document_spans(val)
+    one_chunk = tg.dataclasses.replace(DOC_SETTINGS["lora"], seq_len=256, doc_chunk=256)
+    for settings, tokens, expected in (
+            (SETTINGS, val[:90], "the 89 validation targets fit in one TTT_CHUNK_TOKENS=96 chunk, which is scored "
+                                 "last and never trains (lower TTT_CHUNK_TOKENS)"),
+            (one_chunk, val[:200], "every one of the 2 documents fits in one TTT_CHUNK_SIZE=256 chunk, which never "
+                                   "trains (lower TTT_CHUNK_SIZE)")):
+        lines = []
+        tg.run_ttt(small_model(), tg.ScoreLedger(tokens, luts, CPU), settings, rank=0, world_size=1, looping=False,
+                   log=lines.append)
+        assert lines[0].startswith("ttt:start ")  # then, before anything is scored, the warning
+        assert lines[1] == f"ttt:warning this pass adapts on nothing: {expected}; its score is the plain score"
+        assert not any("warning" in line for line in lines[2:])
+    assert tg.nothing_to_adapt(SETTINGS, 700) is None and tg.nothing_to_adapt(DOC_SETTINGS["lora"], 700, queue, 2) is None
+    assert "TTT_EPOCHS=0" in tg.nothing_to_adapt(tg.dataclasses.replace(SETTINGS, epochs=0), 700)
+    big = tg.dataclasses.replace(DOC_SETTINGS["phased"], doc_chunk=1024, seq_len=1024)  # every document one chunk
+    assert "no global phase ends before the last round" in tg.nothing_to_adapt(big, 700, queue, 6)
+    assert tg.nothing_to_adapt(big, 700, queue, 2) is None  # the first phase (2 documents) runs before round 3
+    assert tg.nothing_to_adapt(tg.dataclasses.replace(big, global_epochs=0), 700, queue, 2) is not None
+
+
+def test_document_ttt_compiles_few_graphs_once_and_scores_as_eager(sample_dataset):
+    """The per-document step under torch.compile (dynamo, counted): documents of many lengths compile
+    at most len(window_widths) graphs (autograd always on), all in the warm-up; the pass itself (a new DocLoRA, as in a
+    second evaluation) compiles nothing new, and its score equals eager's."""
+    from torch._dynamo.testing import CompileCounter
+
+    luts, _ = luts_and_val(sample_dataset, 2)
+    g = torch.Generator().manual_seed(0)
+    lengths = [2, 9, 20, 40, 70]  # 1 to 9 chunks of 8: every window width, a short last round
+    tokens = torch.cat([torch.cat([torch.tensor([tg.BOS_ID]), torch.randint(2, 1024, (n,), generator=g)])
+                        for n in lengths] + [torch.tensor([tg.BOS_ID])])
+    settings = tg.dataclasses.replace(DOC_SETTINGS["phased"], doc_chunk=8, docs_per_batch=3, prefix_docs=3)
+    widths = tg.window_widths(8, 32)
+    assert widths == [8, 16, 32]
+    counter = CompileCounter()
+    forward = torch.compile(tg.lora_logits, backend=counter, dynamic=False)
+
+    def evaluate(model, lora_forward):
+        ledger = tg.ScoreLedger(tokens, luts, CPU, keep_per_target=True)
+        info = tg.run_ttt(model, ledger, settings, rank=0, world_size=1, looping=False, lora_forward=lora_forward)
+        tg.check_scored_once(ledger)
+        assert info["steps"] > info["global_steps"] > 0
+        return ledger
+
+    model = small_model()
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tg.warm_up_evaluation(model, model.forward_logits, luts, seq_len=32, batch_seqs=2, looping=False, rank=0,
+                          world_size=1, device=CPU, autocast=tg.contextlib.nullcontext, ttt=settings,
+                          lora_forward=forward)
+    after_warmup = counter.frame_count
+    assert after_warmup == len(widths)  # one per width
+    compiled = evaluate(model, forward)
+    assert counter.frame_count == after_warmup  # nothing new
+    model.load_state_dict(state)
+    eager = evaluate(model, None)
+    assert np.allclose(compiled.per_target[1:], eager.per_target[1:], rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_ttt_scoring_compiles_one_graph(sample_dataset):
+    """Chunked TTT scores through the compiled forward with every batch padded to TTT scoring's batch
+    shape (the last one too): one graph over the whole pass, none for a second pass."""
+    from torch._dynamo.testing import CompileCounter
+
+    luts, val = luts_and_val(sample_dataset, 701)
+    model = small_model()
+    model.eval()
+    counter = CompileCounter()
+    logits_fn = torch.compile(model.forward_logits, backend=counter, dynamic=False)
+    for _ in range(2):
+        ledger = tg.ScoreLedger(val, luts, CPU)
+        tg.run_ttt(model, ledger, SETTINGS, rank=0, world_size=1, looping=False, logits_fn=logits_fn)
+        tg.check_scored_once(ledger)
+        assert counter.frame_count == 1
 
 
 def test_run_logs_sliding_ttt_and_the_compliance_block(tiny_env, tmp_path):
