@@ -108,6 +108,7 @@ def test_batch_must_divide_by_world_and_seq_len():
                                  "TRAIN_BATCH_TOKENS": str(3 * 2 * 1024)}).check_world(3)
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_env_with_one_line_before_any_work(tmp_path):
     env = subprocess_env({"MATRIX_LR": "abc", "ARTIFACT_DIR": str(tmp_path)})
     proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, cwd=tmp_path,
@@ -117,6 +118,7 @@ def test_cli_rejects_bad_env_with_one_line_before_any_work(tmp_path):
     assert proc.stdout == "" and list(tmp_path.iterdir()) == []  # not even a run folder
 
 
+@pytest.mark.slow
 def test_cli_missing_data_is_one_line(tmp_path):
     env = subprocess_env({"DATA_PATH": str(tmp_path / "nope"), "TOKENIZER_PATH": str(tmp_path / "nope.model"),
                           "ARTIFACT_DIR": str(tmp_path)})
@@ -227,6 +229,7 @@ def test_typo_warnings_are_logged_with_the_config(monkeypatch):
     assert lines.index(next(line for line in lines if line.startswith("warning:"))) > at
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_public_only_name_with_one_line(tmp_path):
     env = subprocess_env({"TTT_EVAL_ONLY": "1", "ARTIFACT_DIR": str(tmp_path)})
     proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, cwd=tmp_path,

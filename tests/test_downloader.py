@@ -421,6 +421,7 @@ def add_caseops_variant(export: Path, n_val: int = 2, n_train: int = 1) -> None:
     write_manifest(export, manifest)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remote_root", ["datasets", "caseops_export"])
 def test_caseops_variant_fetches_the_byte_sidecar_of_every_val_shard(tmp_path, monkeypatch, local, remote_root):
     """As the public instructions run it: MATCHED_FINEWEB_REPO_ID plus MATCHED_FINEWEB_REMOTE_ROOT_PREFIX."""

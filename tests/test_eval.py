@@ -235,6 +235,7 @@ def test_startup_byte_check_reduces_on_the_run_device(sample_dataset, monkeypatc
     assert seen == [torch.device("meta")]
 
 
+@pytest.mark.slow
 def test_a_tokenizer_that_is_not_the_shards_one_stops_the_run_with_one_line(sample_dataset, sample_sp4096, tmp_path):
     """The SP4096 tokenizer with the SP1024 shards: ids < 1024 decode to the same text under both, so the byte
     check alone passes and the run would train on garbage. The data manifest's sha256 catches it."""

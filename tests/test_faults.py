@@ -174,6 +174,7 @@ def test_sigterm_to_both_gloo_ranks_mid_training_is_recorded_and_both_exit_with_
 # ---- 3. divergence: the loop stops at the step, the export refuses broken weights -------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("iterations, bad_step, bad_loss", [("12", 3, math.nan), ("12", 2, 1e4),
                                                             ("12", 12, math.inf)])
 def test_a_diverged_loss_stops_the_run_at_its_step(tiny_env, tmp_path, monkeypatch, iterations, bad_step, bad_loss):
@@ -197,6 +198,7 @@ def test_check_training_loss_bounds():
             tg.check_training_loss(loss, 7, 1024)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value, what", [(math.nan, "non-finite"), (7e4, "past the fp16 range")])
 def test_the_export_refuses_broken_weights_before_writing_anything(tiny_env, tmp_path, monkeypatch, value, what):
     real_train = tg.train
@@ -295,6 +297,7 @@ def test_a_file_where_the_folder_should_be_and_a_too_long_run_id(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "runs"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_the_log_header_still_leaves_a_manifest(tiny_env, tmp_path, monkeypatch):
     class FullDisk:
         """A file whose writes of more than 4 KiB fail as write(2) does on a full disk."""
@@ -365,6 +368,7 @@ def test_impossible_shapes_are_refused_before_any_allocation(tmp_path):
         tg.check_shapes_fit(tg.Hyperparameters.from_env({**base, "EVAL_SEQ_LEN": "1000"}), CPU, files, val)
 
 
+@pytest.mark.slow
 def test_a_model_too_large_for_the_machine_stops_in_the_run_before_building(tiny_env, tmp_path, monkeypatch):
     monkeypatch.setattr(tg, "GPT", lambda *a: pytest.fail("the model was built"))
     with pytest.raises(tg.RunError, match="the model cannot train here"):
@@ -382,6 +386,7 @@ def test_the_data_access_span_sums_every_phase_that_reads_training_data():
     assert tg.train_data_access_ms(clock, prequant_on_train=True, calibrate_on_train=False) == 596_000.0
 
 
+@pytest.mark.slow
 def test_a_run_past_the_cap_counting_pre_quant_ttt_is_non_record_and_refused(tiny_env, tmp_path, monkeypatch):
     real = tg.run_prequant_ttt
 
@@ -418,6 +423,7 @@ def test_the_manifest_records_the_tokenizer_and_validation_checksums(tiny_env, t
 # ---- 10. EVAL_ONLY writes a manifest; its early failures leave the RUN_ID free ----------------------
 
 
+@pytest.mark.slow
 def test_eval_only_writes_a_manifest_and_its_failures_say_how_to_rerun(tiny_env, tmp_path, monkeypatch):
     trained = run_tiny(tiny_env, ITERATIONS="1")
     artifact = tmp_path / "test" / "final_model.int8.ptz"

@@ -109,6 +109,7 @@ def test_too_short_training_data_is_one_line(tmp_path):
         tg.ShuffledWindowLoader(tg.shard_files(str(tmp_path), "train"), 0, 1, CPU, seed=0, seq_len=16)
 
 
+@pytest.mark.slow
 def test_shuffled_run_warmup_leaves_no_trace_and_logs_the_epochs(tiny_env, tmp_path):
     """The compile warm-up uses its own loader; training starts from the loader's first batch again."""
     a = run_tiny(tiny_env, ITERATIONS="4", RUN_ID="a", TRAIN_LOADER="shuffled")

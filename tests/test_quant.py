@@ -146,6 +146,7 @@ def test_damaged_or_foreign_artifacts_fail_with_one_clear_line(tmp_path):
         tg.load_artifact_model(path, torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_artifact_size_in_the_log_equals_the_bytes_on_disk(tiny_env, tmp_path):
     out = tg.run(tg.Hyperparameters.from_env({**tiny_env, "ITERATIONS": "2", "QUANT_METHOD": "sdclip",
                                               "COMPRESSOR": "brotli", "MATRIX_BITS": "6"}),
@@ -420,6 +421,7 @@ def test_validation_data_can_never_be_a_calibration_source(tiny_env, monkeypatch
     assert len(from_train) == 2 and read and all(Path(p).name.startswith("fineweb_train_") for p in read)
 
 
+@pytest.mark.slow
 def test_train_calibration_is_reserved_and_ends_inside_the_training_cap(tiny_env, tmp_path):
     out = tg.run(tg.Hyperparameters.from_env({**tiny_env, "ITERATIONS": "3", "MAX_WALLCLOCK_SECONDS": "120",
                                               "QUANT_METHOD": "gptq", "MATRIX_BITS": "6", "MODEL_DIM": "128",
@@ -496,6 +498,7 @@ def test_calibration_reads_no_batch_once_its_deadline_says_stop():
 # ---- shipped code, auto-fit, eval-only -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_shipped_code_is_the_readable_syntax_tree_without_docstrings_and_is_what_is_counted():
     import ast
 
@@ -580,6 +583,7 @@ def test_auto_fit_fills_an_undersized_model_to_just_under_a_small_cap_each_step_
     assert len(same) == natural and not lines  # AUTO_FIT_FILL=0: the plan's grid as it is
 
 
+@pytest.mark.slow
 def test_eval_only_in_a_fresh_process_from_the_shipped_code_reproduces_the_end_of_run_score(tiny_env, tmp_path):
     """Train and export with GPTQ; then a new process runs the shipped (compressed) code with EVAL_ONLY=1,
     given only the artifact, the tokenizer and a folder holding nothing but the validation shard."""

@@ -40,6 +40,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.slow
 def test_three_seed_runs_become_a_complete_submission_folder(seed_runs, tmp_path):
     folder = build(seed_runs.values(), tmp_path, "--reference-nats", "7.0", "7.1", "7.2")
     assert folder == tmp_path / "track_cpu_example" / "2026-11-23_Tiny_CPU_example"  # CPU runs: never a record track
@@ -95,6 +96,7 @@ def set_path(keys: str, value):
     return edit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, message", [
     (lambda d: edit_manifest(d, set_path("config_hash", "f" * 64)), "runs mix config hashes"),
     (lambda d: edit_manifest(d, set_path("code.train_gpt_sha256", "0" * 64)), "runs mix code hashes"),
@@ -123,6 +125,7 @@ def test_every_refusal_is_one_line_and_writes_nothing(seed_runs, tmp_path, damag
     assert not (tmp_path / "out" / "track_cpu_example" / "2026-11-23_Tiny_CPU_example").exists()
 
 
+@pytest.mark.slow
 def test_cli_help_compare_and_one_line_errors(seed_runs, tmp_path):
     tool = [sys.executable, str(ROOT / "records" / "records.py")]
     help_text = subprocess.run([*tool, "--help"], capture_output=True, text=True, env=subprocess_env({}))

@@ -22,6 +22,7 @@ def sweep(tiny_env, tmp_path) -> dict:
     return {seed: run_tiny(tiny_env, ITERATIONS="2", SEED=str(seed), RUN_ID=f"seed{seed}") for seed in (42, 314, 999)}
 
 
+@pytest.mark.slow
 def test_a_seed_sweep_keeps_every_run_and_each_manifest_matches_its_files(sweep, tmp_path):
     hashes = set()
     for seed, out in sweep.items():
@@ -60,6 +61,7 @@ def test_a_seed_sweep_keeps_every_run_and_each_manifest_matches_its_files(sweep,
     assert tg.config_hash(base) != tg.config_hash(tg.Hyperparameters.from_env({"RECIPE": "baseline", "MATRIX_LR": "0.01"}))
 
 
+@pytest.mark.slow
 def test_a_reused_run_id_is_refused_and_the_old_run_is_untouched(tiny_env, tmp_path):
     first = run_tiny(tiny_env, ITERATIONS="1", RUN_ID="same")
     run_dir = Path(first["run_dir"])
@@ -75,6 +77,7 @@ def test_a_reused_run_id_is_refused_and_the_old_run_is_untouched(tiny_env, tmp_p
     assert len(re.findall(r"^run_dir:", (run_dir / "train.log").read_text(), re.M)) == 1  # fresh, not appended
 
 
+@pytest.mark.slow
 def test_a_crashed_run_leaves_a_manifest_that_says_so(tiny_env, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise tg.RunError("simulated crash in training")
@@ -88,6 +91,7 @@ def test_a_crashed_run_leaves_a_manifest_that_says_so(tiny_env, tmp_path, monkey
     assert manifest["data"]["train_shards"] == 1  # what was known before the crash is kept
 
 
+@pytest.mark.slow
 def test_run_ids_that_are_paths_are_refused(tiny_env):
     with pytest.raises(tg.ConfigError, match="RUN_ID='../x' must be a plain folder name"):
         run_tiny(tiny_env, RUN_ID="../x")

@@ -90,6 +90,7 @@ def test_training_stops_before_the_budget_net_of_the_reserve(tiny_env, monkeypat
     assert any("budget_cut: training after step 7" in line and "reserve 300ms" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_no_host_device_sync_inside_the_training_step(tiny_env, monkeypatch):
     """Reading a tensor's value on the host (.item, .tolist, bool) is a sync on a GPU: our step code never
     does it. (torch.optim's Adam reads its step counter, a CPU tensor: not a device sync.)"""
@@ -162,6 +163,7 @@ def test_ema_and_swa_arithmetic():
     assert tg.WeightAverager(model, ema_decay=0, swa_start_frac=1, swa_every=1).choose("auto") == "raw"
 
 
+@pytest.mark.slow
 def test_exported_weights_are_the_logged_choice(tiny_env, tmp_path):
     out = run_tiny(tiny_env, ITERATIONS="6", EMA_DECAY="0.5", SWA_START_FRAC="0.5", SWA_EVERY="1")
     assert out["export_choice"] == "ema_swa"
@@ -253,6 +255,7 @@ def test_record_training_step_compiles_fullgraph_without_breaks():
 # ---- data order and logging --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_seed_same_first_losses_other_seed_other_data(tiny_env):
     a = run_tiny(tiny_env, ITERATIONS="3", RUN_ID="a", SEED="7")
     b = run_tiny(tiny_env, ITERATIONS="3", RUN_ID="b", SEED="7")
@@ -262,6 +265,7 @@ def test_same_seed_same_first_losses_other_seed_other_data(tiny_env):
     assert torch.equal(first[0], first[1]) and not torch.equal(first[0], first[2])
 
 
+@pytest.mark.slow
 def test_step_lines_report_tokens_per_second_and_mfu(tiny_env, tmp_path):
     run_tiny(tiny_env, ITERATIONS="2", PEAK_TFLOPS="0.001")
     log = (tmp_path / "test" / "train.log").read_text()
@@ -271,6 +275,7 @@ def test_step_lines_report_tokens_per_second_and_mfu(tiny_env, tmp_path):
     assert re.search(r"^phase_times: .*train:\d+ms.*eval:\d+ms process:\d+ms$", log, re.M)
 
 
+@pytest.mark.slow
 def test_qat_costs_nothing_when_off_and_switches_on_at_its_fraction(tiny_env, tmp_path, monkeypatch):
     calls = []
     real = tg.fake_quantize

@@ -22,6 +22,7 @@ def run_tiny(env: dict, **overrides) -> dict:
     return tg.run(tg.Hyperparameters.from_env({**env, **overrides}), CPU)
 
 
+@pytest.mark.slow
 def test_twenty_steps_lower_the_loss_and_the_artifact_scores_like_the_model(tiny_env, tmp_path):
     out = run_tiny(tiny_env, WARMDOWN_ITERS="5", VAL_LOSS_EVERY="20")
     assert out["steps"] == 20
@@ -38,6 +39,7 @@ def test_twenty_steps_lower_the_loss_and_the_artifact_scores_like_the_model(tiny
     assert "def main()" in log  # the log embeds the source that produced it
 
 
+@pytest.mark.slow
 def test_warmup_steps_leave_no_trace(tiny_env, tmp_path):
     a = run_tiny(tiny_env, ITERATIONS="4", RUN_ID="a")
     b = run_tiny(tiny_env, ITERATIONS="4", RUN_ID="b", WARMUP_STEPS="3")
@@ -45,6 +47,7 @@ def test_warmup_steps_leave_no_trace(tiny_env, tmp_path):
     assert a["roundtrip"].val_loss == b["roundtrip"].val_loss
 
 
+@pytest.mark.slow
 def test_wallclock_cap_stops_training_early(tiny_env):
     out = run_tiny(tiny_env, ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="1.5")
     assert out["stopped_early"] and 0 < out["steps"] < 100000
@@ -55,6 +58,7 @@ def test_wallclock_cap_stops_training_early(tiny_env):
     assert out["training_time_ms"] < 1500 + longest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stack", ["baseline", "record"])
 def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(tiny_env, tmp_path, stack):
     """Same global batch, same seed: 2 ranks x 4 micro-steps equal 1 process x 8. With the record stack
@@ -84,6 +88,7 @@ def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(tiny_env, tmp
     assert float(line.group(2)) == pytest.approx(single["roundtrip"].val_bpb, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_oversize_artifact_fails_with_one_line_and_keeps_results(tiny_env, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tg, "ARTIFACT_LIMIT_BYTES", 1000)
     for k, v in dict(tiny_env, ITERATIONS="2").items():
@@ -142,6 +147,7 @@ ALL_SWITCHES_SMALL = {
 }
 
 
+@pytest.mark.slow
 def test_all_switches_train_and_looping_turns_on_at_its_fraction(tiny_env, tmp_path):
     env = {**tiny_env, **ALL_SWITCHES_SMALL, "ITERATIONS": "20", "WARMDOWN_ITERS": "5", "WARMUP_STEPS": "2",
            "ENABLE_LOOPING_AT": "0.5", "VAL_LOSS_EVERY": "0", "EVAL_SEQ_LEN": "256"}
@@ -157,6 +163,7 @@ def test_all_switches_train_and_looping_turns_on_at_its_fraction(tiny_env, tmp_p
     assert abs(out["roundtrip"].val_bpb - out["pre_quant"].val_bpb) < 0.02 * out["pre_quant"].val_bpb
 
 
+@pytest.mark.slow
 def test_default_recipe_shrunk_by_depth_and_width_only_runs_end_to_end(sample_dataset, tmp_path):
     """A user's smoke test of RECIPE=record: change NUM_LAYERS and MODEL_DIM (plus the data, the vocab and
     the run length), nothing about XSA, parallel residuals or the loop, and the script runs to its score."""
@@ -184,6 +191,7 @@ def test_default_recipe_shrunk_by_depth_and_width_only_runs_end_to_end(sample_da
     assert "order:[0, 1, 2, 1, 2, 1, 2, 3]" in out.stdout  # the middle layers 1-2 are looped twice
 
 
+@pytest.mark.slow
 def test_eval_budget_cuts_the_score_instead_of_reporting_a_partial_one(tiny_env, tmp_path):
     with pytest.raises(tg.RunError, match=r"evaluation budget \(MAX_EVAL_SECONDS\) ran out; cut: the final score"):
         run_tiny(tiny_env, ITERATIONS="1", MAX_EVAL_SECONDS="0.000001")

@@ -400,6 +400,7 @@ def test_chunked_ttt_scoring_compiles_one_graph(sample_dataset):
         assert counter.frame_count == 1
 
 
+@pytest.mark.slow
 def test_run_logs_sliding_ttt_and_the_compliance_block(tiny_env, tmp_path):
     cpu = tg.Runtime(rank=0, world_size=1, local_rank=0, device=CPU, distributed=False)
     env = {**tiny_env, "ITERATIONS": "10", "EVAL_STRIDE": "32", "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "2048",
@@ -487,6 +488,7 @@ SHIFTED = {"chunked": tg.dataclasses.replace(SETTINGS, chunk_tokens=256, lr=0.03
 NO_ADAPTATION = {"chunked": dict(epochs=0), "lora": dict(lora_lr=0.0), "phased": dict(lora_lr=0.0, global_lr=0.0)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["chunked", "lora", "phased"])
 def test_each_ttt_variant_lowers_val_bpb_on_shifted_text(trained_and_shifted, mode):
     state, shifted, luts = trained_and_shifted
@@ -506,6 +508,7 @@ def test_each_ttt_variant_lowers_val_bpb_on_shifted_text(trained_and_shifted, mo
     assert adapted < plain - 0.3, (mode, adapted, plain)
 
 
+@pytest.mark.slow
 def test_prequant_ttt_on_training_data_is_reserved_from_the_training_budget(tiny_env, tmp_path):
     cpu = tg.Runtime(rank=0, world_size=1, local_rank=0, device=CPU, distributed=False)
     env = {**tiny_env, "ITERATIONS": "3", "MAX_WALLCLOCK_SECONDS": "300", "PREQUANT_TTT_ENABLED": "1",
@@ -530,6 +533,7 @@ def test_prequant_ttt_on_training_data_is_reserved_from_the_training_budget(tiny
     assert torch.equal(pq["tokens"], train[-4097:])
 
 
+@pytest.mark.slow
 def test_validation_adaptation_is_refused_without_the_opt_in_and_stamped_with_it(tiny_env, tmp_path):
     with pytest.raises(tg.ConfigError, match="ALLOW_VAL_ADAPTATION=1"):
         tg.Hyperparameters.from_env({**tiny_env, "PREQUANT_TTT_SOURCE": "val"})
