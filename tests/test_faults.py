@@ -25,6 +25,28 @@ from records import records as rec
 from test_train import CPU, run_tiny
 
 
+@pytest.fixture()
+def small_env(tiny_env, tmp_path) -> dict:
+    """tiny_env with a validation set cut to its first documents (about 2,000 tokens, at a BOS), so
+    that scoring, most of a tiny run's time, is short."""
+    data = tmp_path / "small_data"
+    data.mkdir()
+    source = Path(tiny_env["DATA_PATH"])
+    for shard in source.glob("fineweb_train_*.bin"):
+        (data / shard.name).symlink_to(shard)
+    val = tg.load_data_shard(tg.shard_files(str(source), "val")[0]).numpy()
+    cut = int(np.flatnonzero(val == tg.BOS_ID)[np.flatnonzero(val == tg.BOS_ID) >= 2000][0])
+    write_shard(data / "fineweb_val_000000.bin", val[:cut].astype(np.uint16))
+    return {**tiny_env, "DATA_PATH": str(data)}
+
+
+@pytest.fixture()
+def no_training(monkeypatch):
+    """Training steps that compute nothing (loss 5.0, weights as initialised): these tests are about
+    what happens around the steps, and a real step costs most of a tiny run's time on a busy machine."""
+    monkeypatch.setattr(tg, "train_step", lambda *args, **kwargs: torch.tensor(5.0))
+
+
 def one_line(e: BaseException) -> str:
     text = str(e)
     assert "\n" not in text, text
@@ -103,14 +125,14 @@ def run_main(env: dict, monkeypatch) -> int:
     return tg.main()
 
 
-def signal_self_after(monkeypatch, name: str, sig: signal.Signals, when=lambda *a, **k: True):
-    """Make tg.<name> send `sig` to this process once, right after it returns (the handler raises at the
-    next bytecode, as it would for a signal from outside)."""
+def signal_self_after(monkeypatch, name: str, sig: signal.Signals):
+    """Make tg.<name> send `sig` to this process once, right after it first returns (the handler raises
+    at the next bytecode, as it would for a signal from outside)."""
     original, sent = getattr(tg, name), []
 
     def wrapper(*args, **kwargs):
         out = original(*args, **kwargs)
-        if not sent and when(*args, **kwargs):
+        if not sent:
             sent.append(sig)
             os.kill(os.getpid(), sig)
         return out
@@ -121,12 +143,11 @@ def signal_self_after(monkeypatch, name: str, sig: signal.Signals, when=lambda *
 @pytest.mark.parametrize("where, sig", [("train_step", signal.SIGTERM), ("fit_artifact", signal.SIGHUP),
                                         ("evaluate_artifact", signal.SIGTERM)])
 def test_a_stop_signal_leaves_a_failed_manifest_naming_it_and_no_artifact_under_its_final_name(
-        tiny_env, tmp_path, monkeypatch, capsys, where, sig):
+        small_env, tmp_path, monkeypatch, capsys, no_training, where, sig):
     """Mid-training, mid-export (weights fitted, nothing written yet) and mid-scoring (artifact written)."""
-    sent = signal_self_after(monkeypatch, where, sig, when=(lambda *a, **k: a[7] == 1) if where == "train_step"
-                             else (lambda *a, **k: True))
+    sent = signal_self_after(monkeypatch, where, sig)
     before = signal.getsignal(sig)
-    rc = run_main({**tiny_env, "ITERATIONS": "3"}, monkeypatch)
+    rc = run_main({**small_env, "ITERATIONS": "2" if where == "train_step" else "1"}, monkeypatch)
     assert sent == [sig] and rc == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith(f"error: stopped by {sig.name};") and "REPLACE_RUN=1" in err
@@ -138,8 +159,10 @@ def test_a_stop_signal_leaves_a_failed_manifest_naming_it_and_no_artifact_under_
     assert "final_model.int8.ptz" not in names and not any(n.endswith(".tmp") for n in names)
     if where == "evaluate_artifact":  # it was written before the signal: kept, but not under its final name
         assert "final_model.int8.ptz.failed" in names and manifest["artifact_kept_as"] == "final_model.int8.ptz.failed"
-    if where == "train_step":
+    if where == "train_step":  # stopped after its first step: nothing of the export exists
         assert manifest["data"]["train_shards"] == 1 and "final_model.pt" not in names
+        log = (run_dir / "train.log").read_text()
+        assert "clock: train_budget" in log and not re.search(r"^step:2/2 |^weights:exporting", log, re.M)
     assert signal.getsignal(sig) == before  # main() puts the handlers back
 
 
@@ -200,7 +223,8 @@ def test_check_training_loss_bounds():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("value, what", [(math.nan, "non-finite"), (7e4, "past the fp16 range")])
-def test_the_export_refuses_broken_weights_before_writing_anything(tiny_env, tmp_path, monkeypatch, value, what):
+def test_the_export_refuses_broken_weights_before_writing_anything(small_env, tmp_path, monkeypatch, no_training,
+                                                                  value, what):
     real_train = tg.train
 
     def poisoned(hp, rt, model, base_model, *rest):
@@ -210,7 +234,7 @@ def test_the_export_refuses_broken_weights_before_writing_anything(tiny_env, tmp
         return state
     monkeypatch.setattr(tg, "train", poisoned)
     with pytest.raises(tg.RunError) as err:
-        run_tiny(tiny_env, ITERATIONS="1")
+        run_tiny(small_env, ITERATIONS="1")
     message = one_line(err.value)
     assert "refusing to export: weight blocks.0.mlp_scale" in message and what in message
     names = {p.name for p in (tmp_path / "test").iterdir()}
@@ -387,14 +411,15 @@ def test_the_data_access_span_sums_every_phase_that_reads_training_data():
 
 
 @pytest.mark.slow
-def test_a_run_past_the_cap_counting_pre_quant_ttt_is_non_record_and_refused(tiny_env, tmp_path, monkeypatch):
+def test_a_run_past_the_cap_counting_pre_quant_ttt_is_non_record_and_refused(small_env, tmp_path, monkeypatch,
+                                                                             no_training):
     real = tg.run_prequant_ttt
 
     def slow_prequant(prequant, model, clock, **kwargs):  # as if the slice took longer than the whole cap
         real(prequant, model, clock, **kwargs)
         clock.totals["prequant_ttt"] += 61_000.0
     monkeypatch.setattr(tg, "run_prequant_ttt", slow_prequant)
-    out = run_tiny(tiny_env, ITERATIONS="2", MAX_WALLCLOCK_SECONDS="60", PREQUANT_TTT_ENABLED="1",
+    out = run_tiny(small_env, ITERATIONS="2", MAX_WALLCLOCK_SECONDS="60", PREQUANT_TTT_ENABLED="1",
                    PREQUANT_TTT_TOKENS="1024", TTT_BATCH_SEQS="8")
     assert out["train_data_access_end_ms"] > out["cap_ms"] == 60_000.0 and out["non_record"]
     manifest = json.loads((tmp_path / "test" / "manifest.json").read_text())
@@ -424,16 +449,16 @@ def test_the_manifest_records_the_tokenizer_and_validation_checksums(tiny_env, t
 
 
 @pytest.mark.slow
-def test_eval_only_writes_a_manifest_and_its_failures_say_how_to_rerun(tiny_env, tmp_path, monkeypatch):
-    trained = run_tiny(tiny_env, ITERATIONS="1")
+def test_eval_only_writes_a_manifest_and_its_failures_say_how_to_rerun(small_env, tmp_path, monkeypatch, no_training):
+    trained = run_tiny(small_env, ITERATIONS="1")
     artifact = tmp_path / "test" / "final_model.int8.ptz"
-    env = {**tiny_env, "EVAL_ONLY": "1", "ARTIFACT_PATH": str(artifact)}
+    env = {**small_env, "EVAL_ONLY": "1", "ARTIFACT_PATH": str(artifact)}
     out = tg.run_eval_only(tg.Hyperparameters.from_env({**env, "RUN_ID": "eval"}), CPU)
     manifest = json.loads((tmp_path / "eval" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["mode"] == "eval_only"
     assert manifest["final_score"]["val_bpb"] == out["roundtrip"].val_bpb == trained["roundtrip"].val_bpb
     assert manifest["artifact"]["sha256"] == tg.file_sha256(artifact) and manifest["data"]["train_shards"] == 0
-    assert manifest["data"]["tokenizer_sha256"] == tg.file_sha256(Path(tiny_env["TOKENIZER_PATH"]))
+    assert manifest["data"]["tokenizer_sha256"] == tg.file_sha256(Path(small_env["TOKENIZER_PATH"]))
     with pytest.raises(rec.RecordError, match="an EVAL_ONLY run"):
         rec.load_run(tmp_path / "eval")
     # a vocabulary mismatch names the tokenizer, not VOCAB_SIZE (EVAL_ONLY takes it from the artifact),
