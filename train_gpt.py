@@ -1280,8 +1280,8 @@ def load_validation_byte_sidecar(data_path: str) -> np.ndarray | None:
 
 
 def check_sidecar_structure(val_tokens: torch.Tensor, val_bytes: np.ndarray, operators: dict[str, int]) -> None:
-    """Every BOS, and every operator the transform added (any operator piece not right after ESC), stands
-    for 0 bytes: a sidecar of the pieces' own bytes, the mistake that inflates CaseOps bytes, fails here."""
+    """Every BOS, and every operator piece not right after an ESC (so one the transform added), stands for
+    0 bytes: a sidecar of the pieces' own bytes, the mistake that inflates CaseOps bytes, fails here."""
     tokens = val_tokens.numpy()
     if int(val_bytes[tokens == BOS_ID].max(initial=0)) != 0:
         raise RunError("the byte sidecar gives BOS tokens a nonzero byte count, so it is not aligned with the "
