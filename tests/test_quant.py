@@ -395,6 +395,17 @@ def test_gptq_beats_rtn_on_a_trained_looped_tied_model_per_layer_pass_and_in_los
         rtn = tg.quantize_rows(w, bits, k)
         for x in inputs:  # each pass of a looped layer on its own inputs
             assert output_error(x, w, codes, scales) < 0.8 * output_error(x, w, *rtn), name
+    # The tied embedding is also the input table, where plain weight error counts and the head's Hessian
+    # is blind: the export damps it by GPTQ_TIED_EMBED_DAMPING, so GPTQ still cuts the head's error but no
+    # longer buys it with much more weight error (at GPTQ_DAMPING's 0.01 the weight error grows ~1.7x).
+    w, (bits, k) = sd["tok_emb.weight"].float(), plan.spec("tok_emb.weight", sd["tok_emb.weight"])
+    exported = tg.quantize_tensor("tok_emb.weight", w, plan, hessians["tok_emb.weight"])
+    rtn = tg.quantize_rows(w, bits, k)
+    weight_error = lambda c, s: (w - tg.dequantize_rows(c, s)).square().sum().item()  # noqa: E731
+    assert weight_error(exported.codes, exported.scales) < 1.3 * weight_error(*rtn)
+    assert output_error(finals, w, exported.codes, exported.scales) < 0.8 * output_error(finals, w, *rtn)
+    undamped = tg.gptq_quantize(w, hessians["tok_emb.weight"], bits, k, damping=0.01)
+    assert weight_error(*undamped) > weight_error(exported.codes, exported.scales)
 
     def gap(method, groups):
         entries = tg.quantize_state_dict(sd, dataclasses.replace(plan, method=method), hessians)
