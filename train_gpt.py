@@ -280,10 +280,10 @@ class Hyperparameters:
     lqer_asym_enabled: bool = knob(True, "LQER factor scales: per column of A and per group of B (else per row)")
     lqer_asym_group: int = knob(64, "values of B per scale in the asymmetric form", gt=0)
     artifact_margin_bytes: int = knob(0, "auto-fit target: code + model bytes <= 16,000,000 minus this", min=0)
-    auto_fit: bool = knob(True, "shrink an over-limit model until it fits (clip sigmas, one group's bits, +-1 pruning); "
-                          "fill an under-limit one unless AUTO_FIT_FILL=0")
-    auto_fit_fill: bool = knob(True, "with AUTO_FIT, spend the bytes an under-limit model leaves (sdclip/gptq): a finer "
-                               "grid, or a bit more, on the group where a byte buys the most weighted error")
+    auto_fit: bool = knob(True, "shrink an over-limit model until it fits (clip sigmas, one group's bits, +-1 "
+                          "pruning); fill an under-limit one unless AUTO_FIT_FILL=0")
+    auto_fit_fill: bool = knob(True, "with AUTO_FIT, spend the bytes an under-limit model leaves (sdclip/gptq): a "
+                               "finer grid, or a bit more, on the group where a byte buys the most weighted error")
     eval_only: bool = knob(False, "no training: score the artifact at ARTIFACT_PATH (model settings come from it)")
     artifact_path: str = knob("", "artifact scored by EVAL_ONLY: the final_model.*.ptz of a run folder")
 
@@ -1369,8 +1369,8 @@ class CausalSelfAttention(nn.Module):
             y = y - (y * v_dir).sum(-1, keepdim=True) * v_dir
         if self.gate_kind != "none":
             logits = (x if self.gate_kind == "gated" else x[..., : self.gate_window]) @ self.attn_gate_w.to(x.dtype).T
-            gate = (2 * torch.sigmoid(logits) if self.gate_kind == "out" else
-                    torch.sigmoid(self.sparse_gate_scale * logits) if self.gate_kind == "sparse" else torch.sigmoid(logits))
+            gate = (2 * torch.sigmoid(logits) if self.gate_kind == "out" else torch.sigmoid(
+                self.sparse_gate_scale * logits if self.gate_kind == "sparse" else logits))
             y = y * gate.transpose(1, 2)[..., None]
         return F.pad(self.proj(y.transpose(1, 2).reshape(B, 1, C)), (0, 0, T - 1, 0)), v_raw
 
@@ -2823,9 +2823,9 @@ def estimate_payload_bytes(state_dict: dict[str, torch.Tensor], plan: QuantPlan)
 # the output head's weight). That Hessian sees only the head: GPTQ lowers the head's error by raising
 # the plain weight error, which the embedding's other use, the input table, pays (issue 19: on the
 # tiny model, input-side loss +67%, head-side -57% at damping 0.01). So the tied embedding is damped
-# by GPTQ_TIED_EMBED_DAMPING (0.5) instead: val_bpb gap 0.00207 -> 0.00165-0.00167 at 0.3-1.0. Calibration is GPTQ_CALIBRATION_SOURCE: `selfgen` (sequences the
-# trained model samples itself, decoded with a key/value cache: no data is read, so it may run after
-# the training cap) or `train`
+# by GPTQ_TIED_EMBED_DAMPING (0.5) instead: val_bpb gap 0.00207 -> 0.00165-0.00167 at 0.3-1.0.
+# Calibration is GPTQ_CALIBRATION_SOURCE: `selfgen` (sequences the trained model samples itself,
+# decoded with a key/value cache: no data is read, so it may run after the training cap) or `train`
 # (training shards: that is training-data access, so it runs inside the training budget; its time,
 # measured before training starts, is reserved). Validation shards are never a source.
 
@@ -3929,7 +3929,8 @@ def fill_budget(state_dict, plan: QuantPlan, entries: list[ExportedTensor], blob
             bits_per_value *= 0.5 * slack / max(len(trial_blob) - len(blob), 1)  # overshot: aim at half again
         trial_errors = weighted_error_by_group(state_dict, trial_entries, hessians)
         cost, gain = len(trial_blob) - len(blob), sum(errors.values()) - sum(trial_errors.values())
-        verdict = "kept" if len(trial_blob) <= target_bytes and gain > 0 and k >= AUTO_FIT_FILL_MIN_SIGMAS else "refused"
+        fits = len(trial_blob) <= target_bytes
+        verdict = "kept" if fits and gain > 0 and k >= AUTO_FIT_FILL_MIN_SIGMAS else "refused"
         log(f"auto_fit: fill step {step} {group} clip_sigmas {plan.clip_sigmas[group]:.3f}->{k:.3f} bits "
             f"{plan.bits[group]}->{bits} cost {cost} bytes gain {gain:.3e} -> model_bytes {len(trial_blob)} "
             f"weighted_error {sum(trial_errors.values()):.4e} {verdict}")
