@@ -179,7 +179,7 @@ def test_default_recipe_shrunk_by_depth_and_width_only_runs_end_to_end(sample_da
     out = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert re.search(r"^final_int6_brotli_roundtrip_exact val_loss:[\d.]+ val_bpb:[\d.]+$", out.stdout, re.M)
+    assert re.search(r"^final_int6_ans_roundtrip_exact val_loss:[\d.]+ val_bpb:[\d.]+$", out.stdout, re.M)
     assert re.search(r"^final_sliding_window_exact val_loss:[\d.]+ val_bpb:[\d.]+$", out.stdout, re.M)
     # R0427's final pass: phased LoRA TTT with its run's adapter settings, the final score
     assert re.search(r"^ttt:start mode:phased .* lora_rank:80 lora_alpha:144 lora_lr:0.0001 warm_start_a:1 ",
