@@ -3485,7 +3485,7 @@ class CachedDecoding:
         self.pos, self.calls = pos, dict.fromkeys(self.calls, 0)
 
     def _cached_forward(self, attn: CausalSelfAttention):
-        def forward(x, v_first):
+        def forward(x, v_first, docs=None):  # a sample is one document (no BOS after the first): no mask
             passes, n = self.caches[id(attn)], self.calls[id(attn)]
             if n == len(passes):
                 passes.append([])
@@ -3514,7 +3514,8 @@ def sample_sequences(model: GPT, num_seqs: int, seq_len: int, *, temperature: fl
     """Sequences the model writes itself from a BOS, sampled at `temperature`. With `kv_cache` each token
     costs one position's forward (the last DECODE_WINDOW tokens, attention against cached keys): linear
     in seq_len, the same tokens as a full forward per token (kv_cache=False, quadratic). Past
-    TRAIN_SEQ_LEN the RoPE tables rescale every position, so there the full forward is used."""
+    TRAIN_SEQ_LEN the RoPE tables rescale every position, so there the full forward is used. BOS is never
+    sampled after the first position, so a sample is one document (document masking changes nothing)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = torch.full((num_seqs, 1), BOS_ID, dtype=torch.int64, device=device)
     cached = kv_cache and seq_len <= model.cfg.train_seq_len
@@ -3525,6 +3526,7 @@ def sample_sequences(model: GPT, num_seqs: int, seq_len: int, *, temperature: fl
             with autocast():
                 h = model.forward_hidden(ids[:, -DECODE_WINDOW:] if cached else ids, looping)
                 logits = model.head(h[:, -1]).float()
+            logits[:, BOS_ID] = -float("inf")
             nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen)
             ids = torch.cat([ids, nxt], dim=1)
     return ids

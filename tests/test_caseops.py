@@ -55,6 +55,7 @@ def test_encode_follows_the_rules(text, encoded):
     assert caseops.decode(encoded) == text == tg.caseops_decode(encoded)
 
 
+@pytest.mark.slow
 def test_inverse_of_transform_is_identity_on_random_unicode_with_literal_operators():
     texts = random_texts(3000)
     assert sum(any(op in t for op in OPS) for t in texts) > 1000  # the hard case is well covered
@@ -260,8 +261,9 @@ def test_document_rows_the_ttt_passes_use_count_sidecar_bytes(caseops_data):
     ledger = tg.ScoreLedger(val, luts, torch.device("cpu"))
     docs = tg.document_spans(val)
     spans = [(a, min(a + 7, b)) for a, b in docs[:3]]
-    x, y, mask = ledger.document_rows(spans, [a for a, _ in spans])
-    ledger.commit(spans, torch.zeros(*x.shape, luts.base_bytes.numel()), x, y, mask)
+    x, _, x_at, y_at, mask = ledger.document_rows(spans, [a for a, _ in spans], rows=list(range(len(spans))),
+                                                  num_rows=len(spans), width=7, chunk=7)
+    ledger.commit(spans, torch.zeros(*x_at.shape, luts.base_bytes.numel()), x_at, y_at, mask)
     assert ledger.result().num_bytes == sum(int(luts.val_bytes[a + 1 : b + 1].sum()) for a, b in spans)
     with pytest.raises(tg.RunError, match="belongs to the validation stream"):
         tg.ScoreLedger(val[:-1], luts, torch.device("cpu"))
