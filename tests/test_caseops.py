@@ -55,7 +55,6 @@ def test_encode_follows_the_rules(text, encoded):
     assert caseops.decode(encoded) == text == tg.caseops_decode(encoded)
 
 
-@pytest.mark.slow
 def test_inverse_of_transform_is_identity_on_random_unicode_with_literal_operators():
     texts = random_texts(3000)
     assert sum(any(op in t for op in OPS) for t in texts) > 1000  # the hard case is well covered

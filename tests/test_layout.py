@@ -1,4 +1,3 @@
-import pytest
 """train_gpt.py stays navigable: its docstring lists the section banners in order, and it never
 imports from data/ or records/ (only this file counts as code in a submission)."""
 
@@ -20,7 +19,6 @@ def test_training_script_is_self_contained():
     assert not [m for m in imports if m.split(".")[0] in ("data", "records", "tests")]
 
 
-@pytest.mark.slow
 def test_benchmarks_use_only_names_train_gpt_has():
     """The benchmarks are not collected by pytest, so a rename in train_gpt.py would break them
     unnoticed (it did once): every `tg.NAME` they use must exist."""

@@ -1,4 +1,3 @@
-import pytest
 """README.md stays true: its test command is CI's, and its env-var table is the code's.
 
 `python tests/test_readme.py` rewrites the README env-var table from `Hyperparameters`.
@@ -39,7 +38,6 @@ def test_readme_env_table_matches_hyperparameters():
     assert block == env_table(), "run `python tests/test_readme.py` to regenerate the README env table"
 
 
-@pytest.mark.slow
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     commands = [block.split("```")[0].strip() for block in readme.split("```bash\n")[1:3]]
