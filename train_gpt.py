@@ -2912,10 +2912,10 @@ class StepCosts:
 
 def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: list[int], *, looping: bool,
                            forward=lora_logits, autocast=contextlib.nullcontext, costs: StepCosts | None = None) -> None:
-    """Run a plain step (a forward) and an adapting one (with backward and AdamW step) at each width,
-    on full rows of synthetic tokens, twice, the second time timed into `costs`: this compiles every
-    graph the pass needs and gives the budget measured step costs before the first validation step.
-    The adapters are reset by the next round."""
+    """At each width, on full rows of synthetic tokens: an adapting step (forward, backward, AdamW),
+    which compiles the width's graph; with `costs`, then a timed plain step (the forward) and a timed
+    adapting one, the budget's step costs before the first validation step. The adapters are reset
+    by the next round."""
     chunk = min(s.doc_chunk, s.seq_len)
     optimizer = torch.optim.AdamW(lora.params, lr=0.0)
     device = lora.a[0].device
@@ -2923,17 +2923,16 @@ def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: li
         x = synthetic_tokens(lora.num_rows * width, model.cfg.vocab_size, seed=width).view(lora.num_rows, width)
         positions = torch.arange(width - chunk, width).expand(lora.num_rows, -1).contiguous()  # a real step's layout
         x, positions = x.to(device), positions.to(device)
-        for kind in ("plain", "adapt"):
-            for timed in (False, True):
-                t0 = costs.now() if costs is not None else 0.0
-                with torch.enable_grad(), autocast():  # as in `lora_round`
-                    logits = forward(lora, model, x, positions, looping)
-                if kind == "adapt":
-                    logits.float().logsumexp(-1).mean().backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if timed and costs is not None:
-                    costs.add((kind, width), costs.now() - t0)
+        for kind, timed in [("adapt", False)] + ([("plain", True), ("adapt", True)] if costs is not None else []):
+            t0 = costs.now() if timed else 0.0
+            with torch.enable_grad(), autocast():  # as in `lora_round`
+                logits = forward(lora, model, x, positions, looping)
+            if kind == "adapt":
+                logits.float().logsumexp(-1).mean().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if timed:
+                costs.add((kind, width), costs.now() - t0)
 
 
 def measure_global_step(model: GPT, s: TTTSettings, *, rank: int, world_size: int, looping: bool,
@@ -5517,14 +5516,20 @@ def run_prequant_ttt(prequant: dict, model: GPT, clock: PhaseClock, *, looping: 
         f"{'none' if clock.cap_ms is None else f'{clock.cap_ms:.0f}ms'} within_cap:{int(within)}")
 
 
-def ttt_settings(hp: Hyperparameters, score_batch_seqs: int) -> TTTSettings:
+def ttt_rows(hp: Hyperparameters, val_tokens: torch.Tensor, world_size: int) -> int:
+    """Documents a rank holds at a time: TTT_BATCH_SIZE, or fewer when the whole validation set fits in
+    one round (the same single round either way, with fewer padded rows)."""
+    return min(hp.ttt_batch_size, -(-len(document_spans(val_tokens)) // world_size))
+
+
+def ttt_settings(hp: Hyperparameters, score_batch_seqs: int, docs_per_rank: int | None = None) -> TTTSettings:
     return TTTSettings(seq_len=hp.effective_eval_seq_len, stride=hp.eval_stride, chunk_tokens=hp.ttt_chunk_tokens,
                        epochs=hp.ttt_epochs, lr=hp.ttt_lr, momentum=hp.ttt_momentum, batch_seqs=hp.ttt_batch_seqs,
                        grad_clip=hp.ttt_grad_clip, freeze_blocks=hp.ttt_freeze_blocks,
                        score_batch_seqs=score_batch_seqs, mode=hp.ttt_mode, lora_rank=hp.ttt_lora_rank,
                        lora_lr=hp.ttt_lora_lr, lora_alpha=hp.ttt_lora_alpha, lora_beta1=hp.ttt_beta1,
                        lora_beta2=hp.ttt_beta2, lora_wd=hp.ttt_weight_decay, warm_start_a=hp.ttt_warm_start_a,
-                       lora_k=hp.ttt_k_lora, lora_o=hp.ttt_o_lora, lora_mlp=hp.ttt_mlp_lora, doc_chunk=hp.ttt_chunk_size, docs_per_batch=hp.ttt_batch_size,
+                       lora_k=hp.ttt_k_lora, lora_o=hp.ttt_o_lora, lora_mlp=hp.ttt_mlp_lora, doc_chunk=hp.ttt_chunk_size, docs_per_batch=docs_per_rank or hp.ttt_batch_size,
                        prefix_docs=hp.phased_ttt_prefix_docs, num_phases=hp.phased_ttt_num_phases,
                        global_lr=hp.global_ttt_lr, global_epochs=hp.global_ttt_epochs)
 
@@ -5562,7 +5567,7 @@ def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, val_tokens: torch.Ten
     elif hp.ttt_enabled:  # each chunk step reads TTT_BATCH_SIZE padded rows; a step where a row trains backpropagates
         docs = document_spans(val_tokens)
         queue = sorted(docs, key=lambda d: (-(d[1] - d[0]), d[0]))
-        rows, chunk = hp.ttt_batch_size, min(hp.ttt_chunk_size, seq_len)
+        rows, chunk = ttt_rows(hp, val_tokens, world_size), min(hp.ttt_chunk_size, seq_len)
         fwd_tokens = backprop_tokens = 0
         for j in range(0, len(queue), rows):  # one rank's share of a round (the head counted at every position)
             for width, trains in round_steps(queue[j : j + rows], chunk, seq_len):
@@ -5682,7 +5687,7 @@ def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: 
 
     for line in eval_flops_plan(hp, model.cfg, val_tokens, looping, rt.world_size):
         log(line)
-    settings = ttt_settings(hp, batch_seqs) if hp.ttt_enabled else None
+    settings = ttt_settings(hp, batch_seqs, ttt_rows(hp, val_tokens, rt.world_size)) if hp.ttt_enabled else None
     warm = warm_up_evaluation(model, logits_fn, luts, seq_len=seq_len, batch_seqs=batch_seqs, looping=looping,
                               rank=rt.rank, world_size=rt.world_size, device=rt.device, autocast=autocast, ttt=settings,
                               lora_forward=lora_forward)
