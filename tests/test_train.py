@@ -175,6 +175,8 @@ def test_default_recipe_shrunk_by_depth_and_width_only_runs_end_to_end(sample_da
         "ARTIFACT_DIR": str(tmp_path), "RUN_ID": "smoke",
         # the recipe's GPTQ calibration on training data, sized for a CPU (its default is 16 x 8 sequences)
         "GPTQ_CALIBRATION_BATCHES": "1", "GPTQ_CALIBRATION_SEQS": "2", "GPTQ_CALIBRATION_SEQ_LEN": "32",
+        # and its TTT sized for a CPU: 8 documents per rank (its 64 pad every step to 64 rows), no budget to time
+        "TTT_BATCH_SIZE": "8", "MAX_EVAL_SECONDS": "0",
     })
     out = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True,
                          timeout=600)
