@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from tests.test_switches import ALL_ON, build, randomize
+from test_switches import ALL_ON, build, randomize
 
 V = 97
 # Every switch that mixes positions or touches attention: GQA, XSA, partial RoPE, SmearGate,

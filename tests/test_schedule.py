@@ -220,7 +220,7 @@ def test_qat_switch_is_live_under_torch_compile():
     torch._dynamo.reset()
     before = (torch._dynamo.config.suppress_errors, torch._inductor.config.emulate_precision_casts)
     with tg.compile_settings(qat=True):  # what run() does when QAT and compile are both on
-        assert torch._dynamo.config.suppress_errors and torch._inductor.config.emulate_precision_casts
+        assert not torch._dynamo.config.suppress_errors and torch._inductor.config.emulate_precision_casts
         hp, model, layers = qat_model()
         x = torch.randint(0, 97, (2, 16))
         compiled = torch.compile(model.forward_logits, fullgraph=True, dynamic=False)
