@@ -237,14 +237,15 @@ def test_qat_switch_is_live_under_torch_compile():
 
 
 def test_record_training_step_compiles_fullgraph_without_breaks():
-    """The forward + loss + backward of the record recipe (small) as one graph, both loop graphs."""
+    """The forward + loss + backward of the record recipe (small) as one graph, both loop graphs (traced
+    through AOT autograd without inductor's code generation: the compiled runs test that)."""
     torch._dynamo.reset()
     hp = tg.Hyperparameters.from_env({"NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
                                       "VOCAB_SIZE": "97", "XSA_LAST_N": "4", "LOOP_START": "1", "LOOP_END": "2",
                                       "PARALLEL_START_LAYER": "3", "TRAIN_SEQ_LEN": "16", "QAT_ENABLED": "1"})
     model = tg.GPT(tg.ModelConfig.from_hparams(hp))
     tg.prepare_qat(model, tg.QuantPlan.from_hparams(hp))
-    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
     x = torch.randint(0, 97, (2, 16))
     for looping in (False, True):
         loss = compiled(x, x, looping)
