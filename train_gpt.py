@@ -4730,8 +4730,8 @@ def code_bytes() -> int:
 # host-device syncs are on logging steps (and validation).
 
 
-def train_step(model, loader: DistributedTokenLoader, optimizers, hp: Hyperparameters, rt: Runtime,
-               grad_accum: int, lr_scale: float, step: int, autocast, looping: bool = False) -> torch.Tensor:
+def train_step(model, loader: DistributedTokenLoader | ShuffledWindowLoader, optimizers, hp: Hyperparameters,
+               rt: Runtime, grad_accum: int, lr_scale: float, step: int, autocast, looping: bool = False) -> torch.Tensor:
     """One optimizer step over `grad_accum` micro-batches; returns the mean loss (a tensor, no sync)."""
     total = torch.zeros((), device=rt.device)
     for micro in range(grad_accum):
@@ -5904,19 +5904,94 @@ def train_and_score(hp: Hyperparameters, rt: Runtime, use_compile: bool) -> dict
         release_run_dir(out_dir)
 
 
+@dataclass
+class TrainingRun:
+    """What the steps of one training run share: its settings and runtime, its log and manifest, the
+    data, the model being trained (and its compiled or DDP-wrapped forms), the optimizers, the
+    export plan and the phase clock. Built by `start_training_run`; each step below takes it."""
+    hp: Hyperparameters
+    rt: Runtime
+    use_compile: bool
+    out_dir: Path
+    log: object
+    manifest: "RunManifest"
+    val_tokens: torch.Tensor
+    luts: ByteLuts
+    train_files: list[str]
+    holdout: int  # training tokens kept back at the end of the last shard (the pre-quant TTT slice)
+    base_model: GPT
+    model: object  # base_model compiled and/or DDP-wrapped: what train_step calls
+    logits_fn: object  # base_model.forward_logits, compiled when COMPILE is on
+    optimizers: list
+    qat_layers: list
+    plan: QuantPlan
+    clock: PhaseClock
+
+    @property
+    def grad_accum(self) -> int:
+        return self.hp.grad_accum_for(self.rt.world_size)
+
+    def autocast(self):
+        return autocast_context(self.hp, self.rt.device)
+
+    @property
+    def val_batch_seqs(self) -> int:
+        return max(1, self.hp.val_batch_size // (self.rt.world_size * self.grad_accum * self.hp.effective_eval_seq_len))
+
+    @property
+    def calibrate_on_train(self) -> bool:
+        return self.plan.method == "gptq" and self.hp.gptq_calibration_source == "train"
+
+    def evaluate_model(self, looping: bool) -> EvalResult:
+        """Flat score of the model being trained (periodic validation and the pre-quantization score)."""
+        self.base_model.eval()
+        result = evaluate(lambda x: self.logits_fn(x, looping), self.val_tokens, self.luts,
+                          seq_len=self.hp.effective_eval_seq_len, batch_seqs=self.val_batch_seqs, rank=self.rt.rank,
+                          world_size=self.rt.world_size, device=self.rt.device, autocast=self.autocast,
+                          group=self.rt.control_group)
+        self.base_model.train()
+        return result
+
+    def make_loader(self):
+        hp, rt = self.hp, self.rt
+        return make_train_loader(hp.train_loader, self.train_files, rt.rank, rt.world_size, rt.device, hp.seed,
+                                 hp.train_seq_len, self.holdout, hp.vocab_size)
+
+
 def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_dir: Path, log,
                        manifest: "RunManifest") -> dict:
-    grad_accum = hp.grad_accum_for(rt.world_size)
-    autocast = lambda: autocast_context(hp, rt.device)  # noqa: E731
+    """One training run, step by step, in the run folder `out_dir` (claimed by the caller)."""
+    run = start_training_run(hp, rt, use_compile, out_dir, log, manifest)
+    warm_up(run)
+    reserve = reserve_data_access(run)
+    averager = WeightAverager(run.base_model, ema_decay=hp.ema_decay, swa_start_frac=hp.swa_start_frac,
+                              swa_every=hp.swa_every)
+    state = train(run.hp, rt, run.model, run.base_model, run.optimizers, run.make_loader, run.evaluate_model,
+                  run.grad_accum, run.autocast, log, run.clock, averager, run.qat_layers)
+    choice = choose_weights(run, averager, reserve.prequant, state.looping)
+    hessians = calibrate(run, reserve, state.looping)
+    access = check_data_access(run, reserve)
+    pre_quant = score_before_quantization(run, state, choice)
+    run.clock.start("serialize")
+    artifact_path = export_artifact(run.hp, rt, run.base_model, out_dir, log, looping=state.looping, hessians=hessians)
+    run.clock.stop()
+    compliance_block: list[str] = []
+    scored = score_artifact(run.hp, rt, artifact_path, run.val_tokens, run.luts, run.clock, log,
+                            expect=run.base_model.cfg, use_compile=use_compile, prequant=reserve.prequant,
+                            compliance_out=compliance_block)
+    return finish_run(run, state, choice, pre_quant, access, artifact_path, scored, compliance_block,
+                      reserve.prequant)
 
-    # Tokenizer + validation metric
+
+def start_training_run(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_dir: Path, log,
+                       manifest: "RunManifest") -> TrainingRun:
+    """Load and check the data, then build the model and its optimizers, logging what was built."""
     val_tokens, luts = prepare_validation(hp, rt, log)
     train_files = shard_files(hp.data_path, "train")
     log(f"train_loader:dataset:{hp.data_path} train_shards:{len(train_files)} sampler:{hp.train_loader}")
     manifest.update(data=data_fingerprint(hp.data_path, hp.tokenizer_path) if rt.is_main else {})
     check_shapes_fit(hp, rt, train_files, val_tokens)
 
-    # Model + optimizers
     backend, why = select_attention_backend(hp.attn_backend, rt.device)
     hp = dataclasses.replace(hp, attn_backend=backend)
     log(f"attention_backend:{backend} ({why})")
@@ -5925,11 +6000,10 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
     compiled = maybe_compile(base_model, use_compile, "train_step")
     model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
                 broadcast_buffers=False) if rt.distributed else compiled
-    logits_fn = maybe_compile(base_model.forward_logits, use_compile, "forward_logits")
     optimizers = build_optimizers(hp, base_model, rt.device)
     for line in model_report(base_model, hp, code_bytes()):
         log(line)
-    log(f"world_size:{rt.world_size} grad_accum_steps:{grad_accum} compile:{int(use_compile)} "
+    log(f"world_size:{rt.world_size} grad_accum_steps:{hp.grad_accum_for(rt.world_size)} compile:{int(use_compile)} "
         f"compute_dtype:{resolved_compute_dtype(hp, rt.device)}")
     doc_mask = "off" if not hp.doc_masked_attention else "flex" if use_compile and rt.device.type == "cuda" else "sdpa"
     log(f"attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads} document_mask:{doc_mask}"
@@ -5939,177 +6013,205 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
     log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} iterations:{hp.iterations} "
         f"warmup_steps:{hp.warmup_steps} max_wallclock_seconds:{hp.max_wallclock_seconds:.3f}")
     log(f"seed:{hp.seed}")
-
-    eval_seq_len = hp.effective_eval_seq_len
-    val_batch_seqs = max(1, hp.val_batch_size // (rt.world_size * grad_accum * eval_seq_len))
-
-    def evaluate_model(looping: bool) -> EvalResult:
-        """Flat score of the model being trained (periodic validation and the pre-quantization score)."""
-        base_model.eval()
-        result = evaluate(lambda x: logits_fn(x, looping), val_tokens, luts, seq_len=eval_seq_len,
-                          batch_seqs=val_batch_seqs, rank=rt.rank, world_size=rt.world_size, device=rt.device,
-                          autocast=autocast, group=rt.control_group)
-        base_model.train()
-        return result
-
     holdout = train_holdout_tokens(hp, train_files)
     if holdout:
         log(f"train_loader:holdout {holdout} tokens at the end of {Path(train_files[-1]).name} (pre-quant TTT slice)")
-
-    def make_loader():
-        return make_train_loader(hp.train_loader, train_files, rt.rank, rt.world_size, rt.device, hp.seed,
-                                 hp.train_seq_len, holdout, hp.vocab_size)
-
+    plan = QuantPlan.from_hparams(hp)
     # QAT layers are set up before the warm-up, so the compiled graph already has the (off) QAT path
     # and switching it on later recompiles nothing; without QAT_ENABLED the forward has no QAT work.
-    qat_layers = prepare_qat(base_model, QuantPlan.from_hparams(hp)) if hp.qat_enabled else []
-
-    # Warm-up (state reset after), then the timed training loop
+    qat_layers = prepare_qat(base_model, plan) if hp.qat_enabled else []
     clock = PhaseClock(hp.max_wallclock_ms, 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None)
-    clock.start("warmup")
-    warmup_and_reset(model, base_model, optimizers, make_loader, hp, rt, grad_accum, autocast, log)
-    if use_compile:  # the evaluation graph compiles now too, so a compile failure stops the run before training
-        probe = synthetic_tokens(val_batch_seqs * eval_seq_len, hp.vocab_size).view(val_batch_seqs, eval_seq_len)
-        base_model.eval()
-        with torch.no_grad(), autocast():
-            logits_fn(probe.to(rt.device), looping_active(1.0, num_loops=hp.num_loops, enable_at=hp.enable_looping_at))
-        base_model.train()
-        log(f"compile:warmed {_active_compile.line().removeprefix('compile:')}")
-    clock.stop()
-    plan = QuantPlan.from_hparams(hp)
-    calibrate_on_train = plan.method == "gptq" and hp.gptq_calibration_source == "train"
+    return TrainingRun(hp, rt, use_compile, out_dir, log, manifest, val_tokens, luts, train_files, holdout,
+                       base_model, model, maybe_compile(base_model.forward_logits, use_compile, "forward_logits"),
+                       optimizers, qat_layers, plan, clock)
+
+
+def warm_up(run: TrainingRun) -> None:
+    """Compile the training step (weights and optimizer state reset after) and, under COMPILE, the
+    evaluation graph, so a compile failure stops the run before any training."""
+    hp, rt = run.hp, run.rt
+    run.clock.start("warmup")
+    warmup_and_reset(run.model, run.base_model, run.optimizers, run.make_loader, hp, rt, run.grad_accum,
+                     run.autocast, run.log)
+    if run.use_compile:
+        seqs, seq_len = run.val_batch_seqs, hp.effective_eval_seq_len
+        probe = synthetic_tokens(seqs * seq_len, hp.vocab_size).view(seqs, seq_len)
+        run.base_model.eval()
+        with torch.no_grad(), run.autocast():
+            run.logits_fn(probe.to(rt.device),
+                          looping_active(1.0, num_loops=hp.num_loops, enable_at=hp.enable_looping_at))
+        run.base_model.train()
+        run.log(f"compile:warmed {_active_compile.line().removeprefix('compile:')}")
+    run.clock.stop()
+
+
+@dataclass
+class DataAccessReserve:
+    """What is taken off the training budget for training-data reads after training."""
+    calibration_probe_ms: float  # one measured pass over the calibration batches (0 when not on train data)
+    prequant: dict | None  # pre-quantization TTT, prepared (None when off)
+
+
+def reserve_data_access(run: TrainingRun) -> DataAccessReserve:
+    """GPTQ calibration on training batches and pre-quantization TTT read training data after
+    training, so their time is measured now and reserved out of the training budget."""
+    hp, rt, clock = run.hp, run.rt, run.clock
     probe_ms = 0.0
-    if calibrate_on_train:
-        # GPTQ will read training data after training, so that time is reserved out of the budget:
-        # measured now on the same number of batches, with a safety margin for run-to-run jitter.
+    if run.calibrate_on_train:  # measured on the same number of batches, with a margin for run-to-run jitter
         clock.start("calibration_probe")
-        collect_hessians(base_model, calibration_inputs(hp, rt, base_model, train_files, False, autocast), plan,
-                         False, autocast)
+        collect_hessians(run.base_model, calibration_inputs(hp, rt, run.base_model, run.train_files, False,
+                                                            run.autocast), run.plan, False, run.autocast)
         clock.stop()
         probe_ms = agree_max([clock.elapsed_ms("calibration_probe")], rt)[0]
         calibration_reserve_ms = CALIBRATION_RESERVE_MARGIN * probe_ms
         clock.reserve_ms += calibration_reserve_ms
-        log(f"gptq:reserving {calibration_reserve_ms / 1000:.3f}s (measured {probe_ms:.0f}ms "
-            f"x {CALIBRATION_RESERVE_MARGIN}), "
-            f"effective={clock.train_budget_ms}ms")
-    prequant = prepare_prequant_ttt(hp, rt, base_model, train_files, val_tokens, clock, autocast, log)
-    log(f"clock: train_budget:{clock.train_budget_ms}ms reserve:{clock.reserve_ms:.0f}ms "
-        f"eval_budget:{clock.eval_cap_ms}ms")
-    averager = WeightAverager(base_model, ema_decay=hp.ema_decay, swa_start_frac=hp.swa_start_frac,
-                              swa_every=hp.swa_every)
-    state = train(hp, rt, model, base_model, optimizers, make_loader, evaluate_model, grad_accum, autocast, log,
-                  clock, averager, qat_layers)
-    # The exported weights: an average if enabled, scored once before quantization
-    choice = averager.choose(hp.export_weights)
+        run.log(f"gptq:reserving {calibration_reserve_ms / 1000:.3f}s (measured {probe_ms:.0f}ms "
+                f"x {CALIBRATION_RESERVE_MARGIN})"
+                + (f", effective={clock.train_budget_ms}ms" if clock.train_budget_ms is not None else ""))
+    prequant = prepare_prequant_ttt(hp, rt, run.base_model, run.train_files, run.val_tokens, clock, run.autocast,
+                                    run.log)
+    run.log(f"clock: train_budget:{clock.train_budget_ms}ms reserve:{clock.reserve_ms:.0f}ms "
+            f"eval_budget:{clock.eval_cap_ms}ms")
+    return DataAccessReserve(probe_ms, prequant)
+
+
+def choose_weights(run: TrainingRun, averager: WeightAverager, prequant: dict | None, looping: bool) -> str:
+    """Put the exported weights in the model (an average if enabled, QAT off), run pre-quantization
+    TTT on them, and refuse diverged ones before anything is scored or written. Returns the choice."""
+    choice = averager.choose(run.hp.export_weights)
     averager.apply(choice)
-    set_qat(qat_layers, False)
-    log(f"weights:exporting {choice}")
+    set_qat(run.qat_layers, False)
+    run.log(f"weights:exporting {choice}")
     if prequant is not None:  # before calibration: GPTQ must see the weights it will quantize
-        run_prequant_ttt(prequant, base_model, clock, looping=state.looping, log=log)
-    check_exportable(base_model.state_dict())  # final weights: refuse diverged ones before scoring or writing
-    hessians = None
-    prequant_on_train = prequant is not None and prequant["source"] == "train"
-    if plan.method == "gptq":
-        log("GPTQ:collecting Hessians from calibration data...")
-        batches_read = [0]
+        run_prequant_ttt(prequant, run.base_model, run.clock, looping=looping, log=run.log)
+    check_exportable(run.base_model.state_dict())
+    return choice
 
-        def past_the_cap() -> bool:
-            """Training-data calibration never reads a batch that would end past the cap: the reserve
-            normally covers every batch, and if this run is slower than the measurement, it uses fewer."""
-            if not calibrate_on_train or clock.cap_ms is None:
-                return False
-            done = clock.elapsed_ms("calibration")
-            per_batch = done / batches_read[0] if batches_read[0] else probe_ms / max(
-                math.ceil(hp.gptq_calibration_batches / rt.world_size), 1)
-            batches_read[0] += 1
-            return agree_max([train_data_access_ms(clock, prequant_on_train=prequant_on_train, calibrate_on_train=True)
-                              + per_batch], rt)[0] > clock.cap_ms
 
-        clock.start("calibration")
-        hessians = collect_hessians(base_model, calibration_inputs(hp, rt, base_model, train_files, state.looping,
-                                                                   autocast), plan, state.looping, autocast,
-                                    stop=past_the_cap)
-        clock.stop()
-        planned = calibration_batch_count(hp.gptq_calibration_batches, rt.world_size)
-        log(f"GPTQ:collected {len(hessians)} Hessians in {clock.elapsed_ms('calibration') / 1000:.1f}s "
+def calibrate(run: TrainingRun, reserve: DataAccessReserve, looping: bool) -> dict[str, torch.Tensor] | None:
+    """GPTQ's Hessians (None without GPTQ). Training-data calibration never reads a batch that would
+    end past the cap: the reserve normally covers every batch, and a run slower than the measurement
+    reads fewer."""
+    hp, rt, clock = run.hp, run.rt, run.clock
+    if run.plan.method != "gptq":
+        return None
+    run.log("GPTQ:collecting Hessians from calibration data...")
+    capped = run.calibrate_on_train and clock.cap_ms is not None
+    prequant_on_train = reserve.prequant is not None and reserve.prequant["source"] == "train"
+    first_batch_ms = reserve.calibration_probe_ms / max(math.ceil(hp.gptq_calibration_batches / rt.world_size), 1)
+    batches_read = 0
+
+    def past_the_cap() -> bool:
+        nonlocal batches_read
+        if not capped:
+            return False
+        per_batch = clock.elapsed_ms("calibration") / batches_read if batches_read else first_batch_ms
+        batches_read += 1
+        end_ms = train_data_access_ms(clock, prequant_on_train=prequant_on_train, calibrate_on_train=True)
+        return agree_max([end_ms + per_batch], rt)[0] > clock.cap_ms
+
+    clock.start("calibration")
+    hessians = collect_hessians(run.base_model, calibration_inputs(hp, rt, run.base_model, run.train_files, looping,
+                                                                   run.autocast), run.plan, looping, run.autocast,
+                                stop=past_the_cap)
+    clock.stop()
+    planned = calibration_batch_count(hp.gptq_calibration_batches, rt.world_size)
+    run.log(f"GPTQ:collected {len(hessians)} Hessians in {clock.elapsed_ms('calibration') / 1000:.1f}s "
             f"source:{hp.gptq_calibration_source} batches:{planned}"
             + (f" (GPTQ_CALIBRATION_BATCHES={hp.gptq_calibration_batches} rounded up to a multiple of the "
                f"{rt.world_size} ranks)" if planned != hp.gptq_calibration_batches else "")
-            + (f" read_per_rank:{batches_read[0] - 1}" if calibrate_on_train and clock.cap_ms is not None else ""))
-    # Checked as one span, before anything is scored or recorded: a run past the cap is non-record.
-    data_access_end = train_data_access_ms(clock, prequant_on_train=prequant_on_train,
-                                           calibrate_on_train=calibrate_on_train)
-    inside_cap = clock.cap_ms is None or data_access_end <= clock.cap_ms
-    span = " + ".join(["training"] + ["pre-quant TTT"] * prequant_on_train + ["calibration"] * calibrate_on_train)
-    log(f"train_data_access_end:{data_access_end:.0f}ms ({span}; "
-        f"cap {clock.cap_ms if clock.cap_ms is not None else 'none'}) inside_cap:{int(inside_cap)}")
-    non_record_reasons = (["ALLOW_VAL_ADAPTATION=1: validation tokens adapted before scoring (C3)"]
-                          * hp.allow_val_adaptation
-                          + [f"training-data access ({span}) ended at {data_access_end:.0f}ms, past the "
-                             f"{clock.cap_ms or 0:.0f}ms cap"] * (not inside_cap))
-    if rt.device.type == "cuda":
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+            + (f" read_per_rank:{batches_read - 1}" if capped else ""))
+    return hessians
 
+
+@dataclass
+class DataAccess:
+    """Where training-data access ended, checked as one span against the cap: past it, non-record."""
+    end_ms: float
+    inside_cap: bool
+    non_record_reasons: list[str]
+
+
+def check_data_access(run: TrainingRun, reserve: DataAccessReserve) -> DataAccess:
+    """Checked before anything is scored or recorded."""
+    hp, clock = run.hp, run.clock
+    prequant_on_train = reserve.prequant is not None and reserve.prequant["source"] == "train"
+    end_ms = train_data_access_ms(clock, prequant_on_train=prequant_on_train,
+                                  calibrate_on_train=run.calibrate_on_train)
+    inside_cap = clock.cap_ms is None or end_ms <= clock.cap_ms
+    span = " + ".join(["training"] + ["pre-quant TTT"] * prequant_on_train + ["calibration"] * run.calibrate_on_train)
+    run.log(f"train_data_access_end:{end_ms:.0f}ms ({span}; "
+            f"cap {clock.cap_ms if clock.cap_ms is not None else 'none'}) inside_cap:{int(inside_cap)}")
+    reasons = (["ALLOW_VAL_ADAPTATION=1: validation tokens adapted before scoring (C3)"] * hp.allow_val_adaptation
+               + [f"training-data access ({span}) ended at {end_ms:.0f}ms, past the "
+                  f"{clock.cap_ms or 0:.0f}ms cap"] * (not inside_cap))
+    if run.rt.device.type == "cuda":
+        run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    return DataAccess(end_ms, inside_cap, reasons)
+
+
+def score_before_quantization(run: TrainingRun, state: TrainState, choice: str) -> EvalResult:
+    """The flat score of the exported weights, before quantization."""
+    hp, clock = run.hp, run.clock
     clock.start("pre_quant_eval")
-    pre_quant = evaluate_model(state.looping)
+    pre_quant = run.evaluate_model(state.looping)
     clock.stop()
-    log(f"step:{state.step}/{hp.iterations} val_loss:{pre_quant.val_loss:.4f} val_bpb:{pre_quant.val_bpb:.4f} "
-        f"train_time:{clock.elapsed_ms('train'):.0f}ms step_avg:{clock.elapsed_ms('train') / max(state.step, 1):.2f}ms")
+    train_ms = clock.elapsed_ms("train")
+    run.log(f"step:{state.step}/{hp.iterations} val_loss:{pre_quant.val_loss:.4f} val_bpb:{pre_quant.val_bpb:.4f} "
+            f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(state.step, 1):.2f}ms")
     stamp = NON_RECORD_STAMP if hp.allow_val_adaptation else ""
-    log(f"pre-quantization post-{choice} val_loss:{pre_quant.val_loss:.8f} val_bpb:{pre_quant.val_bpb:.8f}{stamp}")
+    run.log(f"pre-quantization post-{choice} val_loss:{pre_quant.val_loss:.8f} val_bpb:{pre_quant.val_bpb:.8f}{stamp}")
+    return pre_quant
 
-    # Serialization, then the roundtrip: a fresh model loaded from the artifact file alone
-    clock.start("serialize")
-    artifact_path = export_artifact(hp, rt, base_model, out_dir, log, looping=state.looping, hessians=hessians)
-    clock.stop()
-    compliance_block: list[str] = []
-    scored = score_artifact(hp, rt, artifact_path, val_tokens, luts, clock, log, expect=base_model.cfg,
-                            use_compile=use_compile, prequant=prequant, compliance_out=compliance_block)
+
+def finish_run(run: TrainingRun, state: TrainState, choice: str, pre_quant: EvalResult, access: DataAccess,
+               artifact_path: Path, scored: dict, compliance_block: list[str], prequant: dict | None) -> dict:
+    """Write the shipped code beside the artifact, finish the manifest, and return the run's numbers."""
+    hp, rt, clock = run.hp, run.rt, run.clock
     results = scored["results"]
-    roundtrip, n_code, artifact_bytes, total_bytes = (scored[k] for k in ("roundtrip", "code_bytes", "model_bytes",
-                                                                          "total_bytes"))
-    log(clock.summary())
-    if use_compile:
-        log(_active_compile.line())
+    n_code, artifact_bytes, total_bytes = scored["code_bytes"], scored["model_bytes"], scored["total_bytes"]
+    run.log(clock.summary())
+    compile_summary = _active_compile.summary() if run.use_compile else {"enabled": False}
+    if run.use_compile:
+        run.log(_active_compile.line())
     final_stage = next(reversed(results))
     final = results[final_stage]
     shipped = _shipped_code_of_this_file()
     if rt.is_main:  # the code exactly as counted in the artifact (its shipped form), beside it
-        write_atomic(out_dir / RUN_CODE_NAME, shipped)
-    manifest.finish(
+        write_atomic(run.out_dir / RUN_CODE_NAME, shipped)
+    fits = total_bytes <= ARTIFACT_LIMIT_BYTES
+    reasons = access.non_record_reasons
+    run.manifest.finish(
         "complete",
         scores={"pre_quant": eval_record(pre_quant), **{name: eval_record(r) for name, r in results.items()}},
         # The submitted score and the log line that reports it (records/records.py checks they agree).
         final_score={"stage": final_stage, "log_key": final_score_log_key(final_stage, scored["header"]["meta"].get(
             "tag", "quantized")), **eval_record(final)},
         artifact={"code_bytes": n_code, "model_bytes": artifact_bytes, "total_bytes": total_bytes,
-                  "limit": ARTIFACT_LIMIT_BYTES, "fits": total_bytes <= ARTIFACT_LIMIT_BYTES,
-                  "file": artifact_path.name, "sha256": file_sha256(artifact_path),
-                  "code_file": RUN_CODE_NAME, "code_sha256": hashlib.sha256(shipped).hexdigest()},
+                  "limit": ARTIFACT_LIMIT_BYTES, "fits": fits, "file": artifact_path.name,
+                  "sha256": file_sha256(artifact_path), "code_file": RUN_CODE_NAME,
+                  "code_sha256": hashlib.sha256(shipped).hexdigest()},
         training={"steps": state.step, "stopped_early": state.stopped_early, "train_time_ms": clock.elapsed_ms("train"),
                   "reserve_ms": clock.reserve_ms, "epochs_consumed": state.epochs_consumed,
                   "train_losses": state.train_losses, "export_weights": choice},
         step_times_ms=step_time_stats(state.step_ms),
         phases_ms=dict(clock.totals),
-        compile=_active_compile.summary() if use_compile else {"enabled": False},
+        compile=compile_summary,
         compliance={"train_time_ms": clock.elapsed_ms("train"), "train_cap_ms": clock.cap_ms,
                     "eval_time_ms": clock.elapsed_ms("eval"), "eval_cap_ms": clock.eval_cap_ms,
-                    "artifact_under_limit": total_bytes <= ARTIFACT_LIMIT_BYTES,
-                    "train_data_access_end_ms": data_access_end, "train_data_inside_cap": inside_cap,
-                    "non_record": bool(non_record_reasons),
-                    **({"non_record_reason": "; ".join(non_record_reasons)} if non_record_reasons else {}),
+                    "artifact_under_limit": fits, "train_data_access_end_ms": access.end_ms,
+                    "train_data_inside_cap": access.inside_cap, "non_record": bool(reasons),
+                    **({"non_record_reason": "; ".join(reasons)} if reasons else {}),
                     "block": compliance_block},
     )
-    return dict(run_id=hp.run_id, run_dir=str(out_dir), steps=state.step, stopped_early=state.stopped_early,
-                epochs_consumed=state.epochs_consumed,
-                train_losses=state.train_losses, pre_quant=pre_quant, roundtrip=roundtrip, evals=results,
-                final=final, export_choice=choice,
-                code_bytes=n_code, model_bytes=artifact_bytes, total_bytes=total_bytes, phases=dict(clock.totals),
-                training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms, log_path=str(log.path),
-                non_record=bool(non_record_reasons), prequant_ttt=prequant,
-                train_data_access_end_ms=data_access_end, cap_ms=clock.cap_ms,
-                compile=_active_compile.summary() if use_compile else {"enabled": False})
+    return dict(run_id=hp.run_id, run_dir=str(run.out_dir), steps=state.step, stopped_early=state.stopped_early,
+                epochs_consumed=state.epochs_consumed, train_losses=state.train_losses, pre_quant=pre_quant,
+                roundtrip=scored["roundtrip"], evals=results, final=final, export_choice=choice, code_bytes=n_code,
+                model_bytes=artifact_bytes, total_bytes=total_bytes, phases=dict(clock.totals),
+                training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms, log_path=str(run.log.path),
+                non_record=bool(reasons), prequant_ttt=prequant, train_data_access_end_ms=access.end_ms,
+                cap_ms=clock.cap_ms, compile=compile_summary)
 
 
 def random_seed_all(seed: int) -> None:

@@ -2,7 +2,7 @@
 
 Not collected by pytest. Run from the repo root:
 
-    python tests/bench/bench_quant_gap.py --model-dir DIR [--steps 350] [--calibration-batches 64]
+    python tests/bench/bench_quant_gap.py --model-dir DIR [--steps 350] [--calibration-batches 64] [--env K=V]
 
 Trains (or reuses DIR/tiny/final_model.pt) RECIPE=record shrunk to 4 layers x 128, MLP 4x, seq 256,
 --steps x 8,192 tokens on the embedded sample (sp1024), with every matrix of >= 4,096 values
@@ -60,7 +60,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=350)
     parser.add_argument("--calibration-batches", type=int, default=64, help="batches of 32 x 256 training tokens")
     parser.add_argument("--model-dir", required=True, help="reuse (or create) the trained tiny model here")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of the tiny model, e.g. NUM_LOOPS=0 (use a new --model-dir)")
     args = parser.parse_args()
+    TINY.update(kv.split("=", 1) for kv in args.env)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     from data.prepare_sample import prepare_sample
 
