@@ -1344,6 +1344,17 @@ CONTROL_TENSOR_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_
                         "parallel_resid_lambdas", "parallel_post_lambdas", "backout_lambda")
 
 
+# The ModelConfig fields that are not a same-named knob: the knob's name, or a rule on the knobs.
+MODEL_CONFIG_SOURCES = {
+    "mlp_hidden": lambda hp: int(hp.mlp_mult * hp.model_dim),
+    "attn_gate": lambda hp: ("out" if hp.attn_out_gate_enabled else "gated" if hp.gated_attn_enabled
+                             else "sparse" if hp.sparse_attn_gate_enabled else "none"),
+    "smear_gate": "smear_gate_enabled",
+    "skip_gates": "skip_gates_enabled",
+    "attn_backend": lambda hp: "sdpa" if hp.attn_backend == "auto" else hp.attn_backend,
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -1387,19 +1398,9 @@ class ModelConfig:
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "ModelConfig":
-        gate = ("out" if hp.attn_out_gate_enabled else "gated" if hp.gated_attn_enabled
-                else "sparse" if hp.sparse_attn_gate_enabled else "none")
-        return cls(hp.vocab_size, hp.num_layers, hp.model_dim, hp.num_heads, hp.num_kv_heads,
-                   int(hp.mlp_mult * hp.model_dim), hp.tie_embeddings, hp.rope_base, hp.logit_softcap,
-                   hp.qk_gain_init, hp.tied_embed_init_std, hp.train_seq_len, hp.mlp_activation,
-                   hp.mlp_leaky_slope, hp.rope_dims, hp.xsa_last_n, hp.value_residual, gate, hp.gate_window,
-                   hp.gated_attn_init_std, hp.sparse_attn_gate_scale, hp.sparse_attn_gate_init_std,
-                   hp.bigram_vocab_size, hp.bigram_dim, hp.smear_gate_enabled, hp.skip_gates_enabled,
-                   hp.ln_scale, hp.parallel_start_layer, hp.parallel_mode, hp.parallel_final_lane,
-                   hp.backout_layer, hp.num_loops, hp.loop_start, hp.loop_end,
-                   "sdpa" if hp.attn_backend == "auto" else hp.attn_backend,
-                   doc_masked_attention=hp.doc_masked_attention, ortho_init=hp.ortho_init,
-                   parallel_x0_mix=hp.parallel_x0_mix)
+        """Every field by name: the same-named knob, or its entry in MODEL_CONFIG_SOURCES."""
+        sources = {f.name: MODEL_CONFIG_SOURCES.get(f.name, f.name) for f in fields(cls)}
+        return cls(**{k: src(hp) if callable(src) else getattr(hp, src) for k, src in sources.items()})
 
     def layer_order(self, looping: bool) -> list[int]:
         """Physical block index of each virtual layer: the loop segment repeats when looping is on."""
