@@ -90,8 +90,14 @@ class RunError(RuntimeError):
     """An expected failure (missing data, corrupt artifact, ...): reported as one line, exit code 2."""
 
 
-def knob(default, help: str, *, choices: tuple | None = None, min: float | None = None, gt: float | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices, "min": min, "gt": gt})
+def knob(default, help: str, *, choices: tuple | None = None, min: float | None = None, gt: float | None = None,
+         max: float | str | None = None, lt: float | str | None = None):
+    """A Hyperparameters field and its checks: the allowed choices, or bounds (max and lt may name another knob)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, min=min, gt=gt, max=max, lt=lt))
+
+
+BOUND_CHECKS = (("min", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+                ("max", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b))
 
 
 @dataclass(frozen=True)
@@ -151,7 +157,7 @@ class Hyperparameters:
     mlp_activation: str = knob("relu2", "relu2 or leaky_relu2 (LeakyReLU(slope)^2)", choices=("relu2", "leaky_relu2"))
     mlp_leaky_slope: float = knob(0.5, "negative slope of leaky_relu2", gt=0)
     rope_dims: int = knob(0, "partial RoPE: rotate the first N dims of each head; 0 = all", min=0)
-    xsa_last_n: int = knob(0, "exclusive self-attention on the last N layers", min=0)
+    xsa_last_n: int = knob(0, "exclusive self-attention on the last N layers", min=0, max="num_layers")
     doc_masked_attention: bool = knob(False, "attention stays inside each document: every row is cut at BOS, in "
                                       "training and evaluation, and RoPE positions restart at each BOS")
     ortho_init: bool = knob(False, "orthogonal init (gain 1) of the attention q/k/v and MLP input matrices")
@@ -162,23 +168,23 @@ class Hyperparameters:
     sparse_attn_gate_enabled: bool = knob(False, "per-head gate sigmoid(scale*w.x[:GATE_WINDOW]), 0.5 at zero init")
     sparse_attn_gate_scale: float = knob(1.0, "scale inside the sparse attention gate", gt=0)
     sparse_attn_gate_init_std: float = knob(0.0, "init std of the sparse gate weights", min=0)
-    gate_window: int = knob(12, "input channels read by the out/sparse/smear gates", gt=0)
+    gate_window: int = knob(12, "input channels read by the out/sparse/smear gates", gt=0, max="model_dim")
     bigram_vocab_size: int = knob(0, "BigramHash buckets; 0 = off", min=0)
     bigram_dim: int = knob(128, "BigramHash embedding width", gt=0)
     smear_gate_enabled: bool = knob(False, "SmearGate: mix in the previous token's embedding (never across BOS)")
     skip_gates_enabled: bool = knob(False, "U-Net skips as a learned lerp instead of a sum")
     ln_scale: bool = knob(False, "scale each sub-layer input by 1/sqrt(layer+1)")
-    parallel_start_layer: int = knob(-1, "attention and MLP in parallel from this layer; -1 = off", min=-1)
+    parallel_start_layer: int = knob(-1, "attention and MLP in parallel from this layer; -1 = off", min=-1, lt="num_layers")
     parallel_mode: str = knob("two_lane", "parallel residual form", choices=("gptj", "two_lane"))
     parallel_final_lane: str = knob("mean", "two_lane: which lane feeds the head", choices=("mean", "attn", "mlp"))
     parallel_x0_mix: str = knob("read", "two_lane: resid_mix's blend with the embedding x0 feeds only the attention "
                                 "read (read, the record) or also becomes the attention lane (lane)",
                                 choices=("read", "lane"))
-    backout_layer: int = knob(-1, "subtract lambda * (hidden after this virtual layer) at the end; -1 = off", min=-1)
+    backout_layer: int = knob(-1, "subtract lambda * (hidden after this virtual layer) at the end; -1 = off", min=-1, lt="num_layers")
     num_loops: int = knob(0, "depth recurrence: extra passes over layers LOOP_START..LOOP_END; 0 = off", min=0)
     loop_start: int = knob(3, "first layer of the looped segment", min=0)
     loop_end: int = knob(5, "last layer of the looped segment (inclusive)", min=0)
-    enable_looping_at: float = knob(0.35, "training fraction at which looping switches on", min=0)
+    enable_looping_at: float = knob(0.35, "training fraction at which looping switches on", min=0, max=1)
     # optimizer
     embed_lr: float = knob(0.6, "Adam LR of an untied token embedding", min=0)
     head_lr: float = knob(0.008, "Adam LR of an untied output head", min=0)
@@ -186,12 +192,12 @@ class Hyperparameters:
     tied_embed_init_std: float = knob(0.005, "init std of the tied embedding", gt=0)
     matrix_lr: float = knob(0.04, "Muon LR of the block matrices", min=0)
     scalar_lr: float = knob(0.04, "Adam LR of gains, mixes and skip weights", min=0)
-    muon_momentum: float = knob(0.95, "Muon momentum after warm-up", min=0)
+    muon_momentum: float = knob(0.95, "Muon momentum after warm-up", min=0, lt=1)
     muon_backend_steps: int = knob(5, "Newton-Schulz iterations", gt=0)
-    muon_momentum_warmup_start: float = knob(0.85, "Muon momentum at step 0", min=0)
+    muon_momentum_warmup_start: float = knob(0.85, "Muon momentum at step 0", min=0, lt=1)
     muon_momentum_warmup_steps: int = knob(500, "steps to ramp Muon momentum", min=0)
-    beta1: float = knob(0.9, "Adam beta1", min=0)
-    beta2: float = knob(0.95, "Adam beta2", min=0)
+    beta1: float = knob(0.9, "Adam beta1", min=0, lt=1)
+    beta2: float = knob(0.95, "Adam beta2", min=0, lt=1)
     adam_eps: float = knob(1e-8, "Adam epsilon", gt=0)
     grad_clip_norm: float = knob(0.0, "global grad-norm clip after the cross-rank average; 0 = off", min=0)
     muon_ns_coefficients: str = knob("quintic", "Newton-Schulz coefficients", choices=("quintic", "polar_express"))
@@ -200,20 +206,20 @@ class Hyperparameters:
     embed_wd: float = knob(0.0, "AdamW weight decay of embedding tables", min=0)
     adam_wd: float = knob(0.0, "AdamW weight decay of control tensors and an untied head", min=0)
     # schedules (fractions of the training budget; see SCHEDULES)
-    warmdown_frac: float = knob(0.0, "LR warmdown over the last fraction of training; 0 = use WARMDOWN_ITERS", min=0)
-    lr_warmup_frac: float = knob(0.0, "linear LR warm-up over the first fraction of training", min=0)
-    min_lr: float = knob(0.0, "floor of the LR multiplier", min=0)
+    warmdown_frac: float = knob(0.0, "LR warmdown over the last fraction of training; 0 = use WARMDOWN_ITERS", min=0, max=1)
+    lr_warmup_frac: float = knob(0.0, "linear LR warm-up over the first fraction of training", min=0, max=1)
+    min_lr: float = knob(0.0, "floor of the LR multiplier", min=0, max=1)
     # weight averaging and QAT
-    ema_decay: float = knob(0.0, "EMA of the weights, updated every step; 0 = off", min=0)
-    swa_start_frac: float = knob(1.0, "SWA from this training fraction on; 1 = off", min=0)
+    ema_decay: float = knob(0.0, "EMA of the weights, updated every step; 0 = off", min=0, lt=1)
+    swa_start_frac: float = knob(1.0, "SWA from this training fraction on; 1 = off", min=0, max=1)
     swa_every: int = knob(50, "steps between SWA snapshots", gt=0)
     export_weights: str = knob("auto", "weights to export: auto (ema_swa > ema > swa > raw as enabled)",
                                choices=("auto", "raw", "ema", "swa", "ema_swa"))
     qat_enabled: bool = knob(False, "fake-quantize exported matrices to their export bits (STE) late in training")
-    qat_start_frac: float = knob(0.85, "training fraction at which QAT switches on", min=0)
+    qat_start_frac: float = knob(0.85, "training fraction at which QAT switches on", min=0, max=1)
     # export and budgets
-    matrix_bits: int = knob(8, "export bits of weight matrices (int8 containers)", min=2)
-    embed_bits: int = knob(8, "export bits of embedding tables (and an untied head unless HEAD_BITS)", min=2)
+    matrix_bits: int = knob(8, "export bits of weight matrices (int8 containers)", min=2, max=8)
+    embed_bits: int = knob(8, "export bits of embedding tables (and an untied head unless HEAD_BITS)", min=2, max=8)
     max_eval_seconds: float = knob(600.0, "evaluation budget, artifact load to final score; 0 = none", min=0)
     peak_tflops: float = knob(989.0, "peak TFLOP/s per device for the MFU estimate (H100 SXM bf16 dense)", gt=0)
     # evaluation of the reloaded artifact (see EVALUATION)
@@ -226,11 +232,11 @@ class Hyperparameters:
                          choices=("chunked", "lora", "phased"))
     ttt_lr: float = knob(0.005, "chunked: SGD LR, cosine-decayed over the chunks", min=0)
     ttt_epochs: int = knob(3, "chunked: SGD passes over each scored chunk", min=0)
-    ttt_momentum: float = knob(0.9, "SGD momentum of the TTT updates", min=0)
+    ttt_momentum: float = knob(0.9, "SGD momentum of the TTT updates", min=0, lt=1)
     ttt_chunk_tokens: int = knob(32768, "chunked: validation targets per chunk", gt=0)
     ttt_batch_seqs: int = knob(32, "sequences per TTT SGD step, over all ranks", gt=0)
     ttt_grad_clip: float = knob(1.0, "global grad-norm clip of TTT SGD steps; 0 = off", min=0)
-    ttt_freeze_blocks: int = knob(0, "chunked: the first N blocks stay frozen", min=0)
+    ttt_freeze_blocks: int = knob(0, "chunked: the first N blocks stay frozen", min=0, max="num_layers")
     ttt_lora_rank: int = knob(8, "lora/phased: rank of the per-document adapters", gt=0)
     ttt_lora_lr: float = knob(0.01, "lora/phased: AdamW LR of the adapters", min=0)
     ttt_lora_alpha: float = knob(0.0, "lora/phased: adapter outputs scaled by alpha/rank; 0 = the rank (scale 1)",
@@ -238,8 +244,8 @@ class Hyperparameters:
     ttt_warm_start_a: bool = knob(False, "lora/phased: keep each round position's trained A for the next round's "
                                   "document (B and optimizer state still reset)")
     ttt_weight_decay: float = knob(0.0, "lora/phased: AdamW weight decay of the adapters", min=0)
-    ttt_beta1: float = knob(0.9, "lora/phased: AdamW beta1 of the adapters", min=0)
-    ttt_beta2: float = knob(0.95, "lora/phased: AdamW beta2 of the adapters", min=0)
+    ttt_beta1: float = knob(0.9, "lora/phased: AdamW beta1 of the adapters", min=0, lt=1)
+    ttt_beta2: float = knob(0.95, "lora/phased: AdamW beta2 of the adapters", min=0, lt=1)
     ttt_k_lora: bool = knob(True, "lora/phased: adapters on attention k (q, v and the head always)")
     ttt_o_lora: bool = knob(True, "lora/phased: adapters on the attention output projection")
     ttt_mlp_lora: bool = knob(True, "lora/phased: a dim->dim adapter beside each MLP, fed by its input")
@@ -267,9 +273,9 @@ class Hyperparameters:
     # quantization and packing (see QUANTIZATION)
     quant_method: str = knob("absmax", "absmax (row max grid), sdclip (k * row std grid, k = *_CLIP_SIGMAS) or gptq "
                              "(sdclip grid, Hessian-aware rounding)", choices=("absmax", "sdclip", "gptq"))
-    attn_bits: int = knob(0, "export bits of attention matrices; 0 = MATRIX_BITS", min=0)
-    mlp_bits: int = knob(0, "export bits of MLP matrices; 0 = MATRIX_BITS", min=0)
-    head_bits: int = knob(0, "export bits of an untied output head; 0 = EMBED_BITS", min=0)
+    attn_bits: int = knob(0, "export bits of attention matrices; 0 = MATRIX_BITS", min=0, max=8)
+    mlp_bits: int = knob(0, "export bits of MLP matrices; 0 = MATRIX_BITS", min=0, max=8)
+    head_bits: int = knob(0, "export bits of an untied output head; 0 = EMBED_BITS", min=0, max=8)
     quant_min_numel: int = knob(65_537, "smallest tensor (in values) the export quantizes; smaller float tensors and "
                                 "control tensors stay float (65,537 = the public scripts' rule: at most 65,536 stay "
                                 "fp16); GPTQ, RTN, QAT and the packer all follow it", gt=0)
@@ -298,8 +304,8 @@ class Hyperparameters:
                               "costliest tensors")
     lqer_rank: int = knob(4, "rank of the LQER correction", gt=0)
     lqer_top_k: int = knob(3, "tensors that get an LQER correction", gt=0)
-    lqer_factor_bits: int = knob(4, "bits of the LQER factors", min=2)
-    lqer_a_bits: int = knob(0, "bits of the LQER A factor (R0427: 2); 0 = LQER_FACTOR_BITS", min=0)
+    lqer_factor_bits: int = knob(4, "bits of the LQER factors", min=2, max=8)
+    lqer_a_bits: int = knob(0, "bits of the LQER A factor (R0427: 2); 0 = LQER_FACTOR_BITS", min=0, max=8)
     lqer_asym_enabled: bool = knob(True, "LQER factor scales: per column of A and per group of B (else per row)")
     lqer_asym_group: int = knob(64, "values of B per scale in the asymmetric form", gt=0)
     artifact_margin_bytes: int = knob(0, "auto-fit target: code + model bytes <= 16,000,000 minus this", min=0)
@@ -311,14 +317,19 @@ class Hyperparameters:
     artifact_path: str = knob("", "artifact scored by EVAL_ONLY: the final_model.*.ptz of a run folder")
 
     def __post_init__(self) -> None:
-        for f in fields(self):
+        for f in fields(self):  # each knob's own rules, in field order
             value, meta, name = getattr(self, f.name), f.metadata, f.name.upper()
             if meta["choices"] is not None and value not in meta["choices"]:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(meta['choices'])}")
-            if meta["min"] is not None and value < meta["min"]:
-                raise ConfigError(f"{name}={value} must be >= {meta['min']}")
-            if meta["gt"] is not None and value <= meta["gt"]:
-                raise ConfigError(f"{name}={value} must be > {meta['gt']}")
+            for key, relation, holds in BOUND_CHECKS:
+                other = meta[key] if isinstance(meta[key], str) else None  # a bound set by another knob
+                bound = getattr(self, other) if other else meta[key]
+                if bound is not None and not holds(value, bound):
+                    shown = f"{other.upper()}={bound}" if other else bound
+                    raise ConfigError(f"{name}={value} must be {relation} {shown}")
+        for name in ("attn_bits", "mlp_bits", "head_bits", "lqer_a_bits"):
+            if getattr(self, name) == 1:
+                raise ConfigError(f"{name.upper()}=1 must be in [2, 8] (0 = inherit)")
         if self.model_dim % self.num_heads:
             raise ConfigError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -329,52 +340,21 @@ class Hyperparameters:
             raise ConfigError(f"VOCAB_SIZE={self.vocab_size} must be <= 65536 (shards store uint16 ids)")
         if not self.tokenizer_path.endswith(".model"):
             raise ConfigError(f"TOKENIZER_PATH={self.tokenizer_path!r} must be a SentencePiece .model file")
-        if self.muon_momentum >= 1 or self.muon_momentum_warmup_start >= 1:
-            raise ConfigError("MUON_MOMENTUM and MUON_MOMENTUM_WARMUP_START must be < 1")
-        if self.beta1 >= 1 or self.beta2 >= 1:
-            raise ConfigError(f"BETA1={self.beta1} and BETA2={self.beta2} must be < 1")
-        if self.ttt_beta1 >= 1 or self.ttt_beta2 >= 1:
-            raise ConfigError(f"TTT_BETA1={self.ttt_beta1} and TTT_BETA2={self.ttt_beta2} must be < 1")
         if self.rope_dims and (self.rope_dims % 2 or self.rope_dims > self.head_dim):
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= the head dim {self.head_dim} (0 = all)")
-        if self.xsa_last_n > self.num_layers:
-            raise ConfigError(f"XSA_LAST_N={self.xsa_last_n} must be <= NUM_LAYERS={self.num_layers}")
         gates = [n for n in ("attn_out_gate_enabled", "gated_attn_enabled", "sparse_attn_gate_enabled") if getattr(self, n)]
         if len(gates) > 1:
             raise ConfigError(f"{' and '.join(g.upper() for g in gates)} are mutually exclusive; enable at most one")
-        if self.gate_window > self.model_dim:
-            raise ConfigError(f"GATE_WINDOW={self.gate_window} must be <= MODEL_DIM={self.model_dim}")
         if self.bigram_vocab_size == 1:
             raise ConfigError("BIGRAM_VOCAB_SIZE=1 must be 0 (off) or >= 2")
-        if self.parallel_start_layer >= self.num_layers:
-            raise ConfigError(f"PARALLEL_START_LAYER={self.parallel_start_layer} must be < NUM_LAYERS={self.num_layers}")
-        if self.backout_layer >= self.num_layers:
-            raise ConfigError(f"BACKOUT_LAYER={self.backout_layer} must be < NUM_LAYERS={self.num_layers} (-1 = off)")
         if self.num_loops and not (self.loop_start <= self.loop_end < self.num_layers):
             raise ConfigError(f"LOOP_START={self.loop_start} <= LOOP_END={self.loop_end} < NUM_LAYERS={self.num_layers} "
                               "must hold when NUM_LOOPS > 0")
-        for name in ("warmdown_frac", "lr_warmup_frac", "min_lr", "swa_start_frac", "qat_start_frac"):
-            if getattr(self, name) > 1:
-                raise ConfigError(f"{name.upper()}={getattr(self, name)} must be a fraction in [0, 1]")
         if self.lr_warmup_frac + self.warmdown_frac > 1:
             raise ConfigError(f"LR_WARMUP_FRAC + WARMDOWN_FRAC = {self.lr_warmup_frac + self.warmdown_frac} must be <= 1")
-        if self.ema_decay >= 1:
-            raise ConfigError(f"EMA_DECAY={self.ema_decay} must be < 1 (0 = off)")
-        inheriting = ("attn_bits", "mlp_bits", "head_bits", "lqer_a_bits")
-        for name in ("matrix_bits", "embed_bits", "lqer_factor_bits") + inheriting:
-            value = getattr(self, name)
-            if value > 8 or (name in inheriting and value == 1):
-                raise ConfigError(f"{name.upper()}={value} must be in [2, 8]" + (" (0 = inherit)" if name in
-                                  inheriting else ""))
         if self.prequant_ttt_source == "val" and not self.allow_val_adaptation:
             raise ConfigError("PREQUANT_TTT_SOURCE=val adapts on validation tokens before scoring them (C3); it needs "
                               "ALLOW_VAL_ADAPTATION=1, which marks the run non-record")
-        if self.ttt_momentum >= 1:
-            raise ConfigError(f"TTT_MOMENTUM={self.ttt_momentum} must be < 1")
-        if self.ttt_freeze_blocks > self.num_layers:
-            raise ConfigError(f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} must be <= NUM_LAYERS={self.num_layers}")
-        if self.enable_looping_at > 1:
-            raise ConfigError(f"ENABLE_LOOPING_AT={self.enable_looping_at} is a training fraction in [0, 1]")
         if (self.compile != "0" and self.compile_backend != "inductor"  # listing the backends takes ~1.5 s
                 and self.compile_backend not in torch._dynamo.list_backends(exclude_tags=())):
             raise ConfigError(f"COMPILE_BACKEND={self.compile_backend!r} is not a torch.compile backend; known: "
