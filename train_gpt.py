@@ -5,21 +5,22 @@ Launch (every knob is an environment variable, see `Hyperparameters`):
     1 GPU:     python train_gpt.py                  (8 gradient-accumulation micro-steps)
     CPU smoke: NUM_LAYERS=2 MODEL_DIM=64 ... python train_gpt.py  (see README.md)
 
-Sections, in the order a run goes through them:
-    HYPERPARAMETERS     every knob, parsed and validated from the environment
-    RUNTIME & LOGGING   process group, device, autocast, the rank-0 log
-    DATA                shard reader, training loader, validation tokens, tokenizer byte tables
+Sections, in the order a run meets them; each banner opens with what its section owns:
+    HYPERPARAMETERS     every knob, parsed and validated from the environment; the two recipes
+    RUNTIME & LOGGING   process group, device, autocast, the rank-0 log, atomic writes, stop signals
+    DATA                shards, the two training loaders, validation tokens, byte tables, the CaseOps sidecar
     MODEL               the GPT and every leaderboard architecture switch
     OPTIMIZER           Muon (Newton-Schulz orthogonalised momentum, sharded over ranks), AdamW for the rest
     SCHEDULES           LR, momentum and phase switches as pure functions of the training fraction; the clock
+    TRAINING            compile warm-up with state reset, the budgeted training loop
     WEIGHT AVERAGING    EMA and SWA of the weights, and which weights are exported
+    QUANTIZATION        SDClip / GPTQ / LQER export per tensor group, packing: the packer and its coders
+                        (zlib, lzma, brotli, ans), fitting under the limit, the shipped code form
     EVALUATION          val_loss / val_bpb: flat or sliding windows, every validation target scored once
     TEST-TIME TRAINING  score-first adaptation (chunked SGD, per-document LoRA, phased), pre-quant TTT
-    QUANTIZATION        SDClip / GPTQ / LQER export per tensor group, the packer and its coders (brotli,
-                        ans), fitting under the limit, the shipped code form
-    TRAINING            compile warm-up with state reset, the budgeted training loop
     RUN FOLDER & MANIFEST  runs/<RUN_ID>/ claimed at start, never overwritten; manifest.json
-    MAIN                run(): train, calibrate, export, reload the artifact, score it; EVAL_ONLY=1
+    MAIN                main() and the run as named steps: train, calibrate, export, reload and score the
+                        artifact, finish the manifest; EVAL_ONLY=1 scores an existing artifact
 
 Importing this file has no side effects; `main()` runs only under `__main__`.
 """
@@ -73,11 +74,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # ==================================================================================================
 # HYPERPARAMETERS
 # ==================================================================================================
-# One frozen dataclass. Field `matrix_lr` is read from env var `MATRIX_LR`, parsed by the type of
-# its default. The field defaults are the official naive baseline (RECIPE=baseline); RECIPE=record
-# (the default) overlays the strongest legal configuration known for 8xH100, and any env var still
-# overrides a single field. Bad values stop the run before any work with one line that names the
-# variable, the value and what is allowed.
+# Owns the configuration: `Hyperparameters` (one frozen dataclass of knobs), the two recipes, and the
+# env checks. Field `matrix_lr` is read from env var `MATRIX_LR`, parsed by the type of its default;
+# each `knob` carries its help text and its allowed values. The field defaults are the official naive
+# baseline (RECIPE=baseline); RECIPE=record (the default) overlays the strongest legal configuration
+# known for 8xH100, and any env var still overrides a single field. Bad values stop the run before any
+# work with one line that names the variable, the value and what is allowed; the public scripts' env
+# names that this script does not read are refused, and near-miss typos of a knob get a warning.
 
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal, code + compressed model
 
@@ -613,7 +616,8 @@ def env_name_warnings(environ, knob_names: set[str]) -> list[str]:
 # ==================================================================================================
 # RUNTIME & LOGGING
 # ==================================================================================================
-# Facts about the process (rank, device) live in `Runtime`, not in the hyperparameters. A single
+# Owns the process: `Runtime` (rank, device: facts, not hyperparameters), autocast, the collectives,
+# the rank-0 `RunLog`, atomic writes with one-line file-system errors, and the stop signals. A single
 # process runs without a process group; under torchrun it is NCCL on CUDA and gloo on CPU.
 
 
@@ -696,7 +700,7 @@ def barrier() -> None:
 
 
 class RunLog:
-    """Rank-0 log: `key:value` lines to stdout and to logs/<run_id>.txt."""
+    """Rank-0 log: `key:value` lines to stdout and to the run folder's train.log."""
 
     def __init__(self, path: Path | None, is_main: bool):
         self.path, self.is_main = path, is_main
@@ -796,6 +800,9 @@ def stop_signals_raise(restore: bool = True):
 # ==================================================================================================
 # DATA
 # ==================================================================================================
+# Owns the tokens and their bytes: the shard reader, the two training loaders (TRAIN_LOADER), the
+# validation tokens, the tokenizer checks and byte tables, and the CaseOps byte sidecar.
+#
 # Shards: 256 little-endian int32 header (magic 20240520, version 1, token count) then uint16
 # tokens; every document is BOS (id 1) + its tokens. This reader duplicates data/shards.py on
 # purpose: only this file counts as code in a submission, so it imports nothing from data/.
@@ -1296,6 +1303,9 @@ def normalizes_whitespace(sp: spm.SentencePieceProcessor) -> bool:
 # ==================================================================================================
 # MODEL
 # ==================================================================================================
+# Owns the network: `ModelConfig`, the GPT and its blocks, the attention kernels and document masking,
+# QAT's fake-quantized linear layers, and the size and FLOP estimates logged before training.
+#
 # The official baseline is: token embedding -> RMSNorm -> blocks with U-Net skips -> RMSNorm -> tied
 # head with a tanh logit softcap. Each block mixes in the embedding (resid_mix), then pre-norm GQA
 # attention (QK-norm, RoPE, per-head q gain) and a relu^2 MLP, each with a per-channel scale.
@@ -1863,8 +1873,8 @@ def model_report(model: GPT, hp: Hyperparameters, n_code_bytes: int) -> list[str
         f"model_params_detail: unique:{unique} per_block:{per_block} virtual_layers:{len(order)} "
         f"effective_per_token:{effective} order:{order}",
         f"flops_per_token: forward:{fwd} train:{3 * fwd} seq_len:{hp.train_seq_len}",
-        # An upper bound: zlib shrinks it (the public baseline logged 15,815,847 model bytes for a
-        # model this estimates at 17,178,912).
+        # An upper bound before compression (the public baseline's zlib made 15,815,847 model bytes
+        # of a model this estimates at 17,178,912).
         f"artifact_estimate: bitpacked_payload_bytes:{payload} matrix_bits:{hp.matrix_bits} "
         f"embed_bits:{hp.embed_bits} code_bytes:{n_code_bytes} upper_bound_total:{payload + n_code_bytes} "
         f"limit:{ARTIFACT_LIMIT_BYTES} fits_before_compression:{int(payload + n_code_bytes <= ARTIFACT_LIMIT_BYTES)}",
@@ -1874,6 +1884,8 @@ def model_report(model: GPT, hp: Hyperparameters, n_code_bytes: int) -> list[str
 # ==================================================================================================
 # OPTIMIZER
 # ==================================================================================================
+# Owns the weight updates: Muon for the block matrices, AdamW for the rest, and who gets which.
+#
 # Muon: SGD-momentum (Nesterov) whose update for each 2-D matrix is replaced by the nearest
 # semi-orthogonal matrix, computed with a few Newton-Schulz iterations: the classic quintic
 # (one fixed coefficient triple) or Polar Express (a minimax-tuned triple per iteration). MuonEq-R
@@ -2007,10 +2019,11 @@ def build_optimizers(hp: Hyperparameters, model: GPT, device: torch.device) -> l
 # ==================================================================================================
 # SCHEDULES
 # ==================================================================================================
-# Pure functions. Everything that changes during training (LR warm-up and warmdown, depth
-# recurrence, QAT, SWA) reads one number: the training fraction, elapsed training time over the
-# training budget (the wallclock cap minus the reserve for post-training training-data access), or
-# step / ITERATIONS without a cap. Ranks agree on it every step, so they switch together.
+# Owns time: pure functions of the training fraction, and `PhaseClock`, which measures it.
+# Everything that changes during training (LR warm-up and warmdown, depth recurrence, QAT, SWA)
+# reads one number: the training fraction, elapsed training time over the training budget (the
+# wallclock cap minus the reserve for post-training training-data access), or step / ITERATIONS
+# without a cap. Ranks agree on it every step, so they switch together.
 
 
 def training_fraction(step: int, elapsed_ms: float, *, iterations: int, budget_ms: float | None) -> float:
@@ -2105,12 +2118,13 @@ class PhaseClock:
 # ==================================================================================================
 # WEIGHT AVERAGING
 # ==================================================================================================
+# Owns the choice of weights to export: `WeightAverager` collects the averages during training.
+#
 # EMA: an fp32 copy updated every step, ema = d * ema + (1 - d) * w, with the usual warm-up
 # d_t = min(EMA_DECAY, (1 + t) / (10 + t)): without it a short run would export mostly its initial
 # weights (0.9965^150 = 0.59); from step ~2,560 on d_t = 0.9965, so full-length runs are unchanged.
-# SWA: the uniform mean of
-# snapshots taken every SWA_EVERY steps once the training fraction passes SWA_START_FRAC (of the
-# EMA weights when both are on: "ema_swa"). Which weights are exported is logged.
+# SWA: the uniform mean of snapshots taken every SWA_EVERY steps once the training fraction passes
+# SWA_START_FRAC (of the EMA weights when both are on: "ema_swa"). Which weights are exported is logged.
 
 
 class WeightAverager:
