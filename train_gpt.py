@@ -183,7 +183,8 @@ class Hyperparameters:
     parallel_x0_mix: str = knob("read", "two_lane: resid_mix's blend with the embedding x0 feeds only the attention "
                                 "read (read, the record) or also becomes the attention lane (lane)",
                                 choices=("read", "lane"))
-    backout_layer: int = knob(-1, "subtract lambda * (hidden after this virtual layer) at the end; -1 = off", min=-1, lt="num_layers")
+    backout_layer: int = knob(-1, "subtract lambda * (hidden after this virtual layer) at the end; -1 = off", min=-1,
+                              lt="num_layers")
     num_loops: int = knob(0, "depth recurrence: extra passes over layers LOOP_START..LOOP_END; 0 = off", min=0)
     loop_start: int = knob(3, "first layer of the looped segment", min=0)
     loop_end: int = knob(5, "last layer of the looped segment (inclusive)", min=0)
@@ -379,9 +380,8 @@ class Hyperparameters:
         if self.grad_accum_steps:
             return self.grad_accum_steps
         if 8 % world_size:
-            raise ConfigError(
-                f"WORLD_SIZE={world_size} must divide 8 when GRAD_ACCUM_STEPS=0; set GRAD_ACCUM_STEPS explicitly"
-            )
+            raise ConfigError(f"WORLD_SIZE={world_size} must divide 8 when GRAD_ACCUM_STEPS=0; set GRAD_ACCUM_STEPS "
+                              "explicitly")
         return 8 // world_size
 
     def check_world(self, world_size: int) -> None:
@@ -389,14 +389,11 @@ class Hyperparameters:
         accum = self.grad_accum_for(world_size)
         unit = world_size * accum * self.train_seq_len
         if self.train_batch_tokens % unit:
-            raise ConfigError(
-                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be divisible by WORLD_SIZE*grad_accum*"
-                f"TRAIN_SEQ_LEN={world_size}*{accum}*{self.train_seq_len}={unit}"
-            )
+            raise ConfigError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be divisible by WORLD_SIZE*"
+                              f"grad_accum*TRAIN_SEQ_LEN={world_size}*{accum}*{self.train_seq_len}={unit}")
         if self.val_batch_size < unit:
-            raise ConfigError(
-                f"VAL_BATCH_SIZE={self.val_batch_size} must be >= WORLD_SIZE*grad_accum*TRAIN_SEQ_LEN={unit}"
-            )
+            raise ConfigError(f"VAL_BATCH_SIZE={self.val_batch_size} must be >= WORLD_SIZE*grad_accum*"
+                              f"TRAIN_SEQ_LEN={unit}")
 
     @classmethod
     def from_env(cls, environ=None) -> "Hyperparameters":
@@ -492,11 +489,9 @@ RECIPES: dict[str, dict] = {
 def parse_env_value(name: str, raw: str, kind: type):
     text = raw.strip()
     if kind is bool:
-        if text.lower() in ("1", "true"):
-            return True
-        if text.lower() in ("0", "false"):
-            return False
-        raise ConfigError(f"{name}={raw!r} must be a boolean: 0, 1, true or false")
+        if text.lower() not in ("0", "1", "false", "true"):
+            raise ConfigError(f"{name}={raw!r} must be a boolean: 0, 1, true or false")
+        return text.lower() in ("1", "true")
     if kind is int:
         try:
             return int(text)
@@ -651,11 +646,9 @@ def init_runtime(hp: Hyperparameters, environ=None) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-    control_group = None
     if distributed and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if want_cuda else "gloo", device_id=device if want_cuda else None)
-    if distributed and want_cuda:
-        control_group = dist.new_group(backend="gloo")
+    control_group = dist.new_group(backend="gloo") if distributed and want_cuda else None
     return Runtime(rank, world_size, local_rank, device, distributed, control_group)
 
 
@@ -946,13 +939,9 @@ class DistributedTokenLoader:
         return self.stream.tokens_taken / max(self.stream.total_tokens, 1)
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
-        local_tokens = global_tokens // (self.world_size * grad_accum)
-        span = local_tokens + 1
-        chunk = self.stream.take(span * self.world_size)
-        mine = chunk[self.rank * span : (self.rank + 1) * span]
-        x = mine[:-1].reshape(-1, seq_len)
-        y = mine[1:].reshape(-1, seq_len)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        span = global_tokens // (self.world_size * grad_accum) + 1  # this rank's tokens and the next target
+        mine = self.stream.take(span * self.world_size)[self.rank * span : (self.rank + 1) * span]
+        return tuple(t.reshape(-1, seq_len).to(self.device, non_blocking=True) for t in (mine[:-1], mine[1:]))
 
 
 class ShuffledWindowLoader:
@@ -1577,23 +1566,44 @@ class CausalSelfAttention(nn.Module):
         elif cfg.attn_gate == "gated":  # y_h *= sigmoid(w_h . x) (Qwen G1)
             self.attn_gate_w = nn.Parameter(torch.randn(cfg.num_heads, cfg.model_dim) * cfg.gated_attn_init_std)
 
+    def project(self, x: torch.Tensor, v_first: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """q (B, H, T, D); k, v (B, KV, T, D), v mixed with the first layer's under VALUE_RESIDUAL; raw v."""
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_raw = v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.value_lambdas is not None and v_first is not None:
+            lam = self.value_lambdas.to(v.dtype)
+            v = lam[0] * v_first + lam[1] * v_raw
+        return q, k, v, v_raw
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """QK-norm, RoPE, and the per-head query gain."""
+        q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
+        return q, apply_rotary(rms_norm(k), cos, sin)
+
+    def finish(self, y: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """XSA and the output gate on the attention output y (B, H, T, D) of the normalised input x."""
+        if self.xsa:  # drop each head's component along its own position's value direction
+            v_dir = F.normalize(v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1), dim=-1)
+            y = y - (y * v_dir).sum(-1, keepdim=True) * v_dir
+        if self.gate_kind != "none":
+            logits = (x if self.gate_kind == "gated" else x[..., : self.gate_window]) @ self.attn_gate_w.to(x.dtype).T
+            scaled = self.sparse_gate_scale * logits if self.gate_kind == "sparse" else logits  # (B, T, H)
+            gate = 2 * torch.sigmoid(logits) if self.gate_kind == "out" else torch.sigmoid(scaled)
+            y = y * gate.transpose(1, 2)[..., None]  # (B, H, T, 1)
+        return y
+
     def forward(self, x: torch.Tensor, v_first: torch.Tensor | None,
                 docs: DocumentLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x is the normalised input; `docs` masks attention to each document (DOC_MASKED_ATTENTION).
         Returns the output and this layer's raw values (for VALUE_RESIDUAL)."""
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v_raw = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = v_raw
-        if self.value_lambdas is not None and v_first is not None:
-            lam = self.value_lambdas.to(v.dtype)
-            v = lam[0] * v_first + lam[1] * v_raw
+        q, k, v, v_raw = self.project(x, v_first)
         cos, sin = self.rotary(T, q.dtype)
         if docs is not None:  # positions restart at every document's first token
             cos, sin = cos[0, 0][docs.positions][:, None], sin[0, 0][docs.positions][:, None]  # (B, 1, T, r/2)
-        q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
-        k = apply_rotary(rms_norm(k), cos, sin)
+        q, k = self.rotate(q, k, cos, sin)
         if docs is not None:
             y = docs.attend(q, k, v)
         elif self.flash is not None:  # FlashAttention 3 takes (B, T, H, D) and handles GQA itself
@@ -1602,21 +1612,7 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, D)
-        if self.xsa:  # drop each head's component along its own position's value direction
-            v_dir = F.normalize(v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1), dim=-1)
-            y = y - (y * v_dir).sum(-1, keepdim=True) * v_dir
-        if self.gate_kind != "none":
-            w = self.attn_gate_w.to(x.dtype)
-            src = x if self.gate_kind == "gated" else x[..., : self.gate_window]
-            logits = src @ w.T  # (B, T, H)
-            if self.gate_kind == "out":
-                gate = 2 * torch.sigmoid(logits)
-            elif self.gate_kind == "sparse":
-                gate = torch.sigmoid(self.sparse_gate_scale * logits)
-            else:
-                gate = torch.sigmoid(logits)
-            y = y * gate.transpose(1, 2)[..., None]  # (B, H, T, 1)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C)), v_raw  # (B, T, C)
+        return self.proj(self.finish(y, x, v).transpose(1, 2).reshape(B, T, C)), v_raw  # (B, T, C)
 
     def forward_last_cached(self, x: torch.Tensor, v_first: torch.Tensor | None, cache: list,
                             pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1626,26 +1622,11 @@ class CausalSelfAttention(nn.Module):
         keys are cached already). Equal to `forward` while pos < TRAIN_SEQ_LEN (the RoPE tables are fixed)."""
         B, T, C = x.shape
         x = x[:, -1:]
-        q = self.c_q(x).view(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).view(B, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v_raw = v = self.c_v(x).view(B, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.value_lambdas is not None and v_first is not None:
-            lam = self.value_lambdas.to(v.dtype)
-            v = lam[0] * v_first + lam[1] * v_raw
-        cos, sin = (t[:, :, pos : pos + 1] for t in self.rotary(pos + 1, q.dtype))
-        q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
-        k = apply_rotary(rms_norm(k), cos, sin)
+        q, k, v, v_raw = self.project(x, v_first)
+        q, k = self.rotate(q, k, *(t[:, :, pos : pos + 1] for t in self.rotary(pos + 1, q.dtype)))
         cache[:] = [torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)] if cache else [k, v]
         y = F.scaled_dot_product_attention(q, *cache, enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, 1, D)
-        if self.xsa:
-            v_dir = F.normalize(v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1), dim=-1)
-            y = y - (y * v_dir).sum(-1, keepdim=True) * v_dir
-        if self.gate_kind != "none":
-            logits = (x if self.gate_kind == "gated" else x[..., : self.gate_window]) @ self.attn_gate_w.to(x.dtype).T
-            gate = (2 * torch.sigmoid(logits) if self.gate_kind == "out" else torch.sigmoid(
-                self.sparse_gate_scale * logits if self.gate_kind == "sparse" else logits))
-            y = y * gate.transpose(1, 2)[..., None]
-        return F.pad(self.proj(y.transpose(1, 2).reshape(B, 1, C)), (0, 0, T - 1, 0)), v_raw
+        return F.pad(self.proj(self.finish(y, x, v).transpose(1, 2).reshape(B, 1, C)), (0, 0, T - 1, 0)), v_raw
 
 
 class MLP(nn.Module):
@@ -1784,10 +1765,7 @@ class GPT(nn.Module):
             j = i - num_encoder
             if 0 <= j < num_skips:
                 skip = self.skip_weights[j].to(x.dtype) * skips.pop()
-                if self.cfg.skip_gates:
-                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
-                else:
-                    x = x + skip
+                x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype)) if self.cfg.skip_gates else x + skip
             x, mlp_lane, v_raw = self.blocks[layer](x, x0, v_first, mlp_lane, docs)
             v_first = v_raw if v_first is None else v_first
             if i < num_encoder:
@@ -1966,21 +1944,18 @@ class Muon(torch.optim.Optimizer):
             owners = assign_shards([p.numel() for p in params], world_size)
             if world_size == 1:
                 updates = [self._update(p, group) for p in params]
-            else:
-                mine = [i for i, o in enumerate(owners) if o == rank]
-                shard = max(sum(params[i].numel() for i, o in enumerate(owners) if o == r) for r in range(world_size))
+            else:  # each rank's updates in one flat fp32 buffer, padded to the largest share, then all-gathered
+                shard = max(sum(p.numel() for p, o in zip(params, owners) if o == r) for r in range(world_size))
                 local = torch.zeros(shard, device=params[0].device, dtype=torch.float32)
-                offset = 0
-                for i in mine:
-                    local[offset : offset + params[i].numel()] = self._update(params[i], group).flatten().float()
-                    offset += params[i].numel()
+                mine = [self._update(p, group).flatten().float() for p, o in zip(params, owners) if o == rank]
+                if mine:
+                    local[: sum(u.numel() for u in mine)] = torch.cat(mine)
                 gathered = torch.empty(world_size * shard, device=local.device, dtype=local.dtype)
                 dist.all_gather_into_tensor(gathered, local)
                 offsets, updates = [r * shard for r in range(world_size)], []
-                for i, p in enumerate(params):
-                    start = offsets[owners[i]]
-                    updates.append(gathered[start : start + p.numel()].view_as(p))
-                    offsets[owners[i]] += p.numel()
+                for p, o in zip(params, owners):
+                    updates.append(gathered[offsets[o] : offsets[o] + p.numel()].view_as(p))
+                    offsets[o] += p.numel()
             for p, update in zip(params, updates):
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
@@ -2050,10 +2025,7 @@ def lr_multiplier(step: int, elapsed_ms: float, *, iterations: int, warmdown_ite
     if warmdown_iters <= 0:
         return 1.0
     if max_wallclock_ms is None:
-        warmdown_start = max(iterations - warmdown_iters, 0)
-        if step < warmdown_start:
-            return 1.0
-        return max((iterations - step) / warmdown_iters, 0.0)
+        return 1.0 if step < max(iterations - warmdown_iters, 0) else max((iterations - step) / warmdown_iters, 0.0)
     step_ms = elapsed_ms / max(step, 1)
     warmdown_ms = warmdown_iters * step_ms
     remaining_ms = max(max_wallclock_ms - elapsed_ms, 0.0)
@@ -2129,8 +2101,7 @@ class PhaseClock:
 
 class WeightAverager:
     def __init__(self, model: nn.Module, *, ema_decay: float, swa_start_frac: float, swa_every: int):
-        self.params = [p for p in model.parameters()]
-        self.names = [n for n, _ in model.named_parameters()]
+        self.params = list(model.parameters())
         self.ema_decay, self.swa_start_frac, self.swa_every = ema_decay, swa_start_frac, swa_every
         self.ema = [p.detach().float().clone() for p in self.params] if ema_decay > 0 else None
         self.swa_enabled = swa_start_frac < 1.0
