@@ -919,7 +919,7 @@ class TokenStream:
         return torch.from_numpy(np.concatenate(chunks).astype(np.int64))
 
 
-class DistributedTokenLoader:
+class DistributedTokenLoader(TokenStream):
     """All ranks read the same seeded stream in lock-step; rank r keeps its slice of each chunk.
 
     One micro-step consumes (local_tokens + 1) * world_size tokens, so a single process with 8
@@ -928,19 +928,16 @@ class DistributedTokenLoader:
 
     def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device, seed: int = 0,
                  holdout_tokens: int = 0, vocab_size: int | None = None):
+        super().__init__(files, seed, holdout_tokens, vocab_size)
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.stream = TokenStream(files, seed, holdout_tokens, vocab_size)
-
-    def close(self) -> None:
-        self.stream.close()
 
     def epochs_consumed(self) -> float:
         """Training data seen, in epochs (tokens read over tokens in the training shards)."""
-        return self.stream.tokens_taken / max(self.stream.total_tokens, 1)
+        return self.tokens_taken / max(self.total_tokens, 1)
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
         span = global_tokens // (self.world_size * grad_accum) + 1  # this rank's tokens and the next target
-        mine = self.stream.take(span * self.world_size)[self.rank * span : (self.rank + 1) * span]
+        mine = self.take(span * self.world_size)[self.rank * span : (self.rank + 1) * span]
         return tuple(t.reshape(-1, seq_len).to(self.device, non_blocking=True) for t in (mine[:-1], mine[1:]))
 
 
