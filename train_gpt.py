@@ -1719,11 +1719,12 @@ class GPT(nn.Module):
                 for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc):
                     nn.init.orthogonal_(linear.weight)
         self.doc_attention_kernel: str | None = None  # None: flex when compiled on CUDA, else sdpa (tests pin one)
-        # U-Net skips, sized for the longest (looped) layer order; the plain order uses a prefix.
-        n = cfg.max_virtual_layers
-        self.skip_weights = nn.Parameter(torch.ones(min(n // 2, n - n // 2), cfg.model_dim))
+        # U-Net skips, one per encoder layer (the first half; the decoder is as long or one longer), sized
+        # for the longest (looped) layer order; the plain order uses a prefix.
+        num_skips = cfg.max_virtual_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
         if cfg.skip_gates:  # x <- lerp(w * skip, x, sigmoid(g)), g = 0 at init
-            self.skip_gates = nn.Parameter(torch.zeros(min(n // 2, n - n // 2), cfg.model_dim))
+            self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim))
         if cfg.backout_layer >= 0:
             self.backout_lambda = nn.Parameter(torch.zeros(()))
         self.lm_head = None
@@ -1755,12 +1756,11 @@ class GPT(nn.Module):
         x = x0 = self.embed(input_ids)
         docs = self.document_layout(input_ids)
         order = self.cfg.layer_order(looping)
-        num_encoder = len(order) // 2
-        num_skips = min(num_encoder, len(order) - num_encoder)
+        num_encoder = len(order) // 2  # each encoder layer's output feeds a decoder layer's input
         skips, mlp_lane, v_first, backout = [], None, None, None
         for i, layer in enumerate(order):
             j = i - num_encoder
-            if 0 <= j < num_skips:
+            if 0 <= j < num_encoder:
                 skip = self.skip_weights[j].to(x.dtype) * skips.pop()
                 x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype)) if self.cfg.skip_gates else x + skip
             x, mlp_lane, v_raw = self.blocks[layer](x, x0, v_first, mlp_lane, docs)
