@@ -5,21 +5,22 @@ Launch (every knob is an environment variable, see `Hyperparameters`):
     1 GPU:     python train_gpt.py                  (8 gradient-accumulation micro-steps)
     CPU smoke: NUM_LAYERS=2 MODEL_DIM=64 ... python train_gpt.py  (see README.md)
 
-Sections, in the order a run goes through them:
-    HYPERPARAMETERS     every knob, parsed and validated from the environment
-    RUNTIME & LOGGING   process group, device, autocast, the rank-0 log
-    DATA                shard reader, training loader, validation tokens, tokenizer byte tables
+Sections, in the order a run meets them; each banner opens with what its section owns:
+    HYPERPARAMETERS     every knob, parsed and validated from the environment; the two recipes
+    RUNTIME & LOGGING   process group, device, autocast, the rank-0 log, atomic writes, stop signals
+    DATA                shards, the two training loaders, validation tokens, byte tables, the CaseOps sidecar
     MODEL               the GPT and every leaderboard architecture switch
     OPTIMIZER           Muon (Newton-Schulz orthogonalised momentum, sharded over ranks), AdamW for the rest
     SCHEDULES           LR, momentum and phase switches as pure functions of the training fraction; the clock
+    TRAINING            compile warm-up with state reset, the budgeted training loop
     WEIGHT AVERAGING    EMA and SWA of the weights, and which weights are exported
+    QUANTIZATION        SDClip / GPTQ / LQER export per tensor group, packing: the packer and its coders
+                        (zlib, lzma, brotli, ans), fitting under the limit, the shipped code form
     EVALUATION          val_loss / val_bpb: flat or sliding windows, every validation target scored once
     TEST-TIME TRAINING  score-first adaptation (chunked SGD, per-document LoRA, phased), pre-quant TTT
-    QUANTIZATION        SDClip / GPTQ / LQER export per tensor group, the packer and its coders (brotli,
-                        ans), fitting under the limit, the shipped code form
-    TRAINING            compile warm-up with state reset, the budgeted training loop
     RUN FOLDER & MANIFEST  runs/<RUN_ID>/ claimed at start, never overwritten; manifest.json
-    MAIN                run(): train, calibrate, export, reload the artifact, score it; EVAL_ONLY=1
+    MAIN                main() and the run as named steps: train, calibrate, export, reload and score the
+                        artifact, finish the manifest; EVAL_ONLY=1 scores an existing artifact
 
 Importing this file has no side effects; `main()` runs only under `__main__`.
 """
@@ -73,11 +74,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # ==================================================================================================
 # HYPERPARAMETERS
 # ==================================================================================================
-# One frozen dataclass. Field `matrix_lr` is read from env var `MATRIX_LR`, parsed by the type of
-# its default. The field defaults are the official naive baseline (RECIPE=baseline); RECIPE=record
-# (the default) overlays the strongest legal configuration known for 8xH100, and any env var still
-# overrides a single field. Bad values stop the run before any work with one line that names the
-# variable, the value and what is allowed.
+# Owns the configuration: `Hyperparameters` (one frozen dataclass of knobs), the two recipes, and the
+# env checks. Field `matrix_lr` is read from env var `MATRIX_LR`, parsed by the type of its default;
+# each `knob` carries its help text and its allowed values. The field defaults are the official naive
+# baseline (RECIPE=baseline); RECIPE=record (the default) overlays the strongest legal configuration
+# known for 8xH100, and any env var still overrides a single field. Bad values stop the run before any
+# work with one line that names the variable, the value and what is allowed; the public scripts' env
+# names that this script does not read are refused, and near-miss typos of a knob get a warning.
 
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal, code + compressed model
 
@@ -90,8 +93,14 @@ class RunError(RuntimeError):
     """An expected failure (missing data, corrupt artifact, ...): reported as one line, exit code 2."""
 
 
-def knob(default, help: str, *, choices: tuple | None = None, min: float | None = None, gt: float | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices, "min": min, "gt": gt})
+def knob(default, help: str, *, choices: tuple | None = None, min: float | None = None, gt: float | None = None,
+         max: float | str | None = None, lt: float | str | None = None):
+    """A Hyperparameters field and its checks: the allowed choices, or bounds (max and lt may name another knob)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, min=min, gt=gt, max=max, lt=lt))
+
+
+BOUND_CHECKS = (("min", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+                ("max", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b))
 
 
 @dataclass(frozen=True)
@@ -151,7 +160,7 @@ class Hyperparameters:
     mlp_activation: str = knob("relu2", "relu2 or leaky_relu2 (LeakyReLU(slope)^2)", choices=("relu2", "leaky_relu2"))
     mlp_leaky_slope: float = knob(0.5, "negative slope of leaky_relu2", gt=0)
     rope_dims: int = knob(0, "partial RoPE: rotate the first N dims of each head; 0 = all", min=0)
-    xsa_last_n: int = knob(0, "exclusive self-attention on the last N layers", min=0)
+    xsa_last_n: int = knob(0, "exclusive self-attention on the last N layers", min=0, max="num_layers")
     doc_masked_attention: bool = knob(False, "attention stays inside each document: every row is cut at BOS, in "
                                       "training and evaluation, and RoPE positions restart at each BOS")
     ortho_init: bool = knob(False, "orthogonal init (gain 1) of the attention q/k/v and MLP input matrices")
@@ -162,23 +171,24 @@ class Hyperparameters:
     sparse_attn_gate_enabled: bool = knob(False, "per-head gate sigmoid(scale*w.x[:GATE_WINDOW]), 0.5 at zero init")
     sparse_attn_gate_scale: float = knob(1.0, "scale inside the sparse attention gate", gt=0)
     sparse_attn_gate_init_std: float = knob(0.0, "init std of the sparse gate weights", min=0)
-    gate_window: int = knob(12, "input channels read by the out/sparse/smear gates", gt=0)
+    gate_window: int = knob(12, "input channels read by the out/sparse/smear gates", gt=0, max="model_dim")
     bigram_vocab_size: int = knob(0, "BigramHash buckets; 0 = off", min=0)
     bigram_dim: int = knob(128, "BigramHash embedding width", gt=0)
     smear_gate_enabled: bool = knob(False, "SmearGate: mix in the previous token's embedding (never across BOS)")
     skip_gates_enabled: bool = knob(False, "U-Net skips as a learned lerp instead of a sum")
     ln_scale: bool = knob(False, "scale each sub-layer input by 1/sqrt(layer+1)")
-    parallel_start_layer: int = knob(-1, "attention and MLP in parallel from this layer; -1 = off", min=-1)
+    parallel_start_layer: int = knob(-1, "attention and MLP in parallel from this layer; -1 = off", min=-1, lt="num_layers")
     parallel_mode: str = knob("two_lane", "parallel residual form", choices=("gptj", "two_lane"))
     parallel_final_lane: str = knob("mean", "two_lane: which lane feeds the head", choices=("mean", "attn", "mlp"))
     parallel_x0_mix: str = knob("read", "two_lane: resid_mix's blend with the embedding x0 feeds only the attention "
                                 "read (read, the record) or also becomes the attention lane (lane)",
                                 choices=("read", "lane"))
-    backout_layer: int = knob(-1, "subtract lambda * (hidden after this virtual layer) at the end; -1 = off", min=-1)
+    backout_layer: int = knob(-1, "subtract lambda * (hidden after this virtual layer) at the end; -1 = off", min=-1,
+                              lt="num_layers")
     num_loops: int = knob(0, "depth recurrence: extra passes over layers LOOP_START..LOOP_END; 0 = off", min=0)
     loop_start: int = knob(3, "first layer of the looped segment", min=0)
     loop_end: int = knob(5, "last layer of the looped segment (inclusive)", min=0)
-    enable_looping_at: float = knob(0.35, "training fraction at which looping switches on", min=0)
+    enable_looping_at: float = knob(0.35, "training fraction at which looping switches on", min=0, max=1)
     # optimizer
     embed_lr: float = knob(0.6, "Adam LR of an untied token embedding", min=0)
     head_lr: float = knob(0.008, "Adam LR of an untied output head", min=0)
@@ -186,12 +196,12 @@ class Hyperparameters:
     tied_embed_init_std: float = knob(0.005, "init std of the tied embedding", gt=0)
     matrix_lr: float = knob(0.04, "Muon LR of the block matrices", min=0)
     scalar_lr: float = knob(0.04, "Adam LR of gains, mixes and skip weights", min=0)
-    muon_momentum: float = knob(0.95, "Muon momentum after warm-up", min=0)
+    muon_momentum: float = knob(0.95, "Muon momentum after warm-up", min=0, lt=1)
     muon_backend_steps: int = knob(5, "Newton-Schulz iterations", gt=0)
-    muon_momentum_warmup_start: float = knob(0.85, "Muon momentum at step 0", min=0)
+    muon_momentum_warmup_start: float = knob(0.85, "Muon momentum at step 0", min=0, lt=1)
     muon_momentum_warmup_steps: int = knob(500, "steps to ramp Muon momentum", min=0)
-    beta1: float = knob(0.9, "Adam beta1", min=0)
-    beta2: float = knob(0.95, "Adam beta2", min=0)
+    beta1: float = knob(0.9, "Adam beta1", min=0, lt=1)
+    beta2: float = knob(0.95, "Adam beta2", min=0, lt=1)
     adam_eps: float = knob(1e-8, "Adam epsilon", gt=0)
     grad_clip_norm: float = knob(0.0, "global grad-norm clip after the cross-rank average; 0 = off", min=0)
     muon_ns_coefficients: str = knob("quintic", "Newton-Schulz coefficients", choices=("quintic", "polar_express"))
@@ -200,20 +210,20 @@ class Hyperparameters:
     embed_wd: float = knob(0.0, "AdamW weight decay of embedding tables", min=0)
     adam_wd: float = knob(0.0, "AdamW weight decay of control tensors and an untied head", min=0)
     # schedules (fractions of the training budget; see SCHEDULES)
-    warmdown_frac: float = knob(0.0, "LR warmdown over the last fraction of training; 0 = use WARMDOWN_ITERS", min=0)
-    lr_warmup_frac: float = knob(0.0, "linear LR warm-up over the first fraction of training", min=0)
-    min_lr: float = knob(0.0, "floor of the LR multiplier", min=0)
+    warmdown_frac: float = knob(0.0, "LR warmdown over the last fraction of training; 0 = use WARMDOWN_ITERS", min=0, max=1)
+    lr_warmup_frac: float = knob(0.0, "linear LR warm-up over the first fraction of training", min=0, max=1)
+    min_lr: float = knob(0.0, "floor of the LR multiplier", min=0, max=1)
     # weight averaging and QAT
-    ema_decay: float = knob(0.0, "EMA of the weights, updated every step; 0 = off", min=0)
-    swa_start_frac: float = knob(1.0, "SWA from this training fraction on; 1 = off", min=0)
+    ema_decay: float = knob(0.0, "EMA of the weights, updated every step; 0 = off", min=0, lt=1)
+    swa_start_frac: float = knob(1.0, "SWA from this training fraction on; 1 = off", min=0, max=1)
     swa_every: int = knob(50, "steps between SWA snapshots", gt=0)
     export_weights: str = knob("auto", "weights to export: auto (ema_swa > ema > swa > raw as enabled)",
                                choices=("auto", "raw", "ema", "swa", "ema_swa"))
     qat_enabled: bool = knob(False, "fake-quantize exported matrices to their export bits (STE) late in training")
-    qat_start_frac: float = knob(0.85, "training fraction at which QAT switches on", min=0)
+    qat_start_frac: float = knob(0.85, "training fraction at which QAT switches on", min=0, max=1)
     # export and budgets
-    matrix_bits: int = knob(8, "export bits of weight matrices (int8 containers)", min=2)
-    embed_bits: int = knob(8, "export bits of embedding tables (and an untied head unless HEAD_BITS)", min=2)
+    matrix_bits: int = knob(8, "export bits of weight matrices (int8 containers)", min=2, max=8)
+    embed_bits: int = knob(8, "export bits of embedding tables (and an untied head unless HEAD_BITS)", min=2, max=8)
     max_eval_seconds: float = knob(600.0, "evaluation budget, artifact load to final score; 0 = none", min=0)
     peak_tflops: float = knob(989.0, "peak TFLOP/s per device for the MFU estimate (H100 SXM bf16 dense)", gt=0)
     # evaluation of the reloaded artifact (see EVALUATION)
@@ -226,11 +236,11 @@ class Hyperparameters:
                          choices=("chunked", "lora", "phased"))
     ttt_lr: float = knob(0.005, "chunked: SGD LR, cosine-decayed over the chunks", min=0)
     ttt_epochs: int = knob(3, "chunked: SGD passes over each scored chunk", min=0)
-    ttt_momentum: float = knob(0.9, "SGD momentum of the TTT updates", min=0)
+    ttt_momentum: float = knob(0.9, "SGD momentum of the TTT updates", min=0, lt=1)
     ttt_chunk_tokens: int = knob(32768, "chunked: validation targets per chunk", gt=0)
     ttt_batch_seqs: int = knob(32, "sequences per TTT SGD step, over all ranks", gt=0)
     ttt_grad_clip: float = knob(1.0, "global grad-norm clip of TTT SGD steps; 0 = off", min=0)
-    ttt_freeze_blocks: int = knob(0, "chunked: the first N blocks stay frozen", min=0)
+    ttt_freeze_blocks: int = knob(0, "chunked: the first N blocks stay frozen", min=0, max="num_layers")
     ttt_lora_rank: int = knob(8, "lora/phased: rank of the per-document adapters", gt=0)
     ttt_lora_lr: float = knob(0.01, "lora/phased: AdamW LR of the adapters", min=0)
     ttt_lora_alpha: float = knob(0.0, "lora/phased: adapter outputs scaled by alpha/rank; 0 = the rank (scale 1)",
@@ -238,8 +248,8 @@ class Hyperparameters:
     ttt_warm_start_a: bool = knob(False, "lora/phased: keep each round position's trained A for the next round's "
                                   "document (B and optimizer state still reset)")
     ttt_weight_decay: float = knob(0.0, "lora/phased: AdamW weight decay of the adapters", min=0)
-    ttt_beta1: float = knob(0.9, "lora/phased: AdamW beta1 of the adapters", min=0)
-    ttt_beta2: float = knob(0.95, "lora/phased: AdamW beta2 of the adapters", min=0)
+    ttt_beta1: float = knob(0.9, "lora/phased: AdamW beta1 of the adapters", min=0, lt=1)
+    ttt_beta2: float = knob(0.95, "lora/phased: AdamW beta2 of the adapters", min=0, lt=1)
     ttt_k_lora: bool = knob(True, "lora/phased: adapters on attention k (q, v and the head always)")
     ttt_o_lora: bool = knob(True, "lora/phased: adapters on the attention output projection")
     ttt_mlp_lora: bool = knob(True, "lora/phased: a dim->dim adapter beside each MLP, fed by its input")
@@ -267,9 +277,9 @@ class Hyperparameters:
     # quantization and packing (see QUANTIZATION)
     quant_method: str = knob("absmax", "absmax (row max grid), sdclip (k * row std grid, k = *_CLIP_SIGMAS) or gptq "
                              "(sdclip grid, Hessian-aware rounding)", choices=("absmax", "sdclip", "gptq"))
-    attn_bits: int = knob(0, "export bits of attention matrices; 0 = MATRIX_BITS", min=0)
-    mlp_bits: int = knob(0, "export bits of MLP matrices; 0 = MATRIX_BITS", min=0)
-    head_bits: int = knob(0, "export bits of an untied output head; 0 = EMBED_BITS", min=0)
+    attn_bits: int = knob(0, "export bits of attention matrices; 0 = MATRIX_BITS", min=0, max=8)
+    mlp_bits: int = knob(0, "export bits of MLP matrices; 0 = MATRIX_BITS", min=0, max=8)
+    head_bits: int = knob(0, "export bits of an untied output head; 0 = EMBED_BITS", min=0, max=8)
     quant_min_numel: int = knob(65_537, "smallest tensor (in values) the export quantizes; smaller float tensors and "
                                 "control tensors stay float (65,537 = the public scripts' rule: at most 65,536 stay "
                                 "fp16); GPTQ, RTN, QAT and the packer all follow it", gt=0)
@@ -298,8 +308,8 @@ class Hyperparameters:
                               "costliest tensors")
     lqer_rank: int = knob(4, "rank of the LQER correction", gt=0)
     lqer_top_k: int = knob(3, "tensors that get an LQER correction", gt=0)
-    lqer_factor_bits: int = knob(4, "bits of the LQER factors", min=2)
-    lqer_a_bits: int = knob(0, "bits of the LQER A factor (R0427: 2); 0 = LQER_FACTOR_BITS", min=0)
+    lqer_factor_bits: int = knob(4, "bits of the LQER factors", min=2, max=8)
+    lqer_a_bits: int = knob(0, "bits of the LQER A factor (R0427: 2); 0 = LQER_FACTOR_BITS", min=0, max=8)
     lqer_asym_enabled: bool = knob(True, "LQER factor scales: per column of A and per group of B (else per row)")
     lqer_asym_group: int = knob(64, "values of B per scale in the asymmetric form", gt=0)
     artifact_margin_bytes: int = knob(0, "auto-fit target: code + model bytes <= 16,000,000 minus this", min=0)
@@ -311,14 +321,19 @@ class Hyperparameters:
     artifact_path: str = knob("", "artifact scored by EVAL_ONLY: the final_model.*.ptz of a run folder")
 
     def __post_init__(self) -> None:
-        for f in fields(self):
+        for f in fields(self):  # each knob's own rules, in field order
             value, meta, name = getattr(self, f.name), f.metadata, f.name.upper()
             if meta["choices"] is not None and value not in meta["choices"]:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(meta['choices'])}")
-            if meta["min"] is not None and value < meta["min"]:
-                raise ConfigError(f"{name}={value} must be >= {meta['min']}")
-            if meta["gt"] is not None and value <= meta["gt"]:
-                raise ConfigError(f"{name}={value} must be > {meta['gt']}")
+            for key, relation, holds in BOUND_CHECKS:
+                other = meta[key] if isinstance(meta[key], str) else None  # a bound set by another knob
+                bound = getattr(self, other) if other else meta[key]
+                if bound is not None and not holds(value, bound):
+                    shown = f"{other.upper()}={bound}" if other else bound
+                    raise ConfigError(f"{name}={value} must be {relation} {shown}")
+        for name in ("attn_bits", "mlp_bits", "head_bits", "lqer_a_bits"):
+            if getattr(self, name) == 1:
+                raise ConfigError(f"{name.upper()}=1 must be in [2, 8] (0 = inherit)")
         if self.model_dim % self.num_heads:
             raise ConfigError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -329,52 +344,21 @@ class Hyperparameters:
             raise ConfigError(f"VOCAB_SIZE={self.vocab_size} must be <= 65536 (shards store uint16 ids)")
         if not self.tokenizer_path.endswith(".model"):
             raise ConfigError(f"TOKENIZER_PATH={self.tokenizer_path!r} must be a SentencePiece .model file")
-        if self.muon_momentum >= 1 or self.muon_momentum_warmup_start >= 1:
-            raise ConfigError("MUON_MOMENTUM and MUON_MOMENTUM_WARMUP_START must be < 1")
-        if self.beta1 >= 1 or self.beta2 >= 1:
-            raise ConfigError(f"BETA1={self.beta1} and BETA2={self.beta2} must be < 1")
-        if self.ttt_beta1 >= 1 or self.ttt_beta2 >= 1:
-            raise ConfigError(f"TTT_BETA1={self.ttt_beta1} and TTT_BETA2={self.ttt_beta2} must be < 1")
         if self.rope_dims and (self.rope_dims % 2 or self.rope_dims > self.head_dim):
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= the head dim {self.head_dim} (0 = all)")
-        if self.xsa_last_n > self.num_layers:
-            raise ConfigError(f"XSA_LAST_N={self.xsa_last_n} must be <= NUM_LAYERS={self.num_layers}")
         gates = [n for n in ("attn_out_gate_enabled", "gated_attn_enabled", "sparse_attn_gate_enabled") if getattr(self, n)]
         if len(gates) > 1:
             raise ConfigError(f"{' and '.join(g.upper() for g in gates)} are mutually exclusive; enable at most one")
-        if self.gate_window > self.model_dim:
-            raise ConfigError(f"GATE_WINDOW={self.gate_window} must be <= MODEL_DIM={self.model_dim}")
         if self.bigram_vocab_size == 1:
             raise ConfigError("BIGRAM_VOCAB_SIZE=1 must be 0 (off) or >= 2")
-        if self.parallel_start_layer >= self.num_layers:
-            raise ConfigError(f"PARALLEL_START_LAYER={self.parallel_start_layer} must be < NUM_LAYERS={self.num_layers}")
-        if self.backout_layer >= self.num_layers:
-            raise ConfigError(f"BACKOUT_LAYER={self.backout_layer} must be < NUM_LAYERS={self.num_layers} (-1 = off)")
         if self.num_loops and not (self.loop_start <= self.loop_end < self.num_layers):
             raise ConfigError(f"LOOP_START={self.loop_start} <= LOOP_END={self.loop_end} < NUM_LAYERS={self.num_layers} "
                               "must hold when NUM_LOOPS > 0")
-        for name in ("warmdown_frac", "lr_warmup_frac", "min_lr", "swa_start_frac", "qat_start_frac"):
-            if getattr(self, name) > 1:
-                raise ConfigError(f"{name.upper()}={getattr(self, name)} must be a fraction in [0, 1]")
         if self.lr_warmup_frac + self.warmdown_frac > 1:
             raise ConfigError(f"LR_WARMUP_FRAC + WARMDOWN_FRAC = {self.lr_warmup_frac + self.warmdown_frac} must be <= 1")
-        if self.ema_decay >= 1:
-            raise ConfigError(f"EMA_DECAY={self.ema_decay} must be < 1 (0 = off)")
-        inheriting = ("attn_bits", "mlp_bits", "head_bits", "lqer_a_bits")
-        for name in ("matrix_bits", "embed_bits", "lqer_factor_bits") + inheriting:
-            value = getattr(self, name)
-            if value > 8 or (name in inheriting and value == 1):
-                raise ConfigError(f"{name.upper()}={value} must be in [2, 8]" + (" (0 = inherit)" if name in
-                                  inheriting else ""))
         if self.prequant_ttt_source == "val" and not self.allow_val_adaptation:
             raise ConfigError("PREQUANT_TTT_SOURCE=val adapts on validation tokens before scoring them (C3); it needs "
                               "ALLOW_VAL_ADAPTATION=1, which marks the run non-record")
-        if self.ttt_momentum >= 1:
-            raise ConfigError(f"TTT_MOMENTUM={self.ttt_momentum} must be < 1")
-        if self.ttt_freeze_blocks > self.num_layers:
-            raise ConfigError(f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} must be <= NUM_LAYERS={self.num_layers}")
-        if self.enable_looping_at > 1:
-            raise ConfigError(f"ENABLE_LOOPING_AT={self.enable_looping_at} is a training fraction in [0, 1]")
         if (self.compile != "0" and self.compile_backend != "inductor"  # listing the backends takes ~1.5 s
                 and self.compile_backend not in torch._dynamo.list_backends(exclude_tags=())):
             raise ConfigError(f"COMPILE_BACKEND={self.compile_backend!r} is not a torch.compile backend; known: "
@@ -396,9 +380,8 @@ class Hyperparameters:
         if self.grad_accum_steps:
             return self.grad_accum_steps
         if 8 % world_size:
-            raise ConfigError(
-                f"WORLD_SIZE={world_size} must divide 8 when GRAD_ACCUM_STEPS=0; set GRAD_ACCUM_STEPS explicitly"
-            )
+            raise ConfigError(f"WORLD_SIZE={world_size} must divide 8 when GRAD_ACCUM_STEPS=0; set GRAD_ACCUM_STEPS "
+                              "explicitly")
         return 8 // world_size
 
     def check_world(self, world_size: int) -> None:
@@ -406,14 +389,11 @@ class Hyperparameters:
         accum = self.grad_accum_for(world_size)
         unit = world_size * accum * self.train_seq_len
         if self.train_batch_tokens % unit:
-            raise ConfigError(
-                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be divisible by WORLD_SIZE*grad_accum*"
-                f"TRAIN_SEQ_LEN={world_size}*{accum}*{self.train_seq_len}={unit}"
-            )
+            raise ConfigError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be divisible by WORLD_SIZE*"
+                              f"grad_accum*TRAIN_SEQ_LEN={world_size}*{accum}*{self.train_seq_len}={unit}")
         if self.val_batch_size < unit:
-            raise ConfigError(
-                f"VAL_BATCH_SIZE={self.val_batch_size} must be >= WORLD_SIZE*grad_accum*TRAIN_SEQ_LEN={unit}"
-            )
+            raise ConfigError(f"VAL_BATCH_SIZE={self.val_batch_size} must be >= WORLD_SIZE*grad_accum*"
+                              f"TRAIN_SEQ_LEN={unit}")
 
     @classmethod
     def from_env(cls, environ=None) -> "Hyperparameters":
@@ -509,11 +489,9 @@ RECIPES: dict[str, dict] = {
 def parse_env_value(name: str, raw: str, kind: type):
     text = raw.strip()
     if kind is bool:
-        if text.lower() in ("1", "true"):
-            return True
-        if text.lower() in ("0", "false"):
-            return False
-        raise ConfigError(f"{name}={raw!r} must be a boolean: 0, 1, true or false")
+        if text.lower() not in ("0", "1", "false", "true"):
+            raise ConfigError(f"{name}={raw!r} must be a boolean: 0, 1, true or false")
+        return text.lower() in ("1", "true")
     if kind is int:
         try:
             return int(text)
@@ -633,7 +611,8 @@ def env_name_warnings(environ, knob_names: set[str]) -> list[str]:
 # ==================================================================================================
 # RUNTIME & LOGGING
 # ==================================================================================================
-# Facts about the process (rank, device) live in `Runtime`, not in the hyperparameters. A single
+# Owns the process: `Runtime` (rank, device: facts, not hyperparameters), autocast, the collectives,
+# the rank-0 `RunLog`, atomic writes with one-line file-system errors, and the stop signals. A single
 # process runs without a process group; under torchrun it is NCCL on CUDA and gloo on CPU.
 
 
@@ -667,11 +646,9 @@ def init_runtime(hp: Hyperparameters, environ=None) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-    control_group = None
     if distributed and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if want_cuda else "gloo", device_id=device if want_cuda else None)
-    if distributed and want_cuda:
-        control_group = dist.new_group(backend="gloo")
+    control_group = dist.new_group(backend="gloo") if distributed and want_cuda else None
     return Runtime(rank, world_size, local_rank, device, distributed, control_group)
 
 
@@ -716,7 +693,7 @@ def barrier() -> None:
 
 
 class RunLog:
-    """Rank-0 log: `key:value` lines to stdout and to logs/<run_id>.txt."""
+    """Rank-0 log: `key:value` lines to stdout and to the run folder's train.log."""
 
     def __init__(self, path: Path | None, is_main: bool):
         self.path, self.is_main = path, is_main
@@ -816,6 +793,9 @@ def stop_signals_raise(restore: bool = True):
 # ==================================================================================================
 # DATA
 # ==================================================================================================
+# Owns the tokens and their bytes: the shard reader, the two training loaders (TRAIN_LOADER), the
+# validation tokens, the tokenizer checks and byte tables, and the CaseOps byte sidecar.
+#
 # Shards: 256 little-endian int32 header (magic 20240520, version 1, token count) then uint16
 # tokens; every document is BOS (id 1) + its tokens. This reader duplicates data/shards.py on
 # purpose: only this file counts as code in a submission, so it imports nothing from data/.
@@ -939,7 +919,7 @@ class TokenStream:
         return torch.from_numpy(np.concatenate(chunks).astype(np.int64))
 
 
-class DistributedTokenLoader:
+class DistributedTokenLoader(TokenStream):
     """All ranks read the same seeded stream in lock-step; rank r keeps its slice of each chunk.
 
     One micro-step consumes (local_tokens + 1) * world_size tokens, so a single process with 8
@@ -948,24 +928,17 @@ class DistributedTokenLoader:
 
     def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device, seed: int = 0,
                  holdout_tokens: int = 0, vocab_size: int | None = None):
+        super().__init__(files, seed, holdout_tokens, vocab_size)
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.stream = TokenStream(files, seed, holdout_tokens, vocab_size)
-
-    def close(self) -> None:
-        self.stream.close()
 
     def epochs_consumed(self) -> float:
         """Training data seen, in epochs (tokens read over tokens in the training shards)."""
-        return self.stream.tokens_taken / max(self.stream.total_tokens, 1)
+        return self.tokens_taken / max(self.total_tokens, 1)
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
-        local_tokens = global_tokens // (self.world_size * grad_accum)
-        span = local_tokens + 1
-        chunk = self.stream.take(span * self.world_size)
-        mine = chunk[self.rank * span : (self.rank + 1) * span]
-        x = mine[:-1].reshape(-1, seq_len)
-        y = mine[1:].reshape(-1, seq_len)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        span = global_tokens // (self.world_size * grad_accum) + 1  # this rank's tokens and the next target
+        mine = self.take(span * self.world_size)[self.rank * span : (self.rank + 1) * span]
+        return tuple(t.reshape(-1, seq_len).to(self.device, non_blocking=True) for t in (mine[:-1], mine[1:]))
 
 
 class ShuffledWindowLoader:
@@ -1316,6 +1289,9 @@ def normalizes_whitespace(sp: spm.SentencePieceProcessor) -> bool:
 # ==================================================================================================
 # MODEL
 # ==================================================================================================
+# Owns the network: `ModelConfig`, the GPT and its blocks, the attention kernels and document masking,
+# QAT's fake-quantized linear layers, and the size and FLOP estimates logged before training.
+#
 # The official baseline is: token embedding -> RMSNorm -> blocks with U-Net skips -> RMSNorm -> tied
 # head with a tanh logit softcap. Each block mixes in the embedding (resid_mix), then pre-norm GQA
 # attention (QK-norm, RoPE, per-head q gain) and a relu^2 MLP, each with a per-channel scale.
@@ -1342,6 +1318,17 @@ def normalizes_whitespace(sp: spm.SentencePieceProcessor) -> bool:
 CONTROL_TENSOR_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights", "skip_gates",
                         "attn_gate_w", "value_lambdas", "smear_gate_w", "smear_lambda", "bigram.scale",
                         "parallel_resid_lambdas", "parallel_post_lambdas", "backout_lambda")
+
+
+# The ModelConfig fields that are not a same-named knob: the knob's name, or a rule on the knobs.
+MODEL_CONFIG_SOURCES = {
+    "mlp_hidden": lambda hp: int(hp.mlp_mult * hp.model_dim),
+    "attn_gate": lambda hp: ("out" if hp.attn_out_gate_enabled else "gated" if hp.gated_attn_enabled
+                             else "sparse" if hp.sparse_attn_gate_enabled else "none"),
+    "smear_gate": "smear_gate_enabled",
+    "skip_gates": "skip_gates_enabled",
+    "attn_backend": lambda hp: "sdpa" if hp.attn_backend == "auto" else hp.attn_backend,
+}
 
 
 @dataclass(frozen=True)
@@ -1387,19 +1374,9 @@ class ModelConfig:
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "ModelConfig":
-        gate = ("out" if hp.attn_out_gate_enabled else "gated" if hp.gated_attn_enabled
-                else "sparse" if hp.sparse_attn_gate_enabled else "none")
-        return cls(hp.vocab_size, hp.num_layers, hp.model_dim, hp.num_heads, hp.num_kv_heads,
-                   int(hp.mlp_mult * hp.model_dim), hp.tie_embeddings, hp.rope_base, hp.logit_softcap,
-                   hp.qk_gain_init, hp.tied_embed_init_std, hp.train_seq_len, hp.mlp_activation,
-                   hp.mlp_leaky_slope, hp.rope_dims, hp.xsa_last_n, hp.value_residual, gate, hp.gate_window,
-                   hp.gated_attn_init_std, hp.sparse_attn_gate_scale, hp.sparse_attn_gate_init_std,
-                   hp.bigram_vocab_size, hp.bigram_dim, hp.smear_gate_enabled, hp.skip_gates_enabled,
-                   hp.ln_scale, hp.parallel_start_layer, hp.parallel_mode, hp.parallel_final_lane,
-                   hp.backout_layer, hp.num_loops, hp.loop_start, hp.loop_end,
-                   "sdpa" if hp.attn_backend == "auto" else hp.attn_backend,
-                   doc_masked_attention=hp.doc_masked_attention, ortho_init=hp.ortho_init,
-                   parallel_x0_mix=hp.parallel_x0_mix)
+        """Every field by name: the same-named knob, or its entry in MODEL_CONFIG_SOURCES."""
+        sources = {f.name: MODEL_CONFIG_SOURCES.get(f.name, f.name) for f in fields(cls)}
+        return cls(**{k: src(hp) if callable(src) else getattr(hp, src) for k, src in sources.items()})
 
     def layer_order(self, looping: bool) -> list[int]:
         """Physical block index of each virtual layer: the loop segment repeats when looping is on."""
@@ -1586,23 +1563,44 @@ class CausalSelfAttention(nn.Module):
         elif cfg.attn_gate == "gated":  # y_h *= sigmoid(w_h . x) (Qwen G1)
             self.attn_gate_w = nn.Parameter(torch.randn(cfg.num_heads, cfg.model_dim) * cfg.gated_attn_init_std)
 
+    def project(self, x: torch.Tensor, v_first: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """q (B, H, T, D); k, v (B, KV, T, D), v mixed with the first layer's under VALUE_RESIDUAL; raw v."""
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_raw = v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.value_lambdas is not None and v_first is not None:
+            lam = self.value_lambdas.to(v.dtype)
+            v = lam[0] * v_first + lam[1] * v_raw
+        return q, k, v, v_raw
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """QK-norm, RoPE, and the per-head query gain."""
+        q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
+        return q, apply_rotary(rms_norm(k), cos, sin)
+
+    def finish(self, y: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """XSA and the output gate on the attention output y (B, H, T, D) of the normalised input x."""
+        if self.xsa:  # drop each head's component along its own position's value direction
+            v_dir = F.normalize(v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1), dim=-1)
+            y = y - (y * v_dir).sum(-1, keepdim=True) * v_dir
+        if self.gate_kind != "none":
+            logits = (x if self.gate_kind == "gated" else x[..., : self.gate_window]) @ self.attn_gate_w.to(x.dtype).T
+            scaled = self.sparse_gate_scale * logits if self.gate_kind == "sparse" else logits  # (B, T, H)
+            gate = 2 * torch.sigmoid(logits) if self.gate_kind == "out" else torch.sigmoid(scaled)
+            y = y * gate.transpose(1, 2)[..., None]  # (B, H, T, 1)
+        return y
+
     def forward(self, x: torch.Tensor, v_first: torch.Tensor | None,
                 docs: DocumentLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x is the normalised input; `docs` masks attention to each document (DOC_MASKED_ATTENTION).
         Returns the output and this layer's raw values (for VALUE_RESIDUAL)."""
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v_raw = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = v_raw
-        if self.value_lambdas is not None and v_first is not None:
-            lam = self.value_lambdas.to(v.dtype)
-            v = lam[0] * v_first + lam[1] * v_raw
+        q, k, v, v_raw = self.project(x, v_first)
         cos, sin = self.rotary(T, q.dtype)
         if docs is not None:  # positions restart at every document's first token
             cos, sin = cos[0, 0][docs.positions][:, None], sin[0, 0][docs.positions][:, None]  # (B, 1, T, r/2)
-        q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
-        k = apply_rotary(rms_norm(k), cos, sin)
+        q, k = self.rotate(q, k, cos, sin)
         if docs is not None:
             y = docs.attend(q, k, v)
         elif self.flash is not None:  # FlashAttention 3 takes (B, T, H, D) and handles GQA itself
@@ -1611,21 +1609,7 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, D)
-        if self.xsa:  # drop each head's component along its own position's value direction
-            v_dir = F.normalize(v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1), dim=-1)
-            y = y - (y * v_dir).sum(-1, keepdim=True) * v_dir
-        if self.gate_kind != "none":
-            w = self.attn_gate_w.to(x.dtype)
-            src = x if self.gate_kind == "gated" else x[..., : self.gate_window]
-            logits = src @ w.T  # (B, T, H)
-            if self.gate_kind == "out":
-                gate = 2 * torch.sigmoid(logits)
-            elif self.gate_kind == "sparse":
-                gate = torch.sigmoid(self.sparse_gate_scale * logits)
-            else:
-                gate = torch.sigmoid(logits)
-            y = y * gate.transpose(1, 2)[..., None]  # (B, H, T, 1)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C)), v_raw  # (B, T, C)
+        return self.proj(self.finish(y, x, v).transpose(1, 2).reshape(B, T, C)), v_raw  # (B, T, C)
 
     def forward_last_cached(self, x: torch.Tensor, v_first: torch.Tensor | None, cache: list,
                             pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1635,26 +1619,11 @@ class CausalSelfAttention(nn.Module):
         keys are cached already). Equal to `forward` while pos < TRAIN_SEQ_LEN (the RoPE tables are fixed)."""
         B, T, C = x.shape
         x = x[:, -1:]
-        q = self.c_q(x).view(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).view(B, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v_raw = v = self.c_v(x).view(B, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.value_lambdas is not None and v_first is not None:
-            lam = self.value_lambdas.to(v.dtype)
-            v = lam[0] * v_first + lam[1] * v_raw
-        cos, sin = (t[:, :, pos : pos + 1] for t in self.rotary(pos + 1, q.dtype))
-        q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
-        k = apply_rotary(rms_norm(k), cos, sin)
+        q, k, v, v_raw = self.project(x, v_first)
+        q, k = self.rotate(q, k, *(t[:, :, pos : pos + 1] for t in self.rotary(pos + 1, q.dtype)))
         cache[:] = [torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)] if cache else [k, v]
         y = F.scaled_dot_product_attention(q, *cache, enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, 1, D)
-        if self.xsa:
-            v_dir = F.normalize(v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1), dim=-1)
-            y = y - (y * v_dir).sum(-1, keepdim=True) * v_dir
-        if self.gate_kind != "none":
-            logits = (x if self.gate_kind == "gated" else x[..., : self.gate_window]) @ self.attn_gate_w.to(x.dtype).T
-            gate = (2 * torch.sigmoid(logits) if self.gate_kind == "out" else torch.sigmoid(
-                self.sparse_gate_scale * logits if self.gate_kind == "sparse" else logits))
-            y = y * gate.transpose(1, 2)[..., None]
-        return F.pad(self.proj(y.transpose(1, 2).reshape(B, 1, C)), (0, 0, T - 1, 0)), v_raw
+        return F.pad(self.proj(self.finish(y, x, v).transpose(1, 2).reshape(B, 1, C)), (0, 0, T - 1, 0)), v_raw
 
 
 class MLP(nn.Module):
@@ -1750,11 +1719,12 @@ class GPT(nn.Module):
                 for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc):
                     nn.init.orthogonal_(linear.weight)
         self.doc_attention_kernel: str | None = None  # None: flex when compiled on CUDA, else sdpa (tests pin one)
-        # U-Net skips, sized for the longest (looped) layer order; the plain order uses a prefix.
-        n = cfg.max_virtual_layers
-        self.skip_weights = nn.Parameter(torch.ones(min(n // 2, n - n // 2), cfg.model_dim))
+        # U-Net skips, one per encoder layer (the first half; the decoder is as long or one longer), sized
+        # for the longest (looped) layer order; the plain order uses a prefix.
+        num_skips = cfg.max_virtual_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
         if cfg.skip_gates:  # x <- lerp(w * skip, x, sigmoid(g)), g = 0 at init
-            self.skip_gates = nn.Parameter(torch.zeros(min(n // 2, n - n // 2), cfg.model_dim))
+            self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim))
         if cfg.backout_layer >= 0:
             self.backout_lambda = nn.Parameter(torch.zeros(()))
         self.lm_head = None
@@ -1786,17 +1756,13 @@ class GPT(nn.Module):
         x = x0 = self.embed(input_ids)
         docs = self.document_layout(input_ids)
         order = self.cfg.layer_order(looping)
-        num_encoder = len(order) // 2
-        num_skips = min(num_encoder, len(order) - num_encoder)
+        num_encoder = len(order) // 2  # each encoder layer's output feeds a decoder layer's input
         skips, mlp_lane, v_first, backout = [], None, None, None
         for i, layer in enumerate(order):
             j = i - num_encoder
-            if 0 <= j < num_skips:
+            if 0 <= j < num_encoder:
                 skip = self.skip_weights[j].to(x.dtype) * skips.pop()
-                if self.cfg.skip_gates:
-                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
-                else:
-                    x = x + skip
+                x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype)) if self.cfg.skip_gates else x + skip
             x, mlp_lane, v_raw = self.blocks[layer](x, x0, v_first, mlp_lane, docs)
             v_first = v_raw if v_first is None else v_first
             if i < num_encoder:
@@ -1882,8 +1848,8 @@ def model_report(model: GPT, hp: Hyperparameters, n_code_bytes: int) -> list[str
         f"model_params_detail: unique:{unique} per_block:{per_block} virtual_layers:{len(order)} "
         f"effective_per_token:{effective} order:{order}",
         f"flops_per_token: forward:{fwd} train:{3 * fwd} seq_len:{hp.train_seq_len}",
-        # An upper bound: zlib shrinks it (the public baseline logged 15,815,847 model bytes for a
-        # model this estimates at 17,178,912).
+        # An upper bound before compression (the public baseline's zlib made 15,815,847 model bytes
+        # of a model this estimates at 17,178,912).
         f"artifact_estimate: bitpacked_payload_bytes:{payload} matrix_bits:{hp.matrix_bits} "
         f"embed_bits:{hp.embed_bits} code_bytes:{n_code_bytes} upper_bound_total:{payload + n_code_bytes} "
         f"limit:{ARTIFACT_LIMIT_BYTES} fits_before_compression:{int(payload + n_code_bytes <= ARTIFACT_LIMIT_BYTES)}",
@@ -1893,6 +1859,8 @@ def model_report(model: GPT, hp: Hyperparameters, n_code_bytes: int) -> list[str
 # ==================================================================================================
 # OPTIMIZER
 # ==================================================================================================
+# Owns the weight updates: Muon for the block matrices, AdamW for the rest, and who gets which.
+#
 # Muon: SGD-momentum (Nesterov) whose update for each 2-D matrix is replaced by the nearest
 # semi-orthogonal matrix, computed with a few Newton-Schulz iterations: the classic quintic
 # (one fixed coefficient triple) or Polar Express (a minimax-tuned triple per iteration). MuonEq-R
@@ -1973,21 +1941,18 @@ class Muon(torch.optim.Optimizer):
             owners = assign_shards([p.numel() for p in params], world_size)
             if world_size == 1:
                 updates = [self._update(p, group) for p in params]
-            else:
-                mine = [i for i, o in enumerate(owners) if o == rank]
-                shard = max(sum(params[i].numel() for i, o in enumerate(owners) if o == r) for r in range(world_size))
+            else:  # each rank's updates in one flat fp32 buffer, padded to the largest share, then all-gathered
+                shard = max(sum(p.numel() for p, o in zip(params, owners) if o == r) for r in range(world_size))
                 local = torch.zeros(shard, device=params[0].device, dtype=torch.float32)
-                offset = 0
-                for i in mine:
-                    local[offset : offset + params[i].numel()] = self._update(params[i], group).flatten().float()
-                    offset += params[i].numel()
+                mine = [self._update(p, group).flatten().float() for p, o in zip(params, owners) if o == rank]
+                if mine:
+                    local[: sum(u.numel() for u in mine)] = torch.cat(mine)
                 gathered = torch.empty(world_size * shard, device=local.device, dtype=local.dtype)
                 dist.all_gather_into_tensor(gathered, local)
                 offsets, updates = [r * shard for r in range(world_size)], []
-                for i, p in enumerate(params):
-                    start = offsets[owners[i]]
-                    updates.append(gathered[start : start + p.numel()].view_as(p))
-                    offsets[owners[i]] += p.numel()
+                for p, o in zip(params, owners):
+                    updates.append(gathered[offsets[o] : offsets[o] + p.numel()].view_as(p))
+                    offsets[o] += p.numel()
             for p, update in zip(params, updates):
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
@@ -2026,10 +1991,11 @@ def build_optimizers(hp: Hyperparameters, model: GPT, device: torch.device) -> l
 # ==================================================================================================
 # SCHEDULES
 # ==================================================================================================
-# Pure functions. Everything that changes during training (LR warm-up and warmdown, depth
-# recurrence, QAT, SWA) reads one number: the training fraction, elapsed training time over the
-# training budget (the wallclock cap minus the reserve for post-training training-data access), or
-# step / ITERATIONS without a cap. Ranks agree on it every step, so they switch together.
+# Owns time: pure functions of the training fraction, and `PhaseClock`, which measures it.
+# Everything that changes during training (LR warm-up and warmdown, depth recurrence, QAT, SWA)
+# reads one number: the training fraction, elapsed training time over the training budget (the
+# wallclock cap minus the reserve for post-training training-data access), or step / ITERATIONS
+# without a cap. Ranks agree on it every step, so they switch together.
 
 
 def training_fraction(step: int, elapsed_ms: float, *, iterations: int, budget_ms: float | None) -> float:
@@ -2056,10 +2022,7 @@ def lr_multiplier(step: int, elapsed_ms: float, *, iterations: int, warmdown_ite
     if warmdown_iters <= 0:
         return 1.0
     if max_wallclock_ms is None:
-        warmdown_start = max(iterations - warmdown_iters, 0)
-        if step < warmdown_start:
-            return 1.0
-        return max((iterations - step) / warmdown_iters, 0.0)
+        return 1.0 if step < max(iterations - warmdown_iters, 0) else max((iterations - step) / warmdown_iters, 0.0)
     step_ms = elapsed_ms / max(step, 1)
     warmdown_ms = warmdown_iters * step_ms
     remaining_ms = max(max_wallclock_ms - elapsed_ms, 0.0)
@@ -2124,18 +2087,18 @@ class PhaseClock:
 # ==================================================================================================
 # WEIGHT AVERAGING
 # ==================================================================================================
+# Owns the choice of weights to export: `WeightAverager` collects the averages during training.
+#
 # EMA: an fp32 copy updated every step, ema = d * ema + (1 - d) * w, with the usual warm-up
 # d_t = min(EMA_DECAY, (1 + t) / (10 + t)): without it a short run would export mostly its initial
 # weights (0.9965^150 = 0.59); from step ~2,560 on d_t = 0.9965, so full-length runs are unchanged.
-# SWA: the uniform mean of
-# snapshots taken every SWA_EVERY steps once the training fraction passes SWA_START_FRAC (of the
-# EMA weights when both are on: "ema_swa"). Which weights are exported is logged.
+# SWA: the uniform mean of snapshots taken every SWA_EVERY steps once the training fraction passes
+# SWA_START_FRAC (of the EMA weights when both are on: "ema_swa"). Which weights are exported is logged.
 
 
 class WeightAverager:
     def __init__(self, model: nn.Module, *, ema_decay: float, swa_start_frac: float, swa_every: int):
-        self.params = [p for p in model.parameters()]
-        self.names = [n for n, _ in model.named_parameters()]
+        self.params = list(model.parameters())
         self.ema_decay, self.swa_start_frac, self.swa_every = ema_decay, swa_start_frac, swa_every
         self.ema = [p.detach().float().clone() for p in self.params] if ema_decay > 0 else None
         self.swa_enabled = swa_start_frac < 1.0

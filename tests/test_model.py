@@ -1,6 +1,8 @@
 """The model is causal and starts sane; Muon orthogonalizes; schedules are what they claim."""
 
+import dataclasses
 import math
+from dataclasses import fields
 
 import pytest
 import torch
@@ -56,6 +58,21 @@ def test_state_dict_names_are_the_baseline_names():
                                                   "attn.proj.weight", "attn.q_gain", "mlp.fc.weight",
                                                   "mlp.proj.weight", "attn_scale", "mlp_scale", "resid_mix")}
     assert names == expected
+
+
+def test_every_model_config_field_has_a_source_and_each_switch_reaches_only_its_field():
+    knobs = {f.name for f in fields(tg.Hyperparameters)}
+    sources = {f.name: tg.MODEL_CONFIG_SOURCES.get(f.name, f.name) for f in fields(tg.ModelConfig)}
+    for name, source in sources.items():  # a new field needs a same-named knob or a MODEL_CONFIG_SOURCES entry
+        assert callable(source) or source in knobs, f"ModelConfig.{name} has no source"
+        assert callable(source) or source.startswith(name), f"ModelConfig.{name} reads {source}, not its own knob"
+    assert set(tg.MODEL_CONFIG_SOURCES) <= set(sources), "MODEL_CONFIG_SOURCES names a field ModelConfig lacks"
+    hp = tg.Hyperparameters()
+    base = tg.ModelConfig.from_hparams(hp)
+    for name, source in sources.items():  # flipping one boolean knob changes its own field, no other
+        if not callable(source) and isinstance(getattr(hp, source), bool):
+            cfg = tg.ModelConfig.from_hparams(dataclasses.replace(hp, **{source: not getattr(hp, source)}))
+            assert [f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(base, f.name)] == [name]
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (32, 128), (128, 32)])
