@@ -51,6 +51,24 @@ def tiny_env(sample_dataset, tmp_path) -> dict:
     return env
 
 
+def small_model(config, *, seed: int = 0, noise: float = 0.02):
+    """A GPT built from torch seed `seed`, every weight then moved by `noise` x N(0, 1), so no weight is
+    exactly zero (attention really mixes positions; every row quantizes to a spread of codes). `config`
+    is a `ModelConfig`, or `Hyperparameters` for the model a run with those knobs builds."""
+    import torch
+
+    import train_gpt as tg
+
+    if isinstance(config, tg.Hyperparameters):
+        config = tg.ModelConfig.from_hparams(config)
+    torch.manual_seed(seed)
+    model = tg.GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn_like(p))
+    return model
+
+
 def subprocess_env(extra: dict) -> dict:
     """The current environment minus torchrun/knob leftovers, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
