@@ -78,7 +78,8 @@ def subprocess_env(extra: dict) -> dict:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: an end-to-end run (subprocess or torchrun); `-m 'not slow'` skips them")
+    config.addinivalue_line(
+        "markers", "slow: an end-to-end run, a torch.compile or a multi-process test; `-m 'not slow'` skips them")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (tests/bench/bench_gpu.py runs them)")
 
 

@@ -216,6 +216,7 @@ def test_qat_is_off_until_switched_then_equals_the_dequantized_forward():
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in layers)  # straight-through
 
 
+@pytest.mark.slow
 def test_qat_switch_is_live_under_torch_compile():
     torch._dynamo.reset()
     before = (torch._dynamo.config.suppress_errors, torch._inductor.config.emulate_precision_casts)
@@ -236,6 +237,7 @@ def test_qat_switch_is_live_under_torch_compile():
 
 
 
+@pytest.mark.slow
 def test_record_training_step_compiles_fullgraph_without_breaks():
     """The forward + loss + backward of the record recipe (small) as one graph, both loop graphs (traced
     through AOT autograd without inductor's code generation: the compiled runs test that)."""

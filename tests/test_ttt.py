@@ -229,6 +229,7 @@ def gloo_worker(rank, world_size, port, dataset, out_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process_in_every_ttt_mode(sample_dataset, tmp_path):
     out = tmp_path / "rank0.pt"
     mp.start_processes(gloo_worker, args=(2, free_port(), sample_dataset, str(out)), nprocs=2, start_method="spawn")
@@ -342,6 +343,7 @@ def test_a_pass_that_adapts_on_nothing_says_so_at_its_start(sample_dataset):
     assert tg.nothing_to_adapt(tg.dataclasses.replace(big, global_epochs=0), 700, queue, 2) is not None
 
 
+@pytest.mark.slow
 def test_document_ttt_compiles_few_graphs_once_and_scores_as_eager(sample_dataset):
     """The per-document step under torch.compile (dynamo, counted): documents of many lengths compile
     at most len(window_widths) graphs (autograd always on), all in the warm-up; the pass itself (a new DocLoRA, as in a
