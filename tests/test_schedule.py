@@ -74,7 +74,9 @@ def test_training_stops_before_the_budget_net_of_the_reserve(tiny_env, monkeypat
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(tg, "train_step", slow_step)
-    hp = tg.Hyperparameters.from_env({**tiny_env, "ITERATIONS": "1000", "MAX_WALLCLOCK_SECONDS": "1"})
+    # one small micro-batch a step: the test counts steps, their size does not matter
+    hp = tg.Hyperparameters.from_env({**tiny_env, "ITERATIONS": "1000", "MAX_WALLCLOCK_SECONDS": "1",
+                                      "TRAIN_BATCH_TOKENS": "1024", "GRAD_ACCUM_STEPS": "1"})
     model = tg.GPT(tg.ModelConfig.from_hparams(hp))
     optimizers = tg.build_optimizers(hp, model, CPU.device)
     files = tg.shard_files(hp.data_path, "train")
