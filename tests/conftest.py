@@ -1,6 +1,7 @@
 """Shared fixtures: a small real-text dataset built by the same code path as the sample pipeline."""
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,6 +37,25 @@ def sample_dataset(tmp_path_factory) -> dict:
     return prepare_sample(
         vocab_size=1024, datasets_root=root / "datasets", tokenizers_root=root / "tokenizers", max_docs=1500
     )
+
+
+@pytest.fixture(scope="session")
+def small_val(sample_dataset, tmp_path_factory) -> dict:
+    """Env for the sample's training shard and its first validation documents (~1,500 tokens): for runs
+    whose assertions do not depend on the size of the validation set (bf16 matmuls are ~10x slower than
+    fp32 on a CPU; the record recipe's phased TTT costs most of a run's time)."""
+    import numpy as np
+
+    import train_gpt as tg
+    from data.shards import write_shard
+
+    root = tmp_path_factory.mktemp("small_val")
+    for f in tg.shard_files(sample_dataset["dataset_dir"], "train"):
+        shutil.copy(f, root)
+    val = tg.load_validation_tokens(sample_dataset["dataset_dir"]).numpy()
+    bos = np.flatnonzero(val == tg.BOS_ID)
+    write_shard(root / "fineweb_val_000000.bin", val[: bos[bos >= 1500][0]])
+    return dict(DATA_PATH=str(root), TOKENIZER_PATH=sample_dataset["tokenizer_path"], VOCAB_SIZE="1024")
 
 
 @pytest.fixture()
