@@ -71,7 +71,7 @@ if __package__ in (None, ""):  # run as `python data/cached_challenge_fineweb.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.cli import OneLineArgumentParser, int_at_least
-from data.shards import read_shard_header, write_atomic
+from data.shards import file_sha256, read_shard_header, write_atomic
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 DEFAULT_REMOTE_ROOT = "datasets"
@@ -225,14 +225,6 @@ def fetch_to_cache(source: Source, rel: str, *, force: bool = False) -> Path:
 # Checks
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_COPY_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_file(path: Path, kind: str, expected: dict | None = None) -> str | None:
     """Return None if the file at `path` is good, else a short reason. Never raises for bad content."""
     expected = expected or {}
@@ -255,7 +247,7 @@ def check_file(path: Path, kind: str, expected: dict | None = None) -> str | Non
         if want_bytes is not None and size != int(want_bytes):
             return f"size {size} bytes, the manifest records {int(want_bytes)}"
         want_sha = expected.get("sha256")
-        if want_sha and _sha256(path) != str(want_sha).lower():
+        if want_sha and file_sha256(path) != str(want_sha).lower():
             return "sha256 does not match the manifest"
     except OSError as exc:
         return f"unreadable ({_first_line(exc)})"

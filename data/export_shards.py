@@ -59,7 +59,7 @@ import sentencepiece as spm
 
 from data import caseops
 from data.cli import OneLineArgumentParser, int_at_least
-from data.shards import BOS_ID, MAX_TOKENS_PER_SHARD, encode_shard, write_atomic
+from data.shards import BOS_ID, MAX_TOKENS_PER_SHARD, encode_shard, file_sha256, write_atomic
 
 log = logging.getLogger("export_shards")
 
@@ -249,14 +249,6 @@ def read_documents(path: str | Path, input_format: str = "auto") -> list[str]:
     if input_format == "jsonl":
         return read_jsonl_documents(path)
     raise ExportError(f"unknown input format {input_format!r}; use text or jsonl")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------

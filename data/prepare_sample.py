@@ -34,12 +34,12 @@ from data.export_shards import (
     check_disjoint,
     clean_docs,
     export_dataset,
-    file_sha256,
     print_summary,
     read_text_documents,
     run_cli,
     split_by_hash,
 )
+from data.shards import file_sha256
 
 SAMPLE_PATH = Path(__file__).resolve().parent / "sample" / "wiki_summaries_en.txt.xz"
 VAL_FRACTION = 0.05  # hash bucket < 500 of 10000

@@ -1,4 +1,5 @@
-"""The challenge's token shard format: read, write and check `.bin` shards.
+"""The challenge's token shard format: read, write and check `.bin` shards (and the atomic write and
+file sha256 every data/ tool shares).
 
 A shard is a header of 256 little-endian int32 values (magic 20240520, version 1, token count, then
 zeros) followed by exactly that many little-endian uint16 token ids. Every document in a shard stream
@@ -11,6 +12,7 @@ submission); `tests/test_train.py` checks the two agree.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -45,6 +47,15 @@ def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file, read in 16 MiB blocks so a large shard never sits in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _umask() -> int:

@@ -1,6 +1,7 @@
 """Shared fixtures: a small real-text dataset built by the same code path as the sample pipeline."""
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,6 +39,25 @@ def sample_dataset(tmp_path_factory) -> dict:
     )
 
 
+@pytest.fixture(scope="session")
+def small_val(sample_dataset, tmp_path_factory) -> dict:
+    """Env for the sample's training shard and its first validation documents (~1,500 tokens): for runs
+    whose assertions do not depend on the size of the validation set (bf16 matmuls are ~10x slower than
+    fp32 on a CPU; the record recipe's phased TTT costs most of a run's time)."""
+    import numpy as np
+
+    import train_gpt as tg
+    from data.shards import write_shard
+
+    root = tmp_path_factory.mktemp("small_val")
+    for f in tg.shard_files(sample_dataset["dataset_dir"], "train"):
+        shutil.copy(f, root)
+    val = tg.load_validation_tokens(sample_dataset["dataset_dir"]).numpy()
+    bos = np.flatnonzero(val == tg.BOS_ID)
+    write_shard(root / "fineweb_val_000000.bin", val[: bos[bos >= 1500][0]])
+    return dict(DATA_PATH=str(root), TOKENIZER_PATH=sample_dataset["tokenizer_path"], VOCAB_SIZE="1024")
+
+
 @pytest.fixture()
 def tiny_env(sample_dataset, tmp_path) -> dict:
     """Env for a tiny run on the sample dataset, writing into tmp_path."""
@@ -51,6 +71,24 @@ def tiny_env(sample_dataset, tmp_path) -> dict:
     return env
 
 
+def small_model(config, *, seed: int = 0, noise: float = 0.02):
+    """A GPT built from torch seed `seed`, every weight then moved by `noise` x N(0, 1), so no weight is
+    exactly zero (attention really mixes positions; every row quantizes to a spread of codes). `config`
+    is a `ModelConfig`, or `Hyperparameters` for the model a run with those knobs builds."""
+    import torch
+
+    import train_gpt as tg
+
+    if isinstance(config, tg.Hyperparameters):
+        config = tg.ModelConfig.from_hparams(config)
+    torch.manual_seed(seed)
+    model = tg.GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn_like(p))
+    return model
+
+
 def subprocess_env(extra: dict) -> dict:
     """The current environment minus torchrun/knob leftovers, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -60,7 +98,8 @@ def subprocess_env(extra: dict) -> dict:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: an end-to-end run (subprocess or torchrun); `-m 'not slow'` skips them")
+    config.addinivalue_line(
+        "markers", "slow: an end-to-end run, a torch.compile or a multi-process test; `-m 'not slow'` skips them")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (tests/bench/bench_gpu.py runs them)")
 
 

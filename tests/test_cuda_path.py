@@ -3,7 +3,6 @@ shrunk record recipe, loud compile failures, and bounded graph counts under CPU 
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,21 +12,6 @@ import torch
 import train_gpt as tg
 
 CPU = tg.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
-
-
-@pytest.fixture(scope="module")
-def small_val(sample_dataset, tmp_path_factory):
-    """The sample's training shard and its first validation documents (~1,500 tokens): bf16 matmuls
-    are ~10x slower than fp32 on a CPU, so every pass of the pipeline gets a short stream."""
-    from data.shards import write_shard
-
-    root = tmp_path_factory.mktemp("small_val")
-    for f in tg.shard_files(sample_dataset["dataset_dir"], "train"):
-        shutil.copy(f, root)
-    val = tg.load_validation_tokens(sample_dataset["dataset_dir"]).numpy()
-    bos = np.flatnonzero(val == tg.BOS_ID)
-    write_shard(root / "fineweb_val_000000.bin", val[: bos[bos >= 1500][0]])
-    return dict(DATA_PATH=str(root), TOKENIZER_PATH=sample_dataset["tokenizer_path"], VOCAB_SIZE="1024")
 
 
 # The record recipe shrunk by size only, with every stage of the pipeline on: EMA (recipe), pre-quant

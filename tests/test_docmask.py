@@ -148,6 +148,7 @@ class GraphCounter:
 LAYOUTS = [[32], [1] * 32, [3, 29], [5, 7, 9, 11]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["train", "eval_flex"])
 def test_the_compiled_forward_compiles_once_for_every_document_layout(path):
     """One graph per looping mode, whatever the documents (tensors, not guards); no graph breaks."""

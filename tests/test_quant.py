@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT
+from conftest import ROOT, small_model
 
 
 @pytest.mark.parametrize("bits", [8, 6, 4])
@@ -53,19 +53,14 @@ SMALL = {"RECIPE": "baseline", "NUM_LAYERS": "2", "MODEL_DIM": "192", "NUM_HEADS
          "VOCAB_SIZE": "400", "MLP_MULT": "4", "TIE_EMBEDDINGS": "0"}
 
 
-def small_model(**env):
+def small_hp_and_model(**env):
     hp = tg.Hyperparameters.from_env({**SMALL, **env})
-    torch.manual_seed(0)
-    model = tg.GPT(tg.ModelConfig.from_hparams(hp))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return hp, model
+    return hp, small_model(hp)
 
 
 @pytest.mark.parametrize("compressor", ["zlib", "lzma", "brotli", "ans"])
 def test_artifact_roundtrip_is_bit_identical_and_deterministic(tmp_path, compressor):
-    hp, model = small_model()
+    hp, model = small_hp_and_model()
     sd = model.state_dict()
     plan = tg.QuantPlan(method="sdclip", bits=dict(embed=8, head=7, attn=6, mlp=5, other=6),
                         clip_sigmas=dict(embed=20.0, head=15.0, attn=13.0, mlp=11.5, other=12.85))
@@ -106,7 +101,7 @@ def test_brotli_shuffles_bytes_and_beats_zlib_on_the_same_weights():
     data = np.random.default_rng(0).standard_normal(10_000).astype(np.float16).tobytes()
     shuffled = tg.byte_shuffle(data, 2)
     assert shuffled != data and tg.byte_unshuffle(shuffled, 2) == data
-    hp, model = small_model()
+    hp, model = small_hp_and_model()
     entries = tg.quantize_state_dict(model.state_dict(), tg.QuantPlan.uniform(6, 8, "sdclip"))
     sizes = {c: len(tg.pack_artifact(entries, compressor=c)) for c in ("zlib", "brotli")}
     assert sizes["brotli"] < sizes["zlib"]
@@ -123,7 +118,7 @@ def damaged_versions(blob: bytes) -> dict[str, bytes]:
 
 
 def test_damaged_or_foreign_artifacts_fail_with_one_clear_line(tmp_path):
-    hp, model = small_model()
+    hp, model = small_hp_and_model()
     entries = tg.quantize_state_dict(model.state_dict(), tg.QuantPlan.uniform(6, 8))
     blob = tg.pack_artifact(entries, compressor="ans", model=dataclasses.asdict(model.cfg), meta={"looping": False})
     for what, bad in damaged_versions(blob).items():
@@ -163,7 +158,7 @@ def test_quant_min_numel_is_validated_and_honoured_by_gptq_rtn_qat_and_the_packe
         tg.Hyperparameters.from_env({**SMALL, "QUANT_MIN_NUMEL": "0"})
     assert tg.QuantPlan.from_hparams(tg.Hyperparameters.from_env(SMALL)).min_numel == 65_537  # the public rule
     # 192x192 attention q/proj (36,864 values) sit exactly at the threshold; k/v (192x96) fall below it
-    hp, model = small_model(QUANT_MIN_NUMEL="36864", QUANT_METHOD="gptq")
+    hp, model = small_hp_and_model(QUANT_MIN_NUMEL="36864", QUANT_METHOD="gptq")
     plan = tg.QuantPlan.from_hparams(hp)
     sd = model.state_dict()
     expected = {n for n, t in sd.items() if t.numel() >= 36_864}
@@ -444,7 +439,7 @@ def test_lqer_lowers_the_gptq_layer_output_error_further_and_packs_exactly(group
 
 
 def test_lqer_picks_the_costliest_tensors():
-    hp, model = small_model()
+    hp, model = small_hp_and_model()
     sd = model.state_dict()
     entries = tg.quantize_state_dict(sd, tg.QuantPlan.uniform(4, 8, "sdclip"))
     chosen = [e.name for e in tg.apply_lqer(sd, entries, rank=2, top_k=2, factor_bits=4) if e.lqer is not None]
@@ -537,7 +532,7 @@ def test_train_calibration_is_reserved_and_ends_inside_the_training_cap(tiny_env
 
 def test_calibration_batches_round_up_to_the_world_size_and_every_rank_reads_as_many():
     assert [tg.calibration_batch_count(n, w) for n, w in ((16, 8), (1, 2), (3, 2), (5, 1), (9, 8))] == [16, 2, 4, 5, 16]
-    hp, model = small_model(GPTQ_CALIBRATION_BATCHES="3", GPTQ_CALIBRATION_SEQS="1", GPTQ_CALIBRATION_SEQ_LEN="4")
+    hp, model = small_hp_and_model(GPTQ_CALIBRATION_BATCHES="3", GPTQ_CALIBRATION_SEQS="1", GPTQ_CALIBRATION_SEQ_LEN="4")
     batches = [[b.tolist() for b in tg.calibration_inputs(hp, tg.Runtime(r, 2, r, torch.device("cpu"), True), model, [],
                                                           False)] for r in range(2)]
     assert [len(b) for b in batches] == [2, 2]  # 3 asked, 4 read: 2 per rank (the log line says so)
@@ -575,7 +570,7 @@ def test_selfgen_with_a_kv_cache_samples_the_same_tokens_as_a_full_forward_per_t
 
 
 def test_calibration_reads_no_batch_once_its_deadline_says_stop():
-    hp, model = small_model()
+    hp, model = small_hp_and_model()
     served = []
 
     def batches():
@@ -615,7 +610,7 @@ def test_shipped_code_is_the_readable_syntax_tree_without_docstrings_and_is_what
 
 
 def test_auto_fit_shrinks_an_oversized_model_under_a_small_cap_and_logs_why():
-    hp, model = small_model()
+    hp, model = small_hp_and_model()
     sd = model.state_dict()
     # absmax has no clip to raise: a small excess is pruned away, a large one costs a group one bit
     # (the MLP, the largest group here) before pruning would zero most +-1 codes.
@@ -644,7 +639,7 @@ def test_auto_fit_shrinks_an_oversized_model_under_a_small_cap_and_logs_why():
 
 @pytest.mark.parametrize("method", ["sdclip", "gptq"])
 def test_auto_fit_fills_an_undersized_model_to_just_under_a_small_cap_each_step_lowering_the_weighted_error(method):
-    hp, model = small_model()
+    hp, model = small_hp_and_model()
     sd = model.state_dict()
     plan = tg.QuantPlan.uniform(6, 8, method)
     hessians = None

@@ -74,7 +74,9 @@ def test_training_stops_before_the_budget_net_of_the_reserve(tiny_env, monkeypat
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(tg, "train_step", slow_step)
-    hp = tg.Hyperparameters.from_env({**tiny_env, "ITERATIONS": "1000", "MAX_WALLCLOCK_SECONDS": "1"})
+    # one small micro-batch a step: the test counts steps, their size does not matter
+    hp = tg.Hyperparameters.from_env({**tiny_env, "ITERATIONS": "1000", "MAX_WALLCLOCK_SECONDS": "1",
+                                      "TRAIN_BATCH_TOKENS": "1024", "GRAD_ACCUM_STEPS": "1"})
     model = tg.GPT(tg.ModelConfig.from_hparams(hp))
     optimizers = tg.build_optimizers(hp, model, CPU.device)
     files = tg.shard_files(hp.data_path, "train")
@@ -216,6 +218,7 @@ def test_qat_is_off_until_switched_then_equals_the_dequantized_forward():
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in layers)  # straight-through
 
 
+@pytest.mark.slow
 def test_qat_switch_is_live_under_torch_compile():
     torch._dynamo.reset()
     before = (torch._dynamo.config.suppress_errors, torch._inductor.config.emulate_precision_casts)
@@ -236,6 +239,7 @@ def test_qat_switch_is_live_under_torch_compile():
 
 
 
+@pytest.mark.slow
 def test_record_training_step_compiles_fullgraph_without_breaks():
     """The forward + loss + backward of the record recipe (small) as one graph, both loop graphs (traced
     through AOT autograd without inductor's code generation: the compiled runs test that)."""

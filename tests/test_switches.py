@@ -212,6 +212,7 @@ COMPILE_COMBOS = {  # together they compile every switch and every choice of the
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("combo", list(COMPILE_COMBOS))
 def test_all_switches_compile_fullgraph_and_match_eager(combo):
     torch._dynamo.reset()

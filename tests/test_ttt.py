@@ -13,21 +13,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
+from conftest import small_model
 
 CPU = torch.device("cpu")
 
 
-def small_model(seed: int = 0) -> tg.GPT:
-    """A random 2-layer model with every weight non-zero (so attention really mixes positions)."""
-    torch.manual_seed(seed)
-    cfg = tg.ModelConfig(vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_hidden=64,
-                         tie_embeddings=True, rope_base=10000.0, logit_softcap=30.0, qk_gain_init=1.5,
-                         tied_embed_init_std=0.02, train_seq_len=32, xsa_last_n=1, smear_gate=True)
-    model = tg.GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+# A random 2-layer model (conftest.small_model: every weight non-zero, so attention really mixes positions).
+TTT_MODEL = tg.ModelConfig(vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_hidden=64,
+                           tie_embeddings=True, rope_base=10000.0, logit_softcap=30.0, qk_gain_init=1.5,
+                           tied_embed_init_std=0.02, train_seq_len=32, xsa_last_n=1, smear_gate=True)
+
+
+def ttt_model() -> tg.GPT:
+    return small_model(TTT_MODEL, noise=0.05)
 
 
 SETTINGS = tg.TTTSettings(seq_len=32, stride=8, chunk_tokens=96, epochs=2, lr=0.05, momentum=0.9, batch_seqs=3,
@@ -49,7 +47,7 @@ MODES = {"chunked": SETTINGS, **DOC_SETTINGS}
 
 
 def run_chunked(val, luts, rank=0, world_size=1, settings=SETTINGS, budget=None):
-    model = small_model()
+    model = ttt_model()
     model.eval()
     ledger = tg.ScoreLedger(val, luts, CPU, keep_per_target=True)
     info = tg.run_ttt(model, ledger, settings, rank=rank, world_size=world_size, looping=False, budget=budget)
@@ -231,6 +229,7 @@ def gloo_worker(rank, world_size, port, dataset, out_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process_in_every_ttt_mode(sample_dataset, tmp_path):
     out = tmp_path / "rank0.pt"
     mp.start_processes(gloo_worker, args=(2, free_port(), sample_dataset, str(out)), nprocs=2, start_method="spawn")
@@ -248,7 +247,7 @@ def test_two_gloo_ranks_equal_one_process_in_every_ttt_mode(sample_dataset, tmp_
 
 def test_budget_stops_adaptation_and_scores_the_rest_plainly(sample_dataset):
     luts, val = luts_and_val(sample_dataset, 701)
-    model = small_model()
+    model = ttt_model()
     model.eval()
     device = SimulatedDevice(model)  # the budget's clock: deterministic, whatever the machine's load
     budget = tg.AdaptationBudget(lambda: device.ms, cap_ms=4.0)
@@ -299,7 +298,7 @@ def test_document_ttt_budget_stops_inside_a_round_or_phase_and_finishes_within_t
     settings = DOC_SETTINGS[mode]
 
     def run(cap_ms):
-        model = small_model()
+        model = ttt_model()
         model.eval()
         device = SimulatedDevice(model)
         budget = RecordingBudget(lambda: device.ms, cap_ms)
@@ -331,7 +330,7 @@ def test_a_pass_that_adapts_on_nothing_says_so_at_its_start(sample_dataset):
             (one_chunk, val[:200], "every one of the 2 documents fits in one TTT_CHUNK_SIZE=256 chunk, which never "
                                    "trains (lower TTT_CHUNK_SIZE)")):
         lines = []
-        tg.run_ttt(small_model(), tg.ScoreLedger(tokens, luts, CPU), settings, rank=0, world_size=1, looping=False,
+        tg.run_ttt(ttt_model(), tg.ScoreLedger(tokens, luts, CPU), settings, rank=0, world_size=1, looping=False,
                    log=lines.append)
         assert lines[0].startswith("ttt:start ")  # then, before anything is scored, the warning
         assert lines[1] == f"ttt:warning this pass adapts on nothing: {expected}; its score is the plain score"
@@ -344,6 +343,7 @@ def test_a_pass_that_adapts_on_nothing_says_so_at_its_start(sample_dataset):
     assert tg.nothing_to_adapt(tg.dataclasses.replace(big, global_epochs=0), 700, queue, 2) is not None
 
 
+@pytest.mark.slow
 def test_document_ttt_compiles_few_graphs_once_and_scores_as_eager(sample_dataset):
     """The per-document step under torch.compile (dynamo, counted): documents of many lengths compile
     at most len(window_widths) graphs (autograd always on), all in the warm-up; the pass itself (a new DocLoRA, as in a
@@ -368,7 +368,7 @@ def test_document_ttt_compiles_few_graphs_once_and_scores_as_eager(sample_datase
         assert info["steps"] > info["global_steps"] > 0
         return ledger
 
-    model = small_model()
+    model = ttt_model()
     model.eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     tg.warm_up_evaluation(model, model.forward_logits, luts, seq_len=32, batch_seqs=2, looping=False, rank=0,
@@ -389,7 +389,7 @@ def test_chunked_ttt_scoring_compiles_one_graph(sample_dataset):
     from torch._dynamo.testing import CompileCounter
 
     luts, val = luts_and_val(sample_dataset, 701)
-    model = small_model()
+    model = ttt_model()
     model.eval()
     counter = CompileCounter()
     logits_fn = torch.compile(model.forward_logits, backend=counter, dynamic=False)
@@ -437,7 +437,7 @@ def test_run_logs_sliding_ttt_and_the_compliance_block(tiny_env, tmp_path):
 
 def test_eval_warmup_restores_every_weight_and_catches_a_non_causal_model(sample_dataset):
     luts, _ = luts_and_val(sample_dataset, 2)
-    model = small_model()
+    model = ttt_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     info = tg.warm_up_evaluation(model, model.forward_logits, luts, seq_len=32, batch_seqs=2, looping=False, rank=0,
                                  world_size=1, device=CPU, autocast=tg.contextlib.nullcontext, ttt=SETTINGS)
@@ -461,7 +461,7 @@ def trained_and_shifted(sample_dataset):
     sp = spm.SentencePieceProcessor(model_file=sample_dataset["tokenizer_path"])
     luts = tg.build_byte_luts(sp, 1024)
     train = tg.load_data_shard(tg.shard_files(sample_dataset["dataset_dir"], "train")[0])
-    model = small_model()
+    model = ttt_model()
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(40):
@@ -494,7 +494,7 @@ def test_each_ttt_variant_lowers_val_bpb_on_shifted_text(trained_and_shifted, mo
     state, shifted, luts = trained_and_shifted
 
     def bpb(settings):
-        model = small_model()
+        model = ttt_model()
         model.load_state_dict(state)
         model.eval()
         ledger = tg.ScoreLedger(shifted, luts, CPU)
