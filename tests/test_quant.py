@@ -422,14 +422,15 @@ def test_lqer_lowers_the_gptq_layer_output_error_further_and_packs_exactly(group
     w, x = trained_layer()
     codes, scales = tg.gptq_quantize(w, x.T @ x, 4, 6.0)
     gptq = tg.ExportedTensor("l.weight", tuple(w.shape), "float32", 4, codes, scales, method="gptq")
-    corrected = tg.apply_lqer({"l.weight": w}, [gptq], rank=4, top_k=1, factor_bits=4, group=group,
+    # rank 8: at rank 4 the ratio (0.92-0.95 by thread count and BLAS path) sat too close to the bound
+    corrected = tg.apply_lqer({"l.weight": w}, [gptq], rank=8, top_k=1, factor_bits=4, group=group,
                               hessians={"l.weight": x.T @ x})[0]
-    assert corrected.lqer is not None and corrected.lqer.a_codes.shape == (192, 4)
+    assert corrected.lqer is not None and corrected.lqer.a_codes.shape == (192, 8)
     err = lambda e: ((x @ (w - e.dequantize()).T).norm() / (x @ w.T).norm()).item()  # noqa: E731
     assert err(corrected) < 0.95 * err(gptq)
     for compressor in ("zlib", "ans"):
         back, header = tg.unpack_artifact(tg.pack_artifact([corrected], compressor=compressor))
-        assert header["tensors"][0]["lqer"] == {"rank": 4, "group": group, "bits": 4}
+        assert header["tensors"][0]["lqer"] == {"rank": 8, "group": group, "bits": 4}
         assert torch.equal(back[0].dequantize(), corrected.dequantize())
     # the scales stream's vectors (row scales, then the factors') as the ans decoder will cut them
     vectors = [a for stream, a in tg._tensor_parts(corrected) if stream == "scales"]
