@@ -5006,6 +5006,8 @@ def compile_settings(qat: bool, record: CompileRecord | None = None):
 
 RUNS_DIR_DEFAULT = "runs"
 RUN_LOG_NAME, RUN_MANIFEST_NAME, RUN_CODE_NAME = "train.log", "manifest.json", "train_gpt.py"
+# The quantized, packed model: one name whatever bits the export (auto-fit included) chose.
+ARTIFACT_NAME = "final_model.quantized.ptz"
 # Knobs that name or place a run, or pick its seed: not part of the config hash.
 RUN_IDENTITY_FIELDS = ("run_id", "artifact_dir", "replace_run", "seed", "data_path", "tokenizer_path")
 
@@ -5344,10 +5346,6 @@ def check_shapes_fit(hp: Hyperparameters, rt: Runtime, train_files: list[str], v
                        "lower NUM_LAYERS, MODEL_DIM or MLP_MULT, or TRAIN_BATCH_TOKENS (or raise GRAD_ACCUM_STEPS)")
 
 
-def artifact_path_for(hp: Hyperparameters, out_dir: Path) -> Path:
-    return out_dir / f"final_model.int{hp.matrix_bits}.ptz"
-
-
 FP16_MAX = 65504.0
 
 
@@ -5369,7 +5367,7 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
                     hessians: dict[str, torch.Tensor] | None = None) -> Path:
     """Rank 0 writes the raw weights, the shipped code form and the quantized, packed artifact (fitted
     under the limit), each atomically, once every rank has checked that the weights are sound."""
-    raw_path, artifact_path = out_dir / "final_model.pt", artifact_path_for(hp, out_dir)
+    raw_path, artifact_path = out_dir / "final_model.pt", out_dir / ARTIFACT_NAME
     check_exportable(model.state_dict())  # the same weights on every rank, so every rank refuses together
     if rt.is_main:
         n_code = code_bytes()
@@ -5401,8 +5399,9 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
                     f"form:{'asymmetric group ' + str(e.lqer.group) if e.lqer.group else 'symmetric'}")
         write_atomic(artifact_path, blob)
         label = f"int{hp.matrix_bits}+{hp.compressor}"
+        exported = {tensor_group(e.name): e.bits for e in entries if e.bits}  # after auto-fit, not as planned
         log(f"Serialized model {label}: {len(blob)} bytes (raw_torch:{buf.tell()} method:{plan.method} "
-            f"bits:{','.join(f'{g}={b}' for g, b in plan.bits.items())})")
+            f"bits:{','.join(f'{g}={exported[g]}' for g in QUANT_GROUPS if g in exported)})")
         known_ce = stats.pop("codes_model_ce", None)
         log("artifact_streams: " + " ".join(f"{k}:{v}" for k, v in sorted(stats.items())))
         quantized = [e for e in entries if e.bits]
@@ -5885,7 +5884,7 @@ def train_and_score(hp: Hyperparameters, rt: Runtime, use_compile: bool) -> dict
             _active_compile.log = log
         return train_and_score_in(hp, rt, use_compile, out_dir, log, manifest)
     except BaseException as e:  # a crashed run is recognisable from its manifest
-        record_failure(manifest, e, artifact_path_for(hp, out_dir), rt.is_main)
+        record_failure(manifest, e, out_dir / ARTIFACT_NAME, rt.is_main)
         raise
     finally:
         release_run_dir(out_dir)
