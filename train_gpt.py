@@ -3175,7 +3175,13 @@ def measure_prequant_ttt_reserve(model: GPT, tokens: torch.Tensor, *, seq_len: i
 QUANT_MIN_NUMEL = 65_537  # the default of the QUANT_MIN_NUMEL knob
 GPTQ_TIED_EMBED_DAMPING = 0.5  # the default of GPTQ_TIED_EMBED_DAMPING (see GPTQ below)
 FP16_MIN_SCALE = 2.0**-24  # smallest positive fp16 (subnormal): a scale never rounds to 0
-QUANT_GROUPS = ("embed", "head", "attn", "mlp", "other")
+# Each tensor group: the knobs its bits come from, then those its SDClip k comes from, in precedence order.
+GROUP_KNOBS = {"embed": (("embed_bits",), ("embed_clip_sigmas",)),
+               "head": (("head_bits", "embed_bits"), ("embed_clip_sigmas",)),
+               "attn": (("attn_bits", "matrix_bits"), ("attn_clip_sigmas", "matrix_clip_sigmas")),
+               "mlp": (("mlp_bits", "matrix_bits"), ("mlp_clip_sigmas", "matrix_clip_sigmas")),
+               "other": (("matrix_bits",), ("matrix_clip_sigmas",))}
+QUANT_GROUPS = tuple(GROUP_KNOBS)
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight")
 CALIBRATION_RESERVE_MARGIN = 1.25  # reserve = measured calibration time x this
 ARTIFACT_MAGIC = b"PGQA"
@@ -3207,18 +3213,16 @@ class QuantPlan:
     @classmethod
     def uniform(cls, matrix_bits: int, embed_bits: int, method: str = "absmax",
                 min_numel: int = QUANT_MIN_NUMEL) -> "QuantPlan":
-        return cls(method, dict(embed=embed_bits, head=embed_bits, attn=matrix_bits, mlp=matrix_bits,
-                                other=matrix_bits), min_numel=min_numel)
+        bits = {g: embed_bits if g in ("embed", "head") else matrix_bits for g in QUANT_GROUPS}
+        return cls(method=method, bits=bits, min_numel=min_numel)
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "QuantPlan":
-        bits = dict(embed=hp.embed_bits, head=hp.head_bits or hp.embed_bits, attn=hp.attn_bits or hp.matrix_bits,
-                    mlp=hp.mlp_bits or hp.matrix_bits, other=hp.matrix_bits)
-        sigmas = dict(embed=hp.embed_clip_sigmas, head=hp.embed_clip_sigmas,
-                      attn=hp.attn_clip_sigmas or hp.matrix_clip_sigmas,
-                      mlp=hp.mlp_clip_sigmas or hp.matrix_clip_sigmas,
-                      other=hp.matrix_clip_sigmas)
-        return cls(hp.quant_method, bits, sigmas, hp.quant_min_numel)
+        """Each group's bits and k from the first of its GROUP_KNOBS that is set (non-zero), else the last."""
+        first_set = lambda knobs: next((getattr(hp, k) for k in knobs if getattr(hp, k)), getattr(hp, knobs[-1]))
+        return cls(method=hp.quant_method, min_numel=hp.quant_min_numel,
+                   bits={g: first_set(bits) for g, (bits, _) in GROUP_KNOBS.items()},
+                   clip_sigmas={g: first_set(sigmas) for g, (_, sigmas) in GROUP_KNOBS.items()})
 
     def spec(self, name: str, t: torch.Tensor) -> tuple[int, float] | None:
         """(bits, clip sigmas; 0 = absmax) if the export quantizes this tensor, else None (kept float)."""
@@ -3321,7 +3325,7 @@ def quantize_tensor(name: str, t: torch.Tensor, plan: QuantPlan, hessian: torch.
     if spec is None:
         return ExportedTensor(name, tuple(t.shape), dtype, value=t.to(storage_dtype(name, t)).contiguous())
     bits, sigmas = spec
-    w = t.float().reshape(t.shape[0], -1) if t.ndim == 2 else t.float().reshape(1, -1)
+    w = t.float().reshape(_rows_cols(t.shape))
     if plan.method == "gptq" and hessian is not None:  # on the Hessian's device: the GPU in a CUDA run
         options = dict(gptq or {})
         tied_damping = options.pop("tied_damping", GPTQ_TIED_EMBED_DAMPING)
@@ -3353,7 +3357,7 @@ def estimate_payload_bytes(state_dict: dict[str, torch.Tensor], plan: QuantPlan)
     for name, t in state_dict.items():
         spec = plan.spec(name, t)
         if spec is not None:
-            total += math.ceil(t.numel() * spec[0] / 8) + 2 * (t.shape[0] if t.ndim == 2 else 1)
+            total += math.ceil(t.numel() * spec[0] / 8) + 2 * _rows_cols(t.shape)[0]
         else:
             total += t.numel() * storage_dtype(name, t).itemsize
     return total
@@ -3695,6 +3699,17 @@ STREAM_DTYPES = {"codes": np.int8, "lqer": np.int8, "scales": np.float16, "float
 HEADER_CODERS = ("zlib", "lzma", "brotli")
 
 
+def stream_dtype(name: str) -> np.dtype:
+    """A `raw:<dtype>` stream holds that dtype, any other stream its STREAM_DTYPES entry (bytes if none)."""
+    return np.dtype(name[4:]) if name.startswith("raw:") else np.dtype(STREAM_DTYPES.get(name, np.uint8))
+
+
+def _rows_cols(shape) -> tuple[int, int]:
+    """A tensor as quantizers and coders see it: 2-D as rows x cols, anything else as one row."""
+    numel = math.prod(shape)
+    return (shape[0], numel // shape[0]) if len(shape) == 2 else (1, numel)
+
+
 def _tensor_parts(e: ExportedTensor) -> list[tuple[str, np.ndarray]]:
     """The arrays a tensor contributes, in order, each to its named stream."""
     if e.bits:
@@ -3714,50 +3729,41 @@ def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict
     """The artifact bytes. `model` (the ModelConfig as a dict) is what a loader checks it against;
     `stats`, if given, receives the compressed bytes of each stream."""
     general = "brotli" if compressor == "ans" else compressor  # ans codes the codes; brotli the rest
+    stats = {} if stats is None else stats
     streams: dict[str, list[np.ndarray]] = {}
     tensors = []
     for e in entries:
         parts = _tensor_parts(e)
         for stream, arr in parts:
             streams.setdefault(stream, []).append(arr)
-        info = dict(name=e.name, shape=list(e.shape), dtype=e.dtype, bits=e.bits, method=e.method,
-                    scale="row_fp16" if e.bits else "none", stream=parts[0][0])
-        if e.lqer is not None:  # layout: A rows x rank, B rank x cols, int8 codes then fp16 scales
-            info["lqer"] = dict(rank=e.lqer.b_codes.shape[0], group=e.lqer.group, bits=e.lqer.bits)
-            if e.lqer.a_bits != e.lqer.bits:
-                info["lqer"]["a_bits"] = e.lqer.a_bits
-        tensors.append(info)
+        tensors.append(dict(name=e.name, shape=list(e.shape), dtype=e.dtype, bits=e.bits, method=e.method,
+                            scale="row_fp16" if e.bits else "none", stream=parts[0][0]))
+        if (f := e.lqer) is not None:  # layout: A rows x rank, B rank x cols, int8 codes then fp16 scales
+            tensors[-1]["lqer"] = dict(rank=f.b_codes.shape[0], group=f.group, bits=f.bits,
+                                       **({"a_bits": f.a_bits} if f.a_bits != f.bits else {}))
     stream_info, payloads = [], []
     for name in sorted(streams):
-        arrays = streams[name]
-        dtype = np.dtype(STREAM_DTYPES.get(name, np.uint8)) if not name.startswith("raw:") else np.dtype(name[4:])
+        arrays, stride = streams[name], stream_dtype(name).itemsize
         if name == "codes" and compressor == "ans":
             ans_stats: dict = {}
             coder, data = "ans", ans_encode(arrays, [e.bits for e in entries if e.bits], ans_stats)
-            if stats is not None:  # not a stream: export_artifact takes it out before logging the streams
-                stats["codes_model_ce"] = ans_stats["model_ce"]
+            stats["codes_model_ce"] = ans_stats["model_ce"]  # not a stream: export_artifact takes it out
         else:
-            raw = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
-            coder = general
-            data = compress_bytes(raw, coder, dtype.itemsize)
+            coder, data = general, compress_bytes(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays), general,
+                                                  stride)
             if compressor == "ans" and name in ("float16", "scales"):  # the ans model, unless brotli is smaller
                 modelled = ans_encode_fp16(arrays) if name == "float16" else ans_encode_fp16_vectors(arrays)
                 coder, data = ("ans", modelled) if len(modelled) < len(data) else (coder, data)
-        stream_info.append(dict(name=name, coder=coder, length=len(data), stride=dtype.itemsize))
+        stream_info.append(dict(name=name, coder=coder, length=len(data), stride=stride))
         payloads.append(data)
-        if stats is not None:
-            stats[name] = len(data)
-    stream_coder = {s["name"]: s["coder"] for s in stream_info}
-    for info in tensors:
-        info["coder"] = stream_coder[info["stream"]]
+        stats[name] = len(data)
+    coders = {s["name"]: s["coder"] for s in stream_info}
     header = dict(format="parameter-golf-quantized", model=model or {}, meta=meta or {}, streams=stream_info,
-                  tensors=tensors)
-    header_coder = general
-    header_bytes = compress_bytes(json.dumps(header, sort_keys=True, separators=(",", ":")).encode(), header_coder, 1)
+                  tensors=[dict(t, coder=coders[t["stream"]]) for t in tensors])
+    header_bytes = compress_bytes(json.dumps(header, sort_keys=True, separators=(",", ":")).encode(), general, 1)
     body = struct.pack("<I", len(header_bytes)) + header_bytes + b"".join(payloads)
-    prefix = ARTIFACT_MAGIC + struct.pack("<HB", ARTIFACT_VERSION, HEADER_CODERS.index(header_coder))
-    if stats is not None:
-        stats["header"] = len(prefix) + 32 + 4 + len(header_bytes)
+    prefix = ARTIFACT_MAGIC + struct.pack("<HB", ARTIFACT_VERSION, HEADER_CODERS.index(general))
+    stats["header"] = len(prefix) + 32 + 4 + len(header_bytes)
     return prefix + hashlib.sha256(body).digest() + body
 
 
@@ -3766,13 +3772,27 @@ def _scale_vector_lengths(tensors: list[dict]) -> list[int]:
     lengths = []
     for t in tensors:
         if t["bits"]:
-            numel = math.prod(t["shape"])
-            rows = t["shape"][0] if len(t["shape"]) == 2 else 1
+            rows, cols = _rows_cols(t["shape"])
             lengths.append(rows)
             if "lqer" in t:
                 rank, group = t["lqer"]["rank"], t["lqer"]["group"]
-                lengths += [rank, -(-rank * (numel // rows) // group)] if group else [rows, rank]
+                lengths += [rank, -(-rank * cols // group)] if group else [rows, rank]
     return lengths
+
+
+def _flat(arrays: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate([np.zeros(0, dtype)] + [a.reshape(-1) for a in arrays])
+
+
+# The ans decoder of each stream the packer may ans-code: (stream bytes, the header's tensors) -> the
+# stream's values, flat. Every other stream is decompress_bytes' job.
+ANS_STREAM_DECODERS = {
+    "codes": lambda data, tensors: _flat(ans_decode(data, [_rows_cols(t["shape"]) for t in tensors if t["bits"]],
+                                                    [t["bits"] for t in tensors if t["bits"]]), np.int8),
+    "float16": lambda data, tensors: _flat(ans_decode_fp16(data, [_rows_cols(t["shape"]) for t in tensors
+                                                                  if t["stream"] == "float16"]), np.float16),
+    "scales": lambda data, tensors: _flat(ans_decode_fp16_vectors(data, _scale_vector_lengths(tensors)), np.float16),
+}
 
 
 def _corrupt(why: str) -> RunError:
@@ -3796,7 +3816,7 @@ def read_artifact_header(blob: bytes) -> tuple[dict, bytes]:
     (header_len,) = struct.unpack("<I", body[:4])
     try:
         header = json.loads(decompress_bytes(body[4 : 4 + header_len], HEADER_CODERS[header_coder], 1))
-    except (ValueError, zlib.error, lzma.LZMAError, Exception) as e:  # brotli.error is a plain Exception subclass
+    except Exception as e:  # zlib.error, lzma.LZMAError, brotli.error (a plain Exception subclass), ValueError
         raise _corrupt(f"header does not decode: {e.__class__.__name__}") from None
     return header, body[4 + header_len :]
 
@@ -3817,27 +3837,8 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
         for s in header["streams"]:
             data = payload[offset : offset + s["length"]]
             offset += s["length"]
-            if s["coder"] == "ans" and s["name"] == "float16":
-                shapes = [(t["shape"][0], math.prod(t["shape"]) // t["shape"][0]) if len(t["shape"]) == 2
-                          else (1, math.prod(t["shape"])) for t in header["tensors"] if t["stream"] == "float16"]
-                decoded = ans_decode_fp16(data, shapes)
-                arrays[s["name"]] = (np.concatenate([d.reshape(-1) for d in decoded]) if decoded
-                                     else np.zeros(0, np.float16))
-            elif s["coder"] == "ans" and s["name"] == "scales":
-                arrays[s["name"]] = np.concatenate([np.zeros(0, np.float16)] + ans_decode_fp16_vectors(
-                    data, _scale_vector_lengths(header["tensors"])))
-            elif s["coder"] == "ans":
-                quantized = [t for t in header["tensors"] if t["bits"]]
-                shapes = [(t["shape"][0], math.prod(t["shape"]) // t["shape"][0]) if len(t["shape"]) == 2
-                          else (1, math.prod(t["shape"])) for t in quantized]
-                decoded = ans_decode(data, shapes, [t["bits"] for t in quantized])
-                arrays[s["name"]] = (np.concatenate([d.reshape(-1) for d in decoded]) if decoded
-                                     else np.zeros(0, np.int8))
-            else:
-                raw = decompress_bytes(data, s["coder"], s["stride"])
-                dtype = np.dtype(STREAM_DTYPES.get(s["name"], np.uint8)) if not s["name"].startswith("raw:") \
-                    else np.dtype(s["name"][4:])
-                arrays[s["name"]] = np.frombuffer(raw, dtype=dtype)
+            arrays[s["name"]] = (ANS_STREAM_DECODERS[s["name"]](data, header["tensors"]) if s["coder"] == "ans" else
+                                 np.frombuffer(decompress_bytes(data, s["coder"], s["stride"]), stream_dtype(s["name"])))
     except RunError:
         raise
     except Exception as e:  # any decoder failure on damaged bytes
@@ -3846,36 +3847,31 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
         raise _corrupt(f"{len(payload) - offset} unexpected trailing bytes")
     cursors = {name: 0 for name in arrays}
 
-    def take(stream: str, count: int) -> np.ndarray:
+    def take(stream: str, count: int) -> torch.Tensor:
         data = arrays.get(stream)
         start = cursors.get(stream, 0)
         if data is None or start + count > len(data):
             raise _corrupt(f"stream {stream} is shorter than its tensors")
         cursors[stream] = start + count
-        return data[start : start + count]
+        return torch.from_numpy(data[start : start + count].copy())
 
     entries = []
     for t in header["tensors"]:
         shape = tuple(t["shape"])
         numel = math.prod(shape)
-        if t["bits"]:
-            rows = shape[0] if len(shape) == 2 else 1
-            codes = torch.from_numpy(take("codes", numel).copy()).reshape(rows, numel // rows)
-            scales = torch.from_numpy(take("scales", rows).copy())
-            lqer = None
-            if "lqer" in t:
-                rank, group, cols = t["lqer"]["rank"], t["lqer"]["group"], numel // rows
-                a = torch.from_numpy(take("lqer", rows * rank).copy()).reshape(rows, rank)
-                b = torch.from_numpy(take("lqer", rank * cols).copy()).reshape(rank, cols)
-                a_scales = torch.from_numpy(take("scales", rank if group else rows).copy())
-                b_scales = torch.from_numpy(take("scales", -(-rank * cols // group) if group else rank).copy())
-                lqer = LowRankFactors(a, a_scales, b, b_scales, group, t["lqer"]["bits"],
-                                      t["lqer"].get("a_bits", t["lqer"]["bits"]))
-            entries.append(ExportedTensor(t["name"], shape, t["dtype"], t["bits"], codes, scales, method=t["method"],
-                                          lqer=lqer))
-        else:
-            value = torch.from_numpy(take(t["stream"], numel).copy()).reshape(shape)
-            entries.append(ExportedTensor(t["name"], shape, t["dtype"], value=value))
+        if not t["bits"]:
+            entries.append(ExportedTensor(t["name"], shape, t["dtype"], value=take(t["stream"], numel).reshape(shape)))
+            continue
+        rows, cols = _rows_cols(shape)
+        codes, scales, lqer = take("codes", numel).reshape(rows, cols), take("scales", rows), None
+        if "lqer" in t:
+            rank, group, bits = t["lqer"]["rank"], t["lqer"]["group"], t["lqer"]["bits"]
+            a, b = take("lqer", rows * rank).reshape(rows, rank), take("lqer", rank * cols).reshape(rank, cols)
+            a_scales = take("scales", rank if group else rows)
+            b_scales = take("scales", -(-rank * cols // group) if group else rank)
+            lqer = LowRankFactors(a, a_scales, b, b_scales, group, bits, t["lqer"].get("a_bits", bits))
+        entries.append(ExportedTensor(t["name"], shape, t["dtype"], t["bits"], codes, scales, method=t["method"],
+                                      lqer=lqer))
     return entries, header
 
 
@@ -3924,47 +3920,63 @@ def _side_weights(center: int, decay: int) -> np.ndarray:
     return _ANS_TABLE_WEIGHTS[np.clip(255 - steps, 1, 255)]
 
 
-def _pack_side(vectors: list[np.ndarray]) -> bytes:
-    """Side-information bytes, one vector per tensor row or column set, each coded with its own fitted
-    geometric law (center and decay: 2 bytes per vector) by rANS; empty vectors take no bytes."""
-    import constriction
+@dataclass(frozen=True)
+class _FittedLawCoder:
+    """Vectors coded by rANS, each under its own law fitted to it: the bit pattern of every element is a
+    symbol, `fit` chooses the law's few parameters (center, decay, ...: stored as `law_format`), and
+    `weights(*law)` derives the same integer weights from them on both sides. The laws come first,
+    then the rANS words; an empty vector takes no bytes. `what` names the data in errors."""
 
-    laws, jobs = [], []
-    for v in vectors:
-        if len(v) == 0:
-            continue
-        center = int(np.median(v))
-        costs = [-np.log2(_side_weights(center, d)[v] / _side_weights(center, d).sum()).sum() for d in range(1, 256)]
-        decay = 1 + int(np.argmin(costs))
-        laws.append(struct.pack("<BB", center, decay))
-        jobs.append((v.astype(np.int32), _side_weights(center, decay)))
-    coder = constriction.stream.stack.AnsCoder()
-    for symbols, weights in reversed(jobs):
-        coder.encode_reverse(symbols, constriction.stream.model.Categorical(weights, perfect=False))
-    return b"".join(laws) + coder.get_compressed().astype("<u4").tobytes()
+    what: str
+    dtype: type
+    law_format: str
+    fit: collections.abc.Callable  # symbols (int64) -> the law's parameters
+    weights: collections.abc.Callable  # the law's parameters -> integer weights over the symbols
+
+    def encode(self, vectors: list[np.ndarray]) -> bytes:
+        laws, jobs = [], []
+        for v in vectors:
+            x = np.ascontiguousarray(v, dtype=self.dtype).reshape(-1).view(self._patterns).astype(np.int64)
+            if len(x):
+                law = self.fit(x)
+                laws.append(struct.pack(self.law_format, *law))
+                jobs.append((x.astype(np.int32), self.weights(*law)))
+        return b"".join(laws) + _ans_words(jobs)
+
+    def decode(self, data: bytes, lengths: list[int]) -> list[np.ndarray]:
+        import constriction
+
+        size, n_laws = struct.calcsize(self.law_format), sum(1 for n in lengths if n)
+        if len(data) < size * n_laws:
+            raise ValueError(f"{self.what} is shorter than its laws")
+        coder = _ans_reader(data[size * n_laws :])
+        laws, out = struct.iter_unpack(self.law_format, data[: size * n_laws]), []
+        for n in lengths:
+            symbols = np.zeros(0, np.int32)
+            if n:
+                law = next(laws)
+                if law[1] < 1:  # every law is (center, decay, ...)
+                    raise ValueError(f"{self.what} has a zero decay")
+                symbols = coder.decode(constriction.stream.model.Categorical(self.weights(*law), perfect=False), n)
+            out.append(symbols.astype(self._patterns).view(self.dtype))
+        if not coder.is_empty():
+            raise ValueError(f"{self.what} does not match the tensor list")
+        return out
+
+    @property
+    def _patterns(self) -> np.dtype:
+        return np.dtype(f"u{np.dtype(self.dtype).itemsize}")
 
 
-def _unpack_side(data: bytes, lengths: list[int]) -> list[np.ndarray]:
-    import constriction
+def _fit_side_law(x: np.ndarray) -> tuple[int, int]:
+    """(center, decay): the median, and the decay that codes the vector in the fewest bits."""
+    center = int(np.median(x))
+    costs = [-np.log2(_side_weights(center, d)[x] / _side_weights(center, d).sum()).sum() for d in range(1, 256)]
+    return center, 1 + int(np.argmin(costs))
 
-    n_laws = sum(1 for n in lengths if n)
-    if len(data) < 2 * n_laws:
-        raise ValueError("ans side information is shorter than its laws")
-    coder = constriction.stream.stack.AnsCoder(np.frombuffer(data[2 * n_laws :], dtype="<u4").astype(np.uint32))
-    out, law = [], 0
-    for n in lengths:
-        if n == 0:
-            out.append(np.zeros(0, np.uint8))
-            continue
-        center, decay = data[2 * law], data[2 * law + 1]
-        law += 1
-        if decay < 1:
-            raise ValueError("ans side information has a zero decay")
-        model = constriction.stream.model.Categorical(_side_weights(center, decay), perfect=False)
-        out.append(coder.decode(model, n).astype(np.uint8))
-    if not coder.is_empty():
-        raise ValueError("ans side information does not match the tensor list")
-    return out
+
+# Side-information bytes, one vector per tensor row or column set, each with its own geometric law.
+SIDE_CODER = _FittedLawCoder("ans side information", np.uint8, "<BB", _fit_side_law, _side_weights)
 
 
 def _predicted_steps(side: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -4083,12 +4095,20 @@ def _ans_decode_group(coder, steps: np.ndarray, width: int, alphabet: _SignSymme
 
 
 def _ans_words(jobs) -> bytes:
+    """[(symbols, integer weights)] coded in that order by one rANS coder, as little-endian u32 words."""
     import constriction
 
     coder = constriction.stream.stack.AnsCoder()
     for symbols, weights in reversed(jobs):  # a stack: the last context first
         coder.encode_reverse(symbols, constriction.stream.model.Categorical(weights, perfect=False))
     return coder.get_compressed().astype("<u4").tobytes()
+
+
+def _ans_reader(words: bytes):
+    """The rANS decoder of _ans_words' bytes."""
+    import constriction
+
+    return constriction.stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
 
 
 def _split_sections(data: bytes, lengths: list[int]) -> list[bytes]:
@@ -4139,7 +4159,7 @@ def _ans_encode_codes(codes: list[np.ndarray], bits: list[int], log_steps: int, 
         jobs += group_jobs
         model_ce += ce
     words = _ans_words(jobs)
-    packed_side = _pack_side([v for pair in side for v in pair])
+    packed_side = SIDE_CODER.encode([v for pair in side for v in pair])
     packed_table = brotli.compress(b"".join(t.tobytes() for t in tables), quality=11)
     head = b"".join(header) + struct.pack("<II", len(packed_side), len(packed_table))
     stats.update(words=len(words), side=len(packed_side), tables=len(packed_table), header=len(head),
@@ -4149,7 +4169,6 @@ def _ans_encode_codes(codes: list[np.ndarray], bits: list[int], log_steps: int, 
 
 def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int]) -> list[np.ndarray]:
     import brotli
-    import constriction
 
     n_bits = data[0] if data else 0
     widths = dict(struct.unpack("<BB", data[1 + 2 * i : 3 + 2 * i]) for i in range(n_bits))
@@ -4157,11 +4176,11 @@ def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int]) -> l
     side_len, table_len = struct.unpack("<II", data[at : at + 8])
     packed_side, packed_table, words = _split_sections(data[at + 8 :], [side_len, table_len])
     tables = np.frombuffer(brotli.decompress(packed_table), np.uint8)
-    vectors = _unpack_side(packed_side, [n for shape in shapes for n in shape])
+    vectors = SIDE_CODER.decode(packed_side, [n for shape in shapes for n in shape])
     side = list(zip(vectors[0::2], vectors[1::2]))
     if len(shapes) != len(bits) or sorted(widths) != sorted(set(bits)) or min(widths.values(), default=1) < 1:
         raise ValueError("ans side information does not match the tensor list")
-    coder = constriction.stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
+    coder = _ans_reader(words)
     out: list[np.ndarray] = [np.zeros(0, np.int8)] * len(shapes)
     table_at = 0
     for b in sorted(widths):
@@ -4204,7 +4223,7 @@ def _fp16_steps(side: list[tuple[np.ndarray, np.ndarray]], shapes: list[tuple[in
 
 def ans_encode_fp16(arrays: list[np.ndarray], stats: dict | None = None) -> bytes:
     """fp16 arrays (2-D as rows x cols, anything else as one row) as ans bytes."""
-    values = [a.reshape(a.shape[0], -1) if a.ndim == 2 else a.reshape(1, -1) for a in arrays]
+    values = [a.reshape(_rows_cols(a.shape)) for a in arrays]
     return _smallest_encoding(lambda steps, trial: _ans_encode_fp16_at(values, steps, trial), stats)
 
 
@@ -4218,7 +4237,7 @@ def _ans_encode_fp16_at(values: list[np.ndarray], log_steps: int, stats: dict) -
                                                _fp16_steps(side, [v.shape for v in values]), alphabet)
     words = _ans_words(jobs)
     low = (bits16 & 0xFF).astype(np.uint8).tobytes()
-    packed_side = _pack_side([v for pair in side for v in pair])
+    packed_side = SIDE_CODER.encode([v for pair in side for v in pair])
     packed_table = brotli.compress(b"".join(t.tobytes() for t in tables), quality=11)
     head = struct.pack("<BII", width, len(packed_side), len(packed_table))
     stats.update(words=len(words), side=len(packed_side), tables=len(packed_table), low=len(low),
@@ -4228,17 +4247,16 @@ def _ans_encode_fp16_at(values: list[np.ndarray], log_steps: int, stats: dict) -
 
 def ans_decode_fp16(data: bytes, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
     import brotli
-    import constriction
 
     width, side_len, table_len = struct.unpack("<BII", data[:9])
     n = sum(rows * cols for rows, cols in shapes)
     packed_side, packed_table, low, words = _split_sections(data[9:], [side_len, table_len, n])
     tables = np.frombuffer(brotli.decompress(packed_table), np.uint8)
-    vectors = _unpack_side(packed_side, [n for rows, cols in shapes for n in (rows, cols if rows > 1 else 0)])
+    vectors = SIDE_CODER.decode(packed_side, [n for rows, cols in shapes for n in (rows, cols if rows > 1 else 0)])
     side = list(zip(vectors[0::2], vectors[1::2]))
     if width < 1:
         raise ValueError("ans side information does not match the tensor list")
-    coder = constriction.stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
+    coder = _ans_reader(words)
     high, table_at = _ans_decode_group(coder, _fp16_steps(side, shapes), width, _SignSymmetricAlphabet("fp16"),
                                        tables, 0)
     if table_at != len(tables) or not coder.is_empty():
@@ -4265,51 +4283,21 @@ def _band_weights(center: int, decay: int, radius: int) -> np.ndarray:
     return np.where(distance <= radius, _ANS_TABLE_WEIGHTS[255 - steps], 0.0)
 
 
-def ans_encode_fp16_vectors(vectors: list[np.ndarray]) -> bytes:
-    import constriction
-
-    laws, jobs = [], []
-    for v in vectors:
-        x = np.ascontiguousarray(v, dtype=np.float16).reshape(-1).view(np.uint16).astype(np.int64)
-        if len(x) == 0:
-            continue
-        center = int(np.median(x))
-        radius = int(np.abs(x - center).max())
-        distance, band = np.abs(x - center), np.abs(np.arange(-radius, radius + 1))
-        costs = []  # bits of the vector under each decay
-        for decay in range(1, 256):
-            weight = lambda dist: _ANS_TABLE_WEIGHTS[255 - np.minimum((dist * decay) >> 8, 254)]
-            costs.append(len(x) * np.log2(weight(band).sum()) - np.log2(weight(distance)).sum())
-        decay = 1 + int(np.argmin(costs))
-        laws.append(struct.pack("<HBH", center, decay, radius))
-        jobs.append((x.astype(np.int32), _band_weights(center, decay, radius)))
-    coder = constriction.stream.stack.AnsCoder()
-    for symbols, weights in reversed(jobs):
-        coder.encode_reverse(symbols, constriction.stream.model.Categorical(weights, perfect=False))
-    return b"".join(laws) + coder.get_compressed().astype("<u4").tobytes()
+def _fit_band_law(x: np.ndarray) -> tuple[int, int, int]:
+    """(center, decay, radius): the median, the decay that codes the vector in the fewest bits, and the
+    largest distance from the center."""
+    center = int(np.median(x))
+    radius = int(np.abs(x - center).max())
+    distance, band = np.abs(x - center), np.abs(np.arange(-radius, radius + 1))
+    costs = []  # bits of the vector under each decay
+    for decay in range(1, 256):
+        weight = lambda dist: _ANS_TABLE_WEIGHTS[255 - np.minimum((dist * decay) >> 8, 254)]
+        costs.append(len(x) * np.log2(weight(band).sum()) - np.log2(weight(distance)).sum())
+    return center, 1 + int(np.argmin(costs)), radius
 
 
-def ans_decode_fp16_vectors(data: bytes, lengths: list[int]) -> list[np.ndarray]:
-    import constriction
-
-    n_laws = sum(1 for n in lengths if n)
-    if len(data) < 5 * n_laws:
-        raise ValueError("ans scale data is shorter than its laws")
-    coder = constriction.stream.stack.AnsCoder(np.frombuffer(data[5 * n_laws :], dtype="<u4").astype(np.uint32))
-    out, law = [], 0
-    for n in lengths:
-        if n == 0:
-            out.append(np.zeros(0, np.float16))
-            continue
-        center, decay, radius = struct.unpack("<HBH", data[5 * law : 5 * law + 5])
-        law += 1
-        if decay < 1:
-            raise ValueError("ans scale data has a zero decay")
-        model = constriction.stream.model.Categorical(_band_weights(center, decay, radius), perfect=False)
-        out.append(coder.decode(model, n).astype(np.uint16).view(np.float16))
-    if not coder.is_empty():
-        raise ValueError("ans scale data does not match the tensor list")
-    return out
+SCALE_CODER = _FittedLawCoder("ans scale data", np.float16, "<HBH", _fit_band_law, _band_weights)
+ans_encode_fp16_vectors, ans_decode_fp16_vectors = SCALE_CODER.encode, SCALE_CODER.decode
 
 
 def code_entropy_report(arrays: list[np.ndarray], bits: list[int], model_ce: float | None = None) -> tuple[float, float]:
@@ -4417,6 +4405,15 @@ def prune_unit_codes(entries: list[ExportedTensor], units, count: int) -> list[E
     return out
 
 
+def values_by_group(entries: list[ExportedTensor]) -> dict[str, int]:
+    """How many quantized values each tensor group holds."""
+    values: dict[str, int] = {}
+    for e in entries:
+        if e.bits:
+            values[tensor_group(e.name)] = values.get(tensor_group(e.name), 0) + e.codes.numel()
+    return values
+
+
 def squared_error_by_group(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor]) -> dict[str, float]:
     """sum ||W - W_q||^2 of the quantized tensors, per tensor group."""
     out: dict[str, float] = {}
@@ -4451,10 +4448,7 @@ def fill_budget(state_dict, plan: QuantPlan, entries: list[ExportedTensor], blob
                 quantize, pack, hessians: dict | None, log) -> tuple[bytes, list[ExportedTensor]]:
     """Refine the grid of the group where a byte buys the most weighted error until the artifact just
     fits `target_bytes` (documented above). Returns the last fitting (blob, entries)."""
-    values: dict[str, int] = {}
-    for e in entries:
-        if e.bits:
-            values[tensor_group(e.name)] = values.get(tensor_group(e.name), 0) + e.codes.numel()
+    values = values_by_group(entries)
     errors = weighted_error_by_group(state_dict, entries, hessians)
     slack_goal = max(AUTO_FIT_FILL_SLACK_BYTES, target_bytes // 1000)
     log(f"auto_fit: model_bytes {len(blob)} <= target {target_bytes}: filling {target_bytes - len(blob)} bytes; "
@@ -4473,8 +4467,7 @@ def fill_budget(state_dict, plan: QuantPlan, entries: list[ExportedTensor], blob
                 k, bits = 2 * k, bits + 1
             trial = dataclasses.replace(plan, bits={**plan.bits, group: bits},
                                         clip_sigmas={**plan.clip_sigmas, group: k})
-            trial_entries = quantize(trial)
-            trial_blob = pack(trial_entries)
+            trial_blob = pack(trial_entries := quantize(trial))
             if len(trial_blob) <= target_bytes:
                 break
             bits_per_value *= 0.5 * slack / max(len(trial_blob) - len(blob), 1)  # overshot: aim at half again
@@ -4516,8 +4509,7 @@ def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target
             entries.append(quantized[key])
         return apply_lqer(state_dict, entries, hessians=hessians, **lqer) if lqer else entries
 
-    entries = quantize(plan)
-    blob = pack(entries)
+    blob = pack(entries := quantize(plan))
     if len(blob) <= target_bytes and auto_fit and fill and plan.method != "absmax":
         return fill_budget(state_dict, plan, entries, blob, target_bytes=target_bytes, quantize=quantize, pack=pack,
                            hessians=hessians, log=log)
@@ -4532,8 +4524,7 @@ def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target
         for _ in range(AUTO_FIT_TRIES):
             factor = min(factor * 2 ** (8 * (len(blob) - target_bytes) / n_codes + 1e-4), AUTO_FIT_MAX_SIGMA_SCALE)
             plan = unscaled.with_sigma_scale(factor)
-            entries = quantize(plan)
-            blob = pack(entries)
+            blob = pack(entries := quantize(plan))
             log(f"auto_fit: step 1 clip_sigmas x{factor:.4f} -> model_bytes {len(blob)} "
                 f"quant_error {quantization_error(state_dict, entries):.3e}")
             if len(blob) <= target_bytes or factor >= AUTO_FIT_MAX_SIGMA_SCALE:
@@ -4545,8 +4536,7 @@ def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target
             break
         lowered.append(group)
         plan = dataclasses.replace(plan, bits={**plan.bits, group: plan.bits[group] - 1})
-        entries = quantize(plan)
-        blob = pack(entries)
+        blob = pack(entries := quantize(plan))
         log(f"auto_fit: step 2 {group} bits {plan.bits[group] + 1}->{plan.bits[group]} -> model_bytes {len(blob)} "
             f"quant_error {quantization_error(state_dict, entries):.3e}")
     if len(blob) > target_bytes:
@@ -4589,10 +4579,7 @@ def group_to_lower(state_dict, entries: list[ExportedTensor], plan: QuantPlan, l
     """Step 2's choice: the group with the most quantized values (among those lowered least often, above
     AUTO_FIT_MIN_BITS), or None when pruning +-1 codes is predicted to cover `excess` for less squared
     error than one bit fewer on that group (about 4x its squared error: the grid step doubles)."""
-    values: dict[str, int] = {}
-    for e in entries:
-        if e.bits and plan.bits[tensor_group(e.name)] > AUTO_FIT_MIN_BITS:
-            values[tensor_group(e.name)] = values.get(tensor_group(e.name), 0) + e.codes.numel()
+    values = {g: n for g, n in values_by_group(entries).items() if plan.bits[g] > AUTO_FIT_MIN_BITS}
     if not values:
         return None
     group = min(values, key=lambda g: (lowered.count(g), -values[g], g))
@@ -4982,6 +4969,8 @@ def compile_settings(qat: bool, record: CompileRecord | None = None):
 
 RUNS_DIR_DEFAULT = "runs"
 RUN_LOG_NAME, RUN_MANIFEST_NAME, RUN_CODE_NAME = "train.log", "manifest.json", "train_gpt.py"
+# The quantized, packed model: one name whatever bits the export (auto-fit included) chose.
+ARTIFACT_NAME = "final_model.quantized.ptz"
 # Knobs that name or place a run, or pick its seed: not part of the config hash.
 RUN_IDENTITY_FIELDS = ("run_id", "artifact_dir", "replace_run", "seed", "data_path", "tokenizer_path")
 
@@ -5320,10 +5309,6 @@ def check_shapes_fit(hp: Hyperparameters, rt: Runtime, train_files: list[str], v
                        "lower NUM_LAYERS, MODEL_DIM or MLP_MULT, or TRAIN_BATCH_TOKENS (or raise GRAD_ACCUM_STEPS)")
 
 
-def artifact_path_for(hp: Hyperparameters, out_dir: Path) -> Path:
-    return out_dir / f"final_model.int{hp.matrix_bits}.ptz"
-
-
 FP16_MAX = 65504.0
 
 
@@ -5345,7 +5330,7 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
                     hessians: dict[str, torch.Tensor] | None = None) -> Path:
     """Rank 0 writes the raw weights, the shipped code form and the quantized, packed artifact (fitted
     under the limit), each atomically, once every rank has checked that the weights are sound."""
-    raw_path, artifact_path = out_dir / "final_model.pt", artifact_path_for(hp, out_dir)
+    raw_path, artifact_path = out_dir / "final_model.pt", out_dir / ARTIFACT_NAME
     check_exportable(model.state_dict())  # the same weights on every rank, so every rank refuses together
     if rt.is_main:
         n_code = code_bytes()
@@ -5377,8 +5362,9 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
                     f"form:{'asymmetric group ' + str(e.lqer.group) if e.lqer.group else 'symmetric'}")
         write_atomic(artifact_path, blob)
         label = f"int{hp.matrix_bits}+{hp.compressor}"
+        exported = {tensor_group(e.name): e.bits for e in entries if e.bits}  # after auto-fit, not as planned
         log(f"Serialized model {label}: {len(blob)} bytes (raw_torch:{buf.tell()} method:{plan.method} "
-            f"bits:{','.join(f'{g}={b}' for g, b in plan.bits.items())})")
+            f"bits:{','.join(f'{g}={exported[g]}' for g in QUANT_GROUPS if g in exported)})")
         known_ce = stats.pop("codes_model_ce", None)
         log("artifact_streams: " + " ".join(f"{k}:{v}" for k, v in sorted(stats.items())))
         quantized = [e for e in entries if e.bits]
@@ -5861,7 +5847,7 @@ def train_and_score(hp: Hyperparameters, rt: Runtime, use_compile: bool) -> dict
             _active_compile.log = log
         return train_and_score_in(hp, rt, use_compile, out_dir, log, manifest)
     except BaseException as e:  # a crashed run is recognisable from its manifest
-        record_failure(manifest, e, artifact_path_for(hp, out_dir), rt.is_main)
+        record_failure(manifest, e, out_dir / ARTIFACT_NAME, rt.is_main)
         raise
     finally:
         release_run_dir(out_dir)

@@ -118,7 +118,7 @@ def test_compiled_run_matches_eager_and_compiles_one_graph_per_function(tiny_env
     assert "compile:graphs train_step:1 forward_logits:1 eval_forward_logits:1 failures:0" in (
         tmp_path / "compiled" / "train.log").read_text()
     again = run_tiny(env, RUN_ID="again", COMPILE="1", EVAL_ONLY="1",
-                     ARTIFACT_PATH=str(tmp_path / "compiled" / "final_model.int8.ptz"))
+                     ARTIFACT_PATH=str(tmp_path / "compiled" / "final_model.quantized.ptz"))
     assert again["compile"]["graphs"] == {}
     assert again["results"]["sliding"] == compiled["evals"]["sliding"]
 

@@ -156,9 +156,9 @@ def test_a_stop_signal_leaves_a_failed_manifest_naming_it_and_no_artifact_under_
     assert manifest["status"] == "failed" and manifest["signal"] == sig.name and sig.name in manifest["error"]
     assert "finished_utc" in manifest and "scores" not in manifest
     names = {p.name for p in run_dir.iterdir()}
-    assert "final_model.int8.ptz" not in names and not any(n.endswith(".tmp") for n in names)
+    assert "final_model.quantized.ptz" not in names and not any(n.endswith(".tmp") for n in names)
     if where == "evaluate_artifact":  # it was written before the signal: kept, but not under its final name
-        assert "final_model.int8.ptz.failed" in names and manifest["artifact_kept_as"] == "final_model.int8.ptz.failed"
+        assert "final_model.quantized.ptz.failed" in names and manifest["artifact_kept_as"] == "final_model.quantized.ptz.failed"
     if where == "train_step":  # stopped after its first step: nothing of the export exists
         assert manifest["data"]["train_shards"] == 1 and "final_model.pt" not in names
         log = (run_dir / "train.log").read_text()
@@ -451,7 +451,7 @@ def test_the_manifest_records_the_tokenizer_and_validation_checksums(tiny_env, t
 @pytest.mark.slow
 def test_eval_only_writes_a_manifest_and_its_failures_say_how_to_rerun(small_env, tmp_path, monkeypatch, no_training):
     trained = run_tiny(small_env, ITERATIONS="1")
-    artifact = tmp_path / "test" / "final_model.int8.ptz"
+    artifact = tmp_path / "test" / "final_model.quantized.ptz"
     env = {**small_env, "EVAL_ONLY": "1", "ARTIFACT_PATH": str(artifact)}
     out = tg.run_eval_only(tg.Hyperparameters.from_env({**env, "RUN_ID": "eval"}), CPU)
     manifest = json.loads((tmp_path / "eval" / "manifest.json").read_text())

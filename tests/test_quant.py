@@ -146,7 +146,7 @@ def test_artifact_size_in_the_log_equals_the_bytes_on_disk(tiny_env, tmp_path):
     out = tg.run(tg.Hyperparameters.from_env({**tiny_env, "ITERATIONS": "2", "QUANT_METHOD": "sdclip",
                                               "COMPRESSOR": "brotli", "MATRIX_BITS": "6"}),
                  tg.Runtime(0, 1, 0, torch.device("cpu"), False))
-    size = (tmp_path / "test" / "final_model.int6.ptz").stat().st_size
+    size = (tmp_path / "test" / "final_model.quantized.ptz").stat().st_size
     assert out["model_bytes"] == size and out["total_bytes"] == size + out["code_bytes"]
     log = (tmp_path / "test" / "train.log").read_text()
     assert re.search(rf"^Serialized model int6\+brotli: {size} bytes", log, re.M)
@@ -527,7 +527,7 @@ def test_train_calibration_is_reserved_and_ends_inside_the_training_cap(tiny_env
     assert out["train_data_access_end_ms"] == pytest.approx(out["training_time_ms"] + out["phases"]["calibration"])
     assert out["train_data_access_end_ms"] <= 120_000 and re.search(r"inside_cap:1$", log, re.M)
     assert re.search(r"GPTQ:collected 5 Hessians .* source:train batches:4 read_per_rank:4$", log, re.M)  # 2 MLP/layer + head
-    header, _ = tg.read_artifact_header((tmp_path / "test" / "final_model.int6.ptz").read_bytes())
+    header, _ = tg.read_artifact_header((tmp_path / "test" / "final_model.quantized.ptz").read_bytes())
     assert {t["method"] for t in header["tensors"] if t["bits"]} == {"gptq"}
 
 
@@ -693,7 +693,7 @@ def test_eval_only_in_a_fresh_process_from_the_shipped_code_reproduces_the_end_o
         shutil.copy(f, val_only)
     shipped = tmp_path / "test" / "train_gpt.py"  # the run folder holds the code as counted: its shipped form
     assert shipped.read_bytes() == tg.shipped_code((ROOT / "train_gpt.py").read_bytes())
-    eval_env = {"EVAL_ONLY": "1", "ARTIFACT_PATH": str(tmp_path / "test" / "final_model.int6.ptz"), "DATA_PATH": str(val_only),
+    eval_env = {"EVAL_ONLY": "1", "ARTIFACT_PATH": str(tmp_path / "test" / "final_model.quantized.ptz"), "DATA_PATH": str(val_only),
                 "TOKENIZER_PATH": tiny_env["TOKENIZER_PATH"], "RECIPE": "baseline", "TRAIN_SEQ_LEN": "128",
                 "VAL_BATCH_SIZE": "8192", "RUN_ID": "eval", "ARTIFACT_DIR": str(tmp_path / "eval")}
     proc = subprocess.run([sys.executable, str(shipped)], env=subprocess_env(eval_env), cwd=tmp_path,

@@ -29,7 +29,7 @@ def test_a_seed_sweep_keeps_every_run_and_each_manifest_matches_its_files(sweep,
         run_dir = tmp_path / f"seed{seed}"
         assert Path(out["run_dir"]) == run_dir
         names = {p.name for p in run_dir.iterdir()}
-        assert {"train.log", "manifest.json", "train_gpt.py", "final_model.pt", "final_model.int8.ptz"} <= names
+        assert {"train.log", "manifest.json", "train_gpt.py", "final_model.pt", "final_model.quantized.ptz"} <= names
         manifest = json.loads((run_dir / "manifest.json").read_text())
         log = (run_dir / "train.log").read_text()
         assert manifest["status"] == "complete" and manifest["seed"] == seed and manifest["run_id"] == f"seed{seed}"

@@ -31,7 +31,7 @@ def test_twenty_steps_lower_the_loss_and_the_artifact_scores_like_the_model(tiny
     pre, post = out["pre_quant"], out["roundtrip"]
     assert pre.num_targets == post.num_targets
     assert abs(post.val_bpb - pre.val_bpb) < 0.01 * pre.val_bpb  # int8 costs little
-    assert out["total_bytes"] == out["code_bytes"] + (tmp_path / "test" / "final_model.int8.ptz").stat().st_size
+    assert out["total_bytes"] == out["code_bytes"] + (tmp_path / "test" / "final_model.quantized.ptz").stat().st_size
     assert out["code_bytes"] == len(tg.shipped_code((ROOT / "train_gpt.py").read_bytes()))  # the shipped form
     log = (tmp_path / "test" / "train.log").read_text()
     assert re.search(r"^final_int8_zlib_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", log, re.M)
@@ -98,7 +98,7 @@ def test_oversize_artifact_fails_with_one_line_and_keeps_results(tiny_env, tmp_p
     assert tg.main() == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "over the 1000-byte limit" in err[0]
-    assert (tmp_path / "test" / "final_model.int8.ptz").exists() and (tmp_path / "test" / "train.log").exists()
+    assert (tmp_path / "test" / "final_model.quantized.ptz").exists() and (tmp_path / "test" / "train.log").exists()
 
 
 def test_our_shards_load_in_the_training_script_and_back(tmp_path):

@@ -111,7 +111,7 @@ def main() -> None:
         for name, extra in (("base", {}), ("prequant", PREQUANT)):
             out = tg.run(tg.Hyperparameters.from_env({**env, **extra, "ARTIFACT_DIR": f"{tmp}/{name}",
                                                       "RUN_ID": name, "EVAL_STRIDE": "0"}), rt)
-            artifacts[name] = Path(out["run_dir"]) / "final_model.int8.ptz"
+            artifacts[name] = Path(out["run_dir"]) / "final_model.quantized.ptz"
             extra_note = ""
             if out["prequant_ttt"] is not None:
                 pq = out["prequant_ttt"]
