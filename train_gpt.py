@@ -2436,60 +2436,24 @@ def check_scored_once(ledger: ScoreLedger) -> None:
 # adaptation stops for good and the rest is scored plainly.
 
 
-# Each TTTSettings field and the Hyperparameters knob it is read from (`ttt_settings`); a field's
-# default is its knob's default.
-TTT_KNOBS = {"seq_len": "effective_eval_seq_len", "stride": "eval_stride",
-             **{name: f"ttt_{name}" for name in ("chunk_tokens", "epochs", "lr", "momentum", "batch_seqs", "grad_clip",
-                                                 "freeze_blocks", "mode", "lora_rank", "lora_lr", "lora_alpha",
-                                                 "warm_start_a")},
+# Each TTTSettings field and the Hyperparameters knob it is read from (`ttt_settings`). A field has its
+# knob's type and default (and help text); seq_len, a computed value, has neither.
+TTT_KNOBS = {"seq_len": "effective_eval_seq_len", "stride": "eval_stride", "chunk_tokens": "ttt_chunk_tokens",
+             "epochs": "ttt_epochs", "lr": "ttt_lr", "momentum": "ttt_momentum", "batch_seqs": "ttt_batch_seqs",
+             "grad_clip": "ttt_grad_clip", "freeze_blocks": "ttt_freeze_blocks", "mode": "ttt_mode",
+             "lora_rank": "ttt_lora_rank", "lora_lr": "ttt_lora_lr", "lora_alpha": "ttt_lora_alpha",
              "lora_beta1": "ttt_beta1", "lora_beta2": "ttt_beta2", "lora_wd": "ttt_weight_decay",
-             "lora_k": "ttt_k_lora", "lora_o": "ttt_o_lora", "lora_mlp": "ttt_mlp_lora", "doc_chunk": "ttt_chunk_size",
-             "docs_per_batch": "ttt_batch_size", "prefix_docs": "phased_ttt_prefix_docs",
-             "num_phases": "phased_ttt_num_phases", "global_lr": "global_ttt_lr", "global_epochs": "global_ttt_epochs"}
-
-
-def knob_defaults(cls):
-    """Class decorator (under @dataclass): every field without a default takes the default of its
-    knob in TTT_KNOBS, where that knob is a Hyperparameters field (seq_len is computed: it has none)."""
-    hp_fields = {f.name: f for f in fields(Hyperparameters)}
-    for name in cls.__annotations__:
-        if name not in vars(cls) and TTT_KNOBS.get(name) in hp_fields:
-            setattr(cls, name, hp_fields[TTT_KNOBS[name]].default)
-    return cls
-
-
-@dataclass(frozen=True)
-@knob_defaults
-class TTTSettings:
-    """The settings of a TTT pass, as read from the knobs by `ttt_settings`."""
-
-    seq_len: int
-    stride: int
-    score_batch_seqs: int = 32  # windows per scoring forward, per rank
-    chunk_tokens: int
-    epochs: int
-    lr: float
-    momentum: float
-    batch_seqs: int  # sequences per SGD step, over all ranks
-    grad_clip: float
-    freeze_blocks: int
-    mode: str  # chunked | lora | phased
-    lora_rank: int
-    lora_lr: float
-    lora_alpha: float
-    lora_beta1: float
-    lora_beta2: float
-    lora_wd: float
-    warm_start_a: bool
-    lora_k: bool
-    lora_o: bool
-    lora_mlp: bool
-    doc_chunk: int  # lora/phased: targets scored per step inside a document
-    docs_per_batch: int  # lora/phased: documents each rank holds at a time (a round: this x world size)
-    prefix_docs: int
-    num_phases: int
-    global_lr: float
-    global_epochs: int
+             "warm_start_a": "ttt_warm_start_a", "lora_k": "ttt_k_lora", "lora_o": "ttt_o_lora",
+             "lora_mlp": "ttt_mlp_lora", "doc_chunk": "ttt_chunk_size",
+             "docs_per_batch": "ttt_batch_size",  # documents per rank at a time (a round: this x world size)
+             "prefix_docs": "phased_ttt_prefix_docs", "num_phases": "phased_ttt_num_phases",
+             "global_lr": "global_ttt_lr", "global_epochs": "global_ttt_epochs"}
+_KNOB_FIELDS = {f.name: f for f in fields(Hyperparameters)}
+TTTSettings = dataclasses.make_dataclass(
+    "TTTSettings", [("seq_len", int), ("score_batch_seqs", int, field(default=32))]  # windows per forward, per rank
+    + [(name, _KNOB_FIELDS[knob].type, field(default=_KNOB_FIELDS[knob].default))
+       for name, knob in TTT_KNOBS.items() if knob in _KNOB_FIELDS],
+    frozen=True, namespace={"__module__": __name__, "__doc__": "A TTT pass's settings: one field per TTT_KNOBS entry."})
 
 
 class AdaptationBudget:
@@ -2555,8 +2519,8 @@ class TTTTracker:
         self.ms[kind] += self.now() - since_ms
 
     @property
-    def stopped(self) -> bool:
-        return self.ctx.budget is not None and self.ctx.budget.stopped_at is not None
+    def stopped_at(self) -> str | None:
+        return None if self.ctx.budget is None else self.ctx.budget.stopped_at
 
     def allows(self, next_ms: float, plain_ms_left: float, where: str, left: str) -> bool:
         """Whether the next adaptation step fits (always, without a budget); `left` names what remains."""
@@ -2569,8 +2533,8 @@ class TTTTracker:
         return False
 
     def result(self, chunks: int, trained_chunks: int, steps: int, global_steps: int = 0) -> TTTResult:
-        return TTTResult(chunks, trained_chunks, steps, self.ms["score"], self.ms["adapt"],
-                         self.ctx.budget.stopped_at if self.ctx.budget is not None else None, global_steps)
+        return TTTResult(chunks, trained_chunks, steps, self.ms["score"], self.ms["adapt"], self.stopped_at,
+                         global_steps)
 
 
 @contextlib.contextmanager
@@ -2691,8 +2655,9 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContex
             lo, hi = trained_upto, group[-1][1]
             if ci == len(groups) - 1 or s.epochs == 0:
                 continue  # the last chunk never trains: nothing is left to score with what it would teach
-            if not tracker.allows(tracker.ms["adapt"] / max(trained_chunks, 1), tracker.ms["score"] / windows_scored
-                                  * windows_left, f"chunk {ci + 1}/{len(groups)}", f"{ledger.num_targets - hi} targets"):
+            plain_ms_left = tracker.ms["score"] / windows_scored * windows_left
+            if not tracker.allows(tracker.ms["adapt"] / max(trained_chunks, 1), plain_ms_left,
+                                  f"chunk {ci + 1}/{len(groups)}", f"{ledger.num_targets - hi} targets"):
                 continue
             t0 = tracker.now()
             ledger.share(lo, hi)
@@ -2945,8 +2910,7 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lor
         ledger.commit(spans, logits.detach(), x_at, y_at, mask)  # scores fixed before the update below
         if not train_rows:
             continue
-        labels = torch.zeros(lora.num_rows, chunk, dtype=torch.int64)
-        weights = torch.zeros(lora.num_rows, chunk)
+        labels, weights = torch.zeros(lora.num_rows, chunk, dtype=torch.int64), torch.zeros(lora.num_rows, chunk)
         for d in train_rows:  # each document's mean loss over the chunk it just committed
             a, b = chunks[d][i]
             labels[d, : b - a] = ledger.adaptation_tokens(a, b)[1:]
@@ -3095,8 +3059,7 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalCont
     mine = [r[rank * per_rank : (rank + 1) * per_rank] for r in rounds]
     chunk = min(s.doc_chunk, s.seq_len)
     num_steps = [len(document_chunks(r[0], chunk)) for r in rounds]  # every rank's most (the longest is first)
-    phased = s.mode == "phased"
-    prefix = min(s.prefix_docs, len(queue))
+    phased, prefix = s.mode == "phased", min(s.prefix_docs, len(queue))
     boundaries = phase_boundaries(prefix, s.num_phases) if phased else []
     lora = DocLoRA(model, per_rank, s, ledger.device, ctx.looping)
     tracker = TTTTracker(ctx, ledger.device)
@@ -3143,11 +3106,11 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalCont
         trained_rounds += bool(adapted)
         tracker.add("adapt" if adapted else "score", t0)
         done_docs = min((j + 1) * round_docs, len(queue))
-        while phased and phases_done < len(boundaries) and boundaries[phases_done] <= done_docs:
+        while phases_done < len(boundaries) and boundaries[phases_done] <= done_docs:
             phase = f"{phases_done + 1}/{len(boundaries)}"
             if done_docs == len(queue):  # every document is scored: what the phase would learn reaches no score
                 ctx.log(f"ttt:global_phase {phase} skipped: no document is left to score")
-            elif not tracker.stopped:
+            elif tracker.stopped_at is None:
                 t0 = tracker.now()
 
                 def before_global_step(n: int) -> bool:
@@ -5503,23 +5466,14 @@ def compliance_lines(results: dict[str, EvalResult], ttt_info: TTTResult | None,
     targets = {r.num_targets for r in results.values()}
     adapted = ttt_info is not None and ttt_info.adapted_targets > 0
     val_prequant = prequant is not None and prequant["source"] == "validation"
-    if val_prequant:
-        c3 = (f"VIOLATED: pre-quantization TTT adapted the weights on {prequant['tokens'].numel()} validation tokens "
-              "before they were scored")
-    elif adapted:
-        c3 = (f"ok: {ttt_info.adapted_targets} adaptation targets, each handed out by the ledger only after its "
-              "score was committed")
-    else:
-        c3 = "ok: no adaptation on validation tokens"
-    if prequant is None:
-        prequant_source = "none"
-    elif val_prequant:
-        prequant_source = "validation (before scoring: NON-RECORD)"
-    else:
-        prequant_source = (f"train ({prequant['tokens'].numel()} tokens, inside the training budget: "
-                           f"{int(prequant.get('within_cap', True))})")
-    over = eval_cap_ms is not None and eval_ms > eval_cap_ms
+    c3 = (f"VIOLATED: pre-quantization TTT adapted the weights on {prequant['tokens'].numel()} validation tokens "
+          "before they were scored" if val_prequant else
+          f"ok: {ttt_info.adapted_targets} adaptation targets, each handed out by the ledger only after its score was "
+          "committed" if adapted else "ok: no adaptation on validation tokens")
     prequant_ok = prequant is None or prequant.get("within_cap", True)
+    prequant_source = "none" if prequant is None else "validation (before scoring: NON-RECORD)" if val_prequant else (
+        f"train ({prequant['tokens'].numel()} tokens, inside the training budget: {int(prequant_ok)})")
+    over = eval_cap_ms is not None and eval_ms > eval_cap_ms
     eligible = not over and len(targets) == 1 and not hp.allow_val_adaptation and prequant_ok
     track = "non-record (ALLOW_VAL_ADAPTATION=1)" if hp.allow_val_adaptation else \
         "B (adaptive, score-first)" if adapted else "A (fixed predictor)"
@@ -5641,10 +5595,10 @@ def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, val_tokens: torch.Ten
         return total / (devices * hp.peak_tflops * 1e12 * mfu)
 
     budget = f"{hp.max_eval_seconds:.0f}s" if hp.max_eval_seconds > 0 else "none"
-    return [f"eval_plan: {name} forward_tokens:{f} train_tokens:{t} flops:{flops:.3e}" for name, f, t, flops in passes] \
-        + [f"eval_plan_total: flops:{total:.3e} this_run({world_size} devices) at_peak:{seconds(world_size, 1):.3g}s "
-           f"at_40%_mfu:{seconds(world_size, 0.4):.3g}s | 8xH100 at_peak:{seconds(8, 1):.3g}s "
-           f"at_40%_mfu:{seconds(8, 0.4):.3g}s | budget:{budget}"]
+    lines = [f"eval_plan: {name} forward_tokens:{f} train_tokens:{t} flops:{flops:.3e}" for name, f, t, flops in passes]
+    return lines + [f"eval_plan_total: flops:{total:.3e} this_run({world_size} devices) "
+                    f"at_peak:{seconds(world_size, 1):.3g}s at_40%_mfu:{seconds(world_size, 0.4):.3g}s | 8xH100 "
+                    f"at_peak:{seconds(8, 1):.3g}s at_40%_mfu:{seconds(8, 0.4):.3g}s | budget:{budget}"]
 
 
 def synthetic_tokens(n: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
@@ -5740,11 +5694,11 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
         log(f"{name} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{ms:.0f}ms{detail}{stamp}")
         log(f"{final_score_log_key(stage, tag)} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
 
-    for stage, stride in [("roundtrip", 0)] + [("sliding", hp.eval_stride)] * (0 < hp.eval_stride < seq_len):
+    sliding = ("sliding", hp.eval_stride, "quantized_sliding_window", f" stride:{hp.eval_stride} seq_len:{seq_len}")
+    for stage, stride, name, detail in [("roundtrip", 0, "quantized", "")] + [sliding] * (0 < hp.eval_stride < seq_len):
         results[stage] = evaluate(lambda x: logits_fn(x, ctx.looping), val_tokens, luts, ctx, seq_len=seq_len,
                                   batch_seqs=batch_seqs, stride=stride)
-        report(stage, "quantized" if stage == "roundtrip" else "quantized_sliding_window",
-               "" if stage == "roundtrip" else f" stride:{hp.eval_stride} seq_len:{seq_len}")
+        report(stage, name, detail)
     ttt_info = None
     if settings is not None:
         ledger = ScoreLedger(val_tokens, luts, rt.device, group=rt.control_group)
