@@ -2192,6 +2192,7 @@ class WeightAverager:
 # Every score goes into a `ScoreLedger`: it commits each target once (a second commit raises), sums
 # loss, targets and bytes in float64, and is the only way adaptation code can read validation tokens:
 # `adaptation_tokens` hands out a span only once every target in it is committed on some rank (C3).
+# What the passes share (ranks, device, autocast, looping, the budget's checks, the log) is one `EvalContext`.
 
 
 class ScoreOrderError(RunError):
@@ -2204,8 +2205,6 @@ class EvalResult:
     val_bpb: float  # bits per UTF-8 byte
     num_targets: int
     num_bytes: int
-
-
 
 
 @dataclass(frozen=True)
@@ -2478,8 +2477,6 @@ class AdaptationBudget:
         return False
 
 
-
-
 @dataclass(frozen=True)
 class TTTResult:
     """What a TTT pass did, for the log and the compliance block."""
@@ -2715,8 +2712,6 @@ def document_spans(tokens: torch.Tensor) -> list[tuple[int, int]]:
     """Target spans (a, b] of each document: from its BOS to the next BOS (included) or the end."""
     bos = (tokens == BOS_ID).nonzero().flatten().tolist() + [tokens.numel() - 1]
     return [(a, b) for a, b in zip(bos, bos[1:]) if b > a]
-
-
 
 
 def document_queue(tokens: torch.Tensor) -> list[tuple[int, int]]:
@@ -3135,8 +3130,8 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalCont
 # PRE-QUANTIZATION TTT, the seeds' technique in its legal form: after training and before export, the
 # full-precision weights take PREQUANT_TTT_EPOCHS AdamW passes over PREQUANT_TTT_TOKENS tokens of
 # *training* data (the tail of the last training shard). That reads training data, so it happens
-# inside the training budget: its cost is measured before training (a few steps on the same slice,
-# weights restored) and reserved from the training time (PhaseClock.reserve_ms). The seeds adapted on
+# inside the training budget: its cost is measured before training (a warm-up and a timed step on the
+# same slice, weights restored) and reserved from the training time (PhaseClock.reserve_ms). The seeds adapted on
 # the validation tokens before scoring them, which breaks C3: PREQUANT_TTT_SOURCE=val is refused
 # unless ALLOW_VAL_ADAPTATION=1, and that opt-in stamps every score line, the compliance block and the
 # returned results as non-record.
