@@ -58,6 +58,7 @@ import time
 import uuid
 import weakref
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -2154,6 +2155,7 @@ class WeightAverager:
 # Every score goes into a `ScoreLedger`: it commits each target once (a second commit raises), sums
 # loss, targets and bytes in float64, and is the only way adaptation code can read validation tokens:
 # `adaptation_tokens` hands out a span only once every target in it is committed on some rank (C3).
+# What the passes share (ranks, device, autocast, looping, the budget's checks, the log) is one `EvalContext`.
 
 
 class ScoreOrderError(RunError):
@@ -2166,6 +2168,28 @@ class EvalResult:
     val_bpb: float  # bits per UTF-8 byte
     num_targets: int
     num_bytes: int
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What every evaluation and TTT pass of one model shares, passed as one argument: the process
+    (`rt`: rank, world size, device, control group), the autocast context factory, whether the model
+    runs its loop, the check that cuts a pass whose budget ran out (`stop()`, checked before each
+    batch), the TTT adaptation budget and the log."""
+
+    rt: Runtime
+    autocast: Callable = contextlib.nullcontext
+    looping: bool = False
+    stop: Callable[[], bool] | None = None
+    budget: AdaptationBudget | None = None
+    log: Callable[[str], None] = lambda msg: None
+
+
+def check_stop(stop, done: int, total: int, unit: str) -> None:
+    """End a pass whose budget ran out (`stop()`, alike on every rank): a partial score is never reported."""
+    if stop is not None and stop():
+        raise RunError(f"evaluation budget (MAX_EVAL_SECONDS) ran out; cut: the final score after {done} of {total} "
+                       f"{unit}, so no score is reported")
 
 
 def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
@@ -2319,36 +2343,30 @@ class ScoreLedger:
 
 
 @torch.no_grad()
-def score_windows(logits_fn, ledger: ScoreLedger, spans: list[tuple[int, int]], *, seq_len: int, batch_seqs: int,
-                  rank: int, world_size: int, autocast=contextlib.nullcontext, stop=None) -> None:
-    """Score the windows `spans` (split across ranks, batched) into `ledger`.
-
-    `stop()`, checked before each batch, ends the evaluation with a RunError (a budget ran out):
-    a partial score is never reported."""
+def score_windows(logits_fn, ledger: ScoreLedger, spans: list[tuple[int, int]], ctx: EvalContext, *, seq_len: int,
+                  batch_seqs: int) -> None:
+    """Score the windows `spans` (split across ranks, batched) into `ledger`; `ctx.stop` can cut it."""
+    rank, world_size = ctx.rt.rank, ctx.rt.world_size
     plans = [plan_window_batches(rank_share(spans, r, world_size), seq_len, batch_seqs) for r in range(world_size)]
     num_rounds = max(len(p) for p in plans)  # every rank runs as many rounds, so `stop` stays collective
     for round_idx in range(num_rounds):
-        if stop is not None and stop():
-            raise RunError(f"evaluation budget (MAX_EVAL_SECONDS) ran out; cut: the final score after "
-                           f"{round_idx} of {num_rounds} batches, so no score is reported")
+        check_stop(ctx.stop, round_idx, num_rounds, "batches")
         if round_idx >= len(plans[rank]):
             continue
         batch = plans[rank][round_idx]
         x, y, mask = ledger.window_rows(batch, seq_len, pad_rows=batch_seqs)
-        with autocast():
+        with ctx.autocast():
             logits = logits_fn(x)
         ledger.commit(batch, logits, x, y, mask)
 
 
-def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, *, seq_len: int, batch_seqs: int,
-             rank: int, world_size: int, device: torch.device, autocast=contextlib.nullcontext,
-             stop=None, stride: int = 0, group=None) -> EvalResult:
+def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, ctx: EvalContext, *, seq_len: int, batch_seqs: int,
+             stride: int = 0) -> EvalResult:
     """Score every validation target once with `logits_fn(input_ids) -> logits` (B, T, V): flat
     windows (stride 0 or >= seq_len) or sliding ones; checks that every target was scored once."""
-    ledger = ScoreLedger(val_tokens, luts, device, group=group)
+    ledger = ScoreLedger(val_tokens, luts, ctx.rt.device, group=ctx.rt.control_group)
     spans = plan_windows(ledger.num_targets, seq_len, stride or seq_len)
-    score_windows(logits_fn, ledger, spans, seq_len=seq_len, batch_seqs=batch_seqs, rank=rank,
-                  world_size=world_size, autocast=autocast, stop=stop)
+    score_windows(logits_fn, ledger, spans, ctx, seq_len=seq_len, batch_seqs=batch_seqs)
     check_scored_once(ledger)
     return ledger.result()
 
@@ -2380,35 +2398,24 @@ def check_scored_once(ledger: ScoreLedger) -> None:
 # adaptation stops for good and the rest is scored plainly.
 
 
-@dataclass(frozen=True)
-class TTTSettings:
-    seq_len: int
-    stride: int
-    chunk_tokens: int = 32768
-    epochs: int = 3
-    lr: float = 0.005
-    momentum: float = 0.9
-    batch_seqs: int = 32  # sequences per SGD step, over all ranks
-    grad_clip: float = 1.0
-    freeze_blocks: int = 0
-    score_batch_seqs: int = 32  # windows per scoring forward, per rank
-    mode: str = "chunked"  # chunked | lora | phased
-    lora_rank: int = 8
-    lora_lr: float = 0.01
-    lora_alpha: float = 0.0  # adapter outputs scaled by alpha / rank; 0 = the rank (scale 1)
-    lora_beta1: float = 0.9
-    lora_beta2: float = 0.95
-    lora_wd: float = 0.0
-    warm_start_a: bool = False
-    lora_k: bool = True  # adapters on attention k, the output projection, beside the MLP (q, v, head always)
-    lora_o: bool = True
-    lora_mlp: bool = True
-    doc_chunk: int = 48  # lora/phased: targets scored per step inside a document
-    docs_per_batch: int = 64  # lora/phased: documents each rank holds at a time (a round: this x world size)
-    prefix_docs: int = 2000  # phased: documents (in queue order) used by the global SGD phases
-    num_phases: int = 1
-    global_lr: float = 0.001
-    global_epochs: int = 1
+# Each TTTSettings field and the Hyperparameters knob it is read from (`ttt_settings`). A field has its
+# knob's type and default (and help text); seq_len, a computed value, has neither.
+TTT_KNOBS = {"seq_len": "effective_eval_seq_len", "stride": "eval_stride", "chunk_tokens": "ttt_chunk_tokens",
+             "epochs": "ttt_epochs", "lr": "ttt_lr", "momentum": "ttt_momentum", "batch_seqs": "ttt_batch_seqs",
+             "grad_clip": "ttt_grad_clip", "freeze_blocks": "ttt_freeze_blocks", "mode": "ttt_mode",
+             "lora_rank": "ttt_lora_rank", "lora_lr": "ttt_lora_lr", "lora_alpha": "ttt_lora_alpha",
+             "lora_beta1": "ttt_beta1", "lora_beta2": "ttt_beta2", "lora_wd": "ttt_weight_decay",
+             "warm_start_a": "ttt_warm_start_a", "lora_k": "ttt_k_lora", "lora_o": "ttt_o_lora",
+             "lora_mlp": "ttt_mlp_lora", "doc_chunk": "ttt_chunk_size",
+             "docs_per_batch": "ttt_batch_size",  # documents per rank at a time (a round: this x world size)
+             "prefix_docs": "phased_ttt_prefix_docs", "num_phases": "phased_ttt_num_phases",
+             "global_lr": "global_ttt_lr", "global_epochs": "global_ttt_epochs"}
+_KNOB_FIELDS = {f.name: f for f in fields(Hyperparameters)}
+TTTSettings = dataclasses.make_dataclass(
+    "TTTSettings", [("seq_len", int), ("score_batch_seqs", int, field(default=32))]  # windows per forward, per rank
+    + [(name, _KNOB_FIELDS[knob].type, field(default=_KNOB_FIELDS[knob].default))
+       for name, knob in TTT_KNOBS.items() if knob in _KNOB_FIELDS],
+    frozen=True, namespace={"__module__": __name__, "__doc__": "A TTT pass's settings: one field per TTT_KNOBS entry."})
 
 
 class AdaptationBudget:
@@ -2431,6 +2438,81 @@ class AdaptationBudget:
             return True
         self.stopped_at = where
         return False
+
+
+@dataclass(frozen=True)
+class TTTResult:
+    """What a TTT pass did, for the log and the compliance block."""
+
+    chunks: int  # chunks (chunked) or rounds (lora, phased)
+    trained_chunks: int  # of them, those that adapted
+    steps: int  # optimizer steps, global SGD steps included
+    score_ms: float  # time of plain scoring
+    adapt_ms: float  # time of adapting (chunks, rounds and global phases that adapted)
+    stopped_at: str | None  # where the budget stopped adaptation; None = never
+    global_steps: int = 0
+    adapted_targets: int = 0  # over all ranks (set by `evaluate_artifact`)
+
+
+class TTTTracker:
+    """What both TTT forms share: the pass's clock in ms (the budget's when it has a cap, read after
+    the device's queued work; else the host's), the time spent scoring and adapting, the budget
+    decisions (logging where adaptation stops for good), and the result."""
+
+    def __init__(self, ctx: EvalContext, device: torch.device):
+        self.ctx, self.device = ctx, device
+        self.budgeted = ctx.budget is not None and ctx.budget.cap_ms is not None
+        self.ms = {"score": 0.0, "adapt": 0.0}
+
+    def start(self, settings: str, nothing_to_adapt: str | None) -> None:
+        self.ctx.log(f"ttt:start {settings}")
+        if nothing_to_adapt is not None:
+            self.ctx.log(f"ttt:warning this pass adapts on nothing: {nothing_to_adapt}; its score is the plain score")
+
+    def now(self) -> float:
+        if not self.budgeted:
+            return 1000.0 * time.perf_counter()
+        device_sync(self.device)
+        return self.ctx.budget.elapsed_ms()
+
+    def add(self, kind: str, since_ms: float) -> None:
+        self.ms[kind] += self.now() - since_ms
+
+    @property
+    def stopped_at(self) -> str | None:
+        return None if self.ctx.budget is None else self.ctx.budget.stopped_at
+
+    def allows(self, next_ms: float, plain_ms_left: float, where: str, left: str) -> bool:
+        """Whether the next adaptation step fits (always, without a budget); `left` names what remains."""
+        budget = self.ctx.budget
+        if budget is None or budget.allows(next_ms, plain_ms_left, where):
+            return True
+        if budget.stopped_at == where:
+            self.ctx.log(f"ttt:adaptation_stopped at {where}: the eval budget leaves room only for scoring the "
+                         f"remaining {left} without adaptation")
+        return False
+
+    def result(self, chunks: int, trained_chunks: int, steps: int, global_steps: int = 0) -> TTTResult:
+        return TTTResult(chunks, trained_chunks, steps, self.ms["score"], self.ms["adapt"], self.stopped_at,
+                         global_steps)
+
+
+@contextlib.contextmanager
+def frozen(params):
+    """`params` take no gradient inside the block (those that did get it back after)."""
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def cosine_lr(lr: float, i: int, n: int) -> float:
+    """`lr` cosine-decayed from step 0 to 0 at step n - 1."""
+    return lr * 0.5 * (1 + math.cos(math.pi * i / max(n - 1, 1)))
 
 
 def chunk_windows(spans: list[tuple[int, int]], chunk_tokens: int) -> list[list[tuple[int, int]]]:
@@ -2465,9 +2547,8 @@ def average_gradients(params: list[torch.Tensor]) -> None:
         offset += p.numel()
 
 
-def adapt_full_model(model: GPT, ledger: ScoreLedger, spans: list[tuple[int, int]], optimizer, *, lr: float,
-                     epochs: int, seq_len: int, batch_seqs: int, grad_clip: float, rank: int, world_size: int,
-                     looping: bool, autocast=contextlib.nullcontext, before_step=None) -> int:
+def adapt_full_model(model: GPT, ledger: ScoreLedger, spans: list[tuple[int, int]], optimizer, ctx: EvalContext, *,
+                     lr: float, epochs: int, seq_len: int, batch_seqs: int, grad_clip: float, before_step=None) -> int:
     """Full-model SGD on the committed targets `spans`, `epochs` passes; returns the steps taken.
 
     Step j takes pieces [j*B, (j+1)*B) of all ranks' pieces; each rank its contiguous share. The
@@ -2486,7 +2567,7 @@ def adapt_full_model(model: GPT, ledger: ScoreLedger, spans: list[tuple[int, int
                 return steps
             step_pieces = pieces[j : j + batch_seqs]
             total_targets = sum(hi - lo for lo, hi in step_pieces)
-            mine = rank_share(step_pieces, rank, world_size)
+            mine = rank_share(step_pieces, ctx.rt.rank, ctx.rt.world_size)
             if mine:
                 width = max(hi - lo for lo, hi in mine)
                 x = torch.zeros(len(mine), width, dtype=torch.int64)
@@ -2495,8 +2576,8 @@ def adapt_full_model(model: GPT, ledger: ScoreLedger, spans: list[tuple[int, int
                     tokens = ledger.adaptation_tokens(lo, hi)
                     x[i, : hi - lo], y[i, : hi - lo] = tokens[:-1], tokens[1:]
                 x, y = x.to(ledger.device), y.to(ledger.device)
-                with autocast():
-                    logits = model.forward_logits(x, looping)
+                with ctx.autocast():
+                    logits = model.forward_logits(x, ctx.looping)
                 loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
                                        ignore_index=-100, reduction="sum") / total_targets
                 loss.backward()
@@ -2510,65 +2591,42 @@ def adapt_full_model(model: GPT, ledger: ScoreLedger, spans: list[tuple[int, int
     return steps
 
 
-def ttt_chunked(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, rank: int, world_size: int,
-                looping: bool, logits_fn=None, autocast=contextlib.nullcontext, stop=None,
-                budget: AdaptationBudget | None = None, log=lambda msg: None) -> dict:
-    """Score-first chunked TTT over the whole stream (R0409 form). Scores go into `ledger`; returns
-    counts for the log and the compliance block."""
+def ttt_chunked(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContext, logits_fn=None) -> TTTResult:
+    """Score-first chunked TTT over the whole stream (R0409 form). Scores go into `ledger`."""
     logits_fn = logits_fn or model.forward_logits
-    s = settings
     groups = chunk_windows(plan_windows(ledger.num_targets, s.seq_len, s.stride or s.seq_len), s.chunk_tokens)
-    frozen = [p for block in model.blocks[: s.freeze_blocks] for p in block.parameters()]
-    for p in frozen:
-        p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum)
-    log(f"ttt:start mode:chunked chunks:{len(groups)} ttt_lr:{s.lr} ttt_epochs:{s.epochs} "
-        f"chunk_tokens:{s.chunk_tokens} frozen_blocks:{s.freeze_blocks} params:{sum(p.numel() for p in params)}")
-    reason = nothing_to_adapt(s, ledger.num_targets)
-    if reason is not None:
-        log(f"ttt:warning this pass adapts on nothing: {reason}; its score is the plain score")
-    windows_left = sum(len(g) for g in groups)
-    score_ms = adapt_ms = 0.0
-    windows_scored = steps = trained_chunks = 0
-    trained_upto = 0  # targets 1..trained_upto have been (or will never be) trained on
-
-    def t_clock() -> float:  # seconds; under a budget its own clock, read after the device's queued work
-        if budget is None or budget.cap_ms is None:
-            return time.perf_counter()
-        device_sync(ledger.device)
-        return budget.elapsed_ms() / 1000.0
-
-    for ci, group in enumerate(groups):
-        t0 = t_clock()
-        score_windows(lambda x: logits_fn(x, looping), ledger, group, seq_len=s.seq_len,
-                      batch_seqs=s.score_batch_seqs, rank=rank, world_size=world_size, autocast=autocast, stop=stop)
-        score_ms += 1000.0 * (t_clock() - t0)
-        windows_scored += len(group)
-        windows_left -= len(group)
-        lo, hi = trained_upto, group[-1][1]
-        if ci == len(groups) - 1 or s.epochs == 0:
-            continue  # the last chunk never trains: nothing is left to score with what it would teach
-        plain_ms_left = score_ms / windows_scored * windows_left
-        if budget is not None and not budget.allows(adapt_ms / max(trained_chunks, 1), plain_ms_left,
-                                                    f"chunk {ci + 1}/{len(groups)}"):
-            if budget.stopped_at == f"chunk {ci + 1}/{len(groups)}":
-                log(f"ttt:adaptation_stopped at chunk {ci + 1}/{len(groups)}: the eval budget leaves room only for "
-                    f"scoring the remaining {ledger.num_targets - hi} targets without adaptation")
-            continue
-        t0 = t_clock()
-        ledger.share(lo, hi)
-        lr = s.lr * 0.5 * (1 + math.cos(math.pi * ci / max(len(groups) - 1, 1)))
-        steps += adapt_full_model(model, ledger, [(lo, hi)], optimizer, lr=lr, epochs=s.epochs, seq_len=s.seq_len,
-                           batch_seqs=s.batch_seqs, grad_clip=s.grad_clip, rank=rank, world_size=world_size,
-                           looping=looping, autocast=autocast)
-        trained_upto = hi
-        trained_chunks += 1
-        adapt_ms += 1000.0 * (t_clock() - t0)
-    for p in frozen:
-        p.requires_grad_(True)
-    return dict(chunks=len(groups), trained_chunks=trained_chunks, steps=steps, score_ms=score_ms,
-                adapt_ms=adapt_ms, stopped_at=budget.stopped_at if budget is not None else None)
+    tracker = TTTTracker(ctx, ledger.device)
+    with frozen(p for block in model.blocks[: s.freeze_blocks] for p in block.parameters()):
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum)
+        tracker.start(f"mode:chunked chunks:{len(groups)} ttt_lr:{s.lr} ttt_epochs:{s.epochs} chunk_tokens:"
+                      f"{s.chunk_tokens} frozen_blocks:{s.freeze_blocks} params:{sum(p.numel() for p in params)}",
+                      nothing_to_adapt(s, ledger.num_targets))
+        windows_left = sum(len(g) for g in groups)
+        windows_scored = steps = trained_chunks = 0
+        trained_upto = 0  # targets 1..trained_upto have been (or will never be) trained on
+        for ci, group in enumerate(groups):
+            t0 = tracker.now()
+            score_windows(lambda x: logits_fn(x, ctx.looping), ledger, group, ctx, seq_len=s.seq_len,
+                          batch_seqs=s.score_batch_seqs)
+            tracker.add("score", t0)
+            windows_scored += len(group)
+            windows_left -= len(group)
+            lo, hi = trained_upto, group[-1][1]
+            if ci == len(groups) - 1 or s.epochs == 0:
+                continue  # the last chunk never trains: nothing is left to score with what it would teach
+            plain_ms_left = tracker.ms["score"] / windows_scored * windows_left
+            if not tracker.allows(tracker.ms["adapt"] / max(trained_chunks, 1), plain_ms_left,
+                                  f"chunk {ci + 1}/{len(groups)}", f"{ledger.num_targets - hi} targets"):
+                continue
+            t0 = tracker.now()
+            ledger.share(lo, hi)
+            steps += adapt_full_model(model, ledger, [(lo, hi)], optimizer, ctx, lr=cosine_lr(s.lr, ci, len(groups)),
+                                      epochs=s.epochs, seq_len=s.seq_len, batch_seqs=s.batch_seqs,
+                                      grad_clip=s.grad_clip)
+            trained_upto, trained_chunks = hi, trained_chunks + 1
+            tracker.add("adapt", t0)
+    return tracker.result(len(groups), trained_chunks, steps)
 
 
 # TTT_MODE=lora (R0317/R0427 form): every document gets its own low-rank adapters, one per virtual
@@ -2617,6 +2675,16 @@ def document_spans(tokens: torch.Tensor) -> list[tuple[int, int]]:
     """Target spans (a, b] of each document: from its BOS to the next BOS (included) or the end."""
     bos = (tokens == BOS_ID).nonzero().flatten().tolist() + [tokens.numel() - 1]
     return [(a, b) for a, b in zip(bos, bos[1:]) if b > a]
+
+
+def document_queue(tokens: torch.Tensor) -> list[tuple[int, int]]:
+    """The documents in the order document TTT takes them: longest first, then in stream order."""
+    return sorted(document_spans(tokens), key=lambda d: (-(d[1] - d[0]), d[0]))
+
+
+def phase_boundaries(prefix_docs: int, num_phases: int) -> list[int]:
+    """Phased TTT: global phase k trains on the first boundaries[k] documents of the queue."""
+    return [prefix_docs * (k + 1) // num_phases for k in range(num_phases)]
 
 
 def device_sync(device: torch.device) -> None:
@@ -2768,9 +2836,8 @@ def round_steps(docs: list[tuple[int, int]], chunk: int, seq_len: int) -> list[t
     return [(step_width(i, chunk, seq_len), any(i < n - 1 for n in counts)) for i in range(max(counts, default=0))]
 
 
-def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lora: DocLoRA, s: TTTSettings, *,
-               looping: bool, num_steps: int, forward=lora_logits, before_step=None,
-               autocast=contextlib.nullcontext) -> tuple[int, int]:
+def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lora: DocLoRA, s: TTTSettings,
+               ctx: EvalContext, *, num_steps: int, forward=lora_logits, before_step=None) -> tuple[int, int]:
     """Score this rank's documents of one round, document i on adapter row i, and train their adapters
     at each step `before_step(i, width, trains)` allows (called on every rank for each of the round's
     `num_steps`, so budget decisions stay collective; once it refuses, it refuses for good). Returns
@@ -2796,13 +2863,12 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lor
         starts = [max(docs[d][0], b - s.seq_len) for d, (_, b) in zip(rows, spans)]
         x, positions, x_at, y_at, mask = ledger.document_rows(spans, starts, rows=rows, num_rows=lora.num_rows,
                                                               width=width, chunk=chunk)
-        with torch.enable_grad(), autocast():  # one graph per width: steps that train nothing skip the backward
-            logits = forward(lora, model, x, positions, looping)
+        with torch.enable_grad(), ctx.autocast():  # one graph per width: steps that train nothing skip the backward
+            logits = forward(lora, model, x, positions, ctx.looping)
         ledger.commit(spans, logits.detach(), x_at, y_at, mask)  # scores fixed before the update below
         if not train_rows:
             continue
-        labels = torch.zeros(lora.num_rows, chunk, dtype=torch.int64)
-        weights = torch.zeros(lora.num_rows, chunk)
+        labels, weights = torch.zeros(lora.num_rows, chunk, dtype=torch.int64), torch.zeros(lora.num_rows, chunk)
         for d in train_rows:  # each document's mean loss over the chunk it just committed
             a, b = chunks[d][i]
             labels[d, : b - a] = ledger.adaptation_tokens(a, b)[1:]
@@ -2816,32 +2882,31 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lor
     return steps, adapting
 
 
-def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], s: TTTSettings, *, rank: int,
-                     world_size: int, looping: bool, autocast=contextlib.nullcontext, before_step=None) -> int:
+def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], s: TTTSettings, ctx: EvalContext,
+                     *, before_step=None) -> int:
     """Full-model SGD over already-scored documents (in queue order), cosine LR over groups of about
-    TTT_CHUNK_TOKENS targets. Every rank calls it with the same documents. `before_step()` returning
-    False (on every rank alike) ends the phase there."""
+    TTT_CHUNK_TOKENS targets. Every rank calls it with the same documents. `before_step(n)` before
+    the phase's step n = 1, 2, ... returning False (on every rank alike) ends the phase there."""
     ledger.share(0, ledger.num_targets)
     groups: list[list[tuple[int, int]]] = [[]]
     for d in docs:
         if sum(b - a for a, b in groups[-1]) >= s.chunk_tokens:
             groups.append([])
         groups[-1].append(d)
-    params = [p for p in model.parameters()]
-    optimizer = torch.optim.SGD(params, lr=s.global_lr, momentum=s.momentum)
-    steps, refused = 0, []
+    optimizer = torch.optim.SGD(list(model.parameters()), lr=s.global_lr, momentum=s.momentum)
+    steps = asked = 0
+    refused = False
 
     def gate() -> bool:
-        if before_step is None or before_step():
-            return True
-        refused.append(True)
-        return False
+        nonlocal asked, refused
+        asked += 1
+        refused = before_step is not None and not before_step(asked)
+        return not refused
 
     for gi, group in enumerate(groups):
-        lr = s.global_lr * 0.5 * (1 + math.cos(math.pi * gi / max(len(groups) - 1, 1)))
-        steps += adapt_full_model(model, ledger, group, optimizer, lr=lr, epochs=s.global_epochs, seq_len=s.seq_len,
-                           batch_seqs=s.batch_seqs, grad_clip=s.grad_clip, rank=rank, world_size=world_size,
-                           looping=looping, autocast=autocast, before_step=gate)
+        steps += adapt_full_model(model, ledger, group, optimizer, ctx, lr=cosine_lr(s.global_lr, gi, len(groups)),
+                                  epochs=s.global_epochs, seq_len=s.seq_len, batch_seqs=s.batch_seqs,
+                                  grad_clip=s.grad_clip, before_step=gate)
         if refused:
             break
     return steps
@@ -2851,17 +2916,21 @@ class StepCosts:
     """Measured milliseconds of each kind of step (('plain', width), ('adapt', width), 'global'): the
     mean of its timings so far. A plain step never measured is bounded by the adapting step of its width."""
 
-    def __init__(self, clock_ms, device: torch.device):
-        self.clock_ms, self.device = clock_ms, device
+    def __init__(self, now):
+        self.now = now  # the pass's clock (ms)
         self.sums: dict = {}
-
-    def now(self) -> float:
-        device_sync(self.device)
-        return self.clock_ms()
+        self.running = None  # (kind, start) of the step being timed
 
     def add(self, kind, ms: float) -> None:
         total, n = self.sums.get(kind, (0.0, 0))
         self.sums[kind] = (total + ms, n + 1)
+
+    def lap(self, kind) -> None:
+        """Close the timing of the step in flight, if any, and open one of `kind` (None: nothing)."""
+        now = self.now()
+        if self.running is not None:
+            self.add(self.running[0], now - self.running[1])
+        self.running = None if kind is None else (kind, now)
 
     def ms(self, kind) -> float:
         if kind not in self.sums and isinstance(kind, tuple) and kind[0] == "plain":
@@ -2873,8 +2942,8 @@ class StepCosts:
         return sum(self.ms(("plain", w)) * n for w, n in widths.items())
 
 
-def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: list[int], *, looping: bool,
-                           forward=lora_logits, autocast=contextlib.nullcontext, costs: StepCosts | None = None) -> None:
+def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: list[int], ctx: EvalContext, *,
+                           forward=lora_logits, costs: StepCosts | None = None) -> None:
     """At each width, on full rows of synthetic tokens: an adapting step (forward, backward, AdamW),
     which compiles the width's graph; with `costs`, then a timed plain step (the forward) and a timed
     adapting one, the budget's step costs before the first validation step. The adapters are reset
@@ -2888,8 +2957,8 @@ def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: li
         x, positions = x.to(device), positions.to(device)
         for kind, timed in [("adapt", False)] + ([("plain", True), ("adapt", True)] if costs is not None else []):
             t0 = costs.now() if timed else 0.0
-            with torch.enable_grad(), autocast():  # as in `lora_round`
-                logits = forward(lora, model, x, positions, looping)
+            with torch.enable_grad(), ctx.autocast():  # as in `lora_round`
+                logits = forward(lora, model, x, positions, ctx.looping)
             if kind == "adapt":
                 logits.float().logsumexp(-1).mean().backward()
                 optimizer.step()
@@ -2898,8 +2967,7 @@ def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: li
                 costs.add((kind, width), costs.now() - t0)
 
 
-def measure_global_step(model: GPT, s: TTTSettings, *, rank: int, world_size: int, looping: bool,
-                        autocast=contextlib.nullcontext, costs: StepCosts) -> None:
+def measure_global_step(model: GPT, s: TTTSettings, ctx: EvalContext, costs: StepCosts) -> None:
     """Time one full global SGD step (TTT_BATCH_SEQS sequences of EVAL_SEQ_LEN, over all ranks) on
     synthetic tokens, after an untimed one; every weight is put back."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -2908,9 +2976,8 @@ def measure_global_step(model: GPT, s: TTTSettings, *, rank: int, world_size: in
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=s.momentum)
     for timed in (False, True):
         t0 = costs.now()
-        adapt_full_model(model, source, [(0, source.num_targets)], optimizer, lr=0.0, epochs=1, seq_len=s.seq_len,
-                         batch_seqs=s.batch_seqs, grad_clip=s.grad_clip, rank=rank, world_size=world_size,
-                         looping=looping, autocast=autocast)
+        adapt_full_model(model, source, [(0, source.num_targets)], optimizer, ctx, lr=0.0, epochs=1, seq_len=s.seq_len,
+                         batch_seqs=s.batch_seqs, grad_clip=s.grad_clip)
         if timed:
             costs.add("global", costs.now() - t0)
     model.load_state_dict(saved)
@@ -2940,138 +3007,94 @@ def nothing_to_adapt(s: TTTSettings, num_targets: int, queue: list[tuple[int, in
             + ")")
 
 
-def ttt_documents(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, rank: int, world_size: int,
-                  looping: bool, lora_forward=None, autocast=contextlib.nullcontext, stop=None,
-                  budget: AdaptationBudget | None = None, log=lambda msg: None) -> dict:
+def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContext, lora_forward=None) -> TTTResult:
     """Per-document LoRA TTT (mode lora) or phased TTT (mode phased) over the whole stream.
     `lora_forward` is `lora_logits` or a compiled form of it."""
-    s = settings
-    forward = lora_forward or lora_logits
-    queue = sorted(document_spans(ledger.tokens), key=lambda d: (-(d[1] - d[0]), d[0]))  # longest first
-    per_rank, round_docs = s.docs_per_batch, s.docs_per_batch * world_size
+    forward, rank = lora_forward or lora_logits, ctx.rt.rank
+    queue = document_queue(ledger.tokens)
+    per_rank, round_docs = s.docs_per_batch, s.docs_per_batch * ctx.rt.world_size
     rounds = [queue[j : j + round_docs] for j in range(0, len(queue), round_docs)]
     mine = [r[rank * per_rank : (rank + 1) * per_rank] for r in rounds]
     chunk = min(s.doc_chunk, s.seq_len)
-    plans = [round_steps(docs, chunk, s.seq_len) for docs in mine]  # this rank's steps
     num_steps = [len(document_chunks(r[0], chunk)) for r in rounds]  # every rank's most (the longest is first)
-    phased = s.mode == "phased"
-    prefix = min(s.prefix_docs, len(queue))
-    boundaries = [prefix * (k + 1) // s.num_phases for k in range(s.num_phases)] if phased else []
-    lora = DocLoRA(model, per_rank, s, ledger.device, looping)
-    widths = sorted({w for plan in plans for w, _ in plan})
-    log(f"ttt:start mode:{s.mode} docs:{len(queue)} rounds:{len(rounds)} docs_per_rank:{per_rank} "
-        f"window_widths:{window_widths(chunk, s.seq_len)} lora_rank:{s.lora_rank} "
-        f"lora_alpha:{s.lora_alpha or s.lora_rank:g} lora_lr:{s.lora_lr} warm_start_a:{int(s.warm_start_a)} "
-        f"adapters:{len(lora.a)} chunk_size:{s.doc_chunk}" + (f" prefix_docs:{prefix} num_phases:{s.num_phases} "
-                                                               f"boundaries:{boundaries}" if phased else ""))
-    reason = nothing_to_adapt(s, ledger.num_targets, queue, round_docs)
-    if reason is not None:
-        log(f"ttt:warning this pass adapts on nothing: {reason}; its score is the plain score")
-    base_params = [p for p in model.parameters() if p.requires_grad]
-    budgeted = budget is not None and budget.cap_ms is not None
-    costs = StepCosts(budget.elapsed_ms if budgeted else (lambda: 0.0), ledger.device)
-    remaining = collections.Counter(w for plan in plans for w, _ in plan)  # plain steps left, by width
-    if budgeted:
-        for p in base_params:
-            p.requires_grad_(False)
-        measure_document_steps(model, lora, s, widths, looping=looping, forward=forward, autocast=autocast,
-                               costs=costs)
-        for p in base_params:
-            p.requires_grad_(True)
+    phased, prefix = s.mode == "phased", min(s.prefix_docs, len(queue))
+    boundaries = phase_boundaries(prefix, s.num_phases) if phased else []
+    lora = DocLoRA(model, per_rank, s, ledger.device, ctx.looping)
+    tracker = TTTTracker(ctx, ledger.device)
+    tracker.start(f"mode:{s.mode} docs:{len(queue)} rounds:{len(rounds)} docs_per_rank:{per_rank} "
+                  f"window_widths:{window_widths(chunk, s.seq_len)} lora_rank:{s.lora_rank} "
+                  f"lora_alpha:{s.lora_alpha or s.lora_rank:g} lora_lr:{s.lora_lr} warm_start_a:{int(s.warm_start_a)} "
+                  f"adapters:{len(lora.a)} chunk_size:{s.doc_chunk}"
+                  + (f" prefix_docs:{prefix} num_phases:{s.num_phases} boundaries:{boundaries}" if phased else ""),
+                  nothing_to_adapt(s, ledger.num_targets, queue, round_docs))
+    costs = StepCosts(tracker.now)
+    # plain steps left on this rank, by width
+    remaining = collections.Counter(w for docs in mine for w, _ in round_steps(docs, chunk, s.seq_len))
+    if tracker.budgeted:
+        with frozen(model.parameters()):
+            measure_document_steps(model, lora, s, sorted(remaining), ctx, forward=forward, costs=costs)
         if phased and s.global_epochs > 0 and prefix > 0:
-            measure_global_step(model, s, rank=rank, world_size=world_size, looping=looping, autocast=autocast,
-                                costs=costs)
-    last = [None, 0.0]  # the step being timed (its kind) and its start
+            measure_global_step(model, s, ctx, costs)
 
-    def timed(kind) -> None:
-        """Close the timing of the step in flight and open one of `kind` (None: nothing in flight)."""
-        now = costs.now()
-        if last[0] is not None:
-            costs.add(last[0], now - last[1])
-        last[:] = [kind, now]
+    def allows(next_ms: float, where: str) -> bool:  # under a budget only
+        return tracker.allows(next_ms, costs.plain_ms(remaining), where, f"{sum(remaining.values())} chunk steps on "
+                                                                         "this rank")
 
-    def allows(next_ms: float, where: str) -> bool:
-        if budget is None:
-            return True
-        ok = budget.allows(next_ms, costs.plain_ms(remaining), where)
-        if not ok and budget.stopped_at == where:
-            log(f"ttt:adaptation_stopped at {where}: the eval budget leaves room only for scoring the remaining "
-                f"{sum(remaining.values())} chunk steps on this rank without adaptation")
-        return ok
-
-    t_clock = time.perf_counter
-    score_ms = adapt_ms = 0.0  # time of plain rounds / of adapting rounds (with their global phases)
     steps = global_steps = phases_done = trained_rounds = 0
     for j in range(len(rounds)):
-        if stop is not None and stop():
-            raise RunError(f"evaluation budget (MAX_EVAL_SECONDS) ran out; cut: the final score after {j} of "
-                           f"{len(rounds)} TTT rounds, so no score is reported")
-        t0 = t_clock()
+        check_stop(ctx.stop, j, len(rounds), "TTT rounds")
+        t0 = tracker.now()
 
         def before_step(i: int, width: int | None, trains: bool) -> bool:
             if width is not None:
                 remaining[width] -= 1
-            if not budgeted:
-                return budget is None or budget.stopped_at is None
+            if not tracker.budgeted:
+                return True
             kind = None if width is None else ("adapt" if trains else "plain", width)
             ok = allows(0.0 if kind is None else costs.ms(kind), f"round {j + 1}/{len(rounds)} step {i + 1}/"
                                                                   f"{num_steps[j]}")
-            timed(None if kind is None else kind if ok else ("plain", width))
+            costs.lap(None if kind is None else kind if ok else ("plain", width))
             return ok
 
-        for p in base_params:
-            p.requires_grad_(False)  # only the adapters learn inside a round
-        round_steps_done, adapted = lora_round(model, ledger, mine[j], lora, s, looping=looping,
-                                               num_steps=num_steps[j], forward=forward, before_step=before_step,
-                                               autocast=autocast)
-        if budgeted:
-            timed(None)
-        steps += round_steps_done
-        for p in base_params:
-            p.requires_grad_(True)
-        if adapted:
-            adapt_ms += 1000.0 * (t_clock() - t0)
-            trained_rounds += 1
-        else:
-            score_ms += 1000.0 * (t_clock() - t0)
+        with frozen(model.parameters()):  # only the adapters learn inside a round
+            done, adapted = lora_round(model, ledger, mine[j], lora, s, ctx, num_steps=num_steps[j], forward=forward,
+                                       before_step=before_step)
+        costs.lap(None)
+        steps += done
+        trained_rounds += bool(adapted)
+        tracker.add("adapt" if adapted else "score", t0)
         done_docs = min((j + 1) * round_docs, len(queue))
-        while phased and phases_done < len(boundaries) and boundaries[phases_done] <= done_docs:
+        while phases_done < len(boundaries) and boundaries[phases_done] <= done_docs:
+            phase = f"{phases_done + 1}/{len(boundaries)}"
             if done_docs == len(queue):  # every document is scored: what the phase would learn reaches no score
-                log(f"ttt:global_phase {phases_done + 1}/{len(boundaries)} skipped: no document is left to score")
-            elif budget is None or budget.stopped_at is None:
-                t0 = t_clock()
-                where = f"global phase {phases_done + 1}/{len(boundaries)}"
-                counter = [0]
+                ctx.log(f"ttt:global_phase {phase} skipped: no document is left to score")
+            elif tracker.stopped_at is None:
+                t0 = tracker.now()
 
-                def before_global_step() -> bool:
-                    counter[0] += 1
-                    if not budgeted:
+                def before_global_step(n: int) -> bool:
+                    if not tracker.budgeted:
                         return True
-                    ok = allows(costs.ms("global"), f"{where} step {counter[0]}")
-                    timed("global" if ok else None)
+                    ok = allows(costs.ms("global"), f"global phase {phase} step {n}")
+                    costs.lap("global" if ok else None)
                     return ok
 
-                phase_steps = global_sgd_phase(model, ledger, queue[: boundaries[phases_done]], s, rank=rank,
-                                               world_size=world_size, looping=looping, autocast=autocast,
+                phase_steps = global_sgd_phase(model, ledger, queue[: boundaries[phases_done]], s, ctx,
                                                before_step=before_global_step)
-                if budgeted:
-                    timed(None)
+                costs.lap(None)
                 global_steps += phase_steps
-                log(f"ttt:global_phase {phases_done + 1}/{len(boundaries)} docs_scored:{done_docs} "
-                    f"docs_trained:{boundaries[phases_done]} steps:{phase_steps} time:{t_clock() - t0:.1f}s")
-                adapt_ms += 1000.0 * (t_clock() - t0)
+                ctx.log(f"ttt:global_phase {phase} docs_scored:{done_docs} docs_trained:{boundaries[phases_done]} "
+                        f"steps:{phase_steps} time:{(tracker.now() - t0) / 1000:.1f}s")
+                tracker.add("adapt", t0)
             phases_done += 1
     model.eval()
-    return dict(chunks=len(rounds), trained_chunks=trained_rounds, steps=steps + global_steps, score_ms=score_ms,
-                adapt_ms=adapt_ms, stopped_at=budget.stopped_at if budget is not None else None,
-                global_steps=global_steps)
+    return tracker.result(len(rounds), trained_rounds, steps + global_steps, global_steps)
 
 
 # PRE-QUANTIZATION TTT, the seeds' technique in its legal form: after training and before export, the
 # full-precision weights take PREQUANT_TTT_EPOCHS AdamW passes over PREQUANT_TTT_TOKENS tokens of
 # *training* data (the tail of the last training shard). That reads training data, so it happens
-# inside the training budget: its cost is measured before training (a few steps on the same slice,
-# weights restored) and reserved from the training time (PhaseClock.reserve_ms). The seeds adapted on
+# inside the training budget: its cost is measured before training (a warm-up and a timed step on the
+# same slice, weights restored) and reserved from the training time (PhaseClock.reserve_ms). The seeds adapted on
 # the validation tokens before scoring them, which breaks C3: PREQUANT_TTT_SOURCE=val is refused
 # unless ALLOW_VAL_ADAPTATION=1, and that opt-in stamps every score line, the compliance block and the
 # returned results as non-record.
@@ -3099,15 +3122,13 @@ def prequant_ttt_tokens(hp: Hyperparameters, train_files: list[str],
     return tail[-min(hp.prequant_ttt_tokens + 1, tail.numel()) :], "train"
 
 
-def prequant_ttt(model: GPT, tokens: torch.Tensor, *, seq_len: int, epochs: int, lr: float, batch_seqs: int,
-                 grad_clip: float, rank: int, world_size: int, looping: bool, device: torch.device,
-                 autocast=contextlib.nullcontext) -> int:
+def prequant_ttt(model: GPT, tokens: torch.Tensor, ctx: EvalContext, *, seq_len: int, epochs: int, lr: float,
+                 batch_seqs: int, grad_clip: float) -> int:
     """AdamW passes over `tokens` (cut into seq_len pieces, split across ranks, gradients averaged)."""
-    source = TrainingTokens(tokens, device)
+    source = TrainingTokens(tokens, ctx.rt.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    steps = adapt_full_model(model, source, [(0, source.num_targets)], optimizer, lr=lr, epochs=epochs,
-                             seq_len=seq_len, batch_seqs=batch_seqs, grad_clip=grad_clip, rank=rank,
-                             world_size=world_size, looping=looping, autocast=autocast)
+    steps = adapt_full_model(model, source, [(0, source.num_targets)], optimizer, ctx, lr=lr, epochs=epochs,
+                             seq_len=seq_len, batch_seqs=batch_seqs, grad_clip=grad_clip)
     optimizer.zero_grad(set_to_none=True)
     return steps
 
@@ -3117,28 +3138,27 @@ def prequant_ttt_steps(num_targets: int, seq_len: int, batch_seqs: int, epochs: 
     return epochs * math.ceil(pieces / batch_seqs)
 
 
-def measure_prequant_ttt_reserve(model: GPT, tokens: torch.Tensor, *, seq_len: int, epochs: int, lr: float,
-                                 batch_seqs: int, grad_clip: float, rank: int, world_size: int, looping: bool,
-                                 device: torch.device, autocast=contextlib.nullcontext,
-                                 rt: Runtime | None = None) -> tuple[float, int]:
+PREQUANT_TTT_RESERVE_MARGIN = 1.5  # reserve = measured pre-quantization TTT time x this
+
+
+def measure_prequant_ttt_reserve(model: GPT, tokens: torch.Tensor, ctx: EvalContext, *, seq_len: int, epochs: int,
+                                 lr: float, batch_seqs: int, grad_clip: float) -> tuple[float, int]:
     """Milliseconds to reserve for pre-quantization TTT: one step on its own data to warm up, then
-    one timed step (weights put back after), scaled to the full number of steps, plus 50% headroom.
-    Returns (ms, steps)."""
+    one timed step (weights put back after), scaled to the full number of steps, times
+    PREQUANT_TTT_RESERVE_MARGIN. Returns (ms, steps)."""
     steps = prequant_ttt_steps(tokens.numel() - 1, seq_len, batch_seqs, epochs)
     if steps == 0:
         return 0.0, 0
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     sample = tokens[: min(tokens.numel(), batch_seqs * seq_len + 1)]
-    kwargs = dict(seq_len=seq_len, epochs=1, lr=lr, batch_seqs=batch_seqs, grad_clip=grad_clip, rank=rank,
-                  world_size=world_size, looping=looping, device=device, autocast=autocast)
-    prequant_ttt(model, sample, **kwargs)  # first-step costs (allocation, kernel loading) are not per step
+    kwargs = dict(seq_len=seq_len, epochs=1, lr=lr, batch_seqs=batch_seqs, grad_clip=grad_clip)
+    prequant_ttt(model, sample, ctx, **kwargs)  # first-step costs (allocation, kernel loading) are not per step
     t0 = time.perf_counter()
-    measured = prequant_ttt(model, sample, **kwargs)
-    step_ms = 1000.0 * (time.perf_counter() - t0) / max(measured, 1)
-    if rt is not None:
-        step_ms = agree_max([step_ms], rt)[0]  # every rank must shorten its training budget alike
+    measured = prequant_ttt(model, sample, ctx, **kwargs)
+    # every rank must shorten its training budget alike
+    step_ms = agree_max([1000.0 * (time.perf_counter() - t0) / max(measured, 1)], ctx.rt)[0]
     model.load_state_dict(saved)
-    return 1.5 * step_ms * steps, steps
+    return PREQUANT_TTT_RESERVE_MARGIN * step_ms * steps, steps
 
 
 # ==================================================================================================
@@ -5382,49 +5402,40 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
     return artifact_path
 
 
-def compliance_lines(results: dict[str, EvalResult], ttt_info: dict | None, *, vocab_size: int, eval_ms: float,
-                     eval_cap_ms: float | None, causal_diff: float, prequant: dict | None = None,
-                     allow_val_adaptation: bool = False, calibration: str = "none") -> list[str]:
+def compliance_lines(results: dict[str, EvalResult], ttt_info: TTTResult | None, hp: Hyperparameters, *,
+                     eval_ms: float, eval_cap_ms: float | None, causal_diff: float,
+                     prequant: dict | None = None) -> list[str]:
     """The compliance block (conditions C1-C4 of the public field guide) and every data source
-    (`calibration`: where quantization calibration data came from, e.g. train or synthetic)."""
+    (calibration: where quantization calibration data came from, e.g. train or synthetic)."""
     targets = {r.num_targets for r in results.values()}
-    adapted = ttt_info is not None and ttt_info["adapted_targets"] > 0
+    adapted = ttt_info is not None and ttt_info.adapted_targets > 0
     val_prequant = prequant is not None and prequant["source"] == "validation"
-    if val_prequant:
-        c3 = (f"VIOLATED: pre-quantization TTT adapted the weights on {prequant['tokens'].numel()} validation tokens "
-              "before they were scored")
-    elif adapted:
-        c3 = (f"ok: {ttt_info['adapted_targets']} adaptation targets, each handed out by the ledger only after its "
-              "score was committed")
-    else:
-        c3 = "ok: no adaptation on validation tokens"
-    if prequant is None:
-        prequant_source = "none"
-    elif val_prequant:
-        prequant_source = "validation (before scoring: NON-RECORD)"
-    else:
-        prequant_source = (f"train ({prequant['tokens'].numel()} tokens, inside the training budget: "
-                           f"{int(prequant.get('within_cap', True))})")
-    over = eval_cap_ms is not None and eval_ms > eval_cap_ms
+    c3 = (f"VIOLATED: pre-quantization TTT adapted the weights on {prequant['tokens'].numel()} validation tokens "
+          "before they were scored" if val_prequant else
+          f"ok: {ttt_info.adapted_targets} adaptation targets, each handed out by the ledger only after its score was "
+          "committed" if adapted else "ok: no adaptation on validation tokens")
     prequant_ok = prequant is None or prequant.get("within_cap", True)
-    eligible = not over and len(targets) == 1 and not allow_val_adaptation and prequant_ok
-    track = "non-record (ALLOW_VAL_ADAPTATION=1)" if allow_val_adaptation else \
+    prequant_source = "none" if prequant is None else "validation (before scoring: NON-RECORD)" if val_prequant else (
+        f"train ({prequant['tokens'].numel()} tokens, inside the training budget: {int(prequant_ok)})")
+    over = eval_cap_ms is not None and eval_ms > eval_cap_ms
+    eligible = not over and len(targets) == 1 and not hp.allow_val_adaptation and prequant_ok
+    track = "non-record (ALLOW_VAL_ADAPTATION=1)" if hp.allow_val_adaptation else \
         "B (adaptive, score-first)" if adapted else "A (fixed predictor)"
     return [
         "compliance:",
         f"  track: {track}",
         "  C1 causal: ok: every target scored from earlier tokens only (windows end at their last scored target); "
         f"self-test: changing a later token moved earlier logits by {causal_diff:.3g}",
-        f"  C2 full normalized softmax: ok: cross-entropy over all {vocab_size} logits, softmax sum checked",
+        f"  C2 full normalized softmax: ok: cross-entropy over all {hp.vocab_size} logits, softmax sum checked",
         f"  C3 score before update: {c3}",
         f"  C4 each target scored once: {'ok' if len(targets) == 1 else 'FAILED'}: "
         f"{', '.join(f'{k}:{r.num_targets}' for k, r in results.items())} (every pass checked per target)",
         f"  sources: train_warmup:train eval_warmup:synthetic "
         f"adaptation:{'validation (already scored)' if adapted else 'none'} pre_quant_ttt:{prequant_source} "
-        f"calibration:{calibration}",
+        f"calibration:{hp.gptq_calibration_source if hp.quant_method == 'gptq' else 'none'}",
         f"  eval_time: {eval_ms:.0f}ms budget:{'none' if eval_cap_ms is None else f'{eval_cap_ms:.0f}ms'} "
         f"within_budget:{int(not over)}",
-        f"  record_eligible: {int(eligible)}" + (NON_RECORD_STAMP if allow_val_adaptation else ""),
+        f"  record_eligible: {int(eligible)}" + (NON_RECORD_STAMP if hp.allow_val_adaptation else ""),
     ]
 
 
@@ -5439,22 +5450,24 @@ def prepare_prequant_ttt(hp: Hyperparameters, rt: Runtime, model: GPT, train_fil
         return None
     tokens, source = prequant_ttt_tokens(hp, train_files, val_tokens)
     settings = dict(seq_len=hp.train_seq_len, epochs=hp.prequant_ttt_epochs, lr=hp.prequant_ttt_lr,
-                    batch_seqs=hp.ttt_batch_seqs, grad_clip=hp.ttt_grad_clip, rank=rt.rank,
-                    world_size=rt.world_size, device=rt.device, autocast=autocast)
+                    batch_seqs=hp.ttt_batch_seqs, grad_clip=hp.ttt_grad_clip)
+    ctx = EvalContext(rt, autocast)
     clock.start("warmup")  # measuring is not training: the weights are put back
-    reserve_ms, steps = measure_prequant_ttt_reserve(model, tokens, looping=hp.num_loops > 0, rt=rt, **settings)
+    reserve_ms, steps = measure_prequant_ttt_reserve(model, tokens, dataclasses.replace(ctx, looping=hp.num_loops > 0),
+                                                     **settings)
     clock.stop()
     if source == "train":  # reads training data: must end inside the training cap
         clock.reserve_ms += reserve_ms
     log(f"prequant_ttt:reserving {reserve_ms:.0f}ms for {steps} steps source:{source} tokens:{tokens.numel()} "
         f"(measured before training){NON_RECORD_STAMP if source == 'validation' else ''}")
-    return dict(tokens=tokens, source=source, settings=settings, reserve_ms=reserve_ms, steps=steps)
+    return dict(tokens=tokens, source=source, settings=settings, ctx=ctx, reserve_ms=reserve_ms, steps=steps)
 
 
 def run_prequant_ttt(prequant: dict, model: GPT, clock: PhaseClock, *, looping: bool, log) -> None:
     """After training, before export: adapt the full-precision weights; logs when data access ended."""
     clock.start("prequant_ttt")
-    steps = prequant_ttt(model, prequant["tokens"], looping=looping, **prequant["settings"])
+    steps = prequant_ttt(model, prequant["tokens"], dataclasses.replace(prequant["ctx"], looping=looping),
+                         **prequant["settings"])
     clock.stop()
     used = clock.elapsed_ms("prequant_ttt")
     end = clock.elapsed_ms("train") + used
@@ -5472,83 +5485,64 @@ def ttt_rows(hp: Hyperparameters, val_tokens: torch.Tensor, world_size: int) -> 
 
 
 def ttt_settings(hp: Hyperparameters, score_batch_seqs: int, docs_per_rank: int | None = None) -> TTTSettings:
-    return TTTSettings(seq_len=hp.effective_eval_seq_len, stride=hp.eval_stride, chunk_tokens=hp.ttt_chunk_tokens,
-                       epochs=hp.ttt_epochs, lr=hp.ttt_lr, momentum=hp.ttt_momentum, batch_seqs=hp.ttt_batch_seqs,
-                       grad_clip=hp.ttt_grad_clip, freeze_blocks=hp.ttt_freeze_blocks,
-                       score_batch_seqs=score_batch_seqs, mode=hp.ttt_mode, lora_rank=hp.ttt_lora_rank,
-                       lora_lr=hp.ttt_lora_lr, lora_alpha=hp.ttt_lora_alpha, lora_beta1=hp.ttt_beta1,
-                       lora_beta2=hp.ttt_beta2, lora_wd=hp.ttt_weight_decay, warm_start_a=hp.ttt_warm_start_a,
-                       lora_k=hp.ttt_k_lora, lora_o=hp.ttt_o_lora, lora_mlp=hp.ttt_mlp_lora, doc_chunk=hp.ttt_chunk_size, docs_per_batch=docs_per_rank or hp.ttt_batch_size,
-                       prefix_docs=hp.phased_ttt_prefix_docs, num_phases=hp.phased_ttt_num_phases,
-                       global_lr=hp.global_ttt_lr, global_epochs=hp.global_ttt_epochs)
+    knobs = {name: getattr(hp, knob) for name, knob in TTT_KNOBS.items()}
+    return TTTSettings(**dict(knobs, score_batch_seqs=score_batch_seqs,
+                              docs_per_batch=docs_per_rank or hp.ttt_batch_size))
 
 
-def run_ttt(model: GPT, ledger: ScoreLedger, settings: TTTSettings, *, rank: int, world_size: int, looping: bool,
-            logits_fn=None, lora_forward=None, autocast=contextlib.nullcontext, stop=None,
-            budget: AdaptationBudget | None = None, log=lambda msg: None) -> dict:
+def run_ttt(model: GPT, ledger: ScoreLedger, settings: TTTSettings, ctx: EvalContext, *, logits_fn=None,
+            lora_forward=None) -> TTTResult:
     """The TTT pass of TTT_MODE over the ledger's whole stream. `logits_fn` (chunked scoring) and
     `lora_forward` (the per-document step, `lora_logits`) may be compiled forms."""
     if settings.mode == "chunked":
-        return ttt_chunked(model, ledger, settings, rank=rank, world_size=world_size, looping=looping,
-                           logits_fn=logits_fn, autocast=autocast, stop=stop, budget=budget, log=log)
-    return ttt_documents(model, ledger, settings, rank=rank, world_size=world_size, looping=looping,
-                         lora_forward=lora_forward, autocast=autocast, stop=stop, budget=budget, log=log)
+        return ttt_chunked(model, ledger, settings, ctx, logits_fn)
+    return ttt_documents(model, ledger, settings, ctx, lora_forward)
 
 
 def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, val_tokens: torch.Tensor, looping: bool,
                     world_size: int) -> list[str]:
     """Forward/backward FLOPs of every evaluation pass about to run, and the time they need at peak
     and at 40% MFU on this run's devices and on 8xH100, against the evaluation budget."""
-    seq_len = hp.effective_eval_seq_len
-    num_targets = val_tokens.numel() - 1
+    seq_len, num_targets = hp.effective_eval_seq_len, val_tokens.numel() - 1
     fwd = estimate_flops_per_token(cfg, seq_len, looping)
 
     def window_tokens(stride: int) -> int:
         return sum(min(b, seq_len) for _, b in plan_windows(num_targets, seq_len, stride))
 
-    passes = [("roundtrip", window_tokens(seq_len), 0)]
+    def flat(name: str, fwd_tokens: int, train_tokens: int = 0) -> tuple:  # a training token: fwd + bwd (~2 fwd)
+        return name, fwd_tokens, train_tokens, fwd * fwd_tokens + 3 * fwd * train_tokens
+
+    passes = [flat("roundtrip", window_tokens(seq_len))]
     if 0 < hp.eval_stride < seq_len:
-        passes.append(("sliding", window_tokens(hp.eval_stride), 0))
+        passes.append(flat("sliding", window_tokens(hp.eval_stride)))
     if hp.ttt_enabled and hp.ttt_mode == "chunked":
-        chunks = -(-num_targets // hp.ttt_chunk_tokens)
-        train_tokens = min(num_targets, (chunks - 1) * hp.ttt_chunk_tokens) * hp.ttt_epochs
-        passes.append(("ttt_chunked", window_tokens(hp.eval_stride or seq_len), train_tokens))
+        trained = min(num_targets, (-(-num_targets // hp.ttt_chunk_tokens) - 1) * hp.ttt_chunk_tokens)
+        passes.append(flat("ttt_chunked", window_tokens(hp.eval_stride or seq_len), trained * hp.ttt_epochs))
     elif hp.ttt_enabled:  # each chunk step reads TTT_BATCH_SIZE padded rows; a step where a row trains backpropagates
-        docs = document_spans(val_tokens)
-        queue = sorted(docs, key=lambda d: (-(d[1] - d[0]), d[0]))
-        rows, chunk = ttt_rows(hp, val_tokens, world_size), min(hp.ttt_chunk_size, seq_len)
-        fwd_tokens = backprop_tokens = 0
-        for j in range(0, len(queue), rows):  # one rank's share of a round (the head counted at every position)
-            for width, trains in round_steps(queue[j : j + rows], chunk, seq_len):
-                fwd_tokens += rows * width
-                backprop_tokens += rows * width * trains
+        queue, rows = document_queue(val_tokens), ttt_rows(hp, val_tokens, world_size)
+        chunk = min(hp.ttt_chunk_size, seq_len)
+        # one rank's share of each round (the head counted at every position)
+        steps = [step for j in range(0, len(queue), rows) for step in round_steps(queue[j : j + rows], chunk, seq_len)]
+        fwd_tokens = sum(rows * width for width, _ in steps)
+        backprop_tokens = sum(rows * width for width, trains in steps if trains)
         lora = lora_flops_per_token(cfg, hp.ttt_lora_rank, looping, k=hp.ttt_k_lora, o=hp.ttt_o_lora,
                                     mlp=hp.ttt_mlp_lora)
-        global_tokens = 0
-        if hp.ttt_mode == "phased":
-            prefix = min(hp.phased_ttt_prefix_docs, len(queue))
-            global_tokens = hp.global_ttt_epochs * sum(
-                sum(b - a for a, b in queue[: prefix * (k + 1) // hp.phased_ttt_num_phases])
-                for k in range(hp.phased_ttt_num_phases))
+        boundaries = phase_boundaries(min(hp.phased_ttt_prefix_docs, len(queue)), hp.phased_ttt_num_phases)
+        global_tokens = hp.global_ttt_epochs * sum(sum(b - a for a, b in queue[:n]) for n in boundaries) \
+            if hp.ttt_mode == "phased" else 0
         # the frozen base's backward only carries activation gradients (~1 forward); the adapters get both
         passes.append((f"ttt_{hp.ttt_mode}", fwd_tokens, backprop_tokens + global_tokens,
                        (fwd + lora) * fwd_tokens + (fwd + 2 * lora) * backprop_tokens + 3 * fwd * global_tokens))
-    lines, total = [], 0
-    for name, fwd_tokens, train_tokens, *exact in passes:
-        # a training token costs a forward and a backward of about 2 forwards
-        flops = exact[0] if exact else fwd * fwd_tokens + 3 * fwd * train_tokens
-        total += flops
-        lines.append(f"eval_plan: {name} forward_tokens:{fwd_tokens} train_tokens:{train_tokens} flops:{flops:.3e}")
-    budget = f"{hp.max_eval_seconds:.0f}s" if hp.max_eval_seconds > 0 else "none"
+    total = sum(flops for *_, flops in passes)
 
     def seconds(devices: int, mfu: float) -> float:
         return total / (devices * hp.peak_tflops * 1e12 * mfu)
 
-    lines.append(f"eval_plan_total: flops:{total:.3e} this_run({world_size} devices) "
-                 f"at_peak:{seconds(world_size, 1):.3g}s "
-                 f"at_40%_mfu:{seconds(world_size, 0.4):.3g}s | 8xH100 at_peak:{seconds(8, 1):.3g}s "
-                 f"at_40%_mfu:{seconds(8, 0.4):.3g}s | budget:{budget}")
-    return lines
+    budget = f"{hp.max_eval_seconds:.0f}s" if hp.max_eval_seconds > 0 else "none"
+    lines = [f"eval_plan: {name} forward_tokens:{f} train_tokens:{t} flops:{flops:.3e}" for name, f, t, flops in passes]
+    return lines + [f"eval_plan_total: flops:{total:.3e} this_run({world_size} devices) "
+                    f"at_peak:{seconds(world_size, 1):.3g}s at_40%_mfu:{seconds(world_size, 0.4):.3g}s | 8xH100 "
+                    f"at_peak:{seconds(8, 1):.3g}s at_40%_mfu:{seconds(8, 0.4):.3g}s | budget:{budget}"]
 
 
 def synthetic_tokens(n: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
@@ -5559,8 +5553,7 @@ def synthetic_tokens(n: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
     return tokens
 
 
-def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, *, seq_len: int, batch_seqs: int, looping: bool,
-                       rank: int, world_size: int, device: torch.device, autocast,
+def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, ctx: EvalContext, *, seq_len: int, batch_seqs: int,
                        ttt: TTTSettings | None = None, lora_forward=None) -> dict:
     """Compile (and warm) the evaluation graphs on synthetic tokens, run the causality self-test, and
     run the TTT path once on a synthetic stream (for lora/phased after a plain and an adapting step at
@@ -5569,32 +5562,27 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, *, seq_len: int, b
     documents = ttt is not None and ttt.mode != "chunked"
     if documents:
         adapter_hooks(model)  # registered before the first compile: the plain graphs never change after
-    tokens = synthetic_tokens(batch_seqs * seq_len + 1, model.cfg.vocab_size)
-    x = tokens[: batch_seqs * seq_len].view(batch_seqs, seq_len).to(device)
+    x = synthetic_tokens(batch_seqs * seq_len + 1, model.cfg.vocab_size)[: batch_seqs * seq_len]
+    x = x.view(batch_seqs, seq_len).to(ctx.rt.device)
     flipped = x.clone()
     flipped[:, -1] = torch.where(flipped[:, -1] == 2, 3, 2)
-    with torch.no_grad(), autocast():
-        a, b = logits_fn(x, looping).float(), logits_fn(flipped, looping).float()
+    with torch.no_grad(), ctx.autocast():
+        a, b = logits_fn(x, ctx.looping).float(), logits_fn(flipped, ctx.looping).float()
     causal_diff = float((a[:, :-1] - b[:, :-1]).abs().max()) if seq_len > 1 else 0.0
     if causal_diff > 1e-3:
         raise RunError(f"causality self-test failed: changing the last token changed earlier logits by "
                        f"{causal_diff:.3g} (C1); no score is reported")
     if ttt is not None:
-        stream = synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1)
-        small = dataclasses.replace(ttt, chunk_tokens=seq_len, epochs=1, prefix_docs=1, num_phases=1,
-                                    global_epochs=1)
+        quiet = EvalContext(ctx.rt, ctx.autocast, ctx.looping)  # no budget, no log
         if documents:
-            lora = DocLoRA(model, ttt.docs_per_batch, ttt, device, looping)
-            params = [p for p in model.parameters() if p.requires_grad]
-            for p in params:
-                p.requires_grad_(False)  # as inside a round
-            measure_document_steps(model, lora, ttt, window_widths(min(ttt.doc_chunk, seq_len), seq_len),
-                                   looping=looping, forward=lora_forward or lora_logits, autocast=autocast)
-            for p in params:
-                p.requires_grad_(True)
-        synthetic = ScoreLedger(stream, dataclasses.replace(luts, val_bytes=None), device)  # no sidecar: not val
-        run_ttt(model, synthetic, small, rank=rank, world_size=world_size,
-                looping=looping, logits_fn=logits_fn, lora_forward=lora_forward, autocast=autocast)
+            lora = DocLoRA(model, ttt.docs_per_batch, ttt, ctx.rt.device, ctx.looping)
+            with frozen(model.parameters()):  # as inside a round
+                measure_document_steps(model, lora, ttt, window_widths(min(ttt.doc_chunk, seq_len), seq_len), quiet,
+                                       forward=lora_forward or lora_logits)
+        stream = synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1)
+        synthetic = ScoreLedger(stream, dataclasses.replace(luts, val_bytes=None), ctx.rt.device)  # no sidecar: not val
+        small = dataclasses.replace(ttt, chunk_tokens=seq_len, epochs=1, prefix_docs=1, num_phases=1, global_epochs=1)
+        run_ttt(model, synthetic, small, quiet, logits_fn=logits_fn, lora_forward=lora_forward)
     model.load_state_dict(saved)
     model.eval()
     return dict(causal_diff=causal_diff, tokens=int(x.numel()) + (2 * seq_len + 1 if ttt is not None else 0))
@@ -5607,84 +5595,73 @@ def final_score_log_key(stage: str, tag: str) -> str:
             "ttt": "legal_ttt_exact"}[stage]
 
 
-def evaluate_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, val_tokens: torch.Tensor, luts: ByteLuts,
-                      clock: PhaseClock, log, *, looping: bool, use_compile: bool, autocast,
-                      batch_seqs: int, prequant: dict | None = None,
-                      compliance_out: list[str] | None = None, tag: str = "int8_zlib") -> dict[str, EvalResult]:
-    """Every score of the reloaded artifact, in order: the flat roundtrip, the sliding window if
-    EVAL_STRIDE is set, test-time training if TTT_ENABLED. The clock's `eval` phase runs from the
-    artifact read (started by the caller) to the final score and is logged per phase. A plain pass
-    that would end past MAX_EVAL_SECONDS is cut (never reported partially); TTT stops adapting
-    instead, early enough to score the rest plainly. The compliance block's lines are also appended
-    to `compliance_out` (the run manifest keeps them)."""
-    seq_len = hp.effective_eval_seq_len
+TTT_SCORE_LABELS = {"chunked": "quantized_ttt", "lora": "quantized_ttt_lora", "phased": "quantized_ttt_phased"}
+
+
+def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor, luts: ByteLuts, clock: PhaseClock,
+                      ctx: EvalContext, *, use_compile: bool, batch_seqs: int, tag: str, prequant: dict | None = None,
+                      compliance_out: list[str] | None = None) -> dict[str, EvalResult]:
+    """Every score of the reloaded artifact (`tag`: its format, e.g. int6_brotli), in order: the flat
+    roundtrip, the sliding window if EVAL_STRIDE is set, test-time training if TTT_ENABLED. The clock's
+    `eval` phase runs from the artifact read (started by the caller) to the final score and is logged
+    per phase. A plain pass that would end past MAX_EVAL_SECONDS is cut (never reported partially);
+    TTT stops adapting instead, early enough to score the rest plainly. The compliance block's lines
+    are also appended to `compliance_out` (the run manifest keeps them)."""
+    rt, log, seq_len = ctx.rt, ctx.log, hp.effective_eval_seq_len
     stamp = NON_RECORD_STAMP if hp.allow_val_adaptation else ""
     model.eval()
     logits_fn = maybe_compile(model.forward_logits, use_compile, "eval_forward_logits")
     lora_forward = maybe_compile(lora_logits, use_compile, "ttt_lora_step")
     phases = {"load": clock.elapsed_ms("eval")}
-    mark = [clock.elapsed_ms("eval")]
 
     def phase_done(name: str) -> float:
-        now = clock.elapsed_ms("eval")
-        phases[name], mark[0] = now - mark[0], now
+        phases[name] = clock.elapsed_ms("eval") - sum(phases.values())
         return phases[name]
 
-    def over_budget() -> bool:  # agreed across ranks, so every rank stops at the same batch
-        return clock.eval_cap_ms is not None and agree_max(
-            [float(clock.elapsed_ms("eval") > clock.eval_cap_ms)], rt)[0] > 0
-
-    for line in eval_flops_plan(hp, model.cfg, val_tokens, looping, rt.world_size):
+    for line in eval_flops_plan(hp, model.cfg, val_tokens, ctx.looping, rt.world_size):
         log(line)
     settings = ttt_settings(hp, batch_seqs, ttt_rows(hp, val_tokens, rt.world_size)) if hp.ttt_enabled else None
-    warm = warm_up_evaluation(model, logits_fn, luts, seq_len=seq_len, batch_seqs=batch_seqs, looping=looping,
-                              rank=rt.rank, world_size=rt.world_size, device=rt.device, autocast=autocast, ttt=settings,
+    warm = warm_up_evaluation(model, logits_fn, luts, ctx, seq_len=seq_len, batch_seqs=batch_seqs, ttt=settings,
                               lora_forward=lora_forward)
     log(f"eval_warmup: source:synthetic tokens:{warm['tokens']} causal_self_test:ok max_earlier_logit_change:"
         f"{warm['causal_diff']:.3g} ttt_path:{int(settings is not None)} weights_restored:1 "
         f"time:{phase_done('warmup'):.0f}ms")
-
-    def scored(stride: int) -> EvalResult:
-        return evaluate(lambda x: logits_fn(x, looping), val_tokens, luts, seq_len=seq_len, batch_seqs=batch_seqs,
-                        rank=rt.rank, world_size=rt.world_size, device=rt.device, autocast=autocast,
-                        stop=over_budget, stride=stride, group=rt.control_group)
-
+    # agreed across ranks, so every rank stops at the same batch
+    ctx = dataclasses.replace(ctx, stop=lambda: clock.eval_cap_ms is not None and agree_max(
+        [float(clock.elapsed_ms("eval") > clock.eval_cap_ms)], rt)[0] > 0)
     results: dict[str, EvalResult] = {}
-    results["roundtrip"] = r = scored(0)
-    roundtrip_ms = phase_done("roundtrip")
-    log(f"final_{tag}_roundtrip val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{roundtrip_ms:.0f}ms{stamp}")
-    log(f"quantized val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{roundtrip_ms:.0f}ms{stamp}")
-    log(f"{final_score_log_key('roundtrip', tag)} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
-    if 0 < hp.eval_stride < seq_len:
-        results["sliding"] = r = scored(hp.eval_stride)
-        log(f"quantized_sliding_window val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} "
-            f"eval_time:{phase_done('sliding'):.0f}ms stride:{hp.eval_stride} seq_len:{seq_len}{stamp}")
-        log(f"final_sliding_window_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
+
+    def report(stage: str, name: str, detail: str = "") -> None:
+        r, ms = results[stage], phase_done(stage)
+        if stage == "roundtrip":
+            log(f"final_{tag}_roundtrip val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{ms:.0f}ms{stamp}")
+        log(f"{name} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{ms:.0f}ms{detail}{stamp}")
+        log(f"{final_score_log_key(stage, tag)} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
+
+    sliding = ("sliding", hp.eval_stride, "quantized_sliding_window", f" stride:{hp.eval_stride} seq_len:{seq_len}")
+    for stage, stride, name, detail in [("roundtrip", 0, "quantized", "")] + [sliding] * (0 < hp.eval_stride < seq_len):
+        results[stage] = evaluate(lambda x: logits_fn(x, ctx.looping), val_tokens, luts, ctx, seq_len=seq_len,
+                                  batch_seqs=batch_seqs, stride=stride)
+        report(stage, name, detail)
     ttt_info = None
     if settings is not None:
         ledger = ScoreLedger(val_tokens, luts, rt.device, group=rt.control_group)
         budget = AdaptationBudget(lambda: clock.elapsed_ms("eval"), clock.eval_cap_ms, rt)
-        ttt_info = run_ttt(model, ledger, settings, rank=rt.rank, world_size=rt.world_size, looping=looping,
-                           logits_fn=logits_fn, lora_forward=lora_forward, autocast=autocast, stop=over_budget,
-                           budget=budget, log=log)
+        ttt_info = run_ttt(model, ledger, settings, dataclasses.replace(ctx, budget=budget), logits_fn=logits_fn,
+                           lora_forward=lora_forward)
         check_scored_once(ledger)
-        results["ttt"] = r = ledger.result()
+        results["ttt"] = ledger.result()
         adapted = torch.tensor([ledger.adapted_targets], dtype=torch.float64, device=rt.device)
-        ttt_info["adapted_targets"] = int(all_reduce_sum(adapted).item())
-        log(f"ttt:done mode:{hp.ttt_mode} chunks_or_rounds:{ttt_info['chunks']} adapted:{ttt_info['trained_chunks']} "
-            f"steps:{ttt_info['steps']} score:{ttt_info['score_ms']:.0f}ms adapt:{ttt_info['adapt_ms']:.0f}ms "
-            f"adaptation_stopped:{ttt_info['stopped_at'] or 'never'}")
-        label = {"chunked": "quantized_ttt", "lora": "quantized_ttt_lora",
-                 "phased": "quantized_ttt_phased"}[hp.ttt_mode]
-        log(f"{label} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{phase_done('ttt'):.0f}ms{stamp}")
-        log(f"legal_ttt_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
+        ttt_info = dataclasses.replace(ttt_info, adapted_targets=int(all_reduce_sum(adapted).item()))
+        log(f"ttt:done mode:{hp.ttt_mode} chunks_or_rounds:{ttt_info.chunks} adapted:{ttt_info.trained_chunks} "
+            f"steps:{ttt_info.steps} score:{ttt_info.score_ms:.0f}ms adapt:{ttt_info.adapt_ms:.0f}ms "
+            f"adaptation_stopped:{ttt_info.stopped_at or 'never'}")
+        report("ttt", TTT_SCORE_LABELS[hp.ttt_mode])
     eval_ms = clock.elapsed_ms("eval")
     log("eval_phases: " + " ".join(f"{k}:{v:.0f}ms" for k, v in phases.items()) + f" total:{eval_ms:.0f}ms "
         f"budget:{'none' if clock.eval_cap_ms is None else f'{clock.eval_cap_ms:.0f}ms'}")
-    for line in compliance_lines(results, ttt_info, vocab_size=hp.vocab_size, eval_ms=eval_ms,
-                                 eval_cap_ms=clock.eval_cap_ms, causal_diff=warm["causal_diff"], prequant=prequant,
-                                 allow_val_adaptation=hp.allow_val_adaptation,
-                                 calibration=hp.gptq_calibration_source if hp.quant_method == "gptq" else "none"):
+    for line in compliance_lines(results, ttt_info, hp, eval_ms=eval_ms, eval_cap_ms=clock.eval_cap_ms,
+                                 causal_diff=warm["causal_diff"], prequant=prequant):
         log(line)
         if compliance_out is not None:
             compliance_out.append(line)
@@ -5731,19 +5708,18 @@ def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: tor
     clock.start("eval")
     n_code, model_bytes = code_bytes(), path.stat().st_size if path.is_file() else 0
     fresh, header = load_artifact_model(path, rt.device, expect=expect, attn_backend=hp.attn_backend)
-    seq_len = hp.effective_eval_seq_len
-    batch_seqs = max(1, hp.val_batch_size // (rt.world_size * hp.grad_accum_for(rt.world_size) * seq_len))
-    results = evaluate_artifact(hp, rt, fresh, val_tokens, luts, clock, log,
-                                looping=bool(header["meta"].get("looping", False)), use_compile=use_compile,
-                                autocast=lambda: autocast_context(hp, rt.device), batch_seqs=batch_seqs,
-                                prequant=prequant, compliance_out=compliance_out,
-                                tag=header["meta"].get("tag", "quantized"))
+    batch_seqs = max(1, hp.val_batch_size // (rt.world_size * hp.grad_accum_for(rt.world_size)
+                                              * hp.effective_eval_seq_len))
+    tag = header["meta"].get("tag", "quantized")
+    ctx = EvalContext(rt, lambda: autocast_context(hp, rt.device), bool(header["meta"].get("looping", False)), log=log)
+    results = evaluate_artifact(hp, fresh, val_tokens, luts, clock, ctx, use_compile=use_compile,
+                                batch_seqs=batch_seqs, tag=tag, prequant=prequant, compliance_out=compliance_out)
     clock.stop()
     total = model_bytes + n_code
     log(f"artifact code_bytes:{n_code} model_bytes:{model_bytes} total_bytes:{total} "
         f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(total <= ARTIFACT_LIMIT_BYTES)}")
     return dict(results=results, roundtrip=results["roundtrip"], code_bytes=n_code, model_bytes=model_bytes,
-                total_bytes=total, header=header)
+                total_bytes=total, header=header, tag=tag)
 
 
 def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -> dict:
@@ -5764,6 +5740,7 @@ def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -
     val_tokens, luts = prepare_validation(hp, rt, early.append)
     out_dir = claim_run_dir(hp, rt)
     manifest = None
+    compile_summary = lambda: _active_compile.summary() if use_compile else {"enabled": False}  # noqa: E731
     try:
         manifest = RunManifest(out_dir / RUN_MANIFEST_NAME, hp, rt, mode="eval_only")
         log = RunLog(out_dir / RUN_LOG_NAME, rt.is_main)
@@ -5783,20 +5760,18 @@ def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -
         if use_compile:
             log(_active_compile.line())
         log(clock.summary())
-        results = scored["results"]
+        results, fits = scored["results"], scored["total_bytes"] <= ARTIFACT_LIMIT_BYTES
         final_stage = next(reversed(results))
         manifest.finish(
             "complete", scores={name: eval_record(r) for name, r in results.items()},
-            final_score={"stage": final_stage, "log_key": final_score_log_key(final_stage, scored["header"]["meta"].get(
-                "tag", "quantized")), **eval_record(results[final_stage])},
+            final_score={"stage": final_stage, "log_key": final_score_log_key(final_stage, scored["tag"]),
+                         **eval_record(results[final_stage])},
             artifact={"code_bytes": scored["code_bytes"], "model_bytes": scored["model_bytes"],
-                      "total_bytes": scored["total_bytes"], "limit": ARTIFACT_LIMIT_BYTES,
-                      "fits": scored["total_bytes"] <= ARTIFACT_LIMIT_BYTES, "path": str(path.resolve()),
-                      "sha256": file_sha256(path)},
-            phases_ms=dict(clock.totals),
-            compile=_active_compile.summary() if use_compile else {"enabled": False},
+                      "total_bytes": scored["total_bytes"], "limit": ARTIFACT_LIMIT_BYTES, "fits": fits,
+                      "path": str(path.resolve()), "sha256": file_sha256(path)},
+            phases_ms=dict(clock.totals), compile=compile_summary(),
             compliance={"eval_time_ms": clock.elapsed_ms("eval"), "eval_cap_ms": clock.eval_cap_ms,
-                        "artifact_under_limit": scored["total_bytes"] <= ARTIFACT_LIMIT_BYTES, "block": compliance_block})
+                        "artifact_under_limit": fits, "block": compliance_block})
     except BaseException as e:
         record_failure(manifest, e, None, rt.is_main)
         if isinstance(e, (ConfigError, RunError)):
@@ -5806,8 +5781,7 @@ def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -
     finally:
         release_run_dir(out_dir)
     return dict(scored, run_id=hp.run_id, run_dir=str(out_dir), phases=dict(clock.totals), log_path=str(log.path),
-                cap_ms=None, train_data_access_end_ms=0.0,
-                compile=_active_compile.summary() if use_compile else {"enabled": False})
+                cap_ms=None, train_data_access_end_ms=0.0, compile=compile_summary())
 
 
 def compile_record_for(hp: Hyperparameters, rt: Runtime) -> CompileRecord | None:
@@ -5895,9 +5869,8 @@ class TrainingRun:
         """Flat score of the model being trained (periodic validation and the pre-quantization score)."""
         self.base_model.eval()
         result = evaluate(lambda x: self.logits_fn(x, looping), self.val_tokens, self.luts,
-                          seq_len=self.hp.effective_eval_seq_len, batch_seqs=self.val_batch_seqs, rank=self.rt.rank,
-                          world_size=self.rt.world_size, device=self.rt.device, autocast=self.autocast,
-                          group=self.rt.control_group)
+                          EvalContext(self.rt, self.autocast), seq_len=self.hp.effective_eval_seq_len,
+                          batch_seqs=self.val_batch_seqs)
         self.base_model.train()
         return result
 

@@ -249,8 +249,8 @@ def uniform_logits(vocab: int):
 def test_flat_and_sliding_passes_count_sidecar_bytes(caseops_data, stride):
     val, luts, _ = prepare(hp_for(caseops_data))
     vocab = luts.base_bytes.numel()
-    r = tg.evaluate(uniform_logits(vocab), val, luts, seq_len=64, batch_seqs=4, rank=0, world_size=1,
-                    device=torch.device("cpu"), stride=stride)
+    r = tg.evaluate(uniform_logits(vocab), val, luts, tg.EvalContext(tg.Runtime(0, 1, 0, torch.device("cpu"), False)),
+                    seq_len=64, batch_seqs=4, stride=stride)
     assert r.num_bytes == int(luts.val_bytes[1:].astype(np.int64).sum())
     assert r.val_bpb == pytest.approx(math.log(vocab) * r.num_targets / (math.log(2) * r.num_bytes))
 

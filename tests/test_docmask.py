@@ -120,8 +120,8 @@ def test_sliding_windows_score_each_target_once_from_its_own_document_only(strid
     stream = packed_row(lengths, seed=6)[0]
     ledger = tg.ScoreLedger(stream, unit_luts(), torch.device("cpu"), keep_per_target=True)
     spans = tg.plan_windows(ledger.num_targets, 16, stride)
-    tg.score_windows(lambda x: model.forward_logits(x, True), ledger, spans, seq_len=16, batch_seqs=4,
-                     rank=0, world_size=1)
+    tg.score_windows(lambda x: model.forward_logits(x, True), ledger, spans,
+                     tg.EvalContext(tg.Runtime(0, 1, 0, torch.device("cpu"), False)), seq_len=16, batch_seqs=4)
     tg.check_scored_once(ledger)
     start = 0
     with torch.no_grad():

@@ -13,6 +13,10 @@ from conftest import TINY_ENV
 from test_train import run_tiny
 
 
+def cpu_ctx(rank: int = 0, world_size: int = 1) -> tg.EvalContext:
+    return tg.EvalContext(tg.Runtime(rank, world_size, 0, torch.device("cpu"), False))
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 8])
 def test_windows_score_every_target_once_with_the_longest_context(world_size):
     """Over many (length, seq_len, stride, world size): every target 1..T is scored exactly once, by a
@@ -62,8 +66,7 @@ def test_evaluate_counts_every_target_and_its_bytes(sample_dataset, n_tokens, se
         seen.append(x.shape)
         return torch.zeros(*x.shape, 1024)
 
-    res = tg.evaluate(logits_fn, val, luts, seq_len=seq_len, batch_seqs=batch_seqs, rank=0, world_size=1,
-                      device=torch.device("cpu"))
+    res = tg.evaluate(logits_fn, val, luts, cpu_ctx(), seq_len=seq_len, batch_seqs=batch_seqs)
     assert res.num_targets == n_tokens - 1
     assert res.num_bytes == int(tg.target_bytes(val[:-1], val[1:], luts).sum())
     assert res.val_loss == pytest.approx(math.log(1024), rel=1e-6)  # uniform logits: ln V per target (fp32 CE)
@@ -94,7 +97,7 @@ def test_sliding_evaluation_scores_each_target_once_with_its_window_context(samp
         for rank in range(world_size):
             ledger = tg.ScoreLedger(val, luts, torch.device("cpu"), keep_per_target=True)
             spans = tg.plan_windows(300, seq_len, stride or seq_len)
-            tg.score_windows(fn, ledger, spans, seq_len=seq_len, batch_seqs=3, rank=rank, world_size=world_size)
+            tg.score_windows(fn, ledger, spans, cpu_ctx(rank, world_size), seq_len=seq_len, batch_seqs=3)
             mine = ~np.isnan(ledger.per_target)
             assert not (mine & ~np.isnan(per_target)).any()
             per_target[mine] = ledger.per_target[mine]
@@ -113,14 +116,14 @@ def test_ledger_refuses_a_second_commit_and_reports_gaps(sample_dataset):
     luts = tg.build_byte_luts(sp, 1024)
     val = tg.load_validation_tokens(sample_dataset["dataset_dir"])[:101]
     ledger = tg.ScoreLedger(val, luts, torch.device("cpu"))
-    tg.score_windows(uniform_logits(1024), ledger, [(0, 50)], seq_len=64, batch_seqs=4, rank=0, world_size=1)
+    tg.score_windows(uniform_logits(1024), ledger, [(0, 50)], cpu_ctx(), seq_len=64, batch_seqs=4)
     with pytest.raises(tg.RunError, match="scored twice"):
-        tg.score_windows(uniform_logits(1024), ledger, [(40, 60)], seq_len=64, batch_seqs=4, rank=0, world_size=1)
+        tg.score_windows(uniform_logits(1024), ledger, [(40, 60)], cpu_ctx(), seq_len=64, batch_seqs=4)
     with pytest.raises(tg.RunError, match="unscored"):
         tg.check_scored_once(ledger)
     with pytest.raises(tg.RunError, match="full vocabulary"):  # C2: logits must cover the whole vocabulary
         tg.score_windows(uniform_logits(1000), tg.ScoreLedger(val, luts, torch.device("cpu")), [(0, 50)],
-                         seq_len=64, batch_seqs=4, rank=0, world_size=1)
+                         cpu_ctx(), seq_len=64, batch_seqs=4)
 
 
 def test_evaluate_rank_shares_add_up_to_the_whole(sample_dataset):
@@ -130,11 +133,11 @@ def test_evaluate_rank_shares_add_up_to_the_whole(sample_dataset):
     torch.manual_seed(0)
     table = torch.randn(1024, 1024)
     fn = lambda x: table[x]  # noqa: E731  (logits depend on the input token)
-    whole = tg.evaluate(fn, val, luts, seq_len=64, batch_seqs=5, rank=0, world_size=1, device=torch.device("cpu"))
+    whole = tg.evaluate(fn, val, luts, cpu_ctx(), seq_len=64, batch_seqs=5)
     parts = []
     for r in range(3):  # three ranks simulated in one process: each ledger holds one rank's share
         ledger = tg.ScoreLedger(val, luts, torch.device("cpu"))
-        tg.score_windows(fn, ledger, tg.plan_windows(3000, 64, 64), seq_len=64, batch_seqs=5, rank=r, world_size=3)
+        tg.score_windows(fn, ledger, tg.plan_windows(3000, 64, 64), cpu_ctx(r, 3), seq_len=64, batch_seqs=5)
         parts.append(ledger.result())
     assert sum(p.num_targets for p in parts) == whole.num_targets == 3000
     assert sum(p.num_bytes for p in parts) == whole.num_bytes

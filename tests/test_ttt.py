@@ -32,6 +32,11 @@ SETTINGS = tg.TTTSettings(seq_len=32, stride=8, chunk_tokens=96, epochs=2, lr=0.
                           grad_clip=1.0, score_batch_seqs=4)
 
 
+def ctx(rank: int = 0, world_size: int = 1, **kwargs) -> tg.EvalContext:
+    """The evaluation context of rank `rank` of `world_size` CPU processes (no autocast, no loop)."""
+    return tg.EvalContext(tg.Runtime(rank, world_size, 0, CPU, world_size > 1), **kwargs)
+
+
 def luts_and_val(sample_dataset, n: int):
     sp = spm.SentencePieceProcessor(model_file=sample_dataset["tokenizer_path"])
     return tg.build_byte_luts(sp, 1024), tg.load_validation_tokens(sample_dataset["dataset_dir"])[:n]
@@ -50,15 +55,14 @@ def run_chunked(val, luts, rank=0, world_size=1, settings=SETTINGS, budget=None)
     model = ttt_model()
     model.eval()
     ledger = tg.ScoreLedger(val, luts, CPU, keep_per_target=True)
-    info = tg.run_ttt(model, ledger, settings, rank=rank, world_size=world_size, looping=False, budget=budget)
+    info = tg.run_ttt(model, ledger, settings, ctx(rank, world_size, budget=budget))
     return ledger, info, model
 
 
 def test_ledger_refuses_adaptation_on_uncommitted_targets(sample_dataset):
     luts, val = luts_and_val(sample_dataset, 201)
     ledger = tg.ScoreLedger(val, luts, CPU)
-    tg.score_windows(lambda x: torch.zeros(*x.shape, 1024), ledger, [(0, 50)], seq_len=64, batch_seqs=2, rank=0,
-                     world_size=1)
+    tg.score_windows(lambda x: torch.zeros(*x.shape, 1024), ledger, [(0, 50)], ctx(), seq_len=64, batch_seqs=2)
     assert ledger.adaptation_tokens(0, 50).tolist() == val[:51].tolist()  # committed here
     with pytest.raises(tg.ScoreOrderError, match="target 51 before its score is committed"):
         ledger.adaptation_tokens(40, 51)
@@ -87,7 +91,7 @@ def test_chunked_ttt_scores_every_target_once_and_never_trains_the_last_chunk(sa
     monkeypatch.setattr(tg.ScoreLedger, "adaptation_tokens", spy)
     ledger, info, _ = run_chunked(val, luts)
     tg.check_scored_once(ledger)
-    assert info["chunks"] == 8 and info["trained_chunks"] == 7  # 700 targets in chunks of 96
+    assert info.chunks == 8 and info.trained_chunks == 7  # 700 targets in chunks of 96
     assert max(hi for _, hi in handed_out) <= 7 * 96 < 700  # the last chunk's targets never train
     # The score equals what the ledger summed: the first pass, per target.
     res = ledger.result()
@@ -113,7 +117,7 @@ def test_flip_test_through_document_ttt(sample_dataset, mode):
     luts, val = luts_and_val(sample_dataset, 701)
     before, info, _ = run_chunked(val, luts, settings=DOC_SETTINGS[mode])
     tg.check_scored_once(before)
-    assert info["steps"] > 0 and (mode != "phased") == (info["global_steps"] == 0)
+    assert info.steps > 0 and (mode != "phased") == (info.global_steps == 0)
     p = 470  # in document (413, 526], scored in the last round, after both global phases
     flipped = val.clone()
     flipped[p] = (int(val[p]) + 7) % 1024
@@ -240,7 +244,7 @@ def test_two_gloo_ranks_equal_one_process_in_every_ttt_mode(sample_dataset, tmp_
         single, got = ledger.result(), two[mode]
         assert got["res"].num_targets == single.num_targets == 700 and got["res"].num_bytes == single.num_bytes
         assert got["res"].val_loss == pytest.approx(single.val_loss, rel=1e-5), mode
-        assert got["info"]["steps"] <= info["steps"] if mode != "chunked" else got["info"]["steps"] == info["steps"]
+        assert got["info"].steps <= info.steps if mode != "chunked" else got["info"].steps == info.steps
         for name, t in model.state_dict().items():  # the same base updates: ranks averaged their gradients
             assert torch.allclose(got["state"][name], t, atol=1e-5), (mode, name)
 
@@ -252,9 +256,9 @@ def test_budget_stops_adaptation_and_scores_the_rest_plainly(sample_dataset):
     device = SimulatedDevice(model)  # the budget's clock: deterministic, whatever the machine's load
     budget = tg.AdaptationBudget(lambda: device.ms, cap_ms=4.0)
     ledger = tg.ScoreLedger(val, luts, CPU)
-    info = tg.run_ttt(model, ledger, SETTINGS, rank=0, world_size=1, looping=False, budget=budget)
+    info = tg.run_ttt(model, ledger, SETTINGS, ctx(budget=budget))
     tg.check_scored_once(ledger)
-    assert 0 < info["trained_chunks"] < 7 and info["stopped_at"] == f"chunk {info['trained_chunks'] + 1}/8"
+    assert 0 < info.trained_chunks < 7 and info.stopped_at == f"chunk {info.trained_chunks + 1}/8"
     assert device.ms <= 4.0
     # No budget: adaptation decisions are never taken away.
     assert tg.AdaptationBudget(lambda: 1e12, None).allows(1e12, 1e12, "x")
@@ -303,12 +307,12 @@ def test_document_ttt_budget_stops_inside_a_round_or_phase_and_finishes_within_t
         device = SimulatedDevice(model)
         budget = RecordingBudget(lambda: device.ms, cap_ms)
         ledger = tg.ScoreLedger(val, luts, CPU)
-        info = tg.run_ttt(model, ledger, settings, rank=0, world_size=1, looping=False, budget=budget)
+        info = tg.run_ttt(model, ledger, settings, ctx(budget=budget))
         tg.check_scored_once(ledger)
         return device.ms, info, budget.trace
 
     full_ms, info, trace = run(1e9)
-    assert info["stopped_at"] is None and full_ms < 1e9
+    assert info.stopped_at is None and full_ms < 1e9
     assert any(w.startswith("round 1/3 step 2/") for w, _ in trace)  # decided per chunk step
     assert mode == "lora" or any(w.startswith("global phase 1/2 step 2") for w, _ in trace)  # and per SGD step
     # A cap the first decision at `inside` (with a step before it in its round/phase) cannot meet, all earlier can.
@@ -316,8 +320,8 @@ def test_document_ttt_budget_stops_inside_a_round_or_phase_and_finishes_within_t
              and not w.endswith("/1") and total > max(t for _, t in trace[:k]))
     cap = (max(t for _, t in trace[:k]) + trace[k][1]) / 2
     used_ms, capped, _ = run(cap)
-    assert capped["stopped_at"] == trace[k][0], (capped["stopped_at"], trace[k])
-    assert used_ms <= cap < full_ms and 0 < capped["steps"] < info["steps"]
+    assert capped.stopped_at == trace[k][0], (capped.stopped_at, trace[k])
+    assert used_ms <= cap < full_ms and 0 < capped.steps < info.steps
 
 
 def test_a_pass_that_adapts_on_nothing_says_so_at_its_start(sample_dataset):
@@ -330,8 +334,7 @@ def test_a_pass_that_adapts_on_nothing_says_so_at_its_start(sample_dataset):
             (one_chunk, val[:200], "every one of the 2 documents fits in one TTT_CHUNK_SIZE=256 chunk, which never "
                                    "trains (lower TTT_CHUNK_SIZE)")):
         lines = []
-        tg.run_ttt(ttt_model(), tg.ScoreLedger(tokens, luts, CPU), settings, rank=0, world_size=1, looping=False,
-                   log=lines.append)
+        tg.run_ttt(ttt_model(), tg.ScoreLedger(tokens, luts, CPU), settings, ctx(log=lines.append))
         assert lines[0].startswith("ttt:start ")  # then, before anything is scored, the warning
         assert lines[1] == f"ttt:warning this pass adapts on nothing: {expected}; its score is the plain score"
         assert not any("warning" in line for line in lines[2:])
@@ -363,16 +366,15 @@ def test_document_ttt_compiles_few_graphs_once_and_scores_as_eager(sample_datase
 
     def evaluate(model, lora_forward):
         ledger = tg.ScoreLedger(tokens, luts, CPU, keep_per_target=True)
-        info = tg.run_ttt(model, ledger, settings, rank=0, world_size=1, looping=False, lora_forward=lora_forward)
+        info = tg.run_ttt(model, ledger, settings, ctx(), lora_forward=lora_forward)
         tg.check_scored_once(ledger)
-        assert info["steps"] > info["global_steps"] > 0
+        assert info.steps > info.global_steps > 0
         return ledger
 
     model = ttt_model()
     model.eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    tg.warm_up_evaluation(model, model.forward_logits, luts, seq_len=32, batch_seqs=2, looping=False, rank=0,
-                          world_size=1, device=CPU, autocast=tg.contextlib.nullcontext, ttt=settings,
+    tg.warm_up_evaluation(model, model.forward_logits, luts, ctx(), seq_len=32, batch_seqs=2, ttt=settings,
                           lora_forward=forward)
     after_warmup = counter.frame_count
     assert after_warmup == len(widths)  # one per width
@@ -395,7 +397,7 @@ def test_chunked_ttt_scoring_compiles_one_graph(sample_dataset):
     logits_fn = torch.compile(model.forward_logits, backend=counter, dynamic=False)
     for _ in range(2):
         ledger = tg.ScoreLedger(val, luts, CPU)
-        tg.run_ttt(model, ledger, SETTINGS, rank=0, world_size=1, looping=False, logits_fn=logits_fn)
+        tg.run_ttt(model, ledger, SETTINGS, ctx(), logits_fn=logits_fn)
         tg.check_scored_once(ledger)
         assert counter.frame_count == 1
 
@@ -439,8 +441,7 @@ def test_eval_warmup_restores_every_weight_and_catches_a_non_causal_model(sample
     luts, _ = luts_and_val(sample_dataset, 2)
     model = ttt_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    info = tg.warm_up_evaluation(model, model.forward_logits, luts, seq_len=32, batch_seqs=2, looping=False, rank=0,
-                                 world_size=1, device=CPU, autocast=tg.contextlib.nullcontext, ttt=SETTINGS)
+    info = tg.warm_up_evaluation(model, model.forward_logits, luts, ctx(), seq_len=32, batch_seqs=2, ttt=SETTINGS)
     assert info["causal_diff"] == 0.0
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # the TTT warm-up trained, and everything was put back
@@ -450,8 +451,7 @@ def test_eval_warmup_restores_every_weight_and_catches_a_non_causal_model(sample
         return logits + logits[:, -1:].detach()
 
     with pytest.raises(tg.RunError, match="causality self-test failed"):
-        tg.warm_up_evaluation(model, leaky, luts, seq_len=32, batch_seqs=2, looping=False, rank=0, world_size=1,
-                              device=CPU, autocast=tg.contextlib.nullcontext)
+        tg.warm_up_evaluation(model, leaky, luts, ctx(), seq_len=32, batch_seqs=2)
 
 
 @pytest.fixture(scope="module")
@@ -498,7 +498,7 @@ def test_each_ttt_variant_lowers_val_bpb_on_shifted_text(trained_and_shifted, mo
         model.load_state_dict(state)
         model.eval()
         ledger = tg.ScoreLedger(shifted, luts, CPU)
-        tg.run_ttt(model, ledger, settings, rank=0, world_size=1, looping=False)
+        tg.run_ttt(model, ledger, settings, ctx())
         tg.check_scored_once(ledger)
         return ledger.result().val_bpb
 

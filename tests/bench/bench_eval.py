@@ -79,9 +79,10 @@ def score(env: dict, artifact: Path, val: torch.Tensor, luts: tg.ByteLuts, stage
     lines: list[str] = []
     clock = tg.PhaseClock(None, None)
     clock.start("eval")
-    model, _ = tg.load_artifact_model(artifact, rt.device)
-    results = tg.evaluate_artifact(hp, rt, model, val, luts, clock, lines.append, looping=False, use_compile=False,
-                                   autocast=lambda: tg.autocast_context(hp, rt.device), batch_seqs=16)
+    model, header = tg.load_artifact_model(artifact, rt.device)
+    ctx = tg.EvalContext(rt, lambda: tg.autocast_context(hp, rt.device), log=lines.append)
+    results = tg.evaluate_artifact(hp, model, val, luts, clock, ctx, use_compile=False, batch_seqs=16,
+                                   tag=header["meta"]["tag"])
     clock.stop()
     phases = re.search(r"^eval_phases: (.*) total", "\n".join(lines), re.M).group(1)
     pass_ms = float(re.search(rf"\b{stage}:(\d+)ms", phases).group(1))

@@ -85,8 +85,8 @@ def part_table(args, sample: dict) -> dict:
 
     def score(m: tg.GPT) -> float:
         m.eval()
-        return tg.evaluate(m.forward_logits, val_tokens, luts, seq_len=hp.train_seq_len, batch_seqs=32, rank=0,
-                           world_size=1, device=CPU.device).val_bpb
+        return tg.evaluate(m.forward_logits, val_tokens, luts, tg.EvalContext(CPU), seq_len=hp.train_seq_len,
+                           batch_seqs=32).val_bpb
 
     pre = score(model)
     calib_hp = dataclasses.replace(hp, gptq_calibration_batches=args.calibration_batches, gptq_calibration_seqs=8,

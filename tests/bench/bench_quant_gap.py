@@ -77,8 +77,8 @@ def main() -> None:
         m.load_state_dict(state)
         m.eval()
         with torch.no_grad():
-            return tg.evaluate(lambda x: m.forward_logits(x, looping), val_tokens, luts, seq_len=hp.train_seq_len,
-                               batch_seqs=32, rank=0, world_size=1, device=CPU.device).val_bpb
+            return tg.evaluate(lambda x: m.forward_logits(x, looping), val_tokens, luts, tg.EvalContext(CPU),
+                               seq_len=hp.train_seq_len, batch_seqs=32).val_bpb
 
     pre = score(sd)
     calib = dataclasses.replace(hp, gptq_calibration_source="train", gptq_calibration_batches=args.calibration_batches,
