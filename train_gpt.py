@@ -14,11 +14,13 @@ Sections, in the order a run meets them; each banner opens with what its section
     SCHEDULES           LR, momentum and phase switches as pure functions of the training fraction; the clock
     TRAINING            compile warm-up with state reset, the budgeted training loop
     WEIGHT AVERAGING    EMA and SWA of the weights, and which weights are exported
-    QUANTIZATION        SDClip / GPTQ / LQER export per tensor group, packing: the packer and its coders
-                        (zlib, lzma, brotli, ans), fitting under the limit, the shipped code form
+    QUANTIZATION & PACKING  SDClip / GPTQ / LQER per tensor group, calibration, the packer and its coders
+                        (zlib, lzma, brotli, ans), fitting and filling the limit, writing the artifact
     EVALUATION          val_loss / val_bpb: flat or sliding windows, every validation target scored once
     TEST-TIME TRAINING  score-first adaptation (chunked SGD, per-document LoRA, phased), pre-quant TTT
-    RUN FOLDER & MANIFEST  runs/<RUN_ID>/ claimed at start, never overwritten; manifest.json
+    SCORING AN ARTIFACT  a fresh model from the artifact file, every evaluation stage, the compliance block
+    RUN FOLDER & MANIFEST  runs/<RUN_ID>/ claimed at start, never overwritten; manifest.json; the shipped
+                        code form (what is counted as code bytes)
     MAIN                main() and the run as named steps: train, calibrate, export, reload and score the
                         artifact, finish the manifest; EVAL_ONLY=1 scores an existing artifact
 
@@ -2086,6 +2088,293 @@ class PhaseClock:
 
 
 # ==================================================================================================
+# TRAINING
+# ==================================================================================================
+# The timed loop runs on the compiled model. Before it, WARMUP_STEPS real steps trigger compilation
+# and then every weight and optimizer state is put back exactly as it was and the loader restarts,
+# so the warm-up changes nothing but the compile cache. It reads training data only. Training time
+# excludes warm-up and periodic validation, as the public rules count it. Inside the loop the only
+# host-device syncs are on logging steps (and validation).
+
+
+def train_step(model, loader: DistributedTokenLoader | ShuffledWindowLoader, optimizers, hp: Hyperparameters,
+               rt: Runtime, grad_accum: int, lr_scale: float, step: int, autocast, looping: bool = False) -> torch.Tensor:
+    """One optimizer step over `grad_accum` micro-batches; returns the mean loss (a tensor, no sync)."""
+    total = torch.zeros((), device=rt.device)
+    for micro in range(grad_accum):
+        x, y = loader.next_batch(hp.train_batch_tokens, hp.train_seq_len, grad_accum)
+        if isinstance(model, DDP):
+            model.require_backward_grad_sync = micro == grad_accum - 1
+        with autocast():
+            loss = model(x, y, looping)
+        (loss / grad_accum).backward()
+        total += loss.detach()
+    momentum = muon_momentum_at(step, start=hp.muon_momentum_warmup_start, end=hp.muon_momentum,
+                                warmup_steps=hp.muon_momentum_warmup_steps)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_scale
+            if isinstance(opt, Muon):
+                group["momentum"] = momentum
+    if hp.grad_clip_norm > 0:  # grads are already averaged across ranks here: a global-norm clip
+        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, hp.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return total / grad_accum
+
+
+def warmup_and_reset(model, base_model: GPT, optimizers, make_loader, hp, rt, grad_accum, autocast, log) -> None:
+    """Run WARMUP_STEPS steps to compile every kernel (and as many again with looping on, so both
+    graphs exist before the clock starts), then restore the initial weights and optimizer state.
+    Not training: nothing it learned survives, and it reads only training data."""
+    if hp.warmup_steps <= 0:
+        return
+    initial_model = copy.deepcopy(base_model.state_dict())
+    initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    loader = make_loader()
+    for looping in (False, True) if hp.num_loops > 0 else (False,):
+        prefix = "loop_warmup_step" if looping else "warmup_step"
+        for step in range(hp.warmup_steps):
+            train_step(model, loader, optimizers, hp, rt, grad_accum, 1.0, step, autocast, looping)
+            if step + 1 in (1, hp.warmup_steps) or (step + 1) % 10 == 0:
+                log(f"{prefix}:{step + 1}/{hp.warmup_steps}")
+    loader.close()
+    base_model.load_state_dict(initial_model)
+    for opt, state in zip(optimizers, initial_opts):
+        opt.load_state_dict(state)
+    barrier()
+
+
+# A diverged run stops at the first checked step whose loss is not finite or above this many times the
+# loss of a uniform guess, ln(VOCAB_SIZE). The loss is checked where the loop already syncs it (logged
+# steps) and at the last step, as the global mean over ranks, so every rank stops at the same step.
+DIVERGED_LOSS_FACTOR = 2.0
+
+
+def check_training_loss(loss: float, step: int, vocab_size: int) -> None:
+    limit = DIVERGED_LOSS_FACTOR * math.log(vocab_size)
+    if not math.isfinite(loss) or loss > limit:
+        what = "is not finite" if not math.isfinite(loss) else f"is above {limit:.2f} (2 x ln VOCAB_SIZE)"
+        raise RunError(f"training diverged: train_loss {loss:.4g} at step {step} {what}; lower the learning rates "
+                       "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR), lengthen LR warm-up or set GRAD_CLIP_NORM")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    stopped_early: bool = False
+    last_val: EvalResult | None = None
+    looping: bool = False
+    qat: bool = False
+    epochs_consumed: float = 0.0  # of the training data, as the loader counts it
+    step_ms: list[float] = field(default_factory=list)  # host wallclock of every timed step
+    train_losses: list[float] = field(default_factory=list)
+
+
+def train(hp: Hyperparameters, rt: Runtime, model, base_model: GPT, optimizers, make_loader, evaluate_model,
+          grad_accum: int, autocast, log, clock: PhaseClock, averager: WeightAverager,
+          qat_layers: list[CastedLinear]) -> TrainState:
+    """The timed loop. Each step, ranks agree on the elapsed training time (host clocks, CPU
+    collective), and every decision (LR, looping, QAT, SWA, stopping) is a function of it. Training
+    stops before a step that would end past the budget, never in the middle of one."""
+    state = TrainState()
+    loader = make_loader()
+    budget_ms = clock.train_budget_ms
+    stop_after_step: int | None = None
+    step_ms = 0.0
+    unchecked_loss = None  # the last step's loss, when it was not a logged (checked) step
+    sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+    sync()
+    clock.start("train")
+    while True:
+        last_step = state.step == hp.iterations or (stop_after_step is not None and state.step >= stop_after_step)
+        if last_step:
+            sync()
+            clock.stop()
+            if unchecked_loss is not None:
+                check_training_loss(float(all_reduce_sum(unchecked_loss).item()) / rt.world_size, state.step,
+                                    hp.vocab_size)
+            state.epochs_consumed = loader.epochs_consumed()
+            loader.close()
+            log(f"train_loader:epochs_consumed:{state.epochs_consumed:.4f} sampler:{hp.train_loader}")
+            if state.stopped_early:
+                log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms('train'):.0f}ms "
+                    f"step:{state.step}/{hp.iterations}")
+                log(f"budget_cut: training after step {state.step} (the next step would end past the "
+                    f"{budget_ms:.0f}ms training budget = cap {clock.cap_ms:.0f}ms - reserve {clock.reserve_ms:.0f}ms)")
+            return state
+        if hp.val_loss_every > 0 and state.step % hp.val_loss_every == 0:
+            sync()
+            clock.start("val")  # the training clock pauses for validation
+            state.last_val = evaluate_model(state.looping)
+            train_ms = clock.elapsed_ms("train")
+            log(f"step:{state.step}/{hp.iterations} val_loss:{state.last_val.val_loss:.4f} "
+                f"val_bpb:{state.last_val.val_bpb:.4f} train_time:{train_ms:.0f}ms "
+                f"step_avg:{train_ms / max(state.step, 1):.2f}ms")
+            sync()
+            clock.start("train")
+        elapsed_ms, step_ms = agree_max([clock.elapsed_ms("train"), step_ms], rt)
+        if budget_ms is not None and elapsed_ms + max(step_ms, elapsed_ms / max(state.step, 1)) > budget_ms:
+            stop_after_step, state.stopped_early = state.step, True
+            continue
+        fraction = training_fraction(state.step, elapsed_ms, iterations=hp.iterations, budget_ms=budget_ms)
+        if not state.looping and looping_active(fraction, num_loops=hp.num_loops, enable_at=hp.enable_looping_at):
+            state.looping = True
+            log(f"layer_loop:enabled step:{state.step} frac:{fraction:.3f} order:{base_model.cfg.layer_order(True)}")
+        if hp.qat_enabled and not state.qat and fraction >= hp.qat_start_frac:
+            set_qat(qat_layers, True)
+            state.qat = True
+            log(f"qat:enabled step:{state.step} frac:{fraction:.3f} layers:{len(qat_layers)} "
+                f"matrix_bits:{hp.matrix_bits} embed_bits:{hp.embed_bits}")
+        scale = lr_scale_at(hp, state.step, elapsed_ms, fraction, budget_ms)
+        t_step = clock.now()
+        loss = train_step(model, loader, optimizers, hp, rt, grad_accum, scale, state.step, autocast, state.looping)
+        state.step += 1
+        averager.update(state.step, fraction)
+        step_ms = 1000.0 * (clock.now() - t_step)
+        state.step_ms.append(step_ms)
+        unchecked_loss = loss.detach()
+        if state.step <= 10 or state.step % hp.train_log_every == 0:  # the only host-device syncs
+            loss_value = float(all_reduce_sum(unchecked_loss).item()) / rt.world_size  # global mean
+            unchecked_loss = None
+            state.train_losses.append(loss_value)
+            train_ms = clock.elapsed_ms("train")
+            tokens_per_s = state.step * hp.train_batch_tokens / max(train_ms / 1000.0, 1e-9)
+            flops = 3 * estimate_flops_per_token(base_model.cfg, hp.train_seq_len, state.looping)
+            mfu = 100.0 * flops * tokens_per_s / (hp.peak_tflops * 1e12 * rt.world_size)
+            log(f"step:{state.step}/{hp.iterations} train_loss:{loss_value:.4f} train_time:{train_ms:.0f}ms "
+                f"step_avg:{train_ms / state.step:.2f}ms tok/s:{tokens_per_s:.0f} mfu:{mfu:.2f}%")
+            check_training_loss(loss_value, state.step, hp.vocab_size)
+
+
+class CompileRecord:
+    """What torch.compile did in one run: graphs compiled per function, and every failure. A failure
+    is never silent: it is logged as one line naming the function and the reason, kept for the
+    manifest, and then either the failed graph runs eagerly (COMPILE_FALLBACK=eager) or the run stops
+    with a RunError (COMPILE_FALLBACK=error, the CUDA default: an eager 8xH100 run loses a large share
+    of its steps)."""
+
+    def __init__(self, backend: str = "inductor", fallback: str = "error", log=None):
+        self.backend, self.fallback = backend, fallback
+        self.graphs: dict[str, int] = {}
+        self.failures: list[dict] = []
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    def failed(self, name: str, e: BaseException) -> None:
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        message = (f"torch.compile failed in {name} ({reason}); COMPILE_FALLBACK=eager runs that graph uncompiled "
+                   "(slower), COMPILE=0 turns compile off")
+        self.failures.append(dict(function=name, reason=reason, message=message))
+        self.log(f"compile:failed function:{name} backend:{self.backend} fallback:{self.fallback} reason:{reason}")
+
+    def summary(self) -> dict:
+        return dict(enabled=True, backend=self.backend, fallback=self.fallback, graphs=dict(self.graphs),
+                    failures=[{k: f[k] for k in ("function", "reason")} for f in self.failures])
+
+    def line(self) -> str:
+        graphs = " ".join(f"{k}:{v}" for k, v in self.graphs.items()) or "none"
+        return f"compile:graphs {graphs} failures:{len(self.failures)}"
+
+
+_active_compile: CompileRecord | None = None  # the running run's record (set by compile_settings)
+_compile_backends: dict[tuple[str, str], object] = {}  # one per (backend, function): see compile_backend
+
+
+def compile_backend(backend: str, name: str):
+    """The torch.compile backend for function `name`: `backend` wrapped to count each graph it compiles
+    and to handle a failure as the running run's CompileRecord says. One object per pair for the whole
+    process, because dynamo reuses a compiled graph only under the same backend: a second evaluation
+    (a fresh model of the same shapes) then compiles nothing new."""
+    if (backend, name) not in _compile_backends:
+        inner = torch._dynamo.lookup_backend(backend)
+
+        def compile_graph(gm, example_inputs):
+            record = _active_compile if _active_compile is not None else CompileRecord(backend)
+            record.graphs[name] = record.graphs.get(name, 0) + 1
+            try:
+                return inner(gm, example_inputs)
+            except Exception as e:  # noqa: BLE001 - every backend failure is reported, then handled below
+                record.failed(name, e)
+                if record.fallback == "eager":
+                    return gm.forward  # this graph runs uncompiled; the rest of the run is unaffected
+                raise CompileFailed(record.failures[-1]["message"]) from e
+
+        compile_graph.__name__ = f"{backend}_for_{name}"
+        _compile_backends[(backend, name)] = compile_graph
+    return _compile_backends[(backend, name)]
+
+
+class CompileFailed(RunError):
+    """torch.compile could not compile a function and COMPILE_FALLBACK=error."""
+
+
+def maybe_compile(fn, enabled: bool, name: str = ""):
+    """`fn` compiled through the run's CompileRecord (graph counts, loud failures), or `fn` itself."""
+    if not enabled:
+        return fn
+    backend = _active_compile.backend if _active_compile is not None else "inductor"
+    return torch.compile(fn, dynamic=False, backend=compile_backend(backend, name or getattr(fn, "__name__", "fn")))
+
+
+def compile_failure(e: BaseException) -> CompileFailed | None:
+    """The one-line CompileFailed behind an exception torch.compile raised, if it is one: ours from
+    the backend wrapper (dynamo wraps it), or dynamo's own (tracing) error, named by its frame."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, CompileFailed):
+            return x
+        todo += [getattr(x, "inner_exception", None), x.__cause__, x.__context__]
+    if isinstance(e, torch._dynamo.exc.TorchDynamoException):
+        if not hasattr(e, "as_compile_failure"):  # recorded once, however often it is asked
+            record = _active_compile or CompileRecord()
+            record.failed("a compiled function (dynamo tracing)", e)
+            e.as_compile_failure = CompileFailed(record.failures[-1]["message"])
+        return e.as_compile_failure
+    return None
+
+
+class _DynamoWarnings(logging.Handler):
+    """With COMPILE_FALLBACK=eager dynamo suppresses its own tracing errors (the frame runs eagerly)
+    and says so in a warning; this turns each into a recorded failure."""
+
+    def __init__(self, record: CompileRecord):
+        super().__init__(logging.WARNING)
+        self.record = record
+
+    def emit(self, entry: logging.LogRecord) -> None:
+        self.record.failed("a compiled function (dynamo tracing)", RuntimeError(entry.getMessage()))
+
+
+@contextlib.contextmanager
+def compile_settings(qat: bool, record: CompileRecord | None = None):
+    """Compiler settings for one run, undone when the run ends (nothing leaks into the process). A
+    failed compile is recorded (see CompileRecord); only with COMPILE_FALLBACK=eager does dynamo
+    suppress its own errors. With QAT inductor rounds the fake quantizer's scales to fp16 exactly as
+    the export does (by default it skips such casts)."""
+    global _active_compile
+    record = record or CompileRecord()
+    eager = record.fallback == "eager"
+    handler, dynamo_log = _DynamoWarnings(record), logging.getLogger("torch._dynamo.convert_frame")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch._dynamo.config.patch(suppress_errors=eager))
+        if qat:
+            stack.enter_context(torch._inductor.config.patch(emulate_precision_casts=True))
+        if eager:
+            dynamo_log.addHandler(handler)
+            stack.callback(dynamo_log.removeHandler, handler)
+        previous, _active_compile = _active_compile, record
+        stack.callback(lambda: globals().__setitem__("_active_compile", previous))
+        yield record
+
+
+# ==================================================================================================
 # WEIGHT AVERAGING
 # ==================================================================================================
 # Owns the choice of weights to export: `WeightAverager` collects the averages during training.
@@ -2142,1027 +2431,7 @@ class WeightAverager:
 
 
 # ==================================================================================================
-# EVALUATION
-# ==================================================================================================
-# One scorer for every reported number (periodic validation, pre-quantization, the roundtrip, the
-# sliding window and every TTT form). The stream of N validation tokens has N-1 targets; target t
-# (1 <= t <= N-1) is token t predicted from tokens 0..t-1. A window is a scored span (a, b]: it reads
-# tokens max(0, b - L)..b-1 (L = EVAL_SEQ_LEN) and scores targets a+1..b, which are always the last
-# positions of its row, so each gets the longest causal context the window allows. The first window
-# scores (0, L]; later windows score EVAL_STRIDE targets each, the last one whatever is left (nothing
-# is dropped). Stride L is the flat evaluation. Windows are split contiguously across ranks.
-#
-# Every score goes into a `ScoreLedger`: it commits each target once (a second commit raises), sums
-# loss, targets and bytes in float64, and is the only way adaptation code can read validation tokens:
-# `adaptation_tokens` hands out a span only once every target in it is committed on some rank (C3).
-# What the passes share (ranks, device, autocast, looping, the budget's checks, the log) is one `EvalContext`.
-
-
-class ScoreOrderError(RunError):
-    """Adaptation asked for a validation target whose score is not committed yet (rule C3)."""
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    val_loss: float  # mean NLL in nats per target token
-    val_bpb: float  # bits per UTF-8 byte
-    num_targets: int
-    num_bytes: int
-
-
-@dataclass(frozen=True)
-class EvalContext:
-    """What every evaluation and TTT pass of one model shares, passed as one argument: the process
-    (`rt`: rank, world size, device, control group), the autocast context factory, whether the model
-    runs its loop, the check that cuts a pass whose budget ran out (`stop()`, checked before each
-    batch), the TTT adaptation budget and the log."""
-
-    rt: Runtime
-    autocast: Callable = contextlib.nullcontext
-    looping: bool = False
-    stop: Callable[[], bool] | None = None
-    budget: AdaptationBudget | None = None
-    log: Callable[[str], None] = lambda msg: None
-
-
-def check_stop(stop, done: int, total: int, unit: str) -> None:
-    """End a pass whose budget ran out (`stop()`, alike on every rank): a partial score is never reported."""
-    if stop is not None and stop():
-        raise RunError(f"evaluation budget (MAX_EVAL_SECONDS) ran out; cut: the final score after {done} of {total} "
-                       f"{unit}, so no score is reported")
-
-
-def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
-    """Scored spans (a, b] covering targets 1..num_targets exactly once, in stream order."""
-    stride = min(stride, seq_len)
-    spans, a = [(0, min(seq_len, num_targets))], min(seq_len, num_targets)
-    while a < num_targets:
-        b = min(a + stride, num_targets)
-        spans.append((a, b))
-        a = b
-    return spans
-
-
-def rank_share(items: list, rank: int, world_size: int) -> list:
-    """Rank r's contiguous share of `items` (shares differ in size by at most one)."""
-    return items[len(items) * rank // world_size : len(items) * (rank + 1) // world_size]
-
-
-def plan_window_batches(spans: list[tuple[int, int]], seq_len: int, batch_seqs: int) -> list[list[tuple[int, int]]]:
-    """Consecutive spans with the same row length min(b, L), at most `batch_seqs` per batch. Every row
-    is L long except when the whole stream is shorter than L, so batches have one shape."""
-    batches: list[list[tuple[int, int]]] = []
-    for span in spans:
-        if batches and len(batches[-1]) < batch_seqs and min(batches[-1][0][1], seq_len) == min(span[1], seq_len):
-            batches[-1].append(span)
-        else:
-            batches.append([span])
-    return batches
-
-
-class ScoreLedger:
-    """The committed scores of one evaluation pass on one rank, and the gate adaptation goes through.
-
-    Host-side bookkeeping only (no device sync per batch): `scored` marks the targets this rank
-    committed, `shared` the targets known (after `share`) to be committed on some rank. With
-    `keep_per_target`, each target's NLL is kept as well (tests read it)."""
-
-    def __init__(self, tokens: torch.Tensor, luts: ByteLuts, device: torch.device, *, group=None,
-                 keep_per_target: bool = False):
-        self.tokens, self.device, self.group = tokens, device, group
-        self.num_targets = tokens.numel() - 1
-        self.luts = luts.to(device)
-        if luts.val_bytes is not None and len(luts.val_bytes) != tokens.numel():
-            raise RunError(f"the byte sidecar covers {len(luts.val_bytes)} tokens but this pass scores a stream of "
-                           f"{tokens.numel()}; it belongs to the validation stream only")
-        self.scored = np.zeros(self.num_targets + 1, dtype=bool)  # index = target position; 0 unused
-        self.shared = np.zeros(self.num_targets + 1, dtype=bool)
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss (nats), targets, bytes
-        self.per_target = np.full(self.num_targets + 1, np.nan) if keep_per_target else None
-        self.commit_order = np.zeros(self.num_targets + 1, dtype=np.int64) if keep_per_target else None
-        self.commits = 0
-        self.adapted_targets = 0  # target positions handed out for adaptation (with repeats)
-        self.full_softmax_checked = False
-
-    def window_rows(self, spans: list[tuple[int, int]], seq_len: int, pad_rows: int = 0):
-        """Inputs, targets and the scored-position mask of a batch of windows (on the device). With
-        `pad_rows`, a short batch is filled up with copies of its first row that score nothing, so a
-        compiled forward sees one shape."""
-        length = min(spans[0][1], seq_len)
-        rows = spans + [spans[0]] * max(pad_rows - len(spans), 0)
-        x = torch.stack([self.tokens[b - length : b] for _, b in rows])
-        y = torch.stack([self.tokens[b - length + 1 : b + 1] for _, b in rows])
-        first_scored = torch.tensor([length - (b - a) for a, b in spans] + [length] * (len(rows) - len(spans)))
-        mask = torch.arange(length)[None, :] >= first_scored[:, None]
-        return x.to(self.device), y.to(self.device), mask.to(self.device)
-
-    def document_rows(self, spans: list[tuple[int, int]], starts: list[int], *, rows: list[int], num_rows: int,
-                      width: int, chunk: int):
-        """A fixed-shape batch of document windows: row rows[i] reads tokens starts[i]..b-1 (right-padded
-        with id 0 to `width`) and scores targets a+1..b of spans[i] = (a, b]; every row has `chunk` scored
-        positions (a short chunk repeats its last one, masked out), and rows holding no window read zeros
-        and score nothing. Returns, on the device, the inputs (num_rows, width), the scored positions
-        (num_rows, chunk), and the inputs, targets and mask at those positions (num_rows, chunk)."""
-        x = torch.zeros(num_rows, width, dtype=torch.int64)
-        y = torch.zeros(num_rows, width, dtype=torch.int64)
-        positions = torch.zeros(num_rows, chunk, dtype=torch.int64)
-        mask = torch.zeros(num_rows, chunk, dtype=torch.bool)
-        for r, (a, b), st in zip(rows, spans, starts):
-            if not (0 <= st <= a < b and b - st <= width and b - a <= chunk):
-                raise RunError(f"window from token {st} cannot score targets ({a}, {b}] in {width} columns; the TTT "
-                               f"plan is broken")
-            x[r, : b - st], y[r, : b - st] = self.tokens[st:b], self.tokens[st + 1 : b + 1]
-            positions[r, : b - a] = torch.arange(a - st, b - st)
-            positions[r, b - a :] = b - st - 1
-            mask[r, : b - a] = True
-        return tuple(t.to(self.device) for t in (x, positions, x.gather(1, positions), y.gather(1, positions), mask))
-
-    def commit(self, spans: list[tuple[int, int]], logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-               mask: torch.Tensor) -> torch.Tensor:
-        """Score the masked positions (row i scores targets a_i+1..b_i, in order) with the full
-        softmax over the vocabulary; each target may be committed only once. Returns the NLL (B, T)."""
-        for a, b in spans:
-            if self.scored[a + 1 : b + 1].any():
-                raise RunError(f"target in ({a}, {b}] scored twice; the evaluation plan is broken (C4)")
-            self.scored[a + 1 : b + 1] = True
-        if not self.full_softmax_checked:  # C2: a distribution over the whole vocabulary, summing to 1
-            probs = torch.softmax(logits[:, -1].float(), dim=-1).sum(-1)
-            if logits.size(-1) != self.luts.base_bytes.numel() or not torch.allclose(probs, torch.ones_like(probs),
-                                                                                      atol=1e-4):
-                raise RunError("logits are not a normalized distribution over the full vocabulary (C2)")
-            self.full_softmax_checked = True
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        nll = nll.view(y.shape)
-        m = mask.to(torch.float64)
-        self.sums[0] += (nll.double() * m).sum()
-        self.sums[1] += m.sum()
-        if self.luts.val_bytes is None:
-            self.sums[2] += (target_bytes(x, y, self.luts).double() * m).sum()
-        else:  # the sidecar: target t stands for entry t (summed on the host, no device work)
-            self.sums[2] += float(sum(int(self.luts.val_bytes[a + 1 : b + 1].sum(dtype=np.int64)) for a, b in spans))
-        self.commits += 1
-        if self.per_target is not None:
-            values, i = nll[mask].double().cpu().numpy(), 0
-            for a, b in spans:
-                self.per_target[a + 1 : b + 1] = values[i : i + b - a]
-                self.commit_order[a + 1 : b + 1] = self.commits
-                i += b - a
-        return nll
-
-    def share(self, lo: int, hi: int) -> None:
-        """Learn which targets in (lo, hi] are committed on any rank (a host-side collective)."""
-        part = torch.from_numpy(self.scored[lo + 1 : hi + 1].astype(np.uint8))
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(part, op=dist.ReduceOp.MAX, group=self.group)
-        self.shared[lo + 1 : hi + 1] |= part.numpy().astype(bool)
-
-    def adaptation_tokens(self, lo: int, hi: int) -> torch.Tensor:
-        """Tokens lo..hi, i.e. inputs for targets lo+1..hi, if every one of those targets is committed
-        (by this rank, or by any rank as learnt through `share`)."""
-        if not (0 <= lo < hi <= self.num_targets):
-            raise ScoreOrderError(f"adaptation span ({lo}, {hi}] is outside the {self.num_targets} targets")
-        committed = self.scored[lo + 1 : hi + 1] | self.shared[lo + 1 : hi + 1]
-        if not committed.all():
-            first = lo + 1 + int(np.argmin(committed))
-            raise ScoreOrderError(f"adaptation on target {first} before its score is committed (C3)")
-        self.adapted_targets += hi - lo
-        return self.tokens[lo : hi + 1]
-
-    def result(self) -> EvalResult:
-        sums = all_reduce_sum(self.sums.clone())
-        loss_sum, num_targets, num_bytes = sums.tolist()
-        return EvalResult(loss_sum / num_targets, loss_sum / (math.log(2) * num_bytes), int(num_targets),
-                          int(num_bytes))
-
-    def times_scored(self) -> np.ndarray:
-        """How often each target 1..N-1 was committed, over all ranks (C4 wants all ones)."""
-        counts = torch.from_numpy(self.scored[1:].astype(np.uint8))
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.group)
-        return counts.numpy()
-
-
-@torch.no_grad()
-def score_windows(logits_fn, ledger: ScoreLedger, spans: list[tuple[int, int]], ctx: EvalContext, *, seq_len: int,
-                  batch_seqs: int) -> None:
-    """Score the windows `spans` (split across ranks, batched) into `ledger`; `ctx.stop` can cut it."""
-    rank, world_size = ctx.rt.rank, ctx.rt.world_size
-    plans = [plan_window_batches(rank_share(spans, r, world_size), seq_len, batch_seqs) for r in range(world_size)]
-    num_rounds = max(len(p) for p in plans)  # every rank runs as many rounds, so `stop` stays collective
-    for round_idx in range(num_rounds):
-        check_stop(ctx.stop, round_idx, num_rounds, "batches")
-        if round_idx >= len(plans[rank]):
-            continue
-        batch = plans[rank][round_idx]
-        x, y, mask = ledger.window_rows(batch, seq_len, pad_rows=batch_seqs)
-        with ctx.autocast():
-            logits = logits_fn(x)
-        ledger.commit(batch, logits, x, y, mask)
-
-
-def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, ctx: EvalContext, *, seq_len: int, batch_seqs: int,
-             stride: int = 0) -> EvalResult:
-    """Score every validation target once with `logits_fn(input_ids) -> logits` (B, T, V): flat
-    windows (stride 0 or >= seq_len) or sliding ones; checks that every target was scored once."""
-    ledger = ScoreLedger(val_tokens, luts, ctx.rt.device, group=ctx.rt.control_group)
-    spans = plan_windows(ledger.num_targets, seq_len, stride or seq_len)
-    score_windows(logits_fn, ledger, spans, ctx, seq_len=seq_len, batch_seqs=batch_seqs)
-    check_scored_once(ledger)
-    return ledger.result()
-
-
-def check_scored_once(ledger: ScoreLedger) -> None:
-    counts = ledger.times_scored()
-    if not (counts == 1).all():
-        raise RunError(f"{int((counts == 0).sum())} targets unscored and {int((counts > 1).sum())} scored more than "
-                       f"once of {ledger.num_targets}; the evaluation plan is broken (C4)")
-
-
-# ==================================================================================================
-# TEST-TIME TRAINING
-# ==================================================================================================
-# Score-first adaptation on validation tokens, legal by construction: a chunk is scored and its
-# losses committed to the ledger before any update, and the updates read tokens only through
-# `ScoreLedger.adaptation_tokens`, which refuses an uncommitted target. The reported score is the sum
-# of those first-pass scores. The last chunk never trains (nothing is left to score with it).
-#
-# TTT_MODE=chunked (the R0409 form): the sliding windows are grouped into chunks of TTT_CHUNK_TOKENS
-# targets (by their first scored target). Chunk c is scored, then the whole model takes TTT_EPOCHS
-# SGD passes over exactly the targets scored so far and not yet trained on, with the LR on a cosine
-# over the chunks, gradients averaged over ranks and clipped by global norm, the first
-# TTT_FREEZE_BLOCKS blocks frozen. Each SGD step covers TTT_BATCH_SEQS sequences over all ranks, so
-# the result does not depend on the number of ranks.
-#
-# The evaluation budget: before each update the run checks that the update plus scoring everything
-# left without adaptation still fits in MAX_EVAL_SECONDS (from times measured so far); if not,
-# adaptation stops for good and the rest is scored plainly.
-
-
-# Each TTTSettings field and the Hyperparameters knob it is read from (`ttt_settings`). A field has its
-# knob's type and default (and help text); seq_len, a computed value, has neither.
-TTT_KNOBS = {"seq_len": "effective_eval_seq_len", "stride": "eval_stride", "chunk_tokens": "ttt_chunk_tokens",
-             "epochs": "ttt_epochs", "lr": "ttt_lr", "momentum": "ttt_momentum", "batch_seqs": "ttt_batch_seqs",
-             "grad_clip": "ttt_grad_clip", "freeze_blocks": "ttt_freeze_blocks", "mode": "ttt_mode",
-             "lora_rank": "ttt_lora_rank", "lora_lr": "ttt_lora_lr", "lora_alpha": "ttt_lora_alpha",
-             "lora_beta1": "ttt_beta1", "lora_beta2": "ttt_beta2", "lora_wd": "ttt_weight_decay",
-             "warm_start_a": "ttt_warm_start_a", "lora_k": "ttt_k_lora", "lora_o": "ttt_o_lora",
-             "lora_mlp": "ttt_mlp_lora", "doc_chunk": "ttt_chunk_size",
-             "docs_per_batch": "ttt_batch_size",  # documents per rank at a time (a round: this x world size)
-             "prefix_docs": "phased_ttt_prefix_docs", "num_phases": "phased_ttt_num_phases",
-             "global_lr": "global_ttt_lr", "global_epochs": "global_ttt_epochs"}
-_KNOB_FIELDS = {f.name: f for f in fields(Hyperparameters)}
-TTTSettings = dataclasses.make_dataclass(
-    "TTTSettings", [("seq_len", int), ("score_batch_seqs", int, field(default=32))]  # windows per forward, per rank
-    + [(name, _KNOB_FIELDS[knob].type, field(default=_KNOB_FIELDS[knob].default))
-       for name, knob in TTT_KNOBS.items() if knob in _KNOB_FIELDS],
-    frozen=True, namespace={"__module__": __name__, "__doc__": "A TTT pass's settings: one field per TTT_KNOBS entry."})
-
-
-class AdaptationBudget:
-    """Decides, the same way on every rank, whether one more adaptation step fits in the evaluation
-    budget with everything still unscored scored plainly after it. `cap_ms` None = no budget."""
-
-    def __init__(self, elapsed_ms, cap_ms: float | None, rt: Runtime | None = None):
-        self.elapsed_ms, self.cap_ms, self.rt = elapsed_ms, cap_ms, rt
-        self.stopped_at: str | None = None
-
-    def allows(self, next_adapt_ms: float, remaining_plain_ms: float, where: str) -> bool:
-        if self.stopped_at is not None:
-            return False
-        if self.cap_ms is None:
-            return True
-        values = [self.elapsed_ms(), next_adapt_ms, remaining_plain_ms]
-        if self.rt is not None:
-            values = agree_max(values, self.rt)
-        if values[0] + values[1] + values[2] <= self.cap_ms:
-            return True
-        self.stopped_at = where
-        return False
-
-
-@dataclass(frozen=True)
-class TTTResult:
-    """What a TTT pass did, for the log and the compliance block."""
-
-    chunks: int  # chunks (chunked) or rounds (lora, phased)
-    trained_chunks: int  # of them, those that adapted
-    steps: int  # optimizer steps, global SGD steps included
-    score_ms: float  # time of plain scoring
-    adapt_ms: float  # time of adapting (chunks, rounds and global phases that adapted)
-    stopped_at: str | None  # where the budget stopped adaptation; None = never
-    global_steps: int = 0
-    adapted_targets: int = 0  # over all ranks (set by `evaluate_artifact`)
-
-
-class TTTTracker:
-    """What both TTT forms share: the pass's clock in ms (the budget's when it has a cap, read after
-    the device's queued work; else the host's), the time spent scoring and adapting, the budget
-    decisions (logging where adaptation stops for good), and the result."""
-
-    def __init__(self, ctx: EvalContext, device: torch.device):
-        self.ctx, self.device = ctx, device
-        self.budgeted = ctx.budget is not None and ctx.budget.cap_ms is not None
-        self.ms = {"score": 0.0, "adapt": 0.0}
-
-    def start(self, settings: str, nothing_to_adapt: str | None) -> None:
-        self.ctx.log(f"ttt:start {settings}")
-        if nothing_to_adapt is not None:
-            self.ctx.log(f"ttt:warning this pass adapts on nothing: {nothing_to_adapt}; its score is the plain score")
-
-    def now(self) -> float:
-        if not self.budgeted:
-            return 1000.0 * time.perf_counter()
-        device_sync(self.device)
-        return self.ctx.budget.elapsed_ms()
-
-    def add(self, kind: str, since_ms: float) -> None:
-        self.ms[kind] += self.now() - since_ms
-
-    @property
-    def stopped_at(self) -> str | None:
-        return None if self.ctx.budget is None else self.ctx.budget.stopped_at
-
-    def allows(self, next_ms: float, plain_ms_left: float, where: str, left: str) -> bool:
-        """Whether the next adaptation step fits (always, without a budget); `left` names what remains."""
-        budget = self.ctx.budget
-        if budget is None or budget.allows(next_ms, plain_ms_left, where):
-            return True
-        if budget.stopped_at == where:
-            self.ctx.log(f"ttt:adaptation_stopped at {where}: the eval budget leaves room only for scoring the "
-                         f"remaining {left} without adaptation")
-        return False
-
-    def result(self, chunks: int, trained_chunks: int, steps: int, global_steps: int = 0) -> TTTResult:
-        return TTTResult(chunks, trained_chunks, steps, self.ms["score"], self.ms["adapt"], self.stopped_at,
-                         global_steps)
-
-
-@contextlib.contextmanager
-def frozen(params):
-    """`params` take no gradient inside the block (those that did get it back after)."""
-    params = [p for p in params if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
-def cosine_lr(lr: float, i: int, n: int) -> float:
-    """`lr` cosine-decayed from step 0 to 0 at step n - 1."""
-    return lr * 0.5 * (1 + math.cos(math.pi * i / max(n - 1, 1)))
-
-
-def chunk_windows(spans: list[tuple[int, int]], chunk_tokens: int) -> list[list[tuple[int, int]]]:
-    """Windows grouped by the chunk holding their first scored target, in stream order."""
-    groups: list[list[tuple[int, int]]] = []
-    last = -1
-    for a, b in spans:
-        c = a // chunk_tokens
-        if c != last:
-            groups.append([])
-            last = c
-        groups[-1].append((a, b))
-    return groups
-
-
-def sequence_pieces(spans: list[tuple[int, int]], seq_len: int) -> list[tuple[int, int]]:
-    """Target spans cut into pieces of at most seq_len targets, in order."""
-    return [(p, min(p + seq_len, hi)) for lo, hi in spans for p in range(lo, hi, seq_len)]
-
-
-def average_gradients(params: list[torch.Tensor]) -> None:
-    """Sum every gradient over ranks in one flat buffer (the loss is already divided by the global
-    target count, so the sum is the average). A rank with no data contributes zeros."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
-
-
-def adapt_full_model(model: GPT, ledger: ScoreLedger, spans: list[tuple[int, int]], optimizer, ctx: EvalContext, *,
-                     lr: float, epochs: int, seq_len: int, batch_seqs: int, grad_clip: float, before_step=None) -> int:
-    """Full-model SGD on the committed targets `spans`, `epochs` passes; returns the steps taken.
-
-    Step j takes pieces [j*B, (j+1)*B) of all ranks' pieces; each rank its contiguous share. The
-    loss is the mean over the step's targets on all ranks, so any world size computes the same step.
-    `before_step()` (called on every rank before each step) returning False ends the passes there."""
-    pieces = sequence_pieces(spans, seq_len)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-    steps = 0
-    model.train()
-    for _ in range(epochs):
-        for j in range(0, len(pieces), batch_seqs):
-            if before_step is not None and not before_step():
-                model.eval()
-                return steps
-            step_pieces = pieces[j : j + batch_seqs]
-            total_targets = sum(hi - lo for lo, hi in step_pieces)
-            mine = rank_share(step_pieces, ctx.rt.rank, ctx.rt.world_size)
-            if mine:
-                width = max(hi - lo for lo, hi in mine)
-                x = torch.zeros(len(mine), width, dtype=torch.int64)
-                y = torch.full((len(mine), width), -100, dtype=torch.int64)  # -100 = no target here
-                for i, (lo, hi) in enumerate(mine):
-                    tokens = ledger.adaptation_tokens(lo, hi)
-                    x[i, : hi - lo], y[i, : hi - lo] = tokens[:-1], tokens[1:]
-                x, y = x.to(ledger.device), y.to(ledger.device)
-                with ctx.autocast():
-                    logits = model.forward_logits(x, ctx.looping)
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
-                                       ignore_index=-100, reduction="sum") / total_targets
-                loss.backward()
-            average_gradients(params)
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            steps += 1
-    model.eval()
-    return steps
-
-
-def ttt_chunked(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContext, logits_fn=None) -> TTTResult:
-    """Score-first chunked TTT over the whole stream (R0409 form). Scores go into `ledger`."""
-    logits_fn = logits_fn or model.forward_logits
-    groups = chunk_windows(plan_windows(ledger.num_targets, s.seq_len, s.stride or s.seq_len), s.chunk_tokens)
-    tracker = TTTTracker(ctx, ledger.device)
-    with frozen(p for block in model.blocks[: s.freeze_blocks] for p in block.parameters()):
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum)
-        tracker.start(f"mode:chunked chunks:{len(groups)} ttt_lr:{s.lr} ttt_epochs:{s.epochs} chunk_tokens:"
-                      f"{s.chunk_tokens} frozen_blocks:{s.freeze_blocks} params:{sum(p.numel() for p in params)}",
-                      nothing_to_adapt(s, ledger.num_targets))
-        windows_left = sum(len(g) for g in groups)
-        windows_scored = steps = trained_chunks = 0
-        trained_upto = 0  # targets 1..trained_upto have been (or will never be) trained on
-        for ci, group in enumerate(groups):
-            t0 = tracker.now()
-            score_windows(lambda x: logits_fn(x, ctx.looping), ledger, group, ctx, seq_len=s.seq_len,
-                          batch_seqs=s.score_batch_seqs)
-            tracker.add("score", t0)
-            windows_scored += len(group)
-            windows_left -= len(group)
-            lo, hi = trained_upto, group[-1][1]
-            if ci == len(groups) - 1 or s.epochs == 0:
-                continue  # the last chunk never trains: nothing is left to score with what it would teach
-            plain_ms_left = tracker.ms["score"] / windows_scored * windows_left
-            if not tracker.allows(tracker.ms["adapt"] / max(trained_chunks, 1), plain_ms_left,
-                                  f"chunk {ci + 1}/{len(groups)}", f"{ledger.num_targets - hi} targets"):
-                continue
-            t0 = tracker.now()
-            ledger.share(lo, hi)
-            steps += adapt_full_model(model, ledger, [(lo, hi)], optimizer, ctx, lr=cosine_lr(s.lr, ci, len(groups)),
-                                      epochs=s.epochs, seq_len=s.seq_len, batch_seqs=s.batch_seqs,
-                                      grad_clip=s.grad_clip)
-            trained_upto, trained_chunks = hi, trained_chunks + 1
-            tracker.add("adapt", t0)
-    return tracker.result(len(groups), trained_chunks, steps)
-
-
-# TTT_MODE=lora (R0317/R0427 form): every document gets its own low-rank adapters, one per virtual
-# layer slot (a looped block has one per pass), on attention q and v, optionally k (TTT_K_LORA) and the
-# output projection (TTT_O_LORA), a dim->dim adapter beside the MLP fed by the MLP's input
-# (TTT_MLP_LORA), and the head (dim->vocab, added to the logits before the softcap). Each output is
-# scaled by TTT_LORA_ALPHA/TTT_LORA_RANK. B starts at 0, so every document starts as the plain model.
-# A document's targets are scored in chunks of TTT_CHUNK_SIZE from a window clipped at its BOS (no
-# context from other documents); after a chunk is committed, one AdamW step on that chunk's loss
-# updates that document's adapters, so its next chunk is scored by adapters trained on its earlier
-# chunks only. The document's last chunk never trains. Documents are queued longest first and
-# processed in rounds of TTT_BATCH_SIZE documents per rank (R0427's 64): a round is TTT_BATCH_SIZE x
-# WORLD_SIZE documents and rank r holds its positions r*TTT_BATCH_SIZE.. onwards, so the score depends
-# on the world size only through the round size (1 process with TTT_BATCH_SIZE=2B equals 2 ranks with
-# B, tested). Each round zeroes B and the optimizer state; A is redrawn (the same seeded draw for every
-# position), or with TTT_WARM_START_A=1 kept from the document at the same position of the previous
-# round: trained on already-scored tokens only, so still score-first.
-#
-# Fixed shapes, so a compiled step sees few graphs: every step of a rank has TTT_BATCH_SIZE rows (rows
-# of finished documents read zeros and score nothing), its window is padded to a width of
-# `window_widths` (powers of two from the chunk size up, then EVAL_SEQ_LEN: six for the record) chosen
-# by the step's index alone, and the head runs only at the chunk's TTT_CHUNK_SIZE positions. The
-# adapters are applied by forward hooks registered once per model (`AdapterHooks`), inert outside
-# `lora_logits`. Every step runs with autograd on (a step that trains no row skips the backward), so
-# the LoRA step compiles at most len(window_widths) graphs, once per process.
-#
-# TTT_MODE=phased (R0413/R0427 form): LoRA TTT as above, plus PHASED_TTT_NUM_PHASES global phases:
-# once the first PHASED_TTT_PREFIX_DOCS*(k+1)/K documents of the queue are scored, the base model
-# takes GLOBAL_TTT_EPOCHS SGD passes over those (already committed) documents, LR cosine-decayed over
-# groups of TTT_CHUNK_TOKENS targets, gradients averaged over ranks; later documents are scored by the
-# updated model.
-#
-# The evaluation budget, measured: with MAX_EVAL_SECONDS set, the pass first times a plain and an
-# adapting step at every window width (and a global SGD step) on synthetic tokens, then every real
-# step. Before each chunk step and each global SGD step it checks that the step plus scoring every
-# remaining step plainly (at its measured width cost) still fits; if not, adaptation stops for good.
-
-
-def lora_targets(model: GPT, s: "TTTSettings") -> list[str]:
-    """Names of the block submodules that get adapters under the TTT_*_LORA switches."""
-    suffixes = ["attn.c_q", "attn.c_v"] + ["attn.c_k"] * s.lora_k + ["attn.proj"] * s.lora_o + ["mlp"] * s.lora_mlp
-    return [f"blocks.{i}.{suffix}" for i in range(len(model.blocks)) for suffix in suffixes]
-
-
-def document_spans(tokens: torch.Tensor) -> list[tuple[int, int]]:
-    """Target spans (a, b] of each document: from its BOS to the next BOS (included) or the end."""
-    bos = (tokens == BOS_ID).nonzero().flatten().tolist() + [tokens.numel() - 1]
-    return [(a, b) for a, b in zip(bos, bos[1:]) if b > a]
-
-
-def document_queue(tokens: torch.Tensor) -> list[tuple[int, int]]:
-    """The documents in the order document TTT takes them: longest first, then in stream order."""
-    return sorted(document_spans(tokens), key=lambda d: (-(d[1] - d[0]), d[0]))
-
-
-def phase_boundaries(prefix_docs: int, num_phases: int) -> list[int]:
-    """Phased TTT: global phase k trains on the first boundaries[k] documents of the queue."""
-    return [prefix_docs * (k + 1) // num_phases for k in range(num_phases)]
-
-
-def device_sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so a host clock read measures it (budget timing only)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class AdapterHooks:
-    """Forward hooks on every module that can get an adapter, registered once per model and kept (so
-    compiled graphs never see hooks come and go). Inert unless `lora_logits` has set `lora`; a hook
-    counts its calls within a forward to find its virtual slot."""
-
-    SUFFIXES = ("attn.c_q", "attn.c_v", "attn.c_k", "attn.proj", "mlp")
-
-    def __init__(self, model: GPT):
-        modules = dict(model.named_modules())
-        self.names = [f"blocks.{i}.{suffix}" for i in range(len(model.blocks)) for suffix in self.SUFFIXES]
-        self.lora: "DocLoRA | None" = None
-        self.calls: list[int] | None = None
-        for k, name in enumerate(self.names):
-            modules[name].register_forward_hook(self._hook(k))
-
-    def _hook(self, k: int):
-        def add_delta(module, inputs, output):
-            lora = self.lora
-            if lora is None or lora.module_of_hook[k] < 0:
-                return output
-            m = lora.module_of_hook[k]
-            slot = self.calls[k]
-            if slot >= lora.slots[m]:
-                raise RunError(f"LoRA adapter {m} called {slot + 1} times in one forward; the slot plan is broken")
-            self.calls[k] = slot + 1
-            return output + lora.delta(lora.first_slot[m] + slot, inputs[0]).to(output.dtype)
-        return add_delta
-
-
-_ADAPTER_HOOKS: "weakref.WeakKeyDictionary[GPT, AdapterHooks]" = weakref.WeakKeyDictionary()
-
-
-def adapter_hooks(model: GPT) -> AdapterHooks:
-    if model not in _ADAPTER_HOOKS:
-        _ADAPTER_HOOKS[model] = AdapterHooks(model)
-    return _ADAPTER_HOOKS[model]
-
-
-class DocLoRA:
-    """Per-document adapters: for adapter j and row i, output += scale * x A_j[i]^T B_j[i]^T, one
-    [rows, ...] tensor per adapter. Rows are independent under AdamW (elementwise; a row trains at every
-    step from a round's start until its document's last trained chunk, so its step count is the same on
-    any number of ranks). After that a row keeps moving with the others' steps (decay, momentum), which
-    no score sees; the A that warm starts the next round is the one saved at the row's last own step
-    (`keep_warm`). Applied through the model's `AdapterHooks`, so the model code is untouched."""
-
-    def __init__(self, model: GPT, num_rows: int, s: "TTTSettings", device: torch.device, looping: bool,
-                 seed: int = 0):
-        order = model.cfg.layer_order(looping)
-        names = lora_targets(model, s)
-        self.hooks = adapter_hooks(model)
-        self.module_of_hook = [names.index(n) if n in names else -1 for n in self.hooks.names]
-        modules = dict(model.named_modules())
-        self.slots = [order.count(int(name.split(".")[1])) for name in names]
-        self.scale = (s.lora_alpha or s.lora_rank) / s.lora_rank
-        g = torch.Generator().manual_seed(seed)
-        shapes = []  # (in, out) per adapter: every slot of every module, then the head
-        for name, n in zip(names, self.slots):
-            m = modules[name]
-            width = m.fc.in_features if isinstance(m, MLP) else m.in_features
-            out = m.proj.out_features if isinstance(m, MLP) else m.out_features
-            shapes += [(width, out)] * n
-        shapes.append((model.cfg.model_dim, model.cfg.vocab_size))
-        a_init = [(torch.rand(s.lora_rank, i, generator=g) * 2 - 1) / math.sqrt(i) for i, _ in shapes]
-        self.a_init = [a.expand(num_rows, -1, -1).clone().to(device) for a in a_init]
-        self.warm_a = [a.clone() for a in self.a_init]  # per row: the A the next round starts from
-        self.a = [a.clone().requires_grad_() for a in self.a_init]
-        self.b = [torch.zeros(num_rows, o, s.lora_rank, device=device, requires_grad=True) for _, o in shapes]
-        self.first_slot = [sum(self.slots[:k]) for k in range(len(self.slots))]  # adapter of module k's slot 0
-        self.num_rows = num_rows
-
-    @property
-    def params(self) -> list[torch.Tensor]:
-        return self.a + self.b
-
-    def reset(self, warm_a: bool) -> None:
-        """A new round: B = 0 (each document starts as the plain model); A redrawn, or with `warm_a`
-        the A each row kept at its previous document's last own step."""
-        with torch.no_grad():
-            for b in self.b:
-                b.zero_()
-            for a, start in zip(self.a, self.warm_a if warm_a else self.a_init):
-                a.copy_(start)
-
-    def keep_warm(self, rows: list[int]) -> None:
-        """These rows' documents take no more steps: their current A is what the next round inherits."""
-        if not rows:
-            return
-        index = torch.tensor(rows, device=self.a[0].device)
-        with torch.no_grad():
-            for a, warm in zip(self.a, self.warm_a):
-                warm[index] = a[index]
-
-    def delta(self, j: int, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.a[j].to(x.dtype), self.b[j].to(x.dtype)
-        return self.scale * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
-
-    def logits(self, model: GPT, x: torch.Tensor, looping: bool) -> torch.Tensor:
-        """The model's logits at every position of rows x (one per adapter row), adapters applied."""
-        return lora_logits(self, model, x, None, looping)
-
-
-def lora_logits(lora: DocLoRA, model: GPT, x: torch.Tensor, positions: torch.Tensor | None,
-                looping: bool) -> torch.Tensor:
-    """Logits of rows x (num_rows, W) at `positions` (num_rows, C; None = all) with every adapter of
-    `lora` applied: the per-document step that torch.compile sees."""
-    hooks = lora.hooks
-    hooks.lora, hooks.calls = lora, [0] * len(hooks.names)
-    try:
-        h = model.forward_hidden(x, looping)
-    finally:
-        hooks.lora, hooks.calls = None, None
-    if positions is not None:
-        h = h.gather(1, positions[..., None].expand(-1, -1, h.size(-1)))
-    return model.head(h, lora.delta(len(lora.a) - 1, h))
-
-
-def document_chunks(span: tuple[int, int], chunk: int) -> list[tuple[int, int]]:
-    lo, hi = span
-    return [(a, min(a + chunk, hi)) for a in range(lo, hi, chunk)]
-
-
-def window_widths(chunk: int, seq_len: int) -> list[int]:
-    """The padded window widths of the per-document steps: powers of two from the chunk size up, then
-    seq_len (48 and 2048: 64, 128, ..., 2048)."""
-    widths, w = [], 1 << (chunk - 1).bit_length()
-    while w < seq_len:
-        widths.append(w)
-        w *= 2
-    return widths + [seq_len]
-
-
-def step_width(step: int, chunk: int, seq_len: int) -> int:
-    """The padded window of chunk step `step`: it holds the window of every document's chunk `step`."""
-    return next(w for w in window_widths(chunk, seq_len) if w >= min((step + 1) * chunk, seq_len))
-
-
-def round_steps(docs: list[tuple[int, int]], chunk: int, seq_len: int) -> list[tuple[int, bool]]:
-    """(padded width, whether some document trains) of each chunk step of one rank's documents of a round."""
-    counts = [len(document_chunks(d, chunk)) for d in docs]
-    return [(step_width(i, chunk, seq_len), any(i < n - 1 for n in counts)) for i in range(max(counts, default=0))]
-
-
-def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lora: DocLoRA, s: TTTSettings,
-               ctx: EvalContext, *, num_steps: int, forward=lora_logits, before_step=None) -> tuple[int, int]:
-    """Score this rank's documents of one round, document i on adapter row i, and train their adapters
-    at each step `before_step(i, width, trains)` allows (called on every rank for each of the round's
-    `num_steps`, so budget decisions stay collective; once it refuses, it refuses for good). Returns
-    (AdamW steps, steps scored with adaptation allowed)."""
-    lora.reset(s.warm_start_a)
-    optimizer = torch.optim.AdamW(lora.params, lr=s.lora_lr, betas=(s.lora_beta1, s.lora_beta2), eps=1e-10,
-                                  weight_decay=s.lora_wd)
-    chunk = min(s.doc_chunk, s.seq_len)  # a window holds its whole chunk
-    chunks = [document_chunks(d, chunk) for d in docs]
-    steps = adapting = 0
-    for i in range(num_steps):
-        rows = [d for d in range(len(docs)) if i < len(chunks[d])]
-        train_rows = [d for d in rows if i < len(chunks[d]) - 1]
-        width = step_width(i, chunk, s.seq_len)
-        if before_step is not None and not before_step(i, width if rows else None, bool(train_rows)):
-            train_rows = []
-        elif rows:
-            adapting += 1
-        if not rows:
-            continue
-        lora.keep_warm([d for d in rows if i == len(chunks[d]) - 1])  # their last own step is done
-        spans = [chunks[d][i] for d in rows]
-        starts = [max(docs[d][0], b - s.seq_len) for d, (_, b) in zip(rows, spans)]
-        x, positions, x_at, y_at, mask = ledger.document_rows(spans, starts, rows=rows, num_rows=lora.num_rows,
-                                                              width=width, chunk=chunk)
-        with torch.enable_grad(), ctx.autocast():  # one graph per width: steps that train nothing skip the backward
-            logits = forward(lora, model, x, positions, ctx.looping)
-        ledger.commit(spans, logits.detach(), x_at, y_at, mask)  # scores fixed before the update below
-        if not train_rows:
-            continue
-        labels, weights = torch.zeros(lora.num_rows, chunk, dtype=torch.int64), torch.zeros(lora.num_rows, chunk)
-        for d in train_rows:  # each document's mean loss over the chunk it just committed
-            a, b = chunks[d][i]
-            labels[d, : b - a] = ledger.adaptation_tokens(a, b)[1:]
-            weights[d, : b - a] = 1.0 / (b - a)
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.to(ledger.device).reshape(-1),
-                              reduction="none")
-        (nll * weights.to(ledger.device).reshape(-1)).sum().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        steps += 1
-    return steps, adapting
-
-
-def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], s: TTTSettings, ctx: EvalContext,
-                     *, before_step=None) -> int:
-    """Full-model SGD over already-scored documents (in queue order), cosine LR over groups of about
-    TTT_CHUNK_TOKENS targets. Every rank calls it with the same documents. `before_step(n)` before
-    the phase's step n = 1, 2, ... returning False (on every rank alike) ends the phase there."""
-    ledger.share(0, ledger.num_targets)
-    groups: list[list[tuple[int, int]]] = [[]]
-    for d in docs:
-        if sum(b - a for a, b in groups[-1]) >= s.chunk_tokens:
-            groups.append([])
-        groups[-1].append(d)
-    optimizer = torch.optim.SGD(list(model.parameters()), lr=s.global_lr, momentum=s.momentum)
-    steps = asked = 0
-    refused = False
-
-    def gate() -> bool:
-        nonlocal asked, refused
-        asked += 1
-        refused = before_step is not None and not before_step(asked)
-        return not refused
-
-    for gi, group in enumerate(groups):
-        steps += adapt_full_model(model, ledger, group, optimizer, ctx, lr=cosine_lr(s.global_lr, gi, len(groups)),
-                                  epochs=s.global_epochs, seq_len=s.seq_len, batch_seqs=s.batch_seqs,
-                                  grad_clip=s.grad_clip, before_step=gate)
-        if refused:
-            break
-    return steps
-
-
-class StepCosts:
-    """Measured milliseconds of each kind of step (('plain', width), ('adapt', width), 'global'): the
-    mean of its timings so far. A plain step never measured is bounded by the adapting step of its width."""
-
-    def __init__(self, now):
-        self.now = now  # the pass's clock (ms)
-        self.sums: dict = {}
-        self.running = None  # (kind, start) of the step being timed
-
-    def add(self, kind, ms: float) -> None:
-        total, n = self.sums.get(kind, (0.0, 0))
-        self.sums[kind] = (total + ms, n + 1)
-
-    def lap(self, kind) -> None:
-        """Close the timing of the step in flight, if any, and open one of `kind` (None: nothing)."""
-        now = self.now()
-        if self.running is not None:
-            self.add(self.running[0], now - self.running[1])
-        self.running = None if kind is None else (kind, now)
-
-    def ms(self, kind) -> float:
-        if kind not in self.sums and isinstance(kind, tuple) and kind[0] == "plain":
-            kind = ("adapt", kind[1])
-        total, n = self.sums.get(kind, (0.0, 1))
-        return total / n
-
-    def plain_ms(self, widths: collections.Counter) -> float:
-        return sum(self.ms(("plain", w)) * n for w, n in widths.items())
-
-
-def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: list[int], ctx: EvalContext, *,
-                           forward=lora_logits, costs: StepCosts | None = None) -> None:
-    """At each width, on full rows of synthetic tokens: an adapting step (forward, backward, AdamW),
-    which compiles the width's graph; with `costs`, then a timed plain step (the forward) and a timed
-    adapting one, the budget's step costs before the first validation step. The adapters are reset
-    by the next round."""
-    chunk = min(s.doc_chunk, s.seq_len)
-    optimizer = torch.optim.AdamW(lora.params, lr=0.0)
-    device = lora.a[0].device
-    for width in widths:
-        x = synthetic_tokens(lora.num_rows * width, model.cfg.vocab_size, seed=width).view(lora.num_rows, width)
-        positions = torch.arange(width - chunk, width).expand(lora.num_rows, -1).contiguous()  # a real step's layout
-        x, positions = x.to(device), positions.to(device)
-        for kind, timed in [("adapt", False)] + ([("plain", True), ("adapt", True)] if costs is not None else []):
-            t0 = costs.now() if timed else 0.0
-            with torch.enable_grad(), ctx.autocast():  # as in `lora_round`
-                logits = forward(lora, model, x, positions, ctx.looping)
-            if kind == "adapt":
-                logits.float().logsumexp(-1).mean().backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if timed:
-                costs.add((kind, width), costs.now() - t0)
-
-
-def measure_global_step(model: GPT, s: TTTSettings, ctx: EvalContext, costs: StepCosts) -> None:
-    """Time one full global SGD step (TTT_BATCH_SEQS sequences of EVAL_SEQ_LEN, over all ranks) on
-    synthetic tokens, after an untimed one; every weight is put back."""
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    device = next(model.parameters()).device
-    source = TrainingTokens(synthetic_tokens(s.batch_seqs * s.seq_len + 1, model.cfg.vocab_size, seed=2), device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=s.momentum)
-    for timed in (False, True):
-        t0 = costs.now()
-        adapt_full_model(model, source, [(0, source.num_targets)], optimizer, ctx, lr=0.0, epochs=1, seq_len=s.seq_len,
-                         batch_seqs=s.batch_seqs, grad_clip=s.grad_clip)
-        if timed:
-            costs.add("global", costs.now() - t0)
-    model.load_state_dict(saved)
-    optimizer.zero_grad(set_to_none=True)
-
-
-def nothing_to_adapt(s: TTTSettings, num_targets: int, queue: list[tuple[int, int]] | None = None,
-                     round_docs: int = 1) -> str | None:
-    """Why a TTT pass with these settings would adapt on nothing that a later score sees, or None."""
-    if s.mode == "chunked":
-        if s.epochs == 0:
-            return "TTT_EPOCHS=0 (set it > 0)"
-        if num_targets <= s.chunk_tokens:
-            return (f"the {num_targets} validation targets fit in one TTT_CHUNK_TOKENS={s.chunk_tokens} chunk, which "
-                    f"is scored last and never trains (lower TTT_CHUNK_TOKENS)")
-        return None
-    chunk = min(s.doc_chunk, s.seq_len)
-    if any(b - a > chunk for a, b in queue):
-        return None
-    if s.mode == "phased" and s.global_epochs > 0:
-        first = min(s.prefix_docs, len(queue)) // s.num_phases  # documents the first global phase trains on
-        if first > 0 and -(-first // round_docs) < -(-len(queue) // round_docs):  # it ends before the last round
-            return None
-    return (f"every one of the {len(queue)} documents fits in one TTT_CHUNK_SIZE={chunk} chunk, which never trains"
-            + (", and no global phase ends before the last round" if s.mode == "phased" else "")
-            + " (lower TTT_CHUNK_SIZE" + (", TTT_BATCH_SIZE or PHASED_TTT_PREFIX_DOCS" if s.mode == "phased" else "")
-            + ")")
-
-
-def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContext, lora_forward=None) -> TTTResult:
-    """Per-document LoRA TTT (mode lora) or phased TTT (mode phased) over the whole stream.
-    `lora_forward` is `lora_logits` or a compiled form of it."""
-    forward, rank = lora_forward or lora_logits, ctx.rt.rank
-    queue = document_queue(ledger.tokens)
-    per_rank, round_docs = s.docs_per_batch, s.docs_per_batch * ctx.rt.world_size
-    rounds = [queue[j : j + round_docs] for j in range(0, len(queue), round_docs)]
-    mine = [r[rank * per_rank : (rank + 1) * per_rank] for r in rounds]
-    chunk = min(s.doc_chunk, s.seq_len)
-    num_steps = [len(document_chunks(r[0], chunk)) for r in rounds]  # every rank's most (the longest is first)
-    phased, prefix = s.mode == "phased", min(s.prefix_docs, len(queue))
-    boundaries = phase_boundaries(prefix, s.num_phases) if phased else []
-    lora = DocLoRA(model, per_rank, s, ledger.device, ctx.looping)
-    tracker = TTTTracker(ctx, ledger.device)
-    tracker.start(f"mode:{s.mode} docs:{len(queue)} rounds:{len(rounds)} docs_per_rank:{per_rank} "
-                  f"window_widths:{window_widths(chunk, s.seq_len)} lora_rank:{s.lora_rank} "
-                  f"lora_alpha:{s.lora_alpha or s.lora_rank:g} lora_lr:{s.lora_lr} warm_start_a:{int(s.warm_start_a)} "
-                  f"adapters:{len(lora.a)} chunk_size:{s.doc_chunk}"
-                  + (f" prefix_docs:{prefix} num_phases:{s.num_phases} boundaries:{boundaries}" if phased else ""),
-                  nothing_to_adapt(s, ledger.num_targets, queue, round_docs))
-    costs = StepCosts(tracker.now)
-    # plain steps left on this rank, by width
-    remaining = collections.Counter(w for docs in mine for w, _ in round_steps(docs, chunk, s.seq_len))
-    if tracker.budgeted:
-        with frozen(model.parameters()):
-            measure_document_steps(model, lora, s, sorted(remaining), ctx, forward=forward, costs=costs)
-        if phased and s.global_epochs > 0 and prefix > 0:
-            measure_global_step(model, s, ctx, costs)
-
-    def allows(next_ms: float, where: str) -> bool:  # under a budget only
-        return tracker.allows(next_ms, costs.plain_ms(remaining), where, f"{sum(remaining.values())} chunk steps on "
-                                                                         "this rank")
-
-    steps = global_steps = phases_done = trained_rounds = 0
-    for j in range(len(rounds)):
-        check_stop(ctx.stop, j, len(rounds), "TTT rounds")
-        t0 = tracker.now()
-
-        def before_step(i: int, width: int | None, trains: bool) -> bool:
-            if width is not None:
-                remaining[width] -= 1
-            if not tracker.budgeted:
-                return True
-            kind = None if width is None else ("adapt" if trains else "plain", width)
-            ok = allows(0.0 if kind is None else costs.ms(kind), f"round {j + 1}/{len(rounds)} step {i + 1}/"
-                                                                  f"{num_steps[j]}")
-            costs.lap(None if kind is None else kind if ok else ("plain", width))
-            return ok
-
-        with frozen(model.parameters()):  # only the adapters learn inside a round
-            done, adapted = lora_round(model, ledger, mine[j], lora, s, ctx, num_steps=num_steps[j], forward=forward,
-                                       before_step=before_step)
-        costs.lap(None)
-        steps += done
-        trained_rounds += bool(adapted)
-        tracker.add("adapt" if adapted else "score", t0)
-        done_docs = min((j + 1) * round_docs, len(queue))
-        while phases_done < len(boundaries) and boundaries[phases_done] <= done_docs:
-            phase = f"{phases_done + 1}/{len(boundaries)}"
-            if done_docs == len(queue):  # every document is scored: what the phase would learn reaches no score
-                ctx.log(f"ttt:global_phase {phase} skipped: no document is left to score")
-            elif tracker.stopped_at is None:
-                t0 = tracker.now()
-
-                def before_global_step(n: int) -> bool:
-                    if not tracker.budgeted:
-                        return True
-                    ok = allows(costs.ms("global"), f"global phase {phase} step {n}")
-                    costs.lap("global" if ok else None)
-                    return ok
-
-                phase_steps = global_sgd_phase(model, ledger, queue[: boundaries[phases_done]], s, ctx,
-                                               before_step=before_global_step)
-                costs.lap(None)
-                global_steps += phase_steps
-                ctx.log(f"ttt:global_phase {phase} docs_scored:{done_docs} docs_trained:{boundaries[phases_done]} "
-                        f"steps:{phase_steps} time:{(tracker.now() - t0) / 1000:.1f}s")
-                tracker.add("adapt", t0)
-            phases_done += 1
-    model.eval()
-    return tracker.result(len(rounds), trained_rounds, steps + global_steps, global_steps)
-
-
-# PRE-QUANTIZATION TTT, the seeds' technique in its legal form: after training and before export, the
-# full-precision weights take PREQUANT_TTT_EPOCHS AdamW passes over PREQUANT_TTT_TOKENS tokens of
-# *training* data (the tail of the last training shard). That reads training data, so it happens
-# inside the training budget: its cost is measured before training (a warm-up and a timed step on the
-# same slice, weights restored) and reserved from the training time (PhaseClock.reserve_ms). The seeds adapted on
-# the validation tokens before scoring them, which breaks C3: PREQUANT_TTT_SOURCE=val is refused
-# unless ALLOW_VAL_ADAPTATION=1, and that opt-in stamps every score line, the compliance block and the
-# returned results as non-record.
-
-
-class TrainingTokens:
-    """A token source for adaptation without a ledger: training data only (no score to protect)."""
-
-    def __init__(self, tokens: torch.Tensor, device: torch.device):
-        self.tokens, self.device, self.num_targets = tokens, device, tokens.numel() - 1
-
-    def adaptation_tokens(self, lo: int, hi: int) -> torch.Tensor:
-        return self.tokens[lo : hi + 1]
-
-
-def prequant_ttt_tokens(hp: Hyperparameters, train_files: list[str],
-                        val_tokens: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """The pre-quantization TTT stream and its source name. Validation tokens only with the opt-in."""
-    if hp.prequant_ttt_source == "val":
-        if not hp.allow_val_adaptation:
-            raise RunError("PREQUANT_TTT_SOURCE=val adapts on validation tokens before scoring them (C3); "
-                           "set ALLOW_VAL_ADAPTATION=1 to run it as a non-record experiment")
-        return val_tokens[: hp.prequant_ttt_tokens + 1], "validation"
-    tail = load_data_shard(train_files[-1])
-    return tail[-min(hp.prequant_ttt_tokens + 1, tail.numel()) :], "train"
-
-
-def prequant_ttt(model: GPT, tokens: torch.Tensor, ctx: EvalContext, *, seq_len: int, epochs: int, lr: float,
-                 batch_seqs: int, grad_clip: float) -> int:
-    """AdamW passes over `tokens` (cut into seq_len pieces, split across ranks, gradients averaged)."""
-    source = TrainingTokens(tokens, ctx.rt.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    steps = adapt_full_model(model, source, [(0, source.num_targets)], optimizer, ctx, lr=lr, epochs=epochs,
-                             seq_len=seq_len, batch_seqs=batch_seqs, grad_clip=grad_clip)
-    optimizer.zero_grad(set_to_none=True)
-    return steps
-
-
-def prequant_ttt_steps(num_targets: int, seq_len: int, batch_seqs: int, epochs: int) -> int:
-    pieces = math.ceil(num_targets / seq_len)
-    return epochs * math.ceil(pieces / batch_seqs)
-
-
-PREQUANT_TTT_RESERVE_MARGIN = 1.5  # reserve = measured pre-quantization TTT time x this
-
-
-def measure_prequant_ttt_reserve(model: GPT, tokens: torch.Tensor, ctx: EvalContext, *, seq_len: int, epochs: int,
-                                 lr: float, batch_seqs: int, grad_clip: float) -> tuple[float, int]:
-    """Milliseconds to reserve for pre-quantization TTT: one step on its own data to warm up, then
-    one timed step (weights put back after), scaled to the full number of steps, times
-    PREQUANT_TTT_RESERVE_MARGIN. Returns (ms, steps)."""
-    steps = prequant_ttt_steps(tokens.numel() - 1, seq_len, batch_seqs, epochs)
-    if steps == 0:
-        return 0.0, 0
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    sample = tokens[: min(tokens.numel(), batch_seqs * seq_len + 1)]
-    kwargs = dict(seq_len=seq_len, epochs=1, lr=lr, batch_seqs=batch_seqs, grad_clip=grad_clip)
-    prequant_ttt(model, sample, ctx, **kwargs)  # first-step costs (allocation, kernel loading) are not per step
-    t0 = time.perf_counter()
-    measured = prequant_ttt(model, sample, ctx, **kwargs)
-    # every rank must shorten its training budget alike
-    step_ms = agree_max([1000.0 * (time.perf_counter() - t0) / max(measured, 1)], ctx.rt)[0]
-    model.load_state_dict(saved)
-    return PREQUANT_TTT_RESERVE_MARGIN * step_ms * steps, steps
-
-
-# ==================================================================================================
-# QUANTIZATION
+# QUANTIZATION & PACKING
 # ==================================================================================================
 # Every float tensor of at least QUANT_MIN_NUMEL values (65,537 by default: the public scripts keep
 # tensors of at most 65,536 values float) is exported as integers in int8 containers with one fp16
@@ -4638,343 +3907,1418 @@ def prune_to_fit(state_dict, entries: list[ExportedTensor], target_bytes: int, p
     return blob, pruned_entries
 
 
-# ---- the shipped code form ---------------------------------------------------------------------------
-# Only the bytes of the code that is shipped count, so the shipped form is a self-extracting copy:
-# a two-line latin-1 Python file holding the brotli-compressed source in a string literal (only
-# \ " NUL CR LF are escaped: ~2% overhead, against 25% for base85). The source it holds is the
-# readable file without its comments and docstrings: the same syntax tree otherwise (ast.unparse),
-# and about 30% fewer compressed bytes for the model. It runs that source in its own namespace, where
-# SHIPPED_SOURCE keeps the text; shipping it again gives the same bytes.
-
-SHIPPED_PREFIX = b"# -*- coding: latin-1 -*-\nimport brotli;SHIPPED_SOURCE=brotli.decompress(\""
-SHIPPED_SUFFIX = b"\".encode(\"latin-1\"));exec(compile(SHIPPED_SOURCE,\"train_gpt.py\",\"exec\"))\n"
-_LITERAL_ESCAPES = {0x5C: b"\\\\", 0x22: b'\\"', 0x00: b"\\x00", 0x0D: b"\\r", 0x0A: b"\\n"}
+FP16_MAX = 65504.0
 
 
-def readable_source() -> bytes:
-    """The source this process runs: the readable train_gpt.py, or the stripped one when run from the
-    shipped form."""
-    shipped = globals().get("SHIPPED_SOURCE")
-    return shipped if isinstance(shipped, bytes) else Path(__file__).read_bytes()
+def check_exportable(state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse weights no artifact can hold: non-finite values, or values past the fp16 range (the
+    artifact's floats and row scales are fp16, so they would turn into inf and the model into NaN)."""
+    for name, t in state_dict.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        peak = float(t.detach().abs().max()) if not bad else math.inf
+        if bad or peak > FP16_MAX:
+            what = f"holds {bad} non-finite values" if bad else f"reaches |w| = {peak:.4g}, past the fp16 range ({FP16_MAX:.0f})"
+            raise RunError(f"refusing to export: weight {name} {what}, so training diverged; nothing was written; lower "
+                           "the learning rates (MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or set GRAD_CLIP_NORM")
 
 
-def without_docstrings(tree: ast.Module) -> ast.Module:
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
-            first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
-                node.body = node.body[1:] or [ast.Pass()]
-    return tree
+def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path, log, *, looping: bool,
+                    hessians: dict[str, torch.Tensor] | None = None) -> Path:
+    """Rank 0 writes the raw weights, the shipped code form and the quantized, packed artifact (fitted
+    under the limit), each atomically, once every rank has checked that the weights are sound."""
+    raw_path, artifact_path = out_dir / "final_model.pt", out_dir / ARTIFACT_NAME
+    check_exportable(model.state_dict())  # the same weights on every rank, so every rank refuses together
+    if rt.is_main:
+        n_code = code_bytes()
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        write_atomic(raw_path, buf.getvalue())
+        log(f"Serialized model: {raw_path.stat().st_size} bytes")
+        log(f"Code size: {len(readable_source())} bytes (uncompressed), {n_code} bytes (compressed, shipped as "
+            f"{RUN_CODE_NAME} in the run folder)")
+        log(f"Total submission size: {raw_path.stat().st_size + n_code} bytes")
+        plan = QuantPlan.from_hparams(hp)
+        stats: dict[str, int] = {}
+        meta = dict(looping=looping, quant_method=plan.method, tag=f"int{hp.matrix_bits}_{hp.compressor}")
 
+        def pack(entries: list[ExportedTensor]) -> bytes:
+            stats.clear()
+            return pack_artifact(entries, compressor=hp.compressor, model=dataclasses.asdict(model.cfg), meta=meta,
+                                 stats=stats)
 
-def stripped_source(source: bytes) -> bytes:
-    """The source without comments and docstrings, as ast.unparse writes it (idempotent)."""
-    return (ast.unparse(without_docstrings(ast.parse(source))) + "\n").encode("utf-8")
-
-
-def shipped_code(source: bytes) -> bytes:
-    import brotli
-
-    packed = brotli.compress(stripped_source(source), quality=11)
-    literal = b"".join(_LITERAL_ESCAPES.get(byte, bytes((byte,))) for byte in packed)
-    return SHIPPED_PREFIX + literal + SHIPPED_SUFFIX
-
-
-@functools.lru_cache(maxsize=1)
-def _shipped_code_of_this_file() -> bytes:
-    return shipped_code(readable_source())
-
-
-def code_bytes() -> int:
-    """Bytes of this script as shipped (its self-extracting form): the code part of the artifact."""
-    return len(_shipped_code_of_this_file())
-
-
-# ==================================================================================================
-# TRAINING
-# ==================================================================================================
-# The timed loop runs on the compiled model. Before it, WARMUP_STEPS real steps trigger compilation
-# and then every weight and optimizer state is put back exactly as it was and the loader restarts,
-# so the warm-up changes nothing but the compile cache. It reads training data only. Training time
-# excludes warm-up and periodic validation, as the public rules count it. Inside the loop the only
-# host-device syncs are on logging steps (and validation).
-
-
-def train_step(model, loader: DistributedTokenLoader | ShuffledWindowLoader, optimizers, hp: Hyperparameters,
-               rt: Runtime, grad_accum: int, lr_scale: float, step: int, autocast, looping: bool = False) -> torch.Tensor:
-    """One optimizer step over `grad_accum` micro-batches; returns the mean loss (a tensor, no sync)."""
-    total = torch.zeros((), device=rt.device)
-    for micro in range(grad_accum):
-        x, y = loader.next_batch(hp.train_batch_tokens, hp.train_seq_len, grad_accum)
-        if isinstance(model, DDP):
-            model.require_backward_grad_sync = micro == grad_accum - 1
-        with autocast():
-            loss = model(x, y, looping)
-        (loss / grad_accum).backward()
-        total += loss.detach()
-    momentum = muon_momentum_at(step, start=hp.muon_momentum_warmup_start, end=hp.muon_momentum,
-                                warmup_steps=hp.muon_momentum_warmup_steps)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * lr_scale
-            if isinstance(opt, Muon):
-                group["momentum"] = momentum
-    if hp.grad_clip_norm > 0:  # grads are already averaged across ranks here: a global-norm clip
-        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, hp.grad_clip_norm)
-    for opt in optimizers:
-        opt.step()
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    return total / grad_accum
-
-
-def warmup_and_reset(model, base_model: GPT, optimizers, make_loader, hp, rt, grad_accum, autocast, log) -> None:
-    """Run WARMUP_STEPS steps to compile every kernel (and as many again with looping on, so both
-    graphs exist before the clock starts), then restore the initial weights and optimizer state.
-    Not training: nothing it learned survives, and it reads only training data."""
-    if hp.warmup_steps <= 0:
-        return
-    initial_model = copy.deepcopy(base_model.state_dict())
-    initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    loader = make_loader()
-    for looping in (False, True) if hp.num_loops > 0 else (False,):
-        prefix = "loop_warmup_step" if looping else "warmup_step"
-        for step in range(hp.warmup_steps):
-            train_step(model, loader, optimizers, hp, rt, grad_accum, 1.0, step, autocast, looping)
-            if step + 1 in (1, hp.warmup_steps) or (step + 1) % 10 == 0:
-                log(f"{prefix}:{step + 1}/{hp.warmup_steps}")
-    loader.close()
-    base_model.load_state_dict(initial_model)
-    for opt, state in zip(optimizers, initial_opts):
-        opt.load_state_dict(state)
+        target = ARTIFACT_LIMIT_BYTES - hp.artifact_margin_bytes - n_code
+        lqer = dict(rank=hp.lqer_rank, top_k=hp.lqer_top_k, factor_bits=hp.lqer_factor_bits, a_bits=hp.lqer_a_bits,
+                    group=hp.lqer_asym_group if hp.lqer_asym_enabled else 0) if hp.lqer_enabled else None
+        blob, entries = fit_artifact(model.state_dict(), plan, target_bytes=target, compressor=hp.compressor,
+                                     pack=pack, hessians=hessians, gptq=gptq_options(hp), lqer=lqer,
+                                     auto_fit=hp.auto_fit, fill=hp.auto_fit_fill, log=log)
+        for e in entries:
+            if e.lqer is not None:
+                log(f"lqer: {e.name} rank:{hp.lqer_rank} factor_bits:{hp.lqer_factor_bits} a_bits:{e.lqer.a_bits} "
+                    f"form:{'asymmetric group ' + str(e.lqer.group) if e.lqer.group else 'symmetric'}")
+        write_atomic(artifact_path, blob)
+        label = f"int{hp.matrix_bits}+{hp.compressor}"
+        exported = {tensor_group(e.name): e.bits for e in entries if e.bits}  # after auto-fit, not as planned
+        log(f"Serialized model {label}: {len(blob)} bytes (raw_torch:{buf.tell()} method:{plan.method} "
+            f"bits:{','.join(f'{g}={exported[g]}' for g in QUANT_GROUPS if g in exported)})")
+        known_ce = stats.pop("codes_model_ce", None)
+        log("artifact_streams: " + " ".join(f"{k}:{v}" for k, v in sorted(stats.items())))
+        quantized = [e for e in entries if e.bits]
+        order0, model_ce = code_entropy_report([e.codes.numpy() for e in quantized], [e.bits for e in quantized],
+                                               known_ce)
+        log(f"artifact_entropy: codes_bytes:{stats.get('codes', 0)} order0_entropy_bytes:{order0:.0f} "
+            f"ans_model_cross_entropy_bytes:{model_ce:.0f} (side information not included) coder:{hp.compressor}")
+        for group in QUANT_GROUPS:
+            members = [e for e in quantized if tensor_group(e.name) == group]
+            if members:
+                log(f"Quantized weights: {group} tensors:{len(members)} values:{sum(e.codes.numel() for e in members)} "
+                    f"bits:{sorted({e.bits for e in members})} method:{members[0].method}")
+        log(f"Total submission size {label}: {len(blob) + n_code} bytes")
     barrier()
+    return artifact_path
 
 
-# A diverged run stops at the first checked step whose loss is not finite or above this many times the
-# loss of a uniform guess, ln(VOCAB_SIZE). The loss is checked where the loop already syncs it (logged
-# steps) and at the last step, as the global mean over ranks, so every rank stops at the same step.
-DIVERGED_LOSS_FACTOR = 2.0
+def gptq_options(hp: Hyperparameters) -> dict:
+    return dict(damping=hp.gptq_damping, block_size=hp.gptq_block_size, act_order=hp.gptq_act_order,
+                tied_damping=hp.gptq_tied_embed_damping)
 
 
-def check_training_loss(loss: float, step: int, vocab_size: int) -> None:
-    limit = DIVERGED_LOSS_FACTOR * math.log(vocab_size)
-    if not math.isfinite(loss) or loss > limit:
-        what = "is not finite" if not math.isfinite(loss) else f"is above {limit:.2f} (2 x ln VOCAB_SIZE)"
-        raise RunError(f"training diverged: train_loss {loss:.4g} at step {step} {what}; lower the learning rates "
-                       "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR), lengthen LR warm-up or set GRAD_CLIP_NORM")
+# ==================================================================================================
+# EVALUATION
+# ==================================================================================================
+# One scorer for every reported number (periodic validation, pre-quantization, the roundtrip, the
+# sliding window and every TTT form). The stream of N validation tokens has N-1 targets; target t
+# (1 <= t <= N-1) is token t predicted from tokens 0..t-1. A window is a scored span (a, b]: it reads
+# tokens max(0, b - L)..b-1 (L = EVAL_SEQ_LEN) and scores targets a+1..b, which are always the last
+# positions of its row, so each gets the longest causal context the window allows. The first window
+# scores (0, L]; later windows score EVAL_STRIDE targets each, the last one whatever is left (nothing
+# is dropped). Stride L is the flat evaluation. Windows are split contiguously across ranks.
+#
+# Every score goes into a `ScoreLedger`: it commits each target once (a second commit raises), sums
+# loss, targets and bytes in float64, and is the only way adaptation code can read validation tokens:
+# `adaptation_tokens` hands out a span only once every target in it is committed on some rank (C3).
+# What the passes share (ranks, device, autocast, looping, the budget's checks, the log) is one `EvalContext`.
 
 
-@dataclass
-class TrainState:
-    step: int = 0
-    stopped_early: bool = False
-    last_val: EvalResult | None = None
+class ScoreOrderError(RunError):
+    """Adaptation asked for a validation target whose score is not committed yet (rule C3)."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    val_loss: float  # mean NLL in nats per target token
+    val_bpb: float  # bits per UTF-8 byte
+    num_targets: int
+    num_bytes: int
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What every evaluation and TTT pass of one model shares, passed as one argument: the process
+    (`rt`: rank, world size, device, control group), the autocast context factory, whether the model
+    runs its loop, the check that cuts a pass whose budget ran out (`stop()`, checked before each
+    batch), the TTT adaptation budget and the log."""
+
+    rt: Runtime
+    autocast: Callable = contextlib.nullcontext
     looping: bool = False
-    qat: bool = False
-    epochs_consumed: float = 0.0  # of the training data, as the loader counts it
-    step_ms: list[float] = field(default_factory=list)  # host wallclock of every timed step
-    train_losses: list[float] = field(default_factory=list)
+    stop: Callable[[], bool] | None = None
+    budget: AdaptationBudget | None = None
+    log: Callable[[str], None] = lambda msg: None
 
 
-def train(hp: Hyperparameters, rt: Runtime, model, base_model: GPT, optimizers, make_loader, evaluate_model,
-          grad_accum: int, autocast, log, clock: PhaseClock, averager: WeightAverager,
-          qat_layers: list[CastedLinear]) -> TrainState:
-    """The timed loop. Each step, ranks agree on the elapsed training time (host clocks, CPU
-    collective), and every decision (LR, looping, QAT, SWA, stopping) is a function of it. Training
-    stops before a step that would end past the budget, never in the middle of one."""
-    state = TrainState()
-    loader = make_loader()
-    budget_ms = clock.train_budget_ms
-    stop_after_step: int | None = None
-    step_ms = 0.0
-    unchecked_loss = None  # the last step's loss, when it was not a logged (checked) step
-    sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
-    sync()
-    clock.start("train")
-    while True:
-        last_step = state.step == hp.iterations or (stop_after_step is not None and state.step >= stop_after_step)
-        if last_step:
-            sync()
-            clock.stop()
-            if unchecked_loss is not None:
-                check_training_loss(float(all_reduce_sum(unchecked_loss).item()) / rt.world_size, state.step,
-                                    hp.vocab_size)
-            state.epochs_consumed = loader.epochs_consumed()
-            loader.close()
-            log(f"train_loader:epochs_consumed:{state.epochs_consumed:.4f} sampler:{hp.train_loader}")
-            if state.stopped_early:
-                log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms('train'):.0f}ms "
-                    f"step:{state.step}/{hp.iterations}")
-                log(f"budget_cut: training after step {state.step} (the next step would end past the "
-                    f"{budget_ms:.0f}ms training budget = cap {clock.cap_ms:.0f}ms - reserve {clock.reserve_ms:.0f}ms)")
-            return state
-        if hp.val_loss_every > 0 and state.step % hp.val_loss_every == 0:
-            sync()
-            clock.start("val")  # the training clock pauses for validation
-            state.last_val = evaluate_model(state.looping)
-            train_ms = clock.elapsed_ms("train")
-            log(f"step:{state.step}/{hp.iterations} val_loss:{state.last_val.val_loss:.4f} "
-                f"val_bpb:{state.last_val.val_bpb:.4f} train_time:{train_ms:.0f}ms "
-                f"step_avg:{train_ms / max(state.step, 1):.2f}ms")
-            sync()
-            clock.start("train")
-        elapsed_ms, step_ms = agree_max([clock.elapsed_ms("train"), step_ms], rt)
-        if budget_ms is not None and elapsed_ms + max(step_ms, elapsed_ms / max(state.step, 1)) > budget_ms:
-            stop_after_step, state.stopped_early = state.step, True
+def check_stop(stop, done: int, total: int, unit: str) -> None:
+    """End a pass whose budget ran out (`stop()`, alike on every rank): a partial score is never reported."""
+    if stop is not None and stop():
+        raise RunError(f"evaluation budget (MAX_EVAL_SECONDS) ran out; cut: the final score after {done} of {total} "
+                       f"{unit}, so no score is reported")
+
+
+def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
+    """Scored spans (a, b] covering targets 1..num_targets exactly once, in stream order."""
+    stride = min(stride, seq_len)
+    spans, a = [(0, min(seq_len, num_targets))], min(seq_len, num_targets)
+    while a < num_targets:
+        b = min(a + stride, num_targets)
+        spans.append((a, b))
+        a = b
+    return spans
+
+
+def rank_share(items: list, rank: int, world_size: int) -> list:
+    """Rank r's contiguous share of `items` (shares differ in size by at most one)."""
+    return items[len(items) * rank // world_size : len(items) * (rank + 1) // world_size]
+
+
+def plan_window_batches(spans: list[tuple[int, int]], seq_len: int, batch_seqs: int) -> list[list[tuple[int, int]]]:
+    """Consecutive spans with the same row length min(b, L), at most `batch_seqs` per batch. Every row
+    is L long except when the whole stream is shorter than L, so batches have one shape."""
+    batches: list[list[tuple[int, int]]] = []
+    for span in spans:
+        if batches and len(batches[-1]) < batch_seqs and min(batches[-1][0][1], seq_len) == min(span[1], seq_len):
+            batches[-1].append(span)
+        else:
+            batches.append([span])
+    return batches
+
+
+class ScoreLedger:
+    """The committed scores of one evaluation pass on one rank, and the gate adaptation goes through.
+
+    Host-side bookkeeping only (no device sync per batch): `scored` marks the targets this rank
+    committed, `shared` the targets known (after `share`) to be committed on some rank. With
+    `keep_per_target`, each target's NLL is kept as well (tests read it)."""
+
+    def __init__(self, tokens: torch.Tensor, luts: ByteLuts, device: torch.device, *, group=None,
+                 keep_per_target: bool = False):
+        self.tokens, self.device, self.group = tokens, device, group
+        self.num_targets = tokens.numel() - 1
+        self.luts = luts.to(device)
+        if luts.val_bytes is not None and len(luts.val_bytes) != tokens.numel():
+            raise RunError(f"the byte sidecar covers {len(luts.val_bytes)} tokens but this pass scores a stream of "
+                           f"{tokens.numel()}; it belongs to the validation stream only")
+        self.scored = np.zeros(self.num_targets + 1, dtype=bool)  # index = target position; 0 unused
+        self.shared = np.zeros(self.num_targets + 1, dtype=bool)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss (nats), targets, bytes
+        self.per_target = np.full(self.num_targets + 1, np.nan) if keep_per_target else None
+        self.commit_order = np.zeros(self.num_targets + 1, dtype=np.int64) if keep_per_target else None
+        self.commits = 0
+        self.adapted_targets = 0  # target positions handed out for adaptation (with repeats)
+        self.full_softmax_checked = False
+
+    def window_rows(self, spans: list[tuple[int, int]], seq_len: int, pad_rows: int = 0):
+        """Inputs, targets and the scored-position mask of a batch of windows (on the device). With
+        `pad_rows`, a short batch is filled up with copies of its first row that score nothing, so a
+        compiled forward sees one shape."""
+        length = min(spans[0][1], seq_len)
+        rows = spans + [spans[0]] * max(pad_rows - len(spans), 0)
+        x = torch.stack([self.tokens[b - length : b] for _, b in rows])
+        y = torch.stack([self.tokens[b - length + 1 : b + 1] for _, b in rows])
+        first_scored = torch.tensor([length - (b - a) for a, b in spans] + [length] * (len(rows) - len(spans)))
+        mask = torch.arange(length)[None, :] >= first_scored[:, None]
+        return x.to(self.device), y.to(self.device), mask.to(self.device)
+
+    def document_rows(self, spans: list[tuple[int, int]], starts: list[int], *, rows: list[int], num_rows: int,
+                      width: int, chunk: int):
+        """A fixed-shape batch of document windows: row rows[i] reads tokens starts[i]..b-1 (right-padded
+        with id 0 to `width`) and scores targets a+1..b of spans[i] = (a, b]; every row has `chunk` scored
+        positions (a short chunk repeats its last one, masked out), and rows holding no window read zeros
+        and score nothing. Returns, on the device, the inputs (num_rows, width), the scored positions
+        (num_rows, chunk), and the inputs, targets and mask at those positions (num_rows, chunk)."""
+        x = torch.zeros(num_rows, width, dtype=torch.int64)
+        y = torch.zeros(num_rows, width, dtype=torch.int64)
+        positions = torch.zeros(num_rows, chunk, dtype=torch.int64)
+        mask = torch.zeros(num_rows, chunk, dtype=torch.bool)
+        for r, (a, b), st in zip(rows, spans, starts):
+            if not (0 <= st <= a < b and b - st <= width and b - a <= chunk):
+                raise RunError(f"window from token {st} cannot score targets ({a}, {b}] in {width} columns; the TTT "
+                               f"plan is broken")
+            x[r, : b - st], y[r, : b - st] = self.tokens[st:b], self.tokens[st + 1 : b + 1]
+            positions[r, : b - a] = torch.arange(a - st, b - st)
+            positions[r, b - a :] = b - st - 1
+            mask[r, : b - a] = True
+        return tuple(t.to(self.device) for t in (x, positions, x.gather(1, positions), y.gather(1, positions), mask))
+
+    def commit(self, spans: list[tuple[int, int]], logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """Score the masked positions (row i scores targets a_i+1..b_i, in order) with the full
+        softmax over the vocabulary; each target may be committed only once. Returns the NLL (B, T)."""
+        for a, b in spans:
+            if self.scored[a + 1 : b + 1].any():
+                raise RunError(f"target in ({a}, {b}] scored twice; the evaluation plan is broken (C4)")
+            self.scored[a + 1 : b + 1] = True
+        if not self.full_softmax_checked:  # C2: a distribution over the whole vocabulary, summing to 1
+            probs = torch.softmax(logits[:, -1].float(), dim=-1).sum(-1)
+            if logits.size(-1) != self.luts.base_bytes.numel() or not torch.allclose(probs, torch.ones_like(probs),
+                                                                                      atol=1e-4):
+                raise RunError("logits are not a normalized distribution over the full vocabulary (C2)")
+            self.full_softmax_checked = True
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        nll = nll.view(y.shape)
+        m = mask.to(torch.float64)
+        self.sums[0] += (nll.double() * m).sum()
+        self.sums[1] += m.sum()
+        if self.luts.val_bytes is None:
+            self.sums[2] += (target_bytes(x, y, self.luts).double() * m).sum()
+        else:  # the sidecar: target t stands for entry t (summed on the host, no device work)
+            self.sums[2] += float(sum(int(self.luts.val_bytes[a + 1 : b + 1].sum(dtype=np.int64)) for a, b in spans))
+        self.commits += 1
+        if self.per_target is not None:
+            values, i = nll[mask].double().cpu().numpy(), 0
+            for a, b in spans:
+                self.per_target[a + 1 : b + 1] = values[i : i + b - a]
+                self.commit_order[a + 1 : b + 1] = self.commits
+                i += b - a
+        return nll
+
+    def share(self, lo: int, hi: int) -> None:
+        """Learn which targets in (lo, hi] are committed on any rank (a host-side collective)."""
+        part = torch.from_numpy(self.scored[lo + 1 : hi + 1].astype(np.uint8))
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(part, op=dist.ReduceOp.MAX, group=self.group)
+        self.shared[lo + 1 : hi + 1] |= part.numpy().astype(bool)
+
+    def adaptation_tokens(self, lo: int, hi: int) -> torch.Tensor:
+        """Tokens lo..hi, i.e. inputs for targets lo+1..hi, if every one of those targets is committed
+        (by this rank, or by any rank as learnt through `share`)."""
+        if not (0 <= lo < hi <= self.num_targets):
+            raise ScoreOrderError(f"adaptation span ({lo}, {hi}] is outside the {self.num_targets} targets")
+        committed = self.scored[lo + 1 : hi + 1] | self.shared[lo + 1 : hi + 1]
+        if not committed.all():
+            first = lo + 1 + int(np.argmin(committed))
+            raise ScoreOrderError(f"adaptation on target {first} before its score is committed (C3)")
+        self.adapted_targets += hi - lo
+        return self.tokens[lo : hi + 1]
+
+    def result(self) -> EvalResult:
+        sums = all_reduce_sum(self.sums.clone())
+        loss_sum, num_targets, num_bytes = sums.tolist()
+        return EvalResult(loss_sum / num_targets, loss_sum / (math.log(2) * num_bytes), int(num_targets),
+                          int(num_bytes))
+
+    def times_scored(self) -> np.ndarray:
+        """How often each target 1..N-1 was committed, over all ranks (C4 wants all ones)."""
+        counts = torch.from_numpy(self.scored[1:].astype(np.uint8))
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.group)
+        return counts.numpy()
+
+
+@torch.no_grad()
+def score_windows(logits_fn, ledger: ScoreLedger, spans: list[tuple[int, int]], ctx: EvalContext, *, seq_len: int,
+                  batch_seqs: int) -> None:
+    """Score the windows `spans` (split across ranks, batched) into `ledger`; `ctx.stop` can cut it."""
+    rank, world_size = ctx.rt.rank, ctx.rt.world_size
+    plans = [plan_window_batches(rank_share(spans, r, world_size), seq_len, batch_seqs) for r in range(world_size)]
+    num_rounds = max(len(p) for p in plans)  # every rank runs as many rounds, so `stop` stays collective
+    for round_idx in range(num_rounds):
+        check_stop(ctx.stop, round_idx, num_rounds, "batches")
+        if round_idx >= len(plans[rank]):
             continue
-        fraction = training_fraction(state.step, elapsed_ms, iterations=hp.iterations, budget_ms=budget_ms)
-        if not state.looping and looping_active(fraction, num_loops=hp.num_loops, enable_at=hp.enable_looping_at):
-            state.looping = True
-            log(f"layer_loop:enabled step:{state.step} frac:{fraction:.3f} order:{base_model.cfg.layer_order(True)}")
-        if hp.qat_enabled and not state.qat and fraction >= hp.qat_start_frac:
-            set_qat(qat_layers, True)
-            state.qat = True
-            log(f"qat:enabled step:{state.step} frac:{fraction:.3f} layers:{len(qat_layers)} "
-                f"matrix_bits:{hp.matrix_bits} embed_bits:{hp.embed_bits}")
-        scale = lr_scale_at(hp, state.step, elapsed_ms, fraction, budget_ms)
-        t_step = clock.now()
-        loss = train_step(model, loader, optimizers, hp, rt, grad_accum, scale, state.step, autocast, state.looping)
-        state.step += 1
-        averager.update(state.step, fraction)
-        step_ms = 1000.0 * (clock.now() - t_step)
-        state.step_ms.append(step_ms)
-        unchecked_loss = loss.detach()
-        if state.step <= 10 or state.step % hp.train_log_every == 0:  # the only host-device syncs
-            loss_value = float(all_reduce_sum(unchecked_loss).item()) / rt.world_size  # global mean
-            unchecked_loss = None
-            state.train_losses.append(loss_value)
-            train_ms = clock.elapsed_ms("train")
-            tokens_per_s = state.step * hp.train_batch_tokens / max(train_ms / 1000.0, 1e-9)
-            flops = 3 * estimate_flops_per_token(base_model.cfg, hp.train_seq_len, state.looping)
-            mfu = 100.0 * flops * tokens_per_s / (hp.peak_tflops * 1e12 * rt.world_size)
-            log(f"step:{state.step}/{hp.iterations} train_loss:{loss_value:.4f} train_time:{train_ms:.0f}ms "
-                f"step_avg:{train_ms / state.step:.2f}ms tok/s:{tokens_per_s:.0f} mfu:{mfu:.2f}%")
-            check_training_loss(loss_value, state.step, hp.vocab_size)
+        batch = plans[rank][round_idx]
+        x, y, mask = ledger.window_rows(batch, seq_len, pad_rows=batch_seqs)
+        with ctx.autocast():
+            logits = logits_fn(x)
+        ledger.commit(batch, logits, x, y, mask)
 
 
-class CompileRecord:
-    """What torch.compile did in one run: graphs compiled per function, and every failure. A failure
-    is never silent: it is logged as one line naming the function and the reason, kept for the
-    manifest, and then either the failed graph runs eagerly (COMPILE_FALLBACK=eager) or the run stops
-    with a RunError (COMPILE_FALLBACK=error, the CUDA default: an eager 8xH100 run loses a large share
-    of its steps)."""
-
-    def __init__(self, backend: str = "inductor", fallback: str = "error", log=None):
-        self.backend, self.fallback = backend, fallback
-        self.graphs: dict[str, int] = {}
-        self.failures: list[dict] = []
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-
-    def failed(self, name: str, e: BaseException) -> None:
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-        message = (f"torch.compile failed in {name} ({reason}); COMPILE_FALLBACK=eager runs that graph uncompiled "
-                   "(slower), COMPILE=0 turns compile off")
-        self.failures.append(dict(function=name, reason=reason, message=message))
-        self.log(f"compile:failed function:{name} backend:{self.backend} fallback:{self.fallback} reason:{reason}")
-
-    def summary(self) -> dict:
-        return dict(enabled=True, backend=self.backend, fallback=self.fallback, graphs=dict(self.graphs),
-                    failures=[{k: f[k] for k in ("function", "reason")} for f in self.failures])
-
-    def line(self) -> str:
-        graphs = " ".join(f"{k}:{v}" for k, v in self.graphs.items()) or "none"
-        return f"compile:graphs {graphs} failures:{len(self.failures)}"
+def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, ctx: EvalContext, *, seq_len: int, batch_seqs: int,
+             stride: int = 0) -> EvalResult:
+    """Score every validation target once with `logits_fn(input_ids) -> logits` (B, T, V): flat
+    windows (stride 0 or >= seq_len) or sliding ones; checks that every target was scored once."""
+    ledger = ScoreLedger(val_tokens, luts, ctx.rt.device, group=ctx.rt.control_group)
+    spans = plan_windows(ledger.num_targets, seq_len, stride or seq_len)
+    score_windows(logits_fn, ledger, spans, ctx, seq_len=seq_len, batch_seqs=batch_seqs)
+    check_scored_once(ledger)
+    return ledger.result()
 
 
-_active_compile: CompileRecord | None = None  # the running run's record (set by compile_settings)
-_compile_backends: dict[tuple[str, str], object] = {}  # one per (backend, function): see compile_backend
+def check_scored_once(ledger: ScoreLedger) -> None:
+    counts = ledger.times_scored()
+    if not (counts == 1).all():
+        raise RunError(f"{int((counts == 0).sum())} targets unscored and {int((counts > 1).sum())} scored more than "
+                       f"once of {ledger.num_targets}; the evaluation plan is broken (C4)")
 
 
-def compile_backend(backend: str, name: str):
-    """The torch.compile backend for function `name`: `backend` wrapped to count each graph it compiles
-    and to handle a failure as the running run's CompileRecord says. One object per pair for the whole
-    process, because dynamo reuses a compiled graph only under the same backend: a second evaluation
-    (a fresh model of the same shapes) then compiles nothing new."""
-    if (backend, name) not in _compile_backends:
-        inner = torch._dynamo.lookup_backend(backend)
-
-        def compile_graph(gm, example_inputs):
-            record = _active_compile if _active_compile is not None else CompileRecord(backend)
-            record.graphs[name] = record.graphs.get(name, 0) + 1
-            try:
-                return inner(gm, example_inputs)
-            except Exception as e:  # noqa: BLE001 - every backend failure is reported, then handled below
-                record.failed(name, e)
-                if record.fallback == "eager":
-                    return gm.forward  # this graph runs uncompiled; the rest of the run is unaffected
-                raise CompileFailed(record.failures[-1]["message"]) from e
-
-        compile_graph.__name__ = f"{backend}_for_{name}"
-        _compile_backends[(backend, name)] = compile_graph
-    return _compile_backends[(backend, name)]
+# ==================================================================================================
+# TEST-TIME TRAINING
+# ==================================================================================================
+# Score-first adaptation on validation tokens, legal by construction: a chunk is scored and its
+# losses committed to the ledger before any update, and the updates read tokens only through
+# `ScoreLedger.adaptation_tokens`, which refuses an uncommitted target. The reported score is the sum
+# of those first-pass scores. The last chunk never trains (nothing is left to score with it).
+#
+# TTT_MODE=chunked (the R0409 form): the sliding windows are grouped into chunks of TTT_CHUNK_TOKENS
+# targets (by their first scored target). Chunk c is scored, then the whole model takes TTT_EPOCHS
+# SGD passes over exactly the targets scored so far and not yet trained on, with the LR on a cosine
+# over the chunks, gradients averaged over ranks and clipped by global norm, the first
+# TTT_FREEZE_BLOCKS blocks frozen. Each SGD step covers TTT_BATCH_SEQS sequences over all ranks, so
+# the result does not depend on the number of ranks.
+#
+# The evaluation budget: before each update the run checks that the update plus scoring everything
+# left without adaptation still fits in MAX_EVAL_SECONDS (from times measured so far); if not,
+# adaptation stops for good and the rest is scored plainly.
 
 
-class CompileFailed(RunError):
-    """torch.compile could not compile a function and COMPILE_FALLBACK=error."""
+# Each TTTSettings field and the Hyperparameters knob it is read from (`ttt_settings`). A field has its
+# knob's type and default (and help text); seq_len, a computed value, has neither.
+TTT_KNOBS = {"seq_len": "effective_eval_seq_len", "stride": "eval_stride", "chunk_tokens": "ttt_chunk_tokens",
+             "epochs": "ttt_epochs", "lr": "ttt_lr", "momentum": "ttt_momentum", "batch_seqs": "ttt_batch_seqs",
+             "grad_clip": "ttt_grad_clip", "freeze_blocks": "ttt_freeze_blocks", "mode": "ttt_mode",
+             "lora_rank": "ttt_lora_rank", "lora_lr": "ttt_lora_lr", "lora_alpha": "ttt_lora_alpha",
+             "lora_beta1": "ttt_beta1", "lora_beta2": "ttt_beta2", "lora_wd": "ttt_weight_decay",
+             "warm_start_a": "ttt_warm_start_a", "lora_k": "ttt_k_lora", "lora_o": "ttt_o_lora",
+             "lora_mlp": "ttt_mlp_lora", "doc_chunk": "ttt_chunk_size",
+             "docs_per_batch": "ttt_batch_size",  # documents per rank at a time (a round: this x world size)
+             "prefix_docs": "phased_ttt_prefix_docs", "num_phases": "phased_ttt_num_phases",
+             "global_lr": "global_ttt_lr", "global_epochs": "global_ttt_epochs"}
+_KNOB_FIELDS = {f.name: f for f in fields(Hyperparameters)}
+TTTSettings = dataclasses.make_dataclass(
+    "TTTSettings", [("seq_len", int), ("score_batch_seqs", int, field(default=32))]  # windows per forward, per rank
+    + [(name, _KNOB_FIELDS[knob].type, field(default=_KNOB_FIELDS[knob].default))
+       for name, knob in TTT_KNOBS.items() if knob in _KNOB_FIELDS],
+    frozen=True, namespace={"__module__": __name__, "__doc__": "A TTT pass's settings: one field per TTT_KNOBS entry."})
 
 
-def maybe_compile(fn, enabled: bool, name: str = ""):
-    """`fn` compiled through the run's CompileRecord (graph counts, loud failures), or `fn` itself."""
-    if not enabled:
-        return fn
-    backend = _active_compile.backend if _active_compile is not None else "inductor"
-    return torch.compile(fn, dynamic=False, backend=compile_backend(backend, name or getattr(fn, "__name__", "fn")))
+class AdaptationBudget:
+    """Decides, the same way on every rank, whether one more adaptation step fits in the evaluation
+    budget with everything still unscored scored plainly after it. `cap_ms` None = no budget."""
+
+    def __init__(self, elapsed_ms, cap_ms: float | None, rt: Runtime | None = None):
+        self.elapsed_ms, self.cap_ms, self.rt = elapsed_ms, cap_ms, rt
+        self.stopped_at: str | None = None
+
+    def allows(self, next_adapt_ms: float, remaining_plain_ms: float, where: str) -> bool:
+        if self.stopped_at is not None:
+            return False
+        if self.cap_ms is None:
+            return True
+        values = [self.elapsed_ms(), next_adapt_ms, remaining_plain_ms]
+        if self.rt is not None:
+            values = agree_max(values, self.rt)
+        if values[0] + values[1] + values[2] <= self.cap_ms:
+            return True
+        self.stopped_at = where
+        return False
 
 
-def compile_failure(e: BaseException) -> CompileFailed | None:
-    """The one-line CompileFailed behind an exception torch.compile raised, if it is one: ours from
-    the backend wrapper (dynamo wraps it), or dynamo's own (tracing) error, named by its frame."""
-    seen, todo = set(), [e]
-    while todo:
-        x = todo.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, CompileFailed):
-            return x
-        todo += [getattr(x, "inner_exception", None), x.__cause__, x.__context__]
-    if isinstance(e, torch._dynamo.exc.TorchDynamoException):
-        if not hasattr(e, "as_compile_failure"):  # recorded once, however often it is asked
-            record = _active_compile or CompileRecord()
-            record.failed("a compiled function (dynamo tracing)", e)
-            e.as_compile_failure = CompileFailed(record.failures[-1]["message"])
-        return e.as_compile_failure
-    return None
+@dataclass(frozen=True)
+class TTTResult:
+    """What a TTT pass did, for the log and the compliance block."""
+
+    chunks: int  # chunks (chunked) or rounds (lora, phased)
+    trained_chunks: int  # of them, those that adapted
+    steps: int  # optimizer steps, global SGD steps included
+    score_ms: float  # time of plain scoring
+    adapt_ms: float  # time of adapting (chunks, rounds and global phases that adapted)
+    stopped_at: str | None  # where the budget stopped adaptation; None = never
+    global_steps: int = 0
+    adapted_targets: int = 0  # over all ranks (set by `evaluate_artifact`)
 
 
-class _DynamoWarnings(logging.Handler):
-    """With COMPILE_FALLBACK=eager dynamo suppresses its own tracing errors (the frame runs eagerly)
-    and says so in a warning; this turns each into a recorded failure."""
+class TTTTracker:
+    """What both TTT forms share: the pass's clock in ms (the budget's when it has a cap, read after
+    the device's queued work; else the host's), the time spent scoring and adapting, the budget
+    decisions (logging where adaptation stops for good), and the result."""
 
-    def __init__(self, record: CompileRecord):
-        super().__init__(logging.WARNING)
-        self.record = record
+    def __init__(self, ctx: EvalContext, device: torch.device):
+        self.ctx, self.device = ctx, device
+        self.budgeted = ctx.budget is not None and ctx.budget.cap_ms is not None
+        self.ms = {"score": 0.0, "adapt": 0.0}
 
-    def emit(self, entry: logging.LogRecord) -> None:
-        self.record.failed("a compiled function (dynamo tracing)", RuntimeError(entry.getMessage()))
+    def start(self, settings: str, nothing_to_adapt: str | None) -> None:
+        self.ctx.log(f"ttt:start {settings}")
+        if nothing_to_adapt is not None:
+            self.ctx.log(f"ttt:warning this pass adapts on nothing: {nothing_to_adapt}; its score is the plain score")
+
+    def now(self) -> float:
+        if not self.budgeted:
+            return 1000.0 * time.perf_counter()
+        device_sync(self.device)
+        return self.ctx.budget.elapsed_ms()
+
+    def add(self, kind: str, since_ms: float) -> None:
+        self.ms[kind] += self.now() - since_ms
+
+    @property
+    def stopped_at(self) -> str | None:
+        return None if self.ctx.budget is None else self.ctx.budget.stopped_at
+
+    def allows(self, next_ms: float, plain_ms_left: float, where: str, left: str) -> bool:
+        """Whether the next adaptation step fits (always, without a budget); `left` names what remains."""
+        budget = self.ctx.budget
+        if budget is None or budget.allows(next_ms, plain_ms_left, where):
+            return True
+        if budget.stopped_at == where:
+            self.ctx.log(f"ttt:adaptation_stopped at {where}: the eval budget leaves room only for scoring the "
+                         f"remaining {left} without adaptation")
+        return False
+
+    def result(self, chunks: int, trained_chunks: int, steps: int, global_steps: int = 0) -> TTTResult:
+        return TTTResult(chunks, trained_chunks, steps, self.ms["score"], self.ms["adapt"], self.stopped_at,
+                         global_steps)
 
 
 @contextlib.contextmanager
-def compile_settings(qat: bool, record: CompileRecord | None = None):
-    """Compiler settings for one run, undone when the run ends (nothing leaks into the process). A
-    failed compile is recorded (see CompileRecord); only with COMPILE_FALLBACK=eager does dynamo
-    suppress its own errors. With QAT inductor rounds the fake quantizer's scales to fp16 exactly as
-    the export does (by default it skips such casts)."""
-    global _active_compile
-    record = record or CompileRecord()
-    eager = record.fallback == "eager"
-    handler, dynamo_log = _DynamoWarnings(record), logging.getLogger("torch._dynamo.convert_frame")
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch._dynamo.config.patch(suppress_errors=eager))
-        if qat:
-            stack.enter_context(torch._inductor.config.patch(emulate_precision_casts=True))
-        if eager:
-            dynamo_log.addHandler(handler)
-            stack.callback(dynamo_log.removeHandler, handler)
-        previous, _active_compile = _active_compile, record
-        stack.callback(lambda: globals().__setitem__("_active_compile", previous))
-        yield record
+def frozen(params):
+    """`params` take no gradient inside the block (those that did get it back after)."""
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def cosine_lr(lr: float, i: int, n: int) -> float:
+    """`lr` cosine-decayed from step 0 to 0 at step n - 1."""
+    return lr * 0.5 * (1 + math.cos(math.pi * i / max(n - 1, 1)))
+
+
+def chunk_windows(spans: list[tuple[int, int]], chunk_tokens: int) -> list[list[tuple[int, int]]]:
+    """Windows grouped by the chunk holding their first scored target, in stream order."""
+    groups: list[list[tuple[int, int]]] = []
+    last = -1
+    for a, b in spans:
+        c = a // chunk_tokens
+        if c != last:
+            groups.append([])
+            last = c
+        groups[-1].append((a, b))
+    return groups
+
+
+def sequence_pieces(spans: list[tuple[int, int]], seq_len: int) -> list[tuple[int, int]]:
+    """Target spans cut into pieces of at most seq_len targets, in order."""
+    return [(p, min(p + seq_len, hi)) for lo, hi in spans for p in range(lo, hi, seq_len)]
+
+
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Sum every gradient over ranks in one flat buffer (the loss is already divided by the global
+    target count, so the sum is the average). A rank with no data contributes zeros."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def adapt_full_model(model: GPT, ledger: ScoreLedger, spans: list[tuple[int, int]], optimizer, ctx: EvalContext, *,
+                     lr: float, epochs: int, seq_len: int, batch_seqs: int, grad_clip: float, before_step=None) -> int:
+    """Full-model SGD on the committed targets `spans`, `epochs` passes; returns the steps taken.
+
+    Step j takes pieces [j*B, (j+1)*B) of all ranks' pieces; each rank its contiguous share. The
+    loss is the mean over the step's targets on all ranks, so any world size computes the same step.
+    `before_step()` (called on every rank before each step) returning False ends the passes there."""
+    pieces = sequence_pieces(spans, seq_len)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    steps = 0
+    model.train()
+    for _ in range(epochs):
+        for j in range(0, len(pieces), batch_seqs):
+            if before_step is not None and not before_step():
+                model.eval()
+                return steps
+            step_pieces = pieces[j : j + batch_seqs]
+            total_targets = sum(hi - lo for lo, hi in step_pieces)
+            mine = rank_share(step_pieces, ctx.rt.rank, ctx.rt.world_size)
+            if mine:
+                width = max(hi - lo for lo, hi in mine)
+                x = torch.zeros(len(mine), width, dtype=torch.int64)
+                y = torch.full((len(mine), width), -100, dtype=torch.int64)  # -100 = no target here
+                for i, (lo, hi) in enumerate(mine):
+                    tokens = ledger.adaptation_tokens(lo, hi)
+                    x[i, : hi - lo], y[i, : hi - lo] = tokens[:-1], tokens[1:]
+                x, y = x.to(ledger.device), y.to(ledger.device)
+                with ctx.autocast():
+                    logits = model.forward_logits(x, ctx.looping)
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                                       ignore_index=-100, reduction="sum") / total_targets
+                loss.backward()
+            average_gradients(params)
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+    model.eval()
+    return steps
+
+
+def ttt_chunked(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContext, logits_fn=None) -> TTTResult:
+    """Score-first chunked TTT over the whole stream (R0409 form). Scores go into `ledger`."""
+    logits_fn = logits_fn or model.forward_logits
+    groups = chunk_windows(plan_windows(ledger.num_targets, s.seq_len, s.stride or s.seq_len), s.chunk_tokens)
+    tracker = TTTTracker(ctx, ledger.device)
+    with frozen(p for block in model.blocks[: s.freeze_blocks] for p in block.parameters()):
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum)
+        tracker.start(f"mode:chunked chunks:{len(groups)} ttt_lr:{s.lr} ttt_epochs:{s.epochs} chunk_tokens:"
+                      f"{s.chunk_tokens} frozen_blocks:{s.freeze_blocks} params:{sum(p.numel() for p in params)}",
+                      nothing_to_adapt(s, ledger.num_targets))
+        windows_left = sum(len(g) for g in groups)
+        windows_scored = steps = trained_chunks = 0
+        trained_upto = 0  # targets 1..trained_upto have been (or will never be) trained on
+        for ci, group in enumerate(groups):
+            t0 = tracker.now()
+            score_windows(lambda x: logits_fn(x, ctx.looping), ledger, group, ctx, seq_len=s.seq_len,
+                          batch_seqs=s.score_batch_seqs)
+            tracker.add("score", t0)
+            windows_scored += len(group)
+            windows_left -= len(group)
+            lo, hi = trained_upto, group[-1][1]
+            if ci == len(groups) - 1 or s.epochs == 0:
+                continue  # the last chunk never trains: nothing is left to score with what it would teach
+            plain_ms_left = tracker.ms["score"] / windows_scored * windows_left
+            if not tracker.allows(tracker.ms["adapt"] / max(trained_chunks, 1), plain_ms_left,
+                                  f"chunk {ci + 1}/{len(groups)}", f"{ledger.num_targets - hi} targets"):
+                continue
+            t0 = tracker.now()
+            ledger.share(lo, hi)
+            steps += adapt_full_model(model, ledger, [(lo, hi)], optimizer, ctx, lr=cosine_lr(s.lr, ci, len(groups)),
+                                      epochs=s.epochs, seq_len=s.seq_len, batch_seqs=s.batch_seqs,
+                                      grad_clip=s.grad_clip)
+            trained_upto, trained_chunks = hi, trained_chunks + 1
+            tracker.add("adapt", t0)
+    return tracker.result(len(groups), trained_chunks, steps)
+
+
+# TTT_MODE=lora (R0317/R0427 form): every document gets its own low-rank adapters, one per virtual
+# layer slot (a looped block has one per pass), on attention q and v, optionally k (TTT_K_LORA) and the
+# output projection (TTT_O_LORA), a dim->dim adapter beside the MLP fed by the MLP's input
+# (TTT_MLP_LORA), and the head (dim->vocab, added to the logits before the softcap). Each output is
+# scaled by TTT_LORA_ALPHA/TTT_LORA_RANK. B starts at 0, so every document starts as the plain model.
+# A document's targets are scored in chunks of TTT_CHUNK_SIZE from a window clipped at its BOS (no
+# context from other documents); after a chunk is committed, one AdamW step on that chunk's loss
+# updates that document's adapters, so its next chunk is scored by adapters trained on its earlier
+# chunks only. The document's last chunk never trains. Documents are queued longest first and
+# processed in rounds of TTT_BATCH_SIZE documents per rank (R0427's 64): a round is TTT_BATCH_SIZE x
+# WORLD_SIZE documents and rank r holds its positions r*TTT_BATCH_SIZE.. onwards, so the score depends
+# on the world size only through the round size (1 process with TTT_BATCH_SIZE=2B equals 2 ranks with
+# B, tested). Each round zeroes B and the optimizer state; A is redrawn (the same seeded draw for every
+# position), or with TTT_WARM_START_A=1 kept from the document at the same position of the previous
+# round: trained on already-scored tokens only, so still score-first.
+#
+# Fixed shapes, so a compiled step sees few graphs: every step of a rank has TTT_BATCH_SIZE rows (rows
+# of finished documents read zeros and score nothing), its window is padded to a width of
+# `window_widths` (powers of two from the chunk size up, then EVAL_SEQ_LEN: six for the record) chosen
+# by the step's index alone, and the head runs only at the chunk's TTT_CHUNK_SIZE positions. The
+# adapters are applied by forward hooks registered once per model (`AdapterHooks`), inert outside
+# `lora_logits`. Every step runs with autograd on (a step that trains no row skips the backward), so
+# the LoRA step compiles at most len(window_widths) graphs, once per process.
+#
+# TTT_MODE=phased (R0413/R0427 form): LoRA TTT as above, plus PHASED_TTT_NUM_PHASES global phases:
+# once the first PHASED_TTT_PREFIX_DOCS*(k+1)/K documents of the queue are scored, the base model
+# takes GLOBAL_TTT_EPOCHS SGD passes over those (already committed) documents, LR cosine-decayed over
+# groups of TTT_CHUNK_TOKENS targets, gradients averaged over ranks; later documents are scored by the
+# updated model.
+#
+# The evaluation budget, measured: with MAX_EVAL_SECONDS set, the pass first times a plain and an
+# adapting step at every window width (and a global SGD step) on synthetic tokens, then every real
+# step. Before each chunk step and each global SGD step it checks that the step plus scoring every
+# remaining step plainly (at its measured width cost) still fits; if not, adaptation stops for good.
+
+
+def lora_targets(model: GPT, s: "TTTSettings") -> list[str]:
+    """Names of the block submodules that get adapters under the TTT_*_LORA switches."""
+    suffixes = ["attn.c_q", "attn.c_v"] + ["attn.c_k"] * s.lora_k + ["attn.proj"] * s.lora_o + ["mlp"] * s.lora_mlp
+    return [f"blocks.{i}.{suffix}" for i in range(len(model.blocks)) for suffix in suffixes]
+
+
+def document_spans(tokens: torch.Tensor) -> list[tuple[int, int]]:
+    """Target spans (a, b] of each document: from its BOS to the next BOS (included) or the end."""
+    bos = (tokens == BOS_ID).nonzero().flatten().tolist() + [tokens.numel() - 1]
+    return [(a, b) for a, b in zip(bos, bos[1:]) if b > a]
+
+
+def document_queue(tokens: torch.Tensor) -> list[tuple[int, int]]:
+    """The documents in the order document TTT takes them: longest first, then in stream order."""
+    return sorted(document_spans(tokens), key=lambda d: (-(d[1] - d[0]), d[0]))
+
+
+def phase_boundaries(prefix_docs: int, num_phases: int) -> list[int]:
+    """Phased TTT: global phase k trains on the first boundaries[k] documents of the queue."""
+    return [prefix_docs * (k + 1) // num_phases for k in range(num_phases)]
+
+
+def device_sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a host clock read measures it (budget timing only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class AdapterHooks:
+    """Forward hooks on every module that can get an adapter, registered once per model and kept (so
+    compiled graphs never see hooks come and go). Inert unless `lora_logits` has set `lora`; a hook
+    counts its calls within a forward to find its virtual slot."""
+
+    SUFFIXES = ("attn.c_q", "attn.c_v", "attn.c_k", "attn.proj", "mlp")
+
+    def __init__(self, model: GPT):
+        modules = dict(model.named_modules())
+        self.names = [f"blocks.{i}.{suffix}" for i in range(len(model.blocks)) for suffix in self.SUFFIXES]
+        self.lora: "DocLoRA | None" = None
+        self.calls: list[int] | None = None
+        for k, name in enumerate(self.names):
+            modules[name].register_forward_hook(self._hook(k))
+
+    def _hook(self, k: int):
+        def add_delta(module, inputs, output):
+            lora = self.lora
+            if lora is None or lora.module_of_hook[k] < 0:
+                return output
+            m = lora.module_of_hook[k]
+            slot = self.calls[k]
+            if slot >= lora.slots[m]:
+                raise RunError(f"LoRA adapter {m} called {slot + 1} times in one forward; the slot plan is broken")
+            self.calls[k] = slot + 1
+            return output + lora.delta(lora.first_slot[m] + slot, inputs[0]).to(output.dtype)
+        return add_delta
+
+
+_ADAPTER_HOOKS: "weakref.WeakKeyDictionary[GPT, AdapterHooks]" = weakref.WeakKeyDictionary()
+
+
+def adapter_hooks(model: GPT) -> AdapterHooks:
+    if model not in _ADAPTER_HOOKS:
+        _ADAPTER_HOOKS[model] = AdapterHooks(model)
+    return _ADAPTER_HOOKS[model]
+
+
+class DocLoRA:
+    """Per-document adapters: for adapter j and row i, output += scale * x A_j[i]^T B_j[i]^T, one
+    [rows, ...] tensor per adapter. Rows are independent under AdamW (elementwise; a row trains at every
+    step from a round's start until its document's last trained chunk, so its step count is the same on
+    any number of ranks). After that a row keeps moving with the others' steps (decay, momentum), which
+    no score sees; the A that warm starts the next round is the one saved at the row's last own step
+    (`keep_warm`). Applied through the model's `AdapterHooks`, so the model code is untouched."""
+
+    def __init__(self, model: GPT, num_rows: int, s: "TTTSettings", device: torch.device, looping: bool,
+                 seed: int = 0):
+        order = model.cfg.layer_order(looping)
+        names = lora_targets(model, s)
+        self.hooks = adapter_hooks(model)
+        self.module_of_hook = [names.index(n) if n in names else -1 for n in self.hooks.names]
+        modules = dict(model.named_modules())
+        self.slots = [order.count(int(name.split(".")[1])) for name in names]
+        self.scale = (s.lora_alpha or s.lora_rank) / s.lora_rank
+        g = torch.Generator().manual_seed(seed)
+        shapes = []  # (in, out) per adapter: every slot of every module, then the head
+        for name, n in zip(names, self.slots):
+            m = modules[name]
+            width = m.fc.in_features if isinstance(m, MLP) else m.in_features
+            out = m.proj.out_features if isinstance(m, MLP) else m.out_features
+            shapes += [(width, out)] * n
+        shapes.append((model.cfg.model_dim, model.cfg.vocab_size))
+        a_init = [(torch.rand(s.lora_rank, i, generator=g) * 2 - 1) / math.sqrt(i) for i, _ in shapes]
+        self.a_init = [a.expand(num_rows, -1, -1).clone().to(device) for a in a_init]
+        self.warm_a = [a.clone() for a in self.a_init]  # per row: the A the next round starts from
+        self.a = [a.clone().requires_grad_() for a in self.a_init]
+        self.b = [torch.zeros(num_rows, o, s.lora_rank, device=device, requires_grad=True) for _, o in shapes]
+        self.first_slot = [sum(self.slots[:k]) for k in range(len(self.slots))]  # adapter of module k's slot 0
+        self.num_rows = num_rows
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self.a + self.b
+
+    def reset(self, warm_a: bool) -> None:
+        """A new round: B = 0 (each document starts as the plain model); A redrawn, or with `warm_a`
+        the A each row kept at its previous document's last own step."""
+        with torch.no_grad():
+            for b in self.b:
+                b.zero_()
+            for a, start in zip(self.a, self.warm_a if warm_a else self.a_init):
+                a.copy_(start)
+
+    def keep_warm(self, rows: list[int]) -> None:
+        """These rows' documents take no more steps: their current A is what the next round inherits."""
+        if not rows:
+            return
+        index = torch.tensor(rows, device=self.a[0].device)
+        with torch.no_grad():
+            for a, warm in zip(self.a, self.warm_a):
+                warm[index] = a[index]
+
+    def delta(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.a[j].to(x.dtype), self.b[j].to(x.dtype)
+        return self.scale * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+    def logits(self, model: GPT, x: torch.Tensor, looping: bool) -> torch.Tensor:
+        """The model's logits at every position of rows x (one per adapter row), adapters applied."""
+        return lora_logits(self, model, x, None, looping)
+
+
+def lora_logits(lora: DocLoRA, model: GPT, x: torch.Tensor, positions: torch.Tensor | None,
+                looping: bool) -> torch.Tensor:
+    """Logits of rows x (num_rows, W) at `positions` (num_rows, C; None = all) with every adapter of
+    `lora` applied: the per-document step that torch.compile sees."""
+    hooks = lora.hooks
+    hooks.lora, hooks.calls = lora, [0] * len(hooks.names)
+    try:
+        h = model.forward_hidden(x, looping)
+    finally:
+        hooks.lora, hooks.calls = None, None
+    if positions is not None:
+        h = h.gather(1, positions[..., None].expand(-1, -1, h.size(-1)))
+    return model.head(h, lora.delta(len(lora.a) - 1, h))
+
+
+def document_chunks(span: tuple[int, int], chunk: int) -> list[tuple[int, int]]:
+    lo, hi = span
+    return [(a, min(a + chunk, hi)) for a in range(lo, hi, chunk)]
+
+
+def window_widths(chunk: int, seq_len: int) -> list[int]:
+    """The padded window widths of the per-document steps: powers of two from the chunk size up, then
+    seq_len (48 and 2048: 64, 128, ..., 2048)."""
+    widths, w = [], 1 << (chunk - 1).bit_length()
+    while w < seq_len:
+        widths.append(w)
+        w *= 2
+    return widths + [seq_len]
+
+
+def step_width(step: int, chunk: int, seq_len: int) -> int:
+    """The padded window of chunk step `step`: it holds the window of every document's chunk `step`."""
+    return next(w for w in window_widths(chunk, seq_len) if w >= min((step + 1) * chunk, seq_len))
+
+
+def round_steps(docs: list[tuple[int, int]], chunk: int, seq_len: int) -> list[tuple[int, bool]]:
+    """(padded width, whether some document trains) of each chunk step of one rank's documents of a round."""
+    counts = [len(document_chunks(d, chunk)) for d in docs]
+    return [(step_width(i, chunk, seq_len), any(i < n - 1 for n in counts)) for i in range(max(counts, default=0))]
+
+
+def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lora: DocLoRA, s: TTTSettings,
+               ctx: EvalContext, *, num_steps: int, forward=lora_logits, before_step=None) -> tuple[int, int]:
+    """Score this rank's documents of one round, document i on adapter row i, and train their adapters
+    at each step `before_step(i, width, trains)` allows (called on every rank for each of the round's
+    `num_steps`, so budget decisions stay collective; once it refuses, it refuses for good). Returns
+    (AdamW steps, steps scored with adaptation allowed)."""
+    lora.reset(s.warm_start_a)
+    optimizer = torch.optim.AdamW(lora.params, lr=s.lora_lr, betas=(s.lora_beta1, s.lora_beta2), eps=1e-10,
+                                  weight_decay=s.lora_wd)
+    chunk = min(s.doc_chunk, s.seq_len)  # a window holds its whole chunk
+    chunks = [document_chunks(d, chunk) for d in docs]
+    steps = adapting = 0
+    for i in range(num_steps):
+        rows = [d for d in range(len(docs)) if i < len(chunks[d])]
+        train_rows = [d for d in rows if i < len(chunks[d]) - 1]
+        width = step_width(i, chunk, s.seq_len)
+        if before_step is not None and not before_step(i, width if rows else None, bool(train_rows)):
+            train_rows = []
+        elif rows:
+            adapting += 1
+        if not rows:
+            continue
+        lora.keep_warm([d for d in rows if i == len(chunks[d]) - 1])  # their last own step is done
+        spans = [chunks[d][i] for d in rows]
+        starts = [max(docs[d][0], b - s.seq_len) for d, (_, b) in zip(rows, spans)]
+        x, positions, x_at, y_at, mask = ledger.document_rows(spans, starts, rows=rows, num_rows=lora.num_rows,
+                                                              width=width, chunk=chunk)
+        with torch.enable_grad(), ctx.autocast():  # one graph per width: steps that train nothing skip the backward
+            logits = forward(lora, model, x, positions, ctx.looping)
+        ledger.commit(spans, logits.detach(), x_at, y_at, mask)  # scores fixed before the update below
+        if not train_rows:
+            continue
+        labels, weights = torch.zeros(lora.num_rows, chunk, dtype=torch.int64), torch.zeros(lora.num_rows, chunk)
+        for d in train_rows:  # each document's mean loss over the chunk it just committed
+            a, b = chunks[d][i]
+            labels[d, : b - a] = ledger.adaptation_tokens(a, b)[1:]
+            weights[d, : b - a] = 1.0 / (b - a)
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.to(ledger.device).reshape(-1),
+                              reduction="none")
+        (nll * weights.to(ledger.device).reshape(-1)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+    return steps, adapting
+
+
+def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], s: TTTSettings, ctx: EvalContext,
+                     *, before_step=None) -> int:
+    """Full-model SGD over already-scored documents (in queue order), cosine LR over groups of about
+    TTT_CHUNK_TOKENS targets. Every rank calls it with the same documents. `before_step(n)` before
+    the phase's step n = 1, 2, ... returning False (on every rank alike) ends the phase there."""
+    ledger.share(0, ledger.num_targets)
+    groups: list[list[tuple[int, int]]] = [[]]
+    for d in docs:
+        if sum(b - a for a, b in groups[-1]) >= s.chunk_tokens:
+            groups.append([])
+        groups[-1].append(d)
+    optimizer = torch.optim.SGD(list(model.parameters()), lr=s.global_lr, momentum=s.momentum)
+    steps = asked = 0
+    refused = False
+
+    def gate() -> bool:
+        nonlocal asked, refused
+        asked += 1
+        refused = before_step is not None and not before_step(asked)
+        return not refused
+
+    for gi, group in enumerate(groups):
+        steps += adapt_full_model(model, ledger, group, optimizer, ctx, lr=cosine_lr(s.global_lr, gi, len(groups)),
+                                  epochs=s.global_epochs, seq_len=s.seq_len, batch_seqs=s.batch_seqs,
+                                  grad_clip=s.grad_clip, before_step=gate)
+        if refused:
+            break
+    return steps
+
+
+class StepCosts:
+    """Measured milliseconds of each kind of step (('plain', width), ('adapt', width), 'global'): the
+    mean of its timings so far. A plain step never measured is bounded by the adapting step of its width."""
+
+    def __init__(self, now):
+        self.now = now  # the pass's clock (ms)
+        self.sums: dict = {}
+        self.running = None  # (kind, start) of the step being timed
+
+    def add(self, kind, ms: float) -> None:
+        total, n = self.sums.get(kind, (0.0, 0))
+        self.sums[kind] = (total + ms, n + 1)
+
+    def lap(self, kind) -> None:
+        """Close the timing of the step in flight, if any, and open one of `kind` (None: nothing)."""
+        now = self.now()
+        if self.running is not None:
+            self.add(self.running[0], now - self.running[1])
+        self.running = None if kind is None else (kind, now)
+
+    def ms(self, kind) -> float:
+        if kind not in self.sums and isinstance(kind, tuple) and kind[0] == "plain":
+            kind = ("adapt", kind[1])
+        total, n = self.sums.get(kind, (0.0, 1))
+        return total / n
+
+    def plain_ms(self, widths: collections.Counter) -> float:
+        return sum(self.ms(("plain", w)) * n for w, n in widths.items())
+
+
+def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: list[int], ctx: EvalContext, *,
+                           forward=lora_logits, costs: StepCosts | None = None) -> None:
+    """At each width, on full rows of synthetic tokens: an adapting step (forward, backward, AdamW),
+    which compiles the width's graph; with `costs`, then a timed plain step (the forward) and a timed
+    adapting one, the budget's step costs before the first validation step. The adapters are reset
+    by the next round."""
+    chunk = min(s.doc_chunk, s.seq_len)
+    optimizer = torch.optim.AdamW(lora.params, lr=0.0)
+    device = lora.a[0].device
+    for width in widths:
+        x = synthetic_tokens(lora.num_rows * width, model.cfg.vocab_size, seed=width).view(lora.num_rows, width)
+        positions = torch.arange(width - chunk, width).expand(lora.num_rows, -1).contiguous()  # a real step's layout
+        x, positions = x.to(device), positions.to(device)
+        for kind, timed in [("adapt", False)] + ([("plain", True), ("adapt", True)] if costs is not None else []):
+            t0 = costs.now() if timed else 0.0
+            with torch.enable_grad(), ctx.autocast():  # as in `lora_round`
+                logits = forward(lora, model, x, positions, ctx.looping)
+            if kind == "adapt":
+                logits.float().logsumexp(-1).mean().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if timed:
+                costs.add((kind, width), costs.now() - t0)
+
+
+def measure_global_step(model: GPT, s: TTTSettings, ctx: EvalContext, costs: StepCosts) -> None:
+    """Time one full global SGD step (TTT_BATCH_SEQS sequences of EVAL_SEQ_LEN, over all ranks) on
+    synthetic tokens, after an untimed one; every weight is put back."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    device = next(model.parameters()).device
+    source = TrainingTokens(synthetic_tokens(s.batch_seqs * s.seq_len + 1, model.cfg.vocab_size, seed=2), device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=s.momentum)
+    for timed in (False, True):
+        t0 = costs.now()
+        adapt_full_model(model, source, [(0, source.num_targets)], optimizer, ctx, lr=0.0, epochs=1, seq_len=s.seq_len,
+                         batch_seqs=s.batch_seqs, grad_clip=s.grad_clip)
+        if timed:
+            costs.add("global", costs.now() - t0)
+    model.load_state_dict(saved)
+    optimizer.zero_grad(set_to_none=True)
+
+
+def nothing_to_adapt(s: TTTSettings, num_targets: int, queue: list[tuple[int, int]] | None = None,
+                     round_docs: int = 1) -> str | None:
+    """Why a TTT pass with these settings would adapt on nothing that a later score sees, or None."""
+    if s.mode == "chunked":
+        if s.epochs == 0:
+            return "TTT_EPOCHS=0 (set it > 0)"
+        if num_targets <= s.chunk_tokens:
+            return (f"the {num_targets} validation targets fit in one TTT_CHUNK_TOKENS={s.chunk_tokens} chunk, which "
+                    f"is scored last and never trains (lower TTT_CHUNK_TOKENS)")
+        return None
+    chunk = min(s.doc_chunk, s.seq_len)
+    if any(b - a > chunk for a, b in queue):
+        return None
+    if s.mode == "phased" and s.global_epochs > 0:
+        first = min(s.prefix_docs, len(queue)) // s.num_phases  # documents the first global phase trains on
+        if first > 0 and -(-first // round_docs) < -(-len(queue) // round_docs):  # it ends before the last round
+            return None
+    return (f"every one of the {len(queue)} documents fits in one TTT_CHUNK_SIZE={chunk} chunk, which never trains"
+            + (", and no global phase ends before the last round" if s.mode == "phased" else "")
+            + " (lower TTT_CHUNK_SIZE" + (", TTT_BATCH_SIZE or PHASED_TTT_PREFIX_DOCS" if s.mode == "phased" else "")
+            + ")")
+
+
+def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContext, lora_forward=None) -> TTTResult:
+    """Per-document LoRA TTT (mode lora) or phased TTT (mode phased) over the whole stream.
+    `lora_forward` is `lora_logits` or a compiled form of it."""
+    forward, rank = lora_forward or lora_logits, ctx.rt.rank
+    queue = document_queue(ledger.tokens)
+    per_rank, round_docs = s.docs_per_batch, s.docs_per_batch * ctx.rt.world_size
+    rounds = [queue[j : j + round_docs] for j in range(0, len(queue), round_docs)]
+    mine = [r[rank * per_rank : (rank + 1) * per_rank] for r in rounds]
+    chunk = min(s.doc_chunk, s.seq_len)
+    num_steps = [len(document_chunks(r[0], chunk)) for r in rounds]  # every rank's most (the longest is first)
+    phased, prefix = s.mode == "phased", min(s.prefix_docs, len(queue))
+    boundaries = phase_boundaries(prefix, s.num_phases) if phased else []
+    lora = DocLoRA(model, per_rank, s, ledger.device, ctx.looping)
+    tracker = TTTTracker(ctx, ledger.device)
+    tracker.start(f"mode:{s.mode} docs:{len(queue)} rounds:{len(rounds)} docs_per_rank:{per_rank} "
+                  f"window_widths:{window_widths(chunk, s.seq_len)} lora_rank:{s.lora_rank} "
+                  f"lora_alpha:{s.lora_alpha or s.lora_rank:g} lora_lr:{s.lora_lr} warm_start_a:{int(s.warm_start_a)} "
+                  f"adapters:{len(lora.a)} chunk_size:{s.doc_chunk}"
+                  + (f" prefix_docs:{prefix} num_phases:{s.num_phases} boundaries:{boundaries}" if phased else ""),
+                  nothing_to_adapt(s, ledger.num_targets, queue, round_docs))
+    costs = StepCosts(tracker.now)
+    # plain steps left on this rank, by width
+    remaining = collections.Counter(w for docs in mine for w, _ in round_steps(docs, chunk, s.seq_len))
+    if tracker.budgeted:
+        with frozen(model.parameters()):
+            measure_document_steps(model, lora, s, sorted(remaining), ctx, forward=forward, costs=costs)
+        if phased and s.global_epochs > 0 and prefix > 0:
+            measure_global_step(model, s, ctx, costs)
+
+    def allows(next_ms: float, where: str) -> bool:  # under a budget only
+        return tracker.allows(next_ms, costs.plain_ms(remaining), where, f"{sum(remaining.values())} chunk steps on "
+                                                                         "this rank")
+
+    steps = global_steps = phases_done = trained_rounds = 0
+    for j in range(len(rounds)):
+        check_stop(ctx.stop, j, len(rounds), "TTT rounds")
+        t0 = tracker.now()
+
+        def before_step(i: int, width: int | None, trains: bool) -> bool:
+            if width is not None:
+                remaining[width] -= 1
+            if not tracker.budgeted:
+                return True
+            kind = None if width is None else ("adapt" if trains else "plain", width)
+            ok = allows(0.0 if kind is None else costs.ms(kind), f"round {j + 1}/{len(rounds)} step {i + 1}/"
+                                                                  f"{num_steps[j]}")
+            costs.lap(None if kind is None else kind if ok else ("plain", width))
+            return ok
+
+        with frozen(model.parameters()):  # only the adapters learn inside a round
+            done, adapted = lora_round(model, ledger, mine[j], lora, s, ctx, num_steps=num_steps[j], forward=forward,
+                                       before_step=before_step)
+        costs.lap(None)
+        steps += done
+        trained_rounds += bool(adapted)
+        tracker.add("adapt" if adapted else "score", t0)
+        done_docs = min((j + 1) * round_docs, len(queue))
+        while phases_done < len(boundaries) and boundaries[phases_done] <= done_docs:
+            phase = f"{phases_done + 1}/{len(boundaries)}"
+            if done_docs == len(queue):  # every document is scored: what the phase would learn reaches no score
+                ctx.log(f"ttt:global_phase {phase} skipped: no document is left to score")
+            elif tracker.stopped_at is None:
+                t0 = tracker.now()
+
+                def before_global_step(n: int) -> bool:
+                    if not tracker.budgeted:
+                        return True
+                    ok = allows(costs.ms("global"), f"global phase {phase} step {n}")
+                    costs.lap("global" if ok else None)
+                    return ok
+
+                phase_steps = global_sgd_phase(model, ledger, queue[: boundaries[phases_done]], s, ctx,
+                                               before_step=before_global_step)
+                costs.lap(None)
+                global_steps += phase_steps
+                ctx.log(f"ttt:global_phase {phase} docs_scored:{done_docs} docs_trained:{boundaries[phases_done]} "
+                        f"steps:{phase_steps} time:{(tracker.now() - t0) / 1000:.1f}s")
+                tracker.add("adapt", t0)
+            phases_done += 1
+    model.eval()
+    return tracker.result(len(rounds), trained_rounds, steps + global_steps, global_steps)
+
+
+# PRE-QUANTIZATION TTT, the seeds' technique in its legal form: after training and before export, the
+# full-precision weights take PREQUANT_TTT_EPOCHS AdamW passes over PREQUANT_TTT_TOKENS tokens of
+# *training* data (the tail of the last training shard). That reads training data, so it happens
+# inside the training budget: its cost is measured before training (a warm-up and a timed step on the
+# same slice, weights restored) and reserved from the training time (PhaseClock.reserve_ms). The seeds adapted on
+# the validation tokens before scoring them, which breaks C3: PREQUANT_TTT_SOURCE=val is refused
+# unless ALLOW_VAL_ADAPTATION=1, and that opt-in stamps every score line, the compliance block and the
+# returned results as non-record.
+
+
+class TrainingTokens:
+    """A token source for adaptation without a ledger: training data only (no score to protect)."""
+
+    def __init__(self, tokens: torch.Tensor, device: torch.device):
+        self.tokens, self.device, self.num_targets = tokens, device, tokens.numel() - 1
+
+    def adaptation_tokens(self, lo: int, hi: int) -> torch.Tensor:
+        return self.tokens[lo : hi + 1]
+
+
+def prequant_ttt_tokens(hp: Hyperparameters, train_files: list[str],
+                        val_tokens: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The pre-quantization TTT stream and its source name. Validation tokens only with the opt-in."""
+    if hp.prequant_ttt_source == "val":
+        if not hp.allow_val_adaptation:
+            raise RunError("PREQUANT_TTT_SOURCE=val adapts on validation tokens before scoring them (C3); "
+                           "set ALLOW_VAL_ADAPTATION=1 to run it as a non-record experiment")
+        return val_tokens[: hp.prequant_ttt_tokens + 1], "validation"
+    tail = load_data_shard(train_files[-1])
+    return tail[-min(hp.prequant_ttt_tokens + 1, tail.numel()) :], "train"
+
+
+def prequant_ttt(model: GPT, tokens: torch.Tensor, ctx: EvalContext, *, seq_len: int, epochs: int, lr: float,
+                 batch_seqs: int, grad_clip: float) -> int:
+    """AdamW passes over `tokens` (cut into seq_len pieces, split across ranks, gradients averaged)."""
+    source = TrainingTokens(tokens, ctx.rt.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    steps = adapt_full_model(model, source, [(0, source.num_targets)], optimizer, ctx, lr=lr, epochs=epochs,
+                             seq_len=seq_len, batch_seqs=batch_seqs, grad_clip=grad_clip)
+    optimizer.zero_grad(set_to_none=True)
+    return steps
+
+
+def prequant_ttt_steps(num_targets: int, seq_len: int, batch_seqs: int, epochs: int) -> int:
+    pieces = math.ceil(num_targets / seq_len)
+    return epochs * math.ceil(pieces / batch_seqs)
+
+
+PREQUANT_TTT_RESERVE_MARGIN = 1.5  # reserve = measured pre-quantization TTT time x this
+
+
+def measure_prequant_ttt_reserve(model: GPT, tokens: torch.Tensor, ctx: EvalContext, *, seq_len: int, epochs: int,
+                                 lr: float, batch_seqs: int, grad_clip: float) -> tuple[float, int]:
+    """Milliseconds to reserve for pre-quantization TTT: one step on its own data to warm up, then
+    one timed step (weights put back after), scaled to the full number of steps, times
+    PREQUANT_TTT_RESERVE_MARGIN. Returns (ms, steps)."""
+    steps = prequant_ttt_steps(tokens.numel() - 1, seq_len, batch_seqs, epochs)
+    if steps == 0:
+        return 0.0, 0
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sample = tokens[: min(tokens.numel(), batch_seqs * seq_len + 1)]
+    kwargs = dict(seq_len=seq_len, epochs=1, lr=lr, batch_seqs=batch_seqs, grad_clip=grad_clip)
+    prequant_ttt(model, sample, ctx, **kwargs)  # first-step costs (allocation, kernel loading) are not per step
+    t0 = time.perf_counter()
+    measured = prequant_ttt(model, sample, ctx, **kwargs)
+    # every rank must shorten its training budget alike
+    step_ms = agree_max([1000.0 * (time.perf_counter() - t0) / max(measured, 1)], ctx.rt)[0]
+    model.load_state_dict(saved)
+    return PREQUANT_TTT_RESERVE_MARGIN * step_ms * steps, steps
+
+
+def prepare_prequant_ttt(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str],
+                         val_tokens: torch.Tensor, clock: PhaseClock, autocast, log) -> dict | None:
+    """Before training: pick the pre-quantization TTT data, measure its cost (as warm-up, weights put
+    back) and reserve that time from the training budget. None when PREQUANT_TTT_ENABLED=0."""
+    if not hp.prequant_ttt_enabled:
+        return None
+    tokens, source = prequant_ttt_tokens(hp, train_files, val_tokens)
+    settings = dict(seq_len=hp.train_seq_len, epochs=hp.prequant_ttt_epochs, lr=hp.prequant_ttt_lr,
+                    batch_seqs=hp.ttt_batch_seqs, grad_clip=hp.ttt_grad_clip)
+    ctx = EvalContext(rt, autocast)
+    clock.start("warmup")  # measuring is not training: the weights are put back
+    reserve_ms, steps = measure_prequant_ttt_reserve(model, tokens, dataclasses.replace(ctx, looping=hp.num_loops > 0),
+                                                     **settings)
+    clock.stop()
+    if source == "train":  # reads training data: must end inside the training cap
+        clock.reserve_ms += reserve_ms
+    log(f"prequant_ttt:reserving {reserve_ms:.0f}ms for {steps} steps source:{source} tokens:{tokens.numel()} "
+        f"(measured before training){NON_RECORD_STAMP if source == 'validation' else ''}")
+    return dict(tokens=tokens, source=source, settings=settings, ctx=ctx, reserve_ms=reserve_ms, steps=steps)
+
+
+def run_prequant_ttt(prequant: dict, model: GPT, clock: PhaseClock, *, looping: bool, log) -> None:
+    """After training, before export: adapt the full-precision weights; logs when data access ended."""
+    clock.start("prequant_ttt")
+    steps = prequant_ttt(model, prequant["tokens"], dataclasses.replace(prequant["ctx"], looping=looping),
+                         **prequant["settings"])
+    clock.stop()
+    used = clock.elapsed_ms("prequant_ttt")
+    end = clock.elapsed_ms("train") + used
+    within = prequant["source"] != "train" or clock.cap_ms is None or end <= clock.cap_ms
+    prequant.update(steps_done=steps, time_ms=used, data_access_end_ms=end, within_cap=within)
+    log(f"prequant_ttt: steps:{steps} source:{prequant['source']} time:{used:.0f}ms reserved:"
+        f"{prequant['reserve_ms']:.0f}ms train_data_access_end:{end:.0f}ms cap:"
+        f"{'none' if clock.cap_ms is None else f'{clock.cap_ms:.0f}ms'} within_cap:{int(within)}")
+
+
+def ttt_rows(hp: Hyperparameters, val_tokens: torch.Tensor, world_size: int) -> int:
+    """Documents a rank holds at a time: TTT_BATCH_SIZE, or fewer when the whole validation set fits in
+    one round (the same single round either way, with fewer padded rows)."""
+    return min(hp.ttt_batch_size, -(-len(document_spans(val_tokens)) // world_size))
+
+
+def ttt_settings(hp: Hyperparameters, score_batch_seqs: int, docs_per_rank: int | None = None) -> TTTSettings:
+    knobs = {name: getattr(hp, knob) for name, knob in TTT_KNOBS.items()}
+    return TTTSettings(**dict(knobs, score_batch_seqs=score_batch_seqs,
+                              docs_per_batch=docs_per_rank or hp.ttt_batch_size))
+
+
+def run_ttt(model: GPT, ledger: ScoreLedger, settings: TTTSettings, ctx: EvalContext, *, logits_fn=None,
+            lora_forward=None) -> TTTResult:
+    """The TTT pass of TTT_MODE over the ledger's whole stream. `logits_fn` (chunked scoring) and
+    `lora_forward` (the per-document step, `lora_logits`) may be compiled forms."""
+    if settings.mode == "chunked":
+        return ttt_chunked(model, ledger, settings, ctx, logits_fn)
+    return ttt_documents(model, ledger, settings, ctx, lora_forward)
+
+
+# ==================================================================================================
+# SCORING AN ARTIFACT
+# ==================================================================================================
+# Scoring an artifact file: a fresh model built from the file alone, warmed up, then every
+# evaluation stage the run asks for (roundtrip, sliding window, TTT) within the evaluation budget,
+# and the compliance block. The end of a training run and EVAL_ONLY=1 both go through score_artifact.
+
+
+def compliance_lines(results: dict[str, EvalResult], ttt_info: TTTResult | None, hp: Hyperparameters, *,
+                     eval_ms: float, eval_cap_ms: float | None, causal_diff: float,
+                     prequant: dict | None = None) -> list[str]:
+    """The compliance block (conditions C1-C4 of the public field guide) and every data source
+    (calibration: where quantization calibration data came from, e.g. train or synthetic)."""
+    targets = {r.num_targets for r in results.values()}
+    adapted = ttt_info is not None and ttt_info.adapted_targets > 0
+    val_prequant = prequant is not None and prequant["source"] == "validation"
+    c3 = (f"VIOLATED: pre-quantization TTT adapted the weights on {prequant['tokens'].numel()} validation tokens "
+          "before they were scored" if val_prequant else
+          f"ok: {ttt_info.adapted_targets} adaptation targets, each handed out by the ledger only after its score was "
+          "committed" if adapted else "ok: no adaptation on validation tokens")
+    prequant_ok = prequant is None or prequant.get("within_cap", True)
+    prequant_source = "none" if prequant is None else "validation (before scoring: NON-RECORD)" if val_prequant else (
+        f"train ({prequant['tokens'].numel()} tokens, inside the training budget: {int(prequant_ok)})")
+    over = eval_cap_ms is not None and eval_ms > eval_cap_ms
+    eligible = not over and len(targets) == 1 and not hp.allow_val_adaptation and prequant_ok
+    track = "non-record (ALLOW_VAL_ADAPTATION=1)" if hp.allow_val_adaptation else \
+        "B (adaptive, score-first)" if adapted else "A (fixed predictor)"
+    return [
+        "compliance:",
+        f"  track: {track}",
+        "  C1 causal: ok: every target scored from earlier tokens only (windows end at their last scored target); "
+        f"self-test: changing a later token moved earlier logits by {causal_diff:.3g}",
+        f"  C2 full normalized softmax: ok: cross-entropy over all {hp.vocab_size} logits, softmax sum checked",
+        f"  C3 score before update: {c3}",
+        f"  C4 each target scored once: {'ok' if len(targets) == 1 else 'FAILED'}: "
+        f"{', '.join(f'{k}:{r.num_targets}' for k, r in results.items())} (every pass checked per target)",
+        f"  sources: train_warmup:train eval_warmup:synthetic "
+        f"adaptation:{'validation (already scored)' if adapted else 'none'} pre_quant_ttt:{prequant_source} "
+        f"calibration:{hp.gptq_calibration_source if hp.quant_method == 'gptq' else 'none'}",
+        f"  eval_time: {eval_ms:.0f}ms budget:{'none' if eval_cap_ms is None else f'{eval_cap_ms:.0f}ms'} "
+        f"within_budget:{int(not over)}",
+        f"  record_eligible: {int(eligible)}" + (NON_RECORD_STAMP if hp.allow_val_adaptation else ""),
+    ]
+
+
+NON_RECORD_STAMP = " non_record:C3_violated"
+
+
+def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, val_tokens: torch.Tensor, looping: bool,
+                    world_size: int) -> list[str]:
+    """Forward/backward FLOPs of every evaluation pass about to run, and the time they need at peak
+    and at 40% MFU on this run's devices and on 8xH100, against the evaluation budget."""
+    seq_len, num_targets = hp.effective_eval_seq_len, val_tokens.numel() - 1
+    fwd = estimate_flops_per_token(cfg, seq_len, looping)
+
+    def window_tokens(stride: int) -> int:
+        return sum(min(b, seq_len) for _, b in plan_windows(num_targets, seq_len, stride))
+
+    def flat(name: str, fwd_tokens: int, train_tokens: int = 0) -> tuple:  # a training token: fwd + bwd (~2 fwd)
+        return name, fwd_tokens, train_tokens, fwd * fwd_tokens + 3 * fwd * train_tokens
+
+    passes = [flat("roundtrip", window_tokens(seq_len))]
+    if 0 < hp.eval_stride < seq_len:
+        passes.append(flat("sliding", window_tokens(hp.eval_stride)))
+    if hp.ttt_enabled and hp.ttt_mode == "chunked":
+        trained = min(num_targets, (-(-num_targets // hp.ttt_chunk_tokens) - 1) * hp.ttt_chunk_tokens)
+        passes.append(flat("ttt_chunked", window_tokens(hp.eval_stride or seq_len), trained * hp.ttt_epochs))
+    elif hp.ttt_enabled:  # each chunk step reads TTT_BATCH_SIZE padded rows; a step where a row trains backpropagates
+        queue, rows = document_queue(val_tokens), ttt_rows(hp, val_tokens, world_size)
+        chunk = min(hp.ttt_chunk_size, seq_len)
+        # one rank's share of each round (the head counted at every position)
+        steps = [step for j in range(0, len(queue), rows) for step in round_steps(queue[j : j + rows], chunk, seq_len)]
+        fwd_tokens = sum(rows * width for width, _ in steps)
+        backprop_tokens = sum(rows * width for width, trains in steps if trains)
+        lora = lora_flops_per_token(cfg, hp.ttt_lora_rank, looping, k=hp.ttt_k_lora, o=hp.ttt_o_lora,
+                                    mlp=hp.ttt_mlp_lora)
+        boundaries = phase_boundaries(min(hp.phased_ttt_prefix_docs, len(queue)), hp.phased_ttt_num_phases)
+        global_tokens = hp.global_ttt_epochs * sum(sum(b - a for a, b in queue[:n]) for n in boundaries) \
+            if hp.ttt_mode == "phased" else 0
+        # the frozen base's backward only carries activation gradients (~1 forward); the adapters get both
+        passes.append((f"ttt_{hp.ttt_mode}", fwd_tokens, backprop_tokens + global_tokens,
+                       (fwd + lora) * fwd_tokens + (fwd + 2 * lora) * backprop_tokens + 3 * fwd * global_tokens))
+    total = sum(flops for *_, flops in passes)
+
+    def seconds(devices: int, mfu: float) -> float:
+        return total / (devices * hp.peak_tflops * 1e12 * mfu)
+
+    budget = f"{hp.max_eval_seconds:.0f}s" if hp.max_eval_seconds > 0 else "none"
+    lines = [f"eval_plan: {name} forward_tokens:{f} train_tokens:{t} flops:{flops:.3e}" for name, f, t, flops in passes]
+    return lines + [f"eval_plan_total: flops:{total:.3e} this_run({world_size} devices) "
+                    f"at_peak:{seconds(world_size, 1):.3g}s at_40%_mfu:{seconds(world_size, 0.4):.3g}s | 8xH100 "
+                    f"at_peak:{seconds(8, 1):.3g}s at_40%_mfu:{seconds(8, 0.4):.3g}s | budget:{budget}"]
+
+
+def synthetic_tokens(n: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """A seeded random stream (BOS every 97 tokens): data for warm-ups that is neither validation nor training."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(2, vocab_size, (n,), generator=g)
+    tokens[::97] = BOS_ID
+    return tokens
+
+
+def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, ctx: EvalContext, *, seq_len: int, batch_seqs: int,
+                       ttt: TTTSettings | None = None, lora_forward=None) -> dict:
+    """Compile (and warm) the evaluation graphs on synthetic tokens, run the causality self-test, and
+    run the TTT path once on a synthetic stream (for lora/phased after a plain and an adapting step at
+    every window width, so every graph of the pass is compiled here); every weight is put back."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    documents = ttt is not None and ttt.mode != "chunked"
+    if documents:
+        adapter_hooks(model)  # registered before the first compile: the plain graphs never change after
+    x = synthetic_tokens(batch_seqs * seq_len + 1, model.cfg.vocab_size)[: batch_seqs * seq_len]
+    x = x.view(batch_seqs, seq_len).to(ctx.rt.device)
+    flipped = x.clone()
+    flipped[:, -1] = torch.where(flipped[:, -1] == 2, 3, 2)
+    with torch.no_grad(), ctx.autocast():
+        a, b = logits_fn(x, ctx.looping).float(), logits_fn(flipped, ctx.looping).float()
+    causal_diff = float((a[:, :-1] - b[:, :-1]).abs().max()) if seq_len > 1 else 0.0
+    if causal_diff > 1e-3:
+        raise RunError(f"causality self-test failed: changing the last token changed earlier logits by "
+                       f"{causal_diff:.3g} (C1); no score is reported")
+    if ttt is not None:
+        quiet = EvalContext(ctx.rt, ctx.autocast, ctx.looping)  # no budget, no log
+        if documents:
+            lora = DocLoRA(model, ttt.docs_per_batch, ttt, ctx.rt.device, ctx.looping)
+            with frozen(model.parameters()):  # as inside a round
+                measure_document_steps(model, lora, ttt, window_widths(min(ttt.doc_chunk, seq_len), seq_len), quiet,
+                                       forward=lora_forward or lora_logits)
+        stream = synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1)
+        synthetic = ScoreLedger(stream, dataclasses.replace(luts, val_bytes=None), ctx.rt.device)  # no sidecar: not val
+        small = dataclasses.replace(ttt, chunk_tokens=seq_len, epochs=1, prefix_docs=1, num_phases=1, global_epochs=1)
+        run_ttt(model, synthetic, small, quiet, logits_fn=logits_fn, lora_forward=lora_forward)
+    model.load_state_dict(saved)
+    model.eval()
+    return dict(causal_diff=causal_diff, tokens=int(x.numel()) + (2 * seq_len + 1 if ttt is not None else 0))
+
+
+def final_score_log_key(stage: str, tag: str) -> str:
+    """The log line that reports a stage's exact score (the last stage run is the submitted score);
+    `tag` names the artifact's format, e.g. int6_brotli."""
+    return {"roundtrip": f"final_{tag}_roundtrip_exact", "sliding": "final_sliding_window_exact",
+            "ttt": "legal_ttt_exact"}[stage]
+
+
+TTT_SCORE_LABELS = {"chunked": "quantized_ttt", "lora": "quantized_ttt_lora", "phased": "quantized_ttt_phased"}
+
+
+def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor, luts: ByteLuts, clock: PhaseClock,
+                      ctx: EvalContext, *, use_compile: bool, batch_seqs: int, tag: str, prequant: dict | None = None,
+                      compliance_out: list[str] | None = None) -> dict[str, EvalResult]:
+    """Every score of the reloaded artifact (`tag`: its format, e.g. int6_brotli), in order: the flat
+    roundtrip, the sliding window if EVAL_STRIDE is set, test-time training if TTT_ENABLED. The clock's
+    `eval` phase runs from the artifact read (started by the caller) to the final score and is logged
+    per phase. A plain pass that would end past MAX_EVAL_SECONDS is cut (never reported partially);
+    TTT stops adapting instead, early enough to score the rest plainly. The compliance block's lines
+    are also appended to `compliance_out` (the run manifest keeps them)."""
+    rt, log, seq_len = ctx.rt, ctx.log, hp.effective_eval_seq_len
+    stamp = NON_RECORD_STAMP if hp.allow_val_adaptation else ""
+    model.eval()
+    logits_fn = maybe_compile(model.forward_logits, use_compile, "eval_forward_logits")
+    lora_forward = maybe_compile(lora_logits, use_compile, "ttt_lora_step")
+    phases = {"load": clock.elapsed_ms("eval")}
+
+    def phase_done(name: str) -> float:
+        phases[name] = clock.elapsed_ms("eval") - sum(phases.values())
+        return phases[name]
+
+    for line in eval_flops_plan(hp, model.cfg, val_tokens, ctx.looping, rt.world_size):
+        log(line)
+    settings = ttt_settings(hp, batch_seqs, ttt_rows(hp, val_tokens, rt.world_size)) if hp.ttt_enabled else None
+    warm = warm_up_evaluation(model, logits_fn, luts, ctx, seq_len=seq_len, batch_seqs=batch_seqs, ttt=settings,
+                              lora_forward=lora_forward)
+    log(f"eval_warmup: source:synthetic tokens:{warm['tokens']} causal_self_test:ok max_earlier_logit_change:"
+        f"{warm['causal_diff']:.3g} ttt_path:{int(settings is not None)} weights_restored:1 "
+        f"time:{phase_done('warmup'):.0f}ms")
+    # agreed across ranks, so every rank stops at the same batch
+    ctx = dataclasses.replace(ctx, stop=lambda: clock.eval_cap_ms is not None and agree_max(
+        [float(clock.elapsed_ms("eval") > clock.eval_cap_ms)], rt)[0] > 0)
+    results: dict[str, EvalResult] = {}
+
+    def report(stage: str, name: str, detail: str = "") -> None:
+        r, ms = results[stage], phase_done(stage)
+        if stage == "roundtrip":
+            log(f"final_{tag}_roundtrip val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{ms:.0f}ms{stamp}")
+        log(f"{name} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{ms:.0f}ms{detail}{stamp}")
+        log(f"{final_score_log_key(stage, tag)} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
+
+    sliding = ("sliding", hp.eval_stride, "quantized_sliding_window", f" stride:{hp.eval_stride} seq_len:{seq_len}")
+    for stage, stride, name, detail in [("roundtrip", 0, "quantized", "")] + [sliding] * (0 < hp.eval_stride < seq_len):
+        results[stage] = evaluate(lambda x: logits_fn(x, ctx.looping), val_tokens, luts, ctx, seq_len=seq_len,
+                                  batch_seqs=batch_seqs, stride=stride)
+        report(stage, name, detail)
+    ttt_info = None
+    if settings is not None:
+        ledger = ScoreLedger(val_tokens, luts, rt.device, group=rt.control_group)
+        budget = AdaptationBudget(lambda: clock.elapsed_ms("eval"), clock.eval_cap_ms, rt)
+        ttt_info = run_ttt(model, ledger, settings, dataclasses.replace(ctx, budget=budget), logits_fn=logits_fn,
+                           lora_forward=lora_forward)
+        check_scored_once(ledger)
+        results["ttt"] = ledger.result()
+        adapted = torch.tensor([ledger.adapted_targets], dtype=torch.float64, device=rt.device)
+        ttt_info = dataclasses.replace(ttt_info, adapted_targets=int(all_reduce_sum(adapted).item()))
+        log(f"ttt:done mode:{hp.ttt_mode} chunks_or_rounds:{ttt_info.chunks} adapted:{ttt_info.trained_chunks} "
+            f"steps:{ttt_info.steps} score:{ttt_info.score_ms:.0f}ms adapt:{ttt_info.adapt_ms:.0f}ms "
+            f"adaptation_stopped:{ttt_info.stopped_at or 'never'}")
+        report("ttt", TTT_SCORE_LABELS[hp.ttt_mode])
+    eval_ms = clock.elapsed_ms("eval")
+    log("eval_phases: " + " ".join(f"{k}:{v:.0f}ms" for k, v in phases.items()) + f" total:{eval_ms:.0f}ms "
+        f"budget:{'none' if clock.eval_cap_ms is None else f'{clock.eval_cap_ms:.0f}ms'}")
+    for line in compliance_lines(results, ttt_info, hp, eval_ms=eval_ms, eval_cap_ms=clock.eval_cap_ms,
+                                 causal_diff=warm["causal_diff"], prequant=prequant):
+        log(line)
+        if compliance_out is not None:
+            compliance_out.append(line)
+    final = next(reversed(results))
+    log(f"final_score stage:{final} val_loss:{results[final].val_loss:.8f} val_bpb:{results[final].val_bpb:.8f} "
+        f"total_eval_time:{eval_ms / 1000:.1f}s{stamp}")
+    return results
+
+
+def load_artifact_model(path: Path, device: torch.device, expect: ModelConfig | None = None,
+                        attn_backend: str = "sdpa") -> tuple[GPT, dict]:
+    """A fresh model built from the artifact file alone, and the artifact's header."""
+    if not path.is_file():
+        raise RunError(f"model artifact {path} does not exist; train first or set ARTIFACT_PATH")
+    expected = None if expect is None else dataclasses.asdict(expect)
+    entries, header = unpack_artifact(path.read_bytes(), expect_model=expected)
+    if {f.name for f in fields(ModelConfig)} - {"attn_backend"} - set(header["model"]):
+        raise RunError(f"model artifact {path} does not record the model configuration it was made for; "
+                       "re-export it with this train_gpt.py")
+    cfg = ModelConfig(**dict(header["model"], attn_backend=attn_backend))
+    model = GPT(cfg).to(device)
+    model.load_state_dict(dequantize_state_dict(entries), strict=True)
+    return model, header
+
+
+def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: torch.Tensor, luts: ByteLuts,
+                   clock: PhaseClock, log, *, expect: ModelConfig | None = None, use_compile: bool = False,
+                   prequant: dict | None = None, compliance_out: list[str] | None = None) -> dict:
+    """Load the artifact file alone into a fresh model and run every evaluation stage on it under the
+    evaluation budget, which runs from reading the file to the final score. The end of a training run
+    and EVAL_ONLY=1 both come here, so they report the same numbers."""
+    clock.start("eval")
+    n_code, model_bytes = code_bytes(), path.stat().st_size if path.is_file() else 0
+    fresh, header = load_artifact_model(path, rt.device, expect=expect, attn_backend=hp.attn_backend)
+    batch_seqs = max(1, hp.val_batch_size // (rt.world_size * hp.grad_accum_for(rt.world_size)
+                                              * hp.effective_eval_seq_len))
+    tag = header["meta"].get("tag", "quantized")
+    ctx = EvalContext(rt, lambda: autocast_context(hp, rt.device), bool(header["meta"].get("looping", False)), log=log)
+    results = evaluate_artifact(hp, fresh, val_tokens, luts, clock, ctx, use_compile=use_compile,
+                                batch_seqs=batch_seqs, tag=tag, prequant=prequant, compliance_out=compliance_out)
+    clock.stop()
+    total = model_bytes + n_code
+    log(f"artifact code_bytes:{n_code} model_bytes:{model_bytes} total_bytes:{total} "
+        f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(total <= ARTIFACT_LIMIT_BYTES)}")
+    return dict(results=results, roundtrip=results["roundtrip"], code_bytes=n_code, model_bytes=model_bytes,
+                total_bytes=total, header=header, tag=tag)
 
 
 # ==================================================================================================
@@ -4985,7 +5329,8 @@ def compile_settings(qat: bool, record: CompileRecord | None = None):
 # first), so a seed sweep keeps every seed's files. The manifest is written at start (status
 # "started"), and atomically rewritten at the end ("complete") or on a crash ("failed"). Runs whose
 # config_hash is equal differ only in seed and run identity: they are comparable, and the records
-# tool (records/records.py) refuses to mix others.
+# tool (records/records.py) refuses to mix others. The code written beside the artifact is the shipped
+# form of this file (below), whose bytes are the code bytes counted against the limit.
 
 RUNS_DIR_DEFAULT = "runs"
 RUN_LOG_NAME, RUN_MANIFEST_NAME, RUN_CODE_NAME = "train.log", "manifest.json", "train_gpt.py"
@@ -5221,9 +5566,69 @@ def eval_record(result: EvalResult) -> dict:
             "num_bytes": result.num_bytes}
 
 
+# ---- the shipped code form ---------------------------------------------------------------------------
+# Only the bytes of the code that is shipped count, so the shipped form is a self-extracting copy:
+# a two-line latin-1 Python file holding the brotli-compressed source in a string literal (only
+# \ " NUL CR LF are escaped: ~2% overhead, against 25% for base85). The source it holds is the
+# readable file without its comments and docstrings: the same syntax tree otherwise (ast.unparse),
+# and about 30% fewer compressed bytes for the model. It runs that source in its own namespace, where
+# SHIPPED_SOURCE keeps the text; shipping it again gives the same bytes.
+
+SHIPPED_PREFIX = b"# -*- coding: latin-1 -*-\nimport brotli;SHIPPED_SOURCE=brotli.decompress(\""
+
+
+SHIPPED_SUFFIX = b"\".encode(\"latin-1\"));exec(compile(SHIPPED_SOURCE,\"train_gpt.py\",\"exec\"))\n"
+
+
+_LITERAL_ESCAPES = {0x5C: b"\\\\", 0x22: b'\\"', 0x00: b"\\x00", 0x0D: b"\\r", 0x0A: b"\\n"}
+
+
+def readable_source() -> bytes:
+    """The source this process runs: the readable train_gpt.py, or the stripped one when run from the
+    shipped form."""
+    shipped = globals().get("SHIPPED_SOURCE")
+    return shipped if isinstance(shipped, bytes) else Path(__file__).read_bytes()
+
+
+def without_docstrings(tree: ast.Module) -> ast.Module:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+def stripped_source(source: bytes) -> bytes:
+    """The source without comments and docstrings, as ast.unparse writes it (idempotent)."""
+    return (ast.unparse(without_docstrings(ast.parse(source))) + "\n").encode("utf-8")
+
+
+def shipped_code(source: bytes) -> bytes:
+    import brotli
+
+    packed = brotli.compress(stripped_source(source), quality=11)
+    literal = b"".join(_LITERAL_ESCAPES.get(byte, bytes((byte,))) for byte in packed)
+    return SHIPPED_PREFIX + literal + SHIPPED_SUFFIX
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_code_of_this_file() -> bytes:
+    return shipped_code(readable_source())
+
+
+def code_bytes() -> int:
+    """Bytes of this script as shipped (its self-extracting form): the code part of the artifact."""
+    return len(_shipped_code_of_this_file())
+
+
 # ==================================================================================================
 # MAIN
 # ==================================================================================================
+# A run from its first line to its last: the log header, the validation data and the shapes checked
+# before anything is allocated, then run(): EVAL_ONLY=1, or a training run as the named steps that
+# train_and_score_in lists (its table of contents). main() turns a bad setting, a failed run or a
+# stop signal into one line on stderr and exit code 2.
 
 
 def log_run_header(hp: Hyperparameters, rt: Runtime, log) -> None:
@@ -5329,397 +5734,11 @@ def check_shapes_fit(hp: Hyperparameters, rt: Runtime, train_files: list[str], v
                        "lower NUM_LAYERS, MODEL_DIM or MLP_MULT, or TRAIN_BATCH_TOKENS (or raise GRAD_ACCUM_STEPS)")
 
 
-FP16_MAX = 65504.0
-
-
-def check_exportable(state_dict: dict[str, torch.Tensor]) -> None:
-    """Refuse weights no artifact can hold: non-finite values, or values past the fp16 range (the
-    artifact's floats and row scales are fp16, so they would turn into inf and the model into NaN)."""
-    for name, t in state_dict.items():
-        if not t.is_floating_point() or t.numel() == 0:
-            continue
-        bad = int((~torch.isfinite(t)).sum())
-        peak = float(t.detach().abs().max()) if not bad else math.inf
-        if bad or peak > FP16_MAX:
-            what = f"holds {bad} non-finite values" if bad else f"reaches |w| = {peak:.4g}, past the fp16 range ({FP16_MAX:.0f})"
-            raise RunError(f"refusing to export: weight {name} {what}, so training diverged; nothing was written; lower "
-                           "the learning rates (MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or set GRAD_CLIP_NORM")
-
-
-def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path, log, *, looping: bool,
-                    hessians: dict[str, torch.Tensor] | None = None) -> Path:
-    """Rank 0 writes the raw weights, the shipped code form and the quantized, packed artifact (fitted
-    under the limit), each atomically, once every rank has checked that the weights are sound."""
-    raw_path, artifact_path = out_dir / "final_model.pt", out_dir / ARTIFACT_NAME
-    check_exportable(model.state_dict())  # the same weights on every rank, so every rank refuses together
-    if rt.is_main:
-        n_code = code_bytes()
-        buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
-        write_atomic(raw_path, buf.getvalue())
-        log(f"Serialized model: {raw_path.stat().st_size} bytes")
-        log(f"Code size: {len(readable_source())} bytes (uncompressed), {n_code} bytes (compressed, shipped as "
-            f"{RUN_CODE_NAME} in the run folder)")
-        log(f"Total submission size: {raw_path.stat().st_size + n_code} bytes")
-        plan = QuantPlan.from_hparams(hp)
-        stats: dict[str, int] = {}
-        meta = dict(looping=looping, quant_method=plan.method, tag=f"int{hp.matrix_bits}_{hp.compressor}")
-
-        def pack(entries: list[ExportedTensor]) -> bytes:
-            stats.clear()
-            return pack_artifact(entries, compressor=hp.compressor, model=dataclasses.asdict(model.cfg), meta=meta,
-                                 stats=stats)
-
-        target = ARTIFACT_LIMIT_BYTES - hp.artifact_margin_bytes - n_code
-        lqer = dict(rank=hp.lqer_rank, top_k=hp.lqer_top_k, factor_bits=hp.lqer_factor_bits, a_bits=hp.lqer_a_bits,
-                    group=hp.lqer_asym_group if hp.lqer_asym_enabled else 0) if hp.lqer_enabled else None
-        blob, entries = fit_artifact(model.state_dict(), plan, target_bytes=target, compressor=hp.compressor,
-                                     pack=pack, hessians=hessians, gptq=gptq_options(hp), lqer=lqer,
-                                     auto_fit=hp.auto_fit, fill=hp.auto_fit_fill, log=log)
-        for e in entries:
-            if e.lqer is not None:
-                log(f"lqer: {e.name} rank:{hp.lqer_rank} factor_bits:{hp.lqer_factor_bits} a_bits:{e.lqer.a_bits} "
-                    f"form:{'asymmetric group ' + str(e.lqer.group) if e.lqer.group else 'symmetric'}")
-        write_atomic(artifact_path, blob)
-        label = f"int{hp.matrix_bits}+{hp.compressor}"
-        exported = {tensor_group(e.name): e.bits for e in entries if e.bits}  # after auto-fit, not as planned
-        log(f"Serialized model {label}: {len(blob)} bytes (raw_torch:{buf.tell()} method:{plan.method} "
-            f"bits:{','.join(f'{g}={exported[g]}' for g in QUANT_GROUPS if g in exported)})")
-        known_ce = stats.pop("codes_model_ce", None)
-        log("artifact_streams: " + " ".join(f"{k}:{v}" for k, v in sorted(stats.items())))
-        quantized = [e for e in entries if e.bits]
-        order0, model_ce = code_entropy_report([e.codes.numpy() for e in quantized], [e.bits for e in quantized],
-                                               known_ce)
-        log(f"artifact_entropy: codes_bytes:{stats.get('codes', 0)} order0_entropy_bytes:{order0:.0f} "
-            f"ans_model_cross_entropy_bytes:{model_ce:.0f} (side information not included) coder:{hp.compressor}")
-        for group in QUANT_GROUPS:
-            members = [e for e in quantized if tensor_group(e.name) == group]
-            if members:
-                log(f"Quantized weights: {group} tensors:{len(members)} values:{sum(e.codes.numel() for e in members)} "
-                    f"bits:{sorted({e.bits for e in members})} method:{members[0].method}")
-        log(f"Total submission size {label}: {len(blob) + n_code} bytes")
-    barrier()
-    return artifact_path
-
-
-def compliance_lines(results: dict[str, EvalResult], ttt_info: TTTResult | None, hp: Hyperparameters, *,
-                     eval_ms: float, eval_cap_ms: float | None, causal_diff: float,
-                     prequant: dict | None = None) -> list[str]:
-    """The compliance block (conditions C1-C4 of the public field guide) and every data source
-    (calibration: where quantization calibration data came from, e.g. train or synthetic)."""
-    targets = {r.num_targets for r in results.values()}
-    adapted = ttt_info is not None and ttt_info.adapted_targets > 0
-    val_prequant = prequant is not None and prequant["source"] == "validation"
-    c3 = (f"VIOLATED: pre-quantization TTT adapted the weights on {prequant['tokens'].numel()} validation tokens "
-          "before they were scored" if val_prequant else
-          f"ok: {ttt_info.adapted_targets} adaptation targets, each handed out by the ledger only after its score was "
-          "committed" if adapted else "ok: no adaptation on validation tokens")
-    prequant_ok = prequant is None or prequant.get("within_cap", True)
-    prequant_source = "none" if prequant is None else "validation (before scoring: NON-RECORD)" if val_prequant else (
-        f"train ({prequant['tokens'].numel()} tokens, inside the training budget: {int(prequant_ok)})")
-    over = eval_cap_ms is not None and eval_ms > eval_cap_ms
-    eligible = not over and len(targets) == 1 and not hp.allow_val_adaptation and prequant_ok
-    track = "non-record (ALLOW_VAL_ADAPTATION=1)" if hp.allow_val_adaptation else \
-        "B (adaptive, score-first)" if adapted else "A (fixed predictor)"
-    return [
-        "compliance:",
-        f"  track: {track}",
-        "  C1 causal: ok: every target scored from earlier tokens only (windows end at their last scored target); "
-        f"self-test: changing a later token moved earlier logits by {causal_diff:.3g}",
-        f"  C2 full normalized softmax: ok: cross-entropy over all {hp.vocab_size} logits, softmax sum checked",
-        f"  C3 score before update: {c3}",
-        f"  C4 each target scored once: {'ok' if len(targets) == 1 else 'FAILED'}: "
-        f"{', '.join(f'{k}:{r.num_targets}' for k, r in results.items())} (every pass checked per target)",
-        f"  sources: train_warmup:train eval_warmup:synthetic "
-        f"adaptation:{'validation (already scored)' if adapted else 'none'} pre_quant_ttt:{prequant_source} "
-        f"calibration:{hp.gptq_calibration_source if hp.quant_method == 'gptq' else 'none'}",
-        f"  eval_time: {eval_ms:.0f}ms budget:{'none' if eval_cap_ms is None else f'{eval_cap_ms:.0f}ms'} "
-        f"within_budget:{int(not over)}",
-        f"  record_eligible: {int(eligible)}" + (NON_RECORD_STAMP if hp.allow_val_adaptation else ""),
-    ]
-
-
-NON_RECORD_STAMP = " non_record:C3_violated"
-
-
-def prepare_prequant_ttt(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str],
-                         val_tokens: torch.Tensor, clock: PhaseClock, autocast, log) -> dict | None:
-    """Before training: pick the pre-quantization TTT data, measure its cost (as warm-up, weights put
-    back) and reserve that time from the training budget. None when PREQUANT_TTT_ENABLED=0."""
-    if not hp.prequant_ttt_enabled:
-        return None
-    tokens, source = prequant_ttt_tokens(hp, train_files, val_tokens)
-    settings = dict(seq_len=hp.train_seq_len, epochs=hp.prequant_ttt_epochs, lr=hp.prequant_ttt_lr,
-                    batch_seqs=hp.ttt_batch_seqs, grad_clip=hp.ttt_grad_clip)
-    ctx = EvalContext(rt, autocast)
-    clock.start("warmup")  # measuring is not training: the weights are put back
-    reserve_ms, steps = measure_prequant_ttt_reserve(model, tokens, dataclasses.replace(ctx, looping=hp.num_loops > 0),
-                                                     **settings)
-    clock.stop()
-    if source == "train":  # reads training data: must end inside the training cap
-        clock.reserve_ms += reserve_ms
-    log(f"prequant_ttt:reserving {reserve_ms:.0f}ms for {steps} steps source:{source} tokens:{tokens.numel()} "
-        f"(measured before training){NON_RECORD_STAMP if source == 'validation' else ''}")
-    return dict(tokens=tokens, source=source, settings=settings, ctx=ctx, reserve_ms=reserve_ms, steps=steps)
-
-
-def run_prequant_ttt(prequant: dict, model: GPT, clock: PhaseClock, *, looping: bool, log) -> None:
-    """After training, before export: adapt the full-precision weights; logs when data access ended."""
-    clock.start("prequant_ttt")
-    steps = prequant_ttt(model, prequant["tokens"], dataclasses.replace(prequant["ctx"], looping=looping),
-                         **prequant["settings"])
-    clock.stop()
-    used = clock.elapsed_ms("prequant_ttt")
-    end = clock.elapsed_ms("train") + used
-    within = prequant["source"] != "train" or clock.cap_ms is None or end <= clock.cap_ms
-    prequant.update(steps_done=steps, time_ms=used, data_access_end_ms=end, within_cap=within)
-    log(f"prequant_ttt: steps:{steps} source:{prequant['source']} time:{used:.0f}ms reserved:"
-        f"{prequant['reserve_ms']:.0f}ms train_data_access_end:{end:.0f}ms cap:"
-        f"{'none' if clock.cap_ms is None else f'{clock.cap_ms:.0f}ms'} within_cap:{int(within)}")
-
-
-def ttt_rows(hp: Hyperparameters, val_tokens: torch.Tensor, world_size: int) -> int:
-    """Documents a rank holds at a time: TTT_BATCH_SIZE, or fewer when the whole validation set fits in
-    one round (the same single round either way, with fewer padded rows)."""
-    return min(hp.ttt_batch_size, -(-len(document_spans(val_tokens)) // world_size))
-
-
-def ttt_settings(hp: Hyperparameters, score_batch_seqs: int, docs_per_rank: int | None = None) -> TTTSettings:
-    knobs = {name: getattr(hp, knob) for name, knob in TTT_KNOBS.items()}
-    return TTTSettings(**dict(knobs, score_batch_seqs=score_batch_seqs,
-                              docs_per_batch=docs_per_rank or hp.ttt_batch_size))
-
-
-def run_ttt(model: GPT, ledger: ScoreLedger, settings: TTTSettings, ctx: EvalContext, *, logits_fn=None,
-            lora_forward=None) -> TTTResult:
-    """The TTT pass of TTT_MODE over the ledger's whole stream. `logits_fn` (chunked scoring) and
-    `lora_forward` (the per-document step, `lora_logits`) may be compiled forms."""
-    if settings.mode == "chunked":
-        return ttt_chunked(model, ledger, settings, ctx, logits_fn)
-    return ttt_documents(model, ledger, settings, ctx, lora_forward)
-
-
-def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, val_tokens: torch.Tensor, looping: bool,
-                    world_size: int) -> list[str]:
-    """Forward/backward FLOPs of every evaluation pass about to run, and the time they need at peak
-    and at 40% MFU on this run's devices and on 8xH100, against the evaluation budget."""
-    seq_len, num_targets = hp.effective_eval_seq_len, val_tokens.numel() - 1
-    fwd = estimate_flops_per_token(cfg, seq_len, looping)
-
-    def window_tokens(stride: int) -> int:
-        return sum(min(b, seq_len) for _, b in plan_windows(num_targets, seq_len, stride))
-
-    def flat(name: str, fwd_tokens: int, train_tokens: int = 0) -> tuple:  # a training token: fwd + bwd (~2 fwd)
-        return name, fwd_tokens, train_tokens, fwd * fwd_tokens + 3 * fwd * train_tokens
-
-    passes = [flat("roundtrip", window_tokens(seq_len))]
-    if 0 < hp.eval_stride < seq_len:
-        passes.append(flat("sliding", window_tokens(hp.eval_stride)))
-    if hp.ttt_enabled and hp.ttt_mode == "chunked":
-        trained = min(num_targets, (-(-num_targets // hp.ttt_chunk_tokens) - 1) * hp.ttt_chunk_tokens)
-        passes.append(flat("ttt_chunked", window_tokens(hp.eval_stride or seq_len), trained * hp.ttt_epochs))
-    elif hp.ttt_enabled:  # each chunk step reads TTT_BATCH_SIZE padded rows; a step where a row trains backpropagates
-        queue, rows = document_queue(val_tokens), ttt_rows(hp, val_tokens, world_size)
-        chunk = min(hp.ttt_chunk_size, seq_len)
-        # one rank's share of each round (the head counted at every position)
-        steps = [step for j in range(0, len(queue), rows) for step in round_steps(queue[j : j + rows], chunk, seq_len)]
-        fwd_tokens = sum(rows * width for width, _ in steps)
-        backprop_tokens = sum(rows * width for width, trains in steps if trains)
-        lora = lora_flops_per_token(cfg, hp.ttt_lora_rank, looping, k=hp.ttt_k_lora, o=hp.ttt_o_lora,
-                                    mlp=hp.ttt_mlp_lora)
-        boundaries = phase_boundaries(min(hp.phased_ttt_prefix_docs, len(queue)), hp.phased_ttt_num_phases)
-        global_tokens = hp.global_ttt_epochs * sum(sum(b - a for a, b in queue[:n]) for n in boundaries) \
-            if hp.ttt_mode == "phased" else 0
-        # the frozen base's backward only carries activation gradients (~1 forward); the adapters get both
-        passes.append((f"ttt_{hp.ttt_mode}", fwd_tokens, backprop_tokens + global_tokens,
-                       (fwd + lora) * fwd_tokens + (fwd + 2 * lora) * backprop_tokens + 3 * fwd * global_tokens))
-    total = sum(flops for *_, flops in passes)
-
-    def seconds(devices: int, mfu: float) -> float:
-        return total / (devices * hp.peak_tflops * 1e12 * mfu)
-
-    budget = f"{hp.max_eval_seconds:.0f}s" if hp.max_eval_seconds > 0 else "none"
-    lines = [f"eval_plan: {name} forward_tokens:{f} train_tokens:{t} flops:{flops:.3e}" for name, f, t, flops in passes]
-    return lines + [f"eval_plan_total: flops:{total:.3e} this_run({world_size} devices) "
-                    f"at_peak:{seconds(world_size, 1):.3g}s at_40%_mfu:{seconds(world_size, 0.4):.3g}s | 8xH100 "
-                    f"at_peak:{seconds(8, 1):.3g}s at_40%_mfu:{seconds(8, 0.4):.3g}s | budget:{budget}"]
-
-
-def synthetic_tokens(n: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
-    """A seeded random stream (BOS every 97 tokens): data for warm-ups that is neither validation nor training."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(2, vocab_size, (n,), generator=g)
-    tokens[::97] = BOS_ID
-    return tokens
-
-
-def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, ctx: EvalContext, *, seq_len: int, batch_seqs: int,
-                       ttt: TTTSettings | None = None, lora_forward=None) -> dict:
-    """Compile (and warm) the evaluation graphs on synthetic tokens, run the causality self-test, and
-    run the TTT path once on a synthetic stream (for lora/phased after a plain and an adapting step at
-    every window width, so every graph of the pass is compiled here); every weight is put back."""
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    documents = ttt is not None and ttt.mode != "chunked"
-    if documents:
-        adapter_hooks(model)  # registered before the first compile: the plain graphs never change after
-    x = synthetic_tokens(batch_seqs * seq_len + 1, model.cfg.vocab_size)[: batch_seqs * seq_len]
-    x = x.view(batch_seqs, seq_len).to(ctx.rt.device)
-    flipped = x.clone()
-    flipped[:, -1] = torch.where(flipped[:, -1] == 2, 3, 2)
-    with torch.no_grad(), ctx.autocast():
-        a, b = logits_fn(x, ctx.looping).float(), logits_fn(flipped, ctx.looping).float()
-    causal_diff = float((a[:, :-1] - b[:, :-1]).abs().max()) if seq_len > 1 else 0.0
-    if causal_diff > 1e-3:
-        raise RunError(f"causality self-test failed: changing the last token changed earlier logits by "
-                       f"{causal_diff:.3g} (C1); no score is reported")
-    if ttt is not None:
-        quiet = EvalContext(ctx.rt, ctx.autocast, ctx.looping)  # no budget, no log
-        if documents:
-            lora = DocLoRA(model, ttt.docs_per_batch, ttt, ctx.rt.device, ctx.looping)
-            with frozen(model.parameters()):  # as inside a round
-                measure_document_steps(model, lora, ttt, window_widths(min(ttt.doc_chunk, seq_len), seq_len), quiet,
-                                       forward=lora_forward or lora_logits)
-        stream = synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1)
-        synthetic = ScoreLedger(stream, dataclasses.replace(luts, val_bytes=None), ctx.rt.device)  # no sidecar: not val
-        small = dataclasses.replace(ttt, chunk_tokens=seq_len, epochs=1, prefix_docs=1, num_phases=1, global_epochs=1)
-        run_ttt(model, synthetic, small, quiet, logits_fn=logits_fn, lora_forward=lora_forward)
-    model.load_state_dict(saved)
-    model.eval()
-    return dict(causal_diff=causal_diff, tokens=int(x.numel()) + (2 * seq_len + 1 if ttt is not None else 0))
-
-
-def final_score_log_key(stage: str, tag: str) -> str:
-    """The log line that reports a stage's exact score (the last stage run is the submitted score);
-    `tag` names the artifact's format, e.g. int6_brotli."""
-    return {"roundtrip": f"final_{tag}_roundtrip_exact", "sliding": "final_sliding_window_exact",
-            "ttt": "legal_ttt_exact"}[stage]
-
-
-TTT_SCORE_LABELS = {"chunked": "quantized_ttt", "lora": "quantized_ttt_lora", "phased": "quantized_ttt_phased"}
-
-
-def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor, luts: ByteLuts, clock: PhaseClock,
-                      ctx: EvalContext, *, use_compile: bool, batch_seqs: int, tag: str, prequant: dict | None = None,
-                      compliance_out: list[str] | None = None) -> dict[str, EvalResult]:
-    """Every score of the reloaded artifact (`tag`: its format, e.g. int6_brotli), in order: the flat
-    roundtrip, the sliding window if EVAL_STRIDE is set, test-time training if TTT_ENABLED. The clock's
-    `eval` phase runs from the artifact read (started by the caller) to the final score and is logged
-    per phase. A plain pass that would end past MAX_EVAL_SECONDS is cut (never reported partially);
-    TTT stops adapting instead, early enough to score the rest plainly. The compliance block's lines
-    are also appended to `compliance_out` (the run manifest keeps them)."""
-    rt, log, seq_len = ctx.rt, ctx.log, hp.effective_eval_seq_len
-    stamp = NON_RECORD_STAMP if hp.allow_val_adaptation else ""
-    model.eval()
-    logits_fn = maybe_compile(model.forward_logits, use_compile, "eval_forward_logits")
-    lora_forward = maybe_compile(lora_logits, use_compile, "ttt_lora_step")
-    phases = {"load": clock.elapsed_ms("eval")}
-
-    def phase_done(name: str) -> float:
-        phases[name] = clock.elapsed_ms("eval") - sum(phases.values())
-        return phases[name]
-
-    for line in eval_flops_plan(hp, model.cfg, val_tokens, ctx.looping, rt.world_size):
-        log(line)
-    settings = ttt_settings(hp, batch_seqs, ttt_rows(hp, val_tokens, rt.world_size)) if hp.ttt_enabled else None
-    warm = warm_up_evaluation(model, logits_fn, luts, ctx, seq_len=seq_len, batch_seqs=batch_seqs, ttt=settings,
-                              lora_forward=lora_forward)
-    log(f"eval_warmup: source:synthetic tokens:{warm['tokens']} causal_self_test:ok max_earlier_logit_change:"
-        f"{warm['causal_diff']:.3g} ttt_path:{int(settings is not None)} weights_restored:1 "
-        f"time:{phase_done('warmup'):.0f}ms")
-    # agreed across ranks, so every rank stops at the same batch
-    ctx = dataclasses.replace(ctx, stop=lambda: clock.eval_cap_ms is not None and agree_max(
-        [float(clock.elapsed_ms("eval") > clock.eval_cap_ms)], rt)[0] > 0)
-    results: dict[str, EvalResult] = {}
-
-    def report(stage: str, name: str, detail: str = "") -> None:
-        r, ms = results[stage], phase_done(stage)
-        if stage == "roundtrip":
-            log(f"final_{tag}_roundtrip val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{ms:.0f}ms{stamp}")
-        log(f"{name} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{ms:.0f}ms{detail}{stamp}")
-        log(f"{final_score_log_key(stage, tag)} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
-
-    sliding = ("sliding", hp.eval_stride, "quantized_sliding_window", f" stride:{hp.eval_stride} seq_len:{seq_len}")
-    for stage, stride, name, detail in [("roundtrip", 0, "quantized", "")] + [sliding] * (0 < hp.eval_stride < seq_len):
-        results[stage] = evaluate(lambda x: logits_fn(x, ctx.looping), val_tokens, luts, ctx, seq_len=seq_len,
-                                  batch_seqs=batch_seqs, stride=stride)
-        report(stage, name, detail)
-    ttt_info = None
-    if settings is not None:
-        ledger = ScoreLedger(val_tokens, luts, rt.device, group=rt.control_group)
-        budget = AdaptationBudget(lambda: clock.elapsed_ms("eval"), clock.eval_cap_ms, rt)
-        ttt_info = run_ttt(model, ledger, settings, dataclasses.replace(ctx, budget=budget), logits_fn=logits_fn,
-                           lora_forward=lora_forward)
-        check_scored_once(ledger)
-        results["ttt"] = ledger.result()
-        adapted = torch.tensor([ledger.adapted_targets], dtype=torch.float64, device=rt.device)
-        ttt_info = dataclasses.replace(ttt_info, adapted_targets=int(all_reduce_sum(adapted).item()))
-        log(f"ttt:done mode:{hp.ttt_mode} chunks_or_rounds:{ttt_info.chunks} adapted:{ttt_info.trained_chunks} "
-            f"steps:{ttt_info.steps} score:{ttt_info.score_ms:.0f}ms adapt:{ttt_info.adapt_ms:.0f}ms "
-            f"adaptation_stopped:{ttt_info.stopped_at or 'never'}")
-        report("ttt", TTT_SCORE_LABELS[hp.ttt_mode])
-    eval_ms = clock.elapsed_ms("eval")
-    log("eval_phases: " + " ".join(f"{k}:{v:.0f}ms" for k, v in phases.items()) + f" total:{eval_ms:.0f}ms "
-        f"budget:{'none' if clock.eval_cap_ms is None else f'{clock.eval_cap_ms:.0f}ms'}")
-    for line in compliance_lines(results, ttt_info, hp, eval_ms=eval_ms, eval_cap_ms=clock.eval_cap_ms,
-                                 causal_diff=warm["causal_diff"], prequant=prequant):
-        log(line)
-        if compliance_out is not None:
-            compliance_out.append(line)
-    final = next(reversed(results))
-    log(f"final_score stage:{final} val_loss:{results[final].val_loss:.8f} val_bpb:{results[final].val_bpb:.8f} "
-        f"total_eval_time:{eval_ms / 1000:.1f}s{stamp}")
-    return results
-
-
 def train_data_access_ms(clock: PhaseClock, *, prequant_on_train: bool, calibrate_on_train: bool) -> float:
     """When training-data access ends, as the rules count it: training, then pre-quantization TTT on
     training tokens and GPTQ calibration on training batches, taken as one span against the cap."""
     return (clock.elapsed_ms("train") + (clock.elapsed_ms("prequant_ttt") if prequant_on_train else 0.0)
             + (clock.elapsed_ms("calibration") if calibrate_on_train else 0.0))
-
-
-def gptq_options(hp: Hyperparameters) -> dict:
-    return dict(damping=hp.gptq_damping, block_size=hp.gptq_block_size, act_order=hp.gptq_act_order,
-                tied_damping=hp.gptq_tied_embed_damping)
-
-
-def load_artifact_model(path: Path, device: torch.device, expect: ModelConfig | None = None,
-                        attn_backend: str = "sdpa") -> tuple[GPT, dict]:
-    """A fresh model built from the artifact file alone, and the artifact's header."""
-    if not path.is_file():
-        raise RunError(f"model artifact {path} does not exist; train first or set ARTIFACT_PATH")
-    expected = None if expect is None else dataclasses.asdict(expect)
-    entries, header = unpack_artifact(path.read_bytes(), expect_model=expected)
-    if {f.name for f in fields(ModelConfig)} - {"attn_backend"} - set(header["model"]):
-        raise RunError(f"model artifact {path} does not record the model configuration it was made for; "
-                       "re-export it with this train_gpt.py")
-    cfg = ModelConfig(**dict(header["model"], attn_backend=attn_backend))
-    model = GPT(cfg).to(device)
-    model.load_state_dict(dequantize_state_dict(entries), strict=True)
-    return model, header
-
-
-def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: torch.Tensor, luts: ByteLuts,
-                   clock: PhaseClock, log, *, expect: ModelConfig | None = None, use_compile: bool = False,
-                   prequant: dict | None = None, compliance_out: list[str] | None = None) -> dict:
-    """Load the artifact file alone into a fresh model and run every evaluation stage on it under the
-    evaluation budget, which runs from reading the file to the final score. The end of a training run
-    and EVAL_ONLY=1 both come here, so they report the same numbers."""
-    clock.start("eval")
-    n_code, model_bytes = code_bytes(), path.stat().st_size if path.is_file() else 0
-    fresh, header = load_artifact_model(path, rt.device, expect=expect, attn_backend=hp.attn_backend)
-    batch_seqs = max(1, hp.val_batch_size // (rt.world_size * hp.grad_accum_for(rt.world_size)
-                                              * hp.effective_eval_seq_len))
-    tag = header["meta"].get("tag", "quantized")
-    ctx = EvalContext(rt, lambda: autocast_context(hp, rt.device), bool(header["meta"].get("looping", False)), log=log)
-    results = evaluate_artifact(hp, fresh, val_tokens, luts, clock, ctx, use_compile=use_compile,
-                                batch_seqs=batch_seqs, tag=tag, prequant=prequant, compliance_out=compliance_out)
-    clock.stop()
-    total = model_bytes + n_code
-    log(f"artifact code_bytes:{n_code} model_bytes:{model_bytes} total_bytes:{total} "
-        f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(total <= ARTIFACT_LIMIT_BYTES)}")
-    return dict(results=results, roundtrip=results["roundtrip"], code_bytes=n_code, model_bytes=model_bytes,
-                total_bytes=total, header=header, tag=tag)
 
 
 def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -> dict:

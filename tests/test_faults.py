@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, TINY_ENV, subprocess_env
+from conftest import ROOT, subprocess_env
 from data.shards import write_shard
 from records import records as rec
 from test_train import CPU, run_tiny

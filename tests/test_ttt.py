@@ -1,7 +1,6 @@
 """Score-first test-time training: legal by construction (ledger, flip test), rank-independent,
 and it helps on text unlike the training text."""
 
-import os
 import re
 import socket
 
