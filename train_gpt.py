@@ -5298,9 +5298,27 @@ def load_artifact_model(path: Path, device: torch.device, expect: ModelConfig | 
     return model, header
 
 
+@dataclass
+class ArtifactScore:
+    """What score_artifact measured: each stage's result in run order (the last is the submitted
+    score), the byte counts, and the artifact's tag (the log keys are named after it)."""
+    results: dict[str, EvalResult]
+    code_bytes: int
+    model_bytes: int
+    tag: str
+
+    @property
+    def total_bytes(self) -> int:
+        return self.code_bytes + self.model_bytes
+
+    @property
+    def final_stage(self) -> str:
+        return next(reversed(self.results))
+
+
 def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: torch.Tensor, luts: ByteLuts,
                    clock: PhaseClock, log, *, expect: ModelConfig | None = None, use_compile: bool = False,
-                   prequant: dict | None = None, compliance_out: list[str] | None = None) -> dict:
+                   prequant: dict | None = None, compliance_out: list[str] | None = None) -> ArtifactScore:
     """Load the artifact file alone into a fresh model and run every evaluation stage on it under the
     evaluation budget, which runs from reading the file to the final score. The end of a training run
     and EVAL_ONLY=1 both come here, so they report the same numbers."""
@@ -5317,8 +5335,7 @@ def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: tor
     total = model_bytes + n_code
     log(f"artifact code_bytes:{n_code} model_bytes:{model_bytes} total_bytes:{total} "
         f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(total <= ARTIFACT_LIMIT_BYTES)}")
-    return dict(results=results, roundtrip=results["roundtrip"], code_bytes=n_code, model_bytes=model_bytes,
-                total_bytes=total, header=header, tag=tag)
+    return ArtifactScore(results, n_code, model_bytes, tag)
 
 
 # ==================================================================================================
@@ -5779,14 +5796,13 @@ def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -
         if use_compile:
             log(_active_compile.line())
         log(clock.summary())
-        results, fits = scored["results"], scored["total_bytes"] <= ARTIFACT_LIMIT_BYTES
-        final_stage = next(reversed(results))
+        results, fits, final_stage = scored.results, scored.total_bytes <= ARTIFACT_LIMIT_BYTES, scored.final_stage
         manifest.finish(
             "complete", scores={name: eval_record(r) for name, r in results.items()},
-            final_score={"stage": final_stage, "log_key": final_score_log_key(final_stage, scored["tag"]),
+            final_score={"stage": final_stage, "log_key": final_score_log_key(final_stage, scored.tag),
                          **eval_record(results[final_stage])},
-            artifact={"code_bytes": scored["code_bytes"], "model_bytes": scored["model_bytes"],
-                      "total_bytes": scored["total_bytes"], "limit": ARTIFACT_LIMIT_BYTES, "fits": fits,
+            artifact={"code_bytes": scored.code_bytes, "model_bytes": scored.model_bytes,
+                      "total_bytes": scored.total_bytes, "limit": ARTIFACT_LIMIT_BYTES, "fits": fits,
                       "path": str(path.resolve()), "sha256": file_sha256(path)},
             phases_ms=dict(clock.totals), compile=compile_summary(),
             compliance={"eval_time_ms": clock.elapsed_ms("eval"), "eval_cap_ms": clock.eval_cap_ms,
@@ -5799,8 +5815,10 @@ def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -
         raise
     finally:
         release_run_dir(out_dir)
-    return dict(scored, run_id=hp.run_id, run_dir=str(out_dir), phases=dict(clock.totals), log_path=str(log.path),
-                cap_ms=None, train_data_access_end_ms=0.0, compile=compile_summary())
+    return dict(results=scored.results, roundtrip=scored.results["roundtrip"], code_bytes=scored.code_bytes,
+                model_bytes=scored.model_bytes, total_bytes=scored.total_bytes, tag=scored.tag, run_id=hp.run_id,
+                run_dir=str(out_dir), phases=dict(clock.totals), log_path=str(log.path), cap_ms=None,
+                train_data_access_end_ms=0.0, compile=compile_summary())
 
 
 def compile_record_for(hp: Hyperparameters, rt: Runtime) -> CompileRecord | None:
@@ -6107,16 +6125,15 @@ def score_before_quantization(run: TrainingRun, state: TrainState, choice: str) 
 
 
 def finish_run(run: TrainingRun, state: TrainState, choice: str, pre_quant: EvalResult, access: DataAccess,
-               artifact_path: Path, scored: dict, compliance_block: list[str], prequant: dict | None) -> dict:
+               artifact_path: Path, scored: ArtifactScore, compliance_block: list[str], prequant: dict | None) -> dict:
     """Write the shipped code beside the artifact, finish the manifest, and return the run's numbers."""
     hp, rt, clock = run.hp, run.rt, run.clock
-    results = scored["results"]
-    n_code, artifact_bytes, total_bytes = scored["code_bytes"], scored["model_bytes"], scored["total_bytes"]
+    results, final_stage = scored.results, scored.final_stage
+    n_code, artifact_bytes, total_bytes = scored.code_bytes, scored.model_bytes, scored.total_bytes
     run.log(clock.summary())
     compile_summary = _active_compile.summary() if run.use_compile else {"enabled": False}
     if run.use_compile:
         run.log(_active_compile.line())
-    final_stage = next(reversed(results))
     final = results[final_stage]
     shipped = _shipped_code_of_this_file()
     if rt.is_main:  # the code exactly as counted in the artifact (its shipped form), beside it
@@ -6127,8 +6144,8 @@ def finish_run(run: TrainingRun, state: TrainState, choice: str, pre_quant: Eval
         "complete",
         scores={"pre_quant": eval_record(pre_quant), **{name: eval_record(r) for name, r in results.items()}},
         # The submitted score and the log line that reports it (records/records.py checks they agree).
-        final_score={"stage": final_stage, "log_key": final_score_log_key(final_stage, scored["header"]["meta"].get(
-            "tag", "quantized")), **eval_record(final)},
+        final_score={"stage": final_stage, "log_key": final_score_log_key(final_stage, scored.tag),
+                     **eval_record(final)},
         artifact={"code_bytes": n_code, "model_bytes": artifact_bytes, "total_bytes": total_bytes,
                   "limit": ARTIFACT_LIMIT_BYTES, "fits": fits, "file": artifact_path.name,
                   "sha256": file_sha256(artifact_path), "code_file": RUN_CODE_NAME,
@@ -6148,7 +6165,7 @@ def finish_run(run: TrainingRun, state: TrainState, choice: str, pre_quant: Eval
     )
     return dict(run_id=hp.run_id, run_dir=str(run.out_dir), steps=state.step, stopped_early=state.stopped_early,
                 epochs_consumed=state.epochs_consumed, train_losses=state.train_losses, pre_quant=pre_quant,
-                roundtrip=scored["roundtrip"], evals=results, final=final, export_choice=choice, code_bytes=n_code,
+                roundtrip=results["roundtrip"], evals=results, final=final, export_choice=choice, code_bytes=n_code,
                 model_bytes=artifact_bytes, total_bytes=total_bytes, phases=dict(clock.totals),
                 training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms, log_path=str(run.log.path),
                 non_record=bool(reasons), prequant_ttt=prequant, train_data_access_end_ms=access.end_ms,
