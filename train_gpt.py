@@ -218,6 +218,8 @@ class Hyperparameters:
     min_lr: float = knob(0.0, "floor of the LR multiplier", min=0, max=1)
     # weight averaging and QAT
     ema_decay: float = knob(0.0, "EMA of the weights, updated every step; 0 = off", min=0, lt=1)
+    ema_warmup: bool = knob(True, "EMA decay ramps as (1+t)/(10+t) up to EMA_DECAY; 0 = the public scripts' "
+                            "constant decay from the initial weights")
     swa_start_frac: float = knob(1.0, "SWA from this training fraction on; 1 = off", min=0, max=1)
     swa_every: int = knob(50, "steps between SWA snapshots", gt=0)
     export_weights: str = knob("auto", "weights to export: auto (ema_swa > ema > swa > raw as enabled)",
@@ -2387,9 +2389,11 @@ def compile_settings(qat: bool, record: CompileRecord | None = None):
 
 
 class WeightAverager:
-    def __init__(self, model: nn.Module, *, ema_decay: float, swa_start_frac: float, swa_every: int):
+    def __init__(self, model: nn.Module, *, ema_decay: float, swa_start_frac: float, swa_every: int,
+                 ema_warmup: bool = True):
         self.params = list(model.parameters())
         self.ema_decay, self.swa_start_frac, self.swa_every = ema_decay, swa_start_frac, swa_every
+        self.ema_warmup = ema_warmup
         self.ema = [p.detach().float().clone() for p in self.params] if ema_decay > 0 else None
         self.swa_enabled = swa_start_frac < 1.0
         self.swa_sum: list[torch.Tensor] | None = None
@@ -2398,7 +2402,7 @@ class WeightAverager:
     @torch.no_grad()
     def update(self, step: int, fraction: float) -> None:
         if self.ema is not None:
-            decay = min(self.ema_decay, (1 + step) / (10 + step))
+            decay = min(self.ema_decay, (1 + step) / (10 + step)) if self.ema_warmup else self.ema_decay
             torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1.0 - decay)
         if self.swa_enabled and fraction >= self.swa_start_frac and step % self.swa_every == 0:
             source = self.ema if self.ema is not None else [p.detach().float() for p in self.params]
@@ -5924,7 +5928,7 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
     warm_up(run)
     reserve = reserve_data_access(run)
     averager = WeightAverager(run.base_model, ema_decay=hp.ema_decay, swa_start_frac=hp.swa_start_frac,
-                              swa_every=hp.swa_every)
+                              swa_every=hp.swa_every, ema_warmup=hp.ema_warmup)
     state = train(run.hp, rt, run.model, run.base_model, run.optimizers, run.make_loader, run.evaluate_model,
                   run.grad_accum, run.autocast, log, run.clock, averager, run.qat_layers)
     choice = choose_weights(run, averager, reserve.prequant, state.looping)

@@ -165,6 +165,26 @@ def test_ema_and_swa_arithmetic():
     assert tg.WeightAverager(model, ema_decay=0, swa_start_frac=1, swa_every=1).choose("auto") == "raw"
 
 
+def test_ema_without_warmup_keeps_the_initial_weights_share():
+    """EMA_WARMUP=0 is the public scripts' EMA: constant decay from the initial weights, so after n steps
+    the initial weights still hold decay**n of the average (0.9965**350 = 0.29 in a 350-step run)."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)  # the initial weights
+    constant = tg.WeightAverager(model, ema_decay=0.9, swa_start_frac=1, swa_every=1, ema_warmup=False)
+    ramped = tg.WeightAverager(model, ema_decay=0.9, swa_start_frac=1, swa_every=1)
+    with torch.no_grad():
+        model.weight.fill_(0.0)  # every trained step's weights
+    for step in range(5):
+        constant.update(step, fraction=step / 5)
+        ramped.update(step, fraction=step / 5)
+    assert float(constant.ema[0]) == pytest.approx(0.9 ** 5)
+    share = 1.0
+    for step in range(5):
+        share *= min(0.9, (1 + step) / (10 + step))
+    assert float(ramped.ema[0]) == pytest.approx(share) and share < 0.9 ** 5 / 50
+
+
 @pytest.mark.slow
 def test_exported_weights_are_the_logged_choice(tiny_env, tmp_path):
     out = run_tiny(tiny_env, ITERATIONS="6", EMA_DECAY="0.5", SWA_START_FRAC="0.5", SWA_EVERY="1")

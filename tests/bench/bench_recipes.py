@@ -5,7 +5,10 @@ steps and tokens per step, and prints val_bpb before and after the export roundt
 Not collected by pytest (a benchmark, not a test). Run from the repo root:
 
     python tests/bench/bench_recipes.py [--suite recipes|optimizer|loader|details|all] [--steps 150]
-                                        [--data sample|docshuffled|both] [--batch-tokens 16384]
+                                        [--data sample|docshuffled|both] [--batch-tokens 16384] [--jobs 1]
+
+`--jobs N` trains N configurations at once (set OMP_NUM_THREADS so that N of them share the cores);
+rows print in table order either way.
 
 Suite `recipes`: RECIPE=baseline vs RECIPE=record, sized to about the same unique parameter count
 (printed). The record stack's looping switches on at 35% of the steps (no wallclock cap).
@@ -30,6 +33,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,6 +116,7 @@ def main() -> None:
     parser.add_argument("--data", choices=["sample", "docshuffled", "both"], default="sample")
     parser.add_argument("--batch-tokens", type=int, default=int(COMMON["TRAIN_BATCH_TOKENS"]),
                         help="tokens per step (a multiple of the sequence length 256)")
+    parser.add_argument("--jobs", type=int, default=1, help="configurations trained at once")
     args = parser.parse_args()
     COMMON["TRAIN_BATCH_TOKENS"] = str(args.batch_tokens)
     from data.prepare_sample import prepare_sample
@@ -129,9 +134,12 @@ def main() -> None:
             datasets["docshuffled"] = docshuffled_copy(sample, Path(tmp) / "docshuffled")
         if args.data == "docshuffled":
             del datasets["sample"]
-        for data_name, data in datasets.items():
-            for name, env in configs.items():
-                r = run_config(f"{data_name}-{name}".replace(", ", "-"), env, args.steps, data, Path(tmp))
+        rows = [(data_name, data, name, env) for data_name, data in datasets.items() for name, env in configs.items()]
+        with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:  # threads only wait on subprocesses
+            futures = [pool.submit(run_config, f"{d}-{n}".replace(", ", "-"), env, args.steps, data, Path(tmp))
+                       for d, data, n, env in rows]
+            for (data_name, _, name, _), future in zip(rows, futures):
+                r = future.result()
                 print(f"| {data_name} | {name} | {int(r['params']):,} | {r['pre_bpb']:.4f} | {r['bpb']:.4f} "
                       f"| {int(r['bytes']):,} | {r['tok_per_s']:,.0f} |", flush=True)
 
