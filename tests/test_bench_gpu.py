@@ -23,7 +23,9 @@ def test_gpu_probe_dry_run_runs_every_phase_and_writes_its_report(sample_dataset
     assert list(phases) == ["env", "tests", "train", "export", "eval"]
     assert all(p["status"].startswith("ok") for p in phases.values()), {k: p["status"] for k, p in phases.items()}
     assert phases["env"]["torch"] == torch.__version__ and phases["env"]["cuda_available"] is False
-    cuda_tests = (ROOT / "tests" / "test_cuda.py").read_text().count("\ndef test_")
+    cuda_tests = (ROOT / "tests" / "test_cuda.py").read_text().count("\ndef test_") + sum(
+        f.read_text().count("@pytest.mark.cuda\n") for f in (ROOT / "tests").glob("test_*.py") if f.name != "test_cuda.py")
+    assert cuda_tests > (ROOT / "tests" / "test_cuda.py").read_text().count("\ndef test_")  # the FlexAttention one
     assert phases["tests"]["skipped"] == cuda_tests and phases["tests"]["failure"] == 0  # no CUDA here
     assert phases["train"]["steps"] == 3 and phases["train"]["ms_per_step_median"] > 0
     assert phases["train"]["model_params"] > 0 and phases["train"]["roundtrip_val_bpb"] > 0

@@ -3,8 +3,9 @@ first 8xH100 hour, in at most 8 minutes (each phase has its own time limit; ever
 a later one fails):
 
   1. env     torch, CUDA and driver versions, GPU name and memory, FlashAttention 3 present or not
-  2. tests   `pytest -m cuda tests/test_cuda.py`: the CUDA-only tests (bf16 vs fp32 step, compiled vs
-             eager, fused AdamW, NCCL + the gloo control group, GPTQ codes CUDA = CPU, pack roundtrip)
+  2. tests   `pytest -m cuda tests`: the CUDA-only tests (bf16 vs fp32 step, compiled vs eager, fused
+             AdamW, NCCL + the gloo control group, GPTQ codes CUDA = CPU, pack roundtrip, the compiled
+             FlexAttention document mask against the dense one)
   3. train   `torchrun --nproc_per_node=1 train_gpt.py`, RECIPE=record at full size and the record's
              per-GPU load (786,432 / 8 tokens per step, seq 2048) for --train-seconds: compile seconds,
              ms/step, tokens/s, MFU, peak memory (anchor: the 2026-04-09 record ran 0.76-0.81M tok/s per H100)
@@ -277,7 +278,7 @@ def main(argv=None) -> int:
 
     xml = out / "cuda_tests.xml"
     child("tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                    str(ROOT / "tests" / "test_cuda.py"), f"--junitxml={xml}"])
+                    str(ROOT / "tests"), f"--junitxml={xml}"])
     if xml.is_file():
         outcome = {c.get("name"): next((x.tag for x in c if x.tag in ("failure", "error", "skipped")), "passed")
                    for c in ET.parse(xml).getroot().iter("testcase")}
