@@ -2384,6 +2384,7 @@ def compile_settings(qat: bool, record: CompileRecord | None = None):
 # EMA: an fp32 copy updated every step, ema = d * ema + (1 - d) * w, with the usual warm-up
 # d_t = min(EMA_DECAY, (1 + t) / (10 + t)): without it a short run would export mostly its initial
 # weights (0.9965^150 = 0.59); from step ~2,560 on d_t = 0.9965, so full-length runs are unchanged.
+# EMA_WARMUP=0 is the public scripts' constant decay from the initial weights (for comparisons).
 # SWA: the uniform mean of snapshots taken every SWA_EVERY steps once the training fraction passes
 # SWA_START_FRAC (of the EMA weights when both are on: "ema_swa"). Which weights are exported is logged.
 
