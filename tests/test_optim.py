@@ -61,6 +61,7 @@ def _muon_rank(rank: int, init_file: str, out_file: str) -> None:
         results = [run_muon(**kw) for kw in SHARDED_KWS]
         if rank == 0:
             torch.save(results, out_file)
+        dist.barrier()  # no rank tears down its gloo connections while the other still uses them (SIGABRT)
     finally:
         dist.destroy_process_group()
 

@@ -228,6 +228,7 @@ def gloo_worker(rank, world_size, port, dataset, out_path):
             out[mode] = dict(res=ledger.result(), state=model.state_dict(), info=info)
         if rank == 0:
             torch.save(out, out_path)
+        dist.barrier()  # no rank tears down its gloo connections while the other still uses them (SIGABRT)
     finally:
         dist.destroy_process_group()
 
