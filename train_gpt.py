@@ -130,8 +130,9 @@ class Hyperparameters:
                                  choices=("auto", "error", "eager"))
     compile_backend: str = knob("inductor", "torch.compile backend (a name torch._dynamo.list_backends() knows, "
                                 "e.g. inductor, aot_eager)")
-    attn_backend: str = knob("auto", "attention kernel: auto = FlashAttention 3 on CUDA if installed and it passes a "
-                             "start-up check against SDPA, else SDPA", choices=("auto", "sdpa", "fa3"))
+    attn_backend: str = knob("auto", "attention kernel: auto = FlashAttention 3 on CUDA (its varlen kernel under "
+                             "DOC_MASKED_ATTENTION) if installed and it passes a start-up check against SDPA, else SDPA",
+                             choices=("auto", "sdpa", "fa3"))
     # validation and logging
     val_batch_size: int = knob(524_288, "validation tokens per batch, over all ranks", gt=0)
     val_loss_every: int = knob(1000, "validate every N steps; 0 = only at the end", min=0)
@@ -1462,17 +1463,42 @@ class Rotary(nn.Module):
 
 
 def load_flash_attention():
-    """FlashAttention 3's `flash_attn_func` (Hopper GPUs, optional `flash_attn_interface`), or None."""
+    """FlashAttention 3's module `flash_attn_interface` (Hopper GPUs, optional), or None."""
     try:
-        from flash_attn_interface import flash_attn_func
+        import flash_attn_interface
     except ImportError:
         return None
-    return flash_attn_func
+    return flash_attn_interface
 
 
-def select_attention_backend(requested: str, device: torch.device) -> tuple[str, str]:
+def kernel_mismatch(attend, reference, shapes, dtype, device, tolerances=(2e-2, 5e-2)) -> str | None:
+    """Why `attend(q, k, v)` is not `reference(q, k, v)` (forward, and backward into q, k and v) on seeded
+    random inputs of `shapes`, or None."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(*shape, generator=g).to(device, dtype).requires_grad_() for shape in shapes)
+    out, ref = attend(q, k, v), reference(q, k, v)
+    grads, ref_grads = (torch.autograd.grad(o.float().square().sum(), (q, k, v)) for o in (out, ref))
+    if not torch.allclose(out.float(), ref.float(), atol=tolerances[0], rtol=tolerances[0]):
+        return "output differs from SDPA"
+    if not all(torch.allclose(a.float(), b.float(), atol=tolerances[1], rtol=tolerances[1])
+               for a, b in zip(grads, ref_grads)):
+        return "gradients differ from SDPA"
+    return None
+
+
+def varlen_check_batch(device: torch.device) -> torch.Tensor:
+    """Rows that hold every document layout a batch can: row 0 starts inside a document (its leading tail
+    is one) and has two more, row 1 has no BOS, row 2 is one-token documents."""
+    ids = torch.randint(2, 97, (3, 64), generator=torch.Generator().manual_seed(0))
+    ids[0, [20, 41]] = BOS_ID
+    ids[2] = BOS_ID
+    return ids.to(device)
+
+
+def select_attention_backend(requested: str, device: torch.device, doc_masked: bool = False) -> tuple[str, str]:
     """The attention kernel to use and why. FA3 is used only after it matches SDPA (forward and
-    backward) on this device, so a broken or mismatched install falls back instead of training wrong."""
+    backward) on this device, so a broken or mismatched install falls back instead of training wrong;
+    under DOC_MASKED_ATTENTION that is its varlen kernel against the document-masked SDPA."""
     if requested == "sdpa":
         return "sdpa", "requested"
     flash = load_flash_attention()
@@ -1484,23 +1510,27 @@ def select_attention_backend(requested: str, device: torch.device) -> tuple[str,
     if requested == "auto" and device.type != "cuda":
         return "sdpa", "FlashAttention 3 needs a CUDA device"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    g = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(2, 128, h, 64, generator=g).to(device, dtype).requires_grad_() for h in (8, 4, 4))
     try:
-        out = flash(q, k, v, causal=True)
-        out = out[0] if isinstance(out, tuple) else out
-        ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=True).transpose(1, 2)
-        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
-        ref_grads = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
-        ok = torch.allclose(out.float(), ref.float(), atol=2e-2, rtol=2e-2) and all(
-            torch.allclose(a.float(), b.float(), atol=5e-2, rtol=5e-2) for a, b in zip(grads, ref_grads))
-        reason = "matches SDPA" if ok else "output differs from SDPA"
+        if doc_masked:
+            ids = varlen_check_batch(device)
+            attend = lambda *qkv: DocumentLayout(ids, "varlen", flash.flash_attn_varlen_func).attend(*qkv)  # noqa: E731
+            reason = kernel_mismatch(attend, DocumentLayout(ids, "sdpa").attend,
+                                     [(3, 8, 64, 64), (3, 4, 64, 64), (3, 4, 64, 64)], dtype, device)
+        else:
+            def attend(q, k, v):
+                out = flash.flash_attn_func(q, k, v, causal=True)
+                return out[0] if isinstance(out, tuple) else out
+
+            reason = kernel_mismatch(attend, lambda q, k, v: F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2),
+                                     [(2, 128, 8, 64), (2, 128, 4, 64), (2, 128, 4, 64)], dtype, device)
     except Exception as e:  # any failure of an optional kernel means: do not use it
-        ok, reason = False, f"start-up check raised {e.__class__.__name__}"
-    if not ok and requested == "fa3":
+        reason = f"start-up check raised {e.__class__.__name__}"
+    if reason is not None and requested == "fa3":
         raise RunError(f"ATTN_BACKEND=fa3 but FlashAttention 3 failed its start-up check ({reason}); use ATTN_BACKEND=auto")
-    return ("fa3" if ok else "sdpa"), reason
+    if reason is not None:
+        return "sdpa", reason
+    return "fa3", ("flash_attn_varlen_func matches the document-masked SDPA" if doc_masked else "matches SDPA")
 
 
 class DocumentLayout:
@@ -1510,19 +1540,28 @@ class DocumentLayout:
     offset (distance from its document's first token) depend only on tokens at or before it, so the
     model stays causal.
 
-    Attention is causal and same-document, by one of two kernels with the same result (tests check):
-    FlexAttention with a block mask when compiled on CUDA, a fused kernel that skips the blocks between
-    documents; otherwise SDPA with the dense (B, 1, T, T) boolean mask (eager FlexAttention would
-    materialise every score anyway, and on CPU it has no backward)."""
+    Attention is causal and same-document, by one of three kernels with the same result (tests check):
+    - varlen: FlashAttention 3's flash_attn_varlen_func (ATTN_BACKEND=fa3 or auto, when it passed its
+      start-up check): the batch flattened to one stream of B*T positions cut into documents by
+      `cu_seqlens` (every row start and every BOS, then B*T: int32). Its length is data-dependent; under
+      torch.compile that is an unbacked size (compile_settings captures nonzero), so one graph serves
+      every layout. `max_seqlen` is the row length T, a bound no document passes: one value per shape.
+    - flex: FlexAttention with a block mask when compiled on CUDA, a fused kernel that skips the blocks
+      between documents;
+    - sdpa: otherwise, SDPA with the dense (B, 1, T, T) boolean mask (eager FlexAttention would
+      materialise every score anyway, and on CPU it has no backward)."""
 
-    def __init__(self, input_ids: torch.Tensor, kernel: str):
+    def __init__(self, input_ids: torch.Tensor, kernel: str, varlen=None):
         B, T = input_ids.shape
         is_bos = input_ids == BOS_ID
         self.doc = torch.cumsum(is_bos, dim=1)  # (B, T) document number within the row
         t = torch.arange(T, device=input_ids.device)
         self.positions = t - torch.cummax(torch.where(is_bos, t, 0), dim=1).values  # (B, T)
-        self.kernel = kernel
-        if kernel == "flex":
+        self.kernel, self.varlen = kernel, varlen
+        if kernel == "varlen":
+            starts = (is_bos | (t == 0)).flatten().nonzero().flatten()
+            self.cu_seqlens = torch.cat([starts, starts.new_tensor([B * T])]).to(torch.int32)
+        elif kernel == "flex":
             doc = self.doc
 
             def same_document_causal(b, h, q_idx, kv_idx):
@@ -1536,6 +1575,11 @@ class DocumentLayout:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(B, H, T, D) queries, (B, KV, T, D) keys and values -> (B, H, T, D)."""
         q, k, gqa = q.to(v.dtype), k.to(v.dtype), q.size(1) != k.size(1)  # flex wants one dtype (autocast)
+        if self.kernel == "varlen":  # (B*T, heads, D) streams; FA3 handles GQA itself
+            B, H, T, D = q.shape
+            q, k, v = (x.transpose(1, 2).reshape(B * T, x.size(1), D) for x in (q, k, v))
+            y = self.varlen(q, k, v, self.cu_seqlens, self.cu_seqlens, T, T, causal=True)
+            return (y[0] if isinstance(y, tuple) else y).view(B, T, H, D).transpose(1, 2)
         if self.kernel == "flex":
             return flex_attention(q, k, v, block_mask=self.mask, enable_gqa=gqa)
         # Heads expanded by hand: CUDA's masked (memory-efficient) SDPA kernel does not take enable_gqa.
@@ -1556,7 +1600,8 @@ class CausalSelfAttention(nn.Module):
         nn.init.zeros_(self.proj.weight)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
         self.rotary = Rotary(cfg.rope_dims or self.head_dim, cfg.rope_base, cfg.train_seq_len)
-        self.flash = load_flash_attention() if cfg.attn_backend == "fa3" else None
+        # FA3's dense kernel; under DOC_MASKED_ATTENTION its varlen kernel runs instead (GPT.varlen_attention)
+        self.flash = load_flash_attention().flash_attn_func if cfg.attn_backend == "fa3" else None
         self.xsa = layer_idx >= cfg.num_layers - cfg.xsa_last_n
         self.value_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if cfg.value_residual and layer_idx > 0 else None
         self.gate_kind, self.gate_window = cfg.attn_gate, cfg.gate_window
@@ -1723,7 +1768,10 @@ class GPT(nn.Module):
             for block in self.blocks:
                 for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc):
                     nn.init.orthogonal_(linear.weight)
-        self.doc_attention_kernel: str | None = None  # None: flex when compiled on CUDA, else sdpa (tests pin one)
+        # None: varlen with FA3, else flex when compiled on CUDA, else sdpa (tests pin one)
+        self.doc_attention_kernel: str | None = None
+        self.varlen_attention = load_flash_attention().flash_attn_varlen_func if (
+            cfg.attn_backend == "fa3" and cfg.doc_masked_attention) else None
         # U-Net skips, one per encoder layer (the first half; the decoder is as long or one longer), sized
         # for the longest (looped) layer order; the plain order uses a prefix.
         num_skips = cfg.max_virtual_layers // 2
@@ -1754,8 +1802,8 @@ class GPT(nn.Module):
         if not self.cfg.doc_masked_attention:
             return None
         fused = torch.compiler.is_compiling() and input_ids.is_cuda  # CPU FlexAttention has no backward
-        kernel = self.doc_attention_kernel or ("flex" if fused else "sdpa")
-        return DocumentLayout(input_ids, kernel)
+        kernel = self.doc_attention_kernel or ("varlen" if self.varlen_attention else "flex" if fused else "sdpa")
+        return DocumentLayout(input_ids, kernel, self.varlen_attention)
 
     def forward_hidden(self, input_ids: torch.Tensor, looping: bool = False) -> torch.Tensor:
         x = x0 = self.embed(input_ids)
@@ -2365,7 +2413,8 @@ def compile_settings(qat: bool, record: CompileRecord | None = None):
     eager = record.fallback == "eager"
     handler, dynamo_log = _DynamoWarnings(record), logging.getLogger("torch._dynamo.convert_frame")
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch._dynamo.config.patch(suppress_errors=eager))
+        # nonzero inside a graph (the varlen cu_seqlens) is an unbacked size, not a graph break
+        stack.enter_context(torch._dynamo.config.patch(suppress_errors=eager, capture_dynamic_output_shape_ops=True))
         if qat:
             stack.enter_context(torch._inductor.config.patch(emulate_precision_casts=True))
         if eager:
@@ -4023,22 +4072,115 @@ class EvalResult:
 class EvalContext:
     """What every evaluation and TTT pass of one model shares, passed as one argument: the process
     (`rt`: rank, world size, device, control group), the autocast context factory, whether the model
-    runs its loop, the check that cuts a pass whose budget ran out (`stop()`, checked before each
-    batch), the TTT adaptation budget and the log."""
+    runs its loop, the evaluation budget (None: no budget, nothing timed) and the log."""
 
     rt: Runtime
     autocast: Callable = contextlib.nullcontext
     looping: bool = False
-    stop: Callable[[], bool] | None = None
-    budget: AdaptationBudget | None = None
+    budget: EvalBudget | None = None
     log: Callable[[str], None] = lambda msg: None
 
 
-def check_stop(stop, done: int, total: int, unit: str) -> None:
-    """End a pass whose budget ran out (`stop()`, alike on every rank): a partial score is never reported."""
-    if stop is not None and stop():
-        raise RunError(f"evaluation budget (MAX_EVAL_SECONDS) ran out; cut: the final score after {done} of {total} "
-                       f"{unit}, so no score is reported")
+# The evaluation budget (MAX_EVAL_SECONDS) decides from measured step costs, never from a guess. Every
+# kind of step (a window batch, a TTT chunk step of a width, plain or adapting, a global SGD step, a
+# chunk's adaptation) is timed where it runs, the warm-up first; the budget charges a step its kind's
+# mean plus MARGIN_SIGMAS spreads, the spread being the steps' pooled coefficient of variation (a
+# machine that jitters jitters for every shape), so a loaded machine gets a wider margin. Before a
+# pass, its plain cost must fit in what is left, or it is skipped; while it runs, the rest of it is
+# re-checked before every batch (TTT: every step), and a pass that can no longer fit is cut. A cut or
+# skipped pass leaves the final score with the last complete pass; TTT first stops adapting.
+MARGIN_SIGMAS = 2.0
+
+
+class StepCosts:
+    """Measured milliseconds of each kind of step, and what the budget charges for one (`ms`). A plain
+    step never measured is charged as the adapting step of its width; a kind never measured costs 0."""
+
+    def __init__(self, now):
+        self.now = now  # the pass's clock (ms)
+        self.sums: dict = {}  # kind -> [count, sum, sum of squares]
+        self.running = None  # (kind, start) of the step being timed
+
+    def add(self, kind, ms: float) -> None:
+        n, total, squares = self.sums.get(kind, (0, 0.0, 0.0))
+        self.sums[kind] = (n + 1, total + ms, squares + ms * ms)
+
+    def lap(self, kind) -> None:
+        """Close the timing of the step in flight, if any, and open one of `kind` (None: nothing)."""
+        now = self.now()
+        if self.running is not None:
+            self.add(self.running[0], now - self.running[1])
+        self.running = None if kind is None else (kind, now)
+
+    def spread(self) -> float:
+        """The pooled coefficient of variation of every kind timed at least twice (0 if none)."""
+        var = dof = 0.0
+        for n, total, squares in self.sums.values():
+            if n > 1 and total > 0:
+                mean = total / n
+                var, dof = var + max(squares - n * mean * mean, 0.0) / (mean * mean), dof + n - 1
+        return math.sqrt(var / dof) if dof else 0.0
+
+    def mean(self, kind) -> float:
+        if kind not in self.sums and isinstance(kind, tuple) and kind[0] == "plain":
+            kind = ("adapt", kind[1])
+        n, total, _ = self.sums.get(kind, (1, 0.0, 0.0))
+        return total / n
+
+    def ms(self, kind) -> float:
+        return self.mean(kind) * (1 + MARGIN_SIGMAS * self.spread())
+
+    def plain_ms(self, widths: collections.Counter) -> float:
+        return sum(self.ms(("plain", w)) * n for w, n in widths.items())
+
+
+class EvalPassCut(RunError):
+    """A pass that can no longer finish within MAX_EVAL_SECONDS: it is dropped, never reported partially."""
+
+
+class EvalBudget:
+    """The evaluation budget as every pass sees it: the clock (ms, read after the device's queued work),
+    the cap (None = no budget: nothing is timed or decided), the step costs, and decisions taken alike
+    on every rank (their largest elapsed time and estimates). `stopped_at` says where TTT stopped adapting."""
+
+    def __init__(self, elapsed_ms, cap_ms: float | None, rt: Runtime | None = None):
+        self.elapsed_ms, self.cap_ms, self.rt = elapsed_ms, cap_ms, rt
+        self.costs = StepCosts(self.now)
+        self.stopped_at: str | None = None
+
+    def now(self) -> float:
+        if self.rt is not None:
+            device_sync(self.rt.device)
+        return self.elapsed_ms()
+
+    def agreed(self, *values: float) -> list[float]:
+        return agree_max([self.elapsed_ms(), *values], self.rt) if self.rt is not None else [self.elapsed_ms(), *values]
+
+    def left_ms(self, need_ms: float) -> tuple[float, float]:
+        """(need, time left), agreed over ranks."""
+        elapsed, need = self.agreed(need_ms)
+        return need, self.cap_ms - elapsed
+
+    def require(self, need_ms: float, what: str) -> None:
+        """Cut the running pass if the `need_ms` it still needs no longer fits."""
+        if self.cap_ms is None:
+            return
+        need, left = self.left_ms(need_ms)
+        if need > left:
+            raise EvalPassCut(f"{what}: the rest needs ~{need / 1000:.1f}s, {max(left, 0) / 1000:.1f}s left")
+
+    def allows(self, next_adapt_ms: float, remaining_plain_ms: float, where: str) -> bool:
+        """Whether one more adaptation step fits with everything still unscored scored plainly after it;
+        once refused, refused for good. Cuts the pass if even the plain rest no longer fits."""
+        if self.cap_ms is None:
+            return True
+        elapsed, step, plain = self.agreed(next_adapt_ms, remaining_plain_ms)
+        if elapsed + plain > self.cap_ms:
+            raise EvalPassCut(f"at {where}: scoring the rest needs ~{plain / 1000:.1f}s, "
+                              f"{max(self.cap_ms - elapsed, 0) / 1000:.1f}s left")
+        if self.stopped_at is None and elapsed + step + plain > self.cap_ms:
+            self.stopped_at = where
+        return self.stopped_at is None
 
 
 def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
@@ -4191,15 +4333,25 @@ class ScoreLedger:
         return counts.numpy()
 
 
+def window_rounds(spans: list[tuple[int, int]], seq_len: int, batch_seqs: int, world_size: int) -> list[list]:
+    """Each rank's batches of `spans` (its contiguous share); every rank runs the longest list's rounds."""
+    return [plan_window_batches(rank_share(spans, r, world_size), seq_len, batch_seqs) for r in range(world_size)]
+
+
 @torch.no_grad()
 def score_windows(logits_fn, ledger: ScoreLedger, spans: list[tuple[int, int]], ctx: EvalContext, *, seq_len: int,
-                  batch_seqs: int) -> None:
-    """Score the windows `spans` (split across ranks, batched) into `ledger`; `ctx.stop` can cut it."""
+                  batch_seqs: int, rounds_after: int = 0) -> None:
+    """Score the windows `spans` (split across ranks, batched) into `ledger`. Under a budget each batch
+    is timed, and before it the rest of the pass (this call's rounds and `rounds_after` more) must fit."""
     rank, world_size = ctx.rt.rank, ctx.rt.world_size
-    plans = [plan_window_batches(rank_share(spans, r, world_size), seq_len, batch_seqs) for r in range(world_size)]
-    num_rounds = max(len(p) for p in plans)  # every rank runs as many rounds, so `stop` stays collective
+    plans = window_rounds(spans, seq_len, batch_seqs, world_size)
+    num_rounds = max(len(p) for p in plans)  # every rank runs as many rounds, so budget checks stay collective
+    budget = ctx.budget if ctx.budget is not None and ctx.budget.cap_ms is not None else None
     for round_idx in range(num_rounds):
-        check_stop(ctx.stop, round_idx, num_rounds, "batches")
+        if budget is not None:
+            budget.costs.lap("window" if round_idx < len(plans[rank]) else None)
+            budget.require((num_rounds - round_idx + rounds_after) * budget.costs.ms("window"),
+                           f"after {round_idx} of {num_rounds} batches")
         if round_idx >= len(plans[rank]):
             continue
         batch = plans[rank][round_idx]
@@ -4207,6 +4359,8 @@ def score_windows(logits_fn, ledger: ScoreLedger, spans: list[tuple[int, int]], 
         with ctx.autocast():
             logits = logits_fn(x)
         ledger.commit(batch, logits, x, y, mask)
+    if budget is not None:
+        budget.costs.lap(None)
 
 
 def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, ctx: EvalContext, *, seq_len: int, batch_seqs: int,
@@ -4242,9 +4396,10 @@ def check_scored_once(ledger: ScoreLedger) -> None:
 # TTT_FREEZE_BLOCKS blocks frozen. Each SGD step covers TTT_BATCH_SEQS sequences over all ranks, so
 # the result does not depend on the number of ranks.
 #
-# The evaluation budget: before each update the run checks that the update plus scoring everything
-# left without adaptation still fits in MAX_EVAL_SECONDS (from times measured so far); if not,
-# adaptation stops for good and the rest is scored plainly.
+# The evaluation budget (EvalBudget): before each update the run checks that the update plus scoring
+# everything left without adaptation still fits in MAX_EVAL_SECONDS (from step costs measured so far);
+# if not, adaptation stops for good and the rest is scored plainly. A chunk never timed is charged as
+# three window batches' worth per trained token.
 
 
 # Each TTTSettings field and the Hyperparameters knob it is read from (`ttt_settings`). A field has its
@@ -4265,28 +4420,6 @@ TTTSettings = dataclasses.make_dataclass(
     + [(name, _KNOB_FIELDS[knob].type, field(default=_KNOB_FIELDS[knob].default))
        for name, knob in TTT_KNOBS.items() if knob in _KNOB_FIELDS],
     frozen=True, namespace={"__module__": __name__, "__doc__": "A TTT pass's settings: one field per TTT_KNOBS entry."})
-
-
-class AdaptationBudget:
-    """Decides, the same way on every rank, whether one more adaptation step fits in the evaluation
-    budget with everything still unscored scored plainly after it. `cap_ms` None = no budget."""
-
-    def __init__(self, elapsed_ms, cap_ms: float | None, rt: Runtime | None = None):
-        self.elapsed_ms, self.cap_ms, self.rt = elapsed_ms, cap_ms, rt
-        self.stopped_at: str | None = None
-
-    def allows(self, next_adapt_ms: float, remaining_plain_ms: float, where: str) -> bool:
-        if self.stopped_at is not None:
-            return False
-        if self.cap_ms is None:
-            return True
-        values = [self.elapsed_ms(), next_adapt_ms, remaining_plain_ms]
-        if self.rt is not None:
-            values = agree_max(values, self.rt)
-        if values[0] + values[1] + values[2] <= self.cap_ms:
-            return True
-        self.stopped_at = where
-        return False
 
 
 @dataclass(frozen=True)
@@ -4319,13 +4452,12 @@ class TTTTracker:
             self.ctx.log(f"ttt:warning this pass adapts on nothing: {nothing_to_adapt}; its score is the plain score")
 
     def now(self) -> float:
-        if not self.budgeted:
-            return 1000.0 * time.perf_counter()
-        device_sync(self.device)
-        return self.ctx.budget.elapsed_ms()
+        return self.ctx.budget.now() if self.budgeted else 1000.0 * time.perf_counter()
 
-    def add(self, kind: str, since_ms: float) -> None:
-        self.ms[kind] += self.now() - since_ms
+    def add(self, kind: str, since_ms: float) -> float:
+        ms = self.now() - since_ms
+        self.ms[kind] += ms
+        return ms
 
     @property
     def stopped_at(self) -> str | None:
@@ -4336,7 +4468,7 @@ class TTTTracker:
         budget = self.ctx.budget
         if budget is None or budget.allows(next_ms, plain_ms_left, where):
             return True
-        if budget.stopped_at == where:
+        if budget.stopped_at == where:  # it stopped here, now: said once
             self.ctx.log(f"ttt:adaptation_stopped at {where}: the eval budget leaves room only for scoring the "
                          f"remaining {left} without adaptation")
         return False
@@ -4440,41 +4572,51 @@ def adapt_full_model(model: GPT, ledger: ScoreLedger, spans: list[tuple[int, int
     return steps
 
 
+def chunk_rounds(groups: list[list[tuple[int, int]]], s: TTTSettings, world_size: int) -> list[int]:
+    """The scoring rounds (batches per rank) of each chunk."""
+    return [max(map(len, window_rounds(g, s.seq_len, s.score_batch_seqs, world_size))) for g in groups]
+
+
 def ttt_chunked(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContext, logits_fn=None) -> TTTResult:
     """Score-first chunked TTT over the whole stream (R0409 form). Scores go into `ledger`."""
     logits_fn = logits_fn or model.forward_logits
     groups = chunk_windows(plan_windows(ledger.num_targets, s.seq_len, s.stride or s.seq_len), s.chunk_tokens)
+    rounds = chunk_rounds(groups, s, ctx.rt.world_size)
     tracker = TTTTracker(ctx, ledger.device)
+    costs = ctx.budget.costs if tracker.budgeted else None
     with frozen(p for block in model.blocks[: s.freeze_blocks] for p in block.parameters()):
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum)
         tracker.start(f"mode:chunked chunks:{len(groups)} ttt_lr:{s.lr} ttt_epochs:{s.epochs} chunk_tokens:"
                       f"{s.chunk_tokens} frozen_blocks:{s.freeze_blocks} params:{sum(p.numel() for p in params)}",
                       nothing_to_adapt(s, ledger.num_targets))
-        windows_left = sum(len(g) for g in groups)
-        windows_scored = steps = trained_chunks = 0
+        later = sum(rounds)  # scoring rounds of the chunks not scored yet
+        steps = trained_chunks = 0
         trained_upto = 0  # targets 1..trained_upto have been (or will never be) trained on
         for ci, group in enumerate(groups):
+            later -= rounds[ci]
             t0 = tracker.now()
             score_windows(lambda x: logits_fn(x, ctx.looping), ledger, group, ctx, seq_len=s.seq_len,
-                          batch_seqs=s.score_batch_seqs)
+                          batch_seqs=s.score_batch_seqs, rounds_after=later)
             tracker.add("score", t0)
-            windows_scored += len(group)
-            windows_left -= len(group)
             lo, hi = trained_upto, group[-1][1]
             if ci == len(groups) - 1 or s.epochs == 0:
                 continue  # the last chunk never trains: nothing is left to score with what it would teach
-            plain_ms_left = tracker.ms["score"] / windows_scored * windows_left
-            if not tracker.allows(tracker.ms["adapt"] / max(trained_chunks, 1), plain_ms_left,
-                                  f"chunk {ci + 1}/{len(groups)}", f"{ledger.num_targets - hi} targets"):
-                continue
+            if costs is not None:  # a chunk never timed: ~3 forward tokens per trained token, as window batches cost
+                adapt_ms = costs.ms("chunk") if "chunk" in costs.sums else costs.ms("window") * 3 * s.epochs * (
+                    hi - lo) / (ctx.rt.world_size * s.score_batch_seqs * s.seq_len)
+                if not tracker.allows(adapt_ms, later * costs.ms("window"), f"chunk {ci + 1}/{len(groups)}",
+                                      f"{ledger.num_targets - hi} targets"):
+                    continue
             t0 = tracker.now()
             ledger.share(lo, hi)
             steps += adapt_full_model(model, ledger, [(lo, hi)], optimizer, ctx, lr=cosine_lr(s.lr, ci, len(groups)),
                                       epochs=s.epochs, seq_len=s.seq_len, batch_seqs=s.batch_seqs,
                                       grad_clip=s.grad_clip)
             trained_upto, trained_chunks = hi, trained_chunks + 1
-            tracker.add("adapt", t0)
+            adapt_ms = tracker.add("adapt", t0)
+            if costs is not None:
+                costs.add("chunk", adapt_ms)
     return tracker.result(len(groups), trained_chunks, steps)
 
 
@@ -4508,10 +4650,11 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContex
 # groups of TTT_CHUNK_TOKENS targets, gradients averaged over ranks; later documents are scored by the
 # updated model.
 #
-# The evaluation budget, measured: with MAX_EVAL_SECONDS set, the pass first times a plain and an
-# adapting step at every window width (and a global SGD step) on synthetic tokens, then every real
-# step. Before each chunk step and each global SGD step it checks that the step plus scoring every
-# remaining step plainly (at its measured width cost) still fits; if not, adaptation stops for good.
+# The evaluation budget, measured: with MAX_EVAL_SECONDS set, a plain and an adapting step at every
+# window width and a global SGD step are timed on synthetic tokens (in the evaluation warm-up, or at
+# the pass's start for what it has not timed), then every real step. Before each chunk step and each
+# global SGD step the pass checks that the step plus scoring every remaining step plainly (at its
+# measured width cost) still fits; if not, adaptation stops for good.
 
 
 def lora_targets(model: GPT, s: "TTTSettings") -> list[str]:
@@ -4761,36 +4904,6 @@ def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]
     return steps
 
 
-class StepCosts:
-    """Measured milliseconds of each kind of step (('plain', width), ('adapt', width), 'global'): the
-    mean of its timings so far. A plain step never measured is bounded by the adapting step of its width."""
-
-    def __init__(self, now):
-        self.now = now  # the pass's clock (ms)
-        self.sums: dict = {}
-        self.running = None  # (kind, start) of the step being timed
-
-    def add(self, kind, ms: float) -> None:
-        total, n = self.sums.get(kind, (0.0, 0))
-        self.sums[kind] = (total + ms, n + 1)
-
-    def lap(self, kind) -> None:
-        """Close the timing of the step in flight, if any, and open one of `kind` (None: nothing)."""
-        now = self.now()
-        if self.running is not None:
-            self.add(self.running[0], now - self.running[1])
-        self.running = None if kind is None else (kind, now)
-
-    def ms(self, kind) -> float:
-        if kind not in self.sums and isinstance(kind, tuple) and kind[0] == "plain":
-            kind = ("adapt", kind[1])
-        total, n = self.sums.get(kind, (0.0, 1))
-        return total / n
-
-    def plain_ms(self, widths: collections.Counter) -> float:
-        return sum(self.ms(("plain", w)) * n for w, n in widths.items())
-
-
 def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: list[int], ctx: EvalContext, *,
                            forward=lora_logits, costs: StepCosts | None = None) -> None:
     """At each width, on full rows of synthetic tokens: an adapting step (forward, backward, AdamW),
@@ -4856,6 +4969,15 @@ def nothing_to_adapt(s: TTTSettings, num_targets: int, queue: list[tuple[int, in
             + ")")
 
 
+def document_step_widths(tokens: torch.Tensor, s: TTTSettings, rt: Runtime) -> collections.Counter:
+    """This rank's chunk steps of a document TTT pass over `tokens`, by padded width: what scoring it
+    plainly takes."""
+    queue, per_rank, chunk = document_queue(tokens), s.docs_per_batch, min(s.doc_chunk, s.seq_len)
+    rounds = [queue[j : j + per_rank * rt.world_size] for j in range(0, len(queue), per_rank * rt.world_size)]
+    return collections.Counter(w for r in rounds for w, _ in round_steps(r[rt.rank * per_rank : (rt.rank + 1) *
+                                                                             per_rank], chunk, s.seq_len))
+
+
 def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContext, lora_forward=None) -> TTTResult:
     """Per-document LoRA TTT (mode lora) or phased TTT (mode phased) over the whole stream.
     `lora_forward` is `lora_logits` or a compiled form of it."""
@@ -4876,13 +4998,13 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalCont
                   f"adapters:{len(lora.a)} chunk_size:{s.doc_chunk}"
                   + (f" prefix_docs:{prefix} num_phases:{s.num_phases} boundaries:{boundaries}" if phased else ""),
                   nothing_to_adapt(s, ledger.num_targets, queue, round_docs))
-    costs = StepCosts(tracker.now)
-    # plain steps left on this rank, by width
-    remaining = collections.Counter(w for docs in mine for w, _ in round_steps(docs, chunk, s.seq_len))
-    if tracker.budgeted:
+    costs = ctx.budget.costs if tracker.budgeted else StepCosts(tracker.now)
+    remaining = document_step_widths(ledger.tokens, s, ctx.rt)  # plain steps left on this rank, by width
+    if tracker.budgeted:  # what the evaluation warm-up has not timed yet
         with frozen(model.parameters()):
-            measure_document_steps(model, lora, s, sorted(remaining), ctx, forward=forward, costs=costs)
-        if phased and s.global_epochs > 0 and prefix > 0:
+            measure_document_steps(model, lora, s, [w for w in sorted(remaining) if ("plain", w) not in costs.sums],
+                                   ctx, forward=forward, costs=costs)
+        if phased and s.global_epochs > 0 and prefix > 0 and "global" not in costs.sums:
             measure_global_step(model, s, ctx, costs)
 
     def allows(next_ms: float, where: str) -> bool:  # under a budget only
@@ -4891,7 +5013,6 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalCont
 
     steps = global_steps = phases_done = trained_rounds = 0
     for j in range(len(rounds)):
-        check_stop(ctx.stop, j, len(rounds), "TTT rounds")
         t0 = tracker.now()
 
         def before_step(i: int, width: int | None, trains: bool) -> bool:
@@ -5075,11 +5196,12 @@ def run_ttt(model: GPT, ledger: ScoreLedger, settings: TTTSettings, ctx: EvalCon
 # and the compliance block. The end of a training run and EVAL_ONLY=1 both go through score_artifact.
 
 
-def compliance_lines(results: dict[str, EvalResult], ttt_info: TTTResult | None, hp: Hyperparameters, *,
-                     eval_ms: float, eval_cap_ms: float | None, causal_diff: float,
-                     prequant: dict | None = None) -> list[str]:
-    """The compliance block (conditions C1-C4 of the public field guide) and every data source
-    (calibration: where quantization calibration data came from, e.g. train or synthetic)."""
+def compliance_lines(passes: EvalPasses, hp: Hyperparameters, *, eval_ms: float, eval_cap_ms: float | None,
+                     causal_diff: float, prequant: dict | None = None) -> list[str]:
+    """The compliance block (conditions C1-C4 of the public field guide), every data source
+    (calibration: where quantization calibration data came from, e.g. train or synthetic) and what
+    each evaluation pass came to."""
+    results, ttt_info = passes.results, passes.ttt_info
     targets = {r.num_targets for r in results.values()}
     adapted = ttt_info is not None and ttt_info.adapted_targets > 0
     val_prequant = prequant is not None and prequant["source"] == "validation"
@@ -5108,6 +5230,7 @@ def compliance_lines(results: dict[str, EvalResult], ttt_info: TTTResult | None,
         f"calibration:{hp.gptq_calibration_source if hp.quant_method == 'gptq' else 'none'}",
         f"  eval_time: {eval_ms:.0f}ms budget:{'none' if eval_cap_ms is None else f'{eval_cap_ms:.0f}ms'} "
         f"within_budget:{int(not over)}",
+        f"  eval_passes: {passes.line()}",
         f"  record_eligible: {int(eligible)}" + (NON_RECORD_STAMP if hp.allow_val_adaptation else ""),
     ]
 
@@ -5173,13 +5296,18 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, ctx: EvalContext, 
                        ttt: TTTSettings | None = None, lora_forward=None) -> dict:
     """Compile (and warm) the evaluation graphs on synthetic tokens, run the causality self-test, and
     run the TTT path once on a synthetic stream (for lora/phased after a plain and an adapting step at
-    every window width, so every graph of the pass is compiled here); every weight is put back."""
+    every window width, so every graph of the pass is compiled here); every weight is put back. Under
+    a budget, time a window batch (forward and scoring, 3 times) and each TTT step shape: the costs
+    the first pass is planned with."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     documents = ttt is not None and ttt.mode != "chunked"
+    costs = ctx.budget.costs if ctx.budget is not None and ctx.budget.cap_ms is not None else None
+    quiet = EvalContext(ctx.rt, ctx.autocast, ctx.looping)  # no budget, no log
     if documents:
         adapter_hooks(model)  # registered before the first compile: the plain graphs never change after
-    x = synthetic_tokens(batch_seqs * seq_len + 1, model.cfg.vocab_size)[: batch_seqs * seq_len]
-    x = x.view(batch_seqs, seq_len).to(ctx.rt.device)
+    rows = batch_seqs * ctx.rt.world_size  # a full batch for every rank
+    stream = synthetic_tokens(rows * seq_len + 1, model.cfg.vocab_size)
+    x = stream[: batch_seqs * seq_len].view(batch_seqs, seq_len).to(ctx.rt.device)
     flipped = x.clone()
     flipped[:, -1] = torch.where(flipped[:, -1] == 2, 3, 2)
     with torch.no_grad(), ctx.autocast():
@@ -5188,20 +5316,28 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, ctx: EvalContext, 
     if causal_diff > 1e-3:
         raise RunError(f"causality self-test failed: changing the last token changed earlier logits by "
                        f"{causal_diff:.3g} (C1); no score is reported")
+    no_sidecar = dataclasses.replace(luts, val_bytes=None)  # synthetic tokens are not the validation stream
+    for _ in range(3 if costs is not None else 0):
+        synthetic = ScoreLedger(stream, no_sidecar, ctx.rt.device)
+        t0 = costs.now()
+        score_windows(lambda t: logits_fn(t, ctx.looping), synthetic, plan_windows(rows * seq_len, seq_len, seq_len),
+                      quiet, seq_len=seq_len, batch_seqs=batch_seqs)
+        costs.add("window", costs.now() - t0)
     if ttt is not None:
-        quiet = EvalContext(ctx.rt, ctx.autocast, ctx.looping)  # no budget, no log
         if documents:
             lora = DocLoRA(model, ttt.docs_per_batch, ttt, ctx.rt.device, ctx.looping)
             with frozen(model.parameters()):  # as inside a round
                 measure_document_steps(model, lora, ttt, window_widths(min(ttt.doc_chunk, seq_len), seq_len), quiet,
-                                       forward=lora_forward or lora_logits)
-        stream = synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1)
-        synthetic = ScoreLedger(stream, dataclasses.replace(luts, val_bytes=None), ctx.rt.device)  # no sidecar: not val
+                                       forward=lora_forward or lora_logits, costs=costs)
+            if costs is not None and ttt.mode == "phased" and ttt.global_epochs > 0 and ttt.prefix_docs > 0:
+                measure_global_step(model, ttt, quiet, costs)
+        synthetic = ScoreLedger(synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1), no_sidecar,
+                                ctx.rt.device)
         small = dataclasses.replace(ttt, chunk_tokens=seq_len, epochs=1, prefix_docs=1, num_phases=1, global_epochs=1)
         run_ttt(model, synthetic, small, quiet, logits_fn=logits_fn, lora_forward=lora_forward)
     model.load_state_dict(saved)
     model.eval()
-    return dict(causal_diff=causal_diff, tokens=int(x.numel()) + (2 * seq_len + 1 if ttt is not None else 0))
+    return dict(causal_diff=causal_diff, tokens=int(stream.numel()) + (2 * seq_len + 1 if ttt is not None else 0))
 
 
 def final_score_log_key(stage: str, tag: str) -> str:
@@ -5214,16 +5350,46 @@ def final_score_log_key(stage: str, tag: str) -> str:
 TTT_SCORE_LABELS = {"chunked": "quantized_ttt", "lora": "quantized_ttt_lora", "phased": "quantized_ttt_phased"}
 
 
+@dataclass
+class EvalPasses:
+    """What each evaluation pass the run asked for came to (`status`: complete, over_budget, skipped or
+    cut), its score if it completed, and which score is final: the last pass that completed within the
+    budget (else the last that completed at all). A partial pass is never scored."""
+
+    results: dict[str, EvalResult] = field(default_factory=dict)
+    status: dict[str, str] = field(default_factory=dict)
+    ttt_info: TTTResult | None = None
+
+    @property
+    def asked_stage(self) -> str:
+        return next(reversed(self.status))
+
+    @property
+    def final_stage(self) -> str:
+        within = [k for k in self.results if self.status[k] == "complete"]
+        return (within or list(self.results))[-1]
+
+    @property
+    def fallback(self) -> bool:
+        return self.final_stage != self.asked_stage
+
+    def line(self) -> str:
+        passes = " ".join(f"{k}:{v}" for k, v in self.status.items())
+        return passes if not self.results else passes + f" final:{self.final_stage}" + (
+            f" (fallback: {self.asked_stage} did not complete within the budget)" if self.fallback else "")
+
+
 def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor, luts: ByteLuts, clock: PhaseClock,
                       ctx: EvalContext, *, use_compile: bool, batch_seqs: int, tag: str, prequant: dict | None = None,
-                      compliance_out: list[str] | None = None) -> dict[str, EvalResult]:
+                      compliance_out: list[str] | None = None) -> EvalPasses:
     """Every score of the reloaded artifact (`tag`: its format, e.g. int6_brotli), in order: the flat
     roundtrip, the sliding window if EVAL_STRIDE is set, test-time training if TTT_ENABLED. The clock's
     `eval` phase runs from the artifact read (started by the caller) to the final score and is logged
-    per phase. A plain pass that would end past MAX_EVAL_SECONDS is cut (never reported partially);
-    TTT stops adapting instead, early enough to score the rest plainly. The compliance block's lines
-    are also appended to `compliance_out` (the run manifest keeps them)."""
-    rt, log, seq_len = ctx.rt, ctx.log, hp.effective_eval_seq_len
+    per phase. Under MAX_EVAL_SECONDS a pass whose measured plain cost does not fit in what is left is
+    skipped, and one that stops fitting while it runs is cut (TTT first stops adapting); the final score
+    is then the last pass that completed (see EvalPasses). The compliance block's lines are also
+    appended to `compliance_out` (the run manifest keeps them)."""
+    rt, log, seq_len, world_size = ctx.rt, ctx.log, hp.effective_eval_seq_len, ctx.rt.world_size
     stamp = NON_RECORD_STAMP if hp.allow_val_adaptation else ""
     model.eval()
     logits_fn = maybe_compile(model.forward_logits, use_compile, "eval_forward_logits")
@@ -5234,57 +5400,92 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
         phases[name] = clock.elapsed_ms("eval") - sum(phases.values())
         return phases[name]
 
-    for line in eval_flops_plan(hp, model.cfg, val_tokens, ctx.looping, rt.world_size):
+    for line in eval_flops_plan(hp, model.cfg, val_tokens, ctx.looping, world_size):
         log(line)
-    settings = ttt_settings(hp, batch_seqs, ttt_rows(hp, val_tokens, rt.world_size)) if hp.ttt_enabled else None
+    settings = ttt_settings(hp, batch_seqs, ttt_rows(hp, val_tokens, world_size)) if hp.ttt_enabled else None
+    budget = EvalBudget(lambda: clock.elapsed_ms("eval"), clock.eval_cap_ms, rt)
+    ctx = dataclasses.replace(ctx, budget=budget)
     warm = warm_up_evaluation(model, logits_fn, luts, ctx, seq_len=seq_len, batch_seqs=batch_seqs, ttt=settings,
                               lora_forward=lora_forward)
     log(f"eval_warmup: source:synthetic tokens:{warm['tokens']} causal_self_test:ok max_earlier_logit_change:"
         f"{warm['causal_diff']:.3g} ttt_path:{int(settings is not None)} weights_restored:1 "
         f"time:{phase_done('warmup'):.0f}ms")
-    # agreed across ranks, so every rank stops at the same batch
-    ctx = dataclasses.replace(ctx, stop=lambda: clock.eval_cap_ms is not None and agree_max(
-        [float(clock.elapsed_ms("eval") > clock.eval_cap_ms)], rt)[0] > 0)
-    results: dict[str, EvalResult] = {}
+    num_targets, stride = val_tokens.numel() - 1, hp.eval_stride if 0 < hp.eval_stride < seq_len else 0
 
-    def report(stage: str, name: str, detail: str = "") -> None:
-        r, ms = results[stage], phase_done(stage)
+    def plain_ms(stage: str) -> float:
+        """What the pass costs scored plainly, from the step costs measured so far."""
+        windows = plan_windows(num_targets, seq_len, (stride if stage != "roundtrip" else 0) or seq_len)
+        if stage != "ttt":
+            rounds = max(map(len, window_rounds(windows, seq_len, batch_seqs, world_size)))
+        elif settings.mode == "chunked":
+            rounds = sum(chunk_rounds(chunk_windows(windows, settings.chunk_tokens), settings, world_size))
+        else:
+            return budget.costs.plain_ms(document_step_widths(val_tokens, settings, rt))
+        return rounds * budget.costs.ms("window")
+
+    def run_pass(stage: str) -> EvalResult:
+        if stage != "ttt":
+            return evaluate(lambda x: logits_fn(x, ctx.looping), val_tokens, luts, ctx, seq_len=seq_len,
+                            batch_seqs=batch_seqs, stride=stride if stage == "sliding" else 0)
+        ledger = ScoreLedger(val_tokens, luts, rt.device, group=rt.control_group)
+        info = run_ttt(model, ledger, settings, ctx, logits_fn=logits_fn, lora_forward=lora_forward)
+        check_scored_once(ledger)
+        adapted = torch.tensor([ledger.adapted_targets], dtype=torch.float64, device=rt.device)
+        passes.ttt_info = dataclasses.replace(info, adapted_targets=int(all_reduce_sum(adapted).item()))
+        log(f"ttt:done mode:{hp.ttt_mode} chunks_or_rounds:{info.chunks} adapted:{info.trained_chunks} "
+            f"steps:{info.steps} score:{info.score_ms:.0f}ms adapt:{info.adapt_ms:.0f}ms "
+            f"adaptation_stopped:{info.stopped_at or 'never'}")
+        return ledger.result()
+
+    names = {"roundtrip": "quantized", "sliding": "quantized_sliding_window",
+             "ttt": TTT_SCORE_LABELS.get(hp.ttt_mode)}
+    details = {"sliding": f" stride:{hp.eval_stride} seq_len:{seq_len}"}
+    passes = EvalPasses()
+    for stage in ["roundtrip"] + ["sliding"] * bool(stride) + ["ttt"] * hp.ttt_enabled:
+        if budget.cap_ms is not None:
+            need, left = budget.left_ms(plain_ms(stage))
+            if need > left:
+                passes.status[stage] = "skipped"
+                log(f"eval:skipped {stage} needs ~{need / 1000:.1f}s, {max(left, 0) / 1000:.1f}s left")
+                continue
+        try:
+            r = passes.results[stage] = run_pass(stage)
+        except EvalPassCut as e:
+            budget.costs.running = None  # the step in flight never ran
+            passes.status[stage] = "cut"
+            log(f"eval:cut {stage} {e}; it is not scored (time:{phase_done(stage):.0f}ms)")
+            continue
+        ms, within = phase_done(stage), budget.cap_ms is None or clock.elapsed_ms("eval") <= budget.cap_ms
+        passes.status[stage] = "complete" if within else "over_budget"
         if stage == "roundtrip":
             log(f"final_{tag}_roundtrip val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{ms:.0f}ms{stamp}")
-        log(f"{name} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{ms:.0f}ms{detail}{stamp}")
-        log(f"{final_score_log_key(stage, tag)} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
-
-    sliding = ("sliding", hp.eval_stride, "quantized_sliding_window", f" stride:{hp.eval_stride} seq_len:{seq_len}")
-    for stage, stride, name, detail in [("roundtrip", 0, "quantized", "")] + [sliding] * (0 < hp.eval_stride < seq_len):
-        results[stage] = evaluate(lambda x: logits_fn(x, ctx.looping), val_tokens, luts, ctx, seq_len=seq_len,
-                                  batch_seqs=batch_seqs, stride=stride)
-        report(stage, name, detail)
-    ttt_info = None
-    if settings is not None:
-        ledger = ScoreLedger(val_tokens, luts, rt.device, group=rt.control_group)
-        budget = AdaptationBudget(lambda: clock.elapsed_ms("eval"), clock.eval_cap_ms, rt)
-        ttt_info = run_ttt(model, ledger, settings, dataclasses.replace(ctx, budget=budget), logits_fn=logits_fn,
-                           lora_forward=lora_forward)
-        check_scored_once(ledger)
-        results["ttt"] = ledger.result()
-        adapted = torch.tensor([ledger.adapted_targets], dtype=torch.float64, device=rt.device)
-        ttt_info = dataclasses.replace(ttt_info, adapted_targets=int(all_reduce_sum(adapted).item()))
-        log(f"ttt:done mode:{hp.ttt_mode} chunks_or_rounds:{ttt_info.chunks} adapted:{ttt_info.trained_chunks} "
-            f"steps:{ttt_info.steps} score:{ttt_info.score_ms:.0f}ms adapt:{ttt_info.adapt_ms:.0f}ms "
-            f"adaptation_stopped:{ttt_info.stopped_at or 'never'}")
-        report("ttt", TTT_SCORE_LABELS[hp.ttt_mode])
+        log(f"{names[stage]} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{ms:.0f}ms"
+            f"{details.get(stage, '')}{stamp}")
+        if within:
+            log(f"{final_score_log_key(stage, tag)} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
+        else:
+            log(f"eval:over_budget {stage} ended at {clock.elapsed_ms('eval') / 1000:.1f}s, past the "
+                f"{budget.cap_ms / 1000:.1f}s budget")
     eval_ms = clock.elapsed_ms("eval")
+    if not passes.results:
+        raise RunError(f"evaluation budget (MAX_EVAL_SECONDS={hp.max_eval_seconds:g}) ran out before any pass "
+                       f"completed ({passes.line()}), so no score is reported; raise "
+                       "MAX_EVAL_SECONDS or lower VAL_BATCH_SIZE")
+    final = passes.final_stage
+    r = passes.results[final]
+    if passes.status[final] != "complete":  # over budget, but the only score there is: reported, not eligible
+        log(f"{final_score_log_key(final, tag)} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
     log("eval_phases: " + " ".join(f"{k}:{v:.0f}ms" for k, v in phases.items()) + f" total:{eval_ms:.0f}ms "
         f"budget:{'none' if clock.eval_cap_ms is None else f'{clock.eval_cap_ms:.0f}ms'}")
-    for line in compliance_lines(results, ttt_info, hp, eval_ms=eval_ms, eval_cap_ms=clock.eval_cap_ms,
+    for line in compliance_lines(passes, hp, eval_ms=eval_ms, eval_cap_ms=clock.eval_cap_ms,
                                  causal_diff=warm["causal_diff"], prequant=prequant):
         log(line)
         if compliance_out is not None:
             compliance_out.append(line)
-    final = next(reversed(results))
-    log(f"final_score stage:{final} val_loss:{results[final].val_loss:.8f} val_bpb:{results[final].val_bpb:.8f} "
-        f"total_eval_time:{eval_ms / 1000:.1f}s{stamp}")
-    return results
+    log(f"final_score stage:{final} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} "
+        f"total_eval_time:{eval_ms / 1000:.1f}s" + (f" fallback_from:{passes.asked_stage}" if passes.fallback else "")
+        + stamp)
+    return passes
 
 
 def load_artifact_model(path: Path, device: torch.device, expect: ModelConfig | None = None,
@@ -5305,9 +5506,10 @@ def load_artifact_model(path: Path, device: torch.device, expect: ModelConfig | 
 
 @dataclass
 class ArtifactScore:
-    """What score_artifact measured: each stage's result in run order (the last is the submitted
-    score), the byte counts, and the artifact's tag (the log keys are named after it)."""
-    results: dict[str, EvalResult]
+    """What score_artifact measured: what each evaluation pass came to and the scores of those that
+    completed (`passes`, which says which one is submitted), the byte counts, and the artifact's tag
+    (the log keys are named after it)."""
+    passes: EvalPasses
     code_bytes: int
     model_bytes: int
     tag: str
@@ -5317,8 +5519,20 @@ class ArtifactScore:
         return self.code_bytes + self.model_bytes
 
     @property
+    def results(self) -> dict[str, EvalResult]:
+        return self.passes.results
+
+    @property
     def final_stage(self) -> str:
-        return next(reversed(self.results))
+        return self.passes.final_stage
+
+    def final_score_record(self) -> dict:
+        """The manifest's final_score: the submitted score and the log line that reports it
+        (records/records.py checks they agree), and the stage the run asked for if it fell back."""
+        stage = self.final_stage
+        return {"stage": stage, "log_key": final_score_log_key(stage, self.tag), **eval_record(self.results[stage]),
+                "asked_stage": self.passes.asked_stage, "fallback": self.passes.fallback,
+                "passes": dict(self.passes.status)}
 
 
 def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: torch.Tensor, luts: ByteLuts,
@@ -5334,13 +5548,13 @@ def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: tor
                                               * hp.effective_eval_seq_len))
     tag = header["meta"].get("tag", "quantized")
     ctx = EvalContext(rt, lambda: autocast_context(hp, rt.device), bool(header["meta"].get("looping", False)), log=log)
-    results = evaluate_artifact(hp, fresh, val_tokens, luts, clock, ctx, use_compile=use_compile,
-                                batch_seqs=batch_seqs, tag=tag, prequant=prequant, compliance_out=compliance_out)
+    passes = evaluate_artifact(hp, fresh, val_tokens, luts, clock, ctx, use_compile=use_compile,
+                               batch_seqs=batch_seqs, tag=tag, prequant=prequant, compliance_out=compliance_out)
     clock.stop()
     total = model_bytes + n_code
     log(f"artifact code_bytes:{n_code} model_bytes:{model_bytes} total_bytes:{total} "
         f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(total <= ARTIFACT_LIMIT_BYTES)}")
-    return ArtifactScore(results, n_code, model_bytes, tag)
+    return ArtifactScore(passes, n_code, model_bytes, tag)
 
 
 # ==================================================================================================
@@ -5791,6 +6005,7 @@ def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -
             f"vocab {hp.vocab_size} quant_method:{header['meta'].get('quant_method')}")
         for line in early:
             log(line)
+        hp = choose_attention_backend(hp, rt, bool(header["model"].get("doc_masked_attention")), log)
         manifest.update(data=data_fingerprint(hp.data_path, hp.tokenizer_path, splits=("val",)) if rt.is_main else {})
         clock = PhaseClock(None, 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None)
         if use_compile:
@@ -5801,11 +6016,10 @@ def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -
         if use_compile:
             log(_active_compile.line())
         log(clock.summary())
-        results, fits, final_stage = scored.results, scored.total_bytes <= ARTIFACT_LIMIT_BYTES, scored.final_stage
+        fits = scored.total_bytes <= ARTIFACT_LIMIT_BYTES
         manifest.finish(
-            "complete", scores={name: eval_record(r) for name, r in results.items()},
-            final_score={"stage": final_stage, "log_key": final_score_log_key(final_stage, scored.tag),
-                         **eval_record(results[final_stage])},
+            "complete", scores={name: eval_record(r) for name, r in scored.results.items()},
+            final_score=scored.final_score_record(),
             artifact={"code_bytes": scored.code_bytes, "model_bytes": scored.model_bytes,
                       "total_bytes": scored.total_bytes, "limit": ARTIFACT_LIMIT_BYTES, "fits": fits,
                       "path": str(path.resolve()), "sha256": file_sha256(path)},
@@ -5820,7 +6034,7 @@ def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -
         raise
     finally:
         release_run_dir(out_dir)
-    return dict(results=scored.results, roundtrip=scored.results["roundtrip"], code_bytes=scored.code_bytes,
+    return dict(results=scored.results, roundtrip=scored.results.get("roundtrip"), code_bytes=scored.code_bytes,
                 model_bytes=scored.model_bytes, total_bytes=scored.total_bytes, tag=scored.tag, run_id=hp.run_id,
                 run_dir=str(out_dir), phases=dict(clock.totals), log_path=str(log.path), cap_ms=None,
                 train_data_access_end_ms=0.0, compile=compile_summary())
@@ -5947,6 +6161,13 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
                       reserve.prequant)
 
 
+def choose_attention_backend(hp: Hyperparameters, rt: Runtime, doc_masked: bool, log) -> Hyperparameters:
+    """ATTN_BACKEND resolved on this device (see select_attention_backend), logged with the reason."""
+    backend, why = select_attention_backend(hp.attn_backend, rt.device, doc_masked)
+    log(f"attention_backend:{backend}{'_varlen' if backend == 'fa3' and doc_masked else ''} reason:{why}")
+    return dataclasses.replace(hp, attn_backend=backend)
+
+
 def start_training_run(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_dir: Path, log,
                        manifest: "RunManifest") -> TrainingRun:
     """Load and check the data, then build the model and its optimizers, logging what was built."""
@@ -5956,9 +6177,7 @@ def start_training_run(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
     manifest.update(data=data_fingerprint(hp.data_path, hp.tokenizer_path) if rt.is_main else {})
     check_shapes_fit(hp, rt, train_files, val_tokens)
 
-    backend, why = select_attention_backend(hp.attn_backend, rt.device)
-    hp = dataclasses.replace(hp, attn_backend=backend)
-    log(f"attention_backend:{backend} ({why})")
+    hp = choose_attention_backend(hp, rt, hp.doc_masked_attention, log)
     random_seed_all(hp.seed)
     base_model = GPT(ModelConfig.from_hparams(hp)).to(rt.device)
     compiled = maybe_compile(base_model, use_compile, "train_step")
@@ -5969,9 +6188,9 @@ def start_training_run(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
         log(line)
     log(f"world_size:{rt.world_size} grad_accum_steps:{hp.grad_accum_for(rt.world_size)} compile:{int(use_compile)} "
         f"compute_dtype:{resolved_compute_dtype(hp, rt.device)}")
-    doc_mask = "off" if not hp.doc_masked_attention else "flex" if use_compile and rt.device.type == "cuda" else "sdpa"
-    log(f"attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads} document_mask:{doc_mask}"
-        + (" (FA3 runs only without a document mask)" if doc_mask != "off" and backend == "fa3" else ""))
+    doc_mask = "off" if not hp.doc_masked_attention else "varlen" if hp.attn_backend == "fa3" else (
+        "flex" if use_compile and rt.device.type == "cuda" else "sdpa")
+    log(f"attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads} document_mask:{doc_mask}")
     log(f"tie_embeddings:{hp.tie_embeddings} embed_lr:{hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr} "
         f"head_lr:{hp.head_lr if not hp.tie_embeddings else 0.0} matrix_lr:{hp.matrix_lr} scalar_lr:{hp.scalar_lr}")
     log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} iterations:{hp.iterations} "
@@ -6148,9 +6367,7 @@ def finish_run(run: TrainingRun, state: TrainState, choice: str, pre_quant: Eval
     run.manifest.finish(
         "complete",
         scores={"pre_quant": eval_record(pre_quant), **{name: eval_record(r) for name, r in results.items()}},
-        # The submitted score and the log line that reports it (records/records.py checks they agree).
-        final_score={"stage": final_stage, "log_key": final_score_log_key(final_stage, scored.tag),
-                     **eval_record(final)},
+        final_score=scored.final_score_record(),
         artifact={"code_bytes": n_code, "model_bytes": artifact_bytes, "total_bytes": total_bytes,
                   "limit": ARTIFACT_LIMIT_BYTES, "fits": fits, "file": artifact_path.name,
                   "sha256": file_sha256(artifact_path), "code_file": RUN_CODE_NAME,
@@ -6170,7 +6387,8 @@ def finish_run(run: TrainingRun, state: TrainState, choice: str, pre_quant: Eval
     )
     return dict(run_id=hp.run_id, run_dir=str(run.out_dir), steps=state.step, stopped_early=state.stopped_early,
                 epochs_consumed=state.epochs_consumed, train_losses=state.train_losses, pre_quant=pre_quant,
-                roundtrip=results["roundtrip"], evals=results, final=final, export_choice=choice, code_bytes=n_code,
+                roundtrip=results.get("roundtrip"), evals=results, final=final, final_stage=final_stage,
+                fallback=scored.passes.fallback, export_choice=choice, code_bytes=n_code,
                 model_bytes=artifact_bytes, total_bytes=total_bytes, phases=dict(clock.totals),
                 training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms, log_path=str(run.log.path),
                 non_record=bool(reasons), prequant_ttt=prequant, train_data_access_end_ms=access.end_ms,

@@ -119,6 +119,12 @@ def check_log_matches_manifest(run: Run) -> None:
         raise RecordError(f"{artifact}: {artifact.stat().st_size} bytes on disk, manifest.json says {art['model_bytes']}")
 
 
+def final_stage_text(run: Run) -> str:
+    """The stage of the submitted score, and the one the run asked for if the eval budget made it fall back."""
+    final = run.final
+    return final["stage"] + (f" (fallback from {final['asked_stage']})" if final.get("fallback") else "")
+
+
 def data_identity(run: Run) -> dict:
     """The tokenizer's sha256 and one digest of the validation shards' checksums, from the manifest
     (None where an older manifest does not record them). The config hash leaves the data paths out, so
@@ -144,6 +150,11 @@ def check_submittable(runs: list[Run]) -> None:
             detail = ", ".join(f"{name}={str(value)[:12]}" for name, value in values.items())
             raise RecordError(f"runs mix {what} ({detail}); a record's seeds must be trained and scored on one "
                               "tokenizer and one validation set: re-run them with the same TOKENIZER_PATH and DATA_PATH")
+    stages = {r.name: final_stage_text(r) for r in runs}
+    if len({r.final["stage"] for r in runs}) > 1:
+        raise RecordError(f"runs end at different evaluation stages ({', '.join(f'{k}={v}' for k, v in stages.items())});"
+                          " a record's seeds are scored the same way: re-run the seeds that fell back with more "
+                          "MAX_EVAL_SECONDS or a cheaper final pass")
     seeds = [r.seed for r in runs]
     if len(set(seeds)) != len(seeds):
         raise RecordError(f"seeds repeat ({seeds}); each run of a submission needs its own seed")
@@ -361,7 +372,7 @@ def seed_results(runs: list[Run]) -> dict:
             "artifact_bytes": m["artifact"]["total_bytes"], "steps": m["training"]["steps"],
             "step_avg_ms": m["training"]["train_time_ms"] / max(m["training"]["steps"], 1),
             "train_time_s": m["compliance"]["train_time_ms"] / 1000, "eval_time_s": m["compliance"]["eval_time_ms"] / 1000,
-            "run_id": m["run_id"],
+            "run_id": m["run_id"], "final_stage": final_stage_text(r),
         }
     return out
 
@@ -381,7 +392,7 @@ def submission_json(runs: list[Run], args, stats: dict, track: str) -> dict:
         "bytes_total": max(totals), "bytes_code": best_code, "artifact_bytes_mean": sum(totals) / len(totals),
         "artifact_bytes_max": max(totals), "seeds": [r.seed for r in runs], "seed_results": seed_results(runs),
         "config_hash": first["config_hash"], "code_sha256": first["code"]["train_gpt_sha256"],
-        "final_score_line": runs[0].final["log_key"],
+        "final_score_line": runs[0].final["log_key"], "final_stage": final_stage_text(runs[0]),
         "significance": stats["tests"],
         "compliance": {
             "train_under_600s": all(r.manifest["compliance"]["train_time_ms"] <= TRAIN_LIMIT_MS for r in runs),
@@ -406,7 +417,8 @@ def readme_text(runs: list[Run], sub: dict, stats: dict, plots: list[str], args)
     lines += [args.blurb or "", "",
               f"Mean over {len(runs)} seeds: **val_bpb {stats['val_bpb_mean']:.8f}** (std {stats['val_bpb_std']:.8f}), "
               f"val_loss {stats['val_loss_mean']:.8f} nats (std {stats['val_loss_std']:.8f}); largest artifact "
-              f"{sub['bytes_total']:,} bytes (code {sub['bytes_code']:,}). Score line: `{sub['final_score_line']}`.", "",
+              f"{sub['bytes_total']:,} bytes (code {sub['bytes_code']:,}). Score line: `{sub['final_score_line']}` "
+              f"(stage: {sub['final_stage']}).", "",
               "| seed | val_loss | val_bpb | pre-quant val_bpb | steps | train s | eval s | artifact bytes |",
               "|---|---|---|---|---|---|---|---|"]
     for seed, r in sub["seed_results"].items():
@@ -500,9 +512,11 @@ def compare_table(runs: list[Run]) -> str:
     differ = sorted(k for k in configs[0] if len({json.dumps(c.get(k)) for c in configs}) > 1 and k != "run_id")
     rows = [("config_hash", [r.manifest["config_hash"][:12] for r in runs])]
     rows += [(f"config.{k}", [c.get(k) for c in configs]) for k in differ]
-    for name in runs[0].manifest.get("scores", {}):
-        rows.append((f"{name}.val_bpb", [f"{r.manifest['scores'][name]['val_bpb']:.8f}" for r in runs]))
-        rows.append((f"{name}.val_loss", [f"{r.manifest['scores'][name]['val_loss']:.8f}" for r in runs]))
+    rows.append(("final_score.stage", [final_stage_text(r) for r in runs]))
+    for name in dict.fromkeys(k for r in runs for k in r.manifest.get("scores", {})):  # a pass a run fell back from: -
+        for key in ("val_bpb", "val_loss"):
+            rows.append((f"{name}.{key}", [f"{r.manifest['scores'][name][key]:.8f}" if name in r.manifest["scores"]
+                                           else "-" for r in runs]))
     rows.append(("artifact.total_bytes", [r.manifest["artifact"]["total_bytes"] for r in runs]))
     rows.append(("artifact.model_bytes", [r.manifest["artifact"]["model_bytes"] for r in runs]))
     rows.append(("training.steps", [r.manifest["training"]["steps"] for r in runs]))

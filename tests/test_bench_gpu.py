@@ -12,7 +12,7 @@ from conftest import ROOT, subprocess_env
 
 @pytest.mark.slow
 def test_gpu_probe_dry_run_runs_every_phase_and_writes_its_report(sample_dataset, tmp_path):
-    limits = [f"--{name}-limit=300" for name in ("env", "tests", "train", "export", "eval")]
+    limits = [f"--{name}-limit=300" for name in ("env", "tests", "train", "export", "eval", "attention")]
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "bench" / "bench_gpu.py"), "--dry-run",
                            "--data", sample_dataset["dataset_dir"], "--tokenizer", sample_dataset["tokenizer_path"],
                            "--out", str(tmp_path), *limits], env=subprocess_env({}), capture_output=True, text=True,
@@ -20,7 +20,7 @@ def test_gpu_probe_dry_run_runs_every_phase_and_writes_its_report(sample_dataset
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_probe.json").read_text())
     phases = report["phases"]
-    assert list(phases) == ["env", "tests", "train", "export", "eval"]
+    assert list(phases) == ["env", "tests", "train", "export", "eval", "attention"]
     assert all(p["status"].startswith("ok") for p in phases.values()), {k: p["status"] for k, p in phases.items()}
     assert phases["env"]["torch"] == torch.__version__ and phases["env"]["cuda_available"] is False
     cuda_tests = (ROOT / "tests" / "test_cuda.py").read_text().count("\ndef test_") + sum(
@@ -35,4 +35,7 @@ def test_gpu_probe_dry_run_runs_every_phase_and_writes_its_report(sample_dataset
     assert 1000 < phases["eval"]["targets"] < 4000
     for stage in ("roundtrip", "sliding", "ttt"):  # the record recipe's three passes, each extrapolated
         assert phases["eval"][f"{stage}_s_per_M_targets"] > 0 and phases["eval"][f"{stage}_projected_8gpu_s"] > 0
+    # no CUDA: the dense-mask SDPA step only, and why FA3's varlen kernel is not measured
+    assert phases["attention"]["sdpa_ms_per_step"] > 0 and phases["attention"]["documents_per_batch"] > 16
+    assert phases["attention"]["fa3_varlen"] == "flash_attn_interface not installed"
     assert (tmp_path / "gpu_probe.md").read_text().startswith("# GPU probe: no GPU")

@@ -254,15 +254,15 @@ def test_budget_stops_adaptation_and_scores_the_rest_plainly(sample_dataset):
     model = ttt_model()
     model.eval()
     device = SimulatedDevice(model)  # the budget's clock: deterministic, whatever the machine's load
-    budget = tg.AdaptationBudget(lambda: device.ms, cap_ms=4.0)
+    budget = tg.EvalBudget(lambda: device.ms, cap_ms=4.0)
     ledger = tg.ScoreLedger(val, luts, CPU)
     info = tg.run_ttt(model, ledger, SETTINGS, ctx(budget=budget))
     tg.check_scored_once(ledger)
     assert 0 < info.trained_chunks < 7 and info.stopped_at == f"chunk {info.trained_chunks + 1}/8"
     assert device.ms <= 4.0
     # No budget: adaptation decisions are never taken away.
-    assert tg.AdaptationBudget(lambda: 1e12, None).allows(1e12, 1e12, "x")
-    plain = tg.AdaptationBudget(lambda: 100.0, 1000.0)
+    assert tg.EvalBudget(lambda: 1e12, None).allows(1e12, 1e12, "x")
+    plain = tg.EvalBudget(lambda: 100.0, 1000.0)
     assert plain.allows(400.0, 500.0, "a") and not plain.allows(400.0, 501.0, "b") and plain.stopped_at == "b"
     assert not plain.allows(0.0, 0.0, "c")  # once stopped, stopped for good
 
@@ -280,7 +280,7 @@ class SimulatedDevice:
         self.ms += cost * x.shape[0] * x.shape[1] / 1000
 
 
-class RecordingBudget(tg.AdaptationBudget):
+class RecordingBudget(tg.EvalBudget):
     """Notes each decision's elapsed + next step + plain rest, the sum the cap is held against."""
 
     def __init__(self, *args, **kwargs):

@@ -14,6 +14,10 @@ a later one fails):
   5. eval    EVAL_ONLY=1 on the artifact over a fixed slice of validation tokens (--eval-targets): the
              roundtrip, sliding (stride 64, seq 2048) and the recipe's phased TTT, as seconds per million
              targets, extrapolated to the 40.5M-target FineWeb validation set on 8 GPUs against 600 s
+  6. attention  ms per compiled training step (forward and backward, no optimizer) of the record model on
+             the record's per-GPU batch of training documents, with each document-mask kernel: FlexAttention
+             and FlashAttention 3's varlen kernel (when installed and it passes its start-up check), side by
+             side, with their graph counts
 
 It writes gpu_probe.json and gpu_probe.md into --out (default: a fresh runs/gpu_probe_<time>/).
 
@@ -58,7 +62,7 @@ DRY_ENV = dict(DEVICE="cpu", ITERATIONS="3", MAX_WALLCLOCK_SECONDS="0", NUM_LAYE
                TRAIN_BATCH_TOKENS="1024", WARMUP_STEPS="0", GPTQ_CALIBRATION_BATCHES="1",
                GPTQ_CALIBRATION_SEQS="2", GPTQ_CALIBRATION_SEQ_LEN="16", VAL_BATCH_SIZE="4096", TTT_LORA_RANK="4",
                TTT_BATCH_SIZE="4", PHASED_TTT_PREFIX_DOCS="4", TTT_CHUNK_TOKENS="512")
-LIMITS = dict(env=20, tests=100, train=200, export=60, eval=100)  # seconds; 480 in all
+LIMITS = dict(env=20, tests=80, train=140, export=50, eval=80, attention=110)  # seconds; 480 in all
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-targets", type=int, default=262_144, help="validation targets the eval phase scores")
     for name, seconds in LIMITS.items():
         ap.add_argument(f"--{name}-limit", type=float, default=seconds, help=f"phase time limit (s), default {seconds}")
-    ap.add_argument("--phase", choices=("env", "export"), help=argparse.SUPPRESS)  # a phase in a child process
+    ap.add_argument("--attention-steps", type=int, default=10, help="timed steps per attention kernel")
+    ap.add_argument("--phase", choices=("env", "export", "attention"), help=argparse.SUPPRESS)  # a child's phase
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -144,6 +149,52 @@ def phase_export(run_dir: Path, env: dict) -> dict:
         out[f"pack_{coder}_bytes"] = len(blob)
         timed(f"unpack_{coder}_s", lambda: tg.unpack_artifact(blob))
     out["quantized_values"] = sum(e.codes.numel() for e in entries if e.bits)
+    return out
+
+
+def phase_attention(env: dict, steps: int) -> dict:
+    """ms per compiled training step (forward and backward) with each document-mask kernel this machine
+    has: FlexAttention and FA3 varlen on CUDA (their graph counts too), SDPA's dense mask on a CPU."""
+    import dataclasses
+    import statistics
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import train_gpt as tg
+
+    hp = tg.Hyperparameters.from_env(env)
+    cuda = torch.cuda.is_available() and hp.device != "cpu"
+    device = torch.device("cuda" if cuda else "cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    backend, why = tg.select_attention_backend("auto", device, doc_masked=True)
+    out: dict = {"fa3_varlen": "ok" if backend == "fa3" else why}
+    kernels = (["flex"] + ["varlen"] * (backend == "fa3")) if cuda else ["sdpa"]
+    rows, seq = hp.train_batch_tokens // hp.train_seq_len, hp.train_seq_len
+    tokens = tg.load_data_shard(tg.shard_files(hp.data_path, "train")[0])[: rows * seq + 1].long()
+    x, y = tokens[:-1].view(rows, seq).to(device), tokens[1:].view(rows, seq).to(device)
+    out["documents_per_batch"] = int((x == tg.BOS_ID).sum()) + rows  # with every row's leading tail
+    for kernel in kernels:
+        torch._dynamo.reset()
+        with tg.compile_settings(False, tg.CompileRecord("inductor", "error")) as record:
+            cfg = tg.ModelConfig.from_hparams(dataclasses.replace(hp, attn_backend="fa3" if kernel == "varlen" else "sdpa"))
+            model = tg.GPT(cfg).to(device).train()
+            model.doc_attention_kernel = kernel
+            step = tg.maybe_compile(model, cuda, f"train_step_{kernel}")
+            times = []
+            for i in range(3 + steps):  # the first steps compile
+                sync()
+                t0 = time.perf_counter()
+                with tg.autocast_context(hp, device):
+                    loss = step(x, y, False)
+                loss.backward()
+                sync()
+                times.append(1000 * (time.perf_counter() - t0))
+                model.zero_grad(set_to_none=True)
+            out[f"{kernel}_ms_per_step"] = round(statistics.median(times[3:]), 1)
+            out[f"{kernel}_graphs"] = record.graphs.get(f"train_step_{kernel}", 0)
+    if "varlen" in kernels:
+        out["varlen_over_flex"] = round(out["varlen_ms_per_step"] / out["flex_ms_per_step"], 3)
     return out
 
 
@@ -248,7 +299,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.phase:  # a child: print the phase's JSON on the last line
         env = json.loads(os.environ["PROBE_ENV"])
-        result = phase_env() if args.phase == "env" else phase_export(Path(args.run_dir), env)
+        result = phase_env() if args.phase == "env" else phase_attention(env, args.attention_steps) if (
+            args.phase == "attention") else phase_export(Path(args.run_dir), env)
         print(json.dumps(result))
         return 0
     out = Path(args.out or ROOT / "runs" / time.strftime("gpu_probe_%Y%m%d_%H%M%S"))
@@ -311,6 +363,12 @@ def main(argv=None) -> int:
         results["phases"]["eval"].update(eval_report(output, targets))
     else:
         results["phases"]["eval"] = dict(status="skipped (the train phase wrote no artifact)")
+
+    steps = ["--attention-steps", "2"] if args.dry_run else ["--attention-steps", str(args.attention_steps)]
+    output = child("attention", me + ["--data", args.data, "--tokenizer", args.tokenizer, "--phase", "attention",
+                                      *steps])
+    if results["phases"]["attention"]["status"].startswith("ok"):
+        results["phases"]["attention"].update(json.loads(output.strip().splitlines()[-1]))
 
     (out / "gpu_probe.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "gpu_probe.md").write_text(markdown(results))
