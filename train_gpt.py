@@ -96,7 +96,7 @@ class RunError(RuntimeError):
     """An expected failure (missing data, corrupt artifact, ...): reported as one line, exit code 2."""
 
 
-def knob(default, help: str, *, choices: tuple | None = None, min: float | None = None, gt: float | None = None,
+def knob(default, help: str = "", *, choices: tuple | None = None, min: float | None = None, gt: float | None = None,
          max: float | str | None = None, lt: float | str | None = None):
     """A Hyperparameters field and its checks: the allowed choices, or bounds (max and lt may name another knob)."""
     return field(default=default, metadata=dict(help=help, choices=choices, min=min, gt=gt, max=max, lt=lt))
@@ -434,6 +434,20 @@ class Hyperparameters:
             return "recipe" if name in recipe else "default"
 
         return [f"  {f.name}: {getattr(self, f.name)!r} ({source(f.name)})" for f in fields(self)]
+
+
+def knob_view(*names: str):
+    """Class decorator: a frozen dataclass whose fields are these Hyperparameters knobs, under their own
+    names, types and defaults (declared once, in Hyperparameters), after the class's own fields (values
+    computed from the knobs); `from_hparams(hp, **computed)` reads them off."""
+    def make(cls):
+        knobs = {f.name: f for f in fields(Hyperparameters)}
+        cls.__annotations__ = dict(cls.__dict__.get("__annotations__", {}), **{n: knobs[n].type for n in names})
+        for n in names:
+            setattr(cls, n, knobs[n].default)
+        cls.from_hparams = classmethod(lambda c, hp, **values: c(**{n: getattr(hp, n) for n in names} | values))
+        return dataclass(frozen=True)(cls)
+    return make
 
 
 @dataclass(frozen=True)
@@ -1326,63 +1340,26 @@ CONTROL_TENSOR_NAMES = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_
                         "parallel_resid_lambdas", "parallel_post_lambdas", "backout_lambda")
 
 
-# The ModelConfig fields that are not a same-named knob: the knob's name, or a rule on the knobs.
-MODEL_CONFIG_SOURCES = {
-    "mlp_hidden": lambda hp: int(hp.mlp_mult * hp.model_dim),
-    "attn_gate": lambda hp: ("out" if hp.attn_out_gate_enabled else "gated" if hp.gated_attn_enabled
-                             else "sparse" if hp.sparse_attn_gate_enabled else "none"),
-    "smear_gate": "smear_gate_enabled",
-    "skip_gates": "skip_gates_enabled",
-    "attn_backend": lambda hp: "sdpa" if hp.attn_backend == "auto" else hp.attn_backend,
-}
-
-
-@dataclass(frozen=True)
+@knob_view("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
+           "rope_base", "logit_softcap", "qk_gain_init", "tied_embed_init_std", "train_seq_len", "mlp_activation",
+           "mlp_leaky_slope", "rope_dims", "xsa_last_n", "value_residual", "attn_out_gate_enabled",
+           "gated_attn_enabled", "sparse_attn_gate_enabled", "gate_window", "gated_attn_init_std",
+           "sparse_attn_gate_scale", "sparse_attn_gate_init_std", "bigram_vocab_size", "bigram_dim",
+           "smear_gate_enabled", "skip_gates_enabled", "ln_scale", "parallel_start_layer", "parallel_mode",
+           "parallel_final_lane", "backout_layer", "num_loops", "loop_start", "loop_end", "attn_backend",
+           "doc_masked_attention", "ortho_init", "parallel_x0_mix")
 class ModelConfig:
-    vocab_size: int
-    num_layers: int
-    model_dim: int
-    num_heads: int
-    num_kv_heads: int
-    mlp_hidden: int
-    tie_embeddings: bool
-    rope_base: float
-    logit_softcap: float
-    qk_gain_init: float
-    tied_embed_init_std: float
-    train_seq_len: int = 1024
-    mlp_activation: str = "relu2"
-    mlp_leaky_slope: float = 0.5
-    rope_dims: int = 0  # 0 = the whole head
-    xsa_last_n: int = 0
-    value_residual: bool = False
-    attn_gate: str = "none"  # none | out | gated | sparse
-    gate_window: int = 12
-    gated_attn_init_std: float = 0.01
-    sparse_attn_gate_scale: float = 1.0
-    sparse_attn_gate_init_std: float = 0.0
-    bigram_vocab_size: int = 0
-    bigram_dim: int = 128
-    smear_gate: bool = False
-    skip_gates: bool = False
-    ln_scale: bool = False
-    parallel_start_layer: int = -1  # -1 = off
-    parallel_mode: str = "two_lane"  # gptj | two_lane
-    parallel_final_lane: str = "mean"  # mean | attn | mlp
-    backout_layer: int = -1  # -1 = off; a virtual layer index
-    num_loops: int = 0
-    loop_start: int = 0
-    loop_end: int = 0
-    attn_backend: str = "sdpa"  # sdpa | fa3 (resolved by select_attention_backend, never "auto")
-    doc_masked_attention: bool = False
-    ortho_init: bool = False
-    parallel_x0_mix: str = "read"  # read | lane
+    """The knobs the model is built from, as the artifact records them (attn_backend: resolved on the
+    device, see select_attention_backend; "auto" builds SDPA)."""
 
-    @classmethod
-    def from_hparams(cls, hp: Hyperparameters) -> "ModelConfig":
-        """Every field by name: the same-named knob, or its entry in MODEL_CONFIG_SOURCES."""
-        sources = {f.name: MODEL_CONFIG_SOURCES.get(f.name, f.name) for f in fields(cls)}
-        return cls(**{k: src(hp) if callable(src) else getattr(hp, src) for k, src in sources.items()})
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_mult * self.model_dim)
+
+    @property
+    def attn_gate(self) -> str:
+        return ("out" if self.attn_out_gate_enabled else "gated" if self.gated_attn_enabled
+                else "sparse" if self.sparse_attn_gate_enabled else "none")
 
     def layer_order(self, looping: bool) -> list[int]:
         """Physical block index of each virtual layer: the loop segment repeats when looping is on."""
@@ -1760,7 +1737,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
         self.bigram = BigramHash(cfg) if cfg.bigram_vocab_size > 0 else None
-        if cfg.smear_gate:  # x_t += lambda * sigmoid(w . x_t[:window]) * x_{t-1}: identity at init
+        if cfg.smear_gate_enabled:  # x_t += lambda * sigmoid(w . x_t[:window]) * x_{t-1}: identity at init
             self.smear_gate_w = nn.Parameter(torch.zeros(cfg.gate_window))
             self.smear_lambda = nn.Parameter(torch.zeros(()))
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
@@ -1776,7 +1753,7 @@ class GPT(nn.Module):
         # for the longest (looped) layer order; the plain order uses a prefix.
         num_skips = cfg.max_virtual_layers // 2
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
-        if cfg.skip_gates:  # x <- lerp(w * skip, x, sigmoid(g)), g = 0 at init
+        if cfg.skip_gates_enabled:  # x <- lerp(w * skip, x, sigmoid(g)), g = 0 at init
             self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim))
         if cfg.backout_layer >= 0:
             self.backout_lambda = nn.Parameter(torch.zeros(()))
@@ -1790,7 +1767,7 @@ class GPT(nn.Module):
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids)
-        if self.cfg.smear_gate:
+        if self.cfg.smear_gate_enabled:
             prev = F.pad(x[:, :-1], (0, 0, 1, 0))  # x_{t-1}, zero at t = 0
             gate = torch.sigmoid(x[..., : self.cfg.gate_window] @ self.smear_gate_w.to(x.dtype))[..., None]
             not_bos = (input_ids != BOS_ID)[..., None].to(x.dtype)  # a BOS never takes the previous doc in
@@ -1815,7 +1792,7 @@ class GPT(nn.Module):
             j = i - num_encoder
             if 0 <= j < num_encoder:
                 skip = self.skip_weights[j].to(x.dtype) * skips.pop()
-                x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype)) if self.cfg.skip_gates else x + skip
+                x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype)) if self.cfg.skip_gates_enabled else x + skip
             x, mlp_lane, v_raw = self.blocks[layer](x, x0, v_first, mlp_lane, docs)
             v_first = v_raw if v_first is None else v_first
             if i < num_encoder:
@@ -2058,35 +2035,20 @@ def training_fraction(step: int, elapsed_ms: float, *, iterations: int, budget_m
     return min(elapsed_ms / budget_ms, 1.0) if budget_ms > 0 else 1.0
 
 
-def lr_schedule(fraction: float, *, warmup_frac: float, warmdown_frac: float, min_lr: float) -> float:
-    """LR multiplier: linear warm-up over the first WARMUP_FRAC, 1.0, then a linear warmdown over the
-    last WARMDOWN_FRAC down to the MIN_LR floor."""
-    if warmup_frac > 0 and fraction < warmup_frac:
-        return max(fraction / warmup_frac, min_lr)
-    if warmdown_frac > 0 and fraction > 1 - warmdown_frac:
-        return max((1 - fraction) / warmdown_frac, min_lr)
-    return 1.0
-
-
-def lr_multiplier(step: int, elapsed_ms: float, *, iterations: int, warmdown_iters: int,
-                  max_wallclock_ms: float | None) -> float:
-    """The official baseline's schedule (used when WARMDOWN_FRAC=0): 1.0, then a linear decay to 0 over
-    the last WARMDOWN_ITERS steps, converted to time with the average step time under a cap."""
-    if warmdown_iters <= 0:
-        return 1.0
-    if max_wallclock_ms is None:
-        return 1.0 if step < max(iterations - warmdown_iters, 0) else max((iterations - step) / warmdown_iters, 0.0)
-    step_ms = elapsed_ms / max(step, 1)
-    warmdown_ms = warmdown_iters * step_ms
-    remaining_ms = max(max_wallclock_ms - elapsed_ms, 0.0)
-    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
-
-
 def lr_scale_at(hp: Hyperparameters, step: int, elapsed_ms: float, fraction: float, budget_ms: float | None) -> float:
-    if hp.warmdown_frac > 0 or hp.lr_warmup_frac > 0:
-        return lr_schedule(fraction, warmup_frac=hp.lr_warmup_frac, warmdown_frac=hp.warmdown_frac, min_lr=hp.min_lr)
-    return max(lr_multiplier(step, elapsed_ms, iterations=hp.iterations, warmdown_iters=hp.warmdown_iters,
-                             max_wallclock_ms=budget_ms), hp.min_lr)
+    """The LR multiplier: a linear warm-up over the first LR_WARMUP_FRAC of training, 1.0, then a linear
+    warmdown to 0 over the last WARMDOWN_FRAC of it, or (WARMDOWN_FRAC=0, the official baseline) over
+    its last WARMDOWN_ITERS steps, as time at the average step time so far under a budget; never below
+    MIN_LR."""
+    if hp.lr_warmup_frac > 0 and fraction < hp.lr_warmup_frac:
+        return max(fraction / hp.lr_warmup_frac, hp.min_lr)
+    if hp.warmdown_frac > 0:
+        left, length = 1 - fraction, hp.warmdown_frac
+    elif budget_ms is None:
+        left, length = hp.iterations - step, hp.warmdown_iters
+    else:
+        left, length = budget_ms - elapsed_ms, hp.warmdown_iters * (elapsed_ms / max(step, 1))
+    return max(min(max(left, 0) / length, 1.0) if length > 0 else 1.0, hp.min_lr)
 
 
 def looping_active(fraction: float, *, num_loops: int, enable_at: float) -> bool:
@@ -2224,14 +2186,14 @@ class TrainState:
     train_losses: list[float] = field(default_factory=list)
 
 
-def train(hp: Hyperparameters, rt: Runtime, model, base_model: GPT, optimizers, make_loader, evaluate_model,
-          grad_accum: int, autocast, log, clock: PhaseClock, averager: WeightAverager,
-          qat_layers: list[CastedLinear]) -> TrainState:
+def train(run: TrainingRun, averager: WeightAverager) -> TrainState:
     """The timed loop. Each step, ranks agree on the elapsed training time (host clocks, CPU
     collective), and every decision (LR, looping, QAT, SWA, stopping) is a function of it. Training
     stops before a step that would end past the budget, never in the middle of one."""
+    hp, rt, model, base_model, optimizers, log, clock = (run.hp, run.rt, run.model, run.base_model, run.optimizers,
+                                                        run.log, run.clock)
     state = TrainState()
-    loader = make_loader()
+    loader = run.make_loader()
     budget_ms = clock.train_budget_ms
     stop_after_step: int | None = None
     step_ms = 0.0
@@ -2259,7 +2221,7 @@ def train(hp: Hyperparameters, rt: Runtime, model, base_model: GPT, optimizers, 
         if hp.val_loss_every > 0 and state.step % hp.val_loss_every == 0:
             sync()
             clock.start("val")  # the training clock pauses for validation
-            state.last_val = evaluate_model(state.looping)
+            state.last_val = run.evaluate_model(state.looping)
             train_ms = clock.elapsed_ms("train")
             log(f"step:{state.step}/{hp.iterations} val_loss:{state.last_val.val_loss:.4f} "
                 f"val_bpb:{state.last_val.val_bpb:.4f} train_time:{train_ms:.0f}ms "
@@ -2275,13 +2237,14 @@ def train(hp: Hyperparameters, rt: Runtime, model, base_model: GPT, optimizers, 
             state.looping = True
             log(f"layer_loop:enabled step:{state.step} frac:{fraction:.3f} order:{base_model.cfg.layer_order(True)}")
         if hp.qat_enabled and not state.qat and fraction >= hp.qat_start_frac:
-            set_qat(qat_layers, True)
+            set_qat(run.qat_layers, True)
             state.qat = True
-            log(f"qat:enabled step:{state.step} frac:{fraction:.3f} layers:{len(qat_layers)} "
+            log(f"qat:enabled step:{state.step} frac:{fraction:.3f} layers:{len(run.qat_layers)} "
                 f"matrix_bits:{hp.matrix_bits} embed_bits:{hp.embed_bits}")
         scale = lr_scale_at(hp, state.step, elapsed_ms, fraction, budget_ms)
         t_step = clock.now()
-        loss = train_step(model, loader, optimizers, hp, rt, grad_accum, scale, state.step, autocast, state.looping)
+        loss = train_step(model, loader, optimizers, hp, rt, run.grad_accum, scale, state.step, run.autocast,
+                          state.looping)
         state.step += 1
         averager.update(state.step, fraction)
         step_ms = 1000.0 * (clock.now() - t_step)
@@ -4402,24 +4365,17 @@ def check_scored_once(ledger: ScoreLedger) -> None:
 # three window batches' worth per trained token.
 
 
-# Each TTTSettings field and the Hyperparameters knob it is read from (`ttt_settings`). A field has its
-# knob's type and default (and help text); seq_len, a computed value, has neither.
-TTT_KNOBS = {"seq_len": "effective_eval_seq_len", "stride": "eval_stride", "chunk_tokens": "ttt_chunk_tokens",
-             "epochs": "ttt_epochs", "lr": "ttt_lr", "momentum": "ttt_momentum", "batch_seqs": "ttt_batch_seqs",
-             "grad_clip": "ttt_grad_clip", "freeze_blocks": "ttt_freeze_blocks", "mode": "ttt_mode",
-             "lora_rank": "ttt_lora_rank", "lora_lr": "ttt_lora_lr", "lora_alpha": "ttt_lora_alpha",
-             "lora_beta1": "ttt_beta1", "lora_beta2": "ttt_beta2", "lora_wd": "ttt_weight_decay",
-             "warm_start_a": "ttt_warm_start_a", "lora_k": "ttt_k_lora", "lora_o": "ttt_o_lora",
-             "lora_mlp": "ttt_mlp_lora", "doc_chunk": "ttt_chunk_size",
-             "docs_per_batch": "ttt_batch_size",  # documents per rank at a time (a round: this x world size)
-             "prefix_docs": "phased_ttt_prefix_docs", "num_phases": "phased_ttt_num_phases",
-             "global_lr": "global_ttt_lr", "global_epochs": "global_ttt_epochs"}
-_KNOB_FIELDS = {f.name: f for f in fields(Hyperparameters)}
-TTTSettings = dataclasses.make_dataclass(
-    "TTTSettings", [("seq_len", int), ("score_batch_seqs", int, field(default=32))]  # windows per forward, per rank
-    + [(name, _KNOB_FIELDS[knob].type, field(default=_KNOB_FIELDS[knob].default))
-       for name, knob in TTT_KNOBS.items() if knob in _KNOB_FIELDS],
-    frozen=True, namespace={"__module__": __name__, "__doc__": "A TTT pass's settings: one field per TTT_KNOBS entry."})
+@knob_view("eval_stride", "ttt_mode", "ttt_chunk_tokens", "ttt_epochs", "ttt_lr", "ttt_momentum", "ttt_batch_seqs",
+           "ttt_grad_clip", "ttt_freeze_blocks", "ttt_lora_rank", "ttt_lora_lr", "ttt_lora_alpha", "ttt_beta1",
+           "ttt_beta2", "ttt_weight_decay", "ttt_warm_start_a", "ttt_k_lora", "ttt_o_lora", "ttt_mlp_lora",
+           "ttt_chunk_size", "ttt_batch_size", "phased_ttt_prefix_docs", "phased_ttt_num_phases", "global_ttt_lr",
+           "global_ttt_epochs")
+class TTTSettings:
+    """A TTT pass's settings: its knobs, and the window length and scoring batch it runs with.
+    ttt_batch_size is the documents a rank holds at a time (a round: that times the world size)."""
+
+    seq_len: int  # EVAL_SEQ_LEN
+    score_batch_seqs: int = 32  # windows per scoring forward, per rank
 
 
 @dataclass(frozen=True)
@@ -4580,15 +4536,15 @@ def chunk_rounds(groups: list[list[tuple[int, int]]], s: TTTSettings, world_size
 def ttt_chunked(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContext, logits_fn=None) -> TTTResult:
     """Score-first chunked TTT over the whole stream (R0409 form). Scores go into `ledger`."""
     logits_fn = logits_fn or model.forward_logits
-    groups = chunk_windows(plan_windows(ledger.num_targets, s.seq_len, s.stride or s.seq_len), s.chunk_tokens)
+    groups = chunk_windows(plan_windows(ledger.num_targets, s.seq_len, s.eval_stride or s.seq_len), s.ttt_chunk_tokens)
     rounds = chunk_rounds(groups, s, ctx.rt.world_size)
     tracker = TTTTracker(ctx, ledger.device)
     costs = ctx.budget.costs if tracker.budgeted else None
-    with frozen(p for block in model.blocks[: s.freeze_blocks] for p in block.parameters()):
+    with frozen(p for block in model.blocks[: s.ttt_freeze_blocks] for p in block.parameters()):
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum)
-        tracker.start(f"mode:chunked chunks:{len(groups)} ttt_lr:{s.lr} ttt_epochs:{s.epochs} chunk_tokens:"
-                      f"{s.chunk_tokens} frozen_blocks:{s.freeze_blocks} params:{sum(p.numel() for p in params)}",
+        optimizer = torch.optim.SGD(params, lr=s.ttt_lr, momentum=s.ttt_momentum)
+        tracker.start(f"mode:chunked chunks:{len(groups)} ttt_lr:{s.ttt_lr} ttt_epochs:{s.ttt_epochs} chunk_tokens:"
+                      f"{s.ttt_chunk_tokens} frozen_blocks:{s.ttt_freeze_blocks} params:{sum(p.numel() for p in params)}",
                       nothing_to_adapt(s, ledger.num_targets))
         later = sum(rounds)  # scoring rounds of the chunks not scored yet
         steps = trained_chunks = 0
@@ -4600,19 +4556,19 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContex
                           batch_seqs=s.score_batch_seqs, rounds_after=later)
             tracker.add("score", t0)
             lo, hi = trained_upto, group[-1][1]
-            if ci == len(groups) - 1 or s.epochs == 0:
+            if ci == len(groups) - 1 or s.ttt_epochs == 0:
                 continue  # the last chunk never trains: nothing is left to score with what it would teach
             if costs is not None:  # a chunk never timed: ~3 forward tokens per trained token, as window batches cost
-                adapt_ms = costs.ms("chunk") if "chunk" in costs.sums else costs.ms("window") * 3 * s.epochs * (
+                adapt_ms = costs.ms("chunk") if "chunk" in costs.sums else costs.ms("window") * 3 * s.ttt_epochs * (
                     hi - lo) / (ctx.rt.world_size * s.score_batch_seqs * s.seq_len)
                 if not tracker.allows(adapt_ms, later * costs.ms("window"), f"chunk {ci + 1}/{len(groups)}",
                                       f"{ledger.num_targets - hi} targets"):
                     continue
             t0 = tracker.now()
             ledger.share(lo, hi)
-            steps += adapt_full_model(model, ledger, [(lo, hi)], optimizer, ctx, lr=cosine_lr(s.lr, ci, len(groups)),
-                                      epochs=s.epochs, seq_len=s.seq_len, batch_seqs=s.batch_seqs,
-                                      grad_clip=s.grad_clip)
+            steps += adapt_full_model(model, ledger, [(lo, hi)], optimizer, ctx, lr=cosine_lr(s.ttt_lr, ci, len(groups)),
+                                      epochs=s.ttt_epochs, seq_len=s.seq_len, batch_seqs=s.ttt_batch_seqs,
+                                      grad_clip=s.ttt_grad_clip)
             trained_upto, trained_chunks = hi, trained_chunks + 1
             adapt_ms = tracker.add("adapt", t0)
             if costs is not None:
@@ -4659,7 +4615,7 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContex
 
 def lora_targets(model: GPT, s: "TTTSettings") -> list[str]:
     """Names of the block submodules that get adapters under the TTT_*_LORA switches."""
-    suffixes = ["attn.c_q", "attn.c_v"] + ["attn.c_k"] * s.lora_k + ["attn.proj"] * s.lora_o + ["mlp"] * s.lora_mlp
+    suffixes = ["attn.c_q", "attn.c_v"] + ["attn.c_k"] * s.ttt_k_lora + ["attn.proj"] * s.ttt_o_lora + ["mlp"] * s.ttt_mlp_lora
     return [f"blocks.{i}.{suffix}" for i in range(len(model.blocks)) for suffix in suffixes]
 
 
@@ -4739,7 +4695,7 @@ class DocLoRA:
         self.module_of_hook = [names.index(n) if n in names else -1 for n in self.hooks.names]
         modules = dict(model.named_modules())
         self.slots = [order.count(int(name.split(".")[1])) for name in names]
-        self.scale = (s.lora_alpha or s.lora_rank) / s.lora_rank
+        self.scale = (s.ttt_lora_alpha or s.ttt_lora_rank) / s.ttt_lora_rank
         g = torch.Generator().manual_seed(seed)
         shapes = []  # (in, out) per adapter: every slot of every module, then the head
         for name, n in zip(names, self.slots):
@@ -4748,11 +4704,11 @@ class DocLoRA:
             out = m.proj.out_features if isinstance(m, MLP) else m.out_features
             shapes += [(width, out)] * n
         shapes.append((model.cfg.model_dim, model.cfg.vocab_size))
-        a_init = [(torch.rand(s.lora_rank, i, generator=g) * 2 - 1) / math.sqrt(i) for i, _ in shapes]
+        a_init = [(torch.rand(s.ttt_lora_rank, i, generator=g) * 2 - 1) / math.sqrt(i) for i, _ in shapes]
         self.a_init = [a.expand(num_rows, -1, -1).clone().to(device) for a in a_init]
         self.warm_a = [a.clone() for a in self.a_init]  # per row: the A the next round starts from
         self.a = [a.clone().requires_grad_() for a in self.a_init]
-        self.b = [torch.zeros(num_rows, o, s.lora_rank, device=device, requires_grad=True) for _, o in shapes]
+        self.b = [torch.zeros(num_rows, o, s.ttt_lora_rank, device=device, requires_grad=True) for _, o in shapes]
         self.first_slot = [sum(self.slots[:k]) for k in range(len(self.slots))]  # adapter of module k's slot 0
         self.num_rows = num_rows
 
@@ -4834,10 +4790,10 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lor
     at each step `before_step(i, width, trains)` allows (called on every rank for each of the round's
     `num_steps`, so budget decisions stay collective; once it refuses, it refuses for good). Returns
     (AdamW steps, steps scored with adaptation allowed)."""
-    lora.reset(s.warm_start_a)
-    optimizer = torch.optim.AdamW(lora.params, lr=s.lora_lr, betas=(s.lora_beta1, s.lora_beta2), eps=1e-10,
-                                  weight_decay=s.lora_wd)
-    chunk = min(s.doc_chunk, s.seq_len)  # a window holds its whole chunk
+    lora.reset(s.ttt_warm_start_a)
+    optimizer = torch.optim.AdamW(lora.params, lr=s.ttt_lora_lr, betas=(s.ttt_beta1, s.ttt_beta2), eps=1e-10,
+                                  weight_decay=s.ttt_weight_decay)
+    chunk = min(s.ttt_chunk_size, s.seq_len)  # a window holds its whole chunk
     chunks = [document_chunks(d, chunk) for d in docs]
     steps = adapting = 0
     for i in range(num_steps):
@@ -4882,10 +4838,10 @@ def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]
     ledger.share(0, ledger.num_targets)
     groups: list[list[tuple[int, int]]] = [[]]
     for d in docs:
-        if sum(b - a for a, b in groups[-1]) >= s.chunk_tokens:
+        if sum(b - a for a, b in groups[-1]) >= s.ttt_chunk_tokens:
             groups.append([])
         groups[-1].append(d)
-    optimizer = torch.optim.SGD(list(model.parameters()), lr=s.global_lr, momentum=s.momentum)
+    optimizer = torch.optim.SGD(list(model.parameters()), lr=s.global_ttt_lr, momentum=s.ttt_momentum)
     steps = asked = 0
     refused = False
 
@@ -4896,9 +4852,9 @@ def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]
         return not refused
 
     for gi, group in enumerate(groups):
-        steps += adapt_full_model(model, ledger, group, optimizer, ctx, lr=cosine_lr(s.global_lr, gi, len(groups)),
-                                  epochs=s.global_epochs, seq_len=s.seq_len, batch_seqs=s.batch_seqs,
-                                  grad_clip=s.grad_clip, before_step=gate)
+        steps += adapt_full_model(model, ledger, group, optimizer, ctx, lr=cosine_lr(s.global_ttt_lr, gi, len(groups)),
+                                  epochs=s.global_ttt_epochs, seq_len=s.seq_len, batch_seqs=s.ttt_batch_seqs,
+                                  grad_clip=s.ttt_grad_clip, before_step=gate)
         if refused:
             break
     return steps
@@ -4910,7 +4866,7 @@ def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: li
     which compiles the width's graph; with `costs`, then a timed plain step (the forward) and a timed
     adapting one, the budget's step costs before the first validation step. The adapters are reset
     by the next round."""
-    chunk = min(s.doc_chunk, s.seq_len)
+    chunk = min(s.ttt_chunk_size, s.seq_len)
     optimizer = torch.optim.AdamW(lora.params, lr=0.0)
     device = lora.a[0].device
     for width in widths:
@@ -4934,12 +4890,12 @@ def measure_global_step(model: GPT, s: TTTSettings, ctx: EvalContext, costs: Ste
     synthetic tokens, after an untimed one; every weight is put back."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     device = next(model.parameters()).device
-    source = TrainingTokens(synthetic_tokens(s.batch_seqs * s.seq_len + 1, model.cfg.vocab_size, seed=2), device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=s.momentum)
+    source = TrainingTokens(synthetic_tokens(s.ttt_batch_seqs * s.seq_len + 1, model.cfg.vocab_size, seed=2), device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=s.ttt_momentum)
     for timed in (False, True):
         t0 = costs.now()
         adapt_full_model(model, source, [(0, source.num_targets)], optimizer, ctx, lr=0.0, epochs=1, seq_len=s.seq_len,
-                         batch_seqs=s.batch_seqs, grad_clip=s.grad_clip)
+                         batch_seqs=s.ttt_batch_seqs, grad_clip=s.ttt_grad_clip)
         if timed:
             costs.add("global", costs.now() - t0)
     model.load_state_dict(saved)
@@ -4949,30 +4905,30 @@ def measure_global_step(model: GPT, s: TTTSettings, ctx: EvalContext, costs: Ste
 def nothing_to_adapt(s: TTTSettings, num_targets: int, queue: list[tuple[int, int]] | None = None,
                      round_docs: int = 1) -> str | None:
     """Why a TTT pass with these settings would adapt on nothing that a later score sees, or None."""
-    if s.mode == "chunked":
-        if s.epochs == 0:
+    if s.ttt_mode == "chunked":
+        if s.ttt_epochs == 0:
             return "TTT_EPOCHS=0 (set it > 0)"
-        if num_targets <= s.chunk_tokens:
-            return (f"the {num_targets} validation targets fit in one TTT_CHUNK_TOKENS={s.chunk_tokens} chunk, which "
+        if num_targets <= s.ttt_chunk_tokens:
+            return (f"the {num_targets} validation targets fit in one TTT_CHUNK_TOKENS={s.ttt_chunk_tokens} chunk, which "
                     f"is scored last and never trains (lower TTT_CHUNK_TOKENS)")
         return None
-    chunk = min(s.doc_chunk, s.seq_len)
+    chunk = min(s.ttt_chunk_size, s.seq_len)
     if any(b - a > chunk for a, b in queue):
         return None
-    if s.mode == "phased" and s.global_epochs > 0:
-        first = min(s.prefix_docs, len(queue)) // s.num_phases  # documents the first global phase trains on
+    if s.ttt_mode == "phased" and s.global_ttt_epochs > 0:
+        first = min(s.phased_ttt_prefix_docs, len(queue)) // s.phased_ttt_num_phases  # documents the first global phase trains on
         if first > 0 and -(-first // round_docs) < -(-len(queue) // round_docs):  # it ends before the last round
             return None
     return (f"every one of the {len(queue)} documents fits in one TTT_CHUNK_SIZE={chunk} chunk, which never trains"
-            + (", and no global phase ends before the last round" if s.mode == "phased" else "")
-            + " (lower TTT_CHUNK_SIZE" + (", TTT_BATCH_SIZE or PHASED_TTT_PREFIX_DOCS" if s.mode == "phased" else "")
+            + (", and no global phase ends before the last round" if s.ttt_mode == "phased" else "")
+            + " (lower TTT_CHUNK_SIZE" + (", TTT_BATCH_SIZE or PHASED_TTT_PREFIX_DOCS" if s.ttt_mode == "phased" else "")
             + ")")
 
 
 def document_step_widths(tokens: torch.Tensor, s: TTTSettings, rt: Runtime) -> collections.Counter:
     """This rank's chunk steps of a document TTT pass over `tokens`, by padded width: what scoring it
     plainly takes."""
-    queue, per_rank, chunk = document_queue(tokens), s.docs_per_batch, min(s.doc_chunk, s.seq_len)
+    queue, per_rank, chunk = document_queue(tokens), s.ttt_batch_size, min(s.ttt_chunk_size, s.seq_len)
     rounds = [queue[j : j + per_rank * rt.world_size] for j in range(0, len(queue), per_rank * rt.world_size)]
     return collections.Counter(w for r in rounds for w, _ in round_steps(r[rt.rank * per_rank : (rt.rank + 1) *
                                                                              per_rank], chunk, s.seq_len))
@@ -4983,20 +4939,20 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalCont
     `lora_forward` is `lora_logits` or a compiled form of it."""
     forward, rank = lora_forward or lora_logits, ctx.rt.rank
     queue = document_queue(ledger.tokens)
-    per_rank, round_docs = s.docs_per_batch, s.docs_per_batch * ctx.rt.world_size
+    per_rank, round_docs = s.ttt_batch_size, s.ttt_batch_size * ctx.rt.world_size
     rounds = [queue[j : j + round_docs] for j in range(0, len(queue), round_docs)]
     mine = [r[rank * per_rank : (rank + 1) * per_rank] for r in rounds]
-    chunk = min(s.doc_chunk, s.seq_len)
+    chunk = min(s.ttt_chunk_size, s.seq_len)
     num_steps = [len(document_chunks(r[0], chunk)) for r in rounds]  # every rank's most (the longest is first)
-    phased, prefix = s.mode == "phased", min(s.prefix_docs, len(queue))
-    boundaries = phase_boundaries(prefix, s.num_phases) if phased else []
+    phased, prefix = s.ttt_mode == "phased", min(s.phased_ttt_prefix_docs, len(queue))
+    boundaries = phase_boundaries(prefix, s.phased_ttt_num_phases) if phased else []
     lora = DocLoRA(model, per_rank, s, ledger.device, ctx.looping)
     tracker = TTTTracker(ctx, ledger.device)
-    tracker.start(f"mode:{s.mode} docs:{len(queue)} rounds:{len(rounds)} docs_per_rank:{per_rank} "
-                  f"window_widths:{window_widths(chunk, s.seq_len)} lora_rank:{s.lora_rank} "
-                  f"lora_alpha:{s.lora_alpha or s.lora_rank:g} lora_lr:{s.lora_lr} warm_start_a:{int(s.warm_start_a)} "
-                  f"adapters:{len(lora.a)} chunk_size:{s.doc_chunk}"
-                  + (f" prefix_docs:{prefix} num_phases:{s.num_phases} boundaries:{boundaries}" if phased else ""),
+    tracker.start(f"mode:{s.ttt_mode} docs:{len(queue)} rounds:{len(rounds)} docs_per_rank:{per_rank} "
+                  f"window_widths:{window_widths(chunk, s.seq_len)} lora_rank:{s.ttt_lora_rank} "
+                  f"lora_alpha:{s.ttt_lora_alpha or s.ttt_lora_rank:g} lora_lr:{s.ttt_lora_lr} warm_start_a:{int(s.ttt_warm_start_a)} "
+                  f"adapters:{len(lora.a)} chunk_size:{s.ttt_chunk_size}"
+                  + (f" prefix_docs:{prefix} num_phases:{s.phased_ttt_num_phases} boundaries:{boundaries}" if phased else ""),
                   nothing_to_adapt(s, ledger.num_targets, queue, round_docs))
     costs = ctx.budget.costs if tracker.budgeted else StepCosts(tracker.now)
     remaining = document_step_widths(ledger.tokens, s, ctx.rt)  # plain steps left on this rank, by width
@@ -5004,7 +4960,7 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalCont
         with frozen(model.parameters()):
             measure_document_steps(model, lora, s, [w for w in sorted(remaining) if ("plain", w) not in costs.sums],
                                    ctx, forward=forward, costs=costs)
-        if phased and s.global_epochs > 0 and prefix > 0 and "global" not in costs.sums:
+        if phased and s.global_ttt_epochs > 0 and prefix > 0 and "global" not in costs.sums:
             measure_global_step(model, s, ctx, costs)
 
     def allows(next_ms: float, where: str) -> bool:  # under a budget only
@@ -5174,16 +5130,15 @@ def ttt_rows(hp: Hyperparameters, val_tokens: torch.Tensor, world_size: int) -> 
 
 
 def ttt_settings(hp: Hyperparameters, score_batch_seqs: int, docs_per_rank: int | None = None) -> TTTSettings:
-    knobs = {name: getattr(hp, knob) for name, knob in TTT_KNOBS.items()}
-    return TTTSettings(**dict(knobs, score_batch_seqs=score_batch_seqs,
-                              docs_per_batch=docs_per_rank or hp.ttt_batch_size))
+    return TTTSettings.from_hparams(hp, seq_len=hp.effective_eval_seq_len, score_batch_seqs=score_batch_seqs,
+                                    ttt_batch_size=docs_per_rank or hp.ttt_batch_size)
 
 
 def run_ttt(model: GPT, ledger: ScoreLedger, settings: TTTSettings, ctx: EvalContext, *, logits_fn=None,
             lora_forward=None) -> TTTResult:
     """The TTT pass of TTT_MODE over the ledger's whole stream. `logits_fn` (chunked scoring) and
     `lora_forward` (the per-document step, `lora_logits`) may be compiled forms."""
-    if settings.mode == "chunked":
+    if settings.ttt_mode == "chunked":
         return ttt_chunked(model, ledger, settings, ctx, logits_fn)
     return ttt_documents(model, ledger, settings, ctx, lora_forward)
 
@@ -5300,7 +5255,7 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, ctx: EvalContext, 
     a budget, time a window batch (forward and scoring, 3 times) and each TTT step shape: the costs
     the first pass is planned with."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    documents = ttt is not None and ttt.mode != "chunked"
+    documents = ttt is not None and ttt.ttt_mode != "chunked"
     costs = ctx.budget.costs if ctx.budget is not None and ctx.budget.cap_ms is not None else None
     quiet = EvalContext(ctx.rt, ctx.autocast, ctx.looping)  # no budget, no log
     if documents:
@@ -5325,15 +5280,16 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, ctx: EvalContext, 
         costs.add("window", costs.now() - t0)
     if ttt is not None:
         if documents:
-            lora = DocLoRA(model, ttt.docs_per_batch, ttt, ctx.rt.device, ctx.looping)
+            lora = DocLoRA(model, ttt.ttt_batch_size, ttt, ctx.rt.device, ctx.looping)
             with frozen(model.parameters()):  # as inside a round
-                measure_document_steps(model, lora, ttt, window_widths(min(ttt.doc_chunk, seq_len), seq_len), quiet,
+                measure_document_steps(model, lora, ttt, window_widths(min(ttt.ttt_chunk_size, seq_len), seq_len), quiet,
                                        forward=lora_forward or lora_logits, costs=costs)
-            if costs is not None and ttt.mode == "phased" and ttt.global_epochs > 0 and ttt.prefix_docs > 0:
+            if costs is not None and ttt.ttt_mode == "phased" and ttt.global_ttt_epochs > 0 and ttt.phased_ttt_prefix_docs > 0:
                 measure_global_step(model, ttt, quiet, costs)
         synthetic = ScoreLedger(synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1), no_sidecar,
                                 ctx.rt.device)
-        small = dataclasses.replace(ttt, chunk_tokens=seq_len, epochs=1, prefix_docs=1, num_phases=1, global_epochs=1)
+        small = dataclasses.replace(ttt, ttt_chunk_tokens=seq_len, ttt_epochs=1, phased_ttt_prefix_docs=1,
+                                    phased_ttt_num_phases=1, global_ttt_epochs=1)
         run_ttt(model, synthetic, small, quiet, logits_fn=logits_fn, lora_forward=lora_forward)
     model.load_state_dict(saved)
     model.eval()
@@ -5417,8 +5373,8 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
         windows = plan_windows(num_targets, seq_len, (stride if stage != "roundtrip" else 0) or seq_len)
         if stage != "ttt":
             rounds = max(map(len, window_rounds(windows, seq_len, batch_seqs, world_size)))
-        elif settings.mode == "chunked":
-            rounds = sum(chunk_rounds(chunk_windows(windows, settings.chunk_tokens), settings, world_size))
+        elif settings.ttt_mode == "chunked":
+            rounds = sum(chunk_rounds(chunk_windows(windows, settings.ttt_chunk_tokens), settings, world_size))
         else:
             return budget.costs.plain_ms(document_step_widths(val_tokens, settings, rt))
         return rounds * budget.costs.ms("window")
@@ -5760,6 +5716,22 @@ class RunManifest:
         self.data.update(sections, status=status, finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         self.write()
 
+    def finish_scored(self, scored: ArtifactScore, path: Path, clock: PhaseClock, compile_summary: dict,
+                      block: list[str], *, scores: dict | None = None, artifact: dict | None = None,
+                      compliance: dict | None = None, **sections) -> None:
+        """Finish a run that scored an artifact (a training run or EVAL_ONLY): every score, the submitted
+        one, the bytes, the phase times, what compile did and the compliance block; plus the caller's."""
+        fits = scored.total_bytes <= ARTIFACT_LIMIT_BYTES
+        self.finish(
+            "complete", scores={**(scores or {}), **{name: eval_record(r) for name, r in scored.results.items()}},
+            final_score=scored.final_score_record(), phases_ms=dict(clock.totals), compile=compile_summary,
+            artifact={"code_bytes": scored.code_bytes, "model_bytes": scored.model_bytes,
+                      "total_bytes": scored.total_bytes, "limit": ARTIFACT_LIMIT_BYTES, "fits": fits,
+                      "sha256": file_sha256(path), **(artifact or {})},
+            compliance={"eval_time_ms": clock.elapsed_ms("eval"), "eval_cap_ms": clock.eval_cap_ms,
+                        "artifact_under_limit": fits, **(compliance or {}), "block": block},
+            **sections)
+
     def write(self) -> None:
         if self.is_main:
             write_atomic(self.path, (json.dumps(self.data, indent=2, sort_keys=True, default=str) + "\n").encode())
@@ -5806,8 +5778,8 @@ def eval_record(result: EvalResult) -> dict:
 # Only the bytes of the code that is shipped count, so the shipped form is a self-extracting copy:
 # a two-line latin-1 Python file holding the brotli-compressed source in a string literal (only
 # \ " NUL CR LF are escaped: ~2% overhead, against 25% for base85). The source it holds is the
-# readable file without its comments and docstrings: the same syntax tree otherwise (ast.unparse),
-# and about 30% fewer compressed bytes for the model. It runs that source in its own namespace, where
+# readable file without what no run reads (comments, docstrings, the knobs' help texts): the same
+# syntax tree otherwise (ast.unparse). It runs that source in its own namespace, where
 # SHIPPED_SOURCE keeps the text; shipping it again gives the same bytes.
 
 SHIPPED_PREFIX = b"# -*- coding: latin-1 -*-\nimport brotli;SHIPPED_SOURCE=brotli.decompress(\""
@@ -5826,18 +5798,54 @@ def readable_source() -> bytes:
     return shipped if isinstance(shipped, bytes) else Path(__file__).read_bytes()
 
 
-def without_docstrings(tree: ast.Module) -> ast.Module:
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
-            first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
-                node.body = node.body[1:] or [ast.Pass()]
-    return tree
+class RuntimeTree(ast.NodeTransformer):
+    """The syntax tree without what no run reads: docstrings, the knobs' help texts (only the README's
+    env table reads them; `knob(default, help)` becomes `knob(default)`) and the annotations of
+    functions and of their local variables (a class's field annotations stay: they make dataclass fields)."""
+
+    in_function = False
+
+    def visit_body(self, node, in_function: bool):
+        body = node.body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(
+                body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+        outer, self.in_function = self.in_function, in_function
+        self.generic_visit(node)
+        self.in_function = outer
+        return node
+
+    def visit_Module(self, node):
+        return self.visit_body(node, False)
+
+    def visit_ClassDef(self, node):
+        return self.visit_body(node, False)
+
+    def visit_FunctionDef(self, node):
+        node.returns = None
+        for arg in ast.walk(node.args):
+            if isinstance(arg, ast.arg):
+                arg.annotation = None
+        return self.visit_body(node, True)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_AnnAssign(self, node):  # in a function, `x: T = v` is `x = v` and a bare `x: T` nothing
+        self.generic_visit(node)
+        if not self.in_function:
+            return node
+        return ast.Assign([node.target], node.value, lineno=0) if node.value else None
+
+    def visit_Call(self, node):
+        if getattr(node.func, "id", None) == "knob":
+            node.args = node.args[:1]
+        return self.generic_visit(node)
 
 
 def stripped_source(source: bytes) -> bytes:
-    """The source without comments and docstrings, as ast.unparse writes it (idempotent)."""
-    return (ast.unparse(without_docstrings(ast.parse(source))) + "\n").encode("utf-8")
+    """The source as runs read it (RuntimeTree: no comments, docstrings, help texts or annotations), as
+    ast.unparse writes it (idempotent)."""
+    return (ast.unparse(RuntimeTree().visit(ast.parse(source))) + "\n").encode("utf-8")
 
 
 def shipped_code(source: bytes) -> bytes:
@@ -6016,16 +6024,8 @@ def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -
         if use_compile:
             log(_active_compile.line())
         log(clock.summary())
-        fits = scored.total_bytes <= ARTIFACT_LIMIT_BYTES
-        manifest.finish(
-            "complete", scores={name: eval_record(r) for name, r in scored.results.items()},
-            final_score=scored.final_score_record(),
-            artifact={"code_bytes": scored.code_bytes, "model_bytes": scored.model_bytes,
-                      "total_bytes": scored.total_bytes, "limit": ARTIFACT_LIMIT_BYTES, "fits": fits,
-                      "path": str(path.resolve()), "sha256": file_sha256(path)},
-            phases_ms=dict(clock.totals), compile=compile_summary(),
-            compliance={"eval_time_ms": clock.elapsed_ms("eval"), "eval_cap_ms": clock.eval_cap_ms,
-                        "artifact_under_limit": fits, "block": compliance_block})
+        manifest.finish_scored(scored, path, clock, compile_summary(), compliance_block,
+                               artifact={"path": str(path.resolve())})
     except BaseException as e:
         record_failure(manifest, e, None, rt.is_main)
         if isinstance(e, (ConfigError, RunError)):
@@ -6144,8 +6144,7 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
     reserve = reserve_data_access(run)
     averager = WeightAverager(run.base_model, ema_decay=hp.ema_decay, swa_start_frac=hp.swa_start_frac,
                               swa_every=hp.swa_every, ema_warmup=hp.ema_warmup)
-    state = train(run.hp, rt, run.model, run.base_model, run.optimizers, run.make_loader, run.evaluate_model,
-                  run.grad_accum, run.autocast, log, run.clock, averager, run.qat_layers)
+    state = train(run, averager)
     choice = choose_weights(run, averager, reserve.prequant, state.looping)
     hessians = calibrate(run, reserve, state.looping)
     access = check_data_access(run, reserve)
@@ -6362,29 +6361,18 @@ def finish_run(run: TrainingRun, state: TrainState, choice: str, pre_quant: Eval
     shipped = _shipped_code_of_this_file()
     if rt.is_main:  # the code exactly as counted in the artifact (its shipped form), beside it
         write_atomic(run.out_dir / RUN_CODE_NAME, shipped)
-    fits = total_bytes <= ARTIFACT_LIMIT_BYTES
     reasons = access.non_record_reasons
-    run.manifest.finish(
-        "complete",
-        scores={"pre_quant": eval_record(pre_quant), **{name: eval_record(r) for name, r in results.items()}},
-        final_score=scored.final_score_record(),
-        artifact={"code_bytes": n_code, "model_bytes": artifact_bytes, "total_bytes": total_bytes,
-                  "limit": ARTIFACT_LIMIT_BYTES, "fits": fits, "file": artifact_path.name,
-                  "sha256": file_sha256(artifact_path), "code_file": RUN_CODE_NAME,
+    run.manifest.finish_scored(
+        scored, artifact_path, clock, compile_summary, compliance_block, scores={"pre_quant": eval_record(pre_quant)},
+        artifact={"file": artifact_path.name, "code_file": RUN_CODE_NAME,
                   "code_sha256": hashlib.sha256(shipped).hexdigest()},
+        compliance={"train_time_ms": clock.elapsed_ms("train"), "train_cap_ms": clock.cap_ms,
+                    "train_data_access_end_ms": access.end_ms, "train_data_inside_cap": access.inside_cap,
+                    "non_record": bool(reasons), **({"non_record_reason": "; ".join(reasons)} if reasons else {})},
         training={"steps": state.step, "stopped_early": state.stopped_early, "train_time_ms": clock.elapsed_ms("train"),
                   "reserve_ms": clock.reserve_ms, "epochs_consumed": state.epochs_consumed,
                   "train_losses": state.train_losses, "export_weights": choice},
-        step_times_ms=step_time_stats(state.step_ms),
-        phases_ms=dict(clock.totals),
-        compile=compile_summary,
-        compliance={"train_time_ms": clock.elapsed_ms("train"), "train_cap_ms": clock.cap_ms,
-                    "eval_time_ms": clock.elapsed_ms("eval"), "eval_cap_ms": clock.eval_cap_ms,
-                    "artifact_under_limit": fits, "train_data_access_end_ms": access.end_ms,
-                    "train_data_inside_cap": access.inside_cap, "non_record": bool(reasons),
-                    **({"non_record_reason": "; ".join(reasons)} if reasons else {}),
-                    "block": compliance_block},
-    )
+        step_times_ms=step_time_stats(state.step_ms))
     return dict(run_id=hp.run_id, run_dir=str(run.out_dir), steps=state.step, stopped_early=state.stopped_early,
                 epochs_consumed=state.epochs_consumed, train_losses=state.train_losses, pre_quant=pre_quant,
                 roundtrip=results.get("roundtrip"), evals=results, final=final, final_stage=final_stage,

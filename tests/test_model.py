@@ -60,19 +60,21 @@ def test_state_dict_names_are_the_baseline_names():
     assert names == expected
 
 
-def test_every_model_config_field_has_a_source_and_each_switch_reaches_only_its_field():
-    knobs = {f.name for f in fields(tg.Hyperparameters)}
-    sources = {f.name: tg.MODEL_CONFIG_SOURCES.get(f.name, f.name) for f in fields(tg.ModelConfig)}
-    for name, source in sources.items():  # a new field needs a same-named knob or a MODEL_CONFIG_SOURCES entry
-        assert callable(source) or source in knobs, f"ModelConfig.{name} has no source"
-        assert callable(source) or source.startswith(name), f"ModelConfig.{name} reads {source}, not its own knob"
-    assert set(tg.MODEL_CONFIG_SOURCES) <= set(sources), "MODEL_CONFIG_SOURCES names a field ModelConfig lacks"
+def test_model_config_reads_each_knob_under_its_own_name_and_each_switch_reaches_only_its_field():
+    knobs = {f.name: f for f in fields(tg.Hyperparameters)}
+    computed = {"seq_len", "score_batch_seqs"}  # TTTSettings' own: the window length and the scoring batch
+    for view in (tg.ModelConfig, tg.TTTSettings):  # declared once, in Hyperparameters: same name, type, default
+        for f in fields(view):
+            assert f.name in computed or (f.name in knobs and (f.type, f.default) == (knobs[f.name].type,
+                                                                                     knobs[f.name].default)), f.name
     hp = tg.Hyperparameters()
     base = tg.ModelConfig.from_hparams(hp)
-    for name, source in sources.items():  # flipping one boolean knob changes its own field, no other
-        if not callable(source) and isinstance(getattr(hp, source), bool):
-            cfg = tg.ModelConfig.from_hparams(dataclasses.replace(hp, **{source: not getattr(hp, source)}))
-            assert [f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(base, f.name)] == [name]
+    for f in fields(base):  # flipping one boolean knob changes its own field, no other
+        if isinstance(getattr(hp, f.name), bool):
+            cfg = tg.ModelConfig.from_hparams(dataclasses.replace(hp, **{f.name: not getattr(hp, f.name)}))
+            assert [g.name for g in fields(cfg) if getattr(cfg, g.name) != getattr(base, g.name)] == [f.name]
+    assert base.mlp_hidden == 1024 and base.attn_gate == "none"  # derived, not declared
+    assert tg.ModelConfig.from_hparams(dataclasses.replace(hp, sparse_attn_gate_enabled=True)).attn_gate == "sparse"
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (32, 128), (128, 32)])
@@ -117,22 +119,26 @@ def test_every_parameter_has_exactly_one_optimizer():
             assert head_groups[0]["lr"] == hp.head_lr
 
 
-def test_lr_multiplier_iteration_warmdown():
-    kw = dict(iterations=100, warmdown_iters=20, max_wallclock_ms=None)
-    assert tg.lr_multiplier(0, 0, **kw) == 1.0
-    assert tg.lr_multiplier(79, 0, **kw) == 1.0
-    assert tg.lr_multiplier(80, 0, **kw) == 1.0
-    assert tg.lr_multiplier(90, 0, **kw) == pytest.approx(0.5)
-    assert tg.lr_multiplier(100, 0, **kw) == 0.0
-    assert tg.lr_multiplier(50, 0, iterations=100, warmdown_iters=0, max_wallclock_ms=None) == 1.0
+def lr_at(step, elapsed_ms=0.0, budget_ms=None, **env):
+    hp = tg.Hyperparameters.from_env({"RECIPE": "baseline", **{k.upper(): str(v) for k, v in env.items()}})
+    fraction = tg.training_fraction(step, elapsed_ms, iterations=hp.iterations, budget_ms=budget_ms)
+    return tg.lr_scale_at(hp, step, elapsed_ms, fraction, budget_ms)
 
 
-def test_lr_multiplier_wallclock_warmdown_reaches_zero_at_the_cap():
-    kw = dict(iterations=10**6, warmdown_iters=100, max_wallclock_ms=10_000.0)
+def test_the_baseline_warmdown_is_the_last_warmdown_iters_steps():
+    kw = dict(iterations=100, warmdown_iters=20)
+    assert lr_at(0, **kw) == lr_at(79, **kw) == lr_at(80, **kw) == 1.0
+    assert lr_at(90, **kw) == pytest.approx(0.5)
+    assert lr_at(100, **kw) == 0.0
+    assert lr_at(50, iterations=100, warmdown_iters=0) == 1.0
+
+
+def test_under_a_budget_the_warmdown_iters_are_time_and_reach_zero_at_the_cap():
+    kw = dict(iterations=10**6, warmdown_iters=100, budget_ms=10_000.0)
     # 10 ms per step: warmdown lasts 1000 ms, so it starts at 9000 ms and ends at the cap.
-    assert tg.lr_multiplier(800, 8000.0, **kw) == 1.0
-    assert tg.lr_multiplier(950, 9500.0, **kw) == pytest.approx(0.5)
-    assert tg.lr_multiplier(1000, 10_000.0, **kw) == 0.0
+    assert lr_at(0, 0.0, **kw) == lr_at(800, 8000.0, **kw) == 1.0
+    assert lr_at(950, 9500.0, **kw) == pytest.approx(0.5)
+    assert lr_at(1000, 10_000.0, **kw) == 0.0
 
 
 def test_muon_momentum_warmup():

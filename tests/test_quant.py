@@ -615,13 +615,29 @@ def test_shipped_code_is_the_readable_syntax_tree_without_docstrings_and_is_what
     call = ast.parse(stub.decode("latin-1")).body[1].value  # SHIPPED_SOURCE=brotli.decompress("...".encode(...))
     literal = call.args[0].func.value.value
     inner = brotli.decompress(literal.encode("latin-1"))
-    # Exactly the readable program minus comments and docstrings: the same syntax tree.
-    assert ast.dump(ast.parse(inner)) == ast.dump(tg.without_docstrings(ast.parse(source)))
+    # Exactly the readable program minus comments, docstrings, help texts and annotations: the same syntax tree.
+    assert ast.dump(ast.parse(inner)) == ast.dump(tg.RuntimeTree().visit(ast.parse(source)))
+    assert b"def train(run, averager):" in inner and b"    seq_len: int\n" in inner  # a dataclass field stays
     assert b"# ====" not in inner and b"Per-document adapters" not in inner and b"def train(" in inner
+    assert b"score-first test-time training as the final evaluation pass" not in inner  # only the README reads it
+    assert b"ttt_enabled: bool = knob(False)\n" in inner and b"choices=('chunked', 'lora', 'phased')" in inner
     # Shipping the shipped source again (a run started from the shipped form) gives the same bytes.
     assert tg.stripped_source(inner) == inner and tg.shipped_code(inner) == stub
-    # Knob help texts are code, not docstrings: they stay (the shipped form still explains its knobs).
-    assert b"score-first test-time training as the final evaluation pass" in inner
+    # The shipped form builds the same knobs with the same checks: only the help texts are gone.
+    import sys
+    import types
+
+    shipped = sys.modules["shipped_train_gpt"] = types.ModuleType("shipped_train_gpt")
+    try:
+        exec(compile(inner, "shipped_train_gpt", "exec"), shipped.__dict__)
+    finally:
+        del sys.modules["shipped_train_gpt"]
+    for ours, theirs in zip(tg.dataclasses.fields(tg.Hyperparameters), tg.dataclasses.fields(shipped.Hyperparameters),
+                            strict=True):
+        assert (ours.name, ours.default) == (theirs.name, theirs.default)
+        assert dict(ours.metadata, help="") == dict(theirs.metadata)
+    with pytest.raises(shipped.ConfigError, match="TTT_MODE='x' is not one of chunked, lora, phased"):
+        shipped.Hyperparameters.from_env({"TTT_MODE": "x"})
 
 
 def test_auto_fit_shrinks_an_oversized_model_under_a_small_cap_and_logs_why():

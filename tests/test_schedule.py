@@ -19,14 +19,22 @@ def test_training_fraction_by_time_or_steps():
 
 
 def test_lr_schedule_warmup_warmdown_and_floor():
-    kw = dict(warmup_frac=0.1, warmdown_frac=0.5, min_lr=0.1)
-    assert tg.lr_schedule(0.0, **kw) == 0.1  # the floor holds during warm-up too
-    assert tg.lr_schedule(0.05, **kw) == pytest.approx(0.5)
-    assert tg.lr_schedule(0.3, **kw) == 1.0
-    assert tg.lr_schedule(0.5, **kw) == 1.0
-    assert tg.lr_schedule(0.75, **kw) == pytest.approx(0.5)
-    assert tg.lr_schedule(0.99, **kw) == 0.1
-    assert tg.lr_schedule(1.0, warmup_frac=0, warmdown_frac=0.5, min_lr=0.0) == 0.0
+    hp = tg.Hyperparameters.from_env({"RECIPE": "baseline", "LR_WARMUP_FRAC": "0.1", "WARMDOWN_FRAC": "0.5",
+                                      "MIN_LR": "0.1"})
+
+    def lr(fraction: float, settings=hp) -> float:  # by fraction alone: step and time do not matter
+        return tg.lr_scale_at(settings, step=7, elapsed_ms=123.0, fraction=fraction, budget_ms=1000.0)
+
+    assert lr(0.0) == 0.1  # the floor holds during warm-up too
+    assert lr(0.05) == pytest.approx(0.5)
+    assert lr(0.3) == lr(0.5) == 1.0
+    assert lr(0.75) == pytest.approx(0.5)
+    assert lr(0.99) == 0.1
+    assert lr(1.0, tg.dataclasses.replace(hp, lr_warmup_frac=0.0, min_lr=0.0)) == 0.0
+    # Warm-up with WARMDOWN_FRAC=0 keeps the baseline's WARMDOWN_ITERS warmdown (20 of 100 steps).
+    steps = tg.Hyperparameters.from_env({"RECIPE": "baseline", "LR_WARMUP_FRAC": "0.1", "ITERATIONS": "100",
+                                         "WARMDOWN_ITERS": "20"})
+    assert tg.lr_scale_at(steps, 90, 0.0, 0.9, None) == pytest.approx(0.5)
 
 
 def test_lr_scale_uses_the_fraction_when_warmdown_frac_is_set():
@@ -64,6 +72,13 @@ def test_phase_clock_accumulates_phases_and_subtracts_the_reserve():
     assert "train:" in clock.summary() and "val:1000ms" in clock.summary()
 
 
+def training_run(hp, model, clock, log) -> tg.TrainingRun:
+    """What train() reads of a run: the settings, the model (uncompiled), its optimizers, the training
+    shards, the log and the clock; no validation data, manifest or export plan."""
+    return tg.TrainingRun(hp, CPU, False, None, log, None, None, None, tg.shard_files(hp.data_path, "train"), 0, model,
+                          model, None, tg.build_optimizers(hp, model, CPU.device), [], None, clock)
+
+
 def test_training_stops_before_the_budget_net_of_the_reserve(tiny_env, monkeypatch):
     """Each step costs 100 fake ms. Cap 1000 ms, reserve 300 ms: 7 steps fit, the 8th would not."""
     now = FakeTime()
@@ -78,14 +93,11 @@ def test_training_stops_before_the_budget_net_of_the_reserve(tiny_env, monkeypat
     hp = tg.Hyperparameters.from_env({**tiny_env, "ITERATIONS": "1000", "MAX_WALLCLOCK_SECONDS": "1",
                                       "TRAIN_BATCH_TOKENS": "1024", "GRAD_ACCUM_STEPS": "1"})
     model = tg.GPT(tg.ModelConfig.from_hparams(hp))
-    optimizers = tg.build_optimizers(hp, model, CPU.device)
-    files = tg.shard_files(hp.data_path, "train")
     clock = tg.PhaseClock(1000.0, None, now=now)
     clock.reserve_ms = 300.0
     lines = []
-    state = tg.train(hp, CPU, model, model, optimizers, lambda: tg.DistributedTokenLoader(files, 0, 1, CPU.device),
-                     None, 1, tg.contextlib.nullcontext, lines.append, clock,
-                     tg.WeightAverager(model, ema_decay=0, swa_start_frac=1, swa_every=1), [])
+    state = tg.train(training_run(hp, model, clock, lines.append),
+                     tg.WeightAverager(model, ema_decay=0, swa_start_frac=1, swa_every=1))
     assert state.step == 7 and state.stopped_early
     assert clock.elapsed_ms("train") == pytest.approx(700.0) and clock.elapsed_ms("train") <= clock.train_budget_ms
     assert any(line.startswith("stopping_early: wallclock_cap train_time:700ms step:7/1000") for line in lines)

@@ -18,17 +18,17 @@ CPU = torch.device("cpu")
 
 
 # A random 2-layer model (conftest.small_model: every weight non-zero, so attention really mixes positions).
-TTT_MODEL = tg.ModelConfig(vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_hidden=64,
+TTT_MODEL = tg.ModelConfig(vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2.0,
                            tie_embeddings=True, rope_base=10000.0, logit_softcap=30.0, qk_gain_init=1.5,
-                           tied_embed_init_std=0.02, train_seq_len=32, xsa_last_n=1, smear_gate=True)
+                           tied_embed_init_std=0.02, train_seq_len=32, xsa_last_n=1, smear_gate_enabled=True)
 
 
 def ttt_model() -> tg.GPT:
     return small_model(TTT_MODEL, noise=0.05)
 
 
-SETTINGS = tg.TTTSettings(seq_len=32, stride=8, chunk_tokens=96, epochs=2, lr=0.05, momentum=0.9, batch_seqs=3,
-                          grad_clip=1.0, score_batch_seqs=4)
+SETTINGS = tg.TTTSettings(seq_len=32, eval_stride=8, ttt_chunk_tokens=96, ttt_epochs=2, ttt_lr=0.05, ttt_momentum=0.9, ttt_batch_seqs=3,
+                          ttt_grad_clip=1.0, score_batch_seqs=4)
 
 
 def ctx(rank: int = 0, world_size: int = 1, **kwargs) -> tg.EvalContext:
@@ -42,11 +42,11 @@ def luts_and_val(sample_dataset, n: int):
 
 
 # 5 documents in the first 701 tokens; 3 rounds of 2 documents; phases after 2 and 4 documents.
-DOC_SETTINGS = {mode: tg.dataclasses.replace(SETTINGS, mode=mode, doc_chunk=32, docs_per_batch=2, prefix_docs=4,
-                                             num_phases=2, global_lr=0.05, lora_lr=0.05) for mode in ("lora", "phased")}
+DOC_SETTINGS = {mode: tg.dataclasses.replace(SETTINGS, ttt_mode=mode, ttt_chunk_size=32, ttt_batch_size=2, phased_ttt_prefix_docs=4,
+                                             phased_ttt_num_phases=2, global_ttt_lr=0.05, ttt_lora_lr=0.05) for mode in ("lora", "phased")}
 # The R0427 adapter recipe: A kept warm across rounds, alpha/rank scaling, AdamW (beta1 0, decay).
-DOC_SETTINGS["lora_warm"] = tg.dataclasses.replace(DOC_SETTINGS["lora"], warm_start_a=True, lora_alpha=16.0,
-                                                   lora_beta1=0.0, lora_beta2=0.99, lora_wd=0.5)
+DOC_SETTINGS["lora_warm"] = tg.dataclasses.replace(DOC_SETTINGS["lora"], ttt_warm_start_a=True, ttt_lora_alpha=16.0,
+                                                   ttt_beta1=0.0, ttt_beta2=0.99, ttt_weight_decay=0.5)
 MODES = {"chunked": SETTINGS, **DOC_SETTINGS}
 
 
@@ -141,7 +141,7 @@ def test_warm_start_a_carries_only_along_its_round_position(sample_dataset, warm
     settings = DOC_SETTINGS["lora_warm"] if warm else DOC_SETTINGS["lora"]
     queue = sorted(tg.document_spans(val), key=lambda d: (-(d[1] - d[0]), d[0]))
     (first, other), (same_position, other_position) = queue[0:2], queue[2:4]
-    assert first[1] - first[0] > settings.doc_chunk  # its first chunk trains
+    assert first[1] - first[0] > settings.ttt_chunk_size  # its first chunk trains
     before, _, _ = run_chunked(val, luts, settings=settings)
     flipped = val.clone()
     p = first[0] + 5
@@ -160,14 +160,14 @@ def test_lora_adapters_one_per_virtual_slot_and_the_plain_model_at_start():
     """A looped block gets one adapter per pass (R0427), the head one more; with B = 0 the adapted
     logits equal the model's exactly; the switches drop k, o and the MLP adapters."""
     torch.manual_seed(0)
-    cfg = tg.ModelConfig(vocab_size=64, num_layers=3, model_dim=16, num_heads=2, num_kv_heads=1, mlp_hidden=32,
+    cfg = tg.ModelConfig(vocab_size=64, num_layers=3, model_dim=16, num_heads=2, num_kv_heads=1, mlp_mult=2.0,
                          tie_embeddings=True, rope_base=10000.0, logit_softcap=30.0, qk_gain_init=1.5,
                          tied_embed_init_std=0.02, train_seq_len=16, num_loops=1, loop_start=1, loop_end=1)
     model = tg.GPT(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    s = tg.dataclasses.replace(DOC_SETTINGS["lora"], lora_rank=4)
+    s = tg.dataclasses.replace(DOC_SETTINGS["lora"], ttt_lora_rank=4)
     x = torch.randint(0, 64, (2, 16))
     for looping, slots in ((True, [1, 2, 1]), (False, [1, 1, 1])):
         lora = tg.DocLoRA(model, 2, s, CPU, looping)
@@ -185,7 +185,7 @@ def test_lora_adapters_one_per_virtual_slot_and_the_plain_model_at_start():
         lora.b[lora.first_slot[5] + 1].normal_()  # block 1's q adapter, second pass
     assert not torch.equal(lora.logits(model, x, True), model.forward_logits(x, True))
     assert torch.equal(lora.logits(model, x, False), model.forward_logits(x, False))  # one pass: never used
-    few = tg.dataclasses.replace(s, lora_k=False, lora_o=False, lora_mlp=False)
+    few = tg.dataclasses.replace(s, ttt_k_lora=False, ttt_o_lora=False, ttt_mlp_lora=False)
     assert tg.lora_targets(model, few) == [f"blocks.{i}.attn.c_{w}" for i in range(3) for w in "qv"]
     assert len(tg.DocLoRA(model, 2, few, CPU, False).a) == 3 * 2 + 1
     assert tg.DocLoRA(model, 1, s, CPU, False).scale == 1.0  # alpha 0 = the rank
@@ -193,16 +193,16 @@ def test_lora_adapters_one_per_virtual_slot_and_the_plain_model_at_start():
     for settings, looping in ((s, True), (s, False), (few, True)):
         lora = tg.DocLoRA(model, 1, settings, CPU, looping)
         counted = sum(2 * 4 * (a.shape[-1] + b.shape[1]) for a, b in zip(lora.a, lora.b))
-        assert counted == tg.lora_flops_per_token(cfg, 4, looping, k=settings.lora_k, o=settings.lora_o,
-                                                  mlp=settings.lora_mlp)
-    assert tg.DocLoRA(model, 1, tg.dataclasses.replace(s, lora_alpha=8.0), CPU, False).scale == 2.0
+        assert counted == tg.lora_flops_per_token(cfg, 4, looping, k=settings.ttt_k_lora, o=settings.ttt_o_lora,
+                                                  mlp=settings.ttt_mlp_lora)
+    assert tg.DocLoRA(model, 1, tg.dataclasses.replace(s, ttt_lora_alpha=8.0), CPU, False).scale == 2.0
 
 
 def test_document_chunks_longer_than_the_window_are_cut_to_it(sample_dataset):
     """A chunk must fit in its window (EVAL_SEQ_LEN): a longer TTT_CHUNK_SIZE acts as EVAL_SEQ_LEN."""
     luts, val = luts_and_val(sample_dataset, 527)
     fitted, _, _ = run_chunked(val, luts, settings=DOC_SETTINGS["lora"])  # chunk 32 = seq_len
-    longer, _, _ = run_chunked(val, luts, settings=tg.dataclasses.replace(DOC_SETTINGS["lora"], doc_chunk=100))
+    longer, _, _ = run_chunked(val, luts, settings=tg.dataclasses.replace(DOC_SETTINGS["lora"], ttt_chunk_size=100))
     tg.check_scored_once(longer)
     assert np.array_equal(fitted.per_target, longer.per_target, equal_nan=True)
     with pytest.raises(tg.RunError, match="cannot score targets"):
@@ -222,7 +222,7 @@ def gloo_worker(rank, world_size, port, dataset, out_path):
         luts, val = luts_and_val(dataset, 701)
         out = {}
         for mode, settings in MODES.items():  # TTT_BATCH_SIZE counts documents per rank: the same rounds
-            settings = tg.dataclasses.replace(settings, docs_per_batch=settings.docs_per_batch // world_size)
+            settings = tg.dataclasses.replace(settings, ttt_batch_size=settings.ttt_batch_size // world_size)
             ledger, info, model = run_chunked(val, luts, rank, world_size, settings=settings)
             tg.check_scored_once(ledger)
             out[mode] = dict(res=ledger.result(), state=model.state_dict(), info=info)
@@ -327,7 +327,7 @@ def test_document_ttt_budget_stops_inside_a_round_or_phase_and_finishes_within_t
 def test_a_pass_that_adapts_on_nothing_says_so_at_its_start(sample_dataset):
     luts, val = luts_and_val(sample_dataset, 701)
     queue = tg.document_spans(val)
-    one_chunk = tg.dataclasses.replace(DOC_SETTINGS["lora"], seq_len=256, doc_chunk=256)
+    one_chunk = tg.dataclasses.replace(DOC_SETTINGS["lora"], seq_len=256, ttt_chunk_size=256)
     for settings, tokens, expected in (
             (SETTINGS, val[:90], "the 89 validation targets fit in one TTT_CHUNK_TOKENS=96 chunk, which is scored "
                                  "last and never trains (lower TTT_CHUNK_TOKENS)"),
@@ -339,11 +339,11 @@ def test_a_pass_that_adapts_on_nothing_says_so_at_its_start(sample_dataset):
         assert lines[1] == f"ttt:warning this pass adapts on nothing: {expected}; its score is the plain score"
         assert not any("warning" in line for line in lines[2:])
     assert tg.nothing_to_adapt(SETTINGS, 700) is None and tg.nothing_to_adapt(DOC_SETTINGS["lora"], 700, queue, 2) is None
-    assert "TTT_EPOCHS=0" in tg.nothing_to_adapt(tg.dataclasses.replace(SETTINGS, epochs=0), 700)
-    big = tg.dataclasses.replace(DOC_SETTINGS["phased"], doc_chunk=1024, seq_len=1024)  # every document one chunk
+    assert "TTT_EPOCHS=0" in tg.nothing_to_adapt(tg.dataclasses.replace(SETTINGS, ttt_epochs=0), 700)
+    big = tg.dataclasses.replace(DOC_SETTINGS["phased"], ttt_chunk_size=1024, seq_len=1024)  # every document one chunk
     assert "no global phase ends before the last round" in tg.nothing_to_adapt(big, 700, queue, 6)
     assert tg.nothing_to_adapt(big, 700, queue, 2) is None  # the first phase (2 documents) runs before round 3
-    assert tg.nothing_to_adapt(tg.dataclasses.replace(big, global_epochs=0), 700, queue, 2) is not None
+    assert tg.nothing_to_adapt(tg.dataclasses.replace(big, global_ttt_epochs=0), 700, queue, 2) is not None
 
 
 @pytest.mark.slow
@@ -358,7 +358,7 @@ def test_document_ttt_compiles_few_graphs_once_and_scores_as_eager(sample_datase
     lengths = [2, 9, 20, 40, 70]  # 1 to 9 chunks of 8: every window width, a short last round
     tokens = torch.cat([torch.cat([torch.tensor([tg.BOS_ID]), torch.randint(2, 1024, (n,), generator=g)])
                         for n in lengths] + [torch.tensor([tg.BOS_ID])])
-    settings = tg.dataclasses.replace(DOC_SETTINGS["phased"], doc_chunk=8, docs_per_batch=3, prefix_docs=3)
+    settings = tg.dataclasses.replace(DOC_SETTINGS["phased"], ttt_chunk_size=8, ttt_batch_size=3, phased_ttt_prefix_docs=3)
     widths = tg.window_widths(8, 32)
     assert widths == [8, 16, 32]
     counter = CompileCounter()
@@ -482,9 +482,9 @@ def trained_and_shifted(sample_dataset):
     return model.state_dict(), torch.tensor(ids[:1501]), luts
 
 
-SHIFTED = {"chunked": tg.dataclasses.replace(SETTINGS, chunk_tokens=256, lr=0.03, epochs=2),
-           "lora": tg.dataclasses.replace(DOC_SETTINGS["lora"], lora_lr=0.03, docs_per_batch=4),
-           "phased": tg.dataclasses.replace(DOC_SETTINGS["phased"], lora_lr=0.03, global_lr=0.03, docs_per_batch=4)}
+SHIFTED = {"chunked": tg.dataclasses.replace(SETTINGS, ttt_chunk_tokens=256, ttt_lr=0.03, ttt_epochs=2),
+           "lora": tg.dataclasses.replace(DOC_SETTINGS["lora"], ttt_lora_lr=0.03, ttt_batch_size=4),
+           "phased": tg.dataclasses.replace(DOC_SETTINGS["phased"], ttt_lora_lr=0.03, global_ttt_lr=0.03, ttt_batch_size=4)}
 NO_ADAPTATION = {"chunked": dict(epochs=0), "lora": dict(lora_lr=0.0), "phased": dict(lora_lr=0.0, global_lr=0.0)}
 
 

@@ -19,7 +19,6 @@ Shapes: `tiny` is the issue's comparison shape (RECIPE=baseline, 4 layers x 128,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import resource
 import statistics
 import sys
@@ -65,12 +64,10 @@ def ours_block(hp, model, optimizers, files, steps: int) -> float:
     averager = tg.WeightAverager(model, ema_decay=hp.ema_decay, swa_start_frac=hp.swa_start_frac,
                                  swa_every=hp.swa_every)
 
-    def make_loader():
-        return tg.make_train_loader(hp.train_loader, files, 0, 1, CPU.device, hp.seed, hp.train_seq_len)
-
+    run = tg.TrainingRun(hp, CPU, False, None, lambda *a, **k: None, None, None, None, files, 0, model, model, None,
+                         optimizers, [], None, clock)
     start = time.perf_counter()
-    tg.train(hp, CPU, model, model, optimizers, make_loader, None, 1, contextlib.nullcontext, lambda *a, **k: None,
-             clock, averager, [])
+    tg.train(run, averager)
     return time.perf_counter() - start
 
 
