@@ -2479,7 +2479,7 @@ QUANT_GROUPS = tuple(GROUP_KNOBS)
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight")
 CALIBRATION_RESERVE_MARGIN = 1.25  # reserve = measured calibration time x this
 ARTIFACT_MAGIC = b"PGQA"
-ARTIFACT_VERSION = 2  # 2: ans with chosen resolutions, log tables, coded side information, fp16 and scales
+ARTIFACT_VERSION = 3  # 3: ans per tensor family with context modes and the embedding's row prediction
 
 
 def tensor_group(name: str) -> str:
@@ -3040,7 +3040,9 @@ def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict
         arrays, stride = streams[name], stream_dtype(name).itemsize
         if name == "codes" and compressor == "ans":
             ans_stats: dict = {}
-            coder, data = "ans", ans_encode(arrays, [e.bits for e in entries if e.bits], ans_stats)
+            quantized = [e for e in entries if e.bits]
+            coder, data = "ans", ans_encode(arrays, [e.bits for e in quantized], ans_stats,
+                                            [tensor_group(e.name) for e in quantized])
             stats["codes_model_ce"] = ans_stats["model_ce"]  # not a stream: export_artifact takes it out
         else:
             coder, data = general, compress_bytes(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays), general,
@@ -3081,8 +3083,8 @@ def _flat(arrays: list[np.ndarray], dtype) -> np.ndarray:
 # The ans decoder of each stream the packer may ans-code: (stream bytes, the header's tensors) -> the
 # stream's values, flat. Every other stream is decompress_bytes' job.
 ANS_STREAM_DECODERS = {
-    "codes": lambda data, tensors: _flat(ans_decode(data, [_rows_cols(t["shape"]) for t in tensors if t["bits"]],
-                                                    [t["bits"] for t in tensors if t["bits"]]), np.int8),
+    "codes": lambda data, tensors: _flat(ans_decode(data, *zip(*[(_rows_cols(t["shape"]), t["bits"], tensor_group(
+        t["name"])) for t in tensors if t["bits"]])) if any(t["bits"] for t in tensors) else [], np.int8),
     "float16": lambda data, tensors: _flat(ans_decode_fp16(data, [_rows_cols(t["shape"]) for t in tensors
                                                                   if t["stream"] == "float16"]), np.float16),
     "scales": lambda data, tensors: _flat(ans_decode_fp16_vectors(data, _scale_vector_lengths(tensors)), np.float16),
@@ -3170,26 +3172,43 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
 
 
 # ---- the ans coder ----------------------------------------------------------------------------------
-# brotli-11 already sits near the order-0 entropy of the codes, so beating it takes context that a
-# byte-wise compressor cannot see. The magnitude of a code is predicted from its row and column: per
-# tensor, rho_i = mean |q| of row i and gamma_j = mean |q| of column j / mean |q| (a rank-1 model of
-# the magnitude, one log2 byte each: the side information). The context of a code is its predicted
-# magnitude log2(rho_i * gamma_j) in buckets of `width` side-information steps. The encoder picks,
-# by trying them and keeping the fewest bytes, the side-information resolution (ANS_LOG_STEPS) and,
-# per bit width, the bucket width: fine steps model better, coarse ones cost less side information
-# and fewer tables. Codes are modelled sign-symmetric: each (bits, context) stores one byte per
-# magnitude |q| = 0..L, its count relative to the context's most frequent magnitude in 1/16-octave
-# log steps (0 = never occurs), which costs ~0.0005 bits per code against exact counts. The codes of
-# a context are coded with that table by constriction's rANS coder (Rust, whole numpy arrays per
-# call); the side bytes themselves are rANS-coded too, each row or column vector with a two-sided
-# geometric law fitted to it (center and decay, 2 bytes). Contexts and probabilities are integers
-# computed from stored bytes, so the decoder derives exactly the encoder's model; decoding is one
-# argsort and one scatter per bit width. Everything the decoder needs is in the counted bytes.
-#   layout: n_bits u8 | (bits u8, width u8) per bit width | side length u32 | table length u32 |
-#           side | tables (brotli) | rANS words (u32)
+# brotli-11 already sits near the order-0 entropy of the codes, so beating it takes what a byte-wise
+# compressor cannot see. Three things, each kept because it measurably paid on trained codes
+# (docs/RESULTS.md):
+# 1. Neighbouring rows (the embedding): a trained embedding holds clusters of nearly equal rows (tokens
+#    the data rarely shows get nearly the same updates). Each row may be replaced by itself minus
+#    round(beta * its nearest other row), beta in quarters, where that is estimated to cost fewer bits
+#    than the row alone plus its pointer; mutual nearest neighbours keep one row as it is, so the
+#    pointers form a forest, decoded parents first, one vectorized step per level. A second round
+#    predicts the residual rows from their own nearest residual rows. Stored: per tensor and round one
+#    bit, then one bit per row, the parent (ceil(log2 rows) bits) and beta (2 bits) per predicted row.
+#    In attention and MLP matrices no row pays for its pointer, so only the embedding is tried.
+# 2. Columns and rows: the magnitude of a value is predicted from its row and column: per tensor,
+#    rho_i = mean |x| of row i and gamma_j = mean |x| of column j / mean |x| (a rank-1 model, one log2
+#    byte each: the side information; a GPTQ column's spread follows its Hessian diagonal, while SDClip
+#    gives every row about the same spread). The context of a value is log2(rho_i * gamma_j) in buckets
+#    of `width` side-information steps. Per coding group the encoder picks the mode: rows and columns
+#    (0), columns only (1: no row bytes stored) or one context without side information (2: order 0,
+#    so the codes never cost more than their order-0 entropy plus a table), the one with the fewest
+#    estimated bytes, side bytes counted.
+# 3. The tensor family: tables are shared per (family, bits), a coding group, not across families
+#    whose grids and tails differ (the record's attention k = 13 and MLP k = 11.5 at the same 6 bits).
+# The encoder also tries side-information resolutions (ANS_LOG_STEPS) and keeps the shortest bytes.
+# Values are modelled sign-symmetric: each (group, context) stores one byte per magnitude |x| = 0..top
+# (top = the group's largest |x|, the grid's L or, after prediction, up to 4L), its count relative to
+# the context's most frequent magnitude in 1/16-octave log steps (0 = never occurs), which costs
+# ~0.0005 bits per value against exact counts. The values of a context are coded with that table by
+# constriction's rANS coder (Rust, whole numpy arrays per call); the side bytes are rANS-coded too,
+# each row or column vector with a two-sided geometric law fitted to it (center and decay, 2 bytes).
+# Contexts, probabilities and predictions are integers computed from stored bytes, so the decoder
+# derives exactly the encoder's model. Everything the decoder needs is in the counted bytes.
+#   layout: n_groups u8 | (family u8, bits u8, mode u8, width u8, top u16) per group | side length u32 |
+#           table length u32 | prediction length u32 | side | tables (brotli) | predictions | rANS words (u32)
 ANS_LOG_STEPS = (3, 4, 6, 8)  # side-information resolutions tried (steps per octave); the smallest output wins
 ANS_CONTEXT_WIDTHS = (1, 2, 3, 4, 6, 8)  # candidate context widths, in side-information steps
 ANS_TABLE_STEPS = 16  # table entries: log2 steps per octave
+ANS_ROW_PREDICTION_FAMILIES = ("embed",)  # where predicting rows from their nearest neighbour paid (docs/RESULTS.md)
+ANS_PREDICTION_ROUNDS = 2  # rows predicted, then the residual rows from theirs
 # Probability weight of each table byte: 2^(t/16) with 8 fractional bits, as exact integers (0 = absent).
 # No value lies near a rounding boundary, so every machine computes the same integers.
 _ANS_TABLE_WEIGHTS = np.concatenate([[0.0], np.round(np.exp2(np.arange(1, 256) / ANS_TABLE_STEPS + 8))])
@@ -3264,9 +3283,11 @@ class _FittedLawCoder:
 
 def _fit_side_law(x: np.ndarray) -> tuple[int, int]:
     """(center, decay): the median, and the decay that codes the vector in the fewest bits."""
-    center = int(np.median(x))
-    costs = [-np.log2(_side_weights(center, d)[x] / _side_weights(center, d).sum()).sum() for d in range(1, 256)]
-    return center, 1 + int(np.argmin(costs))
+    center, decays = int(np.median(x)), np.arange(1, 256)
+    weights = _side_weights(center, decays[:, None])  # every decay at once, one row each
+    counts = np.bincount(x, minlength=256)
+    costs = -(counts * np.log2(np.where(counts > 0, weights, 1) / weights.sum(axis=1, keepdims=True))).sum(axis=1)
+    return center, int(decays[np.argmin(costs)])
 
 
 # Side-information bytes, one vector per tensor row or column set, each with its own geometric law.
@@ -3293,48 +3314,50 @@ def _ans_table(magnitude_counts: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _SignSymmetricAlphabet:
-    """The symbols one coder sees and their sign-symmetric model. `codes`: q + L for q = -L..L, magnitude
-    |q| (zero counted once, each sign of |q| gets half of its table weight). `fp16`: the high byte of
-    an fp16 value (sign bit, 5 exponent bits, 2 mantissa bits), magnitude = the low 7 bits (a
-    quarter-octave bucket of |value|), both signs get the magnitude's weight."""
+class _Alphabet:
+    """The symbols one coder sees and how a stored table models them. `codes`: q + L for q = -L..L,
+    sign-symmetric: one table entry per magnitude |q| (zero counted once, each sign of |q| gets half of
+    its weight). `signed`: the same symbols, one entry each (the order-0 mode: a skewed stream costs no
+    sign bit). `fp16`: the high byte of an fp16 value (sign bit, 5 exponent bits, 2 mantissa bits), one
+    entry per low 7 bits (a quarter-octave bucket of |value|), both signs get its weight."""
 
     kind: str
     L: int = 0
 
     @property
     def size(self) -> int:
-        return 2 * self.L + 1 if self.kind == "codes" else 256
+        return 256 if self.kind == "fp16" else 2 * self.L + 1
 
     @property
     def magnitudes(self) -> int:
-        return self.L + 1 if self.kind == "codes" else 128
+        return {"codes": self.L + 1, "signed": 2 * self.L + 1}.get(self.kind, 128)
 
     def fold(self, hist: np.ndarray) -> np.ndarray:
-        """Symbol histogram(s) (..., size) -> magnitude histogram(s) (..., magnitudes)."""
+        """Symbol histogram(s) (..., size) -> table-entry histogram(s) (..., magnitudes)."""
         if self.kind == "codes":
             L = self.L
             return np.concatenate([hist[..., L : L + 1], hist[..., L + 1 :] + hist[..., L - 1 :: -1]], axis=-1)
-        return hist[..., :128] + hist[..., 128:]
+        return hist if self.kind == "signed" else hist[..., :128] + hist[..., 128:]
 
     def weights(self, table: np.ndarray) -> np.ndarray:
         """Stored table(s) -> integer symbol weights (..., size)."""
         w = _ANS_TABLE_WEIGHTS[table]
         if self.kind == "codes":
             return np.concatenate([w[..., :0:-1], 2 * w[..., :1], w[..., 1:]], axis=-1)
-        return np.concatenate([w, w], axis=-1)
+        return w if self.kind == "signed" else np.concatenate([w, w], axis=-1)
 
 
-def _ans_plan_width(symbols: np.ndarray, steps: np.ndarray, alphabet: _SignSymmetricAlphabet) -> tuple[int, float]:
-    """The context width (of ANS_CONTEXT_WIDTHS) with the fewest estimated bytes, and its model's
-    cross-entropy in bytes: symbols at their cross-entropy under the stored tables, plus the tables
-    as brotli (quality 5, a quick estimate of the quality 11 they are packed with) leaves them."""
+def _ans_plan_width(symbols: np.ndarray, steps: np.ndarray, alphabet: _Alphabet,
+                    widths=ANS_CONTEXT_WIDTHS) -> tuple[float, int, float]:
+    """(estimated bytes, width, cross-entropy in bytes) of the context width (of `widths`) with the
+    fewest estimated bytes: symbols at their cross-entropy under the stored tables, plus the tables as
+    brotli (quality 5, a quick estimate of the quality 11 they are packed with) leaves them."""
     import brotli
 
     fine = np.bincount(steps.astype(np.int64) * alphabet.size + symbols,
                        minlength=511 * alphabet.size).reshape(511, alphabet.size)
     best = None
-    for width in ANS_CONTEXT_WIDTHS:
+    for width in widths:
         merged = np.add.reduceat(fine, np.arange(0, fine.shape[0], width), axis=0)
         merged = merged[merged.sum(axis=1) > 0]
         table = _ans_table(alphabet.fold(merged))
@@ -3344,7 +3367,7 @@ def _ans_plan_width(symbols: np.ndarray, steps: np.ndarray, alphabet: _SignSymme
         cost = ce + len(brotli.compress(table.tobytes(), quality=5))
         if best is None or cost < best[0]:
             best = (cost, width, ce)
-    return best[1], best[2]
+    return best
 
 
 def _ans_contexts(steps: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -3353,9 +3376,10 @@ def _ans_contexts(steps: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray
     return np.argsort(context, kind="stable"), np.bincount(context, minlength=511)  # radix sort: linear time
 
 
-def _ans_model_group(symbols: np.ndarray, steps: np.ndarray, alphabet: _SignSymmetricAlphabet):
-    """(width, cross-entropy, tables, [(symbols, weights)] per context in decode order) for one group."""
-    width, ce = _ans_plan_width(symbols, steps, alphabet)
+def _ans_model_group(symbols: np.ndarray, steps: np.ndarray, alphabet: _Alphabet, width: int = 0):
+    """(width, cross-entropy, tables, [(symbols, weights)] per context in decode order) for one group;
+    the width with the fewest estimated bytes unless given."""
+    _, width, ce = _ans_plan_width(symbols, steps, alphabet, (width,) if width else ANS_CONTEXT_WIDTHS)
     order, counts = _ans_contexts(steps, width)
     in_order = symbols[order].astype(np.int32)
     bounds = np.cumsum(counts)
@@ -3368,7 +3392,7 @@ def _ans_model_group(symbols: np.ndarray, steps: np.ndarray, alphabet: _SignSymm
     return width, ce, tables, jobs
 
 
-def _ans_decode_group(coder, steps: np.ndarray, width: int, alphabet: _SignSymmetricAlphabet, tables: np.ndarray,
+def _ans_decode_group(coder, steps: np.ndarray, width: int, alphabet: _Alphabet, tables: np.ndarray,
                       table_at: int) -> tuple[np.ndarray, int]:
     """The group's symbols in their original order, and the next table position."""
     import constriction
@@ -3430,66 +3454,236 @@ def _smallest_encoding(encode, stats: dict | None) -> bytes:
     return best
 
 
-def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = None) -> bytes:
-    """The codes of the quantized tensors (rows x cols each, int8) as ans bytes. `stats`, if given,
-    receives the byte count of each part and the model's cross-entropy (`model_ce`, bytes)."""
-    codes = [a.reshape(a.shape[0], -1) for a in arrays]
-    return _smallest_encoding(lambda steps, trial: _ans_encode_codes(codes, bits, steps, trial), stats)
+def _scaled(rows: np.ndarray, quarters: np.ndarray) -> np.ndarray:
+    """round(quarters / 4 * rows), halves up, in integers: encoder and decoder compute the same."""
+    return (quarters * rows.astype(np.int64) + 2) >> 2
 
 
-def _ans_encode_codes(codes: list[np.ndarray], bits: list[int], log_steps: int, stats: dict) -> bytes:
+def _nearest_rows(x: np.ndarray) -> np.ndarray:
+    """Each row's nearest other row (squared L2, the first on a tie). Integer products summed in floats
+    whose mantissa holds every partial sum exactly (float32 if it can: twice as fast), so every machine
+    finds the same rows. In blocks of 1,024 rows (a full-size embedding's whole matrix: 256 MB)."""
+    exact32 = int(np.abs(x).max(initial=0)) ** 2 * x.shape[1] < 2**24
+    f = x.astype(np.float32 if exact32 else np.float64)
+    norms, nearest = (f.astype(np.float64) ** 2).sum(axis=1), np.zeros(len(f), np.int64)
+    for a in range(0, len(f), 1024):
+        d = norms[None, :] - 2 * (f[a : a + 1024] @ f.T).astype(np.float64)  # + |row|^2, the same along each row
+        d[np.arange(len(d)), np.arange(a, a + len(d))] = np.inf
+        nearest[a : a + 1024] = d.argmin(axis=1)
+    return nearest
+
+
+def _predict_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(residual, plan): each row is replaced by itself minus round(beta * its nearest neighbour), beta in
+    quarters, where that is estimated to cost fewer bits than the row alone plus its pointer. plan:
+    (child, parent, quarters) per predicted row. Mutual nearest neighbours would predict each other: in
+    each such cycle the row that gains least stays itself, so the parents form a forest."""
+    rows, cols = x.shape
+    if rows < 2:
+        return x.astype(np.int64), np.zeros((0, 3), np.int64)
+    nearest = _nearest_rows(x)
+    bits = lambda v: cols * np.log2(np.abs(v).mean(axis=1) + 0.3)  # about a row of Laplace-like values
+    costs = np.stack([bits(x)] + [bits(x - _scaled(x[nearest], k)) + math.log2(rows) + 3 for k in (1, 2, 3, 4)])
+    quarters, gain = costs.argmin(axis=0), costs[0] - costs.min(axis=0)
+    parent, state = np.where(quarters > 0, nearest, -1), np.zeros(rows, np.int8)  # 1: on the path, 2: done
+    for start in range(rows):
+        path, a = [], start
+        while a >= 0 and state[a] == 0:
+            state[a] = 1
+            path.append(a)
+            a = parent[a]
+        if a >= 0 and state[a] == 1:
+            cycle = path[path.index(a) :]
+            parent[min(cycle, key=lambda c: (gain[c], c))] = -1
+        state[path] = 2
+    child = np.flatnonzero(parent >= 0)
+    residual = x.astype(np.int64)
+    residual[child] -= _scaled(x[parent[child]], quarters[child, None])
+    return residual, np.stack([child, parent[child], quarters[child]], axis=1)
+
+
+def _unpredict_rows(residual: np.ndarray, plan: np.ndarray) -> np.ndarray:
+    """_predict_rows undone: parents before children, one vectorized step per forest level."""
+    x, (child, parent, quarters) = residual.astype(np.int64), plan.T
+    known = np.ones(len(x), bool)
+    known[child] = False
+    pending = np.ones(len(child), bool)
+    while pending.any():
+        ready = pending & known[parent]
+        if not ready.any():
+            raise ValueError("ans row predictions form a cycle")
+        x[child[ready]] += _scaled(x[parent[ready]], quarters[ready, None])
+        known[child[ready]], pending = True, pending & ~ready
+    return x
+
+
+def _bit_writer(fields: list[tuple[np.ndarray, int]]) -> bytes:
+    """Unsigned integers, each field at its bit width, little-endian bit order."""
+    bits = [((v.astype(np.int64)[:, None] >> np.arange(w)) & 1).reshape(-1) for v, w in fields if w]
+    return np.packbits(np.concatenate([np.zeros(0, np.int64)] + bits).astype(np.uint8), bitorder="little").tobytes()
+
+
+class _BitReader:
+    def __init__(self, data: bytes):
+        self.bits, self.at = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little"), 0
+
+    def read(self, n: int, width: int) -> np.ndarray:
+        if self.at + n * width > len(self.bits):
+            raise ValueError("ans row predictions are shorter than the tensors need")
+        v = self.bits[self.at : self.at + n * width].reshape(n, width).astype(np.int64) << np.arange(width)
+        self.at += n * width
+        return v.sum(axis=1)
+
+
+def _plan_fields(plan: np.ndarray, rows: int) -> list[tuple[np.ndarray, int]]:
+    """One tensor's row predictions as bit fields: any (1 bit); then which rows (1 bit each), their
+    parents (ceil(log2 rows) bits each) and beta - 1/4 (2 bits each)."""
+    if not len(plan):
+        return [(np.zeros(1), 1)]
+    mask = np.zeros(rows, np.int64)
+    mask[plan[:, 0]] = 1
+    return [(np.ones(1), 1), (mask, 1), (plan[:, 1], (rows - 1).bit_length()), (plan[:, 2] - 1, 2)]
+
+
+def _read_plan(reader: _BitReader, rows: int) -> np.ndarray:
+    if not reader.read(1, 1)[0]:
+        return np.zeros((0, 3), np.int64)
+    child = np.flatnonzero(reader.read(rows, 1))
+    parent, quarters = reader.read(len(child), (rows - 1).bit_length()), reader.read(len(child), 2) + 1
+    if len(child) and parent.max() >= rows:
+        raise ValueError("ans row prediction points past its tensor")
+    return np.stack([child, parent, quarters], axis=1)
+
+
+def _side_for_mode(side: tuple[np.ndarray, np.ndarray], mode: int) -> tuple[list[np.ndarray], tuple]:
+    """(the vectors stored, the (rows, columns) bytes the contexts use) of one tensor in a group of `mode`:
+    0 row and column bytes, 1 column bytes only, 2 none (one context: order 0); what is not stored
+    counts as 128, the mean."""
+    rows, cols = side
+    flat = lambda v: np.full(len(v), 128, np.uint8)
+    return [[rows, cols], [cols], []][mode], ((rows, cols), (flat(rows), cols), (flat(rows), flat(cols)))[mode]
+
+
+def _mode_alphabet(mode: int, top: int) -> _Alphabet:
+    return _Alphabet("signed" if mode == 2 else "codes", top)
+
+
+def _code_groups(bits: list[int], families: list[str]) -> list[tuple[str, int, list[int]]]:
+    """(family, bits, member tensors) of each coding group: a group shares its tables."""
+    keys = sorted({(QUANT_GROUPS.index(f), b) for f, b in zip(families, bits)})
+    return [(QUANT_GROUPS[f], b, [i for i, k in enumerate(zip(families, bits)) if k == (QUANT_GROUPS[f], b)])
+            for f, b in keys]
+
+
+def _predicted(families: list[str]) -> list[int]:
+    return [i for i, f in enumerate(families) if f in ANS_ROW_PREDICTION_FAMILIES]
+
+
+def _estimated_bytes(x: np.ndarray) -> float:
+    """One tensor's bytes as its own coding group, in the cheaper of modes 0 and 2, side bytes counted."""
+    top = max(1, int(np.abs(x).max(initial=0)))
+    symbols, side = x.reshape(-1).astype(np.int64) + top, _magnitude_side_info(x, 4)
+    return min(_ans_plan_width(symbols, _predicted_steps([side]), _Alphabet("codes", top))[0] +
+               len(SIDE_CODER.encode(side)), _ans_plan_width(symbols, np.zeros(len(symbols), np.int16),
+                                                             _Alphabet("signed", top))[0])
+
+
+def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = None,
+               families: list[str] | None = None) -> bytes:
+    """The codes of the quantized tensors (rows x cols each, int8) as ans bytes; `families` (tensor
+    groups, as tensor_group names them) pick tables and row prediction. `stats`, if given, receives the
+    byte count of each part and the model's cross-entropy (`model_ce`, bytes)."""
+    families = families or ["other"] * len(arrays)
+    residuals, plans = [a.reshape(a.shape[0], -1) for a in arrays], []
+    for i in _predicted(families):
+        for _ in range(ANS_PREDICTION_ROUNDS):  # a round is kept only if the context model says it pays
+            residual, plan = _predict_rows(residuals[i])
+            fields = _plan_fields(plan, len(residual))
+            if len(plan) and _estimated_bytes(residual) + len(_bit_writer(fields)) < _estimated_bytes(residuals[i]):
+                residuals[i] = residual
+            else:
+                fields = _plan_fields(plan[:0], len(residual))
+            plans.append(fields)
+    packed_plans = _bit_writer([f for fields in plans for f in fields])
+    return _smallest_encoding(lambda steps, trial: _ans_encode_codes(residuals, bits, families, packed_plans, steps,
+                                                                     trial), stats)
+
+
+def _ans_encode_codes(residuals: list[np.ndarray], bits: list[int], families: list[str], packed_plans: bytes,
+                      log_steps: int, stats: dict) -> bytes:
     import brotli
 
-    side = [_magnitude_side_info(c, log_steps) for c in codes]
-    header, tables, jobs, model_ce = [struct.pack("<B", len(set(bits)))], [], [], 0.0
-    for b in sorted(set(bits)):
-        alphabet = _SignSymmetricAlphabet("codes", clip_range(b))
-        members = [i for i, bb in enumerate(bits) if bb == b]
-        symbols = np.concatenate([codes[i].reshape(-1) for i in members]).astype(np.int64) + alphabet.L
-        width, ce, group_tables, group_jobs = _ans_model_group(symbols, _predicted_steps([side[i] for i in members]),
-                                                               alphabet)
-        header.append(struct.pack("<BB", b, width))
+    side = [_magnitude_side_info(r, log_steps) for r in residuals]
+    header, tables, jobs, model_ce, modes = [struct.pack("<B", len(_code_groups(bits, families)))], [], [], 0.0, {}
+    for family, b, members in _code_groups(bits, families):
+        top = max(1, max(int(np.abs(residuals[i]).max(initial=0)) for i in members))
+        symbols = np.concatenate([residuals[i].reshape(-1) for i in members]).astype(np.int64) + top
+        best = None
+        for mode in (0, 1, 2):  # the side bytes a mode stores count too: where context gains less, a cheaper mode wins
+            stored, used = zip(*[_side_for_mode(side[i], mode) for i in members])
+            cost, width, _ = _ans_plan_width(symbols, _predicted_steps(list(used)), _mode_alphabet(mode, top))
+            cost += len(SIDE_CODER.encode([v for vs in stored for v in vs])) if mode < 2 else 0
+            if best is None or cost < best[0]:
+                best = (cost, mode, width)
+        _, mode, width = best
+        modes.update({i: mode for i in members})
+        width, ce, group_tables, group_jobs = _ans_model_group(
+            symbols, _predicted_steps([_side_for_mode(side[i], mode)[1] for i in members]), _mode_alphabet(mode, top),
+            width)
+        header.append(struct.pack("<BBBBH", QUANT_GROUPS.index(family), b, mode, width, top))
         tables += group_tables
         jobs += group_jobs
         model_ce += ce
     words = _ans_words(jobs)
-    packed_side = SIDE_CODER.encode([v for pair in side for v in pair])
+    packed_side = SIDE_CODER.encode([v for i, pair in enumerate(side) for v in _side_for_mode(pair, modes[i])[0]])
     packed_table = brotli.compress(b"".join(t.tobytes() for t in tables), quality=11)
-    head = b"".join(header) + struct.pack("<II", len(packed_side), len(packed_table))
-    stats.update(words=len(words), side=len(packed_side), tables=len(packed_table), header=len(head),
-                 model_ce=model_ce, contexts=len(tables))
-    return head + packed_side + packed_table + words
+    head = b"".join(header) + struct.pack("<III", len(packed_side), len(packed_table), len(packed_plans))
+    stats.update(words=len(words), side=len(packed_side), tables=len(packed_table), rows=len(packed_plans),
+                 header=len(head), model_ce=model_ce, contexts=len(tables))
+    return head + packed_side + packed_table + packed_plans + words
 
 
-def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int]) -> list[np.ndarray]:
+def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int],
+               families: list[str] | None = None) -> list[np.ndarray]:
     import brotli
 
-    n_bits = data[0] if data else 0
-    widths = dict(struct.unpack("<BB", data[1 + 2 * i : 3 + 2 * i]) for i in range(n_bits))
-    at = 1 + 2 * n_bits
-    side_len, table_len = struct.unpack("<II", data[at : at + 8])
-    packed_side, packed_table, words = _split_sections(data[at + 8 :], [side_len, table_len])
-    tables = np.frombuffer(brotli.decompress(packed_table), np.uint8)
-    vectors = SIDE_CODER.decode(packed_side, [n for shape in shapes for n in shape])
-    side = list(zip(vectors[0::2], vectors[1::2]))
-    if len(shapes) != len(bits) or sorted(widths) != sorted(set(bits)) or min(widths.values(), default=1) < 1:
+    families = families or ["other"] * len(shapes)
+    groups = _code_groups(bits, families)
+    if len(shapes) != len(bits) or not data or data[0] != len(groups):
         raise ValueError("ans side information does not match the tensor list")
-    coder = _ans_reader(words)
-    out: list[np.ndarray] = [np.zeros(0, np.int8)] * len(shapes)
-    table_at = 0
-    for b in sorted(widths):
-        alphabet = _SignSymmetricAlphabet("codes", clip_range(b))
-        members = [i for i, bb in enumerate(bits) if bb == b]
-        symbols, table_at = _ans_decode_group(coder, _predicted_steps([side[i] for i in members]), widths[b],
-                                              alphabet, tables, table_at)
-        flat = (symbols - alphabet.L).astype(np.int8)
+    params = list(struct.iter_unpack("<BBBBH", data[1 : 1 + 6 * len(groups)]))
+    at = 1 + 6 * len(groups)
+    side_len, table_len, plan_len = struct.unpack("<III", data[at : at + 12])
+    packed_side, packed_table, packed_plans, words = _split_sections(data[at + 12 :], [side_len, table_len, plan_len])
+    if [(QUANT_GROUPS[f], b) for f, b, *_ in params] != [(f, b) for f, b, _ in groups] or \
+            min((p[3] for p in params), default=1) < 1 or max((p[2] for p in params), default=0) > 2:
+        raise ValueError("ans side information does not match the tensor list")
+    modes = {i: p[2] for p, (_, _, members) in zip(params, groups) for i in members}
+    lengths = [_side_for_mode((np.zeros(r), np.zeros(c)), modes[i])[0] for i, (r, c) in enumerate(shapes)]
+    vectors = iter(SIDE_CODER.decode(packed_side, [len(v) for vs in lengths for v in vs]))
+    side = [_side_for_mode(((next(vectors) if modes[i] == 0 else np.zeros(r, np.uint8)),
+                            (next(vectors) if modes[i] < 2 else np.zeros(c, np.uint8))), modes[i])[1]
+            for i, (r, c) in enumerate(shapes)]
+    tables = np.frombuffer(brotli.decompress(packed_table), np.uint8)
+    coder, table_at, residuals = _ans_reader(words), 0, [None] * len(shapes)
+    for (family, b, members), (_, _, mode, width, top) in zip(groups, params):
+        symbols, table_at = _ans_decode_group(coder, _predicted_steps([side[i] for i in members]), width,
+                                              _mode_alphabet(mode, top), tables, table_at)
         start = 0
         for i in members:
             n = shapes[i][0] * shapes[i][1]
-            out[i] = flat[start : start + n].reshape(shapes[i])
+            residuals[i] = symbols[start : start + n].astype(np.int64).reshape(shapes[i]) - top
             start += n
     if table_at != len(tables) or not coder.is_empty():
         raise ValueError("ans tables or words do not match the contexts")
+    reader = _BitReader(packed_plans)
+    for i in _predicted(families):
+        plans = [_read_plan(reader, shapes[i][0]) for _ in range(ANS_PREDICTION_ROUNDS)]
+        for plan in reversed(plans):
+            residuals[i] = _unpredict_rows(residuals[i], plan)
+    out = [r.astype(np.int8) for r in residuals]
+    if any(not np.array_equal(o, r) for o, r in zip(out, residuals)):
+        raise ValueError("ans codes decode past int8")
     return out
 
 
@@ -3526,7 +3720,7 @@ def _ans_encode_fp16_at(values: list[np.ndarray], log_steps: int, stats: dict) -
 
     side = [_fp16_side_info(v, log_steps) for v in values]
     bits16 = np.concatenate([v.reshape(-1).view(np.uint16) for v in values]) if values else np.zeros(0, np.uint16)
-    alphabet = _SignSymmetricAlphabet("fp16")
+    alphabet = _Alphabet("fp16")
     width, ce, tables, jobs = _ans_model_group((bits16 >> 8).astype(np.int64),
                                                _fp16_steps(side, [v.shape for v in values]), alphabet)
     words = _ans_words(jobs)
@@ -3551,7 +3745,7 @@ def ans_decode_fp16(data: bytes, shapes: list[tuple[int, int]]) -> list[np.ndarr
     if width < 1:
         raise ValueError("ans side information does not match the tensor list")
     coder = _ans_reader(words)
-    high, table_at = _ans_decode_group(coder, _fp16_steps(side, shapes), width, _SignSymmetricAlphabet("fp16"),
+    high, table_at = _ans_decode_group(coder, _fp16_steps(side, shapes), width, _Alphabet("fp16"),
                                        tables, 0)
     if table_at != len(tables) or not coder.is_empty():
         raise ValueError("ans tables or words do not match the contexts")
@@ -3945,13 +4139,15 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
             f"{RUN_CODE_NAME} in the run folder)")
         log(f"Total submission size: {raw_path.stat().st_size + n_code} bytes")
         plan = QuantPlan.from_hparams(hp)
-        stats: dict[str, int] = {}
+        packed_stats: dict[bytes, dict] = {}  # by the blob's sha256: the filler's last pack may be a refused trial
         meta = dict(looping=looping, quant_method=plan.method, tag=f"int{hp.matrix_bits}_{hp.compressor}")
 
         def pack(entries: list[ExportedTensor]) -> bytes:
-            stats.clear()
-            return pack_artifact(entries, compressor=hp.compressor, model=dataclasses.asdict(model.cfg), meta=meta,
+            stats: dict = {}
+            blob = pack_artifact(entries, compressor=hp.compressor, model=dataclasses.asdict(model.cfg), meta=meta,
                                  stats=stats)
+            packed_stats[hashlib.sha256(blob).digest()] = stats
+            return blob
 
         target = ARTIFACT_LIMIT_BYTES - hp.artifact_margin_bytes - n_code
         lqer = dict(rank=hp.lqer_rank, top_k=hp.lqer_top_k, factor_bits=hp.lqer_factor_bits, a_bits=hp.lqer_a_bits,
@@ -3964,6 +4160,7 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
                 log(f"lqer: {e.name} rank:{hp.lqer_rank} factor_bits:{hp.lqer_factor_bits} a_bits:{e.lqer.a_bits} "
                     f"form:{'asymmetric group ' + str(e.lqer.group) if e.lqer.group else 'symmetric'}")
         write_atomic(artifact_path, blob)
+        stats = packed_stats[hashlib.sha256(blob).digest()]
         label = f"int{hp.matrix_bits}+{hp.compressor}"
         exported = {tensor_group(e.name): e.bits for e in entries if e.bits}  # after auto-fit, not as planned
         log(f"Serialized model {label}: {len(blob)} bytes (raw_torch:{buf.tell()} method:{plan.method} "
