@@ -3538,13 +3538,10 @@ def _unpack_plans(data: bytes, rows: list[int]) -> list[np.ndarray]:
     return plans
 
 
-def _side_for_mode(side: tuple[np.ndarray, np.ndarray], mode: int) -> tuple[list[np.ndarray], tuple]:
-    """(the vectors stored, the (rows, columns) bytes the contexts use) of one tensor in a group of `mode`:
-    0 row and column bytes, 1 column bytes only, 2 none (one context: order 0); what is not stored
-    counts as 128, the mean."""
-    rows, cols = side
-    flat = lambda v: np.full(len(v), 128, np.uint8)
-    return [[rows, cols], [cols], []][mode], ((rows, cols), (flat(rows), cols), (flat(rows), flat(cols)))[mode]
+def _side_used(side: tuple[np.ndarray, np.ndarray], mode: int) -> tuple:
+    """The (row, column) bytes the contexts of a group in `mode` use: 0 both, 1 columns only, 2 none (one
+    context: order 0). A mode stores side[mode:]; what it does not store counts as 128, the mean."""
+    return tuple(np.full(len(v), 128, np.uint8) if k < mode else v for k, v in enumerate(side))
 
 
 def _mode_alphabet(mode: int, top: int) -> _Alphabet:
@@ -3562,13 +3559,19 @@ def _predicted(families: list[str]) -> list[int]:
     return [i for i, f in enumerate(families) if f in ANS_ROW_PREDICTION_FAMILIES]
 
 
+def _plan_group(residuals: list[np.ndarray], sides: list[tuple]) -> tuple:
+    """(estimated bytes, mode, width, top, symbols) of a coding group in its cheapest mode, side bytes counted."""
+    top = max(1, max(int(np.abs(r).max(initial=0)) for r in residuals))
+    symbols, best = np.concatenate([r.reshape(-1) for r in residuals]).astype(np.int64) + top, None
+    for mode in (0, 1, 2):
+        cost, width, _ = _ans_plan_width(symbols, _predicted_steps([_side_used(s, mode) for s in sides]),
+                                         _mode_alphabet(mode, top))
+        best = min(best or (math.inf,), (cost + len(SIDE_CODER.encode([v for s in sides for v in s[mode:]])), mode, width))
+    return best + (top, symbols)
+
+
 def _estimated_bytes(x: np.ndarray) -> float:
-    """One tensor's bytes as its own coding group, in the cheaper of modes 0 and 2, side bytes counted."""
-    top = max(1, int(np.abs(x).max(initial=0)))
-    symbols, side = x.reshape(-1).astype(np.int64) + top, _magnitude_side_info(x, 4)
-    return min(_ans_plan_width(symbols, _predicted_steps([side]), _Alphabet("codes", top))[0] +
-               len(SIDE_CODER.encode(side)), _ans_plan_width(symbols, np.zeros(len(symbols), np.int16),
-                                                             _Alphabet("signed", top))[0])
+    return _plan_group([x], [_magnitude_side_info(x, 4)])[0]
 
 
 def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = None,
@@ -3597,26 +3600,16 @@ def _ans_encode_codes(residuals: list[np.ndarray], bits: list[int], families: li
     side = [_magnitude_side_info(r, log_steps) for r in residuals]
     header, tables, jobs, model_ce, modes = [struct.pack("<B", len(_code_groups(bits, families)))], [], [], 0.0, {}
     for family, b, members in _code_groups(bits, families):
-        top = max(1, max(int(np.abs(residuals[i]).max(initial=0)) for i in members))
-        symbols = np.concatenate([residuals[i].reshape(-1) for i in members]).astype(np.int64) + top
-        best = None
-        for mode in (0, 1, 2):  # the side bytes a mode stores count too: where context gains less, a cheaper mode wins
-            stored, used = zip(*[_side_for_mode(side[i], mode) for i in members])
-            cost, width, _ = _ans_plan_width(symbols, _predicted_steps(list(used)), _mode_alphabet(mode, top))
-            cost += len(SIDE_CODER.encode([v for vs in stored for v in vs])) if mode < 2 else 0
-            if best is None or cost < best[0]:
-                best = (cost, mode, width)
-        _, mode, width = best
+        _, mode, width, top, symbols = _plan_group([residuals[i] for i in members], [side[i] for i in members])
         modes.update({i: mode for i in members})
         width, ce, group_tables, group_jobs = _ans_model_group(
-            symbols, _predicted_steps([_side_for_mode(side[i], mode)[1] for i in members]), _mode_alphabet(mode, top),
-            width)
+            symbols, _predicted_steps([_side_used(side[i], mode) for i in members]), _mode_alphabet(mode, top), width)
         header.append(struct.pack("<BBBBH", QUANT_GROUPS.index(family), b, mode, width, top))
         tables += group_tables
         jobs += group_jobs
         model_ce += ce
     words = _ans_words(jobs)
-    packed_side = SIDE_CODER.encode([v for i, pair in enumerate(side) for v in _side_for_mode(pair, modes[i])[0]])
+    packed_side = SIDE_CODER.encode([v for i, pair in enumerate(side) for v in pair[modes[i]:]])
     packed_table = brotli.compress(b"".join(t.tobytes() for t in tables), quality=11)
     head = b"".join(header) + struct.pack("<III", len(packed_side), len(packed_table), len(packed_plans))
     stats.update(words=len(words), side=len(packed_side), tables=len(packed_table), rows=len(packed_plans),
@@ -3640,11 +3633,9 @@ def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int],
             min((p[3] for p in params), default=1) < 1 or max((p[2] for p in params), default=0) > 2:
         raise ValueError("ans side information does not match the tensor list")
     modes = {i: p[2] for p, (_, _, members) in zip(params, groups) for i in members}
-    lengths = [_side_for_mode((np.zeros(r), np.zeros(c)), modes[i])[0] for i, (r, c) in enumerate(shapes)]
-    vectors = iter(SIDE_CODER.decode(packed_side, [len(v) for vs in lengths for v in vs]))
-    side = [_side_for_mode(((next(vectors) if modes[i] == 0 else np.zeros(r, np.uint8)),
-                            (next(vectors) if modes[i] < 2 else np.zeros(c, np.uint8))), modes[i])[1]
-            for i, (r, c) in enumerate(shapes)]
+    vectors = iter(SIDE_CODER.decode(packed_side, [n for i, shape in enumerate(shapes) for n in shape[modes[i]:]]))
+    side = [_side_used(tuple(np.zeros(n, np.uint8) if k < modes[i] else next(vectors) for k, n in enumerate(shape)),
+                       modes[i]) for i, shape in enumerate(shapes)]
     tables = np.frombuffer(brotli.decompress(packed_table), np.uint8)
     coder, table_at, residuals = _ans_reader(words), 0, [None] * len(shapes)
     for (family, b, members), (_, _, mode, width, top) in zip(groups, params):

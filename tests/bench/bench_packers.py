@@ -14,6 +14,12 @@ stored, brotli-11), every tensor transposed (column-major bytes), each group com
 `lrzip -z -L 9` (ZPAQ), everything else (scales, LQER factors, kept tensors, a JSON shape list)
 brotli-11 with a 2^24 window. Every packer's roundtrip is checked exact.
 
+With `--order0-sweep`, instead: the ans codes stream against the codes' order-0 entropy on the run's
+weights rounded on every grid AUTO_FIT can choose. With `--fill-cap BYTES` it measures instead what AUTO_FIT_FILL buys with bytes a packer saves: the run's
+weights (final_model.pt) exported again its way (GPTQ on Hessians recomputed from the same calibration
+batches, checked to give the artifact's codes), filled with ans up to BYTES, scored (flat val_bpb) before
+and after.
+
 Rows: the whole model; each tensor family's codes packed alone by each packer (the embedding, the
 attention and MLP codes, ...); everything but the codes (the whole minus the codes as packed
 together); pack and unpack seconds (CPU seconds of this process and its children: lrzip is a child).
@@ -189,16 +195,91 @@ def measure(pack, unpack, entries) -> tuple[bytes, float, float]:
     return blob, t1 - t0, t2 - t1
 
 
+def fill_to_cap(run_dir: Path, cap: int, artifact: list[tg.ExportedTensor]) -> None:
+    """The run's weights exported its way again (Hessians recomputed from the same calibration batches;
+    checked to give the artifact's codes), then filled by AUTO_FIT_FILL with ans up to `cap` model bytes:
+    what the filler spends the bytes on, and the flat val_bpb before and after."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    hp = tg.Hyperparameters(**manifest["config"])
+    cpu = tg.Runtime(0, 1, 0, torch.device("cpu"), False)
+    model = tg.GPT(tg.ModelConfig.from_hparams(hp))
+    model.load_state_dict(torch.load(run_dir / "final_model.pt", map_location="cpu"))
+    model.eval()
+    sd, plan, looping = model.state_dict(), tg.QuantPlan.from_hparams(hp), model.cfg.num_loops > 0
+    hessians = tg.collect_hessians(model, tg.calibration_inputs(hp, cpu, model, tg.shard_files(hp.data_path, "train"),
+                                                                looping), plan, looping)
+    lqer = dict(rank=hp.lqer_rank, top_k=hp.lqer_top_k, factor_bits=hp.lqer_factor_bits, a_bits=hp.lqer_a_bits,
+                group=hp.lqer_asym_group if hp.lqer_asym_enabled else 0) if hp.lqer_enabled else None
+    natural = tg.quantize_state_dict(sd, plan, hessians, tg.gptq_options(hp))
+    natural = tg.apply_lqer(sd, natural, hessians=hessians, **lqer) if lqer else natural
+    check_same(artifact, natural, "the re-export")
+    val_tokens = tg.load_validation_tokens(hp.data_path)
+    luts = tg.build_byte_luts(tg.load_tokenizer(hp), hp.vocab_size)
+
+    def score(entries) -> float:
+        m = tg.GPT(model.cfg)
+        m.load_state_dict(tg.dequantize_state_dict(entries))
+        m.eval()
+        with torch.no_grad():
+            return tg.evaluate(lambda x: m.forward_logits(x, looping), val_tokens, luts, tg.EvalContext(cpu),
+                               seq_len=hp.effective_eval_seq_len, batch_seqs=16).val_bpb
+
+    def pack(entries) -> bytes:
+        return tg.pack_artifact(entries, compressor="ans", model=dataclasses.asdict(model.cfg), meta={"looping": looping})
+
+    natural_bytes = len(pack(natural))
+    lines: list[str] = []
+    blob, filled = tg.fit_artifact(sd, plan, target_bytes=cap, compressor="ans", pack=pack, hessians=hessians,
+                                   gptq=tg.gptq_options(hp), lqer=lqer, log=lines.append)
+    print("\n".join("    " + line for line in lines))
+    print(f"\n| model bytes (ans) | cap | filled bytes | val_bpb natural | val_bpb filled |\n|---|---|---|---|---|\n"
+          f"| {natural_bytes:,} | {cap:,} | {len(blob):,} | {score(natural):.5f} | {score(filled):.5f} |")
+
+
+def order0_sweep(run_dir: Path) -> None:
+    """The run's weights (final_model.pt) rounded to nearest on every grid AUTO_FIT can choose (bits 2-8;
+    SDClip k from 6 up, and absmax), all groups at once: the ans codes stream (side information, tables,
+    row predictions and header included) against the order-0 entropy of the codes, summed over the ans
+    coding groups (family x bits; below the entropy of all codes pooled)."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    hp = tg.Hyperparameters(**manifest["config"])
+    sd = torch.load(run_dir / "final_model.pt", map_location="cpu")
+    print("| bits | k | codes | order-0 entropy, bytes | ans codes stream, bytes | ans / order-0 |\n|---|---|---|---|---|---|")
+    for bits in range(2, 9):
+        for k in (6.0, 9.0, 12.85, 20.0, 0.0):
+            plan = tg.QuantPlan("sdclip" if k else "absmax", {g: bits for g in tg.QUANT_GROUPS},
+                                {g: k for g in tg.QUANT_GROUPS}, min_numel=hp.quant_min_numel)
+            quantized = [e for e in tg.quantize_state_dict(sd, plan) if e.bits]
+            families = [tg.tensor_group(e.name) for e in quantized]
+            order0 = 0.0
+            for f in set(families):
+                counts = sum(np.bincount(e.codes.numpy().reshape(-1).astype(np.int64) + 128, minlength=256)
+                             for e, g in zip(quantized, families) if g == f)
+                p = counts[counts > 0] / counts.sum()
+                order0 += float(-(counts[counts > 0] * np.log2(p)).sum()) / 8
+            data = tg.ans_encode([e.codes.numpy() for e in quantized], [e.bits for e in quantized], None, families)
+            print(f"| {bits} | {k or 'absmax'} | {sum(e.codes.numel() for e in quantized):,} | {order0:,.0f} | "
+                  f"{len(data):,} | {len(data) / order0:.4f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run folder (or an artifact file)")
     parser.add_argument("--artifact", default=tg.ARTIFACT_NAME)
     parser.add_argument("--no-lrzip", action="store_true", help="skip the per-group lrzip column")
+    parser.add_argument("--order0-sweep", action="store_true", help="instead: ans against the order-0 entropy "
+                        "of the run's weights rounded on every grid AUTO_FIT can choose (needs final_model.pt)")
+    parser.add_argument("--fill-cap", type=int, default=0, help="also fill the run's weights with AUTO_FIT_FILL "
+                        "and ans up to this many model bytes, and score both (needs the run folder and its data)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     path = args.run_dir if args.run_dir.is_file() else args.run_dir / args.artifact
     entries, header = tg.unpack_artifact(path.read_bytes())
     model, meta = header["model"], header["meta"]
+    if args.fill_cap:
+        return fill_to_cap(path.parent, args.fill_cap, entries)
+    if args.order0_sweep:
+        return order0_sweep(path.parent)
     quantized = [e for e in entries if e.bits]
     families = [g for g in tg.QUANT_GROUPS if any(tg.tensor_group(e.name) == g for e in quantized)]
     packers = ["brotli", "ans", "lrzip", "lzma"]
