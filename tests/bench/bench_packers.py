@@ -244,7 +244,8 @@ def order0_sweep(run_dir: Path) -> None:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     hp = tg.Hyperparameters(**manifest["config"])
     sd = torch.load(run_dir / "final_model.pt", map_location="cpu")
-    print("| bits | k | codes | order-0 entropy, bytes | ans codes stream, bytes | ans / order-0 |\n|---|---|---|---|---|---|")
+    print("| bits | k | order-0 entropy, bytes | ans codes stream, bytes | ans - order-0, bytes | ans / order-0 |\n"
+          "|---|---|---|---|---|---|")
     for bits in range(2, 9):
         for k in (6.0, 9.0, 12.85, 20.0, 0.0):
             plan = tg.QuantPlan("sdclip" if k else "absmax", {g: bits for g in tg.QUANT_GROUPS},
@@ -258,8 +259,8 @@ def order0_sweep(run_dir: Path) -> None:
                 p = counts[counts > 0] / counts.sum()
                 order0 += float(-(counts[counts > 0] * np.log2(p)).sum()) / 8
             data = tg.ans_encode([e.codes.numpy() for e in quantized], [e.bits for e in quantized], None, families)
-            print(f"| {bits} | {k or 'absmax'} | {sum(e.codes.numel() for e in quantized):,} | {order0:,.0f} | "
-                  f"{len(data):,} | {len(data) / order0:.4f} |", flush=True)
+            print(f"| {bits} | {k or 'absmax'} | {order0:,.0f} | {len(data):,} | {len(data) - order0:+,.0f} | "
+                  f"{len(data) / max(order0, 1):.4f} |", flush=True)
 
 
 def main() -> None:
