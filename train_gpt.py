@@ -3176,13 +3176,15 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
 # compressor cannot see. Three things, each kept because it measurably paid on trained codes
 # (docs/RESULTS.md):
 # 1. Neighbouring rows (the embedding): a trained embedding holds clusters of nearly equal rows (tokens
-#    the data rarely shows get nearly the same updates). Each row may be replaced by itself minus
-#    round(beta * its nearest other row), beta in quarters, where that is estimated to cost fewer bits
-#    than the row alone plus its pointer; mutual nearest neighbours keep one row as it is, so the
-#    pointers form a forest, decoded parents first, one vectorized step per level. A second round
-#    predicts the residual rows from their own nearest residual rows. Stored: per tensor and round one
-#    bit, then one bit per row, the parent (ceil(log2 rows) bits) and beta (2 bits) per predicted row.
-#    In attention and MLP matrices no row pays for its pointer, so only the embedding is tried.
+#    the data rarely shows get nearly the same updates). In row order, each row may be replaced by
+#    itself minus round(beta * the mean of a pointed-to earlier row and up to 7 of that row's own
+#    pointed-to rows), beta in quarters, the pointer one of the row's 8 nearest earlier rows, where
+#    that is estimated to cost fewer bits than the row alone plus its pointer (and the whole tensor's
+#    estimate confirms it). The mean of a chain of cluster members predicts better than one neighbour
+#    (its noise averages out), and pointing backwards needs no row order and decodes row by row.
+#    Stored (byte-shuffled brotli u32): per tensor n, then per predicted row its step from the
+#    previous one, its steps back to the pointer, and (rows averaged, beta). In attention and MLP
+#    matrices no row paid for its pointer, so only the embedding is tried.
 # 2. Columns and rows: the magnitude of a value is predicted from its row and column: per tensor,
 #    rho_i = mean |x| of row i and gamma_j = mean |x| of column j / mean |x| (a rank-1 model, one log2
 #    byte each: the side information; a GPTQ column's spread follows its Hessian diagonal, while SDClip
@@ -3195,7 +3197,7 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
 #    whose grids and tails differ (the record's attention k = 13 and MLP k = 11.5 at the same 6 bits).
 # The encoder also tries side-information resolutions (ANS_LOG_STEPS) and keeps the shortest bytes.
 # Values are modelled sign-symmetric: each (group, context) stores one byte per magnitude |x| = 0..top
-# (top = the group's largest |x|, the grid's L or, after prediction, up to 4L), its count relative to
+# (top = the group's largest |x|: the grid's L, or more after prediction), its count relative to
 # the context's most frequent magnitude in 1/16-octave log steps (0 = never occurs), which costs
 # ~0.0005 bits per value against exact counts. The values of a context are coded with that table by
 # constriction's rANS coder (Rust, whole numpy arrays per call); the side bytes are rANS-coded too,
@@ -3207,8 +3209,9 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
 ANS_LOG_STEPS = (3, 4, 6, 8)  # side-information resolutions tried (steps per octave); the smallest output wins
 ANS_CONTEXT_WIDTHS = (1, 2, 3, 4, 6, 8)  # candidate context widths, in side-information steps
 ANS_TABLE_STEPS = 16  # table entries: log2 steps per octave
-ANS_ROW_PREDICTION_FAMILIES = ("embed",)  # where predicting rows from their nearest neighbour paid (docs/RESULTS.md)
-ANS_PREDICTION_ROUNDS = 2  # rows predicted, then the residual rows from theirs
+ANS_ROW_PREDICTION_FAMILIES = ("embed",)  # where predicting rows from their neighbours paid (docs/RESULTS.md)
+ANS_CANDIDATES = 8  # a row's pointer goes to one of its 8 nearest earlier rows
+ANS_CHAIN_DEPTH = 8  # and it averages that row and up to 7 of its parents
 # Probability weight of each table byte: 2^(t/16) with 8 fractional bits, as exact integers (0 = absent).
 # No value lies near a rounding boundary, so every machine computes the same integers.
 _ANS_TABLE_WEIGHTS = np.concatenate([[0.0], np.round(np.exp2(np.arange(1, 256) / ANS_TABLE_STEPS + 8))])
@@ -3454,70 +3457,67 @@ def _smallest_encoding(encode, stats: dict | None) -> bytes:
     return best
 
 
-def _scaled(rows: np.ndarray, quarters: np.ndarray) -> np.ndarray:
-    """round(quarters / 4 * rows), halves up, in integers: encoder and decoder compute the same."""
-    return (quarters * rows.astype(np.int64) + 2) >> 2
-
-
-def _nearest_rows(x: np.ndarray) -> np.ndarray:
-    """Each row's nearest other row (squared L2, the first on a tie). Integer products summed in floats
-    whose mantissa holds every partial sum exactly (float32 if it can: twice as fast), so every machine
-    finds the same rows. In blocks of 1,024 rows (a full-size embedding's whole matrix: 256 MB)."""
-    exact32 = int(np.abs(x).max(initial=0)) ** 2 * x.shape[1] < 2**24
-    f = x.astype(np.float32 if exact32 else np.float64)
-    norms, nearest = (f.astype(np.float64) ** 2).sum(axis=1), np.zeros(len(f), np.int64)
-    for a in range(0, len(f), 1024):
-        d = norms[None, :] - 2 * (f[a : a + 1024] @ f.T).astype(np.float64)  # + |row|^2, the same along each row
-        d[np.arange(len(d)), np.arange(a, a + len(d))] = np.inf
-        nearest[a : a + 1024] = d.argmin(axis=1)
-    return nearest
-
-
 def _predict_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(residual, plan): each row is replaced by itself minus round(beta * its nearest neighbour), beta in
-    quarters, where that is estimated to cost fewer bits than the row alone plus its pointer. plan:
-    (child, parent, quarters) per predicted row; the parents form a forest."""
+    """(residual, plan): in row order, each row may become itself minus round(beta * the mean of an earlier
+    row p and up to ANS_CHAIN_DEPTH - 1 of p's own parents), p one of the ANS_CANDIDATES nearest earlier
+    rows (squared L2), where that is estimated to cost fewer bits than the row alone plus its pointer.
+    plan: (child, p, rows averaged, beta in quarters) per predicted row. Distances are integer products
+    summed in floats whose mantissa holds every partial sum (float32 if it can), so every machine
+    chooses the same."""
     rows, cols = x.shape
-    if rows < 2:
-        return x.astype(np.int64), np.zeros((0, 3), np.int64)
-    nearest = _nearest_rows(x)
-    bits = lambda v: cols * np.log2(np.abs(v).mean(axis=1) + 0.3)  # about a row of Laplace-like values
-    costs = np.stack([bits(x)] + [bits(x - _scaled(x[nearest], k)) + math.log2(rows) + 3 for k in (1, 2, 3, 4)])
-    quarters, gain, index = costs.argmin(axis=0), costs[0] - costs.min(axis=0), np.arange(rows)
-    # Exact distances and the first index on a tie leave no cycle longer than two: of two rows that would
-    # predict each other, the one that gains less (then the lower index) stays itself.
-    parent = np.where(quarters > 0, nearest, index)
-    mutual = (parent != index) & (parent[parent] == index)
-    parent[mutual & ((gain < gain[parent]) | ((gain == gain[parent]) & (index < parent)))] = -1
-    parent[parent == index] = -1
-    child = np.flatnonzero(parent >= 0)
-    residual = x.astype(np.int64)
-    residual[child] -= _scaled(x[parent[child]], quarters[child, None])
-    return residual, np.stack([child, parent[child], quarters[child]], axis=1)
+    x = x.astype(np.int64)
+    f = x.astype(np.float32 if int(np.abs(x).max(initial=0)) ** 2 * cols < 2**24 else np.float64)
+    norms, parent, residual, plan = (x * x).sum(axis=1).astype(np.float64), np.full(rows, -1), x.copy(), []
+    bits = lambda v: cols * np.log2(np.abs(v).mean(axis=-1) + 0.3)  # about a row of Laplace-like values
+    for a in range(0, rows, 1024):  # distances in blocks: a full-size embedding's whole matrix is 256 MB
+        distance = norms[None, :] - 2 * (f[a : a + 1024] @ f.T).astype(np.float64)  # + |row|^2, constant per row
+        for i in range(max(a, 1), min(a + 1024, rows)):
+            options, sums = [], []  # (pointer, rows averaged) and their sums
+            near = np.argpartition(distance[i - a, :i], min(ANS_CANDIDATES, i) - 1)[:ANS_CANDIDATES]
+            for p in near[np.argsort(distance[i - a, near], kind="stable")]:
+                chain = [p]
+                while len(chain) < ANS_CHAIN_DEPTH and parent[chain[-1]] >= 0:
+                    chain.append(parent[chain[-1]])
+                options += [(p, k) for k in range(1, len(chain) + 1)]
+                sums.append(np.cumsum(x[chain], axis=0))
+            count = np.array([k for _, k in options])[None, :, None]
+            predictions = _chain_prediction(np.concatenate(sums)[None], count, np.arange(1, 5)[:, None, None])
+            costs = bits(x[i] - predictions)  # quarters x options
+            q, best = np.unravel_index(np.argmin(costs), costs.shape)
+            if costs[q, best] + math.log2(rows) + 4 < bits(x[i]):
+                residual[i], parent[i] = x[i] - predictions[q, best], options[best][0]
+                plan.append((i, *options[best], q + 1))
+    return residual, np.array(plan, np.int64).reshape(-1, 4)
+
+
+def _chain_prediction(total: np.ndarray, count, quarters) -> np.ndarray:
+    """round(quarters / 4 * total / count), halves up: floor((2 q total + 4 count) / (8 count)) of integers,
+    exact in float64 (a quotient is never within 1/64 of the integer above it), faster than // on int64."""
+    return np.floor((2 * quarters * total + 4 * count) / (8 * count)).astype(np.int64)
 
 
 def _unpredict_rows(residual: np.ndarray, plan: np.ndarray) -> np.ndarray:
-    """_predict_rows undone: parents before children, one vectorized step per forest level."""
-    x, (child, parent, quarters) = residual.astype(np.int64), plan.T
-    known = np.ones(len(x), bool)
-    known[child] = False
-    pending = np.ones(len(child), bool)
-    while pending.any():
-        ready = pending & known[parent]
-        if not ready.any():
-            raise ValueError("ans row predictions form a cycle")
-        x[child[ready]] += _scaled(x[parent[ready]], quarters[ready, None])
-        known[child[ready]], pending = True, pending & ~ready
+    """_predict_rows undone, row by row in order (each row's chain is decoded before it)."""
+    x, parent = residual.astype(np.int64), np.full(len(residual), -1)
+    for i, p, k, q in plan.tolist():
+        chain = [p]
+        while len(chain) < k and parent[chain[-1]] >= 0:
+            chain.append(parent[chain[-1]])
+        if len(chain) < k:
+            raise ValueError("ans row predictions average more rows than their chains hold")
+        x[i] += _chain_prediction(x[chain].sum(axis=0), k, q)
+        parent[i] = p
     return x
 
 
 def _pack_plans(plans: list[np.ndarray]) -> bytes:
-    """Row predictions as one u32 array, per tensor and round: n, then n children (as steps from the
-    previous one), n parents, n betas in quarters; byte-shuffled brotli (within 3% of bit-packing).
-    No bytes at all when no row is predicted."""
+    """Row predictions as one u32 array, per tensor: n, then n children (as steps from the previous one),
+    n steps back to their pointers, n (rows averaged - 1) * 4 + quarters - 1; byte-shuffled brotli
+    (smaller than bit-packing). No bytes at all when no row is predicted."""
     if not sum(map(len, plans)):
         return b""
-    fields = [np.concatenate([[len(p)], np.diff(p[:, 0], prepend=0), p[:, 1], p[:, 2]]) for p in plans]
+    fields = [np.concatenate([[len(p)], np.diff(p[:, 0], prepend=0), p[:, 0] - p[:, 1], 4 * p[:, 2] + p[:, 3] - 5])
+              for p in plans]
     return compress_bytes(np.concatenate([np.zeros(0, np.int64)] + fields).astype("<u4").tobytes(), "brotli", 4)
 
 
@@ -3527,11 +3527,12 @@ def _unpack_plans(data: bytes, rows: list[int]) -> list[np.ndarray]:
     values, at, plans = np.frombuffer(decompress_bytes(data, "brotli", 4), "<u4").astype(np.int64), 0, []
     for r in rows:
         n = int(values[at]) if at < len(values) else -1
-        p = values[at + 1 : at + 1 + 3 * n].reshape(3, max(n, 0)).T.copy()
-        p[:, 0] = np.cumsum(p[:, 0])
-        if n < 0 or len(p) != n or (n and (p[:, :2].max() >= r or p[:, 2].min() < 1 or p[:, 2].max() > 4)):
+        child, back, kind = values[at + 1 : at + 1 + 3 * n].reshape(3, max(n, 0))
+        child = np.cumsum(child)
+        if n < 0 or len(child) != n or (n and (child.max() >= r or kind.max() >= 4 * ANS_CHAIN_DEPTH or
+                                              back.min() < 1 or (child - back).min() < 0)):
             raise ValueError("ans row predictions do not match the tensors")
-        plans.append(p)
+        plans.append(np.stack([child, child - back, kind // 4 + 1, kind % 4 + 1], axis=1))
         at += 1 + 3 * n
     if at != len(values):
         raise ValueError("ans row predictions do not match the tensors")
@@ -3574,6 +3575,9 @@ def _estimated_bytes(x: np.ndarray) -> float:
     return _plan_group([x], [_magnitude_side_info(x, 4)])[0]
 
 
+_ROW_PREDICTIONS: dict = {}  # codes digest -> (residual, plan) of the first two embeddings seen
+
+
 def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = None,
                families: list[str] | None = None) -> bytes:
     """The codes of the quantized tensors (rows x cols each, int8) as ans bytes; `families` (tensor
@@ -3582,12 +3586,17 @@ def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = N
     families = families or ["other"] * len(arrays)
     residuals, plans = [a.reshape(a.shape[0], -1) for a in arrays], []
     for i in _predicted(families):
-        for _ in range(ANS_PREDICTION_ROUNDS):  # a round is kept only if the context model says it pays
-            residual, plan = _predict_rows(residuals[i])
-            if len(plan) and _estimated_bytes(residual) + len(_pack_plans([plan])) >= _estimated_bytes(residuals[i]):
-                plan = plan[:0]
-            residuals[i] = residual if len(plan) else residuals[i]
-            plans.append(plan)
+        key = hashlib.sha256(residuals[i].tobytes()).digest() + bytes(str(residuals[i].shape), "ascii")
+        if key in _ROW_PREDICTIONS:  # the filler re-packs an unchanged embedding: predicted once
+            residuals[i], plan = _ROW_PREDICTIONS[key]
+        else:
+            residual, plan = _predict_rows(residuals[i])  # kept only if the context model says it pays
+            if not len(plan) or _estimated_bytes(residual) + len(_pack_plans([plan])) >= _estimated_bytes(residuals[i]):
+                residual, plan = residuals[i], plan[:0]
+            if len(_ROW_PREDICTIONS) < 2:
+                _ROW_PREDICTIONS[key] = (residual, plan)
+            residuals[i] = residual
+        plans.append(plan)
     packed_plans = _pack_plans(plans)
     return _smallest_encoding(lambda steps, trial: _ans_encode_codes(residuals, bits, families, packed_plans, steps,
                                                                      trial), stats)
@@ -3648,9 +3657,7 @@ def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int],
             start += n
     if table_at != len(tables) or not coder.is_empty():
         raise ValueError("ans tables or words do not match the contexts")
-    rounds = [i for i in _predicted(families) for _ in range(ANS_PREDICTION_ROUNDS)]
-    plans = _unpack_plans(packed_plans, [shapes[i][0] for i in rounds])
-    for i, plan in reversed(list(zip(rounds, plans))):
+    for i, plan in zip(_predicted(families), _unpack_plans(packed_plans, [shapes[i][0] for i in _predicted(families)])):
         residuals[i] = _unpredict_rows(residuals[i], plan)
     out = [r.astype(np.int8) for r in residuals]
     if any(not np.array_equal(o, r) for o, r in zip(out, residuals)):
