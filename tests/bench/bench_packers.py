@@ -14,6 +14,8 @@ stored, brotli-11), every tensor transposed (column-major bytes), each group com
 `lrzip -z -L 9` (ZPAQ), everything else (scales, LQER factors, kept tensors, a JSON shape list)
 brotli-11 with a 2^24 window. Every packer's roundtrip is checked exact.
 
+With `--fullsize-decode`, instead: the full-size record model's Gaussian stand-in with this artifact's
+trained embedding codes (8,192 rows) tiled to its width, packed and unpacked by ans (seconds, one core).
 With `--order0-sweep`, instead: the ans codes stream against the codes' order-0 entropy on the run's
 weights rounded on every grid AUTO_FIT can choose. With `--fill-cap BYTES` it measures instead what AUTO_FIT_FILL buys with bytes a packer saves: the run's
 weights (final_model.pt) exported again its way (GPTQ on Hessians recomputed from the same calibration
@@ -263,6 +265,42 @@ def order0_sweep(run_dir: Path) -> None:
                   f"{len(data) / max(order0, 1):.4f} |", flush=True)
 
 
+def fullsize_decode(artifact: list[tg.ExportedTensor]) -> None:
+    """The full-size RECIPE=record model (Gaussian stand-in, rounded on the record's grids) with this
+    artifact's trained embedding codes in place of its own (tiled across the columns to the full
+    width; they need the full-size row count, 8,192): ans pack and unpack seconds on one core, and how
+    many embedding rows are predicted."""
+    hp = tg.Hyperparameters.from_env({})
+    torch.manual_seed(0)
+    model = tg.GPT(tg.ModelConfig.from_hparams(hp))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 1 / p.shape[1] ** 0.5)
+    entries = tg.quantize_state_dict(model.state_dict(), dataclasses.replace(tg.QuantPlan.from_hparams(hp),
+                                                                             method="sdclip"))
+    trained = next(e for e in artifact if e.name == "tok_emb.weight").codes
+    i = next(k for k, e in enumerate(entries) if e.name == "tok_emb.weight")
+    rows, cols = entries[i].codes.shape
+    if trained.shape[0] != rows:
+        raise SystemExit(f"the artifact's embedding has {trained.shape[0]} rows; the full-size one {rows}")
+    entries[i] = dataclasses.replace(entries[i], codes=trained.repeat(1, -(-cols // trained.shape[1]))[:, :cols]
+                                     .contiguous(), bits=next(e for e in artifact if e.name == "tok_emb.weight").bits)
+    stats: dict = {}
+    t0 = time.process_time()
+    blob = tg.pack_artifact(entries, compressor="ans", stats=stats)
+    t1 = time.process_time()
+    back, _ = tg.unpack_artifact(blob)
+    t2 = time.process_time()
+    check_same(entries, back, "ans")
+    row_stats: dict = {}
+    tg.ans_encode([entries[i].codes.numpy()], [entries[i].bits], row_stats, ["embed"])
+    print(f"full size ({sum(e.codes.numel() for e in entries if e.bits):,} codes), trained embedding codes "
+          f"{tuple(trained.shape)} tiled to {(rows, cols)}: {len(blob):,} bytes (codes {stats['codes']:,}, "
+          f"of which embedding row predictions {row_stats['rows']:,}), pack {t1 - t0:.1f} s, unpack {t2 - t1:.1f} s "
+          f"(CPU, one thread), roundtrip exact")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run folder (or an artifact file)")
@@ -270,6 +308,8 @@ def main() -> None:
     parser.add_argument("--no-lrzip", action="store_true", help="skip the per-group lrzip column")
     parser.add_argument("--order0-sweep", action="store_true", help="instead: ans against the order-0 entropy "
                         "of the run's weights rounded on every grid AUTO_FIT can choose (needs final_model.pt)")
+    parser.add_argument("--fullsize-decode", action="store_true", help="instead: the full-size stand-in with "
+                        "this artifact's embedding codes (8,192 rows): ans pack and unpack seconds")
     parser.add_argument("--fill-cap", type=int, default=0, help="also fill the run's weights with AUTO_FIT_FILL "
                         "and ans up to this many model bytes, and score both (needs the run folder and its data)")
     args = parser.parse_args()
@@ -281,6 +321,8 @@ def main() -> None:
         return fill_to_cap(path.parent, args.fill_cap, entries)
     if args.order0_sweep:
         return order0_sweep(path.parent)
+    if args.fullsize_decode:
+        return fullsize_decode(entries)
     quantized = [e for e in entries if e.bits]
     families = [g for g in tg.QUANT_GROUPS if any(tg.tensor_group(e.name) == g for e in quantized)]
     packers = ["brotli", "ans", "lrzip", "lzma"]
