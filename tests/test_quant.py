@@ -4,6 +4,7 @@ start-of-run size and FLOPs estimates."""
 
 import dataclasses
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +128,7 @@ def test_damaged_or_foreign_artifacts_fail_with_one_clear_line(tmp_path):
         message = str(info.value)
         assert "\n" not in message and ("corrupt" in message or "version" in message), (what, message)
         if what == "wrong version":
-            assert "format version 3, this script reads version 2" in message
+            assert f"format version {tg.ARTIFACT_VERSION + 1}, this script reads version {tg.ARTIFACT_VERSION}" in message
     other = dataclasses.asdict(tg.ModelConfig.from_hparams(tg.Hyperparameters.from_env({**SMALL, "VOCAB_SIZE": "512"})))
     with pytest.raises(tg.RunError, match=r"made for another model: vocab_size=400 \(expected 512\)"):
         tg.unpack_artifact(blob, expect_model=other)
@@ -150,6 +151,9 @@ def test_artifact_size_in_the_log_equals_the_bytes_on_disk(tiny_env, tmp_path):
     assert out["model_bytes"] == size and out["total_bytes"] == size + out["code_bytes"]
     log = (tmp_path / "test" / "train.log").read_text()
     assert re.search(rf"^Serialized model int6\+brotli: {size} bytes", log, re.M)
+    assert "auto_fit: fill step" in log  # the filler re-packed: the streams logged are the written artifact's
+    streams = re.search(r"^artifact_streams: (.*)$", log, re.M).group(1)
+    assert sum(int(v) for v in re.findall(r":(\d+)", streams)) == size
     assert re.search(r"^final_int6_brotli_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", log, re.M)
 
 
@@ -248,7 +252,7 @@ def test_ans_coder_is_exact_and_beats_byte_shuffle_brotli_on_the_same_codes():
         tg.ans_decode(data, [a.shape for a in arrays][:2], bits[:2])
     stats = {}
     tg.ans_encode(arrays, bits, stats)  # every byte is accounted for by a part
-    assert stats["header"] + stats["side"] + stats["tables"] + stats["words"] == len(data)
+    assert stats["header"] + stats["side"] + stats["tables"] + stats["rows"] + stats["words"] == len(data)
     assert stats["words"] <= stats["model_ce"] * 1.001 + 8  # rANS lands on its model's cross-entropy
 
 
@@ -283,6 +287,111 @@ def test_ans_scale_vectors_are_bit_exact_and_beat_byte_shuffle_brotli():
     assert len(data) < len(tg.compress_bytes(b"".join(v.tobytes() for v in vectors), "brotli", 2))
     with pytest.raises(ValueError):
         tg.ans_decode_fp16_vectors(data, [v.size for v in vectors][:-1])
+
+
+def test_an_artifact_of_the_previous_format_is_refused_with_one_line_naming_its_version():
+    """tests/data/artifact_format_v2.bin: a one-layer model packed with ans by train_gpt.py at 33aa9ce, the
+    last commit writing format 2 (whose ans codes have no tensor families, modes or row predictions)."""
+    blob = (ROOT / "tests" / "data" / "artifact_format_v2.bin").read_bytes()
+    assert blob[:4] == tg.ARTIFACT_MAGIC and blob[4] == 2 and tg.ARTIFACT_VERSION == 3
+    with pytest.raises(tg.RunError) as info:
+        tg.unpack_artifact(blob)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("model artifact has format version 2, this script reads "
+                                                      "version 3; score it with the train_gpt.py that wrote it")
+
+
+def clustered_embedding(rows=384, cols=96, bits=7, seed=3):
+    """Codes shaped like a trained embedding's: a third of the rows nearly equal to one of a few shared
+    rows (tokens the data rarely shows), the rest independent; a few values at the grid's ends."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols))
+    centers = rng.standard_normal((4, cols))
+    w[: rows // 3] = centers[rng.integers(0, 4, rows // 3)] + 0.15 * rng.standard_normal((rows // 3, cols))
+    codes = tg.quantize_rows(torch.tensor(w, dtype=torch.float32), bits, 6.0)[0].numpy()
+    limit = tg.clip_range(bits)
+    codes[0, :4], codes[1] = (limit, -limit, limit, -limit), codes[0]  # a row and its copy, then opposite ends:
+    codes[1, :4] = -codes[0, :4]  # a predicted residual reaches 2L, past the int7 grid
+    return codes
+
+
+def ans_roundtrip(arrays, bits, families):
+    stats = {}
+    data = tg.ans_encode(arrays, bits, stats, families)
+    back = tg.ans_decode(data, [a.reshape(a.shape[0], -1).shape for a in arrays], bits, families)
+    assert all(b.dtype == np.int8 and np.array_equal(b, a.reshape(a.shape[0], -1)) for b, a in zip(back, arrays))
+    assert data == tg.ans_encode(arrays, bits, None, families)  # deterministic
+    assert stats["header"] + stats["side"] + stats["tables"] + stats["rows"] + stats["words"] == len(data)
+    return data, stats
+
+
+def test_ans_row_prediction_is_exact_and_pays_on_an_embedding_with_nearly_equal_rows():
+    codes = clustered_embedding()
+    predicted, stats = ans_roundtrip([codes], [7], ["embed"])
+    plain, plain_stats = ans_roundtrip([codes], [7], ["other"])  # the same codes without row prediction
+    assert stats["rows"] > 0 and plain_stats["rows"] == 0
+    assert len(predicted) < 0.9 * len(plain)
+    top = struct.unpack("<H", predicted[5:7])[0]  # the one group's largest |residual|
+    assert top > tg.clip_range(7)
+    for b in range(3):  # damaged predictions (the artifact's sha256 stops them first): refused, or other codes
+        bad = bytearray(predicted)
+        bad[stats["header"] + stats["side"] + stats["tables"] + b] ^= 0xFF
+        try:
+            assert not np.array_equal(tg.ans_decode(bytes(bad), [codes.shape], [7], ["embed"])[0], codes)
+        except Exception as e:  # ValueError from the checks, brotli.error from the section's brotli
+            assert type(e).__name__ in ("ValueError", "error"), e
+
+
+@pytest.mark.parametrize("family", ["embed", "mlp"])
+def test_ans_roundtrips_one_row_one_column_and_all_equal_tensors(family):
+    rng = np.random.default_rng(4)
+    arrays = [rng.integers(-31, 32, (1, 200)).astype(np.int8), rng.integers(-31, 32, (150, 1)).astype(np.int8),
+              np.full((40, 30), 5, np.int8), np.zeros((3, 7), np.int8), rng.integers(-3, 4, (2, 2)).astype(np.int8)]
+    data, stats = ans_roundtrip(arrays, [6] * len(arrays), [family] * len(arrays))
+    alone, _ = ans_roundtrip([arrays[2]], [6], [family])
+    assert len(alone) < 128  # 1,200 equal values: headers and at most a row pointer each
+
+
+def test_ans_tables_are_per_tensor_family_and_each_group_picks_its_context_mode():
+    arrays, bits = structured_codes()
+    rng = np.random.default_rng(5)
+    arrays.append(rng.integers(-31, 32, (256, 256)).astype(np.int8))  # uniform codes: no context helps
+    bits.append(6)
+    families = ["attn", "mlp", "embed", "other"]
+    data, stats = ans_roundtrip(arrays, bits, families)
+    groups = [struct.unpack("<BBBBH", data[1 + 6 * i : 7 + 6 * i]) for i in range(data[0])]
+    assert [(tg.QUANT_GROUPS[f], b) for f, b, *_ in groups] == [("embed", 8), ("attn", 6), ("mlp", 5), ("other", 6)]
+    modes = {tg.QUANT_GROUPS[f]: mode for f, _, mode, *_ in groups}
+    assert modes["attn"] < 2 and modes["other"] == 2  # uneven columns use their side bytes; uniform codes: order 0
+    with pytest.raises(ValueError):
+        tg.ans_decode(data, [a.shape for a in arrays], bits, ["attn", "attn", "embed", "other"])  # other families
+
+
+def order0_bytes(codes: np.ndarray) -> float:
+    counts = np.bincount(codes.reshape(-1).astype(np.int64) + 128, minlength=256)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(counts[counts > 0] * np.log2(p)).sum()) / 8
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_ans_never_costs_more_than_the_order0_entropy_of_clipped_or_uniform_codes(bits):
+    """Every bit width and clip AUTO_FIT_FILL can choose (k from 6 up; absmax = no clip), on Gaussian and
+    heavy-tailed weights (clipped codes pile up at the grid's ends), on uniform and on one-signed codes: the ans bytes,
+    side information, tables and header included, never exceed the order-0 entropy by more than a header,
+    the rANS flush and one table (32 + 2L + 1 bytes), for every family's layout."""
+    rng = np.random.default_rng(bits)
+    limit = tg.clip_range(bits)
+    cases = {"uniform": rng.integers(-limit, limit + 1, (128, 128)).astype(np.int8),
+             "one-signed": rng.integers(0, limit + 1, (128, 128)).astype(np.int8)}  # a sign-symmetric model: +1 bit
+    for k in (0.0, 6.0, 20.0):
+        for name, w in (("gaussian", rng.standard_normal((128, 128))), ("t3", rng.standard_t(3, (128, 128)))):
+            w = w * np.exp(0.4 * rng.standard_normal(128))[None, :]
+            cases[f"{name} k={k}"] = tg.quantize_rows(torch.tensor(w, dtype=torch.float32), bits, k)[0].numpy()
+    for name, codes in cases.items():
+        for family in ("embed", "mlp"):
+            data = tg.ans_encode([codes], [bits], None, [family])
+            assert len(data) <= order0_bytes(codes) + 32 + 2 * limit + 1, (name, family, len(data), order0_bytes(codes))
+    assert (np.abs(cases["t3 k=6.0"]) == limit).mean() > 0.002  # clipped: the heavy tails pile up at the ends
 
 
 # ---- GPTQ and its calibration ---------------------------------------------------------------------
@@ -705,7 +814,8 @@ def test_auto_fit_fills_an_undersized_model_to_just_under_a_small_cap_each_step_
 
 @pytest.mark.slow
 def test_eval_only_in_a_fresh_process_from_the_shipped_code_reproduces_the_end_of_run_score(tiny_env, tmp_path):
-    """Train and export with GPTQ; then a new process runs the shipped (compressed) code with EVAL_ONLY=1,
+    """Train and export with GPTQ and ans (its newest layout: the embedding's rows predicted); then a new
+    process runs the shipped (compressed) code with EVAL_ONLY=1,
     given only the artifact, the tokenizer and a folder holding nothing but the validation shard."""
     import shutil
     import subprocess
@@ -715,8 +825,13 @@ def test_eval_only_in_a_fresh_process_from_the_shipped_code_reproduces_the_end_o
 
     env = {**tiny_env, "ITERATIONS": "3", "QUANT_METHOD": "gptq", "GPTQ_CALIBRATION_BATCHES": "2", "GPTQ_CALIBRATION_SEQS": "2",
            "GPTQ_CALIBRATION_SEQ_LEN": "32", "MATRIX_BITS": "6", "MODEL_DIM": "128", "MLP_MULT": "4.5",
-           "COMPRESSOR": "brotli"}
+           "COMPRESSOR": "ans", "WARMDOWN_ITERS": "0"}  # full LR: 3 Adam steps move the embedding's unseen rows alike
     out = tg.run(tg.Hyperparameters.from_env(env), tg.Runtime(0, 1, 0, torch.device("cpu"), False))
+    entries, header = tg.unpack_artifact((tmp_path / "test" / "final_model.quantized.ptz").read_bytes())
+    embedding = next(e for e in entries if e.name == "tok_emb.weight")
+    stats = {}
+    tg.ans_encode([embedding.codes.numpy()], [embedding.bits], stats, ["embed"])
+    assert stats["rows"] > 100  # packed the new way: many embedding rows predicted from their neighbours
     val_only = tmp_path / "val_only"
     val_only.mkdir()
     for f in tg.shard_files(tiny_env["DATA_PATH"], "val"):
@@ -729,7 +844,7 @@ def test_eval_only_in_a_fresh_process_from_the_shipped_code_reproduces_the_end_o
     proc = subprocess.run([sys.executable, str(shipped)], env=subprocess_env(eval_env), cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = re.search(r"^final_int6_brotli_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)$", proc.stdout, re.M)
+    line = re.search(r"^final_int6_ans_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)$", proc.stdout, re.M)
     assert line.group(1) == f"{out['roundtrip'].val_loss:.8f}" and line.group(2) == f"{out['roundtrip'].val_bpb:.8f}"
     assert f"code_bytes:{out['code_bytes']} model_bytes:{out['model_bytes']} " in proc.stdout
     eval_log = (tmp_path / "eval" / "eval" / "train.log").read_text()
