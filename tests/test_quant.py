@@ -711,6 +711,21 @@ def test_calibration_reads_no_batch_once_its_deadline_says_stop():
 # ---- shipped code, auto-fit, eval-only -----------------------------------------------------------
 
 
+def test_the_shipped_string_literal_holds_any_bytes():
+    """Every byte value, runs of quotes, a quote at the end, NUL before octal digits, CR and LF."""
+    import ast
+    import random
+
+    rng = random.Random(0)
+    cases = [bytes(range(256)), b'"', b'""', b'"""', b'a"""b""', b"\0" + b"7", b"\0" + b"8", b"\r\n\r", b"\\\"\\"]
+    cases += [bytes(rng.choice(b'"\\\0\r\n07a\xff') for _ in range(rng.randint(0, 40))) for _ in range(500)]
+    for data in cases:
+        body = tg.string_literal_body(data)
+        assert b"\r" not in body.replace(b"\\r", b"") and b"\0" not in body.replace(b"\\0", b"")
+        source = b'x = """' + body + b'"""'  # as the shipped file holds it, read as latin-1 source
+        assert ast.literal_eval(source.decode("latin-1")[4:]).encode("latin-1") == data
+
+
 @pytest.mark.slow
 def test_shipped_code_is_the_readable_syntax_tree_without_docstrings_and_is_what_is_counted():
     import ast

@@ -154,11 +154,11 @@ def part_fullsize(reference: tg.GPT | None, coders: tuple[str, ...] = ("brotli",
     group_std = {}
     if reference is not None:
         for name, t in reference.state_dict().items():
-            if t.ndim == 2 and t.numel() >= tg.QUANT_MIN_NUMEL:
+            if t.ndim == 2 and t.numel() >= tg.Hyperparameters.quant_min_numel:
                 group_std.setdefault(tg.tensor_group(name), []).append(float(t.float().std()))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 2 and p.numel() >= tg.QUANT_MIN_NUMEL:
+            if p.ndim == 2 and p.numel() >= tg.Hyperparameters.quant_min_numel:
                 stds = group_std.get(tg.tensor_group(name)) or [1 / math.sqrt(p.shape[1])]
                 p.normal_(0.0, sum(stds) / len(stds))
     sd = model.state_dict()

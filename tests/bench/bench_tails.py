@@ -43,7 +43,7 @@ def main() -> None:
     for path in sys.argv[1:]:
         sd = torch.load(path, map_location="cpu")
         trained = {n: t.float() for n, t in sd.items()
-                   if tg.tensor_group(n) in ("attn", "mlp") and t.numel() >= tg.QUANT_MIN_NUMEL}
+                   if tg.tensor_group(n) in ("attn", "mlp") and t.numel() >= tg.Hyperparameters.quant_min_numel}
         gaussian = {n: torch.randn_like(t) * t.std() for n, t in trained.items()}
         for label, mats in (("trained", trained), ("Gaussian, same shapes and stds", gaussian)):
             kurtosis = np.mean([float(((t - t.mean()) / t.std()).pow(4).mean()) for t in mats.values()])
