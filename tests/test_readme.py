@@ -1,6 +1,7 @@
-"""README.md stays true: its test command is CI's, and its env-var table is the code's.
+"""README.md stays true: its test command is CI's, its env-var table is the code's, and so are the
+figures the code can compute (the shipped code's bytes, the record recipe's parameter count).
 
-`python tests/test_readme.py` rewrites the README env-var table from `Hyperparameters`.
+`python tests/test_readme.py` rewrites the README env-var table and those figures.
 """
 
 import sys
@@ -13,6 +14,7 @@ sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
 
 START, END = "<!-- env-table:start -->\n", "\n<!-- env-table:end -->"
+FIGURE = r"<!-- {0} -->([\d,]+)<!-- /{0} -->"
 
 
 def show(value) -> str:
@@ -30,6 +32,35 @@ def env_table() -> str:
                else show(value) if f.name in record else "same")
         rows.append(f"| `{f.name.upper()}` | {show(f.default)} | {rec} | {f.metadata['help']} |")
     return "\n".join(rows)
+
+
+def figures() -> dict[str, str]:
+    """What the README states that the code computes: shipped code bytes, the record's parameters."""
+    import torch
+
+    with torch.device("meta"):
+        model = tg.GPT(tg.ModelConfig.from_hparams(tg.Hyperparameters.from_env({"RECIPE": "record"})))
+    return {"shipped-bytes": f"{tg.code_bytes():,}", "record-params": f"{sum(p.numel() for p in model.parameters()):,}"}
+
+
+def with_figures(text: str) -> str:
+    import re
+
+    for name, value in figures().items():
+        text = re.sub(FIGURE.format(name), f"<!-- {name} -->{value}<!-- /{name} -->", text)
+    return text
+
+
+def test_readme_figures_are_the_codes():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    for name, value in figures().items():
+        assert re.findall(FIGURE.format(name), readme) == [value], f"{name}: run `python tests/test_readme.py`"
+
+
+def test_readme_is_a_manual_not_a_log():
+    assert len((ROOT / "README.md").read_bytes()) <= 35_000  # measurements live in docs/RESULTS.md
 
 
 def test_readme_env_table_matches_hyperparameters():
@@ -50,4 +81,4 @@ if __name__ == "__main__":
     path = ROOT / "README.md"
     text = path.read_text()
     head, rest = text.split(START)
-    path.write_text(head + START + env_table() + END + rest.split(END)[1])
+    path.write_text(with_figures(head + START + env_table() + END + rest.split(END)[1]))
