@@ -227,10 +227,10 @@ def test_the_export_refuses_broken_weights_before_writing_anything(small_env, tm
                                                                   value, what):
     real_train = tg.train
 
-    def poisoned(hp, rt, model, base_model, *rest):
-        state = real_train(hp, rt, model, base_model, *rest)
+    def poisoned(run, averager):
+        state = real_train(run, averager)
         with torch.no_grad():
-            base_model.blocks[0].mlp_scale[3] = value
+            run.base_model.blocks[0].mlp_scale[3] = value
         return state
     monkeypatch.setattr(tg, "train", poisoned)
     with pytest.raises(tg.RunError) as err:

@@ -485,7 +485,8 @@ def trained_and_shifted(sample_dataset):
 SHIFTED = {"chunked": tg.dataclasses.replace(SETTINGS, ttt_chunk_tokens=256, ttt_lr=0.03, ttt_epochs=2),
            "lora": tg.dataclasses.replace(DOC_SETTINGS["lora"], ttt_lora_lr=0.03, ttt_batch_size=4),
            "phased": tg.dataclasses.replace(DOC_SETTINGS["phased"], ttt_lora_lr=0.03, global_ttt_lr=0.03, ttt_batch_size=4)}
-NO_ADAPTATION = {"chunked": dict(epochs=0), "lora": dict(lora_lr=0.0), "phased": dict(lora_lr=0.0, global_lr=0.0)}
+NO_ADAPTATION = {"chunked": dict(ttt_epochs=0), "lora": dict(ttt_lora_lr=0.0),
+                 "phased": dict(ttt_lora_lr=0.0, global_ttt_lr=0.0)}
 
 
 @pytest.mark.slow
