@@ -2497,11 +2497,7 @@ def tensor_group(name: str) -> str:
         return "embed"
     if name == "lm_head.weight":
         return "head"
-    if ".attn." in name:
-        return "attn"
-    if ".mlp." in name:
-        return "mlp"
-    return "other"
+    return next((group for group in ("attn", "mlp") if f".{group}." in name), "other")
 
 
 @dataclass(frozen=True)
@@ -2692,9 +2688,9 @@ def upper_cholesky_of_inverse(H: torch.Tensor, damping: float) -> torch.Tensor:
     mean_diag = H.diagonal().mean().clamp_min(1e-12)
     for attempt in range(6):
         L, info = torch.linalg.cholesky_ex(H + damping * 10**attempt * mean_diag * eye)
-        if int(info) == 0:
+        if not info:  # info = 0: factorized
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0:
+            if not info:
                 return U
     raise RunError(f"GPTQ: a Hessian stayed singular with damping up to {damping * 1e5:g} x its mean diagonal; "
                    "raise GPTQ_DAMPING or use QUANT_METHOD=sdclip")
@@ -2705,15 +2701,15 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, clip_sigmas
                   block_size: int = 128, act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (int8, rows x cols) and fp16 row scales of `w` (rows x cols) for inputs with Hessian (cols x cols)."""
     W = w.float().clone()
-    scale = row_scales(W, bits, clip_sigmas)
-    s = scale.to(W.device).float()
+    scale = row_scales(W, bits, clip_sigmas)  # on W's device
+    s = scale.float()
     limit = clip_range(bits)
     H = hessian.to(W.device).float().clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
-    if perm is not None:
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
     Hinv = upper_cholesky_of_inverse(H, damping)
     Q = torch.zeros_like(W)
@@ -2727,7 +2723,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, clip_sigmas
             block[:, j:] -= err[:, None] * Hb[j, j:][None, :]
             errors[:, j] = err
         W[:, i2:] -= errors @ Hinv[i1:i2, i2:]
-    if perm is not None:
+    if act_order:
         Q = Q[:, torch.argsort(perm)]
     return Q.to(torch.int8).cpu().contiguous(), scale.cpu()
 
@@ -2746,20 +2742,17 @@ class CachedDecoding:
 
     def __init__(self, model: GPT):
         self.layers = [block.attn for block in model.blocks]
-        self.caches = {id(a): [] for a in self.layers}  # per layer: one [k, v] per pass
-        self.calls = dict.fromkeys(self.caches, 0)
-        self.pos = 0
+        self.caches = collections.defaultdict(list)  # (layer, pass) -> its [k, v]
+        self.step(0)
 
     def step(self, pos: int) -> None:
-        self.pos, self.calls = pos, dict.fromkeys(self.calls, 0)
+        self.pos, self.calls = pos, collections.Counter()  # passes of each layer at this position so far
 
     def _cached_forward(self, attn: CausalSelfAttention):
         def forward(x, v_first, docs=None):  # a sample is one document (no BOS after the first): no mask
-            passes, n = self.caches[id(attn)], self.calls[id(attn)]
-            if n == len(passes):
-                passes.append([])
-            self.calls[id(attn)] = n + 1
-            return attn.forward_last_cached(x, v_first, passes[n], self.pos)
+            n = self.calls[attn]
+            self.calls[attn] += 1
+            return attn.forward_last_cached(x, v_first, self.caches[attn, n], self.pos)
         return forward
 
     def __enter__(self) -> "CachedDecoding":
@@ -2850,10 +2843,7 @@ def collect_hessians(model: GPT, batches, plan: QuantPlan, looping: bool, autoca
     model.eval()
     try:
         batches = iter(batches)
-        while not (stop is not None and stop()):
-            x = next(batches, None)
-            if x is None:
-                break
+        while not (stop and stop()) and (x := next(batches, None)) is not None:  # asks stop() before reading
             with autocast():
                 h = model.forward_hidden(x, looping)
                 if model.lm_head is not None:
@@ -2879,20 +2869,20 @@ def collect_hessians(model: GPT, batches, plan: QuantPlan, looping: bool, autoca
 # LQER_ASYM_GROUP values of B.
 
 
+def _in_groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    """The flattened tensor, zero-padded, as rows of `group` consecutive values."""
+    flat = x.reshape(-1)
+    return torch.cat([flat, flat.new_zeros(-flat.numel() % group)]).reshape(-1, group)
+
+
 def quantize_groups(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Absmax integers with one fp16 scale per `group` consecutive values of the flattened tensor."""
-    flat = x.reshape(-1)
-    pad = (-flat.numel()) % group
-    padded = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, group)
-    codes, scales = quantize_rows(padded, bits)
-    return codes.reshape(-1)[: flat.numel()].reshape(x.shape).contiguous(), scales
+    codes, scales = quantize_rows(_in_groups(x, group), bits)
+    return codes.reshape(-1)[: x.numel()].reshape(x.shape).contiguous(), scales
 
 
 def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-    flat = codes.reshape(-1).float()
-    pad = (-flat.numel()) % group
-    padded = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, group) * scales.float()[:, None]
-    return padded.reshape(-1)[: flat.numel()].reshape(codes.shape)
+    return dequantize_rows(_in_groups(codes.float(), group), scales).reshape(-1)[: codes.numel()].reshape(codes.shape)
 
 
 @dataclass
@@ -3824,15 +3814,22 @@ AUTO_FIT_FILL_SLACK_BYTES = 512
 AUTO_FIT_FILL_MIN_SIGMAS = 6.0
 
 
-def quantization_error(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor]) -> float:
-    """sum ||W - W_q||^2 / sum ||W||^2 over the quantized tensors."""
-    err = norm = 0.0
+def weights_and_errors(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor]):
+    """(entry, W, E = W - W_q) of every quantized tensor, W and E as rows x cols (float, on the CPU)."""
     for e in entries:
         if e.bits:
-            w = state_dict[e.name].detach().float().cpu()
-            err += float((w - e.dequantize().float()).square().sum())
-            norm += float(w.square().sum())
-    return err / max(norm, 1e-30)
+            w = state_dict[e.name].detach().float().cpu().reshape(e.codes.shape)
+            yield e, w, w - e.dequantize().float().reshape(w.shape)
+
+
+def squared_norm(x: torch.Tensor) -> float:
+    return float(x.square().sum())
+
+
+def quantization_error(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor]) -> float:
+    """sum ||W - W_q||^2 / sum ||W||^2 over the quantized tensors."""
+    terms = list(weights_and_errors(state_dict, entries))
+    return sum(squared_norm(err) for _, _, err in terms) / max(sum(squared_norm(w) for _, w, _ in terms), 1e-30)
 
 
 def code_histogram(entries: list[ExportedTensor]) -> torch.Tensor:
@@ -3880,42 +3877,24 @@ def prune_unit_codes(entries: list[ExportedTensor], units, count: int) -> list[E
     return out
 
 
-def values_by_group(entries: list[ExportedTensor]) -> dict[str, int]:
+def values_by_group(entries: list[ExportedTensor]) -> collections.Counter:
     """How many quantized values each tensor group holds."""
-    values: dict[str, int] = {}
+    values = collections.Counter()
     for e in entries:
         if e.bits:
-            values[tensor_group(e.name)] = values.get(tensor_group(e.name), 0) + e.codes.numel()
+            values[tensor_group(e.name)] += e.codes.numel()
     return values
 
 
-def squared_error_by_group(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor]) -> dict[str, float]:
-    """sum ||W - W_q||^2 of the quantized tensors, per tensor group."""
-    out: dict[str, float] = {}
-    for e in entries:
-        if e.bits:
-            w = state_dict[e.name].detach().float().cpu()
-            group = tensor_group(e.name)
-            out[group] = out.get(group, 0.0) + float((w - e.dequantize().float()).square().sum())
-    return out
-
-
 def weighted_error_by_group(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor],
-                            hessians: dict | None = None) -> dict[str, float]:
+                            hessians: dict | None = None) -> collections.Counter:
     """Per group, the sum over its quantized tensors of tr(E H E^T) / tr(W H W^T) (H = I without a Hessian)."""
     hessians = hessians or {}
-    out: dict[str, float] = {}
-    for e in entries:
-        if e.bits:
-            w = state_dict[e.name].detach().float().cpu().reshape(e.codes.shape[0], -1)
-            err = w - e.dequantize().float().reshape(w.shape)
-            h = hessians.get(e.name)
-            if h is None:
-                ratio = float(err.square().sum()) / max(float(w.square().sum()), 1e-30)
-            else:
-                h = h.cpu().float()
-                ratio = float(((err @ h) * err).sum()) / max(float(((w @ h) * w).sum()), 1e-30)
-            out[tensor_group(e.name)] = out.get(tensor_group(e.name), 0.0) + ratio
+    out = collections.Counter()
+    for e, w, err in weights_and_errors(state_dict, entries):
+        h = hessians.get(e.name)
+        energy = squared_norm if h is None else lambda x: float((x @ h.cpu().float() * x).sum())
+        out[tensor_group(e.name)] += energy(err) / max(energy(w), 1e-30)
     return out
 
 
@@ -4063,7 +4042,8 @@ def group_to_lower(state_dict, entries: list[ExportedTensor], plan: QuantPlan, l
     needed = fewest_units_saving(entropy_after, 0, n_units, entropy_after(0) - excess)
     if n_units and entropy_after(needed) <= entropy_after(0) - excess:
         pruning_cost = float(units[4][:needed].sum())
-        lowering_cost = 3.0 * squared_error_by_group(state_dict, entries).get(group, 0.0)
+        lowering_cost = 3.0 * sum(squared_norm(err) for e, _, err in weights_and_errors(state_dict, entries)
+                                  if tensor_group(e.name) == group)
         if pruning_cost <= lowering_cost:
             return None
     return group
