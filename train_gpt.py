@@ -2952,16 +2952,12 @@ def apply_lqer(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor
 
 def byte_shuffle(data: bytes, stride: int) -> bytes:
     """All first bytes of each `stride`-byte element, then all second bytes, ...: the exponent bytes of
-    fp16 values end up together, where a general-purpose compressor finds them."""
-    if stride <= 1:
-        return data
-    return np.frombuffer(data, dtype=np.uint8).reshape(-1, stride).T.tobytes()
+    fp16 values end up together, where a general-purpose compressor finds them (stride 1: `data`)."""
+    return np.frombuffer(data, np.uint8).reshape(-1, stride).T.tobytes()
 
 
 def byte_unshuffle(data: bytes, stride: int) -> bytes:
-    if stride <= 1:
-        return data
-    return np.frombuffer(data, dtype=np.uint8).reshape(stride, -1).T.tobytes()
+    return np.frombuffer(data, np.uint8).reshape(stride, -1).T.tobytes()
 
 
 def compress_bytes(data: bytes, coder: str, stride: int) -> bytes:
@@ -3013,8 +3009,7 @@ def _tensor_parts(e: ExportedTensor) -> list[tuple[str, np.ndarray]]:
                       ("scales", f.b_scales.numpy())]
         return parts
     arr = e.value.numpy()
-    return [({np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}.get(arr.dtype, "raw:" + arr.dtype.str),
-             arr)]
+    return [(arr.dtype.name if arr.dtype.name in ("float16", "float32") else "raw:" + arr.dtype.str, arr)]
 
 
 def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict | None = None,
@@ -3023,32 +3018,30 @@ def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict
     `stats`, if given, receives the compressed bytes of each stream."""
     general = "brotli" if compressor == "ans" else compressor  # ans codes the codes; brotli the rest
     stats = {} if stats is None else stats
-    streams: dict[str, list[np.ndarray]] = {}
-    tensors = []
+    streams, tensors = collections.defaultdict(list), []
     for e in entries:
         parts = _tensor_parts(e)
         for stream, arr in parts:
-            streams.setdefault(stream, []).append(arr)
+            streams[stream].append(arr)
         tensors.append(dict(name=e.name, shape=list(e.shape), dtype=e.dtype, bits=e.bits, method=e.method,
                             scale="row_fp16" if e.bits else "none", stream=parts[0][0]))
         if (f := e.lqer) is not None:  # layout: A rows x rank, B rank x cols, int8 codes then fp16 scales
             tensors[-1]["lqer"] = dict(rank=f.b_codes.shape[0], group=f.group, bits=f.bits,
                                        **({"a_bits": f.a_bits} if f.a_bits != f.bits else {}))
-    stream_info, payloads = [], []
+    stream_info, payloads, quantized = [], [], [e for e in entries if e.bits]
     for name in sorted(streams):
         arrays, stride = streams[name], stream_dtype(name).itemsize
         if name == "codes" and compressor == "ans":
             ans_stats: dict = {}
-            quantized = [e for e in entries if e.bits]
             coder, data = "ans", ans_encode(arrays, [e.bits for e in quantized], ans_stats,
                                             [tensor_group(e.name) for e in quantized])
             stats["codes_model_ce"] = ans_stats["model_ce"]  # not a stream: export_artifact takes it out
-        else:
-            coder, data = general, compress_bytes(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays), general,
-                                                  stride)
+        else:  # tobytes(): C order, whatever the array's strides
+            coder, data = general, compress_bytes(b"".join(a.tobytes() for a in arrays), general, stride)
             if compressor == "ans" and name in ("float16", "scales"):  # the ans model, unless brotli is smaller
                 modelled = ans_encode_fp16(arrays) if name == "float16" else ans_encode_fp16_vectors(arrays)
-                coder, data = ("ans", modelled) if len(modelled) < len(data) else (coder, data)
+                if len(modelled) < len(data):
+                    coder, data = "ans", modelled
         stream_info.append(dict(name=name, coder=coder, length=len(data), stride=stride))
         payloads.append(data)
         stats[name] = len(data)
@@ -3062,32 +3055,36 @@ def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict
     return prefix + hashlib.sha256(body).digest() + body
 
 
+def _header_parts(t: dict) -> list[tuple[str, int]]:
+    """(stream, element count) of each array of the header's tensor `t`, in the order of _tensor_parts."""
+    if not t["bits"]:
+        return [(t["stream"], math.prod(t["shape"]))]
+    rows, cols = _rows_cols(t["shape"])
+    parts = [("codes", rows * cols), ("scales", rows)]
+    if "lqer" in t:  # A, B, then their scales: per row, or (asymmetric) per column of A and per group of B
+        rank, group = t["lqer"]["rank"], t["lqer"]["group"]
+        parts += [("lqer", rows * rank), ("lqer", rank * cols), ("scales", rank if group else rows),
+                  ("scales", -(-rank * cols // group) if group else rank)]
+    return parts
+
+
 def _scale_vector_lengths(tensors: list[dict]) -> list[int]:
-    """Lengths of the arrays in the `scales` stream, in the order _tensor_parts puts them there."""
-    lengths = []
-    for t in tensors:
-        if t["bits"]:
-            rows, cols = _rows_cols(t["shape"])
-            lengths.append(rows)
-            if "lqer" in t:
-                rank, group = t["lqer"]["rank"], t["lqer"]["group"]
-                lengths += [rank, -(-rank * cols // group)] if group else [rows, rank]
-    return lengths
+    """Lengths of the arrays in the `scales` stream."""
+    return [n for t in tensors for stream, n in _header_parts(t) if stream == "scales"]
 
 
 def _flat(arrays: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate([np.zeros(0, dtype)] + [a.reshape(-1) for a in arrays])
 
 
-# The ans decoder of each stream the packer may ans-code: (stream bytes, the header's tensors) -> the
-# stream's values, flat. Every other stream is decompress_bytes' job.
-ANS_STREAM_DECODERS = {
-    "codes": lambda data, tensors: _flat(ans_decode(data, *zip(*[(_rows_cols(t["shape"]), t["bits"], tensor_group(
-        t["name"])) for t in tensors if t["bits"]])) if any(t["bits"] for t in tensors) else [], np.int8),
-    "float16": lambda data, tensors: _flat(ans_decode_fp16(data, [_rows_cols(t["shape"]) for t in tensors
-                                                                  if t["stream"] == "float16"]), np.float16),
-    "scales": lambda data, tensors: _flat(ans_decode_fp16_vectors(data, _scale_vector_lengths(tensors)), np.float16),
-}
+def _ans_decode_stream(name: str, data: bytes, tensors: list[dict]) -> np.ndarray:
+    """The values of a stream the packer ans-coded (the codes, float16 or scales), flat."""
+    mine = [t for t in tensors if t["stream"] == name]  # the quantized tensors for the codes
+    shapes = [_rows_cols(t["shape"]) for t in mine]
+    decode = {"codes": lambda: ans_decode(data, shapes, [t["bits"] for t in mine], [tensor_group(t["name"]) for t in mine]),
+              "float16": lambda: ans_decode_fp16(data, shapes),
+              "scales": lambda: ans_decode_fp16_vectors(data, _scale_vector_lengths(tensors))}[name]
+    return _flat(decode(), STREAM_DTYPES[name])
 
 
 def _corrupt(why: str) -> RunError:
@@ -3126,47 +3123,42 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
         if diffs:
             raise RunError(f"model artifact was made for another model: {', '.join(diffs[:4])}; "
                            "score it with the settings it was trained with (or EVAL_ONLY=1, which reads them from it)")
-    arrays: dict[str, np.ndarray] = {}
-    offset = 0
+    arrays, offset = {}, 0
     try:
         for s in header["streams"]:
             data = payload[offset : offset + s["length"]]
             offset += s["length"]
-            arrays[s["name"]] = (ANS_STREAM_DECODERS[s["name"]](data, header["tensors"]) if s["coder"] == "ans" else
+            arrays[s["name"]] = (_ans_decode_stream(s["name"], data, header["tensors"]) if s["coder"] == "ans" else
                                  np.frombuffer(decompress_bytes(data, s["coder"], s["stride"]), stream_dtype(s["name"])))
-    except RunError:
-        raise
     except Exception as e:  # any decoder failure on damaged bytes
         raise _corrupt(f"stream does not decode: {e.__class__.__name__}") from None
     if offset != len(payload):
         raise _corrupt(f"{len(payload) - offset} unexpected trailing bytes")
-    cursors = {name: 0 for name in arrays}
+    cursors = collections.Counter()  # values of each stream taken so far
 
     def take(stream: str, count: int) -> torch.Tensor:
-        data = arrays.get(stream)
-        start = cursors.get(stream, 0)
-        if data is None or start + count > len(data):
+        start = cursors[stream]
+        if start + count > len(arrays.get(stream, ())):
             raise _corrupt(f"stream {stream} is shorter than its tensors")
-        cursors[stream] = start + count
-        return torch.from_numpy(data[start : start + count].copy())
+        cursors[stream] += count
+        return torch.from_numpy(arrays[stream][start : start + count].copy())
 
     entries = []
     for t in header["tensors"]:
-        shape = tuple(t["shape"])
-        numel = math.prod(shape)
-        if not t["bits"]:
-            entries.append(ExportedTensor(t["name"], shape, t["dtype"], value=take(t["stream"], numel).reshape(shape)))
+        shape, bits = tuple(t["shape"]), t["bits"]
+        parts = [take(stream, n) for stream, n in _header_parts(t)]
+        if not bits:
+            entries.append(ExportedTensor(t["name"], shape, t["dtype"], value=parts[0].reshape(shape)))
             continue
         rows, cols = _rows_cols(shape)
-        codes, scales, lqer = take("codes", numel).reshape(rows, cols), take("scales", rows), None
+        lqer = None
         if "lqer" in t:
-            rank, group, bits = t["lqer"]["rank"], t["lqer"]["group"], t["lqer"]["bits"]
-            a, b = take("lqer", rows * rank).reshape(rows, rank), take("lqer", rank * cols).reshape(rank, cols)
-            a_scales = take("scales", rank if group else rows)
-            b_scales = take("scales", -(-rank * cols // group) if group else rank)
-            lqer = LowRankFactors(a, a_scales, b, b_scales, group, bits, t["lqer"].get("a_bits", bits))
-        entries.append(ExportedTensor(t["name"], shape, t["dtype"], t["bits"], codes, scales, method=t["method"],
-                                      lqer=lqer))
+            rank, factor_bits = t["lqer"]["rank"], t["lqer"]["bits"]
+            a, b, a_scales, b_scales = parts[2:]
+            lqer = LowRankFactors(a.reshape(rows, rank), a_scales, b.reshape(rank, cols), b_scales, t["lqer"]["group"],
+                                  factor_bits, t["lqer"].get("a_bits", factor_bits))
+        entries.append(ExportedTensor(t["name"], shape, t["dtype"], bits, parts[0].reshape(rows, cols), parts[1],
+                                      method=t["method"], lqer=lqer))
     return entries, header
 
 
@@ -3240,9 +3232,8 @@ class _FittedLawCoder:
     """Vectors coded by rANS, each under its own law fitted to it: the bit pattern of every element is a
     symbol, `fit` chooses the law's few parameters (center, decay, ...: stored as `law_format`), and
     `weights(*law)` derives the same integer weights from them on both sides. The laws come first,
-    then the rANS words; an empty vector takes no bytes. `what` names the data in errors."""
+    then the rANS words; an empty vector takes no bytes."""
 
-    what: str
     dtype: type
     law_format: str
     fit: collections.abc.Callable  # symbols (int64) -> the law's parameters
@@ -3259,11 +3250,9 @@ class _FittedLawCoder:
         return b"".join(laws) + _ans_words(jobs)
 
     def decode(self, data: bytes, lengths: list[int]) -> list[np.ndarray]:
-        import constriction
-
         size, n_laws = struct.calcsize(self.law_format), sum(1 for n in lengths if n)
         if len(data) < size * n_laws:
-            raise ValueError(f"{self.what} is shorter than its laws")
+            raise ValueError("ans data does not match the tensor list")
         coder = _ans_reader(data[size * n_laws :])
         laws, out = struct.iter_unpack(self.law_format, data[: size * n_laws]), []
         for n in lengths:
@@ -3271,11 +3260,11 @@ class _FittedLawCoder:
             if n:
                 law = next(laws)
                 if law[1] < 1:  # every law is (center, decay, ...)
-                    raise ValueError(f"{self.what} has a zero decay")
-                symbols = coder.decode(constriction.stream.model.Categorical(self.weights(*law), perfect=False), n)
+                    raise ValueError("ans data does not match the tensor list")
+                symbols = coder.decode(_categorical(self.weights(*law)), n)
             out.append(symbols.astype(self._patterns).view(self.dtype))
         if not coder.is_empty():
-            raise ValueError(f"{self.what} does not match the tensor list")
+            raise ValueError("ans data does not match the tensor list")
         return out
 
     @property
@@ -3293,7 +3282,7 @@ def _fit_side_law(x: np.ndarray) -> tuple[int, int]:
 
 
 # Side-information bytes, one vector per tensor row or column set, each with its own geometric law.
-SIDE_CODER = _FittedLawCoder("ans side information", np.uint8, "<BB", _fit_side_law, _side_weights)
+SIDE_CODER = _FittedLawCoder(np.uint8, "<BB", _fit_side_law, _side_weights)
 
 
 def _predicted_steps(side: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -3394,24 +3383,11 @@ def _ans_model_group(symbols: np.ndarray, steps: np.ndarray, alphabet: _Alphabet
     return width, ce, tables, jobs
 
 
-def _ans_decode_group(coder, steps: np.ndarray, width: int, alphabet: _Alphabet, tables: np.ndarray,
-                      table_at: int) -> tuple[np.ndarray, int]:
-    """The group's symbols in their original order, and the next table position."""
+def _categorical(weights: np.ndarray):
+    """constriction's model of one symbol with these integer weights."""
     import constriction
 
-    order, counts = _ans_contexts(steps, width)
-    decoded = []
-    for k in np.nonzero(counts)[0]:
-        table = tables[table_at : table_at + alphabet.magnitudes]
-        table_at += alphabet.magnitudes
-        if len(table) != alphabet.magnitudes:
-            raise ValueError("ans tables are shorter than the contexts need")
-        model = constriction.stream.model.Categorical(alphabet.weights(table), perfect=False)
-        decoded.append(coder.decode(model, int(counts[k])))
-    symbols = np.zeros(len(steps), np.int32)
-    if decoded:
-        symbols[order] = np.concatenate(decoded)
-    return symbols, table_at
+    return constriction.stream.model.Categorical(weights, perfect=False)
 
 
 def _ans_words(jobs) -> bytes:
@@ -3420,7 +3396,7 @@ def _ans_words(jobs) -> bytes:
 
     coder = constriction.stream.stack.AnsCoder()
     for symbols, weights in reversed(jobs):  # a stack: the last context first
-        coder.encode_reverse(symbols, constriction.stream.model.Categorical(weights, perfect=False))
+        coder.encode_reverse(symbols, _categorical(weights))
     return coder.get_compressed().astype("<u4").tobytes()
 
 
@@ -3431,12 +3407,55 @@ def _ans_reader(words: bytes):
     return constriction.stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
 
 
+def _ans_sections(side: list[np.ndarray], tables: list[np.ndarray], jobs, stats: dict) -> tuple[bytes, bytes, bytes]:
+    """What a coder stores after its header: the side bytes, the tables (brotli) and the rANS words of
+    `jobs`; their byte counts (and the number of contexts) go into `stats`."""
+    packed = SIDE_CODER.encode(side), compress_bytes(_flat(tables, np.uint8).tobytes(), "brotli", 1), _ans_words(jobs)
+    stats.update(zip(("side", "tables", "words"), map(len, packed)), contexts=len(tables))
+    return packed
+
+
+class _ContextReader:
+    """Decodes what the contexts of _ans_model_group coded, group after group: each context's table from
+    the stored tables in order, its symbols from the rANS words."""
+
+    def __init__(self, packed_tables: bytes, words: bytes):
+        self.tables, self.at = np.frombuffer(decompress_bytes(packed_tables, "brotli", 1), np.uint8), 0
+        self.coder = _ans_reader(words)
+
+    def group(self, steps: np.ndarray, width: int, alphabet: _Alphabet) -> np.ndarray:
+        """The group's symbols in their original order."""
+        if width < 1:
+            raise ValueError("ans data does not match the tensor list")
+        order, counts = _ans_contexts(steps, width)
+        decoded = []
+        for k in np.nonzero(counts)[0]:
+            table = self.tables[self.at : self.at + alphabet.magnitudes]
+            self.at += alphabet.magnitudes
+            if len(table) != alphabet.magnitudes:
+                raise ValueError("ans data does not match the tensor list")
+            decoded.append(self.coder.decode(_categorical(alphabet.weights(table)), int(counts[k])))
+        symbols = np.zeros(len(steps), np.int32)
+        symbols[order] = _flat(decoded, np.int32)
+        return symbols
+
+    def finish(self) -> None:
+        if self.at != len(self.tables) or not self.coder.is_empty():
+            raise ValueError("ans data does not match the tensor list")
+
+
+def _split_flat(flat: np.ndarray, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """`flat` cut into arrays of the given shapes (rows, cols), in order."""
+    ends = np.cumsum([rows * cols for rows, cols in shapes], dtype=np.int64)
+    return [piece.reshape(shape) for piece, shape in zip(np.split(flat, ends[:-1]), shapes)]
+
+
 def _split_sections(data: bytes, lengths: list[int]) -> list[bytes]:
     """`data` cut into pieces of the given lengths, then the rest; refuses data that is too short."""
     out, at = [], 0
     for n in lengths:
         if at + n > len(data):
-            raise ValueError("ans data is shorter than its sections")
+            raise ValueError("ans data does not match the tensor list")
         out.append(data[at : at + n])
         at += n
     return out + [data[at:]]
@@ -3503,7 +3522,7 @@ def _unpredict_rows(residual: np.ndarray, plan: np.ndarray) -> np.ndarray:
         while len(chain) < k and parent[chain[-1]] >= 0:
             chain.append(parent[chain[-1]])
         if len(chain) < k:
-            raise ValueError("ans row predictions average more rows than their chains hold")
+            raise ValueError("ans data does not match the tensor list")
         x[i] += _chain_prediction(x[chain].sum(axis=0), k, q)
         parent[i] = p
     return x
@@ -3530,11 +3549,11 @@ def _unpack_plans(data: bytes, rows: list[int]) -> list[np.ndarray]:
         child = np.cumsum(child)
         if n < 0 or len(child) != n or (n and (child.max() >= r or kind.max() >= 4 * ANS_CHAIN_DEPTH or
                                               back.min() < 1 or (child - back).min() < 0)):
-            raise ValueError("ans row predictions do not match the tensors")
+            raise ValueError("ans data does not match the tensor list")
         plans.append(np.stack([child, child - back, kind // 4 + 1, kind % 4 + 1], axis=1))
         at += 1 + 3 * n
     if at != len(values):
-        raise ValueError("ans row predictions do not match the tensors")
+        raise ValueError("ans data does not match the tensor list")
     return plans
 
 
@@ -3603,11 +3622,10 @@ def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = N
 
 def _ans_encode_codes(residuals: list[np.ndarray], bits: list[int], families: list[str], packed_plans: bytes,
                       log_steps: int, stats: dict) -> bytes:
-    import brotli
-
     side = [_magnitude_side_info(r, log_steps) for r in residuals]
-    header, tables, jobs, model_ce, modes = [struct.pack("<B", len(_code_groups(bits, families)))], [], [], 0.0, {}
-    for family, b, members in _code_groups(bits, families):
+    groups = _code_groups(bits, families)
+    header, tables, jobs, model_ce, modes = [struct.pack("<B", len(groups))], [], [], 0.0, {}
+    for family, b, members in groups:
         _, mode, width, top, symbols = _plan_group([residuals[i] for i in members], [side[i] for i in members])
         modes.update({i: mode for i in members})
         width, ce, group_tables, group_jobs = _ans_model_group(
@@ -3616,51 +3634,41 @@ def _ans_encode_codes(residuals: list[np.ndarray], bits: list[int], families: li
         tables += group_tables
         jobs += group_jobs
         model_ce += ce
-    words = _ans_words(jobs)
-    packed_side = SIDE_CODER.encode([v for i, pair in enumerate(side) for v in pair[modes[i]:]])
-    packed_table = brotli.compress(b"".join(t.tobytes() for t in tables), quality=11)
-    head = b"".join(header) + struct.pack("<III", len(packed_side), len(packed_table), len(packed_plans))
-    stats.update(words=len(words), side=len(packed_side), tables=len(packed_table), rows=len(packed_plans),
-                 header=len(head), model_ce=model_ce, contexts=len(tables))
-    return head + packed_side + packed_table + packed_plans + words
+    packed_side, packed_tables, words = _ans_sections([v for i, pair in enumerate(side) for v in pair[modes[i]:]],
+                                                      tables, jobs, stats)
+    head = b"".join(header) + struct.pack("<III", len(packed_side), len(packed_tables), len(packed_plans))
+    stats.update(rows=len(packed_plans), header=len(head), model_ce=model_ce)
+    return head + packed_side + packed_tables + packed_plans + words
 
 
 def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int],
                families: list[str] | None = None) -> list[np.ndarray]:
-    import brotli
-
     families = families or ["other"] * len(shapes)
     groups = _code_groups(bits, families)
-    if len(shapes) != len(bits) or not data or data[0] != len(groups):
-        raise ValueError("ans side information does not match the tensor list")
-    params = list(struct.iter_unpack("<BBBBH", data[1 : 1 + 6 * len(groups)]))
-    at = 1 + 6 * len(groups)
-    side_len, table_len, plan_len = struct.unpack("<III", data[at : at + 12])
-    packed_side, packed_table, packed_plans, words = _split_sections(data[at + 12 :], [side_len, table_len, plan_len])
-    if [(QUANT_GROUPS[f], b) for f, b, *_ in params] != [(f, b) for f, b, _ in groups] or \
-            min((p[3] for p in params), default=1) < 1 or max((p[2] for p in params), default=0) > 2:
-        raise ValueError("ans side information does not match the tensor list")
+    n = len(groups)
+    if len(shapes) != len(bits) or not data or data[0] != n:
+        raise ValueError("ans data does not match the tensor list")
+    params = list(struct.iter_unpack("<BBBBH", data[1 : 1 + 6 * n]))
+    packed_side, packed_tables, packed_plans, words = _split_sections(
+        data[13 + 6 * n :], struct.unpack("<III", data[1 + 6 * n : 13 + 6 * n]))
+    if [p[:2] for p in params] != [(QUANT_GROUPS.index(f), b) for f, b, _ in groups] or any(p[2] > 2 for p in params):
+        raise ValueError("ans data does not match the tensor list")
     modes = {i: p[2] for p, (_, _, members) in zip(params, groups) for i in members}
     vectors = iter(SIDE_CODER.decode(packed_side, [n for i, shape in enumerate(shapes) for n in shape[modes[i]:]]))
-    side = [_side_used(tuple(np.zeros(n, np.uint8) if k < modes[i] else next(vectors) for k, n in enumerate(shape)),
-                       modes[i]) for i, shape in enumerate(shapes)]
-    tables = np.frombuffer(brotli.decompress(packed_table), np.uint8)
-    coder, table_at, residuals = _ans_reader(words), 0, [None] * len(shapes)
-    for (family, b, members), (_, _, mode, width, top) in zip(groups, params):
-        symbols, table_at = _ans_decode_group(coder, _predicted_steps([side[i] for i in members]), width,
-                                              _mode_alphabet(mode, top), tables, table_at)
-        start = 0
-        for i in members:
-            n = shapes[i][0] * shapes[i][1]
-            residuals[i] = symbols[start : start + n].astype(np.int64).reshape(shapes[i]) - top
-            start += n
-    if table_at != len(tables) or not coder.is_empty():
-        raise ValueError("ans tables or words do not match the contexts")
-    for i, plan in zip(_predicted(families), _unpack_plans(packed_plans, [shapes[i][0] for i in _predicted(families)])):
+    side = [tuple(np.full(n, 128, np.uint8) if k < modes[i] else next(vectors) for k, n in enumerate(shape))
+            for i, shape in enumerate(shapes)]  # as _side_used: what a mode does not store is 128
+    reader, residuals = _ContextReader(packed_tables, words), [None] * len(shapes)
+    for (_, _, members), (_, _, mode, width, top) in zip(groups, params):
+        symbols = reader.group(_predicted_steps([side[i] for i in members]), width, _mode_alphabet(mode, top))
+        for i, residual in zip(members, _split_flat(symbols.astype(np.int64) - top, [shapes[i] for i in members])):
+            residuals[i] = residual
+    reader.finish()
+    predicted = _predicted(families)
+    for i, plan in zip(predicted, _unpack_plans(packed_plans, [shapes[i][0] for i in predicted])):
         residuals[i] = _unpredict_rows(residuals[i], plan)
     out = [r.astype(np.int8) for r in residuals]
     if any(not np.array_equal(o, r) for o, r in zip(out, residuals)):
-        raise ValueError("ans codes decode past int8")
+        raise ValueError("ans data does not match the tensor list")
     return out
 
 
@@ -3693,45 +3701,25 @@ def ans_encode_fp16(arrays: list[np.ndarray], stats: dict | None = None) -> byte
 
 
 def _ans_encode_fp16_at(values: list[np.ndarray], log_steps: int, stats: dict) -> bytes:
-    import brotli
-
     side = [_fp16_side_info(v, log_steps) for v in values]
-    bits16 = np.concatenate([v.reshape(-1).view(np.uint16) for v in values]) if values else np.zeros(0, np.uint16)
-    alphabet = _Alphabet("fp16")
+    bits16 = _flat([v.view(np.uint16) for v in values], np.uint16)
     width, ce, tables, jobs = _ans_model_group((bits16 >> 8).astype(np.int64),
-                                               _fp16_steps(side, [v.shape for v in values]), alphabet)
-    words = _ans_words(jobs)
+                                               _fp16_steps(side, [v.shape for v in values]), _Alphabet("fp16"))
     low = (bits16 & 0xFF).astype(np.uint8).tobytes()
-    packed_side = SIDE_CODER.encode([v for pair in side for v in pair])
-    packed_table = brotli.compress(b"".join(t.tobytes() for t in tables), quality=11)
-    head = struct.pack("<BII", width, len(packed_side), len(packed_table))
-    stats.update(words=len(words), side=len(packed_side), tables=len(packed_table), low=len(low),
-                 model_ce=ce, contexts=len(tables))
-    return head + packed_side + packed_table + low + words
+    packed_side, packed_tables, words = _ans_sections([v for pair in side for v in pair], tables, jobs, stats)
+    stats.update(low=len(low), model_ce=ce)
+    return struct.pack("<BII", width, len(packed_side), len(packed_tables)) + packed_side + packed_tables + low + words
 
 
 def ans_decode_fp16(data: bytes, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
-    import brotli
-
     width, side_len, table_len = struct.unpack("<BII", data[:9])
-    n = sum(rows * cols for rows, cols in shapes)
-    packed_side, packed_table, low, words = _split_sections(data[9:], [side_len, table_len, n])
-    tables = np.frombuffer(brotli.decompress(packed_table), np.uint8)
+    packed_side, packed_tables, low, words = _split_sections(data[9:], [side_len, table_len,
+                                                                        sum(rows * cols for rows, cols in shapes)])
     vectors = SIDE_CODER.decode(packed_side, [n for rows, cols in shapes for n in (rows, cols if rows > 1 else 0)])
-    side = list(zip(vectors[0::2], vectors[1::2]))
-    if width < 1:
-        raise ValueError("ans side information does not match the tensor list")
-    coder = _ans_reader(words)
-    high, table_at = _ans_decode_group(coder, _fp16_steps(side, shapes), width, _Alphabet("fp16"),
-                                       tables, 0)
-    if table_at != len(tables) or not coder.is_empty():
-        raise ValueError("ans tables or words do not match the contexts")
-    flat = ((high.astype(np.uint16) << 8) | np.frombuffer(low, np.uint8)).view(np.float16)
-    out, start = [], 0
-    for rows, cols in shapes:
-        out.append(flat[start : start + rows * cols].reshape(rows, cols))
-        start += rows * cols
-    return out
+    reader = _ContextReader(packed_tables, words)
+    high = reader.group(_fp16_steps(list(zip(vectors[0::2], vectors[1::2])), shapes), width, _Alphabet("fp16"))
+    reader.finish()
+    return _split_flat(((high.astype(np.uint16) << 8) | np.frombuffer(low, np.uint8)).view(np.float16), shapes)
 
 
 # The fp16 row scales (the `scales` stream) vary little within a tensor, so their 16-bit patterns sit
@@ -3761,7 +3749,7 @@ def _fit_band_law(x: np.ndarray) -> tuple[int, int, int]:
     return center, 1 + int(np.argmin(costs)), radius
 
 
-SCALE_CODER = _FittedLawCoder("ans scale data", np.float16, "<HBH", _fit_band_law, _band_weights)
+SCALE_CODER = _FittedLawCoder(np.float16, "<HBH", _fit_band_law, _band_weights)
 ans_encode_fp16_vectors, ans_decode_fp16_vectors = SCALE_CODER.encode, SCALE_CODER.decode
 
 
