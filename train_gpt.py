@@ -2564,7 +2564,8 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quantize(w: torch.Tensor, bits: int, clip_sigmas: float = 0.0) -> torch.Tensor:
-    """What the export's grid turns `w` into, computed in float: the QAT forward uses this."""
+    """What the export's grid turns `w` into, computed in float: the QAT forward uses this. (Not via
+    quantize_rows: the int8 codes would turn a -0 into +0, so QAT's weights would differ in sign bits.)"""
     scale = _broadcast(row_scales(w, bits, clip_sigmas), w)
     limit = clip_range(bits)
     return (torch.round(w.float() / scale).clamp(-limit, limit) * scale).to(w.dtype)
@@ -2692,7 +2693,7 @@ def upper_cholesky_of_inverse(H: torch.Tensor, damping: float) -> torch.Tensor:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if not info:
                 return U
-    raise RunError(f"GPTQ: a Hessian stayed singular with damping up to {damping * 1e5:g} x its mean diagonal; "
+    raise RunError(f"GPTQ: a Hessian is singular even at damping {damping * 1e5:g} x its mean diagonal; "
                    "raise GPTQ_DAMPING or use QUANT_METHOD=sdclip")
 
 
@@ -2833,11 +2834,9 @@ def collect_hessians(model: GPT, batches, plan: QuantPlan, looping: bool, autoca
             hessians[key] = torch.zeros(x.size(1), x.size(1), device=x.device)
         hessians[key].addmm_(x.T, x)
 
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, CastedLinear) and plan.spec(f"{name}.weight", module.weight) is not None:
-            hooks.append(module.register_forward_hook(
-                lambda mod, inputs, output, key=f"{name}.weight": accumulate(key, inputs[0])))
+    hooks = [module.register_forward_hook(lambda mod, inputs, output, key=f"{name}.weight": accumulate(key, inputs[0]))
+             for name, module in model.named_modules()
+             if isinstance(module, CastedLinear) and plan.spec(f"{name}.weight", module.weight) is not None]
     tied_head = model.lm_head is None and plan.spec("tok_emb.weight", model.tok_emb.weight) is not None
     was_training = model.training
     model.eval()
@@ -2938,13 +2937,11 @@ def apply_lqer(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor
         if e.bits and len(e.shape) == 2 and min(e.shape) > rank:
             err = state_dict[e.name].detach().float().cpu() - dequantize_rows(e.codes, e.scales)
             h = hessians.get(e.name)
-            cost = float((err @ h.cpu().float() * err).sum()) if h is not None else float(err.square().sum())
-            costs.append((cost, i, err))
+            h = None if h is None else h.cpu()
+            costs.append((output_energy(err, h), i, err, h))
     out = list(entries)
-    for _, i, err in sorted(costs, key=lambda c: -c[0])[:top_k]:
-        h = hessians.get(entries[i].name)
-        out[i] = dataclasses.replace(entries[i], lqer=LowRankFactors.fit(err, rank, factor_bits, group,
-                                                                         None if h is None else h.cpu(), a_bits))
+    for _, i, err, h in sorted(costs, key=lambda c: -c[0])[:top_k]:
+        out[i] = dataclasses.replace(entries[i], lqer=LowRankFactors.fit(err, rank, factor_bits, group, h, a_bits))
     return out
 
 
@@ -3093,11 +3090,11 @@ def _corrupt(why: str) -> RunError:
 
 def read_artifact_header(blob: bytes) -> tuple[dict, bytes]:
     """The header dict and the stream bytes, after checking magic, version and checksum."""
-    if len(blob) < 4 or blob[:4] != ARTIFACT_MAGIC:
+    if blob[:4] != ARTIFACT_MAGIC:
         raise RunError("model artifact is corrupt or not a Parameter Golf artifact (bad magic bytes); "
                        "pass the final_model.*.ptz file a run wrote")
     if len(blob) < 43:
-        raise _corrupt(f"{len(blob)} bytes is shorter than the fixed header")
+        raise _corrupt(f"{len(blob)} bytes: no complete fixed header")
     version, header_coder = struct.unpack("<HB", blob[4:7])
     if version != ARTIFACT_VERSION:
         raise RunError(f"model artifact has format version {version}, this script reads version {ARTIFACT_VERSION}; "
@@ -3288,9 +3285,7 @@ SIDE_CODER = _FittedLawCoder(np.uint8, "<BB", _fit_side_law, _side_weights)
 def _predicted_steps(side: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """log2(rho_i * gamma_j) of every code of the given tensors, flattened and concatenated, in
     side-information steps (0..510)."""
-    if not side:
-        return np.zeros(0, np.int16)
-    return np.concatenate([(r.astype(np.int16)[:, None] + c.astype(np.int16)[None, :]).reshape(-1) for r, c in side])
+    return _flat([r.astype(np.int16)[:, None] + c.astype(np.int16)[None, :] for r, c in side], np.int16)
 
 
 def _ans_table(magnitude_counts: np.ndarray) -> np.ndarray:
@@ -3464,15 +3459,14 @@ def _split_sections(data: bytes, lengths: list[int]) -> list[bytes]:
 def _smallest_encoding(encode, stats: dict | None) -> bytes:
     """encode(steps, stats) at every side-information resolution of ANS_LOG_STEPS: the shortest bytes
     (the first on a tie). The decoder needs only the stored side bytes, not the resolution."""
-    best, best_stats = None, None
+    trials = []
     for steps in ANS_LOG_STEPS:
-        trial: dict = {}
-        data = encode(steps, trial)
-        if best is None or len(data) < len(best):
-            best, best_stats = data, dict(trial, log_steps=steps)
+        trial = {"log_steps": steps}
+        trials.append((encode(steps, trial), trial))
+    data, trial = min(trials, key=lambda t: len(t[0]))
     if stats is not None:
-        stats.update(best_stats)
-    return best
+        stats.update(trial)
+    return data
 
 
 def _predict_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -3493,9 +3487,7 @@ def _predict_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             options, sums = [], []  # (pointer, rows averaged) and their sums
             near = np.argpartition(distance[i - a, :i], min(ANS_CANDIDATES, i) - 1)[:ANS_CANDIDATES]
             for p in near[np.argsort(distance[i - a, near], kind="stable")]:
-                chain = [p]
-                while len(chain) < ANS_CHAIN_DEPTH and parent[chain[-1]] >= 0:
-                    chain.append(parent[chain[-1]])
+                chain = _chain(parent, p, ANS_CHAIN_DEPTH)
                 options += [(p, k) for k in range(1, len(chain) + 1)]
                 sums.append(np.cumsum(x[chain], axis=0))
             count = np.array([k for _, k in options])[None, :, None]
@@ -3508,6 +3500,14 @@ def _predict_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return residual, np.array(plan, np.int64).reshape(-1, 4)
 
 
+def _chain(parent: np.ndarray, p: int, depth: int) -> list[int]:
+    """Row p and up to depth - 1 of its parents, nearest first."""
+    chain = [p]
+    while len(chain) < depth and parent[chain[-1]] >= 0:
+        chain.append(parent[chain[-1]])
+    return chain
+
+
 def _chain_prediction(total: np.ndarray, count, quarters) -> np.ndarray:
     """round(quarters / 4 * total / count), halves up: floor((2 q total + 4 count) / (8 count)) of integers,
     exact in float64 (a quotient is never within 1/64 of the integer above it), faster than // on int64."""
@@ -3518,9 +3518,7 @@ def _unpredict_rows(residual: np.ndarray, plan: np.ndarray) -> np.ndarray:
     """_predict_rows undone, row by row in order (each row's chain is decoded before it)."""
     x, parent = residual.astype(np.int64), np.full(len(residual), -1)
     for i, p, k, q in plan.tolist():
-        chain = [p]
-        while len(chain) < k and parent[chain[-1]] >= 0:
-            chain.append(parent[chain[-1]])
+        chain = _chain(parent, p, k)
         if len(chain) < k:
             raise ValueError("ans data does not match the tensor list")
         x[i] += _chain_prediction(x[chain].sum(axis=0), k, q)
@@ -3536,7 +3534,7 @@ def _pack_plans(plans: list[np.ndarray]) -> bytes:
         return b""
     fields = [np.concatenate([[len(p)], np.diff(p[:, 0], prepend=0), p[:, 0] - p[:, 1], 4 * p[:, 2] + p[:, 3] - 5])
               for p in plans]
-    return compress_bytes(np.concatenate([np.zeros(0, np.int64)] + fields).astype("<u4").tobytes(), "brotli", 4)
+    return compress_bytes(_flat(fields, np.int64).astype("<u4").tobytes(), "brotli", 4)
 
 
 def _unpack_plans(data: bytes, rows: list[int]) -> list[np.ndarray]:
@@ -3544,11 +3542,12 @@ def _unpack_plans(data: bytes, rows: list[int]) -> list[np.ndarray]:
         return [np.zeros((0, 3), np.int64) for _ in rows]
     values, at, plans = np.frombuffer(decompress_bytes(data, "brotli", 4), "<u4").astype(np.int64), 0, []
     for r in rows:
-        n = int(values[at]) if at < len(values) else -1
-        child, back, kind = values[at + 1 : at + 1 + 3 * n].reshape(3, max(n, 0))
+        if at >= len(values):
+            raise ValueError("ans data does not match the tensor list")
+        n = int(values[at])
+        child, back, kind = values[at + 1 : at + 1 + 3 * n].reshape(3, n)  # a ValueError if short
         child = np.cumsum(child)
-        if n < 0 or len(child) != n or (n and (child.max() >= r or kind.max() >= 4 * ANS_CHAIN_DEPTH or
-                                              back.min() < 1 or (child - back).min() < 0)):
+        if n and (child.max() >= r or kind.max() >= 4 * ANS_CHAIN_DEPTH or back.min() < 1 or (child - back).min() < 0):
             raise ValueError("ans data does not match the tensor list")
         plans.append(np.stack([child, child - back, kind // 4 + 1, kind % 4 + 1], axis=1))
         at += 1 + 3 * n
@@ -3581,7 +3580,7 @@ def _predicted(families: list[str]) -> list[int]:
 def _plan_group(residuals: list[np.ndarray], sides: list[tuple]) -> tuple:
     """(estimated bytes, mode, width, top, symbols) of a coding group in its cheapest mode, side bytes counted."""
     top = max(1, max(int(np.abs(r).max(initial=0)) for r in residuals))
-    symbols, best = np.concatenate([r.reshape(-1) for r in residuals]).astype(np.int64) + top, None
+    symbols, best = _flat(residuals, np.int64) + top, None
     for mode in (0, 1, 2):
         cost, width, _ = _ans_plan_width(symbols, _predicted_steps([_side_used(s, mode) for s in sides]),
                                          _mode_alphabet(mode, top))
@@ -3615,9 +3614,7 @@ def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = N
                 _ROW_PREDICTIONS[key] = (residual, plan)
             residuals[i] = residual
         plans.append(plan)
-    packed_plans = _pack_plans(plans)
-    return _smallest_encoding(lambda steps, trial: _ans_encode_codes(residuals, bits, families, packed_plans, steps,
-                                                                     trial), stats)
+    return _smallest_encoding(functools.partial(_ans_encode_codes, residuals, bits, families, _pack_plans(plans)), stats)
 
 
 def _ans_encode_codes(residuals: list[np.ndarray], bits: list[int], families: list[str], packed_plans: bytes,
@@ -3697,7 +3694,7 @@ def _fp16_steps(side: list[tuple[np.ndarray, np.ndarray]], shapes: list[tuple[in
 def ans_encode_fp16(arrays: list[np.ndarray], stats: dict | None = None) -> bytes:
     """fp16 arrays (2-D as rows x cols, anything else as one row) as ans bytes."""
     values = [a.reshape(_rows_cols(a.shape)) for a in arrays]
-    return _smallest_encoding(lambda steps, trial: _ans_encode_fp16_at(values, steps, trial), stats)
+    return _smallest_encoding(functools.partial(_ans_encode_fp16_at, values), stats)
 
 
 def _ans_encode_fp16_at(values: list[np.ndarray], log_steps: int, stats: dict) -> bytes:
@@ -3810,14 +3807,15 @@ def weights_and_errors(state_dict: dict[str, torch.Tensor], entries: list[Export
             yield e, w, w - e.dequantize().float().reshape(w.shape)
 
 
-def squared_norm(x: torch.Tensor) -> float:
-    return float(x.square().sum())
+def output_energy(x: torch.Tensor, hessian: torch.Tensor | None = None) -> float:
+    """||x||^2, or with a Hessian H = sum of input x^T x: tr(x H x^T), the energy of the layer outputs x makes."""
+    return float(x.square().sum()) if hessian is None else float((x @ hessian.cpu().float() * x).sum())
 
 
 def quantization_error(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor]) -> float:
     """sum ||W - W_q||^2 / sum ||W||^2 over the quantized tensors."""
     terms = list(weights_and_errors(state_dict, entries))
-    return sum(squared_norm(err) for _, _, err in terms) / max(sum(squared_norm(w) for _, w, _ in terms), 1e-30)
+    return sum(output_energy(err) for _, _, err in terms) / max(sum(output_energy(w) for _, w, _ in terms), 1e-30)
 
 
 def code_histogram(entries: list[ExportedTensor]) -> torch.Tensor:
@@ -3838,24 +3836,22 @@ def entropy_bytes(counts: torch.Tensor) -> float:
 def unit_codes_by_cost(entries: list[ExportedTensor]) -> list[torch.Tensor]:
     """Every +-1 code as (tensor index, row, column, code, scale^2 = about the squared error zeroing it
     adds), cheapest first: smallest row scale, ties in tensor, row, column order (deterministic)."""
-    keys, where = [], []
+    parts = []  # per tensor: (sort key, then the five columns)
     for i, e in enumerate(entries):
         if e.bits:
             rows, cols = torch.nonzero(e.codes.abs() == 1, as_tuple=True)
             scale = e.scales.float()[rows]
-            keys.append(scale)
-            where.append((torch.full_like(rows, i), rows, cols, e.codes[rows, cols].long(), scale.double().square()))
-    if not keys:
-        return []
-    order = torch.argsort(torch.cat(keys), stable=True)
-    return [torch.cat([w[k] for w in where])[order] for k in range(5)]
+            parts.append((scale, torch.full_like(rows, i), rows, cols, e.codes[rows, cols].long(), scale.double().square()))
+    if not parts:
+        return [torch.zeros(0, dtype=torch.long)] * 5
+    keys, *columns = (torch.cat(column) for column in zip(*parts))
+    order = torch.argsort(keys, stable=True)
+    return [column[order] for column in columns]
 
 
 def prune_unit_codes(entries: list[ExportedTensor], units, count: int) -> list[ExportedTensor]:
     """A copy with the first `count` codes of `units` (from unit_codes_by_cost) set to 0."""
     out = list(entries)
-    if count <= 0:
-        return out
     tensor_idx, rows, cols = (u[:count] for u in units[:3])
     for i in torch.unique(tensor_idx).tolist():
         mask = tensor_idx == i
@@ -3881,8 +3877,7 @@ def weighted_error_by_group(state_dict: dict[str, torch.Tensor], entries: list[E
     out = collections.Counter()
     for e, w, err in weights_and_errors(state_dict, entries):
         h = hessians.get(e.name)
-        energy = squared_norm if h is None else lambda x: float((x @ h.cpu().float() * x).sum())
-        out[tensor_group(e.name)] += energy(err) / max(energy(w), 1e-30)
+        out[tensor_group(e.name)] += output_energy(err, h) / max(output_energy(w, h), 1e-30)
     return out
 
 
@@ -3901,7 +3896,7 @@ def fill_budget(state_dict, plan: QuantPlan, entries: list[ExportedTensor], blob
         open_groups = [g for g in values if g not in done]
         if slack <= slack_goal or not open_groups:
             break
-        group = max(open_groups, key=lambda g: (errors.get(g, 0.0) / values[g], g))
+        group = max(open_groups, key=lambda g: (errors[g] / values[g], g))
         bits_per_value = min(4 * slack / bytes_per_predicted / values[group], 1.0)  # half the slack, in bits
         for _ in range(AUTO_FIT_TRIES):
             k, bits = plan.clip_sigmas[group] * 2.0**-bits_per_value, plan.bits[group]
@@ -3915,17 +3910,15 @@ def fill_budget(state_dict, plan: QuantPlan, entries: list[ExportedTensor], blob
             bits_per_value *= 0.5 * slack / max(len(trial_blob) - len(blob), 1)  # overshot: aim at half again
         trial_errors = weighted_error_by_group(state_dict, trial_entries, hessians)
         cost, gain = len(trial_blob) - len(blob), sum(errors.values()) - sum(trial_errors.values())
-        fits = len(trial_blob) <= target_bytes
-        verdict = "kept" if fits and gain > 0 and k >= AUTO_FIT_FILL_MIN_SIGMAS else "refused"
+        verdict = "kept" if len(trial_blob) <= target_bytes and gain > 0 and k >= AUTO_FIT_FILL_MIN_SIGMAS else "refused"
         log(f"auto_fit: fill step {step} {group} clip_sigmas {plan.clip_sigmas[group]:.3f}->{k:.3f} bits "
             f"{plan.bits[group]}->{bits} cost {cost} bytes gain {gain:.3e} -> model_bytes {len(trial_blob)} "
             f"weighted_error {sum(trial_errors.values()):.4e} {verdict}")
         if verdict == "refused":
             done.add(group)
             continue
-        predicted = values[group] * bits_per_value / 8
-        if cost > 0 and predicted > 0:
-            bytes_per_predicted = cost / predicted
+        if cost > 0:  # bytes per predicted byte (bits_per_value > 0 always)
+            bytes_per_predicted = cost / (values[group] * bits_per_value / 8)
         plan, entries, blob, errors = trial, trial_entries, trial_blob, trial_errors
     log(f"auto_fit: filled model_bytes {len(blob)} target {target_bytes} ({target_bytes - len(blob)} bytes left) "
         f"weighted_error {sum(errors.values()):.4e}")
@@ -3957,10 +3950,9 @@ def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target
                            hessians=hessians, log=log)
     if len(blob) <= target_bytes or not auto_fit:
         return blob, entries
-    base_error = quantization_error(state_dict, entries)
-    n_codes = sum(e.codes.numel() for e in entries if e.bits)
+    n_codes = sum(values_by_group(entries).values())
     log(f"auto_fit: model_bytes {len(blob)} > target {target_bytes} (limit {ARTIFACT_LIMIT_BYTES} - margin - code); "
-        f"quant_error {base_error:.3e} (relative squared weight error)")
+        f"quant_error {quantization_error(state_dict, entries):.3e} (relative squared weight error)")
     if plan.method != "absmax" and n_codes:
         factor, unscaled = 1.0, plan
         for _ in range(AUTO_FIT_TRIES):
@@ -3972,10 +3964,8 @@ def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target
             if len(blob) <= target_bytes or factor >= AUTO_FIT_MAX_SIGMA_SCALE:
                 break
     lowered: list[str] = []
-    while len(blob) > target_bytes:
-        group = group_to_lower(state_dict, entries, plan, lowered, excess=len(blob) - target_bytes)
-        if group is None:
-            break
+    while len(blob) > target_bytes and (group := group_to_lower(state_dict, entries, plan, lowered,
+                                                                excess=len(blob) - target_bytes)):
         lowered.append(group)
         plan = dataclasses.replace(plan, bits={**plan.bits, group: plan.bits[group] - 1})
         blob = pack(entries := quantize(plan))
@@ -3992,13 +3982,11 @@ def pruning_plan(entries: list[ExportedTensor]):
     after zeroing the first n of them, computed exactly from the histogram."""
     units = unit_codes_by_cost(entries)
     counts = code_histogram(entries)
-    plus = torch.cumsum((units[3] > 0).double(), 0) if units else None
+    plus = torch.cumsum((units[3] > 0).double(), 0)  # how many of the first n are +1
 
     def entropy_after(n: int) -> float:
-        if n == 0:
-            return entropy_bytes(counts)
         c = counts.clone()
-        n_plus = float(plus[n - 1])
+        n_plus = float(plus[n - 1]) if n else 0.0
         c[129] -= n_plus
         c[127] -= n - n_plus
         c[128] += n
@@ -4026,11 +4014,10 @@ def group_to_lower(state_dict, entries: list[ExportedTensor], plan: QuantPlan, l
         return None
     group = min(values, key=lambda g: (lowered.count(g), -values[g], g))
     units, entropy_after = pruning_plan(entries)
-    n_units = len(units[0]) if units else 0
-    needed = fewest_units_saving(entropy_after, 0, n_units, entropy_after(0) - excess)
-    if n_units and entropy_after(needed) <= entropy_after(0) - excess:
+    needed = fewest_units_saving(entropy_after, 0, len(units[0]), entropy_after(0) - excess)
+    if entropy_after(needed) <= entropy_after(0) - excess:
         pruning_cost = float(units[4][:needed].sum())
-        lowering_cost = 3.0 * sum(squared_norm(err) for e, _, err in weights_and_errors(state_dict, entries)
+        lowering_cost = 3.0 * sum(output_energy(err) for e, _, err in weights_and_errors(state_dict, entries)
                                   if tensor_group(e.name) == group)
         if pruning_cost <= lowering_cost:
             return None
@@ -4041,7 +4028,7 @@ def prune_to_fit(state_dict, entries: list[ExportedTensor], target_bytes: int, p
     """Step 3: zero the cheapest +-1 codes, as many as the entropy predicts, corrected by how many real
     bytes one entropy byte saved in the previous try."""
     units, entropy_after = pruning_plan(entries)
-    n_units = len(units[0]) if units else 0
+    n_units = len(units[0])
     blob = pack(entries)
     excess, pruned, bytes_per_entropy_byte, pruned_entries = len(blob) - target_bytes, 0, 1.0, entries
     for _ in range(AUTO_FIT_TRIES):
@@ -4082,17 +4069,17 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
                     hessians: dict[str, torch.Tensor] | None = None) -> Path:
     """Rank 0 writes the raw weights, the shipped code form and the quantized, packed artifact (fitted
     under the limit), each atomically, once every rank has checked that the weights are sound."""
-    raw_path, artifact_path = out_dir / "final_model.pt", out_dir / ARTIFACT_NAME
-    check_exportable(model.state_dict())  # the same weights on every rank, so every rank refuses together
+    state_dict = model.state_dict()
+    check_exportable(state_dict)  # the same weights on every rank, so every rank refuses together
     if rt.is_main:
         n_code = code_bytes()
-        buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
-        write_atomic(raw_path, buf.getvalue())
-        log(f"Serialized model: {raw_path.stat().st_size} bytes")
+        raw = io.BytesIO()
+        torch.save(state_dict, raw)
+        write_atomic(out_dir / "final_model.pt", raw.getvalue())
+        log(f"Serialized model: {raw.tell()} bytes")
         log(f"Code size: {len(readable_source())} bytes (uncompressed), {n_code} bytes (compressed, shipped as "
             f"{RUN_CODE_NAME} in the run folder)")
-        log(f"Total submission size: {raw_path.stat().st_size + n_code} bytes")
+        log(f"Total submission size: {raw.tell() + n_code} bytes")
         plan = QuantPlan.from_hparams(hp)
         packed_stats: dict[bytes, dict] = {}  # by the blob's sha256: the filler's last pack may be a refused trial
         meta = dict(looping=looping, quant_method=plan.method, tag=f"int{hp.matrix_bits}_{hp.compressor}")
@@ -4107,34 +4094,33 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
         target = ARTIFACT_LIMIT_BYTES - hp.artifact_margin_bytes - n_code
         lqer = dict(rank=hp.lqer_rank, top_k=hp.lqer_top_k, factor_bits=hp.lqer_factor_bits, a_bits=hp.lqer_a_bits,
                     group=hp.lqer_asym_group if hp.lqer_asym_enabled else 0) if hp.lqer_enabled else None
-        blob, entries = fit_artifact(model.state_dict(), plan, target_bytes=target, compressor=hp.compressor,
+        blob, entries = fit_artifact(state_dict, plan, target_bytes=target, compressor=hp.compressor,
                                      pack=pack, hessians=hessians, gptq=gptq_options(hp), lqer=lqer,
                                      auto_fit=hp.auto_fit, fill=hp.auto_fit_fill, log=log)
         for e in entries:
             if e.lqer is not None:
                 log(f"lqer: {e.name} rank:{hp.lqer_rank} factor_bits:{hp.lqer_factor_bits} a_bits:{e.lqer.a_bits} "
                     f"form:{'asymmetric group ' + str(e.lqer.group) if e.lqer.group else 'symmetric'}")
-        write_atomic(artifact_path, blob)
+        write_atomic(out_dir / ARTIFACT_NAME, blob)
         stats = packed_stats[hashlib.sha256(blob).digest()]
         label = f"int{hp.matrix_bits}+{hp.compressor}"
-        exported = {tensor_group(e.name): e.bits for e in entries if e.bits}  # after auto-fit, not as planned
-        log(f"Serialized model {label}: {len(blob)} bytes (raw_torch:{buf.tell()} method:{plan.method} "
-            f"bits:{','.join(f'{g}={exported[g]}' for g in QUANT_GROUPS if g in exported)})")
+        quantized = [e for e in entries if e.bits]
+        groups = {g: [e for e in quantized if tensor_group(e.name) == g] for g in QUANT_GROUPS}
+        groups = {g: members for g, members in groups.items() if members}  # bits after auto-fit, not as planned:
+        log(f"Serialized model {label}: {len(blob)} bytes (raw_torch:{raw.tell()} method:{plan.method} "
+            f"bits:{','.join(f'{g}={members[-1].bits}' for g, members in groups.items())})")
         known_ce = stats.pop("codes_model_ce", None)
         log("artifact_streams: " + " ".join(f"{k}:{v}" for k, v in sorted(stats.items())))
-        quantized = [e for e in entries if e.bits]
         order0, model_ce = code_entropy_report([e.codes.numpy() for e in quantized], [e.bits for e in quantized],
                                                known_ce)
         log(f"artifact_entropy: codes_bytes:{stats.get('codes', 0)} order0_entropy_bytes:{order0:.0f} "
             f"ans_model_cross_entropy_bytes:{model_ce:.0f} (side information not included) coder:{hp.compressor}")
-        for group in QUANT_GROUPS:
-            members = [e for e in quantized if tensor_group(e.name) == group]
-            if members:
-                log(f"Quantized weights: {group} tensors:{len(members)} values:{sum(e.codes.numel() for e in members)} "
-                    f"bits:{sorted({e.bits for e in members})} method:{members[0].method}")
+        for group, members in groups.items():
+            log(f"Quantized weights: {group} tensors:{len(members)} values:{sum(e.codes.numel() for e in members)} "
+                f"bits:{sorted({e.bits for e in members})} method:{members[0].method}")
         log(f"Total submission size {label}: {len(blob) + n_code} bytes")
     barrier()
-    return artifact_path
+    return out_dir / ARTIFACT_NAME
 
 
 def gptq_options(hp: Hyperparameters) -> dict:
