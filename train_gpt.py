@@ -2653,14 +2653,13 @@ def dequantize_state_dict(entries: list[ExportedTensor]) -> dict[str, torch.Tens
 
 def estimate_payload_bytes(state_dict: dict[str, torch.Tensor], plan: QuantPlan) -> int:
     """Payload bytes before compression if values were bit-packed: `bits` per value plus fp16 scales."""
-    total = 0
-    for name, t in state_dict.items():
+    def payload(name: str, t: torch.Tensor) -> int:
         spec = plan.spec(name, t)
-        if spec is not None:
-            total += math.ceil(t.numel() * spec[0] / 8) + 2 * _rows_cols(t.shape)[0]
-        else:
-            total += t.numel() * storage_dtype(name, t).itemsize
-    return total
+        if spec is None:
+            return t.numel() * storage_dtype(name, t).itemsize
+        return math.ceil(t.numel() * spec[0] / 8) + 2 * _rows_cols(t.shape)[0]
+
+    return sum(payload(name, t) for name, t in state_dict.items())
 
 
 # ---- GPTQ ----------------------------------------------------------------------------------------
@@ -2908,15 +2907,14 @@ class LowRankFactors:
     def fit(cls, error: torch.Tensor, rank: int, bits: int, group: int,
             hessian: torch.Tensor | None = None, a_bits: int = 0) -> "LowRankFactors":
         E = error.double()
-        if hessian is not None:
+        if hessian is not None:  # in the output metric: E L with H = L L^T, then B = V^T L^-1
             H = hessian.double()
             L = torch.linalg.cholesky(H + 0.01 * H.diagonal().mean().clamp_min(1e-12) * torch.eye(H.size(0),
                                                                                               dtype=H.dtype))
-            U, S, Vh = torch.linalg.svd(E @ L, full_matrices=False)
-            a, b = U[:, :rank] * S[:rank], torch.linalg.solve_triangular(L, Vh[:rank], upper=False, left=False)
-        else:
-            U, S, Vh = torch.linalg.svd(E, full_matrices=False)
-            a, b = U[:, :rank] * S[:rank], Vh[:rank]
+        U, S, Vh = torch.linalg.svd(E if hessian is None else E @ L, full_matrices=False)
+        a, b = U[:, :rank] * S[:rank], Vh[:rank]
+        if hessian is not None:
+            b = torch.linalg.solve_triangular(L, b, upper=False, left=False)
         a, b = a.float(), b.float()
         a_bits = a_bits or bits
         if group:
@@ -3239,7 +3237,8 @@ class _FittedLawCoder:
     def encode(self, vectors: list[np.ndarray]) -> bytes:
         laws, jobs = [], []
         for v in vectors:
-            x = np.ascontiguousarray(v, dtype=self.dtype).reshape(-1).view(self._patterns).astype(np.int64)
+            x = np.ascontiguousarray(v, dtype=self.dtype).reshape(-1)
+            x = x.view(f"u{x.itemsize}").astype(np.int64)  # the bit patterns
             if len(x):
                 law = self.fit(x)
                 laws.append(struct.pack(self.law_format, *law))
@@ -3247,7 +3246,7 @@ class _FittedLawCoder:
         return b"".join(laws) + _ans_words(jobs)
 
     def decode(self, data: bytes, lengths: list[int]) -> list[np.ndarray]:
-        size, n_laws = struct.calcsize(self.law_format), sum(1 for n in lengths if n)
+        size, n_laws = struct.calcsize(self.law_format), np.count_nonzero(lengths)
         if len(data) < size * n_laws:
             raise ValueError("ans data does not match the tensor list")
         coder = _ans_reader(data[size * n_laws :])
@@ -3259,14 +3258,10 @@ class _FittedLawCoder:
                 if law[1] < 1:  # every law is (center, decay, ...)
                     raise ValueError("ans data does not match the tensor list")
                 symbols = coder.decode(_categorical(self.weights(*law)), n)
-            out.append(symbols.astype(self._patterns).view(self.dtype))
+            out.append(symbols.astype(f"u{np.dtype(self.dtype).itemsize}").view(self.dtype))
         if not coder.is_empty():
             raise ValueError("ans data does not match the tensor list")
         return out
-
-    @property
-    def _patterns(self) -> np.dtype:
-        return np.dtype(f"u{np.dtype(self.dtype).itemsize}")
 
 
 def _fit_side_law(x: np.ndarray) -> tuple[int, int]:
@@ -3367,14 +3362,12 @@ def _ans_model_group(symbols: np.ndarray, steps: np.ndarray, alphabet: _Alphabet
     the width with the fewest estimated bytes unless given."""
     _, width, ce = _ans_plan_width(symbols, steps, alphabet, (width,) if width else ANS_CONTEXT_WIDTHS)
     order, counts = _ans_contexts(steps, width)
-    in_order = symbols[order].astype(np.int32)
-    bounds = np.cumsum(counts)
     tables, jobs = [], []
-    for k in np.nonzero(counts)[0]:
-        group = in_order[bounds[k] - counts[k] : bounds[k]]
-        table = _ans_table(alphabet.fold(np.bincount(group, minlength=alphabet.size)))
-        tables.append(table)
-        jobs.append((group, alphabet.weights(table)))
+    for group in np.split(symbols[order].astype(np.int32), np.cumsum(counts)[:-1]):
+        if len(group):  # a context that occurs
+            table = _ans_table(alphabet.fold(np.bincount(group, minlength=alphabet.size)))
+            tables.append(table)
+            jobs.append((group, alphabet.weights(table)))
     return width, ce, tables, jobs
 
 
@@ -3424,12 +3417,12 @@ class _ContextReader:
             raise ValueError("ans data does not match the tensor list")
         order, counts = _ans_contexts(steps, width)
         decoded = []
-        for k in np.nonzero(counts)[0]:
+        for count in counts[counts > 0].tolist():
             table = self.tables[self.at : self.at + alphabet.magnitudes]
             self.at += alphabet.magnitudes
             if len(table) != alphabet.magnitudes:
                 raise ValueError("ans data does not match the tensor list")
-            decoded.append(self.coder.decode(_categorical(alphabet.weights(table)), int(counts[k])))
+            decoded.append(self.coder.decode(_categorical(alphabet.weights(table)), count))
         symbols = np.zeros(len(steps), np.int32)
         symbols[order] = _flat(decoded, np.int32)
         return symbols
@@ -3568,9 +3561,8 @@ def _mode_alphabet(mode: int, top: int) -> _Alphabet:
 
 def _code_groups(bits: list[int], families: list[str]) -> list[tuple[str, int, list[int]]]:
     """(family, bits, member tensors) of each coding group: a group shares its tables."""
-    keys = sorted({(QUANT_GROUPS.index(f), b) for f, b in zip(families, bits)})
-    return [(QUANT_GROUPS[f], b, [i for i, k in enumerate(zip(families, bits)) if k == (QUANT_GROUPS[f], b)])
-            for f, b in keys]
+    keys = sorted(set(zip(families, bits)), key=lambda k: (QUANT_GROUPS.index(k[0]), k[1]))
+    return [(f, b, [i for i, k in enumerate(zip(families, bits)) if k == (f, b)]) for f, b in keys]
 
 
 def _predicted(families: list[str]) -> list[int]:
@@ -3603,16 +3595,16 @@ def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = N
     families = families or ["other"] * len(arrays)
     residuals, plans = [a.reshape(a.shape[0], -1) for a in arrays], []
     for i in _predicted(families):
-        key = hashlib.sha256(residuals[i].tobytes()).digest() + bytes(str(residuals[i].shape), "ascii")
-        if key in _ROW_PREDICTIONS:  # the filler re-packs an unchanged embedding: predicted once
-            residuals[i], plan = _ROW_PREDICTIONS[key]
-        else:
+        key = hashlib.sha256(residuals[i].tobytes()).digest() + str(residuals[i].shape).encode()
+        predicted = _ROW_PREDICTIONS.get(key)  # the filler re-packs an unchanged embedding: predicted once
+        if predicted is None:
             residual, plan = _predict_rows(residuals[i])  # kept only if the context model says it pays
             if not len(plan) or _estimated_bytes(residual) + len(_pack_plans([plan])) >= _estimated_bytes(residuals[i]):
                 residual, plan = residuals[i], plan[:0]
+            predicted = residual, plan
             if len(_ROW_PREDICTIONS) < 2:
-                _ROW_PREDICTIONS[key] = (residual, plan)
-            residuals[i] = residual
+                _ROW_PREDICTIONS[key] = predicted
+        residuals[i], plan = predicted
         plans.append(plan)
     return _smallest_encoding(functools.partial(_ans_encode_codes, residuals, bits, families, _pack_plans(plans)), stats)
 
@@ -3642,12 +3634,12 @@ def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int],
                families: list[str] | None = None) -> list[np.ndarray]:
     families = families or ["other"] * len(shapes)
     groups = _code_groups(bits, families)
-    n = len(groups)
-    if len(shapes) != len(bits) or not data or data[0] != n:
+    n_groups = len(groups)
+    if len(shapes) != len(bits) or not data or data[0] != n_groups:
         raise ValueError("ans data does not match the tensor list")
-    params = list(struct.iter_unpack("<BBBBH", data[1 : 1 + 6 * n]))
+    params = list(struct.iter_unpack("<BBBBH", data[1 : 1 + 6 * n_groups]))
     packed_side, packed_tables, packed_plans, words = _split_sections(
-        data[13 + 6 * n :], struct.unpack("<III", data[1 + 6 * n : 13 + 6 * n]))
+        data[13 + 6 * n_groups :], struct.unpack("<III", data[1 + 6 * n_groups : 13 + 6 * n_groups]))
     if [p[:2] for p in params] != [(QUANT_GROUPS.index(f), b) for f, b, _ in groups] or any(p[2] > 2 for p in params):
         raise ValueError("ans data does not match the tensor list")
     modes = {i: p[2] for p, (_, _, members) in zip(params, groups) for i in members}
@@ -3818,21 +3810,6 @@ def quantization_error(state_dict: dict[str, torch.Tensor], entries: list[Export
     return sum(output_energy(err) for _, _, err in terms) / max(sum(output_energy(w) for _, w, _ in terms), 1e-30)
 
 
-def code_histogram(entries: list[ExportedTensor]) -> torch.Tensor:
-    """Counts of every code value (index = code + 128) over all quantized tensors."""
-    counts = torch.zeros(256, dtype=torch.float64)
-    for e in entries:
-        if e.bits:
-            counts += torch.bincount((e.codes.reshape(-1).long() + 128), minlength=256).double()
-    return counts
-
-
-def entropy_bytes(counts: torch.Tensor) -> float:
-    """Order-0 entropy of a histogram, in bytes: what a byte-wise compressor approaches."""
-    nz = counts[counts > 0]
-    return float(-(nz * torch.log2(nz / nz.sum())).sum() / 8)
-
-
 def unit_codes_by_cost(entries: list[ExportedTensor]) -> list[torch.Tensor]:
     """Every +-1 code as (tensor index, row, column, code, scale^2 = about the squared error zeroing it
     adds), cheapest first: smallest row scale, ties in tensor, row, column order (deterministic)."""
@@ -3981,16 +3958,20 @@ def pruning_plan(entries: list[ExportedTensor]):
     """(units, entropy_after): the +-1 codes cheapest first, and the codes' order-0 entropy in bytes
     after zeroing the first n of them, computed exactly from the histogram."""
     units = unit_codes_by_cost(entries)
-    counts = code_histogram(entries)
+    counts = torch.zeros(256, dtype=torch.float64)  # of every code value (index = code + 128)
+    for e in entries:
+        if e.bits:
+            counts += torch.bincount((e.codes.reshape(-1).long() + 128), minlength=256).double()
     plus = torch.cumsum((units[3] > 0).double(), 0)  # how many of the first n are +1
 
-    def entropy_after(n: int) -> float:
+    def entropy_after(n: int) -> float:  # order 0, in bytes: what a byte-wise compressor approaches
         c = counts.clone()
         n_plus = float(plus[n - 1]) if n else 0.0
         c[129] -= n_plus
         c[127] -= n - n_plus
         c[128] += n
-        return entropy_bytes(c)
+        nz = c[c > 0]
+        return float(-(nz * torch.log2(nz / nz.sum())).sum() / 8)
 
     return units, entropy_after
 
@@ -4058,7 +4039,7 @@ def check_exportable(state_dict: dict[str, torch.Tensor]) -> None:
         if not t.is_floating_point() or t.numel() == 0:
             continue
         bad = int((~torch.isfinite(t)).sum())
-        peak = float(t.detach().abs().max()) if not bad else math.inf
+        peak = float(t.detach().abs().max())  # NaN or inf when bad
         if bad or peak > FP16_MAX:
             what = f"holds {bad} non-finite values" if bad else f"reaches |w| = {peak:.4g}, past the fp16 range ({FP16_MAX:.0f})"
             raise RunError(f"refusing to export: weight {name} {what}, so training diverged; nothing was written; lower "
