@@ -3328,9 +3328,8 @@ class _Alphabet:
         return w if self.kind == "signed" else np.concatenate([w, w], axis=-1)
 
 
-def _ans_plan_width(symbols: np.ndarray, steps: np.ndarray, alphabet: _Alphabet,
-                    widths=ANS_CONTEXT_WIDTHS) -> tuple[float, int, float]:
-    """(estimated bytes, width, cross-entropy in bytes) of the context width (of `widths`) with the
+def _ans_plan_width(symbols: np.ndarray, steps: np.ndarray, alphabet: _Alphabet) -> tuple[float, int, float]:
+    """(estimated bytes, width, cross-entropy in bytes) of the context width (of ANS_CONTEXT_WIDTHS) with the
     fewest estimated bytes: symbols at their cross-entropy under the stored tables, plus the tables as
     brotli (quality 5, a quick estimate of the quality 11 they are packed with) leaves them."""
     import brotli
@@ -3338,7 +3337,7 @@ def _ans_plan_width(symbols: np.ndarray, steps: np.ndarray, alphabet: _Alphabet,
     fine = np.bincount(steps.astype(np.int64) * alphabet.size + symbols,
                        minlength=511 * alphabet.size).reshape(511, alphabet.size)
     best = None
-    for width in widths:
+    for width in ANS_CONTEXT_WIDTHS:
         merged = np.add.reduceat(fine, np.arange(0, fine.shape[0], width), axis=0)
         merged = merged[merged.sum(axis=1) > 0]
         table = _ans_table(alphabet.fold(merged))
@@ -3357,10 +3356,8 @@ def _ans_contexts(steps: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray
     return np.argsort(context, kind="stable"), np.bincount(context, minlength=511)  # radix sort: linear time
 
 
-def _ans_model_group(symbols: np.ndarray, steps: np.ndarray, alphabet: _Alphabet, width: int = 0):
-    """(width, cross-entropy, tables, [(symbols, weights)] per context in decode order) for one group;
-    the width with the fewest estimated bytes unless given."""
-    _, width, ce = _ans_plan_width(symbols, steps, alphabet, (width,) if width else ANS_CONTEXT_WIDTHS)
+def _ans_model_group(symbols: np.ndarray, steps: np.ndarray, alphabet: _Alphabet, width: int):
+    """(tables, [(symbols, weights)] per context in decode order) for one group at this context width."""
     order, counts = _ans_contexts(steps, width)
     tables, jobs = [], []
     for group in np.split(symbols[order].astype(np.int32), np.cumsum(counts)[:-1]):
@@ -3368,7 +3365,7 @@ def _ans_model_group(symbols: np.ndarray, steps: np.ndarray, alphabet: _Alphabet
             table = _ans_table(alphabet.fold(np.bincount(group, minlength=alphabet.size)))
             tables.append(table)
             jobs.append((group, alphabet.weights(table)))
-    return width, ce, tables, jobs
+    return tables, jobs
 
 
 def _categorical(weights: np.ndarray):
@@ -3570,13 +3567,15 @@ def _predicted(families: list[str]) -> list[int]:
 
 
 def _plan_group(residuals: list[np.ndarray], sides: list[tuple]) -> tuple:
-    """(estimated bytes, mode, width, top, symbols) of a coding group in its cheapest mode, side bytes counted."""
+    """(estimated bytes, mode, width, cross-entropy, top, symbols) of a coding group in its cheapest mode,
+    side bytes counted (the first on a tie)."""
     top = max(1, max(int(np.abs(r).max(initial=0)) for r in residuals))
     symbols, best = _flat(residuals, np.int64) + top, None
     for mode in (0, 1, 2):
-        cost, width, _ = _ans_plan_width(symbols, _predicted_steps([_side_used(s, mode) for s in sides]),
-                                         _mode_alphabet(mode, top))
-        best = min(best or (math.inf,), (cost + len(SIDE_CODER.encode([v for s in sides for v in s[mode:]])), mode, width))
+        cost, width, ce = _ans_plan_width(symbols, _predicted_steps([_side_used(s, mode) for s in sides]),
+                                          _mode_alphabet(mode, top))
+        best = min(best or (math.inf,),
+                   (cost + len(SIDE_CODER.encode([v for s in sides for v in s[mode:]])), mode, width, ce))
     return best + (top, symbols)
 
 
@@ -3615,9 +3614,9 @@ def _ans_encode_codes(residuals: list[np.ndarray], bits: list[int], families: li
     groups = _code_groups(bits, families)
     header, tables, jobs, model_ce, modes = [struct.pack("<B", len(groups))], [], [], 0.0, {}
     for family, b, members in groups:
-        _, mode, width, top, symbols = _plan_group([residuals[i] for i in members], [side[i] for i in members])
+        _, mode, width, ce, top, symbols = _plan_group([residuals[i] for i in members], [side[i] for i in members])
         modes.update({i: mode for i in members})
-        width, ce, group_tables, group_jobs = _ans_model_group(
+        group_tables, group_jobs = _ans_model_group(
             symbols, _predicted_steps([_side_used(side[i], mode) for i in members]), _mode_alphabet(mode, top), width)
         header.append(struct.pack("<BBBBH", QUANT_GROUPS.index(family), b, mode, width, top))
         tables += group_tables
@@ -3692,8 +3691,9 @@ def ans_encode_fp16(arrays: list[np.ndarray], stats: dict | None = None) -> byte
 def _ans_encode_fp16_at(values: list[np.ndarray], log_steps: int, stats: dict) -> bytes:
     side = [_fp16_side_info(v, log_steps) for v in values]
     bits16 = _flat([v.view(np.uint16) for v in values], np.uint16)
-    width, ce, tables, jobs = _ans_model_group((bits16 >> 8).astype(np.int64),
-                                               _fp16_steps(side, [v.shape for v in values]), _Alphabet("fp16"))
+    high, steps, alphabet = (bits16 >> 8).astype(np.int64), _fp16_steps(side, [v.shape for v in values]), _Alphabet("fp16")
+    _, width, ce = _ans_plan_width(high, steps, alphabet)
+    tables, jobs = _ans_model_group(high, steps, alphabet, width)
     low = (bits16 & 0xFF).astype(np.uint8).tobytes()
     packed_side, packed_tables, words = _ans_sections([v for pair in side for v in pair], tables, jobs, stats)
     stats.update(low=len(low), model_ce=ce)
