@@ -3117,7 +3117,7 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
                  if k != "attn_backend" and header["model"].get(k) != v]
         if diffs:
             raise RunError(f"model artifact was made for another model: {', '.join(diffs[:4])}; "
-                           "score it with the settings it was trained with (or EVAL_ONLY=1, which reads them from it)")
+                           "score it with its training settings (EVAL_ONLY=1 reads them from it)")
     arrays, offset = {}, 0
     try:
         for s in header["streams"]:
@@ -4042,8 +4042,8 @@ def check_exportable(state_dict: dict[str, torch.Tensor]) -> None:
         peak = float(t.detach().abs().max())  # NaN or inf when bad
         if bad or peak > FP16_MAX:
             what = f"holds {bad} non-finite values" if bad else f"reaches |w| = {peak:.4g}, past the fp16 range ({FP16_MAX:.0f})"
-            raise RunError(f"refusing to export: weight {name} {what}, so training diverged; nothing was written; lower "
-                           "the learning rates (MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or set GRAD_CLIP_NORM")
+            raise RunError(f"refusing to export: weight {name} {what} (training diverged); nothing was written; lower "
+                           "MATRIX_LR, SCALAR_LR and TIED_EMBED_LR or set GRAD_CLIP_NORM")
 
 
 def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path, log, *, looping: bool,
