@@ -2808,12 +2808,10 @@ def calibration_inputs(hp: Hyperparameters, rt: Runtime, model: GPT, train_files
     mine = range(rt.rank, calibration_batch_count(hp.gptq_calibration_batches, rt.world_size), rt.world_size)
     if hp.gptq_calibration_source == "train":
         check_calibration_files(train_files)
-        loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device, seed=hp.seed)
-        try:
+        with contextlib.closing(DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device,
+                                                       seed=hp.seed)) as loader:
             for _ in mine:
                 yield loader.next_batch(hp.gptq_calibration_seqs * seq_len * rt.world_size, seq_len, 1)[0]
-        finally:
-            loader.close()
     else:
         for i in mine:
             yield sample_sequences(model, hp.gptq_calibration_seqs, seq_len, temperature=hp.gptq_selfgen_temperature,
@@ -3995,8 +3993,9 @@ def group_to_lower(state_dict, entries: list[ExportedTensor], plan: QuantPlan, l
         return None
     group = min(values, key=lambda g: (lowered.count(g), -values[g], g))
     units, entropy_after = pruning_plan(entries)
-    needed = fewest_units_saving(entropy_after, 0, len(units[0]), entropy_after(0) - excess)
-    if entropy_after(needed) <= entropy_after(0) - excess:
+    goal = entropy_after(0) - excess
+    needed = fewest_units_saving(entropy_after, 0, len(units[0]), goal)
+    if entropy_after(needed) <= goal:
         pruning_cost = float(units[4][:needed].sum())
         lowering_cost = 3.0 * sum(output_energy(err) for e, _, err in weights_and_errors(state_dict, entries)
                                   if tensor_group(e.name) == group)
@@ -4013,9 +4012,9 @@ def prune_to_fit(state_dict, entries: list[ExportedTensor], target_bytes: int, p
     blob = pack(entries)
     excess, pruned, bytes_per_entropy_byte, pruned_entries = len(blob) - target_bytes, 0, 1.0, entries
     for _ in range(AUTO_FIT_TRIES):
-        goal = entropy_after(pruned) - excess / bytes_per_entropy_byte * 1.002
         previous_bytes, previous_entropy = len(blob), entropy_after(pruned)
-        pruned = fewest_units_saving(entropy_after, pruned, n_units, goal)
+        pruned = fewest_units_saving(entropy_after, pruned, n_units,
+                                     previous_entropy - excess / bytes_per_entropy_byte * 1.002)
         pruned_entries = prune_unit_codes(entries, units, pruned)
         blob = pack(pruned_entries)
         log(f"auto_fit: step 3 pruned {pruned} of {n_units} +-1 codes -> model_bytes {len(blob)} "
