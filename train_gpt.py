@@ -2497,11 +2497,7 @@ def tensor_group(name: str) -> str:
         return "embed"
     if name == "lm_head.weight":
         return "head"
-    if ".attn." in name:
-        return "attn"
-    if ".mlp." in name:
-        return "mlp"
-    return "other"
+    return next((group for group in ("attn", "mlp") if f".{group}." in name), "other")
 
 
 @dataclass(frozen=True)
@@ -2568,7 +2564,8 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quantize(w: torch.Tensor, bits: int, clip_sigmas: float = 0.0) -> torch.Tensor:
-    """What the export's grid turns `w` into, computed in float: the QAT forward uses this."""
+    """What the export's grid turns `w` into, computed in float: the QAT forward uses this. (Not via
+    quantize_rows: the int8 codes would turn a -0 into +0, so QAT's weights would differ in sign bits.)"""
     scale = _broadcast(row_scales(w, bits, clip_sigmas), w)
     limit = clip_range(bits)
     return (torch.round(w.float() / scale).clamp(-limit, limit) * scale).to(w.dtype)
@@ -2656,14 +2653,13 @@ def dequantize_state_dict(entries: list[ExportedTensor]) -> dict[str, torch.Tens
 
 def estimate_payload_bytes(state_dict: dict[str, torch.Tensor], plan: QuantPlan) -> int:
     """Payload bytes before compression if values were bit-packed: `bits` per value plus fp16 scales."""
-    total = 0
-    for name, t in state_dict.items():
+    def payload(name: str, t: torch.Tensor) -> int:
         spec = plan.spec(name, t)
-        if spec is not None:
-            total += math.ceil(t.numel() * spec[0] / 8) + 2 * _rows_cols(t.shape)[0]
-        else:
-            total += t.numel() * storage_dtype(name, t).itemsize
-    return total
+        if spec is None:
+            return t.numel() * storage_dtype(name, t).itemsize
+        return math.ceil(t.numel() * spec[0] / 8) + 2 * _rows_cols(t.shape)[0]
+
+    return sum(payload(name, t) for name, t in state_dict.items())
 
 
 # ---- GPTQ ----------------------------------------------------------------------------------------
@@ -2692,11 +2688,11 @@ def upper_cholesky_of_inverse(H: torch.Tensor, damping: float) -> torch.Tensor:
     mean_diag = H.diagonal().mean().clamp_min(1e-12)
     for attempt in range(6):
         L, info = torch.linalg.cholesky_ex(H + damping * 10**attempt * mean_diag * eye)
-        if int(info) == 0:
+        if not info:  # info = 0: factorized
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0:
+            if not info:
                 return U
-    raise RunError(f"GPTQ: a Hessian stayed singular with damping up to {damping * 1e5:g} x its mean diagonal; "
+    raise RunError(f"GPTQ: a Hessian is singular even at damping {damping * 1e5:g} x its mean diagonal; "
                    "raise GPTQ_DAMPING or use QUANT_METHOD=sdclip")
 
 
@@ -2705,15 +2701,15 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, clip_sigmas
                   block_size: int = 128, act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (int8, rows x cols) and fp16 row scales of `w` (rows x cols) for inputs with Hessian (cols x cols)."""
     W = w.float().clone()
-    scale = row_scales(W, bits, clip_sigmas)
-    s = scale.to(W.device).float()
+    scale = row_scales(W, bits, clip_sigmas)  # on W's device
+    s = scale.float()
     limit = clip_range(bits)
     H = hessian.to(W.device).float().clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
-    if perm is not None:
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
     Hinv = upper_cholesky_of_inverse(H, damping)
     Q = torch.zeros_like(W)
@@ -2727,7 +2723,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, clip_sigmas
             block[:, j:] -= err[:, None] * Hb[j, j:][None, :]
             errors[:, j] = err
         W[:, i2:] -= errors @ Hinv[i1:i2, i2:]
-    if perm is not None:
+    if act_order:
         Q = Q[:, torch.argsort(perm)]
     return Q.to(torch.int8).cpu().contiguous(), scale.cpu()
 
@@ -2746,20 +2742,17 @@ class CachedDecoding:
 
     def __init__(self, model: GPT):
         self.layers = [block.attn for block in model.blocks]
-        self.caches = {id(a): [] for a in self.layers}  # per layer: one [k, v] per pass
-        self.calls = dict.fromkeys(self.caches, 0)
-        self.pos = 0
+        self.caches = collections.defaultdict(list)  # (layer, pass) -> its [k, v]
+        self.step(0)
 
     def step(self, pos: int) -> None:
-        self.pos, self.calls = pos, dict.fromkeys(self.calls, 0)
+        self.pos, self.calls = pos, collections.Counter()  # passes of each layer at this position so far
 
     def _cached_forward(self, attn: CausalSelfAttention):
         def forward(x, v_first, docs=None):  # a sample is one document (no BOS after the first): no mask
-            passes, n = self.caches[id(attn)], self.calls[id(attn)]
-            if n == len(passes):
-                passes.append([])
-            self.calls[id(attn)] = n + 1
-            return attn.forward_last_cached(x, v_first, passes[n], self.pos)
+            n = self.calls[attn]
+            self.calls[attn] += 1
+            return attn.forward_last_cached(x, v_first, self.caches[attn, n], self.pos)
         return forward
 
     def __enter__(self) -> "CachedDecoding":
@@ -2815,12 +2808,10 @@ def calibration_inputs(hp: Hyperparameters, rt: Runtime, model: GPT, train_files
     mine = range(rt.rank, calibration_batch_count(hp.gptq_calibration_batches, rt.world_size), rt.world_size)
     if hp.gptq_calibration_source == "train":
         check_calibration_files(train_files)
-        loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device, seed=hp.seed)
-        try:
+        with contextlib.closing(DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device,
+                                                       seed=hp.seed)) as loader:
             for _ in mine:
                 yield loader.next_batch(hp.gptq_calibration_seqs * seq_len * rt.world_size, seq_len, 1)[0]
-        finally:
-            loader.close()
     else:
         for i in mine:
             yield sample_sequences(model, hp.gptq_calibration_seqs, seq_len, temperature=hp.gptq_selfgen_temperature,
@@ -2840,20 +2831,15 @@ def collect_hessians(model: GPT, batches, plan: QuantPlan, looping: bool, autoca
             hessians[key] = torch.zeros(x.size(1), x.size(1), device=x.device)
         hessians[key].addmm_(x.T, x)
 
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, CastedLinear) and plan.spec(f"{name}.weight", module.weight) is not None:
-            hooks.append(module.register_forward_hook(
-                lambda mod, inputs, output, key=f"{name}.weight": accumulate(key, inputs[0])))
+    hooks = [module.register_forward_hook(lambda mod, inputs, output, key=f"{name}.weight": accumulate(key, inputs[0]))
+             for name, module in model.named_modules()
+             if isinstance(module, CastedLinear) and plan.spec(f"{name}.weight", module.weight) is not None]
     tied_head = model.lm_head is None and plan.spec("tok_emb.weight", model.tok_emb.weight) is not None
     was_training = model.training
     model.eval()
     try:
         batches = iter(batches)
-        while not (stop is not None and stop()):
-            x = next(batches, None)
-            if x is None:
-                break
+        while not (stop and stop()) and (x := next(batches, None)) is not None:  # asks stop() before reading
             with autocast():
                 h = model.forward_hidden(x, looping)
                 if model.lm_head is not None:
@@ -2879,20 +2865,20 @@ def collect_hessians(model: GPT, batches, plan: QuantPlan, looping: bool, autoca
 # LQER_ASYM_GROUP values of B.
 
 
+def _in_groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    """The flattened tensor, zero-padded, as rows of `group` consecutive values."""
+    flat = x.reshape(-1)
+    return torch.cat([flat, flat.new_zeros(-flat.numel() % group)]).reshape(-1, group)
+
+
 def quantize_groups(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Absmax integers with one fp16 scale per `group` consecutive values of the flattened tensor."""
-    flat = x.reshape(-1)
-    pad = (-flat.numel()) % group
-    padded = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, group)
-    codes, scales = quantize_rows(padded, bits)
-    return codes.reshape(-1)[: flat.numel()].reshape(x.shape).contiguous(), scales
+    codes, scales = quantize_rows(_in_groups(x, group), bits)
+    return codes.reshape(-1)[: x.numel()].reshape(x.shape).contiguous(), scales
 
 
 def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-    flat = codes.reshape(-1).float()
-    pad = (-flat.numel()) % group
-    padded = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, group) * scales.float()[:, None]
-    return padded.reshape(-1)[: flat.numel()].reshape(codes.shape)
+    return dequantize_rows(_in_groups(codes.float(), group), scales).reshape(-1)[: codes.numel()].reshape(codes.shape)
 
 
 @dataclass
@@ -2919,15 +2905,14 @@ class LowRankFactors:
     def fit(cls, error: torch.Tensor, rank: int, bits: int, group: int,
             hessian: torch.Tensor | None = None, a_bits: int = 0) -> "LowRankFactors":
         E = error.double()
-        if hessian is not None:
+        if hessian is not None:  # in the output metric: E L with H = L L^T, then B = V^T L^-1
             H = hessian.double()
             L = torch.linalg.cholesky(H + 0.01 * H.diagonal().mean().clamp_min(1e-12) * torch.eye(H.size(0),
                                                                                               dtype=H.dtype))
-            U, S, Vh = torch.linalg.svd(E @ L, full_matrices=False)
-            a, b = U[:, :rank] * S[:rank], torch.linalg.solve_triangular(L, Vh[:rank], upper=False, left=False)
-        else:
-            U, S, Vh = torch.linalg.svd(E, full_matrices=False)
-            a, b = U[:, :rank] * S[:rank], Vh[:rank]
+        U, S, Vh = torch.linalg.svd(E if hessian is None else E @ L, full_matrices=False)
+        a, b = U[:, :rank] * S[:rank], Vh[:rank]
+        if hessian is not None:
+            b = torch.linalg.solve_triangular(L, b, upper=False, left=False)
         a, b = a.float(), b.float()
         a_bits = a_bits or bits
         if group:
@@ -2948,13 +2933,11 @@ def apply_lqer(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor
         if e.bits and len(e.shape) == 2 and min(e.shape) > rank:
             err = state_dict[e.name].detach().float().cpu() - dequantize_rows(e.codes, e.scales)
             h = hessians.get(e.name)
-            cost = float((err @ h.cpu().float() * err).sum()) if h is not None else float(err.square().sum())
-            costs.append((cost, i, err))
+            h = None if h is None else h.cpu()
+            costs.append((output_energy(err, h), i, err, h))
     out = list(entries)
-    for _, i, err in sorted(costs, key=lambda c: -c[0])[:top_k]:
-        h = hessians.get(entries[i].name)
-        out[i] = dataclasses.replace(entries[i], lqer=LowRankFactors.fit(err, rank, factor_bits, group,
-                                                                         None if h is None else h.cpu(), a_bits))
+    for _, i, err, h in sorted(costs, key=lambda c: -c[0])[:top_k]:
+        out[i] = dataclasses.replace(entries[i], lqer=LowRankFactors.fit(err, rank, factor_bits, group, h, a_bits))
     return out
 
 
@@ -2962,16 +2945,12 @@ def apply_lqer(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor
 
 def byte_shuffle(data: bytes, stride: int) -> bytes:
     """All first bytes of each `stride`-byte element, then all second bytes, ...: the exponent bytes of
-    fp16 values end up together, where a general-purpose compressor finds them."""
-    if stride <= 1:
-        return data
-    return np.frombuffer(data, dtype=np.uint8).reshape(-1, stride).T.tobytes()
+    fp16 values end up together, where a general-purpose compressor finds them (stride 1: `data`)."""
+    return np.frombuffer(data, np.uint8).reshape(-1, stride).T.tobytes()
 
 
 def byte_unshuffle(data: bytes, stride: int) -> bytes:
-    if stride <= 1:
-        return data
-    return np.frombuffer(data, dtype=np.uint8).reshape(stride, -1).T.tobytes()
+    return np.frombuffer(data, np.uint8).reshape(stride, -1).T.tobytes()
 
 
 def compress_bytes(data: bytes, coder: str, stride: int) -> bytes:
@@ -3023,8 +3002,7 @@ def _tensor_parts(e: ExportedTensor) -> list[tuple[str, np.ndarray]]:
                       ("scales", f.b_scales.numpy())]
         return parts
     arr = e.value.numpy()
-    return [({np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}.get(arr.dtype, "raw:" + arr.dtype.str),
-             arr)]
+    return [(arr.dtype.name if arr.dtype.name in ("float16", "float32") else "raw:" + arr.dtype.str, arr)]
 
 
 def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict | None = None,
@@ -3033,32 +3011,30 @@ def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict
     `stats`, if given, receives the compressed bytes of each stream."""
     general = "brotli" if compressor == "ans" else compressor  # ans codes the codes; brotli the rest
     stats = {} if stats is None else stats
-    streams: dict[str, list[np.ndarray]] = {}
-    tensors = []
+    streams, tensors = collections.defaultdict(list), []
     for e in entries:
         parts = _tensor_parts(e)
         for stream, arr in parts:
-            streams.setdefault(stream, []).append(arr)
+            streams[stream].append(arr)
         tensors.append(dict(name=e.name, shape=list(e.shape), dtype=e.dtype, bits=e.bits, method=e.method,
                             scale="row_fp16" if e.bits else "none", stream=parts[0][0]))
         if (f := e.lqer) is not None:  # layout: A rows x rank, B rank x cols, int8 codes then fp16 scales
             tensors[-1]["lqer"] = dict(rank=f.b_codes.shape[0], group=f.group, bits=f.bits,
                                        **({"a_bits": f.a_bits} if f.a_bits != f.bits else {}))
-    stream_info, payloads = [], []
+    stream_info, payloads, quantized = [], [], [e for e in entries if e.bits]
     for name in sorted(streams):
         arrays, stride = streams[name], stream_dtype(name).itemsize
         if name == "codes" and compressor == "ans":
             ans_stats: dict = {}
-            quantized = [e for e in entries if e.bits]
             coder, data = "ans", ans_encode(arrays, [e.bits for e in quantized], ans_stats,
                                             [tensor_group(e.name) for e in quantized])
             stats["codes_model_ce"] = ans_stats["model_ce"]  # not a stream: export_artifact takes it out
-        else:
-            coder, data = general, compress_bytes(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays), general,
-                                                  stride)
+        else:  # tobytes(): C order, whatever the array's strides
+            coder, data = general, compress_bytes(b"".join(a.tobytes() for a in arrays), general, stride)
             if compressor == "ans" and name in ("float16", "scales"):  # the ans model, unless brotli is smaller
                 modelled = ans_encode_fp16(arrays) if name == "float16" else ans_encode_fp16_vectors(arrays)
-                coder, data = ("ans", modelled) if len(modelled) < len(data) else (coder, data)
+                if len(modelled) < len(data):
+                    coder, data = "ans", modelled
         stream_info.append(dict(name=name, coder=coder, length=len(data), stride=stride))
         payloads.append(data)
         stats[name] = len(data)
@@ -3072,32 +3048,36 @@ def pack_artifact(entries: list[ExportedTensor], *, compressor: str, model: dict
     return prefix + hashlib.sha256(body).digest() + body
 
 
+def _header_parts(t: dict) -> list[tuple[str, int]]:
+    """(stream, element count) of each array of the header's tensor `t`, in the order of _tensor_parts."""
+    if not t["bits"]:
+        return [(t["stream"], math.prod(t["shape"]))]
+    rows, cols = _rows_cols(t["shape"])
+    parts = [("codes", rows * cols), ("scales", rows)]
+    if "lqer" in t:  # A, B, then their scales: per row, or (asymmetric) per column of A and per group of B
+        rank, group = t["lqer"]["rank"], t["lqer"]["group"]
+        parts += [("lqer", rows * rank), ("lqer", rank * cols), ("scales", rank if group else rows),
+                  ("scales", -(-rank * cols // group) if group else rank)]
+    return parts
+
+
 def _scale_vector_lengths(tensors: list[dict]) -> list[int]:
-    """Lengths of the arrays in the `scales` stream, in the order _tensor_parts puts them there."""
-    lengths = []
-    for t in tensors:
-        if t["bits"]:
-            rows, cols = _rows_cols(t["shape"])
-            lengths.append(rows)
-            if "lqer" in t:
-                rank, group = t["lqer"]["rank"], t["lqer"]["group"]
-                lengths += [rank, -(-rank * cols // group)] if group else [rows, rank]
-    return lengths
+    """Lengths of the arrays in the `scales` stream."""
+    return [n for t in tensors for stream, n in _header_parts(t) if stream == "scales"]
 
 
 def _flat(arrays: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate([np.zeros(0, dtype)] + [a.reshape(-1) for a in arrays])
 
 
-# The ans decoder of each stream the packer may ans-code: (stream bytes, the header's tensors) -> the
-# stream's values, flat. Every other stream is decompress_bytes' job.
-ANS_STREAM_DECODERS = {
-    "codes": lambda data, tensors: _flat(ans_decode(data, *zip(*[(_rows_cols(t["shape"]), t["bits"], tensor_group(
-        t["name"])) for t in tensors if t["bits"]])) if any(t["bits"] for t in tensors) else [], np.int8),
-    "float16": lambda data, tensors: _flat(ans_decode_fp16(data, [_rows_cols(t["shape"]) for t in tensors
-                                                                  if t["stream"] == "float16"]), np.float16),
-    "scales": lambda data, tensors: _flat(ans_decode_fp16_vectors(data, _scale_vector_lengths(tensors)), np.float16),
-}
+def _ans_decode_stream(name: str, data: bytes, tensors: list[dict]) -> np.ndarray:
+    """The values of a stream the packer ans-coded (the codes, float16 or scales), flat."""
+    mine = [t for t in tensors if t["stream"] == name]  # the quantized tensors for the codes
+    shapes = [_rows_cols(t["shape"]) for t in mine]
+    decode = {"codes": lambda: ans_decode(data, shapes, [t["bits"] for t in mine], [tensor_group(t["name"]) for t in mine]),
+              "float16": lambda: ans_decode_fp16(data, shapes),
+              "scales": lambda: ans_decode_fp16_vectors(data, _scale_vector_lengths(tensors))}[name]
+    return _flat(decode(), STREAM_DTYPES[name])
 
 
 def _corrupt(why: str) -> RunError:
@@ -3106,11 +3086,11 @@ def _corrupt(why: str) -> RunError:
 
 def read_artifact_header(blob: bytes) -> tuple[dict, bytes]:
     """The header dict and the stream bytes, after checking magic, version and checksum."""
-    if len(blob) < 4 or blob[:4] != ARTIFACT_MAGIC:
+    if blob[:4] != ARTIFACT_MAGIC:
         raise RunError("model artifact is corrupt or not a Parameter Golf artifact (bad magic bytes); "
                        "pass the final_model.*.ptz file a run wrote")
     if len(blob) < 43:
-        raise _corrupt(f"{len(blob)} bytes is shorter than the fixed header")
+        raise _corrupt(f"{len(blob)} bytes: no complete fixed header")
     version, header_coder = struct.unpack("<HB", blob[4:7])
     if version != ARTIFACT_VERSION:
         raise RunError(f"model artifact has format version {version}, this script reads version {ARTIFACT_VERSION}; "
@@ -3135,48 +3115,43 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
                  if k != "attn_backend" and header["model"].get(k) != v]
         if diffs:
             raise RunError(f"model artifact was made for another model: {', '.join(diffs[:4])}; "
-                           "score it with the settings it was trained with (or EVAL_ONLY=1, which reads them from it)")
-    arrays: dict[str, np.ndarray] = {}
-    offset = 0
+                           "score it with its training settings (EVAL_ONLY=1 reads them from it)")
+    arrays, offset = {}, 0
     try:
         for s in header["streams"]:
             data = payload[offset : offset + s["length"]]
             offset += s["length"]
-            arrays[s["name"]] = (ANS_STREAM_DECODERS[s["name"]](data, header["tensors"]) if s["coder"] == "ans" else
+            arrays[s["name"]] = (_ans_decode_stream(s["name"], data, header["tensors"]) if s["coder"] == "ans" else
                                  np.frombuffer(decompress_bytes(data, s["coder"], s["stride"]), stream_dtype(s["name"])))
-    except RunError:
-        raise
     except Exception as e:  # any decoder failure on damaged bytes
         raise _corrupt(f"stream does not decode: {e.__class__.__name__}") from None
     if offset != len(payload):
         raise _corrupt(f"{len(payload) - offset} unexpected trailing bytes")
-    cursors = {name: 0 for name in arrays}
+    cursors = collections.Counter()  # values of each stream taken so far
 
     def take(stream: str, count: int) -> torch.Tensor:
-        data = arrays.get(stream)
-        start = cursors.get(stream, 0)
-        if data is None or start + count > len(data):
+        start = cursors[stream]
+        if start + count > len(arrays.get(stream, ())):
             raise _corrupt(f"stream {stream} is shorter than its tensors")
-        cursors[stream] = start + count
-        return torch.from_numpy(data[start : start + count].copy())
+        cursors[stream] += count
+        return torch.from_numpy(arrays[stream][start : start + count].copy())
 
     entries = []
     for t in header["tensors"]:
-        shape = tuple(t["shape"])
-        numel = math.prod(shape)
-        if not t["bits"]:
-            entries.append(ExportedTensor(t["name"], shape, t["dtype"], value=take(t["stream"], numel).reshape(shape)))
+        shape, bits = tuple(t["shape"]), t["bits"]
+        parts = [take(stream, n) for stream, n in _header_parts(t)]
+        if not bits:
+            entries.append(ExportedTensor(t["name"], shape, t["dtype"], value=parts[0].reshape(shape)))
             continue
         rows, cols = _rows_cols(shape)
-        codes, scales, lqer = take("codes", numel).reshape(rows, cols), take("scales", rows), None
+        lqer = None
         if "lqer" in t:
-            rank, group, bits = t["lqer"]["rank"], t["lqer"]["group"], t["lqer"]["bits"]
-            a, b = take("lqer", rows * rank).reshape(rows, rank), take("lqer", rank * cols).reshape(rank, cols)
-            a_scales = take("scales", rank if group else rows)
-            b_scales = take("scales", -(-rank * cols // group) if group else rank)
-            lqer = LowRankFactors(a, a_scales, b, b_scales, group, bits, t["lqer"].get("a_bits", bits))
-        entries.append(ExportedTensor(t["name"], shape, t["dtype"], t["bits"], codes, scales, method=t["method"],
-                                      lqer=lqer))
+            rank, factor_bits = t["lqer"]["rank"], t["lqer"]["bits"]
+            a, b, a_scales, b_scales = parts[2:]
+            lqer = LowRankFactors(a.reshape(rows, rank), a_scales, b.reshape(rank, cols), b_scales, t["lqer"]["group"],
+                                  factor_bits, t["lqer"].get("a_bits", factor_bits))
+        entries.append(ExportedTensor(t["name"], shape, t["dtype"], bits, parts[0].reshape(rows, cols), parts[1],
+                                      method=t["method"], lqer=lqer))
     return entries, header
 
 
@@ -3250,9 +3225,8 @@ class _FittedLawCoder:
     """Vectors coded by rANS, each under its own law fitted to it: the bit pattern of every element is a
     symbol, `fit` chooses the law's few parameters (center, decay, ...: stored as `law_format`), and
     `weights(*law)` derives the same integer weights from them on both sides. The laws come first,
-    then the rANS words; an empty vector takes no bytes. `what` names the data in errors."""
+    then the rANS words; an empty vector takes no bytes."""
 
-    what: str
     dtype: type
     law_format: str
     fit: collections.abc.Callable  # symbols (int64) -> the law's parameters
@@ -3261,7 +3235,8 @@ class _FittedLawCoder:
     def encode(self, vectors: list[np.ndarray]) -> bytes:
         laws, jobs = [], []
         for v in vectors:
-            x = np.ascontiguousarray(v, dtype=self.dtype).reshape(-1).view(self._patterns).astype(np.int64)
+            x = np.ascontiguousarray(v, dtype=self.dtype).reshape(-1)
+            x = x.view(f"u{x.itemsize}").astype(np.int64)  # the bit patterns
             if len(x):
                 law = self.fit(x)
                 laws.append(struct.pack(self.law_format, *law))
@@ -3269,11 +3244,9 @@ class _FittedLawCoder:
         return b"".join(laws) + _ans_words(jobs)
 
     def decode(self, data: bytes, lengths: list[int]) -> list[np.ndarray]:
-        import constriction
-
-        size, n_laws = struct.calcsize(self.law_format), sum(1 for n in lengths if n)
+        size, n_laws = struct.calcsize(self.law_format), np.count_nonzero(lengths)
         if len(data) < size * n_laws:
-            raise ValueError(f"{self.what} is shorter than its laws")
+            raise ValueError("ans data does not match the tensor list")
         coder = _ans_reader(data[size * n_laws :])
         laws, out = struct.iter_unpack(self.law_format, data[: size * n_laws]), []
         for n in lengths:
@@ -3281,16 +3254,12 @@ class _FittedLawCoder:
             if n:
                 law = next(laws)
                 if law[1] < 1:  # every law is (center, decay, ...)
-                    raise ValueError(f"{self.what} has a zero decay")
-                symbols = coder.decode(constriction.stream.model.Categorical(self.weights(*law), perfect=False), n)
-            out.append(symbols.astype(self._patterns).view(self.dtype))
+                    raise ValueError("ans data does not match the tensor list")
+                symbols = coder.decode(_categorical(self.weights(*law)), n)
+            out.append(symbols.astype(f"u{np.dtype(self.dtype).itemsize}").view(self.dtype))
         if not coder.is_empty():
-            raise ValueError(f"{self.what} does not match the tensor list")
+            raise ValueError("ans data does not match the tensor list")
         return out
-
-    @property
-    def _patterns(self) -> np.dtype:
-        return np.dtype(f"u{np.dtype(self.dtype).itemsize}")
 
 
 def _fit_side_law(x: np.ndarray) -> tuple[int, int]:
@@ -3303,15 +3272,13 @@ def _fit_side_law(x: np.ndarray) -> tuple[int, int]:
 
 
 # Side-information bytes, one vector per tensor row or column set, each with its own geometric law.
-SIDE_CODER = _FittedLawCoder("ans side information", np.uint8, "<BB", _fit_side_law, _side_weights)
+SIDE_CODER = _FittedLawCoder(np.uint8, "<BB", _fit_side_law, _side_weights)
 
 
 def _predicted_steps(side: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """log2(rho_i * gamma_j) of every code of the given tensors, flattened and concatenated, in
     side-information steps (0..510)."""
-    if not side:
-        return np.zeros(0, np.int16)
-    return np.concatenate([(r.astype(np.int16)[:, None] + c.astype(np.int16)[None, :]).reshape(-1) for r, c in side])
+    return _flat([r.astype(np.int16)[:, None] + c.astype(np.int16)[None, :] for r, c in side], np.int16)
 
 
 def _ans_table(magnitude_counts: np.ndarray) -> np.ndarray:
@@ -3359,9 +3326,8 @@ class _Alphabet:
         return w if self.kind == "signed" else np.concatenate([w, w], axis=-1)
 
 
-def _ans_plan_width(symbols: np.ndarray, steps: np.ndarray, alphabet: _Alphabet,
-                    widths=ANS_CONTEXT_WIDTHS) -> tuple[float, int, float]:
-    """(estimated bytes, width, cross-entropy in bytes) of the context width (of `widths`) with the
+def _ans_plan_width(symbols: np.ndarray, steps: np.ndarray, alphabet: _Alphabet) -> tuple[float, int, float]:
+    """(estimated bytes, width, cross-entropy in bytes) of the context width (of ANS_CONTEXT_WIDTHS) with the
     fewest estimated bytes: symbols at their cross-entropy under the stored tables, plus the tables as
     brotli (quality 5, a quick estimate of the quality 11 they are packed with) leaves them."""
     import brotli
@@ -3369,7 +3335,7 @@ def _ans_plan_width(symbols: np.ndarray, steps: np.ndarray, alphabet: _Alphabet,
     fine = np.bincount(steps.astype(np.int64) * alphabet.size + symbols,
                        minlength=511 * alphabet.size).reshape(511, alphabet.size)
     best = None
-    for width in widths:
+    for width in ANS_CONTEXT_WIDTHS:
         merged = np.add.reduceat(fine, np.arange(0, fine.shape[0], width), axis=0)
         merged = merged[merged.sum(axis=1) > 0]
         table = _ans_table(alphabet.fold(merged))
@@ -3388,40 +3354,23 @@ def _ans_contexts(steps: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray
     return np.argsort(context, kind="stable"), np.bincount(context, minlength=511)  # radix sort: linear time
 
 
-def _ans_model_group(symbols: np.ndarray, steps: np.ndarray, alphabet: _Alphabet, width: int = 0):
-    """(width, cross-entropy, tables, [(symbols, weights)] per context in decode order) for one group;
-    the width with the fewest estimated bytes unless given."""
-    _, width, ce = _ans_plan_width(symbols, steps, alphabet, (width,) if width else ANS_CONTEXT_WIDTHS)
+def _ans_model_group(symbols: np.ndarray, steps: np.ndarray, alphabet: _Alphabet, width: int):
+    """(tables, [(symbols, weights)] per context in decode order) for one group at this context width."""
     order, counts = _ans_contexts(steps, width)
-    in_order = symbols[order].astype(np.int32)
-    bounds = np.cumsum(counts)
     tables, jobs = [], []
-    for k in np.nonzero(counts)[0]:
-        group = in_order[bounds[k] - counts[k] : bounds[k]]
-        table = _ans_table(alphabet.fold(np.bincount(group, minlength=alphabet.size)))
-        tables.append(table)
-        jobs.append((group, alphabet.weights(table)))
-    return width, ce, tables, jobs
+    for group in np.split(symbols[order].astype(np.int32), np.cumsum(counts)[:-1]):
+        if len(group):  # a context that occurs
+            table = _ans_table(alphabet.fold(np.bincount(group, minlength=alphabet.size)))
+            tables.append(table)
+            jobs.append((group, alphabet.weights(table)))
+    return tables, jobs
 
 
-def _ans_decode_group(coder, steps: np.ndarray, width: int, alphabet: _Alphabet, tables: np.ndarray,
-                      table_at: int) -> tuple[np.ndarray, int]:
-    """The group's symbols in their original order, and the next table position."""
+def _categorical(weights: np.ndarray):
+    """constriction's model of one symbol with these integer weights."""
     import constriction
 
-    order, counts = _ans_contexts(steps, width)
-    decoded = []
-    for k in np.nonzero(counts)[0]:
-        table = tables[table_at : table_at + alphabet.magnitudes]
-        table_at += alphabet.magnitudes
-        if len(table) != alphabet.magnitudes:
-            raise ValueError("ans tables are shorter than the contexts need")
-        model = constriction.stream.model.Categorical(alphabet.weights(table), perfect=False)
-        decoded.append(coder.decode(model, int(counts[k])))
-    symbols = np.zeros(len(steps), np.int32)
-    if decoded:
-        symbols[order] = np.concatenate(decoded)
-    return symbols, table_at
+    return constriction.stream.model.Categorical(weights, perfect=False)
 
 
 def _ans_words(jobs) -> bytes:
@@ -3430,7 +3379,7 @@ def _ans_words(jobs) -> bytes:
 
     coder = constriction.stream.stack.AnsCoder()
     for symbols, weights in reversed(jobs):  # a stack: the last context first
-        coder.encode_reverse(symbols, constriction.stream.model.Categorical(weights, perfect=False))
+        coder.encode_reverse(symbols, _categorical(weights))
     return coder.get_compressed().astype("<u4").tobytes()
 
 
@@ -3441,12 +3390,55 @@ def _ans_reader(words: bytes):
     return constriction.stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
 
 
+def _ans_sections(side: list[np.ndarray], tables: list[np.ndarray], jobs, stats: dict) -> tuple[bytes, bytes, bytes]:
+    """What a coder stores after its header: the side bytes, the tables (brotli) and the rANS words of
+    `jobs`; their byte counts (and the number of contexts) go into `stats`."""
+    packed = SIDE_CODER.encode(side), compress_bytes(_flat(tables, np.uint8).tobytes(), "brotli", 1), _ans_words(jobs)
+    stats.update(zip(("side", "tables", "words"), map(len, packed)), contexts=len(tables))
+    return packed
+
+
+class _ContextReader:
+    """Decodes what the contexts of _ans_model_group coded, group after group: each context's table from
+    the stored tables in order, its symbols from the rANS words."""
+
+    def __init__(self, packed_tables: bytes, words: bytes):
+        self.tables, self.at = np.frombuffer(decompress_bytes(packed_tables, "brotli", 1), np.uint8), 0
+        self.coder = _ans_reader(words)
+
+    def group(self, steps: np.ndarray, width: int, alphabet: _Alphabet) -> np.ndarray:
+        """The group's symbols in their original order."""
+        if width < 1:
+            raise ValueError("ans data does not match the tensor list")
+        order, counts = _ans_contexts(steps, width)
+        decoded = []
+        for count in counts[counts > 0].tolist():
+            table = self.tables[self.at : self.at + alphabet.magnitudes]
+            self.at += alphabet.magnitudes
+            if len(table) != alphabet.magnitudes:
+                raise ValueError("ans data does not match the tensor list")
+            decoded.append(self.coder.decode(_categorical(alphabet.weights(table)), count))
+        symbols = np.zeros(len(steps), np.int32)
+        symbols[order] = _flat(decoded, np.int32)
+        return symbols
+
+    def finish(self) -> None:
+        if self.at != len(self.tables) or not self.coder.is_empty():
+            raise ValueError("ans data does not match the tensor list")
+
+
+def _split_flat(flat: np.ndarray, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """`flat` cut into arrays of the given shapes (rows, cols), in order."""
+    ends = np.cumsum([rows * cols for rows, cols in shapes], dtype=np.int64)
+    return [piece.reshape(shape) for piece, shape in zip(np.split(flat, ends[:-1]), shapes)]
+
+
 def _split_sections(data: bytes, lengths: list[int]) -> list[bytes]:
     """`data` cut into pieces of the given lengths, then the rest; refuses data that is too short."""
     out, at = [], 0
     for n in lengths:
         if at + n > len(data):
-            raise ValueError("ans data is shorter than its sections")
+            raise ValueError("ans data does not match the tensor list")
         out.append(data[at : at + n])
         at += n
     return out + [data[at:]]
@@ -3455,15 +3447,14 @@ def _split_sections(data: bytes, lengths: list[int]) -> list[bytes]:
 def _smallest_encoding(encode, stats: dict | None) -> bytes:
     """encode(steps, stats) at every side-information resolution of ANS_LOG_STEPS: the shortest bytes
     (the first on a tie). The decoder needs only the stored side bytes, not the resolution."""
-    best, best_stats = None, None
+    trials = []
     for steps in ANS_LOG_STEPS:
-        trial: dict = {}
-        data = encode(steps, trial)
-        if best is None or len(data) < len(best):
-            best, best_stats = data, dict(trial, log_steps=steps)
+        trial = {"log_steps": steps}
+        trials.append((encode(steps, trial), trial))
+    data, trial = min(trials, key=lambda t: len(t[0]))
     if stats is not None:
-        stats.update(best_stats)
-    return best
+        stats.update(trial)
+    return data
 
 
 def _predict_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -3484,9 +3475,7 @@ def _predict_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             options, sums = [], []  # (pointer, rows averaged) and their sums
             near = np.argpartition(distance[i - a, :i], min(ANS_CANDIDATES, i) - 1)[:ANS_CANDIDATES]
             for p in near[np.argsort(distance[i - a, near], kind="stable")]:
-                chain = [p]
-                while len(chain) < ANS_CHAIN_DEPTH and parent[chain[-1]] >= 0:
-                    chain.append(parent[chain[-1]])
+                chain = _chain(parent, p, ANS_CHAIN_DEPTH)
                 options += [(p, k) for k in range(1, len(chain) + 1)]
                 sums.append(np.cumsum(x[chain], axis=0))
             count = np.array([k for _, k in options])[None, :, None]
@@ -3499,6 +3488,14 @@ def _predict_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return residual, np.array(plan, np.int64).reshape(-1, 4)
 
 
+def _chain(parent: np.ndarray, p: int, depth: int) -> list[int]:
+    """Row p and up to depth - 1 of its parents, nearest first."""
+    chain = [p]
+    while len(chain) < depth and parent[chain[-1]] >= 0:
+        chain.append(parent[chain[-1]])
+    return chain
+
+
 def _chain_prediction(total: np.ndarray, count, quarters) -> np.ndarray:
     """round(quarters / 4 * total / count), halves up: floor((2 q total + 4 count) / (8 count)) of integers,
     exact in float64 (a quotient is never within 1/64 of the integer above it), faster than // on int64."""
@@ -3509,11 +3506,9 @@ def _unpredict_rows(residual: np.ndarray, plan: np.ndarray) -> np.ndarray:
     """_predict_rows undone, row by row in order (each row's chain is decoded before it)."""
     x, parent = residual.astype(np.int64), np.full(len(residual), -1)
     for i, p, k, q in plan.tolist():
-        chain = [p]
-        while len(chain) < k and parent[chain[-1]] >= 0:
-            chain.append(parent[chain[-1]])
+        chain = _chain(parent, p, k)
         if len(chain) < k:
-            raise ValueError("ans row predictions average more rows than their chains hold")
+            raise ValueError("ans data does not match the tensor list")
         x[i] += _chain_prediction(x[chain].sum(axis=0), k, q)
         parent[i] = p
     return x
@@ -3527,7 +3522,7 @@ def _pack_plans(plans: list[np.ndarray]) -> bytes:
         return b""
     fields = [np.concatenate([[len(p)], np.diff(p[:, 0], prepend=0), p[:, 0] - p[:, 1], 4 * p[:, 2] + p[:, 3] - 5])
               for p in plans]
-    return compress_bytes(np.concatenate([np.zeros(0, np.int64)] + fields).astype("<u4").tobytes(), "brotli", 4)
+    return compress_bytes(_flat(fields, np.int64).astype("<u4").tobytes(), "brotli", 4)
 
 
 def _unpack_plans(data: bytes, rows: list[int]) -> list[np.ndarray]:
@@ -3535,16 +3530,17 @@ def _unpack_plans(data: bytes, rows: list[int]) -> list[np.ndarray]:
         return [np.zeros((0, 3), np.int64) for _ in rows]
     values, at, plans = np.frombuffer(decompress_bytes(data, "brotli", 4), "<u4").astype(np.int64), 0, []
     for r in rows:
-        n = int(values[at]) if at < len(values) else -1
-        child, back, kind = values[at + 1 : at + 1 + 3 * n].reshape(3, max(n, 0))
+        if at >= len(values):
+            raise ValueError("ans data does not match the tensor list")
+        n = int(values[at])
+        child, back, kind = values[at + 1 : at + 1 + 3 * n].reshape(3, n)  # a ValueError if short
         child = np.cumsum(child)
-        if n < 0 or len(child) != n or (n and (child.max() >= r or kind.max() >= 4 * ANS_CHAIN_DEPTH or
-                                              back.min() < 1 or (child - back).min() < 0)):
-            raise ValueError("ans row predictions do not match the tensors")
+        if n and (child.max() >= r or kind.max() >= 4 * ANS_CHAIN_DEPTH or back.min() < 1 or (child - back).min() < 0):
+            raise ValueError("ans data does not match the tensor list")
         plans.append(np.stack([child, child - back, kind // 4 + 1, kind % 4 + 1], axis=1))
         at += 1 + 3 * n
     if at != len(values):
-        raise ValueError("ans row predictions do not match the tensors")
+        raise ValueError("ans data does not match the tensor list")
     return plans
 
 
@@ -3560,9 +3556,8 @@ def _mode_alphabet(mode: int, top: int) -> _Alphabet:
 
 def _code_groups(bits: list[int], families: list[str]) -> list[tuple[str, int, list[int]]]:
     """(family, bits, member tensors) of each coding group: a group shares its tables."""
-    keys = sorted({(QUANT_GROUPS.index(f), b) for f, b in zip(families, bits)})
-    return [(QUANT_GROUPS[f], b, [i for i, k in enumerate(zip(families, bits)) if k == (QUANT_GROUPS[f], b)])
-            for f, b in keys]
+    keys = sorted(set(zip(families, bits)), key=lambda k: (QUANT_GROUPS.index(k[0]), k[1]))
+    return [(f, b, [i for i, k in enumerate(zip(families, bits)) if k == (f, b)]) for f, b in keys]
 
 
 def _predicted(families: list[str]) -> list[int]:
@@ -3570,13 +3565,15 @@ def _predicted(families: list[str]) -> list[int]:
 
 
 def _plan_group(residuals: list[np.ndarray], sides: list[tuple]) -> tuple:
-    """(estimated bytes, mode, width, top, symbols) of a coding group in its cheapest mode, side bytes counted."""
+    """(estimated bytes, mode, width, cross-entropy, top, symbols) of a coding group in its cheapest mode,
+    side bytes counted (the first on a tie)."""
     top = max(1, max(int(np.abs(r).max(initial=0)) for r in residuals))
-    symbols, best = np.concatenate([r.reshape(-1) for r in residuals]).astype(np.int64) + top, None
+    symbols, best = _flat(residuals, np.int64) + top, None
     for mode in (0, 1, 2):
-        cost, width, _ = _ans_plan_width(symbols, _predicted_steps([_side_used(s, mode) for s in sides]),
-                                         _mode_alphabet(mode, top))
-        best = min(best or (math.inf,), (cost + len(SIDE_CODER.encode([v for s in sides for v in s[mode:]])), mode, width))
+        cost, width, ce = _ans_plan_width(symbols, _predicted_steps([_side_used(s, mode) for s in sides]),
+                                          _mode_alphabet(mode, top))
+        best = min(best or (math.inf,),
+                   (cost + len(SIDE_CODER.encode([v for s in sides for v in s[mode:]])), mode, width, ce))
     return best + (top, symbols)
 
 
@@ -3595,82 +3592,69 @@ def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = N
     families = families or ["other"] * len(arrays)
     residuals, plans = [a.reshape(a.shape[0], -1) for a in arrays], []
     for i in _predicted(families):
-        key = hashlib.sha256(residuals[i].tobytes()).digest() + bytes(str(residuals[i].shape), "ascii")
-        if key in _ROW_PREDICTIONS:  # the filler re-packs an unchanged embedding: predicted once
-            residuals[i], plan = _ROW_PREDICTIONS[key]
-        else:
+        key = hashlib.sha256(residuals[i].tobytes()).digest() + str(residuals[i].shape).encode()
+        predicted = _ROW_PREDICTIONS.get(key)  # the filler re-packs an unchanged embedding: predicted once
+        if predicted is None:
             residual, plan = _predict_rows(residuals[i])  # kept only if the context model says it pays
             if not len(plan) or _estimated_bytes(residual) + len(_pack_plans([plan])) >= _estimated_bytes(residuals[i]):
                 residual, plan = residuals[i], plan[:0]
+            predicted = residual, plan
             if len(_ROW_PREDICTIONS) < 2:
-                _ROW_PREDICTIONS[key] = (residual, plan)
-            residuals[i] = residual
+                _ROW_PREDICTIONS[key] = predicted
+        residuals[i], plan = predicted
         plans.append(plan)
-    packed_plans = _pack_plans(plans)
-    return _smallest_encoding(lambda steps, trial: _ans_encode_codes(residuals, bits, families, packed_plans, steps,
-                                                                     trial), stats)
+    return _smallest_encoding(functools.partial(_ans_encode_codes, residuals, bits, families, _pack_plans(plans)), stats)
 
 
 def _ans_encode_codes(residuals: list[np.ndarray], bits: list[int], families: list[str], packed_plans: bytes,
                       log_steps: int, stats: dict) -> bytes:
-    import brotli
-
     side = [_magnitude_side_info(r, log_steps) for r in residuals]
-    header, tables, jobs, model_ce, modes = [struct.pack("<B", len(_code_groups(bits, families)))], [], [], 0.0, {}
-    for family, b, members in _code_groups(bits, families):
-        _, mode, width, top, symbols = _plan_group([residuals[i] for i in members], [side[i] for i in members])
+    groups = _code_groups(bits, families)
+    header, tables, jobs, model_ce, modes = [struct.pack("<B", len(groups))], [], [], 0.0, {}
+    for family, b, members in groups:
+        _, mode, width, ce, top, symbols = _plan_group([residuals[i] for i in members], [side[i] for i in members])
         modes.update({i: mode for i in members})
-        width, ce, group_tables, group_jobs = _ans_model_group(
+        group_tables, group_jobs = _ans_model_group(
             symbols, _predicted_steps([_side_used(side[i], mode) for i in members]), _mode_alphabet(mode, top), width)
         header.append(struct.pack("<BBBBH", QUANT_GROUPS.index(family), b, mode, width, top))
         tables += group_tables
         jobs += group_jobs
         model_ce += ce
-    words = _ans_words(jobs)
-    packed_side = SIDE_CODER.encode([v for i, pair in enumerate(side) for v in pair[modes[i]:]])
-    packed_table = brotli.compress(b"".join(t.tobytes() for t in tables), quality=11)
-    head = b"".join(header) + struct.pack("<III", len(packed_side), len(packed_table), len(packed_plans))
-    stats.update(words=len(words), side=len(packed_side), tables=len(packed_table), rows=len(packed_plans),
-                 header=len(head), model_ce=model_ce, contexts=len(tables))
-    return head + packed_side + packed_table + packed_plans + words
+    packed_side, packed_tables, words = _ans_sections([v for i, pair in enumerate(side) for v in pair[modes[i]:]],
+                                                      tables, jobs, stats)
+    head = b"".join(header) + struct.pack("<III", len(packed_side), len(packed_tables), len(packed_plans))
+    stats.update(rows=len(packed_plans), header=len(head), model_ce=model_ce)
+    return head + packed_side + packed_tables + packed_plans + words
 
 
 def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int],
                families: list[str] | None = None) -> list[np.ndarray]:
-    import brotli
-
     families = families or ["other"] * len(shapes)
     groups = _code_groups(bits, families)
-    if len(shapes) != len(bits) or not data or data[0] != len(groups):
-        raise ValueError("ans side information does not match the tensor list")
-    params = list(struct.iter_unpack("<BBBBH", data[1 : 1 + 6 * len(groups)]))
-    at = 1 + 6 * len(groups)
-    side_len, table_len, plan_len = struct.unpack("<III", data[at : at + 12])
-    packed_side, packed_table, packed_plans, words = _split_sections(data[at + 12 :], [side_len, table_len, plan_len])
-    if [(QUANT_GROUPS[f], b) for f, b, *_ in params] != [(f, b) for f, b, _ in groups] or \
-            min((p[3] for p in params), default=1) < 1 or max((p[2] for p in params), default=0) > 2:
-        raise ValueError("ans side information does not match the tensor list")
+    n_groups = len(groups)
+    if len(shapes) != len(bits) or not data or data[0] != n_groups:
+        raise ValueError("ans data does not match the tensor list")
+    params = list(struct.iter_unpack("<BBBBH", data[1 : 1 + 6 * n_groups]))
+    packed_side, packed_tables, packed_plans, words = _split_sections(
+        data[13 + 6 * n_groups :], struct.unpack("<III", data[1 + 6 * n_groups : 13 + 6 * n_groups]))
+    if [p[:2] for p in params] != [(QUANT_GROUPS.index(f), b) for f, b, _ in groups] or any(p[2] > 2 for p in params):
+        raise ValueError("ans data does not match the tensor list")
     modes = {i: p[2] for p, (_, _, members) in zip(params, groups) for i in members}
     vectors = iter(SIDE_CODER.decode(packed_side, [n for i, shape in enumerate(shapes) for n in shape[modes[i]:]]))
-    side = [_side_used(tuple(np.zeros(n, np.uint8) if k < modes[i] else next(vectors) for k, n in enumerate(shape)),
-                       modes[i]) for i, shape in enumerate(shapes)]
-    tables = np.frombuffer(brotli.decompress(packed_table), np.uint8)
-    coder, table_at, residuals = _ans_reader(words), 0, [None] * len(shapes)
-    for (family, b, members), (_, _, mode, width, top) in zip(groups, params):
-        symbols, table_at = _ans_decode_group(coder, _predicted_steps([side[i] for i in members]), width,
-                                              _mode_alphabet(mode, top), tables, table_at)
-        start = 0
-        for i in members:
-            n = shapes[i][0] * shapes[i][1]
-            residuals[i] = symbols[start : start + n].astype(np.int64).reshape(shapes[i]) - top
-            start += n
-    if table_at != len(tables) or not coder.is_empty():
-        raise ValueError("ans tables or words do not match the contexts")
-    for i, plan in zip(_predicted(families), _unpack_plans(packed_plans, [shapes[i][0] for i in _predicted(families)])):
+    side = [tuple(np.full(n, 128, np.uint8) if k < modes[i] else next(vectors) for k, n in enumerate(shape))
+            for i, shape in enumerate(shapes)]  # as _side_used: what a mode does not store is 128
+    reader, residuals = _ContextReader(packed_tables, words), [None] * len(shapes)
+    for (_, _, members), (_, _, mode, width, top) in zip(groups, params):
+        symbols = reader.group(_predicted_steps([side[i] for i in members]), width, _mode_alphabet(mode, top))
+        for i, residual in zip(members, _split_flat(symbols.astype(np.int64) - top, [shapes[i] for i in members])):
+            residuals[i] = residual
+    reader.finish()
+    predicted = _predicted(families)
+    for i, plan in zip(predicted, _unpack_plans(packed_plans, [shapes[i][0] for i in predicted])):
         residuals[i] = _unpredict_rows(residuals[i], plan)
     out = [r.astype(np.int8) for r in residuals]
     if any(not np.array_equal(o, r) for o, r in zip(out, residuals)):
-        raise ValueError("ans codes decode past int8")
+        raise ValueError("ans data does not match the tensor list")
     return out
 
 
@@ -3699,49 +3683,30 @@ def _fp16_steps(side: list[tuple[np.ndarray, np.ndarray]], shapes: list[tuple[in
 def ans_encode_fp16(arrays: list[np.ndarray], stats: dict | None = None) -> bytes:
     """fp16 arrays (2-D as rows x cols, anything else as one row) as ans bytes."""
     values = [a.reshape(_rows_cols(a.shape)) for a in arrays]
-    return _smallest_encoding(lambda steps, trial: _ans_encode_fp16_at(values, steps, trial), stats)
+    return _smallest_encoding(functools.partial(_ans_encode_fp16_at, values), stats)
 
 
 def _ans_encode_fp16_at(values: list[np.ndarray], log_steps: int, stats: dict) -> bytes:
-    import brotli
-
     side = [_fp16_side_info(v, log_steps) for v in values]
-    bits16 = np.concatenate([v.reshape(-1).view(np.uint16) for v in values]) if values else np.zeros(0, np.uint16)
-    alphabet = _Alphabet("fp16")
-    width, ce, tables, jobs = _ans_model_group((bits16 >> 8).astype(np.int64),
-                                               _fp16_steps(side, [v.shape for v in values]), alphabet)
-    words = _ans_words(jobs)
+    bits16 = _flat([v.view(np.uint16) for v in values], np.uint16)
+    high, steps, alphabet = (bits16 >> 8).astype(np.int64), _fp16_steps(side, [v.shape for v in values]), _Alphabet("fp16")
+    _, width, ce = _ans_plan_width(high, steps, alphabet)
+    tables, jobs = _ans_model_group(high, steps, alphabet, width)
     low = (bits16 & 0xFF).astype(np.uint8).tobytes()
-    packed_side = SIDE_CODER.encode([v for pair in side for v in pair])
-    packed_table = brotli.compress(b"".join(t.tobytes() for t in tables), quality=11)
-    head = struct.pack("<BII", width, len(packed_side), len(packed_table))
-    stats.update(words=len(words), side=len(packed_side), tables=len(packed_table), low=len(low),
-                 model_ce=ce, contexts=len(tables))
-    return head + packed_side + packed_table + low + words
+    packed_side, packed_tables, words = _ans_sections([v for pair in side for v in pair], tables, jobs, stats)
+    stats.update(low=len(low), model_ce=ce)
+    return struct.pack("<BII", width, len(packed_side), len(packed_tables)) + packed_side + packed_tables + low + words
 
 
 def ans_decode_fp16(data: bytes, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
-    import brotli
-
     width, side_len, table_len = struct.unpack("<BII", data[:9])
-    n = sum(rows * cols for rows, cols in shapes)
-    packed_side, packed_table, low, words = _split_sections(data[9:], [side_len, table_len, n])
-    tables = np.frombuffer(brotli.decompress(packed_table), np.uint8)
+    packed_side, packed_tables, low, words = _split_sections(data[9:], [side_len, table_len,
+                                                                        sum(rows * cols for rows, cols in shapes)])
     vectors = SIDE_CODER.decode(packed_side, [n for rows, cols in shapes for n in (rows, cols if rows > 1 else 0)])
-    side = list(zip(vectors[0::2], vectors[1::2]))
-    if width < 1:
-        raise ValueError("ans side information does not match the tensor list")
-    coder = _ans_reader(words)
-    high, table_at = _ans_decode_group(coder, _fp16_steps(side, shapes), width, _Alphabet("fp16"),
-                                       tables, 0)
-    if table_at != len(tables) or not coder.is_empty():
-        raise ValueError("ans tables or words do not match the contexts")
-    flat = ((high.astype(np.uint16) << 8) | np.frombuffer(low, np.uint8)).view(np.float16)
-    out, start = [], 0
-    for rows, cols in shapes:
-        out.append(flat[start : start + rows * cols].reshape(rows, cols))
-        start += rows * cols
-    return out
+    reader = _ContextReader(packed_tables, words)
+    high = reader.group(_fp16_steps(list(zip(vectors[0::2], vectors[1::2])), shapes), width, _Alphabet("fp16"))
+    reader.finish()
+    return _split_flat(((high.astype(np.uint16) << 8) | np.frombuffer(low, np.uint8)).view(np.float16), shapes)
 
 
 # The fp16 row scales (the `scales` stream) vary little within a tensor, so their 16-bit patterns sit
@@ -3771,7 +3736,7 @@ def _fit_band_law(x: np.ndarray) -> tuple[int, int, int]:
     return center, 1 + int(np.argmin(costs)), radius
 
 
-SCALE_CODER = _FittedLawCoder("ans scale data", np.float16, "<HBH", _fit_band_law, _band_weights)
+SCALE_CODER = _FittedLawCoder(np.float16, "<HBH", _fit_band_law, _band_weights)
 ans_encode_fp16_vectors, ans_decode_fp16_vectors = SCALE_CODER.encode, SCALE_CODER.decode
 
 
@@ -3824,53 +3789,44 @@ AUTO_FIT_FILL_SLACK_BYTES = 512
 AUTO_FIT_FILL_MIN_SIGMAS = 6.0
 
 
+def weights_and_errors(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor]):
+    """(entry, W, E = W - W_q) of every quantized tensor, W and E as rows x cols (float, on the CPU)."""
+    for e in entries:
+        if e.bits:
+            w = state_dict[e.name].detach().float().cpu().reshape(e.codes.shape)
+            yield e, w, w - e.dequantize().float().reshape(w.shape)
+
+
+def output_energy(x: torch.Tensor, hessian: torch.Tensor | None = None) -> float:
+    """||x||^2, or with a Hessian H = sum of input x^T x: tr(x H x^T), the energy of the layer outputs x makes."""
+    return float(x.square().sum()) if hessian is None else float((x @ hessian.cpu().float() * x).sum())
+
+
 def quantization_error(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor]) -> float:
     """sum ||W - W_q||^2 / sum ||W||^2 over the quantized tensors."""
-    err = norm = 0.0
-    for e in entries:
-        if e.bits:
-            w = state_dict[e.name].detach().float().cpu()
-            err += float((w - e.dequantize().float()).square().sum())
-            norm += float(w.square().sum())
-    return err / max(norm, 1e-30)
-
-
-def code_histogram(entries: list[ExportedTensor]) -> torch.Tensor:
-    """Counts of every code value (index = code + 128) over all quantized tensors."""
-    counts = torch.zeros(256, dtype=torch.float64)
-    for e in entries:
-        if e.bits:
-            counts += torch.bincount((e.codes.reshape(-1).long() + 128), minlength=256).double()
-    return counts
-
-
-def entropy_bytes(counts: torch.Tensor) -> float:
-    """Order-0 entropy of a histogram, in bytes: what a byte-wise compressor approaches."""
-    nz = counts[counts > 0]
-    return float(-(nz * torch.log2(nz / nz.sum())).sum() / 8)
+    terms = list(weights_and_errors(state_dict, entries))
+    return sum(output_energy(err) for _, _, err in terms) / max(sum(output_energy(w) for _, w, _ in terms), 1e-30)
 
 
 def unit_codes_by_cost(entries: list[ExportedTensor]) -> list[torch.Tensor]:
     """Every +-1 code as (tensor index, row, column, code, scale^2 = about the squared error zeroing it
     adds), cheapest first: smallest row scale, ties in tensor, row, column order (deterministic)."""
-    keys, where = [], []
+    parts = []  # per tensor: (sort key, then the five columns)
     for i, e in enumerate(entries):
         if e.bits:
             rows, cols = torch.nonzero(e.codes.abs() == 1, as_tuple=True)
             scale = e.scales.float()[rows]
-            keys.append(scale)
-            where.append((torch.full_like(rows, i), rows, cols, e.codes[rows, cols].long(), scale.double().square()))
-    if not keys:
-        return []
-    order = torch.argsort(torch.cat(keys), stable=True)
-    return [torch.cat([w[k] for w in where])[order] for k in range(5)]
+            parts.append((scale, torch.full_like(rows, i), rows, cols, e.codes[rows, cols].long(), scale.double().square()))
+    if not parts:
+        return [torch.zeros(0, dtype=torch.long)] * 5
+    keys, *columns = (torch.cat(column) for column in zip(*parts))
+    order = torch.argsort(keys, stable=True)
+    return [column[order] for column in columns]
 
 
 def prune_unit_codes(entries: list[ExportedTensor], units, count: int) -> list[ExportedTensor]:
     """A copy with the first `count` codes of `units` (from unit_codes_by_cost) set to 0."""
     out = list(entries)
-    if count <= 0:
-        return out
     tensor_idx, rows, cols = (u[:count] for u in units[:3])
     for i in torch.unique(tensor_idx).tolist():
         mask = tensor_idx == i
@@ -3880,42 +3836,23 @@ def prune_unit_codes(entries: list[ExportedTensor], units, count: int) -> list[E
     return out
 
 
-def values_by_group(entries: list[ExportedTensor]) -> dict[str, int]:
+def values_by_group(entries: list[ExportedTensor]) -> collections.Counter:
     """How many quantized values each tensor group holds."""
-    values: dict[str, int] = {}
+    values = collections.Counter()
     for e in entries:
         if e.bits:
-            values[tensor_group(e.name)] = values.get(tensor_group(e.name), 0) + e.codes.numel()
+            values[tensor_group(e.name)] += e.codes.numel()
     return values
 
 
-def squared_error_by_group(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor]) -> dict[str, float]:
-    """sum ||W - W_q||^2 of the quantized tensors, per tensor group."""
-    out: dict[str, float] = {}
-    for e in entries:
-        if e.bits:
-            w = state_dict[e.name].detach().float().cpu()
-            group = tensor_group(e.name)
-            out[group] = out.get(group, 0.0) + float((w - e.dequantize().float()).square().sum())
-    return out
-
-
 def weighted_error_by_group(state_dict: dict[str, torch.Tensor], entries: list[ExportedTensor],
-                            hessians: dict | None = None) -> dict[str, float]:
+                            hessians: dict | None = None) -> collections.Counter:
     """Per group, the sum over its quantized tensors of tr(E H E^T) / tr(W H W^T) (H = I without a Hessian)."""
     hessians = hessians or {}
-    out: dict[str, float] = {}
-    for e in entries:
-        if e.bits:
-            w = state_dict[e.name].detach().float().cpu().reshape(e.codes.shape[0], -1)
-            err = w - e.dequantize().float().reshape(w.shape)
-            h = hessians.get(e.name)
-            if h is None:
-                ratio = float(err.square().sum()) / max(float(w.square().sum()), 1e-30)
-            else:
-                h = h.cpu().float()
-                ratio = float(((err @ h) * err).sum()) / max(float(((w @ h) * w).sum()), 1e-30)
-            out[tensor_group(e.name)] = out.get(tensor_group(e.name), 0.0) + ratio
+    out = collections.Counter()
+    for e, w, err in weights_and_errors(state_dict, entries):
+        h = hessians.get(e.name)
+        out[tensor_group(e.name)] += output_energy(err, h) / max(output_energy(w, h), 1e-30)
     return out
 
 
@@ -3934,7 +3871,7 @@ def fill_budget(state_dict, plan: QuantPlan, entries: list[ExportedTensor], blob
         open_groups = [g for g in values if g not in done]
         if slack <= slack_goal or not open_groups:
             break
-        group = max(open_groups, key=lambda g: (errors.get(g, 0.0) / values[g], g))
+        group = max(open_groups, key=lambda g: (errors[g] / values[g], g))
         bits_per_value = min(4 * slack / bytes_per_predicted / values[group], 1.0)  # half the slack, in bits
         for _ in range(AUTO_FIT_TRIES):
             k, bits = plan.clip_sigmas[group] * 2.0**-bits_per_value, plan.bits[group]
@@ -3948,17 +3885,15 @@ def fill_budget(state_dict, plan: QuantPlan, entries: list[ExportedTensor], blob
             bits_per_value *= 0.5 * slack / max(len(trial_blob) - len(blob), 1)  # overshot: aim at half again
         trial_errors = weighted_error_by_group(state_dict, trial_entries, hessians)
         cost, gain = len(trial_blob) - len(blob), sum(errors.values()) - sum(trial_errors.values())
-        fits = len(trial_blob) <= target_bytes
-        verdict = "kept" if fits and gain > 0 and k >= AUTO_FIT_FILL_MIN_SIGMAS else "refused"
+        verdict = "kept" if len(trial_blob) <= target_bytes and gain > 0 and k >= AUTO_FIT_FILL_MIN_SIGMAS else "refused"
         log(f"auto_fit: fill step {step} {group} clip_sigmas {plan.clip_sigmas[group]:.3f}->{k:.3f} bits "
             f"{plan.bits[group]}->{bits} cost {cost} bytes gain {gain:.3e} -> model_bytes {len(trial_blob)} "
             f"weighted_error {sum(trial_errors.values()):.4e} {verdict}")
         if verdict == "refused":
             done.add(group)
             continue
-        predicted = values[group] * bits_per_value / 8
-        if cost > 0 and predicted > 0:
-            bytes_per_predicted = cost / predicted
+        if cost > 0:  # bytes per predicted byte (bits_per_value > 0 always)
+            bytes_per_predicted = cost / (values[group] * bits_per_value / 8)
         plan, entries, blob, errors = trial, trial_entries, trial_blob, trial_errors
     log(f"auto_fit: filled model_bytes {len(blob)} target {target_bytes} ({target_bytes - len(blob)} bytes left) "
         f"weighted_error {sum(errors.values()):.4e}")
@@ -3990,10 +3925,9 @@ def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target
                            hessians=hessians, log=log)
     if len(blob) <= target_bytes or not auto_fit:
         return blob, entries
-    base_error = quantization_error(state_dict, entries)
-    n_codes = sum(e.codes.numel() for e in entries if e.bits)
+    n_codes = sum(values_by_group(entries).values())
     log(f"auto_fit: model_bytes {len(blob)} > target {target_bytes} (limit {ARTIFACT_LIMIT_BYTES} - margin - code); "
-        f"quant_error {base_error:.3e} (relative squared weight error)")
+        f"quant_error {quantization_error(state_dict, entries):.3e} (relative squared weight error)")
     if plan.method != "absmax" and n_codes:
         factor, unscaled = 1.0, plan
         for _ in range(AUTO_FIT_TRIES):
@@ -4005,10 +3939,8 @@ def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target
             if len(blob) <= target_bytes or factor >= AUTO_FIT_MAX_SIGMA_SCALE:
                 break
     lowered: list[str] = []
-    while len(blob) > target_bytes:
-        group = group_to_lower(state_dict, entries, plan, lowered, excess=len(blob) - target_bytes)
-        if group is None:
-            break
+    while len(blob) > target_bytes and (group := group_to_lower(state_dict, entries, plan, lowered,
+                                                                excess=len(blob) - target_bytes)):
         lowered.append(group)
         plan = dataclasses.replace(plan, bits={**plan.bits, group: plan.bits[group] - 1})
         blob = pack(entries := quantize(plan))
@@ -4024,18 +3956,20 @@ def pruning_plan(entries: list[ExportedTensor]):
     """(units, entropy_after): the +-1 codes cheapest first, and the codes' order-0 entropy in bytes
     after zeroing the first n of them, computed exactly from the histogram."""
     units = unit_codes_by_cost(entries)
-    counts = code_histogram(entries)
-    plus = torch.cumsum((units[3] > 0).double(), 0) if units else None
+    counts = torch.zeros(256, dtype=torch.float64)  # of every code value (index = code + 128)
+    for e in entries:
+        if e.bits:
+            counts += torch.bincount((e.codes.reshape(-1).long() + 128), minlength=256).double()
+    plus = torch.cumsum((units[3] > 0).double(), 0)  # how many of the first n are +1
 
-    def entropy_after(n: int) -> float:
-        if n == 0:
-            return entropy_bytes(counts)
+    def entropy_after(n: int) -> float:  # order 0, in bytes: what a byte-wise compressor approaches
         c = counts.clone()
-        n_plus = float(plus[n - 1])
+        n_plus = float(plus[n - 1]) if n else 0.0
         c[129] -= n_plus
         c[127] -= n - n_plus
         c[128] += n
-        return entropy_bytes(c)
+        nz = c[c > 0]
+        return float(-(nz * torch.log2(nz / nz.sum())).sum() / 8)
 
     return units, entropy_after
 
@@ -4059,11 +3993,12 @@ def group_to_lower(state_dict, entries: list[ExportedTensor], plan: QuantPlan, l
         return None
     group = min(values, key=lambda g: (lowered.count(g), -values[g], g))
     units, entropy_after = pruning_plan(entries)
-    n_units = len(units[0]) if units else 0
-    needed = fewest_units_saving(entropy_after, 0, n_units, entropy_after(0) - excess)
-    if n_units and entropy_after(needed) <= entropy_after(0) - excess:
+    goal = entropy_after(0) - excess
+    needed = fewest_units_saving(entropy_after, 0, len(units[0]), goal)
+    if entropy_after(needed) <= goal:
         pruning_cost = float(units[4][:needed].sum())
-        lowering_cost = 3.0 * squared_error_by_group(state_dict, entries).get(group, 0.0)
+        lowering_cost = 3.0 * sum(output_energy(err) for e, _, err in weights_and_errors(state_dict, entries)
+                                  if tensor_group(e.name) == group)
         if pruning_cost <= lowering_cost:
             return None
     return group
@@ -4073,13 +4008,13 @@ def prune_to_fit(state_dict, entries: list[ExportedTensor], target_bytes: int, p
     """Step 3: zero the cheapest +-1 codes, as many as the entropy predicts, corrected by how many real
     bytes one entropy byte saved in the previous try."""
     units, entropy_after = pruning_plan(entries)
-    n_units = len(units[0]) if units else 0
+    n_units = len(units[0])
     blob = pack(entries)
     excess, pruned, bytes_per_entropy_byte, pruned_entries = len(blob) - target_bytes, 0, 1.0, entries
     for _ in range(AUTO_FIT_TRIES):
-        goal = entropy_after(pruned) - excess / bytes_per_entropy_byte * 1.002
         previous_bytes, previous_entropy = len(blob), entropy_after(pruned)
-        pruned = fewest_units_saving(entropy_after, pruned, n_units, goal)
+        pruned = fewest_units_saving(entropy_after, pruned, n_units,
+                                     previous_entropy - excess / bytes_per_entropy_byte * 1.002)
         pruned_entries = prune_unit_codes(entries, units, pruned)
         blob = pack(pruned_entries)
         log(f"auto_fit: step 3 pruned {pruned} of {n_units} +-1 codes -> model_bytes {len(blob)} "
@@ -4103,28 +4038,28 @@ def check_exportable(state_dict: dict[str, torch.Tensor]) -> None:
         if not t.is_floating_point() or t.numel() == 0:
             continue
         bad = int((~torch.isfinite(t)).sum())
-        peak = float(t.detach().abs().max()) if not bad else math.inf
+        peak = float(t.detach().abs().max())  # NaN or inf when bad
         if bad or peak > FP16_MAX:
             what = f"holds {bad} non-finite values" if bad else f"reaches |w| = {peak:.4g}, past the fp16 range ({FP16_MAX:.0f})"
-            raise RunError(f"refusing to export: weight {name} {what}, so training diverged; nothing was written; lower "
-                           "the learning rates (MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or set GRAD_CLIP_NORM")
+            raise RunError(f"refusing to export: weight {name} {what} (training diverged); nothing was written; lower "
+                           "MATRIX_LR, SCALAR_LR and TIED_EMBED_LR or set GRAD_CLIP_NORM")
 
 
 def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path, log, *, looping: bool,
                     hessians: dict[str, torch.Tensor] | None = None) -> Path:
     """Rank 0 writes the raw weights, the shipped code form and the quantized, packed artifact (fitted
     under the limit), each atomically, once every rank has checked that the weights are sound."""
-    raw_path, artifact_path = out_dir / "final_model.pt", out_dir / ARTIFACT_NAME
-    check_exportable(model.state_dict())  # the same weights on every rank, so every rank refuses together
+    state_dict = model.state_dict()
+    check_exportable(state_dict)  # the same weights on every rank, so every rank refuses together
     if rt.is_main:
         n_code = code_bytes()
-        buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
-        write_atomic(raw_path, buf.getvalue())
-        log(f"Serialized model: {raw_path.stat().st_size} bytes")
+        raw = io.BytesIO()
+        torch.save(state_dict, raw)
+        write_atomic(out_dir / "final_model.pt", raw.getvalue())
+        log(f"Serialized model: {raw.tell()} bytes")
         log(f"Code size: {len(readable_source())} bytes (uncompressed), {n_code} bytes (compressed, shipped as "
             f"{RUN_CODE_NAME} in the run folder)")
-        log(f"Total submission size: {raw_path.stat().st_size + n_code} bytes")
+        log(f"Total submission size: {raw.tell() + n_code} bytes")
         plan = QuantPlan.from_hparams(hp)
         packed_stats: dict[bytes, dict] = {}  # by the blob's sha256: the filler's last pack may be a refused trial
         meta = dict(looping=looping, quant_method=plan.method, tag=f"int{hp.matrix_bits}_{hp.compressor}")
@@ -4139,34 +4074,33 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
         target = ARTIFACT_LIMIT_BYTES - hp.artifact_margin_bytes - n_code
         lqer = dict(rank=hp.lqer_rank, top_k=hp.lqer_top_k, factor_bits=hp.lqer_factor_bits, a_bits=hp.lqer_a_bits,
                     group=hp.lqer_asym_group if hp.lqer_asym_enabled else 0) if hp.lqer_enabled else None
-        blob, entries = fit_artifact(model.state_dict(), plan, target_bytes=target, compressor=hp.compressor,
+        blob, entries = fit_artifact(state_dict, plan, target_bytes=target, compressor=hp.compressor,
                                      pack=pack, hessians=hessians, gptq=gptq_options(hp), lqer=lqer,
                                      auto_fit=hp.auto_fit, fill=hp.auto_fit_fill, log=log)
         for e in entries:
             if e.lqer is not None:
                 log(f"lqer: {e.name} rank:{hp.lqer_rank} factor_bits:{hp.lqer_factor_bits} a_bits:{e.lqer.a_bits} "
                     f"form:{'asymmetric group ' + str(e.lqer.group) if e.lqer.group else 'symmetric'}")
-        write_atomic(artifact_path, blob)
+        write_atomic(out_dir / ARTIFACT_NAME, blob)
         stats = packed_stats[hashlib.sha256(blob).digest()]
         label = f"int{hp.matrix_bits}+{hp.compressor}"
-        exported = {tensor_group(e.name): e.bits for e in entries if e.bits}  # after auto-fit, not as planned
-        log(f"Serialized model {label}: {len(blob)} bytes (raw_torch:{buf.tell()} method:{plan.method} "
-            f"bits:{','.join(f'{g}={exported[g]}' for g in QUANT_GROUPS if g in exported)})")
+        quantized = [e for e in entries if e.bits]
+        groups = {g: [e for e in quantized if tensor_group(e.name) == g] for g in QUANT_GROUPS}
+        groups = {g: members for g, members in groups.items() if members}  # bits after auto-fit, not as planned:
+        log(f"Serialized model {label}: {len(blob)} bytes (raw_torch:{raw.tell()} method:{plan.method} "
+            f"bits:{','.join(f'{g}={members[-1].bits}' for g, members in groups.items())})")
         known_ce = stats.pop("codes_model_ce", None)
         log("artifact_streams: " + " ".join(f"{k}:{v}" for k, v in sorted(stats.items())))
-        quantized = [e for e in entries if e.bits]
         order0, model_ce = code_entropy_report([e.codes.numpy() for e in quantized], [e.bits for e in quantized],
                                                known_ce)
         log(f"artifact_entropy: codes_bytes:{stats.get('codes', 0)} order0_entropy_bytes:{order0:.0f} "
             f"ans_model_cross_entropy_bytes:{model_ce:.0f} (side information not included) coder:{hp.compressor}")
-        for group in QUANT_GROUPS:
-            members = [e for e in quantized if tensor_group(e.name) == group]
-            if members:
-                log(f"Quantized weights: {group} tensors:{len(members)} values:{sum(e.codes.numel() for e in members)} "
-                    f"bits:{sorted({e.bits for e in members})} method:{members[0].method}")
+        for group, members in groups.items():
+            log(f"Quantized weights: {group} tensors:{len(members)} values:{sum(e.codes.numel() for e in members)} "
+                f"bits:{sorted({e.bits for e in members})} method:{members[0].method}")
         log(f"Total submission size {label}: {len(blob) + n_code} bytes")
     barrier()
-    return artifact_path
+    return out_dir / ARTIFACT_NAME
 
 
 def gptq_options(hp: Hyperparameters) -> dict:
