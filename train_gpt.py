@@ -332,10 +332,11 @@ class Hyperparameters:
             if meta["choices"] is not None and value not in meta["choices"]:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(meta['choices'])}")
             for key, relation, holds in BOUND_CHECKS:
-                other = meta[key] if isinstance(meta[key], str) else None  # a bound set by another knob
-                bound = getattr(self, other) if other else meta[key]
+                bound = shown = meta[key]
+                if isinstance(bound, str):  # a bound set by another knob
+                    bound = getattr(self, bound)
+                    shown = f"{shown.upper()}={bound}"
                 if bound is not None and not holds(value, bound):
-                    shown = f"{other.upper()}={bound}" if other else bound
                     raise ConfigError(f"{name}={value} must be {relation} {shown}")
         for name in ("attn_bits", "mlp_bits", "head_bits", "lqer_a_bits"):
             if getattr(self, name) == 1:
@@ -812,9 +813,8 @@ BOS_ID = 1
 
 def shard_token_count(path: str | Path) -> int:
     """The token count of a shard, after checking its header and size (a corrupt file stops the run)."""
-    path = Path(path)
     header_bytes = SHARD_HEADER_INTS * 4
-    size = path.stat().st_size
+    size = os.path.getsize(path)
     if size < header_bytes:
         raise RunError(f"{path}: {size} bytes is shorter than a shard header; re-create or re-download it")
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
@@ -891,10 +891,10 @@ class TokenStream:
         index = self.order.pop(0)
         tokens = read_shard(self.files[index])
         check_token_ids(tokens, self.vocab_size, self.files[index])
-        if index == len(self.files) - 1 and self.holdout_tokens:
+        if index == len(self.files) - 1:
             tokens = tokens[: len(tokens) - self.holdout_tokens]
         offset = int(self.rng.integers(0, len(tokens))) if len(tokens) else 0
-        return np.concatenate([tokens[offset:], tokens[:offset]])
+        return np.roll(tokens, -offset)  # starts at the offset, wraps around to the shard's start
 
     def _next_shard(self) -> np.ndarray:
         tokens = self.pending.result()
@@ -963,7 +963,7 @@ class ShuffledWindowLoader:
         self.shards = [memmap_data_shard(f) for f in files]
         self.sizes = np.array([len(t) for t in self.shards], dtype=np.int64)
         self.sizes[-1] -= holdout_tokens  # windows are cut from the sizes, so the held-out tail is never read
-        self.epoch, self.windows_delivered = -1, 0
+        self.windows_delivered = 0
         self._start_epoch(0)
         if self.windows_per_epoch == 0:
             raise RunError(f"no training shard holds TRAIN_SEQ_LEN+1={seq_len + 1} tokens; lower TRAIN_SEQ_LEN or "
@@ -998,9 +998,8 @@ class ShuffledWindowLoader:
         global_tokens, seq_len, grad_accum = request
         per_rank = global_tokens // (self.world_size * grad_accum * seq_len)
         everyone = self._take_windows(per_rank * self.world_size)
-        if self.vocab_size is not None:
-            for s, start in everyone:
-                check_token_ids(self.shards[s][start : start + seq_len + 1], self.vocab_size, self.files[s])
+        for s, start in everyone:
+            check_token_ids(self.shards[s][start : start + seq_len + 1], self.vocab_size, self.files[s])
         windows = everyone[self.rank * per_rank : (self.rank + 1) * per_rank]
         return np.stack([self.shards[s][start : start + seq_len + 1] for s, start in windows])  # numpy only
 
@@ -2155,34 +2154,16 @@ def train(run: TrainingRun, averager: WeightAverager) -> TrainState:
     """The timed loop. Each step, ranks agree on the elapsed training time (host clocks, CPU
     collective), and every decision (LR, looping, QAT, SWA, stopping) is a function of it. Training
     stops before a step that would end past the budget, never in the middle of one."""
-    hp, rt, model, base_model, optimizers, log, clock = (run.hp, run.rt, run.model, run.base_model, run.optimizers,
-                                                        run.log, run.clock)
+    hp, rt, base_model, log, clock = run.hp, run.rt, run.base_model, run.log, run.clock
     state = TrainState()
     loader = run.make_loader()
     budget_ms = clock.train_budget_ms
-    stop_after_step: int | None = None
     step_ms = 0.0
     unchecked_loss = None  # the last step's loss, when it was not a logged (checked) step
     sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
     sync()
     clock.start("train")
-    while True:
-        last_step = state.step == hp.iterations or (stop_after_step is not None and state.step >= stop_after_step)
-        if last_step:
-            sync()
-            clock.stop()
-            if unchecked_loss is not None:
-                check_training_loss(float(all_reduce_sum(unchecked_loss).item()) / rt.world_size, state.step,
-                                    hp.vocab_size)
-            state.epochs_consumed = loader.epochs_consumed()
-            loader.close()
-            log(f"train_loader:epochs_consumed:{state.epochs_consumed:.4f} sampler:{hp.train_loader}")
-            if state.stopped_early:
-                log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms('train'):.0f}ms "
-                    f"step:{state.step}/{hp.iterations}")
-                log(f"budget_cut: training after step {state.step} (the next step would end past the "
-                    f"{budget_ms:.0f}ms training budget = cap {clock.cap_ms:.0f}ms - reserve {clock.reserve_ms:.0f}ms)")
-            return state
+    while state.step < hp.iterations:
         if hp.val_loss_every > 0 and state.step % hp.val_loss_every == 0:
             sync()
             clock.start("val")  # the training clock pauses for validation
@@ -2195,8 +2176,8 @@ def train(run: TrainingRun, averager: WeightAverager) -> TrainState:
             clock.start("train")
         elapsed_ms, step_ms = agree_max([clock.elapsed_ms("train"), step_ms], rt)
         if budget_ms is not None and elapsed_ms + max(step_ms, elapsed_ms / max(state.step, 1)) > budget_ms:
-            stop_after_step, state.stopped_early = state.step, True
-            continue
+            state.stopped_early = True
+            break
         fraction = training_fraction(state.step, elapsed_ms, iterations=hp.iterations, budget_ms=budget_ms)
         if not state.looping and looping_active(fraction, num_loops=hp.num_loops, enable_at=hp.enable_looping_at):
             state.looping = True
@@ -2208,7 +2189,7 @@ def train(run: TrainingRun, averager: WeightAverager) -> TrainState:
                 f"matrix_bits:{hp.matrix_bits} embed_bits:{hp.embed_bits}")
         scale = lr_scale_at(hp, state.step, elapsed_ms, fraction, budget_ms)
         t_step = clock.now()
-        loss = train_step(model, loader, optimizers, hp, rt, run.grad_accum, scale, state.step, run.autocast,
+        loss = train_step(run.model, loader, run.optimizers, hp, rt, run.grad_accum, scale, state.step, run.autocast,
                           state.looping)
         state.step += 1
         averager.update(state.step, fraction)
@@ -2226,6 +2207,18 @@ def train(run: TrainingRun, averager: WeightAverager) -> TrainState:
             log(f"step:{state.step}/{hp.iterations} train_loss:{loss_value:.4f} train_time:{train_ms:.0f}ms "
                 f"step_avg:{train_ms / state.step:.2f}ms tok/s:{tokens_per_s:.0f} mfu:{mfu:.2f}%")
             check_training_loss(loss_value, state.step, hp.vocab_size)
+    sync()
+    clock.stop()
+    if unchecked_loss is not None:
+        check_training_loss(float(all_reduce_sum(unchecked_loss).item()) / rt.world_size, state.step, hp.vocab_size)
+    state.epochs_consumed = loader.epochs_consumed()
+    loader.close()
+    log(f"train_loader:epochs_consumed:{state.epochs_consumed:.4f} sampler:{hp.train_loader}")
+    if state.stopped_early:
+        log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms('train'):.0f}ms step:{state.step}/{hp.iterations}")
+        log(f"budget_cut: training after step {state.step} (the next step would end past the {budget_ms:.0f}ms "
+            f"training budget = cap {clock.cap_ms:.0f}ms - reserve {clock.reserve_ms:.0f}ms)")
+    return state
 
 
 class CompileRecord:
@@ -2241,16 +2234,17 @@ class CompileRecord:
         self.failures: list[dict] = []
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
 
-    def failed(self, name: str, e: BaseException) -> None:
+    def failed(self, name: str, e: BaseException) -> str:
+        """Record and log a failure; returns the one-line error a run stopped by it reports."""
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-        message = (f"torch.compile failed in {name} ({reason}); COMPILE_FALLBACK=eager runs that graph uncompiled "
-                   "(slower), COMPILE=0 turns compile off")
-        self.failures.append(dict(function=name, reason=reason, message=message))
+        self.failures.append(dict(function=name, reason=reason))
         self.log(f"compile:failed function:{name} backend:{self.backend} fallback:{self.fallback} reason:{reason}")
+        return (f"torch.compile failed in {name} ({reason}); COMPILE_FALLBACK=eager runs that graph uncompiled "
+                "(slower), COMPILE=0 turns compile off")
 
     def summary(self) -> dict:
         return dict(enabled=True, backend=self.backend, fallback=self.fallback, graphs=dict(self.graphs),
-                    failures=[{k: f[k] for k in ("function", "reason")} for f in self.failures])
+                    failures=[dict(f) for f in self.failures])
 
     def line(self) -> str:
         graphs = " ".join(f"{k}:{v}" for k, v in self.graphs.items()) or "none"
@@ -2258,43 +2252,42 @@ class CompileRecord:
 
 
 _active_compile: CompileRecord | None = None  # the running run's record (set by compile_settings)
-_compile_backends: dict[tuple[str, str], object] = {}  # one per (backend, function): see compile_backend
 
 
+@functools.cache
 def compile_backend(backend: str, name: str):
     """The torch.compile backend for function `name`: `backend` wrapped to count each graph it compiles
     and to handle a failure as the running run's CompileRecord says. One object per pair for the whole
-    process, because dynamo reuses a compiled graph only under the same backend: a second evaluation
-    (a fresh model of the same shapes) then compiles nothing new."""
-    if (backend, name) not in _compile_backends:
-        inner = torch._dynamo.lookup_backend(backend)
+    process (cached), because dynamo reuses a compiled graph only under the same backend: a second
+    evaluation (a fresh model of the same shapes) then compiles nothing new."""
+    inner = torch._dynamo.lookup_backend(backend)
 
-        def compile_graph(gm, example_inputs):
-            record = _active_compile if _active_compile is not None else CompileRecord(backend)
-            record.graphs[name] = record.graphs.get(name, 0) + 1
-            try:
-                return inner(gm, example_inputs)
-            except Exception as e:  # noqa: BLE001 - every backend failure is reported, then handled below
-                record.failed(name, e)
-                if record.fallback == "eager":
-                    return gm.forward  # this graph runs uncompiled; the rest of the run is unaffected
-                raise CompileFailed(record.failures[-1]["message"]) from e
+    def compile_graph(gm, example_inputs):
+        record = _active_compile or CompileRecord(backend)
+        record.graphs[name] = record.graphs.get(name, 0) + 1
+        try:
+            return inner(gm, example_inputs)
+        except Exception as e:  # noqa: BLE001 - every backend failure is reported, then handled below
+            message = record.failed(name, e)
+            if record.fallback == "eager":
+                return gm.forward  # this graph runs uncompiled; the rest of the run is unaffected
+            raise CompileFailed(message) from e
 
-        compile_graph.__name__ = f"{backend}_for_{name}"
-        _compile_backends[(backend, name)] = compile_graph
-    return _compile_backends[(backend, name)]
+    compile_graph.__name__ = f"{backend}_for_{name}"
+    return compile_graph
 
 
 class CompileFailed(RunError):
     """torch.compile could not compile a function and COMPILE_FALLBACK=error."""
 
 
-def maybe_compile(fn, enabled: bool, name: str = ""):
-    """`fn` compiled through the run's CompileRecord (graph counts, loud failures), or `fn` itself."""
+def maybe_compile(fn, enabled: bool, name: str):
+    """`fn` compiled through the run's CompileRecord (graph counts, loud failures) and counted under
+    `name`, or `fn` itself."""
     if not enabled:
         return fn
     backend = _active_compile.backend if _active_compile is not None else "inductor"
-    return torch.compile(fn, dynamic=False, backend=compile_backend(backend, name or getattr(fn, "__name__", "fn")))
+    return torch.compile(fn, dynamic=False, backend=compile_backend(backend, name))
 
 
 def compile_failure(e: BaseException) -> CompileFailed | None:
@@ -2312,8 +2305,7 @@ def compile_failure(e: BaseException) -> CompileFailed | None:
     if isinstance(e, torch._dynamo.exc.TorchDynamoException):
         if not hasattr(e, "as_compile_failure"):  # recorded once, however often it is asked
             record = _active_compile or CompileRecord()
-            record.failed("a compiled function (dynamo tracing)", e)
-            e.as_compile_failure = CompileFailed(record.failures[-1]["message"])
+            e.as_compile_failure = CompileFailed(record.failed("a compiled function (dynamo tracing)", e))
         return e.as_compile_failure
     return None
 
@@ -2331,13 +2323,12 @@ class _DynamoWarnings(logging.Handler):
 
 
 @contextlib.contextmanager
-def compile_settings(qat: bool, record: CompileRecord | None = None):
+def compile_settings(qat: bool, record: CompileRecord):
     """Compiler settings for one run, undone when the run ends (nothing leaks into the process). A
     failed compile is recorded (see CompileRecord); only with COMPILE_FALLBACK=eager does dynamo
     suppress its own errors. With QAT inductor rounds the fake quantizer's scales to fp16 exactly as
     the export does (by default it skips such casts)."""
     global _active_compile
-    record = record or CompileRecord()
     eager = record.fallback == "eager"
     handler, dynamo_log = _DynamoWarnings(record), logging.getLogger("torch._dynamo.convert_frame")
     with contextlib.ExitStack() as stack:
@@ -2395,11 +2386,9 @@ class WeightAverager:
         have_ema, have_swa = self.ema is not None, self.swa_count > 0
         if requested == "auto":
             return "ema_swa" if have_ema and have_swa else "ema" if have_ema else "swa" if have_swa else "raw"
-        if requested == "ema" and not have_ema or requested in ("swa", "ema_swa") and not have_swa:
+        if "ema" in requested and not have_ema or "swa" in requested and not have_swa:
             raise RunError(f"EXPORT_WEIGHTS={requested} but those averages were not collected "
                            "(check EMA_DECAY / SWA_START_FRAC)")
-        if requested == "ema_swa" and not have_ema:
-            raise RunError("EXPORT_WEIGHTS=ema_swa needs EMA_DECAY > 0")
         return requested
 
     @torch.no_grad()
