@@ -404,10 +404,8 @@ class Hyperparameters:
     @classmethod
     def from_env(cls, environ=os.environ) -> "Hyperparameters":
         refuse_public_only_knobs(environ, cls.knob_names())
-        recipe = environ.get("RECIPE", DEFAULT_RECIPE).strip()
-        if recipe not in RECIPES:
-            raise ConfigError(f"RECIPE={recipe!r} is not one of {', '.join(RECIPES)}")
-        values = dict(RECIPES[recipe], recipe=recipe)
+        recipe = environ.get("RECIPE", DEFAULT_RECIPE).strip()  # an unknown one fails the `recipe` knob's check
+        values = dict(RECIPES.get(recipe, {}), recipe=recipe)
         for f in fields(cls):
             name = f.name.upper()
             if name in environ:
@@ -606,13 +604,10 @@ TYPO_CUTOFF = 0.85
 def env_name_warnings(environ, knob_names: set[str]) -> list[str]:
     """Warnings for env names that look like a mistyped knob (NUM_LAYER for NUM_LAYERS): close to one
     of ours, strictly enough that system, torchrun, CUDA and shell names stay quiet. Never an error."""
-    warnings = []
-    for name in sorted(environ):
-        if name in knob_names or name in PUBLIC_ONLY_KNOBS or not re.fullmatch(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+", name):
-            continue
-        for match in difflib.get_close_matches(name, knob_names, n=1, cutoff=TYPO_CUTOFF):
-            warnings.append(f"warning: env {name} is not a knob of this script and is ignored; did you mean {match}?")
-    return warnings
+    return [f"warning: env {name} is not a knob of this script and is ignored; did you mean {match}?"
+            for name in sorted(environ)
+            if name not in knob_names and name not in PUBLIC_ONLY_KNOBS and re.fullmatch(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+", name)
+            for match in difflib.get_close_matches(name, knob_names, n=1, cutoff=TYPO_CUTOFF)]
 
 
 # ==================================================================================================
@@ -1371,9 +1366,8 @@ class CastedLinear(nn.Linear):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first 2*cos.size(-1) dims (first half paired with second half); leave the rest."""
-    rot = 2 * cos.size(-1)
-    half = rot // 2
-    x1, x2, rest = x[..., :half], x[..., half:rot], x[..., rot:]
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
@@ -1590,10 +1584,10 @@ class CausalSelfAttention(nn.Module):
         Returns the output and this layer's raw values (for VALUE_RESIDUAL)."""
         B, T, C = x.shape
         q, k, v, v_raw = self.project(x, v_first)
-        cos, sin = self.rotary(T, q.dtype)
-        if docs is not None:  # positions restart at every document's first token
-            cos, sin = cos[0, 0][docs.positions][:, None], sin[0, 0][docs.positions][:, None]  # (B, 1, T, r/2)
-        q, k = self.rotate(q, k, cos, sin)
+        cos_sin = self.rotary(T, q.dtype)
+        if docs is not None:  # positions restart at every document's first token: (B, 1, T, r/2)
+            cos_sin = [t[0, 0][docs.positions][:, None] for t in cos_sin]
+        q, k = self.rotate(q, k, *cos_sin)
         if docs is not None:
             y = docs.attend(q, k, v)
         elif self.flash is not None:  # FlashAttention 3 takes (B, T, H, D) and handles GQA itself
@@ -1925,23 +1919,21 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        distributed = dist.is_available() and dist.is_initialized()
-        world_size = dist.get_world_size() if distributed else 1
-        rank = dist.get_rank() if distributed else 0
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            owners = assign_shards([p.numel() for p in params], world_size)
             if world_size == 1:
                 updates = [self._update(p, group) for p in params]
             else:  # each rank's updates in one flat fp32 buffer, padded to the largest share, then all-gathered
+                owners = assign_shards([p.numel() for p in params], world_size)
                 shard = max(sum(p.numel() for p, o in zip(params, owners) if o == r) for r in range(world_size))
                 local = torch.zeros(shard, device=params[0].device, dtype=torch.float32)
-                mine = [self._update(p, group).flatten().float() for p, o in zip(params, owners) if o == rank]
+                mine = [self._update(p, group).flatten().float() for p, o in zip(params, owners) if o == dist.get_rank()]
                 if mine:
                     local[: sum(u.numel() for u in mine)] = torch.cat(mine)
-                gathered = torch.empty(world_size * shard, device=local.device, dtype=local.dtype)
+                gathered = local.new_empty(world_size * shard)
                 dist.all_gather_into_tensor(gathered, local)
                 offsets, updates = [r * shard for r in range(world_size)], []
                 for p, o in zip(params, owners):
@@ -1956,7 +1948,8 @@ class Muon(torch.optim.Optimizer):
 def build_optimizers(hp: Hyperparameters, model: GPT, device: torch.device) -> list[torch.optim.Optimizer]:
     """Muon for 2-D weight matrices; AdamW for embedding tables, an untied head and control tensors."""
     embeddings = [model.tok_emb.weight] + ([model.bigram.embed.weight] if model.bigram is not None else [])
-    special = {id(p) for p in embeddings} | ({id(model.lm_head.weight)} if model.lm_head is not None else set())
+    head = [model.lm_head.weight] if model.lm_head is not None else []
+    special = {id(p) for p in embeddings + head}
     rest = [(n, p) for n, p in model.named_parameters() if id(p) not in special]
     matrices = [p for n, p in rest if p.ndim == 2 and not is_control_tensor(n)]
     scalars = [p for n, p in rest if p.ndim < 2 or is_control_tensor(n)]
@@ -1975,8 +1968,8 @@ def build_optimizers(hp: Hyperparameters, model: GPT, device: torch.device) -> l
              coefficients=hp.muon_ns_coefficients, row_normalize=hp.muon_row_normalize, weight_decay=hp.muon_wd),
         adamw(scalars, hp.scalar_lr, hp.adam_wd),
     ]
-    if model.lm_head is not None:
-        optimizers.append(adamw([model.lm_head.weight], hp.head_lr, hp.adam_wd))
+    if head:
+        optimizers.append(adamw(head, hp.head_lr, hp.adam_wd))
     owners = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
     assert sorted(owners) == sorted(id(p) for p in model.parameters()), "each parameter needs exactly one optimizer"
     return optimizers
