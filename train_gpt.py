@@ -528,10 +528,10 @@ PUBLIC_ONLY_KNOBS: dict[str, tuple[tuple[str, ...], str]] = {
     "DATA_DIR": (("./data", "./data/"), "not built here: set DATA_PATH (the shard folder) and TOKENIZER_PATH"),
     "TTT_EVAL_ONLY": (("0",), "renamed: set EVAL_ONLY=1 ARTIFACT_PATH=<run folder>/final_model.*.ptz (every "
                       "enabled pass, TTT included)"),
-    "PREQUANT_ONLY": (("0",), "not built here: every run quantizes and scores; unset it and read the "
+    "PREQUANT_ONLY": (("0",), "not built here: every run quantizes; unset it and read the "
                       "'pre-quantization' log line"),
     # validation: the score always covers the whole validation set (spec 9, bug 19)
-    "VAL_BATCH_TOKENS": ((), "renamed: set VAL_BATCH_SIZE (tokens per validation batch over all ranks)"),
+    "VAL_BATCH_TOKENS": ((), "renamed: set VAL_BATCH_SIZE (tokens over all ranks)"),
     "VAL_DOC_FRACTION": (("1",), "refused on purpose: a partial validation set gives a wrong score; unset it "
                          "(for a quick run point DATA_PATH at a small set, data/prepare_sample.py)"),
     "TTT_EVAL_BATCHES": (("",), "refused on purpose: a partial validation set gives a wrong score; unset it "
@@ -539,15 +539,15 @@ PUBLIC_ONLY_KNOBS: dict[str, tuple[tuple[str, ...], str]] = {
     "SLIDING_WINDOW_ENABLED": ((), "renamed: set EVAL_STRIDE=64 for sliding-window scoring, 0 for flat only"),
     "FUSED_CE_ENABLED": (("*",), "a GPU kernel choice with no effect on the score: safe to drop"),
     # architecture
-    "EMBEDDING_DIM": ((), "not built here (no factorised embedding): unset it; the embedding width is MODEL_DIM"),
+    "EMBEDDING_DIM": ((), "not built here (no factorised embedding): unset it"),
     "PARALLEL_RESIDUAL_START": ((), "renamed: set PARALLEL_START_LAYER, plus PARALLEL_MODE=gptj for R0409's form"),
     "ROPE_TRAIN_SEQ_LEN": ((), "not built here: unset it; the NTK RoPE rescale is relative to TRAIN_SEQ_LEN"),
     "ROPE_YARN": (("1",), "not built as a switch: past TRAIN_SEQ_LEN the NTK rescale is always on; unset it"),
-    "ATTN_OUT_GATE_SRC": (("proj",), "not built here: the output gate always reads the attention's normalised "
-                          "input (proj); unset it"),
+    "ATTN_OUT_GATE_SRC": (("proj",), "not built here: the output gate always reads the attention input (proj); "
+                          "unset it"),
     "GATED_ATTN_QUANT_GATE": (("0",), "not built here: gate weights are control tensors, never quantized; unset it"),
     # optimizer
-    "MUON_BETA2": (("*",), "unused in R0409 itself and not built here: safe to drop"),
+    "MUON_BETA2": (("*",), "unused in R0409 too: safe to drop"),
     # evaluation-time logit bias (breaks C2; R0409's ETLB_ENABLED=1 path crashes, spec 9 bug 4)
     "ETLB_ENABLED": (("0",), "not built here: a logit bias is not a normalised model (C2); unset it"),
     "ETLB_LR": (("*",), "read only with ETLB_ENABLED=1, which is not built here: safe to drop"),
@@ -558,7 +558,7 @@ PUBLIC_ONLY_KNOBS: dict[str, tuple[tuple[str, ...], str]] = {
     "TTT_OPTIMIZER": (("adam",), "not built here: the per-document adapters always use AdamW (TTT_BETA1, "
                       "TTT_BETA2, TTT_WEIGHT_DECAY); unset it"),
     "TTT_GRAD_STEPS": (("1",), "not built here: one adapter step per scored chunk; unset it"),
-    "TTT_EVAL_SEQ_LEN": ((), "renamed: set EVAL_SEQ_LEN (the window of every evaluation pass, TTT included)"),
+    "TTT_EVAL_SEQ_LEN": ((), "renamed: set EVAL_SEQ_LEN (every evaluation pass, TTT included)"),
     "GLOBAL_TTT_MOMENTUM": ((), "renamed: set TTT_MOMENTUM (shared by all TTT SGD)"),
     "GLOBAL_TTT_CHUNK_TOKENS": ((), "renamed: set TTT_CHUNK_TOKENS (the cosine-LR groups of the global phases)"),
     "GLOBAL_TTT_BATCH_SEQS": ((), "renamed: set TTT_BATCH_SEQS, counted over all ranks here (R0427: per rank)"),
@@ -1335,10 +1335,6 @@ class ModelConfig:
             order = order[: self.loop_start] + segment * (self.num_loops + 1) + order[self.loop_end + 1 :]
         return order
 
-    @property
-    def max_virtual_layers(self) -> int:
-        return len(self.layer_order(looping=True))
-
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
@@ -1353,8 +1349,8 @@ class CastedLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
-        self.qat_bits = 0  # 0 = this weight is never quantized by the export; set by prepare_qat
-        self.qat_clip_sigmas = 0.0  # the export's SDClip k (0 = absmax)
+        # set by prepare_qat: the export's bits (0 = never quantized) and SDClip k (0 = absmax)
+        self.qat_bits, self.qat_clip_sigmas = 0, 0.0
         self.register_buffer("qat_active", torch.zeros(()), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1397,9 +1393,8 @@ class Rotary(nn.Module):
         inv_freq = self.inv_freq
         if self.rope_dims > 2:
             # NTK-style rescale for evaluation past the training length: base' = base * s^(d/(d-2)).
-            scale = seq_len / self.train_seq_len
-            inv_freq = self.inverse_frequencies(self.base * scale ** (self.rope_dims / (self.rope_dims - 2)))
-            inv_freq = inv_freq.to(self.inv_freq.device)
+            scale = (seq_len / self.train_seq_len) ** (self.rope_dims / (self.rope_dims - 2))
+            inv_freq = self.inverse_frequencies(self.base * scale).to(inv_freq.device)
         cos, sin = self.tables(seq_len, inv_freq)
         return cos.to(dtype), sin.to(dtype)
 
@@ -1553,9 +1548,8 @@ class CausalSelfAttention(nn.Module):
     def project(self, x: torch.Tensor, v_first: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """q (B, H, T, D); k, v (B, KV, T, D), v mixed with the first layer's under VALUE_RESIDUAL; raw v."""
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v_raw = v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v_raw = (f(x).view(B, T, -1, self.head_dim).transpose(1, 2) for f in (self.c_q, self.c_k, self.c_v))
+        v = v_raw
         if self.value_lambdas is not None and v_first is not None:
             lam = self.value_lambdas.to(v.dtype)
             v = lam[0] * v_first + lam[1] * v_raw
@@ -1636,8 +1630,7 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim)]))
         self.input_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else None
-        parallel = 0 <= cfg.parallel_start_layer <= layer_idx
-        self.form = cfg.parallel_mode if parallel else "serial"
+        self.form = cfg.parallel_mode if 0 <= cfg.parallel_start_layer <= layer_idx else "serial"
         # The record's two-lane form blends x0 into the attention read only; elsewhere the blend is the residual.
         self.x0_into_read_only = self.form == "two_lane" and cfg.parallel_x0_mix == "read"
         if self.form == "two_lane":
@@ -1710,7 +1703,7 @@ class GPT(nn.Module):
             cfg.attn_backend == "fa3" and cfg.doc_masked_attention) else None
         # U-Net skips, one per encoder layer (the first half; the decoder is as long or one longer), sized
         # for the longest (looped) layer order; the plain order uses a prefix.
-        num_skips = cfg.max_virtual_layers // 2
+        num_skips = len(cfg.layer_order(looping=True)) // 2
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
         if cfg.skip_gates_enabled:  # x <- lerp(w * skip, x, sigmoid(g)), g = 0 at init
             self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim))
@@ -1804,12 +1797,12 @@ def set_qat(layers: list[CastedLinear], active: bool) -> None:
 def estimate_flops_per_token(cfg: ModelConfig, seq_len: int, looping: bool) -> int:
     """Forward matmul FLOPs per token (2 per multiply-add): weights of every virtual layer, the head,
     and causal attention over an average context of (seq_len + 1) / 2."""
-    kv_dim = cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
-    per_layer = 2 * (2 * cfg.model_dim * cfg.model_dim + 2 * cfg.model_dim * kv_dim + 2 * cfg.model_dim * cfg.mlp_hidden)
-    attention = 2 * 2 * cfg.model_dim * (seq_len + 1) / 2
-    flops = len(cfg.layer_order(looping)) * (per_layer + attention) + 2 * cfg.model_dim * cfg.vocab_size
+    d, kv = cfg.model_dim, cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
+    per_layer = 2 * (2 * d * d + 2 * d * kv + 2 * d * cfg.mlp_hidden)
+    attention = 2 * 2 * d * (seq_len + 1) / 2
+    flops = len(cfg.layer_order(looping)) * (per_layer + attention) + 2 * d * cfg.vocab_size
     if cfg.bigram_vocab_size:
-        flops += 2 * cfg.bigram_dim * cfg.model_dim
+        flops += 2 * cfg.bigram_dim * d
     return int(flops)
 
 
@@ -2324,17 +2317,18 @@ def compile_settings(qat: bool, record: CompileRecord):
     global _active_compile
     eager = record.fallback == "eager"
     handler, dynamo_log = _DynamoWarnings(record), logging.getLogger("torch._dynamo.convert_frame")
-    with contextlib.ExitStack() as stack:
-        # nonzero inside a graph (the varlen cu_seqlens) is an unbacked size, not a graph break
-        stack.enter_context(torch._dynamo.config.patch(suppress_errors=eager, capture_dynamic_output_shape_ops=True))
-        if qat:
-            stack.enter_context(torch._inductor.config.patch(emulate_precision_casts=True))
-        if eager:
-            dynamo_log.addHandler(handler)
-            stack.callback(dynamo_log.removeHandler, handler)
-        previous, _active_compile = _active_compile, record
-        stack.callback(lambda: globals().__setitem__("_active_compile", previous))
-        yield record
+    # nonzero inside a graph (the varlen cu_seqlens) is an unbacked size, not a graph break
+    dynamo = torch._dynamo.config.patch(suppress_errors=eager, capture_dynamic_output_shape_ops=True)
+    inductor = torch._inductor.config.patch(emulate_precision_casts=True) if qat else contextlib.nullcontext()
+    previous, _active_compile = _active_compile, record
+    try:
+        with dynamo, inductor:
+            if eager:
+                dynamo_log.addHandler(handler)
+            yield record
+    finally:
+        dynamo_log.removeHandler(handler)  # a no-op unless it was added
+        _active_compile = previous
 
 
 # ==================================================================================================
