@@ -1371,31 +1371,26 @@ class Rotary(nn.Module):
     def __init__(self, rope_dims: int, base: float, train_seq_len: int):
         super().__init__()
         self.rope_dims, self.base, self.train_seq_len = rope_dims, base, train_seq_len
-        self.register_buffer("inv_freq", self.inverse_frequencies(base), persistent=False)
         # Up to the training length the tables never change: computed once, sliced per call (fewer
         # small operators per step); row t depends on t only, so a slice equals a fresh table.
-        cos, sin = self.tables(train_seq_len, self.inv_freq)
+        cos, sin = self.tables(train_seq_len, base)
         self.register_buffer("cos_cached", cos, persistent=False)
         self.register_buffer("sin_cached", sin, persistent=False)
 
-    def inverse_frequencies(self, base: float) -> torch.Tensor:
-        return 1.0 / base ** (torch.arange(0, self.rope_dims, 2, dtype=torch.float32) / self.rope_dims)
-
-    @staticmethod
-    def tables(seq_len: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.arange(seq_len, device=inv_freq.device, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # (T, rope_dims/2)
-        return freqs.cos()[None, None], freqs.sin()[None, None]  # (1, 1, T, rope_dims/2)
+    def tables(self, seq_len: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (1, 1, T, rope_dims/2) of positions 0..seq_len-1; the frequencies are computed on
+        the host (as at init, so that every table has the same values), the tables on `device`."""
+        inv_freq = (1.0 / base ** (torch.arange(0, self.rope_dims, 2, dtype=torch.float32) / self.rope_dims)).to(device)
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (T, rope_dims/2)
+        return freqs.cos()[None, None], freqs.sin()[None, None]
 
     def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if seq_len <= self.train_seq_len:
             return self.cos_cached[:, :, :seq_len].to(dtype), self.sin_cached[:, :, :seq_len].to(dtype)
-        inv_freq = self.inv_freq
-        if self.rope_dims > 2:
-            # NTK-style rescale for evaluation past the training length: base' = base * s^(d/(d-2)).
-            scale = (seq_len / self.train_seq_len) ** (self.rope_dims / (self.rope_dims - 2))
-            inv_freq = self.inverse_frequencies(self.base * scale).to(inv_freq.device)
-        cos, sin = self.tables(seq_len, inv_freq)
+        base = self.base
+        if self.rope_dims > 2:  # NTK-style rescale for evaluation past the training length: base * s^(d/(d-2))
+            base *= (seq_len / self.train_seq_len) ** (self.rope_dims / (self.rope_dims - 2))
+        cos, sin = self.tables(seq_len, base, self.cos_cached.device)
         return cos.to(dtype), sin.to(dtype)
 
 
