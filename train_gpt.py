@@ -362,8 +362,8 @@ class Hyperparameters:
         if self.lr_warmup_frac + self.warmdown_frac > 1:
             raise ConfigError(f"LR_WARMUP_FRAC + WARMDOWN_FRAC = {self.lr_warmup_frac + self.warmdown_frac} must be <= 1")
         if self.prequant_ttt_source == "val" and not self.allow_val_adaptation:
-            raise ConfigError("PREQUANT_TTT_SOURCE=val adapts on validation tokens before scoring them (C3); it needs "
-                              "ALLOW_VAL_ADAPTATION=1, which marks the run non-record")
+            raise ConfigError("PREQUANT_TTT_SOURCE=val adapts on validation tokens before scoring them (C3): set "
+                              "ALLOW_VAL_ADAPTATION=1 (a non-record run)")
         if self.compile != "0" and self.compile_backend != "inductor":  # listing the backends takes ~1.5 s
             known = torch._dynamo.list_backends(exclude_tags=())
             if self.compile_backend not in known:
@@ -467,7 +467,7 @@ class PerDepth:
 # The depth-dependent choices are rules of NUM_LAYERS that give exactly those values at 11 layers:
 # XSA on all layers, parallel residuals on the last 3, the loop over the middle (3/11 to 6/11).
 DEFAULT_RECIPE = "record"
-RECIPES: dict[str, dict] = {
+RECIPES = {  # name -> {knob field: value or PerDepth}
     "baseline": {},
     "record": dict(
         data_path="./data/datasets/fineweb10B_sp8192", tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
@@ -523,7 +523,7 @@ def parse_env_value(name: str, raw: str, kind: type):
 # except for the listed values, which ask for what this script does anyway ("*" = any value: the
 # public script ignores it too). Each reason says what to set instead. A name that is also one of our
 # knobs is never refused. The data scripts' names (MATCHED_FINEWEB_*) are not train_gpt.py's.
-PUBLIC_ONLY_KNOBS: dict[str, tuple[tuple[str, ...], str]] = {
+PUBLIC_ONLY_KNOBS = {  # env name -> (harmless values, reason)
     # paths and run control
     "DATA_DIR": (("./data", "./data/"), "not built here: set DATA_PATH (the shard folder) and TOKENIZER_PATH"),
     "TTT_EVAL_ONLY": (("0",), "renamed: set EVAL_ONLY=1 ARTIFACT_PATH=<run folder>/final_model.*.ptz (every "
@@ -759,7 +759,7 @@ class RunStopped(BaseException):  # like KeyboardInterrupt: no `except Exception
     """A stop signal arrived; the message is the signal's name."""
 
 
-STOP_SIGNAL_RECEIVED: list[str] = []  # the signal that stopped this process's run, if any
+STOP_SIGNAL_RECEIVED = []  # the name of the signal that stopped this process's run, if any
 
 
 @contextlib.contextmanager
@@ -1166,10 +1166,9 @@ def validation_byte_totals(sp: spm.SentencePieceProcessor, val_tokens: torch.Ten
 def byte_mismatch(counted: int, decoded: int, luts: ByteLuts) -> RunError:
     if luts.val_bytes is not None:
         return RunError(f"the byte sidecar counts {counted} validation bytes but the decoded (CaseOps-inverted) text "
-                        f"has {decoded}; val_bpb would be wrong. The sidecar does not belong to these shards and "
-                        "tokenizer: re-download or re-export the data")
-    return RunError(f"byte tables count {counted} validation bytes but the decoded text has {decoded}; "
-                    "val_bpb would be wrong. Check the tokenizer matches the shards (TOKENIZER_PATH, DATA_PATH)")
+                        f"has {decoded}: it does not belong to these shards and tokenizer; re-download or re-export the data")
+    return RunError(f"byte tables count {counted} validation bytes but the decoded text has {decoded}; point "
+                    "TOKENIZER_PATH at the tokenizer of DATA_PATH's shards")
 
 
 def check_validation_bytes(sp: spm.SentencePieceProcessor, val_tokens: torch.Tensor, luts: ByteLuts,
@@ -1232,13 +1231,12 @@ def load_validation_byte_sidecar(data_path: str) -> np.ndarray | None:
               for f in val_files]
     if sorted(wanted) != sidecars:
         have, need = (",".join(map(os.path.basename, files)) for files in (sidecars, val_files))
-        raise RunError(f"byte sidecar {have} does not pair with the validation shards {need} in "
-                       f"{data_path}: each fineweb_val_NNNNNN.bin needs its fineweb_val_bytes_NNNNNN.bin; re-download "
-                       "or re-export the data")
+        raise RunError(f"byte sidecar {have} does not pair with the validation shards {need} in {data_path}; "
+                       "re-download or re-export the data")
     for shard, sidecar in zip(val_files, wanted):
         if shard_token_count(sidecar) != shard_token_count(shard):
             raise RunError(f"{sidecar} holds {shard_token_count(sidecar)} byte counts but {shard} holds "
-                           f"{shard_token_count(shard)} tokens; the sidecar is not this shard's: re-download or re-export")
+                           f"{shard_token_count(shard)} tokens; re-download or re-export the data")
     return np.concatenate([read_shard(f) for f in wanted])
 
 
@@ -1334,6 +1332,10 @@ class ModelConfig:
             segment = order[self.loop_start : self.loop_end + 1]
             order = order[: self.loop_start] + segment * (self.num_loops + 1) + order[self.loop_end + 1 :]
         return order
+
+    @property
+    def max_virtual_layers(self) -> int:
+        return len(self.layer_order(looping=True))
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -1698,7 +1700,7 @@ class GPT(nn.Module):
             cfg.attn_backend == "fa3" and cfg.doc_masked_attention) else None
         # U-Net skips, one per encoder layer (the first half; the decoder is as long or one longer), sized
         # for the longest (looped) layer order; the plain order uses a prefix.
-        num_skips = len(cfg.layer_order(looping=True)) // 2
+        num_skips = cfg.max_virtual_layers // 2
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
         if cfg.skip_gates_enabled:  # x <- lerp(w * skip, x, sigmoid(g)), g = 0 at init
             self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim))
@@ -2083,23 +2085,24 @@ def train_step(model, loader: DistributedTokenLoader | ShuffledWindowLoader, opt
     return total / grad_accum
 
 
-def warmup_and_reset(model, base_model: GPT, optimizers, make_loader, hp, rt, grad_accum, autocast, log) -> None:
+def warmup_and_reset(run: TrainingRun) -> None:
     """Run WARMUP_STEPS steps to compile every kernel (and as many again with looping on, so both
     graphs exist before the clock starts), then restore the initial weights and optimizer state.
     Not training: nothing it learned survives, and it reads only training data."""
+    hp, optimizers = run.hp, run.optimizers
     if hp.warmup_steps <= 0:
         return
-    initial_model = copy.deepcopy(base_model.state_dict())
+    initial_model = copy.deepcopy(run.base_model.state_dict())
     initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    loader = make_loader()
+    loader = run.make_loader()
     for looping in (False, True) if hp.num_loops > 0 else (False,):
         prefix = "loop_warmup_step" if looping else "warmup_step"
         for step in range(hp.warmup_steps):
-            train_step(model, loader, optimizers, hp, rt, grad_accum, 1.0, step, autocast, looping)
+            train_step(run.model, loader, optimizers, hp, run.rt, run.grad_accum, 1.0, step, run.autocast, looping)
             if step + 1 in (1, hp.warmup_steps) or (step + 1) % 10 == 0:
-                log(f"{prefix}:{step + 1}/{hp.warmup_steps}")
+                run.log(f"{prefix}:{step + 1}/{hp.warmup_steps}")
     loader.close()
-    base_model.load_state_dict(initial_model)
+    run.base_model.load_state_dict(initial_model)
     for opt, state in zip(optimizers, initial_opts):
         opt.load_state_dict(state)
     barrier()
@@ -2232,7 +2235,7 @@ class CompileRecord:
         return f"compile:graphs {graphs} failures:{len(self.failures)}"
 
 
-_active_compile: CompileRecord | None = None  # the running run's record (set by compile_settings)
+_active_compile = None  # the running run's CompileRecord (set by compile_settings), or None
 
 
 @functools.cache
@@ -6332,8 +6335,7 @@ def warm_up(run: TrainingRun) -> None:
     evaluation graph, so a compile failure stops the run before any training."""
     hp, rt = run.hp, run.rt
     run.clock.start("warmup")
-    warmup_and_reset(run.model, run.base_model, run.optimizers, run.make_loader, hp, rt, run.grad_accum,
-                     run.autocast, run.log)
+    warmup_and_reset(run)
     if run.use_compile:
         seqs, seq_len = run.val_batch_seqs, hp.effective_eval_seq_len
         probe = synthetic_tokens(seqs * seq_len, hp.vocab_size).view(seqs, seq_len)
