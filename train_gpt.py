@@ -1405,11 +1405,18 @@ def load_flash_attention():
     return flash_attn_interface
 
 
-def kernel_mismatch(attend, reference, shapes, dtype, device) -> str | None:
+def flash_attend(flash_attn_func, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """FlashAttention 3's dense causal kernel on (B, H, T, D) tensors: it takes (B, T, H, D), handles GQA
+    itself, and some versions return (out, lse)."""
+    y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    return (y[0] if isinstance(y, tuple) else y).transpose(1, 2)
+
+
+def kernel_mismatch(attend, reference, q_shape, kv_shape, dtype, device) -> str | None:
     """Why `attend(q, k, v)` is not `reference(q, k, v)` (forward within 2e-2, backward into q, k and v
-    within 5e-2) on seeded random inputs of `shapes`, or None."""
+    within 5e-2) on seeded random (B, H, T, D) inputs, or None."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(*shape, generator=g).to(device, dtype).requires_grad_() for shape in shapes)
+    q, k, v = (torch.randn(*shape, generator=g).to(device, dtype).requires_grad_() for shape in (q_shape, kv_shape, kv_shape))
     out, ref = attend(q, k, v), reference(q, k, v)
     grads, ref_grads = (torch.autograd.grad(o.float().square().sum(), (q, k, v)) for o in (out, ref))
     if not torch.allclose(out.float(), ref.float(), atol=2e-2, rtol=2e-2):
@@ -1442,17 +1449,12 @@ def select_attention_backend(requested: str, device: torch.device, doc_masked: b
             ids[0, [20, 41]] = BOS_ID
             ids[2] = BOS_ID
             ids = ids.to(device)
-            attend = lambda *qkv: DocumentLayout(ids, "varlen", flash.flash_attn_varlen_func).attend(*qkv)  # noqa: E731
-            reason = kernel_mismatch(attend, DocumentLayout(ids, "sdpa").attend,
-                                     [(3, 8, 64, 64), (3, 4, 64, 64), (3, 4, 64, 64)], dtype, device)
+            reason = kernel_mismatch(DocumentLayout(ids, "varlen", flash.flash_attn_varlen_func).attend,
+                                     DocumentLayout(ids, "sdpa").attend, (3, 8, 64, 64), (3, 4, 64, 64), dtype, device)
         else:
-            def attend(q, k, v):
-                out = flash.flash_attn_func(q, k, v, causal=True)
-                return out[0] if isinstance(out, tuple) else out
-
-            reason = kernel_mismatch(attend, lambda q, k, v: F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2),
-                                     [(2, 128, 8, 64), (2, 128, 4, 64), (2, 128, 4, 64)], dtype, device)
+            reason = kernel_mismatch(functools.partial(flash_attend, flash.flash_attn_func),
+                                     lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                                     (2, 8, 128, 64), (2, 4, 128, 64), dtype, device)
     except Exception as e:  # any failure of an optional kernel means: do not use it
         reason = f"start-up check raised {e.__class__.__name__}"
     if reason is not None and requested == "fa3":
@@ -1581,9 +1583,8 @@ class CausalSelfAttention(nn.Module):
         q, k = self.rotate(q, k, *cos_sin)
         if docs is not None:
             y = docs.attend(q, k, v)
-        elif self.flash is not None:  # FlashAttention 3 takes (B, T, H, D) and handles GQA itself
-            y = self.flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-            y = (y[0] if isinstance(y, tuple) else y).transpose(1, 2)  # (B, H, T, D)
+        elif self.flash is not None:
+            y = flash_attend(self.flash, q, k, v)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, D)
