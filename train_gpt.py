@@ -341,8 +341,6 @@ class Hyperparameters:
         for name in ("attn_bits", "mlp_bits", "head_bits", "lqer_a_bits"):
             if getattr(self, name) == 1:
                 raise ConfigError(f"{name.upper()}=1 must be in [2, 8] (0 = inherit)")
-        if self.bigram_vocab_size == 1:
-            raise ConfigError("BIGRAM_VOCAB_SIZE=1 must be 0 (off) or >= 2")
         if self.model_dim % self.num_heads:
             raise ConfigError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -356,6 +354,8 @@ class Hyperparameters:
         gates = [n for n in ("attn_out_gate_enabled", "gated_attn_enabled", "sparse_attn_gate_enabled") if getattr(self, n)]
         if len(gates) > 1:
             raise ConfigError(f"{' and '.join(g.upper() for g in gates)} are mutually exclusive; enable at most one")
+        if self.bigram_vocab_size == 1:
+            raise ConfigError("BIGRAM_VOCAB_SIZE=1 must be 0 (off) or >= 2")
         if self.num_loops and not (self.loop_start <= self.loop_end < self.num_layers):
             raise ConfigError(f"LOOP_START={self.loop_start} <= LOOP_END={self.loop_end} < NUM_LAYERS={self.num_layers} "
                               "must hold when NUM_LOOPS > 0")
@@ -1457,11 +1457,11 @@ def select_attention_backend(requested: str, device: torch.device, doc_masked: b
                                      (2, 8, 128, 64), (2, 4, 128, 64), dtype, device)
     except Exception as e:  # any failure of an optional kernel means: do not use it
         reason = f"start-up check raised {e.__class__.__name__}"
-    if reason is not None and requested == "fa3":
+    if reason is None:
+        return "fa3", ("flash_attn_varlen_func matches the document-masked SDPA" if doc_masked else "matches SDPA")
+    if requested == "fa3":
         raise RunError(f"ATTN_BACKEND=fa3 but FlashAttention 3 failed its start-up check ({reason}); use ATTN_BACKEND=auto")
-    if reason is not None:
-        return "sdpa", reason
-    return "fa3", ("flash_attn_varlen_func matches the document-masked SDPA" if doc_masked else "matches SDPA")
+    return "sdpa", reason
 
 
 class DocumentLayout:
