@@ -150,7 +150,7 @@ class Hyperparameters:
                              "shuffled (seq_len+1 windows of all shards in a seeded random order, new each epoch)",
                              choices=("stream", "shuffled"))
     # model shape
-    vocab_size: int = knob(1024, "must equal the tokenizer's vocabulary size", gt=1)
+    vocab_size: int = knob(1024, "must equal the tokenizer's vocabulary size", gt=1, max=65536)  # uint16 shards
     num_layers: int = knob(9, "transformer blocks", gt=0)
     model_dim: int = knob(512, "residual width", gt=0)
     num_heads: int = knob(8, "query heads", gt=0)
@@ -332,10 +332,11 @@ class Hyperparameters:
             if meta["choices"] is not None and value not in meta["choices"]:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(meta['choices'])}")
             for key, relation, holds in BOUND_CHECKS:
-                other = meta[key] if isinstance(meta[key], str) else None  # a bound set by another knob
-                bound = getattr(self, other) if other else meta[key]
+                bound = shown = meta[key]
+                if isinstance(bound, str):  # a bound set by another knob
+                    bound = getattr(self, bound)
+                    shown = f"{shown.upper()}={bound}"
                 if bound is not None and not holds(value, bound):
-                    shown = f"{other.upper()}={bound}" if other else bound
                     raise ConfigError(f"{name}={value} must be {relation} {shown}")
         for name in ("attn_bits", "mlp_bits", "head_bits", "lqer_a_bits"):
             if getattr(self, name) == 1:
@@ -346,8 +347,6 @@ class Hyperparameters:
             raise ConfigError(f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head dim MODEL_DIM/NUM_HEADS={self.head_dim} must be even for RoPE")
-        if self.vocab_size > 65536:
-            raise ConfigError(f"VOCAB_SIZE={self.vocab_size} must be <= 65536 (shards store uint16 ids)")
         if not self.tokenizer_path.endswith(".model"):
             raise ConfigError(f"TOKENIZER_PATH={self.tokenizer_path!r} must be a SentencePiece .model file")
         if self.rope_dims and (self.rope_dims % 2 or self.rope_dims > self.head_dim):
@@ -363,12 +362,13 @@ class Hyperparameters:
         if self.lr_warmup_frac + self.warmdown_frac > 1:
             raise ConfigError(f"LR_WARMUP_FRAC + WARMDOWN_FRAC = {self.lr_warmup_frac + self.warmdown_frac} must be <= 1")
         if self.prequant_ttt_source == "val" and not self.allow_val_adaptation:
-            raise ConfigError("PREQUANT_TTT_SOURCE=val adapts on validation tokens before scoring them (C3); it needs "
-                              "ALLOW_VAL_ADAPTATION=1, which marks the run non-record")
-        if (self.compile != "0" and self.compile_backend != "inductor"  # listing the backends takes ~1.5 s
-                and self.compile_backend not in torch._dynamo.list_backends(exclude_tags=())):
-            raise ConfigError(f"COMPILE_BACKEND={self.compile_backend!r} is not a torch.compile backend; known: "
-                              f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))}")
+            raise ConfigError("PREQUANT_TTT_SOURCE=val adapts on validation tokens before scoring them (C3): set "
+                              "ALLOW_VAL_ADAPTATION=1 (a non-record run)")
+        if self.compile != "0" and self.compile_backend != "inductor":  # listing the backends takes ~1.5 s
+            known = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile_backend not in known:
+                raise ConfigError(f"COMPILE_BACKEND={self.compile_backend!r} is not a torch.compile backend; known: "
+                                  f"{', '.join(known)}")
 
     @property
     def head_dim(self) -> int:
@@ -402,13 +402,10 @@ class Hyperparameters:
                               f"TRAIN_SEQ_LEN={unit}")
 
     @classmethod
-    def from_env(cls, environ=None) -> "Hyperparameters":
-        environ = os.environ if environ is None else environ
+    def from_env(cls, environ=os.environ) -> "Hyperparameters":
         refuse_public_only_knobs(environ, cls.knob_names())
-        recipe = environ.get("RECIPE", DEFAULT_RECIPE).strip()
-        if recipe not in RECIPES:
-            raise ConfigError(f"RECIPE={recipe!r} is not one of {', '.join(RECIPES)}")
-        values = dict(RECIPES[recipe], recipe=recipe)
+        recipe = environ.get("RECIPE", DEFAULT_RECIPE).strip()  # an unknown one fails the `recipe` knob's check
+        values = dict(RECIPES.get(recipe, {}), recipe=recipe)
         for f in fields(cls):
             name = f.name.upper()
             if name in environ:
@@ -421,9 +418,8 @@ class Hyperparameters:
     def knob_names(cls) -> set[str]:
         return {f.name.upper() for f in fields(cls)}
 
-    def describe(self, environ=None) -> list[str]:
+    def describe(self, environ=os.environ) -> list[str]:
         """One line per knob with where its value came from: env, recipe or default."""
-        environ = os.environ if environ is None else environ
         recipe = RECIPES[self.recipe]
 
         def source(name: str) -> str:
@@ -471,18 +467,16 @@ class PerDepth:
 # The depth-dependent choices are rules of NUM_LAYERS that give exactly those values at 11 layers:
 # XSA on all layers, parallel residuals on the last 3, the loop over the middle (3/11 to 6/11).
 DEFAULT_RECIPE = "record"
-XSA_ALL_LAYERS = PerDepth("NUM_LAYERS", lambda n: n)
-PARALLEL_LAST_3 = PerDepth("max(NUM_LAYERS-3, 0)", lambda n: max(n - 3, 0))
-LOOP_MIDDLE_START = PerDepth("3*NUM_LAYERS//11", lambda n: 3 * n // 11)
-LOOP_MIDDLE_END = PerDepth("ceil(6*NUM_LAYERS/11)-1", lambda n: -(-6 * n // 11) - 1)
-RECIPES: dict[str, dict] = {
+RECIPES = {  # name -> {knob field: value or PerDepth}
     "baseline": {},
     "record": dict(
         data_path="./data/datasets/fineweb10B_sp8192", tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
         vocab_size=8192, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=4.0,
-        mlp_activation="leaky_relu2", xsa_last_n=XSA_ALL_LAYERS, rope_dims=16, ln_scale=True,
-        skip_gates_enabled=True, num_loops=2, loop_start=LOOP_MIDDLE_START, loop_end=LOOP_MIDDLE_END,
-        enable_looping_at=0.35, parallel_start_layer=PARALLEL_LAST_3, parallel_mode="two_lane",
+        mlp_activation="leaky_relu2", xsa_last_n=PerDepth("NUM_LAYERS", lambda n: n), rope_dims=16,
+        ln_scale=True, skip_gates_enabled=True, num_loops=2, enable_looping_at=0.35,
+        loop_start=PerDepth("3*NUM_LAYERS//11", lambda n: 3 * n // 11),
+        loop_end=PerDepth("ceil(6*NUM_LAYERS/11)-1", lambda n: -(-6 * n // 11) - 1),
+        parallel_start_layer=PerDepth("max(NUM_LAYERS-3, 0)", lambda n: max(n - 3, 0)), parallel_mode="two_lane",
         parallel_final_lane="mean", parallel_x0_mix="read", doc_masked_attention=True, ortho_init=True,
         smear_gate_enabled=True, sparse_attn_gate_enabled=True, sparse_attn_gate_scale=0.5, qk_gain_init=5.0,
         train_seq_len=2048, train_batch_tokens=786_432, train_loader="shuffled", val_loss_every=4000,
@@ -507,25 +501,21 @@ RECIPES: dict[str, dict] = {
 
 
 def parse_env_value(name: str, raw: str, kind: type):
+    """An env value as the knob's type (that of its default): str, bool, int or a finite float."""
     text = raw.strip()
+    if kind is str:
+        return text
     if kind is bool:
         if text.lower() not in ("0", "1", "false", "true"):
             raise ConfigError(f"{name}={raw!r} must be a boolean: 0, 1, true or false")
         return text.lower() in ("1", "true")
-    if kind is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r} must be an integer") from None
-    if kind is float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r} must be a number") from None
-        if not math.isfinite(value):
-            raise ConfigError(f"{name}={raw!r} must be a finite number")
-        return value
-    return text
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} must be {'an integer' if kind is int else 'a number'}") from None
+    if not math.isfinite(value):  # float only: int() refuses "inf" and "nan"
+        raise ConfigError(f"{name}={raw!r} must be a finite number")
+    return value
 
 
 # Env names of the public scripts (BASE, R0409, R0427) that this script does not read. A command
@@ -533,36 +523,31 @@ def parse_env_value(name: str, raw: str, kind: type):
 # except for the listed values, which ask for what this script does anyway ("*" = any value: the
 # public script ignores it too). Each reason says what to set instead. A name that is also one of our
 # knobs is never refused. The data scripts' names (MATCHED_FINEWEB_*) are not train_gpt.py's.
-PUBLIC_ONLY_KNOBS: dict[str, tuple[tuple[str, ...], str]] = {
+PUBLIC_ONLY_KNOBS = {  # env name -> (harmless values, reason)
     # paths and run control
-    "DATA_DIR": (("./data", "./data/"), "not built here: set DATA_PATH (the shard folder) and TOKENIZER_PATH; "
-                 "they are not derived from DATA_DIR and VOCAB_SIZE"),
-    "TTT_EVAL_ONLY": (("0",), "renamed: set EVAL_ONLY=1 ARTIFACT_PATH=<run folder>/final_model.*.ptz (scores "
-                      "with every enabled pass, TTT included)"),
-    "PREQUANT_ONLY": (("0",), "not built here: every run quantizes and scores; unset it and read the "
+    "DATA_DIR": (("./data", "./data/"), "not built here: set DATA_PATH (the shard folder) and TOKENIZER_PATH"),
+    "TTT_EVAL_ONLY": (("0",), "renamed: set EVAL_ONLY=1 ARTIFACT_PATH=<run folder>/final_model.*.ptz (every "
+                      "enabled pass, TTT included)"),
+    "PREQUANT_ONLY": (("0",), "not built here: every run quantizes; unset it and read the "
                       "'pre-quantization' log line"),
     # validation: the score always covers the whole validation set (spec 9, bug 19)
-    "VAL_BATCH_TOKENS": ((), "renamed: set VAL_BATCH_SIZE (tokens per validation batch over all ranks)"),
+    "VAL_BATCH_TOKENS": ((), "renamed: set VAL_BATCH_SIZE (tokens over all ranks)"),
     "VAL_DOC_FRACTION": (("1",), "refused on purpose: a partial validation set gives a wrong score; unset it "
                          "(for a quick run point DATA_PATH at a small set, data/prepare_sample.py)"),
     "TTT_EVAL_BATCHES": (("",), "refused on purpose: a partial validation set gives a wrong score; unset it "
                          "(for a quick run point DATA_PATH at a small set, data/prepare_sample.py)"),
-    "SLIDING_WINDOW_ENABLED": ((), "renamed: set EVAL_STRIDE=64 for sliding-window scoring, 0 for flat only "
-                               "(RECIPE=record uses 64)"),
+    "SLIDING_WINDOW_ENABLED": ((), "renamed: set EVAL_STRIDE=64 for sliding-window scoring, 0 for flat only"),
     "FUSED_CE_ENABLED": (("*",), "a GPU kernel choice with no effect on the score: safe to drop"),
     # architecture
-    "EMBEDDING_DIM": ((), "not built here (no factorised embedding): unset it; the embedding width is MODEL_DIM"),
-    "PARALLEL_RESIDUAL_START": ((), "renamed: set PARALLEL_START_LAYER, plus PARALLEL_MODE=gptj for R0409's "
-                                "form (two_lane is the default)"),
+    "EMBEDDING_DIM": ((), "not built here (no factorised embedding): unset it"),
+    "PARALLEL_RESIDUAL_START": ((), "renamed: set PARALLEL_START_LAYER, plus PARALLEL_MODE=gptj for R0409's form"),
     "ROPE_TRAIN_SEQ_LEN": ((), "not built here: unset it; the NTK RoPE rescale is relative to TRAIN_SEQ_LEN"),
-    "ROPE_YARN": (("1",), "not built as a switch: past TRAIN_SEQ_LEN the NTK rescale is always on, so 0 differs "
-                  "when EVAL_SEQ_LEN > TRAIN_SEQ_LEN; unset it"),
-    "ATTN_OUT_GATE_SRC": (("proj",), "not built here: the output gate always reads the attention's normalised "
-                          "input (proj); unset it"),
-    "GATED_ATTN_QUANT_GATE": (("0",), "not built here: gate weights (attn_gate_w) are control tensors, kept "
-                              "unquantized in fp32; unset it"),
+    "ROPE_YARN": (("1",), "not built as a switch: past TRAIN_SEQ_LEN the NTK rescale is always on; unset it"),
+    "ATTN_OUT_GATE_SRC": (("proj",), "not built here: the output gate always reads the attention input (proj); "
+                          "unset it"),
+    "GATED_ATTN_QUANT_GATE": (("0",), "not built here: gate weights are control tensors, never quantized; unset it"),
     # optimizer
-    "MUON_BETA2": (("*",), "unused in R0409 itself and not built here: safe to drop"),
+    "MUON_BETA2": (("*",), "unused in R0409 too: safe to drop"),
     # evaluation-time logit bias (breaks C2; R0409's ETLB_ENABLED=1 path crashes, spec 9 bug 4)
     "ETLB_ENABLED": (("0",), "not built here: a logit bias is not a normalised model (C2); unset it"),
     "ETLB_LR": (("*",), "read only with ETLB_ENABLED=1, which is not built here: safe to drop"),
@@ -573,7 +558,7 @@ PUBLIC_ONLY_KNOBS: dict[str, tuple[tuple[str, ...], str]] = {
     "TTT_OPTIMIZER": (("adam",), "not built here: the per-document adapters always use AdamW (TTT_BETA1, "
                       "TTT_BETA2, TTT_WEIGHT_DECAY); unset it"),
     "TTT_GRAD_STEPS": (("1",), "not built here: one adapter step per scored chunk; unset it"),
-    "TTT_EVAL_SEQ_LEN": ((), "renamed: set EVAL_SEQ_LEN (the window of every evaluation pass, TTT included)"),
+    "TTT_EVAL_SEQ_LEN": ((), "renamed: set EVAL_SEQ_LEN (every evaluation pass, TTT included)"),
     "GLOBAL_TTT_MOMENTUM": ((), "renamed: set TTT_MOMENTUM (shared by all TTT SGD)"),
     "GLOBAL_TTT_CHUNK_TOKENS": ((), "renamed: set TTT_CHUNK_TOKENS (the cosine-LR groups of the global phases)"),
     "GLOBAL_TTT_BATCH_SEQS": ((), "renamed: set TTT_BATCH_SEQS, counted over all ranks here (R0427: per rank)"),
@@ -584,8 +569,8 @@ PUBLIC_ONLY_KNOBS: dict[str, tuple[tuple[str, ...], str]] = {
     "GLOBAL_TTT_WARMUP_START_LR": (("*",), "read only with GLOBAL_TTT_WARMUP_CHUNKS > 0, not built here: safe to "
                                    "drop"),
     # quantization
-    "GPTQ_RESERVE_SECONDS": ((), "not built here: unset it; with GPTQ_CALIBRATION_SOURCE=train the reserve is "
-                             "measured (a timed probe x1.25), selfgen reads no training data"),
+    "GPTQ_RESERVE_SECONDS": ((), "not built here: unset it; the reserve is measured (GPTQ_CALIBRATION_SOURCE=train) "
+                             "or not needed (selfgen)"),
     "CONTROL_TENSOR_NAME_PATTERNS": ((), "not built here: the list is CONTROL_TENSOR_NAMES in train_gpt.py; "
                                      "edit it there"),
     "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": ((), "not built here: fp32 passthrough follows CONTROL_TENSOR_NAMES in "
@@ -619,13 +604,10 @@ TYPO_CUTOFF = 0.85
 def env_name_warnings(environ, knob_names: set[str]) -> list[str]:
     """Warnings for env names that look like a mistyped knob (NUM_LAYER for NUM_LAYERS): close to one
     of ours, strictly enough that system, torchrun, CUDA and shell names stay quiet. Never an error."""
-    warnings = []
-    for name in sorted(environ):
-        if name in knob_names or name in PUBLIC_ONLY_KNOBS or not re.fullmatch(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+", name):
-            continue
-        for match in difflib.get_close_matches(name, knob_names, n=1, cutoff=TYPO_CUTOFF):
-            warnings.append(f"warning: env {name} is not a knob of this script and is ignored; did you mean {match}?")
-    return warnings
+    return [f"warning: env {name} is not a knob of this script and is ignored; did you mean {match}?"
+            for name in sorted(environ)
+            if name not in knob_names and name not in PUBLIC_ONLY_KNOBS and re.fullmatch(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+", name)
+            for match in difflib.get_close_matches(name, knob_names, n=1, cutoff=TYPO_CUTOFF)]
 
 
 # ==================================================================================================
@@ -650,26 +632,21 @@ class Runtime:
         return self.rank == 0
 
 
-def init_runtime(hp: Hyperparameters, environ=None) -> Runtime:
-    environ = os.environ if environ is None else environ
+def init_runtime(hp: Hyperparameters, environ=os.environ) -> Runtime:
     distributed = "RANK" in environ and "WORLD_SIZE" in environ
-    rank = int(environ.get("RANK", 0))
-    world_size = int(environ.get("WORLD_SIZE", 1))
     local_rank = int(environ.get("LOCAL_RANK", 0))
-    want_cuda = hp.device == "cuda" or (hp.device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
+    cuda = hp.device == "cuda" or (hp.device == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
         raise ConfigError("DEVICE=cuda but no CUDA device is available; use DEVICE=cpu or auto")
-    if want_cuda:
-        device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if distributed and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo", device_id=device if want_cuda else None)
-    control_group = dist.new_group(backend="gloo") if distributed and want_cuda else None
-    return Runtime(rank, world_size, local_rank, device, distributed, control_group)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
+    control_group = dist.new_group(backend="gloo") if distributed and cuda else None
+    return Runtime(int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1)), local_rank, device, distributed,
+                   control_group)
 
 
 def shutdown_runtime(rt: Runtime, clean: bool = True) -> None:
@@ -782,7 +759,7 @@ class RunStopped(BaseException):  # like KeyboardInterrupt: no `except Exception
     """A stop signal arrived; the message is the signal's name."""
 
 
-STOP_SIGNAL_RECEIVED: list[str] = []  # the signal that stopped this process's run, if any
+STOP_SIGNAL_RECEIVED = []  # the name of the signal that stopped this process's run, if any
 
 
 @contextlib.contextmanager
@@ -831,9 +808,8 @@ BOS_ID = 1
 
 def shard_token_count(path: str | Path) -> int:
     """The token count of a shard, after checking its header and size (a corrupt file stops the run)."""
-    path = Path(path)
     header_bytes = SHARD_HEADER_INTS * 4
-    size = path.stat().st_size
+    size = os.path.getsize(path)
     if size < header_bytes:
         raise RunError(f"{path}: {size} bytes is shorter than a shard header; re-create or re-download it")
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
@@ -866,8 +842,7 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int | None, path: str | Path
     """Stop unless every id is below VOCAB_SIZE (numpy only: runs in the loaders' prefetch threads)."""
     if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
         raise RunError(f"training shard {path} holds token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}: it was "
-                       "made with another tokenizer; point DATA_PATH at shards of TOKENIZER_PATH's tokenizer, or set "
-                       "VOCAB_SIZE and TOKENIZER_PATH to the ones the shards were made with")
+                       "made with another tokenizer; set DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE to match")
 
 
 def shard_files(data_path: str, split: str) -> list[str]:
@@ -911,10 +886,10 @@ class TokenStream:
         index = self.order.pop(0)
         tokens = read_shard(self.files[index])
         check_token_ids(tokens, self.vocab_size, self.files[index])
-        if index == len(self.files) - 1 and self.holdout_tokens:
+        if index == len(self.files) - 1:
             tokens = tokens[: len(tokens) - self.holdout_tokens]
         offset = int(self.rng.integers(0, len(tokens))) if len(tokens) else 0
-        return np.concatenate([tokens[offset:], tokens[:offset]])
+        return np.roll(tokens, -offset)  # starts at the offset, wraps around to the shard's start
 
     def _next_shard(self) -> np.ndarray:
         tokens = self.pending.result()
@@ -983,7 +958,7 @@ class ShuffledWindowLoader:
         self.shards = [memmap_data_shard(f) for f in files]
         self.sizes = np.array([len(t) for t in self.shards], dtype=np.int64)
         self.sizes[-1] -= holdout_tokens  # windows are cut from the sizes, so the held-out tail is never read
-        self.epoch, self.windows_delivered = -1, 0
+        self.windows_delivered = 0
         self._start_epoch(0)
         if self.windows_per_epoch == 0:
             raise RunError(f"no training shard holds TRAIN_SEQ_LEN+1={seq_len + 1} tokens; lower TRAIN_SEQ_LEN or "
@@ -1018,9 +993,8 @@ class ShuffledWindowLoader:
         global_tokens, seq_len, grad_accum = request
         per_rank = global_tokens // (self.world_size * grad_accum * seq_len)
         everyone = self._take_windows(per_rank * self.world_size)
-        if self.vocab_size is not None:
-            for s, start in everyone:
-                check_token_ids(self.shards[s][start : start + seq_len + 1], self.vocab_size, self.files[s])
+        for s, start in everyone:
+            check_token_ids(self.shards[s][start : start + seq_len + 1], self.vocab_size, self.files[s])
         windows = everyone[self.rank * per_rank : (self.rank + 1) * per_rank]
         return np.stack([self.shards[s][start : start + seq_len + 1] for s, start in windows])  # numpy only
 
@@ -1029,17 +1003,13 @@ class ShuffledWindowLoader:
             raise ValueError(f"this loader cuts windows of {self.seq_len + 1} tokens, asked for seq_len {seq_len}")
         request = (global_tokens, seq_len, grad_accum)
         if self.pending is None or self.pending[0] != request:
-            self._drain()
+            if self.pending is not None:  # a different request: the prefetched windows are skipped, in order
+                self.pending[1].result()
             self.pending = (request, self.pool.submit(self._gather, request))
         batch = torch.from_numpy(self.pending[1].result().astype(np.int64))
         self.pending = (request, self.pool.submit(self._gather, request))  # prefetch the next one
         self.windows_delivered += batch.size(0) * self.world_size
         return (batch[:, :-1].to(self.device, non_blocking=True), batch[:, 1:].to(self.device, non_blocking=True))
-
-    def _drain(self) -> None:
-        if self.pending is not None:
-            self.pending[1].result()  # a different request: the prefetched windows are skipped, in order
-            self.pending = None
 
     def epochs_consumed(self) -> float:
         """Training data seen, in epochs (windows delivered to all ranks over windows per epoch)."""
@@ -1128,12 +1098,12 @@ def load_tokenizer(hp: Hyperparameters) -> spm.SentencePieceProcessor:
         sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
     except (RuntimeError, OSError) as e:  # sentencepiece raises RuntimeError (or OSError) with a C++ trace
         raise RunError(f"TOKENIZER_PATH={hp.tokenizer_path} is not a SentencePiece model ({str(e).splitlines()[0][:80]}"
-                       "); point TOKENIZER_PATH at the tokenizer .model file the shards were made with") from None
+                       "); point TOKENIZER_PATH at the shards' tokenizer .model file") from None
     if int(sp.vocab_size()) != hp.vocab_size:
         if hp.eval_only:  # EVAL_ONLY takes VOCAB_SIZE from the artifact: the tokenizer is what is wrong
             raise RunError(f"the artifact {hp.artifact_path} was trained with {hp.vocab_size} pieces but "
-                           f"TOKENIZER_PATH={hp.tokenizer_path} has {sp.vocab_size()}; point TOKENIZER_PATH (and "
-                           "DATA_PATH) at the tokenizer and shards the artifact was trained with")
+                           f"TOKENIZER_PATH={hp.tokenizer_path} has {sp.vocab_size()}; point TOKENIZER_PATH and "
+                           "DATA_PATH at the artifact's tokenizer and shards")
         raise RunError(
             f"VOCAB_SIZE={hp.vocab_size} but {hp.tokenizer_path} has {sp.vocab_size()} pieces; set VOCAB_SIZE to match"
         )
@@ -1181,11 +1151,10 @@ def validation_byte_totals(sp: spm.SentencePieceProcessor, val_tokens: torch.Ten
     docs = [val_tokens[bos_positions[i] + 1 : bos_positions[i + 1]].tolist() for i in range(lo, hi)]
     texts = sp.decode(docs) if docs else []
     decoded = sum(len((caseops_decode(text) if caseops else text).encode("utf-8")) for text in texts)
-    start, end = bos_positions[lo], bos_positions[hi]
-    counted = 0
-    if end > start and luts.val_bytes is not None:
+    start, end = bos_positions[lo], bos_positions[hi]  # an empty share counts 0
+    if luts.val_bytes is not None:
         counted = int(luts.val_bytes[start:end].sum(dtype=np.int64))
-    elif end > start:
+    else:
         seg = val_tokens[start:end]
         prev = torch.cat([seg.new_tensor([BOS_ID]), seg[:-1]])  # each share starts at a BOS, never a target
         counted = int(target_bytes(prev, seg, luts).sum())
@@ -1197,10 +1166,9 @@ def validation_byte_totals(sp: spm.SentencePieceProcessor, val_tokens: torch.Ten
 def byte_mismatch(counted: int, decoded: int, luts: ByteLuts) -> RunError:
     if luts.val_bytes is not None:
         return RunError(f"the byte sidecar counts {counted} validation bytes but the decoded (CaseOps-inverted) text "
-                        f"has {decoded}; val_bpb would be wrong. The sidecar fineweb_val_bytes_*.bin does not belong to "
-                        "these shards and tokenizer: re-download or re-export the data")
-    return RunError(f"byte tables count {counted} validation bytes but the decoded text has {decoded}; "
-                    "val_bpb would be wrong. Check the tokenizer matches the shards (TOKENIZER_PATH, DATA_PATH)")
+                        f"has {decoded}: it does not belong to these shards and tokenizer; re-download or re-export the data")
+    return RunError(f"byte tables count {counted} validation bytes but the decoded text has {decoded}; point "
+                    "TOKENIZER_PATH at the tokenizer of DATA_PATH's shards")
 
 
 def check_validation_bytes(sp: spm.SentencePieceProcessor, val_tokens: torch.Tensor, luts: ByteLuts,
@@ -1231,10 +1199,8 @@ RAW_SIDECAR_SLACK = 0.05
 
 def _caseops_decode_match(m: re.Match) -> str:
     literal, caps, letter = m.groups()
-    if literal is not None:
-        return literal
-    if caps is not None or letter is not None:
-        return (caps or letter).upper()
+    if literal or caps or letter:
+        return literal or (caps or letter).upper()
     raise RunError(f"validation text is not valid CaseOps: operator U+{ord(m.group()):04X} at character {m.start()} "
                    f"is followed by {m.string[m.end() : m.end() + 1]!r}; the shards are not CaseOps data for this "
                    "tokenizer (re-export them with data/export_shards.py --caseops)")
@@ -1265,13 +1231,12 @@ def load_validation_byte_sidecar(data_path: str) -> np.ndarray | None:
               for f in val_files]
     if sorted(wanted) != sidecars:
         have, need = (",".join(map(os.path.basename, files)) for files in (sidecars, val_files))
-        raise RunError(f"byte sidecar {have} does not pair with the validation shards {need} in "
-                       f"{data_path}: each fineweb_val_NNNNNN.bin needs its fineweb_val_bytes_NNNNNN.bin; re-download "
-                       "or re-export the data")
+        raise RunError(f"byte sidecar {have} does not pair with the validation shards {need} in {data_path}; "
+                       "re-download or re-export the data")
     for shard, sidecar in zip(val_files, wanted):
         if shard_token_count(sidecar) != shard_token_count(shard):
             raise RunError(f"{sidecar} holds {shard_token_count(sidecar)} byte counts but {shard} holds "
-                           f"{shard_token_count(shard)} tokens; the sidecar is not this shard's: re-download or re-export")
+                           f"{shard_token_count(shard)} tokens; re-download or re-export the data")
     return np.concatenate([read_shard(f) for f in wanted])
 
 
@@ -1287,9 +1252,8 @@ def check_sidecar_structure(val_tokens: torch.Tensor, val_bytes: np.ndarray, ope
         after_esc[1:] = tokens[:-1] == operators.get("\ue004", -1)
         added = np.isin(tokens, list(operators.values())) & ~after_esc
         if int(val_bytes[added].max(initial=0)) != 0:
-            raise RunError("the byte sidecar counts bytes for CaseOps operator tokens, which stand for no original "
-                           "text: it counts the pieces' bytes, not the original text's; re-export the data with "
-                           "data/export_shards.py --caseops")
+            raise RunError("the byte sidecar counts bytes for CaseOps operator tokens (the pieces' bytes, not the "
+                           "original text's); re-export the data with data/export_shards.py --caseops")
 
 
 def manifest_records_sidecar(data_path: str) -> bool:
@@ -1387,8 +1351,8 @@ class CastedLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
-        self.qat_bits = 0  # 0 = this weight is never quantized by the export; set by prepare_qat
-        self.qat_clip_sigmas = 0.0  # the export's SDClip k (0 = absmax)
+        # set by prepare_qat: the export's bits (0 = never quantized) and SDClip k (0 = absmax)
+        self.qat_bits, self.qat_clip_sigmas = 0, 0.0
         self.register_buffer("qat_active", torch.zeros(()), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1400,9 +1364,8 @@ class CastedLinear(nn.Linear):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first 2*cos.size(-1) dims (first half paired with second half); leave the rest."""
-    rot = 2 * cos.size(-1)
-    half = rot // 2
-    x1, x2, rest = x[..., :half], x[..., half:rot], x[..., rot:]
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
@@ -1410,32 +1373,26 @@ class Rotary(nn.Module):
     def __init__(self, rope_dims: int, base: float, train_seq_len: int):
         super().__init__()
         self.rope_dims, self.base, self.train_seq_len = rope_dims, base, train_seq_len
-        self.register_buffer("inv_freq", self.inverse_frequencies(base), persistent=False)
         # Up to the training length the tables never change: computed once, sliced per call (fewer
         # small operators per step); row t depends on t only, so a slice equals a fresh table.
-        cos, sin = self.tables(train_seq_len, self.inv_freq)
+        cos, sin = self.tables(train_seq_len, base)
         self.register_buffer("cos_cached", cos, persistent=False)
         self.register_buffer("sin_cached", sin, persistent=False)
 
-    def inverse_frequencies(self, base: float) -> torch.Tensor:
-        return 1.0 / base ** (torch.arange(0, self.rope_dims, 2, dtype=torch.float32) / self.rope_dims)
-
-    @staticmethod
-    def tables(seq_len: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.arange(seq_len, device=inv_freq.device, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # (T, rope_dims/2)
-        return freqs.cos()[None, None], freqs.sin()[None, None]  # (1, 1, T, rope_dims/2)
+    def tables(self, seq_len: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (1, 1, T, rope_dims/2) of positions 0..seq_len-1; the frequencies are computed on
+        the host (as at init, so that every table has the same values), the tables on `device`."""
+        inv_freq = (1.0 / base ** (torch.arange(0, self.rope_dims, 2, dtype=torch.float32) / self.rope_dims)).to(device)
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (T, rope_dims/2)
+        return freqs.cos()[None, None], freqs.sin()[None, None]
 
     def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if seq_len <= self.train_seq_len:
             return self.cos_cached[:, :, :seq_len].to(dtype), self.sin_cached[:, :, :seq_len].to(dtype)
-        inv_freq = self.inv_freq
-        if self.rope_dims > 2:
-            # NTK-style rescale for evaluation past the training length: base' = base * s^(d/(d-2)).
-            scale = seq_len / self.train_seq_len
-            inv_freq = self.inverse_frequencies(self.base * scale ** (self.rope_dims / (self.rope_dims - 2)))
-            inv_freq = inv_freq.to(self.inv_freq.device)
-        cos, sin = self.tables(seq_len, inv_freq)
+        base = self.base
+        if self.rope_dims > 2:  # NTK-style rescale for evaluation past the training length: base * s^(d/(d-2))
+            base *= (seq_len / self.train_seq_len) ** (self.rope_dims / (self.rope_dims - 2))
+        cos, sin = self.tables(seq_len, base, self.cos_cached.device)
         return cos.to(dtype), sin.to(dtype)
 
 
@@ -1448,28 +1405,25 @@ def load_flash_attention():
     return flash_attn_interface
 
 
-def kernel_mismatch(attend, reference, shapes, dtype, device, tolerances=(2e-2, 5e-2)) -> str | None:
-    """Why `attend(q, k, v)` is not `reference(q, k, v)` (forward, and backward into q, k and v) on seeded
-    random inputs of `shapes`, or None."""
+def flash_attend(flash_attn_func, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """FlashAttention 3's dense causal kernel on (B, H, T, D) tensors: it takes (B, T, H, D), handles GQA
+    itself, and some versions return (out, lse)."""
+    y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    return (y[0] if isinstance(y, tuple) else y).transpose(1, 2)
+
+
+def kernel_mismatch(attend, reference, q_shape, kv_shape, dtype, device) -> str | None:
+    """Why `attend(q, k, v)` is not `reference(q, k, v)` (forward within 2e-2, backward into q, k and v
+    within 5e-2) on seeded random (B, H, T, D) inputs, or None."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(*shape, generator=g).to(device, dtype).requires_grad_() for shape in shapes)
+    q, k, v = (torch.randn(*shape, generator=g).to(device, dtype).requires_grad_() for shape in (q_shape, kv_shape, kv_shape))
     out, ref = attend(q, k, v), reference(q, k, v)
     grads, ref_grads = (torch.autograd.grad(o.float().square().sum(), (q, k, v)) for o in (out, ref))
-    if not torch.allclose(out.float(), ref.float(), atol=tolerances[0], rtol=tolerances[0]):
+    if not torch.allclose(out.float(), ref.float(), atol=2e-2, rtol=2e-2):
         return "output differs from SDPA"
-    if not all(torch.allclose(a.float(), b.float(), atol=tolerances[1], rtol=tolerances[1])
-               for a, b in zip(grads, ref_grads)):
+    if not all(torch.allclose(a.float(), b.float(), atol=5e-2, rtol=5e-2) for a, b in zip(grads, ref_grads)):
         return "gradients differ from SDPA"
     return None
-
-
-def varlen_check_batch(device: torch.device) -> torch.Tensor:
-    """Rows that hold every document layout a batch can: row 0 starts inside a document (its leading tail
-    is one) and has two more, row 1 has no BOS, row 2 is one-token documents."""
-    ids = torch.randint(2, 97, (3, 64), generator=torch.Generator().manual_seed(0))
-    ids[0, [20, 41]] = BOS_ID
-    ids[2] = BOS_ID
-    return ids.to(device)
 
 
 def select_attention_backend(requested: str, device: torch.device, doc_masked: bool = False) -> tuple[str, str]:
@@ -1489,25 +1443,25 @@ def select_attention_backend(requested: str, device: torch.device, doc_masked: b
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         if doc_masked:
-            ids = varlen_check_batch(device)
-            attend = lambda *qkv: DocumentLayout(ids, "varlen", flash.flash_attn_varlen_func).attend(*qkv)  # noqa: E731
-            reason = kernel_mismatch(attend, DocumentLayout(ids, "sdpa").attend,
-                                     [(3, 8, 64, 64), (3, 4, 64, 64), (3, 4, 64, 64)], dtype, device)
+            # Rows that hold every document layout a batch can: row 0 starts inside a document (its leading
+            # tail is one) and has two more, row 1 has no BOS, row 2 is one-token documents.
+            ids = torch.randint(2, 97, (3, 64), generator=torch.Generator().manual_seed(0))
+            ids[0, [20, 41]] = BOS_ID
+            ids[2] = BOS_ID
+            ids = ids.to(device)
+            reason = kernel_mismatch(DocumentLayout(ids, "varlen", flash.flash_attn_varlen_func).attend,
+                                     DocumentLayout(ids, "sdpa").attend, (3, 8, 64, 64), (3, 4, 64, 64), dtype, device)
         else:
-            def attend(q, k, v):
-                out = flash.flash_attn_func(q, k, v, causal=True)
-                return out[0] if isinstance(out, tuple) else out
-
-            reason = kernel_mismatch(attend, lambda q, k, v: F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2),
-                                     [(2, 128, 8, 64), (2, 128, 4, 64), (2, 128, 4, 64)], dtype, device)
+            reason = kernel_mismatch(functools.partial(flash_attend, flash.flash_attn_func),
+                                     lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                                     (2, 8, 128, 64), (2, 4, 128, 64), dtype, device)
     except Exception as e:  # any failure of an optional kernel means: do not use it
         reason = f"start-up check raised {e.__class__.__name__}"
-    if reason is not None and requested == "fa3":
+    if reason is None:
+        return "fa3", ("flash_attn_varlen_func matches the document-masked SDPA" if doc_masked else "matches SDPA")
+    if requested == "fa3":
         raise RunError(f"ATTN_BACKEND=fa3 but FlashAttention 3 failed its start-up check ({reason}); use ATTN_BACKEND=auto")
-    if reason is not None:
-        return "sdpa", reason
-    return "fa3", ("flash_attn_varlen_func matches the document-masked SDPA" if doc_masked else "matches SDPA")
+    return "sdpa", reason
 
 
 class DocumentLayout:
@@ -1593,9 +1547,8 @@ class CausalSelfAttention(nn.Module):
     def project(self, x: torch.Tensor, v_first: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """q (B, H, T, D); k, v (B, KV, T, D), v mixed with the first layer's under VALUE_RESIDUAL; raw v."""
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v_raw = v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v_raw = (f(x).view(B, T, -1, self.head_dim).transpose(1, 2) for f in (self.c_q, self.c_k, self.c_v))
+        v = v_raw
         if self.value_lambdas is not None and v_first is not None:
             lam = self.value_lambdas.to(v.dtype)
             v = lam[0] * v_first + lam[1] * v_raw
@@ -1624,15 +1577,14 @@ class CausalSelfAttention(nn.Module):
         Returns the output and this layer's raw values (for VALUE_RESIDUAL)."""
         B, T, C = x.shape
         q, k, v, v_raw = self.project(x, v_first)
-        cos, sin = self.rotary(T, q.dtype)
-        if docs is not None:  # positions restart at every document's first token
-            cos, sin = cos[0, 0][docs.positions][:, None], sin[0, 0][docs.positions][:, None]  # (B, 1, T, r/2)
-        q, k = self.rotate(q, k, cos, sin)
+        cos_sin = self.rotary(T, q.dtype)
+        if docs is not None:  # positions restart at every document's first token: (B, 1, T, r/2)
+            cos_sin = [t[0, 0][docs.positions][:, None] for t in cos_sin]
+        q, k = self.rotate(q, k, *cos_sin)
         if docs is not None:
             y = docs.attend(q, k, v)
-        elif self.flash is not None:  # FlashAttention 3 takes (B, T, H, D) and handles GQA itself
-            y = self.flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-            y = (y[0] if isinstance(y, tuple) else y).transpose(1, 2)  # (B, H, T, D)
+        elif self.flash is not None:
+            y = flash_attend(self.flash, q, k, v)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, D)
@@ -1676,8 +1628,7 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim)]))
         self.input_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else None
-        parallel = 0 <= cfg.parallel_start_layer <= layer_idx
-        self.form = cfg.parallel_mode if parallel else "serial"
+        self.form = cfg.parallel_mode if 0 <= cfg.parallel_start_layer <= layer_idx else "serial"
         # The record's two-lane form blends x0 into the attention read only; elsewhere the blend is the residual.
         self.x0_into_read_only = self.form == "two_lane" and cfg.parallel_x0_mix == "read"
         if self.form == "two_lane":
@@ -1697,11 +1648,10 @@ class Block(nn.Module):
         x = x if self.x0_into_read_only else read
         a, v_raw = self.attn(self.sublayer_input(read), v_first, docs)
         a = self.attn_scale.to(x.dtype) * a
-        if self.form == "serial":
-            x = x + a
-            return x + self.mlp_scale.to(x.dtype) * self.mlp(self.sublayer_input(x)), None, v_raw
-        if self.form == "gptj":  # both branches read the same input
-            return x + a + self.mlp_scale.to(x.dtype) * self.mlp(self.sublayer_input(x)), None, v_raw
+        if self.form != "two_lane":  # serial: the MLP reads x + a; gptj: both branches read x
+            h = x + a
+            m = self.mlp(self.sublayer_input(h if self.form == "serial" else x))
+            return h + self.mlp_scale.to(x.dtype) * m, None, v_raw
         # two_lane: attention reads the attention lane, the MLP reads its own lane; both lanes get both.
         lane = x if mlp_lane is None else mlp_lane
         m = self.mlp_scale.to(x.dtype) * self.mlp(self.sublayer_input(lane))
@@ -1831,8 +1781,7 @@ def prepare_qat(model: nn.Module, plan: "QuantPlan") -> list[CastedLinear]:
     layers = []
     for name, module in model.named_modules():
         if isinstance(module, CastedLinear):
-            spec = plan.spec(f"{name}.weight", module.weight)
-            module.qat_bits, module.qat_clip_sigmas = spec if spec is not None else (0, 0.0)
+            module.qat_bits, module.qat_clip_sigmas = plan.spec(f"{name}.weight", module.weight) or (0, 0.0)
             if module.qat_bits:
                 layers.append(module)
     return layers
@@ -1846,12 +1795,12 @@ def set_qat(layers: list[CastedLinear], active: bool) -> None:
 def estimate_flops_per_token(cfg: ModelConfig, seq_len: int, looping: bool) -> int:
     """Forward matmul FLOPs per token (2 per multiply-add): weights of every virtual layer, the head,
     and causal attention over an average context of (seq_len + 1) / 2."""
-    kv_dim = cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
-    per_layer = 2 * (2 * cfg.model_dim * cfg.model_dim + 2 * cfg.model_dim * kv_dim + 2 * cfg.model_dim * cfg.mlp_hidden)
-    attention = 2 * 2 * cfg.model_dim * (seq_len + 1) / 2
-    flops = len(cfg.layer_order(looping)) * (per_layer + attention) + 2 * cfg.model_dim * cfg.vocab_size
+    d, kv = cfg.model_dim, cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
+    per_layer = 2 * (2 * d * d + 2 * d * kv + 2 * d * cfg.mlp_hidden)
+    attention = 2 * 2 * d * (seq_len + 1) / 2
+    flops = len(cfg.layer_order(looping)) * (per_layer + attention) + 2 * d * cfg.vocab_size
     if cfg.bigram_vocab_size:
-        flops += 2 * cfg.bigram_dim * cfg.model_dim
+        flops += 2 * cfg.bigram_dim * d
     return int(flops)
 
 
@@ -1865,12 +1814,12 @@ def lora_flops_per_token(cfg: ModelConfig, rank: int, looping: bool, *, k: bool,
 
 def model_report(model: GPT, hp: Hyperparameters, n_code_bytes: int) -> list[str]:
     """Size and cost known before training: parameters, FLOPs per token, artifact estimate."""
-    cfg = model.cfg
-    unique = sum(p.numel() for p in model.parameters())
-    per_block = sum(p.numel() for p in model.blocks[0].parameters())
+    def count(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    cfg, unique, per_block = model.cfg, count(model), count(model.blocks[0])
     order = cfg.layer_order(looping=cfg.num_loops > 0)
-    effective = unique + sum(sum(p.numel() for p in model.blocks[i].parameters()) for i in order) - sum(
-        p.numel() for p in model.blocks.parameters())
+    effective = unique + sum(count(model.blocks[i]) for i in order) - count(model.blocks)
     fwd = estimate_flops_per_token(cfg, hp.train_seq_len, looping=cfg.num_loops > 0)
     payload = estimate_payload_bytes(model.state_dict(), QuantPlan.from_hparams(hp))
     return [
@@ -1961,23 +1910,21 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        distributed = dist.is_available() and dist.is_initialized()
-        world_size = dist.get_world_size() if distributed else 1
-        rank = dist.get_rank() if distributed else 0
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            owners = assign_shards([p.numel() for p in params], world_size)
             if world_size == 1:
                 updates = [self._update(p, group) for p in params]
             else:  # each rank's updates in one flat fp32 buffer, padded to the largest share, then all-gathered
+                owners = assign_shards([p.numel() for p in params], world_size)
                 shard = max(sum(p.numel() for p, o in zip(params, owners) if o == r) for r in range(world_size))
                 local = torch.zeros(shard, device=params[0].device, dtype=torch.float32)
-                mine = [self._update(p, group).flatten().float() for p, o in zip(params, owners) if o == rank]
+                mine = [self._update(p, group).flatten().float() for p, o in zip(params, owners) if o == dist.get_rank()]
                 if mine:
                     local[: sum(u.numel() for u in mine)] = torch.cat(mine)
-                gathered = torch.empty(world_size * shard, device=local.device, dtype=local.dtype)
+                gathered = local.new_empty(world_size * shard)
                 dist.all_gather_into_tensor(gathered, local)
                 offsets, updates = [r * shard for r in range(world_size)], []
                 for p, o in zip(params, owners):
@@ -1992,7 +1939,8 @@ class Muon(torch.optim.Optimizer):
 def build_optimizers(hp: Hyperparameters, model: GPT, device: torch.device) -> list[torch.optim.Optimizer]:
     """Muon for 2-D weight matrices; AdamW for embedding tables, an untied head and control tensors."""
     embeddings = [model.tok_emb.weight] + ([model.bigram.embed.weight] if model.bigram is not None else [])
-    special = {id(p) for p in embeddings} | ({id(model.lm_head.weight)} if model.lm_head is not None else set())
+    head = [model.lm_head.weight] if model.lm_head is not None else []
+    special = {id(p) for p in embeddings + head}
     rest = [(n, p) for n, p in model.named_parameters() if id(p) not in special]
     matrices = [p for n, p in rest if p.ndim == 2 and not is_control_tensor(n)]
     scalars = [p for n, p in rest if p.ndim < 2 or is_control_tensor(n)]
@@ -2011,8 +1959,8 @@ def build_optimizers(hp: Hyperparameters, model: GPT, device: torch.device) -> l
              coefficients=hp.muon_ns_coefficients, row_normalize=hp.muon_row_normalize, weight_decay=hp.muon_wd),
         adamw(scalars, hp.scalar_lr, hp.adam_wd),
     ]
-    if model.lm_head is not None:
-        optimizers.append(adamw([model.lm_head.weight], hp.head_lr, hp.adam_wd))
+    if head:
+        optimizers.append(adamw(head, hp.head_lr, hp.adam_wd))
     owners = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
     assert sorted(owners) == sorted(id(p) for p in model.parameters()), "each parameter needs exactly one optimizer"
     return optimizers
@@ -2138,23 +2086,24 @@ def train_step(model, loader: DistributedTokenLoader | ShuffledWindowLoader, opt
     return total / grad_accum
 
 
-def warmup_and_reset(model, base_model: GPT, optimizers, make_loader, hp, rt, grad_accum, autocast, log) -> None:
+def warmup_and_reset(run: TrainingRun) -> None:
     """Run WARMUP_STEPS steps to compile every kernel (and as many again with looping on, so both
     graphs exist before the clock starts), then restore the initial weights and optimizer state.
     Not training: nothing it learned survives, and it reads only training data."""
+    hp, optimizers = run.hp, run.optimizers
     if hp.warmup_steps <= 0:
         return
-    initial_model = copy.deepcopy(base_model.state_dict())
+    initial_model = copy.deepcopy(run.base_model.state_dict())
     initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    loader = make_loader()
+    loader = run.make_loader()
     for looping in (False, True) if hp.num_loops > 0 else (False,):
         prefix = "loop_warmup_step" if looping else "warmup_step"
         for step in range(hp.warmup_steps):
-            train_step(model, loader, optimizers, hp, rt, grad_accum, 1.0, step, autocast, looping)
+            train_step(run.model, loader, optimizers, hp, run.rt, run.grad_accum, 1.0, step, run.autocast, looping)
             if step + 1 in (1, hp.warmup_steps) or (step + 1) % 10 == 0:
-                log(f"{prefix}:{step + 1}/{hp.warmup_steps}")
+                run.log(f"{prefix}:{step + 1}/{hp.warmup_steps}")
     loader.close()
-    base_model.load_state_dict(initial_model)
+    run.base_model.load_state_dict(initial_model)
     for opt, state in zip(optimizers, initial_opts):
         opt.load_state_dict(state)
     barrier()
@@ -2190,34 +2139,16 @@ def train(run: TrainingRun, averager: WeightAverager) -> TrainState:
     """The timed loop. Each step, ranks agree on the elapsed training time (host clocks, CPU
     collective), and every decision (LR, looping, QAT, SWA, stopping) is a function of it. Training
     stops before a step that would end past the budget, never in the middle of one."""
-    hp, rt, model, base_model, optimizers, log, clock = (run.hp, run.rt, run.model, run.base_model, run.optimizers,
-                                                        run.log, run.clock)
+    hp, rt, base_model, log, clock = run.hp, run.rt, run.base_model, run.log, run.clock
     state = TrainState()
     loader = run.make_loader()
     budget_ms = clock.train_budget_ms
-    stop_after_step: int | None = None
     step_ms = 0.0
     unchecked_loss = None  # the last step's loss, when it was not a logged (checked) step
     sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
     sync()
     clock.start("train")
-    while True:
-        last_step = state.step == hp.iterations or (stop_after_step is not None and state.step >= stop_after_step)
-        if last_step:
-            sync()
-            clock.stop()
-            if unchecked_loss is not None:
-                check_training_loss(float(all_reduce_sum(unchecked_loss).item()) / rt.world_size, state.step,
-                                    hp.vocab_size)
-            state.epochs_consumed = loader.epochs_consumed()
-            loader.close()
-            log(f"train_loader:epochs_consumed:{state.epochs_consumed:.4f} sampler:{hp.train_loader}")
-            if state.stopped_early:
-                log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms('train'):.0f}ms "
-                    f"step:{state.step}/{hp.iterations}")
-                log(f"budget_cut: training after step {state.step} (the next step would end past the "
-                    f"{budget_ms:.0f}ms training budget = cap {clock.cap_ms:.0f}ms - reserve {clock.reserve_ms:.0f}ms)")
-            return state
+    while state.step < hp.iterations:
         if hp.val_loss_every > 0 and state.step % hp.val_loss_every == 0:
             sync()
             clock.start("val")  # the training clock pauses for validation
@@ -2230,8 +2161,8 @@ def train(run: TrainingRun, averager: WeightAverager) -> TrainState:
             clock.start("train")
         elapsed_ms, step_ms = agree_max([clock.elapsed_ms("train"), step_ms], rt)
         if budget_ms is not None and elapsed_ms + max(step_ms, elapsed_ms / max(state.step, 1)) > budget_ms:
-            stop_after_step, state.stopped_early = state.step, True
-            continue
+            state.stopped_early = True
+            break
         fraction = training_fraction(state.step, elapsed_ms, iterations=hp.iterations, budget_ms=budget_ms)
         if not state.looping and looping_active(fraction, num_loops=hp.num_loops, enable_at=hp.enable_looping_at):
             state.looping = True
@@ -2243,7 +2174,7 @@ def train(run: TrainingRun, averager: WeightAverager) -> TrainState:
                 f"matrix_bits:{hp.matrix_bits} embed_bits:{hp.embed_bits}")
         scale = lr_scale_at(hp, state.step, elapsed_ms, fraction, budget_ms)
         t_step = clock.now()
-        loss = train_step(model, loader, optimizers, hp, rt, run.grad_accum, scale, state.step, run.autocast,
+        loss = train_step(run.model, loader, run.optimizers, hp, rt, run.grad_accum, scale, state.step, run.autocast,
                           state.looping)
         state.step += 1
         averager.update(state.step, fraction)
@@ -2261,6 +2192,18 @@ def train(run: TrainingRun, averager: WeightAverager) -> TrainState:
             log(f"step:{state.step}/{hp.iterations} train_loss:{loss_value:.4f} train_time:{train_ms:.0f}ms "
                 f"step_avg:{train_ms / state.step:.2f}ms tok/s:{tokens_per_s:.0f} mfu:{mfu:.2f}%")
             check_training_loss(loss_value, state.step, hp.vocab_size)
+    sync()
+    clock.stop()
+    if unchecked_loss is not None:
+        check_training_loss(float(all_reduce_sum(unchecked_loss).item()) / rt.world_size, state.step, hp.vocab_size)
+    state.epochs_consumed = loader.epochs_consumed()
+    loader.close()
+    log(f"train_loader:epochs_consumed:{state.epochs_consumed:.4f} sampler:{hp.train_loader}")
+    if state.stopped_early:
+        log(f"stopping_early: wallclock_cap train_time:{clock.elapsed_ms('train'):.0f}ms step:{state.step}/{hp.iterations}")
+        log(f"budget_cut: training after step {state.step} (the next step would end past the {budget_ms:.0f}ms "
+            f"training budget = cap {clock.cap_ms:.0f}ms - reserve {clock.reserve_ms:.0f}ms)")
+    return state
 
 
 class CompileRecord:
@@ -2276,60 +2219,60 @@ class CompileRecord:
         self.failures: list[dict] = []
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
 
-    def failed(self, name: str, e: BaseException) -> None:
+    def failed(self, name: str, e: BaseException) -> str:
+        """Record and log a failure; returns the one-line error a run stopped by it reports."""
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-        message = (f"torch.compile failed in {name} ({reason}); COMPILE_FALLBACK=eager runs that graph uncompiled "
-                   "(slower), COMPILE=0 turns compile off")
-        self.failures.append(dict(function=name, reason=reason, message=message))
+        self.failures.append(dict(function=name, reason=reason))
         self.log(f"compile:failed function:{name} backend:{self.backend} fallback:{self.fallback} reason:{reason}")
+        return (f"torch.compile failed in {name} ({reason}); COMPILE_FALLBACK=eager runs that graph uncompiled "
+                "(slower), COMPILE=0 turns compile off")
 
     def summary(self) -> dict:
         return dict(enabled=True, backend=self.backend, fallback=self.fallback, graphs=dict(self.graphs),
-                    failures=[{k: f[k] for k in ("function", "reason")} for f in self.failures])
+                    failures=[dict(f) for f in self.failures])
 
     def line(self) -> str:
         graphs = " ".join(f"{k}:{v}" for k, v in self.graphs.items()) or "none"
         return f"compile:graphs {graphs} failures:{len(self.failures)}"
 
 
-_active_compile: CompileRecord | None = None  # the running run's record (set by compile_settings)
-_compile_backends: dict[tuple[str, str], object] = {}  # one per (backend, function): see compile_backend
+_active_compile = None  # the running run's CompileRecord (set by compile_settings), or None
 
 
+@functools.cache
 def compile_backend(backend: str, name: str):
     """The torch.compile backend for function `name`: `backend` wrapped to count each graph it compiles
     and to handle a failure as the running run's CompileRecord says. One object per pair for the whole
-    process, because dynamo reuses a compiled graph only under the same backend: a second evaluation
-    (a fresh model of the same shapes) then compiles nothing new."""
-    if (backend, name) not in _compile_backends:
-        inner = torch._dynamo.lookup_backend(backend)
+    process (cached), because dynamo reuses a compiled graph only under the same backend: a second
+    evaluation (a fresh model of the same shapes) then compiles nothing new."""
+    inner = torch._dynamo.lookup_backend(backend)
 
-        def compile_graph(gm, example_inputs):
-            record = _active_compile if _active_compile is not None else CompileRecord(backend)
-            record.graphs[name] = record.graphs.get(name, 0) + 1
-            try:
-                return inner(gm, example_inputs)
-            except Exception as e:  # noqa: BLE001 - every backend failure is reported, then handled below
-                record.failed(name, e)
-                if record.fallback == "eager":
-                    return gm.forward  # this graph runs uncompiled; the rest of the run is unaffected
-                raise CompileFailed(record.failures[-1]["message"]) from e
+    def compile_graph(gm, example_inputs):
+        record = _active_compile or CompileRecord(backend)
+        record.graphs[name] = record.graphs.get(name, 0) + 1
+        try:
+            return inner(gm, example_inputs)
+        except Exception as e:  # noqa: BLE001 - every backend failure is reported, then handled below
+            message = record.failed(name, e)
+            if record.fallback == "eager":
+                return gm.forward  # this graph runs uncompiled; the rest of the run is unaffected
+            raise CompileFailed(message) from e
 
-        compile_graph.__name__ = f"{backend}_for_{name}"
-        _compile_backends[(backend, name)] = compile_graph
-    return _compile_backends[(backend, name)]
+    compile_graph.__name__ = f"{backend}_for_{name}"
+    return compile_graph
 
 
 class CompileFailed(RunError):
     """torch.compile could not compile a function and COMPILE_FALLBACK=error."""
 
 
-def maybe_compile(fn, enabled: bool, name: str = ""):
-    """`fn` compiled through the run's CompileRecord (graph counts, loud failures), or `fn` itself."""
+def maybe_compile(fn, enabled: bool, name: str):
+    """`fn` compiled through the run's CompileRecord (graph counts, loud failures) and counted under
+    `name`, or `fn` itself."""
     if not enabled:
         return fn
     backend = _active_compile.backend if _active_compile is not None else "inductor"
-    return torch.compile(fn, dynamic=False, backend=compile_backend(backend, name or getattr(fn, "__name__", "fn")))
+    return torch.compile(fn, dynamic=False, backend=compile_backend(backend, name))
 
 
 def compile_failure(e: BaseException) -> CompileFailed | None:
@@ -2347,8 +2290,7 @@ def compile_failure(e: BaseException) -> CompileFailed | None:
     if isinstance(e, torch._dynamo.exc.TorchDynamoException):
         if not hasattr(e, "as_compile_failure"):  # recorded once, however often it is asked
             record = _active_compile or CompileRecord()
-            record.failed("a compiled function (dynamo tracing)", e)
-            e.as_compile_failure = CompileFailed(record.failures[-1]["message"])
+            e.as_compile_failure = CompileFailed(record.failed("a compiled function (dynamo tracing)", e))
         return e.as_compile_failure
     return None
 
@@ -2366,26 +2308,26 @@ class _DynamoWarnings(logging.Handler):
 
 
 @contextlib.contextmanager
-def compile_settings(qat: bool, record: CompileRecord | None = None):
+def compile_settings(qat: bool, record: CompileRecord):
     """Compiler settings for one run, undone when the run ends (nothing leaks into the process). A
     failed compile is recorded (see CompileRecord); only with COMPILE_FALLBACK=eager does dynamo
     suppress its own errors. With QAT inductor rounds the fake quantizer's scales to fp16 exactly as
     the export does (by default it skips such casts)."""
     global _active_compile
-    record = record or CompileRecord()
     eager = record.fallback == "eager"
     handler, dynamo_log = _DynamoWarnings(record), logging.getLogger("torch._dynamo.convert_frame")
-    with contextlib.ExitStack() as stack:
-        # nonzero inside a graph (the varlen cu_seqlens) is an unbacked size, not a graph break
-        stack.enter_context(torch._dynamo.config.patch(suppress_errors=eager, capture_dynamic_output_shape_ops=True))
-        if qat:
-            stack.enter_context(torch._inductor.config.patch(emulate_precision_casts=True))
-        if eager:
-            dynamo_log.addHandler(handler)
-            stack.callback(dynamo_log.removeHandler, handler)
-        previous, _active_compile = _active_compile, record
-        stack.callback(lambda: globals().__setitem__("_active_compile", previous))
-        yield record
+    # nonzero inside a graph (the varlen cu_seqlens) is an unbacked size, not a graph break
+    dynamo = torch._dynamo.config.patch(suppress_errors=eager, capture_dynamic_output_shape_ops=True)
+    inductor = torch._inductor.config.patch(emulate_precision_casts=True) if qat else contextlib.nullcontext()
+    previous, _active_compile = _active_compile, record
+    try:
+        with dynamo, inductor:
+            if eager:
+                dynamo_log.addHandler(handler)
+            yield record
+    finally:
+        dynamo_log.removeHandler(handler)  # a no-op unless it was added
+        _active_compile = previous
 
 
 # ==================================================================================================
@@ -2430,11 +2372,9 @@ class WeightAverager:
         have_ema, have_swa = self.ema is not None, self.swa_count > 0
         if requested == "auto":
             return "ema_swa" if have_ema and have_swa else "ema" if have_ema else "swa" if have_swa else "raw"
-        if requested == "ema" and not have_ema or requested in ("swa", "ema_swa") and not have_swa:
+        if "ema" in requested and not have_ema or "swa" in requested and not have_swa:
             raise RunError(f"EXPORT_WEIGHTS={requested} but those averages were not collected "
                            "(check EMA_DECAY / SWA_START_FRAC)")
-        if requested == "ema_swa" and not have_ema:
-            raise RunError("EXPORT_WEIGHTS=ema_swa needs EMA_DECAY > 0")
         return requested
 
     @torch.no_grad()
@@ -6330,8 +6270,7 @@ def warm_up(run: TrainingRun) -> None:
     evaluation graph, so a compile failure stops the run before any training."""
     hp, rt = run.hp, run.rt
     run.clock.start("warmup")
-    warmup_and_reset(run.model, run.base_model, run.optimizers, run.make_loader, hp, rt, run.grad_accum,
-                     run.autocast, run.log)
+    warmup_and_reset(run)
     if run.use_compile:
         seqs, seq_len = run.val_batch_seqs, hp.effective_eval_seq_len
         probe = synthetic_tokens(seqs * seq_len, hp.vocab_size).view(seqs, seq_len)
