@@ -4215,6 +4215,11 @@ class EvalContext:
     budget: EvalBudget | None = None
     log: Callable[[str], None] = lambda msg: None
 
+    @property
+    def costs(self) -> StepCosts | None:
+        """The budget's step costs when it has a cap (only then is anything timed), else None."""
+        return self.budget.costs if self.budget is not None and self.budget.cap_ms is not None else None
+
 
 # The evaluation budget (MAX_EVAL_SECONDS) decides from measured step costs, never from a guess. Every
 # kind of step (a window batch, a TTT chunk step of a width, plain or adapting, a global SGD step, a
@@ -4320,13 +4325,8 @@ class EvalBudget:
 
 def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
     """Scored spans (a, b] covering targets 1..num_targets exactly once, in stream order."""
-    stride = min(stride, seq_len)
-    spans, a = [(0, min(seq_len, num_targets))], min(seq_len, num_targets)
-    while a < num_targets:
-        b = min(a + stride, num_targets)
-        spans.append((a, b))
-        a = b
-    return spans
+    first = min(seq_len, num_targets)
+    return [(0, first)] + [(a, min(a + stride, num_targets)) for a in range(first, num_targets, min(stride, seq_len))]
 
 
 def rank_share(items: list, rank: int, world_size: int) -> list:
@@ -4417,8 +4417,7 @@ class ScoreLedger:
                                                                                       atol=1e-4):
                 raise RunError("logits are not a normalized distribution over the full vocabulary (C2)")
             self.full_softmax_checked = True
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        nll = nll.view(y.shape)
+        nll = token_nll(logits, y).view(y.shape)
         m = mask.to(torch.float64)
         self.sums[0] += (nll.double() * m).sum()
         self.sums[1] += m.sum()
@@ -4427,20 +4426,22 @@ class ScoreLedger:
         else:  # the sidecar: target t stands for entry t (summed on the host, no device work)
             self.sums[2] += float(sum(int(self.luts.val_bytes[a + 1 : b + 1].sum(dtype=np.int64)) for a, b in spans))
         self.commits += 1
-        if self.per_target is not None:
-            values, i = nll[mask].double().cpu().numpy(), 0
-            for a, b in spans:
-                self.per_target[a + 1 : b + 1] = values[i : i + b - a]
-                self.commit_order[a + 1 : b + 1] = self.commits
-                i += b - a
+        if self.per_target is not None:  # nll[mask] lists row i's targets a_i+1..b_i, row after row
+            targets = np.concatenate([np.arange(a + 1, b + 1) for a, b in spans])
+            self.per_target[targets] = nll[mask].double().cpu().numpy()
+            self.commit_order[targets] = self.commits
         return nll
 
-    def share(self, lo: int, hi: int) -> None:
-        """Learn which targets in (lo, hi] are committed on any rank (a host-side collective)."""
-        part = torch.from_numpy(self.scored[lo + 1 : hi + 1].astype(np.uint8))
+    def over_ranks(self, flags: np.ndarray, op) -> np.ndarray:
+        """`flags` reduced over ranks with `op`, as uint8 (a host-side collective)."""
+        counts = torch.from_numpy(flags.astype(np.uint8))
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(part, op=dist.ReduceOp.MAX, group=self.group)
-        self.shared[lo + 1 : hi + 1] |= part.numpy().astype(bool)
+            dist.all_reduce(counts, op=op, group=self.group)
+        return counts.numpy()
+
+    def share(self, lo: int, hi: int) -> None:
+        """Learn which targets in (lo, hi] are committed on any rank."""
+        self.shared[lo + 1 : hi + 1] |= self.over_ranks(self.scored[lo + 1 : hi + 1], dist.ReduceOp.MAX).astype(bool)
 
     def adaptation_tokens(self, lo: int, hi: int) -> torch.Tensor:
         """Tokens lo..hi, i.e. inputs for targets lo+1..hi, if every one of those targets is committed
@@ -4462,10 +4463,12 @@ class ScoreLedger:
 
     def times_scored(self) -> np.ndarray:
         """How often each target 1..N-1 was committed, over all ranks (C4 wants all ones)."""
-        counts = torch.from_numpy(self.scored[1:].astype(np.uint8))
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.group)
-        return counts.numpy()
+        return self.over_ranks(self.scored[1:], dist.ReduceOp.SUM)
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    """Cross-entropy over the full vocabulary (in float32) of each target, flattened."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 
 
 def window_rounds(spans: list[tuple[int, int]], seq_len: int, batch_seqs: int, world_size: int) -> list[list]:
@@ -4478,24 +4481,21 @@ def score_windows(logits_fn, ledger: ScoreLedger, spans: list[tuple[int, int]], 
                   batch_seqs: int, rounds_after: int = 0) -> None:
     """Score the windows `spans` (split across ranks, batched) into `ledger`. Under a budget each batch
     is timed, and before it the rest of the pass (this call's rounds and `rounds_after` more) must fit."""
-    rank, world_size = ctx.rt.rank, ctx.rt.world_size
-    plans = window_rounds(spans, seq_len, batch_seqs, world_size)
-    num_rounds = max(len(p) for p in plans)  # every rank runs as many rounds, so budget checks stay collective
-    budget = ctx.budget if ctx.budget is not None and ctx.budget.cap_ms is not None else None
+    mine = window_rounds(spans, seq_len, batch_seqs, ctx.rt.world_size)
+    num_rounds = max(map(len, mine))  # every rank runs as many rounds, so budget checks stay collective
+    mine, costs = mine[ctx.rt.rank], ctx.costs
     for round_idx in range(num_rounds):
-        if budget is not None:
-            budget.costs.lap("window" if round_idx < len(plans[rank]) else None)
-            budget.require((num_rounds - round_idx + rounds_after) * budget.costs.ms("window"),
-                           f"after {round_idx} of {num_rounds} batches")
-        if round_idx >= len(plans[rank]):
-            continue
-        batch = plans[rank][round_idx]
-        x, y, mask = ledger.window_rows(batch, seq_len, pad_rows=batch_seqs)
-        with ctx.autocast():
-            logits = logits_fn(x)
-        ledger.commit(batch, logits, x, y, mask)
-    if budget is not None:
-        budget.costs.lap(None)
+        if costs is not None:
+            costs.lap("window" if round_idx < len(mine) else None)
+            ctx.budget.require((num_rounds - round_idx + rounds_after) * costs.ms("window"),
+                               f"after {round_idx} of {num_rounds} batches")
+        if round_idx < len(mine):
+            x, y, mask = ledger.window_rows(mine[round_idx], seq_len, pad_rows=batch_seqs)
+            with ctx.autocast():
+                logits = logits_fn(x)
+            ledger.commit(mine[round_idx], logits, x, y, mask)
+    if costs is not None:
+        costs.lap(None)
 
 
 def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, ctx: EvalContext, *, seq_len: int, batch_seqs: int,
@@ -4549,6 +4549,11 @@ class TTTSettings:
     seq_len: int  # EVAL_SEQ_LEN
     score_batch_seqs: int = 32  # windows per scoring forward, per rank
 
+    @property
+    def chunk(self) -> int:
+        """Targets a per-document step scores: TTT_CHUNK_SIZE, at most a window (which holds its whole chunk)."""
+        return min(self.ttt_chunk_size, self.seq_len)
+
 
 @dataclass(frozen=True)
 class TTTResult:
@@ -4566,21 +4571,19 @@ class TTTResult:
 
 class TTTTracker:
     """What both TTT forms share: the pass's clock in ms (the budget's when it has a cap, read after
-    the device's queued work; else the host's), the time spent scoring and adapting, the budget
-    decisions (logging where adaptation stops for good), and the result."""
+    the device's queued work; else the host's), the budget's step costs (None without a cap), the time
+    spent scoring and adapting, the budget decisions (logging where adaptation stops for good), and
+    the result."""
 
-    def __init__(self, ctx: EvalContext, device: torch.device):
-        self.ctx, self.device = ctx, device
-        self.budgeted = ctx.budget is not None and ctx.budget.cap_ms is not None
+    def __init__(self, ctx: EvalContext, settings: str, nothing_to_adapt: str | None):
+        self.ctx, self.costs = ctx, ctx.costs
         self.ms = {"score": 0.0, "adapt": 0.0}
-
-    def start(self, settings: str, nothing_to_adapt: str | None) -> None:
-        self.ctx.log(f"ttt:start {settings}")
+        ctx.log(f"ttt:start {settings}")
         if nothing_to_adapt is not None:
-            self.ctx.log(f"ttt:warning this pass adapts on nothing: {nothing_to_adapt}; its score is the plain score")
+            ctx.log(f"ttt:warning this pass adapts on nothing: {nothing_to_adapt}; its score is the plain score")
 
     def now(self) -> float:
-        return self.ctx.budget.now() if self.budgeted else 1000.0 * time.perf_counter()
+        return self.ctx.budget.now() if self.costs is not None else 1000.0 * time.perf_counter()
 
     def add(self, kind: str, since_ms: float) -> float:
         ms = self.now() - since_ms
@@ -4647,13 +4650,10 @@ def average_gradients(params: list[torch.Tensor]) -> None:
     target count, so the sum is the average). A rank with no data contributes zeros."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
     dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
+    for p, grad in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = grad.view_as(p).clone()
 
 
 def adapt_full_model(model: GPT, ledger: ScoreLedger, spans: list[tuple[int, int]], optimizer, ctx: EvalContext, *,
@@ -4669,33 +4669,27 @@ def adapt_full_model(model: GPT, ledger: ScoreLedger, spans: list[tuple[int, int
         g["lr"] = lr
     steps = 0
     model.train()
-    for _ in range(epochs):
-        for j in range(0, len(pieces), batch_seqs):
-            if before_step is not None and not before_step():
-                model.eval()
-                return steps
-            step_pieces = pieces[j : j + batch_seqs]
-            total_targets = sum(hi - lo for lo, hi in step_pieces)
-            mine = rank_share(step_pieces, ctx.rt.rank, ctx.rt.world_size)
-            if mine:
-                width = max(hi - lo for lo, hi in mine)
-                x = torch.zeros(len(mine), width, dtype=torch.int64)
-                y = torch.full((len(mine), width), -100, dtype=torch.int64)  # -100 = no target here
-                for i, (lo, hi) in enumerate(mine):
-                    tokens = ledger.adaptation_tokens(lo, hi)
-                    x[i, : hi - lo], y[i, : hi - lo] = tokens[:-1], tokens[1:]
-                x, y = x.to(ledger.device), y.to(ledger.device)
-                with ctx.autocast():
-                    logits = model.forward_logits(x, ctx.looping)
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
-                                       ignore_index=-100, reduction="sum") / total_targets
-                loss.backward()
-            average_gradients(params)
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            steps += 1
+    for step_pieces in [pieces[j : j + batch_seqs] for _ in range(epochs) for j in range(0, len(pieces), batch_seqs)]:
+        if before_step is not None and not before_step():
+            break
+        mine = rank_share(step_pieces, ctx.rt.rank, ctx.rt.world_size)
+        if mine:
+            width = max(hi - lo for lo, hi in mine)
+            x = torch.zeros(len(mine), width, dtype=torch.int64)
+            y = torch.full((len(mine), width), -100, dtype=torch.int64)  # -100: no target here (cross_entropy's ignore_index)
+            for i, (lo, hi) in enumerate(mine):
+                tokens = ledger.adaptation_tokens(lo, hi)
+                x[i, : hi - lo], y[i, : hi - lo] = tokens[:-1], tokens[1:]
+            x, y = x.to(ledger.device), y.to(ledger.device)
+            with ctx.autocast():
+                logits = model.forward_logits(x, ctx.looping)
+            (token_nll(logits, y, "sum") / sum(hi - lo for lo, hi in step_pieces)).backward()
+        average_gradients(params)
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
     model.eval()
     return steps
 
@@ -4710,17 +4704,14 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContex
     logits_fn = logits_fn or model.forward_logits
     groups = chunk_windows(plan_windows(ledger.num_targets, s.seq_len, s.eval_stride or s.seq_len), s.ttt_chunk_tokens)
     rounds = chunk_rounds(groups, s, ctx.rt.world_size)
-    tracker = TTTTracker(ctx, ledger.device)
-    costs = ctx.budget.costs if tracker.budgeted else None
     with frozen(p for block in model.blocks[: s.ttt_freeze_blocks] for p in block.parameters()):
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=s.ttt_lr, momentum=s.ttt_momentum)
-        tracker.start(f"mode:chunked chunks:{len(groups)} ttt_lr:{s.ttt_lr} ttt_epochs:{s.ttt_epochs} chunk_tokens:"
-                      f"{s.ttt_chunk_tokens} frozen_blocks:{s.ttt_freeze_blocks} params:{sum(p.numel() for p in params)}",
-                      nothing_to_adapt(s, ledger.num_targets))
-        later = sum(rounds)  # scoring rounds of the chunks not scored yet
-        steps = trained_chunks = 0
-        trained_upto = 0  # targets 1..trained_upto have been (or will never be) trained on
+        tracker = TTTTracker(ctx, f"mode:chunked chunks:{len(groups)} ttt_lr:{s.ttt_lr} ttt_epochs:{s.ttt_epochs} "
+                             f"chunk_tokens:{s.ttt_chunk_tokens} frozen_blocks:{s.ttt_freeze_blocks} "
+                             f"params:{sum(p.numel() for p in params)}", nothing_to_adapt(s, ledger.num_targets))
+        costs, later = tracker.costs, sum(rounds)  # later: scoring rounds of the chunks not scored yet
+        steps = trained_chunks = trained_upto = 0  # targets 1..trained_upto have been (or will never be) trained on
         for ci, group in enumerate(groups):
             later -= rounds[ci]
             t0 = tracker.now()
@@ -4965,13 +4956,12 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lor
     lora.reset(s.ttt_warm_start_a)
     optimizer = torch.optim.AdamW(lora.params, lr=s.ttt_lora_lr, betas=(s.ttt_beta1, s.ttt_beta2), eps=1e-10,
                                   weight_decay=s.ttt_weight_decay)
-    chunk = min(s.ttt_chunk_size, s.seq_len)  # a window holds its whole chunk
-    chunks = [document_chunks(d, chunk) for d in docs]
+    chunks = [document_chunks(d, s.chunk) for d in docs]
     steps = adapting = 0
     for i in range(num_steps):
         rows = [d for d in range(len(docs)) if i < len(chunks[d])]
         train_rows = [d for d in rows if i < len(chunks[d]) - 1]
-        width = step_width(i, chunk, s.seq_len)
+        width = step_width(i, s.chunk, s.seq_len)
         if before_step is not None and not before_step(i, width if rows else None, bool(train_rows)):
             train_rows = []
         elif rows:
@@ -4982,20 +4972,18 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lor
         spans = [chunks[d][i] for d in rows]
         starts = [max(docs[d][0], b - s.seq_len) for d, (_, b) in zip(rows, spans)]
         x, positions, x_at, y_at, mask = ledger.document_rows(spans, starts, rows=rows, num_rows=lora.num_rows,
-                                                              width=width, chunk=chunk)
+                                                              width=width, chunk=s.chunk)
         with torch.enable_grad(), ctx.autocast():  # one graph per width: steps that train nothing skip the backward
             logits = forward(lora, model, x, positions, ctx.looping)
         ledger.commit(spans, logits.detach(), x_at, y_at, mask)  # scores fixed before the update below
         if not train_rows:
             continue
-        labels, weights = torch.zeros(lora.num_rows, chunk, dtype=torch.int64), torch.zeros(lora.num_rows, chunk)
+        labels, weights = torch.zeros(lora.num_rows, s.chunk, dtype=torch.int64), torch.zeros(lora.num_rows, s.chunk)
         for d in train_rows:  # each document's mean loss over the chunk it just committed
             a, b = chunks[d][i]
             labels[d, : b - a] = ledger.adaptation_tokens(a, b)[1:]
             weights[d, : b - a] = 1.0 / (b - a)
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.to(ledger.device).reshape(-1),
-                              reduction="none")
-        (nll * weights.to(ledger.device).reshape(-1)).sum().backward()
+        (token_nll(logits, labels.to(ledger.device)) * weights.to(ledger.device).reshape(-1)).sum().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         steps += 1
@@ -5038,12 +5026,11 @@ def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: li
     which compiles the width's graph; with `costs`, then a timed plain step (the forward) and a timed
     adapting one, the budget's step costs before the first validation step. The adapters are reset
     by the next round."""
-    chunk = min(s.ttt_chunk_size, s.seq_len)
     optimizer = torch.optim.AdamW(lora.params, lr=0.0)
     device = lora.a[0].device
     for width in widths:
         x = synthetic_tokens(lora.num_rows * width, model.cfg.vocab_size, seed=width).view(lora.num_rows, width)
-        positions = torch.arange(width - chunk, width).expand(lora.num_rows, -1).contiguous()  # a real step's layout
+        positions = torch.arange(width - s.chunk, width).expand(lora.num_rows, -1).contiguous()  # a real step's layout
         x, positions = x.to(device), positions.to(device)
         for kind, timed in [("adapt", False)] + ([("plain", True), ("adapt", True)] if costs is not None else []):
             t0 = costs.now() if timed else 0.0
@@ -5084,78 +5071,81 @@ def nothing_to_adapt(s: TTTSettings, num_targets: int, queue: list[tuple[int, in
             return (f"the {num_targets} validation targets fit in one TTT_CHUNK_TOKENS={s.ttt_chunk_tokens} chunk, which "
                     f"is scored last and never trains (lower TTT_CHUNK_TOKENS)")
         return None
-    chunk = min(s.ttt_chunk_size, s.seq_len)
-    if any(b - a > chunk for a, b in queue):
+    if any(b - a > s.chunk for a, b in queue):
         return None
-    if s.ttt_mode == "phased" and s.global_ttt_epochs > 0:
+    phased = s.ttt_mode == "phased"
+    if phased and s.global_ttt_epochs > 0:
         first = min(s.phased_ttt_prefix_docs, len(queue)) // s.phased_ttt_num_phases  # documents the first global phase trains on
         if first > 0 and -(-first // round_docs) < -(-len(queue) // round_docs):  # it ends before the last round
             return None
-    return (f"every one of the {len(queue)} documents fits in one TTT_CHUNK_SIZE={chunk} chunk, which never trains"
-            + (", and no global phase ends before the last round" if s.ttt_mode == "phased" else "")
-            + " (lower TTT_CHUNK_SIZE" + (", TTT_BATCH_SIZE or PHASED_TTT_PREFIX_DOCS" if s.ttt_mode == "phased" else "")
-            + ")")
+    return (f"every one of the {len(queue)} documents fits in one TTT_CHUNK_SIZE={s.chunk} chunk, which never trains"
+            + (", and no global phase ends before the last round (lower TTT_CHUNK_SIZE, TTT_BATCH_SIZE or "
+               "PHASED_TTT_PREFIX_DOCS)" if phased else " (lower TTT_CHUNK_SIZE)"))
+
+
+def document_rounds(queue: list[tuple[int, int]], per_rank: int, rt: Runtime) -> tuple[list[list], list[list]]:
+    """Document TTT's rounds (per_rank x world size documents of the queue each) and this rank's
+    documents of each (rank r holds the round's positions r*per_rank onwards)."""
+    size = per_rank * rt.world_size
+    rounds = [queue[j : j + size] for j in range(0, len(queue), size)]
+    return rounds, [r[rt.rank * per_rank : (rt.rank + 1) * per_rank] for r in rounds]
 
 
 def document_step_widths(tokens: torch.Tensor, s: TTTSettings, rt: Runtime) -> collections.Counter:
     """This rank's chunk steps of a document TTT pass over `tokens`, by padded width: what scoring it
     plainly takes."""
-    queue, per_rank, chunk = document_queue(tokens), s.ttt_batch_size, min(s.ttt_chunk_size, s.seq_len)
-    rounds = [queue[j : j + per_rank * rt.world_size] for j in range(0, len(queue), per_rank * rt.world_size)]
-    return collections.Counter(w for r in rounds for w, _ in round_steps(r[rt.rank * per_rank : (rt.rank + 1) *
-                                                                             per_rank], chunk, s.seq_len))
+    _, mine = document_rounds(document_queue(tokens), s.ttt_batch_size, rt)
+    return collections.Counter(w for docs in mine for w, _ in round_steps(docs, s.chunk, s.seq_len))
 
 
 def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContext, lora_forward=None) -> TTTResult:
     """Per-document LoRA TTT (mode lora) or phased TTT (mode phased) over the whole stream.
     `lora_forward` is `lora_logits` or a compiled form of it."""
-    forward, rank = lora_forward or lora_logits, ctx.rt.rank
-    queue = document_queue(ledger.tokens)
-    per_rank, round_docs = s.ttt_batch_size, s.ttt_batch_size * ctx.rt.world_size
-    rounds = [queue[j : j + round_docs] for j in range(0, len(queue), round_docs)]
-    mine = [r[rank * per_rank : (rank + 1) * per_rank] for r in rounds]
-    chunk = min(s.ttt_chunk_size, s.seq_len)
-    num_steps = [len(document_chunks(r[0], chunk)) for r in rounds]  # every rank's most (the longest is first)
+    forward, queue = lora_forward or lora_logits, document_queue(ledger.tokens)
+    rounds, mine = document_rounds(queue, s.ttt_batch_size, ctx.rt)
+    round_docs = s.ttt_batch_size * ctx.rt.world_size
+    num_steps = [len(document_chunks(r[0], s.chunk)) for r in rounds]  # every rank's most (the longest is first)
     phased, prefix = s.ttt_mode == "phased", min(s.phased_ttt_prefix_docs, len(queue))
     boundaries = phase_boundaries(prefix, s.phased_ttt_num_phases) if phased else []
-    lora = DocLoRA(model, per_rank, s, ledger.device, ctx.looping)
-    tracker = TTTTracker(ctx, ledger.device)
-    tracker.start(f"mode:{s.ttt_mode} docs:{len(queue)} rounds:{len(rounds)} docs_per_rank:{per_rank} "
-                  f"window_widths:{window_widths(chunk, s.seq_len)} lora_rank:{s.ttt_lora_rank} "
-                  f"lora_alpha:{s.ttt_lora_alpha or s.ttt_lora_rank:g} lora_lr:{s.ttt_lora_lr} warm_start_a:{int(s.ttt_warm_start_a)} "
-                  f"adapters:{len(lora.a)} chunk_size:{s.ttt_chunk_size}"
-                  + (f" prefix_docs:{prefix} num_phases:{s.phased_ttt_num_phases} boundaries:{boundaries}" if phased else ""),
-                  nothing_to_adapt(s, ledger.num_targets, queue, round_docs))
-    costs = ctx.budget.costs if tracker.budgeted else StepCosts(tracker.now)
+    lora = DocLoRA(model, s.ttt_batch_size, s, ledger.device, ctx.looping)
+    tracker = TTTTracker(ctx, f"mode:{s.ttt_mode} docs:{len(queue)} rounds:{len(rounds)} docs_per_rank:{s.ttt_batch_size} "
+                         f"window_widths:{window_widths(s.chunk, s.seq_len)} lora_rank:{s.ttt_lora_rank} "
+                         f"lora_alpha:{s.ttt_lora_alpha or s.ttt_lora_rank:g} lora_lr:{s.ttt_lora_lr} "
+                         f"warm_start_a:{int(s.ttt_warm_start_a)} adapters:{len(lora.a)} chunk_size:{s.ttt_chunk_size}"
+                         + (f" prefix_docs:{prefix} num_phases:{s.phased_ttt_num_phases} boundaries:{boundaries}"
+                            if phased else ""), nothing_to_adapt(s, ledger.num_targets, queue, round_docs))
+    costs = tracker.costs or StepCosts(tracker.now)
     remaining = document_step_widths(ledger.tokens, s, ctx.rt)  # plain steps left on this rank, by width
-    if tracker.budgeted:  # what the evaluation warm-up has not timed yet
+    if tracker.costs is not None:  # what the evaluation warm-up has not timed yet
         with frozen(model.parameters()):
             measure_document_steps(model, lora, s, [w for w in sorted(remaining) if ("plain", w) not in costs.sums],
                                    ctx, forward=forward, costs=costs)
         if phased and s.global_ttt_epochs > 0 and prefix > 0 and "global" not in costs.sums:
             measure_global_step(model, s, ctx, costs)
 
-    def allows(next_ms: float, where: str) -> bool:  # under a budget only
-        return tracker.allows(next_ms, costs.plain_ms(remaining), where, f"{sum(remaining.values())} chunk steps on "
-                                                                         "this rank")
+    def gate(kind, where: str, refused_kind=None) -> bool:
+        """Whether the next step may adapt (always, without a budget). Under a budget the step is then
+        timed as `kind` if it may, else as `refused_kind` (None: not timed)."""
+        if tracker.costs is None:
+            return True
+        ok = tracker.allows(costs.ms(kind), costs.plain_ms(remaining), where,
+                            f"{sum(remaining.values())} chunk steps on this rank")
+        costs.lap(kind if ok else refused_kind)
+        return ok
 
     steps = global_steps = phases_done = trained_rounds = 0
-    for j in range(len(rounds)):
+    for j, docs in enumerate(mine):
         t0 = tracker.now()
 
         def before_step(i: int, width: int | None, trains: bool) -> bool:
+            kind = refused = None  # a step where this rank holds no document is not timed
             if width is not None:
                 remaining[width] -= 1
-            if not tracker.budgeted:
-                return True
-            kind = None if width is None else ("adapt" if trains else "plain", width)
-            ok = allows(0.0 if kind is None else costs.ms(kind), f"round {j + 1}/{len(rounds)} step {i + 1}/"
-                                                                  f"{num_steps[j]}")
-            costs.lap(None if kind is None else kind if ok else ("plain", width))
-            return ok
+                kind, refused = ("adapt" if trains else "plain", width), ("plain", width)
+            return gate(kind, f"round {j + 1}/{len(rounds)} step {i + 1}/{num_steps[j]}", refused)
 
         with frozen(model.parameters()):  # only the adapters learn inside a round
-            done, adapted = lora_round(model, ledger, mine[j], lora, s, ctx, num_steps=num_steps[j], forward=forward,
+            done, adapted = lora_round(model, ledger, docs, lora, s, ctx, num_steps=num_steps[j], forward=forward,
                                        before_step=before_step)
         costs.lap(None)
         steps += done
@@ -5168,16 +5158,8 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalCont
                 ctx.log(f"ttt:global_phase {phase} skipped: no document is left to score")
             elif tracker.stopped_at is None:
                 t0 = tracker.now()
-
-                def before_global_step(n: int) -> bool:
-                    if not tracker.budgeted:
-                        return True
-                    ok = allows(costs.ms("global"), f"global phase {phase} step {n}")
-                    costs.lap("global" if ok else None)
-                    return ok
-
                 phase_steps = global_sgd_phase(model, ledger, queue[: boundaries[phases_done]], s, ctx,
-                                               before_step=before_global_step)
+                                               before_step=lambda n: gate("global", f"global phase {phase} step {n}"))
                 costs.lap(None)
                 global_steps += phase_steps
                 ctx.log(f"ttt:global_phase {phase} docs_scored:{done_docs} docs_trained:{boundaries[phases_done]} "
