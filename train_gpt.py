@@ -4294,7 +4294,8 @@ class EvalBudget:
         return self.elapsed_ms()
 
     def agreed(self, *values: float) -> list[float]:
-        return agree_max([self.elapsed_ms(), *values], self.rt) if self.rt is not None else [self.elapsed_ms(), *values]
+        values = [self.elapsed_ms(), *values]
+        return values if self.rt is None else agree_max(values, self.rt)
 
     def left_ms(self, need_ms: float) -> tuple[float, float]:
         """(need, time left), agreed over ranks."""
@@ -4627,15 +4628,20 @@ def cosine_lr(lr: float, i: int, n: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * i / max(n - 1, 1)))
 
 
+@contextlib.contextmanager
+def weights_restored(model: nn.Module):
+    """Every weight and buffer of `model` is put back as it was when the block ends."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    yield
+    model.load_state_dict(saved)
+
+
 def chunk_windows(spans: list[tuple[int, int]], chunk_tokens: int) -> list[list[tuple[int, int]]]:
     """Windows grouped by the chunk holding their first scored target, in stream order."""
     groups: list[list[tuple[int, int]]] = []
-    last = -1
     for a, b in spans:
-        c = a // chunk_tokens
-        if c != last:
+        if not groups or a // chunk_tokens != groups[-1][0][0] // chunk_tokens:
             groups.append([])
-            last = c
         groups[-1].append((a, b))
     return groups
 
@@ -4812,12 +4818,11 @@ class AdapterHooks:
     SUFFIXES = ("attn.c_q", "attn.c_v", "attn.c_k", "attn.proj", "mlp")
 
     def __init__(self, model: GPT):
-        modules = dict(model.named_modules())
         self.names = [f"blocks.{i}.{suffix}" for i in range(len(model.blocks)) for suffix in self.SUFFIXES]
         self.lora: "DocLoRA | None" = None
         self.calls: list[int] | None = None
         for k, name in enumerate(self.names):
-            modules[name].register_forward_hook(self._hook(k))
+            model.get_submodule(name).register_forward_hook(self._hook(k))
 
     def _hook(self, k: int):
         def add_delta(module, inputs, output):
@@ -4848,32 +4853,29 @@ class DocLoRA:
     step from a round's start until its document's last trained chunk, so its step count is the same on
     any number of ranks). After that a row keeps moving with the others' steps (decay, momentum), which
     no score sees; the A that warm starts the next round is the one saved at the row's last own step
-    (`keep_warm`). Applied through the model's `AdapterHooks`, so the model code is untouched."""
+    (`keep_warm`). Applied through the model's `AdapterHooks`, so the model code is untouched. A is
+    drawn from one seeded generator, the same for every row."""
 
-    def __init__(self, model: GPT, num_rows: int, s: "TTTSettings", device: torch.device, looping: bool,
-                 seed: int = 0):
+    def __init__(self, model: GPT, num_rows: int, s: "TTTSettings", device: torch.device, looping: bool):
         order = model.cfg.layer_order(looping)
         names = lora_targets(model, s)
         self.hooks = adapter_hooks(model)
         self.module_of_hook = [names.index(n) if n in names else -1 for n in self.hooks.names]
-        modules = dict(model.named_modules())
         self.slots = [order.count(int(name.split(".")[1])) for name in names]
+        self.first_slot = [sum(self.slots[:k]) for k in range(len(self.slots))]  # adapter of module k's slot 0
         self.scale = (s.ttt_lora_alpha or s.ttt_lora_rank) / s.ttt_lora_rank
-        g = torch.Generator().manual_seed(seed)
-        shapes = []  # (in, out) per adapter: every slot of every module, then the head
+        self.num_rows = num_rows
+        shapes = []  # (in, out) per adapter: every slot of every module (an MLP's adapter is dim->dim), then the head
         for name, n in zip(names, self.slots):
-            m = modules[name]
-            width = m.fc.in_features if isinstance(m, MLP) else m.in_features
-            out = m.proj.out_features if isinstance(m, MLP) else m.out_features
-            shapes += [(width, out)] * n
+            m = model.get_submodule(name)
+            shapes += [(model.cfg.model_dim,) * 2 if isinstance(m, MLP) else (m.in_features, m.out_features)] * n
         shapes.append((model.cfg.model_dim, model.cfg.vocab_size))
-        a_init = [(torch.rand(s.ttt_lora_rank, i, generator=g) * 2 - 1) / math.sqrt(i) for i, _ in shapes]
-        self.a_init = [a.expand(num_rows, -1, -1).clone().to(device) for a in a_init]
+        g = torch.Generator().manual_seed(0)
+        self.a_init = [((torch.rand(s.ttt_lora_rank, i, generator=g) * 2 - 1) / math.sqrt(i)).expand(num_rows, -1, -1)
+                       .clone().to(device) for i, _ in shapes]
         self.warm_a = [a.clone() for a in self.a_init]  # per row: the A the next round starts from
         self.a = [a.clone().requires_grad_() for a in self.a_init]
         self.b = [torch.zeros(num_rows, o, s.ttt_lora_rank, device=device, requires_grad=True) for _, o in shapes]
-        self.first_slot = [sum(self.slots[:k]) for k in range(len(self.slots))]  # adapter of module k's slot 0
-        self.num_rows = num_rows
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -5002,20 +5004,18 @@ def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]
             groups.append([])
         groups[-1].append(d)
     optimizer = torch.optim.SGD(list(model.parameters()), lr=s.global_ttt_lr, momentum=s.ttt_momentum)
-    steps = asked = 0
-    refused = False
+    answers = []  # before_step's answers so far: the first refusal ends the phase
 
     def gate() -> bool:
-        nonlocal asked, refused
-        asked += 1
-        refused = before_step is not None and not before_step(asked)
-        return not refused
+        answers.append(before_step is None or before_step(len(answers) + 1))
+        return answers[-1]
 
+    steps = 0
     for gi, group in enumerate(groups):
         steps += adapt_full_model(model, ledger, group, optimizer, ctx, lr=cosine_lr(s.global_ttt_lr, gi, len(groups)),
                                   epochs=s.global_ttt_epochs, seq_len=s.seq_len, batch_seqs=s.ttt_batch_seqs,
                                   grad_clip=s.ttt_grad_clip, before_step=gate)
-        if refused:
+        if not all(answers):
             break
     return steps
 
@@ -5047,17 +5047,15 @@ def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: li
 def measure_global_step(model: GPT, s: TTTSettings, ctx: EvalContext, costs: StepCosts) -> None:
     """Time one full global SGD step (TTT_BATCH_SEQS sequences of EVAL_SEQ_LEN, over all ranks) on
     synthetic tokens, after an untimed one; every weight is put back."""
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    device = next(model.parameters()).device
-    source = TrainingTokens(synthetic_tokens(s.ttt_batch_seqs * s.seq_len + 1, model.cfg.vocab_size, seed=2), device)
+    source = TrainingTokens(synthetic_tokens(s.ttt_batch_seqs * s.seq_len + 1, model.cfg.vocab_size, seed=2), ctx.rt.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=s.ttt_momentum)
-    for timed in (False, True):
-        t0 = costs.now()
-        adapt_full_model(model, source, [(0, source.num_targets)], optimizer, ctx, lr=0.0, epochs=1, seq_len=s.seq_len,
-                         batch_seqs=s.ttt_batch_seqs, grad_clip=s.ttt_grad_clip)
-        if timed:
-            costs.add("global", costs.now() - t0)
-    model.load_state_dict(saved)
+    with weights_restored(model):
+        for timed in (False, True):
+            t0 = costs.now()
+            adapt_full_model(model, source, [(0, source.num_targets)], optimizer, ctx, lr=0.0, epochs=1,
+                             seq_len=s.seq_len, batch_seqs=s.ttt_batch_seqs, grad_clip=s.ttt_grad_clip)
+            if timed:
+                costs.add("global", costs.now() - t0)
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -5695,8 +5693,9 @@ def agree_run_id(run_id: str, rt: Runtime) -> str:
         run_id = box[0]
     if run_id in (".", "..") or "/" in run_id or "\\" in run_id:
         raise ConfigError(f"RUN_ID={run_id!r} must be a plain folder name (no path separators)")
-    if len(run_id.encode("utf-8")) > 200:  # file systems take 255 bytes per name; leave room for suffixes
-        raise ConfigError(f"RUN_ID is {len(run_id.encode('utf-8'))} bytes long ({run_id[:24]}...); use at most 200")
+    size = len(run_id.encode())
+    if size > 200:  # file systems take 255 bytes per name; leave room for suffixes
+        raise ConfigError(f"RUN_ID is {size} bytes long ({run_id[:24]}...); use at most 200")
     return run_id
 
 
@@ -5764,19 +5763,15 @@ def remove_old_run_dir(run_dir: Path) -> None:
         fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
         return  # another claimer moved it first
-    in_use = RunError(f"run folder {run_dir}{os.sep} belongs to a run that is still going (or being replaced); "
-                      "wait for it to end or stop it, or pick a new RUN_ID")
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise in_use from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(run_dir).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:  # moved or replaced between our open and our lock
-            raise in_use
+            moved = os.fstat(fd).st_ino != os.stat(run_dir).st_ino  # moved or replaced between our open and our lock
+        except (BlockingIOError, FileNotFoundError):  # locked by its run, or moved away
+            moved = True
+        if moved:
+            raise RunError(f"run folder {run_dir}{os.sep} belongs to a run that is still going (or being replaced); "
+                           "wait for it to end or stop it, or pick a new RUN_ID") from None
         trash = run_dir.parent / f".replaced-{uuid.uuid4().hex[:12]}"
         os.rename(run_dir, trash)  # atomic: from here on nobody sees the old folder under the run's name
         shutil.rmtree(trash)
@@ -5819,11 +5814,9 @@ def data_fingerprint(data_path: str, tokenizer_path: str | None = None, splits=(
             recorded = {s["file"]: s["sha256"] for split in data_manifest["splits"].values() for s in split["shards"]}
             recorded.update({s["file"]: s["sha256"] for s in data_manifest.get("byte_sidecar", {}).get("shards", [])})
             source = "data manifest"
-    checksums = {}
-    for path in (Path(f) for split in files.values() for f in split):
-        checksums[path.name] = recorded.get(path.name) or file_sha256(path)
     return {"variant": Path(data_path).name, "train_shards": len(files["train"]), "val_shards": len(files["val"]),
-            "val_byte_sidecars": len(files["val_bytes"]), "shard_sha256": checksums, "checksum_source": source,
+            "val_byte_sidecars": len(files["val_bytes"]), "checksum_source": source,
+            "shard_sha256": {p.name: recorded.get(p.name) or file_sha256(p) for f in files.values() for p in map(Path, f)},
             "data_manifest_sha256": file_sha256(manifest_path) if manifest_path.is_file() else None,
             "tokenizer_sha256": file_sha256(Path(tokenizer_path)) if tokenizer_path else None}
 
@@ -5845,6 +5838,10 @@ def step_time_stats(step_ms: list[float]) -> dict:
             "p90": float(np.percentile(t, 90)), "max": float(t.max()), "first": float(t[0])}
 
 
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 class RunManifest:
     """manifest.json of a run folder, written by rank 0 (atomically, every time it changes)."""
 
@@ -5852,9 +5849,8 @@ class RunManifest:
         self.path, self.is_main = path, rt.is_main
         readable = readable_source()
         self.data = {
-            "manifest_version": 1, "status": "started", "mode": mode, "run_id": hp.run_id,
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": hp.seed,
-            "world_size": rt.world_size, "config_hash": config_hash(hp),
+            "manifest_version": 1, "status": "started", "mode": mode, "run_id": hp.run_id, "started_utc": utc_now(),
+            "seed": hp.seed, "world_size": rt.world_size, "config_hash": config_hash(hp),
             "config": {f.name: getattr(hp, f.name) for f in fields(hp)},
             "code": {"train_gpt_sha256": hashlib.sha256(readable).hexdigest(), "readable_bytes": len(readable),
                      "shipped_sha256": hashlib.sha256(shipped_code(readable)).hexdigest()},
@@ -5867,8 +5863,7 @@ class RunManifest:
         self.write()
 
     def finish(self, status: str, **sections) -> None:
-        self.data.update(sections, status=status, finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        self.write()
+        self.update(**sections, status=status, finished_utc=utc_now())
 
     def finish_scored(self, scored: ArtifactScore, path: Path, clock: PhaseClock, compile_summary: dict,
                       block: list[str], *, scores: dict | None = None, artifact: dict | None = None,
@@ -5891,11 +5886,11 @@ class RunManifest:
             write_atomic(self.path, (json.dumps(self.data, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def record_failure(manifest: "RunManifest | None", e: BaseException, artifact: Path | None, is_main: bool,
-                   **sections) -> None:
+def record_failure(manifest: "RunManifest | None", e: BaseException, artifact: Path | None, is_main: bool) -> None:
     """A failed run's manifest says why (the signal, when one stopped it), and its artifact leaves its
     final name (kept as <name>.failed), so nothing takes it for the artifact of a finished run. A
     compile failure is recorded as its one line, with the run's compile section."""
+    sections = {}
     if _active_compile is not None:
         e = compile_failure(e) or e
         sections["compile"] = _active_compile.summary()
@@ -5907,25 +5902,22 @@ def record_failure(manifest: "RunManifest | None", e: BaseException, artifact: P
 
 def _record_failure(manifest: "RunManifest | None", e: BaseException, artifact: Path | None, is_main: bool,
                     sections: dict) -> None:
-    kept = None
-    failed = None if artifact is None else artifact.with_name(artifact.name + ".failed")
-    if is_main and artifact is not None and artifact.is_file():
-        with contextlib.suppress(OSError):
-            os.replace(artifact, failed)
-    if failed is not None and failed.is_file():
-        kept = failed.name
-    if manifest is None:
-        return
-    stopped = STOP_SIGNAL_RECEIVED[0] if STOP_SIGNAL_RECEIVED else None
-    error = f"stopped by {stopped}" if stopped else f"{e.__class__.__name__}: {e}"
-    with contextlib.suppress(RunError, OSError):  # e.g. the disk is still full: the first error is the one to report
-        manifest.finish("failed", error=error, **({"signal": stopped} if stopped else {}),
-                        **({"artifact_kept_as": kept} if kept else {}), **sections)
+    if artifact is not None:
+        failed = artifact.with_name(artifact.name + ".failed")
+        if is_main and artifact.is_file():
+            with contextlib.suppress(OSError):
+                os.replace(artifact, failed)
+        if failed.is_file():
+            sections["artifact_kept_as"] = failed.name
+    if manifest is not None:
+        stopped = STOP_SIGNAL_RECEIVED[0] if STOP_SIGNAL_RECEIVED else None
+        with contextlib.suppress(RunError, OSError):  # e.g. the disk is still full: the first error is the one to report
+            manifest.finish("failed", error=f"stopped by {stopped}" if stopped else f"{e.__class__.__name__}: {e}",
+                            **({"signal": stopped} if stopped else {}), **sections)
 
 
 def eval_record(result: EvalResult) -> dict:
-    return {"val_loss": result.val_loss, "val_bpb": result.val_bpb, "num_targets": result.num_targets,
-            "num_bytes": result.num_bytes}
+    return dataclasses.asdict(result)  # val_loss, val_bpb, num_targets, num_bytes
 
 
 # ---- the shipped code form ---------------------------------------------------------------------------
@@ -5941,21 +5933,12 @@ SHIPPED_SUFFIX = b'""".encode("latin-1"));exec(compile(SHIPPED_SOURCE,"train_gpt
 
 
 def string_literal_body(data: bytes) -> bytes:
-    """`data` as the body of a triple-quoted latin-1 string literal (an LF stays as it is)."""
-    out = bytearray()
-    for i, byte in enumerate(data):
-        after = data[i + 1 : i + 2]
-        if byte == 0x5C:
-            out += b"\\\\"
-        elif byte == 0x0D:  # Python reads a raw CR in source as a line end
-            out += b"\\r"
-        elif byte == 0:  # \0, unless an octal digit follows
-            out += b"\\x00" if after and after in b"01234567" else b"\\0"
-        elif byte == 0x22 and after in (b"", b'"'):  # never three quotes in a row, nor one before the closing three
-            out += b'\\"'
-        else:
-            out.append(byte)
-    return bytes(out)
+    """`data` as the body of a triple-quoted latin-1 string literal (an LF stays as it is): a backslash
+    doubled, CR as \\r (Python reads a raw CR in source as a line end), NUL as \\0 (\\x00 before an octal
+    digit), and a quote escaped before another quote or at the end (never three quotes in a row, nor
+    one before the closing three)."""
+    escapes = {b"\\": b"\\\\", b"\r": b"\\r", b"\0": b"\\0", b'"': b'\\"'}
+    return re.sub(rb'(\0(?=[0-7]))|[\\\r\0]|"(?="|\Z)', lambda m: b"\\x00" if m[1] else escapes[m[0]], data)
 
 
 def readable_source() -> bytes:
@@ -5972,21 +5955,15 @@ class RuntimeTree(ast.NodeTransformer):
 
     in_function = False
 
-    def visit_body(self, node, in_function: bool):
-        body = node.body
-        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(
-                body[0].value.value, str):
-            node.body = body[1:] or [ast.Pass()]
+    def visit_body(self, node, in_function: bool = False):
+        if ast.get_docstring(node, clean=False) is not None:
+            node.body = node.body[1:] or [ast.Pass()]
         outer, self.in_function = self.in_function, in_function
         self.generic_visit(node)
         self.in_function = outer
         return node
 
-    def visit_Module(self, node):
-        return self.visit_body(node, False)
-
-    def visit_ClassDef(self, node):
-        return self.visit_body(node, False)
+    visit_Module = visit_ClassDef = visit_body
 
     def visit_FunctionDef(self, node):
         node.returns = None
