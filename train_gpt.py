@@ -5643,6 +5643,11 @@ class ArtifactScore:
                 "passes": dict(self.passes.status)}
 
 
+def eval_batch_seqs(hp: Hyperparameters, world_size: int) -> int:
+    """Windows per scoring forward on a rank: VAL_BATCH_SIZE tokens over ranks and accumulation steps."""
+    return max(1, hp.val_batch_size // (world_size * hp.grad_accum_for(world_size) * hp.effective_eval_seq_len))
+
+
 def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: torch.Tensor, luts: ByteLuts,
                    clock: PhaseClock, log, *, expect: ModelConfig | None = None, use_compile: bool = False,
                    prequant: dict | None = None, compliance_out: list[str] | None = None) -> ArtifactScore:
@@ -5650,19 +5655,17 @@ def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: tor
     evaluation budget, which runs from reading the file to the final score. The end of a training run
     and EVAL_ONLY=1 both come here, so they report the same numbers."""
     clock.start("eval")
-    n_code, model_bytes = code_bytes(), path.stat().st_size if path.is_file() else 0
     fresh, header = load_artifact_model(path, rt.device, expect=expect, attn_backend=hp.attn_backend)
-    batch_seqs = max(1, hp.val_batch_size // (rt.world_size * hp.grad_accum_for(rt.world_size)
-                                              * hp.effective_eval_seq_len))
     tag = header["meta"].get("tag", "quantized")
     ctx = EvalContext(rt, lambda: autocast_context(hp, rt.device), bool(header["meta"].get("looping", False)), log=log)
     passes = evaluate_artifact(hp, fresh, val_tokens, luts, clock, ctx, use_compile=use_compile,
-                               batch_seqs=batch_seqs, tag=tag, prequant=prequant, compliance_out=compliance_out)
+                               batch_seqs=eval_batch_seqs(hp, rt.world_size), tag=tag, prequant=prequant,
+                               compliance_out=compliance_out)
     clock.stop()
-    total = model_bytes + n_code
-    log(f"artifact code_bytes:{n_code} model_bytes:{model_bytes} total_bytes:{total} "
-        f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(total <= ARTIFACT_LIMIT_BYTES)}")
-    return ArtifactScore(passes, n_code, model_bytes, tag)
+    score = ArtifactScore(passes, code_bytes(), path.stat().st_size, tag)
+    log(f"artifact code_bytes:{score.code_bytes} model_bytes:{score.model_bytes} total_bytes:{score.total_bytes} "
+        f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(score.total_bytes <= ARTIFACT_LIMIT_BYTES)}")
+    return score
 
 
 # ==================================================================================================
@@ -6043,7 +6046,7 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Ten
     val_tokens = load_validation_tokens(hp.data_path)
     if int(val_tokens.max()) >= hp.vocab_size:
         raise RunError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}: the shards "
-                       "were made with another tokenizer; point DATA_PATH at the shards of TOKENIZER_PATH's tokenizer")
+                       "are from another tokenizer; point DATA_PATH at the shards of TOKENIZER_PATH")
     luts = build_byte_luts(sp, hp.vocab_size)
     operators = caseops_operator_ids(sp)
     sidecar = load_validation_byte_sidecar(hp.data_path)
@@ -6051,11 +6054,11 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Ten
         what = ("CASEOPS_ENABLED=1" if operators is None else
                 f"{hp.tokenizer_path} is a CaseOps tokenizer (its pieces hold the operators U+E001-U+E004)")
         raise RunError(f"{what} but DATA_PATH={hp.data_path} has no byte sidecar fineweb_val_bytes_*.bin, so val_bpb "
-                       "would count the pieces' bytes, not the original text's; fetch the variant with its sidecar "
-                       "(data/cached_challenge_fineweb.py) or re-export the data with data/export_shards.py --caseops")
+                       "would count the pieces' bytes; fetch the variant with its sidecar "
+                       "(data/cached_challenge_fineweb.py) or re-export with data/export_shards.py --caseops")
     if hp.caseops_enabled and operators is None:
         raise RunError(f"CASEOPS_ENABLED=1 but {hp.tokenizer_path} has no CaseOps operator pieces (U+E001-U+E004); "
-                       "point TOKENIZER_PATH at the CaseOps tokenizer of DATA_PATH, or unset CASEOPS_ENABLED")
+                       "point TOKENIZER_PATH at DATA_PATH's CaseOps tokenizer, or unset CASEOPS_ENABLED")
     byte_check = "ok"
     if sidecar is None:
         val_bytes = check_validation_bytes(sp, val_tokens, luts, rt.rank, rt.world_size, rt.device)
@@ -6064,12 +6067,12 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Ten
         luts = dataclasses.replace(luts, val_bytes=sidecar)
         decoded, val_bytes = validation_byte_totals(sp, val_tokens, luts, rt.rank, rt.world_size, rt.device,
                                                     caseops=operators is not None)
-        # Our exporter records its sidecar in the data manifest and counts the decoded text exactly; a
-        # sidecar from elsewhere may count the raw input the tokenizer normalised (see RAW_SIDECAR_SLACK).
-        raw_ok = not manifest_records_sidecar(hp.data_path) and normalizes_whitespace(sp)
-        if decoded != val_bytes and not (raw_ok and 0 < val_bytes - decoded <= RAW_SIDECAR_SLACK * decoded):
-            raise byte_mismatch(val_bytes, decoded, luts)
         if decoded != val_bytes:
+            # Our exporter records its sidecar in the data manifest and counts the decoded text exactly; a
+            # sidecar from elsewhere may count the raw input the tokenizer normalised (see RAW_SIDECAR_SLACK).
+            raw_ok = not manifest_records_sidecar(hp.data_path) and normalizes_whitespace(sp)
+            if not (raw_ok and 0 < val_bytes - decoded <= RAW_SIDECAR_SLACK * decoded):
+                raise byte_mismatch(val_bytes, decoded, luts)
             byte_check = f"raw_sidecar(+{(val_bytes - decoded) / decoded:.3%}_over_the_decoded_text)"
             log(f"byte_sidecar: counts {val_bytes} bytes, the decoded text has {decoded}: the sidecar counts the raw "
                 "text the tokenizer normalised (newlines, repeated spaces, NFKC), the public CaseOps convention; "
@@ -6116,8 +6119,8 @@ def check_shapes_fit(hp: Hyperparameters, rt: Runtime, train_files: list[str], v
     if need > have:
         raise RunError(f"the model cannot train here: {params / 1e6:,.0f}M parameters (NUM_LAYERS={hp.num_layers} "
                        f"MODEL_DIM={hp.model_dim} MLP_MULT={hp.mlp_mult}) and {hp.train_batch_tokens} tokens a step need "
-                       f"at least {need / 2**30:,.1f} GiB per device, this {rt.device.type} has {have / 2**30:,.1f} GiB; "
-                       "lower NUM_LAYERS, MODEL_DIM or MLP_MULT, or TRAIN_BATCH_TOKENS (or raise GRAD_ACCUM_STEPS)")
+                       f">= {need / 2**30:,.1f} GiB per device, this {rt.device.type} has {have / 2**30:,.1f} GiB; lower "
+                       "NUM_LAYERS, MODEL_DIM, MLP_MULT or TRAIN_BATCH_TOKENS (or raise GRAD_ACCUM_STEPS)")
 
 
 def train_data_access_ms(clock: PhaseClock, *, prequant_on_train: bool, calibrate_on_train: bool) -> float:
@@ -6125,6 +6128,35 @@ def train_data_access_ms(clock: PhaseClock, *, prequant_on_train: bool, calibrat
     training tokens and GPTQ calibration on training batches, taken as one span against the cap."""
     return (clock.elapsed_ms("train") + (clock.elapsed_ms("prequant_ttt") if prequant_on_train else 0.0)
             + (clock.elapsed_ms("calibration") if calibrate_on_train else 0.0))
+
+
+@contextlib.contextmanager
+def run_folder(hp: Hyperparameters, rt: Runtime, mode: str, use_compile: bool):
+    """Claim this run's folder and yield (folder, manifest, log) with the log header written. A failure
+    inside is recorded in the manifest (a training run's artifact kept as .failed; an EVAL_ONLY error
+    says where its log is), and the folder's lock is released at the end."""
+    out_dir = claim_run_dir(hp, rt)
+    manifest = None
+    try:
+        manifest = RunManifest(out_dir / RUN_MANIFEST_NAME, hp, rt, mode)  # first: a full disk still leaves a manifest
+        log = RunLog(out_dir / RUN_LOG_NAME, rt.is_main)
+        log(f"run_dir:{out_dir}")
+        log_run_header(hp, rt, log)
+        if use_compile:
+            _active_compile.log = log
+        yield out_dir, manifest, log
+    except BaseException as e:  # a crashed run is recognisable from its manifest
+        record_failure(manifest, e, out_dir / ARTIFACT_NAME if mode == "train" else None, rt.is_main)
+        if mode == "eval_only" and isinstance(e, (ConfigError, RunError)):
+            raise RunError(f"{e} (the folder {out_dir}{os.sep} keeps this failed EVAL_ONLY run's log: re-run with "
+                           "REPLACE_RUN=1 or a new RUN_ID)") from None
+        raise
+    finally:
+        release_run_dir(out_dir)
+
+
+def max_eval_ms(hp: Hyperparameters) -> float | None:
+    return 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None
 
 
 def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -> dict:
@@ -6143,43 +6175,23 @@ def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -
     hp = dataclasses.replace(hp, run_id=agree_run_id(hp.run_id, rt), vocab_size=header["model"]["vocab_size"])
     early: list[str] = []  # lines logged before the run folder exists
     val_tokens, luts = prepare_validation(hp, rt, early.append)
-    out_dir = claim_run_dir(hp, rt)
-    manifest = None
-    compile_summary = lambda: _active_compile.summary() if use_compile else {"enabled": False}  # noqa: E731
-    try:
-        manifest = RunManifest(out_dir / RUN_MANIFEST_NAME, hp, rt, mode="eval_only")
-        log = RunLog(out_dir / RUN_LOG_NAME, rt.is_main)
-        log(f"run_dir:{out_dir}")
-        log_run_header(hp, rt, log)
+    with run_folder(hp, rt, "eval_only", use_compile) as (out_dir, manifest, log):
         log(f"eval_only: artifact {path} model {header['model']['num_layers']}x{header['model']['model_dim']} "
             f"vocab {hp.vocab_size} quant_method:{header['meta'].get('quant_method')}")
         for line in early:
             log(line)
         hp = choose_attention_backend(hp, rt, bool(header["model"].get("doc_masked_attention")), log)
         manifest.update(data=data_fingerprint(hp.data_path, hp.tokenizer_path, splits=("val",)) if rt.is_main else {})
-        clock = PhaseClock(None, 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None)
-        if use_compile:
-            _active_compile.log = log
+        clock = PhaseClock(None, max_eval_ms(hp))
         compliance_block: list[str] = []
         scored = score_artifact(hp, rt, path, val_tokens, luts, clock, log, use_compile=use_compile,
                                 compliance_out=compliance_block)
-        if use_compile:
-            log(_active_compile.line())
+        compile_summary = finish_compile_log(use_compile, log)
         log(clock.summary())
-        manifest.finish_scored(scored, path, clock, compile_summary(), compliance_block,
+        manifest.finish_scored(scored, path, clock, compile_summary, compliance_block,
                                artifact={"path": str(path.resolve())})
-    except BaseException as e:
-        record_failure(manifest, e, None, rt.is_main)
-        if isinstance(e, (ConfigError, RunError)):
-            raise RunError(f"{e} (the folder {out_dir}{os.sep} keeps this failed EVAL_ONLY run's log: re-run with "
-                           "REPLACE_RUN=1 or a new RUN_ID)") from None
-        raise
-    finally:
-        release_run_dir(out_dir)
-    return dict(results=scored.results, roundtrip=scored.results.get("roundtrip"), code_bytes=scored.code_bytes,
-                model_bytes=scored.model_bytes, total_bytes=scored.total_bytes, tag=scored.tag, run_id=hp.run_id,
-                run_dir=str(out_dir), phases=dict(clock.totals), log_path=str(log.path), cap_ms=None,
-                train_data_access_end_ms=0.0, compile=compile_summary())
+    return scored_summary(hp, out_dir, scored, clock, log, compile_summary, results=scored.results, cap_ms=None,
+                          train_data_access_end_ms=0.0)
 
 
 def compile_record_for(hp: Hyperparameters, rt: Runtime) -> CompileRecord | None:
@@ -6205,24 +6217,27 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
             raise failure from None
 
 
+def finish_compile_log(use_compile: bool, log) -> dict:
+    """After the final score: log what compile did; returns the manifest's compile section."""
+    if not use_compile:
+        return {"enabled": False}
+    log(_active_compile.line())
+    return _active_compile.summary()
+
+
+def scored_summary(hp: Hyperparameters, out_dir: Path, scored: ArtifactScore, clock: PhaseClock, log,
+                   compile_summary: dict, **more) -> dict:
+    """What run() returns for a run that scored an artifact (training runs add theirs in `more`)."""
+    return dict(run_id=hp.run_id, run_dir=str(out_dir), roundtrip=scored.results.get("roundtrip"),
+                code_bytes=scored.code_bytes, model_bytes=scored.model_bytes, total_bytes=scored.total_bytes,
+                tag=scored.tag, phases=dict(clock.totals), log_path=str(log.path), compile=compile_summary, **more)
+
+
 def train_and_score(hp: Hyperparameters, rt: Runtime, use_compile: bool) -> dict:
     hp.check_world(rt.world_size)
     hp = dataclasses.replace(hp, run_id=agree_run_id(hp.run_id, rt))
-    out_dir = claim_run_dir(hp, rt)
-    manifest = None
-    try:
-        manifest = RunManifest(out_dir / RUN_MANIFEST_NAME, hp, rt)  # first: a full disk still leaves a manifest
-        log = RunLog(out_dir / RUN_LOG_NAME, rt.is_main)
-        log(f"run_dir:{out_dir}")
-        log_run_header(hp, rt, log)
-        if use_compile:
-            _active_compile.log = log
+    with run_folder(hp, rt, "train", use_compile) as (out_dir, manifest, log):
         return train_and_score_in(hp, rt, use_compile, out_dir, log, manifest)
-    except BaseException as e:  # a crashed run is recognisable from its manifest
-        record_failure(manifest, e, out_dir / ARTIFACT_NAME, rt.is_main)
-        raise
-    finally:
-        release_run_dir(out_dir)
 
 
 @dataclass
@@ -6257,7 +6272,7 @@ class TrainingRun:
 
     @property
     def val_batch_seqs(self) -> int:
-        return max(1, self.hp.val_batch_size // (self.rt.world_size * self.grad_accum * self.hp.effective_eval_seq_len))
+        return eval_batch_seqs(self.hp, self.rt.world_size)
 
     @property
     def calibrate_on_train(self) -> bool:
@@ -6344,7 +6359,7 @@ def start_training_run(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
     # QAT layers are set up before the warm-up, so the compiled graph already has the (off) QAT path
     # and switching it on later recompiles nothing; without QAT_ENABLED the forward has no QAT work.
     qat_layers = prepare_qat(base_model, plan) if hp.qat_enabled else []
-    clock = PhaseClock(hp.max_wallclock_ms, 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None)
+    clock = PhaseClock(hp.max_wallclock_ms, max_eval_ms(hp))
     return TrainingRun(hp, rt, use_compile, out_dir, log, manifest, val_tokens, luts, train_files, holdout,
                        base_model, model, maybe_compile(base_model.forward_logits, use_compile, "forward_logits"),
                        optimizers, qat_layers, plan, clock)
@@ -6374,6 +6389,10 @@ class DataAccessReserve:
     """What is taken off the training budget for training-data reads after training."""
     calibration_probe_ms: float  # one measured pass over the calibration batches (0 when not on train data)
     prequant: dict | None  # pre-quantization TTT, prepared (None when off)
+
+    @property
+    def prequant_on_train(self) -> bool:
+        return self.prequant is not None and self.prequant["source"] == "train"
 
 
 def reserve_data_access(run: TrainingRun) -> DataAccessReserve:
@@ -6421,7 +6440,6 @@ def calibrate(run: TrainingRun, reserve: DataAccessReserve, looping: bool) -> di
         return None
     run.log("GPTQ:collecting Hessians from calibration data...")
     capped = run.calibrate_on_train and clock.cap_ms is not None
-    prequant_on_train = reserve.prequant is not None and reserve.prequant["source"] == "train"
     first_batch_ms = reserve.calibration_probe_ms / max(math.ceil(hp.gptq_calibration_batches / rt.world_size), 1)
     batches_read = 0
 
@@ -6431,7 +6449,7 @@ def calibrate(run: TrainingRun, reserve: DataAccessReserve, looping: bool) -> di
             return False
         per_batch = clock.elapsed_ms("calibration") / batches_read if batches_read else first_batch_ms
         batches_read += 1
-        end_ms = train_data_access_ms(clock, prequant_on_train=prequant_on_train, calibrate_on_train=True)
+        end_ms = train_data_access_ms(clock, prequant_on_train=reserve.prequant_on_train, calibrate_on_train=True)
         return agree_max([end_ms + per_batch], rt)[0] > clock.cap_ms
 
     clock.start("calibration")
@@ -6458,15 +6476,15 @@ class DataAccess:
 
 def check_data_access(run: TrainingRun, reserve: DataAccessReserve) -> DataAccess:
     """Checked before anything is scored or recorded."""
-    hp, clock = run.hp, run.clock
-    prequant_on_train = reserve.prequant is not None and reserve.prequant["source"] == "train"
-    end_ms = train_data_access_ms(clock, prequant_on_train=prequant_on_train,
+    clock = run.clock
+    end_ms = train_data_access_ms(clock, prequant_on_train=reserve.prequant_on_train,
                                   calibrate_on_train=run.calibrate_on_train)
     inside_cap = clock.cap_ms is None or end_ms <= clock.cap_ms
-    span = " + ".join(["training"] + ["pre-quant TTT"] * prequant_on_train + ["calibration"] * run.calibrate_on_train)
+    span = " + ".join(["training"] + ["pre-quant TTT"] * reserve.prequant_on_train
+                      + ["calibration"] * run.calibrate_on_train)
     run.log(f"train_data_access_end:{end_ms:.0f}ms ({span}; "
             f"cap {clock.cap_ms if clock.cap_ms is not None else 'none'}) inside_cap:{int(inside_cap)}")
-    reasons = (["ALLOW_VAL_ADAPTATION=1: validation tokens adapted before scoring (C3)"] * hp.allow_val_adaptation
+    reasons = (["ALLOW_VAL_ADAPTATION=1: validation tokens adapted before scoring (C3)"] * run.hp.allow_val_adaptation
                + [f"training-data access ({span}) ended at {end_ms:.0f}ms, past the "
                   f"{clock.cap_ms or 0:.0f}ms cap"] * (not inside_cap))
     if run.rt.device.type == "cuda":
@@ -6484,26 +6502,20 @@ def score_before_quantization(run: TrainingRun, state: TrainState, choice: str) 
     train_ms = clock.elapsed_ms("train")
     run.log(f"step:{state.step}/{hp.iterations} val_loss:{pre_quant.val_loss:.4f} val_bpb:{pre_quant.val_bpb:.4f} "
             f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(state.step, 1):.2f}ms")
-    stamp = NON_RECORD_STAMP if hp.allow_val_adaptation else ""
-    run.log(f"pre-quantization post-{choice} val_loss:{pre_quant.val_loss:.8f} val_bpb:{pre_quant.val_bpb:.8f}{stamp}")
+    run.log(f"pre-quantization post-{choice} val_loss:{pre_quant.val_loss:.8f} val_bpb:{pre_quant.val_bpb:.8f}"
+            f"{NON_RECORD_STAMP if hp.allow_val_adaptation else ''}")
     return pre_quant
 
 
 def finish_run(run: TrainingRun, state: TrainState, choice: str, pre_quant: EvalResult, access: DataAccess,
                artifact_path: Path, scored: ArtifactScore, compliance_block: list[str], prequant: dict | None) -> dict:
     """Write the shipped code beside the artifact, finish the manifest, and return the run's numbers."""
-    hp, rt, clock = run.hp, run.rt, run.clock
-    results, final_stage = scored.results, scored.final_stage
-    n_code, artifact_bytes, total_bytes = scored.code_bytes, scored.model_bytes, scored.total_bytes
+    clock, reasons = run.clock, access.non_record_reasons
     run.log(clock.summary())
-    compile_summary = _active_compile.summary() if run.use_compile else {"enabled": False}
-    if run.use_compile:
-        run.log(_active_compile.line())
-    final = results[final_stage]
+    compile_summary = finish_compile_log(run.use_compile, run.log)
     shipped = _shipped_code_of_this_file()
-    if rt.is_main:  # the code exactly as counted in the artifact (its shipped form), beside it
+    if run.rt.is_main:  # the code exactly as counted in the artifact (its shipped form), beside it
         write_atomic(run.out_dir / RUN_CODE_NAME, shipped)
-    reasons = access.non_record_reasons
     run.manifest.finish_scored(
         scored, artifact_path, clock, compile_summary, compliance_block, scores={"pre_quant": eval_record(pre_quant)},
         artifact={"file": artifact_path.name, "code_file": RUN_CODE_NAME,
@@ -6515,14 +6527,14 @@ def finish_run(run: TrainingRun, state: TrainState, choice: str, pre_quant: Eval
                   "reserve_ms": clock.reserve_ms, "epochs_consumed": state.epochs_consumed,
                   "train_losses": state.train_losses, "export_weights": choice},
         step_times_ms=step_time_stats(state.step_ms))
-    return dict(run_id=hp.run_id, run_dir=str(run.out_dir), steps=state.step, stopped_early=state.stopped_early,
-                epochs_consumed=state.epochs_consumed, train_losses=state.train_losses, pre_quant=pre_quant,
-                roundtrip=results.get("roundtrip"), evals=results, final=final, final_stage=final_stage,
-                fallback=scored.passes.fallback, export_choice=choice, code_bytes=n_code,
-                model_bytes=artifact_bytes, total_bytes=total_bytes, phases=dict(clock.totals),
-                training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms, log_path=str(run.log.path),
-                non_record=bool(reasons), prequant_ttt=prequant, train_data_access_end_ms=access.end_ms,
-                cap_ms=clock.cap_ms, compile=compile_summary)
+    return scored_summary(run.hp, run.out_dir, scored, clock, run.log, compile_summary, steps=state.step,
+                          stopped_early=state.stopped_early, epochs_consumed=state.epochs_consumed,
+                          train_losses=state.train_losses, pre_quant=pre_quant, evals=scored.results,
+                          final=scored.results[scored.final_stage], final_stage=scored.final_stage,
+                          fallback=scored.passes.fallback, export_choice=choice,
+                          training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms,
+                          non_record=bool(reasons), prequant_ttt=prequant, train_data_access_end_ms=access.end_ms,
+                          cap_ms=clock.cap_ms)
 
 
 def random_seed_all(seed: int) -> None:
@@ -6544,10 +6556,10 @@ def main_with_signals() -> int:
         rt = init_runtime(hp)
         result = run(hp, rt)
         if result["cap_ms"] is not None and result["train_data_access_end_ms"] > result["cap_ms"]:
-            raise RunError(f"training-data access (training + pre-quant TTT + calibration on training data) ended at "
-                           f"{result['train_data_access_end_ms']:.0f}ms, past the {result['cap_ms']:.0f}ms cap, so the "
-                           "run is marked non-record; use GPTQ_CALIBRATION_SOURCE=selfgen, fewer "
-                           "GPTQ_CALIBRATION_BATCHES or fewer PREQUANT_TTT_TOKENS")
+            raise RunError(f"training-data access (training, pre-quant TTT and calibration on training data) ended at "
+                           f"{result['train_data_access_end_ms']:.0f}ms, past the {result['cap_ms']:.0f}ms cap: the "
+                           "run is non-record; use GPTQ_CALIBRATION_SOURCE=selfgen, fewer GPTQ_CALIBRATION_BATCHES "
+                           "or PREQUANT_TTT_TOKENS")
         if result["total_bytes"] > ARTIFACT_LIMIT_BYTES:
             raise RunError(f"artifact is {result['total_bytes']} bytes, over the {ARTIFACT_LIMIT_BYTES}-byte limit "
                            "(code + compressed model); shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT, VOCAB_SIZE)")
