@@ -4326,8 +4326,8 @@ class EvalBudget:
 
 def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
     """Scored spans (a, b] covering targets 1..num_targets exactly once, in stream order."""
-    first = min(seq_len, num_targets)
-    return [(0, first)] + [(a, min(a + stride, num_targets)) for a in range(first, num_targets, min(stride, seq_len))]
+    first, stride = min(seq_len, num_targets), min(stride, seq_len)
+    return [(0, first)] + [(a, min(a + stride, num_targets)) for a in range(first, num_targets, stride)]
 
 
 def rank_share(items: list, rank: int, world_size: int) -> list:
@@ -5303,7 +5303,7 @@ def run_ttt(model: GPT, ledger: ScoreLedger, settings: TTTSettings, ctx: EvalCon
 # and the compliance block. The end of a training run and EVAL_ONLY=1 both go through score_artifact.
 
 
-def compliance_lines(passes: EvalPasses, hp: Hyperparameters, *, eval_ms: float, eval_cap_ms: float | None,
+def compliance_lines(passes: ArtifactScore, hp: Hyperparameters, *, eval_ms: float, eval_cap_ms: float | None,
                      causal_diff: float, prequant: dict | None = None) -> list[str]:
     """The compliance block (conditions C1-C4 of the public field guide), every data source
     (calibration: where quantization calibration data came from, e.g. train or synthetic) and what
@@ -5335,8 +5335,7 @@ def compliance_lines(passes: EvalPasses, hp: Hyperparameters, *, eval_ms: float,
         f"  sources: train_warmup:train eval_warmup:synthetic "
         f"adaptation:{'validation (already scored)' if adapted else 'none'} pre_quant_ttt:{prequant_source} "
         f"calibration:{hp.gptq_calibration_source if hp.quant_method == 'gptq' else 'none'}",
-        f"  eval_time: {eval_ms:.0f}ms budget:{'none' if eval_cap_ms is None else f'{eval_cap_ms:.0f}ms'} "
-        f"within_budget:{int(not over)}",
+        f"  eval_time: {eval_ms:.0f}ms budget:{ms_or_none(eval_cap_ms)} within_budget:{int(not over)}",
         f"  eval_passes: {passes.line()}",
         f"  record_eligible: {int(eligible)}" + (NON_RECORD_STAMP if hp.allow_val_adaptation else ""),
     ]
@@ -5399,6 +5398,10 @@ def synthetic_tokens(n: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
     return tokens
 
 
+def ms_or_none(ms: float | None) -> str:
+    return "none" if ms is None else f"{ms:.0f}ms"
+
+
 def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, ctx: EvalContext, *, seq_len: int, batch_seqs: int,
                        ttt: TTTSettings | None = None, lora_forward=None) -> dict:
     """Compile (and warm) the evaluation graphs on synthetic tokens, run the causality self-test, and
@@ -5406,44 +5409,42 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, ctx: EvalContext, 
     every window width, so every graph of the pass is compiled here); every weight is put back. Under
     a budget, time a window batch (forward and scoring, 3 times) and each TTT step shape: the costs
     the first pass is planned with."""
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    documents = ttt is not None and ttt.ttt_mode != "chunked"
-    costs = ctx.budget.costs if ctx.budget is not None and ctx.budget.cap_ms is not None else None
+    documents, costs = ttt is not None and ttt.ttt_mode != "chunked", ctx.costs
     quiet = EvalContext(ctx.rt, ctx.autocast, ctx.looping)  # no budget, no log
     if documents:
         adapter_hooks(model)  # registered before the first compile: the plain graphs never change after
     rows = batch_seqs * ctx.rt.world_size  # a full batch for every rank
     stream = synthetic_tokens(rows * seq_len + 1, model.cfg.vocab_size)
-    x = stream[: batch_seqs * seq_len].view(batch_seqs, seq_len).to(ctx.rt.device)
-    flipped = x.clone()
-    flipped[:, -1] = torch.where(flipped[:, -1] == 2, 3, 2)
-    with torch.no_grad(), ctx.autocast():
-        a, b = logits_fn(x, ctx.looping).float(), logits_fn(flipped, ctx.looping).float()
-    causal_diff = float((a[:, :-1] - b[:, :-1]).abs().max()) if seq_len > 1 else 0.0
-    if causal_diff > 1e-3:
-        raise RunError(f"causality self-test failed: changing the last token changed earlier logits by "
-                       f"{causal_diff:.3g} (C1); no score is reported")
-    no_sidecar = dataclasses.replace(luts, val_bytes=None)  # synthetic tokens are not the validation stream
-    for _ in range(3 if costs is not None else 0):
-        synthetic = ScoreLedger(stream, no_sidecar, ctx.rt.device)
-        t0 = costs.now()
-        score_windows(lambda t: logits_fn(t, ctx.looping), synthetic, plan_windows(rows * seq_len, seq_len, seq_len),
-                      quiet, seq_len=seq_len, batch_seqs=batch_seqs)
-        costs.add("window", costs.now() - t0)
-    if ttt is not None:
-        if documents:
-            lora = DocLoRA(model, ttt.ttt_batch_size, ttt, ctx.rt.device, ctx.looping)
-            with frozen(model.parameters()):  # as inside a round
-                measure_document_steps(model, lora, ttt, window_widths(min(ttt.ttt_chunk_size, seq_len), seq_len), quiet,
-                                       forward=lora_forward or lora_logits, costs=costs)
-            if costs is not None and ttt.ttt_mode == "phased" and ttt.global_ttt_epochs > 0 and ttt.phased_ttt_prefix_docs > 0:
-                measure_global_step(model, ttt, quiet, costs)
-        synthetic = ScoreLedger(synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1), no_sidecar,
-                                ctx.rt.device)
-        small = dataclasses.replace(ttt, ttt_chunk_tokens=seq_len, ttt_epochs=1, phased_ttt_prefix_docs=1,
-                                    phased_ttt_num_phases=1, global_ttt_epochs=1)
-        run_ttt(model, synthetic, small, quiet, logits_fn=logits_fn, lora_forward=lora_forward)
-    model.load_state_dict(saved)
+    with weights_restored(model):
+        x = stream[: batch_seqs * seq_len].view(batch_seqs, seq_len).to(ctx.rt.device)
+        flipped = x.clone()
+        flipped[:, -1] = torch.where(flipped[:, -1] == 2, 3, 2)
+        with torch.no_grad(), ctx.autocast():
+            a, b = logits_fn(x, ctx.looping).float(), logits_fn(flipped, ctx.looping).float()
+        causal_diff = float((a[:, :-1] - b[:, :-1]).abs().max()) if seq_len > 1 else 0.0
+        if causal_diff > 1e-3:
+            raise RunError(f"causality self-test failed: changing the last token changed earlier logits by "
+                           f"{causal_diff:.3g} (C1); no score is reported")
+        no_sidecar = dataclasses.replace(luts, val_bytes=None)  # synthetic tokens are not the validation stream
+        for _ in range(3 if costs is not None else 0):
+            synthetic = ScoreLedger(stream, no_sidecar, ctx.rt.device)
+            t0 = costs.now()
+            score_windows(lambda t: logits_fn(t, ctx.looping), synthetic, plan_windows(rows * seq_len, seq_len, seq_len),
+                          quiet, seq_len=seq_len, batch_seqs=batch_seqs)
+            costs.add("window", costs.now() - t0)
+        if ttt is not None:
+            if documents:
+                lora = DocLoRA(model, ttt.ttt_batch_size, ttt, ctx.rt.device, ctx.looping)
+                with frozen(model.parameters()):  # as inside a round
+                    measure_document_steps(model, lora, ttt, window_widths(ttt.chunk, seq_len), quiet,
+                                           forward=lora_forward or lora_logits, costs=costs)
+                if costs is not None and ttt.ttt_mode == "phased" and ttt.global_ttt_epochs > 0 and ttt.phased_ttt_prefix_docs > 0:
+                    measure_global_step(model, ttt, quiet, costs)
+            synthetic = ScoreLedger(synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1), no_sidecar,
+                                    ctx.rt.device)
+            small = dataclasses.replace(ttt, ttt_chunk_tokens=seq_len, ttt_epochs=1, phased_ttt_prefix_docs=1,
+                                        phased_ttt_num_phases=1, global_ttt_epochs=1)
+            run_ttt(model, synthetic, small, quiet, logits_fn=logits_fn, lora_forward=lora_forward)
     model.eval()
     return dict(causal_diff=causal_diff, tokens=int(stream.numel()) + (2 * seq_len + 1 if ttt is not None else 0))
 
@@ -5458,46 +5459,17 @@ def final_score_log_key(stage: str, tag: str) -> str:
 TTT_SCORE_LABELS = {"chunked": "quantized_ttt", "lora": "quantized_ttt_lora", "phased": "quantized_ttt_phased"}
 
 
-@dataclass
-class EvalPasses:
-    """What each evaluation pass the run asked for came to (`status`: complete, over_budget, skipped or
-    cut), its score if it completed, and which score is final: the last pass that completed within the
-    budget (else the last that completed at all). A partial pass is never scored."""
-
-    results: dict[str, EvalResult] = field(default_factory=dict)
-    status: dict[str, str] = field(default_factory=dict)
-    ttt_info: TTTResult | None = None
-
-    @property
-    def asked_stage(self) -> str:
-        return next(reversed(self.status))
-
-    @property
-    def final_stage(self) -> str:
-        within = [k for k in self.results if self.status[k] == "complete"]
-        return (within or list(self.results))[-1]
-
-    @property
-    def fallback(self) -> bool:
-        return self.final_stage != self.asked_stage
-
-    def line(self) -> str:
-        passes = " ".join(f"{k}:{v}" for k, v in self.status.items())
-        return passes if not self.results else passes + f" final:{self.final_stage}" + (
-            f" (fallback: {self.asked_stage} did not complete within the budget)" if self.fallback else "")
-
-
 def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor, luts: ByteLuts, clock: PhaseClock,
                       ctx: EvalContext, *, use_compile: bool, batch_seqs: int, tag: str, prequant: dict | None = None,
-                      compliance_out: list[str] | None = None) -> EvalPasses:
+                      compliance_out: list[str] | None = None) -> ArtifactScore:
     """Every score of the reloaded artifact (`tag`: its format, e.g. int6_brotli), in order: the flat
     roundtrip, the sliding window if EVAL_STRIDE is set, test-time training if TTT_ENABLED. The clock's
     `eval` phase runs from the artifact read (started by the caller) to the final score and is logged
     per phase. Under MAX_EVAL_SECONDS a pass whose measured plain cost does not fit in what is left is
     skipped, and one that stops fitting while it runs is cut (TTT first stops adapting); the final score
-    is then the last pass that completed (see EvalPasses). The compliance block's lines are also
+    is then the last pass that completed (see ArtifactScore). The compliance block's lines are also
     appended to `compliance_out` (the run manifest keeps them)."""
-    rt, log, seq_len, world_size = ctx.rt, ctx.log, hp.effective_eval_seq_len, ctx.rt.world_size
+    rt, log, seq_len = ctx.rt, ctx.log, hp.effective_eval_seq_len
     stamp = NON_RECORD_STAMP if hp.allow_val_adaptation else ""
     model.eval()
     logits_fn = maybe_compile(model.forward_logits, use_compile, "eval_forward_logits")
@@ -5508,9 +5480,9 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
         phases[name] = clock.elapsed_ms("eval") - sum(phases.values())
         return phases[name]
 
-    for line in eval_flops_plan(hp, model.cfg, val_tokens, ctx.looping, world_size):
+    for line in eval_flops_plan(hp, model.cfg, val_tokens, ctx.looping, rt.world_size):
         log(line)
-    settings = ttt_settings(hp, batch_seqs, ttt_rows(hp, val_tokens, world_size)) if hp.ttt_enabled else None
+    settings = ttt_settings(hp, batch_seqs, ttt_rows(hp, val_tokens, rt.world_size)) if hp.ttt_enabled else None
     budget = EvalBudget(lambda: clock.elapsed_ms("eval"), clock.eval_cap_ms, rt)
     ctx = dataclasses.replace(ctx, budget=budget)
     warm = warm_up_evaluation(model, logits_fn, luts, ctx, seq_len=seq_len, batch_seqs=batch_seqs, ttt=settings,
@@ -5518,15 +5490,15 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
     log(f"eval_warmup: source:synthetic tokens:{warm['tokens']} causal_self_test:ok max_earlier_logit_change:"
         f"{warm['causal_diff']:.3g} ttt_path:{int(settings is not None)} weights_restored:1 "
         f"time:{phase_done('warmup'):.0f}ms")
-    num_targets, stride = val_tokens.numel() - 1, hp.eval_stride if 0 < hp.eval_stride < seq_len else 0
+    stride = hp.eval_stride if 0 < hp.eval_stride < seq_len else 0
 
     def plain_ms(stage: str) -> float:
         """What the pass costs scored plainly, from the step costs measured so far."""
-        windows = plan_windows(num_targets, seq_len, (stride if stage != "roundtrip" else 0) or seq_len)
+        windows = plan_windows(val_tokens.numel() - 1, seq_len, (stride if stage != "roundtrip" else 0) or seq_len)
         if stage != "ttt":
-            rounds = max(map(len, window_rounds(windows, seq_len, batch_seqs, world_size)))
+            rounds = max(map(len, window_rounds(windows, seq_len, batch_seqs, rt.world_size)))
         elif settings.ttt_mode == "chunked":
-            rounds = sum(chunk_rounds(chunk_windows(windows, settings.ttt_chunk_tokens), settings, world_size))
+            rounds = sum(chunk_rounds(chunk_windows(windows, settings.ttt_chunk_tokens), settings, rt.world_size))
         else:
             return budget.costs.plain_ms(document_step_widths(val_tokens, settings, rt))
         return rounds * budget.costs.ms("window")
@@ -5547,8 +5519,7 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
 
     names = {"roundtrip": "quantized", "sliding": "quantized_sliding_window",
              "ttt": TTT_SCORE_LABELS.get(hp.ttt_mode)}
-    details = {"sliding": f" stride:{hp.eval_stride} seq_len:{seq_len}"}
-    passes = EvalPasses()
+    passes = ArtifactScore(tag)
     for stage in ["roundtrip"] + ["sliding"] * bool(stride) + ["ttt"] * hp.ttt_enabled:
         if budget.cap_ms is not None:
             need, left = budget.left_ms(plain_ms(stage))
@@ -5568,7 +5539,7 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
         if stage == "roundtrip":
             log(f"final_{tag}_roundtrip val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{ms:.0f}ms{stamp}")
         log(f"{names[stage]} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{ms:.0f}ms"
-            f"{details.get(stage, '')}{stamp}")
+            f"{f' stride:{hp.eval_stride} seq_len:{seq_len}' if stage == 'sliding' else ''}{stamp}")
         if within:
             log(f"{final_score_log_key(stage, tag)} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
         else:
@@ -5584,7 +5555,7 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
     if passes.status[final] != "complete":  # over budget, but the only score there is: reported, not eligible
         log(f"{final_score_log_key(final, tag)} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
     log("eval_phases: " + " ".join(f"{k}:{v:.0f}ms" for k, v in phases.items()) + f" total:{eval_ms:.0f}ms "
-        f"budget:{'none' if clock.eval_cap_ms is None else f'{clock.eval_cap_ms:.0f}ms'}")
+        f"budget:{ms_or_none(clock.eval_cap_ms)}")
     for line in compliance_lines(passes, hp, eval_ms=eval_ms, eval_cap_ms=clock.eval_cap_ms,
                                  causal_diff=warm["causal_diff"], prequant=prequant):
         log(line)
@@ -5614,33 +5585,47 @@ def load_artifact_model(path: Path, device: torch.device, expect: ModelConfig | 
 
 @dataclass
 class ArtifactScore:
-    """What score_artifact measured: what each evaluation pass came to and the scores of those that
-    completed (`passes`, which says which one is submitted), the byte counts, and the artifact's tag
-    (the log keys are named after it)."""
-    passes: EvalPasses
-    code_bytes: int
-    model_bytes: int
-    tag: str
+    """What the evaluation of an artifact came to: each pass the run asked for (`status`: complete,
+    over_budget, skipped or cut), its score if it completed, and which score is final: the last pass
+    that completed within the budget (else the last that completed at all). A partial pass is never
+    scored. `tag` names the artifact's format (the log keys are named after it); `score_artifact`
+    adds the byte counts."""
+
+    tag: str = "quantized"
+    results: dict[str, EvalResult] = field(default_factory=dict)
+    status: dict[str, str] = field(default_factory=dict)
+    ttt_info: TTTResult | None = None
+    code_bytes: int = 0
+    model_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
         return self.code_bytes + self.model_bytes
 
     @property
-    def results(self) -> dict[str, EvalResult]:
-        return self.passes.results
+    def asked_stage(self) -> str:
+        return next(reversed(self.status))
 
     @property
     def final_stage(self) -> str:
-        return self.passes.final_stage
+        within = [k for k in self.results if self.status[k] == "complete"]
+        return (within or list(self.results))[-1]
+
+    @property
+    def fallback(self) -> bool:
+        return self.final_stage != self.asked_stage
+
+    def line(self) -> str:
+        passes = " ".join(f"{k}:{v}" for k, v in self.status.items())
+        return passes if not self.results else passes + f" final:{self.final_stage}" + (
+            f" (fallback: {self.asked_stage} did not complete within the budget)" if self.fallback else "")
 
     def final_score_record(self) -> dict:
         """The manifest's final_score: the submitted score and the log line that reports it
         (records/records.py checks they agree), and the stage the run asked for if it fell back."""
         stage = self.final_stage
         return {"stage": stage, "log_key": final_score_log_key(stage, self.tag), **eval_record(self.results[stage]),
-                "asked_stage": self.passes.asked_stage, "fallback": self.passes.fallback,
-                "passes": dict(self.passes.status)}
+                "asked_stage": self.asked_stage, "fallback": self.fallback, "passes": dict(self.status)}
 
 
 def eval_batch_seqs(hp: Hyperparameters, world_size: int) -> int:
@@ -5656,13 +5641,12 @@ def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: tor
     and EVAL_ONLY=1 both come here, so they report the same numbers."""
     clock.start("eval")
     fresh, header = load_artifact_model(path, rt.device, expect=expect, attn_backend=hp.attn_backend)
-    tag = header["meta"].get("tag", "quantized")
     ctx = EvalContext(rt, lambda: autocast_context(hp, rt.device), bool(header["meta"].get("looping", False)), log=log)
-    passes = evaluate_artifact(hp, fresh, val_tokens, luts, clock, ctx, use_compile=use_compile,
-                               batch_seqs=eval_batch_seqs(hp, rt.world_size), tag=tag, prequant=prequant,
-                               compliance_out=compliance_out)
+    score = evaluate_artifact(hp, fresh, val_tokens, luts, clock, ctx, use_compile=use_compile,
+                              batch_seqs=eval_batch_seqs(hp, rt.world_size), tag=header["meta"].get("tag", "quantized"),
+                              prequant=prequant, compliance_out=compliance_out)
     clock.stop()
-    score = ArtifactScore(passes, code_bytes(), path.stat().st_size, tag)
+    score.code_bytes, score.model_bytes = code_bytes(), path.stat().st_size
     log(f"artifact code_bytes:{score.code_bytes} model_bytes:{score.model_bytes} total_bytes:{score.total_bytes} "
         f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(score.total_bytes <= ARTIFACT_LIMIT_BYTES)}")
     return score
@@ -6531,7 +6515,7 @@ def finish_run(run: TrainingRun, state: TrainState, choice: str, pre_quant: Eval
                           stopped_early=state.stopped_early, epochs_consumed=state.epochs_consumed,
                           train_losses=state.train_losses, pre_quant=pre_quant, evals=scored.results,
                           final=scored.results[scored.final_stage], final_stage=scored.final_stage,
-                          fallback=scored.passes.fallback, export_choice=choice,
+                          fallback=scored.fallback, export_choice=choice,
                           training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms,
                           non_record=bool(reasons), prequant_ttt=prequant, train_data_access_end_ms=access.end_ms,
                           cap_ms=clock.cap_ms)
