@@ -4360,8 +4360,8 @@ class ScoreLedger:
         self.num_targets = tokens.numel() - 1
         self.luts = luts.to(device)
         if luts.val_bytes is not None and len(luts.val_bytes) != tokens.numel():
-            raise RunError(f"the byte sidecar covers {len(luts.val_bytes)} tokens but this pass scores a stream of "
-                           f"{tokens.numel()}; it belongs to the validation stream only")
+            raise RunError(f"the byte sidecar covers {len(luts.val_bytes)} tokens, this stream {tokens.numel()}: it "
+                           "belongs to the validation stream only")
         self.scored = np.zeros(self.num_targets + 1, dtype=bool)  # index = target position; 0 unused
         self.shared = np.zeros(self.num_targets + 1, dtype=bool)
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss (nats), targets, bytes
@@ -4396,8 +4396,8 @@ class ScoreLedger:
         mask = torch.zeros(num_rows, chunk, dtype=torch.bool)
         for r, (a, b), st in zip(rows, spans, starts):
             if not (0 <= st <= a < b and b - st <= width and b - a <= chunk):
-                raise RunError(f"window from token {st} cannot score targets ({a}, {b}] in {width} columns; the TTT "
-                               f"plan is broken")
+                raise RunError(f"window from token {st} cannot score targets ({a}, {b}] in {width} columns: a broken "
+                               "TTT plan")
             x[r, : b - st], y[r, : b - st] = self.tokens[st:b], self.tokens[st + 1 : b + 1]
             positions[r, : b - a] = torch.arange(a - st, b - st)
             positions[r, b - a :] = b - st - 1
@@ -4513,8 +4513,8 @@ def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, ctx: EvalConte
 def check_scored_once(ledger: ScoreLedger) -> None:
     counts = ledger.times_scored()
     if not (counts == 1).all():
-        raise RunError(f"{int((counts == 0).sum())} targets unscored and {int((counts > 1).sum())} scored more than "
-                       f"once of {ledger.num_targets}; the evaluation plan is broken (C4)")
+        raise RunError(f"{int((counts == 0).sum())} of {ledger.num_targets} targets unscored, {int((counts > 1).sum())} "
+                       "scored twice or more: the evaluation plan is broken (C4)")
 
 
 # ==================================================================================================
@@ -4578,7 +4578,7 @@ class TTTTracker:
 
     def __init__(self, ctx: EvalContext, settings: str, nothing_to_adapt: str | None):
         self.ctx, self.costs = ctx, ctx.costs
-        self.ms = {"score": 0.0, "adapt": 0.0}
+        self.ms = {"score_ms": 0.0, "adapt_ms": 0.0}
         ctx.log(f"ttt:start {settings}")
         if nothing_to_adapt is not None:
             ctx.log(f"ttt:warning this pass adapts on nothing: {nothing_to_adapt}; its score is the plain score")
@@ -4587,8 +4587,9 @@ class TTTTracker:
         return self.ctx.budget.now() if self.costs is not None else 1000.0 * time.perf_counter()
 
     def add(self, kind: str, since_ms: float) -> float:
+        """Count the time since `since_ms` as scoring or adapting (`kind`); returns it."""
         ms = self.now() - since_ms
-        self.ms[kind] += ms
+        self.ms[f"{kind}_ms"] += ms
         return ms
 
     @property
@@ -4606,8 +4607,7 @@ class TTTTracker:
         return False
 
     def result(self, chunks: int, trained_chunks: int, steps: int, global_steps: int = 0) -> TTTResult:
-        return TTTResult(chunks, trained_chunks, steps, self.ms["score"], self.ms["adapt"], self.stopped_at,
-                         global_steps)
+        return TTTResult(chunks, trained_chunks, steps, **self.ms, stopped_at=self.stopped_at, global_steps=global_steps)
 
 
 @contextlib.contextmanager
@@ -4783,9 +4783,10 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContex
 
 
 def lora_targets(model: GPT, s: "TTTSettings") -> list[str]:
-    """Names of the block submodules that get adapters under the TTT_*_LORA switches."""
-    suffixes = ["attn.c_q", "attn.c_v"] + ["attn.c_k"] * s.ttt_k_lora + ["attn.proj"] * s.ttt_o_lora + ["mlp"] * s.ttt_mlp_lora
-    return [f"blocks.{i}.{suffix}" for i in range(len(model.blocks)) for suffix in suffixes]
+    """Names of the block submodules that get adapters under the TTT_*_LORA switches (q and v always)."""
+    switches = (True, True, s.ttt_k_lora, s.ttt_o_lora, s.ttt_mlp_lora)  # one per AdapterHooks.SUFFIXES
+    return [f"blocks.{i}.{suffix}" for i in range(len(model.blocks))
+            for suffix, on in zip(AdapterHooks.SUFFIXES, switches) if on]
 
 
 def document_spans(tokens: torch.Tensor) -> list[tuple[int, int]]:
@@ -4832,7 +4833,7 @@ class AdapterHooks:
             m = lora.module_of_hook[k]
             slot = self.calls[k]
             if slot >= lora.slots[m]:
-                raise RunError(f"LoRA adapter {m} called {slot + 1} times in one forward; the slot plan is broken")
+                raise RunError(f"LoRA adapter {m} called {slot + 1} times in one forward: a broken slot plan")
             self.calls[k] = slot + 1
             return output + lora.delta(lora.first_slot[m] + slot, inputs[0]).to(output.dtype)
         return add_delta
@@ -4903,10 +4904,6 @@ class DocLoRA:
         a, b = self.a[j].to(x.dtype), self.b[j].to(x.dtype)
         return self.scale * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
-    def logits(self, model: GPT, x: torch.Tensor, looping: bool) -> torch.Tensor:
-        """The model's logits at every position of rows x (one per adapter row), adapters applied."""
-        return lora_logits(self, model, x, None, looping)
-
 
 def lora_logits(lora: DocLoRA, model: GPT, x: torch.Tensor, positions: torch.Tensor | None,
                 looping: bool) -> torch.Tensor:
@@ -4950,7 +4947,7 @@ def round_steps(docs: list[tuple[int, int]], chunk: int, seq_len: int) -> list[t
 
 
 def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lora: DocLoRA, s: TTTSettings,
-               ctx: EvalContext, *, num_steps: int, forward=lora_logits, before_step=None) -> tuple[int, int]:
+               ctx: EvalContext, *, num_steps: int, forward, before_step) -> tuple[int, int]:
     """Score this rank's documents of one round, document i on adapter row i, and train their adapters
     at each step `before_step(i, width, trains)` allows (called on every rank for each of the round's
     `num_steps`, so budget decisions stay collective; once it refuses, it refuses for good). Returns
@@ -4964,7 +4961,7 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lor
         rows = [d for d in range(len(docs)) if i < len(chunks[d])]
         train_rows = [d for d in rows if i < len(chunks[d]) - 1]
         width = step_width(i, s.chunk, s.seq_len)
-        if before_step is not None and not before_step(i, width if rows else None, bool(train_rows)):
+        if not before_step(i, width if rows else None, bool(train_rows)):
             train_rows = []
         elif rows:
             adapting += 1
@@ -4993,7 +4990,7 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lor
 
 
 def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], s: TTTSettings, ctx: EvalContext,
-                     *, before_step=None) -> int:
+                     *, before_step) -> int:
     """Full-model SGD over already-scored documents (in queue order), cosine LR over groups of about
     TTT_CHUNK_TOKENS targets. Every rank calls it with the same documents. `before_step(n)` before
     the phase's step n = 1, 2, ... returning False (on every rank alike) ends the phase there."""
@@ -5007,7 +5004,7 @@ def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]
     answers = []  # before_step's answers so far: the first refusal ends the phase
 
     def gate() -> bool:
-        answers.append(before_step is None or before_step(len(answers) + 1))
+        answers.append(before_step(len(answers) + 1))
         return answers[-1]
 
     steps = 0
@@ -5021,7 +5018,7 @@ def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]
 
 
 def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: list[int], ctx: EvalContext, *,
-                           forward=lora_logits, costs: StepCosts | None = None) -> None:
+                           forward, costs: StepCosts | None) -> None:
     """At each width, on full rows of synthetic tokens: an adapting step (forward, backward, AdamW),
     which compiles the width's graph; with `costs`, then a timed plain step (the forward) and a timed
     adapting one, the budget's step costs before the first validation step. The adapters are reset
@@ -5193,8 +5190,8 @@ def prequant_ttt_tokens(hp: Hyperparameters, train_files: list[str],
     """The pre-quantization TTT stream and its source name. Validation tokens only with the opt-in."""
     if hp.prequant_ttt_source == "val":
         if not hp.allow_val_adaptation:
-            raise RunError("PREQUANT_TTT_SOURCE=val adapts on validation tokens before scoring them (C3); "
-                           "set ALLOW_VAL_ADAPTATION=1 to run it as a non-record experiment")
+            raise RunError("PREQUANT_TTT_SOURCE=val adapts on validation tokens before scoring them (C3); set "
+                           "ALLOW_VAL_ADAPTATION=1 for a non-record experiment")
         return val_tokens[: hp.prequant_ttt_tokens + 1], "validation"
     tail = load_data_shard(train_files[-1])
     return tail[-min(hp.prequant_ttt_tokens + 1, tail.numel()) :], "train"
@@ -5211,47 +5208,34 @@ def prequant_ttt(model: GPT, tokens: torch.Tensor, ctx: EvalContext, *, seq_len:
     return steps
 
 
-def prequant_ttt_steps(num_targets: int, seq_len: int, batch_seqs: int, epochs: int) -> int:
-    pieces = math.ceil(num_targets / seq_len)
-    return epochs * math.ceil(pieces / batch_seqs)
-
-
 PREQUANT_TTT_RESERVE_MARGIN = 1.5  # reserve = measured pre-quantization TTT time x this
-
-
-def measure_prequant_ttt_reserve(model: GPT, tokens: torch.Tensor, ctx: EvalContext, *, seq_len: int, epochs: int,
-                                 lr: float, batch_seqs: int, grad_clip: float) -> tuple[float, int]:
-    """Milliseconds to reserve for pre-quantization TTT: one step on its own data to warm up, then
-    one timed step (weights put back after), scaled to the full number of steps, times
-    PREQUANT_TTT_RESERVE_MARGIN. Returns (ms, steps)."""
-    steps = prequant_ttt_steps(tokens.numel() - 1, seq_len, batch_seqs, epochs)
-    if steps == 0:
-        return 0.0, 0
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    sample = tokens[: min(tokens.numel(), batch_seqs * seq_len + 1)]
-    kwargs = dict(seq_len=seq_len, epochs=1, lr=lr, batch_seqs=batch_seqs, grad_clip=grad_clip)
-    prequant_ttt(model, sample, ctx, **kwargs)  # first-step costs (allocation, kernel loading) are not per step
-    t0 = time.perf_counter()
-    measured = prequant_ttt(model, sample, ctx, **kwargs)
-    # every rank must shorten its training budget alike
-    step_ms = agree_max([1000.0 * (time.perf_counter() - t0) / max(measured, 1)], ctx.rt)[0]
-    model.load_state_dict(saved)
-    return PREQUANT_TTT_RESERVE_MARGIN * step_ms * steps, steps
 
 
 def prepare_prequant_ttt(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str],
                          val_tokens: torch.Tensor, clock: PhaseClock, autocast, log) -> dict | None:
-    """Before training: pick the pre-quantization TTT data, measure its cost (as warm-up, weights put
-    back) and reserve that time from the training budget. None when PREQUANT_TTT_ENABLED=0."""
+    """Before training: pick the pre-quantization TTT data and reserve its time from the training budget
+    (training data only): one step on its own data to warm up, then one timed step (weights put back
+    after), scaled to the full number of steps, times PREQUANT_TTT_RESERVE_MARGIN. None when
+    PREQUANT_TTT_ENABLED=0."""
     if not hp.prequant_ttt_enabled:
         return None
     tokens, source = prequant_ttt_tokens(hp, train_files, val_tokens)
     settings = dict(seq_len=hp.train_seq_len, epochs=hp.prequant_ttt_epochs, lr=hp.prequant_ttt_lr,
                     batch_seqs=hp.ttt_batch_seqs, grad_clip=hp.ttt_grad_clip)
     ctx = EvalContext(rt, autocast)
+    steps = hp.prequant_ttt_epochs * math.ceil(math.ceil((tokens.numel() - 1) / hp.train_seq_len) / hp.ttt_batch_seqs)
+    reserve_ms = 0.0
     clock.start("warmup")  # measuring is not training: the weights are put back
-    reserve_ms, steps = measure_prequant_ttt_reserve(model, tokens, dataclasses.replace(ctx, looping=hp.num_loops > 0),
-                                                     **settings)
+    if steps:
+        looped, one_epoch = dataclasses.replace(ctx, looping=hp.num_loops > 0), dict(settings, epochs=1)
+        sample = tokens[: hp.ttt_batch_seqs * hp.train_seq_len + 1]
+        with weights_restored(model):
+            prequant_ttt(model, sample, looped, **one_epoch)  # first-step costs (allocation, kernel loading) are not per step
+            t0 = time.perf_counter()
+            measured = prequant_ttt(model, sample, looped, **one_epoch)
+            # every rank must shorten its training budget alike
+            step_ms = agree_max([1000.0 * (time.perf_counter() - t0) / max(measured, 1)], rt)[0]
+        reserve_ms = PREQUANT_TTT_RESERVE_MARGIN * step_ms * steps
     clock.stop()
     if source == "train":  # reads training data: must end inside the training cap
         clock.reserve_ms += reserve_ms
@@ -5271,8 +5255,8 @@ def run_prequant_ttt(prequant: dict, model: GPT, clock: PhaseClock, *, looping: 
     within = prequant["source"] != "train" or clock.cap_ms is None or end <= clock.cap_ms
     prequant.update(steps_done=steps, time_ms=used, data_access_end_ms=end, within_cap=within)
     log(f"prequant_ttt: steps:{steps} source:{prequant['source']} time:{used:.0f}ms reserved:"
-        f"{prequant['reserve_ms']:.0f}ms train_data_access_end:{end:.0f}ms cap:"
-        f"{'none' if clock.cap_ms is None else f'{clock.cap_ms:.0f}ms'} within_cap:{int(within)}")
+        f"{prequant['reserve_ms']:.0f}ms train_data_access_end:{end:.0f}ms cap:{ms_or_none(clock.cap_ms)} "
+        f"within_cap:{int(within)}")
 
 
 def ttt_rows(hp: Hyperparameters, val_tokens: torch.Tensor, world_size: int) -> int:
@@ -5460,15 +5444,14 @@ TTT_SCORE_LABELS = {"chunked": "quantized_ttt", "lora": "quantized_ttt_lora", "p
 
 
 def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor, luts: ByteLuts, clock: PhaseClock,
-                      ctx: EvalContext, *, use_compile: bool, batch_seqs: int, tag: str, prequant: dict | None = None,
-                      compliance_out: list[str] | None = None) -> ArtifactScore:
+                      ctx: EvalContext, *, use_compile: bool, batch_seqs: int, tag: str,
+                      prequant: dict | None = None) -> ArtifactScore:
     """Every score of the reloaded artifact (`tag`: its format, e.g. int6_brotli), in order: the flat
     roundtrip, the sliding window if EVAL_STRIDE is set, test-time training if TTT_ENABLED. The clock's
     `eval` phase runs from the artifact read (started by the caller) to the final score and is logged
     per phase. Under MAX_EVAL_SECONDS a pass whose measured plain cost does not fit in what is left is
     skipped, and one that stops fitting while it runs is cut (TTT first stops adapting); the final score
-    is then the last pass that completed (see ArtifactScore). The compliance block's lines are also
-    appended to `compliance_out` (the run manifest keeps them)."""
+    is then the last pass that completed (see ArtifactScore), which also keeps the compliance block."""
     rt, log, seq_len = ctx.rt, ctx.log, hp.effective_eval_seq_len
     stamp = NON_RECORD_STAMP if hp.allow_val_adaptation else ""
     model.eval()
@@ -5556,11 +5539,10 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
         log(f"{final_score_log_key(final, tag)} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
     log("eval_phases: " + " ".join(f"{k}:{v:.0f}ms" for k, v in phases.items()) + f" total:{eval_ms:.0f}ms "
         f"budget:{ms_or_none(clock.eval_cap_ms)}")
-    for line in compliance_lines(passes, hp, eval_ms=eval_ms, eval_cap_ms=clock.eval_cap_ms,
-                                 causal_diff=warm["causal_diff"], prequant=prequant):
+    passes.compliance = compliance_lines(passes, hp, eval_ms=eval_ms, eval_cap_ms=clock.eval_cap_ms,
+                                         causal_diff=warm["causal_diff"], prequant=prequant)
+    for line in passes.compliance:
         log(line)
-        if compliance_out is not None:
-            compliance_out.append(line)
     log(f"final_score stage:{final} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} "
         f"total_eval_time:{eval_ms / 1000:.1f}s" + (f" fallback_from:{passes.asked_stage}" if passes.fallback else "")
         + stamp)
@@ -5572,11 +5554,11 @@ def load_artifact_model(path: Path, device: torch.device, expect: ModelConfig | 
     """A fresh model built from the artifact file alone, and the artifact's header."""
     if not path.is_file():
         raise RunError(f"model artifact {path} does not exist; train first or set ARTIFACT_PATH")
-    expected = None if expect is None else dataclasses.asdict(expect)
-    entries, header = unpack_artifact(path.read_bytes(), expect_model=expected)
+    entries, header = unpack_artifact(path.read_bytes(),
+                                      expect_model=None if expect is None else dataclasses.asdict(expect))
     if {f.name for f in fields(ModelConfig)} - {"attn_backend"} - set(header["model"]):
-        raise RunError(f"model artifact {path} does not record the model configuration it was made for; "
-                       "re-export it with this train_gpt.py")
+        raise RunError(f"model artifact {path} does not record the model configuration; re-export it with this "
+                       "train_gpt.py")
     cfg = ModelConfig(**dict(header["model"], attn_backend=attn_backend))
     model = GPT(cfg).to(device)
     model.load_state_dict(dequantize_state_dict(entries), strict=True)
@@ -5588,13 +5570,14 @@ class ArtifactScore:
     """What the evaluation of an artifact came to: each pass the run asked for (`status`: complete,
     over_budget, skipped or cut), its score if it completed, and which score is final: the last pass
     that completed within the budget (else the last that completed at all). A partial pass is never
-    scored. `tag` names the artifact's format (the log keys are named after it); `score_artifact`
-    adds the byte counts."""
+    scored. `tag` names the artifact's format (the log keys are named after it); `compliance` is the
+    compliance block (the run manifest keeps it); `score_artifact` adds the byte counts."""
 
     tag: str = "quantized"
     results: dict[str, EvalResult] = field(default_factory=dict)
     status: dict[str, str] = field(default_factory=dict)
     ttt_info: TTTResult | None = None
+    compliance: list[str] = field(default_factory=list)
     code_bytes: int = 0
     model_bytes: int = 0
 
@@ -5635,7 +5618,7 @@ def eval_batch_seqs(hp: Hyperparameters, world_size: int) -> int:
 
 def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: torch.Tensor, luts: ByteLuts,
                    clock: PhaseClock, log, *, expect: ModelConfig | None = None, use_compile: bool = False,
-                   prequant: dict | None = None, compliance_out: list[str] | None = None) -> ArtifactScore:
+                   prequant: dict | None = None) -> ArtifactScore:
     """Load the artifact file alone into a fresh model and run every evaluation stage on it under the
     evaluation budget, which runs from reading the file to the final score. The end of a training run
     and EVAL_ONLY=1 both come here, so they report the same numbers."""
@@ -5644,7 +5627,7 @@ def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: tor
     ctx = EvalContext(rt, lambda: autocast_context(hp, rt.device), bool(header["meta"].get("looping", False)), log=log)
     score = evaluate_artifact(hp, fresh, val_tokens, luts, clock, ctx, use_compile=use_compile,
                               batch_seqs=eval_batch_seqs(hp, rt.world_size), tag=header["meta"].get("tag", "quantized"),
-                              prequant=prequant, compliance_out=compliance_out)
+                              prequant=prequant)
     clock.stop()
     score.code_bytes, score.model_bytes = code_bytes(), path.stat().st_size
     log(f"artifact code_bytes:{score.code_bytes} model_bytes:{score.model_bytes} total_bytes:{score.total_bytes} "
@@ -5726,8 +5709,8 @@ def claim_folder(run_dir: Path, replace: bool) -> None:
             os.rename(stage, run_dir)
         except OSError as e:
             if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                raise RunError(f"run folder {run_dir}{os.sep} already exists; pick a new RUN_ID, or set REPLACE_RUN=1 "
-                               "to delete it and start over") from None
+                raise RunError(f"run folder {run_dir}{os.sep} already exists; pick a new RUN_ID or set REPLACE_RUN=1 "
+                               "to replace it") from None
             raise filesystem_error(e, run_dir) from None
     except BaseException as e:
         if fd is not None:
@@ -5744,7 +5727,7 @@ def remove_old_run_dir(run_dir: Path) -> None:
     if not run_dir.exists():
         return
     if not run_dir.is_dir():
-        raise RunError(f"{run_dir} is a file, not a run folder; REPLACE_RUN=1 deletes only run folders: remove it "
+        raise RunError(f"{run_dir} is a file, not a run folder (REPLACE_RUN=1 replaces only folders); remove it "
                        "or pick another RUN_ID")
     try:
         fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -5758,7 +5741,7 @@ def remove_old_run_dir(run_dir: Path) -> None:
             moved = True
         if moved:
             raise RunError(f"run folder {run_dir}{os.sep} belongs to a run that is still going (or being replaced); "
-                           "wait for it to end or stop it, or pick a new RUN_ID") from None
+                           "let it end, stop it or pick a new RUN_ID") from None
         trash = run_dir.parent / f".replaced-{uuid.uuid4().hex[:12]}"
         os.rename(run_dir, trash)  # atomic: from here on nobody sees the old folder under the run's name
         shutil.rmtree(trash)
@@ -5852,8 +5835,8 @@ class RunManifest:
     def finish(self, status: str, **sections) -> None:
         self.update(**sections, status=status, finished_utc=utc_now())
 
-    def finish_scored(self, scored: ArtifactScore, path: Path, clock: PhaseClock, compile_summary: dict,
-                      block: list[str], *, scores: dict | None = None, artifact: dict | None = None,
+    def finish_scored(self, scored: ArtifactScore, path: Path, clock: PhaseClock, compile_summary: dict, *,
+                      scores: dict | None = None, artifact: dict | None = None,
                       compliance: dict | None = None, **sections) -> None:
         """Finish a run that scored an artifact (a training run or EVAL_ONLY): every score, the submitted
         one, the bytes, the phase times, what compile did and the compliance block; plus the caller's."""
@@ -5865,7 +5848,7 @@ class RunManifest:
                       "total_bytes": scored.total_bytes, "limit": ARTIFACT_LIMIT_BYTES, "fits": fits,
                       "sha256": file_sha256(path), **(artifact or {})},
             compliance={"eval_time_ms": clock.elapsed_ms("eval"), "eval_cap_ms": clock.eval_cap_ms,
-                        "artifact_under_limit": fits, **(compliance or {}), "block": block},
+                        "artifact_under_limit": fits, **(compliance or {}), "block": scored.compliance},
             **sections)
 
     def write(self) -> None:
@@ -6132,8 +6115,8 @@ def run_folder(hp: Hyperparameters, rt: Runtime, mode: str, use_compile: bool):
     except BaseException as e:  # a crashed run is recognisable from its manifest
         record_failure(manifest, e, out_dir / ARTIFACT_NAME if mode == "train" else None, rt.is_main)
         if mode == "eval_only" and isinstance(e, (ConfigError, RunError)):
-            raise RunError(f"{e} (the folder {out_dir}{os.sep} keeps this failed EVAL_ONLY run's log: re-run with "
-                           "REPLACE_RUN=1 or a new RUN_ID)") from None
+            raise RunError(f"{e} (the folder {out_dir}{os.sep} keeps this failed run's log: re-run with REPLACE_RUN=1 "
+                           "or a new RUN_ID)") from None
         raise
     finally:
         release_run_dir(out_dir)
@@ -6153,7 +6136,7 @@ def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -
         raise ConfigError("EVAL_ONLY=1 needs ARTIFACT_PATH, the final_model.*.ptz of a run folder")
     path = Path(hp.artifact_path)
     if not path.is_file():
-        raise RunError(f"EVAL_ONLY=1 but the artifact {path} does not exist; set ARTIFACT_PATH to a final_model.*.ptz")
+        raise RunError(f"EVAL_ONLY=1 but ARTIFACT_PATH={path} does not exist; point it at a final_model.*.ptz")
     header, _ = read_artifact_header(path.read_bytes())
     # The tokenizer must match the model's vocabulary, which the artifact records
     hp = dataclasses.replace(hp, run_id=agree_run_id(hp.run_id, rt), vocab_size=header["model"]["vocab_size"])
@@ -6167,13 +6150,10 @@ def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -
         hp = choose_attention_backend(hp, rt, bool(header["model"].get("doc_masked_attention")), log)
         manifest.update(data=data_fingerprint(hp.data_path, hp.tokenizer_path, splits=("val",)) if rt.is_main else {})
         clock = PhaseClock(None, max_eval_ms(hp))
-        compliance_block: list[str] = []
-        scored = score_artifact(hp, rt, path, val_tokens, luts, clock, log, use_compile=use_compile,
-                                compliance_out=compliance_block)
+        scored = score_artifact(hp, rt, path, val_tokens, luts, clock, log, use_compile=use_compile)
         compile_summary = finish_compile_log(use_compile, log)
         log(clock.summary())
-        manifest.finish_scored(scored, path, clock, compile_summary, compliance_block,
-                               artifact={"path": str(path.resolve())})
+        manifest.finish_scored(scored, path, clock, compile_summary, artifact={"path": str(path.resolve())})
     return scored_summary(hp, out_dir, scored, clock, log, compile_summary, results=scored.results, cap_ms=None,
                           train_data_access_end_ms=0.0)
 
@@ -6293,12 +6273,9 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
     run.clock.start("serialize")
     artifact_path = export_artifact(run.hp, rt, run.base_model, out_dir, log, looping=state.looping, hessians=hessians)
     run.clock.stop()
-    compliance_block: list[str] = []
     scored = score_artifact(run.hp, rt, artifact_path, run.val_tokens, run.luts, run.clock, log,
-                            expect=run.base_model.cfg, use_compile=use_compile, prequant=reserve.prequant,
-                            compliance_out=compliance_block)
-    return finish_run(run, state, choice, pre_quant, access, artifact_path, scored, compliance_block,
-                      reserve.prequant)
+                            expect=run.base_model.cfg, use_compile=use_compile, prequant=reserve.prequant)
+    return finish_run(run, state, choice, pre_quant, access, artifact_path, scored, reserve.prequant)
 
 
 def choose_attention_backend(hp: Hyperparameters, rt: Runtime, doc_masked: bool, log) -> Hyperparameters:
@@ -6492,7 +6469,7 @@ def score_before_quantization(run: TrainingRun, state: TrainState, choice: str) 
 
 
 def finish_run(run: TrainingRun, state: TrainState, choice: str, pre_quant: EvalResult, access: DataAccess,
-               artifact_path: Path, scored: ArtifactScore, compliance_block: list[str], prequant: dict | None) -> dict:
+               artifact_path: Path, scored: ArtifactScore, prequant: dict | None) -> dict:
     """Write the shipped code beside the artifact, finish the manifest, and return the run's numbers."""
     clock, reasons = run.clock, access.non_record_reasons
     run.log(clock.summary())
@@ -6501,7 +6478,7 @@ def finish_run(run: TrainingRun, state: TrainState, choice: str, pre_quant: Eval
     if run.rt.is_main:  # the code exactly as counted in the artifact (its shipped form), beside it
         write_atomic(run.out_dir / RUN_CODE_NAME, shipped)
     run.manifest.finish_scored(
-        scored, artifact_path, clock, compile_summary, compliance_block, scores={"pre_quant": eval_record(pre_quant)},
+        scored, artifact_path, clock, compile_summary, scores={"pre_quant": eval_record(pre_quant)},
         artifact={"file": artifact_path.name, "code_file": RUN_CODE_NAME,
                   "code_sha256": hashlib.sha256(shipped).hexdigest()},
         compliance={"train_time_ms": clock.elapsed_ms("train"), "train_cap_ms": clock.cap_ms,
@@ -6556,8 +6533,8 @@ def main_with_signals() -> int:
         if not STOP_SIGNAL_RECEIVED:  # a signal may also surface as the error it caused (a peer gone)
             raise
         if rank0:
-            print(f"error: stopped by {STOP_SIGNAL_RECEIVED[0]}; the run folder's manifest says \"failed\" and keeps "
-                  "what was done; re-run with REPLACE_RUN=1 or a new RUN_ID", file=sys.stderr, flush=True)
+            print(f"error: stopped by {STOP_SIGNAL_RECEIVED[0]}; the run folder keeps what was done (manifest: "
+                  "failed); re-run with REPLACE_RUN=1 or a new RUN_ID", file=sys.stderr, flush=True)
         return 2
     finally:
         if rt is not None:

@@ -173,18 +173,18 @@ def test_lora_adapters_one_per_virtual_slot_and_the_plain_model_at_start():
         lora = tg.DocLoRA(model, 2, s, CPU, looping)
         assert lora.slots == [n for n in slots for _ in range(5)]  # q, v, k, o, mlp per block
         assert len(lora.a) == 5 * sum(slots) + 1 and lora.b[-1].shape == (2, 64, 4)  # + the head
-        assert torch.equal(lora.logits(model, x, looping), model.forward_logits(x, looping))
+        assert torch.equal(tg.lora_logits(lora, model, x, None, looping), model.forward_logits(x, looping))
         with torch.no_grad():
             for b in lora.b:
                 b.normal_()
-        adapted = lora.logits(model, x, looping)
+        adapted = tg.lora_logits(lora, model, x, None, looping)
         assert not torch.allclose(adapted, model.forward_logits(x, looping))
     # The second pass of the looped block has its own adapter: only that pass sees it.
     lora = tg.DocLoRA(model, 2, s, CPU, True)
     with torch.no_grad():
         lora.b[lora.first_slot[5] + 1].normal_()  # block 1's q adapter, second pass
-    assert not torch.equal(lora.logits(model, x, True), model.forward_logits(x, True))
-    assert torch.equal(lora.logits(model, x, False), model.forward_logits(x, False))  # one pass: never used
+    assert not torch.equal(tg.lora_logits(lora, model, x, None, True), model.forward_logits(x, True))
+    assert torch.equal(tg.lora_logits(lora, model, x, None, False), model.forward_logits(x, False))  # one pass: never used
     few = tg.dataclasses.replace(s, ttt_k_lora=False, ttt_o_lora=False, ttt_mlp_lora=False)
     assert tg.lora_targets(model, few) == [f"blocks.{i}.attn.c_{w}" for i in range(3) for w in "qv"]
     assert len(tg.DocLoRA(model, 2, few, CPU, False).a) == 3 * 2 + 1
