@@ -4351,11 +4351,10 @@ class ScoreLedger:
     """The committed scores of one evaluation pass on one rank, and the gate adaptation goes through.
 
     Host-side bookkeeping only (no device sync per batch): `scored` marks the targets this rank
-    committed, `shared` the targets known (after `share`) to be committed on some rank. With
-    `keep_per_target`, each target's NLL is kept as well (tests read it)."""
+    committed, `shared` the targets known (after `share`) to be committed on some rank. `commit`
+    returns each target's NLL (tests keep them per target)."""
 
-    def __init__(self, tokens: torch.Tensor, luts: ByteLuts, device: torch.device, *, group=None,
-                 keep_per_target: bool = False):
+    def __init__(self, tokens: torch.Tensor, luts: ByteLuts, device: torch.device, *, group=None):
         self.tokens, self.device, self.group = tokens, device, group
         self.num_targets = tokens.numel() - 1
         self.luts = luts.to(device)
@@ -4365,9 +4364,6 @@ class ScoreLedger:
         self.scored = np.zeros(self.num_targets + 1, dtype=bool)  # index = target position; 0 unused
         self.shared = np.zeros(self.num_targets + 1, dtype=bool)
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss (nats), targets, bytes
-        self.per_target = np.full(self.num_targets + 1, np.nan) if keep_per_target else None
-        self.commit_order = np.zeros(self.num_targets + 1, dtype=np.int64) if keep_per_target else None
-        self.commits = 0
         self.adapted_targets = 0  # target positions handed out for adaptation (with repeats)
         self.full_softmax_checked = False
 
@@ -4426,11 +4422,6 @@ class ScoreLedger:
             self.sums[2] += (target_bytes(x, y, self.luts).double() * m).sum()
         else:  # the sidecar: target t stands for entry t (summed on the host, no device work)
             self.sums[2] += float(sum(int(self.luts.val_bytes[a + 1 : b + 1].sum(dtype=np.int64)) for a, b in spans))
-        self.commits += 1
-        if self.per_target is not None:  # nll[mask] lists row i's targets a_i+1..b_i, row after row
-            targets = np.concatenate([np.arange(a + 1, b + 1) for a, b in spans])
-            self.per_target[targets] = nll[mask].double().cpu().numpy()
-            self.commit_order[targets] = self.commits
         return nll
 
     def over_ranks(self, flags: np.ndarray, op) -> np.ndarray:
@@ -5265,11 +5256,6 @@ def ttt_rows(hp: Hyperparameters, val_tokens: torch.Tensor, world_size: int) -> 
     return min(hp.ttt_batch_size, -(-len(document_spans(val_tokens)) // world_size))
 
 
-def ttt_settings(hp: Hyperparameters, score_batch_seqs: int, docs_per_rank: int | None = None) -> TTTSettings:
-    return TTTSettings.from_hparams(hp, seq_len=hp.effective_eval_seq_len, score_batch_seqs=score_batch_seqs,
-                                    ttt_batch_size=docs_per_rank or hp.ttt_batch_size)
-
-
 def run_ttt(model: GPT, ledger: ScoreLedger, settings: TTTSettings, ctx: EvalContext, *, logits_fn=None,
             lora_forward=None) -> TTTResult:
     """The TTT pass of TTT_MODE over the ledger's whole stream. `logits_fn` (chunked scoring) and
@@ -5465,7 +5451,8 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
 
     for line in eval_flops_plan(hp, model.cfg, val_tokens, ctx.looping, rt.world_size):
         log(line)
-    settings = ttt_settings(hp, batch_seqs, ttt_rows(hp, val_tokens, rt.world_size)) if hp.ttt_enabled else None
+    settings = TTTSettings.from_hparams(hp, seq_len=seq_len, score_batch_seqs=batch_seqs, ttt_batch_size=ttt_rows(
+        hp, val_tokens, rt.world_size) or hp.ttt_batch_size) if hp.ttt_enabled else None
     budget = EvalBudget(lambda: clock.elapsed_ms("eval"), clock.eval_cap_ms, rt)
     ctx = dataclasses.replace(ctx, budget=budget)
     warm = warm_up_evaluation(model, logits_fn, luts, ctx, seq_len=seq_len, batch_seqs=batch_seqs, ttt=settings,

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 import train_gpt as tg
 from conftest import small_model
+from ledger_probe import RecordingLedger
 
 CPU = torch.device("cpu")
 
@@ -53,7 +54,7 @@ MODES = {"chunked": SETTINGS, **DOC_SETTINGS}
 def run_chunked(val, luts, rank=0, world_size=1, settings=SETTINGS, budget=None):
     model = ttt_model()
     model.eval()
-    ledger = tg.ScoreLedger(val, luts, CPU, keep_per_target=True)
+    ledger = RecordingLedger(val, luts, CPU)
     info = tg.run_ttt(model, ledger, settings, ctx(rank, world_size, budget=budget))
     return ledger, info, model
 
@@ -365,7 +366,7 @@ def test_document_ttt_compiles_few_graphs_once_and_scores_as_eager(sample_datase
     forward = torch.compile(tg.lora_logits, backend=counter, dynamic=False)
 
     def evaluate(model, lora_forward):
-        ledger = tg.ScoreLedger(tokens, luts, CPU, keep_per_target=True)
+        ledger = RecordingLedger(tokens, luts, CPU)
         info = tg.run_ttt(model, ledger, settings, ctx(), lora_forward=lora_forward)
         tg.check_scored_once(ledger)
         assert info.steps > info.global_steps > 0
