@@ -4473,9 +4473,9 @@ def score_windows(logits_fn, ledger: ScoreLedger, spans: list[tuple[int, int]], 
                   batch_seqs: int, rounds_after: int = 0) -> None:
     """Score the windows `spans` (split across ranks, batched) into `ledger`. Under a budget each batch
     is timed, and before it the rest of the pass (this call's rounds and `rounds_after` more) must fit."""
-    mine = window_rounds(spans, seq_len, batch_seqs, ctx.rt.world_size)
-    num_rounds = max(map(len, mine))  # every rank runs as many rounds, so budget checks stay collective
-    mine, costs = mine[ctx.rt.rank], ctx.costs
+    plans = window_rounds(spans, seq_len, batch_seqs, ctx.rt.world_size)
+    num_rounds = max(map(len, plans))  # every rank runs as many rounds, so budget checks stay collective
+    mine, costs = plans[ctx.rt.rank], ctx.costs
     for round_idx in range(num_rounds):
         if costs is not None:
             costs.lap("window" if round_idx < len(mine) else None)
@@ -4504,8 +4504,8 @@ def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, ctx: EvalConte
 def check_scored_once(ledger: ScoreLedger) -> None:
     counts = ledger.times_scored()
     if not (counts == 1).all():
-        raise RunError(f"{int((counts == 0).sum())} of {ledger.num_targets} targets unscored, {int((counts > 1).sum())} "
-                       "scored twice or more: the evaluation plan is broken (C4)")
+        raise RunError(f"{int((counts == 0).sum())} of {ledger.num_targets} targets unscored, "
+                       f"{int((counts > 1).sum())} scored twice or more: the evaluation plan is broken (C4)")
 
 
 # ==================================================================================================
@@ -4598,7 +4598,8 @@ class TTTTracker:
         return False
 
     def result(self, chunks: int, trained_chunks: int, steps: int, global_steps: int = 0) -> TTTResult:
-        return TTTResult(chunks, trained_chunks, steps, **self.ms, stopped_at=self.stopped_at, global_steps=global_steps)
+        return TTTResult(chunks, trained_chunks, steps, **self.ms, stopped_at=self.stopped_at,
+                         global_steps=global_steps)
 
 
 @contextlib.contextmanager
@@ -4673,7 +4674,7 @@ def adapt_full_model(model: GPT, ledger: ScoreLedger, spans: list[tuple[int, int
         if mine:
             width = max(hi - lo for lo, hi in mine)
             x = torch.zeros(len(mine), width, dtype=torch.int64)
-            y = torch.full((len(mine), width), -100, dtype=torch.int64)  # -100: no target here (cross_entropy's ignore_index)
+            y = torch.full((len(mine), width), -100, dtype=torch.int64)  # no target here (cross_entropy ignores -100)
             for i, (lo, hi) in enumerate(mine):
                 tokens = ledger.adaptation_tokens(lo, hi)
                 x[i, : hi - lo], y[i, : hi - lo] = tokens[:-1], tokens[1:]
@@ -4863,8 +4864,8 @@ class DocLoRA:
             shapes += [(model.cfg.model_dim,) * 2 if isinstance(m, MLP) else (m.in_features, m.out_features)] * n
         shapes.append((model.cfg.model_dim, model.cfg.vocab_size))
         g = torch.Generator().manual_seed(0)
-        self.a_init = [((torch.rand(s.ttt_lora_rank, i, generator=g) * 2 - 1) / math.sqrt(i)).expand(num_rows, -1, -1)
-                       .clone().to(device) for i, _ in shapes]
+        a_init = [(torch.rand(s.ttt_lora_rank, i, generator=g) * 2 - 1) / math.sqrt(i) for i, _ in shapes]
+        self.a_init = [a.expand(num_rows, -1, -1).clone().to(device) for a in a_init]
         self.warm_a = [a.clone() for a in self.a_init]  # per row: the A the next round starts from
         self.a = [a.clone().requires_grad_() for a in self.a_init]
         self.b = [torch.zeros(num_rows, o, s.ttt_lora_rank, device=device, requires_grad=True) for _, o in shapes]
@@ -5035,7 +5036,8 @@ def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: li
 def measure_global_step(model: GPT, s: TTTSettings, ctx: EvalContext, costs: StepCosts) -> None:
     """Time one full global SGD step (TTT_BATCH_SEQS sequences of EVAL_SEQ_LEN, over all ranks) on
     synthetic tokens, after an untimed one; every weight is put back."""
-    source = TrainingTokens(synthetic_tokens(s.ttt_batch_seqs * s.seq_len + 1, model.cfg.vocab_size, seed=2), ctx.rt.device)
+    tokens = synthetic_tokens(s.ttt_batch_seqs * s.seq_len + 1, model.cfg.vocab_size, seed=2)
+    source = TrainingTokens(tokens, ctx.rt.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=s.ttt_momentum)
     with weights_restored(model):
         for timed in (False, True):
@@ -5094,10 +5096,11 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalCont
     phased, prefix = s.ttt_mode == "phased", min(s.phased_ttt_prefix_docs, len(queue))
     boundaries = phase_boundaries(prefix, s.phased_ttt_num_phases) if phased else []
     lora = DocLoRA(model, s.ttt_batch_size, s, ledger.device, ctx.looping)
-    tracker = TTTTracker(ctx, f"mode:{s.ttt_mode} docs:{len(queue)} rounds:{len(rounds)} docs_per_rank:{s.ttt_batch_size} "
-                         f"window_widths:{window_widths(s.chunk, s.seq_len)} lora_rank:{s.ttt_lora_rank} "
-                         f"lora_alpha:{s.ttt_lora_alpha or s.ttt_lora_rank:g} lora_lr:{s.ttt_lora_lr} "
-                         f"warm_start_a:{int(s.ttt_warm_start_a)} adapters:{len(lora.a)} chunk_size:{s.ttt_chunk_size}"
+    tracker = TTTTracker(ctx, f"mode:{s.ttt_mode} docs:{len(queue)} rounds:{len(rounds)} "
+                         f"docs_per_rank:{s.ttt_batch_size} window_widths:{window_widths(s.chunk, s.seq_len)} "
+                         f"lora_rank:{s.ttt_lora_rank} lora_alpha:{s.ttt_lora_alpha or s.ttt_lora_rank:g} "
+                         f"lora_lr:{s.ttt_lora_lr} warm_start_a:{int(s.ttt_warm_start_a)} adapters:{len(lora.a)} "
+                         f"chunk_size:{s.ttt_chunk_size}"
                          + (f" prefix_docs:{prefix} num_phases:{s.phased_ttt_num_phases} boundaries:{boundaries}"
                             if phased else ""), nothing_to_adapt(s, ledger.num_targets, queue, round_docs))
     costs = tracker.costs or StepCosts(tracker.now)
@@ -5221,7 +5224,8 @@ def prepare_prequant_ttt(hp: Hyperparameters, rt: Runtime, model: GPT, train_fil
         looped, one_epoch = dataclasses.replace(ctx, looping=hp.num_loops > 0), dict(settings, epochs=1)
         sample = tokens[: hp.ttt_batch_seqs * hp.train_seq_len + 1]
         with weights_restored(model):
-            prequant_ttt(model, sample, looped, **one_epoch)  # first-step costs (allocation, kernel loading) are not per step
+            # the first step's costs (allocation, kernel loading) are not per step
+            prequant_ttt(model, sample, looped, **one_epoch)
             t0 = time.perf_counter()
             measured = prequant_ttt(model, sample, looped, **one_epoch)
             # every rank must shorten its training budget alike
@@ -5399,8 +5403,8 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, ctx: EvalContext, 
         for _ in range(3 if costs is not None else 0):
             synthetic = ScoreLedger(stream, no_sidecar, ctx.rt.device)
             t0 = costs.now()
-            score_windows(lambda t: logits_fn(t, ctx.looping), synthetic, plan_windows(rows * seq_len, seq_len, seq_len),
-                          quiet, seq_len=seq_len, batch_seqs=batch_seqs)
+            score_windows(lambda t: logits_fn(t, ctx.looping), synthetic,
+                          plan_windows(rows * seq_len, seq_len, seq_len), quiet, seq_len=seq_len, batch_seqs=batch_seqs)
             costs.add("window", costs.now() - t0)
         if ttt is not None:
             if documents:
@@ -5408,7 +5412,8 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, ctx: EvalContext, 
                 with frozen(model.parameters()):  # as inside a round
                     measure_document_steps(model, lora, ttt, window_widths(ttt.chunk, seq_len), quiet,
                                            forward=lora_forward or lora_logits, costs=costs)
-                if costs is not None and ttt.ttt_mode == "phased" and ttt.global_ttt_epochs > 0 and ttt.phased_ttt_prefix_docs > 0:
+                if (costs is not None and ttt.ttt_mode == "phased" and ttt.global_ttt_epochs > 0
+                        and ttt.phased_ttt_prefix_docs > 0):
                     measure_global_step(model, ttt, quiet, costs)
             synthetic = ScoreLedger(synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1), no_sidecar,
                                     ctx.rt.device)
@@ -5451,8 +5456,10 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
 
     for line in eval_flops_plan(hp, model.cfg, val_tokens, ctx.looping, rt.world_size):
         log(line)
-    settings = TTTSettings.from_hparams(hp, seq_len=seq_len, score_batch_seqs=batch_seqs, ttt_batch_size=ttt_rows(
-        hp, val_tokens, rt.world_size) or hp.ttt_batch_size) if hp.ttt_enabled else None
+    settings = None
+    if hp.ttt_enabled:  # a rank holds TTT_BATCH_SIZE documents, or fewer when they all fit in one round
+        settings = TTTSettings.from_hparams(hp, seq_len=seq_len, score_batch_seqs=batch_seqs,
+                                            ttt_batch_size=ttt_rows(hp, val_tokens, rt.world_size) or hp.ttt_batch_size)
     budget = EvalBudget(lambda: clock.elapsed_ms("eval"), clock.eval_cap_ms, rt)
     ctx = dataclasses.replace(ctx, budget=budget)
     warm = warm_up_evaluation(model, logits_fn, luts, ctx, seq_len=seq_len, batch_seqs=batch_seqs, ttt=settings,
@@ -5773,7 +5780,8 @@ def data_fingerprint(data_path: str, tokenizer_path: str | None = None, splits=(
             source = "data manifest"
     return {"variant": Path(data_path).name, "train_shards": len(files["train"]), "val_shards": len(files["val"]),
             "val_byte_sidecars": len(files["val_bytes"]), "checksum_source": source,
-            "shard_sha256": {p.name: recorded.get(p.name) or file_sha256(p) for f in files.values() for p in map(Path, f)},
+            "shard_sha256": {p.name: recorded.get(p.name) or file_sha256(p)
+                             for split in files.values() for p in map(Path, split)},
             "data_manifest_sha256": file_sha256(manifest_path) if manifest_path.is_file() else None,
             "tokenizer_sha256": file_sha256(Path(tokenizer_path)) if tokenizer_path else None}
 
@@ -5868,7 +5876,8 @@ def _record_failure(manifest: "RunManifest | None", e: BaseException, artifact: 
             sections["artifact_kept_as"] = failed.name
     if manifest is not None:
         stopped = STOP_SIGNAL_RECEIVED[0] if STOP_SIGNAL_RECEIVED else None
-        with contextlib.suppress(RunError, OSError):  # e.g. the disk is still full: the first error is the one to report
+        # e.g. the disk is still full: the first error is the one to report
+        with contextlib.suppress(RunError, OSError):
             manifest.finish("failed", error=f"stopped by {stopped}" if stopped else f"{e.__class__.__name__}: {e}",
                             **({"signal": stopped} if stopped else {}), **sections)
 
@@ -6073,8 +6082,8 @@ def check_shapes_fit(hp: Hyperparameters, rt: Runtime, train_files: list[str], v
     if need > have:
         raise RunError(f"the model cannot train here: {params / 1e6:,.0f}M parameters (NUM_LAYERS={hp.num_layers} "
                        f"MODEL_DIM={hp.model_dim} MLP_MULT={hp.mlp_mult}) and {hp.train_batch_tokens} tokens a step need "
-                       f">= {need / 2**30:,.1f} GiB per device, this {rt.device.type} has {have / 2**30:,.1f} GiB; lower "
-                       "NUM_LAYERS, MODEL_DIM, MLP_MULT or TRAIN_BATCH_TOKENS (or raise GRAD_ACCUM_STEPS)")
+                       f">= {need / 2**30:,.1f} GiB per device, this {rt.device.type} has {have / 2**30:,.1f} GiB; "
+                       "lower NUM_LAYERS, MODEL_DIM, MLP_MULT or TRAIN_BATCH_TOKENS (or raise GRAD_ACCUM_STEPS)")
 
 
 def train_data_access_ms(clock: PhaseClock, *, prequant_on_train: bool, calibrate_on_train: bool) -> float:
