@@ -4089,6 +4089,11 @@ class EvalContext:
     budget: EvalBudget | None = None
     log: Callable[[str], None] = lambda msg: None
 
+    @property
+    def costs(self) -> StepCosts | None:
+        """The budget's step costs when it has a cap (only then is anything timed), else None."""
+        return self.budget.costs if self.budget is not None and self.budget.cap_ms is not None else None
+
 
 # The evaluation budget (MAX_EVAL_SECONDS) decides from measured step costs, never from a guess. Every
 # kind of step (a window batch, a TTT chunk step of a width, plain or adapting, a global SGD step, a
@@ -4163,7 +4168,8 @@ class EvalBudget:
         return self.elapsed_ms()
 
     def agreed(self, *values: float) -> list[float]:
-        return agree_max([self.elapsed_ms(), *values], self.rt) if self.rt is not None else [self.elapsed_ms(), *values]
+        values = [self.elapsed_ms(), *values]
+        return values if self.rt is None else agree_max(values, self.rt)
 
     def left_ms(self, need_ms: float) -> tuple[float, float]:
         """(need, time left), agreed over ranks."""
@@ -4194,13 +4200,8 @@ class EvalBudget:
 
 def plan_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
     """Scored spans (a, b] covering targets 1..num_targets exactly once, in stream order."""
-    stride = min(stride, seq_len)
-    spans, a = [(0, min(seq_len, num_targets))], min(seq_len, num_targets)
-    while a < num_targets:
-        b = min(a + stride, num_targets)
-        spans.append((a, b))
-        a = b
-    return spans
+    first, stride = min(seq_len, num_targets), min(stride, seq_len)
+    return [(0, first)] + [(a, min(a + stride, num_targets)) for a in range(first, num_targets, stride)]
 
 
 def rank_share(items: list, rank: int, world_size: int) -> list:
@@ -4224,23 +4225,19 @@ class ScoreLedger:
     """The committed scores of one evaluation pass on one rank, and the gate adaptation goes through.
 
     Host-side bookkeeping only (no device sync per batch): `scored` marks the targets this rank
-    committed, `shared` the targets known (after `share`) to be committed on some rank. With
-    `keep_per_target`, each target's NLL is kept as well (tests read it)."""
+    committed, `shared` the targets known (after `share`) to be committed on some rank. `commit`
+    returns each target's NLL (tests keep them per target)."""
 
-    def __init__(self, tokens: torch.Tensor, luts: ByteLuts, device: torch.device, *, group=None,
-                 keep_per_target: bool = False):
+    def __init__(self, tokens: torch.Tensor, luts: ByteLuts, device: torch.device, *, group=None):
         self.tokens, self.device, self.group = tokens, device, group
         self.num_targets = tokens.numel() - 1
         self.luts = luts.to(device)
         if luts.val_bytes is not None and len(luts.val_bytes) != tokens.numel():
-            raise RunError(f"the byte sidecar covers {len(luts.val_bytes)} tokens but this pass scores a stream of "
-                           f"{tokens.numel()}; it belongs to the validation stream only")
+            raise RunError(f"the byte sidecar covers {len(luts.val_bytes)} tokens, this stream {tokens.numel()}: it "
+                           "belongs to the validation stream only")
         self.scored = np.zeros(self.num_targets + 1, dtype=bool)  # index = target position; 0 unused
         self.shared = np.zeros(self.num_targets + 1, dtype=bool)
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss (nats), targets, bytes
-        self.per_target = np.full(self.num_targets + 1, np.nan) if keep_per_target else None
-        self.commit_order = np.zeros(self.num_targets + 1, dtype=np.int64) if keep_per_target else None
-        self.commits = 0
         self.adapted_targets = 0  # target positions handed out for adaptation (with repeats)
         self.full_softmax_checked = False
 
@@ -4269,8 +4266,8 @@ class ScoreLedger:
         mask = torch.zeros(num_rows, chunk, dtype=torch.bool)
         for r, (a, b), st in zip(rows, spans, starts):
             if not (0 <= st <= a < b and b - st <= width and b - a <= chunk):
-                raise RunError(f"window from token {st} cannot score targets ({a}, {b}] in {width} columns; the TTT "
-                               f"plan is broken")
+                raise RunError(f"window from token {st} cannot score targets ({a}, {b}] in {width} columns: a broken "
+                               "TTT plan")
             x[r, : b - st], y[r, : b - st] = self.tokens[st:b], self.tokens[st + 1 : b + 1]
             positions[r, : b - a] = torch.arange(a - st, b - st)
             positions[r, b - a :] = b - st - 1
@@ -4291,8 +4288,7 @@ class ScoreLedger:
                                                                                       atol=1e-4):
                 raise RunError("logits are not a normalized distribution over the full vocabulary (C2)")
             self.full_softmax_checked = True
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        nll = nll.view(y.shape)
+        nll = token_nll(logits, y).view(y.shape)
         m = mask.to(torch.float64)
         self.sums[0] += (nll.double() * m).sum()
         self.sums[1] += m.sum()
@@ -4300,21 +4296,18 @@ class ScoreLedger:
             self.sums[2] += (target_bytes(x, y, self.luts).double() * m).sum()
         else:  # the sidecar: target t stands for entry t (summed on the host, no device work)
             self.sums[2] += float(sum(int(self.luts.val_bytes[a + 1 : b + 1].sum(dtype=np.int64)) for a, b in spans))
-        self.commits += 1
-        if self.per_target is not None:
-            values, i = nll[mask].double().cpu().numpy(), 0
-            for a, b in spans:
-                self.per_target[a + 1 : b + 1] = values[i : i + b - a]
-                self.commit_order[a + 1 : b + 1] = self.commits
-                i += b - a
         return nll
 
-    def share(self, lo: int, hi: int) -> None:
-        """Learn which targets in (lo, hi] are committed on any rank (a host-side collective)."""
-        part = torch.from_numpy(self.scored[lo + 1 : hi + 1].astype(np.uint8))
+    def over_ranks(self, flags: np.ndarray, op) -> np.ndarray:
+        """`flags` reduced over ranks with `op`, as uint8 (a host-side collective)."""
+        counts = torch.from_numpy(flags.astype(np.uint8))
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(part, op=dist.ReduceOp.MAX, group=self.group)
-        self.shared[lo + 1 : hi + 1] |= part.numpy().astype(bool)
+            dist.all_reduce(counts, op=op, group=self.group)
+        return counts.numpy()
+
+    def share(self, lo: int, hi: int) -> None:
+        """Learn which targets in (lo, hi] are committed on any rank."""
+        self.shared[lo + 1 : hi + 1] |= self.over_ranks(self.scored[lo + 1 : hi + 1], dist.ReduceOp.MAX).astype(bool)
 
     def adaptation_tokens(self, lo: int, hi: int) -> torch.Tensor:
         """Tokens lo..hi, i.e. inputs for targets lo+1..hi, if every one of those targets is committed
@@ -4336,10 +4329,12 @@ class ScoreLedger:
 
     def times_scored(self) -> np.ndarray:
         """How often each target 1..N-1 was committed, over all ranks (C4 wants all ones)."""
-        counts = torch.from_numpy(self.scored[1:].astype(np.uint8))
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.group)
-        return counts.numpy()
+        return self.over_ranks(self.scored[1:], dist.ReduceOp.SUM)
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    """Cross-entropy over the full vocabulary (in float32) of each target, flattened."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 
 
 def window_rounds(spans: list[tuple[int, int]], seq_len: int, batch_seqs: int, world_size: int) -> list[list]:
@@ -4352,24 +4347,21 @@ def score_windows(logits_fn, ledger: ScoreLedger, spans: list[tuple[int, int]], 
                   batch_seqs: int, rounds_after: int = 0) -> None:
     """Score the windows `spans` (split across ranks, batched) into `ledger`. Under a budget each batch
     is timed, and before it the rest of the pass (this call's rounds and `rounds_after` more) must fit."""
-    rank, world_size = ctx.rt.rank, ctx.rt.world_size
-    plans = window_rounds(spans, seq_len, batch_seqs, world_size)
-    num_rounds = max(len(p) for p in plans)  # every rank runs as many rounds, so budget checks stay collective
-    budget = ctx.budget if ctx.budget is not None and ctx.budget.cap_ms is not None else None
+    plans = window_rounds(spans, seq_len, batch_seqs, ctx.rt.world_size)
+    num_rounds = max(map(len, plans))  # every rank runs as many rounds, so budget checks stay collective
+    mine, costs = plans[ctx.rt.rank], ctx.costs
     for round_idx in range(num_rounds):
-        if budget is not None:
-            budget.costs.lap("window" if round_idx < len(plans[rank]) else None)
-            budget.require((num_rounds - round_idx + rounds_after) * budget.costs.ms("window"),
-                           f"after {round_idx} of {num_rounds} batches")
-        if round_idx >= len(plans[rank]):
-            continue
-        batch = plans[rank][round_idx]
-        x, y, mask = ledger.window_rows(batch, seq_len, pad_rows=batch_seqs)
-        with ctx.autocast():
-            logits = logits_fn(x)
-        ledger.commit(batch, logits, x, y, mask)
-    if budget is not None:
-        budget.costs.lap(None)
+        if costs is not None:
+            costs.lap("window" if round_idx < len(mine) else None)
+            ctx.budget.require((num_rounds - round_idx + rounds_after) * costs.ms("window"),
+                               f"after {round_idx} of {num_rounds} batches")
+        if round_idx < len(mine):
+            x, y, mask = ledger.window_rows(mine[round_idx], seq_len, pad_rows=batch_seqs)
+            with ctx.autocast():
+                logits = logits_fn(x)
+            ledger.commit(mine[round_idx], logits, x, y, mask)
+    if costs is not None:
+        costs.lap(None)
 
 
 def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, ctx: EvalContext, *, seq_len: int, batch_seqs: int,
@@ -4386,8 +4378,8 @@ def evaluate(logits_fn, val_tokens: torch.Tensor, luts: ByteLuts, ctx: EvalConte
 def check_scored_once(ledger: ScoreLedger) -> None:
     counts = ledger.times_scored()
     if not (counts == 1).all():
-        raise RunError(f"{int((counts == 0).sum())} targets unscored and {int((counts > 1).sum())} scored more than "
-                       f"once of {ledger.num_targets}; the evaluation plan is broken (C4)")
+        raise RunError(f"{int((counts == 0).sum())} of {ledger.num_targets} targets unscored, "
+                       f"{int((counts > 1).sum())} scored twice or more: the evaluation plan is broken (C4)")
 
 
 # ==================================================================================================
@@ -4423,6 +4415,11 @@ class TTTSettings:
     seq_len: int  # EVAL_SEQ_LEN
     score_batch_seqs: int = 32  # windows per scoring forward, per rank
 
+    @property
+    def chunk(self) -> int:
+        """Targets a per-document step scores: TTT_CHUNK_SIZE, at most a window (which holds its whole chunk)."""
+        return min(self.ttt_chunk_size, self.seq_len)
+
 
 @dataclass(frozen=True)
 class TTTResult:
@@ -4440,25 +4437,24 @@ class TTTResult:
 
 class TTTTracker:
     """What both TTT forms share: the pass's clock in ms (the budget's when it has a cap, read after
-    the device's queued work; else the host's), the time spent scoring and adapting, the budget
-    decisions (logging where adaptation stops for good), and the result."""
+    the device's queued work; else the host's), the budget's step costs (None without a cap), the time
+    spent scoring and adapting, the budget decisions (logging where adaptation stops for good), and
+    the result."""
 
-    def __init__(self, ctx: EvalContext, device: torch.device):
-        self.ctx, self.device = ctx, device
-        self.budgeted = ctx.budget is not None and ctx.budget.cap_ms is not None
-        self.ms = {"score": 0.0, "adapt": 0.0}
-
-    def start(self, settings: str, nothing_to_adapt: str | None) -> None:
-        self.ctx.log(f"ttt:start {settings}")
+    def __init__(self, ctx: EvalContext, settings: str, nothing_to_adapt: str | None):
+        self.ctx, self.costs = ctx, ctx.costs
+        self.ms = {"score_ms": 0.0, "adapt_ms": 0.0}
+        ctx.log(f"ttt:start {settings}")
         if nothing_to_adapt is not None:
-            self.ctx.log(f"ttt:warning this pass adapts on nothing: {nothing_to_adapt}; its score is the plain score")
+            ctx.log(f"ttt:warning this pass adapts on nothing: {nothing_to_adapt}; its score is the plain score")
 
     def now(self) -> float:
-        return self.ctx.budget.now() if self.budgeted else 1000.0 * time.perf_counter()
+        return self.ctx.budget.now() if self.costs is not None else 1000.0 * time.perf_counter()
 
     def add(self, kind: str, since_ms: float) -> float:
+        """Count the time since `since_ms` as scoring or adapting (`kind`); returns it."""
         ms = self.now() - since_ms
-        self.ms[kind] += ms
+        self.ms[f"{kind}_ms"] += ms
         return ms
 
     @property
@@ -4476,8 +4472,8 @@ class TTTTracker:
         return False
 
     def result(self, chunks: int, trained_chunks: int, steps: int, global_steps: int = 0) -> TTTResult:
-        return TTTResult(chunks, trained_chunks, steps, self.ms["score"], self.ms["adapt"], self.stopped_at,
-                         global_steps)
+        return TTTResult(chunks, trained_chunks, steps, **self.ms, stopped_at=self.stopped_at,
+                         global_steps=global_steps)
 
 
 @contextlib.contextmanager
@@ -4498,15 +4494,20 @@ def cosine_lr(lr: float, i: int, n: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * i / max(n - 1, 1)))
 
 
+@contextlib.contextmanager
+def weights_restored(model: nn.Module):
+    """Every weight and buffer of `model` is put back as it was when the block ends."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    yield
+    model.load_state_dict(saved)
+
+
 def chunk_windows(spans: list[tuple[int, int]], chunk_tokens: int) -> list[list[tuple[int, int]]]:
     """Windows grouped by the chunk holding their first scored target, in stream order."""
     groups: list[list[tuple[int, int]]] = []
-    last = -1
     for a, b in spans:
-        c = a // chunk_tokens
-        if c != last:
+        if not groups or a // chunk_tokens != groups[-1][0][0] // chunk_tokens:
             groups.append([])
-            last = c
         groups[-1].append((a, b))
     return groups
 
@@ -4521,13 +4522,10 @@ def average_gradients(params: list[torch.Tensor]) -> None:
     target count, so the sum is the average). A rank with no data contributes zeros."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
     dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
+    for p, grad in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = grad.view_as(p).clone()
 
 
 def adapt_full_model(model: GPT, ledger: ScoreLedger, spans: list[tuple[int, int]], optimizer, ctx: EvalContext, *,
@@ -4543,33 +4541,27 @@ def adapt_full_model(model: GPT, ledger: ScoreLedger, spans: list[tuple[int, int
         g["lr"] = lr
     steps = 0
     model.train()
-    for _ in range(epochs):
-        for j in range(0, len(pieces), batch_seqs):
-            if before_step is not None and not before_step():
-                model.eval()
-                return steps
-            step_pieces = pieces[j : j + batch_seqs]
-            total_targets = sum(hi - lo for lo, hi in step_pieces)
-            mine = rank_share(step_pieces, ctx.rt.rank, ctx.rt.world_size)
-            if mine:
-                width = max(hi - lo for lo, hi in mine)
-                x = torch.zeros(len(mine), width, dtype=torch.int64)
-                y = torch.full((len(mine), width), -100, dtype=torch.int64)  # -100 = no target here
-                for i, (lo, hi) in enumerate(mine):
-                    tokens = ledger.adaptation_tokens(lo, hi)
-                    x[i, : hi - lo], y[i, : hi - lo] = tokens[:-1], tokens[1:]
-                x, y = x.to(ledger.device), y.to(ledger.device)
-                with ctx.autocast():
-                    logits = model.forward_logits(x, ctx.looping)
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
-                                       ignore_index=-100, reduction="sum") / total_targets
-                loss.backward()
-            average_gradients(params)
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            steps += 1
+    for step_pieces in [pieces[j : j + batch_seqs] for _ in range(epochs) for j in range(0, len(pieces), batch_seqs)]:
+        if before_step is not None and not before_step():
+            break
+        mine = rank_share(step_pieces, ctx.rt.rank, ctx.rt.world_size)
+        if mine:
+            width = max(hi - lo for lo, hi in mine)
+            x = torch.zeros(len(mine), width, dtype=torch.int64)
+            y = torch.full((len(mine), width), -100, dtype=torch.int64)  # no target here (cross_entropy ignores -100)
+            for i, (lo, hi) in enumerate(mine):
+                tokens = ledger.adaptation_tokens(lo, hi)
+                x[i, : hi - lo], y[i, : hi - lo] = tokens[:-1], tokens[1:]
+            x, y = x.to(ledger.device), y.to(ledger.device)
+            with ctx.autocast():
+                logits = model.forward_logits(x, ctx.looping)
+            (token_nll(logits, y, "sum") / sum(hi - lo for lo, hi in step_pieces)).backward()
+        average_gradients(params)
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
     model.eval()
     return steps
 
@@ -4584,17 +4576,14 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContex
     logits_fn = logits_fn or model.forward_logits
     groups = chunk_windows(plan_windows(ledger.num_targets, s.seq_len, s.eval_stride or s.seq_len), s.ttt_chunk_tokens)
     rounds = chunk_rounds(groups, s, ctx.rt.world_size)
-    tracker = TTTTracker(ctx, ledger.device)
-    costs = ctx.budget.costs if tracker.budgeted else None
     with frozen(p for block in model.blocks[: s.ttt_freeze_blocks] for p in block.parameters()):
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=s.ttt_lr, momentum=s.ttt_momentum)
-        tracker.start(f"mode:chunked chunks:{len(groups)} ttt_lr:{s.ttt_lr} ttt_epochs:{s.ttt_epochs} chunk_tokens:"
-                      f"{s.ttt_chunk_tokens} frozen_blocks:{s.ttt_freeze_blocks} params:{sum(p.numel() for p in params)}",
-                      nothing_to_adapt(s, ledger.num_targets))
-        later = sum(rounds)  # scoring rounds of the chunks not scored yet
-        steps = trained_chunks = 0
-        trained_upto = 0  # targets 1..trained_upto have been (or will never be) trained on
+        tracker = TTTTracker(ctx, f"mode:chunked chunks:{len(groups)} ttt_lr:{s.ttt_lr} ttt_epochs:{s.ttt_epochs} "
+                             f"chunk_tokens:{s.ttt_chunk_tokens} frozen_blocks:{s.ttt_freeze_blocks} "
+                             f"params:{sum(p.numel() for p in params)}", nothing_to_adapt(s, ledger.num_targets))
+        costs, later = tracker.costs, sum(rounds)  # later: scoring rounds of the chunks not scored yet
+        steps = trained_chunks = trained_upto = 0  # targets 1..trained_upto have been (or will never be) trained on
         for ci, group in enumerate(groups):
             later -= rounds[ci]
             t0 = tracker.now()
@@ -4660,9 +4649,10 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContex
 
 
 def lora_targets(model: GPT, s: "TTTSettings") -> list[str]:
-    """Names of the block submodules that get adapters under the TTT_*_LORA switches."""
-    suffixes = ["attn.c_q", "attn.c_v"] + ["attn.c_k"] * s.ttt_k_lora + ["attn.proj"] * s.ttt_o_lora + ["mlp"] * s.ttt_mlp_lora
-    return [f"blocks.{i}.{suffix}" for i in range(len(model.blocks)) for suffix in suffixes]
+    """Names of the block submodules that get adapters under the TTT_*_LORA switches (q and v always)."""
+    switches = (True, True, s.ttt_k_lora, s.ttt_o_lora, s.ttt_mlp_lora)  # one per AdapterHooks.SUFFIXES
+    return [f"blocks.{i}.{suffix}" for i in range(len(model.blocks))
+            for suffix, on in zip(AdapterHooks.SUFFIXES, switches) if on]
 
 
 def document_spans(tokens: torch.Tensor) -> list[tuple[int, int]]:
@@ -4695,12 +4685,11 @@ class AdapterHooks:
     SUFFIXES = ("attn.c_q", "attn.c_v", "attn.c_k", "attn.proj", "mlp")
 
     def __init__(self, model: GPT):
-        modules = dict(model.named_modules())
         self.names = [f"blocks.{i}.{suffix}" for i in range(len(model.blocks)) for suffix in self.SUFFIXES]
         self.lora: "DocLoRA | None" = None
         self.calls: list[int] | None = None
         for k, name in enumerate(self.names):
-            modules[name].register_forward_hook(self._hook(k))
+            model.get_submodule(name).register_forward_hook(self._hook(k))
 
     def _hook(self, k: int):
         def add_delta(module, inputs, output):
@@ -4710,7 +4699,7 @@ class AdapterHooks:
             m = lora.module_of_hook[k]
             slot = self.calls[k]
             if slot >= lora.slots[m]:
-                raise RunError(f"LoRA adapter {m} called {slot + 1} times in one forward; the slot plan is broken")
+                raise RunError(f"LoRA adapter {m} called {slot + 1} times in one forward: a broken slot plan")
             self.calls[k] = slot + 1
             return output + lora.delta(lora.first_slot[m] + slot, inputs[0]).to(output.dtype)
         return add_delta
@@ -4731,32 +4720,29 @@ class DocLoRA:
     step from a round's start until its document's last trained chunk, so its step count is the same on
     any number of ranks). After that a row keeps moving with the others' steps (decay, momentum), which
     no score sees; the A that warm starts the next round is the one saved at the row's last own step
-    (`keep_warm`). Applied through the model's `AdapterHooks`, so the model code is untouched."""
+    (`keep_warm`). Applied through the model's `AdapterHooks`, so the model code is untouched. A is
+    drawn from one seeded generator, the same for every row."""
 
-    def __init__(self, model: GPT, num_rows: int, s: "TTTSettings", device: torch.device, looping: bool,
-                 seed: int = 0):
+    def __init__(self, model: GPT, num_rows: int, s: "TTTSettings", device: torch.device, looping: bool):
         order = model.cfg.layer_order(looping)
         names = lora_targets(model, s)
         self.hooks = adapter_hooks(model)
         self.module_of_hook = [names.index(n) if n in names else -1 for n in self.hooks.names]
-        modules = dict(model.named_modules())
         self.slots = [order.count(int(name.split(".")[1])) for name in names]
+        self.first_slot = [sum(self.slots[:k]) for k in range(len(self.slots))]  # adapter of module k's slot 0
         self.scale = (s.ttt_lora_alpha or s.ttt_lora_rank) / s.ttt_lora_rank
-        g = torch.Generator().manual_seed(seed)
-        shapes = []  # (in, out) per adapter: every slot of every module, then the head
+        self.num_rows = num_rows
+        shapes = []  # (in, out) per adapter: every slot of every module (an MLP's adapter is dim->dim), then the head
         for name, n in zip(names, self.slots):
-            m = modules[name]
-            width = m.fc.in_features if isinstance(m, MLP) else m.in_features
-            out = m.proj.out_features if isinstance(m, MLP) else m.out_features
-            shapes += [(width, out)] * n
+            m = model.get_submodule(name)
+            shapes += [(model.cfg.model_dim,) * 2 if isinstance(m, MLP) else (m.in_features, m.out_features)] * n
         shapes.append((model.cfg.model_dim, model.cfg.vocab_size))
+        g = torch.Generator().manual_seed(0)
         a_init = [(torch.rand(s.ttt_lora_rank, i, generator=g) * 2 - 1) / math.sqrt(i) for i, _ in shapes]
         self.a_init = [a.expand(num_rows, -1, -1).clone().to(device) for a in a_init]
         self.warm_a = [a.clone() for a in self.a_init]  # per row: the A the next round starts from
         self.a = [a.clone().requires_grad_() for a in self.a_init]
         self.b = [torch.zeros(num_rows, o, s.ttt_lora_rank, device=device, requires_grad=True) for _, o in shapes]
-        self.first_slot = [sum(self.slots[:k]) for k in range(len(self.slots))]  # adapter of module k's slot 0
-        self.num_rows = num_rows
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -4783,10 +4769,6 @@ class DocLoRA:
     def delta(self, j: int, x: torch.Tensor) -> torch.Tensor:
         a, b = self.a[j].to(x.dtype), self.b[j].to(x.dtype)
         return self.scale * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
-
-    def logits(self, model: GPT, x: torch.Tensor, looping: bool) -> torch.Tensor:
-        """The model's logits at every position of rows x (one per adapter row), adapters applied."""
-        return lora_logits(self, model, x, None, looping)
 
 
 def lora_logits(lora: DocLoRA, model: GPT, x: torch.Tensor, positions: torch.Tensor | None,
@@ -4831,7 +4813,7 @@ def round_steps(docs: list[tuple[int, int]], chunk: int, seq_len: int) -> list[t
 
 
 def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lora: DocLoRA, s: TTTSettings,
-               ctx: EvalContext, *, num_steps: int, forward=lora_logits, before_step=None) -> tuple[int, int]:
+               ctx: EvalContext, *, num_steps: int, forward, before_step) -> tuple[int, int]:
     """Score this rank's documents of one round, document i on adapter row i, and train their adapters
     at each step `before_step(i, width, trains)` allows (called on every rank for each of the round's
     `num_steps`, so budget decisions stay collective; once it refuses, it refuses for good). Returns
@@ -4839,14 +4821,13 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lor
     lora.reset(s.ttt_warm_start_a)
     optimizer = torch.optim.AdamW(lora.params, lr=s.ttt_lora_lr, betas=(s.ttt_beta1, s.ttt_beta2), eps=1e-10,
                                   weight_decay=s.ttt_weight_decay)
-    chunk = min(s.ttt_chunk_size, s.seq_len)  # a window holds its whole chunk
-    chunks = [document_chunks(d, chunk) for d in docs]
+    chunks = [document_chunks(d, s.chunk) for d in docs]
     steps = adapting = 0
     for i in range(num_steps):
         rows = [d for d in range(len(docs)) if i < len(chunks[d])]
         train_rows = [d for d in rows if i < len(chunks[d]) - 1]
-        width = step_width(i, chunk, s.seq_len)
-        if before_step is not None and not before_step(i, width if rows else None, bool(train_rows)):
+        width = step_width(i, s.chunk, s.seq_len)
+        if not before_step(i, width if rows else None, bool(train_rows)):
             train_rows = []
         elif rows:
             adapting += 1
@@ -4856,20 +4837,18 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lor
         spans = [chunks[d][i] for d in rows]
         starts = [max(docs[d][0], b - s.seq_len) for d, (_, b) in zip(rows, spans)]
         x, positions, x_at, y_at, mask = ledger.document_rows(spans, starts, rows=rows, num_rows=lora.num_rows,
-                                                              width=width, chunk=chunk)
+                                                              width=width, chunk=s.chunk)
         with torch.enable_grad(), ctx.autocast():  # one graph per width: steps that train nothing skip the backward
             logits = forward(lora, model, x, positions, ctx.looping)
         ledger.commit(spans, logits.detach(), x_at, y_at, mask)  # scores fixed before the update below
         if not train_rows:
             continue
-        labels, weights = torch.zeros(lora.num_rows, chunk, dtype=torch.int64), torch.zeros(lora.num_rows, chunk)
+        labels, weights = torch.zeros(lora.num_rows, s.chunk, dtype=torch.int64), torch.zeros(lora.num_rows, s.chunk)
         for d in train_rows:  # each document's mean loss over the chunk it just committed
             a, b = chunks[d][i]
             labels[d, : b - a] = ledger.adaptation_tokens(a, b)[1:]
             weights[d, : b - a] = 1.0 / (b - a)
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.to(ledger.device).reshape(-1),
-                              reduction="none")
-        (nll * weights.to(ledger.device).reshape(-1)).sum().backward()
+        (token_nll(logits, labels.to(ledger.device)) * weights.to(ledger.device).reshape(-1)).sum().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         steps += 1
@@ -4877,7 +4856,7 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lor
 
 
 def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], s: TTTSettings, ctx: EvalContext,
-                     *, before_step=None) -> int:
+                     *, before_step) -> int:
     """Full-model SGD over already-scored documents (in queue order), cosine LR over groups of about
     TTT_CHUNK_TOKENS targets. Every rank calls it with the same documents. `before_step(n)` before
     the phase's step n = 1, 2, ... returning False (on every rank alike) ends the phase there."""
@@ -4888,36 +4867,33 @@ def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]
             groups.append([])
         groups[-1].append(d)
     optimizer = torch.optim.SGD(list(model.parameters()), lr=s.global_ttt_lr, momentum=s.ttt_momentum)
-    steps = asked = 0
-    refused = False
+    answers = []  # before_step's answers so far: the first refusal ends the phase
 
     def gate() -> bool:
-        nonlocal asked, refused
-        asked += 1
-        refused = before_step is not None and not before_step(asked)
-        return not refused
+        answers.append(before_step(len(answers) + 1))
+        return answers[-1]
 
+    steps = 0
     for gi, group in enumerate(groups):
         steps += adapt_full_model(model, ledger, group, optimizer, ctx, lr=cosine_lr(s.global_ttt_lr, gi, len(groups)),
                                   epochs=s.global_ttt_epochs, seq_len=s.seq_len, batch_seqs=s.ttt_batch_seqs,
                                   grad_clip=s.ttt_grad_clip, before_step=gate)
-        if refused:
+        if not all(answers):
             break
     return steps
 
 
 def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: list[int], ctx: EvalContext, *,
-                           forward=lora_logits, costs: StepCosts | None = None) -> None:
+                           forward, costs: StepCosts | None) -> None:
     """At each width, on full rows of synthetic tokens: an adapting step (forward, backward, AdamW),
     which compiles the width's graph; with `costs`, then a timed plain step (the forward) and a timed
     adapting one, the budget's step costs before the first validation step. The adapters are reset
     by the next round."""
-    chunk = min(s.ttt_chunk_size, s.seq_len)
     optimizer = torch.optim.AdamW(lora.params, lr=0.0)
     device = lora.a[0].device
     for width in widths:
         x = synthetic_tokens(lora.num_rows * width, model.cfg.vocab_size, seed=width).view(lora.num_rows, width)
-        positions = torch.arange(width - chunk, width).expand(lora.num_rows, -1).contiguous()  # a real step's layout
+        positions = torch.arange(width - s.chunk, width).expand(lora.num_rows, -1).contiguous()  # a real step's layout
         x, positions = x.to(device), positions.to(device)
         for kind, timed in [("adapt", False)] + ([("plain", True), ("adapt", True)] if costs is not None else []):
             t0 = costs.now() if timed else 0.0
@@ -4934,17 +4910,16 @@ def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: li
 def measure_global_step(model: GPT, s: TTTSettings, ctx: EvalContext, costs: StepCosts) -> None:
     """Time one full global SGD step (TTT_BATCH_SEQS sequences of EVAL_SEQ_LEN, over all ranks) on
     synthetic tokens, after an untimed one; every weight is put back."""
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    device = next(model.parameters()).device
-    source = TrainingTokens(synthetic_tokens(s.ttt_batch_seqs * s.seq_len + 1, model.cfg.vocab_size, seed=2), device)
+    tokens = synthetic_tokens(s.ttt_batch_seqs * s.seq_len + 1, model.cfg.vocab_size, seed=2)
+    source = TrainingTokens(tokens, ctx.rt.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=s.ttt_momentum)
-    for timed in (False, True):
-        t0 = costs.now()
-        adapt_full_model(model, source, [(0, source.num_targets)], optimizer, ctx, lr=0.0, epochs=1, seq_len=s.seq_len,
-                         batch_seqs=s.ttt_batch_seqs, grad_clip=s.ttt_grad_clip)
-        if timed:
-            costs.add("global", costs.now() - t0)
-    model.load_state_dict(saved)
+    with weights_restored(model):
+        for timed in (False, True):
+            t0 = costs.now()
+            adapt_full_model(model, source, [(0, source.num_targets)], optimizer, ctx, lr=0.0, epochs=1,
+                             seq_len=s.seq_len, batch_seqs=s.ttt_batch_seqs, grad_clip=s.ttt_grad_clip)
+            if timed:
+                costs.add("global", costs.now() - t0)
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -4958,78 +4933,82 @@ def nothing_to_adapt(s: TTTSettings, num_targets: int, queue: list[tuple[int, in
             return (f"the {num_targets} validation targets fit in one TTT_CHUNK_TOKENS={s.ttt_chunk_tokens} chunk, which "
                     f"is scored last and never trains (lower TTT_CHUNK_TOKENS)")
         return None
-    chunk = min(s.ttt_chunk_size, s.seq_len)
-    if any(b - a > chunk for a, b in queue):
+    if any(b - a > s.chunk for a, b in queue):
         return None
-    if s.ttt_mode == "phased" and s.global_ttt_epochs > 0:
+    phased = s.ttt_mode == "phased"
+    if phased and s.global_ttt_epochs > 0:
         first = min(s.phased_ttt_prefix_docs, len(queue)) // s.phased_ttt_num_phases  # documents the first global phase trains on
         if first > 0 and -(-first // round_docs) < -(-len(queue) // round_docs):  # it ends before the last round
             return None
-    return (f"every one of the {len(queue)} documents fits in one TTT_CHUNK_SIZE={chunk} chunk, which never trains"
-            + (", and no global phase ends before the last round" if s.ttt_mode == "phased" else "")
-            + " (lower TTT_CHUNK_SIZE" + (", TTT_BATCH_SIZE or PHASED_TTT_PREFIX_DOCS" if s.ttt_mode == "phased" else "")
-            + ")")
+    return (f"every one of the {len(queue)} documents fits in one TTT_CHUNK_SIZE={s.chunk} chunk, which never trains"
+            + (", and no global phase ends before the last round (lower TTT_CHUNK_SIZE, TTT_BATCH_SIZE or "
+               "PHASED_TTT_PREFIX_DOCS)" if phased else " (lower TTT_CHUNK_SIZE)"))
+
+
+def document_rounds(queue: list[tuple[int, int]], per_rank: int, rt: Runtime) -> tuple[list[list], list[list]]:
+    """Document TTT's rounds (per_rank x world size documents of the queue each) and this rank's
+    documents of each (rank r holds the round's positions r*per_rank onwards)."""
+    size = per_rank * rt.world_size
+    rounds = [queue[j : j + size] for j in range(0, len(queue), size)]
+    return rounds, [r[rt.rank * per_rank : (rt.rank + 1) * per_rank] for r in rounds]
 
 
 def document_step_widths(tokens: torch.Tensor, s: TTTSettings, rt: Runtime) -> collections.Counter:
     """This rank's chunk steps of a document TTT pass over `tokens`, by padded width: what scoring it
     plainly takes."""
-    queue, per_rank, chunk = document_queue(tokens), s.ttt_batch_size, min(s.ttt_chunk_size, s.seq_len)
-    rounds = [queue[j : j + per_rank * rt.world_size] for j in range(0, len(queue), per_rank * rt.world_size)]
-    return collections.Counter(w for r in rounds for w, _ in round_steps(r[rt.rank * per_rank : (rt.rank + 1) *
-                                                                             per_rank], chunk, s.seq_len))
+    _, mine = document_rounds(document_queue(tokens), s.ttt_batch_size, rt)
+    return collections.Counter(w for docs in mine for w, _ in round_steps(docs, s.chunk, s.seq_len))
 
 
 def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContext, lora_forward=None) -> TTTResult:
     """Per-document LoRA TTT (mode lora) or phased TTT (mode phased) over the whole stream.
     `lora_forward` is `lora_logits` or a compiled form of it."""
-    forward, rank = lora_forward or lora_logits, ctx.rt.rank
-    queue = document_queue(ledger.tokens)
-    per_rank, round_docs = s.ttt_batch_size, s.ttt_batch_size * ctx.rt.world_size
-    rounds = [queue[j : j + round_docs] for j in range(0, len(queue), round_docs)]
-    mine = [r[rank * per_rank : (rank + 1) * per_rank] for r in rounds]
-    chunk = min(s.ttt_chunk_size, s.seq_len)
-    num_steps = [len(document_chunks(r[0], chunk)) for r in rounds]  # every rank's most (the longest is first)
+    forward, queue = lora_forward or lora_logits, document_queue(ledger.tokens)
+    rounds, mine = document_rounds(queue, s.ttt_batch_size, ctx.rt)
+    round_docs = s.ttt_batch_size * ctx.rt.world_size
+    num_steps = [len(document_chunks(r[0], s.chunk)) for r in rounds]  # every rank's most (the longest is first)
     phased, prefix = s.ttt_mode == "phased", min(s.phased_ttt_prefix_docs, len(queue))
     boundaries = phase_boundaries(prefix, s.phased_ttt_num_phases) if phased else []
-    lora = DocLoRA(model, per_rank, s, ledger.device, ctx.looping)
-    tracker = TTTTracker(ctx, ledger.device)
-    tracker.start(f"mode:{s.ttt_mode} docs:{len(queue)} rounds:{len(rounds)} docs_per_rank:{per_rank} "
-                  f"window_widths:{window_widths(chunk, s.seq_len)} lora_rank:{s.ttt_lora_rank} "
-                  f"lora_alpha:{s.ttt_lora_alpha or s.ttt_lora_rank:g} lora_lr:{s.ttt_lora_lr} warm_start_a:{int(s.ttt_warm_start_a)} "
-                  f"adapters:{len(lora.a)} chunk_size:{s.ttt_chunk_size}"
-                  + (f" prefix_docs:{prefix} num_phases:{s.phased_ttt_num_phases} boundaries:{boundaries}" if phased else ""),
-                  nothing_to_adapt(s, ledger.num_targets, queue, round_docs))
-    costs = ctx.budget.costs if tracker.budgeted else StepCosts(tracker.now)
+    lora = DocLoRA(model, s.ttt_batch_size, s, ledger.device, ctx.looping)
+    tracker = TTTTracker(ctx, f"mode:{s.ttt_mode} docs:{len(queue)} rounds:{len(rounds)} "
+                         f"docs_per_rank:{s.ttt_batch_size} window_widths:{window_widths(s.chunk, s.seq_len)} "
+                         f"lora_rank:{s.ttt_lora_rank} lora_alpha:{s.ttt_lora_alpha or s.ttt_lora_rank:g} "
+                         f"lora_lr:{s.ttt_lora_lr} warm_start_a:{int(s.ttt_warm_start_a)} adapters:{len(lora.a)} "
+                         f"chunk_size:{s.ttt_chunk_size}"
+                         + (f" prefix_docs:{prefix} num_phases:{s.phased_ttt_num_phases} boundaries:{boundaries}"
+                            if phased else ""), nothing_to_adapt(s, ledger.num_targets, queue, round_docs))
+    costs = tracker.costs or StepCosts(tracker.now)
     remaining = document_step_widths(ledger.tokens, s, ctx.rt)  # plain steps left on this rank, by width
-    if tracker.budgeted:  # what the evaluation warm-up has not timed yet
+    if tracker.costs is not None:  # what the evaluation warm-up has not timed yet
         with frozen(model.parameters()):
             measure_document_steps(model, lora, s, [w for w in sorted(remaining) if ("plain", w) not in costs.sums],
                                    ctx, forward=forward, costs=costs)
         if phased and s.global_ttt_epochs > 0 and prefix > 0 and "global" not in costs.sums:
             measure_global_step(model, s, ctx, costs)
 
-    def allows(next_ms: float, where: str) -> bool:  # under a budget only
-        return tracker.allows(next_ms, costs.plain_ms(remaining), where, f"{sum(remaining.values())} chunk steps on "
-                                                                         "this rank")
+    def gate(kind, where: str, refused_kind=None) -> bool:
+        """Whether the next step may adapt (always, without a budget). Under a budget the step is then
+        timed as `kind` if it may, else as `refused_kind` (None: not timed)."""
+        if tracker.costs is None:
+            return True
+        ok = tracker.allows(costs.ms(kind), costs.plain_ms(remaining), where,
+                            f"{sum(remaining.values())} chunk steps on this rank")
+        costs.lap(kind if ok else refused_kind)
+        return ok
 
     steps = global_steps = phases_done = trained_rounds = 0
-    for j in range(len(rounds)):
+    for j, docs in enumerate(mine):
         t0 = tracker.now()
 
         def before_step(i: int, width: int | None, trains: bool) -> bool:
+            kind = refused = None  # a step where this rank holds no document is not timed
             if width is not None:
                 remaining[width] -= 1
-            if not tracker.budgeted:
-                return True
-            kind = None if width is None else ("adapt" if trains else "plain", width)
-            ok = allows(0.0 if kind is None else costs.ms(kind), f"round {j + 1}/{len(rounds)} step {i + 1}/"
-                                                                  f"{num_steps[j]}")
-            costs.lap(None if kind is None else kind if ok else ("plain", width))
-            return ok
+                kind, refused = ("adapt" if trains else "plain", width), ("plain", width)
+            return gate(kind, f"round {j + 1}/{len(rounds)} step {i + 1}/{num_steps[j]}", refused)
 
         with frozen(model.parameters()):  # only the adapters learn inside a round
-            done, adapted = lora_round(model, ledger, mine[j], lora, s, ctx, num_steps=num_steps[j], forward=forward,
+            done, adapted = lora_round(model, ledger, docs, lora, s, ctx, num_steps=num_steps[j], forward=forward,
                                        before_step=before_step)
         costs.lap(None)
         steps += done
@@ -5042,16 +5021,8 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalCont
                 ctx.log(f"ttt:global_phase {phase} skipped: no document is left to score")
             elif tracker.stopped_at is None:
                 t0 = tracker.now()
-
-                def before_global_step(n: int) -> bool:
-                    if not tracker.budgeted:
-                        return True
-                    ok = allows(costs.ms("global"), f"global phase {phase} step {n}")
-                    costs.lap("global" if ok else None)
-                    return ok
-
                 phase_steps = global_sgd_phase(model, ledger, queue[: boundaries[phases_done]], s, ctx,
-                                               before_step=before_global_step)
+                                               before_step=lambda n: gate("global", f"global phase {phase} step {n}"))
                 costs.lap(None)
                 global_steps += phase_steps
                 ctx.log(f"ttt:global_phase {phase} docs_scored:{done_docs} docs_trained:{boundaries[phases_done]} "
@@ -5087,8 +5058,8 @@ def prequant_ttt_tokens(hp: Hyperparameters, train_files: list[str],
     """The pre-quantization TTT stream and its source name. Validation tokens only with the opt-in."""
     if hp.prequant_ttt_source == "val":
         if not hp.allow_val_adaptation:
-            raise RunError("PREQUANT_TTT_SOURCE=val adapts on validation tokens before scoring them (C3); "
-                           "set ALLOW_VAL_ADAPTATION=1 to run it as a non-record experiment")
+            raise RunError("PREQUANT_TTT_SOURCE=val adapts on validation tokens before scoring them (C3); set "
+                           "ALLOW_VAL_ADAPTATION=1 for a non-record experiment")
         return val_tokens[: hp.prequant_ttt_tokens + 1], "validation"
     tail = load_data_shard(train_files[-1])
     return tail[-min(hp.prequant_ttt_tokens + 1, tail.numel()) :], "train"
@@ -5105,47 +5076,35 @@ def prequant_ttt(model: GPT, tokens: torch.Tensor, ctx: EvalContext, *, seq_len:
     return steps
 
 
-def prequant_ttt_steps(num_targets: int, seq_len: int, batch_seqs: int, epochs: int) -> int:
-    pieces = math.ceil(num_targets / seq_len)
-    return epochs * math.ceil(pieces / batch_seqs)
-
-
 PREQUANT_TTT_RESERVE_MARGIN = 1.5  # reserve = measured pre-quantization TTT time x this
-
-
-def measure_prequant_ttt_reserve(model: GPT, tokens: torch.Tensor, ctx: EvalContext, *, seq_len: int, epochs: int,
-                                 lr: float, batch_seqs: int, grad_clip: float) -> tuple[float, int]:
-    """Milliseconds to reserve for pre-quantization TTT: one step on its own data to warm up, then
-    one timed step (weights put back after), scaled to the full number of steps, times
-    PREQUANT_TTT_RESERVE_MARGIN. Returns (ms, steps)."""
-    steps = prequant_ttt_steps(tokens.numel() - 1, seq_len, batch_seqs, epochs)
-    if steps == 0:
-        return 0.0, 0
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    sample = tokens[: min(tokens.numel(), batch_seqs * seq_len + 1)]
-    kwargs = dict(seq_len=seq_len, epochs=1, lr=lr, batch_seqs=batch_seqs, grad_clip=grad_clip)
-    prequant_ttt(model, sample, ctx, **kwargs)  # first-step costs (allocation, kernel loading) are not per step
-    t0 = time.perf_counter()
-    measured = prequant_ttt(model, sample, ctx, **kwargs)
-    # every rank must shorten its training budget alike
-    step_ms = agree_max([1000.0 * (time.perf_counter() - t0) / max(measured, 1)], ctx.rt)[0]
-    model.load_state_dict(saved)
-    return PREQUANT_TTT_RESERVE_MARGIN * step_ms * steps, steps
 
 
 def prepare_prequant_ttt(hp: Hyperparameters, rt: Runtime, model: GPT, train_files: list[str],
                          val_tokens: torch.Tensor, clock: PhaseClock, autocast, log) -> dict | None:
-    """Before training: pick the pre-quantization TTT data, measure its cost (as warm-up, weights put
-    back) and reserve that time from the training budget. None when PREQUANT_TTT_ENABLED=0."""
+    """Before training: pick the pre-quantization TTT data and reserve its time from the training budget
+    (training data only): one step on its own data to warm up, then one timed step (weights put back
+    after), scaled to the full number of steps, times PREQUANT_TTT_RESERVE_MARGIN. None when
+    PREQUANT_TTT_ENABLED=0."""
     if not hp.prequant_ttt_enabled:
         return None
     tokens, source = prequant_ttt_tokens(hp, train_files, val_tokens)
     settings = dict(seq_len=hp.train_seq_len, epochs=hp.prequant_ttt_epochs, lr=hp.prequant_ttt_lr,
                     batch_seqs=hp.ttt_batch_seqs, grad_clip=hp.ttt_grad_clip)
     ctx = EvalContext(rt, autocast)
+    steps = hp.prequant_ttt_epochs * math.ceil(math.ceil((tokens.numel() - 1) / hp.train_seq_len) / hp.ttt_batch_seqs)
+    reserve_ms = 0.0
     clock.start("warmup")  # measuring is not training: the weights are put back
-    reserve_ms, steps = measure_prequant_ttt_reserve(model, tokens, dataclasses.replace(ctx, looping=hp.num_loops > 0),
-                                                     **settings)
+    if steps:
+        looped, one_epoch = dataclasses.replace(ctx, looping=hp.num_loops > 0), dict(settings, epochs=1)
+        sample = tokens[: hp.ttt_batch_seqs * hp.train_seq_len + 1]
+        with weights_restored(model):
+            # the first step's costs (allocation, kernel loading) are not per step
+            prequant_ttt(model, sample, looped, **one_epoch)
+            t0 = time.perf_counter()
+            measured = prequant_ttt(model, sample, looped, **one_epoch)
+            # every rank must shorten its training budget alike
+            step_ms = agree_max([1000.0 * (time.perf_counter() - t0) / max(measured, 1)], rt)[0]
+        reserve_ms = PREQUANT_TTT_RESERVE_MARGIN * step_ms * steps
     clock.stop()
     if source == "train":  # reads training data: must end inside the training cap
         clock.reserve_ms += reserve_ms
@@ -5165,19 +5124,14 @@ def run_prequant_ttt(prequant: dict, model: GPT, clock: PhaseClock, *, looping: 
     within = prequant["source"] != "train" or clock.cap_ms is None or end <= clock.cap_ms
     prequant.update(steps_done=steps, time_ms=used, data_access_end_ms=end, within_cap=within)
     log(f"prequant_ttt: steps:{steps} source:{prequant['source']} time:{used:.0f}ms reserved:"
-        f"{prequant['reserve_ms']:.0f}ms train_data_access_end:{end:.0f}ms cap:"
-        f"{'none' if clock.cap_ms is None else f'{clock.cap_ms:.0f}ms'} within_cap:{int(within)}")
+        f"{prequant['reserve_ms']:.0f}ms train_data_access_end:{end:.0f}ms cap:{ms_or_none(clock.cap_ms)} "
+        f"within_cap:{int(within)}")
 
 
 def ttt_rows(hp: Hyperparameters, val_tokens: torch.Tensor, world_size: int) -> int:
     """Documents a rank holds at a time: TTT_BATCH_SIZE, or fewer when the whole validation set fits in
     one round (the same single round either way, with fewer padded rows)."""
     return min(hp.ttt_batch_size, -(-len(document_spans(val_tokens)) // world_size))
-
-
-def ttt_settings(hp: Hyperparameters, score_batch_seqs: int, docs_per_rank: int | None = None) -> TTTSettings:
-    return TTTSettings.from_hparams(hp, seq_len=hp.effective_eval_seq_len, score_batch_seqs=score_batch_seqs,
-                                    ttt_batch_size=docs_per_rank or hp.ttt_batch_size)
 
 
 def run_ttt(model: GPT, ledger: ScoreLedger, settings: TTTSettings, ctx: EvalContext, *, logits_fn=None,
@@ -5197,7 +5151,7 @@ def run_ttt(model: GPT, ledger: ScoreLedger, settings: TTTSettings, ctx: EvalCon
 # and the compliance block. The end of a training run and EVAL_ONLY=1 both go through score_artifact.
 
 
-def compliance_lines(passes: EvalPasses, hp: Hyperparameters, *, eval_ms: float, eval_cap_ms: float | None,
+def compliance_lines(passes: ArtifactScore, hp: Hyperparameters, *, eval_ms: float, eval_cap_ms: float | None,
                      causal_diff: float, prequant: dict | None = None) -> list[str]:
     """The compliance block (conditions C1-C4 of the public field guide), every data source
     (calibration: where quantization calibration data came from, e.g. train or synthetic) and what
@@ -5229,8 +5183,7 @@ def compliance_lines(passes: EvalPasses, hp: Hyperparameters, *, eval_ms: float,
         f"  sources: train_warmup:train eval_warmup:synthetic "
         f"adaptation:{'validation (already scored)' if adapted else 'none'} pre_quant_ttt:{prequant_source} "
         f"calibration:{hp.gptq_calibration_source if hp.quant_method == 'gptq' else 'none'}",
-        f"  eval_time: {eval_ms:.0f}ms budget:{'none' if eval_cap_ms is None else f'{eval_cap_ms:.0f}ms'} "
-        f"within_budget:{int(not over)}",
+        f"  eval_time: {eval_ms:.0f}ms budget:{ms_or_none(eval_cap_ms)} within_budget:{int(not over)}",
         f"  eval_passes: {passes.line()}",
         f"  record_eligible: {int(eligible)}" + (NON_RECORD_STAMP if hp.allow_val_adaptation else ""),
     ]
@@ -5293,6 +5246,10 @@ def synthetic_tokens(n: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
     return tokens
 
 
+def ms_or_none(ms: float | None) -> str:
+    return "none" if ms is None else f"{ms:.0f}ms"
+
+
 def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, ctx: EvalContext, *, seq_len: int, batch_seqs: int,
                        ttt: TTTSettings | None = None, lora_forward=None) -> dict:
     """Compile (and warm) the evaluation graphs on synthetic tokens, run the causality self-test, and
@@ -5300,44 +5257,43 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, ctx: EvalContext, 
     every window width, so every graph of the pass is compiled here); every weight is put back. Under
     a budget, time a window batch (forward and scoring, 3 times) and each TTT step shape: the costs
     the first pass is planned with."""
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    documents = ttt is not None and ttt.ttt_mode != "chunked"
-    costs = ctx.budget.costs if ctx.budget is not None and ctx.budget.cap_ms is not None else None
+    documents, costs = ttt is not None and ttt.ttt_mode != "chunked", ctx.costs
     quiet = EvalContext(ctx.rt, ctx.autocast, ctx.looping)  # no budget, no log
     if documents:
         adapter_hooks(model)  # registered before the first compile: the plain graphs never change after
     rows = batch_seqs * ctx.rt.world_size  # a full batch for every rank
     stream = synthetic_tokens(rows * seq_len + 1, model.cfg.vocab_size)
-    x = stream[: batch_seqs * seq_len].view(batch_seqs, seq_len).to(ctx.rt.device)
-    flipped = x.clone()
-    flipped[:, -1] = torch.where(flipped[:, -1] == 2, 3, 2)
-    with torch.no_grad(), ctx.autocast():
-        a, b = logits_fn(x, ctx.looping).float(), logits_fn(flipped, ctx.looping).float()
-    causal_diff = float((a[:, :-1] - b[:, :-1]).abs().max()) if seq_len > 1 else 0.0
-    if causal_diff > 1e-3:
-        raise RunError(f"causality self-test failed: changing the last token changed earlier logits by "
-                       f"{causal_diff:.3g} (C1); no score is reported")
-    no_sidecar = dataclasses.replace(luts, val_bytes=None)  # synthetic tokens are not the validation stream
-    for _ in range(3 if costs is not None else 0):
-        synthetic = ScoreLedger(stream, no_sidecar, ctx.rt.device)
-        t0 = costs.now()
-        score_windows(lambda t: logits_fn(t, ctx.looping), synthetic, plan_windows(rows * seq_len, seq_len, seq_len),
-                      quiet, seq_len=seq_len, batch_seqs=batch_seqs)
-        costs.add("window", costs.now() - t0)
-    if ttt is not None:
-        if documents:
-            lora = DocLoRA(model, ttt.ttt_batch_size, ttt, ctx.rt.device, ctx.looping)
-            with frozen(model.parameters()):  # as inside a round
-                measure_document_steps(model, lora, ttt, window_widths(min(ttt.ttt_chunk_size, seq_len), seq_len), quiet,
-                                       forward=lora_forward or lora_logits, costs=costs)
-            if costs is not None and ttt.ttt_mode == "phased" and ttt.global_ttt_epochs > 0 and ttt.phased_ttt_prefix_docs > 0:
-                measure_global_step(model, ttt, quiet, costs)
-        synthetic = ScoreLedger(synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1), no_sidecar,
-                                ctx.rt.device)
-        small = dataclasses.replace(ttt, ttt_chunk_tokens=seq_len, ttt_epochs=1, phased_ttt_prefix_docs=1,
-                                    phased_ttt_num_phases=1, global_ttt_epochs=1)
-        run_ttt(model, synthetic, small, quiet, logits_fn=logits_fn, lora_forward=lora_forward)
-    model.load_state_dict(saved)
+    with weights_restored(model):
+        x = stream[: batch_seqs * seq_len].view(batch_seqs, seq_len).to(ctx.rt.device)
+        flipped = x.clone()
+        flipped[:, -1] = torch.where(flipped[:, -1] == 2, 3, 2)
+        with torch.no_grad(), ctx.autocast():
+            a, b = logits_fn(x, ctx.looping).float(), logits_fn(flipped, ctx.looping).float()
+        causal_diff = float((a[:, :-1] - b[:, :-1]).abs().max()) if seq_len > 1 else 0.0
+        if causal_diff > 1e-3:
+            raise RunError(f"causality self-test failed: changing the last token changed earlier logits by "
+                           f"{causal_diff:.3g} (C1); no score is reported")
+        no_sidecar = dataclasses.replace(luts, val_bytes=None)  # synthetic tokens are not the validation stream
+        for _ in range(3 if costs is not None else 0):
+            synthetic = ScoreLedger(stream, no_sidecar, ctx.rt.device)
+            t0 = costs.now()
+            score_windows(lambda t: logits_fn(t, ctx.looping), synthetic,
+                          plan_windows(rows * seq_len, seq_len, seq_len), quiet, seq_len=seq_len, batch_seqs=batch_seqs)
+            costs.add("window", costs.now() - t0)
+        if ttt is not None:
+            if documents:
+                lora = DocLoRA(model, ttt.ttt_batch_size, ttt, ctx.rt.device, ctx.looping)
+                with frozen(model.parameters()):  # as inside a round
+                    measure_document_steps(model, lora, ttt, window_widths(ttt.chunk, seq_len), quiet,
+                                           forward=lora_forward or lora_logits, costs=costs)
+                if (costs is not None and ttt.ttt_mode == "phased" and ttt.global_ttt_epochs > 0
+                        and ttt.phased_ttt_prefix_docs > 0):
+                    measure_global_step(model, ttt, quiet, costs)
+            synthetic = ScoreLedger(synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1), no_sidecar,
+                                    ctx.rt.device)
+            small = dataclasses.replace(ttt, ttt_chunk_tokens=seq_len, ttt_epochs=1, phased_ttt_prefix_docs=1,
+                                        phased_ttt_num_phases=1, global_ttt_epochs=1)
+            run_ttt(model, synthetic, small, quiet, logits_fn=logits_fn, lora_forward=lora_forward)
     model.eval()
     return dict(causal_diff=causal_diff, tokens=int(stream.numel()) + (2 * seq_len + 1 if ttt is not None else 0))
 
@@ -5352,46 +5308,16 @@ def final_score_log_key(stage: str, tag: str) -> str:
 TTT_SCORE_LABELS = {"chunked": "quantized_ttt", "lora": "quantized_ttt_lora", "phased": "quantized_ttt_phased"}
 
 
-@dataclass
-class EvalPasses:
-    """What each evaluation pass the run asked for came to (`status`: complete, over_budget, skipped or
-    cut), its score if it completed, and which score is final: the last pass that completed within the
-    budget (else the last that completed at all). A partial pass is never scored."""
-
-    results: dict[str, EvalResult] = field(default_factory=dict)
-    status: dict[str, str] = field(default_factory=dict)
-    ttt_info: TTTResult | None = None
-
-    @property
-    def asked_stage(self) -> str:
-        return next(reversed(self.status))
-
-    @property
-    def final_stage(self) -> str:
-        within = [k for k in self.results if self.status[k] == "complete"]
-        return (within or list(self.results))[-1]
-
-    @property
-    def fallback(self) -> bool:
-        return self.final_stage != self.asked_stage
-
-    def line(self) -> str:
-        passes = " ".join(f"{k}:{v}" for k, v in self.status.items())
-        return passes if not self.results else passes + f" final:{self.final_stage}" + (
-            f" (fallback: {self.asked_stage} did not complete within the budget)" if self.fallback else "")
-
-
 def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor, luts: ByteLuts, clock: PhaseClock,
-                      ctx: EvalContext, *, use_compile: bool, batch_seqs: int, tag: str, prequant: dict | None = None,
-                      compliance_out: list[str] | None = None) -> EvalPasses:
+                      ctx: EvalContext, *, use_compile: bool, batch_seqs: int, tag: str,
+                      prequant: dict | None = None) -> ArtifactScore:
     """Every score of the reloaded artifact (`tag`: its format, e.g. int6_brotli), in order: the flat
     roundtrip, the sliding window if EVAL_STRIDE is set, test-time training if TTT_ENABLED. The clock's
     `eval` phase runs from the artifact read (started by the caller) to the final score and is logged
     per phase. Under MAX_EVAL_SECONDS a pass whose measured plain cost does not fit in what is left is
     skipped, and one that stops fitting while it runs is cut (TTT first stops adapting); the final score
-    is then the last pass that completed (see EvalPasses). The compliance block's lines are also
-    appended to `compliance_out` (the run manifest keeps them)."""
-    rt, log, seq_len, world_size = ctx.rt, ctx.log, hp.effective_eval_seq_len, ctx.rt.world_size
+    is then the last pass that completed (see ArtifactScore), which also keeps the compliance block."""
+    rt, log, seq_len = ctx.rt, ctx.log, hp.effective_eval_seq_len
     stamp = NON_RECORD_STAMP if hp.allow_val_adaptation else ""
     model.eval()
     logits_fn = maybe_compile(model.forward_logits, use_compile, "eval_forward_logits")
@@ -5402,9 +5328,12 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
         phases[name] = clock.elapsed_ms("eval") - sum(phases.values())
         return phases[name]
 
-    for line in eval_flops_plan(hp, model.cfg, val_tokens, ctx.looping, world_size):
+    for line in eval_flops_plan(hp, model.cfg, val_tokens, ctx.looping, rt.world_size):
         log(line)
-    settings = ttt_settings(hp, batch_seqs, ttt_rows(hp, val_tokens, world_size)) if hp.ttt_enabled else None
+    settings = None
+    if hp.ttt_enabled:  # a rank holds TTT_BATCH_SIZE documents, or fewer when they all fit in one round
+        settings = TTTSettings.from_hparams(hp, seq_len=seq_len, score_batch_seqs=batch_seqs,
+                                            ttt_batch_size=ttt_rows(hp, val_tokens, rt.world_size) or hp.ttt_batch_size)
     budget = EvalBudget(lambda: clock.elapsed_ms("eval"), clock.eval_cap_ms, rt)
     ctx = dataclasses.replace(ctx, budget=budget)
     warm = warm_up_evaluation(model, logits_fn, luts, ctx, seq_len=seq_len, batch_seqs=batch_seqs, ttt=settings,
@@ -5412,15 +5341,15 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
     log(f"eval_warmup: source:synthetic tokens:{warm['tokens']} causal_self_test:ok max_earlier_logit_change:"
         f"{warm['causal_diff']:.3g} ttt_path:{int(settings is not None)} weights_restored:1 "
         f"time:{phase_done('warmup'):.0f}ms")
-    num_targets, stride = val_tokens.numel() - 1, hp.eval_stride if 0 < hp.eval_stride < seq_len else 0
+    stride = hp.eval_stride if 0 < hp.eval_stride < seq_len else 0
 
     def plain_ms(stage: str) -> float:
         """What the pass costs scored plainly, from the step costs measured so far."""
-        windows = plan_windows(num_targets, seq_len, (stride if stage != "roundtrip" else 0) or seq_len)
+        windows = plan_windows(val_tokens.numel() - 1, seq_len, (stride if stage != "roundtrip" else 0) or seq_len)
         if stage != "ttt":
-            rounds = max(map(len, window_rounds(windows, seq_len, batch_seqs, world_size)))
+            rounds = max(map(len, window_rounds(windows, seq_len, batch_seqs, rt.world_size)))
         elif settings.ttt_mode == "chunked":
-            rounds = sum(chunk_rounds(chunk_windows(windows, settings.ttt_chunk_tokens), settings, world_size))
+            rounds = sum(chunk_rounds(chunk_windows(windows, settings.ttt_chunk_tokens), settings, rt.world_size))
         else:
             return budget.costs.plain_ms(document_step_widths(val_tokens, settings, rt))
         return rounds * budget.costs.ms("window")
@@ -5441,8 +5370,7 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
 
     names = {"roundtrip": "quantized", "sliding": "quantized_sliding_window",
              "ttt": TTT_SCORE_LABELS.get(hp.ttt_mode)}
-    details = {"sliding": f" stride:{hp.eval_stride} seq_len:{seq_len}"}
-    passes = EvalPasses()
+    passes = ArtifactScore(tag)
     for stage in ["roundtrip"] + ["sliding"] * bool(stride) + ["ttt"] * hp.ttt_enabled:
         if budget.cap_ms is not None:
             need, left = budget.left_ms(plain_ms(stage))
@@ -5462,7 +5390,7 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
         if stage == "roundtrip":
             log(f"final_{tag}_roundtrip val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{ms:.0f}ms{stamp}")
         log(f"{names[stage]} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} eval_time:{ms:.0f}ms"
-            f"{details.get(stage, '')}{stamp}")
+            f"{f' stride:{hp.eval_stride} seq_len:{seq_len}' if stage == 'sliding' else ''}{stamp}")
         if within:
             log(f"{final_score_log_key(stage, tag)} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
         else:
@@ -5478,12 +5406,11 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
     if passes.status[final] != "complete":  # over budget, but the only score there is: reported, not eligible
         log(f"{final_score_log_key(final, tag)} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}{stamp}")
     log("eval_phases: " + " ".join(f"{k}:{v:.0f}ms" for k, v in phases.items()) + f" total:{eval_ms:.0f}ms "
-        f"budget:{'none' if clock.eval_cap_ms is None else f'{clock.eval_cap_ms:.0f}ms'}")
-    for line in compliance_lines(passes, hp, eval_ms=eval_ms, eval_cap_ms=clock.eval_cap_ms,
-                                 causal_diff=warm["causal_diff"], prequant=prequant):
+        f"budget:{ms_or_none(clock.eval_cap_ms)}")
+    passes.compliance = compliance_lines(passes, hp, eval_ms=eval_ms, eval_cap_ms=clock.eval_cap_ms,
+                                         causal_diff=warm["causal_diff"], prequant=prequant)
+    for line in passes.compliance:
         log(line)
-        if compliance_out is not None:
-            compliance_out.append(line)
     log(f"final_score stage:{final} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} "
         f"total_eval_time:{eval_ms / 1000:.1f}s" + (f" fallback_from:{passes.asked_stage}" if passes.fallback else "")
         + stamp)
@@ -5495,11 +5422,11 @@ def load_artifact_model(path: Path, device: torch.device, expect: ModelConfig | 
     """A fresh model built from the artifact file alone, and the artifact's header."""
     if not path.is_file():
         raise RunError(f"model artifact {path} does not exist; train first or set ARTIFACT_PATH")
-    expected = None if expect is None else dataclasses.asdict(expect)
-    entries, header = unpack_artifact(path.read_bytes(), expect_model=expected)
+    entries, header = unpack_artifact(path.read_bytes(),
+                                      expect_model=None if expect is None else dataclasses.asdict(expect))
     if {f.name for f in fields(ModelConfig)} - {"attn_backend"} - set(header["model"]):
-        raise RunError(f"model artifact {path} does not record the model configuration it was made for; "
-                       "re-export it with this train_gpt.py")
+        raise RunError(f"model artifact {path} does not record the model configuration; re-export it with this "
+                       "train_gpt.py")
     cfg = ModelConfig(**dict(header["model"], attn_backend=attn_backend))
     model = GPT(cfg).to(device)
     model.load_state_dict(dequantize_state_dict(entries), strict=True)
@@ -5508,55 +5435,72 @@ def load_artifact_model(path: Path, device: torch.device, expect: ModelConfig | 
 
 @dataclass
 class ArtifactScore:
-    """What score_artifact measured: what each evaluation pass came to and the scores of those that
-    completed (`passes`, which says which one is submitted), the byte counts, and the artifact's tag
-    (the log keys are named after it)."""
-    passes: EvalPasses
-    code_bytes: int
-    model_bytes: int
-    tag: str
+    """What the evaluation of an artifact came to: each pass the run asked for (`status`: complete,
+    over_budget, skipped or cut), its score if it completed, and which score is final: the last pass
+    that completed within the budget (else the last that completed at all). A partial pass is never
+    scored. `tag` names the artifact's format (the log keys are named after it); `compliance` is the
+    compliance block (the run manifest keeps it); `score_artifact` adds the byte counts."""
+
+    tag: str = "quantized"
+    results: dict[str, EvalResult] = field(default_factory=dict)
+    status: dict[str, str] = field(default_factory=dict)
+    ttt_info: TTTResult | None = None
+    compliance: list[str] = field(default_factory=list)
+    code_bytes: int = 0
+    model_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
         return self.code_bytes + self.model_bytes
 
     @property
-    def results(self) -> dict[str, EvalResult]:
-        return self.passes.results
+    def asked_stage(self) -> str:
+        return next(reversed(self.status))
 
     @property
     def final_stage(self) -> str:
-        return self.passes.final_stage
+        within = [k for k in self.results if self.status[k] == "complete"]
+        return (within or list(self.results))[-1]
+
+    @property
+    def fallback(self) -> bool:
+        return self.final_stage != self.asked_stage
+
+    def line(self) -> str:
+        passes = " ".join(f"{k}:{v}" for k, v in self.status.items())
+        return passes if not self.results else passes + f" final:{self.final_stage}" + (
+            f" (fallback: {self.asked_stage} did not complete within the budget)" if self.fallback else "")
 
     def final_score_record(self) -> dict:
         """The manifest's final_score: the submitted score and the log line that reports it
         (records/records.py checks they agree), and the stage the run asked for if it fell back."""
         stage = self.final_stage
         return {"stage": stage, "log_key": final_score_log_key(stage, self.tag), **eval_record(self.results[stage]),
-                "asked_stage": self.passes.asked_stage, "fallback": self.passes.fallback,
-                "passes": dict(self.passes.status)}
+                "asked_stage": self.asked_stage, "fallback": self.fallback, "passes": dict(self.status)}
+
+
+def eval_batch_seqs(hp: Hyperparameters, world_size: int) -> int:
+    """Windows per scoring forward on a rank: VAL_BATCH_SIZE tokens over ranks and accumulation steps."""
+    return max(1, hp.val_batch_size // (world_size * hp.grad_accum_for(world_size) * hp.effective_eval_seq_len))
 
 
 def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: torch.Tensor, luts: ByteLuts,
                    clock: PhaseClock, log, *, expect: ModelConfig | None = None, use_compile: bool = False,
-                   prequant: dict | None = None, compliance_out: list[str] | None = None) -> ArtifactScore:
+                   prequant: dict | None = None) -> ArtifactScore:
     """Load the artifact file alone into a fresh model and run every evaluation stage on it under the
     evaluation budget, which runs from reading the file to the final score. The end of a training run
     and EVAL_ONLY=1 both come here, so they report the same numbers."""
     clock.start("eval")
-    n_code, model_bytes = code_bytes(), path.stat().st_size if path.is_file() else 0
     fresh, header = load_artifact_model(path, rt.device, expect=expect, attn_backend=hp.attn_backend)
-    batch_seqs = max(1, hp.val_batch_size // (rt.world_size * hp.grad_accum_for(rt.world_size)
-                                              * hp.effective_eval_seq_len))
-    tag = header["meta"].get("tag", "quantized")
     ctx = EvalContext(rt, lambda: autocast_context(hp, rt.device), bool(header["meta"].get("looping", False)), log=log)
-    passes = evaluate_artifact(hp, fresh, val_tokens, luts, clock, ctx, use_compile=use_compile,
-                               batch_seqs=batch_seqs, tag=tag, prequant=prequant, compliance_out=compliance_out)
+    score = evaluate_artifact(hp, fresh, val_tokens, luts, clock, ctx, use_compile=use_compile,
+                              batch_seqs=eval_batch_seqs(hp, rt.world_size), tag=header["meta"].get("tag", "quantized"),
+                              prequant=prequant)
     clock.stop()
-    total = model_bytes + n_code
-    log(f"artifact code_bytes:{n_code} model_bytes:{model_bytes} total_bytes:{total} "
-        f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(total <= ARTIFACT_LIMIT_BYTES)}")
-    return ArtifactScore(passes, n_code, model_bytes, tag)
+    score.code_bytes, score.model_bytes = code_bytes(), path.stat().st_size
+    log(f"artifact code_bytes:{score.code_bytes} model_bytes:{score.model_bytes} total_bytes:{score.total_bytes} "
+        f"limit:{ARTIFACT_LIMIT_BYTES} fits:{int(score.total_bytes <= ARTIFACT_LIMIT_BYTES)}")
+    return score
 
 
 # ==================================================================================================
@@ -5587,8 +5531,9 @@ def agree_run_id(run_id: str, rt: Runtime) -> str:
         run_id = box[0]
     if run_id in (".", "..") or "/" in run_id or "\\" in run_id:
         raise ConfigError(f"RUN_ID={run_id!r} must be a plain folder name (no path separators)")
-    if len(run_id.encode("utf-8")) > 200:  # file systems take 255 bytes per name; leave room for suffixes
-        raise ConfigError(f"RUN_ID is {len(run_id.encode('utf-8'))} bytes long ({run_id[:24]}...); use at most 200")
+    size = len(run_id.encode())
+    if size > 200:  # file systems take 255 bytes per name; leave room for suffixes
+        raise ConfigError(f"RUN_ID is {size} bytes long ({run_id[:24]}...); use at most 200")
     return run_id
 
 
@@ -5632,8 +5577,8 @@ def claim_folder(run_dir: Path, replace: bool) -> None:
             os.rename(stage, run_dir)
         except OSError as e:
             if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                raise RunError(f"run folder {run_dir}{os.sep} already exists; pick a new RUN_ID, or set REPLACE_RUN=1 "
-                               "to delete it and start over") from None
+                raise RunError(f"run folder {run_dir}{os.sep} already exists; pick a new RUN_ID or set REPLACE_RUN=1 "
+                               "to replace it") from None
             raise filesystem_error(e, run_dir) from None
     except BaseException as e:
         if fd is not None:
@@ -5650,25 +5595,21 @@ def remove_old_run_dir(run_dir: Path) -> None:
     if not run_dir.exists():
         return
     if not run_dir.is_dir():
-        raise RunError(f"{run_dir} is a file, not a run folder; REPLACE_RUN=1 deletes only run folders: remove it "
+        raise RunError(f"{run_dir} is a file, not a run folder (REPLACE_RUN=1 replaces only folders); remove it "
                        "or pick another RUN_ID")
     try:
         fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
         return  # another claimer moved it first
-    in_use = RunError(f"run folder {run_dir}{os.sep} belongs to a run that is still going (or being replaced); "
-                      "wait for it to end or stop it, or pick a new RUN_ID")
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise in_use from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(run_dir).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:  # moved or replaced between our open and our lock
-            raise in_use
+            moved = os.fstat(fd).st_ino != os.stat(run_dir).st_ino  # moved or replaced between our open and our lock
+        except (BlockingIOError, FileNotFoundError):  # locked by its run, or moved away
+            moved = True
+        if moved:
+            raise RunError(f"run folder {run_dir}{os.sep} belongs to a run that is still going (or being replaced); "
+                           "let it end, stop it or pick a new RUN_ID") from None
         trash = run_dir.parent / f".replaced-{uuid.uuid4().hex[:12]}"
         os.rename(run_dir, trash)  # atomic: from here on nobody sees the old folder under the run's name
         shutil.rmtree(trash)
@@ -5711,11 +5652,10 @@ def data_fingerprint(data_path: str, tokenizer_path: str | None = None, splits=(
             recorded = {s["file"]: s["sha256"] for split in data_manifest["splits"].values() for s in split["shards"]}
             recorded.update({s["file"]: s["sha256"] for s in data_manifest.get("byte_sidecar", {}).get("shards", [])})
             source = "data manifest"
-    checksums = {}
-    for path in (Path(f) for split in files.values() for f in split):
-        checksums[path.name] = recorded.get(path.name) or file_sha256(path)
     return {"variant": Path(data_path).name, "train_shards": len(files["train"]), "val_shards": len(files["val"]),
-            "val_byte_sidecars": len(files["val_bytes"]), "shard_sha256": checksums, "checksum_source": source,
+            "val_byte_sidecars": len(files["val_bytes"]), "checksum_source": source,
+            "shard_sha256": {p.name: recorded.get(p.name) or file_sha256(p)
+                             for split in files.values() for p in map(Path, split)},
             "data_manifest_sha256": file_sha256(manifest_path) if manifest_path.is_file() else None,
             "tokenizer_sha256": file_sha256(Path(tokenizer_path)) if tokenizer_path else None}
 
@@ -5737,6 +5677,10 @@ def step_time_stats(step_ms: list[float]) -> dict:
             "p90": float(np.percentile(t, 90)), "max": float(t.max()), "first": float(t[0])}
 
 
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 class RunManifest:
     """manifest.json of a run folder, written by rank 0 (atomically, every time it changes)."""
 
@@ -5744,9 +5688,8 @@ class RunManifest:
         self.path, self.is_main = path, rt.is_main
         readable = readable_source()
         self.data = {
-            "manifest_version": 1, "status": "started", "mode": mode, "run_id": hp.run_id,
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": hp.seed,
-            "world_size": rt.world_size, "config_hash": config_hash(hp),
+            "manifest_version": 1, "status": "started", "mode": mode, "run_id": hp.run_id, "started_utc": utc_now(),
+            "seed": hp.seed, "world_size": rt.world_size, "config_hash": config_hash(hp),
             "config": {f.name: getattr(hp, f.name) for f in fields(hp)},
             "code": {"train_gpt_sha256": hashlib.sha256(readable).hexdigest(), "readable_bytes": len(readable),
                      "shipped_sha256": hashlib.sha256(shipped_code(readable)).hexdigest()},
@@ -5759,11 +5702,10 @@ class RunManifest:
         self.write()
 
     def finish(self, status: str, **sections) -> None:
-        self.data.update(sections, status=status, finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        self.write()
+        self.update(**sections, status=status, finished_utc=utc_now())
 
-    def finish_scored(self, scored: ArtifactScore, path: Path, clock: PhaseClock, compile_summary: dict,
-                      block: list[str], *, scores: dict | None = None, artifact: dict | None = None,
+    def finish_scored(self, scored: ArtifactScore, path: Path, clock: PhaseClock, compile_summary: dict, *,
+                      scores: dict | None = None, artifact: dict | None = None,
                       compliance: dict | None = None, **sections) -> None:
         """Finish a run that scored an artifact (a training run or EVAL_ONLY): every score, the submitted
         one, the bytes, the phase times, what compile did and the compliance block; plus the caller's."""
@@ -5775,7 +5717,7 @@ class RunManifest:
                       "total_bytes": scored.total_bytes, "limit": ARTIFACT_LIMIT_BYTES, "fits": fits,
                       "sha256": file_sha256(path), **(artifact or {})},
             compliance={"eval_time_ms": clock.elapsed_ms("eval"), "eval_cap_ms": clock.eval_cap_ms,
-                        "artifact_under_limit": fits, **(compliance or {}), "block": block},
+                        "artifact_under_limit": fits, **(compliance or {}), "block": scored.compliance},
             **sections)
 
     def write(self) -> None:
@@ -5783,11 +5725,11 @@ class RunManifest:
             write_atomic(self.path, (json.dumps(self.data, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def record_failure(manifest: "RunManifest | None", e: BaseException, artifact: Path | None, is_main: bool,
-                   **sections) -> None:
+def record_failure(manifest: "RunManifest | None", e: BaseException, artifact: Path | None, is_main: bool) -> None:
     """A failed run's manifest says why (the signal, when one stopped it), and its artifact leaves its
     final name (kept as <name>.failed), so nothing takes it for the artifact of a finished run. A
     compile failure is recorded as its one line, with the run's compile section."""
+    sections = {}
     if _active_compile is not None:
         e = compile_failure(e) or e
         sections["compile"] = _active_compile.summary()
@@ -5799,25 +5741,23 @@ def record_failure(manifest: "RunManifest | None", e: BaseException, artifact: P
 
 def _record_failure(manifest: "RunManifest | None", e: BaseException, artifact: Path | None, is_main: bool,
                     sections: dict) -> None:
-    kept = None
-    failed = None if artifact is None else artifact.with_name(artifact.name + ".failed")
-    if is_main and artifact is not None and artifact.is_file():
-        with contextlib.suppress(OSError):
-            os.replace(artifact, failed)
-    if failed is not None and failed.is_file():
-        kept = failed.name
-    if manifest is None:
-        return
-    stopped = STOP_SIGNAL_RECEIVED[0] if STOP_SIGNAL_RECEIVED else None
-    error = f"stopped by {stopped}" if stopped else f"{e.__class__.__name__}: {e}"
-    with contextlib.suppress(RunError, OSError):  # e.g. the disk is still full: the first error is the one to report
-        manifest.finish("failed", error=error, **({"signal": stopped} if stopped else {}),
-                        **({"artifact_kept_as": kept} if kept else {}), **sections)
+    if artifact is not None:
+        failed = artifact.with_name(artifact.name + ".failed")
+        if is_main and artifact.is_file():
+            with contextlib.suppress(OSError):
+                os.replace(artifact, failed)
+        if failed.is_file():
+            sections["artifact_kept_as"] = failed.name
+    if manifest is not None:
+        stopped = STOP_SIGNAL_RECEIVED[0] if STOP_SIGNAL_RECEIVED else None
+        # e.g. the disk is still full: the first error is the one to report
+        with contextlib.suppress(RunError, OSError):
+            manifest.finish("failed", error=f"stopped by {stopped}" if stopped else f"{e.__class__.__name__}: {e}",
+                            **({"signal": stopped} if stopped else {}), **sections)
 
 
 def eval_record(result: EvalResult) -> dict:
-    return {"val_loss": result.val_loss, "val_bpb": result.val_bpb, "num_targets": result.num_targets,
-            "num_bytes": result.num_bytes}
+    return dataclasses.asdict(result)  # val_loss, val_bpb, num_targets, num_bytes
 
 
 # ---- the shipped code form ---------------------------------------------------------------------------
@@ -5833,21 +5773,12 @@ SHIPPED_SUFFIX = b'""".encode("latin-1"));exec(compile(SHIPPED_SOURCE,"train_gpt
 
 
 def string_literal_body(data: bytes) -> bytes:
-    """`data` as the body of a triple-quoted latin-1 string literal (an LF stays as it is)."""
-    out = bytearray()
-    for i, byte in enumerate(data):
-        after = data[i + 1 : i + 2]
-        if byte == 0x5C:
-            out += b"\\\\"
-        elif byte == 0x0D:  # Python reads a raw CR in source as a line end
-            out += b"\\r"
-        elif byte == 0:  # \0, unless an octal digit follows
-            out += b"\\x00" if after and after in b"01234567" else b"\\0"
-        elif byte == 0x22 and after in (b"", b'"'):  # never three quotes in a row, nor one before the closing three
-            out += b'\\"'
-        else:
-            out.append(byte)
-    return bytes(out)
+    """`data` as the body of a triple-quoted latin-1 string literal (an LF stays as it is): a backslash
+    doubled, CR as \\r (Python reads a raw CR in source as a line end), NUL as \\0 (\\x00 before an octal
+    digit), and a quote escaped before another quote or at the end (never three quotes in a row, nor
+    one before the closing three)."""
+    escapes = {b"\\": b"\\\\", b"\r": b"\\r", b"\0": b"\\0", b'"': b'\\"'}
+    return re.sub(rb'(\0(?=[0-7]))|[\\\r\0]|"(?="|\Z)', lambda m: b"\\x00" if m[1] else escapes[m[0]], data)
 
 
 def readable_source() -> bytes:
@@ -5864,21 +5795,15 @@ class RuntimeTree(ast.NodeTransformer):
 
     in_function = False
 
-    def visit_body(self, node, in_function: bool):
-        body = node.body
-        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(
-                body[0].value.value, str):
-            node.body = body[1:] or [ast.Pass()]
+    def visit_body(self, node, in_function: bool = False):
+        if ast.get_docstring(node, clean=False) is not None:
+            node.body = node.body[1:] or [ast.Pass()]
         outer, self.in_function = self.in_function, in_function
         self.generic_visit(node)
         self.in_function = outer
         return node
 
-    def visit_Module(self, node):
-        return self.visit_body(node, False)
-
-    def visit_ClassDef(self, node):
-        return self.visit_body(node, False)
+    visit_Module = visit_ClassDef = visit_body
 
     def visit_FunctionDef(self, node):
         node.returns = None
@@ -5958,7 +5883,7 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Ten
     val_tokens = load_validation_tokens(hp.data_path)
     if int(val_tokens.max()) >= hp.vocab_size:
         raise RunError(f"validation tokens reach id {int(val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}: the shards "
-                       "were made with another tokenizer; point DATA_PATH at the shards of TOKENIZER_PATH's tokenizer")
+                       "are from another tokenizer; point DATA_PATH at the shards of TOKENIZER_PATH")
     luts = build_byte_luts(sp, hp.vocab_size)
     operators = caseops_operator_ids(sp)
     sidecar = load_validation_byte_sidecar(hp.data_path)
@@ -5966,11 +5891,11 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Ten
         what = ("CASEOPS_ENABLED=1" if operators is None else
                 f"{hp.tokenizer_path} is a CaseOps tokenizer (its pieces hold the operators U+E001-U+E004)")
         raise RunError(f"{what} but DATA_PATH={hp.data_path} has no byte sidecar fineweb_val_bytes_*.bin, so val_bpb "
-                       "would count the pieces' bytes, not the original text's; fetch the variant with its sidecar "
-                       "(data/cached_challenge_fineweb.py) or re-export the data with data/export_shards.py --caseops")
+                       "would count the pieces' bytes; fetch the variant with its sidecar "
+                       "(data/cached_challenge_fineweb.py) or re-export with data/export_shards.py --caseops")
     if hp.caseops_enabled and operators is None:
         raise RunError(f"CASEOPS_ENABLED=1 but {hp.tokenizer_path} has no CaseOps operator pieces (U+E001-U+E004); "
-                       "point TOKENIZER_PATH at the CaseOps tokenizer of DATA_PATH, or unset CASEOPS_ENABLED")
+                       "point TOKENIZER_PATH at DATA_PATH's CaseOps tokenizer, or unset CASEOPS_ENABLED")
     byte_check = "ok"
     if sidecar is None:
         val_bytes = check_validation_bytes(sp, val_tokens, luts, rt.rank, rt.world_size, rt.device)
@@ -5979,12 +5904,12 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Ten
         luts = dataclasses.replace(luts, val_bytes=sidecar)
         decoded, val_bytes = validation_byte_totals(sp, val_tokens, luts, rt.rank, rt.world_size, rt.device,
                                                     caseops=operators is not None)
-        # Our exporter records its sidecar in the data manifest and counts the decoded text exactly; a
-        # sidecar from elsewhere may count the raw input the tokenizer normalised (see RAW_SIDECAR_SLACK).
-        raw_ok = not manifest_records_sidecar(hp.data_path) and normalizes_whitespace(sp)
-        if decoded != val_bytes and not (raw_ok and 0 < val_bytes - decoded <= RAW_SIDECAR_SLACK * decoded):
-            raise byte_mismatch(val_bytes, decoded, luts)
         if decoded != val_bytes:
+            # Our exporter records its sidecar in the data manifest and counts the decoded text exactly; a
+            # sidecar from elsewhere may count the raw input the tokenizer normalised (see RAW_SIDECAR_SLACK).
+            raw_ok = not manifest_records_sidecar(hp.data_path) and normalizes_whitespace(sp)
+            if not (raw_ok and 0 < val_bytes - decoded <= RAW_SIDECAR_SLACK * decoded):
+                raise byte_mismatch(val_bytes, decoded, luts)
             byte_check = f"raw_sidecar(+{(val_bytes - decoded) / decoded:.3%}_over_the_decoded_text)"
             log(f"byte_sidecar: counts {val_bytes} bytes, the decoded text has {decoded}: the sidecar counts the raw "
                 "text the tokenizer normalised (newlines, repeated spaces, NFKC), the public CaseOps convention; "
@@ -6031,8 +5956,8 @@ def check_shapes_fit(hp: Hyperparameters, rt: Runtime, train_files: list[str], v
     if need > have:
         raise RunError(f"the model cannot train here: {params / 1e6:,.0f}M parameters (NUM_LAYERS={hp.num_layers} "
                        f"MODEL_DIM={hp.model_dim} MLP_MULT={hp.mlp_mult}) and {hp.train_batch_tokens} tokens a step need "
-                       f"at least {need / 2**30:,.1f} GiB per device, this {rt.device.type} has {have / 2**30:,.1f} GiB; "
-                       "lower NUM_LAYERS, MODEL_DIM or MLP_MULT, or TRAIN_BATCH_TOKENS (or raise GRAD_ACCUM_STEPS)")
+                       f">= {need / 2**30:,.1f} GiB per device, this {rt.device.type} has {have / 2**30:,.1f} GiB; "
+                       "lower NUM_LAYERS, MODEL_DIM, MLP_MULT or TRAIN_BATCH_TOKENS (or raise GRAD_ACCUM_STEPS)")
 
 
 def train_data_access_ms(clock: PhaseClock, *, prequant_on_train: bool, calibrate_on_train: bool) -> float:
@@ -6040,6 +5965,35 @@ def train_data_access_ms(clock: PhaseClock, *, prequant_on_train: bool, calibrat
     training tokens and GPTQ calibration on training batches, taken as one span against the cap."""
     return (clock.elapsed_ms("train") + (clock.elapsed_ms("prequant_ttt") if prequant_on_train else 0.0)
             + (clock.elapsed_ms("calibration") if calibrate_on_train else 0.0))
+
+
+@contextlib.contextmanager
+def run_folder(hp: Hyperparameters, rt: Runtime, mode: str, use_compile: bool):
+    """Claim this run's folder and yield (folder, manifest, log) with the log header written. A failure
+    inside is recorded in the manifest (a training run's artifact kept as .failed; an EVAL_ONLY error
+    says where its log is), and the folder's lock is released at the end."""
+    out_dir = claim_run_dir(hp, rt)
+    manifest = None
+    try:
+        manifest = RunManifest(out_dir / RUN_MANIFEST_NAME, hp, rt, mode)  # first: a full disk still leaves a manifest
+        log = RunLog(out_dir / RUN_LOG_NAME, rt.is_main)
+        log(f"run_dir:{out_dir}")
+        log_run_header(hp, rt, log)
+        if use_compile:
+            _active_compile.log = log
+        yield out_dir, manifest, log
+    except BaseException as e:  # a crashed run is recognisable from its manifest
+        record_failure(manifest, e, out_dir / ARTIFACT_NAME if mode == "train" else None, rt.is_main)
+        if mode == "eval_only" and isinstance(e, (ConfigError, RunError)):
+            raise RunError(f"{e} (the folder {out_dir}{os.sep} keeps this failed run's log: re-run with REPLACE_RUN=1 "
+                           "or a new RUN_ID)") from None
+        raise
+    finally:
+        release_run_dir(out_dir)
+
+
+def max_eval_ms(hp: Hyperparameters) -> float | None:
+    return 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None
 
 
 def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -> dict:
@@ -6052,49 +6006,26 @@ def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -
         raise ConfigError("EVAL_ONLY=1 needs ARTIFACT_PATH, the final_model.*.ptz of a run folder")
     path = Path(hp.artifact_path)
     if not path.is_file():
-        raise RunError(f"EVAL_ONLY=1 but the artifact {path} does not exist; set ARTIFACT_PATH to a final_model.*.ptz")
+        raise RunError(f"EVAL_ONLY=1 but ARTIFACT_PATH={path} does not exist; point it at a final_model.*.ptz")
     header, _ = read_artifact_header(path.read_bytes())
     # The tokenizer must match the model's vocabulary, which the artifact records
     hp = dataclasses.replace(hp, run_id=agree_run_id(hp.run_id, rt), vocab_size=header["model"]["vocab_size"])
     early: list[str] = []  # lines logged before the run folder exists
     val_tokens, luts = prepare_validation(hp, rt, early.append)
-    out_dir = claim_run_dir(hp, rt)
-    manifest = None
-    compile_summary = lambda: _active_compile.summary() if use_compile else {"enabled": False}  # noqa: E731
-    try:
-        manifest = RunManifest(out_dir / RUN_MANIFEST_NAME, hp, rt, mode="eval_only")
-        log = RunLog(out_dir / RUN_LOG_NAME, rt.is_main)
-        log(f"run_dir:{out_dir}")
-        log_run_header(hp, rt, log)
+    with run_folder(hp, rt, "eval_only", use_compile) as (out_dir, manifest, log):
         log(f"eval_only: artifact {path} model {header['model']['num_layers']}x{header['model']['model_dim']} "
             f"vocab {hp.vocab_size} quant_method:{header['meta'].get('quant_method')}")
         for line in early:
             log(line)
         hp = choose_attention_backend(hp, rt, bool(header["model"].get("doc_masked_attention")), log)
         manifest.update(data=data_fingerprint(hp.data_path, hp.tokenizer_path, splits=("val",)) if rt.is_main else {})
-        clock = PhaseClock(None, 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None)
-        if use_compile:
-            _active_compile.log = log
-        compliance_block: list[str] = []
-        scored = score_artifact(hp, rt, path, val_tokens, luts, clock, log, use_compile=use_compile,
-                                compliance_out=compliance_block)
-        if use_compile:
-            log(_active_compile.line())
+        clock = PhaseClock(None, max_eval_ms(hp))
+        scored = score_artifact(hp, rt, path, val_tokens, luts, clock, log, use_compile=use_compile)
+        compile_summary = finish_compile_log(use_compile, log)
         log(clock.summary())
-        manifest.finish_scored(scored, path, clock, compile_summary(), compliance_block,
-                               artifact={"path": str(path.resolve())})
-    except BaseException as e:
-        record_failure(manifest, e, None, rt.is_main)
-        if isinstance(e, (ConfigError, RunError)):
-            raise RunError(f"{e} (the folder {out_dir}{os.sep} keeps this failed EVAL_ONLY run's log: re-run with "
-                           "REPLACE_RUN=1 or a new RUN_ID)") from None
-        raise
-    finally:
-        release_run_dir(out_dir)
-    return dict(results=scored.results, roundtrip=scored.results.get("roundtrip"), code_bytes=scored.code_bytes,
-                model_bytes=scored.model_bytes, total_bytes=scored.total_bytes, tag=scored.tag, run_id=hp.run_id,
-                run_dir=str(out_dir), phases=dict(clock.totals), log_path=str(log.path), cap_ms=None,
-                train_data_access_end_ms=0.0, compile=compile_summary())
+        manifest.finish_scored(scored, path, clock, compile_summary, artifact={"path": str(path.resolve())})
+    return scored_summary(hp, out_dir, scored, clock, log, compile_summary, results=scored.results, cap_ms=None,
+                          train_data_access_end_ms=0.0)
 
 
 def compile_record_for(hp: Hyperparameters, rt: Runtime) -> CompileRecord | None:
@@ -6120,24 +6051,27 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
             raise failure from None
 
 
+def finish_compile_log(use_compile: bool, log) -> dict:
+    """After the final score: log what compile did; returns the manifest's compile section."""
+    if not use_compile:
+        return {"enabled": False}
+    log(_active_compile.line())
+    return _active_compile.summary()
+
+
+def scored_summary(hp: Hyperparameters, out_dir: Path, scored: ArtifactScore, clock: PhaseClock, log,
+                   compile_summary: dict, **more) -> dict:
+    """What run() returns for a run that scored an artifact (training runs add theirs in `more`)."""
+    return dict(run_id=hp.run_id, run_dir=str(out_dir), roundtrip=scored.results.get("roundtrip"),
+                code_bytes=scored.code_bytes, model_bytes=scored.model_bytes, total_bytes=scored.total_bytes,
+                tag=scored.tag, phases=dict(clock.totals), log_path=str(log.path), compile=compile_summary, **more)
+
+
 def train_and_score(hp: Hyperparameters, rt: Runtime, use_compile: bool) -> dict:
     hp.check_world(rt.world_size)
     hp = dataclasses.replace(hp, run_id=agree_run_id(hp.run_id, rt))
-    out_dir = claim_run_dir(hp, rt)
-    manifest = None
-    try:
-        manifest = RunManifest(out_dir / RUN_MANIFEST_NAME, hp, rt)  # first: a full disk still leaves a manifest
-        log = RunLog(out_dir / RUN_LOG_NAME, rt.is_main)
-        log(f"run_dir:{out_dir}")
-        log_run_header(hp, rt, log)
-        if use_compile:
-            _active_compile.log = log
+    with run_folder(hp, rt, "train", use_compile) as (out_dir, manifest, log):
         return train_and_score_in(hp, rt, use_compile, out_dir, log, manifest)
-    except BaseException as e:  # a crashed run is recognisable from its manifest
-        record_failure(manifest, e, out_dir / ARTIFACT_NAME, rt.is_main)
-        raise
-    finally:
-        release_run_dir(out_dir)
 
 
 @dataclass
@@ -6172,7 +6106,7 @@ class TrainingRun:
 
     @property
     def val_batch_seqs(self) -> int:
-        return max(1, self.hp.val_batch_size // (self.rt.world_size * self.grad_accum * self.hp.effective_eval_seq_len))
+        return eval_batch_seqs(self.hp, self.rt.world_size)
 
     @property
     def calibrate_on_train(self) -> bool:
@@ -6209,12 +6143,9 @@ def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
     run.clock.start("serialize")
     artifact_path = export_artifact(run.hp, rt, run.base_model, out_dir, log, looping=state.looping, hessians=hessians)
     run.clock.stop()
-    compliance_block: list[str] = []
     scored = score_artifact(run.hp, rt, artifact_path, run.val_tokens, run.luts, run.clock, log,
-                            expect=run.base_model.cfg, use_compile=use_compile, prequant=reserve.prequant,
-                            compliance_out=compliance_block)
-    return finish_run(run, state, choice, pre_quant, access, artifact_path, scored, compliance_block,
-                      reserve.prequant)
+                            expect=run.base_model.cfg, use_compile=use_compile, prequant=reserve.prequant)
+    return finish_run(run, state, choice, pre_quant, access, artifact_path, scored, reserve.prequant)
 
 
 def choose_attention_backend(hp: Hyperparameters, rt: Runtime, doc_masked: bool, log) -> Hyperparameters:
@@ -6259,7 +6190,7 @@ def start_training_run(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
     # QAT layers are set up before the warm-up, so the compiled graph already has the (off) QAT path
     # and switching it on later recompiles nothing; without QAT_ENABLED the forward has no QAT work.
     qat_layers = prepare_qat(base_model, plan) if hp.qat_enabled else []
-    clock = PhaseClock(hp.max_wallclock_ms, 1000.0 * hp.max_eval_seconds if hp.max_eval_seconds > 0 else None)
+    clock = PhaseClock(hp.max_wallclock_ms, max_eval_ms(hp))
     return TrainingRun(hp, rt, use_compile, out_dir, log, manifest, val_tokens, luts, train_files, holdout,
                        base_model, model, maybe_compile(base_model.forward_logits, use_compile, "forward_logits"),
                        optimizers, qat_layers, plan, clock)
@@ -6288,6 +6219,10 @@ class DataAccessReserve:
     """What is taken off the training budget for training-data reads after training."""
     calibration_probe_ms: float  # one measured pass over the calibration batches (0 when not on train data)
     prequant: dict | None  # pre-quantization TTT, prepared (None when off)
+
+    @property
+    def prequant_on_train(self) -> bool:
+        return self.prequant is not None and self.prequant["source"] == "train"
 
 
 def reserve_data_access(run: TrainingRun) -> DataAccessReserve:
@@ -6335,7 +6270,6 @@ def calibrate(run: TrainingRun, reserve: DataAccessReserve, looping: bool) -> di
         return None
     run.log("GPTQ:collecting Hessians from calibration data...")
     capped = run.calibrate_on_train and clock.cap_ms is not None
-    prequant_on_train = reserve.prequant is not None and reserve.prequant["source"] == "train"
     first_batch_ms = reserve.calibration_probe_ms / max(math.ceil(hp.gptq_calibration_batches / rt.world_size), 1)
     batches_read = 0
 
@@ -6345,7 +6279,7 @@ def calibrate(run: TrainingRun, reserve: DataAccessReserve, looping: bool) -> di
             return False
         per_batch = clock.elapsed_ms("calibration") / batches_read if batches_read else first_batch_ms
         batches_read += 1
-        end_ms = train_data_access_ms(clock, prequant_on_train=prequant_on_train, calibrate_on_train=True)
+        end_ms = train_data_access_ms(clock, prequant_on_train=reserve.prequant_on_train, calibrate_on_train=True)
         return agree_max([end_ms + per_batch], rt)[0] > clock.cap_ms
 
     clock.start("calibration")
@@ -6372,15 +6306,15 @@ class DataAccess:
 
 def check_data_access(run: TrainingRun, reserve: DataAccessReserve) -> DataAccess:
     """Checked before anything is scored or recorded."""
-    hp, clock = run.hp, run.clock
-    prequant_on_train = reserve.prequant is not None and reserve.prequant["source"] == "train"
-    end_ms = train_data_access_ms(clock, prequant_on_train=prequant_on_train,
+    clock = run.clock
+    end_ms = train_data_access_ms(clock, prequant_on_train=reserve.prequant_on_train,
                                   calibrate_on_train=run.calibrate_on_train)
     inside_cap = clock.cap_ms is None or end_ms <= clock.cap_ms
-    span = " + ".join(["training"] + ["pre-quant TTT"] * prequant_on_train + ["calibration"] * run.calibrate_on_train)
+    span = " + ".join(["training"] + ["pre-quant TTT"] * reserve.prequant_on_train
+                      + ["calibration"] * run.calibrate_on_train)
     run.log(f"train_data_access_end:{end_ms:.0f}ms ({span}; "
             f"cap {clock.cap_ms if clock.cap_ms is not None else 'none'}) inside_cap:{int(inside_cap)}")
-    reasons = (["ALLOW_VAL_ADAPTATION=1: validation tokens adapted before scoring (C3)"] * hp.allow_val_adaptation
+    reasons = (["ALLOW_VAL_ADAPTATION=1: validation tokens adapted before scoring (C3)"] * run.hp.allow_val_adaptation
                + [f"training-data access ({span}) ended at {end_ms:.0f}ms, past the "
                   f"{clock.cap_ms or 0:.0f}ms cap"] * (not inside_cap))
     if run.rt.device.type == "cuda":
@@ -6398,28 +6332,22 @@ def score_before_quantization(run: TrainingRun, state: TrainState, choice: str) 
     train_ms = clock.elapsed_ms("train")
     run.log(f"step:{state.step}/{hp.iterations} val_loss:{pre_quant.val_loss:.4f} val_bpb:{pre_quant.val_bpb:.4f} "
             f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(state.step, 1):.2f}ms")
-    stamp = NON_RECORD_STAMP if hp.allow_val_adaptation else ""
-    run.log(f"pre-quantization post-{choice} val_loss:{pre_quant.val_loss:.8f} val_bpb:{pre_quant.val_bpb:.8f}{stamp}")
+    run.log(f"pre-quantization post-{choice} val_loss:{pre_quant.val_loss:.8f} val_bpb:{pre_quant.val_bpb:.8f}"
+            f"{NON_RECORD_STAMP if hp.allow_val_adaptation else ''}")
     return pre_quant
 
 
 def finish_run(run: TrainingRun, state: TrainState, choice: str, pre_quant: EvalResult, access: DataAccess,
-               artifact_path: Path, scored: ArtifactScore, compliance_block: list[str], prequant: dict | None) -> dict:
+               artifact_path: Path, scored: ArtifactScore, prequant: dict | None) -> dict:
     """Write the shipped code beside the artifact, finish the manifest, and return the run's numbers."""
-    hp, rt, clock = run.hp, run.rt, run.clock
-    results, final_stage = scored.results, scored.final_stage
-    n_code, artifact_bytes, total_bytes = scored.code_bytes, scored.model_bytes, scored.total_bytes
+    clock, reasons = run.clock, access.non_record_reasons
     run.log(clock.summary())
-    compile_summary = _active_compile.summary() if run.use_compile else {"enabled": False}
-    if run.use_compile:
-        run.log(_active_compile.line())
-    final = results[final_stage]
+    compile_summary = finish_compile_log(run.use_compile, run.log)
     shipped = _shipped_code_of_this_file()
-    if rt.is_main:  # the code exactly as counted in the artifact (its shipped form), beside it
+    if run.rt.is_main:  # the code exactly as counted in the artifact (its shipped form), beside it
         write_atomic(run.out_dir / RUN_CODE_NAME, shipped)
-    reasons = access.non_record_reasons
     run.manifest.finish_scored(
-        scored, artifact_path, clock, compile_summary, compliance_block, scores={"pre_quant": eval_record(pre_quant)},
+        scored, artifact_path, clock, compile_summary, scores={"pre_quant": eval_record(pre_quant)},
         artifact={"file": artifact_path.name, "code_file": RUN_CODE_NAME,
                   "code_sha256": hashlib.sha256(shipped).hexdigest()},
         compliance={"train_time_ms": clock.elapsed_ms("train"), "train_cap_ms": clock.cap_ms,
@@ -6429,14 +6357,14 @@ def finish_run(run: TrainingRun, state: TrainState, choice: str, pre_quant: Eval
                   "reserve_ms": clock.reserve_ms, "epochs_consumed": state.epochs_consumed,
                   "train_losses": state.train_losses, "export_weights": choice},
         step_times_ms=step_time_stats(state.step_ms))
-    return dict(run_id=hp.run_id, run_dir=str(run.out_dir), steps=state.step, stopped_early=state.stopped_early,
-                epochs_consumed=state.epochs_consumed, train_losses=state.train_losses, pre_quant=pre_quant,
-                roundtrip=results.get("roundtrip"), evals=results, final=final, final_stage=final_stage,
-                fallback=scored.passes.fallback, export_choice=choice, code_bytes=n_code,
-                model_bytes=artifact_bytes, total_bytes=total_bytes, phases=dict(clock.totals),
-                training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms, log_path=str(run.log.path),
-                non_record=bool(reasons), prequant_ttt=prequant, train_data_access_end_ms=access.end_ms,
-                cap_ms=clock.cap_ms, compile=compile_summary)
+    return scored_summary(run.hp, run.out_dir, scored, clock, run.log, compile_summary, steps=state.step,
+                          stopped_early=state.stopped_early, epochs_consumed=state.epochs_consumed,
+                          train_losses=state.train_losses, pre_quant=pre_quant, evals=scored.results,
+                          final=scored.results[scored.final_stage], final_stage=scored.final_stage,
+                          fallback=scored.fallback, export_choice=choice,
+                          training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms,
+                          non_record=bool(reasons), prequant_ttt=prequant, train_data_access_end_ms=access.end_ms,
+                          cap_ms=clock.cap_ms)
 
 
 def random_seed_all(seed: int) -> None:
@@ -6458,10 +6386,10 @@ def main_with_signals() -> int:
         rt = init_runtime(hp)
         result = run(hp, rt)
         if result["cap_ms"] is not None and result["train_data_access_end_ms"] > result["cap_ms"]:
-            raise RunError(f"training-data access (training + pre-quant TTT + calibration on training data) ended at "
-                           f"{result['train_data_access_end_ms']:.0f}ms, past the {result['cap_ms']:.0f}ms cap, so the "
-                           "run is marked non-record; use GPTQ_CALIBRATION_SOURCE=selfgen, fewer "
-                           "GPTQ_CALIBRATION_BATCHES or fewer PREQUANT_TTT_TOKENS")
+            raise RunError(f"training-data access (training, pre-quant TTT and calibration on training data) ended at "
+                           f"{result['train_data_access_end_ms']:.0f}ms, past the {result['cap_ms']:.0f}ms cap: the "
+                           "run is non-record; use GPTQ_CALIBRATION_SOURCE=selfgen, fewer GPTQ_CALIBRATION_BATCHES "
+                           "or PREQUANT_TTT_TOKENS")
         if result["total_bytes"] > ARTIFACT_LIMIT_BYTES:
             raise RunError(f"artifact is {result['total_bytes']} bytes, over the {ARTIFACT_LIMIT_BYTES}-byte limit "
                            "(code + compressed model); shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT, VOCAB_SIZE)")
@@ -6474,8 +6402,8 @@ def main_with_signals() -> int:
         if not STOP_SIGNAL_RECEIVED:  # a signal may also surface as the error it caused (a peer gone)
             raise
         if rank0:
-            print(f"error: stopped by {STOP_SIGNAL_RECEIVED[0]}; the run folder's manifest says \"failed\" and keeps "
-                  "what was done; re-run with REPLACE_RUN=1 or a new RUN_ID", file=sys.stderr, flush=True)
+            print(f"error: stopped by {STOP_SIGNAL_RECEIVED[0]}; the run folder keeps what was done (manifest: "
+                  "failed); re-run with REPLACE_RUN=1 or a new RUN_ID", file=sys.stderr, flush=True)
         return 2
     finally:
         if rt is not None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import train_gpt as tg
 from test_switches import ALL_ON, build, randomize
+from ledger_probe import RecordingLedger
 
 V = 97
 
@@ -222,7 +223,7 @@ def test_sliding_windows_score_each_target_once_from_its_own_document_only(strid
     model = doc_model("sdpa")
     lengths = [9, 4, 13, 7, 10, 6]
     stream = packed_row(lengths, seed=6)[0]
-    ledger = tg.ScoreLedger(stream, unit_luts(), torch.device("cpu"), keep_per_target=True)
+    ledger = RecordingLedger(stream, unit_luts(), torch.device("cpu"))
     spans = tg.plan_windows(ledger.num_targets, 16, stride)
     tg.score_windows(lambda x: model.forward_logits(x, True), ledger, spans,
                      tg.EvalContext(tg.Runtime(0, 1, 0, torch.device("cpu"), False)), seq_len=16, batch_seqs=4)

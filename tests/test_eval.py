@@ -11,6 +11,7 @@ import torch
 import train_gpt as tg
 from conftest import TINY_ENV
 from test_train import run_tiny
+from ledger_probe import RecordingLedger
 
 
 def cpu_ctx(rank: int = 0, world_size: int = 1) -> tg.EvalContext:
@@ -95,7 +96,7 @@ def test_sliding_evaluation_scores_each_target_once_with_its_window_context(samp
         per_target = np.full(301, np.nan)
         shapes.clear()
         for rank in range(world_size):
-            ledger = tg.ScoreLedger(val, luts, torch.device("cpu"), keep_per_target=True)
+            ledger = RecordingLedger(val, luts, torch.device("cpu"))
             spans = tg.plan_windows(300, seq_len, stride or seq_len)
             tg.score_windows(fn, ledger, spans, cpu_ctx(rank, world_size), seq_len=seq_len, batch_seqs=3)
             mine = ~np.isnan(ledger.per_target)

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 import train_gpt as tg
 from conftest import small_model
+from ledger_probe import RecordingLedger
 
 CPU = torch.device("cpu")
 
@@ -53,7 +54,7 @@ MODES = {"chunked": SETTINGS, **DOC_SETTINGS}
 def run_chunked(val, luts, rank=0, world_size=1, settings=SETTINGS, budget=None):
     model = ttt_model()
     model.eval()
-    ledger = tg.ScoreLedger(val, luts, CPU, keep_per_target=True)
+    ledger = RecordingLedger(val, luts, CPU)
     info = tg.run_ttt(model, ledger, settings, ctx(rank, world_size, budget=budget))
     return ledger, info, model
 
@@ -173,18 +174,18 @@ def test_lora_adapters_one_per_virtual_slot_and_the_plain_model_at_start():
         lora = tg.DocLoRA(model, 2, s, CPU, looping)
         assert lora.slots == [n for n in slots for _ in range(5)]  # q, v, k, o, mlp per block
         assert len(lora.a) == 5 * sum(slots) + 1 and lora.b[-1].shape == (2, 64, 4)  # + the head
-        assert torch.equal(lora.logits(model, x, looping), model.forward_logits(x, looping))
+        assert torch.equal(tg.lora_logits(lora, model, x, None, looping), model.forward_logits(x, looping))
         with torch.no_grad():
             for b in lora.b:
                 b.normal_()
-        adapted = lora.logits(model, x, looping)
+        adapted = tg.lora_logits(lora, model, x, None, looping)
         assert not torch.allclose(adapted, model.forward_logits(x, looping))
     # The second pass of the looped block has its own adapter: only that pass sees it.
     lora = tg.DocLoRA(model, 2, s, CPU, True)
     with torch.no_grad():
         lora.b[lora.first_slot[5] + 1].normal_()  # block 1's q adapter, second pass
-    assert not torch.equal(lora.logits(model, x, True), model.forward_logits(x, True))
-    assert torch.equal(lora.logits(model, x, False), model.forward_logits(x, False))  # one pass: never used
+    assert not torch.equal(tg.lora_logits(lora, model, x, None, True), model.forward_logits(x, True))
+    assert torch.equal(tg.lora_logits(lora, model, x, None, False), model.forward_logits(x, False))  # one pass: never used
     few = tg.dataclasses.replace(s, ttt_k_lora=False, ttt_o_lora=False, ttt_mlp_lora=False)
     assert tg.lora_targets(model, few) == [f"blocks.{i}.attn.c_{w}" for i in range(3) for w in "qv"]
     assert len(tg.DocLoRA(model, 2, few, CPU, False).a) == 3 * 2 + 1
@@ -365,7 +366,7 @@ def test_document_ttt_compiles_few_graphs_once_and_scores_as_eager(sample_datase
     forward = torch.compile(tg.lora_logits, backend=counter, dynamic=False)
 
     def evaluate(model, lora_forward):
-        ledger = tg.ScoreLedger(tokens, luts, CPU, keep_per_target=True)
+        ledger = RecordingLedger(tokens, luts, CPU)
         info = tg.run_ttt(model, ledger, settings, ctx(), lora_forward=lora_forward)
         tg.check_scored_once(ledger)
         assert info.steps > info.global_steps > 0
