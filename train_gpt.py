@@ -41,7 +41,9 @@ import functools
 import glob
 import hashlib
 import io
+import itertools
 import json
+import keyword
 import logging
 import lzma
 import math
@@ -53,6 +55,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import string
 import sys
 import tempfile
 import threading
@@ -5765,8 +5768,10 @@ def eval_record(result: EvalResult) -> dict:
 # a latin-1 Python file holding the brotli-compressed source in a triple-quoted string literal, where
 # only \ CR NUL and a " before another " (or at the end) are escaped (~1.5% overhead, against 25% for
 # base85). The source it holds is the readable file without what no run reads (comments, docstrings,
-# the knobs' help texts, annotations): the same syntax tree otherwise (ast.unparse). It runs that
+# the knobs' help texts, annotations, the long names of local variables, parameters and module
+# functions, indents wider than one space): the same syntax tree otherwise (ast.unparse). It runs that
 # source in its own namespace, where SHIPPED_SOURCE keeps the text; shipping it again gives the same bytes.
+# Tracebacks from a shipped run name the short names: rerun the readable file to read them.
 
 SHIPPED_PREFIX = b'# -*- coding: latin-1 -*-\nimport brotli;SHIPPED_SOURCE=brotli.decompress("""'
 SHIPPED_SUFFIX = b'""".encode("latin-1"));exec(compile(SHIPPED_SOURCE,"train_gpt.py","exec"))\n'
@@ -5826,10 +5831,82 @@ class RuntimeTree(ast.NodeTransformer):
         return self.generic_visit(node)
 
 
+NEW_SCOPES = (ast.FunctionDef, ast.Lambda, ast.ClassDef, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def bound_name(node: ast.AST) -> str | None:
+    """The name this node binds (assigns, deletes, takes as a parameter, defines, imports, catches), if any."""
+    if isinstance(node, ast.Name):
+        return None if isinstance(node.ctx, ast.Load) else node.id
+    if isinstance(node, ast.alias):
+        return node.asname or node.name.split(".")[0]
+    return getattr(node, "arg", None) or getattr(node, "name", None) if isinstance(
+        node, (ast.arg, ast.FunctionDef, ast.ClassDef, ast.ExceptHandler)) else None
+
+
+def fresh_names(taken: set[str]):
+    """a, b, ..., Z, aa, ab, ...: the short names not in `taken` and not keywords."""
+    for size in itertools.count(1):
+        for name in map("".join, itertools.product(string.ascii_letters, repeat=size)):
+            if name not in taken and not keyword.iskeyword(name):
+                yield name
+
+
+def rename(nodes: list[ast.AST], old: list[str], skip: set[int] = frozenset()):
+    """Gives the names in `old` short names free among `nodes`, where they are read and bound (never
+    attributes, keyword arguments or imports; not in the nodes whose ids are in `skip`)."""
+    names = dict(zip(old, fresh_names({bound_name(n) for n in nodes} | {n.id for n in nodes if isinstance(n, ast.Name)})))
+    for n in nodes:
+        key = {ast.Name: "id", ast.arg: "arg", ast.FunctionDef: "name", ast.ExceptHandler: "name"}.get(type(n))
+        if key and getattr(n, key) in names and id(n) not in skip:
+            setattr(n, key, names[getattr(n, key)])
+
+
+def shorten_names(tree: ast.Module) -> ast.Module:
+    """Short names where no run can tell: in each function its own variables and the parameters no call
+    names, then module-level functions bound nowhere else. A name stays when a string holds it (log
+    lines, getattr, keys that may become keyword arguments), when a nested scope binds it too, in a
+    function with global/nonlocal, and for the parameters of a function the code hands to others (a hook)."""
+    nodes = list(ast.walk(tree))
+    kept = {n.arg for n in nodes if isinstance(n, ast.keyword)} | {word for n in nodes if isinstance(
+        n, ast.Constant) and isinstance(n.value, str) for word in re.findall(r"\w+", n.value)}
+    callees = {id(n.func) for n in nodes if isinstance(n, ast.Call)}
+    handed = {getattr(n, "id", None) or n.attr for n in nodes if isinstance(n, (ast.Name, ast.Attribute)) and id(n) not in callees}
+    for fn in reversed([n for n in nodes if isinstance(n, ast.FunctionDef)]):  # nested functions first
+        inside = list(ast.walk(fn))
+        if any(isinstance(n, (ast.Global, ast.Nonlocal)) for n in inside):
+            continue
+        args = fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs + [a for a in (fn.args.vararg, fn.args.kwarg) if a]
+        own, todo = [a.arg for a in args], list(fn.body)
+        nested = {a.arg for a in args if a.arg in kept or fn.name in handed or fn.name.startswith("__")}
+        while todo:  # fn's own scope: what a nested scope binds belongs to it
+            node = todo.pop()
+            name = bound_name(node)
+            if isinstance(node, NEW_SCOPES):
+                nested |= {bound_name(n) for n in ast.walk(node)} - {name}
+            else:
+                todo += ast.iter_child_nodes(node)
+            if isinstance(node, (ast.alias, ast.ClassDef)):
+                nested.add(name)
+            elif name:
+                own.append(name)
+        outer = fn.decorator_list + fn.args.defaults + fn.args.kw_defaults  # evaluated in the enclosing scope
+        rename(inside, [name for name in dict.fromkeys(own) if len(name) > 2 and name not in nested],
+               {id(n) for part in outer if part for n in ast.walk(part)} | {id(fn)})
+    bindings = collections.Counter(map(bound_name, nodes))
+    rename(nodes, [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and len(n.name) > 2 and n.name not in kept
+                   and bindings[n.name] == 1])
+    return tree
+
+
+@functools.lru_cache(maxsize=4)
 def stripped_source(source: bytes) -> bytes:
-    """The source as runs read it (RuntimeTree: no comments, docstrings, help texts or annotations), as
-    ast.unparse writes it (idempotent)."""
-    return (ast.unparse(RuntimeTree().visit(ast.parse(source))) + "\n").encode("utf-8")
+    """The source as runs read it (RuntimeTree: no comments, docstrings, help texts or annotations; then
+    ShortNames), as ast.unparse writes it with one space per indent level (idempotent)."""
+    tree, code = RuntimeTree().visit(ast.parse(source)), None
+    while code != (code := ast.unparse(shorten_names(tree))):  # until no name can be shortened
+        pass
+    return re.sub(r"(?m)^(    )+", lambda indent: " " * (len(indent[0]) // 4), code).encode("utf-8") + b"\n"
 
 
 def shipped_code(source: bytes) -> bytes:

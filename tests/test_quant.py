@@ -726,6 +726,87 @@ def test_the_shipped_string_literal_holds_any_bytes():
         assert ast.literal_eval(source.decode("latin-1")[4:]).encode("latin-1") == data
 
 
+def names_renamed(before, after) -> dict:
+    """{(scope, old name): new name} when `after` is `before` with names of variables, parameters and
+    functions changed consistently (each name in a function to one new name, never two names to one);
+    everything else (attributes, keyword arguments, strings, numbers, structure) must be equal."""
+    import ast
+
+    renamed = {}
+
+    def same(a, b, scope):
+        assert type(a) is type(b), (ast.unparse(a), ast.unparse(b))
+        if isinstance(a, list):
+            assert len(a) == len(b)
+            return [same(x, y, scope) for x, y in zip(a, b)]
+        if not isinstance(a, ast.AST):
+            assert a == b
+            return
+        for field, value in ast.iter_fields(a):
+            if isinstance(a, (ast.Name, ast.arg, ast.FunctionDef, ast.ExceptHandler)) and field in ("id", "arg", "name"):
+                assert renamed.setdefault((scope, value), getattr(b, field)) == getattr(b, field), (scope, value)
+            else:
+                inner = isinstance(a, (ast.FunctionDef, ast.ClassDef)) and field in ("args", "body")
+                same(value, getattr(b, field), scope + ((a.name, a.lineno),) if inner else scope)
+
+    same(before, after, ())
+    by_scope = {}
+    for (scope, old), new in renamed.items():  # two names of one scope never become one
+        assert by_scope.setdefault((scope, new), old) == old, (scope, old, new)
+    return {key: new for key, new in renamed.items() if key[1] != new}
+
+
+SHORTENING_CASES = '''
+import functools
+def scale_all(values, factor=2, *extra, **options):
+    total_sum = 0
+    for value in values:
+        total_sum += value * factor
+    doubled = [value * 2 for value in values]
+    def add_offset(number):
+        return number + total_sum
+    try:
+        result_value = add_offset(len(extra)) + options.get("bonus", 0) + len(str(1 / len(values)))
+    except ZeroDivisionError as error_seen:
+        result_value = str(error_seen)
+    return result_value, doubled
+def hook(module_in, inputs_seen):
+    return inputs_seen
+def uses_global():
+    global counter_value
+    counter_value = local_thing = 3
+    return local_thing
+def looked_up_by_name():
+    return "found"
+def caller():
+    return (scale_all([1, 2], factor=3, bonus=4), scale_all([]), functools.partial(hook, 0)(5), uses_global(),
+            globals()["looked_up_by_name"]())
+RESULT = [caller()]
+'''
+
+
+def test_short_names_rename_only_what_no_run_can_tell():
+    import ast
+
+    shortened = tg.stripped_source(SHORTENING_CASES.encode()).decode()
+    renamed = {old for (_, old) in names_renamed(ast.parse(SHORTENING_CASES), ast.parse(shortened))}
+    # module functions no string names, a function's own variables, parameters no call names, a closure's reads
+    assert {"scale_all", "hook", "uses_global", "caller", "values", "extra", "options", "total_sum", "add_offset",
+            "number", "result_value", "error_seen", "doubled"} <= renamed
+    assert not renamed & {"factor",  # passed by keyword
+                          "value",  # a comprehension binds it too
+                          "module_in", "inputs_seen",  # hook is handed to someone else, who names its parameters
+                          "local_thing", "counter_value",  # a function with `global`
+                          "looked_up_by_name"}  # a string holds it
+    results = []
+    for code in (SHORTENING_CASES, shortened):  # and the program does the same
+        namespace = {}
+        exec(compile(code, "case", "exec"), namespace)
+        results.append(namespace["RESULT"])
+    assert results[0] == results[1] == [((16, [2, 4]), ("division by zero", []), 5, 3, "found")]
+    assert tg.stripped_source(shortened.encode()).decode() == shortened  # idempotent
+
+
 @pytest.mark.slow
 def test_shipped_code_is_the_readable_syntax_tree_without_docstrings_and_is_what_is_counted():
     import ast
@@ -739,10 +820,12 @@ def test_shipped_code_is_the_readable_syntax_tree_without_docstrings_and_is_what
     call = ast.parse(stub.decode("latin-1")).body[1].value  # SHIPPED_SOURCE=brotli.decompress("...".encode(...))
     literal = call.args[0].func.value.value
     inner = brotli.decompress(literal.encode("latin-1"))
-    # Exactly the readable program minus comments, docstrings, help texts and annotations: the same syntax tree.
-    assert ast.dump(ast.parse(inner)) == ast.dump(tg.RuntimeTree().visit(ast.parse(source)))
-    assert b"def train(run, averager):" in inner and b"    seq_len: int\n" in inner  # a dataclass field stays
-    assert b"# ====" not in inner and b"Per-document adapters" not in inner and b"def train(" in inner
+    # Exactly the readable program minus comments, docstrings, help texts and annotations: the same syntax
+    # tree but for the names ShortNames gave variables, parameters and functions (one new name per name).
+    renamed = names_renamed(tg.RuntimeTree().visit(ast.parse(source)), ast.parse(inner))
+    assert 1000 < len(renamed) and len(set(renamed.values())) > 200
+    assert b"def train(run, a):" in inner and b"\n seq_len: int\n" in inner  # a dataclass field stays, indented one space
+    assert b"# ====" not in inner and b"Per-document adapters" not in inner
     assert b"score-first test-time training as the final evaluation pass" not in inner  # only the README reads it
     assert b"ttt_enabled: bool = knob(False)\n" in inner and b"choices=('chunked', 'lora', 'phased')" in inner
     # Shipping the shipped source again (a run started from the shipped form) gives the same bytes.
@@ -863,4 +946,4 @@ def test_eval_only_in_a_fresh_process_from_the_shipped_code_reproduces_the_end_o
     assert line.group(1) == f"{out['roundtrip'].val_loss:.8f}" and line.group(2) == f"{out['roundtrip'].val_bpb:.8f}"
     assert f"code_bytes:{out['code_bytes']} model_bytes:{out['model_bytes']} " in proc.stdout
     eval_log = (tmp_path / "eval" / "eval" / "train.log").read_text()
-    assert "def run_eval_only(" in eval_log  # the log embeds the readable source, also from the shipped form
+    assert tg.stripped_source((ROOT / "train_gpt.py").read_bytes()).decode() in eval_log  # the source it ran
