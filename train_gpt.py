@@ -5857,6 +5857,8 @@ def rename(nodes: list[ast.AST], old: list[str], skip: set[int] = frozenset()):
     attributes, keyword arguments or imports; not in the nodes whose ids are in `skip`)."""
     names = dict(zip(old, fresh_names({bound_name(n) for n in nodes} | {n.id for n in nodes if isinstance(n, ast.Name)})))
     for n in nodes:
+        if isinstance(n, ast.alias) and bound_name(n) in names:  # import x as <short>
+            n.asname = names[bound_name(n)]
         key = {ast.Name: "id", ast.arg: "arg", ast.FunctionDef: "name", ast.ExceptHandler: "name"}.get(type(n))
         if key and getattr(n, key) in names and id(n) not in skip:
             setattr(n, key, names[getattr(n, key)])
@@ -5894,8 +5896,15 @@ def shorten_names(tree: ast.Module) -> ast.Module:
         rename(inside, [name for name in dict.fromkeys(own) if len(name) > 2 and name not in nested],
                {id(n) for part in outer if part for n in ast.walk(part)} | {id(fn)})
     bindings = collections.Counter(map(bound_name, nodes))
-    rename(nodes, [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and len(n.name) > 2 and n.name not in kept
-                   and bindings[n.name] == 1])
+    module_names = []  # what the module binds: functions, imports (not from __future__), assigned names
+    for part in tree.body:
+        if isinstance(part, ast.FunctionDef):
+            module_names.append(part.name)
+        elif isinstance(part, ast.Import) or isinstance(part, ast.ImportFrom) and part.module != "__future__":
+            module_names += [bound_name(a) for a in part.names if a.asname or "." not in a.name]
+        elif isinstance(part, ast.Assign):
+            module_names += map(bound_name, part.targets)
+    rename(nodes, [name for name in module_names if name and len(name) > 2 and name not in kept and bindings[name] == 1])
     return tree
 
 

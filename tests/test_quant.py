@@ -743,7 +743,10 @@ def names_renamed(before, after) -> dict:
             assert a == b
             return
         for field, value in ast.iter_fields(a):
-            if isinstance(a, (ast.Name, ast.arg, ast.FunctionDef, ast.ExceptHandler)) and field in ("id", "arg", "name"):
+            if isinstance(a, ast.alias) and field == "asname":  # import x (as y) -> import x as <short>
+                value, new = value or a.name, b.asname or b.name
+                assert renamed.setdefault((scope, value), new) == new, (scope, value)
+            elif isinstance(a, (ast.Name, ast.arg, ast.FunctionDef, ast.ExceptHandler)) and field in ("id", "arg", "name"):
                 assert renamed.setdefault((scope, value), getattr(b, field)) == getattr(b, field), (scope, value)
             else:
                 inner = isinstance(a, (ast.FunctionDef, ast.ClassDef)) and field in ("args", "body")
@@ -758,6 +761,8 @@ def names_renamed(before, after) -> dict:
 
 SHORTENING_CASES = '''
 import functools
+import collections as containers
+LIMIT_VALUE = 7
 def scale_all(values, factor=2, *extra, **options):
     total_sum = 0
     for value in values:
@@ -780,8 +785,8 @@ def looked_up_by_name():
     return "found"
 def caller():
     return (scale_all([1, 2], factor=3, bonus=4), scale_all([]), functools.partial(hook, 0)(5), uses_global(),
-            globals()["looked_up_by_name"]())
-RESULT = [caller()]
+            globals()["looked_up_by_name"](), containers.Counter("aab")["a"] + LIMIT_VALUE)
+globals()["RESULT"] = [caller()]
 '''
 
 
@@ -790,8 +795,9 @@ def test_short_names_rename_only_what_no_run_can_tell():
 
     shortened = tg.stripped_source(SHORTENING_CASES.encode()).decode()
     renamed = {old for (_, old) in names_renamed(ast.parse(SHORTENING_CASES), ast.parse(shortened))}
-    # module functions no string names, a function's own variables, parameters no call names, a closure's reads
-    assert {"scale_all", "hook", "uses_global", "caller", "values", "extra", "options", "total_sum", "add_offset",
+    # module functions, imports and constants no string names, a function's own variables, parameters no call
+    # names, a closure's reads
+    assert {"scale_all", "hook", "uses_global", "caller", "functools", "containers", "LIMIT_VALUE", "values", "extra", "options", "total_sum", "add_offset",
             "number", "result_value", "error_seen", "doubled"} <= renamed
     assert not renamed & {"factor",  # passed by keyword
                           "value",  # a comprehension binds it too
@@ -803,7 +809,7 @@ def test_short_names_rename_only_what_no_run_can_tell():
         namespace = {}
         exec(compile(code, "case", "exec"), namespace)
         results.append(namespace["RESULT"])
-    assert results[0] == results[1] == [((16, [2, 4]), ("division by zero", []), 5, 3, "found")]
+    assert results[0] == results[1] == [((16, [2, 4]), ("division by zero", []), 5, 3, "found", 9)]
     assert tg.stripped_source(shortened.encode()).decode() == shortened  # idempotent
 
 
