@@ -2450,12 +2450,6 @@ class QuantPlan:
     min_numel: int = Hyperparameters.quant_min_numel  # smaller tensors stay float
 
     @classmethod
-    def uniform(cls, matrix_bits: int, embed_bits: int, method: str = "absmax",
-                min_numel: int = Hyperparameters.quant_min_numel) -> "QuantPlan":
-        bits = {g: embed_bits if g in ("embed", "head") else matrix_bits for g in QUANT_GROUPS}
-        return cls(method=method, bits=bits, min_numel=min_numel)
-
-    @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "QuantPlan":
         """Each group's bits and k from the first of its GROUP_KNOBS that is set (non-zero), else the last."""
         first_set = lambda knobs: next((getattr(hp, k) for k in knobs if getattr(hp, k)), getattr(hp, knobs[-1]))
@@ -2469,9 +2463,6 @@ class QuantPlan:
             return None
         group = tensor_group(name)
         return self.bits[group], (0.0 if self.method == "absmax" else self.clip_sigmas[group])
-
-    def with_sigma_scale(self, factor: float) -> "QuantPlan":
-        return dataclasses.replace(self, clip_sigmas={g: k * factor for g, k in self.clip_sigmas.items()})
 
 
 def clip_range(bits: int) -> int:
@@ -2491,11 +2482,16 @@ def _broadcast(scale: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return scale.float()[:, None] if w.ndim == 2 else scale.float()
 
 
-def quantize_rows(w: torch.Tensor, bits: int, clip_sigmas: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest integers in [-L, L] (int8) on the row grid, and the fp16 scales."""
+def _round_to_grid(w: torch.Tensor, bits: int, clip_sigmas: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest integers in [-L, L] (as floats) on the row grid, and the fp16 scales."""
     scale = row_scales(w, bits, clip_sigmas)
     limit = clip_range(bits)
-    q = torch.round(w.float() / _broadcast(scale, w)).clamp(-limit, limit)
+    return torch.round(w.float() / _broadcast(scale, w)).clamp(-limit, limit), scale
+
+
+def quantize_rows(w: torch.Tensor, bits: int, clip_sigmas: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid's integers (int8) and the fp16 scales."""
+    q, scale = _round_to_grid(w, bits, clip_sigmas)
     return q.to(torch.int8).contiguous(), scale
 
 
@@ -2506,9 +2502,8 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def fake_quantize(w: torch.Tensor, bits: int, clip_sigmas: float = 0.0) -> torch.Tensor:
     """What the export's grid turns `w` into, computed in float: the QAT forward uses this. (Not via
     quantize_rows: the int8 codes would turn a -0 into +0, so QAT's weights would differ in sign bits.)"""
-    scale = _broadcast(row_scales(w, bits, clip_sigmas), w)
-    limit = clip_range(bits)
-    return (torch.round(w.float() / scale).clamp(-limit, limit) * scale).to(w.dtype)
+    q, scale = _round_to_grid(w, bits, clip_sigmas)
+    return (q * _broadcast(scale, w)).to(w.dtype)
 
 
 @dataclass
@@ -2543,18 +2538,6 @@ def storage_dtype(name: str, t: torch.Tensor) -> torch.dtype:
     return torch.float32 if is_control_tensor(name) else torch.float16
 
 
-@contextlib.contextmanager
-def exact_fp32_matmul():
-    """fp32 matmuls without TF32 (on for training, see init_runtime): GPTQ's error feedback at 10
-    mantissa bits would round differently from the CPU's."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def quantize_tensor(name: str, t: torch.Tensor, plan: QuantPlan, hessian: torch.Tensor | None = None,
                     gptq: dict | None = None) -> ExportedTensor:
     """One state-dict entry as exported; GPTQ where the plan says so and a Hessian exists (tensors
@@ -2571,8 +2554,13 @@ def quantize_tensor(name: str, t: torch.Tensor, plan: QuantPlan, hessian: torch.
         tied_damping = options.pop("tied_damping", Hyperparameters.gptq_tied_embed_damping)
         if name == "tok_emb.weight":  # only a tied embedding has a Hessian (the head's input)
             options["damping"] = tied_damping
-        with exact_fp32_matmul():
+        # fp32 matmuls without TF32 (on for training, see init_runtime): GPTQ's error feedback at 10
+        # mantissa bits would round differently from the CPU's.
+        tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+        try:
             codes, scales = gptq_quantize(w.to(hessian.device), hessian, bits, sigmas, **options)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
         method = "gptq"
     else:
         codes, scales = quantize_rows(w, bits, sigmas)
@@ -2849,7 +2837,8 @@ class LowRankFactors:
             H = hessian.double()
             L = torch.linalg.cholesky(H + 0.01 * H.diagonal().mean().clamp_min(1e-12) * torch.eye(H.size(0),
                                                                                               dtype=H.dtype))
-        U, S, Vh = torch.linalg.svd(E if hessian is None else E @ L, full_matrices=False)
+            E = E @ L
+        U, S, Vh = torch.linalg.svd(E, full_matrices=False)
         a, b = U[:, :rank] * S[:rank], Vh[:rank]
         if hessian is not None:
             b = torch.linalg.solve_triangular(L, b, upper=False, left=False)
@@ -2894,25 +2883,25 @@ def byte_unshuffle(data: bytes, stride: int) -> bytes:
 
 
 def compress_bytes(data: bytes, coder: str, stride: int) -> bytes:
+    """zlib, lzma or brotli (the coder a knob or the packer picked); lzma and brotli after byte_shuffle."""
     if coder == "zlib":
         return zlib.compress(data, level=9)
+    data = byte_shuffle(data, stride)
     if coder == "lzma":
-        return lzma.compress(byte_shuffle(data, stride), preset=9 | lzma.PRESET_EXTREME)
-    if coder == "brotli":
-        import brotli
-        return brotli.compress(byte_shuffle(data, stride), quality=11)
-    raise ValueError(f"unknown coder {coder!r}")
+        return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
+    import brotli
+    return brotli.compress(data, quality=11)
 
 
 def decompress_bytes(data: bytes, coder: str, stride: int) -> bytes:
+    """compress_bytes undone; a coder name it does not know (only a damaged header has one) reads as brotli,
+    which then fails on the bytes."""
     if coder == "zlib":
         return zlib.decompress(data)
     if coder == "lzma":
         return byte_unshuffle(lzma.decompress(data), stride)
-    if coder == "brotli":
-        import brotli
-        return byte_unshuffle(brotli.decompress(data), stride)
-    raise ValueError(f"unknown coder {coder!r}")
+    import brotli
+    return byte_unshuffle(brotli.decompress(data), stride)
 
 
 # Stream name -> numpy dtype of its elements (the byte-shuffle stride is its itemsize).
@@ -3014,10 +3003,11 @@ def _ans_decode_stream(name: str, data: bytes, tensors: list[dict]) -> np.ndarra
     """The values of a stream the packer ans-coded (the codes, float16 or scales), flat."""
     mine = [t for t in tensors if t["stream"] == name]  # the quantized tensors for the codes
     shapes = [_rows_cols(t["shape"]) for t in mine]
-    decode = {"codes": lambda: ans_decode(data, shapes, [t["bits"] for t in mine], [tensor_group(t["name"]) for t in mine]),
-              "float16": lambda: ans_decode_fp16(data, shapes),
-              "scales": lambda: ans_decode_fp16_vectors(data, _scale_vector_lengths(tensors))}[name]
-    return _flat(decode(), STREAM_DTYPES[name])
+    if name == "codes":
+        return _flat(ans_decode(data, shapes, [t["bits"] for t in mine], [tensor_group(t["name"]) for t in mine]), np.int8)
+    if name == "float16":
+        return _flat(ans_decode_fp16(data, shapes), np.float16)
+    return _flat(ans_decode_fp16_vectors(data, _scale_vector_lengths(tensors)), np.float16)
 
 
 def _corrupt(why: str) -> RunError:
@@ -3136,6 +3126,13 @@ ANS_TABLE_STEPS = 16  # table entries: log2 steps per octave
 ANS_ROW_PREDICTION_FAMILIES = ("embed",)  # where predicting rows from their neighbours paid (docs/RESULTS.md)
 ANS_CANDIDATES = 8  # a row's pointer goes to one of its 8 nearest earlier rows
 ANS_CHAIN_DEPTH = 8  # and it averages that row and up to 7 of its parents
+
+
+def _ans_check(ok) -> None:
+    """Every inconsistency a decoder finds in ans bytes is this one error (the packer calls it corrupt)."""
+    if not ok:
+        raise ValueError("ans data does not match the tensor list")
+
 # Probability weight of each table byte: 2^(t/16) with 8 fractional bits, as exact integers (0 = absent).
 # No value lies near a rounding boundary, so every machine computes the same integers.
 _ANS_TABLE_WEIGHTS = np.concatenate([[0.0], np.round(np.exp2(np.arange(1, 256) / ANS_TABLE_STEPS + 8))])
@@ -3185,20 +3182,17 @@ class _FittedLawCoder:
 
     def decode(self, data: bytes, lengths: list[int]) -> list[np.ndarray]:
         size, n_laws = struct.calcsize(self.law_format), np.count_nonzero(lengths)
-        if len(data) < size * n_laws:
-            raise ValueError("ans data does not match the tensor list")
+        _ans_check(len(data) >= size * n_laws)
         coder = _ans_reader(data[size * n_laws :])
         laws, out = struct.iter_unpack(self.law_format, data[: size * n_laws]), []
         for n in lengths:
             symbols = np.zeros(0, np.int32)
             if n:
                 law = next(laws)
-                if law[1] < 1:  # every law is (center, decay, ...)
-                    raise ValueError("ans data does not match the tensor list")
+                _ans_check(law[1] >= 1)  # every law is (center, decay, ...)
                 symbols = coder.decode(_categorical(self.weights(*law)), n)
             out.append(symbols.astype(f"u{np.dtype(self.dtype).itemsize}").view(self.dtype))
-        if not coder.is_empty():
-            raise ValueError("ans data does not match the tensor list")
+        _ans_check(coder.is_empty())
         return out
 
 
@@ -3348,23 +3342,20 @@ class _ContextReader:
 
     def group(self, steps: np.ndarray, width: int, alphabet: _Alphabet) -> np.ndarray:
         """The group's symbols in their original order."""
-        if width < 1:
-            raise ValueError("ans data does not match the tensor list")
+        _ans_check(width >= 1)
         order, counts = _ans_contexts(steps, width)
         decoded = []
         for count in counts[counts > 0].tolist():
             table = self.tables[self.at : self.at + alphabet.magnitudes]
             self.at += alphabet.magnitudes
-            if len(table) != alphabet.magnitudes:
-                raise ValueError("ans data does not match the tensor list")
+            _ans_check(len(table) == alphabet.magnitudes)
             decoded.append(self.coder.decode(_categorical(alphabet.weights(table)), count))
         symbols = np.zeros(len(steps), np.int32)
         symbols[order] = _flat(decoded, np.int32)
         return symbols
 
     def finish(self) -> None:
-        if self.at != len(self.tables) or not self.coder.is_empty():
-            raise ValueError("ans data does not match the tensor list")
+        _ans_check(self.at == len(self.tables) and self.coder.is_empty())
 
 
 def _split_flat(flat: np.ndarray, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
@@ -3377,8 +3368,7 @@ def _split_sections(data: bytes, lengths: list[int]) -> list[bytes]:
     """`data` cut into pieces of the given lengths, then the rest; refuses data that is too short."""
     out, at = [], 0
     for n in lengths:
-        if at + n > len(data):
-            raise ValueError("ans data does not match the tensor list")
+        _ans_check(at + n <= len(data))
         out.append(data[at : at + n])
         at += n
     return out + [data[at:]]
@@ -3447,8 +3437,7 @@ def _unpredict_rows(residual: np.ndarray, plan: np.ndarray) -> np.ndarray:
     x, parent = residual.astype(np.int64), np.full(len(residual), -1)
     for i, p, k, q in plan.tolist():
         chain = _chain(parent, p, k)
-        if len(chain) < k:
-            raise ValueError("ans data does not match the tensor list")
+        _ans_check(len(chain) == k)
         x[i] += _chain_prediction(x[chain].sum(axis=0), k, q)
         parent[i] = p
     return x
@@ -3470,17 +3459,14 @@ def _unpack_plans(data: bytes, rows: list[int]) -> list[np.ndarray]:
         return [np.zeros((0, 3), np.int64) for _ in rows]
     values, at, plans = np.frombuffer(decompress_bytes(data, "brotli", 4), "<u4").astype(np.int64), 0, []
     for r in rows:
-        if at >= len(values):
-            raise ValueError("ans data does not match the tensor list")
+        _ans_check(at < len(values))
         n = int(values[at])
         child, back, kind = values[at + 1 : at + 1 + 3 * n].reshape(3, n)  # a ValueError if short
         child = np.cumsum(child)
-        if n and (child.max() >= r or kind.max() >= 4 * ANS_CHAIN_DEPTH or back.min() < 1 or (child - back).min() < 0):
-            raise ValueError("ans data does not match the tensor list")
+        _ans_check(not n or (child.max() < r and kind.max() < 4 * ANS_CHAIN_DEPTH and back.min() >= 1 and (child - back).min() >= 0))
         plans.append(np.stack([child, child - back, kind // 4 + 1, kind % 4 + 1], axis=1))
         at += 1 + 3 * n
-    if at != len(values):
-        raise ValueError("ans data does not match the tensor list")
+    _ans_check(at == len(values))
     return plans
 
 
@@ -3567,18 +3553,14 @@ def _ans_encode_codes(residuals: list[np.ndarray], bits: list[int], families: li
     return head + packed_side + packed_tables + packed_plans + words
 
 
-def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int],
-               families: list[str] | None = None) -> list[np.ndarray]:
-    families = families or ["other"] * len(shapes)
+def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int], families: list[str]) -> list[np.ndarray]:
     groups = _code_groups(bits, families)
     n_groups = len(groups)
-    if len(shapes) != len(bits) or not data or data[0] != n_groups:
-        raise ValueError("ans data does not match the tensor list")
+    _ans_check(len(shapes) == len(bits) and data and data[0] == n_groups)
     params = list(struct.iter_unpack("<BBBBH", data[1 : 1 + 6 * n_groups]))
     packed_side, packed_tables, packed_plans, words = _split_sections(
         data[13 + 6 * n_groups :], struct.unpack("<III", data[1 + 6 * n_groups : 13 + 6 * n_groups]))
-    if [p[:2] for p in params] != [(QUANT_GROUPS.index(f), b) for f, b, _ in groups] or any(p[2] > 2 for p in params):
-        raise ValueError("ans data does not match the tensor list")
+    _ans_check([p[:2] for p in params] == [(QUANT_GROUPS.index(f), b) for f, b, _ in groups] and all(p[2] <= 2 for p in params))
     modes = {i: p[2] for p, (_, _, members) in zip(params, groups) for i in members}
     vectors = iter(SIDE_CODER.decode(packed_side, [n for i, shape in enumerate(shapes) for n in shape[modes[i]:]]))
     side = [tuple(np.full(n, 128, np.uint8) if k < modes[i] else next(vectors) for k, n in enumerate(shape))
@@ -3593,8 +3575,7 @@ def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int],
     for i, plan in zip(predicted, _unpack_plans(packed_plans, [shapes[i][0] for i in predicted])):
         residuals[i] = _unpredict_rows(residuals[i], plan)
     out = [r.astype(np.int8) for r in residuals]
-    if any(not np.array_equal(o, r) for o, r in zip(out, residuals)):
-        raise ValueError("ans data does not match the tensor list")
+    _ans_check(all(np.array_equal(o, r) for o, r in zip(out, residuals)))
     return out
 
 
@@ -3840,7 +3821,7 @@ def fill_budget(state_dict, plan: QuantPlan, entries: list[ExportedTensor], blob
     return blob, entries
 
 
-def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target_bytes: int, compressor: str,
+def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target_bytes: int,
                  pack, hessians: dict | None = None, gptq: dict | None = None, lqer: dict | None = None,
                  auto_fit: bool = True, fill: bool = True,
                  log=lambda msg: None) -> tuple[bytes, list[ExportedTensor]]:
@@ -3872,7 +3853,7 @@ def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target
         factor, unscaled = 1.0, plan
         for _ in range(AUTO_FIT_TRIES):
             factor = min(factor * 2 ** (8 * (len(blob) - target_bytes) / n_codes + 1e-4), AUTO_FIT_MAX_SIGMA_SCALE)
-            plan = unscaled.with_sigma_scale(factor)
+            plan = dataclasses.replace(unscaled, clip_sigmas={g: k * factor for g, k in unscaled.clip_sigmas.items()})
             blob = pack(entries := quantize(plan))
             log(f"auto_fit: step 1 clip_sigmas x{factor:.4f} -> model_bytes {len(blob)} "
                 f"quant_error {quantization_error(state_dict, entries):.3e}")
@@ -4014,8 +3995,7 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
         target = ARTIFACT_LIMIT_BYTES - hp.artifact_margin_bytes - n_code
         lqer = dict(rank=hp.lqer_rank, top_k=hp.lqer_top_k, factor_bits=hp.lqer_factor_bits, a_bits=hp.lqer_a_bits,
                     group=hp.lqer_asym_group if hp.lqer_asym_enabled else 0) if hp.lqer_enabled else None
-        blob, entries = fit_artifact(state_dict, plan, target_bytes=target, compressor=hp.compressor,
-                                     pack=pack, hessians=hessians, gptq=gptq_options(hp), lqer=lqer,
+        blob, entries = fit_artifact(state_dict, plan, target_bytes=target, pack=pack, hessians=hessians, gptq=gptq_options(hp), lqer=lqer,
                                      auto_fit=hp.auto_fit, fill=hp.auto_fit_fill, log=log)
         for e in entries:
             if e.lqer is not None:
@@ -4025,8 +4005,8 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
         stats = packed_stats[hashlib.sha256(blob).digest()]
         label = f"int{hp.matrix_bits}+{hp.compressor}"
         quantized = [e for e in entries if e.bits]
-        groups = {g: [e for e in quantized if tensor_group(e.name) == g] for g in QUANT_GROUPS}
-        groups = {g: members for g, members in groups.items() if members}  # bits after auto-fit, not as planned:
+        groups = {g: members for g in QUANT_GROUPS  # bits after auto-fit, not as planned:
+                  if (members := [e for e in quantized if tensor_group(e.name) == g])}
         log(f"Serialized model {label}: {len(blob)} bytes (raw_torch:{raw.tell()} method:{plan.method} "
             f"bits:{','.join(f'{g}={members[-1].bits}' for g, members in groups.items())})")
         known_ce = stats.pop("codes_model_ce", None)
