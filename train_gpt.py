@@ -2664,35 +2664,6 @@ def check_calibration_files(files: list[str]) -> None:
                        "GPTQ_CALIBRATION_SOURCE=train reads fineweb_train_*.bin only")
 
 
-class CachedDecoding:
-    """While active, every attention layer of `model` runs `forward_last_cached`, one key/value cache per
-    layer pass (a looped block runs several passes per forward), at sequence position `pos`."""
-
-    def __init__(self, model: GPT):
-        self.layers = [block.attn for block in model.blocks]
-        self.caches = collections.defaultdict(list)  # (layer, pass) -> its [k, v]
-        self.step(0)
-
-    def step(self, pos: int) -> None:
-        self.pos, self.calls = pos, collections.Counter()  # passes of each layer at this position so far
-
-    def _cached_forward(self, attn: CausalSelfAttention):
-        def forward(x, v_first, docs=None):  # a sample is one document (no BOS after the first): no mask
-            n = self.calls[attn]
-            self.calls[attn] += 1
-            return attn.forward_last_cached(x, v_first, self.caches[attn, n], self.pos)
-        return forward
-
-    def __enter__(self) -> "CachedDecoding":
-        for attn in self.layers:
-            attn.forward = self._cached_forward(attn)  # an instance attribute shadows the class's forward
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for attn in self.layers:
-            del attn.forward
-
-
 # Rows of context `forward_hidden` needs for a correct last position: BigramHash reads the previous
 # token, and SmearGate mixes in the previous position's embedding, which itself holds a bigram.
 DECODE_WINDOW = 3
@@ -2709,16 +2680,30 @@ def sample_sequences(model: GPT, num_seqs: int, seq_len: int, *, temperature: fl
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = torch.full((num_seqs, 1), BOS_ID, dtype=torch.int64, device=device)
     cached = kv_cache and seq_len <= model.cfg.train_seq_len
-    with CachedDecoding(model) if cached else contextlib.nullcontext() as decoder:
+    # Cached: every attention layer runs `forward_last_cached` at position `pos`, one key/value cache per
+    # layer pass (a looped block runs several passes per forward; `calls` counts them at this position).
+    caches, layers = collections.defaultdict(list), [block.attn for block in model.blocks] if cached else []
+
+    def cached_forward(attn: CausalSelfAttention):
+        def forward(x, v_first, docs=None):  # a sample is one document (no BOS after the first): no mask
+            calls[attn] += 1
+            return attn.forward_last_cached(x, v_first, caches[attn, calls[attn]], pos)
+        return forward
+
+    for attn in layers:
+        attn.forward = cached_forward(attn)  # an instance attribute shadows the class's forward
+    try:
         for pos in range(seq_len - 1):
-            if decoder is not None:
-                decoder.step(pos)
+            calls = collections.Counter()
             with autocast():
                 h = model.forward_hidden(ids[:, -DECODE_WINDOW:] if cached else ids, looping)
                 logits = model.head(h[:, -1]).float()
             logits[:, BOS_ID] = -float("inf")
             nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen)
             ids = torch.cat([ids, nxt], dim=1)
+    finally:
+        for attn in layers:
+            del attn.forward
     return ids
 
 
@@ -3507,7 +3492,15 @@ def _estimated_bytes(x: np.ndarray) -> float:
     return _plan_group([x], [_magnitude_side_info(x, 4)])[0]
 
 
-_ROW_PREDICTIONS: dict = {}  # codes digest -> (residual, plan) of the first two embeddings seen
+@functools.lru_cache(maxsize=2)  # the filler re-packs an unchanged embedding: predicted once
+def _row_prediction(codes: bytes, dtype: str, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(residual, plan) of _predict_rows for these codes, or (codes, no plan) unless the context model
+    says the prediction pays."""
+    x = np.frombuffer(codes, dtype).reshape(shape)
+    residual, plan = _predict_rows(x)
+    if not len(plan) or _estimated_bytes(residual) + len(_pack_plans([plan])) >= _estimated_bytes(x):
+        return x, plan[:0]
+    return residual, plan
 
 
 def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = None,
@@ -3516,41 +3509,31 @@ def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = N
     groups, as tensor_group names them) pick tables and row prediction. `stats`, if given, receives the
     byte count of each part and the model's cross-entropy (`model_ce`, bytes)."""
     families = families or ["other"] * len(arrays)
-    residuals, plans = [a.reshape(a.shape[0], -1) for a in arrays], []
+    residuals, plans, groups = [a.reshape(a.shape[0], -1) for a in arrays], [], _code_groups(bits, families)
     for i in _predicted(families):
-        key = hashlib.sha256(residuals[i].tobytes()).digest() + str(residuals[i].shape).encode()
-        predicted = _ROW_PREDICTIONS.get(key)  # the filler re-packs an unchanged embedding: predicted once
-        if predicted is None:
-            residual, plan = _predict_rows(residuals[i])  # kept only if the context model says it pays
-            if not len(plan) or _estimated_bytes(residual) + len(_pack_plans([plan])) >= _estimated_bytes(residuals[i]):
-                residual, plan = residuals[i], plan[:0]
-            predicted = residual, plan
-            if len(_ROW_PREDICTIONS) < 2:
-                _ROW_PREDICTIONS[key] = predicted
-        residuals[i], plan = predicted
+        residuals[i], plan = _row_prediction(residuals[i].tobytes(), residuals[i].dtype.str, residuals[i].shape)
         plans.append(plan)
-    return _smallest_encoding(functools.partial(_ans_encode_codes, residuals, bits, families, _pack_plans(plans)), stats)
+    packed_plans = _pack_plans(plans)
 
+    def encode(log_steps: int, stats: dict) -> bytes:
+        side = [_magnitude_side_info(r, log_steps) for r in residuals]
+        header, tables, jobs, model_ce, modes = [struct.pack("<B", len(groups))], [], [], 0.0, {}
+        for family, b, members in groups:
+            _, mode, width, ce, top, symbols = _plan_group([residuals[i] for i in members], [side[i] for i in members])
+            modes.update({i: mode for i in members})
+            group_tables, group_jobs = _ans_model_group(
+                symbols, _predicted_steps([_side_used(side[i], mode) for i in members]), _mode_alphabet(mode, top), width)
+            header.append(struct.pack("<BBBBH", QUANT_GROUPS.index(family), b, mode, width, top))
+            tables += group_tables
+            jobs += group_jobs
+            model_ce += ce
+        packed_side, packed_tables, words = _ans_sections([v for i, pair in enumerate(side) for v in pair[modes[i]:]],
+                                                          tables, jobs, stats)
+        head = b"".join(header) + struct.pack("<III", len(packed_side), len(packed_tables), len(packed_plans))
+        stats.update(rows=len(packed_plans), header=len(head), model_ce=model_ce)
+        return head + packed_side + packed_tables + packed_plans + words
 
-def _ans_encode_codes(residuals: list[np.ndarray], bits: list[int], families: list[str], packed_plans: bytes,
-                      log_steps: int, stats: dict) -> bytes:
-    side = [_magnitude_side_info(r, log_steps) for r in residuals]
-    groups = _code_groups(bits, families)
-    header, tables, jobs, model_ce, modes = [struct.pack("<B", len(groups))], [], [], 0.0, {}
-    for family, b, members in groups:
-        _, mode, width, ce, top, symbols = _plan_group([residuals[i] for i in members], [side[i] for i in members])
-        modes.update({i: mode for i in members})
-        group_tables, group_jobs = _ans_model_group(
-            symbols, _predicted_steps([_side_used(side[i], mode) for i in members]), _mode_alphabet(mode, top), width)
-        header.append(struct.pack("<BBBBH", QUANT_GROUPS.index(family), b, mode, width, top))
-        tables += group_tables
-        jobs += group_jobs
-        model_ce += ce
-    packed_side, packed_tables, words = _ans_sections([v for i, pair in enumerate(side) for v in pair[modes[i]:]],
-                                                      tables, jobs, stats)
-    head = b"".join(header) + struct.pack("<III", len(packed_side), len(packed_tables), len(packed_plans))
-    stats.update(rows=len(packed_plans), header=len(head), model_ce=model_ce)
-    return head + packed_side + packed_tables + packed_plans + words
+    return _smallest_encoding(encode, stats)
 
 
 def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int], families: list[str]) -> list[np.ndarray]:
@@ -3601,22 +3584,21 @@ def _fp16_steps(side: list[tuple[np.ndarray, np.ndarray]], shapes: list[tuple[in
                              for (r, c), (_, cols) in zip(side, shapes)])
 
 
-def ans_encode_fp16(arrays: list[np.ndarray], stats: dict | None = None) -> bytes:
+def ans_encode_fp16(arrays: list[np.ndarray]) -> bytes:
     """fp16 arrays (2-D as rows x cols, anything else as one row) as ans bytes."""
     values = [a.reshape(_rows_cols(a.shape)) for a in arrays]
-    return _smallest_encoding(functools.partial(_ans_encode_fp16_at, values), stats)
-
-
-def _ans_encode_fp16_at(values: list[np.ndarray], log_steps: int, stats: dict) -> bytes:
-    side = [_fp16_side_info(v, log_steps) for v in values]
     bits16 = _flat([v.view(np.uint16) for v in values], np.uint16)
-    high, steps, alphabet = (bits16 >> 8).astype(np.int64), _fp16_steps(side, [v.shape for v in values]), _Alphabet("fp16")
-    _, width, ce = _ans_plan_width(high, steps, alphabet)
-    tables, jobs = _ans_model_group(high, steps, alphabet, width)
-    low = (bits16 & 0xFF).astype(np.uint8).tobytes()
-    packed_side, packed_tables, words = _ans_sections([v for pair in side for v in pair], tables, jobs, stats)
-    stats.update(low=len(low), model_ce=ce)
-    return struct.pack("<BII", width, len(packed_side), len(packed_tables)) + packed_side + packed_tables + low + words
+    high, low, alphabet = (bits16 >> 8).astype(np.int64), (bits16 & 0xFF).astype(np.uint8).tobytes(), _Alphabet("fp16")
+
+    def encode(log_steps: int, stats: dict) -> bytes:
+        side = [_fp16_side_info(v, log_steps) for v in values]
+        steps = _fp16_steps(side, [v.shape for v in values])
+        width = _ans_plan_width(high, steps, alphabet)[1]
+        packed_side, packed_tables, words = _ans_sections([v for pair in side for v in pair],
+                                                          *_ans_model_group(high, steps, alphabet, width), stats)
+        return struct.pack("<BII", width, len(packed_side), len(packed_tables)) + packed_side + packed_tables + low + words
+
+    return _smallest_encoding(encode, None)
 
 
 def ans_decode_fp16(data: bytes, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
@@ -3661,16 +3643,26 @@ SCALE_CODER = _FittedLawCoder(np.float16, "<HBH", _fit_band_law, _band_weights)
 ans_encode_fp16_vectors, ans_decode_fp16_vectors = SCALE_CODER.encode, SCALE_CODER.decode
 
 
+def code_counts(codes) -> torch.Tensor:
+    """How often each code value occurs in these int8 arrays (index = code + 128), as float64."""
+    return sum((torch.bincount(torch.as_tensor(c).reshape(-1).long() + 128, minlength=256).double() for c in codes),
+               torch.zeros(256, dtype=torch.float64))
+
+
+def order0_bytes(counts: torch.Tensor) -> float:
+    """The order-0 entropy, in bytes, of values with these counts: what a byte-wise compressor approaches."""
+    nz = counts[counts > 0]
+    return float(-(nz * torch.log2(nz / nz.sum())).sum() / 8)
+
+
 def code_entropy_report(arrays: list[np.ndarray], bits: list[int], model_ce: float | None = None) -> tuple[float, float]:
     """(order-0 entropy of all codes, the ans model's cross-entropy), in bytes, without side information
     and tables. `model_ce`: already known from packing with ans (else the codes are encoded once more)."""
-    counts = sum(np.bincount(a.reshape(-1).astype(np.int64) + 128, minlength=256) for a in arrays)
-    nz = np.asarray(counts)[np.asarray(counts) > 0].astype(np.float64)
     if model_ce is None:
         stats: dict = {}
         ans_encode(arrays, bits, stats)
         model_ce = stats["model_ce"]
-    return float(-(nz * np.log2(nz / nz.sum())).sum()) / 8, model_ce
+    return order0_bytes(code_counts(arrays)), model_ce
 
 
 # ---- fitting under the limit ----------------------------------------------------------------------
@@ -3868,7 +3860,7 @@ def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target
         log(f"auto_fit: step 2 {group} bits {plan.bits[group] + 1}->{plan.bits[group]} -> model_bytes {len(blob)} "
             f"quant_error {quantization_error(state_dict, entries):.3e}")
     if len(blob) > target_bytes:
-        blob, entries = prune_to_fit(state_dict, entries, target_bytes, pack, log)
+        blob, entries = prune_to_fit(state_dict, entries, blob, target_bytes, pack, log)
     log(f"auto_fit: {'fits' if len(blob) <= target_bytes else 'FAILED'} model_bytes {len(blob)} target {target_bytes}")
     return blob, entries
 
@@ -3877,20 +3869,16 @@ def pruning_plan(entries: list[ExportedTensor]):
     """(units, entropy_after): the +-1 codes cheapest first, and the codes' order-0 entropy in bytes
     after zeroing the first n of them, computed exactly from the histogram."""
     units = unit_codes_by_cost(entries)
-    counts = torch.zeros(256, dtype=torch.float64)  # of every code value (index = code + 128)
-    for e in entries:
-        if e.bits:
-            counts += torch.bincount((e.codes.reshape(-1).long() + 128), minlength=256).double()
+    counts = code_counts(e.codes for e in entries if e.bits)
     plus = torch.cumsum((units[3] > 0).double(), 0)  # how many of the first n are +1
 
-    def entropy_after(n: int) -> float:  # order 0, in bytes: what a byte-wise compressor approaches
+    def entropy_after(n: int) -> float:
         c = counts.clone()
         n_plus = float(plus[n - 1]) if n else 0.0
         c[129] -= n_plus
         c[127] -= n - n_plus
         c[128] += n
-        nz = c[c > 0]
-        return float(-(nz * torch.log2(nz / nz.sum())).sum() / 8)
+        return order0_bytes(c)
 
     return units, entropy_after
 
@@ -3916,22 +3904,18 @@ def group_to_lower(state_dict, entries: list[ExportedTensor], plan: QuantPlan, l
     units, entropy_after = pruning_plan(entries)
     goal = entropy_after(0) - excess
     needed = fewest_units_saving(entropy_after, 0, len(units[0]), goal)
-    if entropy_after(needed) <= goal:
-        pruning_cost = float(units[4][:needed].sum())
-        lowering_cost = 3.0 * sum(output_energy(err) for e, _, err in weights_and_errors(state_dict, entries)
-                                  if tensor_group(e.name) == group)
-        if pruning_cost <= lowering_cost:
-            return None
+    if entropy_after(needed) <= goal and float(units[4][:needed].sum()) <= 3.0 * sum(  # pruning cost <= lowering cost
+            output_energy(err) for e, _, err in weights_and_errors(state_dict, entries) if tensor_group(e.name) == group):
+        return None
     return group
 
 
-def prune_to_fit(state_dict, entries: list[ExportedTensor], target_bytes: int, pack, log):
-    """Step 3: zero the cheapest +-1 codes, as many as the entropy predicts, corrected by how many real
-    bytes one entropy byte saved in the previous try."""
+def prune_to_fit(state_dict, entries: list[ExportedTensor], blob: bytes, target_bytes: int, pack, log):
+    """Step 3: zero the cheapest +-1 codes of `entries` (packed: `blob`), as many as the entropy predicts,
+    corrected by how many real bytes one entropy byte saved in the previous try."""
     units, entropy_after = pruning_plan(entries)
     n_units = len(units[0])
-    blob = pack(entries)
-    excess, pruned, bytes_per_entropy_byte, pruned_entries = len(blob) - target_bytes, 0, 1.0, entries
+    excess, pruned, bytes_per_entropy_byte = len(blob) - target_bytes, 0, 1.0
     for _ in range(AUTO_FIT_TRIES):
         previous_bytes, previous_entropy = len(blob), entropy_after(pruned)
         pruned = fewest_units_saving(entropy_after, pruned, n_units,
@@ -3958,9 +3942,9 @@ def check_exportable(state_dict: dict[str, torch.Tensor]) -> None:
     for name, t in state_dict.items():
         if not t.is_floating_point() or t.numel() == 0:
             continue
-        bad = int((~torch.isfinite(t)).sum())
-        peak = float(t.detach().abs().max())  # NaN or inf when bad
-        if bad or peak > FP16_MAX:
+        peak = float(t.detach().abs().max())  # NaN or inf when any value is
+        if not peak <= FP16_MAX:
+            bad = int((~torch.isfinite(t)).sum())
             what = f"holds {bad} non-finite values" if bad else f"reaches |w| = {peak:.4g}, past the fp16 range ({FP16_MAX:.0f})"
             raise RunError(f"refusing to export: weight {name} {what} (training diverged); nothing was written; lower "
                            "MATRIX_LR, SCALAR_LR and TIED_EMBED_LR or set GRAD_CLIP_NORM")
