@@ -2802,9 +2802,9 @@ class LowRankFactors:
     a_scales: torch.Tensor
     b_codes: torch.Tensor
     b_scales: torch.Tensor
-    group: int = 0
-    bits: int = 4  # of B (and of A unless a_bits)
-    a_bits: int = 0  # 0 = bits
+    group: int
+    bits: int  # of B (and of A unless a_bits)
+    a_bits: int  # 0 = bits
 
     def product(self) -> torch.Tensor:
         if self.group:  # asymmetric: A by column, B by groups
