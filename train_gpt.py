@@ -3118,6 +3118,7 @@ def _ans_check(ok) -> None:
     if not ok:
         raise ValueError("ans data does not match the tensor list")
 
+
 # Probability weight of each table byte: 2^(t/16) with 8 fractional bits, as exact integers (0 = absent).
 # No value lies near a rounding boundary, so every machine computes the same integers.
 _ANS_TABLE_WEIGHTS = np.concatenate([[0.0], np.round(np.exp2(np.arange(1, 256) / ANS_TABLE_STEPS + 8))])
@@ -3448,7 +3449,8 @@ def _unpack_plans(data: bytes, rows: list[int]) -> list[np.ndarray]:
         n = int(values[at])
         child, back, kind = values[at + 1 : at + 1 + 3 * n].reshape(3, n)  # a ValueError if short
         child = np.cumsum(child)
-        _ans_check(not n or (child.max() < r and kind.max() < 4 * ANS_CHAIN_DEPTH and back.min() >= 1 and (child - back).min() >= 0))
+        _ans_check(not n or (child.max() < r and kind.max() < 4 * ANS_CHAIN_DEPTH and back.min() >= 1
+                             and (child - back).min() >= 0))
         plans.append(np.stack([child, child - back, kind // 4 + 1, kind % 4 + 1], axis=1))
         at += 1 + 3 * n
     _ans_check(at == len(values))
@@ -3543,7 +3545,8 @@ def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int], fami
     params = list(struct.iter_unpack("<BBBBH", data[1 : 1 + 6 * n_groups]))
     packed_side, packed_tables, packed_plans, words = _split_sections(
         data[13 + 6 * n_groups :], struct.unpack("<III", data[1 + 6 * n_groups : 13 + 6 * n_groups]))
-    _ans_check([p[:2] for p in params] == [(QUANT_GROUPS.index(f), b) for f, b, _ in groups] and all(p[2] <= 2 for p in params))
+    _ans_check([p[:2] for p in params] == [(QUANT_GROUPS.index(f), b) for f, b, _ in groups]
+               and all(p[2] <= 2 for p in params))
     modes = {i: p[2] for p, (_, _, members) in zip(params, groups) for i in members}
     vectors = iter(SIDE_CODER.decode(packed_side, [n for i, shape in enumerate(shapes) for n in shape[modes[i]:]]))
     side = [tuple(np.full(n, 128, np.uint8) if k < modes[i] else next(vectors) for k, n in enumerate(shape))
@@ -3904,9 +3907,9 @@ def group_to_lower(state_dict, entries: list[ExportedTensor], plan: QuantPlan, l
     units, entropy_after = pruning_plan(entries)
     goal = entropy_after(0) - excess
     needed = fewest_units_saving(entropy_after, 0, len(units[0]), goal)
-    if entropy_after(needed) <= goal and float(units[4][:needed].sum()) <= 3.0 * sum(  # pruning cost <= lowering cost
+    if entropy_after(needed) <= goal and float(units[4][:needed].sum()) <= 3.0 * sum(
             output_energy(err) for e, _, err in weights_and_errors(state_dict, entries) if tensor_group(e.name) == group):
-        return None
+        return None  # pruning covers the excess for no more squared error than lowering the group
     return group
 
 
@@ -3979,8 +3982,9 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
         target = ARTIFACT_LIMIT_BYTES - hp.artifact_margin_bytes - n_code
         lqer = dict(rank=hp.lqer_rank, top_k=hp.lqer_top_k, factor_bits=hp.lqer_factor_bits, a_bits=hp.lqer_a_bits,
                     group=hp.lqer_asym_group if hp.lqer_asym_enabled else 0) if hp.lqer_enabled else None
-        blob, entries = fit_artifact(state_dict, plan, target_bytes=target, pack=pack, hessians=hessians, gptq=gptq_options(hp), lqer=lqer,
-                                     auto_fit=hp.auto_fit, fill=hp.auto_fit_fill, log=log)
+        blob, entries = fit_artifact(state_dict, plan, target_bytes=target, pack=pack, hessians=hessians,
+                                     gptq=gptq_options(hp), lqer=lqer, auto_fit=hp.auto_fit, fill=hp.auto_fit_fill,
+                                     log=log)
         for e in entries:
             if e.lqer is not None:
                 log(f"lqer: {e.name} rank:{hp.lqer_rank} factor_bits:{hp.lqer_factor_bits} a_bits:{e.lqer.a_bits} "
