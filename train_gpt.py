@@ -2453,12 +2453,6 @@ class QuantPlan:
     min_numel: int = Hyperparameters.quant_min_numel  # smaller tensors stay float
 
     @classmethod
-    def uniform(cls, matrix_bits: int, embed_bits: int, method: str = "absmax",
-                min_numel: int = Hyperparameters.quant_min_numel) -> "QuantPlan":
-        bits = {g: embed_bits if g in ("embed", "head") else matrix_bits for g in QUANT_GROUPS}
-        return cls(method=method, bits=bits, min_numel=min_numel)
-
-    @classmethod
     def from_hparams(cls, hp: Hyperparameters) -> "QuantPlan":
         """Each group's bits and k from the first of its GROUP_KNOBS that is set (non-zero), else the last."""
         first_set = lambda knobs: next((getattr(hp, k) for k in knobs if getattr(hp, k)), getattr(hp, knobs[-1]))
@@ -2472,9 +2466,6 @@ class QuantPlan:
             return None
         group = tensor_group(name)
         return self.bits[group], (0.0 if self.method == "absmax" else self.clip_sigmas[group])
-
-    def with_sigma_scale(self, factor: float) -> "QuantPlan":
-        return dataclasses.replace(self, clip_sigmas={g: k * factor for g, k in self.clip_sigmas.items()})
 
 
 def clip_range(bits: int) -> int:
@@ -2494,11 +2485,16 @@ def _broadcast(scale: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return scale.float()[:, None] if w.ndim == 2 else scale.float()
 
 
-def quantize_rows(w: torch.Tensor, bits: int, clip_sigmas: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest integers in [-L, L] (int8) on the row grid, and the fp16 scales."""
+def _round_to_grid(w: torch.Tensor, bits: int, clip_sigmas: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest integers in [-L, L] (as floats) on the row grid, and the fp16 scales."""
     scale = row_scales(w, bits, clip_sigmas)
     limit = clip_range(bits)
-    q = torch.round(w.float() / _broadcast(scale, w)).clamp(-limit, limit)
+    return torch.round(w.float() / _broadcast(scale, w)).clamp(-limit, limit), scale
+
+
+def quantize_rows(w: torch.Tensor, bits: int, clip_sigmas: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid's integers (int8) and the fp16 scales."""
+    q, scale = _round_to_grid(w, bits, clip_sigmas)
     return q.to(torch.int8).contiguous(), scale
 
 
@@ -2509,9 +2505,8 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def fake_quantize(w: torch.Tensor, bits: int, clip_sigmas: float = 0.0) -> torch.Tensor:
     """What the export's grid turns `w` into, computed in float: the QAT forward uses this. (Not via
     quantize_rows: the int8 codes would turn a -0 into +0, so QAT's weights would differ in sign bits.)"""
-    scale = _broadcast(row_scales(w, bits, clip_sigmas), w)
-    limit = clip_range(bits)
-    return (torch.round(w.float() / scale).clamp(-limit, limit) * scale).to(w.dtype)
+    q, scale = _round_to_grid(w, bits, clip_sigmas)
+    return (q * _broadcast(scale, w)).to(w.dtype)
 
 
 @dataclass
@@ -2546,18 +2541,6 @@ def storage_dtype(name: str, t: torch.Tensor) -> torch.dtype:
     return torch.float32 if is_control_tensor(name) else torch.float16
 
 
-@contextlib.contextmanager
-def exact_fp32_matmul():
-    """fp32 matmuls without TF32 (on for training, see init_runtime): GPTQ's error feedback at 10
-    mantissa bits would round differently from the CPU's."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def quantize_tensor(name: str, t: torch.Tensor, plan: QuantPlan, hessian: torch.Tensor | None = None,
                     gptq: dict | None = None) -> ExportedTensor:
     """One state-dict entry as exported; GPTQ where the plan says so and a Hessian exists (tensors
@@ -2574,8 +2557,13 @@ def quantize_tensor(name: str, t: torch.Tensor, plan: QuantPlan, hessian: torch.
         tied_damping = options.pop("tied_damping", Hyperparameters.gptq_tied_embed_damping)
         if name == "tok_emb.weight":  # only a tied embedding has a Hessian (the head's input)
             options["damping"] = tied_damping
-        with exact_fp32_matmul():
+        # fp32 matmuls without TF32 (on for training, see init_runtime): GPTQ's error feedback at 10
+        # mantissa bits would round differently from the CPU's.
+        tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+        try:
             codes, scales = gptq_quantize(w.to(hessian.device), hessian, bits, sigmas, **options)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
         method = "gptq"
     else:
         codes, scales = quantize_rows(w, bits, sigmas)
@@ -2679,35 +2667,6 @@ def check_calibration_files(files: list[str]) -> None:
                        "GPTQ_CALIBRATION_SOURCE=train reads fineweb_train_*.bin only")
 
 
-class CachedDecoding:
-    """While active, every attention layer of `model` runs `forward_last_cached`, one key/value cache per
-    layer pass (a looped block runs several passes per forward), at sequence position `pos`."""
-
-    def __init__(self, model: GPT):
-        self.layers = [block.attn for block in model.blocks]
-        self.caches = collections.defaultdict(list)  # (layer, pass) -> its [k, v]
-        self.step(0)
-
-    def step(self, pos: int) -> None:
-        self.pos, self.calls = pos, collections.Counter()  # passes of each layer at this position so far
-
-    def _cached_forward(self, attn: CausalSelfAttention):
-        def forward(x, v_first, docs=None):  # a sample is one document (no BOS after the first): no mask
-            n = self.calls[attn]
-            self.calls[attn] += 1
-            return attn.forward_last_cached(x, v_first, self.caches[attn, n], self.pos)
-        return forward
-
-    def __enter__(self) -> "CachedDecoding":
-        for attn in self.layers:
-            attn.forward = self._cached_forward(attn)  # an instance attribute shadows the class's forward
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for attn in self.layers:
-            del attn.forward
-
-
 # Rows of context `forward_hidden` needs for a correct last position: BigramHash reads the previous
 # token, and SmearGate mixes in the previous position's embedding, which itself holds a bigram.
 DECODE_WINDOW = 3
@@ -2724,16 +2683,30 @@ def sample_sequences(model: GPT, num_seqs: int, seq_len: int, *, temperature: fl
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = torch.full((num_seqs, 1), BOS_ID, dtype=torch.int64, device=device)
     cached = kv_cache and seq_len <= model.cfg.train_seq_len
-    with CachedDecoding(model) if cached else contextlib.nullcontext() as decoder:
+    # Cached: every attention layer runs `forward_last_cached` at position `pos`, one key/value cache per
+    # layer pass (a looped block runs several passes per forward; `calls` counts them at this position).
+    caches, layers = collections.defaultdict(list), [block.attn for block in model.blocks] if cached else []
+
+    def cached_forward(attn: CausalSelfAttention):
+        def forward(x, v_first, docs=None):  # a sample is one document (no BOS after the first): no mask
+            calls[attn] += 1
+            return attn.forward_last_cached(x, v_first, caches[attn, calls[attn]], pos)
+        return forward
+
+    for attn in layers:
+        attn.forward = cached_forward(attn)  # an instance attribute shadows the class's forward
+    try:
         for pos in range(seq_len - 1):
-            if decoder is not None:
-                decoder.step(pos)
+            calls = collections.Counter()
             with autocast():
                 h = model.forward_hidden(ids[:, -DECODE_WINDOW:] if cached else ids, looping)
                 logits = model.head(h[:, -1]).float()
             logits[:, BOS_ID] = -float("inf")
             nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen)
             ids = torch.cat([ids, nxt], dim=1)
+    finally:
+        for attn in layers:
+            del attn.forward
     return ids
 
 
@@ -2832,9 +2805,9 @@ class LowRankFactors:
     a_scales: torch.Tensor
     b_codes: torch.Tensor
     b_scales: torch.Tensor
-    group: int = 0
-    bits: int = 4  # of B (and of A unless a_bits)
-    a_bits: int = 0  # 0 = bits
+    group: int
+    bits: int  # of B (and of A unless a_bits)
+    a_bits: int  # 0 = bits
 
     def product(self) -> torch.Tensor:
         if self.group:  # asymmetric: A by column, B by groups
@@ -2852,7 +2825,8 @@ class LowRankFactors:
             H = hessian.double()
             L = torch.linalg.cholesky(H + 0.01 * H.diagonal().mean().clamp_min(1e-12) * torch.eye(H.size(0),
                                                                                               dtype=H.dtype))
-        U, S, Vh = torch.linalg.svd(E if hessian is None else E @ L, full_matrices=False)
+            E = E @ L
+        U, S, Vh = torch.linalg.svd(E, full_matrices=False)
         a, b = U[:, :rank] * S[:rank], Vh[:rank]
         if hessian is not None:
             b = torch.linalg.solve_triangular(L, b, upper=False, left=False)
@@ -2897,25 +2871,25 @@ def byte_unshuffle(data: bytes, stride: int) -> bytes:
 
 
 def compress_bytes(data: bytes, coder: str, stride: int) -> bytes:
+    """zlib, lzma or brotli (the coder a knob or the packer picked); lzma and brotli after byte_shuffle."""
     if coder == "zlib":
         return zlib.compress(data, level=9)
+    data = byte_shuffle(data, stride)
     if coder == "lzma":
-        return lzma.compress(byte_shuffle(data, stride), preset=9 | lzma.PRESET_EXTREME)
-    if coder == "brotli":
-        import brotli
-        return brotli.compress(byte_shuffle(data, stride), quality=11)
-    raise ValueError(f"unknown coder {coder!r}")
+        return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
+    import brotli
+    return brotli.compress(data, quality=11)
 
 
 def decompress_bytes(data: bytes, coder: str, stride: int) -> bytes:
+    """compress_bytes undone; a coder name it does not know (only a damaged header has one) reads as brotli,
+    which then fails on the bytes."""
     if coder == "zlib":
         return zlib.decompress(data)
     if coder == "lzma":
         return byte_unshuffle(lzma.decompress(data), stride)
-    if coder == "brotli":
-        import brotli
-        return byte_unshuffle(brotli.decompress(data), stride)
-    raise ValueError(f"unknown coder {coder!r}")
+    import brotli
+    return byte_unshuffle(brotli.decompress(data), stride)
 
 
 # Stream name -> numpy dtype of its elements (the byte-shuffle stride is its itemsize).
@@ -3017,10 +2991,11 @@ def _ans_decode_stream(name: str, data: bytes, tensors: list[dict]) -> np.ndarra
     """The values of a stream the packer ans-coded (the codes, float16 or scales), flat."""
     mine = [t for t in tensors if t["stream"] == name]  # the quantized tensors for the codes
     shapes = [_rows_cols(t["shape"]) for t in mine]
-    decode = {"codes": lambda: ans_decode(data, shapes, [t["bits"] for t in mine], [tensor_group(t["name"]) for t in mine]),
-              "float16": lambda: ans_decode_fp16(data, shapes),
-              "scales": lambda: ans_decode_fp16_vectors(data, _scale_vector_lengths(tensors))}[name]
-    return _flat(decode(), STREAM_DTYPES[name])
+    if name == "codes":
+        return _flat(ans_decode(data, shapes, [t["bits"] for t in mine], [tensor_group(t["name"]) for t in mine]), np.int8)
+    if name == "float16":
+        return _flat(ans_decode_fp16(data, shapes), np.float16)
+    return _flat(ans_decode_fp16_vectors(data, _scale_vector_lengths(tensors)), np.float16)
 
 
 def _corrupt(why: str) -> RunError:
@@ -3139,6 +3114,14 @@ ANS_TABLE_STEPS = 16  # table entries: log2 steps per octave
 ANS_ROW_PREDICTION_FAMILIES = ("embed",)  # where predicting rows from their neighbours paid (docs/RESULTS.md)
 ANS_CANDIDATES = 8  # a row's pointer goes to one of its 8 nearest earlier rows
 ANS_CHAIN_DEPTH = 8  # and it averages that row and up to 7 of its parents
+
+
+def _ans_check(ok) -> None:
+    """Every inconsistency a decoder finds in ans bytes is this one error (the packer calls it corrupt)."""
+    if not ok:
+        raise ValueError("ans data does not match the tensor list")
+
+
 # Probability weight of each table byte: 2^(t/16) with 8 fractional bits, as exact integers (0 = absent).
 # No value lies near a rounding boundary, so every machine computes the same integers.
 _ANS_TABLE_WEIGHTS = np.concatenate([[0.0], np.round(np.exp2(np.arange(1, 256) / ANS_TABLE_STEPS + 8))])
@@ -3188,20 +3171,17 @@ class _FittedLawCoder:
 
     def decode(self, data: bytes, lengths: list[int]) -> list[np.ndarray]:
         size, n_laws = struct.calcsize(self.law_format), np.count_nonzero(lengths)
-        if len(data) < size * n_laws:
-            raise ValueError("ans data does not match the tensor list")
+        _ans_check(len(data) >= size * n_laws)
         coder = _ans_reader(data[size * n_laws :])
         laws, out = struct.iter_unpack(self.law_format, data[: size * n_laws]), []
         for n in lengths:
             symbols = np.zeros(0, np.int32)
             if n:
                 law = next(laws)
-                if law[1] < 1:  # every law is (center, decay, ...)
-                    raise ValueError("ans data does not match the tensor list")
+                _ans_check(law[1] >= 1)  # every law is (center, decay, ...)
                 symbols = coder.decode(_categorical(self.weights(*law)), n)
             out.append(symbols.astype(f"u{np.dtype(self.dtype).itemsize}").view(self.dtype))
-        if not coder.is_empty():
-            raise ValueError("ans data does not match the tensor list")
+        _ans_check(coder.is_empty())
         return out
 
 
@@ -3351,23 +3331,20 @@ class _ContextReader:
 
     def group(self, steps: np.ndarray, width: int, alphabet: _Alphabet) -> np.ndarray:
         """The group's symbols in their original order."""
-        if width < 1:
-            raise ValueError("ans data does not match the tensor list")
+        _ans_check(width >= 1)
         order, counts = _ans_contexts(steps, width)
         decoded = []
         for count in counts[counts > 0].tolist():
             table = self.tables[self.at : self.at + alphabet.magnitudes]
             self.at += alphabet.magnitudes
-            if len(table) != alphabet.magnitudes:
-                raise ValueError("ans data does not match the tensor list")
+            _ans_check(len(table) == alphabet.magnitudes)
             decoded.append(self.coder.decode(_categorical(alphabet.weights(table)), count))
         symbols = np.zeros(len(steps), np.int32)
         symbols[order] = _flat(decoded, np.int32)
         return symbols
 
     def finish(self) -> None:
-        if self.at != len(self.tables) or not self.coder.is_empty():
-            raise ValueError("ans data does not match the tensor list")
+        _ans_check(self.at == len(self.tables) and self.coder.is_empty())
 
 
 def _split_flat(flat: np.ndarray, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
@@ -3380,8 +3357,7 @@ def _split_sections(data: bytes, lengths: list[int]) -> list[bytes]:
     """`data` cut into pieces of the given lengths, then the rest; refuses data that is too short."""
     out, at = [], 0
     for n in lengths:
-        if at + n > len(data):
-            raise ValueError("ans data does not match the tensor list")
+        _ans_check(at + n <= len(data))
         out.append(data[at : at + n])
         at += n
     return out + [data[at:]]
@@ -3450,8 +3426,7 @@ def _unpredict_rows(residual: np.ndarray, plan: np.ndarray) -> np.ndarray:
     x, parent = residual.astype(np.int64), np.full(len(residual), -1)
     for i, p, k, q in plan.tolist():
         chain = _chain(parent, p, k)
-        if len(chain) < k:
-            raise ValueError("ans data does not match the tensor list")
+        _ans_check(len(chain) == k)
         x[i] += _chain_prediction(x[chain].sum(axis=0), k, q)
         parent[i] = p
     return x
@@ -3473,17 +3448,15 @@ def _unpack_plans(data: bytes, rows: list[int]) -> list[np.ndarray]:
         return [np.zeros((0, 3), np.int64) for _ in rows]
     values, at, plans = np.frombuffer(decompress_bytes(data, "brotli", 4), "<u4").astype(np.int64), 0, []
     for r in rows:
-        if at >= len(values):
-            raise ValueError("ans data does not match the tensor list")
+        _ans_check(at < len(values))
         n = int(values[at])
         child, back, kind = values[at + 1 : at + 1 + 3 * n].reshape(3, n)  # a ValueError if short
         child = np.cumsum(child)
-        if n and (child.max() >= r or kind.max() >= 4 * ANS_CHAIN_DEPTH or back.min() < 1 or (child - back).min() < 0):
-            raise ValueError("ans data does not match the tensor list")
+        _ans_check(not n or (child.max() < r and kind.max() < 4 * ANS_CHAIN_DEPTH and back.min() >= 1
+                             and (child - back).min() >= 0))
         plans.append(np.stack([child, child - back, kind // 4 + 1, kind % 4 + 1], axis=1))
         at += 1 + 3 * n
-    if at != len(values):
-        raise ValueError("ans data does not match the tensor list")
+    _ans_check(at == len(values))
     return plans
 
 
@@ -3524,7 +3497,15 @@ def _estimated_bytes(x: np.ndarray) -> float:
     return _plan_group([x], [_magnitude_side_info(x, 4)])[0]
 
 
-_ROW_PREDICTIONS: dict = {}  # codes digest -> (residual, plan) of the first two embeddings seen
+@functools.lru_cache(maxsize=2)  # the filler re-packs an unchanged embedding: predicted once
+def _row_prediction(codes: bytes, dtype: str, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(residual, plan) of _predict_rows for these codes, or (codes, no plan) unless the context model
+    says the prediction pays."""
+    x = np.frombuffer(codes, dtype).reshape(shape)
+    residual, plan = _predict_rows(x)
+    if not len(plan) or _estimated_bytes(residual) + len(_pack_plans([plan])) >= _estimated_bytes(x):
+        return x, plan[:0]
+    return residual, plan
 
 
 def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = None,
@@ -3533,55 +3514,42 @@ def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = N
     groups, as tensor_group names them) pick tables and row prediction. `stats`, if given, receives the
     byte count of each part and the model's cross-entropy (`model_ce`, bytes)."""
     families = families or ["other"] * len(arrays)
-    residuals, plans = [a.reshape(a.shape[0], -1) for a in arrays], []
+    residuals, plans, groups = [a.reshape(a.shape[0], -1) for a in arrays], [], _code_groups(bits, families)
     for i in _predicted(families):
-        key = hashlib.sha256(residuals[i].tobytes()).digest() + str(residuals[i].shape).encode()
-        predicted = _ROW_PREDICTIONS.get(key)  # the filler re-packs an unchanged embedding: predicted once
-        if predicted is None:
-            residual, plan = _predict_rows(residuals[i])  # kept only if the context model says it pays
-            if not len(plan) or _estimated_bytes(residual) + len(_pack_plans([plan])) >= _estimated_bytes(residuals[i]):
-                residual, plan = residuals[i], plan[:0]
-            predicted = residual, plan
-            if len(_ROW_PREDICTIONS) < 2:
-                _ROW_PREDICTIONS[key] = predicted
-        residuals[i], plan = predicted
+        residuals[i], plan = _row_prediction(residuals[i].tobytes(), residuals[i].dtype.str, residuals[i].shape)
         plans.append(plan)
-    return _smallest_encoding(functools.partial(_ans_encode_codes, residuals, bits, families, _pack_plans(plans)), stats)
+    packed_plans = _pack_plans(plans)
+
+    def encode(log_steps: int, stats: dict) -> bytes:
+        side = [_magnitude_side_info(r, log_steps) for r in residuals]
+        header, tables, jobs, model_ce, modes = [struct.pack("<B", len(groups))], [], [], 0.0, {}
+        for family, b, members in groups:
+            _, mode, width, ce, top, symbols = _plan_group([residuals[i] for i in members], [side[i] for i in members])
+            modes.update({i: mode for i in members})
+            group_tables, group_jobs = _ans_model_group(
+                symbols, _predicted_steps([_side_used(side[i], mode) for i in members]), _mode_alphabet(mode, top), width)
+            header.append(struct.pack("<BBBBH", QUANT_GROUPS.index(family), b, mode, width, top))
+            tables += group_tables
+            jobs += group_jobs
+            model_ce += ce
+        packed_side, packed_tables, words = _ans_sections([v for i, pair in enumerate(side) for v in pair[modes[i]:]],
+                                                          tables, jobs, stats)
+        head = b"".join(header) + struct.pack("<III", len(packed_side), len(packed_tables), len(packed_plans))
+        stats.update(rows=len(packed_plans), header=len(head), model_ce=model_ce)
+        return head + packed_side + packed_tables + packed_plans + words
+
+    return _smallest_encoding(encode, stats)
 
 
-def _ans_encode_codes(residuals: list[np.ndarray], bits: list[int], families: list[str], packed_plans: bytes,
-                      log_steps: int, stats: dict) -> bytes:
-    side = [_magnitude_side_info(r, log_steps) for r in residuals]
-    groups = _code_groups(bits, families)
-    header, tables, jobs, model_ce, modes = [struct.pack("<B", len(groups))], [], [], 0.0, {}
-    for family, b, members in groups:
-        _, mode, width, ce, top, symbols = _plan_group([residuals[i] for i in members], [side[i] for i in members])
-        modes.update({i: mode for i in members})
-        group_tables, group_jobs = _ans_model_group(
-            symbols, _predicted_steps([_side_used(side[i], mode) for i in members]), _mode_alphabet(mode, top), width)
-        header.append(struct.pack("<BBBBH", QUANT_GROUPS.index(family), b, mode, width, top))
-        tables += group_tables
-        jobs += group_jobs
-        model_ce += ce
-    packed_side, packed_tables, words = _ans_sections([v for i, pair in enumerate(side) for v in pair[modes[i]:]],
-                                                      tables, jobs, stats)
-    head = b"".join(header) + struct.pack("<III", len(packed_side), len(packed_tables), len(packed_plans))
-    stats.update(rows=len(packed_plans), header=len(head), model_ce=model_ce)
-    return head + packed_side + packed_tables + packed_plans + words
-
-
-def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int],
-               families: list[str] | None = None) -> list[np.ndarray]:
-    families = families or ["other"] * len(shapes)
+def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int], families: list[str]) -> list[np.ndarray]:
     groups = _code_groups(bits, families)
     n_groups = len(groups)
-    if len(shapes) != len(bits) or not data or data[0] != n_groups:
-        raise ValueError("ans data does not match the tensor list")
+    _ans_check(len(shapes) == len(bits) and data and data[0] == n_groups)
     params = list(struct.iter_unpack("<BBBBH", data[1 : 1 + 6 * n_groups]))
     packed_side, packed_tables, packed_plans, words = _split_sections(
         data[13 + 6 * n_groups :], struct.unpack("<III", data[1 + 6 * n_groups : 13 + 6 * n_groups]))
-    if [p[:2] for p in params] != [(QUANT_GROUPS.index(f), b) for f, b, _ in groups] or any(p[2] > 2 for p in params):
-        raise ValueError("ans data does not match the tensor list")
+    _ans_check([p[:2] for p in params] == [(QUANT_GROUPS.index(f), b) for f, b, _ in groups]
+               and all(p[2] <= 2 for p in params))
     modes = {i: p[2] for p, (_, _, members) in zip(params, groups) for i in members}
     vectors = iter(SIDE_CODER.decode(packed_side, [n for i, shape in enumerate(shapes) for n in shape[modes[i]:]]))
     side = [tuple(np.full(n, 128, np.uint8) if k < modes[i] else next(vectors) for k, n in enumerate(shape))
@@ -3596,8 +3564,7 @@ def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int],
     for i, plan in zip(predicted, _unpack_plans(packed_plans, [shapes[i][0] for i in predicted])):
         residuals[i] = _unpredict_rows(residuals[i], plan)
     out = [r.astype(np.int8) for r in residuals]
-    if any(not np.array_equal(o, r) for o, r in zip(out, residuals)):
-        raise ValueError("ans data does not match the tensor list")
+    _ans_check(all(np.array_equal(o, r) for o, r in zip(out, residuals)))
     return out
 
 
@@ -3623,22 +3590,21 @@ def _fp16_steps(side: list[tuple[np.ndarray, np.ndarray]], shapes: list[tuple[in
                              for (r, c), (_, cols) in zip(side, shapes)])
 
 
-def ans_encode_fp16(arrays: list[np.ndarray], stats: dict | None = None) -> bytes:
+def ans_encode_fp16(arrays: list[np.ndarray]) -> bytes:
     """fp16 arrays (2-D as rows x cols, anything else as one row) as ans bytes."""
     values = [a.reshape(_rows_cols(a.shape)) for a in arrays]
-    return _smallest_encoding(functools.partial(_ans_encode_fp16_at, values), stats)
-
-
-def _ans_encode_fp16_at(values: list[np.ndarray], log_steps: int, stats: dict) -> bytes:
-    side = [_fp16_side_info(v, log_steps) for v in values]
     bits16 = _flat([v.view(np.uint16) for v in values], np.uint16)
-    high, steps, alphabet = (bits16 >> 8).astype(np.int64), _fp16_steps(side, [v.shape for v in values]), _Alphabet("fp16")
-    _, width, ce = _ans_plan_width(high, steps, alphabet)
-    tables, jobs = _ans_model_group(high, steps, alphabet, width)
-    low = (bits16 & 0xFF).astype(np.uint8).tobytes()
-    packed_side, packed_tables, words = _ans_sections([v for pair in side for v in pair], tables, jobs, stats)
-    stats.update(low=len(low), model_ce=ce)
-    return struct.pack("<BII", width, len(packed_side), len(packed_tables)) + packed_side + packed_tables + low + words
+    high, low, alphabet = (bits16 >> 8).astype(np.int64), (bits16 & 0xFF).astype(np.uint8).tobytes(), _Alphabet("fp16")
+
+    def encode(log_steps: int, stats: dict) -> bytes:
+        side = [_fp16_side_info(v, log_steps) for v in values]
+        steps = _fp16_steps(side, [v.shape for v in values])
+        width = _ans_plan_width(high, steps, alphabet)[1]
+        packed_side, packed_tables, words = _ans_sections([v for pair in side for v in pair],
+                                                          *_ans_model_group(high, steps, alphabet, width), stats)
+        return struct.pack("<BII", width, len(packed_side), len(packed_tables)) + packed_side + packed_tables + low + words
+
+    return _smallest_encoding(encode, None)
 
 
 def ans_decode_fp16(data: bytes, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
@@ -3683,16 +3649,26 @@ SCALE_CODER = _FittedLawCoder(np.float16, "<HBH", _fit_band_law, _band_weights)
 ans_encode_fp16_vectors, ans_decode_fp16_vectors = SCALE_CODER.encode, SCALE_CODER.decode
 
 
+def code_counts(codes) -> torch.Tensor:
+    """How often each code value occurs in these int8 arrays (index = code + 128), as float64."""
+    return sum((torch.bincount(torch.as_tensor(c).reshape(-1).long() + 128, minlength=256).double() for c in codes),
+               torch.zeros(256, dtype=torch.float64))
+
+
+def order0_bytes(counts: torch.Tensor) -> float:
+    """The order-0 entropy, in bytes, of values with these counts: what a byte-wise compressor approaches."""
+    nz = counts[counts > 0]
+    return float(-(nz * torch.log2(nz / nz.sum())).sum() / 8)
+
+
 def code_entropy_report(arrays: list[np.ndarray], bits: list[int], model_ce: float | None = None) -> tuple[float, float]:
     """(order-0 entropy of all codes, the ans model's cross-entropy), in bytes, without side information
     and tables. `model_ce`: already known from packing with ans (else the codes are encoded once more)."""
-    counts = sum(np.bincount(a.reshape(-1).astype(np.int64) + 128, minlength=256) for a in arrays)
-    nz = np.asarray(counts)[np.asarray(counts) > 0].astype(np.float64)
     if model_ce is None:
         stats: dict = {}
         ans_encode(arrays, bits, stats)
         model_ce = stats["model_ce"]
-    return float(-(nz * np.log2(nz / nz.sum())).sum()) / 8, model_ce
+    return order0_bytes(code_counts(arrays)), model_ce
 
 
 # ---- fitting under the limit ----------------------------------------------------------------------
@@ -3843,7 +3819,7 @@ def fill_budget(state_dict, plan: QuantPlan, entries: list[ExportedTensor], blob
     return blob, entries
 
 
-def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target_bytes: int, compressor: str,
+def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target_bytes: int,
                  pack, hessians: dict | None = None, gptq: dict | None = None, lqer: dict | None = None,
                  auto_fit: bool = True, fill: bool = True,
                  log=lambda msg: None) -> tuple[bytes, list[ExportedTensor]]:
@@ -3875,7 +3851,7 @@ def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target
         factor, unscaled = 1.0, plan
         for _ in range(AUTO_FIT_TRIES):
             factor = min(factor * 2 ** (8 * (len(blob) - target_bytes) / n_codes + 1e-4), AUTO_FIT_MAX_SIGMA_SCALE)
-            plan = unscaled.with_sigma_scale(factor)
+            plan = dataclasses.replace(unscaled, clip_sigmas={g: k * factor for g, k in unscaled.clip_sigmas.items()})
             blob = pack(entries := quantize(plan))
             log(f"auto_fit: step 1 clip_sigmas x{factor:.4f} -> model_bytes {len(blob)} "
                 f"quant_error {quantization_error(state_dict, entries):.3e}")
@@ -3890,7 +3866,7 @@ def fit_artifact(state_dict: dict[str, torch.Tensor], plan: QuantPlan, *, target
         log(f"auto_fit: step 2 {group} bits {plan.bits[group] + 1}->{plan.bits[group]} -> model_bytes {len(blob)} "
             f"quant_error {quantization_error(state_dict, entries):.3e}")
     if len(blob) > target_bytes:
-        blob, entries = prune_to_fit(state_dict, entries, target_bytes, pack, log)
+        blob, entries = prune_to_fit(state_dict, entries, blob, target_bytes, pack, log)
     log(f"auto_fit: {'fits' if len(blob) <= target_bytes else 'FAILED'} model_bytes {len(blob)} target {target_bytes}")
     return blob, entries
 
@@ -3899,20 +3875,16 @@ def pruning_plan(entries: list[ExportedTensor]):
     """(units, entropy_after): the +-1 codes cheapest first, and the codes' order-0 entropy in bytes
     after zeroing the first n of them, computed exactly from the histogram."""
     units = unit_codes_by_cost(entries)
-    counts = torch.zeros(256, dtype=torch.float64)  # of every code value (index = code + 128)
-    for e in entries:
-        if e.bits:
-            counts += torch.bincount((e.codes.reshape(-1).long() + 128), minlength=256).double()
+    counts = code_counts(e.codes for e in entries if e.bits)
     plus = torch.cumsum((units[3] > 0).double(), 0)  # how many of the first n are +1
 
-    def entropy_after(n: int) -> float:  # order 0, in bytes: what a byte-wise compressor approaches
+    def entropy_after(n: int) -> float:
         c = counts.clone()
         n_plus = float(plus[n - 1]) if n else 0.0
         c[129] -= n_plus
         c[127] -= n - n_plus
         c[128] += n
-        nz = c[c > 0]
-        return float(-(nz * torch.log2(nz / nz.sum())).sum() / 8)
+        return order0_bytes(c)
 
     return units, entropy_after
 
@@ -3938,22 +3910,18 @@ def group_to_lower(state_dict, entries: list[ExportedTensor], plan: QuantPlan, l
     units, entropy_after = pruning_plan(entries)
     goal = entropy_after(0) - excess
     needed = fewest_units_saving(entropy_after, 0, len(units[0]), goal)
-    if entropy_after(needed) <= goal:
-        pruning_cost = float(units[4][:needed].sum())
-        lowering_cost = 3.0 * sum(output_energy(err) for e, _, err in weights_and_errors(state_dict, entries)
-                                  if tensor_group(e.name) == group)
-        if pruning_cost <= lowering_cost:
-            return None
+    if entropy_after(needed) <= goal and float(units[4][:needed].sum()) <= 3.0 * sum(
+            output_energy(err) for e, _, err in weights_and_errors(state_dict, entries) if tensor_group(e.name) == group):
+        return None  # pruning covers the excess for no more squared error than lowering the group
     return group
 
 
-def prune_to_fit(state_dict, entries: list[ExportedTensor], target_bytes: int, pack, log):
-    """Step 3: zero the cheapest +-1 codes, as many as the entropy predicts, corrected by how many real
-    bytes one entropy byte saved in the previous try."""
+def prune_to_fit(state_dict, entries: list[ExportedTensor], blob: bytes, target_bytes: int, pack, log):
+    """Step 3: zero the cheapest +-1 codes of `entries` (packed: `blob`), as many as the entropy predicts,
+    corrected by how many real bytes one entropy byte saved in the previous try."""
     units, entropy_after = pruning_plan(entries)
     n_units = len(units[0])
-    blob = pack(entries)
-    excess, pruned, bytes_per_entropy_byte, pruned_entries = len(blob) - target_bytes, 0, 1.0, entries
+    excess, pruned, bytes_per_entropy_byte = len(blob) - target_bytes, 0, 1.0
     for _ in range(AUTO_FIT_TRIES):
         previous_bytes, previous_entropy = len(blob), entropy_after(pruned)
         pruned = fewest_units_saving(entropy_after, pruned, n_units,
@@ -3980,9 +3948,9 @@ def check_exportable(state_dict: dict[str, torch.Tensor]) -> None:
     for name, t in state_dict.items():
         if not t.is_floating_point() or t.numel() == 0:
             continue
-        bad = int((~torch.isfinite(t)).sum())
-        peak = float(t.detach().abs().max())  # NaN or inf when bad
-        if bad or peak > FP16_MAX:
+        peak = float(t.detach().abs().max())  # NaN or inf when any value is
+        if not peak <= FP16_MAX:
+            bad = int((~torch.isfinite(t)).sum())
             what = f"holds {bad} non-finite values" if bad else f"reaches |w| = {peak:.4g}, past the fp16 range ({FP16_MAX:.0f})"
             raise RunError(f"refusing to export: weight {name} {what} (training diverged); nothing was written; lower "
                            "MATRIX_LR, SCALAR_LR and TIED_EMBED_LR or set GRAD_CLIP_NORM")
@@ -4017,9 +3985,9 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
         target = ARTIFACT_LIMIT_BYTES - hp.artifact_margin_bytes - n_code
         lqer = dict(rank=hp.lqer_rank, top_k=hp.lqer_top_k, factor_bits=hp.lqer_factor_bits, a_bits=hp.lqer_a_bits,
                     group=hp.lqer_asym_group if hp.lqer_asym_enabled else 0) if hp.lqer_enabled else None
-        blob, entries = fit_artifact(state_dict, plan, target_bytes=target, compressor=hp.compressor,
-                                     pack=pack, hessians=hessians, gptq=gptq_options(hp), lqer=lqer,
-                                     auto_fit=hp.auto_fit, fill=hp.auto_fit_fill, log=log)
+        blob, entries = fit_artifact(state_dict, plan, target_bytes=target, pack=pack, hessians=hessians,
+                                     gptq=gptq_options(hp), lqer=lqer, auto_fit=hp.auto_fit, fill=hp.auto_fit_fill,
+                                     log=log)
         for e in entries:
             if e.lqer is not None:
                 log(f"lqer: {e.name} rank:{hp.lqer_rank} factor_bits:{hp.lqer_factor_bits} a_bits:{e.lqer.a_bits} "
@@ -4028,8 +3996,8 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, out_dir: Path,
         stats = packed_stats[hashlib.sha256(blob).digest()]
         label = f"int{hp.matrix_bits}+{hp.compressor}"
         quantized = [e for e in entries if e.bits]
-        groups = {g: [e for e in quantized if tensor_group(e.name) == g] for g in QUANT_GROUPS}
-        groups = {g: members for g, members in groups.items() if members}  # bits after auto-fit, not as planned:
+        groups = {g: members for g in QUANT_GROUPS  # bits after auto-fit, not as planned:
+                  if (members := [e for e in quantized if tensor_group(e.name) == g])}
         log(f"Serialized model {label}: {len(blob)} bytes (raw_torch:{raw.tell()} method:{plan.method} "
             f"bits:{','.join(f'{g}={members[-1].bits}' for g, members in groups.items())})")
         known_ce = stats.pop("codes_model_ce", None)

@@ -89,6 +89,15 @@ def small_model(config, *, seed: int = 0, noise: float = 0.02):
     return model
 
 
+def uniform_plan(matrix_bits: int, embed_bits: int, method: str = "absmax", **fields):
+    """A QuantPlan with embed_bits for the embedding and head, matrix_bits for every other group (the
+    clip sigmas, and min_numel unless given, at the knobs' defaults)."""
+    import train_gpt as tg
+
+    bits = {g: embed_bits if g in ("embed", "head") else matrix_bits for g in tg.QUANT_GROUPS}
+    return tg.QuantPlan(method=method, bits=bits, **fields)
+
+
 def subprocess_env(extra: dict) -> dict:
     """The current environment minus torchrun/knob leftovers, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ROOT, small_model
+from conftest import ROOT, small_model, uniform_plan
 
 
 @pytest.mark.parametrize("bits", [8, 6, 4])
@@ -103,7 +103,7 @@ def test_brotli_shuffles_bytes_and_beats_zlib_on_the_same_weights():
     shuffled = tg.byte_shuffle(data, 2)
     assert shuffled != data and tg.byte_unshuffle(shuffled, 2) == data
     hp, model = small_hp_and_model()
-    entries = tg.quantize_state_dict(model.state_dict(), tg.QuantPlan.uniform(6, 8, "sdclip"))
+    entries = tg.quantize_state_dict(model.state_dict(), uniform_plan(6, 8, "sdclip"))
     sizes = {c: len(tg.pack_artifact(entries, compressor=c)) for c in ("zlib", "brotli")}
     assert sizes["brotli"] < sizes["zlib"]
 
@@ -120,7 +120,7 @@ def damaged_versions(blob: bytes) -> dict[str, bytes]:
 
 def test_damaged_or_foreign_artifacts_fail_with_one_clear_line(tmp_path):
     hp, model = small_hp_and_model()
-    entries = tg.quantize_state_dict(model.state_dict(), tg.QuantPlan.uniform(6, 8))
+    entries = tg.quantize_state_dict(model.state_dict(), uniform_plan(6, 8))
     blob = tg.pack_artifact(entries, compressor="ans", model=dataclasses.asdict(model.cfg), meta={"looping": False})
     for what, bad in damaged_versions(blob).items():
         with pytest.raises(tg.RunError) as info:
@@ -182,7 +182,7 @@ def test_quant_min_numel_is_validated_and_honoured_by_gptq_rtn_qat_and_the_packe
     packed = sum(-(-e.codes.numel() * e.bits // 8) + 2 * e.scales.numel() for e in gptq if e.bits)
     assert tg.estimate_payload_bytes(sd, plan) == packed + sum(e.value.numel() * e.value.element_size()
                                                                for e in gptq if not e.bits)
-    everything = tg.QuantPlan.uniform(6, 8, "sdclip", min_numel=1)  # control tensors stay float at any size
+    everything = uniform_plan(6, 8, "sdclip", min_numel=1)  # control tensors stay float at any size
     assert not any(everything.spec(n, t) for n, t in sd.items() if tg.is_control_tensor(n))
 
 
@@ -205,7 +205,7 @@ def test_start_of_run_payload_estimate_matches_the_stored_values(matrix_bits):
     hp = tg.Hyperparameters.from_env({"RECIPE": "baseline", "NUM_LAYERS": "2", "MODEL_DIM": "192", "NUM_HEADS": "4",
                                       "NUM_KV_HEADS": "2", "VOCAB_SIZE": "1024", "MLP_MULT": "4"})
     sd = tg.GPT(tg.ModelConfig.from_hparams(hp)).state_dict()
-    plan = tg.QuantPlan.uniform(matrix_bits, 8)
+    plan = uniform_plan(matrix_bits, 8)
     entries = tg.quantize_state_dict(sd, plan)
     packed = sum(-(-e.codes.numel() * e.bits // 8) + 2 * e.scales.numel() for e in entries if e.bits)
     other = sum(e.value.numel() * e.value.element_size() for e in entries if not e.bits)
@@ -241,7 +241,7 @@ def test_ans_coder_is_exact_and_beats_byte_shuffle_brotli_on_the_same_codes():
 
     arrays, bits = structured_codes()
     data = tg.ans_encode(arrays, bits)
-    decoded = tg.ans_decode(data, [a.shape for a in arrays], bits)
+    decoded = tg.ans_decode(data, [a.shape for a in arrays], bits, ["other"] * len(arrays))
     assert all(d.dtype == np.int8 and np.array_equal(d, a) for d, a in zip(decoded, arrays))
     assert data == tg.ans_encode(arrays, bits)
     brotli_bytes = len(brotli.compress(b"".join(a.tobytes() for a in arrays), quality=11))
@@ -249,7 +249,7 @@ def test_ans_coder_is_exact_and_beats_byte_shuffle_brotli_on_the_same_codes():
     assert len(data) <= 0.98 * brotli_bytes  # the target: at least 2% fewer bytes
     assert model < order0 and len(data) >= model  # the context helps; no coder beats its model's entropy
     with pytest.raises(ValueError):
-        tg.ans_decode(data, [a.shape for a in arrays][:2], bits[:2])
+        tg.ans_decode(data, [a.shape for a in arrays][:2], bits[:2], ["other"] * 2)
     stats = {}
     tg.ans_encode(arrays, bits, stats)  # every byte is accounted for by a part
     assert stats["header"] + stats["side"] + stats["tables"] + stats["rows"] + stats["words"] == len(data)
@@ -565,7 +565,7 @@ def test_lqer_lowers_the_gptq_layer_output_error_further_and_packs_exactly(group
 def test_lqer_picks_the_costliest_tensors():
     hp, model = small_hp_and_model()
     sd = model.state_dict()
-    entries = tg.quantize_state_dict(sd, tg.QuantPlan.uniform(4, 8, "sdclip"))
+    entries = tg.quantize_state_dict(sd, uniform_plan(4, 8, "sdclip"))
     chosen = [e.name for e in tg.apply_lqer(sd, entries, rank=2, top_k=2, factor_bits=4) if e.lqer is not None]
     costs = sorted(((sd[e.name].float() - e.dequantize().float()).square().sum().item(), e.name)
                    for e in entries if e.bits)
@@ -595,7 +595,7 @@ def test_hessians_are_the_inputs_gram_matrices_including_the_tied_head():
     hp = tg.Hyperparameters.from_env({**SMALL, "TIE_EMBEDDINGS": "1", "NUM_LAYERS": "1"})
     torch.manual_seed(0)
     model = tg.GPT(tg.ModelConfig.from_hparams(hp))
-    plan = tg.QuantPlan.uniform(6, 8, "gptq")
+    plan = uniform_plan(6, 8, "gptq")
     batches = [torch.randint(0, 400, (2, 16)) for _ in range(3)]
     hessians = tg.collect_hessians(model, iter(batches), plan, looping=False)
     assert set(hessians) == {"tok_emb.weight", "blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight"}
@@ -703,7 +703,7 @@ def test_calibration_reads_no_batch_once_its_deadline_says_stop():
             yield torch.randint(0, 400, (2, 16))
 
     calls = []
-    tg.collect_hessians(model, batches(), tg.QuantPlan.uniform(6, 8, "gptq"), False,
+    tg.collect_hessians(model, batches(), uniform_plan(6, 8, "gptq"), False,
                         stop=lambda: calls.append(1) or len(calls) > 2)
     assert served == [0, 1]  # the third batch is never read
 
@@ -858,16 +858,16 @@ def test_auto_fit_shrinks_an_oversized_model_under_a_small_cap_and_logs_why():
     sd = model.state_dict()
     # absmax has no clip to raise: a small excess is pruned away, a large one costs a group one bit
     # (the MLP, the largest group here) before pruning would zero most +-1 codes.
-    for plan, step, ratio in ((tg.QuantPlan.uniform(6, 8, "sdclip"), "step 1 clip_sigmas", 0.93),
-                              (tg.QuantPlan.uniform(6, 8, "absmax"), "step 3 pruned", 0.997),
-                              (tg.QuantPlan.uniform(6, 8, "absmax"), "step 2 mlp bits 6->5", 0.95)):
+    for plan, step, ratio in ((uniform_plan(6, 8, "sdclip"), "step 1 clip_sigmas", 0.93),
+                              (uniform_plan(6, 8, "absmax"), "step 3 pruned", 0.997),
+                              (uniform_plan(6, 8, "absmax"), "step 2 mlp bits 6->5", 0.95)):
         def pack(entries):
             return tg.pack_artifact(entries, compressor="zlib")
 
         natural = len(pack(tg.quantize_state_dict(sd, plan)))
         target = int(natural * ratio)
         lines = []
-        blob, entries = tg.fit_artifact(sd, plan, target_bytes=target, compressor="zlib", pack=pack, log=lines.append)
+        blob, entries = tg.fit_artifact(sd, plan, target_bytes=target, pack=pack, log=lines.append)
         assert len(blob) <= target and blob == pack(entries)
         assert lines[0].startswith(f"auto_fit: model_bytes {natural} > target {target}")
         assert any(step in line for line in lines) and lines[-1].startswith("auto_fit: fits")
@@ -877,7 +877,7 @@ def test_auto_fit_shrinks_an_oversized_model_under_a_small_cap_and_logs_why():
             assert {e.bits for e in entries if e.name.endswith("mlp.fc.weight")} == {5}
             assert {e.bits for e in entries if e.name == "tok_emb.weight"} == {8}  # one group at a time
     lines = []
-    blob, _ = tg.fit_artifact(sd, plan, target_bytes=100, compressor="zlib", pack=pack, log=lines.append)
+    blob, _ = tg.fit_artifact(sd, plan, target_bytes=100, pack=pack, log=lines.append)
     assert len(blob) > 100 and lines[-1].startswith("auto_fit: FAILED")  # never silently over
 
 
@@ -885,7 +885,7 @@ def test_auto_fit_shrinks_an_oversized_model_under_a_small_cap_and_logs_why():
 def test_auto_fit_fills_an_undersized_model_to_just_under_a_small_cap_each_step_lowering_the_weighted_error(method):
     hp, model = small_hp_and_model()
     sd = model.state_dict()
-    plan = tg.QuantPlan.uniform(6, 8, method)
+    plan = uniform_plan(6, 8, method)
     hessians = None
     if method == "gptq":
         hessians = tg.collect_hessians(model, [torch.randint(0, 400, (4, 64)) for _ in range(2)], plan, looping=False)
@@ -896,7 +896,7 @@ def test_auto_fit_fills_an_undersized_model_to_just_under_a_small_cap_each_step_
     natural = len(pack(tg.quantize_state_dict(sd, plan, hessians)))
     target = int(natural * 1.06)
     lines = []
-    blob, entries = tg.fit_artifact(sd, plan, target_bytes=target, compressor="zlib", pack=pack, hessians=hessians,
+    blob, entries = tg.fit_artifact(sd, plan, target_bytes=target, pack=pack, hessians=hessians,
                                     log=lines.append)
     assert blob == pack(entries) and len(blob) <= target  # never over
     assert target - len(blob) <= max(tg.AUTO_FIT_FILL_SLACK_BYTES, target // 1000)  # the stated landing band
@@ -911,7 +911,7 @@ def test_auto_fit_fills_an_undersized_model_to_just_under_a_small_cap_each_step_
     final = tg.weighted_error_by_group(sd, entries, hessians)
     assert sum(final.values()) == pytest.approx(errors[-1], rel=1e-3)
     lines = []
-    same, _ = tg.fit_artifact(sd, plan, target_bytes=target, compressor="zlib", pack=pack, hessians=hessians,
+    same, _ = tg.fit_artifact(sd, plan, target_bytes=target, pack=pack, hessians=hessians,
                               fill=False, log=lines.append)
     assert len(same) == natural and not lines  # AUTO_FIT_FILL=0: the plan's grid as it is
 

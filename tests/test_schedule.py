@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import uniform_plan
 from test_train import CPU, run_tiny
 
 # ---- schedules: pure functions of the training fraction ------------------------------------------
@@ -218,13 +219,13 @@ def qat_model():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    layers = tg.prepare_qat(model, tg.QuantPlan.uniform(6, 8))
+    layers = tg.prepare_qat(model, uniform_plan(6, 8))
     return hp, model, layers
 
 
 def dequantized_twin(hp, model):
     twin = tg.GPT(tg.ModelConfig.from_hparams(hp))
-    entries = tg.quantize_state_dict(model.state_dict(), tg.QuantPlan.uniform(6, 8))
+    entries = tg.quantize_state_dict(model.state_dict(), uniform_plan(6, 8))
     twin.load_state_dict(tg.dequantize_state_dict(entries))
     quantized = {e.name for e in entries if e.bits}
     # Tensors the export keeps in fp16 are rounded too: compare on the quantized matrices alone.

@@ -231,7 +231,7 @@ def fill_to_cap(run_dir: Path, cap: int, artifact: list[tg.ExportedTensor]) -> N
 
     natural_bytes = len(pack(natural))
     lines: list[str] = []
-    blob, filled = tg.fit_artifact(sd, plan, target_bytes=cap, compressor="ans", pack=pack, hessians=hessians,
+    blob, filled = tg.fit_artifact(sd, plan, target_bytes=cap, pack=pack, hessians=hessians,
                                    gptq=tg.gptq_options(hp), lqer=lqer, log=lines.append)
     print("\n".join("    " + line for line in lines))
     print(f"\n| model bytes (ans) | cap | filled bytes | val_bpb natural | val_bpb filled |\n|---|---|---|---|---|\n"

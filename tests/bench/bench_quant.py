@@ -52,7 +52,7 @@ def schemes() -> dict[str, tuple[tg.QuantPlan, bool]]:
     """name -> (plan, LQER on)."""
     six = dict(embed=8, head=8, attn=6, mlp=6, other=6)
     plans = {
-        "int8 absmax (baseline)": (tg.QuantPlan.uniform(8, 8, "absmax"), False),
+        "int8 absmax (baseline)": (tg.QuantPlan("absmax", {g: 8 for g in tg.QUANT_GROUPS}), False),
         "int6 RTN absmax": (tg.QuantPlan("absmax", six), False),
         "int6 RTN SDClip": (tg.QuantPlan("sdclip", six), False),
         "int6 GPTQ": (tg.QuantPlan("gptq", six), False),

@@ -126,7 +126,7 @@ def main() -> None:
     natural = len(pack(quantized(R0427, set(tg.QUANT_GROUPS), R0427_LQER)[1]))
     cap = int(natural * 1.10)
     lines: list[str] = []
-    blob, entries = tg.fit_artifact(sd, R0427, target_bytes=cap, compressor="brotli", pack=pack, hessians=hessians,
+    blob, entries = tg.fit_artifact(sd, R0427, target_bytes=cap, pack=pack, hessians=hessians,
                                     lqer=R0427_LQER, log=lines.append)
     post = score(tg.dequantize_state_dict(entries))
     print("\nbudget filling, R0427 settings, brotli, cap = natural size x 1.10:")
