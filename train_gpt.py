@@ -4163,37 +4163,27 @@ class EvalBudget:
         self.stopped_at: str | None = None
 
     def now(self) -> float:
-        if self.rt is not None:
-            device_sync(self.rt.device)
+        if self.rt is not None and self.rt.device.type == "cuda":
+            torch.cuda.synchronize(self.rt.device)  # a host clock read then measures the queued GPU work
         return self.elapsed_ms()
 
-    def agreed(self, *values: float) -> list[float]:
-        values = [self.elapsed_ms(), *values]
-        return values if self.rt is None else agree_max(values, self.rt)
-
-    def left_ms(self, need_ms: float) -> tuple[float, float]:
-        """(need, time left), agreed over ranks."""
-        elapsed, need = self.agreed(need_ms)
-        return need, self.cap_ms - elapsed
-
-    def require(self, need_ms: float, what: str) -> None:
-        """Cut the running pass if the `need_ms` it still needs no longer fits."""
+    def require(self, need_ms: float, what: str, step_ms: float = 0.0) -> bool:
+        """Cut the running pass (EvalPassCut "<what> needs ~..") if the `need_ms` it still needs no longer
+        fits; returns whether `step_ms` more fits as well. Agreed over ranks; always True without a cap."""
         if self.cap_ms is None:
-            return
-        need, left = self.left_ms(need_ms)
+            return True
+        values = [self.elapsed_ms(), need_ms, step_ms]
+        elapsed, need, step = values if self.rt is None else agree_max(values, self.rt)
+        left = self.cap_ms - elapsed
         if need > left:
-            raise EvalPassCut(f"{what}: the rest needs ~{need / 1000:.1f}s, {max(left, 0) / 1000:.1f}s left")
+            raise EvalPassCut(f"{what} needs ~{need / 1000:.1f}s, {max(left, 0) / 1000:.1f}s left")
+        return need + step <= left
 
     def allows(self, next_adapt_ms: float, remaining_plain_ms: float, where: str) -> bool:
         """Whether one more adaptation step fits with everything still unscored scored plainly after it;
         once refused, refused for good. Cuts the pass if even the plain rest no longer fits."""
-        if self.cap_ms is None:
-            return True
-        elapsed, step, plain = self.agreed(next_adapt_ms, remaining_plain_ms)
-        if elapsed + plain > self.cap_ms:
-            raise EvalPassCut(f"at {where}: scoring the rest needs ~{plain / 1000:.1f}s, "
-                              f"{max(self.cap_ms - elapsed, 0) / 1000:.1f}s left")
-        if self.stopped_at is None and elapsed + step + plain > self.cap_ms:
+        fits = self.require(remaining_plain_ms, f"at {where}: the rest", next_adapt_ms)
+        if self.stopped_at is None and not fits:
             self.stopped_at = where
         return self.stopped_at is None
 
@@ -4354,7 +4344,7 @@ def score_windows(logits_fn, ledger: ScoreLedger, spans: list[tuple[int, int]], 
         if costs is not None:
             costs.lap("window" if round_idx < len(mine) else None)
             ctx.budget.require((num_rounds - round_idx + rounds_after) * costs.ms("window"),
-                               f"after {round_idx} of {num_rounds} batches")
+                               f"after {round_idx} of {num_rounds} batches: the rest")
         if round_idx < len(mine):
             x, y, mask = ledger.window_rows(mine[round_idx], seq_len, pad_rows=batch_seqs)
             with ctx.autocast():
@@ -4461,14 +4451,13 @@ class TTTTracker:
     def stopped_at(self) -> str | None:
         return None if self.ctx.budget is None else self.ctx.budget.stopped_at
 
-    def allows(self, next_ms: float, plain_ms_left: float, where: str, left: str) -> bool:
-        """Whether the next adaptation step fits (always, without a budget); `left` names what remains."""
+    def allows(self, next_ms: float, plain_ms_left: float, where: str) -> bool:
+        """Whether the next adaptation step fits (always, without a budget)."""
         budget = self.ctx.budget
         if budget is None or budget.allows(next_ms, plain_ms_left, where):
             return True
         if budget.stopped_at == where:  # it stopped here, now: said once
-            self.ctx.log(f"ttt:adaptation_stopped at {where}: the eval budget leaves room only for scoring the "
-                         f"remaining {left} without adaptation")
+            self.ctx.log(f"ttt:adaptation_stopped at {where}: the eval budget leaves room only for plain scoring")
         return False
 
     def result(self, chunks: int, trained_chunks: int, steps: int, global_steps: int = 0) -> TTTResult:
@@ -4513,7 +4502,7 @@ def chunk_windows(spans: list[tuple[int, int]], chunk_tokens: int) -> list[list[
 
 
 def sequence_pieces(spans: list[tuple[int, int]], seq_len: int) -> list[tuple[int, int]]:
-    """Target spans cut into pieces of at most seq_len targets, in order."""
+    """Target spans cut into pieces of at most seq_len targets, in order (also a document's chunks)."""
     return [(p, min(p + seq_len, hi)) for lo, hi in spans for p in range(lo, hi, seq_len)]
 
 
@@ -4596,8 +4585,7 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContex
             if costs is not None:  # a chunk never timed: ~3 forward tokens per trained token, as window batches cost
                 adapt_ms = costs.ms("chunk") if "chunk" in costs.sums else costs.ms("window") * 3 * s.ttt_epochs * (
                     hi - lo) / (ctx.rt.world_size * s.score_batch_seqs * s.seq_len)
-                if not tracker.allows(adapt_ms, later * costs.ms("window"), f"chunk {ci + 1}/{len(groups)}",
-                                      f"{ledger.num_targets - hi} targets"):
+                if not tracker.allows(adapt_ms, later * costs.ms("window"), f"chunk {ci + 1}/{len(groups)}"):
                     continue
             t0 = tracker.now()
             ledger.share(lo, hi)
@@ -4669,12 +4657,6 @@ def document_queue(tokens: torch.Tensor) -> list[tuple[int, int]]:
 def phase_boundaries(prefix_docs: int, num_phases: int) -> list[int]:
     """Phased TTT: global phase k trains on the first boundaries[k] documents of the queue."""
     return [prefix_docs * (k + 1) // num_phases for k in range(num_phases)]
-
-
-def device_sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so a host clock read measures it (budget timing only)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class AdapterHooks:
@@ -4786,11 +4768,6 @@ def lora_logits(lora: DocLoRA, model: GPT, x: torch.Tensor, positions: torch.Ten
     return model.head(h, lora.delta(len(lora.a) - 1, h))
 
 
-def document_chunks(span: tuple[int, int], chunk: int) -> list[tuple[int, int]]:
-    lo, hi = span
-    return [(a, min(a + chunk, hi)) for a in range(lo, hi, chunk)]
-
-
 def window_widths(chunk: int, seq_len: int) -> list[int]:
     """The padded window widths of the per-document steps: powers of two from the chunk size up, then
     seq_len (48 and 2048: 64, 128, ..., 2048)."""
@@ -4808,7 +4785,7 @@ def step_width(step: int, chunk: int, seq_len: int) -> int:
 
 def round_steps(docs: list[tuple[int, int]], chunk: int, seq_len: int) -> list[tuple[int, bool]]:
     """(padded width, whether some document trains) of each chunk step of one rank's documents of a round."""
-    counts = [len(document_chunks(d, chunk)) for d in docs]
+    counts = [len(sequence_pieces([d], chunk)) for d in docs]
     return [(step_width(i, chunk, seq_len), any(i < n - 1 for n in counts)) for i in range(max(counts, default=0))]
 
 
@@ -4821,7 +4798,7 @@ def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lor
     lora.reset(s.ttt_warm_start_a)
     optimizer = torch.optim.AdamW(lora.params, lr=s.ttt_lora_lr, betas=(s.ttt_beta1, s.ttt_beta2), eps=1e-10,
                                   weight_decay=s.ttt_weight_decay)
-    chunks = [document_chunks(d, s.chunk) for d in docs]
+    chunks = [sequence_pieces([d], s.chunk) for d in docs]
     steps = adapting = 0
     for i in range(num_steps):
         rows = [d for d in range(len(docs)) if i < len(chunks[d])]
@@ -4883,35 +4860,35 @@ def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]
     return steps
 
 
-def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: list[int], ctx: EvalContext, *,
-                           forward, costs: StepCosts | None) -> None:
+def measure_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: list[int], ctx: EvalContext, *, forward,
+                  costs: StepCosts | None) -> None:
     """At each width, on full rows of synthetic tokens: an adapting step (forward, backward, AdamW),
     which compiles the width's graph; with `costs`, then a timed plain step (the forward) and a timed
-    adapting one, the budget's step costs before the first validation step. The adapters are reset
-    by the next round."""
+    adapting one, and (phased TTT with global phases, unless timed already) a timed global SGD step
+    (TTT_BATCH_SEQS sequences of EVAL_SEQ_LEN, over all ranks) after an untimed one: the budget's step
+    costs before the first validation step. The adapters are reset by the next round; every weight of
+    the model is put back."""
     optimizer = torch.optim.AdamW(lora.params, lr=0.0)
     device = lora.a[0].device
-    for width in widths:
-        x = synthetic_tokens(lora.num_rows * width, model.cfg.vocab_size, seed=width).view(lora.num_rows, width)
-        positions = torch.arange(width - s.chunk, width).expand(lora.num_rows, -1).contiguous()  # a real step's layout
-        x, positions = x.to(device), positions.to(device)
-        for kind, timed in [("adapt", False)] + ([("plain", True), ("adapt", True)] if costs is not None else []):
-            t0 = costs.now() if timed else 0.0
-            with torch.enable_grad(), ctx.autocast():  # as in `lora_round`
-                logits = forward(lora, model, x, positions, ctx.looping)
-            if kind == "adapt":
-                logits.float().logsumexp(-1).mean().backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if timed:
-                costs.add((kind, width), costs.now() - t0)
-
-
-def measure_global_step(model: GPT, s: TTTSettings, ctx: EvalContext, costs: StepCosts) -> None:
-    """Time one full global SGD step (TTT_BATCH_SEQS sequences of EVAL_SEQ_LEN, over all ranks) on
-    synthetic tokens, after an untimed one; every weight is put back."""
-    tokens = synthetic_tokens(s.ttt_batch_seqs * s.seq_len + 1, model.cfg.vocab_size, seed=2)
-    source = TrainingTokens(tokens, ctx.rt.device)
+    with frozen(model.parameters()):  # as inside a round
+        for width in widths:
+            x = synthetic_tokens(lora.num_rows * width, model.cfg.vocab_size, seed=width).view(lora.num_rows, width)
+            positions = torch.arange(width - s.chunk, width).expand(lora.num_rows, -1).contiguous()  # a real step's
+            x, positions = x.to(device), positions.to(device)
+            for kind, timed in [("adapt", False)] + ([("plain", True), ("adapt", True)] if costs is not None else []):
+                t0 = costs.now() if timed else 0.0
+                with torch.enable_grad(), ctx.autocast():  # as in `lora_round`
+                    logits = forward(lora, model, x, positions, ctx.looping)
+                if kind == "adapt":
+                    logits.float().logsumexp(-1).mean().backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if timed:
+                    costs.add((kind, width), costs.now() - t0)
+    if (costs is None or "global" in costs.sums or s.ttt_mode != "phased" or s.global_ttt_epochs == 0
+            or s.phased_ttt_prefix_docs == 0):
+        return
+    source = TrainingTokens(synthetic_tokens(s.ttt_batch_seqs * s.seq_len + 1, model.cfg.vocab_size, seed=2), device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=s.ttt_momentum)
     with weights_restored(model):
         for timed in (False, True):
@@ -4966,7 +4943,7 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalCont
     forward, queue = lora_forward or lora_logits, document_queue(ledger.tokens)
     rounds, mine = document_rounds(queue, s.ttt_batch_size, ctx.rt)
     round_docs = s.ttt_batch_size * ctx.rt.world_size
-    num_steps = [len(document_chunks(r[0], s.chunk)) for r in rounds]  # every rank's most (the longest is first)
+    num_steps = [len(sequence_pieces(r[:1], s.chunk)) for r in rounds]  # every rank's most (the longest is first)
     phased, prefix = s.ttt_mode == "phased", min(s.phased_ttt_prefix_docs, len(queue))
     boundaries = phase_boundaries(prefix, s.phased_ttt_num_phases) if phased else []
     lora = DocLoRA(model, s.ttt_batch_size, s, ledger.device, ctx.looping)
@@ -4980,19 +4957,15 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalCont
     costs = tracker.costs or StepCosts(tracker.now)
     remaining = document_step_widths(ledger.tokens, s, ctx.rt)  # plain steps left on this rank, by width
     if tracker.costs is not None:  # what the evaluation warm-up has not timed yet
-        with frozen(model.parameters()):
-            measure_document_steps(model, lora, s, [w for w in sorted(remaining) if ("plain", w) not in costs.sums],
-                                   ctx, forward=forward, costs=costs)
-        if phased and s.global_ttt_epochs > 0 and prefix > 0 and "global" not in costs.sums:
-            measure_global_step(model, s, ctx, costs)
+        measure_steps(model, lora, s, [w for w in sorted(remaining) if ("plain", w) not in costs.sums], ctx,
+                      forward=forward, costs=costs)
 
     def gate(kind, where: str, refused_kind=None) -> bool:
         """Whether the next step may adapt (always, without a budget). Under a budget the step is then
         timed as `kind` if it may, else as `refused_kind` (None: not timed)."""
         if tracker.costs is None:
             return True
-        ok = tracker.allows(costs.ms(kind), costs.plain_ms(remaining), where,
-                            f"{sum(remaining.values())} chunk steps on this rank")
+        ok = tracker.allows(costs.ms(kind), costs.plain_ms(remaining), where)
         costs.lap(kind if ok else refused_kind)
         return ok
 
@@ -5282,13 +5255,8 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, ctx: EvalContext, 
             costs.add("window", costs.now() - t0)
         if ttt is not None:
             if documents:
-                lora = DocLoRA(model, ttt.ttt_batch_size, ttt, ctx.rt.device, ctx.looping)
-                with frozen(model.parameters()):  # as inside a round
-                    measure_document_steps(model, lora, ttt, window_widths(ttt.chunk, seq_len), quiet,
-                                           forward=lora_forward or lora_logits, costs=costs)
-                if (costs is not None and ttt.ttt_mode == "phased" and ttt.global_ttt_epochs > 0
-                        and ttt.phased_ttt_prefix_docs > 0):
-                    measure_global_step(model, ttt, quiet, costs)
+                measure_steps(model, DocLoRA(model, ttt.ttt_batch_size, ttt, ctx.rt.device, ctx.looping), ttt,
+                              window_widths(ttt.chunk, seq_len), quiet, forward=lora_forward or lora_logits, costs=costs)
             synthetic = ScoreLedger(synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1), no_sidecar,
                                     ctx.rt.device)
             small = dataclasses.replace(ttt, ttt_chunk_tokens=seq_len, ttt_epochs=1, phased_ttt_prefix_docs=1,
@@ -5372,12 +5340,13 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
              "ttt": TTT_SCORE_LABELS.get(hp.ttt_mode)}
     passes = ArtifactScore(tag)
     for stage in ["roundtrip"] + ["sliding"] * bool(stride) + ["ttt"] * hp.ttt_enabled:
-        if budget.cap_ms is not None:
-            need, left = budget.left_ms(plain_ms(stage))
-            if need > left:
-                passes.status[stage] = "skipped"
-                log(f"eval:skipped {stage} needs ~{need / 1000:.1f}s, {max(left, 0) / 1000:.1f}s left")
-                continue
+        try:
+            if budget.cap_ms is not None:
+                budget.require(plain_ms(stage), stage)
+        except EvalPassCut as e:
+            passes.status[stage] = "skipped"
+            log(f"eval:skipped {e}")
+            continue
         try:
             r = passes.results[stage] = run_pass(stage)
         except EvalPassCut as e:
