@@ -4770,11 +4770,7 @@ def lora_logits(lora: DocLoRA, model: GPT, x: torch.Tensor, positions: torch.Ten
 def window_widths(chunk: int, seq_len: int) -> list[int]:
     """The padded window widths of the per-document steps: powers of two from the chunk size up, then
     seq_len (48 and 2048: 64, 128, ..., 2048)."""
-    widths, w = [], 1 << (chunk - 1).bit_length()
-    while w < seq_len:
-        widths.append(w)
-        w *= 2
-    return widths + [seq_len]
+    return [1 << k for k in range((chunk - 1).bit_length(), (seq_len - 1).bit_length())] + [seq_len]
 
 
 def step_width(step: int, chunk: int, seq_len: int) -> int:
@@ -5160,7 +5156,7 @@ NON_RECORD_STAMP = " non_record:C3_violated"
 
 
 def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, val_tokens: torch.Tensor, looping: bool,
-                    world_size: int) -> list[str]:
+                    world_size: int, ttt: TTTSettings | None) -> list[str]:
     """Forward/backward FLOPs of every evaluation pass about to run, and the time they need at peak
     and at 40% MFU on this run's devices and on 8xH100, against the evaluation budget."""
     seq_len, num_targets = hp.effective_eval_seq_len, val_tokens.numel() - 1
@@ -5175,14 +5171,14 @@ def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, val_tokens: torch.Ten
     passes = [flat("roundtrip", window_tokens(seq_len))]
     if 0 < hp.eval_stride < seq_len:
         passes.append(flat("sliding", window_tokens(hp.eval_stride)))
-    if hp.ttt_enabled and hp.ttt_mode == "chunked":
+    if ttt is not None and ttt.ttt_mode == "chunked":
         trained = min(num_targets, (-(-num_targets // hp.ttt_chunk_tokens) - 1) * hp.ttt_chunk_tokens)
         passes.append(flat("ttt_chunked", window_tokens(hp.eval_stride or seq_len), trained * hp.ttt_epochs))
-    elif hp.ttt_enabled:  # each chunk step reads TTT_BATCH_SIZE padded rows; a step where a row trains backpropagates
-        queue, rows = document_queue(val_tokens), ttt_rows(hp, val_tokens, world_size)
-        chunk = min(hp.ttt_chunk_size, seq_len)
+    elif ttt is not None:  # each chunk step reads a rank's padded rows; a step where a row trains backpropagates
+        queue, rows = document_queue(val_tokens), ttt.ttt_batch_size
         # one rank's share of each round (the head counted at every position)
-        steps = [step for j in range(0, len(queue), rows) for step in round_steps(queue[j : j + rows], chunk, seq_len)]
+        steps = [step for j in range(0, len(queue), rows)
+                 for step in round_steps(queue[j : j + rows], ttt.chunk, seq_len)]
         fwd_tokens = sum(rows * width for width, _ in steps)
         backprop_tokens = sum(rows * width for width, trains in steps if trains)
         lora = lora_flops_per_token(cfg, hp.ttt_lora_rank, looping, k=hp.ttt_k_lora, o=hp.ttt_o_lora,
@@ -5249,8 +5245,9 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, ctx: EvalContext, 
             costs.add("window", costs.now() - t0)
         if ttt is not None:
             if documents:
-                measure_steps(model, DocLoRA(model, ttt.ttt_batch_size, ttt, ctx.rt.device, ctx.looping), ttt,
-                              window_widths(ttt.chunk, seq_len), quiet, forward=lora_forward or lora_logits, costs=costs)
+                lora = DocLoRA(model, ttt.ttt_batch_size, ttt, ctx.rt.device, ctx.looping)
+                measure_steps(model, lora, ttt, window_widths(ttt.chunk, seq_len), quiet,
+                              forward=lora_forward or lora_logits, costs=costs)
             synthetic = ScoreLedger(synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1), no_sidecar,
                                     ctx.rt.device)
             small = dataclasses.replace(ttt, ttt_chunk_tokens=seq_len, ttt_epochs=1, phased_ttt_prefix_docs=1,
@@ -5265,9 +5262,6 @@ def final_score_log_key(stage: str, tag: str) -> str:
     `tag` names the artifact's format, e.g. int6_brotli."""
     return {"roundtrip": f"final_{tag}_roundtrip_exact", "sliding": "final_sliding_window_exact",
             "ttt": "legal_ttt_exact"}[stage]
-
-
-TTT_SCORE_LABELS = {"chunked": "quantized_ttt", "lora": "quantized_ttt_lora", "phased": "quantized_ttt_phased"}
 
 
 def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor, luts: ByteLuts, clock: PhaseClock,
@@ -5290,12 +5284,12 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
         phases[name] = clock.elapsed_ms("eval") - sum(phases.values())
         return phases[name]
 
-    for line in eval_flops_plan(hp, model.cfg, val_tokens, ctx.looping, rt.world_size):
-        log(line)
     settings = None
     if hp.ttt_enabled:  # a rank holds TTT_BATCH_SIZE documents, or fewer when they all fit in one round
         settings = TTTSettings.from_hparams(hp, seq_len=seq_len, score_batch_seqs=batch_seqs,
                                             ttt_batch_size=ttt_rows(hp, val_tokens, rt.world_size) or hp.ttt_batch_size)
+    for line in eval_flops_plan(hp, model.cfg, val_tokens, ctx.looping, rt.world_size, settings):
+        log(line)
     budget = EvalBudget(lambda: clock.elapsed_ms("eval"), clock.eval_cap_ms, rt)
     ctx = dataclasses.replace(ctx, budget=budget)
     warm = warm_up_evaluation(model, logits_fn, luts, ctx, seq_len=seq_len, batch_seqs=batch_seqs, ttt=settings,
@@ -5331,7 +5325,7 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
         return ledger.result()
 
     names = {"roundtrip": "quantized", "sliding": "quantized_sliding_window",
-             "ttt": TTT_SCORE_LABELS.get(hp.ttt_mode)}
+             "ttt": "quantized_ttt" if hp.ttt_mode == "chunked" else f"quantized_ttt_{hp.ttt_mode}"}
     passes = ArtifactScore(tag)
     for stage in ["roundtrip"] + ["sliding"] * bool(stride) + ["ttt"] * hp.ttt_enabled:
         try:
@@ -5571,8 +5565,8 @@ def remove_old_run_dir(run_dir: Path) -> None:
         except (BlockingIOError, FileNotFoundError):  # locked by its run, or moved away
             moved = True
         if moved:
-            raise RunError(f"run folder {run_dir}{os.sep} belongs to a run that is still going (or being replaced); "
-                           "let it end, stop it or pick a new RUN_ID") from None
+            raise RunError(f"run folder {run_dir}{os.sep} belongs to a run that is still going; let it end, stop it "
+                           "or pick a new RUN_ID") from None
         trash = run_dir.parent / f".replaced-{uuid.uuid4().hex[:12]}"
         os.rename(run_dir, trash)  # atomic: from here on nobody sees the old folder under the run's name
         shutil.rmtree(trash)
@@ -5960,11 +5954,10 @@ def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -
     What can be checked without a run folder (the artifact's header, the tokenizer, the validation
     data) is checked first, so such a failure leaves no folder and the RUN_ID stays free. The scores go
     to a run folder of its own with a manifest (mode "eval_only"), like any run."""
-    if not hp.artifact_path:
-        raise ConfigError("EVAL_ONLY=1 needs ARTIFACT_PATH, the final_model.*.ptz of a run folder")
     path = Path(hp.artifact_path)
-    if not path.is_file():
-        raise RunError(f"EVAL_ONLY=1 but ARTIFACT_PATH={path} does not exist; point it at a final_model.*.ptz")
+    if not (hp.artifact_path and path.is_file()):
+        raise ConfigError(f"EVAL_ONLY=1 needs ARTIFACT_PATH (now {hp.artifact_path!r}) to name an existing "
+                          "final_model.*.ptz of a run folder")
     header, _ = read_artifact_header(path.read_bytes())
     # The tokenizer must match the model's vocabulary, which the artifact records
     hp = dataclasses.replace(hp, run_id=agree_run_id(hp.run_id, rt), vocab_size=header["model"]["vocab_size"])
