@@ -5091,12 +5091,6 @@ def run_prequant_ttt(prequant: dict, model: GPT, clock: PhaseClock, *, looping: 
         f"within_cap:{int(within)}")
 
 
-def ttt_rows(hp: Hyperparameters, val_tokens: torch.Tensor, world_size: int) -> int:
-    """Documents a rank holds at a time: TTT_BATCH_SIZE, or fewer when the whole validation set fits in
-    one round (the same single round either way, with fewer padded rows)."""
-    return min(hp.ttt_batch_size, -(-len(document_spans(val_tokens)) // world_size))
-
-
 def run_ttt(model: GPT, ledger: ScoreLedger, settings: TTTSettings, ctx: EvalContext, *, logits_fn=None,
             lora_forward=None) -> TTTResult:
     """The TTT pass of TTT_MODE over the ledger's whole stream. `logits_fn` (chunked scoring) and
@@ -5285,9 +5279,11 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
         return phases[name]
 
     settings = None
-    if hp.ttt_enabled:  # a rank holds TTT_BATCH_SIZE documents, or fewer when they all fit in one round
+    if hp.ttt_enabled:  # a rank holds TTT_BATCH_SIZE documents, or fewer when they all fit in one round (the same
+        # single round either way, with fewer padded rows)
+        rows = min(hp.ttt_batch_size, -(-len(document_spans(val_tokens)) // rt.world_size))
         settings = TTTSettings.from_hparams(hp, seq_len=seq_len, score_batch_seqs=batch_seqs,
-                                            ttt_batch_size=ttt_rows(hp, val_tokens, rt.world_size) or hp.ttt_batch_size)
+                                            ttt_batch_size=rows or hp.ttt_batch_size)
     for line in eval_flops_plan(hp, model.cfg, val_tokens, ctx.looping, rt.world_size, settings):
         log(line)
     budget = EvalBudget(lambda: clock.elapsed_ms("eval"), clock.eval_cap_ms, rt)
@@ -5670,7 +5666,7 @@ class RunManifest:
             compile_summary = _active_compile.summary()
         fits = scored.total_bytes <= ARTIFACT_LIMIT_BYTES
         self.finish(
-            "complete", scores={**(scores or {}), **{name: dataclasses.asdict(r) for name, r in scored.results.items()}},
+            "complete", scores={**(scores or {}), **{k: dataclasses.asdict(r) for k, r in scored.results.items()}},
             final_score=scored.final_score_record(), phases_ms=dict(clock.totals), compile=compile_summary,
             artifact={"code_bytes": scored.code_bytes, "model_bytes": scored.model_bytes,
                       "total_bytes": scored.total_bytes, "limit": ARTIFACT_LIMIT_BYTES, "fits": fits,
@@ -5678,8 +5674,8 @@ class RunManifest:
             compliance={"eval_time_ms": clock.elapsed_ms("eval"), "eval_cap_ms": clock.eval_cap_ms,
                         "artifact_under_limit": fits, **(compliance or {}), "block": scored.compliance},
             **sections)
-        return dict(run_id=self.data["run_id"], run_dir=str(self.path.parent), roundtrip=scored.results.get("roundtrip"),
-                    code_bytes=scored.code_bytes, model_bytes=scored.model_bytes, total_bytes=scored.total_bytes,
+        return dict(run_id=self.data["run_id"], run_dir=str(self.path.parent),
+                    roundtrip=scored.results.get("roundtrip"), code_bytes=scored.code_bytes, model_bytes=scored.model_bytes, total_bytes=scored.total_bytes,
                     tag=scored.tag, phases=dict(clock.totals), log_path=str(log.path), compile=compile_summary,
                     **returns)
 
@@ -5696,27 +5692,26 @@ def record_failure(manifest: "RunManifest | None", e: BaseException, artifact: P
     if _active_compile is not None:
         e = compile_failure(e) or e
         sections["compile"] = _active_compile.summary()
+
+    def record() -> None:
+        if artifact is not None:
+            failed = artifact.with_name(artifact.name + ".failed")
+            if is_main and artifact.is_file():
+                with contextlib.suppress(OSError):
+                    os.replace(artifact, failed)
+            if failed.is_file():
+                sections["artifact_kept_as"] = failed.name
+        if manifest is not None:
+            stopped = STOP_SIGNAL_RECEIVED[0] if STOP_SIGNAL_RECEIVED else None
+            # e.g. the disk is still full: the first error is the one to report
+            with contextlib.suppress(RunError, OSError):
+                manifest.finish("failed", error=f"stopped by {stopped}" if stopped else f"{e.__class__.__name__}: {e}",
+                                **({"signal": stopped} if stopped else {}), **sections)
+
     try:
-        _record_failure(manifest, e, artifact, is_main, sections)
+        record()
     except RunStopped:  # the signal came while recording another failure (a peer it stopped): record it
-        _record_failure(manifest, e, artifact, is_main, sections)  # a stop signal raises only once
-
-
-def _record_failure(manifest: "RunManifest | None", e: BaseException, artifact: Path | None, is_main: bool,
-                    sections: dict) -> None:
-    if artifact is not None:
-        failed = artifact.with_name(artifact.name + ".failed")
-        if is_main and artifact.is_file():
-            with contextlib.suppress(OSError):
-                os.replace(artifact, failed)
-        if failed.is_file():
-            sections["artifact_kept_as"] = failed.name
-    if manifest is not None:
-        stopped = STOP_SIGNAL_RECEIVED[0] if STOP_SIGNAL_RECEIVED else None
-        # e.g. the disk is still full: the first error is the one to report
-        with contextlib.suppress(RunError, OSError):
-            manifest.finish("failed", error=f"stopped by {stopped}" if stopped else f"{e.__class__.__name__}: {e}",
-                            **({"signal": stopped} if stopped else {}), **sections)
+        record()  # a stop signal raises only once
 
 
 # ---- the shipped code form ---------------------------------------------------------------------------
@@ -5830,8 +5825,8 @@ def log_run_header(hp: Hyperparameters, rt: Runtime, log) -> None:
     for warning in env_name_warnings(os.environ, Hyperparameters.knob_names()):
         log(warning)
     if hp.allow_val_adaptation:
-        log(f"non_record: ALLOW_VAL_ADAPTATION=1 permits adapting on validation tokens before scoring them (C3 "
-            f"violated); every score line below carries '{NON_RECORD_STAMP.strip()}'")
+        log(f"non_record: ALLOW_VAL_ADAPTATION=1 permits adapting on validation tokens before scoring them (C3); "
+            f"score lines carry '{NON_RECORD_STAMP.strip()}'")
 
 
 def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Tensor, ByteLuts]:
@@ -5899,7 +5894,7 @@ def check_shapes_fit(hp: Hyperparameters, rt: Runtime, train_files: list[str], v
         raise RunError(f"TRAIN_SEQ_LEN={hp.train_seq_len} is longer than every training shard (the largest holds "
                        f"{largest} tokens); lower TRAIN_SEQ_LEN or use larger shards")
     if hp.effective_eval_seq_len > val_tokens.numel() - 1:
-        name = "EVAL_SEQ_LEN" if hp.eval_seq_len else "TRAIN_SEQ_LEN (the evaluation context unless EVAL_SEQ_LEN is set)"
+        name = "EVAL_SEQ_LEN" if hp.eval_seq_len else "TRAIN_SEQ_LEN (EVAL_SEQ_LEN unset)"
         raise RunError(f"{name}={hp.effective_eval_seq_len} is longer than the validation set ({val_tokens.numel() - 1} "
                        "targets); lower it or use the full validation shards")
     params, need = training_memory_floor(hp, ModelConfig.from_hparams(hp), rt.world_size)
@@ -6238,8 +6233,8 @@ def check_data_access(run: TrainingRun) -> dict:
     if run.rt.device.type == "cuda":
         run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    return {"train_time_ms": clock.elapsed_ms("train"), "train_cap_ms": clock.cap_ms, "train_data_access_end_ms": end_ms,
-            "train_data_inside_cap": inside_cap, "non_record": bool(reasons),
+    return {"train_time_ms": clock.elapsed_ms("train"), "train_cap_ms": clock.cap_ms,
+            "train_data_access_end_ms": end_ms, "train_data_inside_cap": inside_cap, "non_record": bool(reasons),
             **({"non_record_reason": "; ".join(reasons)} if reasons else {})}
 
 
