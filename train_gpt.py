@@ -4231,12 +4231,12 @@ class ScoreLedger:
         self.adapted_targets = 0  # target positions handed out for adaptation (with repeats)
         self.full_softmax_checked = False
 
-    def window_rows(self, spans: list[tuple[int, int]], seq_len: int, pad_rows: int = 0):
-        """Inputs, targets and the scored-position mask of a batch of windows (on the device). With
-        `pad_rows`, a short batch is filled up with copies of its first row that score nothing, so a
+    def window_rows(self, spans: list[tuple[int, int]], seq_len: int, pad_rows: int):
+        """Inputs, targets and the scored-position mask of a batch of windows (on the device). A batch
+        shorter than `pad_rows` is filled up with copies of its first row that score nothing, so a
         compiled forward sees one shape."""
         length = min(spans[0][1], seq_len)
-        rows = spans + [spans[0]] * max(pad_rows - len(spans), 0)
+        rows = spans + [spans[0]] * (pad_rows - len(spans))
         x = torch.stack([self.tokens[b - length : b] for _, b in rows])
         y = torch.stack([self.tokens[b - length + 1 : b + 1] for _, b in rows])
         first_scored = torch.tensor([length - (b - a) for a, b in spans] + [length] * (len(rows) - len(spans)))
@@ -4346,7 +4346,7 @@ def score_windows(logits_fn, ledger: ScoreLedger, spans: list[tuple[int, int]], 
             ctx.budget.require((num_rounds - round_idx + rounds_after) * costs.ms("window"),
                                f"after {round_idx} of {num_rounds} batches: the rest")
         if round_idx < len(mine):
-            x, y, mask = ledger.window_rows(mine[round_idx], seq_len, pad_rows=batch_seqs)
+            x, y, mask = ledger.window_rows(mine[round_idx], seq_len, batch_seqs)
             with ctx.autocast():
                 logits = logits_fn(x)
             ledger.commit(mine[round_idx], logits, x, y, mask)
@@ -4686,7 +4686,7 @@ class AdapterHooks:
         return add_delta
 
 
-_ADAPTER_HOOKS: "weakref.WeakKeyDictionary[GPT, AdapterHooks]" = weakref.WeakKeyDictionary()
+_ADAPTER_HOOKS = weakref.WeakKeyDictionary()  # GPT -> its AdapterHooks
 
 
 def adapter_hooks(model: GPT) -> AdapterHooks:
@@ -5495,7 +5495,7 @@ def agree_run_id(run_id: str, rt: Runtime) -> str:
 # exactly one wins (an empty folder someone made by hand is taken by the first) and the others remove
 # only their own temporary folder. The winner holds an flock on its folder for as long as it runs;
 # REPLACE_RUN=1 deletes an old folder only after taking that lock, so it never replaces a live run.
-RUN_DIR_LOCKS: dict[str, int] = {}  # run folder -> the open, locked descriptor of it
+RUN_DIR_LOCKS = {}  # run folder (str) -> the open, locked descriptor of it
 
 
 def claim_run_dir(hp: Hyperparameters, rt: Runtime) -> Path:
@@ -5591,7 +5591,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(data_path: str, tokenizer_path: str | None = None, splits=("train", "val")) -> dict:
+def data_fingerprint(data_path: str, tokenizer_path: str, splits=("train", "val")) -> dict:
     """Which data a run used: shard counts and checksums (from the data manifest when one sits beside
     the shards, else computed here), the manifest's own hash and the tokenizer's. The records tool
     refuses to pool runs whose tokenizer or validation shards differ."""
@@ -5628,7 +5628,7 @@ def utc_now() -> str:
 class RunManifest:
     """manifest.json of a run folder, written by rank 0 (atomically, every time it changes)."""
 
-    def __init__(self, path: Path, hp: Hyperparameters, rt: Runtime, mode: str = "train"):
+    def __init__(self, path: Path, hp: Hyperparameters, rt: Runtime, mode: str):
         self.path, self.is_main = path, rt.is_main
         readable = readable_source()
         self.data = {
@@ -5653,8 +5653,8 @@ class RunManifest:
         self.update(**sections, status=status, finished_utc=utc_now())
 
     def finish_scored(self, scored: ArtifactScore, path: Path, clock: PhaseClock, log, use_compile: bool, *,
-                      returns: dict, scores: dict | None = None, artifact: dict | None = None,
-                      compliance: dict | None = None, **sections) -> dict:
+                      artifact: dict, returns: dict, scores: dict | None = None, compliance: dict | None = None,
+                      **sections) -> dict:
         """Finish a run that scored an artifact (a training run or EVAL_ONLY): log the phase times and
         what compile did; write every score, the submitted one, the bytes, the phase times, the compile
         section and the compliance block, plus the caller's sections; return what run() returns (the
@@ -5670,7 +5670,7 @@ class RunManifest:
             final_score=scored.final_score_record(), phases_ms=dict(clock.totals), compile=compile_summary,
             artifact={"code_bytes": scored.code_bytes, "model_bytes": scored.model_bytes,
                       "total_bytes": scored.total_bytes, "limit": ARTIFACT_LIMIT_BYTES, "fits": fits,
-                      "sha256": file_sha256(path), **(artifact or {})},
+                      "sha256": file_sha256(path), **artifact},
             compliance={"eval_time_ms": clock.elapsed_ms("eval"), "eval_cap_ms": clock.eval_cap_ms,
                         "artifact_under_limit": fits, **(compliance or {}), "block": scored.compliance},
             **sections)
