@@ -4570,7 +4570,8 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContex
         optimizer = torch.optim.SGD(params, lr=s.ttt_lr, momentum=s.ttt_momentum)
         tracker = TTTTracker(ctx, f"mode:chunked chunks:{len(groups)} params:{sum(p.numel() for p in params)}",
                              nothing_to_adapt(s, ledger.num_targets))
-        costs, later = tracker.costs, sum(rounds)  # later: scoring rounds of the chunks not scored yet
+        # no budget: nothing is timed or refused, the costs are zeros; later: scoring rounds of the chunks not scored yet
+        costs, later = tracker.costs or StepCosts(tracker.now), sum(rounds)
         steps = trained_chunks = trained_upto = 0  # targets 1..trained_upto have been (or will never be) trained on
         for ci, group in enumerate(groups):
             later -= rounds[ci]
@@ -4581,20 +4582,18 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContex
             lo, hi = trained_upto, group[-1][1]
             if ci == len(groups) - 1 or s.ttt_epochs == 0:
                 continue  # the last chunk never trains: nothing is left to score with what it would teach
-            if costs is not None:  # a chunk never timed: ~3 forward tokens per trained token, as window batches cost
-                adapt_ms = costs.ms("chunk") if "chunk" in costs.sums else costs.ms("window") * 3 * s.ttt_epochs * (
-                    hi - lo) / (ctx.rt.world_size * s.score_batch_seqs * s.seq_len)
-                if not tracker.allows(adapt_ms, later * costs.ms("window"), f"chunk {ci + 1}/{len(groups)}"):
-                    continue
+            # a chunk never timed: ~3 forward tokens per trained token, as window batches cost
+            adapt_ms = costs.ms("chunk") if "chunk" in costs.sums else costs.ms("window") * 3 * s.ttt_epochs * (
+                hi - lo) / (ctx.rt.world_size * s.score_batch_seqs * s.seq_len)
+            if not tracker.allows(adapt_ms, later * costs.ms("window"), f"chunk {ci + 1}/{len(groups)}"):
+                continue
             t0 = tracker.now()
             ledger.share(lo, hi)
             steps += adapt_full_model(model, ledger, [(lo, hi)], optimizer, ctx, lr=cosine_lr(s.ttt_lr, ci, len(groups)),
                                       epochs=s.ttt_epochs, seq_len=s.seq_len, batch_seqs=s.ttt_batch_seqs,
                                       grad_clip=s.ttt_grad_clip)
             trained_upto, trained_chunks = hi, trained_chunks + 1
-            adapt_ms = tracker.add("adapt", t0)
-            if costs is not None:
-                costs.add("chunk", adapt_ms)
+            costs.add("chunk", tracker.add("adapt", t0))
     return tracker.result(len(groups), trained_chunks, steps)
 
 
@@ -5228,8 +5227,8 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, ctx: EvalContext, 
             a, b = logits_fn(x, ctx.looping).float(), logits_fn(flipped, ctx.looping).float()
         causal_diff = float((a[:, :-1] - b[:, :-1]).abs().max()) if seq_len > 1 else 0.0
         if causal_diff > 1e-3:
-            raise RunError(f"causality self-test failed: changing the last token changed earlier logits by "
-                           f"{causal_diff:.3g} (C1); no score is reported")
+            raise RunError(f"causality self-test failed: the last token changed earlier logits by {causal_diff:.3g} "
+                           "(C1); no score is reported")
         no_sidecar = dataclasses.replace(luts, val_bytes=None)  # synthetic tokens are not the validation stream
         for _ in range(3 if costs is not None else 0):
             synthetic = ScoreLedger(stream, no_sidecar, ctx.rt.device)
@@ -5530,8 +5529,8 @@ def claim_folder(run_dir: Path, replace: bool) -> None:
             os.rename(stage, run_dir)
         except OSError as e:
             if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                raise RunError(f"run folder {run_dir}{os.sep} already exists; pick a new RUN_ID or set REPLACE_RUN=1 "
-                               "to replace it") from None
+                raise RunError(f"run folder {run_dir}{os.sep} already exists; pick a new RUN_ID or set "
+                               "REPLACE_RUN=1") from None
             raise filesystem_error(e, run_dir) from None
     except BaseException as e:
         if fd is not None:
@@ -5548,8 +5547,7 @@ def remove_old_run_dir(run_dir: Path) -> None:
     if not run_dir.exists():
         return
     if not run_dir.is_dir():
-        raise RunError(f"{run_dir} is a file, not a run folder (REPLACE_RUN=1 replaces only folders); remove it "
-                       "or pick another RUN_ID")
+        raise RunError(f"{run_dir} is a file, not a run folder; remove it or pick another RUN_ID")
     try:
         fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
