@@ -4989,9 +4989,9 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalCont
                                                before_step=lambda n: gate("global", f"global phase {phase} step {n}"))
                 costs.lap(None)
                 global_steps += phase_steps
+                phase_ms = tracker.add("adapt", t0)
                 ctx.log(f"ttt:global_phase {phase} docs_scored:{done_docs} docs_trained:{boundaries[phases_done]} "
-                        f"steps:{phase_steps} time:{(tracker.now() - t0) / 1000:.1f}s")
-                tracker.add("adapt", t0)
+                        f"steps:{phase_steps} time:{phase_ms / 1000:.1f}s")
             phases_done += 1
     model.eval()
     return tracker.result(len(rounds), trained_rounds, steps + global_steps, global_steps)
@@ -5108,7 +5108,7 @@ def run_ttt(model: GPT, ledger: ScoreLedger, settings: TTTSettings, ctx: EvalCon
 
 
 def compliance_lines(passes: ArtifactScore, hp: Hyperparameters, *, eval_ms: float, eval_cap_ms: float | None,
-                     causal_diff: float, prequant: dict | None = None) -> list[str]:
+                     causal_diff: float, prequant: dict | None) -> list[str]:
     """The compliance block (conditions C1-C4 of the public field guide), every data source
     (calibration: where quantization calibration data came from, e.g. train or synthetic) and what
     each evaluation pass came to."""
@@ -5437,7 +5437,7 @@ def eval_batch_seqs(hp: Hyperparameters, world_size: int) -> int:
 
 
 def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: torch.Tensor, luts: ByteLuts,
-                   clock: PhaseClock, log, *, expect: ModelConfig | None = None, use_compile: bool = False,
+                   clock: PhaseClock, log, *, use_compile: bool, expect: ModelConfig | None = None,
                    prequant: dict | None = None) -> ArtifactScore:
     """Load the artifact file alone into a fresh model and run every evaluation stage on it under the
     evaluation budget, which runs from reading the file to the final score. The end of a training run
