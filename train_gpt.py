@@ -4134,37 +4134,27 @@ class EvalBudget:
         self.stopped_at: str | None = None
 
     def now(self) -> float:
-        if self.rt is not None:
-            device_sync(self.rt.device)
+        if self.rt is not None and self.rt.device.type == "cuda":
+            torch.cuda.synchronize(self.rt.device)  # a host clock read then measures the queued GPU work
         return self.elapsed_ms()
 
-    def agreed(self, *values: float) -> list[float]:
-        values = [self.elapsed_ms(), *values]
-        return values if self.rt is None else agree_max(values, self.rt)
-
-    def left_ms(self, need_ms: float) -> tuple[float, float]:
-        """(need, time left), agreed over ranks."""
-        elapsed, need = self.agreed(need_ms)
-        return need, self.cap_ms - elapsed
-
-    def require(self, need_ms: float, what: str) -> None:
-        """Cut the running pass if the `need_ms` it still needs no longer fits."""
+    def require(self, need_ms: float, what: str, step_ms: float = 0.0) -> bool:
+        """Cut the running pass (EvalPassCut "<what> needs ~..") if the `need_ms` it still needs no longer
+        fits; returns whether `step_ms` more fits as well. Agreed over ranks; always True without a cap."""
         if self.cap_ms is None:
-            return
-        need, left = self.left_ms(need_ms)
+            return True
+        values = [self.elapsed_ms(), need_ms, step_ms]
+        elapsed, need, step = values if self.rt is None else agree_max(values, self.rt)
+        left = self.cap_ms - elapsed
         if need > left:
-            raise EvalPassCut(f"{what}: the rest needs ~{need / 1000:.1f}s, {max(left, 0) / 1000:.1f}s left")
+            raise EvalPassCut(f"{what} needs ~{need / 1000:.1f}s, {max(left, 0) / 1000:.1f}s left")
+        return need + step <= left
 
     def allows(self, next_adapt_ms: float, remaining_plain_ms: float, where: str) -> bool:
         """Whether one more adaptation step fits with everything still unscored scored plainly after it;
         once refused, refused for good. Cuts the pass if even the plain rest no longer fits."""
-        if self.cap_ms is None:
-            return True
-        elapsed, step, plain = self.agreed(next_adapt_ms, remaining_plain_ms)
-        if elapsed + plain > self.cap_ms:
-            raise EvalPassCut(f"at {where}: scoring the rest needs ~{plain / 1000:.1f}s, "
-                              f"{max(self.cap_ms - elapsed, 0) / 1000:.1f}s left")
-        if self.stopped_at is None and elapsed + step + plain > self.cap_ms:
+        fits = self.require(remaining_plain_ms, f"at {where}: the rest", next_adapt_ms)
+        if self.stopped_at is None and not fits:
             self.stopped_at = where
         return self.stopped_at is None
 
@@ -4212,12 +4202,12 @@ class ScoreLedger:
         self.adapted_targets = 0  # target positions handed out for adaptation (with repeats)
         self.full_softmax_checked = False
 
-    def window_rows(self, spans: list[tuple[int, int]], seq_len: int, pad_rows: int = 0):
-        """Inputs, targets and the scored-position mask of a batch of windows (on the device). With
-        `pad_rows`, a short batch is filled up with copies of its first row that score nothing, so a
+    def window_rows(self, spans: list[tuple[int, int]], seq_len: int, pad_rows: int):
+        """Inputs, targets and the scored-position mask of a batch of windows (on the device). A batch
+        shorter than `pad_rows` is filled up with copies of its first row that score nothing, so a
         compiled forward sees one shape."""
         length = min(spans[0][1], seq_len)
-        rows = spans + [spans[0]] * max(pad_rows - len(spans), 0)
+        rows = spans + [spans[0]] * (pad_rows - len(spans))
         x = torch.stack([self.tokens[b - length : b] for _, b in rows])
         y = torch.stack([self.tokens[b - length + 1 : b + 1] for _, b in rows])
         first_scored = torch.tensor([length - (b - a) for a, b in spans] + [length] * (len(rows) - len(spans)))
@@ -4325,9 +4315,9 @@ def score_windows(logits_fn, ledger: ScoreLedger, spans: list[tuple[int, int]], 
         if costs is not None:
             costs.lap("window" if round_idx < len(mine) else None)
             ctx.budget.require((num_rounds - round_idx + rounds_after) * costs.ms("window"),
-                               f"after {round_idx} of {num_rounds} batches")
+                               f"after {round_idx} of {num_rounds} batches: the rest")
         if round_idx < len(mine):
-            x, y, mask = ledger.window_rows(mine[round_idx], seq_len, pad_rows=batch_seqs)
+            x, y, mask = ledger.window_rows(mine[round_idx], seq_len, batch_seqs)
             with ctx.autocast():
                 logits = logits_fn(x)
             ledger.commit(mine[round_idx], logits, x, y, mask)
@@ -4432,14 +4422,13 @@ class TTTTracker:
     def stopped_at(self) -> str | None:
         return None if self.ctx.budget is None else self.ctx.budget.stopped_at
 
-    def allows(self, next_ms: float, plain_ms_left: float, where: str, left: str) -> bool:
-        """Whether the next adaptation step fits (always, without a budget); `left` names what remains."""
+    def allows(self, next_ms: float, plain_ms_left: float, where: str) -> bool:
+        """Whether the next adaptation step fits (always, without a budget)."""
         budget = self.ctx.budget
         if budget is None or budget.allows(next_ms, plain_ms_left, where):
             return True
         if budget.stopped_at == where:  # it stopped here, now: said once
-            self.ctx.log(f"ttt:adaptation_stopped at {where}: the eval budget leaves room only for scoring the "
-                         f"remaining {left} without adaptation")
+            self.ctx.log(f"ttt:adaptation_stopped at {where}: the eval budget leaves room only for plain scoring")
         return False
 
     def result(self, chunks: int, trained_chunks: int, steps: int, global_steps: int = 0) -> TTTResult:
@@ -4484,7 +4473,7 @@ def chunk_windows(spans: list[tuple[int, int]], chunk_tokens: int) -> list[list[
 
 
 def sequence_pieces(spans: list[tuple[int, int]], seq_len: int) -> list[tuple[int, int]]:
-    """Target spans cut into pieces of at most seq_len targets, in order."""
+    """Target spans cut into pieces of at most seq_len targets, in order (also a document's chunks)."""
     return [(p, min(p + seq_len, hi)) for lo, hi in spans for p in range(lo, hi, seq_len)]
 
 
@@ -4550,10 +4539,10 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContex
     with frozen(p for block in model.blocks[: s.ttt_freeze_blocks] for p in block.parameters()):
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=s.ttt_lr, momentum=s.ttt_momentum)
-        tracker = TTTTracker(ctx, f"mode:chunked chunks:{len(groups)} ttt_lr:{s.ttt_lr} ttt_epochs:{s.ttt_epochs} "
-                             f"chunk_tokens:{s.ttt_chunk_tokens} frozen_blocks:{s.ttt_freeze_blocks} "
-                             f"params:{sum(p.numel() for p in params)}", nothing_to_adapt(s, ledger.num_targets))
-        costs, later = tracker.costs, sum(rounds)  # later: scoring rounds of the chunks not scored yet
+        tracker = TTTTracker(ctx, f"mode:chunked chunks:{len(groups)} params:{sum(p.numel() for p in params)}",
+                             nothing_to_adapt(s, ledger.num_targets))
+        # no budget: nothing is timed or refused, the costs are zeros; later: scoring rounds of the chunks not scored yet
+        costs, later = tracker.costs or StepCosts(tracker.now), sum(rounds)
         steps = trained_chunks = trained_upto = 0  # targets 1..trained_upto have been (or will never be) trained on
         for ci, group in enumerate(groups):
             later -= rounds[ci]
@@ -4564,21 +4553,18 @@ def ttt_chunked(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalContex
             lo, hi = trained_upto, group[-1][1]
             if ci == len(groups) - 1 or s.ttt_epochs == 0:
                 continue  # the last chunk never trains: nothing is left to score with what it would teach
-            if costs is not None:  # a chunk never timed: ~3 forward tokens per trained token, as window batches cost
-                adapt_ms = costs.ms("chunk") if "chunk" in costs.sums else costs.ms("window") * 3 * s.ttt_epochs * (
-                    hi - lo) / (ctx.rt.world_size * s.score_batch_seqs * s.seq_len)
-                if not tracker.allows(adapt_ms, later * costs.ms("window"), f"chunk {ci + 1}/{len(groups)}",
-                                      f"{ledger.num_targets - hi} targets"):
-                    continue
+            # a chunk never timed: ~3 forward tokens per trained token, as window batches cost
+            adapt_ms = costs.ms("chunk") if "chunk" in costs.sums else costs.ms("window") * 3 * s.ttt_epochs * (
+                hi - lo) / (ctx.rt.world_size * s.score_batch_seqs * s.seq_len)
+            if not tracker.allows(adapt_ms, later * costs.ms("window"), f"chunk {ci + 1}/{len(groups)}"):
+                continue
             t0 = tracker.now()
             ledger.share(lo, hi)
             steps += adapt_full_model(model, ledger, [(lo, hi)], optimizer, ctx, lr=cosine_lr(s.ttt_lr, ci, len(groups)),
                                       epochs=s.ttt_epochs, seq_len=s.seq_len, batch_seqs=s.ttt_batch_seqs,
                                       grad_clip=s.ttt_grad_clip)
             trained_upto, trained_chunks = hi, trained_chunks + 1
-            adapt_ms = tracker.add("adapt", t0)
-            if costs is not None:
-                costs.add("chunk", adapt_ms)
+            costs.add("chunk", tracker.add("adapt", t0))
     return tracker.result(len(groups), trained_chunks, steps)
 
 
@@ -4642,12 +4628,6 @@ def phase_boundaries(prefix_docs: int, num_phases: int) -> list[int]:
     return [prefix_docs * (k + 1) // num_phases for k in range(num_phases)]
 
 
-def device_sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so a host clock read measures it (budget timing only)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class AdapterHooks:
     """Forward hooks on every module that can get an adapter, registered once per model and kept (so
     compiled graphs never see hooks come and go). Inert unless `lora_logits` has set `lora`; a hook
@@ -4676,7 +4656,7 @@ class AdapterHooks:
         return add_delta
 
 
-_ADAPTER_HOOKS: "weakref.WeakKeyDictionary[GPT, AdapterHooks]" = weakref.WeakKeyDictionary()
+_ADAPTER_HOOKS = weakref.WeakKeyDictionary()  # GPT -> its AdapterHooks
 
 
 def adapter_hooks(model: GPT) -> AdapterHooks:
@@ -4757,19 +4737,10 @@ def lora_logits(lora: DocLoRA, model: GPT, x: torch.Tensor, positions: torch.Ten
     return model.head(h, lora.delta(len(lora.a) - 1, h))
 
 
-def document_chunks(span: tuple[int, int], chunk: int) -> list[tuple[int, int]]:
-    lo, hi = span
-    return [(a, min(a + chunk, hi)) for a in range(lo, hi, chunk)]
-
-
 def window_widths(chunk: int, seq_len: int) -> list[int]:
     """The padded window widths of the per-document steps: powers of two from the chunk size up, then
     seq_len (48 and 2048: 64, 128, ..., 2048)."""
-    widths, w = [], 1 << (chunk - 1).bit_length()
-    while w < seq_len:
-        widths.append(w)
-        w *= 2
-    return widths + [seq_len]
+    return [1 << k for k in range((chunk - 1).bit_length(), (seq_len - 1).bit_length())] + [seq_len]
 
 
 def step_width(step: int, chunk: int, seq_len: int) -> int:
@@ -4779,26 +4750,27 @@ def step_width(step: int, chunk: int, seq_len: int) -> int:
 
 def round_steps(docs: list[tuple[int, int]], chunk: int, seq_len: int) -> list[tuple[int, bool]]:
     """(padded width, whether some document trains) of each chunk step of one rank's documents of a round."""
-    counts = [len(document_chunks(d, chunk)) for d in docs]
+    counts = [len(sequence_pieces([d], chunk)) for d in docs]
     return [(step_width(i, chunk, seq_len), any(i < n - 1 for n in counts)) for i in range(max(counts, default=0))]
 
 
 def lora_round(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]], lora: DocLoRA, s: TTTSettings,
                ctx: EvalContext, *, num_steps: int, forward, before_step) -> tuple[int, int]:
     """Score this rank's documents of one round, document i on adapter row i, and train their adapters
-    at each step `before_step(i, width, trains)` allows (called on every rank for each of the round's
-    `num_steps`, so budget decisions stay collective; once it refuses, it refuses for good). Returns
-    (AdamW steps, steps scored with adaptation allowed)."""
+    at each step `before_step(i, kind)` allows (kind: (plain or adapt, padded width), None where this rank
+    holds no document; called on every rank for each of the round's `num_steps`, so budget decisions
+    stay collective; once it refuses, it refuses for good). Returns (AdamW steps, steps scored with
+    adaptation allowed)."""
     lora.reset(s.ttt_warm_start_a)
     optimizer = torch.optim.AdamW(lora.params, lr=s.ttt_lora_lr, betas=(s.ttt_beta1, s.ttt_beta2), eps=1e-10,
                                   weight_decay=s.ttt_weight_decay)
-    chunks = [document_chunks(d, s.chunk) for d in docs]
+    chunks = [sequence_pieces([d], s.chunk) for d in docs]
     steps = adapting = 0
     for i in range(num_steps):
         rows = [d for d in range(len(docs)) if i < len(chunks[d])]
         train_rows = [d for d in rows if i < len(chunks[d]) - 1]
         width = step_width(i, s.chunk, s.seq_len)
-        if not before_step(i, width if rows else None, bool(train_rows)):
+        if not before_step(i, ("adapt" if train_rows else "plain", width) if rows else None):
             train_rows = []
         elif rows:
             adapting += 1
@@ -4854,35 +4826,35 @@ def global_sgd_phase(model: GPT, ledger: ScoreLedger, docs: list[tuple[int, int]
     return steps
 
 
-def measure_document_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: list[int], ctx: EvalContext, *,
-                           forward, costs: StepCosts | None) -> None:
+def measure_steps(model: GPT, lora: DocLoRA, s: TTTSettings, widths: list[int], ctx: EvalContext, *, forward,
+                  costs: StepCosts | None) -> None:
     """At each width, on full rows of synthetic tokens: an adapting step (forward, backward, AdamW),
     which compiles the width's graph; with `costs`, then a timed plain step (the forward) and a timed
-    adapting one, the budget's step costs before the first validation step. The adapters are reset
-    by the next round."""
+    adapting one, and (phased TTT with global phases, unless timed already) a timed global SGD step
+    (TTT_BATCH_SEQS sequences of EVAL_SEQ_LEN, over all ranks) after an untimed one: the budget's step
+    costs before the first validation step. The adapters are reset by the next round; every weight of
+    the model is put back."""
     optimizer = torch.optim.AdamW(lora.params, lr=0.0)
     device = lora.a[0].device
-    for width in widths:
-        x = synthetic_tokens(lora.num_rows * width, model.cfg.vocab_size, seed=width).view(lora.num_rows, width)
-        positions = torch.arange(width - s.chunk, width).expand(lora.num_rows, -1).contiguous()  # a real step's layout
-        x, positions = x.to(device), positions.to(device)
-        for kind, timed in [("adapt", False)] + ([("plain", True), ("adapt", True)] if costs is not None else []):
-            t0 = costs.now() if timed else 0.0
-            with torch.enable_grad(), ctx.autocast():  # as in `lora_round`
-                logits = forward(lora, model, x, positions, ctx.looping)
-            if kind == "adapt":
-                logits.float().logsumexp(-1).mean().backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if timed:
-                costs.add((kind, width), costs.now() - t0)
-
-
-def measure_global_step(model: GPT, s: TTTSettings, ctx: EvalContext, costs: StepCosts) -> None:
-    """Time one full global SGD step (TTT_BATCH_SEQS sequences of EVAL_SEQ_LEN, over all ranks) on
-    synthetic tokens, after an untimed one; every weight is put back."""
-    tokens = synthetic_tokens(s.ttt_batch_seqs * s.seq_len + 1, model.cfg.vocab_size, seed=2)
-    source = TrainingTokens(tokens, ctx.rt.device)
+    with frozen(model.parameters()):  # as inside a round
+        for width in widths:
+            x = synthetic_tokens(lora.num_rows * width, model.cfg.vocab_size, seed=width).view(lora.num_rows, width)
+            positions = torch.arange(width - s.chunk, width).expand(lora.num_rows, -1).contiguous()  # a real step's
+            x, positions = x.to(device), positions.to(device)
+            for kind, timed in [("adapt", False)] + ([("plain", True), ("adapt", True)] if costs is not None else []):
+                t0 = costs.now() if timed else 0.0
+                with torch.enable_grad(), ctx.autocast():  # as in `lora_round`
+                    logits = forward(lora, model, x, positions, ctx.looping)
+                if kind == "adapt":
+                    logits.float().logsumexp(-1).mean().backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if timed:
+                    costs.add((kind, width), costs.now() - t0)
+    if (costs is None or "global" in costs.sums or s.ttt_mode != "phased" or s.global_ttt_epochs == 0
+            or s.phased_ttt_prefix_docs == 0):
+        return
+    source = TrainingTokens(synthetic_tokens(s.ttt_batch_seqs * s.seq_len + 1, model.cfg.vocab_size, seed=2), device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=s.ttt_momentum)
     with weights_restored(model):
         for timed in (False, True):
@@ -4937,50 +4909,42 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalCont
     forward, queue = lora_forward or lora_logits, document_queue(ledger.tokens)
     rounds, mine = document_rounds(queue, s.ttt_batch_size, ctx.rt)
     round_docs = s.ttt_batch_size * ctx.rt.world_size
-    num_steps = [len(document_chunks(r[0], s.chunk)) for r in rounds]  # every rank's most (the longest is first)
+    num_steps = [len(sequence_pieces(r[:1], s.chunk)) for r in rounds]  # every rank's most (the longest is first)
     phased, prefix = s.ttt_mode == "phased", min(s.phased_ttt_prefix_docs, len(queue))
     boundaries = phase_boundaries(prefix, s.phased_ttt_num_phases) if phased else []
     lora = DocLoRA(model, s.ttt_batch_size, s, ledger.device, ctx.looping)
     tracker = TTTTracker(ctx, f"mode:{s.ttt_mode} docs:{len(queue)} rounds:{len(rounds)} "
                          f"docs_per_rank:{s.ttt_batch_size} window_widths:{window_widths(s.chunk, s.seq_len)} "
                          f"lora_rank:{s.ttt_lora_rank} lora_alpha:{s.ttt_lora_alpha or s.ttt_lora_rank:g} "
-                         f"lora_lr:{s.ttt_lora_lr} warm_start_a:{int(s.ttt_warm_start_a)} adapters:{len(lora.a)} "
-                         f"chunk_size:{s.ttt_chunk_size}"
-                         + (f" prefix_docs:{prefix} num_phases:{s.phased_ttt_num_phases} boundaries:{boundaries}"
-                            if phased else ""), nothing_to_adapt(s, ledger.num_targets, queue, round_docs))
+                         f"lora_lr:{s.ttt_lora_lr} warm_start_a:{int(s.ttt_warm_start_a)} adapters:{len(lora.a)}"
+                         + (f" prefix_docs:{prefix} boundaries:{boundaries}" if phased else ""),
+                         nothing_to_adapt(s, ledger.num_targets, queue, round_docs))
     costs = tracker.costs or StepCosts(tracker.now)
     remaining = document_step_widths(ledger.tokens, s, ctx.rt)  # plain steps left on this rank, by width
     if tracker.costs is not None:  # what the evaluation warm-up has not timed yet
-        with frozen(model.parameters()):
-            measure_document_steps(model, lora, s, [w for w in sorted(remaining) if ("plain", w) not in costs.sums],
-                                   ctx, forward=forward, costs=costs)
-        if phased and s.global_ttt_epochs > 0 and prefix > 0 and "global" not in costs.sums:
-            measure_global_step(model, s, ctx, costs)
+        measure_steps(model, lora, s, [w for w in sorted(remaining) if ("plain", w) not in costs.sums], ctx,
+                      forward=forward, costs=costs)
 
-    def gate(kind, where: str, refused_kind=None) -> bool:
-        """Whether the next step may adapt (always, without a budget). Under a budget the step is then
-        timed as `kind` if it may, else as `refused_kind` (None: not timed)."""
+    def gate(kind, where: str) -> bool:
+        """Whether the next step, of `kind` ("global", a chunk step's (plain or adapt, width), or None: a
+        chunk step where this rank holds no document, not timed), may adapt (always, without a budget).
+        Under a budget the step is then timed as `kind` if it may, else a chunk step as plain."""
         if tracker.costs is None:
             return True
-        ok = tracker.allows(costs.ms(kind), costs.plain_ms(remaining), where,
-                            f"{sum(remaining.values())} chunk steps on this rank")
-        costs.lap(kind if ok else refused_kind)
+        width = kind[1] if isinstance(kind, tuple) else None
+        if width:
+            remaining[width] -= 1
+        ok = tracker.allows(costs.ms(kind), costs.plain_ms(remaining), where)
+        costs.lap(kind if ok else ("plain", width) if width else None)
         return ok
 
     steps = global_steps = phases_done = trained_rounds = 0
     for j, docs in enumerate(mine):
         t0 = tracker.now()
-
-        def before_step(i: int, width: int | None, trains: bool) -> bool:
-            kind = refused = None  # a step where this rank holds no document is not timed
-            if width is not None:
-                remaining[width] -= 1
-                kind, refused = ("adapt" if trains else "plain", width), ("plain", width)
-            return gate(kind, f"round {j + 1}/{len(rounds)} step {i + 1}/{num_steps[j]}", refused)
-
         with frozen(model.parameters()):  # only the adapters learn inside a round
             done, adapted = lora_round(model, ledger, docs, lora, s, ctx, num_steps=num_steps[j], forward=forward,
-                                       before_step=before_step)
+                                       before_step=lambda i, kind: gate(kind, f"round {j + 1}/{len(rounds)} step "
+                                                                              f"{i + 1}/{num_steps[j]}"))
         costs.lap(None)
         steps += done
         trained_rounds += bool(adapted)
@@ -4996,9 +4960,9 @@ def ttt_documents(model: GPT, ledger: ScoreLedger, s: TTTSettings, ctx: EvalCont
                                                before_step=lambda n: gate("global", f"global phase {phase} step {n}"))
                 costs.lap(None)
                 global_steps += phase_steps
+                phase_ms = tracker.add("adapt", t0)
                 ctx.log(f"ttt:global_phase {phase} docs_scored:{done_docs} docs_trained:{boundaries[phases_done]} "
-                        f"steps:{phase_steps} time:{(tracker.now() - t0) / 1000:.1f}s")
-                tracker.add("adapt", t0)
+                        f"steps:{phase_steps} time:{phase_ms / 1000:.1f}s")
             phases_done += 1
     model.eval()
     return tracker.result(len(rounds), trained_rounds, steps + global_steps, global_steps)
@@ -5069,12 +5033,10 @@ def prepare_prequant_ttt(hp: Hyperparameters, rt: Runtime, model: GPT, train_fil
         looped, one_epoch = dataclasses.replace(ctx, looping=hp.num_loops > 0), dict(settings, epochs=1)
         sample = tokens[: hp.ttt_batch_seqs * hp.train_seq_len + 1]
         with weights_restored(model):
-            # the first step's costs (allocation, kernel loading) are not per step
-            prequant_ttt(model, sample, looped, **one_epoch)
-            t0 = time.perf_counter()
-            measured = prequant_ttt(model, sample, looped, **one_epoch)
-            # every rank must shorten its training budget alike
-            step_ms = agree_max([1000.0 * (time.perf_counter() - t0) / max(measured, 1)], rt)[0]
+            for _ in range(2):  # the second step is timed: the first's costs (allocation, kernel loading) recur not
+                t0 = time.perf_counter()
+                prequant_ttt(model, sample, looped, **one_epoch)  # one step: `sample` is one batch
+            step_ms = agree_max([1000.0 * (time.perf_counter() - t0)], rt)[0]  # every rank shortens its budget alike
         reserve_ms = PREQUANT_TTT_RESERVE_MARGIN * step_ms * steps
     clock.stop()
     if source == "train":  # reads training data: must end inside the training cap
@@ -5099,12 +5061,6 @@ def run_prequant_ttt(prequant: dict, model: GPT, clock: PhaseClock, *, looping: 
         f"within_cap:{int(within)}")
 
 
-def ttt_rows(hp: Hyperparameters, val_tokens: torch.Tensor, world_size: int) -> int:
-    """Documents a rank holds at a time: TTT_BATCH_SIZE, or fewer when the whole validation set fits in
-    one round (the same single round either way, with fewer padded rows)."""
-    return min(hp.ttt_batch_size, -(-len(document_spans(val_tokens)) // world_size))
-
-
 def run_ttt(model: GPT, ledger: ScoreLedger, settings: TTTSettings, ctx: EvalContext, *, logits_fn=None,
             lora_forward=None) -> TTTResult:
     """The TTT pass of TTT_MODE over the ledger's whole stream. `logits_fn` (chunked scoring) and
@@ -5123,7 +5079,7 @@ def run_ttt(model: GPT, ledger: ScoreLedger, settings: TTTSettings, ctx: EvalCon
 
 
 def compliance_lines(passes: ArtifactScore, hp: Hyperparameters, *, eval_ms: float, eval_cap_ms: float | None,
-                     causal_diff: float, prequant: dict | None = None) -> list[str]:
+                     causal_diff: float, prequant: dict | None) -> list[str]:
     """The compliance block (conditions C1-C4 of the public field guide), every data source
     (calibration: where quantization calibration data came from, e.g. train or synthetic) and what
     each evaluation pass came to."""
@@ -5133,7 +5089,7 @@ def compliance_lines(passes: ArtifactScore, hp: Hyperparameters, *, eval_ms: flo
     val_prequant = prequant is not None and prequant["source"] == "validation"
     c3 = (f"VIOLATED: pre-quantization TTT adapted the weights on {prequant['tokens'].numel()} validation tokens "
           "before they were scored" if val_prequant else
-          f"ok: {ttt_info.adapted_targets} adaptation targets, each handed out by the ledger only after its score was "
+          f"ok: {ttt_info.adapted_targets} adaptation targets, each handed out by the ledger after its score was "
           "committed" if adapted else "ok: no adaptation on validation tokens")
     prequant_ok = prequant is None or prequant.get("within_cap", True)
     prequant_source = "none" if prequant is None else "validation (before scoring: NON-RECORD)" if val_prequant else (
@@ -5145,12 +5101,12 @@ def compliance_lines(passes: ArtifactScore, hp: Hyperparameters, *, eval_ms: flo
     return [
         "compliance:",
         f"  track: {track}",
-        "  C1 causal: ok: every target scored from earlier tokens only (windows end at their last scored target); "
-        f"self-test: changing a later token moved earlier logits by {causal_diff:.3g}",
+        f"  C1 causal: ok: windows end at their last scored target; a later token moved earlier logits by "
+        f"{causal_diff:.3g}",
         f"  C2 full normalized softmax: ok: cross-entropy over all {hp.vocab_size} logits, softmax sum checked",
         f"  C3 score before update: {c3}",
         f"  C4 each target scored once: {'ok' if len(targets) == 1 else 'FAILED'}: "
-        f"{', '.join(f'{k}:{r.num_targets}' for k, r in results.items())} (every pass checked per target)",
+        f"{', '.join(f'{k}:{r.num_targets}' for k, r in results.items())}",
         f"  sources: train_warmup:train eval_warmup:synthetic "
         f"adaptation:{'validation (already scored)' if adapted else 'none'} pre_quant_ttt:{prequant_source} "
         f"calibration:{hp.gptq_calibration_source if hp.quant_method == 'gptq' else 'none'}",
@@ -5164,7 +5120,7 @@ NON_RECORD_STAMP = " non_record:C3_violated"
 
 
 def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, val_tokens: torch.Tensor, looping: bool,
-                    world_size: int) -> list[str]:
+                    world_size: int, ttt: TTTSettings | None) -> list[str]:
     """Forward/backward FLOPs of every evaluation pass about to run, and the time they need at peak
     and at 40% MFU on this run's devices and on 8xH100, against the evaluation budget."""
     seq_len, num_targets = hp.effective_eval_seq_len, val_tokens.numel() - 1
@@ -5179,14 +5135,14 @@ def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, val_tokens: torch.Ten
     passes = [flat("roundtrip", window_tokens(seq_len))]
     if 0 < hp.eval_stride < seq_len:
         passes.append(flat("sliding", window_tokens(hp.eval_stride)))
-    if hp.ttt_enabled and hp.ttt_mode == "chunked":
+    if ttt is not None and ttt.ttt_mode == "chunked":
         trained = min(num_targets, (-(-num_targets // hp.ttt_chunk_tokens) - 1) * hp.ttt_chunk_tokens)
         passes.append(flat("ttt_chunked", window_tokens(hp.eval_stride or seq_len), trained * hp.ttt_epochs))
-    elif hp.ttt_enabled:  # each chunk step reads TTT_BATCH_SIZE padded rows; a step where a row trains backpropagates
-        queue, rows = document_queue(val_tokens), ttt_rows(hp, val_tokens, world_size)
-        chunk = min(hp.ttt_chunk_size, seq_len)
+    elif ttt is not None:  # each chunk step reads a rank's padded rows; a step where a row trains backpropagates
+        queue, rows = document_queue(val_tokens), ttt.ttt_batch_size
         # one rank's share of each round (the head counted at every position)
-        steps = [step for j in range(0, len(queue), rows) for step in round_steps(queue[j : j + rows], chunk, seq_len)]
+        steps = [step for j in range(0, len(queue), rows)
+                 for step in round_steps(queue[j : j + rows], ttt.chunk, seq_len)]
         fwd_tokens = sum(rows * width for width, _ in steps)
         backprop_tokens = sum(rows * width for width, trains in steps if trains)
         lora = lora_flops_per_token(cfg, hp.ttt_lora_rank, looping, k=hp.ttt_k_lora, o=hp.ttt_o_lora,
@@ -5199,14 +5155,14 @@ def eval_flops_plan(hp: Hyperparameters, cfg: ModelConfig, val_tokens: torch.Ten
                        (fwd + lora) * fwd_tokens + (fwd + 2 * lora) * backprop_tokens + 3 * fwd * global_tokens))
     total = sum(flops for *_, flops in passes)
 
-    def seconds(devices: int, mfu: float) -> float:
-        return total / (devices * hp.peak_tflops * 1e12 * mfu)
+    def seconds(devices: int) -> str:
+        peak, mfu_40 = (total / (devices * hp.peak_tflops * 1e12 * mfu) for mfu in (1, 0.4))
+        return f"at_peak:{peak:.3g}s at_40%_mfu:{mfu_40:.3g}s"
 
     budget = f"{hp.max_eval_seconds:.0f}s" if hp.max_eval_seconds > 0 else "none"
     lines = [f"eval_plan: {name} forward_tokens:{f} train_tokens:{t} flops:{flops:.3e}" for name, f, t, flops in passes]
-    return lines + [f"eval_plan_total: flops:{total:.3e} this_run({world_size} devices) "
-                    f"at_peak:{seconds(world_size, 1):.3g}s at_40%_mfu:{seconds(world_size, 0.4):.3g}s | 8xH100 "
-                    f"at_peak:{seconds(8, 1):.3g}s at_40%_mfu:{seconds(8, 0.4):.3g}s | budget:{budget}"]
+    return lines + [f"eval_plan_total: flops:{total:.3e} this_run({world_size} devices) {seconds(world_size)} | "
+                    f"8xH100 {seconds(8)} | budget:{budget}"]
 
 
 def synthetic_tokens(n: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
@@ -5242,8 +5198,8 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, ctx: EvalContext, 
             a, b = logits_fn(x, ctx.looping).float(), logits_fn(flipped, ctx.looping).float()
         causal_diff = float((a[:, :-1] - b[:, :-1]).abs().max()) if seq_len > 1 else 0.0
         if causal_diff > 1e-3:
-            raise RunError(f"causality self-test failed: changing the last token changed earlier logits by "
-                           f"{causal_diff:.3g} (C1); no score is reported")
+            raise RunError(f"causality self-test failed: the last token changed earlier logits by {causal_diff:.3g} "
+                           "(C1); no score is reported")
         no_sidecar = dataclasses.replace(luts, val_bytes=None)  # synthetic tokens are not the validation stream
         for _ in range(3 if costs is not None else 0):
             synthetic = ScoreLedger(stream, no_sidecar, ctx.rt.device)
@@ -5254,12 +5210,8 @@ def warm_up_evaluation(model: GPT, logits_fn, luts: ByteLuts, ctx: EvalContext, 
         if ttt is not None:
             if documents:
                 lora = DocLoRA(model, ttt.ttt_batch_size, ttt, ctx.rt.device, ctx.looping)
-                with frozen(model.parameters()):  # as inside a round
-                    measure_document_steps(model, lora, ttt, window_widths(ttt.chunk, seq_len), quiet,
-                                           forward=lora_forward or lora_logits, costs=costs)
-                if (costs is not None and ttt.ttt_mode == "phased" and ttt.global_ttt_epochs > 0
-                        and ttt.phased_ttt_prefix_docs > 0):
-                    measure_global_step(model, ttt, quiet, costs)
+                measure_steps(model, lora, ttt, window_widths(ttt.chunk, seq_len), quiet,
+                              forward=lora_forward or lora_logits, costs=costs)
             synthetic = ScoreLedger(synthetic_tokens(2 * seq_len + 1, model.cfg.vocab_size, seed=1), no_sidecar,
                                     ctx.rt.device)
             small = dataclasses.replace(ttt, ttt_chunk_tokens=seq_len, ttt_epochs=1, phased_ttt_prefix_docs=1,
@@ -5274,9 +5226,6 @@ def final_score_log_key(stage: str, tag: str) -> str:
     `tag` names the artifact's format, e.g. int6_brotli."""
     return {"roundtrip": f"final_{tag}_roundtrip_exact", "sliding": "final_sliding_window_exact",
             "ttt": "legal_ttt_exact"}[stage]
-
-
-TTT_SCORE_LABELS = {"chunked": "quantized_ttt", "lora": "quantized_ttt_lora", "phased": "quantized_ttt_phased"}
 
 
 def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor, luts: ByteLuts, clock: PhaseClock,
@@ -5299,12 +5248,14 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
         phases[name] = clock.elapsed_ms("eval") - sum(phases.values())
         return phases[name]
 
-    for line in eval_flops_plan(hp, model.cfg, val_tokens, ctx.looping, rt.world_size):
-        log(line)
     settings = None
-    if hp.ttt_enabled:  # a rank holds TTT_BATCH_SIZE documents, or fewer when they all fit in one round
+    if hp.ttt_enabled:  # a rank holds TTT_BATCH_SIZE documents, or fewer when they all fit in one round (the same
+        # single round either way, with fewer padded rows)
+        rows = min(hp.ttt_batch_size, -(-len(document_spans(val_tokens)) // rt.world_size))
         settings = TTTSettings.from_hparams(hp, seq_len=seq_len, score_batch_seqs=batch_seqs,
-                                            ttt_batch_size=ttt_rows(hp, val_tokens, rt.world_size) or hp.ttt_batch_size)
+                                            ttt_batch_size=rows or hp.ttt_batch_size)
+    for line in eval_flops_plan(hp, model.cfg, val_tokens, ctx.looping, rt.world_size, settings):
+        log(line)
     budget = EvalBudget(lambda: clock.elapsed_ms("eval"), clock.eval_cap_ms, rt)
     ctx = dataclasses.replace(ctx, budget=budget)
     warm = warm_up_evaluation(model, logits_fn, luts, ctx, seq_len=seq_len, batch_seqs=batch_seqs, ttt=settings,
@@ -5340,15 +5291,16 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
         return ledger.result()
 
     names = {"roundtrip": "quantized", "sliding": "quantized_sliding_window",
-             "ttt": TTT_SCORE_LABELS.get(hp.ttt_mode)}
+             "ttt": "quantized_ttt" if hp.ttt_mode == "chunked" else f"quantized_ttt_{hp.ttt_mode}"}
     passes = ArtifactScore(tag)
     for stage in ["roundtrip"] + ["sliding"] * bool(stride) + ["ttt"] * hp.ttt_enabled:
-        if budget.cap_ms is not None:
-            need, left = budget.left_ms(plain_ms(stage))
-            if need > left:
-                passes.status[stage] = "skipped"
-                log(f"eval:skipped {stage} needs ~{need / 1000:.1f}s, {max(left, 0) / 1000:.1f}s left")
-                continue
+        try:
+            if budget.cap_ms is not None:
+                budget.require(plain_ms(stage), stage)
+        except EvalPassCut as e:
+            passes.status[stage] = "skipped"
+            log(f"eval:skipped {e}")
+            continue
         try:
             r = passes.results[stage] = run_pass(stage)
         except EvalPassCut as e:
@@ -5390,9 +5342,8 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, val_tokens: torch.Tensor,
 
 def load_artifact_model(path: Path, device: torch.device, expect: ModelConfig | None = None,
                         attn_backend: str = "sdpa") -> tuple[GPT, dict]:
-    """A fresh model built from the artifact file alone, and the artifact's header."""
-    if not path.is_file():
-        raise RunError(f"model artifact {path} does not exist; train first or set ARTIFACT_PATH")
+    """A fresh model built from the artifact file alone (which exists: just exported, or checked by
+    EVAL_ONLY), and the artifact's header."""
     entries, header = unpack_artifact(path.read_bytes(),
                                       expect_model=None if expect is None else dataclasses.asdict(expect))
     if {f.name for f in fields(ModelConfig)} - {"attn_backend"} - set(header["model"]):
@@ -5446,8 +5397,9 @@ class ArtifactScore:
         """The manifest's final_score: the submitted score and the log line that reports it
         (records/records.py checks they agree), and the stage the run asked for if it fell back."""
         stage = self.final_stage
-        return {"stage": stage, "log_key": final_score_log_key(stage, self.tag), **eval_record(self.results[stage]),
-                "asked_stage": self.asked_stage, "fallback": self.fallback, "passes": dict(self.status)}
+        return {"stage": stage, "log_key": final_score_log_key(stage, self.tag),
+                **dataclasses.asdict(self.results[stage]), "asked_stage": self.asked_stage, "fallback": self.fallback,
+                "passes": dict(self.status)}
 
 
 def eval_batch_seqs(hp: Hyperparameters, world_size: int) -> int:
@@ -5456,7 +5408,7 @@ def eval_batch_seqs(hp: Hyperparameters, world_size: int) -> int:
 
 
 def score_artifact(hp: Hyperparameters, rt: Runtime, path: Path, val_tokens: torch.Tensor, luts: ByteLuts,
-                   clock: PhaseClock, log, *, expect: ModelConfig | None = None, use_compile: bool = False,
+                   clock: PhaseClock, log, *, use_compile: bool, expect: ModelConfig | None = None,
                    prequant: dict | None = None) -> ArtifactScore:
     """Load the artifact file alone into a fresh model and run every evaluation stage on it under the
     evaluation budget, which runs from reading the file to the final score. The end of a training run
@@ -5513,7 +5465,7 @@ def agree_run_id(run_id: str, rt: Runtime) -> str:
 # exactly one wins (an empty folder someone made by hand is taken by the first) and the others remove
 # only their own temporary folder. The winner holds an flock on its folder for as long as it runs;
 # REPLACE_RUN=1 deletes an old folder only after taking that lock, so it never replaces a live run.
-RUN_DIR_LOCKS: dict[str, int] = {}  # run folder -> the open, locked descriptor of it
+RUN_DIR_LOCKS = {}  # run folder (str) -> the open, locked descriptor of it
 
 
 def claim_run_dir(hp: Hyperparameters, rt: Runtime) -> Path:
@@ -5548,8 +5500,8 @@ def claim_folder(run_dir: Path, replace: bool) -> None:
             os.rename(stage, run_dir)
         except OSError as e:
             if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                raise RunError(f"run folder {run_dir}{os.sep} already exists; pick a new RUN_ID or set REPLACE_RUN=1 "
-                               "to replace it") from None
+                raise RunError(f"run folder {run_dir}{os.sep} already exists; pick a new RUN_ID or set "
+                               "REPLACE_RUN=1") from None
             raise filesystem_error(e, run_dir) from None
     except BaseException as e:
         if fd is not None:
@@ -5566,8 +5518,7 @@ def remove_old_run_dir(run_dir: Path) -> None:
     if not run_dir.exists():
         return
     if not run_dir.is_dir():
-        raise RunError(f"{run_dir} is a file, not a run folder (REPLACE_RUN=1 replaces only folders); remove it "
-                       "or pick another RUN_ID")
+        raise RunError(f"{run_dir} is a file, not a run folder; remove it or pick another RUN_ID")
     try:
         fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
@@ -5579,8 +5530,8 @@ def remove_old_run_dir(run_dir: Path) -> None:
         except (BlockingIOError, FileNotFoundError):  # locked by its run, or moved away
             moved = True
         if moved:
-            raise RunError(f"run folder {run_dir}{os.sep} belongs to a run that is still going (or being replaced); "
-                           "let it end, stop it or pick a new RUN_ID") from None
+            raise RunError(f"run folder {run_dir}{os.sep} belongs to a run that is still going; let it end, stop it "
+                           "or pick a new RUN_ID") from None
         trash = run_dir.parent / f".replaced-{uuid.uuid4().hex[:12]}"
         os.rename(run_dir, trash)  # atomic: from here on nobody sees the old folder under the run's name
         shutil.rmtree(trash)
@@ -5609,7 +5560,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(data_path: str, tokenizer_path: str | None = None, splits=("train", "val")) -> dict:
+def data_fingerprint(data_path: str, tokenizer_path: str, splits=("train", "val")) -> dict:
     """Which data a run used: shard counts and checksums (from the data manifest when one sits beside
     the shards, else computed here), the manifest's own hash and the tokenizer's. The records tool
     refuses to pool runs whose tokenizer or validation shards differ."""
@@ -5631,15 +5582,6 @@ def data_fingerprint(data_path: str, tokenizer_path: str | None = None, splits=(
             "tokenizer_sha256": file_sha256(Path(tokenizer_path)) if tokenizer_path else None}
 
 
-def environment_facts(rt: Runtime) -> dict:
-    facts = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-             "sentencepiece": spm.__version__, "platform": platform.platform(), "device": str(rt.device),
-             "world_size": rt.world_size}
-    if rt.device.type == "cuda":
-        facts.update(cuda=torch.version.cuda, gpu=torch.cuda.get_device_name(rt.device))
-    return facts
-
-
 def step_time_stats(step_ms: list[float]) -> dict:
     if not step_ms:
         return {"count": 0}
@@ -5655,7 +5597,7 @@ def utc_now() -> str:
 class RunManifest:
     """manifest.json of a run folder, written by rank 0 (atomically, every time it changes)."""
 
-    def __init__(self, path: Path, hp: Hyperparameters, rt: Runtime, mode: str = "train"):
+    def __init__(self, path: Path, hp: Hyperparameters, rt: Runtime, mode: str):
         self.path, self.is_main = path, rt.is_main
         readable = readable_source()
         self.data = {
@@ -5664,7 +5606,11 @@ class RunManifest:
             "config": {f.name: getattr(hp, f.name) for f in fields(hp)},
             "code": {"train_gpt_sha256": hashlib.sha256(readable).hexdigest(), "readable_bytes": len(readable),
                      "shipped_sha256": hashlib.sha256(shipped_code(readable)).hexdigest()},
-            "environment": environment_facts(rt),
+            "environment": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                            "sentencepiece": spm.__version__, "platform": platform.platform(), "device": str(rt.device),
+                            "world_size": rt.world_size, **({"cuda": torch.version.cuda,
+                                                             "gpu": torch.cuda.get_device_name(rt.device)}
+                                                            if rt.device.type == "cuda" else {})},
         }
         self.write()
 
@@ -5675,21 +5621,32 @@ class RunManifest:
     def finish(self, status: str, **sections) -> None:
         self.update(**sections, status=status, finished_utc=utc_now())
 
-    def finish_scored(self, scored: ArtifactScore, path: Path, clock: PhaseClock, compile_summary: dict, *,
-                      scores: dict | None = None, artifact: dict | None = None,
-                      compliance: dict | None = None, **sections) -> None:
-        """Finish a run that scored an artifact (a training run or EVAL_ONLY): every score, the submitted
-        one, the bytes, the phase times, what compile did and the compliance block; plus the caller's."""
+    def finish_scored(self, scored: ArtifactScore, path: Path, clock: PhaseClock, log, use_compile: bool, *,
+                      artifact: dict, returns: dict, scores: dict | None = None, compliance: dict | None = None,
+                      **sections) -> dict:
+        """Finish a run that scored an artifact (a training run or EVAL_ONLY): log the phase times and
+        what compile did; write every score, the submitted one, the bytes, the phase times, the compile
+        section and the compliance block, plus the caller's sections; return what run() returns (the
+        caller's `returns` added)."""
+        log(clock.summary())
+        compile_summary = {"enabled": False}
+        if use_compile:
+            log(_active_compile.line())
+            compile_summary = _active_compile.summary()
         fits = scored.total_bytes <= ARTIFACT_LIMIT_BYTES
         self.finish(
-            "complete", scores={**(scores or {}), **{name: eval_record(r) for name, r in scored.results.items()}},
+            "complete", scores={**(scores or {}), **{k: dataclasses.asdict(r) for k, r in scored.results.items()}},
             final_score=scored.final_score_record(), phases_ms=dict(clock.totals), compile=compile_summary,
             artifact={"code_bytes": scored.code_bytes, "model_bytes": scored.model_bytes,
                       "total_bytes": scored.total_bytes, "limit": ARTIFACT_LIMIT_BYTES, "fits": fits,
-                      "sha256": file_sha256(path), **(artifact or {})},
+                      "sha256": file_sha256(path), **artifact},
             compliance={"eval_time_ms": clock.elapsed_ms("eval"), "eval_cap_ms": clock.eval_cap_ms,
                         "artifact_under_limit": fits, **(compliance or {}), "block": scored.compliance},
             **sections)
+        return dict(run_id=self.data["run_id"], run_dir=str(self.path.parent),
+                    roundtrip=scored.results.get("roundtrip"), code_bytes=scored.code_bytes, model_bytes=scored.model_bytes, total_bytes=scored.total_bytes,
+                    tag=scored.tag, phases=dict(clock.totals), log_path=str(log.path), compile=compile_summary,
+                    **returns)
 
     def write(self) -> None:
         if self.is_main:
@@ -5704,31 +5661,26 @@ def record_failure(manifest: "RunManifest | None", e: BaseException, artifact: P
     if _active_compile is not None:
         e = compile_failure(e) or e
         sections["compile"] = _active_compile.summary()
+
+    def record() -> None:
+        if artifact is not None:
+            failed = artifact.with_name(artifact.name + ".failed")
+            if is_main and artifact.is_file():
+                with contextlib.suppress(OSError):
+                    os.replace(artifact, failed)
+            if failed.is_file():
+                sections["artifact_kept_as"] = failed.name
+        if manifest is not None:
+            stopped = STOP_SIGNAL_RECEIVED[0] if STOP_SIGNAL_RECEIVED else None
+            # e.g. the disk is still full: the first error is the one to report
+            with contextlib.suppress(RunError, OSError):
+                manifest.finish("failed", error=f"stopped by {stopped}" if stopped else f"{e.__class__.__name__}: {e}",
+                                **({"signal": stopped} if stopped else {}), **sections)
+
     try:
-        _record_failure(manifest, e, artifact, is_main, sections)
+        record()
     except RunStopped:  # the signal came while recording another failure (a peer it stopped): record it
-        _record_failure(manifest, e, artifact, is_main, sections)  # a stop signal raises only once
-
-
-def _record_failure(manifest: "RunManifest | None", e: BaseException, artifact: Path | None, is_main: bool,
-                    sections: dict) -> None:
-    if artifact is not None:
-        failed = artifact.with_name(artifact.name + ".failed")
-        if is_main and artifact.is_file():
-            with contextlib.suppress(OSError):
-                os.replace(artifact, failed)
-        if failed.is_file():
-            sections["artifact_kept_as"] = failed.name
-    if manifest is not None:
-        stopped = STOP_SIGNAL_RECEIVED[0] if STOP_SIGNAL_RECEIVED else None
-        # e.g. the disk is still full: the first error is the one to report
-        with contextlib.suppress(RunError, OSError):
-            manifest.finish("failed", error=f"stopped by {stopped}" if stopped else f"{e.__class__.__name__}: {e}",
-                            **({"signal": stopped} if stopped else {}), **sections)
-
-
-def eval_record(result: EvalResult) -> dict:
-    return dataclasses.asdict(result)  # val_loss, val_bpb, num_targets, num_bytes
+        record()  # a stop signal raises only once
 
 
 # ---- the shipped code form ---------------------------------------------------------------------------
@@ -5907,7 +5859,7 @@ def code_bytes() -> int:
 # ==================================================================================================
 # A run from its first line to its last: the log header, the validation data and the shapes checked
 # before anything is allocated, then run(): EVAL_ONLY=1, or a training run as the named steps that
-# train_and_score_in lists (its table of contents). main() turns a bad setting, a failed run or a
+# train_and_score lists (its table of contents). main() turns a bad setting, a failed run or a
 # stop signal into one line on stderr and exit code 2.
 
 
@@ -5925,8 +5877,8 @@ def log_run_header(hp: Hyperparameters, rt: Runtime, log) -> None:
     for warning in env_name_warnings(os.environ, Hyperparameters.knob_names()):
         log(warning)
     if hp.allow_val_adaptation:
-        log(f"non_record: ALLOW_VAL_ADAPTATION=1 permits adapting on validation tokens before scoring them (C3 "
-            f"violated); every score line below carries '{NON_RECORD_STAMP.strip()}'")
+        log(f"non_record: ALLOW_VAL_ADAPTATION=1 permits adapting on validation tokens before scoring them (C3); "
+            f"score lines carry '{NON_RECORD_STAMP.strip()}'")
 
 
 def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Tensor, ByteLuts]:
@@ -5942,14 +5894,13 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Ten
     operators = caseops_operator_ids(sp)
     sidecar = load_validation_byte_sidecar(hp.data_path)
     if sidecar is None and (operators is not None or hp.caseops_enabled):
-        what = ("CASEOPS_ENABLED=1" if operators is None else
-                f"{hp.tokenizer_path} is a CaseOps tokenizer (its pieces hold the operators U+E001-U+E004)")
+        what = "CASEOPS_ENABLED=1" if operators is None else f"{hp.tokenizer_path} is a CaseOps tokenizer"
         raise RunError(f"{what} but DATA_PATH={hp.data_path} has no byte sidecar fineweb_val_bytes_*.bin, so val_bpb "
-                       "would count the pieces' bytes; fetch the variant with its sidecar "
-                       "(data/cached_challenge_fineweb.py) or re-export with data/export_shards.py --caseops")
+                       "would count the pieces' bytes; fetch the variant with its sidecar or re-export with "
+                       "data/export_shards.py --caseops")
     if hp.caseops_enabled and operators is None:
-        raise RunError(f"CASEOPS_ENABLED=1 but {hp.tokenizer_path} has no CaseOps operator pieces (U+E001-U+E004); "
-                       "point TOKENIZER_PATH at DATA_PATH's CaseOps tokenizer, or unset CASEOPS_ENABLED")
+        raise RunError(f"CASEOPS_ENABLED=1 but {hp.tokenizer_path} has no CaseOps operator pieces; point "
+                       "TOKENIZER_PATH at DATA_PATH's CaseOps tokenizer or unset CASEOPS_ENABLED")
     byte_check = "ok"
     if sidecar is None:
         val_bytes = check_validation_bytes(sp, val_tokens, luts, rt.rank, rt.world_size, rt.device)
@@ -5965,9 +5916,8 @@ def prepare_validation(hp: Hyperparameters, rt: Runtime, log) -> tuple[torch.Ten
             if not (raw_ok and 0 < val_bytes - decoded <= RAW_SIDECAR_SLACK * decoded):
                 raise byte_mismatch(val_bytes, decoded, luts)
             byte_check = f"raw_sidecar(+{(val_bytes - decoded) / decoded:.3%}_over_the_decoded_text)"
-            log(f"byte_sidecar: counts {val_bytes} bytes, the decoded text has {decoded}: the sidecar counts the raw "
-                "text the tokenizer normalised (newlines, repeated spaces, NFKC), the public CaseOps convention; "
-                "val_bpb is on the sidecar's bytes")
+            log(f"byte_sidecar: counts {val_bytes} bytes, the decoded text {decoded}: the raw text before the "
+                "tokenizer's normalisation (the public CaseOps convention); val_bpb uses the sidecar's")
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
     log(f"val_loader:shards pattern={hp.data_path}/fineweb_val_*.bin tokens:{val_tokens.numel()} "
         f"targets:{val_tokens.numel() - 1} bytes:{val_bytes} byte_source:{'tables' if sidecar is None else 'sidecar'}"
@@ -5989,12 +5939,6 @@ def training_memory_floor(hp: Hyperparameters, cfg: ModelConfig, world_size: int
     return params, 12 * params + activations
 
 
-def device_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def check_shapes_fit(hp: Hyperparameters, rt: Runtime, train_files: list[str], val_tokens: torch.Tensor) -> None:
     """Before anything is allocated: the sequences fit the data and the model fits the device."""
     largest = max(shard_token_count(f) for f in train_files)
@@ -6002,16 +5946,17 @@ def check_shapes_fit(hp: Hyperparameters, rt: Runtime, train_files: list[str], v
         raise RunError(f"TRAIN_SEQ_LEN={hp.train_seq_len} is longer than every training shard (the largest holds "
                        f"{largest} tokens); lower TRAIN_SEQ_LEN or use larger shards")
     if hp.effective_eval_seq_len > val_tokens.numel() - 1:
-        name = "EVAL_SEQ_LEN" if hp.eval_seq_len else "TRAIN_SEQ_LEN (the evaluation context unless EVAL_SEQ_LEN is set)"
+        name = "EVAL_SEQ_LEN" if hp.eval_seq_len else "TRAIN_SEQ_LEN (EVAL_SEQ_LEN unset)"
         raise RunError(f"{name}={hp.effective_eval_seq_len} is longer than the validation set ({val_tokens.numel() - 1} "
                        "targets); lower it or use the full validation shards")
     params, need = training_memory_floor(hp, ModelConfig.from_hparams(hp), rt.world_size)
-    have = device_memory_bytes(rt.device)
+    have = (torch.cuda.get_device_properties(rt.device).total_memory if rt.device.type == "cuda"
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     if need > have:
         raise RunError(f"the model cannot train here: {params / 1e6:,.0f}M parameters (NUM_LAYERS={hp.num_layers} "
-                       f"MODEL_DIM={hp.model_dim} MLP_MULT={hp.mlp_mult}) and {hp.train_batch_tokens} tokens a step need "
-                       f">= {need / 2**30:,.1f} GiB per device, this {rt.device.type} has {have / 2**30:,.1f} GiB; "
-                       "lower NUM_LAYERS, MODEL_DIM, MLP_MULT or TRAIN_BATCH_TOKENS (or raise GRAD_ACCUM_STEPS)")
+                       f"MODEL_DIM={hp.model_dim} MLP_MULT={hp.mlp_mult}) need >= {need / 2**30:,.1f} GiB per device, "
+                       f"this {rt.device.type} has {have / 2**30:,.1f} GiB; lower NUM_LAYERS, MODEL_DIM, MLP_MULT or "
+                       "TRAIN_BATCH_TOKENS, or raise GRAD_ACCUM_STEPS")
 
 
 def train_data_access_ms(clock: PhaseClock, *, prequant_on_train: bool, calibrate_on_train: bool) -> float:
@@ -6056,11 +6001,10 @@ def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -
     What can be checked without a run folder (the artifact's header, the tokenizer, the validation
     data) is checked first, so such a failure leaves no folder and the RUN_ID stays free. The scores go
     to a run folder of its own with a manifest (mode "eval_only"), like any run."""
-    if not hp.artifact_path:
-        raise ConfigError("EVAL_ONLY=1 needs ARTIFACT_PATH, the final_model.*.ptz of a run folder")
     path = Path(hp.artifact_path)
-    if not path.is_file():
-        raise RunError(f"EVAL_ONLY=1 but ARTIFACT_PATH={path} does not exist; point it at a final_model.*.ptz")
+    if not (hp.artifact_path and path.is_file()):
+        raise ConfigError(f"EVAL_ONLY=1 needs ARTIFACT_PATH (now {hp.artifact_path!r}) to name an existing "
+                          "final_model.*.ptz of a run folder")
     header, _ = read_artifact_header(path.read_bytes())
     # The tokenizer must match the model's vocabulary, which the artifact records
     hp = dataclasses.replace(hp, run_id=agree_run_id(hp.run_id, rt), vocab_size=header["model"]["vocab_size"])
@@ -6075,11 +6019,8 @@ def run_eval_only(hp: Hyperparameters, rt: Runtime, use_compile: bool = False) -
         manifest.update(data=data_fingerprint(hp.data_path, hp.tokenizer_path, splits=("val",)) if rt.is_main else {})
         clock = PhaseClock(None, max_eval_ms(hp))
         scored = score_artifact(hp, rt, path, val_tokens, luts, clock, log, use_compile=use_compile)
-        compile_summary = finish_compile_log(use_compile, log)
-        log(clock.summary())
-        manifest.finish_scored(scored, path, clock, compile_summary, artifact={"path": str(path.resolve())})
-    return scored_summary(hp, out_dir, scored, clock, log, compile_summary, results=scored.results, cap_ms=None,
-                          train_data_access_end_ms=0.0)
+        return manifest.finish_scored(scored, path, clock, log, use_compile, artifact={"path": str(path.resolve())},
+                                      returns=dict(results=scored.results, cap_ms=None, train_data_access_end_ms=0.0))
 
 
 def compile_record_for(hp: Hyperparameters, rt: Runtime) -> CompileRecord | None:
@@ -6105,34 +6046,37 @@ def run(hp: Hyperparameters, rt: Runtime) -> dict:
             raise failure from None
 
 
-def finish_compile_log(use_compile: bool, log) -> dict:
-    """After the final score: log what compile did; returns the manifest's compile section."""
-    if not use_compile:
-        return {"enabled": False}
-    log(_active_compile.line())
-    return _active_compile.summary()
-
-
-def scored_summary(hp: Hyperparameters, out_dir: Path, scored: ArtifactScore, clock: PhaseClock, log,
-                   compile_summary: dict, **more) -> dict:
-    """What run() returns for a run that scored an artifact (training runs add theirs in `more`)."""
-    return dict(run_id=hp.run_id, run_dir=str(out_dir), roundtrip=scored.results.get("roundtrip"),
-                code_bytes=scored.code_bytes, model_bytes=scored.model_bytes, total_bytes=scored.total_bytes,
-                tag=scored.tag, phases=dict(clock.totals), log_path=str(log.path), compile=compile_summary, **more)
-
-
 def train_and_score(hp: Hyperparameters, rt: Runtime, use_compile: bool) -> dict:
+    """One training run, step by step, in a run folder of its own."""
     hp.check_world(rt.world_size)
     hp = dataclasses.replace(hp, run_id=agree_run_id(hp.run_id, rt))
     with run_folder(hp, rt, "train", use_compile) as (out_dir, manifest, log):
-        return train_and_score_in(hp, rt, use_compile, out_dir, log, manifest)
+        run = start_training_run(hp, rt, use_compile, out_dir, log, manifest)
+        warm_up(run)
+        reserve_data_access(run)
+        averager = WeightAverager(run.base_model, ema_decay=hp.ema_decay, swa_start_frac=hp.swa_start_frac,
+                                  swa_every=hp.swa_every, ema_warmup=hp.ema_warmup)
+        state = train(run, averager)
+        choice = choose_weights(run, averager, state.looping)
+        hessians = calibrate(run, state.looping)
+        access = check_data_access(run)
+        pre_quant = score_before_quantization(run, state, choice)
+        run.clock.start("serialize")
+        artifact_path = export_artifact(run.hp, rt, run.base_model, out_dir, log, looping=state.looping,
+                                        hessians=hessians)
+        run.clock.stop()
+        scored = score_artifact(run.hp, rt, artifact_path, run.val_tokens, run.luts, run.clock, log,
+                                expect=run.base_model.cfg, use_compile=use_compile, prequant=run.prequant)
+        return finish_run(run, state, choice, pre_quant, access, artifact_path, scored)
 
 
 @dataclass
 class TrainingRun:
     """What the steps of one training run share: its settings and runtime, its log and manifest, the
     data, the model being trained (and its compiled or DDP-wrapped forms), the optimizers, the
-    export plan and the phase clock. Built by `start_training_run`; each step below takes it."""
+    export plan and the phase clock, and (set by `reserve_data_access`) what is taken off the training
+    budget for training-data reads after training. Built by `start_training_run`; each step below
+    takes it."""
     hp: Hyperparameters
     rt: Runtime
     use_compile: bool
@@ -6150,6 +6094,12 @@ class TrainingRun:
     qat_layers: list
     plan: QuantPlan
     clock: PhaseClock
+    calibration_probe_ms: float = 0.0  # one measured pass over the calibration batches (0 when not on train data)
+    prequant: dict | None = None  # pre-quantization TTT, prepared (None when off)
+
+    @property
+    def prequant_on_train(self) -> bool:
+        return self.prequant is not None and self.prequant["source"] == "train"
 
     @property
     def grad_accum(self) -> int:
@@ -6181,27 +6131,6 @@ class TrainingRun:
                                  hp.train_seq_len, self.holdout, hp.vocab_size)
 
 
-def train_and_score_in(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_dir: Path, log,
-                       manifest: "RunManifest") -> dict:
-    """One training run, step by step, in the run folder `out_dir` (claimed by the caller)."""
-    run = start_training_run(hp, rt, use_compile, out_dir, log, manifest)
-    warm_up(run)
-    reserve = reserve_data_access(run)
-    averager = WeightAverager(run.base_model, ema_decay=hp.ema_decay, swa_start_frac=hp.swa_start_frac,
-                              swa_every=hp.swa_every, ema_warmup=hp.ema_warmup)
-    state = train(run, averager)
-    choice = choose_weights(run, averager, reserve.prequant, state.looping)
-    hessians = calibrate(run, reserve, state.looping)
-    access = check_data_access(run, reserve)
-    pre_quant = score_before_quantization(run, state, choice)
-    run.clock.start("serialize")
-    artifact_path = export_artifact(run.hp, rt, run.base_model, out_dir, log, looping=state.looping, hessians=hessians)
-    run.clock.stop()
-    scored = score_artifact(run.hp, rt, artifact_path, run.val_tokens, run.luts, run.clock, log,
-                            expect=run.base_model.cfg, use_compile=use_compile, prequant=reserve.prequant)
-    return finish_run(run, state, choice, pre_quant, access, artifact_path, scored, reserve.prequant)
-
-
 def choose_attention_backend(hp: Hyperparameters, rt: Runtime, doc_masked: bool, log) -> Hyperparameters:
     """ATTN_BACKEND resolved on this device (see select_attention_backend), logged with the reason."""
     backend, why = select_attention_backend(hp.attn_backend, rt.device, doc_masked)
@@ -6219,7 +6148,9 @@ def start_training_run(hp: Hyperparameters, rt: Runtime, use_compile: bool, out_
     check_shapes_fit(hp, rt, train_files, val_tokens)
 
     hp = choose_attention_backend(hp, rt, hp.doc_masked_attention, log)
-    random_seed_all(hp.seed)
+    random.seed(hp.seed)
+    np.random.seed(hp.seed)
+    torch.manual_seed(hp.seed)
     base_model = GPT(ModelConfig.from_hparams(hp)).to(rt.device)
     compiled = maybe_compile(base_model, use_compile, "train_step")
     model = DDP(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
@@ -6268,54 +6199,41 @@ def warm_up(run: TrainingRun) -> None:
     run.clock.stop()
 
 
-@dataclass
-class DataAccessReserve:
-    """What is taken off the training budget for training-data reads after training."""
-    calibration_probe_ms: float  # one measured pass over the calibration batches (0 when not on train data)
-    prequant: dict | None  # pre-quantization TTT, prepared (None when off)
-
-    @property
-    def prequant_on_train(self) -> bool:
-        return self.prequant is not None and self.prequant["source"] == "train"
-
-
-def reserve_data_access(run: TrainingRun) -> DataAccessReserve:
+def reserve_data_access(run: TrainingRun) -> None:
     """GPTQ calibration on training batches and pre-quantization TTT read training data after
     training, so their time is measured now and reserved out of the training budget."""
     hp, rt, clock = run.hp, run.rt, run.clock
-    probe_ms = 0.0
     if run.calibrate_on_train:  # measured on the same number of batches, with a margin for run-to-run jitter
         clock.start("calibration_probe")
         collect_hessians(run.base_model, calibration_inputs(hp, rt, run.base_model, run.train_files, False,
                                                             run.autocast), run.plan, False, run.autocast)
         clock.stop()
-        probe_ms = agree_max([clock.elapsed_ms("calibration_probe")], rt)[0]
+        probe_ms = run.calibration_probe_ms = agree_max([clock.elapsed_ms("calibration_probe")], rt)[0]
         calibration_reserve_ms = CALIBRATION_RESERVE_MARGIN * probe_ms
         clock.reserve_ms += calibration_reserve_ms
         run.log(f"gptq:reserving {calibration_reserve_ms / 1000:.3f}s (measured {probe_ms:.0f}ms "
                 f"x {CALIBRATION_RESERVE_MARGIN})"
                 + (f", effective={clock.train_budget_ms}ms" if clock.train_budget_ms is not None else ""))
-    prequant = prepare_prequant_ttt(hp, rt, run.base_model, run.train_files, run.val_tokens, clock, run.autocast,
-                                    run.log)
+    run.prequant = prepare_prequant_ttt(hp, rt, run.base_model, run.train_files, run.val_tokens, clock, run.autocast,
+                                        run.log)
     run.log(f"clock: train_budget:{clock.train_budget_ms}ms reserve:{clock.reserve_ms:.0f}ms "
             f"eval_budget:{clock.eval_cap_ms}ms")
-    return DataAccessReserve(probe_ms, prequant)
 
 
-def choose_weights(run: TrainingRun, averager: WeightAverager, prequant: dict | None, looping: bool) -> str:
+def choose_weights(run: TrainingRun, averager: WeightAverager, looping: bool) -> str:
     """Put the exported weights in the model (an average if enabled, QAT off), run pre-quantization
     TTT on them, and refuse diverged ones before anything is scored or written. Returns the choice."""
     choice = averager.choose(run.hp.export_weights)
     averager.apply(choice)
     set_qat(run.qat_layers, False)
     run.log(f"weights:exporting {choice}")
-    if prequant is not None:  # before calibration: GPTQ must see the weights it will quantize
-        run_prequant_ttt(prequant, run.base_model, run.clock, looping=looping, log=run.log)
+    if run.prequant is not None:  # before calibration: GPTQ must see the weights it will quantize
+        run_prequant_ttt(run.prequant, run.base_model, run.clock, looping=looping, log=run.log)
     check_exportable(run.base_model.state_dict())
     return choice
 
 
-def calibrate(run: TrainingRun, reserve: DataAccessReserve, looping: bool) -> dict[str, torch.Tensor] | None:
+def calibrate(run: TrainingRun, looping: bool) -> dict[str, torch.Tensor] | None:
     """GPTQ's Hessians (None without GPTQ). Training-data calibration never reads a batch that would
     end past the cap: the reserve normally covers every batch, and a run slower than the measurement
     reads fewer."""
@@ -6324,7 +6242,7 @@ def calibrate(run: TrainingRun, reserve: DataAccessReserve, looping: bool) -> di
         return None
     run.log("GPTQ:collecting Hessians from calibration data...")
     capped = run.calibrate_on_train and clock.cap_ms is not None
-    first_batch_ms = reserve.calibration_probe_ms / max(math.ceil(hp.gptq_calibration_batches / rt.world_size), 1)
+    first_batch_ms = run.calibration_probe_ms / max(math.ceil(hp.gptq_calibration_batches / rt.world_size), 1)
     batches_read = 0
 
     def past_the_cap() -> bool:
@@ -6333,7 +6251,7 @@ def calibrate(run: TrainingRun, reserve: DataAccessReserve, looping: bool) -> di
             return False
         per_batch = clock.elapsed_ms("calibration") / batches_read if batches_read else first_batch_ms
         batches_read += 1
-        end_ms = train_data_access_ms(clock, prequant_on_train=reserve.prequant_on_train, calibrate_on_train=True)
+        end_ms = train_data_access_ms(clock, prequant_on_train=run.prequant_on_train, calibrate_on_train=True)
         return agree_max([end_ms + per_batch], rt)[0] > clock.cap_ms
 
     clock.start("calibration")
@@ -6350,21 +6268,14 @@ def calibrate(run: TrainingRun, reserve: DataAccessReserve, looping: bool) -> di
     return hessians
 
 
-@dataclass
-class DataAccess:
-    """Where training-data access ended, checked as one span against the cap: past it, non-record."""
-    end_ms: float
-    inside_cap: bool
-    non_record_reasons: list[str]
-
-
-def check_data_access(run: TrainingRun, reserve: DataAccessReserve) -> DataAccess:
-    """Checked before anything is scored or recorded."""
+def check_data_access(run: TrainingRun) -> dict:
+    """Where training-data access ended, checked as one span against the cap (past it: non-record)
+    before anything is scored or recorded. Returns the manifest's compliance facts of the training."""
     clock = run.clock
-    end_ms = train_data_access_ms(clock, prequant_on_train=reserve.prequant_on_train,
+    end_ms = train_data_access_ms(clock, prequant_on_train=run.prequant_on_train,
                                   calibrate_on_train=run.calibrate_on_train)
     inside_cap = clock.cap_ms is None or end_ms <= clock.cap_ms
-    span = " + ".join(["training"] + ["pre-quant TTT"] * reserve.prequant_on_train
+    span = " + ".join(["training"] + ["pre-quant TTT"] * run.prequant_on_train
                       + ["calibration"] * run.calibrate_on_train)
     run.log(f"train_data_access_end:{end_ms:.0f}ms ({span}; "
             f"cap {clock.cap_ms if clock.cap_ms is not None else 'none'}) inside_cap:{int(inside_cap)}")
@@ -6374,7 +6285,9 @@ def check_data_access(run: TrainingRun, reserve: DataAccessReserve) -> DataAcces
     if run.rt.device.type == "cuda":
         run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    return DataAccess(end_ms, inside_cap, reasons)
+    return {"train_time_ms": clock.elapsed_ms("train"), "train_cap_ms": clock.cap_ms,
+            "train_data_access_end_ms": end_ms, "train_data_inside_cap": inside_cap, "non_record": bool(reasons),
+            **({"non_record_reason": "; ".join(reasons)} if reasons else {})}
 
 
 def score_before_quantization(run: TrainingRun, state: TrainState, choice: str) -> EvalResult:
@@ -6391,40 +6304,28 @@ def score_before_quantization(run: TrainingRun, state: TrainState, choice: str) 
     return pre_quant
 
 
-def finish_run(run: TrainingRun, state: TrainState, choice: str, pre_quant: EvalResult, access: DataAccess,
-               artifact_path: Path, scored: ArtifactScore, prequant: dict | None) -> dict:
+def finish_run(run: TrainingRun, state: TrainState, choice: str, pre_quant: EvalResult, access: dict,
+               artifact_path: Path, scored: ArtifactScore) -> dict:
     """Write the shipped code beside the artifact, finish the manifest, and return the run's numbers."""
-    clock, reasons = run.clock, access.non_record_reasons
-    run.log(clock.summary())
-    compile_summary = finish_compile_log(run.use_compile, run.log)
+    clock = run.clock
     shipped = _shipped_code_of_this_file()
     if run.rt.is_main:  # the code exactly as counted in the artifact (its shipped form), beside it
         write_atomic(run.out_dir / RUN_CODE_NAME, shipped)
-    run.manifest.finish_scored(
-        scored, artifact_path, clock, compile_summary, scores={"pre_quant": eval_record(pre_quant)},
+    return run.manifest.finish_scored(
+        scored, artifact_path, clock, run.log, run.use_compile, scores={"pre_quant": dataclasses.asdict(pre_quant)},
         artifact={"file": artifact_path.name, "code_file": RUN_CODE_NAME,
                   "code_sha256": hashlib.sha256(shipped).hexdigest()},
-        compliance={"train_time_ms": clock.elapsed_ms("train"), "train_cap_ms": clock.cap_ms,
-                    "train_data_access_end_ms": access.end_ms, "train_data_inside_cap": access.inside_cap,
-                    "non_record": bool(reasons), **({"non_record_reason": "; ".join(reasons)} if reasons else {})},
+        compliance=access,
         training={"steps": state.step, "stopped_early": state.stopped_early, "train_time_ms": clock.elapsed_ms("train"),
                   "reserve_ms": clock.reserve_ms, "epochs_consumed": state.epochs_consumed,
                   "train_losses": state.train_losses, "export_weights": choice},
-        step_times_ms=step_time_stats(state.step_ms))
-    return scored_summary(run.hp, run.out_dir, scored, clock, run.log, compile_summary, steps=state.step,
-                          stopped_early=state.stopped_early, epochs_consumed=state.epochs_consumed,
-                          train_losses=state.train_losses, pre_quant=pre_quant, evals=scored.results,
-                          final=scored.results[scored.final_stage], final_stage=scored.final_stage,
-                          fallback=scored.fallback, export_choice=choice,
-                          training_time_ms=clock.elapsed_ms("train"), reserve_ms=clock.reserve_ms,
-                          non_record=bool(reasons), prequant_ttt=prequant, train_data_access_end_ms=access.end_ms,
-                          cap_ms=clock.cap_ms)
-
-
-def random_seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+        step_times_ms=step_time_stats(state.step_ms),
+        returns=dict(steps=state.step, stopped_early=state.stopped_early, epochs_consumed=state.epochs_consumed,
+                     train_losses=state.train_losses, pre_quant=pre_quant, evals=scored.results,
+                     final=scored.results[scored.final_stage], final_stage=scored.final_stage,
+                     fallback=scored.fallback, export_choice=choice, training_time_ms=clock.elapsed_ms("train"),
+                     reserve_ms=clock.reserve_ms, non_record=access["non_record"], prequant_ttt=run.prequant,
+                     train_data_access_end_ms=access["train_data_access_end_ms"], cap_ms=clock.cap_ms))
 
 
 def main(restore_signals: bool = True) -> int:
@@ -6440,13 +6341,12 @@ def main_with_signals() -> int:
         rt = init_runtime(hp)
         result = run(hp, rt)
         if result["cap_ms"] is not None and result["train_data_access_end_ms"] > result["cap_ms"]:
-            raise RunError(f"training-data access (training, pre-quant TTT and calibration on training data) ended at "
-                           f"{result['train_data_access_end_ms']:.0f}ms, past the {result['cap_ms']:.0f}ms cap: the "
-                           "run is non-record; use GPTQ_CALIBRATION_SOURCE=selfgen, fewer GPTQ_CALIBRATION_BATCHES "
-                           "or PREQUANT_TTT_TOKENS")
+            raise RunError(f"training-data access ended at {result['train_data_access_end_ms']:.0f}ms, past the "
+                           f"{result['cap_ms']:.0f}ms cap (non-record); lower GPTQ_CALIBRATION_BATCHES or "
+                           "PREQUANT_TTT_TOKENS, or set GPTQ_CALIBRATION_SOURCE=selfgen")
         if result["total_bytes"] > ARTIFACT_LIMIT_BYTES:
-            raise RunError(f"artifact is {result['total_bytes']} bytes, over the {ARTIFACT_LIMIT_BYTES}-byte limit "
-                           "(code + compressed model); shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT, VOCAB_SIZE)")
+            raise RunError(f"artifact is {result['total_bytes']} bytes, over the {ARTIFACT_LIMIT_BYTES}-byte limit; "
+                           "shrink the model (NUM_LAYERS, MODEL_DIM, MLP_MULT, VOCAB_SIZE)")
         return 0
     except (ConfigError, RunError) as e:
         if rank0:
@@ -6456,8 +6356,8 @@ def main_with_signals() -> int:
         if not STOP_SIGNAL_RECEIVED:  # a signal may also surface as the error it caused (a peer gone)
             raise
         if rank0:
-            print(f"error: stopped by {STOP_SIGNAL_RECEIVED[0]}; the run folder keeps what was done (manifest: "
-                  "failed); re-run with REPLACE_RUN=1 or a new RUN_ID", file=sys.stderr, flush=True)
+            print(f"error: stopped by {STOP_SIGNAL_RECEIVED[0]}; the run folder keeps what was done; re-run with "
+                  "REPLACE_RUN=1 or a new RUN_ID", file=sys.stderr, flush=True)
         return 2
     finally:
         if rt is not None:
