@@ -41,9 +41,7 @@ import functools
 import glob
 import hashlib
 import io
-import itertools
 import json
-import keyword
 import logging
 import lzma
 import math
@@ -55,7 +53,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import string
 import sys
 import tempfile
 import threading
@@ -5605,7 +5602,7 @@ class RunManifest:
             "seed": hp.seed, "world_size": rt.world_size, "config_hash": config_hash(hp),
             "config": {f.name: getattr(hp, f.name) for f in fields(hp)},
             "code": {"train_gpt_sha256": hashlib.sha256(readable).hexdigest(), "readable_bytes": len(readable),
-                     "shipped_sha256": hashlib.sha256(shipped_code(readable)).hexdigest()},
+                     "shipped_sha256": hashlib.sha256(_shipped_code_of_this_file()).hexdigest()},
             "environment": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                             "sentencepiece": spm.__version__, "platform": platform.platform(), "device": str(rt.device),
                             "world_size": rt.world_size, **({"cuda": torch.version.cuda,
@@ -5706,6 +5703,12 @@ def string_literal_body(data: bytes) -> bytes:
     return re.sub(rb'(\0(?=[0-7]))|[\\\r\0]|"(?="|\Z)', lambda m: b"\\x00" if m[1] else escapes[m[0]], data)
 
 
+def readable_only(definition):
+    """Marks a definition only the readable file uses (to build the shipped form): the shipped form,
+    which knows its source already, leaves it out (RuntimeTree)."""
+    return definition
+
+
 def readable_source() -> bytes:
     """The source this process runs: the readable train_gpt.py, or the stripped one when run from the
     shipped form."""
@@ -5713,6 +5716,7 @@ def readable_source() -> bytes:
     return shipped if isinstance(shipped, bytes) else Path(__file__).read_bytes()
 
 
+@readable_only
 class RuntimeTree(ast.NodeTransformer):
     """The syntax tree without what no run reads: docstrings, the knobs' help texts (only the README's
     env table reads them; `knob(default, help)` becomes `knob(default)`) and the annotations of
@@ -5728,7 +5732,12 @@ class RuntimeTree(ast.NodeTransformer):
         self.in_function = outer
         return node
 
-    visit_Module = visit_ClassDef = visit_body
+    visit_ClassDef = visit_body
+
+    def visit_Module(self, node):
+        node.body = [part for part in node.body if not isinstance(part, (ast.FunctionDef, ast.ClassDef)) or (
+            part.name != "readable_only" and "readable_only" not in (getattr(d, "id", None) for d in part.decorator_list))]
+        return self.visit_body(node)
 
     def visit_FunctionDef(self, node):
         node.returns = None
@@ -5751,9 +5760,7 @@ class RuntimeTree(ast.NodeTransformer):
         return self.generic_visit(node)
 
 
-NEW_SCOPES = (ast.FunctionDef, ast.Lambda, ast.ClassDef, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
-
-
+@readable_only
 def bound_name(node: ast.AST) -> str | None:
     """The name this node binds (assigns, deletes, takes as a parameter, defines, imports, catches), if any."""
     if isinstance(node, ast.Name):
@@ -5764,14 +5771,20 @@ def bound_name(node: ast.AST) -> str | None:
         node, (ast.arg, ast.FunctionDef, ast.ClassDef, ast.ExceptHandler)) else None
 
 
+@readable_only
 def fresh_names(taken: set[str]):
     """a, b, ..., Z, aa, ab, ...: the short names not in `taken` and not keywords."""
+    import itertools
+    import keyword
+    import string
+
     for size in itertools.count(1):
         for name in map("".join, itertools.product(string.ascii_letters, repeat=size)):
             if name not in taken and not keyword.iskeyword(name):
                 yield name
 
 
+@readable_only
 def rename(nodes: list[ast.AST], old: list[str], skip: set[int] = frozenset()):
     """Gives the names in `old` short names free among `nodes`, where they are read and bound (never
     attributes, keyword arguments or imports; not in the nodes whose ids are in `skip`)."""
@@ -5784,6 +5797,7 @@ def rename(nodes: list[ast.AST], old: list[str], skip: set[int] = frozenset()):
             setattr(n, key, names[getattr(n, key)])
 
 
+@readable_only
 def shorten_names(tree: ast.Module) -> ast.Module:
     """Short names where no run can tell: in each function its own variables and the parameters no call
     names, then module-level functions bound nowhere else. A name stays when a string holds it (log
@@ -5804,7 +5818,8 @@ def shorten_names(tree: ast.Module) -> ast.Module:
         while todo:  # fn's own scope: what a nested scope binds belongs to it
             node = todo.pop()
             name = bound_name(node)
-            if isinstance(node, NEW_SCOPES):
+            if isinstance(node, (ast.FunctionDef, ast.Lambda, ast.ClassDef, ast.ListComp, ast.SetComp, ast.DictComp,
+                                 ast.GeneratorExp)):
                 nested |= {bound_name(n) for n in ast.walk(node)} - {name}
             else:
                 todo += ast.iter_child_nodes(node)
@@ -5828,6 +5843,7 @@ def shorten_names(tree: ast.Module) -> ast.Module:
     return tree
 
 
+@readable_only
 @functools.lru_cache(maxsize=4)
 def stripped_source(source: bytes) -> bytes:
     """The source as runs read it (RuntimeTree: no comments, docstrings, help texts or annotations; then
@@ -5838,15 +5854,21 @@ def stripped_source(source: bytes) -> bytes:
     return re.sub(r"(?m)^(    )+", lambda indent: " " * (len(indent[0]) // 4), code).encode("utf-8") + b"\n"
 
 
+@readable_only
 def shipped_code(source: bytes) -> bytes:
+    return self_extracting(stripped_source(source))
+
+
+def self_extracting(stripped: bytes) -> bytes:
     import brotli
 
-    return SHIPPED_PREFIX + string_literal_body(brotli.compress(stripped_source(source), quality=11)) + SHIPPED_SUFFIX
+    return SHIPPED_PREFIX + string_literal_body(brotli.compress(stripped, quality=11)) + SHIPPED_SUFFIX
 
 
 @functools.lru_cache(maxsize=1)
 def _shipped_code_of_this_file() -> bytes:
-    return shipped_code(readable_source())
+    shipped = globals().get("SHIPPED_SOURCE")  # run from the shipped form: its source is stripped already
+    return self_extracting(shipped) if isinstance(shipped, bytes) else shipped_code(readable_source())
 
 
 def code_bytes() -> int:
