@@ -523,58 +523,50 @@ def parse_env_value(name: str, raw: str, kind: type):
 # except for the listed values, which ask for what this script does anyway ("*" = any value: the
 # public script ignores it too). Each reason says what to set instead. A name that is also one of our
 # knobs is never refused. The data scripts' names (MATCHED_FINEWEB_*) are not train_gpt.py's.
-PUBLIC_ONLY_KNOBS = {  # env name -> (harmless values, reason)
+PUBLIC_ONLY_KNOBS = {  # env name -> (harmless values, reason: what to do instead, and why where it helps)
     # paths and run control
-    "DATA_DIR": (("./data", "./data/"), "not built here: set DATA_PATH (the shard folder) and TOKENIZER_PATH"),
-    "TTT_EVAL_ONLY": (("0",), "renamed: set EVAL_ONLY=1 ARTIFACT_PATH=<run folder>/final_model.*.ptz (every "
-                      "enabled pass, TTT included)"),
-    "PREQUANT_ONLY": (("0",), "not built here: every run quantizes; unset it and read the "
-                      "'pre-quantization' log line"),
+    "DATA_DIR": (("./data", "./data/"), "set DATA_PATH (the shard folder) and TOKENIZER_PATH"),
+    "TTT_EVAL_ONLY": (("0",), "renamed: set EVAL_ONLY=1 ARTIFACT_PATH=<run folder>/final_model.*.ptz (TTT included)"),
+    "PREQUANT_ONLY": (("0",), "every run quantizes: unset it and read the 'pre-quantization' log line"),
     # validation: the score always covers the whole validation set (spec 9, bug 19)
     "VAL_BATCH_TOKENS": ((), "renamed: set VAL_BATCH_SIZE (tokens over all ranks)"),
-    "VAL_DOC_FRACTION": (("1",), "refused on purpose: a partial validation set gives a wrong score; unset it "
-                         "(for a quick run point DATA_PATH at a small set, data/prepare_sample.py)"),
-    "TTT_EVAL_BATCHES": (("",), "refused on purpose: a partial validation set gives a wrong score; unset it "
-                         "(for a quick run point DATA_PATH at a small set, data/prepare_sample.py)"),
-    "SLIDING_WINDOW_ENABLED": ((), "renamed: set EVAL_STRIDE=64 for sliding-window scoring, 0 for flat only"),
-    "FUSED_CE_ENABLED": (("*",), "a GPU kernel choice with no effect on the score: safe to drop"),
+    "VAL_DOC_FRACTION": (("1",), "a partial validation set gives a wrong score: unset it (quick runs: "
+                         "data/prepare_sample.py)"),
+    "TTT_EVAL_BATCHES": (("",), "a partial validation set gives a wrong score: unset it (quick runs: "
+                         "data/prepare_sample.py)"),
+    "SLIDING_WINDOW_ENABLED": ((), "renamed: set EVAL_STRIDE=64 (sliding windows) or 0 (flat only)"),
+    "FUSED_CE_ENABLED": (("*",), "a GPU kernel choice, no effect on the score: safe to drop"),
     # architecture
-    "EMBEDDING_DIM": ((), "not built here (no factorised embedding): unset it"),
-    "PARALLEL_RESIDUAL_START": ((), "renamed: set PARALLEL_START_LAYER, plus PARALLEL_MODE=gptj for R0409's form"),
-    "ROPE_TRAIN_SEQ_LEN": ((), "not built here: unset it; the NTK RoPE rescale is relative to TRAIN_SEQ_LEN"),
-    "ROPE_YARN": (("1",), "not built as a switch: past TRAIN_SEQ_LEN the NTK rescale is always on; unset it"),
-    "ATTN_OUT_GATE_SRC": (("proj",), "not built here: the output gate always reads the attention input (proj); "
-                          "unset it"),
-    "GATED_ATTN_QUANT_GATE": (("0",), "not built here: gate weights are control tensors, never quantized; unset it"),
+    "EMBEDDING_DIM": ((), "no factorised embedding here: unset it"),
+    "PARALLEL_RESIDUAL_START": ((), "renamed: set PARALLEL_START_LAYER (PARALLEL_MODE=gptj for R0409's form)"),
+    "ROPE_TRAIN_SEQ_LEN": ((), "the NTK RoPE rescale is relative to TRAIN_SEQ_LEN: unset it"),
+    "ROPE_YARN": (("1",), "the NTK rescale past TRAIN_SEQ_LEN is always on: unset it"),
+    "ATTN_OUT_GATE_SRC": (("proj",), "the output gate always reads the attention input (proj): unset it"),
+    "GATED_ATTN_QUANT_GATE": (("0",), "gate weights are control tensors, never quantized: unset it"),
     # optimizer
     "MUON_BETA2": (("*",), "unused in R0409 too: safe to drop"),
     # evaluation-time logit bias (breaks C2; R0409's ETLB_ENABLED=1 path crashes, spec 9 bug 4)
-    "ETLB_ENABLED": (("0",), "not built here: a logit bias is not a normalised model (C2); unset it"),
-    "ETLB_LR": (("*",), "read only with ETLB_ENABLED=1, which is not built here: safe to drop"),
-    "ETLB_STEPS": (("*",), "read only with ETLB_ENABLED=1, which is not built here: safe to drop"),
-    "ETLB_CLIP": (("*",), "read only with ETLB_ENABLED=1, which is not built here: safe to drop"),
+    "ETLB_ENABLED": (("0",), "a logit bias is not a normalised model (C2): unset it"),
+    "ETLB_LR": (("*",), "read only with ETLB_ENABLED=1 (not built): safe to drop"),
+    "ETLB_STEPS": (("*",), "read only with ETLB_ENABLED=1 (not built): safe to drop"),
+    "ETLB_CLIP": (("*",), "read only with ETLB_ENABLED=1 (not built): safe to drop"),
     # test-time training
-    "PHASED_TTT_ENABLED": ((), "renamed: set TTT_ENABLED=1 TTT_MODE=phased (R0427 never read it)"),
-    "TTT_OPTIMIZER": (("adam",), "not built here: the per-document adapters always use AdamW (TTT_BETA1, "
-                      "TTT_BETA2, TTT_WEIGHT_DECAY); unset it"),
-    "TTT_GRAD_STEPS": (("1",), "not built here: one adapter step per scored chunk; unset it"),
-    "TTT_EVAL_SEQ_LEN": ((), "renamed: set EVAL_SEQ_LEN (every evaluation pass, TTT included)"),
+    "PHASED_TTT_ENABLED": ((), "renamed: set TTT_ENABLED=1 TTT_MODE=phased"),
+    "TTT_OPTIMIZER": (("adam",), "the adapters always use AdamW (TTT_BETA1, TTT_BETA2, TTT_WEIGHT_DECAY): unset it"),
+    "TTT_GRAD_STEPS": (("1",), "one adapter step per scored chunk: unset it"),
+    "TTT_EVAL_SEQ_LEN": ((), "renamed: set EVAL_SEQ_LEN (every evaluation pass)"),
     "GLOBAL_TTT_MOMENTUM": ((), "renamed: set TTT_MOMENTUM (shared by all TTT SGD)"),
-    "GLOBAL_TTT_CHUNK_TOKENS": ((), "renamed: set TTT_CHUNK_TOKENS (the cosine-LR groups of the global phases)"),
-    "GLOBAL_TTT_BATCH_SEQS": ((), "renamed: set TTT_BATCH_SEQS, counted over all ranks here (R0427: per rank)"),
+    "GLOBAL_TTT_CHUNK_TOKENS": ((), "renamed: set TTT_CHUNK_TOKENS (shared by all TTT SGD)"),
+    "GLOBAL_TTT_BATCH_SEQS": ((), "renamed: set TTT_BATCH_SEQS, over all ranks (R0427: per rank)"),
     "GLOBAL_TTT_GRAD_CLIP": ((), "renamed: set TTT_GRAD_CLIP (shared by all TTT SGD)"),
-    "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": (("1",), "not built as a switch: global-phase sequences never cross a "
-                                          "document; unset it"),
-    "GLOBAL_TTT_WARMUP_CHUNKS": (("0",), "not built here (no LR warm-up in the global phases): unset it"),
-    "GLOBAL_TTT_WARMUP_START_LR": (("*",), "read only with GLOBAL_TTT_WARMUP_CHUNKS > 0, not built here: safe to "
-                                   "drop"),
+    "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": (("1",), "global-phase sequences never cross a document: unset it"),
+    "GLOBAL_TTT_WARMUP_CHUNKS": (("0",), "the global phases have no LR warm-up: unset it"),
+    "GLOBAL_TTT_WARMUP_START_LR": (("*",), "read only with GLOBAL_TTT_WARMUP_CHUNKS > 0 (not built): safe to drop"),
     # quantization
-    "GPTQ_RESERVE_SECONDS": ((), "not built here: unset it; the reserve is measured (GPTQ_CALIBRATION_SOURCE=train) "
-                             "or not needed (selfgen)"),
-    "CONTROL_TENSOR_NAME_PATTERNS": ((), "not built here: the list is CONTROL_TENSOR_NAMES in train_gpt.py; "
-                                     "edit it there"),
-    "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": ((), "not built here: fp32 passthrough follows CONTROL_TENSOR_NAMES in "
-                                           "train_gpt.py; edit it there"),
+    "GPTQ_RESERVE_SECONDS": ((), "the reserve is measured (GPTQ_CALIBRATION_SOURCE=train) or not needed: unset it"),
+    "CONTROL_TENSOR_NAME_PATTERNS": ((), "the list is CONTROL_TENSOR_NAMES in train_gpt.py: edit it there"),
+    "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": ((), "fp32 passthrough follows CONTROL_TENSOR_NAMES in train_gpt.py: "
+                                           "edit it there"),
 }
 
 
