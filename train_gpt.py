@@ -338,9 +338,9 @@ class Hyperparameters:
                     shown = f"{shown.upper()}={bound}"
                 if bound is not None and not holds(value, bound):
                     raise ConfigError(f"{name}={value} must be {relation} {shown}")
-        for name in ("attn_bits", "mlp_bits", "head_bits", "lqer_a_bits"):
+        for name in ("attn_bits", "mlp_bits", "head_bits", "lqer_a_bits", "bigram_vocab_size"):  # 0 = inherit or off
             if getattr(self, name) == 1:
-                raise ConfigError(f"{name.upper()}=1 must be in [2, 8] (0 = inherit)")
+                raise ConfigError(f"{name.upper()}=1 must be 0 or >= 2")
         if self.model_dim % self.num_heads:
             raise ConfigError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -354,8 +354,6 @@ class Hyperparameters:
         gates = [n for n in ("attn_out_gate_enabled", "gated_attn_enabled", "sparse_attn_gate_enabled") if getattr(self, n)]
         if len(gates) > 1:
             raise ConfigError(f"{' and '.join(g.upper() for g in gates)} are mutually exclusive; enable at most one")
-        if self.bigram_vocab_size == 1:
-            raise ConfigError("BIGRAM_VOCAB_SIZE=1 must be 0 (off) or >= 2")
         if self.num_loops and not (self.loop_start <= self.loop_end < self.num_layers):
             raise ConfigError(f"LOOP_START={self.loop_start} <= LOOP_END={self.loop_end} < NUM_LAYERS={self.num_layers} "
                               "must hold when NUM_LOOPS > 0")
@@ -765,10 +763,9 @@ def stop_signals_raise(restore: bool = True):
     STOP_SIGNAL_RECEIVED.clear()
 
     def handler(signum, frame):
-        if STOP_SIGNAL_RECEIVED:
-            return
-        STOP_SIGNAL_RECEIVED.append(signal.Signals(signum).name)
-        raise RunStopped(STOP_SIGNAL_RECEIVED[0])
+        if not STOP_SIGNAL_RECEIVED:
+            STOP_SIGNAL_RECEIVED.append(signal.Signals(signum).name)
+            raise RunStopped(STOP_SIGNAL_RECEIVED[0])
 
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
@@ -833,18 +830,16 @@ def memmap_data_shard(path: str | Path) -> np.ndarray:
 def check_token_ids(tokens: np.ndarray, vocab_size: int | None, path: str | Path) -> None:
     """Stop unless every id is below VOCAB_SIZE (numpy only: runs in the loaders' prefetch threads)."""
     if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
-        raise RunError(f"training shard {path} holds token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}: it was "
-                       "made with another tokenizer; set DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE to match")
+        raise RunError(f"training shard {path} holds token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size} (another "
+                       "tokenizer's data); make DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE match")
 
 
 def shard_files(data_path: str, split: str) -> list[str]:
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
     files = sorted(f for f in glob.glob(pattern) if "_bytes_" not in os.path.basename(f))
     if not files:
-        raise RunError(
-            f"no {split} shards match {pattern}; set DATA_PATH, or fetch data with "
-            "data/cached_challenge_fineweb.py or build the sample with data/prepare_sample.py"
-        )
+        raise RunError(f"no {split} shards match {pattern}; set DATA_PATH (data/cached_challenge_fineweb.py fetches "
+                       "shards)")
     return files
 
 
@@ -953,8 +948,7 @@ class ShuffledWindowLoader:
         self.windows_delivered = 0
         self._start_epoch(0)
         if self.windows_per_epoch == 0:
-            raise RunError(f"no training shard holds TRAIN_SEQ_LEN+1={seq_len + 1} tokens; lower TRAIN_SEQ_LEN or "
-                           "add training data")
+            raise RunError(f"no training shard holds TRAIN_SEQ_LEN+1={seq_len + 1} tokens; lower TRAIN_SEQ_LEN")
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.pending = None  # (request, future) of the prefetched batch
 
@@ -991,11 +985,10 @@ class ShuffledWindowLoader:
         return np.stack([self.shards[s][start : start + seq_len + 1] for s, start in windows])  # numpy only
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if seq_len != self.seq_len:
-            raise ValueError(f"this loader cuts windows of {self.seq_len + 1} tokens, asked for seq_len {seq_len}")
+        assert seq_len == self.seq_len, "the windows are cut for TRAIN_SEQ_LEN"
         request = (global_tokens, seq_len, grad_accum)
         if self.pending is None or self.pending[0] != request:
-            if self.pending is not None:  # a different request: the prefetched windows are skipped, in order
+            if self.pending:  # a different request: the prefetched windows are skipped, in order
                 self.pending[1].result()
             self.pending = (request, self.pool.submit(self._gather, request))
         batch = torch.from_numpy(self.pending[1].result().astype(np.int64))
@@ -1026,8 +1019,7 @@ def train_holdout_tokens(hp: Hyperparameters, train_files: list[str]) -> int:
     last = shard_token_count(train_files[-1])
     holdout = min(hp.prequant_ttt_tokens + 1, last)
     if holdout >= last and len(train_files) == 1:
-        raise RunError(f"PREQUANT_TTT_TOKENS={hp.prequant_ttt_tokens} holds out the whole training shard; lower it "
-                       "or add training shards")
+        raise RunError(f"PREQUANT_TTT_TOKENS={hp.prequant_ttt_tokens} holds out the whole training shard; lower it")
     return holdout
 
 
@@ -1035,9 +1027,9 @@ def load_validation_tokens(data_path: str) -> torch.Tensor:
     """Every validation token, in order. Nothing is trimmed: all len-1 targets get scored."""
     tokens = torch.cat([load_data_shard(f) for f in shard_files(data_path, "val")])
     if tokens.numel() < 2:
-        raise RunError(f"validation shards under {data_path} hold {tokens.numel()} tokens; need at least 2")
+        raise RunError(f"validation shards under {data_path} hold {tokens.numel()} tokens, < 2")
     if int(tokens[0]) != BOS_ID:
-        raise RunError("validation stream must start with BOS (id 1): every document is BOS + its tokens")
+        raise RunError("validation stream must start with BOS (id 1)")
     return tokens
 
 
@@ -1085,22 +1077,21 @@ def target_bytes(prev_ids: torch.Tensor, target_ids: torch.Tensor, luts: ByteLut
 
 def load_tokenizer(hp: Hyperparameters) -> spm.SentencePieceProcessor:
     if not os.path.isfile(hp.tokenizer_path):
-        raise RunError(f"TOKENIZER_PATH={hp.tokenizer_path} does not exist; fetch or build the tokenizer first")
+        raise RunError(f"TOKENIZER_PATH={hp.tokenizer_path} does not exist; fetch or build it first")
     try:
         sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
     except (RuntimeError, OSError) as e:  # sentencepiece raises RuntimeError (or OSError) with a C++ trace
         raise RunError(f"TOKENIZER_PATH={hp.tokenizer_path} is not a SentencePiece model ({str(e).splitlines()[0][:80]}"
-                       "); point TOKENIZER_PATH at the shards' tokenizer .model file") from None
+                       "); point TOKENIZER_PATH at the shards' tokenizer") from None
     if int(sp.vocab_size()) != hp.vocab_size:
         if hp.eval_only:  # EVAL_ONLY takes VOCAB_SIZE from the artifact: the tokenizer is what is wrong
-            raise RunError(f"the artifact {hp.artifact_path} was trained with {hp.vocab_size} pieces but "
-                           f"TOKENIZER_PATH={hp.tokenizer_path} has {sp.vocab_size()}; point TOKENIZER_PATH and "
-                           "DATA_PATH at the artifact's tokenizer and shards")
+            raise RunError(f"the artifact was trained with {hp.vocab_size} pieces but TOKENIZER_PATH={hp.tokenizer_path} has "
+                           f"{sp.vocab_size()}; point TOKENIZER_PATH and DATA_PATH at the artifact's data")
         raise RunError(
             f"VOCAB_SIZE={hp.vocab_size} but {hp.tokenizer_path} has {sp.vocab_size()} pieces; set VOCAB_SIZE to match"
         )
     if sp.piece_to_id("\u2581") == sp.unk_id():
-        raise RunError(f"{hp.tokenizer_path} has no standalone '\u2581' piece; spaces would be miscounted in val_bpb")
+        raise RunError(f"{hp.tokenizer_path} has no standalone '\u2581' piece: val_bpb would miscount spaces")
     return sp
 
 
@@ -1115,18 +1106,17 @@ def check_tokenizer_belongs_to_shards(tokenizer_path: str, data_path: str) -> st
     manifest (e.g. shards fetched from the hub) only the byte check runs; the returned text says so."""
     manifest_path = Path(data_path) / DATA_MANIFEST_NAME
     if not manifest_path.is_file():
-        return f"not_verified (no {DATA_MANIFEST_NAME} beside the shards; the byte check still runs)"
+        return f"not_verified (no {DATA_MANIFEST_NAME}; the byte check still runs)"
     try:
         recorded = json.loads(manifest_path.read_text(encoding="utf-8"))["tokenizer"]
         want, name = str(recorded["model_sha256"]), recorded.get("model_file", "?")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise RunError(f"{manifest_path} is not a data manifest with tokenizer.model_sha256 ({e.__class__.__name__}); "
-                       "re-export the data with data/export_shards.py or remove the file") from None
+        raise RunError(f"{manifest_path} has no tokenizer.model_sha256 ({e.__class__.__name__}); re-export the data "
+                       "(data/export_shards.py) or remove the file") from None
     have = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
     if have != want:
-        raise RunError(f"TOKENIZER_PATH={tokenizer_path} (sha256 {have[:12]}) is not the tokenizer of the shards in "
-                       f"DATA_PATH={data_path}: {manifest_path} records {name} (sha256 {want[:12]}); "
-                       "point TOKENIZER_PATH at that tokenizer")
+        raise RunError(f"TOKENIZER_PATH={tokenizer_path} (sha256 {have[:12]}) is not the tokenizer of DATA_PATH: "
+                       f"{manifest_path} records {name} (sha256 {want[:12]}); point TOKENIZER_PATH at that tokenizer")
     return f"ok (sha256 {have[:12]} matches {manifest_path})"
 
 
@@ -1157,10 +1147,10 @@ def validation_byte_totals(sp: spm.SentencePieceProcessor, val_tokens: torch.Ten
 
 def byte_mismatch(counted: int, decoded: int, luts: ByteLuts) -> RunError:
     if luts.val_bytes is not None:
-        return RunError(f"the byte sidecar counts {counted} validation bytes but the decoded (CaseOps-inverted) text "
-                        f"has {decoded}: it does not belong to these shards and tokenizer; re-download or re-export the data")
+        return RunError(f"the byte sidecar counts {counted} validation bytes but the decoded text has {decoded}: "
+                        "re-download or re-export the data")
     return RunError(f"byte tables count {counted} validation bytes but the decoded text has {decoded}; point "
-                    "TOKENIZER_PATH at the tokenizer of DATA_PATH's shards")
+                    "TOKENIZER_PATH at DATA_PATH's tokenizer")
 
 
 def check_validation_bytes(sp: spm.SentencePieceProcessor, val_tokens: torch.Tensor, luts: ByteLuts,
@@ -1194,8 +1184,8 @@ def _caseops_decode_match(m: re.Match) -> str:
     if literal or caps or letter:
         return literal or (caps or letter).upper()
     raise RunError(f"validation text is not valid CaseOps: operator U+{ord(m.group()):04X} at character {m.start()} "
-                   f"is followed by {m.string[m.end() : m.end() + 1]!r}; the shards are not CaseOps data for this "
-                   "tokenizer (re-export them with data/export_shards.py --caseops)")
+                   f"is followed by {m.string[m.end() : m.end() + 1]!r}; re-export the data with data/export_shards.py "
+                   "--caseops")
 
 
 def caseops_decode(text: str) -> str:
@@ -1237,15 +1227,15 @@ def check_sidecar_structure(val_tokens: torch.Tensor, val_bytes: np.ndarray, ope
     0 bytes: a sidecar of the pieces' own bytes, the mistake that inflates CaseOps bytes, fails here."""
     tokens = val_tokens.numpy()
     if int(val_bytes[tokens == BOS_ID].max(initial=0)) != 0:
-        raise RunError("the byte sidecar gives BOS tokens a nonzero byte count, so it is not aligned with the "
-                       "validation tokens; re-download or re-export the data")
+        raise RunError("the byte sidecar gives BOS tokens a nonzero byte count (misaligned); re-download or "
+                       "re-export the data")
     if operators:
         after_esc = np.zeros(len(tokens), dtype=bool)
         after_esc[1:] = tokens[:-1] == operators.get("\ue004", -1)
         added = np.isin(tokens, list(operators.values())) & ~after_esc
         if int(val_bytes[added].max(initial=0)) != 0:
-            raise RunError("the byte sidecar counts bytes for CaseOps operator tokens (the pieces' bytes, not the "
-                           "original text's); re-export the data with data/export_shards.py --caseops")
+            raise RunError("the byte sidecar counts bytes for CaseOps operator tokens; re-export the data with "
+                           "data/export_shards.py --caseops")
 
 
 def manifest_records_sidecar(data_path: str) -> bool:
@@ -1552,7 +1542,8 @@ class CausalSelfAttention(nn.Module):
         return q, apply_rotary(rms_norm(k), cos, sin)
 
     def finish(self, y: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """XSA and the output gate on the attention output y (B, H, T, D) of the normalised input x."""
+        """XSA, the output gate and the output projection on the attention output y (B, H, T, D) of the
+        normalised input x (B, T, C); returns (B, T, C)."""
         if self.xsa:  # drop each head's component along its own position's value direction
             v_dir = F.normalize(v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1), dim=-1)
             y = y - (y * v_dir).sum(-1, keepdim=True) * v_dir
@@ -1561,13 +1552,13 @@ class CausalSelfAttention(nn.Module):
             scaled = self.sparse_gate_scale * logits if self.gate_kind == "sparse" else logits  # (B, T, H)
             gate = 2 * torch.sigmoid(logits) if self.gate_kind == "out" else torch.sigmoid(scaled)
             y = y * gate.transpose(1, 2)[..., None]  # (B, H, T, 1)
-        return y
+        return self.proj(y.transpose(1, 2).reshape(x.shape))
 
     def forward(self, x: torch.Tensor, v_first: torch.Tensor | None,
                 docs: DocumentLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x is the normalised input; `docs` masks attention to each document (DOC_MASKED_ATTENTION).
         Returns the output and this layer's raw values (for VALUE_RESIDUAL)."""
-        B, T, C = x.shape
+        T = x.size(1)
         q, k, v, v_raw = self.project(x, v_first)
         cos_sin = self.rotary(T, q.dtype)
         if docs is not None:  # positions restart at every document's first token: (B, 1, T, r/2)
@@ -1580,7 +1571,7 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, D)
-        return self.proj(self.finish(y, x, v).transpose(1, 2).reshape(B, T, C)), v_raw  # (B, T, C)
+        return self.finish(y, x, v), v_raw
 
     def forward_last_cached(self, x: torch.Tensor, v_first: torch.Tensor | None, cache: list,
                             pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1588,13 +1579,13 @@ class CausalSelfAttention(nn.Module):
         sequence position `pos`; its keys and values are appended to `cache` ([k, v] of earlier positions
         for this layer pass) and it attends to all of them. The other rows of the output are 0 (their
         keys are cached already). Equal to `forward` while pos < TRAIN_SEQ_LEN (the RoPE tables are fixed)."""
-        B, T, C = x.shape
+        T = x.size(1)
         x = x[:, -1:]
         q, k, v, v_raw = self.project(x, v_first)
         q, k = self.rotate(q, k, *(t[:, :, pos : pos + 1] for t in self.rotary(pos + 1, q.dtype)))
         cache[:] = [torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)] if cache else [k, v]
         y = F.scaled_dot_product_attention(q, *cache, enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, 1, D)
-        return F.pad(self.proj(self.finish(y, x, v).transpose(1, 2).reshape(B, 1, C)), (0, 0, T - 1, 0)), v_raw
+        return F.pad(self.finish(y, x, v), (0, 0, T - 1, 0)), v_raw
 
 
 class MLP(nn.Module):
@@ -1938,13 +1929,12 @@ def build_optimizers(hp: Hyperparameters, model: GPT, device: torch.device) -> l
     scalars = [p for n, p in rest if p.ndim < 2 or is_control_tensor(n)]
     # Fused AdamW (one kernel per group instead of ~10 small operators per tensor) on CUDA and CPU alike.
     adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=device.type in ("cuda", "cpu"))
-    embed_lr = hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr
 
     def adamw(params: list, lr: float, wd: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW([dict(params=params, lr=lr, base_lr=lr)], weight_decay=wd, **adam)
 
     optimizers: list[torch.optim.Optimizer] = [
-        adamw(embeddings, embed_lr, hp.embed_wd),
+        adamw(embeddings, hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr, hp.embed_wd),
         Muon([dict(params=matrices, lr=hp.matrix_lr, base_lr=hp.matrix_lr)], lr=hp.matrix_lr,
              momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
              ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -2069,11 +2059,10 @@ def train_step(model, loader: DistributedTokenLoader | ShuffledWindowLoader, opt
             if isinstance(opt, Muon):
                 group["momentum"] = momentum
     if hp.grad_clip_norm > 0:  # grads are already averaged across ranks here: a global-norm clip
-        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, hp.grad_clip_norm)
-    for opt in optimizers:
+        torch.nn.utils.clip_grad_norm_([p for opt in optimizers for g in opt.param_groups for p in g["params"]],
+                                       hp.grad_clip_norm)
+    for opt in optimizers:  # each parameter has one optimizer, so stepping one never reads another's grads
         opt.step()
-    for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     return total / grad_accum
 
@@ -2110,9 +2099,8 @@ DIVERGED_LOSS_FACTOR = 2.0
 def check_training_loss(loss: float, step: int, vocab_size: int) -> None:
     limit = DIVERGED_LOSS_FACTOR * math.log(vocab_size)
     if not math.isfinite(loss) or loss > limit:
-        what = "is not finite" if not math.isfinite(loss) else f"is above {limit:.2f} (2 x ln VOCAB_SIZE)"
-        raise RunError(f"training diverged: train_loss {loss:.4g} at step {step} {what}; lower the learning rates "
-                       "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR), lengthen LR warm-up or set GRAD_CLIP_NORM")
+        raise RunError(f"training diverged: train_loss {loss:.4g} at step {step} (limit {limit:.2f} = 2 x ln "
+                       "VOCAB_SIZE); lower MATRIX_LR, SCALAR_LR, TIED_EMBED_LR or set GRAD_CLIP_NORM")
 
 
 @dataclass
@@ -2287,18 +2275,6 @@ def compile_failure(e: BaseException) -> CompileFailed | None:
     return None
 
 
-class _DynamoWarnings(logging.Handler):
-    """With COMPILE_FALLBACK=eager dynamo suppresses its own tracing errors (the frame runs eagerly)
-    and says so in a warning; this turns each into a recorded failure."""
-
-    def __init__(self, record: CompileRecord):
-        super().__init__(logging.WARNING)
-        self.record = record
-
-    def emit(self, entry: logging.LogRecord) -> None:
-        self.record.failed("a compiled function (dynamo tracing)", RuntimeError(entry.getMessage()))
-
-
 @contextlib.contextmanager
 def compile_settings(qat: bool, record: CompileRecord):
     """Compiler settings for one run, undone when the run ends (nothing leaks into the process). A
@@ -2307,7 +2283,10 @@ def compile_settings(qat: bool, record: CompileRecord):
     the export does (by default it skips such casts)."""
     global _active_compile
     eager = record.fallback == "eager"
-    handler, dynamo_log = _DynamoWarnings(record), logging.getLogger("torch._dynamo.convert_frame")
+    # With COMPILE_FALLBACK=eager dynamo suppresses its own tracing errors (the frame runs eagerly) and
+    # says so in a warning: this handler turns each into a recorded failure.
+    handler, dynamo_log = logging.Handler(logging.WARNING), logging.getLogger("torch._dynamo.convert_frame")
+    handler.emit = lambda entry: record.failed("a compiled function (dynamo tracing)", RuntimeError(entry.getMessage()))
     # nonzero inside a graph (the varlen cu_seqlens) is an unbacked size, not a graph break
     dynamo = torch._dynamo.config.patch(suppress_errors=eager, capture_dynamic_output_shape_ops=True)
     inductor = torch._inductor.config.patch(emulate_precision_casts=True) if qat else contextlib.nullcontext()
