@@ -341,10 +341,10 @@ class Hyperparameters:
         for name in ("attn_bits", "mlp_bits", "head_bits", "lqer_a_bits", "bigram_vocab_size"):  # 0 = inherit or off
             if getattr(self, name) == 1:
                 raise ConfigError(f"{name.upper()}=1 must be 0 or >= 2")
-        if self.model_dim % self.num_heads:
-            raise ConfigError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        for big, small in (("model_dim", "num_heads"), ("num_heads", "num_kv_heads")):
+            if getattr(self, big) % getattr(self, small):
+                raise ConfigError(f"{big.upper()}={getattr(self, big)} must be divisible by "
+                                  f"{small.upper()}={getattr(self, small)}")
         if self.head_dim % 2:
             raise ConfigError(f"head dim MODEL_DIM/NUM_HEADS={self.head_dim} must be even for RoPE")
         if not self.tokenizer_path.endswith(".model"):
@@ -1921,12 +1921,11 @@ class Muon(torch.optim.Optimizer):
 
 def build_optimizers(hp: Hyperparameters, model: GPT, device: torch.device) -> list[torch.optim.Optimizer]:
     """Muon for 2-D weight matrices; AdamW for embedding tables, an untied head and control tensors."""
-    embeddings = [model.tok_emb.weight] + ([model.bigram.embed.weight] if model.bigram is not None else [])
-    head = [model.lm_head.weight] if model.lm_head is not None else []
-    special = {id(p) for p in embeddings + head}
-    rest = [(n, p) for n, p in model.named_parameters() if id(p) not in special]
-    matrices = [p for n, p in rest if p.ndim == 2 and not is_control_tensor(n)]
-    scalars = [p for n, p in rest if p.ndim < 2 or is_control_tensor(n)]
+    by_kind = {"embed": [], "head": [], "matrix": [], "scalar": []}  # each parameter in exactly one
+    for name, p in model.named_parameters():
+        kind = "embed" if name in EMBEDDING_NAMES else "head" if name == "lm_head.weight" else (
+            "scalar" if p.ndim < 2 or is_control_tensor(name) else "matrix")
+        by_kind[kind].append(p)
     # Fused AdamW (one kernel per group instead of ~10 small operators per tensor) on CUDA and CPU alike.
     adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=device.type in ("cuda", "cpu"))
 
@@ -1934,17 +1933,15 @@ def build_optimizers(hp: Hyperparameters, model: GPT, device: torch.device) -> l
         return torch.optim.AdamW([dict(params=params, lr=lr, base_lr=lr)], weight_decay=wd, **adam)
 
     optimizers: list[torch.optim.Optimizer] = [
-        adamw(embeddings, hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr, hp.embed_wd),
-        Muon([dict(params=matrices, lr=hp.matrix_lr, base_lr=hp.matrix_lr)], lr=hp.matrix_lr,
+        adamw(by_kind["embed"], hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr, hp.embed_wd),
+        Muon([dict(params=by_kind["matrix"], lr=hp.matrix_lr, base_lr=hp.matrix_lr)], lr=hp.matrix_lr,
              momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
              ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
              coefficients=hp.muon_ns_coefficients, row_normalize=hp.muon_row_normalize, weight_decay=hp.muon_wd),
-        adamw(scalars, hp.scalar_lr, hp.adam_wd),
+        adamw(by_kind["scalar"], hp.scalar_lr, hp.adam_wd),
     ]
-    if head:
-        optimizers.append(adamw(head, hp.head_lr, hp.adam_wd))
-    owners = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
-    assert sorted(owners) == sorted(id(p) for p in model.parameters()), "each parameter needs exactly one optimizer"
+    if by_kind["head"]:
+        optimizers.append(adamw(by_kind["head"], hp.head_lr, hp.adam_wd))
     return optimizers
 
 
