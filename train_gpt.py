@@ -1422,21 +1422,19 @@ def select_attention_backend(requested: str, device: torch.device, doc_masked: b
         return "sdpa", "flash_attn_interface not installed"
     if requested == "auto" and device.type != "cuda":
         return "sdpa", "FlashAttention 3 needs a CUDA device"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # The reference is SDPA under the documents' mask. Masked, the rows hold every document layout a
+    # batch can: row 0 starts inside a document (its leading tail is one) and has two more, row 1 has
+    # no BOS, row 2 is one-token documents; unmasked, no row has a BOS (one causal sequence each).
+    ids = torch.randint(2, 97, (3, 64), generator=torch.Generator().manual_seed(0))
+    if doc_masked:
+        ids[0, [20, 41]] = BOS_ID
+        ids[2] = BOS_ID
+    ids = ids.to(device)
     try:
-        if doc_masked:
-            # Rows that hold every document layout a batch can: row 0 starts inside a document (its leading
-            # tail is one) and has two more, row 1 has no BOS, row 2 is one-token documents.
-            ids = torch.randint(2, 97, (3, 64), generator=torch.Generator().manual_seed(0))
-            ids[0, [20, 41]] = BOS_ID
-            ids[2] = BOS_ID
-            ids = ids.to(device)
-            reason = kernel_mismatch(DocumentLayout(ids, "varlen", flash.flash_attn_varlen_func).attend,
-                                     DocumentLayout(ids, "sdpa").attend, (3, 8, 64, 64), (3, 4, 64, 64), dtype, device)
-        else:
-            reason = kernel_mismatch(functools.partial(flash_attend, flash.flash_attn_func),
-                                     lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                                     (2, 8, 128, 64), (2, 4, 128, 64), dtype, device)
+        attend = (DocumentLayout(ids, "varlen", flash.flash_attn_varlen_func).attend if doc_masked
+                  else functools.partial(flash_attend, flash.flash_attn_func))
+        reason = kernel_mismatch(attend, DocumentLayout(ids, "sdpa").attend, (3, 8, 64, 64), (3, 4, 64, 64),
+                                 torch.bfloat16 if device.type == "cuda" else torch.float32, device)
     except Exception as e:  # any failure of an optional kernel means: do not use it
         reason = f"start-up check raised {e.__class__.__name__}"
     if reason is None:
