@@ -1209,7 +1209,7 @@ def load_validation_byte_sidecar(data_path: str) -> np.ndarray | None:
     if not sidecars:
         return None
     val_files = shard_files(data_path, "val")
-    wanted = [os.path.join(os.path.dirname(f), os.path.basename(f).replace("fineweb_val_", "fineweb_val_bytes_", 1))
+    wanted = [os.path.join(data_path, os.path.basename(f).replace("fineweb_val_", "fineweb_val_bytes_", 1))
               for f in val_files]
     if sorted(wanted) != sidecars:
         have, need = (",".join(map(os.path.basename, files)) for files in (sidecars, val_files))
@@ -2149,13 +2149,12 @@ def train(run: TrainingRun, averager: WeightAverager) -> TrainState:
                 f"matrix_bits:{hp.matrix_bits} embed_bits:{hp.embed_bits}")
         scale = lr_scale_at(hp, state.step, elapsed_ms, fraction, budget_ms)
         t_step = clock.now()
-        loss = train_step(run.model, loader, run.optimizers, hp, rt, run.grad_accum, scale, state.step, run.autocast,
-                          state.looping)
+        unchecked_loss = train_step(run.model, loader, run.optimizers, hp, rt, run.grad_accum, scale, state.step,
+                                    run.autocast, state.looping)
         state.step += 1
         averager.update(state.step, fraction)
         step_ms = 1000.0 * (clock.now() - t_step)
         state.step_ms.append(step_ms)
-        unchecked_loss = loss.detach()
         if state.step <= 10 or state.step % hp.train_log_every == 0:  # the only host-device syncs
             loss_value = float(all_reduce_sum(unchecked_loss).item()) / rt.world_size  # global mean
             unchecked_loss = None
