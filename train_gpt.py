@@ -994,7 +994,7 @@ class ShuffledWindowLoader:
         batch = torch.from_numpy(self.pending[1].result().astype(np.int64))
         self.pending = (request, self.pool.submit(self._gather, request))  # prefetch the next one
         self.windows_delivered += batch.size(0) * self.world_size
-        return (batch[:, :-1].to(self.device, non_blocking=True), batch[:, 1:].to(self.device, non_blocking=True))
+        return tuple(t.to(self.device, non_blocking=True) for t in (batch[:, :-1], batch[:, 1:]))
 
     def epochs_consumed(self) -> float:
         """Training data seen, in epochs (windows delivered to all ranks over windows per epoch)."""
@@ -2034,15 +2034,17 @@ class PhaseClock:
 # host-device syncs are on logging steps (and validation).
 
 
-def train_step(model, loader: DistributedTokenLoader | ShuffledWindowLoader, optimizers, hp: Hyperparameters,
-               rt: Runtime, grad_accum: int, lr_scale: float, step: int, autocast, looping: bool = False) -> torch.Tensor:
-    """One optimizer step over `grad_accum` micro-batches; returns the mean loss (a tensor, no sync)."""
-    total = torch.zeros((), device=rt.device)
+def train_step(run: TrainingRun, loader: DistributedTokenLoader | ShuffledWindowLoader, lr_scale: float, step: int,
+               looping: bool = False) -> torch.Tensor:
+    """One optimizer step of the run's model over `grad_accum` micro-batches; returns the mean loss (a
+    tensor, no sync)."""
+    hp, model, optimizers, grad_accum = run.hp, run.model, run.optimizers, run.grad_accum
+    total = torch.zeros((), device=run.rt.device)
     for micro in range(grad_accum):
         x, y = loader.next_batch(hp.train_batch_tokens, hp.train_seq_len, grad_accum)
         if isinstance(model, DDP):
             model.require_backward_grad_sync = micro == grad_accum - 1
-        with autocast():
+        with run.autocast():
             loss = model(x, y, looping)
         (loss / grad_accum).backward()
         total += loss.detach()
@@ -2075,7 +2077,7 @@ def warmup_and_reset(run: TrainingRun) -> None:
     for looping in (False, True) if hp.num_loops > 0 else (False,):
         prefix = "loop_warmup_step" if looping else "warmup_step"
         for step in range(hp.warmup_steps):
-            train_step(run.model, loader, optimizers, hp, run.rt, run.grad_accum, 1.0, step, run.autocast, looping)
+            train_step(run, loader, 1.0, step, looping)
             if step + 1 in (1, hp.warmup_steps) or (step + 1) % 10 == 0:
                 run.log(f"{prefix}:{step + 1}/{hp.warmup_steps}")
     loader.close()
@@ -2149,8 +2151,7 @@ def train(run: TrainingRun, averager: WeightAverager) -> TrainState:
                 f"matrix_bits:{hp.matrix_bits} embed_bits:{hp.embed_bits}")
         scale = lr_scale_at(hp, state.step, elapsed_ms, fraction, budget_ms)
         t_step = clock.now()
-        unchecked_loss = train_step(run.model, loader, run.optimizers, hp, rt, run.grad_accum, scale, state.step,
-                                    run.autocast, state.looping)
+        unchecked_loss = train_step(run, loader, scale, state.step, state.looping)
         state.step += 1
         averager.update(state.step, fraction)
         step_ms = 1000.0 * (clock.now() - t_step)
