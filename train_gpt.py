@@ -1891,27 +1891,28 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        distributed = dist.is_available() and dist.is_initialized()
+        world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            if world_size == 1:
-                updates = [self._update(p, group) for p in params]
-            else:  # each rank's updates in one flat fp32 buffer, padded to the largest share, then all-gathered
-                owners = assign_shards([p.numel() for p in params], world_size)
-                shard = max(sum(p.numel() for p, o in zip(params, owners) if o == r) for r in range(world_size))
-                local = torch.zeros(shard, device=params[0].device, dtype=torch.float32)
-                mine = [self._update(p, group).flatten().float() for p, o in zip(params, owners) if o == dist.get_rank()]
-                if mine:
-                    local[: sum(u.numel() for u in mine)] = torch.cat(mine)
+            # Each rank's updates in one flat fp32 buffer, padded to the largest share, then all-gathered
+            # (a single process uses its buffer as it is: the same values, fp32 holds every update exactly).
+            owners = assign_shards([p.numel() for p in params], world_size)
+            shard = max(sum(p.numel() for p, o in zip(params, owners) if o == r) for r in range(world_size))
+            local = torch.zeros(shard, device=params[0].device, dtype=torch.float32)
+            mine = [self._update(p, group).flatten().float() for p, o in zip(params, owners) if o == rank]
+            if mine:
+                local[: sum(u.numel() for u in mine)] = torch.cat(mine)
+            gathered = local
+            if distributed:
                 gathered = local.new_empty(world_size * shard)
                 dist.all_gather_into_tensor(gathered, local)
-                offsets, updates = [r * shard for r in range(world_size)], []
-                for p, o in zip(params, owners):
-                    updates.append(gathered[offsets[o] : offsets[o] + p.numel()].view_as(p))
-                    offsets[o] += p.numel()
-            for p, update in zip(params, updates):
+            offsets = [r * shard for r in range(world_size)]
+            for p, o in zip(params, owners):
+                update = gathered[offsets[o] : offsets[o] + p.numel()].view_as(p)
+                offsets[o] += p.numel()
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-group["lr"])
