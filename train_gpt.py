@@ -338,9 +338,11 @@ class Hyperparameters:
                     shown = f"{shown.upper()}={bound}"
                 if bound is not None and not holds(value, bound):
                     raise ConfigError(f"{name}={value} must be {relation} {shown}")
-        for name in ("attn_bits", "mlp_bits", "head_bits", "lqer_a_bits", "bigram_vocab_size"):  # 0 = inherit or off
+        for name in ("attn_bits", "mlp_bits", "head_bits", "lqer_a_bits"):
             if getattr(self, name) == 1:
-                raise ConfigError(f"{name.upper()}=1 must be 0 or >= 2")
+                raise ConfigError(f"{name.upper()}=1 must be in [2, 8] (0 = inherit)")
+        if self.bigram_vocab_size == 1:
+            raise ConfigError("BIGRAM_VOCAB_SIZE=1 must be 0 (off) or >= 2")
         for big, small in (("model_dim", "num_heads"), ("num_heads", "num_kv_heads")):
             if getattr(self, big) % getattr(self, small):
                 raise ConfigError(f"{big.upper()}={getattr(self, big)} must be divisible by "
