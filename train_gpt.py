@@ -556,14 +556,15 @@ PUBLIC_ONLY_KNOBS = {  # env name -> (harmless values, reason: what to do instea
     "TTT_GRAD_STEPS": (("1",), "one adapter step per scored chunk: unset it"),
     "TTT_EVAL_SEQ_LEN": ((), "renamed: set EVAL_SEQ_LEN (every evaluation pass)"),
     "GLOBAL_TTT_MOMENTUM": ((), "renamed: set TTT_MOMENTUM (shared by all TTT SGD)"),
-    "GLOBAL_TTT_CHUNK_TOKENS": ((), "renamed: set TTT_CHUNK_TOKENS (shared by all TTT SGD)"),
+    "GLOBAL_TTT_CHUNK_TOKENS": ((), "renamed: set TTT_CHUNK_TOKENS (the global phases' cosine-LR groups)"),
     "GLOBAL_TTT_BATCH_SEQS": ((), "renamed: set TTT_BATCH_SEQS, over all ranks (R0427: per rank)"),
     "GLOBAL_TTT_GRAD_CLIP": ((), "renamed: set TTT_GRAD_CLIP (shared by all TTT SGD)"),
     "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": (("1",), "global-phase sequences never cross a document: unset it"),
     "GLOBAL_TTT_WARMUP_CHUNKS": (("0",), "the global phases have no LR warm-up: unset it"),
     "GLOBAL_TTT_WARMUP_START_LR": (("*",), "read only with GLOBAL_TTT_WARMUP_CHUNKS > 0 (not built): safe to drop"),
     # quantization
-    "GPTQ_RESERVE_SECONDS": ((), "the reserve is measured (GPTQ_CALIBRATION_SOURCE=train) or not needed: unset it"),
+    "GPTQ_RESERVE_SECONDS": ((), "the reserve is measured (GPTQ_CALIBRATION_SOURCE=train) or not needed (selfgen): "
+                             "unset it"),
     "CONTROL_TENSOR_NAME_PATTERNS": ((), "the list is CONTROL_TENSOR_NAMES in train_gpt.py: edit it there"),
     "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": ((), "fp32 passthrough follows CONTROL_TENSOR_NAMES in train_gpt.py: "
                                            "edit it there"),
@@ -1087,8 +1088,8 @@ def load_tokenizer(hp: Hyperparameters) -> spm.SentencePieceProcessor:
                        "); point TOKENIZER_PATH at the shards' tokenizer") from None
     if int(sp.vocab_size()) != hp.vocab_size:
         if hp.eval_only:  # EVAL_ONLY takes VOCAB_SIZE from the artifact: the tokenizer is what is wrong
-            raise RunError(f"the artifact was trained with {hp.vocab_size} pieces but TOKENIZER_PATH={hp.tokenizer_path} has "
-                           f"{sp.vocab_size()}; point TOKENIZER_PATH and DATA_PATH at the artifact's data")
+            raise RunError(f"the artifact was trained with {hp.vocab_size} pieces but TOKENIZER_PATH={hp.tokenizer_path} "
+                           f"has {sp.vocab_size()}; point TOKENIZER_PATH and DATA_PATH at the artifact's data")
         raise RunError(
             f"VOCAB_SIZE={hp.vocab_size} but {hp.tokenizer_path} has {sp.vocab_size()} pieces; set VOCAB_SIZE to match"
         )
