@@ -341,10 +341,12 @@ class Hyperparameters:
         for name in ("attn_bits", "mlp_bits", "head_bits", "lqer_a_bits"):
             if getattr(self, name) == 1:
                 raise ConfigError(f"{name.upper()}=1 must be in [2, 8] (0 = inherit)")
-        if self.model_dim % self.num_heads:
-            raise ConfigError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        if self.bigram_vocab_size == 1:
+            raise ConfigError("BIGRAM_VOCAB_SIZE=1 must be 0 (off) or >= 2")
+        for big, small in (("model_dim", "num_heads"), ("num_heads", "num_kv_heads")):
+            if getattr(self, big) % getattr(self, small):
+                raise ConfigError(f"{big.upper()}={getattr(self, big)} must be divisible by "
+                                  f"{small.upper()}={getattr(self, small)}")
         if self.head_dim % 2:
             raise ConfigError(f"head dim MODEL_DIM/NUM_HEADS={self.head_dim} must be even for RoPE")
         if not self.tokenizer_path.endswith(".model"):
@@ -354,8 +356,6 @@ class Hyperparameters:
         gates = [n for n in ("attn_out_gate_enabled", "gated_attn_enabled", "sparse_attn_gate_enabled") if getattr(self, n)]
         if len(gates) > 1:
             raise ConfigError(f"{' and '.join(g.upper() for g in gates)} are mutually exclusive; enable at most one")
-        if self.bigram_vocab_size == 1:
-            raise ConfigError("BIGRAM_VOCAB_SIZE=1 must be 0 (off) or >= 2")
         if self.num_loops and not (self.loop_start <= self.loop_end < self.num_layers):
             raise ConfigError(f"LOOP_START={self.loop_start} <= LOOP_END={self.loop_end} < NUM_LAYERS={self.num_layers} "
                               "must hold when NUM_LOOPS > 0")
@@ -523,58 +523,51 @@ def parse_env_value(name: str, raw: str, kind: type):
 # except for the listed values, which ask for what this script does anyway ("*" = any value: the
 # public script ignores it too). Each reason says what to set instead. A name that is also one of our
 # knobs is never refused. The data scripts' names (MATCHED_FINEWEB_*) are not train_gpt.py's.
-PUBLIC_ONLY_KNOBS = {  # env name -> (harmless values, reason)
+PUBLIC_ONLY_KNOBS = {  # env name -> (harmless values, reason: what to do instead, and why where it helps)
     # paths and run control
-    "DATA_DIR": (("./data", "./data/"), "not built here: set DATA_PATH (the shard folder) and TOKENIZER_PATH"),
-    "TTT_EVAL_ONLY": (("0",), "renamed: set EVAL_ONLY=1 ARTIFACT_PATH=<run folder>/final_model.*.ptz (every "
-                      "enabled pass, TTT included)"),
-    "PREQUANT_ONLY": (("0",), "not built here: every run quantizes; unset it and read the "
-                      "'pre-quantization' log line"),
+    "DATA_DIR": (("./data", "./data/"), "set DATA_PATH (the shard folder) and TOKENIZER_PATH"),
+    "TTT_EVAL_ONLY": (("0",), "renamed: set EVAL_ONLY=1 ARTIFACT_PATH=<run folder>/final_model.*.ptz (TTT included)"),
+    "PREQUANT_ONLY": (("0",), "every run quantizes: unset it and read the 'pre-quantization' log line"),
     # validation: the score always covers the whole validation set (spec 9, bug 19)
     "VAL_BATCH_TOKENS": ((), "renamed: set VAL_BATCH_SIZE (tokens over all ranks)"),
-    "VAL_DOC_FRACTION": (("1",), "refused on purpose: a partial validation set gives a wrong score; unset it "
-                         "(for a quick run point DATA_PATH at a small set, data/prepare_sample.py)"),
-    "TTT_EVAL_BATCHES": (("",), "refused on purpose: a partial validation set gives a wrong score; unset it "
-                         "(for a quick run point DATA_PATH at a small set, data/prepare_sample.py)"),
-    "SLIDING_WINDOW_ENABLED": ((), "renamed: set EVAL_STRIDE=64 for sliding-window scoring, 0 for flat only"),
-    "FUSED_CE_ENABLED": (("*",), "a GPU kernel choice with no effect on the score: safe to drop"),
+    "VAL_DOC_FRACTION": (("1",), "a partial validation set gives a wrong score: unset it (quick runs: "
+                         "data/prepare_sample.py)"),
+    "TTT_EVAL_BATCHES": (("",), "a partial validation set gives a wrong score: unset it (quick runs: "
+                         "data/prepare_sample.py)"),
+    "SLIDING_WINDOW_ENABLED": ((), "renamed: set EVAL_STRIDE=64 (sliding windows) or 0 (flat only)"),
+    "FUSED_CE_ENABLED": (("*",), "a GPU kernel choice, no effect on the score: safe to drop"),
     # architecture
-    "EMBEDDING_DIM": ((), "not built here (no factorised embedding): unset it"),
-    "PARALLEL_RESIDUAL_START": ((), "renamed: set PARALLEL_START_LAYER, plus PARALLEL_MODE=gptj for R0409's form"),
-    "ROPE_TRAIN_SEQ_LEN": ((), "not built here: unset it; the NTK RoPE rescale is relative to TRAIN_SEQ_LEN"),
-    "ROPE_YARN": (("1",), "not built as a switch: past TRAIN_SEQ_LEN the NTK rescale is always on; unset it"),
-    "ATTN_OUT_GATE_SRC": (("proj",), "not built here: the output gate always reads the attention input (proj); "
-                          "unset it"),
-    "GATED_ATTN_QUANT_GATE": (("0",), "not built here: gate weights are control tensors, never quantized; unset it"),
+    "EMBEDDING_DIM": ((), "no factorised embedding here: unset it"),
+    "PARALLEL_RESIDUAL_START": ((), "renamed: set PARALLEL_START_LAYER (PARALLEL_MODE=gptj for R0409's form)"),
+    "ROPE_TRAIN_SEQ_LEN": ((), "the NTK RoPE rescale is relative to TRAIN_SEQ_LEN: unset it"),
+    "ROPE_YARN": (("1",), "the NTK rescale past TRAIN_SEQ_LEN is always on: unset it"),
+    "ATTN_OUT_GATE_SRC": (("proj",), "the output gate always reads the attention input (proj): unset it"),
+    "GATED_ATTN_QUANT_GATE": (("0",), "gate weights are control tensors, never quantized: unset it"),
     # optimizer
     "MUON_BETA2": (("*",), "unused in R0409 too: safe to drop"),
     # evaluation-time logit bias (breaks C2; R0409's ETLB_ENABLED=1 path crashes, spec 9 bug 4)
-    "ETLB_ENABLED": (("0",), "not built here: a logit bias is not a normalised model (C2); unset it"),
-    "ETLB_LR": (("*",), "read only with ETLB_ENABLED=1, which is not built here: safe to drop"),
-    "ETLB_STEPS": (("*",), "read only with ETLB_ENABLED=1, which is not built here: safe to drop"),
-    "ETLB_CLIP": (("*",), "read only with ETLB_ENABLED=1, which is not built here: safe to drop"),
+    "ETLB_ENABLED": (("0",), "a logit bias is not a normalised model (C2): unset it"),
+    "ETLB_LR": (("*",), "read only with ETLB_ENABLED=1 (not built): safe to drop"),
+    "ETLB_STEPS": (("*",), "read only with ETLB_ENABLED=1 (not built): safe to drop"),
+    "ETLB_CLIP": (("*",), "read only with ETLB_ENABLED=1 (not built): safe to drop"),
     # test-time training
-    "PHASED_TTT_ENABLED": ((), "renamed: set TTT_ENABLED=1 TTT_MODE=phased (R0427 never read it)"),
-    "TTT_OPTIMIZER": (("adam",), "not built here: the per-document adapters always use AdamW (TTT_BETA1, "
-                      "TTT_BETA2, TTT_WEIGHT_DECAY); unset it"),
-    "TTT_GRAD_STEPS": (("1",), "not built here: one adapter step per scored chunk; unset it"),
-    "TTT_EVAL_SEQ_LEN": ((), "renamed: set EVAL_SEQ_LEN (every evaluation pass, TTT included)"),
+    "PHASED_TTT_ENABLED": ((), "renamed: set TTT_ENABLED=1 TTT_MODE=phased"),
+    "TTT_OPTIMIZER": (("adam",), "the adapters always use AdamW (TTT_BETA1, TTT_BETA2, TTT_WEIGHT_DECAY): unset it"),
+    "TTT_GRAD_STEPS": (("1",), "one adapter step per scored chunk: unset it"),
+    "TTT_EVAL_SEQ_LEN": ((), "renamed: set EVAL_SEQ_LEN (every evaluation pass)"),
     "GLOBAL_TTT_MOMENTUM": ((), "renamed: set TTT_MOMENTUM (shared by all TTT SGD)"),
-    "GLOBAL_TTT_CHUNK_TOKENS": ((), "renamed: set TTT_CHUNK_TOKENS (the cosine-LR groups of the global phases)"),
-    "GLOBAL_TTT_BATCH_SEQS": ((), "renamed: set TTT_BATCH_SEQS, counted over all ranks here (R0427: per rank)"),
+    "GLOBAL_TTT_CHUNK_TOKENS": ((), "renamed: set TTT_CHUNK_TOKENS (the global phases' cosine-LR groups)"),
+    "GLOBAL_TTT_BATCH_SEQS": ((), "renamed: set TTT_BATCH_SEQS, over all ranks (R0427: per rank)"),
     "GLOBAL_TTT_GRAD_CLIP": ((), "renamed: set TTT_GRAD_CLIP (shared by all TTT SGD)"),
-    "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": (("1",), "not built as a switch: global-phase sequences never cross a "
-                                          "document; unset it"),
-    "GLOBAL_TTT_WARMUP_CHUNKS": (("0",), "not built here (no LR warm-up in the global phases): unset it"),
-    "GLOBAL_TTT_WARMUP_START_LR": (("*",), "read only with GLOBAL_TTT_WARMUP_CHUNKS > 0, not built here: safe to "
-                                   "drop"),
+    "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": (("1",), "global-phase sequences never cross a document: unset it"),
+    "GLOBAL_TTT_WARMUP_CHUNKS": (("0",), "the global phases have no LR warm-up: unset it"),
+    "GLOBAL_TTT_WARMUP_START_LR": (("*",), "read only with GLOBAL_TTT_WARMUP_CHUNKS > 0 (not built): safe to drop"),
     # quantization
-    "GPTQ_RESERVE_SECONDS": ((), "not built here: unset it; the reserve is measured (GPTQ_CALIBRATION_SOURCE=train) "
-                             "or not needed (selfgen)"),
-    "CONTROL_TENSOR_NAME_PATTERNS": ((), "not built here: the list is CONTROL_TENSOR_NAMES in train_gpt.py; "
-                                     "edit it there"),
-    "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": ((), "not built here: fp32 passthrough follows CONTROL_TENSOR_NAMES in "
-                                           "train_gpt.py; edit it there"),
+    "GPTQ_RESERVE_SECONDS": ((), "the reserve is measured (GPTQ_CALIBRATION_SOURCE=train) or not needed (selfgen): "
+                             "unset it"),
+    "CONTROL_TENSOR_NAME_PATTERNS": ((), "the list is CONTROL_TENSOR_NAMES in train_gpt.py: edit it there"),
+    "INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": ((), "fp32 passthrough follows CONTROL_TENSOR_NAMES in train_gpt.py: "
+                                           "edit it there"),
 }
 
 
@@ -773,10 +766,9 @@ def stop_signals_raise(restore: bool = True):
     STOP_SIGNAL_RECEIVED.clear()
 
     def handler(signum, frame):
-        if STOP_SIGNAL_RECEIVED:
-            return
-        STOP_SIGNAL_RECEIVED.append(signal.Signals(signum).name)
-        raise RunStopped(STOP_SIGNAL_RECEIVED[0])
+        if not STOP_SIGNAL_RECEIVED:
+            STOP_SIGNAL_RECEIVED.append(signal.Signals(signum).name)
+            raise RunStopped(STOP_SIGNAL_RECEIVED[0])
 
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
@@ -841,18 +833,16 @@ def memmap_data_shard(path: str | Path) -> np.ndarray:
 def check_token_ids(tokens: np.ndarray, vocab_size: int | None, path: str | Path) -> None:
     """Stop unless every id is below VOCAB_SIZE (numpy only: runs in the loaders' prefetch threads)."""
     if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
-        raise RunError(f"training shard {path} holds token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}: it was "
-                       "made with another tokenizer; set DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE to match")
+        raise RunError(f"training shard {path} holds token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size} (another "
+                       "tokenizer's data); make DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE match")
 
 
 def shard_files(data_path: str, split: str) -> list[str]:
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
     files = sorted(f for f in glob.glob(pattern) if "_bytes_" not in os.path.basename(f))
     if not files:
-        raise RunError(
-            f"no {split} shards match {pattern}; set DATA_PATH, or fetch data with "
-            "data/cached_challenge_fineweb.py or build the sample with data/prepare_sample.py"
-        )
+        raise RunError(f"no {split} shards match {pattern}; set DATA_PATH (data/cached_challenge_fineweb.py fetches "
+                       "shards)")
     return files
 
 
@@ -961,8 +951,7 @@ class ShuffledWindowLoader:
         self.windows_delivered = 0
         self._start_epoch(0)
         if self.windows_per_epoch == 0:
-            raise RunError(f"no training shard holds TRAIN_SEQ_LEN+1={seq_len + 1} tokens; lower TRAIN_SEQ_LEN or "
-                           "add training data")
+            raise RunError(f"no training shard holds TRAIN_SEQ_LEN+1={seq_len + 1} tokens; lower TRAIN_SEQ_LEN")
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.pending = None  # (request, future) of the prefetched batch
 
@@ -999,17 +988,16 @@ class ShuffledWindowLoader:
         return np.stack([self.shards[s][start : start + seq_len + 1] for s, start in windows])  # numpy only
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if seq_len != self.seq_len:
-            raise ValueError(f"this loader cuts windows of {self.seq_len + 1} tokens, asked for seq_len {seq_len}")
+        assert seq_len == self.seq_len, "the windows are cut for TRAIN_SEQ_LEN"
         request = (global_tokens, seq_len, grad_accum)
         if self.pending is None or self.pending[0] != request:
-            if self.pending is not None:  # a different request: the prefetched windows are skipped, in order
+            if self.pending:  # a different request: the prefetched windows are skipped, in order
                 self.pending[1].result()
             self.pending = (request, self.pool.submit(self._gather, request))
         batch = torch.from_numpy(self.pending[1].result().astype(np.int64))
         self.pending = (request, self.pool.submit(self._gather, request))  # prefetch the next one
         self.windows_delivered += batch.size(0) * self.world_size
-        return (batch[:, :-1].to(self.device, non_blocking=True), batch[:, 1:].to(self.device, non_blocking=True))
+        return tuple(t.to(self.device, non_blocking=True) for t in (batch[:, :-1], batch[:, 1:]))
 
     def epochs_consumed(self) -> float:
         """Training data seen, in epochs (windows delivered to all ranks over windows per epoch)."""
@@ -1034,8 +1022,7 @@ def train_holdout_tokens(hp: Hyperparameters, train_files: list[str]) -> int:
     last = shard_token_count(train_files[-1])
     holdout = min(hp.prequant_ttt_tokens + 1, last)
     if holdout >= last and len(train_files) == 1:
-        raise RunError(f"PREQUANT_TTT_TOKENS={hp.prequant_ttt_tokens} holds out the whole training shard; lower it "
-                       "or add training shards")
+        raise RunError(f"PREQUANT_TTT_TOKENS={hp.prequant_ttt_tokens} holds out the whole training shard; lower it")
     return holdout
 
 
@@ -1043,9 +1030,9 @@ def load_validation_tokens(data_path: str) -> torch.Tensor:
     """Every validation token, in order. Nothing is trimmed: all len-1 targets get scored."""
     tokens = torch.cat([load_data_shard(f) for f in shard_files(data_path, "val")])
     if tokens.numel() < 2:
-        raise RunError(f"validation shards under {data_path} hold {tokens.numel()} tokens; need at least 2")
+        raise RunError(f"validation shards under {data_path} hold {tokens.numel()} tokens, < 2")
     if int(tokens[0]) != BOS_ID:
-        raise RunError("validation stream must start with BOS (id 1): every document is BOS + its tokens")
+        raise RunError("validation stream must start with BOS (id 1)")
     return tokens
 
 
@@ -1093,22 +1080,21 @@ def target_bytes(prev_ids: torch.Tensor, target_ids: torch.Tensor, luts: ByteLut
 
 def load_tokenizer(hp: Hyperparameters) -> spm.SentencePieceProcessor:
     if not os.path.isfile(hp.tokenizer_path):
-        raise RunError(f"TOKENIZER_PATH={hp.tokenizer_path} does not exist; fetch or build the tokenizer first")
+        raise RunError(f"TOKENIZER_PATH={hp.tokenizer_path} does not exist; fetch or build it first")
     try:
         sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
     except (RuntimeError, OSError) as e:  # sentencepiece raises RuntimeError (or OSError) with a C++ trace
         raise RunError(f"TOKENIZER_PATH={hp.tokenizer_path} is not a SentencePiece model ({str(e).splitlines()[0][:80]}"
-                       "); point TOKENIZER_PATH at the shards' tokenizer .model file") from None
+                       "); point TOKENIZER_PATH at the shards' tokenizer") from None
     if int(sp.vocab_size()) != hp.vocab_size:
         if hp.eval_only:  # EVAL_ONLY takes VOCAB_SIZE from the artifact: the tokenizer is what is wrong
-            raise RunError(f"the artifact {hp.artifact_path} was trained with {hp.vocab_size} pieces but "
-                           f"TOKENIZER_PATH={hp.tokenizer_path} has {sp.vocab_size()}; point TOKENIZER_PATH and "
-                           "DATA_PATH at the artifact's tokenizer and shards")
+            raise RunError(f"the artifact was trained with {hp.vocab_size} pieces but TOKENIZER_PATH={hp.tokenizer_path} "
+                           f"has {sp.vocab_size()}; point TOKENIZER_PATH and DATA_PATH at the artifact's data")
         raise RunError(
             f"VOCAB_SIZE={hp.vocab_size} but {hp.tokenizer_path} has {sp.vocab_size()} pieces; set VOCAB_SIZE to match"
         )
     if sp.piece_to_id("\u2581") == sp.unk_id():
-        raise RunError(f"{hp.tokenizer_path} has no standalone '\u2581' piece; spaces would be miscounted in val_bpb")
+        raise RunError(f"{hp.tokenizer_path} has no standalone '\u2581' piece: val_bpb would miscount spaces")
     return sp
 
 
@@ -1123,18 +1109,17 @@ def check_tokenizer_belongs_to_shards(tokenizer_path: str, data_path: str) -> st
     manifest (e.g. shards fetched from the hub) only the byte check runs; the returned text says so."""
     manifest_path = Path(data_path) / DATA_MANIFEST_NAME
     if not manifest_path.is_file():
-        return f"not_verified (no {DATA_MANIFEST_NAME} beside the shards; the byte check still runs)"
+        return f"not_verified (no {DATA_MANIFEST_NAME}; the byte check still runs)"
     try:
         recorded = json.loads(manifest_path.read_text(encoding="utf-8"))["tokenizer"]
         want, name = str(recorded["model_sha256"]), recorded.get("model_file", "?")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise RunError(f"{manifest_path} is not a data manifest with tokenizer.model_sha256 ({e.__class__.__name__}); "
-                       "re-export the data with data/export_shards.py or remove the file") from None
+        raise RunError(f"{manifest_path} has no tokenizer.model_sha256 ({e.__class__.__name__}); re-export the data "
+                       "(data/export_shards.py) or remove the file") from None
     have = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
     if have != want:
-        raise RunError(f"TOKENIZER_PATH={tokenizer_path} (sha256 {have[:12]}) is not the tokenizer of the shards in "
-                       f"DATA_PATH={data_path}: {manifest_path} records {name} (sha256 {want[:12]}); "
-                       "point TOKENIZER_PATH at that tokenizer")
+        raise RunError(f"TOKENIZER_PATH={tokenizer_path} (sha256 {have[:12]}) is not the tokenizer of DATA_PATH: "
+                       f"{manifest_path} records {name} (sha256 {want[:12]}); point TOKENIZER_PATH at that tokenizer")
     return f"ok (sha256 {have[:12]} matches {manifest_path})"
 
 
@@ -1165,10 +1150,10 @@ def validation_byte_totals(sp: spm.SentencePieceProcessor, val_tokens: torch.Ten
 
 def byte_mismatch(counted: int, decoded: int, luts: ByteLuts) -> RunError:
     if luts.val_bytes is not None:
-        return RunError(f"the byte sidecar counts {counted} validation bytes but the decoded (CaseOps-inverted) text "
-                        f"has {decoded}: it does not belong to these shards and tokenizer; re-download or re-export the data")
+        return RunError(f"the byte sidecar counts {counted} validation bytes but the decoded text has {decoded}: "
+                        "re-download or re-export the data")
     return RunError(f"byte tables count {counted} validation bytes but the decoded text has {decoded}; point "
-                    "TOKENIZER_PATH at the tokenizer of DATA_PATH's shards")
+                    "TOKENIZER_PATH at DATA_PATH's tokenizer")
 
 
 def check_validation_bytes(sp: spm.SentencePieceProcessor, val_tokens: torch.Tensor, luts: ByteLuts,
@@ -1202,8 +1187,8 @@ def _caseops_decode_match(m: re.Match) -> str:
     if literal or caps or letter:
         return literal or (caps or letter).upper()
     raise RunError(f"validation text is not valid CaseOps: operator U+{ord(m.group()):04X} at character {m.start()} "
-                   f"is followed by {m.string[m.end() : m.end() + 1]!r}; the shards are not CaseOps data for this "
-                   "tokenizer (re-export them with data/export_shards.py --caseops)")
+                   f"is followed by {m.string[m.end() : m.end() + 1]!r}; re-export the data with data/export_shards.py "
+                   "--caseops")
 
 
 def caseops_decode(text: str) -> str:
@@ -1227,7 +1212,7 @@ def load_validation_byte_sidecar(data_path: str) -> np.ndarray | None:
     if not sidecars:
         return None
     val_files = shard_files(data_path, "val")
-    wanted = [os.path.join(os.path.dirname(f), os.path.basename(f).replace("fineweb_val_", "fineweb_val_bytes_", 1))
+    wanted = [os.path.join(data_path, os.path.basename(f).replace("fineweb_val_", "fineweb_val_bytes_", 1))
               for f in val_files]
     if sorted(wanted) != sidecars:
         have, need = (",".join(map(os.path.basename, files)) for files in (sidecars, val_files))
@@ -1245,15 +1230,15 @@ def check_sidecar_structure(val_tokens: torch.Tensor, val_bytes: np.ndarray, ope
     0 bytes: a sidecar of the pieces' own bytes, the mistake that inflates CaseOps bytes, fails here."""
     tokens = val_tokens.numpy()
     if int(val_bytes[tokens == BOS_ID].max(initial=0)) != 0:
-        raise RunError("the byte sidecar gives BOS tokens a nonzero byte count, so it is not aligned with the "
-                       "validation tokens; re-download or re-export the data")
+        raise RunError("the byte sidecar gives BOS tokens a nonzero byte count (misaligned); re-download or "
+                       "re-export the data")
     if operators:
         after_esc = np.zeros(len(tokens), dtype=bool)
         after_esc[1:] = tokens[:-1] == operators.get("\ue004", -1)
         added = np.isin(tokens, list(operators.values())) & ~after_esc
         if int(val_bytes[added].max(initial=0)) != 0:
-            raise RunError("the byte sidecar counts bytes for CaseOps operator tokens (the pieces' bytes, not the "
-                           "original text's); re-export the data with data/export_shards.py --caseops")
+            raise RunError("the byte sidecar counts bytes for CaseOps operator tokens; re-export the data with "
+                           "data/export_shards.py --caseops")
 
 
 def manifest_records_sidecar(data_path: str) -> bool:
@@ -1440,21 +1425,19 @@ def select_attention_backend(requested: str, device: torch.device, doc_masked: b
         return "sdpa", "flash_attn_interface not installed"
     if requested == "auto" and device.type != "cuda":
         return "sdpa", "FlashAttention 3 needs a CUDA device"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # The reference is SDPA under the documents' mask. Masked, the rows hold every document layout a
+    # batch can: row 0 starts inside a document (its leading tail is one) and has two more, row 1 has
+    # no BOS, row 2 is one-token documents; unmasked, no row has a BOS (one causal sequence each).
+    ids = torch.randint(2, 97, (3, 64), generator=torch.Generator().manual_seed(0))
+    if doc_masked:
+        ids[0, [20, 41]] = BOS_ID
+        ids[2] = BOS_ID
+    ids = ids.to(device)
     try:
-        if doc_masked:
-            # Rows that hold every document layout a batch can: row 0 starts inside a document (its leading
-            # tail is one) and has two more, row 1 has no BOS, row 2 is one-token documents.
-            ids = torch.randint(2, 97, (3, 64), generator=torch.Generator().manual_seed(0))
-            ids[0, [20, 41]] = BOS_ID
-            ids[2] = BOS_ID
-            ids = ids.to(device)
-            reason = kernel_mismatch(DocumentLayout(ids, "varlen", flash.flash_attn_varlen_func).attend,
-                                     DocumentLayout(ids, "sdpa").attend, (3, 8, 64, 64), (3, 4, 64, 64), dtype, device)
-        else:
-            reason = kernel_mismatch(functools.partial(flash_attend, flash.flash_attn_func),
-                                     lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                                     (2, 8, 128, 64), (2, 4, 128, 64), dtype, device)
+        attend = (DocumentLayout(ids, "varlen", flash.flash_attn_varlen_func).attend if doc_masked
+                  else functools.partial(flash_attend, flash.flash_attn_func))
+        reason = kernel_mismatch(attend, DocumentLayout(ids, "sdpa").attend, (3, 8, 64, 64), (3, 4, 64, 64),
+                                 torch.bfloat16 if device.type == "cuda" else torch.float32, device)
     except Exception as e:  # any failure of an optional kernel means: do not use it
         reason = f"start-up check raised {e.__class__.__name__}"
     if reason is None:
@@ -1560,7 +1543,8 @@ class CausalSelfAttention(nn.Module):
         return q, apply_rotary(rms_norm(k), cos, sin)
 
     def finish(self, y: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """XSA and the output gate on the attention output y (B, H, T, D) of the normalised input x."""
+        """XSA, the output gate and the output projection on the attention output y (B, H, T, D) of the
+        normalised input x (B, T, C); returns (B, T, C)."""
         if self.xsa:  # drop each head's component along its own position's value direction
             v_dir = F.normalize(v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1), dim=-1)
             y = y - (y * v_dir).sum(-1, keepdim=True) * v_dir
@@ -1569,13 +1553,13 @@ class CausalSelfAttention(nn.Module):
             scaled = self.sparse_gate_scale * logits if self.gate_kind == "sparse" else logits  # (B, T, H)
             gate = 2 * torch.sigmoid(logits) if self.gate_kind == "out" else torch.sigmoid(scaled)
             y = y * gate.transpose(1, 2)[..., None]  # (B, H, T, 1)
-        return y
+        return self.proj(y.transpose(1, 2).reshape(x.shape))
 
     def forward(self, x: torch.Tensor, v_first: torch.Tensor | None,
                 docs: DocumentLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x is the normalised input; `docs` masks attention to each document (DOC_MASKED_ATTENTION).
         Returns the output and this layer's raw values (for VALUE_RESIDUAL)."""
-        B, T, C = x.shape
+        T = x.size(1)
         q, k, v, v_raw = self.project(x, v_first)
         cos_sin = self.rotary(T, q.dtype)
         if docs is not None:  # positions restart at every document's first token: (B, 1, T, r/2)
@@ -1588,7 +1572,7 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, D)
-        return self.proj(self.finish(y, x, v).transpose(1, 2).reshape(B, T, C)), v_raw  # (B, T, C)
+        return self.finish(y, x, v), v_raw
 
     def forward_last_cached(self, x: torch.Tensor, v_first: torch.Tensor | None, cache: list,
                             pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1596,13 +1580,13 @@ class CausalSelfAttention(nn.Module):
         sequence position `pos`; its keys and values are appended to `cache` ([k, v] of earlier positions
         for this layer pass) and it attends to all of them. The other rows of the output are 0 (their
         keys are cached already). Equal to `forward` while pos < TRAIN_SEQ_LEN (the RoPE tables are fixed)."""
-        B, T, C = x.shape
+        T = x.size(1)
         x = x[:, -1:]
         q, k, v, v_raw = self.project(x, v_first)
         q, k = self.rotate(q, k, *(t[:, :, pos : pos + 1] for t in self.rotary(pos + 1, q.dtype)))
         cache[:] = [torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)] if cache else [k, v]
         y = F.scaled_dot_product_attention(q, *cache, enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, 1, D)
-        return F.pad(self.proj(self.finish(y, x, v).transpose(1, 2).reshape(B, 1, C)), (0, 0, T - 1, 0)), v_raw
+        return F.pad(self.finish(y, x, v), (0, 0, T - 1, 0)), v_raw
 
 
 class MLP(nn.Module):
@@ -1910,27 +1894,28 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        distributed = dist.is_available() and dist.is_initialized()
+        world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            if world_size == 1:
-                updates = [self._update(p, group) for p in params]
-            else:  # each rank's updates in one flat fp32 buffer, padded to the largest share, then all-gathered
-                owners = assign_shards([p.numel() for p in params], world_size)
-                shard = max(sum(p.numel() for p, o in zip(params, owners) if o == r) for r in range(world_size))
-                local = torch.zeros(shard, device=params[0].device, dtype=torch.float32)
-                mine = [self._update(p, group).flatten().float() for p, o in zip(params, owners) if o == dist.get_rank()]
-                if mine:
-                    local[: sum(u.numel() for u in mine)] = torch.cat(mine)
+            # Each rank's updates in one flat fp32 buffer, padded to the largest share, then all-gathered
+            # (a single process uses its buffer as it is: the same values, fp32 holds every update exactly).
+            owners = assign_shards([p.numel() for p in params], world_size)
+            shard = max(sum(p.numel() for p, o in zip(params, owners) if o == r) for r in range(world_size))
+            local = torch.zeros(shard, device=params[0].device, dtype=torch.float32)
+            mine = [self._update(p, group).flatten().float() for p, o in zip(params, owners) if o == rank]
+            if mine:
+                local[: sum(u.numel() for u in mine)] = torch.cat(mine)
+            gathered = local
+            if distributed:
                 gathered = local.new_empty(world_size * shard)
                 dist.all_gather_into_tensor(gathered, local)
-                offsets, updates = [r * shard for r in range(world_size)], []
-                for p, o in zip(params, owners):
-                    updates.append(gathered[offsets[o] : offsets[o] + p.numel()].view_as(p))
-                    offsets[o] += p.numel()
-            for p, update in zip(params, updates):
+            offsets = [r * shard for r in range(world_size)]
+            for p, o in zip(params, owners):
+                update = gathered[offsets[o] : offsets[o] + p.numel()].view_as(p)
+                offsets[o] += p.numel()
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-group["lr"])
@@ -1938,31 +1923,27 @@ class Muon(torch.optim.Optimizer):
 
 def build_optimizers(hp: Hyperparameters, model: GPT, device: torch.device) -> list[torch.optim.Optimizer]:
     """Muon for 2-D weight matrices; AdamW for embedding tables, an untied head and control tensors."""
-    embeddings = [model.tok_emb.weight] + ([model.bigram.embed.weight] if model.bigram is not None else [])
-    head = [model.lm_head.weight] if model.lm_head is not None else []
-    special = {id(p) for p in embeddings + head}
-    rest = [(n, p) for n, p in model.named_parameters() if id(p) not in special]
-    matrices = [p for n, p in rest if p.ndim == 2 and not is_control_tensor(n)]
-    scalars = [p for n, p in rest if p.ndim < 2 or is_control_tensor(n)]
+    by_kind = {"embed": [], "head": [], "matrix": [], "scalar": []}  # each parameter in exactly one
+    for name, p in model.named_parameters():
+        kind = "embed" if name in EMBEDDING_NAMES else "head" if name == "lm_head.weight" else (
+            "scalar" if p.ndim < 2 or is_control_tensor(name) else "matrix")
+        by_kind[kind].append(p)
     # Fused AdamW (one kernel per group instead of ~10 small operators per tensor) on CUDA and CPU alike.
     adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=device.type in ("cuda", "cpu"))
-    embed_lr = hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr
 
     def adamw(params: list, lr: float, wd: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW([dict(params=params, lr=lr, base_lr=lr)], weight_decay=wd, **adam)
 
     optimizers: list[torch.optim.Optimizer] = [
-        adamw(embeddings, embed_lr, hp.embed_wd),
-        Muon([dict(params=matrices, lr=hp.matrix_lr, base_lr=hp.matrix_lr)], lr=hp.matrix_lr,
+        adamw(by_kind["embed"], hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr, hp.embed_wd),
+        Muon([dict(params=by_kind["matrix"], lr=hp.matrix_lr, base_lr=hp.matrix_lr)], lr=hp.matrix_lr,
              momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
              ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
              coefficients=hp.muon_ns_coefficients, row_normalize=hp.muon_row_normalize, weight_decay=hp.muon_wd),
-        adamw(scalars, hp.scalar_lr, hp.adam_wd),
+        adamw(by_kind["scalar"], hp.scalar_lr, hp.adam_wd),
     ]
-    if head:
-        optimizers.append(adamw(head, hp.head_lr, hp.adam_wd))
-    owners = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
-    assert sorted(owners) == sorted(id(p) for p in model.parameters()), "each parameter needs exactly one optimizer"
+    if by_kind["head"]:
+        optimizers.append(adamw(by_kind["head"], hp.head_lr, hp.adam_wd))
     return optimizers
 
 
@@ -2057,15 +2038,17 @@ class PhaseClock:
 # host-device syncs are on logging steps (and validation).
 
 
-def train_step(model, loader: DistributedTokenLoader | ShuffledWindowLoader, optimizers, hp: Hyperparameters,
-               rt: Runtime, grad_accum: int, lr_scale: float, step: int, autocast, looping: bool = False) -> torch.Tensor:
-    """One optimizer step over `grad_accum` micro-batches; returns the mean loss (a tensor, no sync)."""
-    total = torch.zeros((), device=rt.device)
+def train_step(run: TrainingRun, loader: DistributedTokenLoader | ShuffledWindowLoader, lr_scale: float, step: int,
+               looping: bool = False) -> torch.Tensor:
+    """One optimizer step of the run's model over `grad_accum` micro-batches; returns the mean loss (a
+    tensor, no sync)."""
+    hp, model, optimizers, grad_accum = run.hp, run.model, run.optimizers, run.grad_accum
+    total = torch.zeros((), device=run.rt.device)
     for micro in range(grad_accum):
         x, y = loader.next_batch(hp.train_batch_tokens, hp.train_seq_len, grad_accum)
         if isinstance(model, DDP):
             model.require_backward_grad_sync = micro == grad_accum - 1
-        with autocast():
+        with run.autocast():
             loss = model(x, y, looping)
         (loss / grad_accum).backward()
         total += loss.detach()
@@ -2077,11 +2060,10 @@ def train_step(model, loader: DistributedTokenLoader | ShuffledWindowLoader, opt
             if isinstance(opt, Muon):
                 group["momentum"] = momentum
     if hp.grad_clip_norm > 0:  # grads are already averaged across ranks here: a global-norm clip
-        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, hp.grad_clip_norm)
-    for opt in optimizers:
+        torch.nn.utils.clip_grad_norm_([p for opt in optimizers for g in opt.param_groups for p in g["params"]],
+                                       hp.grad_clip_norm)
+    for opt in optimizers:  # each parameter has one optimizer, so stepping one never reads another's grads
         opt.step()
-    for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     return total / grad_accum
 
@@ -2099,7 +2081,7 @@ def warmup_and_reset(run: TrainingRun) -> None:
     for looping in (False, True) if hp.num_loops > 0 else (False,):
         prefix = "loop_warmup_step" if looping else "warmup_step"
         for step in range(hp.warmup_steps):
-            train_step(run.model, loader, optimizers, hp, run.rt, run.grad_accum, 1.0, step, run.autocast, looping)
+            train_step(run, loader, 1.0, step, looping)
             if step + 1 in (1, hp.warmup_steps) or (step + 1) % 10 == 0:
                 run.log(f"{prefix}:{step + 1}/{hp.warmup_steps}")
     loader.close()
@@ -2118,9 +2100,8 @@ DIVERGED_LOSS_FACTOR = 2.0
 def check_training_loss(loss: float, step: int, vocab_size: int) -> None:
     limit = DIVERGED_LOSS_FACTOR * math.log(vocab_size)
     if not math.isfinite(loss) or loss > limit:
-        what = "is not finite" if not math.isfinite(loss) else f"is above {limit:.2f} (2 x ln VOCAB_SIZE)"
-        raise RunError(f"training diverged: train_loss {loss:.4g} at step {step} {what}; lower the learning rates "
-                       "(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR), lengthen LR warm-up or set GRAD_CLIP_NORM")
+        raise RunError(f"training diverged: train_loss {loss:.4g} at step {step} (limit {limit:.2f} = 2 x ln "
+                       "VOCAB_SIZE); lower MATRIX_LR, SCALAR_LR, TIED_EMBED_LR or set GRAD_CLIP_NORM")
 
 
 @dataclass
@@ -2174,13 +2155,11 @@ def train(run: TrainingRun, averager: WeightAverager) -> TrainState:
                 f"matrix_bits:{hp.matrix_bits} embed_bits:{hp.embed_bits}")
         scale = lr_scale_at(hp, state.step, elapsed_ms, fraction, budget_ms)
         t_step = clock.now()
-        loss = train_step(run.model, loader, run.optimizers, hp, rt, run.grad_accum, scale, state.step, run.autocast,
-                          state.looping)
+        unchecked_loss = train_step(run, loader, scale, state.step, state.looping)
         state.step += 1
         averager.update(state.step, fraction)
         step_ms = 1000.0 * (clock.now() - t_step)
         state.step_ms.append(step_ms)
-        unchecked_loss = loss.detach()
         if state.step <= 10 or state.step % hp.train_log_every == 0:  # the only host-device syncs
             loss_value = float(all_reduce_sum(unchecked_loss).item()) / rt.world_size  # global mean
             unchecked_loss = None
@@ -2295,18 +2274,6 @@ def compile_failure(e: BaseException) -> CompileFailed | None:
     return None
 
 
-class _DynamoWarnings(logging.Handler):
-    """With COMPILE_FALLBACK=eager dynamo suppresses its own tracing errors (the frame runs eagerly)
-    and says so in a warning; this turns each into a recorded failure."""
-
-    def __init__(self, record: CompileRecord):
-        super().__init__(logging.WARNING)
-        self.record = record
-
-    def emit(self, entry: logging.LogRecord) -> None:
-        self.record.failed("a compiled function (dynamo tracing)", RuntimeError(entry.getMessage()))
-
-
 @contextlib.contextmanager
 def compile_settings(qat: bool, record: CompileRecord):
     """Compiler settings for one run, undone when the run ends (nothing leaks into the process). A
@@ -2315,7 +2282,10 @@ def compile_settings(qat: bool, record: CompileRecord):
     the export does (by default it skips such casts)."""
     global _active_compile
     eager = record.fallback == "eager"
-    handler, dynamo_log = _DynamoWarnings(record), logging.getLogger("torch._dynamo.convert_frame")
+    # With COMPILE_FALLBACK=eager dynamo suppresses its own tracing errors (the frame runs eagerly) and
+    # says so in a warning: this handler turns each into a recorded failure.
+    handler, dynamo_log = logging.Handler(logging.WARNING), logging.getLogger("torch._dynamo.convert_frame")
+    handler.emit = lambda entry: record.failed("a compiled function (dynamo tracing)", RuntimeError(entry.getMessage()))
     # nonzero inside a graph (the varlen cu_seqlens) is an unbacked size, not a graph break
     dynamo = torch._dynamo.config.patch(suppress_errors=eager, capture_dynamic_output_shape_ops=True)
     inductor = torch._inductor.config.patch(emulate_precision_casts=True) if qat else contextlib.nullcontext()

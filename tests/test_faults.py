@@ -202,7 +202,7 @@ def test_sigterm_to_both_gloo_ranks_mid_training_is_recorded_and_both_exit_with_
                                                             ("12", 12, math.inf)])
 def test_a_diverged_loss_stops_the_run_at_its_step(tiny_env, tmp_path, monkeypatch, iterations, bad_step, bad_loss):
     """Step 12 is not a logged step (TRAIN_LOG_EVERY=100): the last step is checked too."""
-    def fake_step(model, loader, optimizers, hp, rt, grad_accum, lr_scale, step, *rest):
+    def fake_step(run, loader, lr_scale, step, *rest):
         return torch.tensor(bad_loss if step + 1 == bad_step else 5.0)
     monkeypatch.setattr(tg, "train_step", fake_step)
     with pytest.raises(tg.RunError) as err:
