@@ -32,7 +32,7 @@ def test_gpu_probe_dry_run_runs_every_phase_and_writes_its_report(sample_dataset
     for key in ("calibration_selfgen_s", "calibration_train_s", "gptq_s", "unpack_brotli_s", "unpack_ans_s"):
         assert phases["export"][key] >= 0
     assert phases["export"]["pack_brotli_bytes"] > 0 and phases["export"]["pack_ans_bytes"] > 0
-    assert 1000 < phases["eval"]["targets"] < 4000
+    assert 1000 <= phases["eval"]["targets"] < 4000
     for stage in ("roundtrip", "sliding", "ttt"):  # the record recipe's three passes, each extrapolated
         assert phases["eval"][f"{stage}_s_per_M_targets"] > 0 and phases["eval"][f"{stage}_projected_8gpu_s"] > 0
     # no CUDA: the dense-mask SDPA step only, and why FA3's varlen kernel is not measured

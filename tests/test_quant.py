@@ -942,6 +942,15 @@ def test_eval_only_in_a_fresh_process_from_the_shipped_code_reproduces_the_end_o
         shutil.copy(f, val_only)
     shipped = tmp_path / "test" / "train_gpt.py"  # the run folder holds the code as counted: its shipped form
     assert shipped.read_bytes() == tg.shipped_code((ROOT / "train_gpt.py").read_bytes())
+    # The shipped form (short names, no docstrings) trains to the same weights, artifact and scores.
+    proc = subprocess.run([sys.executable, str(shipped)], env=subprocess_env(dict(env, RUN_ID="shipped")), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, theirs = (torch.load(tmp_path / run / "final_model.pt") for run in ("test", "shipped"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    artifacts = [(tmp_path / run / "final_model.quantized.ptz").read_bytes() for run in ("test", "shipped")]
+    assert artifacts[0] == artifacts[1]
+    assert f"final_int6_ans_roundtrip_exact val_loss:{out['roundtrip'].val_loss:.8f} " in proc.stdout
     eval_env = {"EVAL_ONLY": "1", "ARTIFACT_PATH": str(tmp_path / "test" / "final_model.quantized.ptz"), "DATA_PATH": str(val_only),
                 "TOKENIZER_PATH": tiny_env["TOKENIZER_PATH"], "RECIPE": "baseline", "TRAIN_SEQ_LEN": "128",
                 "VAL_BATCH_SIZE": "8192", "RUN_ID": "eval", "ARTIFACT_DIR": str(tmp_path / "eval")}

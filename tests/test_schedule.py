@@ -255,7 +255,7 @@ def test_qat_is_off_until_switched_then_equals_the_dequantized_forward():
 def test_qat_switch_is_live_under_torch_compile():
     torch._dynamo.reset()
     before = (torch._dynamo.config.suppress_errors, torch._inductor.config.emulate_precision_casts)
-    with tg.compile_settings(qat=True):  # what run() does when QAT and compile are both on
+    with tg.compile_settings(qat=True, record=tg.CompileRecord()):  # what run() does when QAT and compile are on
         assert not torch._dynamo.config.suppress_errors and torch._inductor.config.emulate_precision_casts
         hp, model, layers = qat_model()
         x = torch.randint(0, 97, (2, 16))
