@@ -24,6 +24,7 @@ RECORD_SMALL = dict(
     QUANT_MIN_NUMEL="4096", LQER_TOP_K="2", PREQUANT_TTT_ENABLED="1", PREQUANT_TTT_TOKENS="2048", TTT_LORA_RANK="4",
     TTT_BATCH_SIZE="4", PHASED_TTT_PREFIX_DOCS="4", PHASED_TTT_NUM_PHASES="2", TTT_CHUNK_TOKENS="512",
     EVAL_STRIDE="32", MAX_EVAL_SECONDS="0",  # the recipe's stride 64 is this whole window; no budget to time
+    AUTO_FIT_FILL="0",  # filling 16 MB from a 0.2 MB model re-packs ~8 times; tests/test_quant.py tests filling
 )
 
 
@@ -49,10 +50,11 @@ def test_bf16_autocast_runs_the_whole_record_pipeline_and_eval_only_reproduces_i
     # phased pass above is the per-document LoRA pass plus its global phases)
     artifact = str(next((tmp_path / "bf16").glob("final_model.*.ptz")))
     eval_env = dict(env, COMPUTE_DTYPE="bfloat16", EVAL_ONLY="1", ARTIFACT_PATH=artifact)
-    again = tg.run(tg.Hyperparameters.from_env(dict(eval_env, RUN_ID="again")), CPU)
+    again = tg.run(tg.Hyperparameters.from_env(dict(eval_env, RUN_ID="again", EVAL_STRIDE="0")), CPU)
     assert again["results"]["ttt"] == bf16["evals"]["ttt"]
     for mode in ("chunked",):
-        other = tg.run(tg.Hyperparameters.from_env(dict(eval_env, RUN_ID=mode, TTT_MODE=mode, EVAL_STRIDE="0")), CPU)
+        other = tg.run(tg.Hyperparameters.from_env(dict(eval_env, RUN_ID=mode, TTT_MODE=mode, EVAL_STRIDE="0",
+                                                        TTT_EPOCHS="1")), CPU)
         assert np.isfinite(other["results"]["ttt"].val_bpb) and other["results"]["ttt"].num_targets == num_targets
 
     # the bf16-trained weights pack and unpack bit-exactly with every compressor

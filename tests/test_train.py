@@ -144,6 +144,7 @@ ALL_SWITCHES_SMALL = {
     "GRAD_ACCUM_STEPS": "1", "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_LOG_EVERY": "5",
     "GPTQ_CALIBRATION_BATCHES": "2", "GPTQ_CALIBRATION_SEQS": "2", "GPTQ_CALIBRATION_SEQ_LEN": "32",
     "TTT_ENABLED": "0",  # these tests are about training; the recipe's TTT runs in the smoke test below
+    "AUTO_FIT_FILL": "0",  # and so does filling the bytes under the limit
 }
 
 
