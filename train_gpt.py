@@ -491,7 +491,7 @@ RECIPES = {  # name -> {knob field: value or PerDepth}
         quant_method="gptq", matrix_bits=6, embed_bits=7, mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0,
         embed_clip_sigmas=14.0, lqer_enabled=True, lqer_rank=4, lqer_top_k=3, lqer_a_bits=2, lqer_factor_bits=4,
         lqer_asym_enabled=True, lqer_asym_group=64, gptq_calibration_source="train", gptq_calibration_batches=16,
-        compressor="ans",  # 1.3% smaller than brotli at full size, 3 s to decode (README)
+        compressor="ans",  # 1-2% smaller than brotli on trained models, ~2 s to decode at full size (docs/RESULTS.md)
         # R0427's final evaluation pass: phased TTT with per-document LoRA (its run's values)
         ttt_enabled=True, ttt_mode="phased", ttt_lora_rank=80, ttt_lora_lr=1e-4, ttt_lora_alpha=144.0,
         ttt_warm_start_a=True, ttt_weight_decay=0.5, ttt_beta1=0.0, ttt_beta2=0.99,
