@@ -151,7 +151,7 @@ ALL_SWITCHES_SMALL = {
 @pytest.mark.slow
 def test_all_switches_train_and_looping_turns_on_at_its_fraction(tiny_env, tmp_path):
     env = {**tiny_env, **ALL_SWITCHES_SMALL, "ITERATIONS": "20", "WARMDOWN_ITERS": "5", "WARMUP_STEPS": "2",
-           "ENABLE_LOOPING_AT": "0.5", "VAL_LOSS_EVERY": "0", "EVAL_SEQ_LEN": "256"}
+           "TRAIN_BATCH_TOKENS": "4096", "ENABLE_LOOPING_AT": "0.5", "VAL_LOSS_EVERY": "0", "EVAL_SEQ_LEN": "256"}
     out = run_tiny(env)
     losses = out["train_losses"]
     assert losses[-1] < losses[0] - 0.3, losses
