@@ -5656,8 +5656,9 @@ def record_failure(manifest: "RunManifest | None", e: BaseException, artifact: P
 # only \ CR NUL and a " before another " (or at the end) are escaped (~1.5% overhead, against 25% for
 # base85). The source it holds is the readable file without what no run reads (comments, docstrings,
 # the knobs' help texts, annotations, the long names of local variables, parameters and module
-# functions, indents wider than one space): the same syntax tree otherwise (ast.unparse). It runs that
-# source in its own namespace, where SHIPPED_SOURCE keeps the text; shipping it again gives the same bytes.
+# functions, indents wider than one space, the code that builds the shipped form): the same syntax tree
+# otherwise (ast.unparse). It runs that source in its own namespace, where SHIPPED_SOURCE keeps the text;
+# shipping it again gives the same bytes.
 # Tracebacks from a shipped run name the short names: rerun the readable file to read them.
 
 SHIPPED_PREFIX = b'# -*- coding: latin-1 -*-\nimport brotli;SHIPPED_SOURCE=brotli.decompress("""'
@@ -5816,8 +5817,9 @@ def shorten_names(tree: ast.Module) -> ast.Module:
 @readable_only
 @functools.lru_cache(maxsize=4)
 def stripped_source(source: bytes) -> bytes:
-    """The source as runs read it (RuntimeTree: no comments, docstrings, help texts or annotations; then
-    ShortNames), as ast.unparse writes it with one space per indent level (idempotent)."""
+    """The source as runs read it (RuntimeTree: no comments, docstrings, help texts, annotations or
+    readable-only definitions; then shorten_names until nothing changes), as ast.unparse writes it with
+    one space per indent level (idempotent)."""
     tree, code = RuntimeTree().visit(ast.parse(source)), None
     while code != (code := ast.unparse(shorten_names(tree))):  # until no name can be shortened
         pass

@@ -827,7 +827,7 @@ def test_shipped_code_is_the_readable_syntax_tree_without_docstrings_and_is_what
     literal = call.args[0].func.value.value
     inner = brotli.decompress(literal.encode("latin-1"))
     # Exactly the readable program minus comments, docstrings, help texts and annotations: the same syntax
-    # tree but for the names ShortNames gave variables, parameters and functions (one new name per name).
+    # tree but for the names shorten_names gave variables, parameters and functions (one new name per name).
     renamed = names_renamed(tg.RuntimeTree().visit(ast.parse(source)), ast.parse(inner))
     assert 1000 < len(renamed) and len(set(renamed.values())) > 200
     assert b"def train(run, a):" in inner and b"\n seq_len: int\n" in inner  # a dataclass field stays, indented one space
