@@ -2399,7 +2399,7 @@ QUANT_GROUPS = tuple(GROUP_KNOBS)
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.embed.weight")
 CALIBRATION_RESERVE_MARGIN = 1.25  # reserve = measured calibration time x this
 ARTIFACT_MAGIC = b"PGQA"
-ARTIFACT_VERSION = 3  # 3: ans per tensor family with context modes and the embedding's row prediction
+ARTIFACT_VERSION = 4  # 4: ans also predicts the embedding's columns from columns (3: rows only)
 
 
 def tensor_group(name: str) -> str:
@@ -3054,6 +3054,14 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
 #    Stored (byte-shuffled brotli u32): per tensor n, then per predicted row its step from the
 #    previous one, its steps back to the pointer, and (rows averaged, beta). In attention and MLP
 #    matrices no row paid for its pointer, so only the embedding is tried.
+#    Then, in the same tensors, columns from columns: a trained embedding is far from a random matrix
+#    (its top 64 of 256 directions hold about 60% of its variance), so what is left of each row still
+#    has columns that predict one another. Column j may become itself minus a rounded integer
+#    combination (coefficients in 64ths) of up to 32 earlier columns of the row residuals, chosen
+#    greedily on their covariance while a column is estimated to save at least 14 bits; kept where
+#    the tensor's estimate confirms it. Decoded column by column, each a whole column at once.
+#    Stored after the row predictions: per column its term count, then all steps back to the terms,
+#    then all coefficients + 128.
 # 2. Columns and rows: the magnitude of a value is predicted from its row and column: per tensor,
 #    rho_i = mean |x| of row i and gamma_j = mean |x| of column j / mean |x| (a rank-1 model, one log2
 #    byte each: the side information; a GPTQ column's spread follows its Hessian diagonal, while SDClip
@@ -3074,13 +3082,15 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
 # Contexts, probabilities and predictions are integers computed from stored bytes, so the decoder
 # derives exactly the encoder's model. Everything the decoder needs is in the counted bytes.
 #   layout: n_groups u8 | (family u8, bits u8, mode u8, width u8, top u16) per group | side length u32 |
-#           table length u32 | prediction length u32 | side | tables (brotli) | predictions | rANS words (u32)
+#           table length u32 | prediction length u32 | side | tables (brotli) | predictions (rows, then
+#           columns) | rANS words (u32)
 ANS_LOG_STEPS = (3, 4, 6, 8)  # side-information resolutions tried (steps per octave); the smallest output wins
 ANS_CONTEXT_WIDTHS = (1, 2, 3, 4, 6, 8)  # candidate context widths, in side-information steps
 ANS_TABLE_STEPS = 16  # table entries: log2 steps per octave
 ANS_ROW_PREDICTION_FAMILIES = ("embed",)  # where predicting rows from their neighbours paid (docs/RESULTS.md)
 ANS_CANDIDATES = 8  # a row's pointer goes to one of its 8 nearest earlier rows
 ANS_CHAIN_DEPTH = 8  # and it averages that row and up to 7 of its parents
+ANS_COLUMN_TERMS, ANS_COLUMN_SHIFT, ANS_COLUMN_MIN_BITS = 32, 6, 14  # column prediction: terms, 2^-6 units, gain
 
 
 def _ans_check(ok) -> None:
@@ -3399,22 +3409,72 @@ def _unpredict_rows(residual: np.ndarray, plan: np.ndarray) -> np.ndarray:
     return x
 
 
-def _pack_plans(plans: list[np.ndarray]) -> bytes:
-    """Row predictions as one u32 array, per tensor: n, then n children (as steps from the previous one),
-    n steps back to their pointers, n (rows averaged - 1) * 4 + quarters - 1; byte-shuffled brotli
-    (smaller than bit-packing). No bytes at all when no row is predicted."""
-    if not sum(map(len, plans)):
+def _predict_columns(y: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """(residual, terms): column j of y minus _column_prediction from its terms (earlier columns, integer
+    coefficients in 2^-ANS_COLUMN_SHIFT units), each term chosen greedily on the covariance of y (partial
+    covariances by Cholesky-like updates) while it saves an estimated ANS_COLUMN_MIN_BITS over all rows.
+    Only the encoder computes in floats: the decoder reads the stored terms."""
+    rows, cols = y.shape
+    cov = np.cov(y.T.astype(np.float64)).reshape(cols, cols) if rows > 1 else np.zeros((cols, cols))
+    residual, terms = y.astype(np.int64), []
+    for j in range(cols):
+        chosen, basis = [], np.zeros((0, j + 1))
+        partial = cov[: j + 1, j].copy()  # covariance with column j given the chosen columns; [j]: its variance
+        spread = cov.diagonal()[:j].copy()  # the variance of each candidate given the chosen columns
+        while len(chosen) < min(ANS_COLUMN_TERMS, j):
+            score = np.where(spread > 1e-9, partial[:j] ** 2 / np.maximum(spread, 1e-9), -1.0)
+            score[chosen] = -1
+            c = int(np.argmax(score))
+            left = partial[j] - score[c]  # column j's variance given the chosen columns and c
+            if score[c] <= 0 or left <= 1e-9 or rows / 2 * math.log2(partial[j] / left) < ANS_COLUMN_MIN_BITS:
+                break
+            u = cov[: j + 1, c] - basis.T @ basis[:, c]
+            basis = np.vstack([basis, u / math.sqrt(u[c])])
+            partial -= basis[-1] * basis[-1, j]
+            spread -= basis[-1, :j] ** 2
+            chosen.append(c)
+        fit = np.linalg.lstsq(y[:, chosen].astype(np.float64), y[:, j].astype(np.float64), rcond=None)[0]
+        coef = np.clip(np.round(fit * 2**ANS_COLUMN_SHIFT), -127, 127).astype(np.int64)
+        terms.append((np.array(chosen, np.int64)[coef != 0], coef[coef != 0]))
+        residual[:, j] -= _column_prediction(y, *terms[-1])
+    return residual, terms
+
+
+def _column_prediction(y: np.ndarray, idx: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """round(y[:, idx] @ coef / 2^ANS_COLUMN_SHIFT), halves up, in exact integers."""
+    return (y[:, idx].astype(np.int64) @ coef + (1 << ANS_COLUMN_SHIFT - 1)) >> ANS_COLUMN_SHIFT
+
+
+def _unpredict_columns(residual: np.ndarray, terms) -> np.ndarray:
+    """_predict_columns undone, column by column in order (each column's terms are decoded before it)."""
+    y = residual.astype(np.int64)
+    for j, term in enumerate(terms):
+        y[:, j] += _column_prediction(y, *term)
+    return y
+
+
+def _no_terms(cols: int) -> list:
+    return [(np.zeros(0, np.int64),) * 2] * cols
+
+
+def _pack_plans(plans: list[np.ndarray], terms: list[list]) -> bytes:
+    """Row predictions and column terms as one u32 array, per tensor: n, then n children (as steps from the
+    previous one), n steps back to their pointers, n (rows averaged - 1) * 4 + quarters - 1; then each
+    column's term count, all steps back to the terms, all coefficients + 128. Byte-shuffled brotli
+    (smaller than bit-packing). No bytes at all when nothing is predicted."""
+    if not sum(map(len, plans)) and not any(len(i) for t in terms for i, _ in t):
         return b""
-    fields = [np.concatenate([[len(p)], np.diff(p[:, 0], prepend=0), p[:, 0] - p[:, 1], 4 * p[:, 2] + p[:, 3] - 5])
-              for p in plans]
+    fields = [np.concatenate([[len(p)], np.diff(p[:, 0], prepend=0), p[:, 0] - p[:, 1], 4 * p[:, 2] + p[:, 3] - 5,
+                              [len(i) for i, _ in t], *[j - i for j, (i, _) in enumerate(t)], *[c + 128 for _, c in t]])
+              for p, t in zip(plans, terms)]
     return compress_bytes(_flat(fields, np.int64).astype("<u4").tobytes(), "brotli", 4)
 
 
-def _unpack_plans(data: bytes, rows: list[int]) -> list[np.ndarray]:
+def _unpack_plans(data: bytes, shapes: list[tuple[int, int]]) -> tuple[list[np.ndarray], list[list]]:
     if not data:
-        return [np.zeros((0, 3), np.int64) for _ in rows]
-    values, at, plans = np.frombuffer(decompress_bytes(data, "brotli", 4), "<u4").astype(np.int64), 0, []
-    for r in rows:
+        return [np.zeros((0, 4), np.int64) for _ in shapes], [_no_terms(cols) for _, cols in shapes]
+    values, at, plans, terms = np.frombuffer(decompress_bytes(data, "brotli", 4), "<u4").astype(np.int64), 0, [], []
+    for r, cols in shapes:
         _ans_check(at < len(values))
         n = int(values[at])
         child, back, kind = values[at + 1 : at + 1 + 3 * n].reshape(3, n)  # a ValueError if short
@@ -3423,8 +3483,15 @@ def _unpack_plans(data: bytes, rows: list[int]) -> list[np.ndarray]:
                              and (child - back).min() >= 0))
         plans.append(np.stack([child, child - back, kind // 4 + 1, kind % 4 + 1], axis=1))
         at += 1 + 3 * n
+        counts = values[at : at + cols]
+        total = int(counts.sum())
+        back, coef = values[at + cols : at + cols + 2 * total].reshape(2, total) - [[0], [128]]  # a ValueError if short
+        idx = np.repeat(np.arange(cols), counts) - back
+        _ans_check(len(counts) == cols and (not total or (back.min() >= 1 and idx.min() >= 0)))
+        terms.append(list(zip(*(np.split(v, np.cumsum(counts)[:-1]) for v in (idx, coef)))))
+        at += cols + 2 * total
     _ans_check(at == len(values))
-    return plans
+    return plans, terms
 
 
 def _side_used(side: tuple[np.ndarray, np.ndarray], mode: int) -> tuple:
@@ -3465,14 +3532,19 @@ def _estimated_bytes(x: np.ndarray) -> float:
 
 
 @functools.lru_cache(maxsize=2)  # the filler re-packs an unchanged embedding: predicted once
-def _row_prediction(codes: bytes, dtype: str, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """(residual, plan) of _predict_rows for these codes, or (codes, no plan) unless the context model
-    says the prediction pays."""
+def _prediction(codes: bytes, dtype: str, shape: tuple) -> tuple[np.ndarray, np.ndarray, list]:
+    """(residual, row plan, column terms): _predict_rows, then _predict_columns on what it leaves, each
+    kept only where the context model says it pays (else no plan, or no terms)."""
     x = np.frombuffer(codes, dtype).reshape(shape)
     residual, plan = _predict_rows(x)
-    if not len(plan) or _estimated_bytes(residual) + len(_pack_plans([plan])) >= _estimated_bytes(x):
-        return x, plan[:0]
-    return residual, plan
+    none = _no_terms(shape[1])
+    if not len(plan) or _estimated_bytes(residual) + len(_pack_plans([plan], [none])) >= _estimated_bytes(x):
+        residual, plan = x, plan[:0]
+    after, terms = _predict_columns(residual)
+    without = _estimated_bytes(residual) + len(_pack_plans([plan], [none]))
+    if _estimated_bytes(after) + len(_pack_plans([plan], [terms])) >= without:
+        return residual, plan, none
+    return after, plan, terms
 
 
 def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = None,
@@ -3481,11 +3553,12 @@ def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = N
     groups, as tensor_group names them) pick tables and row prediction. `stats`, if given, receives the
     byte count of each part and the model's cross-entropy (`model_ce`, bytes)."""
     families = families or ["other"] * len(arrays)
-    residuals, plans, groups = [a.reshape(a.shape[0], -1) for a in arrays], [], _code_groups(bits, families)
+    residuals, plans, terms, groups = [a.reshape(a.shape[0], -1) for a in arrays], [], [], _code_groups(bits, families)
     for i in _predicted(families):
-        residuals[i], plan = _row_prediction(residuals[i].tobytes(), residuals[i].dtype.str, residuals[i].shape)
+        residuals[i], plan, columns = _prediction(residuals[i].tobytes(), residuals[i].dtype.str, residuals[i].shape)
         plans.append(plan)
-    packed_plans = _pack_plans(plans)
+        terms.append(columns)
+    packed_plans = _pack_plans(plans, terms)
 
     def encode(log_steps: int, stats: dict) -> bytes:
         side = [_magnitude_side_info(r, log_steps) for r in residuals]
@@ -3528,8 +3601,8 @@ def ans_decode(data: bytes, shapes: list[tuple[int, int]], bits: list[int], fami
             residuals[i] = residual
     reader.finish()
     predicted = _predicted(families)
-    for i, plan in zip(predicted, _unpack_plans(packed_plans, [shapes[i][0] for i in predicted])):
-        residuals[i] = _unpredict_rows(residuals[i], plan)
+    for i, plan, terms in zip(predicted, *_unpack_plans(packed_plans, [shapes[i] for i in predicted])):
+        residuals[i] = _unpredict_rows(_unpredict_columns(residuals[i], terms), plan)
     out = [r.astype(np.int8) for r in residuals]
     _ans_check(all(np.array_equal(o, r) for o, r in zip(out, residuals)))
     return out

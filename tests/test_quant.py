@@ -3,6 +3,7 @@ every compressor, deterministic bytes, damaged / foreign artifacts refused with 
 start-of-run size and FLOPs estimates."""
 
 import dataclasses
+import math
 import re
 import struct
 from pathlib import Path
@@ -290,15 +291,15 @@ def test_ans_scale_vectors_are_bit_exact_and_beat_byte_shuffle_brotli():
 
 
 def test_an_artifact_of_the_previous_format_is_refused_with_one_line_naming_its_version():
-    """tests/data/artifact_format_v2.bin: a one-layer model packed with ans by train_gpt.py at 33aa9ce, the
-    last commit writing format 2 (whose ans codes have no tensor families, modes or row predictions)."""
-    blob = (ROOT / "tests" / "data" / "artifact_format_v2.bin").read_bytes()
-    assert blob[:4] == tg.ARTIFACT_MAGIC and blob[4] == 2 and tg.ARTIFACT_VERSION == 3
+    """tests/data/artifact_format_v3.bin: a one-layer model (random weights) packed with ans by train_gpt.py at
+    7902e59, the last commit writing format 3 (whose ans codes have no column predictions)."""
+    blob = (ROOT / "tests" / "data" / "artifact_format_v3.bin").read_bytes()
+    assert blob[:4] == tg.ARTIFACT_MAGIC and blob[4] == 3 and tg.ARTIFACT_VERSION == 4
     with pytest.raises(tg.RunError) as info:
         tg.unpack_artifact(blob)
     message = str(info.value)
-    assert "\n" not in message and message.startswith("model artifact has format version 2, this script reads "
-                                                      "version 3; score it with the train_gpt.py that wrote it")
+    assert "\n" not in message and message.startswith("model artifact has format version 3, this script reads "
+                                                      "version 4; score it with the train_gpt.py that wrote it")
 
 
 def clustered_embedding(rows=384, cols=96, bits=7, seed=3):
@@ -336,6 +337,32 @@ def test_ans_row_prediction_is_exact_and_pays_on_an_embedding_with_nearly_equal_
     for b in range(3):  # damaged predictions (the artifact's sha256 stops them first): refused, or other codes
         bad = bytearray(predicted)
         bad[stats["header"] + stats["side"] + stats["tables"] + b] ^= 0xFF
+        try:
+            assert not np.array_equal(tg.ans_decode(bytes(bad), [codes.shape], [7], ["embed"])[0], codes)
+        except Exception as e:  # ValueError from the checks, brotli.error from the section's brotli
+            assert type(e).__name__ in ("ValueError", "error"), e
+
+
+def low_rank_embedding(rows=1536, cols=64, rank=6, bits=7, seed=6):
+    """Codes shaped like a trained embedding's spectrum: rows = a few shared directions with per-row weights
+    + independent noise, so columns predict one another; no two rows alike."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, rank)) @ rng.standard_normal((rank, cols)) + 0.5 * rng.standard_normal((rows, cols))
+    return tg.quantize_rows(torch.tensor(w, dtype=torch.float32), bits, 8.0)[0].numpy()
+
+
+def test_ans_column_prediction_is_exact_and_pays_on_an_embedding_of_low_rank(monkeypatch):
+    codes = low_rank_embedding()
+    predicted, stats = ans_roundtrip([codes], [7], ["embed"])
+    monkeypatch.setattr(tg, "ANS_COLUMN_MIN_BITS", math.inf)  # the same coder without column prediction
+    tg._prediction.cache_clear()
+    rows_only, rows_only_stats = ans_roundtrip([codes], [7], ["embed"])
+    assert stats["rows"] > rows_only_stats["rows"] + 100  # the prediction section holds the column terms
+    assert len(predicted) < 0.95 * len(rows_only)
+    at = stats["header"] + stats["side"] + stats["tables"]
+    for b in (0, 1, stats["rows"] // 2):  # damaged predictions: refused, or other codes
+        bad = bytearray(predicted)
+        bad[at + b] ^= 0xFF
         try:
             assert not np.array_equal(tg.ans_decode(bytes(bad), [codes.shape], [7], ["embed"])[0], codes)
         except Exception as e:  # ValueError from the checks, brotli.error from the section's brotli
