@@ -3090,7 +3090,9 @@ ANS_TABLE_STEPS = 16  # table entries: log2 steps per octave
 ANS_ROW_PREDICTION_FAMILIES = ("embed",)  # where predicting rows from their neighbours paid (docs/RESULTS.md)
 ANS_CANDIDATES = 8  # a row's pointer goes to one of its 8 nearest earlier rows
 ANS_CHAIN_DEPTH = 8  # and it averages that row and up to 7 of its parents
-ANS_COLUMN_TERMS, ANS_COLUMN_SHIFT, ANS_COLUMN_MIN_BITS = 32, 6, 14  # column prediction: terms, 2^-6 units, gain
+ANS_COLUMN_TERMS = 32  # a column is predicted from up to 32 earlier columns,
+ANS_COLUMN_SHIFT = 6  # with integer coefficients in 64ths,
+ANS_COLUMN_MIN_BITS = 14  # each term estimated to save at least 14 bits over all rows
 
 
 def _ans_check(ok) -> None:
