@@ -3537,14 +3537,14 @@ def _estimated_bytes(x: np.ndarray) -> float:
 def _prediction(codes: bytes, dtype: str, shape: tuple) -> tuple[np.ndarray, np.ndarray, list]:
     """(residual, row plan, column terms): _predict_rows, then _predict_columns on what it leaves, each
     kept only where the context model says it pays (else no plan, or no terms)."""
-    x = np.frombuffer(codes, dtype).reshape(shape)
-    residual, plan = _predict_rows(x)
-    none = _no_terms(shape[1])
-    if not len(plan) or _estimated_bytes(residual) + len(_pack_plans([plan], [none])) >= _estimated_bytes(x):
+    x, none = np.frombuffer(codes, dtype).reshape(shape), _no_terms(shape[1])
+    (residual, plan), cost = _predict_rows(x), _estimated_bytes(x)
+    if len(plan) and (rows := _estimated_bytes(residual) + len(_pack_plans([plan], [none]))) < cost:
+        cost = rows
+    else:
         residual, plan = x, plan[:0]
     after, terms = _predict_columns(residual)
-    without = _estimated_bytes(residual) + len(_pack_plans([plan], [none]))
-    if _estimated_bytes(after) + len(_pack_plans([plan], [terms])) >= without:
+    if _estimated_bytes(after) + len(_pack_plans([plan], [terms])) >= cost:
         return residual, plan, none
     return after, plan, terms
 
