@@ -343,12 +343,15 @@ def test_ans_row_prediction_is_exact_and_pays_on_an_embedding_with_nearly_equal_
             assert type(e).__name__ in ("ValueError", "error"), e
 
 
-def low_rank_embedding(rows=1536, cols=64, rank=6, bits=7, seed=6):
-    """Codes shaped like a trained embedding's spectrum: rows = a few shared directions with per-row weights
+def low_rank_weights(rows, cols, rank=6, seed=6):
+    """Weights shaped like a trained embedding's spectrum: rows = a few shared directions with per-row weights
     + independent noise, so columns predict one another; no two rows alike."""
     rng = np.random.default_rng(seed)
-    w = rng.standard_normal((rows, rank)) @ rng.standard_normal((rank, cols)) + 0.5 * rng.standard_normal((rows, cols))
-    return tg.quantize_rows(torch.tensor(w, dtype=torch.float32), bits, 8.0)[0].numpy()
+    return rng.standard_normal((rows, rank)) @ rng.standard_normal((rank, cols)) + 0.5 * rng.standard_normal((rows, cols))
+
+
+def low_rank_embedding(rows=1536, cols=64, bits=7):
+    return tg.quantize_rows(torch.tensor(low_rank_weights(rows, cols), dtype=torch.float32), bits, 8.0)[0].numpy()
 
 
 def test_ans_column_prediction_is_exact_and_pays_on_an_embedding_of_low_rank(monkeypatch):
@@ -995,3 +998,36 @@ def test_eval_only_in_a_fresh_process_from_the_shipped_code_reproduces_the_end_o
     assert sizes in proc.stdout
     eval_log = (tmp_path / "eval" / "eval" / "train.log").read_text()
     assert tg.stripped_source((ROOT / "train_gpt.py").read_bytes()).decode() in eval_log  # the source it ran
+
+
+@pytest.mark.slow
+def test_eval_only_scores_an_artifact_with_column_terms_as_the_same_entries_packed_without(tiny_env, tmp_path):
+    """ans format 4's column terms (the embedding's columns from earlier columns): EVAL_ONLY in a fresh process
+    on the ans artifact gives, to the last digit, the score of the same entries packed by brotli. Tiny trained
+    runs leave no column structure that pays, so the model's embedding is made of a few shared directions."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    hp = tg.Hyperparameters.from_env(tiny_env)
+    model = small_model(hp)
+    sd = model.state_dict()
+    vocab, dim = sd["tok_emb.weight"].shape
+    sd["tok_emb.weight"] = 0.01 * torch.tensor(low_rank_weights(vocab, dim, seed=7), dtype=torch.float32)
+    entries = tg.quantize_state_dict(sd, uniform_plan(6, 8, "sdclip", min_numel=4096))
+    codes = next(e for e in entries if e.name == "tok_emb.weight").codes.numpy()
+    assert any(len(idx) for idx, _ in tg._prediction(codes.tobytes(), codes.dtype.str, codes.shape)[2])
+    scores = {}
+    for compressor in ("ans", "brotli"):
+        artifact = tmp_path / f"{compressor}.ptz"
+        tg.write_atomic(artifact, tg.pack_artifact(entries, compressor=compressor, model=dataclasses.asdict(model.cfg),
+                                                   meta={"looping": False}))
+        env = {"EVAL_ONLY": "1", "ARTIFACT_PATH": str(artifact), "DATA_PATH": tiny_env["DATA_PATH"],
+               "TOKENIZER_PATH": tiny_env["TOKENIZER_PATH"], "RECIPE": "baseline", "TRAIN_SEQ_LEN": "128",
+               "VAL_BATCH_SIZE": "8192", "RUN_ID": compressor, "ARTIFACT_DIR": str(tmp_path / "eval")}
+        proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=subprocess_env(env), cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        scores[compressor] = re.findall(r"^final_\w+_roundtrip_exact (val_loss:[\d.]+ val_bpb:[\d.]+)$", proc.stdout, re.M)
+    assert len(scores["ans"]) == 1 and scores["ans"] == scores["brotli"]
