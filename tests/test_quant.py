@@ -1001,7 +1001,7 @@ def test_eval_only_in_a_fresh_process_from_the_shipped_code_reproduces_the_end_o
 
 
 @pytest.mark.slow
-def test_eval_only_scores_an_artifact_with_column_terms_as_the_same_entries_packed_without(tiny_env, tmp_path):
+def test_eval_only_scores_an_artifact_with_column_terms_as_the_same_entries_packed_without(tiny_env, small_val, tmp_path):
     """ans format 4's column terms (the embedding's columns from earlier columns): EVAL_ONLY in a fresh process
     on the ans artifact gives, to the last digit, the score of the same entries packed by brotli. Tiny trained
     runs leave no column structure that pays, so the model's embedding is made of a few shared directions."""
@@ -1023,7 +1023,7 @@ def test_eval_only_scores_an_artifact_with_column_terms_as_the_same_entries_pack
         artifact = tmp_path / f"{compressor}.ptz"
         tg.write_atomic(artifact, tg.pack_artifact(entries, compressor=compressor, model=dataclasses.asdict(model.cfg),
                                                    meta={"looping": False}))
-        env = {"EVAL_ONLY": "1", "ARTIFACT_PATH": str(artifact), "DATA_PATH": tiny_env["DATA_PATH"],
+        env = {"EVAL_ONLY": "1", "ARTIFACT_PATH": str(artifact), "DATA_PATH": small_val["DATA_PATH"],
                "TOKENIZER_PATH": tiny_env["TOKENIZER_PATH"], "RECIPE": "baseline", "TRAIN_SEQ_LEN": "128",
                "VAL_BATCH_SIZE": "8192", "RUN_ID": compressor, "ARTIFACT_DIR": str(tmp_path / "eval")}
         proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=subprocess_env(env), cwd=tmp_path,
