@@ -3087,7 +3087,7 @@ def unpack_artifact(blob: bytes, expect_model: dict | None = None) -> tuple[list
 ANS_LOG_STEPS = (3, 4, 6, 8)  # side-information resolutions tried (steps per octave); the smallest output wins
 ANS_CONTEXT_WIDTHS = (1, 2, 3, 4, 6, 8)  # candidate context widths, in side-information steps
 ANS_TABLE_STEPS = 16  # table entries: log2 steps per octave
-ANS_ROW_PREDICTION_FAMILIES = ("embed",)  # where predicting rows from their neighbours paid (docs/RESULTS.md)
+ANS_PREDICTED_FAMILIES = ("embed",)  # where predicting rows from rows and columns from columns paid (docs/RESULTS.md)
 ANS_CANDIDATES = 8  # a row's pointer goes to one of its 8 nearest earlier rows
 ANS_CHAIN_DEPTH = 8  # and it averages that row and up to 7 of its parents
 ANS_COLUMN_TERMS = 32  # a column is predicted from up to 32 earlier columns,
@@ -3450,7 +3450,7 @@ def _column_prediction(y: np.ndarray, idx: np.ndarray, coef: np.ndarray) -> np.n
 def _unpredict_columns(residual: np.ndarray, terms) -> np.ndarray:
     """_predict_columns undone, column by column in order (each column's terms are decoded before it)."""
     y = residual.astype(np.int64)
-    for j, term in enumerate(terms):
+    for j, term in enumerate(terms):  # a column without terms adds 0
         y[:, j] += _column_prediction(y, *term)
     return y
 
@@ -3513,7 +3513,7 @@ def _code_groups(bits: list[int], families: list[str]) -> list[tuple[str, int, l
 
 
 def _predicted(families: list[str]) -> list[int]:
-    return [i for i, f in enumerate(families) if f in ANS_ROW_PREDICTION_FAMILIES]
+    return [i for i, f in enumerate(families) if f in ANS_PREDICTED_FAMILIES]
 
 
 def _plan_group(residuals: list[np.ndarray], sides: list[tuple]) -> tuple:
@@ -3552,7 +3552,7 @@ def _prediction(codes: bytes, dtype: str, shape: tuple) -> tuple[np.ndarray, np.
 def ans_encode(arrays: list[np.ndarray], bits: list[int], stats: dict | None = None,
                families: list[str] | None = None) -> bytes:
     """The codes of the quantized tensors (rows x cols each, int8) as ans bytes; `families` (tensor
-    groups, as tensor_group names them) pick tables and row prediction. `stats`, if given, receives the
+    groups, as tensor_group names them) pick tables and row and column prediction. `stats`, if given, receives the
     byte count of each part and the model's cross-entropy (`model_ce`, bytes)."""
     families = families or ["other"] * len(arrays)
     residuals, plans, terms, groups = [a.reshape(a.shape[0], -1) for a in arrays], [], [], _code_groups(bits, families)

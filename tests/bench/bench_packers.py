@@ -241,7 +241,7 @@ def fill_to_cap(run_dir: Path, cap: int, artifact: list[tg.ExportedTensor]) -> N
 def order0_sweep(run_dir: Path) -> None:
     """The run's weights (final_model.pt) rounded to nearest on every grid AUTO_FIT can choose (bits 2-8;
     SDClip k from 6 up, and absmax), all groups at once: the ans codes stream (side information, tables,
-    row predictions and header included) against the order-0 entropy of the codes, summed over the ans
+    row and column predictions and header included) against the order-0 entropy of the codes, summed over the ans
     coding groups (family x bits; below the entropy of all codes pooled)."""
     manifest = json.loads((run_dir / "manifest.json").read_text())
     hp = tg.Hyperparameters(**manifest["config"])
@@ -297,7 +297,7 @@ def fullsize_decode(artifact: list[tg.ExportedTensor]) -> None:
     tg.ans_encode([entries[i].codes.numpy()], [entries[i].bits], row_stats, ["embed"])
     print(f"full size ({sum(e.codes.numel() for e in entries if e.bits):,} codes), trained embedding codes "
           f"{tuple(trained.shape)} tiled to {(rows, cols)}: {len(blob):,} bytes (codes {stats['codes']:,}, "
-          f"of which embedding row predictions {row_stats['rows']:,}), pack {t1 - t0:.1f} s, unpack {t2 - t1:.1f} s "
+          f"of which embedding row and column predictions {row_stats['rows']:,}), pack {t1 - t0:.1f} s, unpack {t2 - t1:.1f} s "
           f"(CPU, one thread), roundtrip exact")
 
 
