@@ -946,9 +946,25 @@ def test_auto_fit_fills_an_undersized_model_to_just_under_a_small_cap_each_step_
     assert len(same) == natural and not lines  # AUTO_FIT_FILL=0: the plan's grid as it is
 
 
+def eval_only(script, artifact, data_path, tokenizer_path, out_dir, run_id="eval") -> str:
+    """The stdout of `script` run with EVAL_ONLY=1 on `artifact` in a fresh process (it must succeed)."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    env = {"EVAL_ONLY": "1", "ARTIFACT_PATH": str(artifact), "DATA_PATH": str(data_path), "TOKENIZER_PATH": tokenizer_path,
+           "RECIPE": "baseline", "TRAIN_SEQ_LEN": "128", "VAL_BATCH_SIZE": "8192", "RUN_ID": run_id,
+           "ARTIFACT_DIR": str(out_dir)}
+    proc = subprocess.run([sys.executable, str(script)], env=subprocess_env(env), cwd=out_dir.parent,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 @pytest.mark.slow
 def test_eval_only_in_a_fresh_process_from_the_shipped_code_reproduces_the_end_of_run_score(tiny_env, tmp_path):
-    """Train and export with GPTQ and ans (its newest layout: the embedding's rows predicted); then a new
+    """Train and export with GPTQ and ans (the embedding's rows predicted; column terms: the next test); then a new
     process runs the shipped (compressed) code with EVAL_ONLY=1,
     given only the artifact, the tokenizer and a folder holding nothing but the validation shard."""
     import shutil
@@ -988,14 +1004,9 @@ def test_eval_only_in_a_fresh_process_from_the_shipped_code_reproduces_the_end_o
     val_only.mkdir()
     for f in tg.shard_files(tiny_env["DATA_PATH"], "val"):
         shutil.copy(f, val_only)
-    eval_env = {"EVAL_ONLY": "1", "ARTIFACT_PATH": str(artifact), "DATA_PATH": str(val_only),
-                "TOKENIZER_PATH": tiny_env["TOKENIZER_PATH"], "RECIPE": "baseline", "TRAIN_SEQ_LEN": "128",
-                "VAL_BATCH_SIZE": "8192", "RUN_ID": "eval", "ARTIFACT_DIR": str(tmp_path / "eval")}
-    proc = subprocess.run([sys.executable, str(shipped)], env=subprocess_env(eval_env), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.findall(score_line, proc.stdout, re.M) == scores["readable"]  # the run's score, to the last digit
-    assert sizes in proc.stdout
+    evaluated = eval_only(shipped, artifact, val_only, tiny_env["TOKENIZER_PATH"], tmp_path / "eval")
+    assert re.findall(score_line, evaluated, re.M) == scores["readable"]  # the run's score, to the last digit
+    assert sizes in evaluated
     eval_log = (tmp_path / "eval" / "eval" / "train.log").read_text()
     assert tg.stripped_source((ROOT / "train_gpt.py").read_bytes()).decode() in eval_log  # the source it ran
 
@@ -1005,11 +1016,6 @@ def test_eval_only_scores_an_artifact_with_column_terms_as_the_same_entries_pack
     """ans format 4's column terms (the embedding's columns from earlier columns): EVAL_ONLY in a fresh process
     on the ans artifact gives, to the last digit, the score of the same entries packed by brotli. Tiny trained
     runs leave no column structure that pays, so the model's embedding is made of a few shared directions."""
-    import subprocess
-    import sys
-
-    from conftest import subprocess_env
-
     hp = tg.Hyperparameters.from_env(tiny_env)
     model = small_model(hp)
     sd = model.state_dict()
@@ -1023,11 +1029,7 @@ def test_eval_only_scores_an_artifact_with_column_terms_as_the_same_entries_pack
         artifact = tmp_path / f"{compressor}.ptz"
         tg.write_atomic(artifact, tg.pack_artifact(entries, compressor=compressor, model=dataclasses.asdict(model.cfg),
                                                    meta={"looping": False}))
-        env = {"EVAL_ONLY": "1", "ARTIFACT_PATH": str(artifact), "DATA_PATH": small_val["DATA_PATH"],
-               "TOKENIZER_PATH": tiny_env["TOKENIZER_PATH"], "RECIPE": "baseline", "TRAIN_SEQ_LEN": "128",
-               "VAL_BATCH_SIZE": "8192", "RUN_ID": compressor, "ARTIFACT_DIR": str(tmp_path / "eval")}
-        proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=subprocess_env(env), cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        scores[compressor] = re.findall(r"^final_\w+_roundtrip_exact (val_loss:[\d.]+ val_bpb:[\d.]+)$", proc.stdout, re.M)
+        stdout = eval_only(ROOT / "train_gpt.py", artifact, small_val["DATA_PATH"], tiny_env["TOKENIZER_PATH"],
+                           tmp_path / "eval", run_id=compressor)
+        scores[compressor] = re.findall(r"^final_\w+_roundtrip_exact (val_loss:[\d.]+ val_bpb:[\d.]+)$", stdout, re.M)
     assert len(scores["ans"]) == 1 and scores["ans"] == scores["brotli"]
